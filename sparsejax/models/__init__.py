@@ -1,0 +1,61 @@
+"""The paper's networks (Flax linen) and a registry by name.
+
+Every model takes ``mode`` (see :mod:`sparsejax.models.layers`) so that one
+definition serves training, SynFlow and the effective-mask sweep, and is called as
+``model.apply(variables, x, train=...)`` on NHWC inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+
+from sparsejax.models import layers
+from sparsejax.models.lenet import LeNet5, LeNet300100
+from sparsejax.models.resnet import ResNet18
+from sparsejax.models.vgg import VGG, VGG16, VGG19
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """A named network: how to build it and what it is trained on."""
+
+  build: type
+  kwargs: dict
+  dataset: str
+  input_shape: tuple  # one example, NHWC without the batch axis
+  num_classes: int
+
+
+MODELS = {
+    "lenet300100": ModelSpec(LeNet300100, {}, "mnist", (28, 28, 1), 10),
+    "lenet5": ModelSpec(LeNet5, {}, "cifar10", (32, 32, 3), 10),
+    "vgg16": ModelSpec(VGG, {"config": VGG16}, "cifar10", (32, 32, 3), 10),
+    "vgg19": ModelSpec(VGG, {"config": VGG19}, "cifar100", (32, 32, 3), 100),
+    "resnet18": ModelSpec(ResNet18, {}, "tiny_imagenet", (64, 64, 3), 200),
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+  if name not in MODELS:
+    raise ValueError(f"name={name!r} is not a known network; allowed: {', '.join(MODELS)}.")
+  return MODELS[name]
+
+
+def create(name: str, num_classes: int | None = None, mode: str = layers.STANDARD) -> nn.Module:
+  """Builds the network ``name`` (default classes: those of its paper dataset)."""
+  spec = get_spec(name)
+  num_classes = spec.num_classes if num_classes is None else num_classes
+  if not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f"num_classes={num_classes!r} must be a positive integer.")
+  return spec.build(num_classes=num_classes, mode=layers.check_mode(mode), **spec.kwargs)
+
+
+def input_shape(name: str) -> tuple:
+  """Shape of one input example of the network's paper dataset, e.g. (28, 28, 1)."""
+  return get_spec(name).input_shape
+
+
+__all__ = ["create", "get_spec", "input_shape", "MODELS", "ModelSpec", "layers",
+           "LeNet300100", "LeNet5", "VGG", "ResNet18"]

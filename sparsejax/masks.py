@@ -1,0 +1,217 @@
+"""Masks: pytrees shaped like ``params`` with a bool array at every prunable kernel.
+
+A leaf is prunable when it is named ``kernel`` and has at least two axes (Dense
+kernels [in, out], Conv kernels [H, W, in, out]); every other leaf of a mask is
+``None``. Biases and normalization parameters are never pruned nor counted.
+
+Order: :func:`prunable_paths` lists kernels in the order of the flattened tree
+(sorted keys). The zoo names its layers so that this order is the input-to-output
+order (tests check it against the order in which the layers are called), which
+per-layer reports and uniform+ rely on.
+
+Direct sparsity s = masked-out weights / prunable weights; density = 1 - s;
+compression = 1 / density (method.md section 1).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+Masks = PyTree
+
+
+def _is_none(x) -> bool:
+  return x is None
+
+
+def path_str(path) -> str:
+  """'/'-joined parameter path, e.g. 'stage1_block0/conv_1/kernel'."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def is_prunable(path, leaf) -> bool:
+  """Prunable leaves are Dense/Conv kernels: named 'kernel', at least 2-D."""
+  name = path_str(path[-1:]) if path else ""
+  return name == "kernel" and getattr(leaf, "ndim", 0) >= 2
+
+
+def _prunable_leaves(params: PyTree) -> list[tuple[str, Any]]:
+  flat = jax.tree_util.tree_leaves_with_path(params)
+  return [(path_str(p), leaf) for p, leaf in flat if is_prunable(p, leaf)]
+
+
+def prunable_paths(params: PyTree) -> list[str]:
+  """'/'-joined paths of the prunable kernels, in input-to-output order for the zoo."""
+  return [p for p, _ in _prunable_leaves(params)]
+
+
+def prunable_shapes(params: PyTree) -> tuple[tuple[int, ...], ...]:
+  """Shapes of the prunable kernels in :func:`prunable_paths` order."""
+  return tuple(tuple(int(d) for d in leaf.shape) for _, leaf in _prunable_leaves(params))
+
+
+def map_prunable(fn: Callable, params: PyTree, *rest: PyTree) -> PyTree:
+  """Tree shaped like ``params``: ``fn(leaf, *rest_leaves)`` at prunable leaves, None elsewhere.
+
+  ``rest`` may be masks (None at non-prunable leaves) or full trees.
+  """
+  def visit(path, leaf, *others):
+    return fn(leaf, *others) if is_prunable(path, leaf) else None
+  return jax.tree_util.tree_map_with_path(visit, params, *rest, is_leaf=_is_none)
+
+
+def map_masks(fn: Callable, masks: Masks, *rest: PyTree) -> Masks:
+  """``fn(mask_leaf, *rest_leaves)`` at every mask leaf; None stays None."""
+  return jax.tree.map(lambda m, *o: None if m is None else fn(m, *o), masks, *rest,
+                      is_leaf=_is_none)
+
+
+def mask_leaves(masks: Masks) -> list:
+  """The bool arrays of a mask tree in :func:`prunable_paths` order."""
+  return [m for m in jax.tree.leaves(masks, is_leaf=_is_none) if m is not None]
+
+
+def ones(params: PyTree) -> Masks:
+  """The dense mask: every prunable weight kept."""
+  return map_prunable(lambda w: jnp.ones(w.shape, bool), params)
+
+
+def _check_sparsity(sparsity, name: str = "sparsity") -> float:
+  s = float(sparsity)
+  if not (0.0 <= s < 1.0) or np.isnan(s):
+    raise ValueError(f"{name}={sparsity!r} is outside the allowed range [0, 1).")
+  return s
+
+
+def random(key: jax.Array, params: PyTree, sparsity: float | Sequence[float]) -> Masks:
+  """Uniformly random mask keeping exactly round((1 - s_l) n_l) weights in layer l.
+
+  ``sparsity`` is one number for every layer or one per prunable layer (input-to-
+  output order). Masks from one key are nested across sparsities: each layer keeps
+  a prefix of one fixed random permutation.
+  """
+  leaves = _prunable_leaves(params)
+  if np.ndim(sparsity) == 0:
+    sparsities = [_check_sparsity(sparsity)] * len(leaves)
+  else:
+    sparsities = [_check_sparsity(s, "sparsity[%d]" % i) for i, s in enumerate(sparsity)]
+    if len(sparsities) != len(leaves):
+      raise ValueError(f"sparsity has {len(sparsities)} entries; the params have "
+                       f"{len(leaves)} prunable layers.")
+  keys = dict(zip((p for p, _ in leaves), jax.random.split(key, len(leaves))))
+  by_path = dict(zip((p for p, _ in leaves), sparsities))
+
+  def layer(path, w):
+    p = path_str(path)
+    n = int(np.prod(w.shape))
+    kept = int(round((1.0 - by_path[p]) * n))
+    rank = jnp.argsort(jax.random.permutation(keys[p], n))
+    return (rank < kept).reshape(w.shape)
+
+  return jax.tree_util.tree_map_with_path(
+      lambda path, w: layer(path, w) if is_prunable(path, w) else None, params)
+
+
+def validate(masks: Masks, params: PyTree, name: str = "masks") -> None:
+  """Raises ValueError unless ``masks`` matches ``params``: same tree, bool arrays of
+  the kernel shapes at prunable leaves, None elsewhere."""
+  want = {path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  got = {path_str(p): m for p, m in
+         jax.tree_util.tree_leaves_with_path(masks, is_leaf=_is_none)}
+  missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+  if missing or extra:
+    raise ValueError(f"{name} does not match the parameter tree: missing {missing[:5]}, "
+                     f"unexpected {extra[:5]}; a mask has the structure of params.")
+  for path, w in want.items():
+    m = got[path]
+    prunable = path.endswith("kernel") and getattr(w, "ndim", 0) >= 2
+    if not prunable:
+      if m is not None:
+        raise ValueError(f"{name}[{path!r}] must be None: only Dense/Conv kernels are "
+                         f"prunable, got {type(m).__name__}.")
+      continue
+    if m is None or not hasattr(m, "dtype"):
+      raise ValueError(f"{name}[{path!r}]={m!r}: expected a bool array of shape {w.shape}.")
+    if m.dtype != np.bool_:
+      raise ValueError(f"{name}[{path!r}] has dtype {m.dtype}; masks must be bool.")
+    if tuple(m.shape) != tuple(w.shape):
+      raise ValueError(f"{name}[{path!r}] has shape {tuple(m.shape)}; the kernel has "
+                       f"shape {tuple(w.shape)}.")
+
+
+def apply(params: PyTree, masks: Masks) -> PyTree:
+  """``params`` with every prunable kernel multiplied by its mask (others unchanged)."""
+  return jax.tree.map(lambda m, w: w if m is None else jnp.where(m, w, jnp.zeros_like(w)),
+                      masks, params, is_leaf=_is_none)
+
+
+def count(masks: Masks) -> tuple[int, int]:
+  """(kept, total) prunable weights."""
+  leaves = mask_leaves(masks)
+  kept = sum(int(jnp.sum(m)) for m in leaves)
+  return kept, sum(int(np.prod(m.shape)) for m in leaves)
+
+
+def density(masks: Masks) -> float:
+  kept, total = count(masks)
+  return kept / total
+
+
+def direct_sparsity(masks: Masks) -> float:
+  """Masked-out prunable weights / all prunable weights."""
+  return 1.0 - density(masks)
+
+
+def compression(masks: Masks) -> float:
+  """1 / density; inf for a mask that keeps nothing."""
+  return compression_of(density(masks))
+
+
+def compression_of(density_value: float) -> float:
+  return float("inf") if density_value <= 0 else 1.0 / density_value
+
+
+def layer_sparsities(masks: Masks) -> dict[str, float]:
+  """{path: sparsity} per prunable layer, in input-to-output order."""
+  flat = jax.tree_util.tree_leaves_with_path(masks, is_leaf=_is_none)
+  return {path_str(p): 1.0 - float(jnp.mean(m)) for p, m in flat if m is not None}
+
+
+def save(path: str | os.PathLike, masks: Masks) -> None:
+  """Writes the masks as .npz keyed by '/'-joined paths, atomically (temp + rename)."""
+  flat = jax.tree_util.tree_leaves_with_path(masks, is_leaf=_is_none)
+  arrays = {path_str(p): np.asarray(m) for p, m in flat if m is not None}
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def load(path: str | os.PathLike, params: PyTree) -> Masks:
+  """Reads masks saved by :func:`save` into the tree structure of ``params``."""
+  with np.load(os.fspath(path)) as data:
+    arrays: Mapping[str, np.ndarray] = {k: data[k] for k in data.files}
+  masks = jax.tree_util.tree_map_with_path(
+      lambda p, w: jnp.asarray(arrays[path_str(p)]) if is_prunable(p, w)
+      and path_str(p) in arrays else None, params)
+  unknown = sorted(set(arrays) - set(prunable_paths(params)))
+  if unknown:
+    raise ValueError(f"path={os.fspath(path)!r} holds masks for {unknown[:5]}, which are not "
+                     f"prunable kernels of the given params.")
+  validate(masks, params, name=f"masks loaded from {os.fspath(path)!r}")
+  return masks

@@ -1,0 +1,57 @@
+"""LeNet-300-100 and LeNet-5 (method.md section 5)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from sparsejax.models import layers as L
+
+
+class LeNet300100(nn.Module):
+  """MLP 784-300-100-classes; batch norm after every Dense (the last too), ReLU.
+
+  Input [B, 28, 28, 1] (any shape; flattened row-major). Output logits [B, classes].
+  """
+
+  num_classes: int = 10
+  mode: str = L.STANDARD
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = L.flatten(x)
+    widths = (300, 100, self.num_classes)
+    for i, width in enumerate(widths):
+      x = L.Dense(width, mode=self.mode, name=f"dense_{i}")(x)
+      x = L.Norm(mode=self.mode, name=f"norm_{i}")(x, train)
+      if i < len(widths) - 1:
+        x = L.relu(x, self.mode)
+    return x
+
+
+class LeNet5(nn.Module):
+  """Conv5x5(6) BN ReLU AvgPool2, Conv5x5(16) BN ReLU AvgPool2, Dense 120, 84, classes.
+
+  Convolutions are 'VALID'. Every Dense is followed by batch norm (ReLU except the
+  last). Input [B, 32, 32, 3] for the paper's 61,770 prunable weights.
+  """
+
+  num_classes: int = 10
+  mode: str = L.STANDARD
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    for i, features in enumerate((6, 16)):
+      x = L.Conv(features, (5, 5), padding="VALID", mode=self.mode, name=f"conv_{i}")(x)
+      x = L.Norm(mode=self.mode, name=f"norm_{i}")(x, train)
+      x = L.relu(x, self.mode)
+      x = L.pool(x, "avg", 2, self.mode)
+    x = L.flatten(x)
+    widths = (120, 84, self.num_classes)
+    for j, width in enumerate(widths):
+      i = j + 2
+      x = L.Dense(width, mode=self.mode, name=f"dense_{i}")(x)
+      x = L.Norm(mode=self.mode, name=f"norm_{i}")(x, train)
+      if j < len(widths) - 1:
+        x = L.relu(x, self.mode)
+    return x

@@ -1,0 +1,58 @@
+"""ResNet-18 for 64x64 Tiny ImageNet (method.md section 5)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from sparsejax.models import layers as L
+
+
+class BasicBlock(nn.Module):
+  """relu(bn(conv3x3(relu(bn(conv3x3(x))))) + shortcut(x)); no biases.
+
+  The shortcut is a 1x1 conv + BN where the shape changes, the identity otherwise.
+  """
+
+  features: int
+  stride: int = 1
+  mode: str = L.STANDARD
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    conv = lambda f, k, s, name: L.Conv(f, (k, k), strides=(s, s), padding="SAME",
+                                         use_bias=False, mode=self.mode, name=name)
+    y = conv(self.features, 3, self.stride, "conv_1")(x)
+    y = L.Norm(mode=self.mode, name="norm_1")(y, train)
+    y = L.relu(y, self.mode)
+    y = conv(self.features, 3, 1, "conv_2")(y)
+    y = L.Norm(mode=self.mode, name="norm_2")(y, train)
+    if self.stride != 1 or x.shape[-1] != self.features:
+      x = conv(self.features, 1, self.stride, "shortcut_conv")(x)
+      x = L.Norm(mode=self.mode, name="shortcut_norm")(x, train)
+    return L.relu(L.add(y, x, self.mode), self.mode)
+
+
+class ResNet18(nn.Module):
+  """Stem conv3x3(64) stride 1 (no max pool), four stages of two basic blocks
+  (64, 128, 256, 512; stride 2 at the first block of stages 2-4), global average
+  pool, Dense without bias. Input [B, 64, 64, 3] -> logits [B, classes].
+  """
+
+  num_classes: int = 200
+  mode: str = L.STANDARD
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    # Names sort in input-to-output order: stage0 (stem) ... stage5 (head).
+    x = L.Conv(64, (3, 3), padding="SAME", use_bias=False, mode=self.mode,
+               name="stage0_conv")(x)
+    x = L.Norm(mode=self.mode, name="stage0_norm")(x, train)
+    x = L.relu(x, self.mode)
+    for stage, features in enumerate((64, 128, 256, 512), start=1):
+      for block in range(2):
+        stride = 2 if stage > 1 and block == 0 else 1
+        x = BasicBlock(features, stride, mode=self.mode,
+                       name=f"stage{stage}_block{block}")(x, train)
+    x = L.global_avg_pool(x, self.mode)
+    return L.Dense(self.num_classes, use_bias=False, mode=self.mode, name="stage5_dense")(x)

@@ -1,0 +1,467 @@
+"""Layerwise sparsity quotas: how sparse each prunable layer is for a global target.
+
+A quota is a pure function ``fn(sparsity, shapes) -> float32[L]`` of per-layer
+sparsities, where ``shapes`` lists the prunable kernel shapes in input-to-output
+order (Dense kernels ``(in, out)``, conv kernels HWIO) and ``sparsity`` is a scalar
+that may be traced (``jax.jit``). With n_l = prod(shape_l), N = sum_l n_l and
+density d = 1 - s, every quota keeps sum_l n_l * (1 - s_l) = d * N weights (up to
+float32 and the per-layer rounding of :func:`layer_kept_counts`).
+
+The free parameter of ERK, IGQ and Uniform+ is found by a bisection with a fixed
+number of steps over the *bit patterns* of non-negative float32 numbers (these are
+ordered like the numbers they encode, so the search covers [0, inf] at full float32
+precision). The comparison of the kept total with the target is done in fixed point
+with integer sums, so it does not depend on summation order. Because the bisection
+has a fixed number of steps and its predicate can only become true as the target
+grows, its result is monotone in the target whatever the rounding; hence every
+layer's kept count is non-decreasing in the density, and masks built from a fixed
+ranking are nested in the density (which the effective-sparsity search relies on).
+
+References:
+  T. Gale, E. Elsen, S. Hooker. The State of Sparsity in Deep Neural Networks. 2019.
+  U. Evci, T. Gale, J. Menick, P. S. Castro, E. Elsen. Rigging the Lottery: Making All
+    Tickets Winners. ICML 2020.
+  A. Vysogorets, J. Kempe. Connectivity Matters: Neural Network Pruning Through the
+    Lens of Effective Sparsity. JMLR 24(99), 2023.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from typing import Any, Callable, Dict, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Shapes = Tuple[Tuple[int, ...], ...]
+QuotaFn = Callable[[Any, Shapes], jax.Array]
+
+__all__ = [
+    "QUOTAS",
+    "UNIFORM_PLUS_LAST_MIN_DENSITY",
+    "erk",
+    "get_quota",
+    "igq",
+    "layer_densities",
+    "layer_kept_counts",
+    "normalize_shapes",
+    "uniform",
+    "uniform_plus",
+    "uniform_plus_max_sparsity",
+]
+
+#: Uniform+ keeps at least this fraction of the last layer (at most 80% sparse).
+UNIFORM_PLUS_LAST_MIN_DENSITY = 0.2
+
+_INF_BITS = 0x7F800000  # bit pattern of float32 +inf
+_ONE_BITS = 0x3F800000  # bit pattern of float32 1.0
+# 31 halvings shrink any bracket of the non-negative int32 range to one step.
+_BISECT_STEPS = 31
+_FRAC_BITS = 16  # fixed-point resolution of the kept-total comparison: 2**-16 weights
+_MAX_LAYERS = 8192  # keeps the fixed-point comparison inside int32
+_MAX_TOTAL = 2**30  # kept counts and their sums are int32
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def normalize_shapes(shapes: Any) -> Shapes:
+    """Validates kernel shapes and returns them as a tuple of tuples of Python ints.
+
+    Raises ValueError (naming ``shapes``) for an empty list, an empty shape, a
+    non-integer or non-positive dimension, or more than 2**30 weights in total.
+    """
+    if isinstance(shapes, (str, bytes)):
+        raise ValueError(f"`shapes` must be a sequence of kernel shapes, got {shapes!r}")
+    try:
+        items = tuple(shapes)
+    except TypeError:
+        raise ValueError(
+            f"`shapes` must be a sequence of kernel shapes, got {shapes!r}") from None
+    if not items:
+        raise ValueError("`shapes` must list at least one prunable kernel shape, got "
+                         f"{shapes!r}")
+    if len(items) > _MAX_LAYERS:
+        raise ValueError(f"`shapes` may list at most {_MAX_LAYERS} kernels, got "
+                         f"{len(items)}")
+    out = []
+    for i, shape in enumerate(items):
+        try:
+            if isinstance(shape, (str, bytes)):
+                raise TypeError
+            dims = tuple(operator.index(dim) for dim in shape)
+        except TypeError:
+            raise ValueError(f"`shapes`[{i}] must be a tuple of positive ints, got "
+                             f"{shape!r}") from None
+        if not dims or any(dim <= 0 for dim in dims):
+            raise ValueError(f"`shapes`[{i}] must be a non-empty tuple of positive ints, "
+                             f"got {shape!r}")
+        out.append(dims)
+    total = sum(math.prod(dims) for dims in out)
+    if total > _MAX_TOTAL:
+        raise ValueError(f"`shapes` hold {total} weights; at most 2**30 are supported")
+    return tuple(out)
+
+
+def _concrete_scalar(value: Any, name: str) -> Union[float, None]:
+    """The value as a float, or None when it is traced (then it is not validated)."""
+    try:
+        arr = np.asarray(value)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+    if arr.shape != () or not (np.issubdtype(arr.dtype, np.number)
+                               or arr.dtype == np.bool_):
+        raise ValueError(f"`{name}` must be a real scalar, got {value!r}")
+    if np.iscomplexobj(arr):
+        raise ValueError(f"`{name}` must be a real scalar, got {value!r}")
+    return float(arr)
+
+
+def _check_sparsity(sparsity: Any) -> Union[float, None]:
+    s = _concrete_scalar(sparsity, "sparsity")
+    if s is not None and not 0.0 <= s < 1.0:
+        raise ValueError(f"`sparsity` must lie in [0, 1), got {s!r}")
+    return s
+
+
+def _check_density(density: Any) -> Union[float, None]:
+    d = _concrete_scalar(density, "density")
+    if d is not None and not 0.0 <= d <= 1.0:
+        raise ValueError(f"`density` must lie in [0, 1], got {d!r}")
+    return d
+
+
+def uniform_plus_max_sparsity(shapes: Any) -> float:
+    """Largest sparsity Uniform+ reaches: first layer dense, last layer 20% dense."""
+    shapes = normalize_shapes(shapes)
+    _require_conv(shapes)
+    n = [math.prod(s) for s in shapes]
+    if len(n) == 1:
+        return 0.0
+    kept = n[0] + UNIFORM_PLUS_LAST_MIN_DENSITY * n[-1]
+    return 1.0 - kept / sum(n)
+
+
+def _require_conv(shapes: Shapes) -> None:
+    if not any(len(s) == 4 for s in shapes):
+        raise ValueError(
+            "uniform_plus needs a convolutional network (at least one 4-D HWIO kernel "
+            f"in `shapes`), got `shapes`={shapes!r}")
+
+
+def _check_uniform_plus_reachable(density: Union[float, None], shapes: Shapes) -> None:
+    if density is None:
+        return
+    s_max = uniform_plus_max_sparsity(shapes)
+    # A relative float32-sized slack: targets at the limit must stay reachable.
+    if 1.0 - density > s_max + 1e-7:
+        raise ValueError(
+            f"uniform_plus cannot reach sparsity {1.0 - density!r} on these shapes: the "
+            f"largest reachable sparsity is {s_max!r} (first layer dense, last layer at "
+            "least 20% dense)")
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@functools.lru_cache(maxsize=256)
+def _layer_constants(shapes: Shapes):
+    """(n_l as float32, n_l as int32, sum(shape_l)/prod(shape_l) as float32, N)."""
+    n = np.array([math.prod(s) for s in shapes], dtype=np.int64)
+    ratio = np.array([sum(s) / math.prod(s) for s in shapes], dtype=np.float64)
+    return (n.astype(np.float32), n.astype(np.int32), ratio.astype(np.float32),
+            np.float32(n.sum()))
+
+
+def _bits_to_f32(bits: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(bits.astype(jnp.int32), jnp.float32)
+
+
+def _bisect_bits(pred: Callable[[jax.Array], jax.Array], hi_bits: int) -> jax.Array:
+    """Smallest x >= 0 (in float32 bit order, up to ``hi_bits``) with ``pred(x)``.
+
+    ``pred(bitcast(hi_bits))`` is assumed true. A fixed number of steps and a
+    predicate that only turns true as the target grows make the result monotone in
+    the target, however ``pred`` rounds.
+    """
+
+    def step(_, bracket):
+        lo, hi = bracket
+        active = hi - lo > 1
+        mid = jnp.maximum(lo + (hi - lo) // 2, 0)
+        ok = pred(_bits_to_f32(mid))
+        lo = jnp.where(active & ~ok, mid, lo)
+        hi = jnp.where(active & ok, mid, hi)
+        return lo, hi
+
+    bracket = (jnp.int32(-1), jnp.int32(hi_bits))
+    _, hi = jax.lax.fori_loop(0, _BISECT_STEPS, step, bracket)
+    return _bits_to_f32(hi)
+
+
+def _target(d: jax.Array, n_total: jax.Array):
+    """The target kept total d * N split into an integer part and 2**-16 fractions."""
+    t = d * n_total
+    t_int = jnp.floor(t)
+    t_frac = jnp.floor((t - t_int) * (2.0**_FRAC_BITS))
+    return t_int.astype(jnp.int32), t_frac.astype(jnp.int32)
+
+
+def _excess(kept: jax.Array, target) -> jax.Array:
+    """An int32 with the sign of sum(kept) - target, exact up to 2**-16 per layer.
+
+    Integer parts and fixed-point fractions are summed as integers, so the result does
+    not depend on summation order (nor on vmap or the backend's reduction tree).
+    """
+    t_int, t_frac = target
+    whole = jnp.floor(kept)
+    frac = jnp.floor((kept - whole) * (2.0**_FRAC_BITS)).astype(jnp.int32)
+    diff_int = jnp.sum(whole.astype(jnp.int32)) - t_int
+    bound = kept.shape[0] + 2  # |fraction sums| < bound, so clipping keeps the sign
+    diff_int = jnp.clip(diff_int, -bound, bound)
+    return diff_int * (2**_FRAC_BITS) + (jnp.sum(frac) - t_frac)
+
+
+def _uniform_densities(d, n, ratio, n_total):
+    del ratio, n_total
+    return jnp.broadcast_to(d, n.shape)
+
+
+def _erk_densities(d, n, ratio, n_total):
+    target = _target(d, n_total)
+
+    def densities(eps):
+        return jnp.minimum(1.0, eps * ratio)
+
+    eps = _bisect_bits(lambda eps: _excess(n * densities(eps), target) >= 0, _INF_BITS)
+    return densities(eps)
+
+
+def _igq_densities(d, n, ratio, n_total):
+    del ratio
+    target = _target(d, n_total)
+
+    def densities(force):
+        return 1.0 / (1.0 + force * n)
+
+    force = _bisect_bits(lambda f: _excess(n * densities(f), target) <= 0, _INF_BITS)
+    return densities(force)
+
+
+def _uniform_plus_densities(d, n, ratio, n_total):
+    del ratio
+    num_layers = n.shape[0]
+    if num_layers == 1:
+        return jnp.ones_like(n)
+    target = _target(d, n_total)
+    index = jnp.arange(num_layers)
+    last_min = jnp.float32(UNIFORM_PLUS_LAST_MIN_DENSITY)
+
+    def densities(middle):
+        middle = jnp.minimum(middle, 1.0)
+        dens = jnp.where(index == num_layers - 1, jnp.maximum(middle, last_min), middle)
+        return jnp.where(index == 0, jnp.float32(1.0), dens)
+
+    middle = _bisect_bits(lambda m: _excess(n * densities(m), target) >= 0, _ONE_BITS)
+    return densities(middle)
+
+
+_DENSITY_RULES = {
+    "uniform": _uniform_densities,
+    "uniform_plus": _uniform_plus_densities,
+    "erk": _erk_densities,
+    "igq": _igq_densities,
+}
+
+
+def _clean_density(d):
+    d = jnp.asarray(d, jnp.float32)
+    return jnp.clip(d, 0.0, 1.0)
+
+
+@functools.partial(jax.jit, static_argnames="rule")
+def _sparsities_kernel(rule, sparsity, n, ratio, n_total):
+    s = jnp.asarray(sparsity, jnp.float32)
+    s_clipped = jnp.clip(s, 0.0, 1.0)
+    if rule == "uniform":
+        out = jnp.broadcast_to(s_clipped, n.shape)
+    else:
+        out = 1.0 - _DENSITY_RULES[rule](1.0 - s_clipped, n, ratio, n_total)
+    # Only a traced NaN gets here (concrete NaN raises); pass it on, do not hide it.
+    return jnp.where(jnp.isnan(s), jnp.nan, out)
+
+
+@functools.partial(jax.jit, static_argnames="rule")
+def _densities_kernel(rule, density, n, ratio, n_total):
+    d = jnp.asarray(density, jnp.float32)
+    out = _DENSITY_RULES[rule](_clean_density(d), n, ratio, n_total)
+    return jnp.where(jnp.isnan(d), jnp.nan, out)
+
+
+def _round_counts(densities, n, n_int):
+    kept = jnp.round(n * densities)
+    kept = jnp.where(jnp.isnan(kept), 0.0, jnp.clip(kept, 0.0, n))
+    return jnp.minimum(kept.astype(jnp.int32), n_int)
+
+
+@functools.partial(jax.jit, static_argnames="rule")
+def _counts_kernel(rule, density, n, n_int, ratio, n_total):
+    d = _clean_density(density)
+    return _round_counts(_DENSITY_RULES[rule](d, n, ratio, n_total), n, n_int)
+
+
+_round_counts_jit = jax.jit(_round_counts)
+
+
+# --------------------------------------------------------------------------- quotas
+
+
+def _run_quota(rule: str, sparsity: Any, shapes: Any) -> jax.Array:
+    shapes = normalize_shapes(shapes)
+    s = _check_sparsity(sparsity)
+    if rule == "uniform_plus":
+        _require_conv(shapes)
+        _check_uniform_plus_reachable(None if s is None else 1.0 - s, shapes)
+    n, _, ratio, n_total = _layer_constants(shapes)
+    return _sparsities_kernel(rule, sparsity, n, ratio, n_total)
+
+
+def uniform(sparsity: Any, shapes: Any) -> jax.Array:
+    """Uniform quota: s_l = s for every layer (Gale et al., 2019).
+
+    Args:
+      sparsity: scalar in [0, 1), may be traced.
+      shapes: prunable kernel shapes, input to output.
+    Returns:
+      float32[L] per-layer sparsities.
+    """
+    return _run_quota("uniform", sparsity, shapes)
+
+
+def uniform_plus(sparsity: Any, shapes: Any) -> jax.Array:
+    """Uniform+ quota (Gale et al., 2019), for convolutional networks only.
+
+    The first layer is dense, the others share one density d_m, except that the last
+    layer keeps at least 20% of its weights (it is at most 80% sparse):
+
+      density_1 = 1,  density_l = d_m (1 < l < L),  density_L = max(d_m, 0.2),
+      with d_m solved from n_1 + sum_{1<l<L} n_l d_m + n_L max(d_m, 0.2) = (1 - s) N.
+
+    The largest reachable sparsity is 1 - (n_1 + 0.2 n_L) / N
+    (:func:`uniform_plus_max_sparsity`); a concrete sparsity above it raises, a traced
+    one is clamped to it. Raises ValueError when no kernel in ``shapes`` is 4-D.
+
+    Returns:
+      float32[L] per-layer sparsities.
+    """
+    return _run_quota("uniform_plus", sparsity, shapes)
+
+
+def erk(sparsity: Any, shapes: Any) -> jax.Array:
+    """Erdos-Renyi-Kernel quota (Evci et al., 2020).
+
+      density_l = min(1, eps * sum(shape_l) / prod(shape_l)),
+
+    all kernel dimensions (spatial ones included), with eps solved so that
+    sum_l n_l density_l = (1 - s) N. This equals "make the layers whose density would
+    exceed 1 dense and re-solve the others".
+
+    Returns:
+      float32[L] per-layer sparsities.
+    """
+    return _run_quota("erk", sparsity, shapes)
+
+
+def igq(sparsity: Any, shapes: Any) -> jax.Array:
+    """Ideal Gas Quotas (Vysogorets & Kempe, 2023).
+
+    Layer l is a cylinder of length n_l and cross-section 1/n_l compressed by a common
+    force F >= 0:
+
+      density_l = 1 / (1 + F n_l),  F solved from sum_l n_l density_l = (1 - s) N.
+
+    Always valid (0 <= density_l <= 1); smaller layers are pruned less.
+
+    Returns:
+      float32[L] per-layer sparsities.
+    """
+    return _run_quota("igq", sparsity, shapes)
+
+
+QUOTAS: Dict[str, QuotaFn] = {
+    "uniform": uniform,
+    "uniform_plus": uniform_plus,
+    "erk": erk,
+    "igq": igq,
+}
+
+_RULE_OF = {fn: name for name, fn in QUOTAS.items()}
+
+
+def _resolve(quota: Any, argname: str) -> QuotaFn:
+    if callable(quota):
+        return quota
+    if isinstance(quota, str) and quota in QUOTAS:
+        return QUOTAS[quota]
+    raise ValueError(f"`{argname}` must be one of {sorted(QUOTAS)} or a quota function, "
+                     f"got {quota!r}")
+
+
+def get_quota(name: Union[str, QuotaFn]) -> QuotaFn:
+    """The quota function called ``name`` in :data:`QUOTAS` (a callable passes through).
+
+    Raises ValueError naming ``name``, its value and the allowed names.
+    """
+    return _resolve(name, "name")
+
+
+def _rule_for(fn: QuotaFn, shapes: Shapes, density: Union[float, None]):
+    """Name of a built-in quota (None for others), after its own reachability check."""
+    rule = _RULE_OF.get(fn)
+    if rule == "uniform_plus":
+        _require_conv(shapes)
+        _check_uniform_plus_reachable(density, shapes)
+    return rule
+
+
+def layer_densities(quota: Union[str, QuotaFn], density: Any, shapes: Any) -> jax.Array:
+    """Per-layer densities float32[L] of ``quota`` at global ``density`` in [0, 1].
+
+    Same allocation as ``1 - quota(1 - density, shapes)``, without the round trip
+    through sparsity (more precise for small densities). Jit-able with traced density.
+    """
+    fn = _resolve(quota, "quota")
+    shapes = normalize_shapes(shapes)
+    rule = _rule_for(fn, shapes, _check_density(density))
+    n, _, ratio, n_total = _layer_constants(shapes)
+    if rule is not None:
+        return _densities_kernel(rule, density, n, ratio, n_total)
+    d = jnp.asarray(density, jnp.float32)
+    return 1.0 - jnp.asarray(fn(1.0 - d, shapes), jnp.float32)
+
+
+def layer_kept_counts(quota: Union[str, QuotaFn], density: Any, shapes: Any) -> jax.Array:
+    """Number of weights each layer keeps: int32[L], round(n_l * density_l) in [0, n_l].
+
+    Args:
+      quota: a name in :data:`QUOTAS` or a quota function ``fn(sparsity, shapes)``.
+      density: global density 1 - s in [0, 1]; may be traced (``jax.jit``), then it is
+        clamped to [0, 1] (and for Uniform+ to its reachable range).
+      shapes: prunable kernel shapes, input to output.
+
+    For the built-in quotas every count is non-decreasing in ``density`` (so masks
+    from a fixed ranking are nested) and the total is within one weight per layer of
+    round(density * N).
+    """
+    fn = _resolve(quota, "quota")
+    shapes = normalize_shapes(shapes)
+    rule = _rule_for(fn, shapes, _check_density(density))
+    n, n_int, ratio, n_total = _layer_constants(shapes)
+    if rule is not None:
+        return _counts_kernel(rule, density, n, n_int, ratio, n_total)
+    d = jnp.asarray(density, jnp.float32)
+    dens = 1.0 - jnp.asarray(fn(1.0 - d, shapes), jnp.float32)
+    return _round_counts_jit(dens, n, n_int)
