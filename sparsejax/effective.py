@@ -39,6 +39,8 @@ class Connectivity:
   """Result of one sweep.
 
   masks: effective masks (bool, shaped like the input masks).
+  potential: weights that are or would be active if unmasked: some position joins a
+    reachable source unit to a co-reachable destination unit (bool, like masks).
   active_units: {layer path: number of active output units} per Dense/Conv layer,
     input-to-output order; a unit is one neuron, or one channel at one position.
   total_units: {layer path: number of output units}.
@@ -46,6 +48,7 @@ class Connectivity:
   """
 
   masks: Masks
+  potential: Masks
   active_units: dict
   active_inputs: Any
   total_units: dict = flax.struct.field(pytree_node=False)
@@ -61,13 +64,24 @@ class _FrozenDict(dict):
 
 def _check_input_shape(input_shape) -> tuple[int, ...]:
   try:
-    shape = tuple(int(d) for d in input_shape)
+    shape = tuple(input_shape)
   except TypeError:
     shape = ()
-  if not shape or min(shape) < 1:
+  if (not shape or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+                           for d in shape) or min(shape) < 1):
     raise ValueError(f"input_shape={input_shape!r} must be the shape of one example without "
                      "the batch axis, e.g. (28, 28, 1), with positive sizes.")
-  return shape
+  return tuple(int(d) for d in shape)
+
+
+def _check_hashable(model: nn.Module) -> nn.Module:
+  try:
+    hash(model)
+  except TypeError as e:
+    raise ValueError(f"model={type(model).__name__} has an unhashable field ({e}); the "
+                     "connectivity sweep is compiled once per model, so its fields must be "
+                     "hashable (use tuples, not lists).") from None
+  return model
 
 
 @functools.lru_cache(maxsize=64)
@@ -79,10 +93,14 @@ def _sweep_parts(model: nn.Module, input_shape: tuple[int, ...]):
   return conn, x, shapes["params"], shapes.get("perturbations", {}), standard["params"]
 
 
-def connectivity_sweep(model: nn.Module, input_shape) -> Callable[[Masks], Connectivity]:
+def connectivity_sweep(model: nn.Module, input_shape, units: bool = True
+                       ) -> Callable[[Masks], Connectivity]:
   """The pure, jit-able sweep ``masks -> Connectivity`` for ``model`` on one example
-  of ``input_shape``. For use inside other jitted code (no input validation)."""
-  conn, x, param_shapes, perturb_shapes, _ = _sweep_parts(model, _check_input_shape(input_shape))
+  of ``input_shape``. For use inside other jitted code (no input validation).
+  ``units=False`` skips the unit counts (active_units and active_inputs are then
+  empty / None), which is what searches that only need the masks want."""
+  conn, x, param_shapes, perturb_shapes, _ = _sweep_parts(
+      _check_hashable(model), _check_input_shape(input_shape))
 
   def sweep(masks: Masks) -> Connectivity:
     by_path = {masks_lib.path_str(p): m for p, m in
@@ -101,24 +119,31 @@ def connectivity_sweep(model: nn.Module, input_shape) -> Callable[[Masks], Conne
                               mutable=["intermediates"])
       return out, state["intermediates"]
 
-    out, vjp, reach = jax.vjp(forward, params, perturb, x, has_aux=True)
-    g_params, g_perturb, g_x = vjp(jnp.ones_like(out))
+    if units:
+      out, vjp, reach = jax.vjp(forward, params, perturb, x, has_aux=True)
+      g_params, g_perturb, g_x = vjp(jnp.ones_like(out))
+    else:
+      out, vjp = jax.vjp(lambda p: conn.apply({"params": p}, x), params)
+      (g_params,) = vjp(jnp.ones_like(out))
     g_kernels = {masks_lib.path_str(p): g for p, g in
                  jax.tree_util.tree_leaves_with_path(g_params)}
-    effective = jax.tree_util.tree_map_with_path(
-        lambda p, m: None if m is None else
-        m & (g_kernels[masks_lib.path_str(p)] > 0), masks,
+    potential = jax.tree_util.tree_map_with_path(
+        lambda p, m: None if m is None else g_kernels[masks_lib.path_str(p)] > 0, masks,
         is_leaf=lambda v: v is None)
+    effective = masks_lib.map_masks(lambda m, live: m & live, masks, potential)
+    if not units:
+      return Connectivity(effective, potential, {}, None, _FrozenDict(), 0)
 
     active, total = {}, {}
     reach_flat = {masks_lib.path_str(p[:-2]): r for p, r in
                   jax.tree_util.tree_leaves_with_path(reach)}
     for p, g in jax.tree_util.tree_leaves_with_path(g_perturb):
       layer = masks_lib.path_str(p[:-1])
-      units = (reach_flat[layer] > 0) & (g > 0)
-      active[layer] = jnp.sum(units)
+      is_active = (reach_flat[layer] > 0) & (g > 0)
+      active[layer] = jnp.sum(is_active)
       total[layer] = int(np.prod(g.shape))
-    return Connectivity(effective, active, jnp.sum(g_x > 0), _FrozenDict(total), int(np.prod(x.shape)))
+    return Connectivity(effective, potential, active, jnp.sum(g_x > 0), _FrozenDict(total),
+                        int(np.prod(x.shape)))
 
   return sweep
 
@@ -138,7 +163,7 @@ def connectivity(model: nn.Module, masks: Masks, input_shape) -> Connectivity:
     input_shape: one example's shape without the batch axis, e.g. (32, 32, 3).
   """
   input_shape = _check_input_shape(input_shape)
-  *_, standard_params = _sweep_parts(model, input_shape)
+  *_, standard_params = _sweep_parts(_check_hashable(model), input_shape)
   masks_lib.validate(masks, standard_params)
   result = _jitted_sweep(model, input_shape)(masks)
   return result.replace(active_units={k: int(v) for k, v in result.active_units.items()},

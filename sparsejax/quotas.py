@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from typing import Any, Callable, Dict, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -156,7 +156,7 @@ def _check_uniform_plus_reachable(density: Union[float, None], shapes: Shapes) -
     if density is None:
         return
     s_max = uniform_plus_max_sparsity(shapes)
-    # A relative float32-sized slack: targets at the limit must stay reachable.
+    # A float32-sized slack: a target exactly at the limit must stay reachable.
     if 1.0 - density > s_max + 1e-7:
         raise ValueError(
             f"uniform_plus cannot reach sparsity {1.0 - density!r} on these shapes: the "
@@ -167,13 +167,30 @@ def _check_uniform_plus_reachable(density: Union[float, None], shapes: Shapes) -
 # --------------------------------------------------------------------------- kernels
 
 
+class _Layers(NamedTuple):
+    """Per-layer constants, padded to a bucket of 32, 64, 128, ... layers.
+
+    Padding lets one compiled kernel serve every network with as many layers up to
+    the bucket size; padded layers have n = 0 and so keep nothing.
+    """
+
+    n: np.ndarray  # float32[P], n_l = prod(shape_l), 0 in padding
+    n_int: np.ndarray  # int32[P]
+    ratio: np.ndarray  # float32[P], sum(shape_l) / prod(shape_l), 1 in padding
+    n_total: np.ndarray  # float32 scalar, N
+    last: np.ndarray  # int32 scalar, L - 1
+
+
 @functools.lru_cache(maxsize=256)
-def _layer_constants(shapes: Shapes):
-    """(n_l as float32, n_l as int32, sum(shape_l)/prod(shape_l) as float32, N)."""
-    n = np.array([math.prod(s) for s in shapes], dtype=np.int64)
-    ratio = np.array([sum(s) / math.prod(s) for s in shapes], dtype=np.float64)
-    return (n.astype(np.float32), n.astype(np.int32), ratio.astype(np.float32),
-            np.float32(n.sum()))
+def _layer_constants(shapes: Shapes) -> _Layers:
+    num = len(shapes)
+    padded = max(32, 1 << (num - 1).bit_length())
+    n = np.zeros(padded, np.int64)
+    n[:num] = [math.prod(s) for s in shapes]
+    ratio = np.ones(padded, np.float64)
+    ratio[:num] = [sum(s) / math.prod(s) for s in shapes]
+    return _Layers(n.astype(np.float32), n.astype(np.int32), ratio.astype(np.float32),
+                   np.float32(n.sum()), np.int32(num - 1))
 
 
 def _bits_to_f32(bits: jax.Array) -> jax.Array:
@@ -210,13 +227,14 @@ def _target(d: jax.Array, n_total: jax.Array):
     return t_int.astype(jnp.int32), t_frac.astype(jnp.int32)
 
 
-def _excess(kept: jax.Array, target) -> jax.Array:
-    """An int32 with the sign of sum(kept) - target, exact up to 2**-16 per layer.
+def _excess(layers: _Layers, densities: jax.Array, target) -> jax.Array:
+    """An int32 with the sign of sum_l n_l densities_l - target, exact up to 2**-16.
 
     Integer parts and fixed-point fractions are summed as integers, so the result does
     not depend on summation order (nor on vmap or the backend's reduction tree).
     """
     t_int, t_frac = target
+    kept = jnp.where(layers.n > 0, layers.n * densities, 0.0)  # padding: 0 * inf
     whole = jnp.floor(kept)
     frac = jnp.floor((kept - whole) * (2.0**_FRAC_BITS)).astype(jnp.int32)
     diff_int = jnp.sum(whole.astype(jnp.int32)) - t_int
@@ -225,47 +243,43 @@ def _excess(kept: jax.Array, target) -> jax.Array:
     return diff_int * (2**_FRAC_BITS) + (jnp.sum(frac) - t_frac)
 
 
-def _uniform_densities(d, n, ratio, n_total):
-    del ratio, n_total
-    return jnp.broadcast_to(d, n.shape)
+def _uniform_densities(d, layers: _Layers):
+    return jnp.broadcast_to(d, layers.n.shape)
 
 
-def _erk_densities(d, n, ratio, n_total):
-    target = _target(d, n_total)
+def _erk_densities(d, layers: _Layers):
+    target = _target(d, layers.n_total)
 
     def densities(eps):
-        return jnp.minimum(1.0, eps * ratio)
+        return jnp.minimum(1.0, eps * layers.ratio)
 
-    eps = _bisect_bits(lambda eps: _excess(n * densities(eps), target) >= 0, _INF_BITS)
+    eps = _bisect_bits(lambda e: _excess(layers, densities(e), target) >= 0, _INF_BITS)
     return densities(eps)
 
 
-def _igq_densities(d, n, ratio, n_total):
-    del ratio
-    target = _target(d, n_total)
+def _igq_densities(d, layers: _Layers):
+    target = _target(d, layers.n_total)
 
     def densities(force):
-        return 1.0 / (1.0 + force * n)
+        return 1.0 / (1.0 + force * layers.n)
 
-    force = _bisect_bits(lambda f: _excess(n * densities(f), target) <= 0, _INF_BITS)
+    force = _bisect_bits(lambda f: _excess(layers, densities(f), target) <= 0, _INF_BITS)
     return densities(force)
 
 
-def _uniform_plus_densities(d, n, ratio, n_total):
-    del ratio
-    num_layers = n.shape[0]
-    if num_layers == 1:
-        return jnp.ones_like(n)
-    target = _target(d, n_total)
-    index = jnp.arange(num_layers)
+def _uniform_plus_densities(d, layers: _Layers):
+    target = _target(d, layers.n_total)
+    index = jnp.arange(layers.n.shape[0])
     last_min = jnp.float32(UNIFORM_PLUS_LAST_MIN_DENSITY)
 
     def densities(middle):
         middle = jnp.minimum(middle, 1.0)
-        dens = jnp.where(index == num_layers - 1, jnp.maximum(middle, last_min), middle)
+        dens = jnp.where(index == layers.last, jnp.maximum(middle, last_min), middle)
+        # First layer dense (with one layer, first == last: dense).
         return jnp.where(index == 0, jnp.float32(1.0), dens)
 
-    middle = _bisect_bits(lambda m: _excess(n * densities(m), target) >= 0, _ONE_BITS)
+    middle = _bisect_bits(lambda m: _excess(layers, densities(m), target) >= 0,
+                          _ONE_BITS)
     return densities(middle)
 
 
@@ -277,30 +291,6 @@ _DENSITY_RULES = {
 }
 
 
-def _clean_density(d):
-    d = jnp.asarray(d, jnp.float32)
-    return jnp.clip(d, 0.0, 1.0)
-
-
-@functools.partial(jax.jit, static_argnames="rule")
-def _sparsities_kernel(rule, sparsity, n, ratio, n_total):
-    s = jnp.asarray(sparsity, jnp.float32)
-    s_clipped = jnp.clip(s, 0.0, 1.0)
-    if rule == "uniform":
-        out = jnp.broadcast_to(s_clipped, n.shape)
-    else:
-        out = 1.0 - _DENSITY_RULES[rule](1.0 - s_clipped, n, ratio, n_total)
-    # Only a traced NaN gets here (concrete NaN raises); pass it on, do not hide it.
-    return jnp.where(jnp.isnan(s), jnp.nan, out)
-
-
-@functools.partial(jax.jit, static_argnames="rule")
-def _densities_kernel(rule, density, n, ratio, n_total):
-    d = jnp.asarray(density, jnp.float32)
-    out = _DENSITY_RULES[rule](_clean_density(d), n, ratio, n_total)
-    return jnp.where(jnp.isnan(d), jnp.nan, out)
-
-
 def _round_counts(densities, n, n_int):
     kept = jnp.round(n * densities)
     kept = jnp.where(jnp.isnan(kept), 0.0, jnp.clip(kept, 0.0, n))
@@ -308,9 +298,25 @@ def _round_counts(densities, n, n_int):
 
 
 @functools.partial(jax.jit, static_argnames="rule")
-def _counts_kernel(rule, density, n, n_int, ratio, n_total):
-    d = _clean_density(density)
-    return _round_counts(_DENSITY_RULES[rule](d, n, ratio, n_total), n, n_int)
+def _kernel(rule: str, value, from_sparsity, layers: _Layers):
+    """(densities f32[P], sparsities f32[P], kept counts i32[P]) of one quota.
+
+    ``value`` is the global sparsity when ``from_sparsity`` else the global density.
+    One kernel per quota and layer bucket serves all three public views, so a new
+    network costs few compilations; under an outer jit unused outputs are dropped.
+    Traced values outside [0, 1] are clamped; a traced NaN gives NaN (and 0 counts).
+    """
+    v = jnp.asarray(value, jnp.float32)
+    v_clipped = jnp.clip(v, 0.0, 1.0)
+    d = jnp.where(from_sparsity, 1.0 - v_clipped, v_clipped)
+    densities = _DENSITY_RULES[rule](d, layers)
+    sparsities = 1.0 - densities
+    if rule == "uniform":  # s_l = s exactly, not 1 - (1 - s)
+        sparsities = jnp.where(from_sparsity, v_clipped, sparsities)
+    counts = _round_counts(densities, layers.n, layers.n_int)
+    nan = jnp.isnan(v)
+    return (jnp.where(nan, jnp.nan, densities), jnp.where(nan, jnp.nan, sparsities),
+            jnp.where(nan, 0, counts))
 
 
 _round_counts_jit = jax.jit(_round_counts)
@@ -325,8 +331,8 @@ def _run_quota(rule: str, sparsity: Any, shapes: Any) -> jax.Array:
     if rule == "uniform_plus":
         _require_conv(shapes)
         _check_uniform_plus_reachable(None if s is None else 1.0 - s, shapes)
-    n, _, ratio, n_total = _layer_constants(shapes)
-    return _sparsities_kernel(rule, sparsity, n, ratio, n_total)
+    _, sparsities, _ = _kernel(rule, sparsity, True, _layer_constants(shapes))
+    return sparsities[:len(shapes)]
 
 
 def uniform(sparsity: Any, shapes: Any) -> jax.Array:
@@ -350,6 +356,9 @@ def uniform_plus(sparsity: Any, shapes: Any) -> jax.Array:
       density_1 = 1,  density_l = d_m (1 < l < L),  density_L = max(d_m, 0.2),
       with d_m solved from n_1 + sum_{1<l<L} n_l d_m + n_L max(d_m, 0.2) = (1 - s) N.
 
+    So the last layer shares the middle sparsity until that passes 80%, then stays at
+    80% while the middle layers take the rest (the reading of Lee et al. 2021's
+    reference code for Gale et al.'s rule; with two layers the last takes it all).
     The largest reachable sparsity is 1 - (n_1 + 0.2 n_L) / N
     (:func:`uniform_plus_max_sparsity`); a concrete sparsity above it raises, a traced
     one is clamped to it. Raises ValueError when no kernel in ``shapes`` is 4-D.
@@ -436,9 +445,9 @@ def layer_densities(quota: Union[str, QuotaFn], density: Any, shapes: Any) -> ja
     fn = _resolve(quota, "quota")
     shapes = normalize_shapes(shapes)
     rule = _rule_for(fn, shapes, _check_density(density))
-    n, _, ratio, n_total = _layer_constants(shapes)
     if rule is not None:
-        return _densities_kernel(rule, density, n, ratio, n_total)
+        densities, _, _ = _kernel(rule, density, False, _layer_constants(shapes))
+        return densities[:len(shapes)]
     d = jnp.asarray(density, jnp.float32)
     return 1.0 - jnp.asarray(fn(1.0 - d, shapes), jnp.float32)
 
@@ -459,9 +468,10 @@ def layer_kept_counts(quota: Union[str, QuotaFn], density: Any, shapes: Any) -> 
     fn = _resolve(quota, "quota")
     shapes = normalize_shapes(shapes)
     rule = _rule_for(fn, shapes, _check_density(density))
-    n, n_int, ratio, n_total = _layer_constants(shapes)
     if rule is not None:
-        return _counts_kernel(rule, density, n, n_int, ratio, n_total)
+        _, _, counts = _kernel(rule, density, False, _layer_constants(shapes))
+        return counts[:len(shapes)]
     d = jnp.asarray(density, jnp.float32)
     dens = 1.0 - jnp.asarray(fn(1.0 - d, shapes), jnp.float32)
-    return _round_counts_jit(dens, n, n_int)
+    n = np.array([math.prod(s) for s in shapes], np.int64)
+    return _round_counts_jit(dens, n.astype(np.float32), n.astype(np.int32))

@@ -1,0 +1,357 @@
+"""Scores + quotas -> masks, and the search for a target effective sparsity.
+
+Every pruner is a *ranking* of the prunable weights: a mask keeps the weights of
+rank < k. Global pruners rank all weights together (highest score first); quota
+pruners rank inside each layer and keep round(n_l * density_l(k / N)) per layer
+(see :mod:`sparsejax.quotas`). Ties are broken by position (flattened row-major,
+layers in input-to-output order), so masks are deterministic and *nested* in k.
+
+Effective pruning (method.md section 2): with E(k) the number of active weights of
+the mask at k, E is non-decreasing because the masks are nested, and the answer is
+
+    k* = max { k : E(k) <= floor((1 - s) N) },
+
+the smallest direct sparsity whose effective sparsity is at least s: keeping one
+more weight along the ranking falls below the target. The search is one jitted
+``lax.while_loop`` on a bracket lo < hi with E(lo) <= K < E(hi), proposing k by
+interpolation of E (Illinois rule) and finishing when hi = lo + 1.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsejax import effective as effective_lib
+from sparsejax import masks as masks_lib
+from sparsejax import quotas as quotas_lib
+
+PyTree = Any
+PRUNING_TYPES = ("direct", "effective")
+
+
+@flax.struct.dataclass
+class Ranking:
+  """A nested family of masks: layer l keeps its ``counts(k)[l]`` best weights.
+
+  order: per layer, flat indices best first (int32 [n_l]).
+  ranks: per layer, the inverse: rank of each flat index within its layer.
+  cutoffs: global rankings only: per layer, the global ranks of its weights sorted
+    ascending, so that counts(k)[l] = #{w in l : global rank < k}.
+  quota: None for a global ranking, else a quota name (counts from the quota).
+  shapes: the prunable kernel shapes; treedef/slots rebuild the mask tree.
+  """
+
+  order: tuple
+  ranks: tuple
+  cutoffs: tuple | None
+  quota: str | None = flax.struct.field(pytree_node=False, default=None)
+  shapes: tuple = flax.struct.field(pytree_node=False, default=())
+  treedef: Any = flax.struct.field(pytree_node=False, default=None)
+  slots: tuple = flax.struct.field(pytree_node=False, default=())
+
+  @property
+  def total(self) -> int:
+    return int(sum(np.prod(s) for s in self.shapes))
+
+  def counts(self, kept) -> jax.Array:
+    """Kept weights per layer [L] (int32) when ``kept`` are kept in all (traceable)."""
+    kept = jnp.asarray(kept, jnp.int32)
+    if self.quota is None:
+      return jnp.stack([jnp.searchsorted(c, kept, side="left").astype(jnp.int32)
+                        for c in self.cutoffs])
+    density = kept.astype(jnp.float32) / self.total
+    return quotas_lib.layer_kept_counts(self.quota, density, self.shapes)
+
+  def to_tree(self, flat_leaves: Sequence[jax.Array]) -> PyTree:
+    """Mask-shaped tree from per-layer flat arrays (in layer order)."""
+    leaves: list = [None] * self.treedef.num_leaves
+    for slot, leaf, shape in zip(self.slots, flat_leaves, self.shapes):
+      leaves[slot] = leaf.reshape(shape)
+    return jax.tree.unflatten(self.treedef, leaves)
+
+
+def check_scores(scores: Sequence[jax.Array], name: str = "scores") -> None:
+  for i, s in enumerate(scores):
+    if not bool(jnp.all(jnp.isfinite(s))):
+      bad = int(jnp.sum(~jnp.isfinite(s)))
+      raise ValueError(f"{name}[{i}] has {bad} NaN or infinite values; scores must be finite.")
+
+
+@jax.jit
+def _order(flat_scores: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Indices sorted by descending score, ties by position; and the inverse."""
+  order = jnp.argsort(-flat_scores.astype(jnp.float32), stable=True).astype(jnp.int32)
+  ranks = jnp.zeros(order.shape, jnp.int32).at[order].set(
+      jnp.arange(order.size, dtype=jnp.int32))
+  return order, ranks
+
+
+def rank_scores(scores: PyTree, quota: str | None = None) -> Ranking:
+  """Ranking of a mask-shaped tree of scores (higher score = kept first).
+
+  ``quota=None`` ranks all layers together (global threshold); a quota name ranks
+  inside each layer and takes per-layer counts from the quota. Ties are broken by
+  position: a stable sort of -score over the flattened layers.
+  """
+  flat, treedef = jax.tree.flatten(scores, is_leaf=lambda x: x is None)
+  slots = tuple(i for i, leaf in enumerate(flat) if leaf is not None)
+  leaves = [flat[i].reshape(-1) for i in slots]
+  if not leaves:
+    raise ValueError("scores has no prunable layer.")
+  check_scores(leaves)
+  shapes = tuple(tuple(int(d) for d in flat[i].shape) for i in slots)
+  if quota is not None:
+    quotas_lib.get_quota(quota)
+  order, ranks = zip(*(_order(s) for s in leaves))
+  cutoffs = None
+  if quota is None:
+    _, global_ranks = _order(jnp.concatenate(leaves))
+    splits = np.cumsum([s.size for s in leaves])[:-1]
+    cutoffs = tuple(jnp.sort(r) for r in jnp.split(global_ranks, splits))
+  return Ranking(tuple(order), tuple(ranks), cutoffs, quota, shapes, treedef, slots)
+
+
+def _flat_masks_at(ranking: Ranking, kept) -> list[jax.Array]:
+  counts = ranking.counts(kept)
+  return [r < counts[i] for i, r in enumerate(ranking.ranks)]
+
+
+def masks_at(ranking: Ranking, kept) -> PyTree:
+  """The mask keeping ``kept`` weights along the ranking (``kept`` may be traced)."""
+  return ranking.to_tree(_flat_masks_at(ranking, kept))
+
+
+def kept_for_sparsity(sparsity: float, total: int) -> int:
+  """round((1 - s) N): the kept count of direct sparsity s."""
+  return int(round((1.0 - float(sparsity)) * total))
+
+
+#: How far along the ranking (in weights) the search's bounds look from a sweep.
+BOUND_WINDOW = 1 << 14
+
+
+def _sweep_at(sweep: Callable, ranking: Ranking, kept):
+  """(E(k), active per layer, potential per layer), all flat."""
+  conn = sweep(masks_at(ranking, kept))
+  eff = [m.reshape(-1) for m in masks_lib.mask_leaves(conn.masks)]
+  pot = [m.reshape(-1) for m in masks_lib.mask_leaves(conn.potential)]
+  return sum(jnp.sum(m, dtype=jnp.int32) for m in eff), eff, pot
+
+
+def _prefix_along_ranking(ranking: Ranking, flags: Sequence[jax.Array], start: jax.Array,
+                          step: int, width: int) -> list[jax.Array]:
+  """Per layer l, prefix sums [width + 1] of flags[l] at the weights of layer ranks
+  start[l], start[l] + step, ... (step = +1 forward, -1 backward), zero off the layer."""
+  out = []
+  for l, (order, flag) in enumerate(zip(ranking.order, flags)):
+    idx = start[l] + step * jnp.arange(width, dtype=jnp.int32)
+    valid = (idx >= 0) & (idx < order.size)
+    hit = jnp.where(valid, flag[order[jnp.clip(idx, 0, order.size - 1)]], False)
+    out.append(jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(hit, dtype=jnp.int32)]))
+  return out
+
+
+def _gathered(prefix: Sequence[jax.Array], steps: jax.Array, width: int) -> jax.Array:
+  return sum(p[jnp.clip(steps[l], 0, width)] for l, p in enumerate(prefix))
+
+
+def _bisect_int(pred: Callable, lo, hi, iters: int):
+  """Smallest k in (lo, hi] with pred(k) for monotone pred, given pred(hi); else hi."""
+  def body(_, bracket):
+    a, b = bracket
+    mid = a + (b - a) // 2
+    ok = pred(mid) & (b - a > 1)
+    return jnp.where(ok | (b - a <= 1), a, mid), jnp.where(ok, mid, b)
+  return jax.lax.fori_loop(0, iters, body, (lo, hi))[1]
+
+
+def _search_parts(sweep: Callable, ranking: Ranking, target_kept) -> "_SearchParts":
+  """The search for the largest k with E(k) <= target_kept, as loop parts.
+
+  The bracket E(lo) <= T < E(hi) is the only
+  thing exactness rests on; every step keeps it:
+  - E(k) <= k, so lo = T needs no sweep; hi = N is swept only if reached.
+  - A sweep at k gives E(k) and, for free, bounds for nearby k along the ranking
+    (masks are nested): E(k') >= E(k) + #{added weights live at k} for k' > k, and
+    E(k') <= E(k) - #{removed weights active at k} for k' < k. Bisection on these
+    bounds moves the other end of the bracket without sweeping.
+  - Proposals: the fixed-point step k T / E(k) until the target is bracketed, then
+    Illinois regula falsi on log E against log k, with a bisection step whenever the
+    bracket has not halved in two sweeps.
+  """
+  total = ranking.total
+  width = min(BOUND_WINDOW, total)
+  iters = max(1, int(np.ceil(np.log2(width + 1))))
+  target = jnp.asarray(target_kept, jnp.int32)
+  log_t = jnp.log(target.astype(jnp.float32) + 0.5)
+  big = jnp.int32(2 * total + 2)
+
+  def settle(k, e, eff, pot, lo, e_lo, exact_lo, hi, e_hi):
+    """Updates the bracket with the sweep at k and the bounds it implies."""
+    below = e <= target
+    counts_k = ranking.counts(k)
+    # k is below: lower bound E(k') >= e + live weights added between k and k'.
+    live_prefix = _prefix_along_ranking(ranking, pot, counts_k, 1, width)
+    lower = lambda k2: e + _gathered(live_prefix, ranking.counts(k2) - counts_k, width)
+    k_hi = jnp.minimum(k + width, jnp.where(e_hi >= 0, hi, total))
+    found_hi = below & (lower(k_hi) > target)
+    new_hi = jnp.where(found_hi, _bisect_int(lambda k2: lower(k2) > target, k, k_hi, iters), k_hi)
+    # k is above: upper bound E(k') <= e - active weights removed between k' and k.
+    act_prefix = _prefix_along_ranking(ranking, eff, counts_k - 1, -1, width)
+    upper = lambda k2: e - _gathered(act_prefix, counts_k - ranking.counts(k2), width)
+    k_lo = jnp.maximum(k - width, lo)
+    # Largest k' in [k_lo, k) with upper(k') <= T: the step before the smallest with > T.
+    first_above = _bisect_int(lambda k2: upper(k2) > target, k_lo, k, iters)
+    new_lo = first_above - 1
+    found_lo = ~below & (new_lo > lo) & (upper(new_lo) <= target)
+    lo2 = jnp.where(below, k, jnp.where(found_lo, new_lo, lo))
+    e_lo2 = jnp.where(below, e, jnp.where(found_lo, upper(new_lo), e_lo))
+    exact2 = jnp.where(below, True, jnp.where(found_lo, False, exact_lo))
+    hi2 = jnp.where(below, jnp.where(found_hi, new_hi, hi), k)
+    e_hi2 = jnp.where(below, jnp.where(found_hi, lower(new_hi), e_hi), e)
+    return lo2, e_lo2, exact2, hi2, e_hi2, below
+
+  def cond(state):
+    lo, _, _, hi, e_hi, *_ = state
+    return (hi - lo > 1) | ((e_hi < 0) & (lo < hi))
+
+  def body(state):
+    lo, e_lo, exact_lo, hi, e_hi, w_lo, w_hi, width_1, width_2, n = state
+    have_hi = e_hi >= 0
+    lo_f, hi_f = lo.astype(jnp.float32), hi.astype(jnp.float32)
+    k_fixed = jnp.where(e_lo > 0, lo_f * (target + 0.5) / jnp.maximum(e_lo, 1) * 1.02,
+                        2.0 * lo_f + 1.0)
+    f_lo = (jnp.log(jnp.maximum(e_lo, 1).astype(jnp.float32)) - log_t) * w_lo
+    f_hi = (jnp.log(jnp.maximum(e_hi, 1).astype(jnp.float32)) - log_t) * w_hi
+    t_log = jnp.clip(-f_lo / jnp.maximum(f_hi - f_lo, 1e-12), 0.0, 1.0)
+    log_lo = jnp.log(jnp.maximum(lo_f, 1.0))
+    k_log = jnp.exp(log_lo + t_log * (jnp.log(hi_f) - log_lo))
+    t_lin = (target + 0.5 - e_lo) / jnp.maximum(e_hi - e_lo, 1).astype(jnp.float32)
+    k_lin = lo_f + jnp.clip(t_lin, 0.0, 1.0) * (hi_f - lo_f)
+    k_interp = jnp.where(e_lo > 0, k_log, k_lin)
+    span = hi - lo
+    use_mid = have_hi & (2 * span > width_2)
+    k = jnp.where(use_mid, (lo_f + hi_f) / 2, jnp.where(have_hi, k_interp, k_fixed))
+    k = jnp.clip(jnp.round(k), lo_f + 1, jnp.where(have_hi, hi_f - 1, hi_f)).astype(jnp.int32)
+    e, eff, pot = _sweep_at(sweep, ranking, k)
+    lo2, e_lo2, exact2, hi2, e_hi2, below = settle(k, e, eff, pot, lo, e_lo, exact_lo, hi, e_hi)
+    # The end that stays twice in a row has its f value halved (Illinois rule).
+    return (lo2, e_lo2, exact2, hi2, e_hi2,
+            jnp.where(below, 1.0, 0.5 * w_lo), jnp.where(below, 0.5 * w_hi, 1.0),
+            jnp.where(have_hi, span, big), width_1, n + 1)
+
+  def init():
+    lo = jnp.clip(target, 0, total)
+    e, eff, pot = _sweep_at(sweep, ranking, lo)
+    lo, e_lo, exact, hi, e_hi, _ = settle(lo, e, eff, pot, lo, e, True, jnp.int32(total),
+                                          jnp.int32(-1))
+    return (lo, e_lo, exact, hi, e_hi, 1.0, 1.0, big, big, jnp.int32(1))
+
+  def finish(state):
+    lo, e_lo, exact, *_, n = state
+    # A lower end set by a bound carries an upper estimate of E: sweep it once.
+    e_lo, n = jax.lax.cond(exact, lambda: (e_lo, n),
+                           lambda: (_sweep_at(sweep, ranking, lo)[0], n + 1))
+    return lo, e_lo, n
+
+  return _SearchParts(init, cond, body, finish)
+
+
+class _SearchParts(NamedTuple):
+  init: Callable
+  cond: Callable
+  body: Callable
+  finish: Callable
+
+
+def search_effective(sweep: Callable, ranking: Ranking, target_kept
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Largest k with E(k) <= target_kept as one ``lax.while_loop`` (jit-able).
+
+  Returns (k, E(k), sweeps evaluated). See :func:`_search_parts` for the method.
+  """
+  parts = _search_parts(sweep, ranking, target_kept)
+  return parts.finish(jax.lax.while_loop(parts.cond, parts.body, parts.init()))
+
+
+LOOPS = ("auto", "device", "host")
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_search(model, input_shape, loop: str):
+  sweep = effective_lib.connectivity_sweep(model, input_shape, units=False)
+  if loop == "device":
+    return jax.jit(functools.partial(search_effective, sweep))
+  # Host-driven: the same jitted init/body/finish, with only the loop condition read
+  # back per step. XLA:CPU runs convolutions inside while-loop bodies through a far
+  # slower path (jax-ml/jax#12868; 10-20x measured here on ResNet-18), so on CPU this
+  # is the fast driver; both drivers compute identical steps.
+  init = jax.jit(lambda r, t: _search_parts(sweep, r, t).init())
+  cond = jax.jit(lambda r, t, s: _search_parts(sweep, r, t).cond(s))
+  body = jax.jit(lambda r, t, s: _search_parts(sweep, r, t).body(s))
+  count = jax.jit(lambda r, k: _sweep_at(sweep, r, k)[0])
+
+  def run(ranking, target):
+    state = init(ranking, target)
+    while bool(cond(ranking, target, state)):
+      state = body(ranking, target, state)
+    lo, e_lo, exact, *_, n = state
+    if not bool(exact):  # as in finish(), without a sweep inside lax.cond
+      return lo, count(ranking, lo), n + 1
+    return lo, e_lo, n
+
+  return run
+
+
+def effective_kept(model, ranking: Ranking, target_kept: int, input_shape,
+                   loop: str = "auto") -> tuple[int, int, int]:
+  """(k, active weights at k, sweeps evaluated) for the largest k meeting the target.
+
+  loop: 'device' runs the search as one ``lax.while_loop``; 'host' steps the same
+  jitted body from Python (faster on XLA:CPU, see _jitted_search); 'auto' picks
+  'host' on CPU and 'device' elsewhere.
+  """
+  if loop not in LOOPS:
+    raise ValueError(f"loop={loop!r} is not allowed; allowed: {', '.join(LOOPS)}.")
+  if loop == "auto":
+    loop = "host" if jax.default_backend() == "cpu" else "device"
+  k, e, n = _jitted_search(model, tuple(input_shape), loop)(ranking, jnp.int32(target_kept))
+  return int(k), int(e), int(n)
+
+
+def masks_from_ranking(ranking: Ranking, sparsity: float, pruning_type: str = "direct", *,
+                       model=None, input_shape=None) -> PyTree:
+  """Masks at direct sparsity ``sparsity``, or at the smallest direct sparsity whose
+  effective sparsity is at least ``sparsity`` (``pruning_type='effective'``)."""
+  sparsity = masks_lib._check_sparsity(sparsity)
+  if pruning_type not in PRUNING_TYPES:
+    raise ValueError(f"pruning_type={pruning_type!r} is not allowed; allowed: "
+                     f"{', '.join(PRUNING_TYPES)}.")
+  target = kept_for_sparsity(sparsity, ranking.total)
+  if pruning_type == "direct":
+    return masks_at(ranking, target)
+  if model is None or input_shape is None:
+    raise ValueError("pruning_type='effective' needs model= and input_shape= for the "
+                     "connectivity sweep.")
+  k, e, _ = effective_kept(model, ranking, target, input_shape)
+  if e == 0 and target > 0:
+    smallest = _smallest_connected(model, ranking, input_shape)
+    raise ValueError(
+        f"sparsity={sparsity!r} (effective) cannot be reached: along this ranking every "
+        f"connected mask keeps more than {target} weights; the largest reachable effective "
+        f"sparsity is {1 - smallest / ranking.total:.6g} (compression "
+        f"{ranking.total / smallest:.4g}x).")
+  return masks_at(ranking, k)
+
+
+def _smallest_connected(model, ranking: Ranking, input_shape) -> int:
+  """Fewest active weights of any connected mask along the ranking."""
+  k, _, _ = effective_kept(model, ranking, 0, input_shape)  # largest k still disconnected
+  sweep = effective_lib.connectivity_sweep(model, tuple(input_shape), units=False)
+  return int(jax.jit(lambda r, kk: _sweep_at(sweep, r, kk)[0])(ranking, k + 1))
