@@ -78,6 +78,8 @@ class Ranking:
 
 def check_scores(scores: Sequence[jax.Array], name: str = "scores") -> None:
   for i, s in enumerate(scores):
+    if jnp.issubdtype(s.dtype, jnp.integer):
+      continue
     if not bool(jnp.all(jnp.isfinite(s))):
       bad = int(jnp.sum(~jnp.isfinite(s)))
       raise ValueError(f"{name}[{i}] has {bad} NaN or infinite values; scores must be finite.")
@@ -85,8 +87,13 @@ def check_scores(scores: Sequence[jax.Array], name: str = "scores") -> None:
 
 @jax.jit
 def _order(flat_scores: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Indices sorted by descending score, ties by position; and the inverse."""
-  order = jnp.argsort(-flat_scores.astype(jnp.float32), stable=True).astype(jnp.int32)
+  """Indices sorted by descending score, ties by position; and the inverse.
+
+  Integer scores (e.g. elimination orders of iterative pruners) are sorted exactly.
+  """
+  keys = flat_scores if jnp.issubdtype(flat_scores.dtype, jnp.integer) else \
+      flat_scores.astype(jnp.float32)
+  order = jnp.argsort(-keys, stable=True).astype(jnp.int32)
   ranks = jnp.zeros(order.shape, jnp.int32).at[order].set(
       jnp.arange(order.size, dtype=jnp.int32))
   return order, ranks
@@ -340,7 +347,7 @@ def masks_from_ranking(ranking: Ranking, sparsity: float, pruning_type: str = "d
     raise ValueError("pruning_type='effective' needs model= and input_shape= for the "
                      "connectivity sweep.")
   k, e, _ = effective_kept(model, ranking, target, input_shape)
-  if e == 0 and target > 0:
+  if e == 0:
     smallest = _smallest_connected(model, ranking, input_shape)
     raise ValueError(
         f"sparsity={sparsity!r} (effective) cannot be reached: along this ranking every "

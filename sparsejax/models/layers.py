@@ -103,8 +103,12 @@ class Conv(_ModeOutput, nn.Conv):
     return self._finish(super().__call__(x))
 
 
-class Norm(nn.Module):
-  """Batch norm in standard mode, the identity otherwise."""
+class Norm(nn.BatchNorm):
+  """`nn.BatchNorm` (momentum 0.9, eps 1e-5) in standard mode, the identity otherwise.
+
+  ``train=True`` normalizes with batch statistics and updates the running averages
+  ('batch_stats'); ``train=False`` uses the running averages.
+  """
 
   mode: str = STANDARD
   momentum: float = 0.9
@@ -114,8 +118,7 @@ class Norm(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.mode != STANDARD:
       return x
-    return nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
-                        epsilon=self.epsilon)(x)
+    return super().__call__(x, use_running_average=not train)
 
 
 def relu(x: jax.Array, mode: str) -> jax.Array:

@@ -1,0 +1,522 @@
+"""Masked training with Optax: schedules, train/eval steps, data parallelism, resume.
+
+The training recipe of method.md section 5: SGD with momentum, a piecewise-constant
+learning rate, L2 on Dense/Conv kernels only, cross-entropy, per-step augmentation
+on the device. A sparse network is trained by keeping its pruned weights at
+exactly zero: gradients are masked before the optimizer and the parameters are
+re-masked after every update, so neither weight decay nor momentum can revive a
+pruned weight.
+
+Batch norm uses batch statistics in training and its running averages at
+evaluation (standard practice). The paper's code keeps batch norm in training mode
+even at evaluation (method.md section 5); our test numbers use running statistics.
+
+Data parallelism: a 1-D :class:`jax.sharding.Mesh` over the devices (axis
+``'data'``); every batch is sharded along its first axis and the train state is
+replicated; ``jax.jit`` partitions the step (gradients and batch-norm statistics
+are reduced over the whole global batch, so the result equals one device's up to
+float summation order). One device runs the same code.
+
+Reproducibility: batch ``s`` comes from :func:`sparsejax.data.batch_indices`
+(a function of ``(seed, s)``) and the augmentation key of step ``s`` is
+``fold_in(key, s)``, so a run resumed from a checkpoint at step ``s`` sees the
+same inputs as an uninterrupted run and ends with the same parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Sequence
+
+from absl import logging
+import flax
+from flax import struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from sparsejax import data
+from sparsejax import masks as masks_lib
+
+PyTree = Any
+DATA_AXIS = "data"
+
+
+# ----------------------------------------------------------------- optimizer
+
+
+def make_schedule(config) -> optax.Schedule:
+  """Piecewise-constant learning rate: ``learning_rate * decay_factor ** k`` after
+  k boundaries.
+
+  Boundary i is at step ``round(config.decay_boundaries[i] * config.train_steps)``;
+  the new rate applies from that step on (the update made at step b, counting
+  from 0, uses the decayed rate; Keras' ``PiecewiseConstantDecay`` switches one
+  step later). Boundaries that round to the same step compound.
+  """
+  scales: dict[int, float] = {}
+  for fraction in config.decay_boundaries:
+    boundary = int(round(fraction * config.train_steps))
+    scales[boundary] = scales.get(boundary, 1.0) * config.decay_factor
+  return optax.piecewise_constant_schedule(config.learning_rate, scales)
+
+
+def kernel_mask(params: PyTree) -> PyTree:
+  """Bool tree shaped like ``params``: True at Dense/Conv kernels (what L2 applies to)."""
+  return jax.tree_util.tree_map_with_path(masks_lib.is_prunable, params)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """SGD with momentum, the paper's schedule and L2 on kernels only.
+
+  ``chain(add_decayed_weights(weight_decay, mask=kernels), sgd(schedule, momentum))``:
+  the update is ``-lr_t * m_t`` with ``m_t = momentum * m_{t-1} + g_t + wd * w`` at
+  kernels (``g_t`` elsewhere). Decay enters the momentum like a loss term does, so
+  ``wd`` is the gradient of an L2 penalty ``wd / 2 * sum(w ** 2)``. The paper's
+  Keras ``l2(c)`` regularizer adds ``c * sum(w ** 2)`` to the loss, hence
+  ``wd = 2c`` (``experiments.configs`` stores 2 x 5e-4 for the LeNets and 2 x 1e-4
+  for VGG/ResNet). Biases and batch-norm scales/offsets are not decayed.
+
+  Args:
+    config: a ``TrainConfig`` (learning_rate, momentum, weight_decay,
+      decay_boundaries, decay_factor, train_steps).
+  """
+  momentum = config.momentum if config.momentum else None
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask=kernel_mask),
+      optax.sgd(make_schedule(config), momentum=momentum),
+  )
+
+
+# ---------------------------------------------------------------- train state
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a step reads and writes (a pytree; checkpointed as a whole).
+
+  Attributes:
+    step: int32 scalar, optimizer steps taken.
+    params: the model's 'params' collection; pruned kernel entries are exactly 0.
+    batch_stats: the model's 'batch_stats' collection ({} without batch norm).
+    opt_state: state of :func:`make_optimizer` (momentum trace, schedule count).
+    masks: mask tree (bool at kernels, None elsewhere), or None to train densely.
+  """
+
+  step: jax.Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: optax.OptState
+  masks: PyTree = None
+
+
+def _apply_masks(tree: PyTree, masks: PyTree) -> PyTree:
+  return tree if masks is None else masks_lib.apply(tree, masks)
+
+
+def _check_same_structure(params: PyTree, reference: PyTree) -> None:
+  got = {masks_lib.path_str(p): np.shape(x)
+         for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  want = {masks_lib.path_str(p): np.shape(x)
+          for p, x in jax.tree_util.tree_leaves_with_path(reference)}
+  if got != want:
+    diff = sorted(set(got.items()) ^ set(want.items()))[:5]
+    raise ValueError(f"params do not match the model's parameters (path, shape): differing "
+                     f"entries {diff}.")
+
+
+def create_train_state(model: flax.linen.Module, key: jax.Array, input_shape: Sequence[int],
+                       config, masks: PyTree = None, params: PyTree = None) -> TrainState:
+  """Initializes the model and the optimizer; pruned weights start at exactly 0.
+
+  Args:
+    model: a Flax module called as ``model.apply(variables, x, train=...)``.
+    key: PRNG key for ``model.init``.
+    input_shape: one example's shape without the batch axis, e.g. (28, 28, 1).
+    config: a ``TrainConfig`` (for the optimizer).
+    masks: mask tree (bool at prunable kernels, None elsewhere) or None (dense).
+    params: initial parameters (e.g. the ones a pruner scored); default: fresh
+      ``model.init(key, ...)`` parameters. Batch-norm statistics are always fresh.
+
+  Returns:
+    A :class:`TrainState` at step 0 with ``params * masks``.
+  """
+  x = jnp.zeros((1,) + tuple(int(d) for d in input_shape), jnp.float32)
+  variables = jax.jit(lambda k, x: model.init(k, x, train=False))(key, x)
+  if params is None:
+    params = variables["params"]
+  else:
+    _check_same_structure(params, variables["params"])
+    params = jax.tree.map(jnp.asarray, params)
+  if masks is not None:
+    masks = jax.tree.map(jnp.asarray, masks)
+    masks_lib.validate(masks, params)
+    params = masks_lib.apply(params, masks)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}),
+                    opt_state=make_optimizer(config).init(params), masks=masks)
+
+
+# ----------------------------------------------------------------- steps
+
+
+def _dataset_spec(spec) -> data.DatasetSpec:
+  """A DatasetSpec from a DatasetSpec, a dataset name or a ModelSpec (its .dataset)."""
+  if isinstance(spec, data.DatasetSpec):
+    return spec
+  if isinstance(spec, str):
+    return data.get_spec(spec)
+  if hasattr(spec, "dataset"):
+    return data.get_spec(spec.dataset)
+  raise ValueError(f"spec={spec!r} must be a data.DatasetSpec, a dataset name or a "
+                   "models.ModelSpec.")
+
+
+@functools.partial(jax.jit, static_argnames=("model", "spec", "config"))
+def _train_step(state: TrainState, batch, key, *, model, spec, config):
+  x = data.preprocess(jax.random.fold_in(key, state.step), batch["image"], spec, train=True)
+  labels = batch["label"]
+
+  def loss_fn(params):
+    logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
+                                  train=True, mutable=["batch_stats"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, (logits, updates.get("batch_stats", state.batch_stats))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  # Masked gradients keep the momentum trace of pruned weights at 0; re-masking the
+  # parameters makes "exactly 0" hold whatever the optimizer does.
+  grads = _apply_masks(grads, state.masks)
+  updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
+  params = _apply_masks(optax.apply_updates(state.params, updates), state.masks)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
+  return new_state, {"loss": loss, "accuracy": accuracy}
+
+
+def train_step(state: TrainState, batch, key: jax.Array, *, model, spec, config
+               ) -> tuple[TrainState, dict]:
+  """One SGD step on a uint8 batch; jitted with ``model``, ``spec``, ``config`` static.
+
+  Normalizes and augments on the device with ``fold_in(key, state.step)`` (pass the
+  run's key, the same at every step), computes the mean cross-entropy with batch
+  statistics, masks the gradients, applies :func:`make_optimizer`'s update and
+  re-masks the parameters: pruned weights are exactly 0 after every step.
+
+  Args:
+    state: :class:`TrainState` (replicated when data parallel).
+    batch: {"image": uint8 [B, H, W, C], "label": int32 [B]} (sharded along B).
+    key: the run's PRNG key.
+    model: the Flax module (hashable).
+    spec: a ``data.DatasetSpec``, dataset name or ``models.ModelSpec``.
+    config: a hashable ``TrainConfig``.
+
+  Returns:
+    (new state, {"loss": float32 [], "accuracy": float32 []}) for this batch, as
+    device arrays (nothing is fetched to the host).
+  """
+  return _train_step(state, batch, key, model=model, spec=_dataset_spec(spec), config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "spec"))
+def _eval_step(state: TrainState, batch, *, model, spec):
+  x = data.preprocess(None, batch["image"], spec, train=False)
+  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
+                       train=False)
+  weight = batch["mask"].astype(jnp.float32)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+  return {"loss": jnp.sum(loss * weight), "correct": jnp.sum(correct * weight),
+          "count": jnp.sum(weight)}
+
+
+def eval_step(state: TrainState, batch, *, model, spec) -> dict:
+  """Summed metrics of one padded eval batch (running batch-norm statistics).
+
+  Args:
+    batch: {"image": uint8 [B, H, W, C], "label": int32 [B], "mask": bool [B]} as
+      :func:`sparsejax.data.eval_batches` yields; padding (mask False) counts 0.
+
+  Returns:
+    {"loss": sum of cross-entropies, "correct": number correct, "count": number of
+    real examples}, float32 scalars on the device.
+  """
+  return _eval_step(state, batch, model=model, spec=_dataset_spec(spec))
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """1-D mesh with axis 'data' over ``devices`` (default: ``jax.local_devices()``)."""
+  devices = list(jax.local_devices() if devices is None else devices)
+  if not devices:
+    raise ValueError("devices is empty; give at least one device.")
+  return Mesh(np.array(devices), (DATA_AXIS,))
+
+
+def _mesh_of(state: TrainState) -> Mesh:
+  sharding = jax.tree.leaves(state.params)[0].sharding
+  if isinstance(sharding, NamedSharding):
+    return sharding.mesh
+  return make_mesh(sorted(sharding.device_set, key=lambda d: d.id))
+
+
+def _check_divisible(batch_size: int, mesh: Mesh, name: str) -> None:
+  if batch_size % mesh.size:
+    raise ValueError(f"{name}={batch_size} must be divisible by the number of devices "
+                     f"({mesh.size}) to shard the batch.")
+
+
+def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray, *, model, spec,
+             batch_size: int = 1000, mesh: Mesh | None = None) -> tuple[float, float]:
+  """Mean cross-entropy and accuracy over a whole split (running BN statistics).
+
+  Args:
+    images: uint8 [N, H, W, C] on the host; labels: int32 [N].
+    batch_size: rounded up to a multiple of the device count; the last batch is
+      padded and masked.
+    mesh: the data-parallel mesh; default: the mesh ``state`` lives on.
+
+  Returns:
+    (loss, accuracy) as Python floats.
+  """
+  mesh = _mesh_of(state) if mesh is None else mesh
+  n = len(images)
+  if n == 0:
+    raise ValueError("images is empty; evaluation needs at least one example.")
+  size = mesh.size
+  batch_size = min(-(-int(batch_size) // size) * size, -(-n // size) * size)
+  dspec = _dataset_spec(spec)
+  totals = None
+  for batch in data.eval_batches(images, labels, batch_size,
+                                 sharding=NamedSharding(mesh, P(DATA_AXIS))):
+    sums = _eval_step(state, batch, model=model, spec=dspec)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals["count"])
+  return float(totals["loss"]) / count, float(totals["correct"]) / count
+
+
+# ------------------------------------------------------------------- loop
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What :func:`train` returns.
+
+  Attributes:
+    history: [{"step", "test_loss", "test_accuracy"}] at every evaluation (those of
+      earlier, resumed-from segments included).
+    final_test_loss, final_test_accuracy: at the last step.
+    steps_per_second: training steps per second in this call, excluding the first
+      step (compilation), evaluations and checkpoints (nan if fewer than 2 steps).
+    wall_time: seconds spent in this call.
+    start_step: the step this call started from (> 0 after a resume).
+    state: the final :class:`TrainState` (replicated over the mesh).
+  """
+
+  history: list[dict]
+  final_test_loss: float
+  final_test_accuracy: float
+  steps_per_second: float
+  wall_time: float
+  start_step: int
+  state: TrainState
+
+
+def _format_seconds(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _meta(config, seed: int, key: jax.Array, masked: bool) -> dict:
+  """What must match for a checkpoint to be resumed (JSON-able)."""
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  return {"config": {k: list(v) if isinstance(v, tuple) else v
+                     for k, v in dataclasses.asdict(config).items()},
+          "seed": int(seed), "key": np.asarray(key).ravel().tolist(), "masked": bool(masked)}
+
+
+def _restore(manager, step: int, state: TrainState, meta: dict):
+  saved_meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  if saved_meta != meta:
+    differing = sorted(k for k in set(meta) | set(saved_meta)
+                       if meta.get(k) != saved_meta.get(k))
+    raise ValueError(f"workdir={manager.directory!s} holds a run with different settings "
+                     f"({', '.join(differing)}): saved {saved_meta}, now {meta}. Use another "
+                     "workdir or the same settings to resume.")
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
+  if state.masks is not None:
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state.masks,
+                        restored["state"].masks)
+    if not all(jax.tree.leaves(same)):
+      raise ValueError(f"workdir={manager.directory!s} holds a run with different masks; "
+                       "use another workdir to train these masks.")
+  return restored["state"], list(restored["history"])
+
+
+def train(model: flax.linen.Module, spec, config, train_data: tuple[np.ndarray, np.ndarray],
+          test_data: tuple[np.ndarray, np.ndarray], *, masks: PyTree = None,
+          params: PyTree = None, seed: int = 0, key: jax.Array | None = None,
+          workdir: str | None = None, checkpoint_every: int = 5000, keep_checkpoints: int = 3,
+          eval_every: int = 5000, log_every: int = 500, num_steps: int | None = None,
+          eval_batch_size: int = 1000, devices: Sequence[jax.Device] | None = None,
+          prefetch: int = 2) -> TrainResult:
+  """Trains ``model`` (masked when ``masks`` is given), resuming from ``workdir``.
+
+  Args:
+    model: the Flax module.
+    spec: a ``models.ModelSpec``, ``data.DatasetSpec`` or dataset name (decides the
+      normalization and augmentation); None: ``config.dataset``.
+    config: a ``TrainConfig``; its ``train_steps`` sets the learning-rate schedule.
+    train_data, test_data: (uint8 images [N, H, W, C], int32 labels [N]) on the host.
+    masks: mask tree for ``params`` (bool at prunable kernels, None elsewhere);
+      None trains densely.
+    params: initial parameters (those the masks were computed on); default: a
+      fresh ``model.init``.
+    seed: shuffling seed of the training batches (and the key when ``key`` is None).
+    key: PRNG key; split into the init key and the augmentation key, which is
+      folded with the step number. Default ``jax.random.key(seed)``.
+    workdir: folder for Orbax checkpoints; a run resumes from its latest one.
+      None: no checkpoints.
+    checkpoint_every: save every this many steps (and at the end); the last
+      ``keep_checkpoints`` are kept.
+    eval_every: evaluate on ``test_data`` every this many steps (and at the end).
+    log_every: log step, loss, accuracy, steps/s and ETA every this many steps
+      (the only host round-trips of the loop besides evaluations).
+    num_steps: stop once the state reaches this step (a total, not a count of new
+      steps); default ``config.train_steps``.
+    eval_batch_size: evaluation batch (rounded up to a multiple of the devices).
+    devices: devices of the data-parallel mesh; default ``jax.local_devices()``.
+    prefetch: batches put on the devices ahead of the step.
+
+  Returns:
+    A :class:`TrainResult`.
+
+  Raises:
+    ValueError: batch size not divisible by the device count, bad arguments, or a
+      workdir holding a run with other settings or masks.
+  """
+  start_time = time.perf_counter()
+  dspec = _dataset_spec(config.dataset if spec is None else spec)
+  train_images, train_labels = train_data
+  test_images, test_labels = test_data
+  for name, value in (("checkpoint_every", checkpoint_every), ("eval_every", eval_every),
+                      ("log_every", log_every), ("keep_checkpoints", keep_checkpoints)):
+    if int(value) != value or value < 1:
+      raise ValueError(f"{name}={value!r} must be a positive integer.")
+  stop = config.train_steps if num_steps is None else int(num_steps)
+  if not 0 <= stop <= config.train_steps:
+    raise ValueError(f"num_steps={num_steps!r} must be in [0, config.train_steps="
+                     f"{config.train_steps}].")
+  if tuple(train_images.shape[1:]) != dspec.image_shape:
+    raise ValueError(f"train_data images have shape {tuple(train_images.shape[1:])} per "
+                     f"example; dataset {dspec.name!r} has {dspec.image_shape}.")
+  mesh = make_mesh(devices)
+  _check_divisible(config.batch_size, mesh, "config.batch_size")
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+
+  key = jax.random.key(seed) if key is None else key
+  init_key, step_key = jax.random.split(key)
+  state = create_train_state(model, init_key, dspec.image_shape, config, masks=masks,
+                             params=params)
+  state = jax.device_put(state, replicated)
+  step_key = jax.device_put(step_key, replicated)
+  history: list[dict] = []
+
+  manager = None
+  meta = _meta(config, seed, key, masks is not None)
+  if workdir is not None:
+    manager = ocp.CheckpointManager(
+        workdir, options=ocp.CheckpointManagerOptions(max_to_keep=keep_checkpoints,
+                                                      create=True))
+    latest = manager.latest_step()
+    if latest is not None:
+      if latest > stop:
+        raise ValueError(f"workdir={workdir!r} holds a checkpoint at step {latest}, past "
+                         f"num_steps={stop}.")
+      state, history = _restore(manager, latest, state, meta)
+      logging.info("Resumed from %s at step %d.", workdir, latest)
+
+  def save(step: int) -> None:
+    if manager is not None and manager.latest_step() != step:
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history),
+          meta=ocp.args.JsonSave(meta)), force=True)
+
+  def run_eval(step: int) -> tuple[float, float]:
+    loss, accuracy = evaluate(state, test_images, test_labels, model=model, spec=dspec,
+                              batch_size=eval_batch_size, mesh=mesh)
+    history.append({"step": step, "test_loss": loss, "test_accuracy": accuracy})
+    logging.info("step %d/%d: test loss %.4f, test accuracy %.4f", step, stop, loss, accuracy)
+    return loss, accuracy
+
+  start = int(jax.device_get(state.step))
+  side_time = 0.0  # Evaluations and checkpoints, excluded from steps/s.
+  timed_from, timed_steps, train_time = 0.0, 0, 0.0
+  final = None
+  if start < stop:
+    batches = data.train_batches(train_images, train_labels, config.batch_size, seed,
+                                 start_step=start, prefetch=prefetch, num_steps=stop - start,
+                                 sharding=batch_sharding)
+    window: list[dict] = []
+    window_start = time.perf_counter()
+    try:
+      for step, batch in zip(range(start, stop), batches):
+        state, metrics = _train_step(state, batch, step_key, model=model, spec=dspec,
+                                     config=config)
+        done = step + 1
+        window.append(metrics)
+        if step == start:  # The first call compiles; time the steps after it.
+          jax.block_until_ready(state)
+          timed_from, timed_steps = time.perf_counter(), 0
+        else:
+          timed_steps += 1
+        if done % log_every == 0 or done == stop:
+          means = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *window))
+          now = time.perf_counter()
+          rate = len(window) / max(now - window_start, 1e-9)
+          logging.info("step %d/%d: loss %.4f, accuracy %.4f, %.1f steps/s, ETA %s", done,
+                       stop, means["loss"], means["accuracy"], rate,
+                       _format_seconds((stop - done) / rate))
+          window, window_start = [], now
+        do_eval = done % eval_every == 0 or done == stop
+        do_save = manager is not None and (done % checkpoint_every == 0 or done == stop)
+        if do_eval or do_save:
+          jax.block_until_ready(state)  # Queued steps count as training time.
+          side_start = time.perf_counter()
+          if do_eval:
+            final = run_eval(done)
+          if do_save:
+            save(done)
+          side_time += time.perf_counter() - side_start
+          window_start += time.perf_counter() - side_start
+    finally:
+      batches.close()
+    train_time = time.perf_counter() - timed_from - side_time
+  if final is None:  # Nothing to train: evaluate what was restored.
+    final = (history[-1]["test_loss"], history[-1]["test_accuracy"]) if (
+        history and history[-1]["step"] == stop) else run_eval(stop)
+  if manager is not None:
+    manager.wait_until_finished()
+    manager.close()
+  steps_per_second = timed_steps / train_time if timed_steps and train_time > 0 else float("nan")
+  return TrainResult(history=history, final_test_loss=final[0], final_test_accuracy=final[1],
+                     steps_per_second=steps_per_second,
+                     wall_time=time.perf_counter() - start_time, start_step=start, state=state)
+
+
+__all__ = ["TrainState", "TrainResult", "make_schedule", "make_optimizer", "kernel_mask",
+           "create_train_state", "train_step", "eval_step", "evaluate", "make_mesh", "train"]

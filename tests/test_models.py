@@ -1,0 +1,124 @@
+"""The model zoo: prunable counts, layer order, layouts, modes, registry errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsejax import masks, models
+from sparsejax.models import layers as L
+
+# (name, input shape, classes, prunable weights, prunable layers) from method.md section 5.
+ZOO = [
+    ("lenet300100", (28, 28, 1), 10, 266_200, 3),
+    ("lenet5", (32, 32, 3), 10, 61_770, 5),
+    ("vgg16", (32, 32, 3), 10, 14_715_584, 14),
+    ("vgg19", (32, 32, 3), 100, 20_070_080, 17),
+    ("resnet18", (64, 64, 3), 200, 11_261_632, 21),
+]
+
+
+def shapes_of(model, input_shape):
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1,) + input_shape))
+
+
+@pytest.mark.parametrize("name,input_shape,classes,count,layers", ZOO)
+def test_prunable_weight_counts(name, input_shape, classes, count, layers):
+  params = shapes_of(models.create(name, classes), input_shape)["params"]
+  shapes = masks.prunable_shapes(params)
+  assert sum(int(np.prod(s)) for s in shapes) == count
+  assert len(shapes) == layers
+
+
+def call_order(model, input_shape):
+  """Prunable layers in the order they are called (traced with intercept_methods)."""
+  order = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, (nn.Dense, nn.Conv)) and context.method_name == "__call__":
+      path = "/".join(context.module.path) + "/kernel"
+      if path not in order:
+        order.append(path)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1,) + input_shape))
+  return order
+
+
+@pytest.mark.parametrize("name,input_shape,classes,count,layers", ZOO)
+def test_tree_order_is_input_to_output_order(name, input_shape, classes, count, layers):
+  model = models.create(name, classes)
+  params = shapes_of(model, input_shape)["params"]
+  assert masks.prunable_paths(params) == call_order(model, input_shape)
+
+
+@pytest.mark.parametrize("name,input_shape,classes,count,layers", ZOO)
+def test_output_shapes_in_every_mode(name, input_shape, classes, count, layers):
+  for mode in L.MODES:
+    model = models.create(name, classes, mode=mode)
+    out = jax.eval_shape(lambda: model.init_with_output(
+        jax.random.key(0), jnp.ones((2,) + input_shape))[0])
+    assert out.shape == (2, classes)
+
+
+def test_kernel_layouts_and_initializer():
+  params = models.create("lenet5").init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))["params"]
+  assert params["conv_0"]["kernel"].shape == (5, 5, 3, 6)  # HWIO
+  assert params["dense_2"]["kernel"].shape == (400, 120)  # (in, out), flatten of 5x5x16
+  assert not np.any(params["conv_0"]["bias"])  # biases start at zero
+  # Variance scaling, scale 2, fan_avg, normal: var = 2 / ((fan_in + fan_out) / 2).
+  big = models.create("vgg19").init(jax.random.key(1), jnp.ones((1, 32, 32, 3)))["params"]
+  w = np.asarray(big["conv_10"]["kernel"])
+  fan_in, fan_out = 9 * 512, 9 * 512
+  assert np.var(w) == pytest.approx(2.0 / ((fan_in + fan_out) / 2), rel=0.03)
+
+
+def test_batch_norm_placement_and_biases():
+  p300 = shapes_of(models.create("lenet300100"), (28, 28, 1))
+  assert set(p300["params"]) == {f"dense_{i}" for i in range(3)} | {f"norm_{i}" for i in range(3)}
+  res = shapes_of(models.create("resnet18"), (64, 64, 3))["params"]
+  assert "bias" not in res["stage0_conv"] and "bias" not in res["stage5_dense"]
+  assert "shortcut_conv" not in res["stage1_block0"]  # same shape: identity shortcut
+  for stage in (2, 3, 4):
+    assert res[f"stage{stage}_block0"]["shortcut_conv"]["kernel"].shape[:2] == (1, 1)
+    assert "shortcut_conv" not in res[f"stage{stage}_block1"]
+
+
+def test_same_padding_is_xla_same():
+  """Stride 2 on an even size pads the extra row/column at the bottom/right."""
+  conv = L.Conv(1, (3, 3), strides=(2, 2), padding="SAME", use_bias=False)
+  x = jax.random.normal(jax.random.key(0), (1, 4, 4, 1))
+  variables = conv.init(jax.random.key(1), x)
+  w = variables["params"]["kernel"]
+  want = jax.lax.conv_general_dilated(x, w, (2, 2), ((0, 1), (0, 1)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(conv.apply(variables, x), want, rtol=1e-6)
+
+
+def test_connectivity_mode_values_are_binary():
+  model = models.create("lenet5", mode=L.CONNECTIVITY)
+  params = shapes_of(model, (32, 32, 3))["params"]
+  ones = jax.tree.map(lambda s: jnp.ones(s.shape), params)
+  out = model.apply({"params": ones}, jnp.ones((1, 32, 32, 3)))
+  assert set(np.unique(np.asarray(out))) <= {0.0, 1.0}
+
+
+def test_linear_mode_is_rescaled_and_finite_on_vgg19():
+  model = models.create("vgg19", mode=L.LINEAR)
+  params = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))["params"]
+  params = jax.tree.map(jnp.abs, params)
+  out = model.apply({"params": params}, jnp.ones((1, 32, 32, 3)))
+  assert np.all(np.isfinite(out)) and 0 < float(jnp.max(out)) <= 1.0
+
+
+def test_registry_errors():
+  with pytest.raises(ValueError, match="name='alexnet'.*allowed: lenet300100"):
+    models.create("alexnet")
+  with pytest.raises(ValueError, match="num_classes=0"):
+    models.create("lenet5", 0)
+  with pytest.raises(ValueError, match="mode='sparse'"):
+    models.create("lenet5", mode="sparse")
+  with pytest.raises(ValueError, match="kind='median'"):
+    L.pool(jnp.ones((1, 4, 4, 1)), "median", 2, L.STANDARD)
