@@ -19,6 +19,7 @@ interpolation of E (Illinois rule) and finishing when hi = lo + 1.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -139,6 +140,11 @@ def kept_for_sparsity(sparsity: float, total: int) -> int:
   return int(round((1.0 - float(sparsity)) * total))
 
 
+def max_kept_for_sparsity(sparsity: float, total: int) -> int:
+  """floor((1 - s) N): the most active weights with effective sparsity >= s."""
+  return int(np.floor((1.0 - float(sparsity)) * total + 1e-6))
+
+
 #: How far along the ranking (in weights) the search's bounds look from a sweep.
 BOUND_WINDOW = 1 << 14
 
@@ -183,7 +189,8 @@ def _search_parts(sweep: Callable, ranking: Ranking, target_kept) -> "_SearchPar
 
   The bracket E(lo) <= T < E(hi) is the only
   thing exactness rests on; every step keeps it:
-  - E(k) <= k, so lo = T needs no sweep; hi = N is swept only if reached.
+  - The first sweep is at k = T (E(T) <= T for global rankings, where E(k) <= k);
+    hi = N is swept only if reached; a lower end never swept is swept at the end.
   - A sweep at k gives E(k) and, for free, bounds for nearby k along the ranking
     (masks are nested): E(k') >= E(k) + #{added weights live at k} for k' > k, and
     E(k') <= E(k) - #{removed weights active at k} for k' < k. Bisection on these
@@ -254,10 +261,13 @@ def _search_parts(sweep: Callable, ranking: Ranking, target_kept) -> "_SearchPar
             jnp.where(have_hi, span, big), width_1, n + 1)
 
   def init():
-    lo = jnp.clip(target, 0, total)
-    e, eff, pot = _sweep_at(sweep, ranking, lo)
-    lo, e_lo, exact, hi, e_hi, _ = settle(lo, e, eff, pot, lo, e, True, jnp.int32(total),
-                                          jnp.int32(-1))
+    # Sweep at k = T first: usually E(T) <= T and T is the lower end. (Not always:
+    # with quotas the rounded layer counts can sum to more than k.) Otherwise the
+    # lower end starts at 0, unswept, and is confirmed by a sweep at the end.
+    k = jnp.clip(target, 0, total)
+    e, eff, pot = _sweep_at(sweep, ranking, k)
+    lo, e_lo, exact, hi, e_hi, _ = settle(k, e, eff, pot, jnp.int32(0), jnp.int32(0),
+                                          False, jnp.int32(total), jnp.int32(-1))
     return (lo, e_lo, exact, hi, e_hi, 1.0, 1.0, big, big, jnp.int32(1))
 
   def finish(state):
@@ -340,14 +350,14 @@ def masks_from_ranking(ranking: Ranking, sparsity: float, pruning_type: str = "d
   if pruning_type not in PRUNING_TYPES:
     raise ValueError(f"pruning_type={pruning_type!r} is not allowed; allowed: "
                      f"{', '.join(PRUNING_TYPES)}.")
-  target = kept_for_sparsity(sparsity, ranking.total)
   if pruning_type == "direct":
-    return masks_at(ranking, target)
+    return masks_at(ranking, kept_for_sparsity(sparsity, ranking.total))
+  target = max_kept_for_sparsity(sparsity, ranking.total)
   if model is None or input_shape is None:
     raise ValueError("pruning_type='effective' needs model= and input_shape= for the "
                      "connectivity sweep.")
   k, e, _ = effective_kept(model, ranking, target, input_shape)
-  if e == 0:
+  if e == 0 or e > target:
     smallest = _smallest_connected(model, ranking, input_shape)
     raise ValueError(
         f"sparsity={sparsity!r} (effective) cannot be reached: along this ranking every "
@@ -359,6 +369,140 @@ def masks_from_ranking(ranking: Ranking, sparsity: float, pruning_type: str = "d
 
 def _smallest_connected(model, ranking: Ranking, input_shape) -> int:
   """Fewest active weights of any connected mask along the ranking."""
-  k, _, _ = effective_kept(model, ranking, 0, input_shape)  # largest k still disconnected
+  k, e, _ = effective_kept(model, ranking, 0, input_shape)  # largest k still disconnected
+  if e > 0:  # even the first mask of the family is connected (e.g. uniform+)
+    return e
   sweep = effective_lib.connectivity_sweep(model, tuple(input_shape), units=False)
   return int(jax.jit(lambda r, kk: _sweep_at(sweep, r, kk)[0])(ranking, k + 1))
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruner:
+  """A named pruner: what scores the weights and how layers share the budget.
+
+  score: 'dense', 'random', 'magnitude', 'lamp', 'snip', 'snip_iterative', 'grasp'
+    or 'synflow' (see :mod:`sparsejax.scores`).
+  quota: None for one global ranking, a quota name (:mod:`sparsejax.quotas`), or
+    'snip' / 'synflow' for per-layer counts taken from that pruner's ranking.
+  needs_data: scores need training batches.
+  after_training: scores are taken from weights after dense training (the masks are
+    applied to the initial weights), as the paper does for magnitude and LAMP.
+  """
+
+  name: str
+  score: str
+  quota: str | None = None
+  needs_data: bool = False
+  after_training: bool = False
+
+
+def _registry() -> dict[str, Pruner]:
+  entries = [Pruner("dense", "dense")]
+  for q in quotas_lib.QUOTAS:
+    entries.append(Pruner(f"random/{q}", "random", q))
+  entries += [Pruner("random/snip", "random", "snip", needs_data=True),
+              Pruner("random/synflow", "random", "synflow"),
+              Pruner("magnitude/global", "magnitude", None, after_training=True)]
+  for q in quotas_lib.QUOTAS:
+    entries.append(Pruner(f"magnitude/{q}", "magnitude", q, after_training=True))
+  entries += [Pruner("lamp", "lamp", None, after_training=True),
+              Pruner("snip", "snip", None, needs_data=True),
+              Pruner("snip/iterative", "snip_iterative", None, needs_data=True),
+              Pruner("synflow", "synflow"),
+              Pruner("grasp", "grasp", None, needs_data=True)]
+  return {p.name: p for p in entries}
+
+
+PRUNERS = _registry()
+
+
+def get_pruner(name: str) -> Pruner:
+  if name not in PRUNERS:
+    raise ValueError(f"pruner={name!r} is not a known pruner; allowed: {', '.join(PRUNERS)}.")
+  return PRUNERS[name]
+
+
+def _scores(score: str, *, key, model, variables, sparsity, input_shape, batches,
+            trained_params, score_kwargs) -> PyTree:
+  from sparsejax import scores as scores_lib  # scores builds on models, not on pruning
+
+  params = variables["params"]
+  if score == "random":
+    return scores_lib.random(key, params)
+  if score == "magnitude":
+    return scores_lib.magnitude(trained_params)
+  if score == "lamp":
+    return scores_lib.lamp(trained_params)
+  if score == "snip":
+    return scores_lib.snip(model, variables, batches, **score_kwargs)
+  if score == "snip_iterative":
+    return scores_lib.iterative_snip(model, variables, batches, sparsity, **score_kwargs)
+  if score == "grasp":
+    return scores_lib.grasp(model, variables, batches, **score_kwargs)
+  if score == "synflow":
+    return scores_lib.synflow(model, params, input_shape, sparsity, **score_kwargs)
+  raise AssertionError(score)
+
+
+def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTree,
+                sparsity: float, input_shape=None, batches=None, trained_params=None,
+                score_kwargs: dict | None = None) -> Ranking:
+  """The ranking of ``pruner`` (scores computed once; iterative pruners run to
+  ``sparsity`` and rank the eliminated weights by elimination order)."""
+  p = pruner if isinstance(pruner, Pruner) else get_pruner(pruner)
+  if p.score == "dense":
+    raise ValueError("pruner='dense' has no ranking: it keeps every weight.")
+  if p.needs_data and not batches:
+    raise ValueError(f"pruner={p.name!r} scores weights on training data: pass batches= "
+                     "(from the dataset pipeline or synthetic data).")
+  if p.after_training and trained_params is None:
+    raise ValueError(f"pruner={p.name!r} scores the weights after dense training: pass "
+                     "trained_params= (the final params of a --pruner=dense run).")
+  if p.score == "synflow" or p.quota == "synflow":
+    if input_shape is None:
+      raise ValueError(f"pruner={p.name!r} needs input_shape= for SynFlow's all-ones input.")
+  kwargs = dict(key=key, model=model, variables=variables, sparsity=sparsity,
+                input_shape=input_shape, batches=batches, trained_params=trained_params,
+                score_kwargs=dict(score_kwargs or {}))
+  if p.quota in ("snip", "synflow"):
+    # Per-layer counts from the source pruner's global ranking, random within layers.
+    source = rank_scores(_scores(p.quota, **dict(kwargs, score_kwargs={})))
+    within = rank_scores(_scores("random", **kwargs), quota="uniform")
+    return Ranking(within.order, within.ranks, source.cutoffs, None, within.shapes,
+                   within.treedef, within.slots)
+  return rank_scores(_scores(p.score, **kwargs), quota=p.quota)
+
+
+def prune(pruner: str, *, key: jax.Array, model, variables: PyTree, sparsity: float,
+          pruning_type: str = "direct", input_shape=None, batches=None,
+          trained_params=None, score_kwargs: dict | None = None) -> PyTree:
+  """Masks of ``pruner`` at ``sparsity``: direct sparsity, or (``pruning_type=
+  'effective'``) the smallest direct sparsity whose effective sparsity is at least
+  ``sparsity`` (method.md section 2).
+
+  Args:
+    pruner: a name from :data:`PRUNERS`, e.g. 'random/igq', 'snip', 'synflow'.
+    key: PRNG key for random scores and random within-layer orders.
+    model: the flax module (its ``mode`` field is switched as needed).
+    variables: {'params': ..., 'batch_stats': ...} at initialization.
+    input_shape: one example's shape, e.g. (28, 28, 1) (effective mode, SynFlow).
+    batches: preprocessed batches for data-driven scores (SNIP, GraSP).
+    trained_params: params after dense training (magnitude, LAMP).
+  """
+  p = get_pruner(pruner)
+  masks_lib._check_sparsity(sparsity)
+  if pruning_type not in PRUNING_TYPES:
+    raise ValueError(f"pruning_type={pruning_type!r} is not allowed; allowed: "
+                     f"{', '.join(PRUNING_TYPES)}.")
+  if p.score == "dense":
+    if sparsity != 0:
+      raise ValueError(f"pruner='dense' keeps every weight; sparsity={sparsity!r} must be 0.")
+    return masks_lib.ones(variables["params"])
+  ranking = ranking_for(p, key=key, model=model, variables=variables, sparsity=sparsity,
+                        input_shape=input_shape, batches=batches,
+                        trained_params=trained_params, score_kwargs=score_kwargs)
+  return masks_from_ranking(ranking, sparsity, pruning_type, model=model,
+                            input_shape=input_shape)

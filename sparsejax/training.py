@@ -8,8 +8,10 @@ re-masked after every update, so neither weight decay nor momentum can revive a
 pruned weight.
 
 Batch norm uses batch statistics in training and its running averages at
-evaluation (standard practice). The paper's code keeps batch norm in training mode
-even at evaluation (method.md section 5); our test numbers use running statistics.
+evaluation (standard practice; :func:`eval_step`, :func:`evaluate`). The paper's
+code keeps batch norm in training mode even at evaluation, i.e. normalizes each
+test batch by its own statistics (method.md section 5); test accuracies here use
+running statistics instead and may differ slightly from the paper's for that reason.
 
 Data parallelism: a 1-D :class:`jax.sharding.Mesh` over the devices (axis
 ``'data'``); every batch is sharded along its first axis and the train state is
@@ -131,6 +133,19 @@ def _check_same_structure(params: PyTree, reference: PyTree) -> None:
                      f"entries {diff}.")
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _init_variables(key, x, *, model):
+  return model.init(key, x, train=False)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _init_batch_stats(params, x, *, model):
+  # Batch-norm statistics start at fixed values (mean 0, var 1): one forward pass
+  # creates them without compiling the random initializers of the parameters.
+  _, variables = model.apply({"params": params}, x, train=False, mutable=["batch_stats"])
+  return variables.get("batch_stats", {})
+
+
 def create_train_state(model: flax.linen.Module, key: jax.Array, input_shape: Sequence[int],
                        config, masks: PyTree = None, params: PyTree = None) -> TrainState:
   """Initializes the model and the optimizer; pruned weights start at exactly 0.
@@ -148,18 +163,20 @@ def create_train_state(model: flax.linen.Module, key: jax.Array, input_shape: Se
     A :class:`TrainState` at step 0 with ``params * masks``.
   """
   x = jnp.zeros((1,) + tuple(int(d) for d in input_shape), jnp.float32)
-  variables = jax.jit(lambda k, x: model.init(k, x, train=False))(key, x)
   if params is None:
-    params = variables["params"]
+    variables = _init_variables(key, x, model=model)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
   else:
-    _check_same_structure(params, variables["params"])
+    shapes = jax.eval_shape(functools.partial(model.init, train=False), key, x)
+    _check_same_structure(params, shapes["params"])
     params = jax.tree.map(jnp.asarray, params)
+    batch_stats = _init_batch_stats(params, x, model=model)
   if masks is not None:
     masks = jax.tree.map(jnp.asarray, masks)
     masks_lib.validate(masks, params)
     params = masks_lib.apply(params, masks)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}),
+                    batch_stats=batch_stats,
                     opt_state=make_optimizer(config).init(params), masks=masks)
 
 
@@ -434,21 +451,37 @@ def train(model: flax.linen.Module, spec, config, train_data: tuple[np.ndarray, 
                              params=params)
   state = jax.device_put(state, replicated)
   step_key = jax.device_put(step_key, replicated)
-  history: list[dict] = []
 
-  manager = None
   meta = _meta(config, seed, key, masks is not None)
-  if workdir is not None:
-    manager = ocp.CheckpointManager(
-        workdir, options=ocp.CheckpointManagerOptions(max_to_keep=keep_checkpoints,
-                                                      create=True))
+  manager = None if workdir is None else ocp.CheckpointManager(
+      workdir, options=ocp.CheckpointManagerOptions(max_to_keep=keep_checkpoints, create=True))
+  try:
+    return _train_loop(model, dspec, config, state, step_key, meta, manager, seed=seed,
+                       stop=stop, train_images=train_images, train_labels=train_labels,
+                       test_images=test_images, test_labels=test_labels, mesh=mesh,
+                       batch_sharding=batch_sharding, checkpoint_every=checkpoint_every,
+                       eval_every=eval_every, log_every=log_every,
+                       eval_batch_size=eval_batch_size, prefetch=prefetch,
+                       start_time=start_time)
+  finally:
+    if manager is not None:
+      manager.wait_until_finished()
+      manager.close()
+
+
+def _train_loop(model, dspec, config, state, step_key, meta, manager, *, seed, stop,
+                train_images, train_labels, test_images, test_labels, mesh, batch_sharding,
+                checkpoint_every, eval_every, log_every, eval_batch_size, prefetch,
+                start_time) -> TrainResult:
+  history: list[dict] = []
+  if manager is not None:
     latest = manager.latest_step()
     if latest is not None:
       if latest > stop:
-        raise ValueError(f"workdir={workdir!r} holds a checkpoint at step {latest}, past "
-                         f"num_steps={stop}.")
+        raise ValueError(f"workdir={manager.directory!s} holds a checkpoint at step "
+                         f"{latest}, past num_steps={stop}.")
       state, history = _restore(manager, latest, state, meta)
-      logging.info("Resumed from %s at step %d.", workdir, latest)
+      logging.info("Resumed from %s at step %d.", manager.directory, latest)
 
   def save(step: int) -> None:
     if manager is not None and manager.latest_step() != step:
@@ -464,6 +497,9 @@ def train(model: flax.linen.Module, spec, config, train_data: tuple[np.ndarray, 
     return loss, accuracy
 
   start = int(jax.device_get(state.step))
+  logging.info("Training %s on %s: steps %d -> %d of %d, batch %d over %d device(s).",
+               type(model).__name__, dspec.name, start, stop, config.train_steps,
+               config.batch_size, mesh.size)
   side_time = 0.0  # Evaluations and checkpoints, excluded from steps/s.
   timed_from, timed_steps, train_time = 0.0, 0, 0.0
   final = None
@@ -486,6 +522,9 @@ def train(model: flax.linen.Module, spec, config, train_data: tuple[np.ndarray, 
           timed_steps += 1
         if done % log_every == 0 or done == stop:
           means = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *window))
+          if not np.isfinite(means["loss"]):
+            raise FloatingPointError(f"training loss is {means['loss']} at step {done}; "
+                                     "lower config.learning_rate or check the inputs.")
           now = time.perf_counter()
           rate = len(window) / max(now - window_start, 1e-9)
           logging.info("step %d/%d: loss %.4f, accuracy %.4f, %.1f steps/s, ETA %s", done,
@@ -509,9 +548,6 @@ def train(model: flax.linen.Module, spec, config, train_data: tuple[np.ndarray, 
   if final is None:  # Nothing to train: evaluate what was restored.
     final = (history[-1]["test_loss"], history[-1]["test_accuracy"]) if (
         history and history[-1]["step"] == stop) else run_eval(stop)
-  if manager is not None:
-    manager.wait_until_finished()
-    manager.close()
   steps_per_second = timed_steps / train_time if timed_steps and train_time > 0 else float("nan")
   return TrainResult(history=history, final_test_loss=final[0], final_test_accuracy=final[1],
                      steps_per_second=steps_per_second,

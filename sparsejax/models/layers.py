@@ -104,14 +104,15 @@ class Conv(_ModeOutput, nn.Conv):
 
 
 class Norm(nn.BatchNorm):
-  """`nn.BatchNorm` (momentum 0.9, eps 1e-5) in standard mode, the identity otherwise.
+  """`nn.BatchNorm` (momentum 0.99 as in Flax and Keras, eps 1e-5) in standard mode,
+  the identity otherwise.
 
   ``train=True`` normalizes with batch statistics and updates the running averages
   ('batch_stats'); ``train=False`` uses the running averages.
   """
 
   mode: str = STANDARD
-  momentum: float = 0.9
+  momentum: float = 0.99
   epsilon: float = 1e-5
 
   @nn.compact

@@ -1,0 +1,69 @@
+"""Timing helpers and the docs/benchmarks.md writer shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import jax
+
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                   "benchmarks.md")
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 1) -> float:
+  """Median wall time of ``fn()`` (results blocked on) after ``warmup`` calls."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def machine() -> str:
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+    if names:
+      cpu = names[0]
+  except OSError:
+    pass
+  devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+  return (f"{os.cpu_count()} cores ({cpu}); JAX {jax.__version__} on "
+          f"{jax.default_backend()} ({devices})")
+
+
+def stamp() -> str:
+  return f"{datetime.date.today().isoformat()}, {machine()}"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def update_section(name: str, body: str, path: str = DOC) -> None:
+  """Replaces the section between ``<!-- name:start -->`` and ``<!-- name:end -->``
+  of docs/benchmarks.md (appending it if absent), leaving the others untouched."""
+  start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+  text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+  block = f"{start}\n{body.strip()}\n{end}"
+  if start in text and end in text:
+    before, rest = text.split(start, 1)
+    text = before + block + rest.split(end, 1)[1]
+  else:
+    text = text.rstrip() + "\n\n" + block + "\n"
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)

@@ -1,0 +1,91 @@
+"""Pieces the experiment binaries share: atomic files, data for scores, flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+from absl import flags, logging
+
+from sparsejax import data
+
+
+def atomic_write_bytes(path: str, payload: bytes) -> None:
+  """Writes ``payload`` to ``path`` via a temp file and rename: never a half file."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(payload)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+  atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable)
+                            + "\n").encode())
+
+
+def _jsonable(x):
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
+def load_data(dataset: str, split: str, *, synthetic: bool, manual_dir: str | None,
+              data_dir: str | None, seed: int = 0, num_examples: int | None = None):
+  """(images uint8, labels int32) of a split: real (TFDS, offline from manual_dir) or
+  synthetic data of the same shapes."""
+  if synthetic:
+    return data.synthetic_split(dataset, split, num_examples=num_examples, seed=seed)
+  return data.load_split(dataset, split, data_dir=data_dir, manual_dir=manual_dir)
+
+
+def score_batches(dataset: str, *, num_batches: int, batch_size: int, seed: int,
+                  synthetic: bool, manual_dir: str | None, data_dir: str | None
+                  ) -> list[dict]:
+  """Preprocessed (normalized, not augmented) training batches for data-driven scores
+  (SNIP, iterative SNIP, GraSP): a list of {'image': float32 NHWC, 'label': int32}."""
+  images, labels = load_data(dataset, "train", synthetic=synthetic, manual_dir=manual_dir,
+                             data_dir=data_dir, seed=seed)
+  spec = data.get_spec(dataset)
+  batches = []
+  for step in range(num_batches):
+    idx = data.batch_indices(len(images), batch_size, seed, step)
+    x = data.preprocess(jax.random.key(0), images[idx], spec, False)
+    batches.append({"image": x, "label": labels[idx]})
+  logging.info("Score data: %d batches of %d from %s %s.", num_batches, batch_size,
+               "synthetic" if synthetic else "TFDS", dataset)
+  return batches
+
+
+def define_data_flags() -> None:
+  flags.DEFINE_bool("synthetic_data", False,
+                    "Use synthetic data of the dataset's shapes instead of TFDS.")
+  flags.DEFINE_string("tfds_manual_dir", None,
+                      "Folder with the raw dataset files for offline TFDS preparation "
+                      f"(default ${data.MANUAL_DIR_ENV}); e.g. ../shared/data/mnist.")
+  flags.DEFINE_string("tfds_data_dir", None,
+                      f"Where TFDS keeps prepared data (default ${data.DATA_DIR_ENV}, then "
+                      "~/tensorflow_datasets).")
+
+
+def parse_list(value: str, cast=str, name: str = "list") -> list:
+  items = [v.strip() for v in value.split(",") if v.strip()]
+  try:
+    return [cast(v) for v in items]
+  except ValueError:
+    raise ValueError(f"--{name}={value!r} is not a comma-separated list of "
+                     f"{cast.__name__} values.") from None

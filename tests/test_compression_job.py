@@ -1,0 +1,87 @@
+"""The compression-curve job: rows, CSV, plot, and the absl binary end to end."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import compression
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def rows():
+  return compression.sweep("lenet300100", ["random/uniform", "random/igq"],
+                           ["direct", "effective"], [10.0, 100.0, 1000.0], seed=0)
+
+
+def test_rows_report_direct_and_effective_compression(rows):
+  by = {(r["pruner"], r["pruning_type"], r["target_compression"]): r for r in rows}
+  for pruner in ("random/uniform", "random/igq"):
+    for c in (10.0, 100.0):
+      d = by[(pruner, "direct", c)]
+      assert d["direct_compression"] == pytest.approx(c, rel=1e-3)
+      assert d["effective_compression"] >= d["direct_compression"]
+      e = by[(pruner, "effective", c)]
+      # At least the target; as close as the nested family allows (uniform quotas add
+      # weights to every layer at once, so E(k) can jump past the target by a few %).
+      assert c <= e["effective_compression"] <= c * (1.01 if pruner == "random/igq" else 1.05)
+      assert e["direct_compression"] <= e["effective_compression"]
+      assert 0 < e["active_units"] <= e["total_units"] == 410
+  # Uniform random at 100x direct is far sparser in effect (method.md section 6).
+  assert by[("random/uniform", "direct", 100.0)]["effective_compression"] > 500
+  # Effective pruning needs much less direct compression for uniform quotas.
+  assert by[("random/uniform", "effective", 1000.0)]["direct_compression"] < 200
+
+
+def test_csv_and_plot(rows, tmp_path):
+  path = tmp_path / "c.csv"
+  compression.write_csv(str(path), rows)
+  with open(path) as f:
+    read = list(csv.DictReader(f))
+  assert len(read) == len(rows)
+  for column in ("arch", "pruner", "pruning_type", "target_compression",
+                 "direct_compression", "effective_compression", "active_units"):
+    assert column in read[0]
+  compression.plot(str(tmp_path / "c.png"), rows, "test")
+  assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+  assert compression.format_table(rows).count("\n") == len(rows) + 1
+
+
+def test_unreachable_targets_are_reported_not_raised():
+  rows = compression.sweep("lenet300100", ["random/uniform"], ["effective"],
+                           [1e5, 1e6], seed=0)
+  assert rows[0]["status"] == "unreachable" and len(rows) == 1
+
+
+def test_sweep_stops_at_disconnection():
+  rows = compression.sweep("lenet300100", ["random/uniform"], ["direct"],
+                           [100.0, 1e4, 1e5], seed=0)
+  assert rows[-1]["status"] == "disconnected" and math.isinf(rows[-1]["effective_compression"])
+  assert len(rows) == 2
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="pruner='prune_all'"):
+    compression.sweep("lenet300100", ["prune_all"], ["direct"], [10.0])
+  with pytest.raises(ValueError, match="pruning type 'both'"):
+    compression.sweep("lenet300100", ["random/igq"], ["both"], [10.0])
+  with pytest.raises(ValueError, match="compression 0.5"):
+    compression.sweep("lenet300100", ["random/igq"], ["direct"], [0.5])
+  with pytest.raises(ValueError, match="name='resnet50'"):
+    compression.sweep("resnet50", ["random/igq"], ["direct"], [10.0])
+
+
+def test_binary_writes_csv_and_png(tmp_path):
+  out = tmp_path / "out"
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.compression", "--compressions=10,100",
+       "--pruners=random/uniform", f"--out_dir={out}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "random/uniform" in result.stdout
+  assert (out / "compression.csv").exists() and (out / "compression.png").exists()
