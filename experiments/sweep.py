@@ -1,0 +1,155 @@
+r"""A resumable grid of prune-and-train runs.
+
+  python -m experiments.sweep --archs=lenet300100 --pruners=random/igq,snip \
+      --compressions=10,100 --pruning_types=direct,effective --seeds=0,1 \
+      --train_steps=6000 --tfds_manual_dir=../shared/data/mnist --jobs=2
+
+Each grid point is one `experiments.prune_train` process writing
+<out_dir>/<run name>/result.json. A point whose result exists is skipped; an
+interrupted point resumes from its Orbax checkpoint. Dense runs go first, because
+magnitude and LAMP pruners score the weights they end with. --jobs runs that many
+processes at once; a failed point is reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags, logging
+
+from experiments import common, configs, prune_train
+from sparsejax import models, pruning
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("archs", "lenet300100", "Comma-separated networks.")
+flags.DEFINE_string("pruners", "random/igq", "Comma-separated pruners (and imp).")
+flags.DEFINE_string("compressions", "10,100", "Comma-separated target compressions.")
+flags.DEFINE_string("pruning_types", "direct", "Comma-separated: direct, effective.")
+flags.DEFINE_string("seeds", "0", "Comma-separated seeds.")
+flags.DEFINE_integer("train_steps", None, "Training steps (default: each paper config).")
+flags.DEFINE_string("out_dir", "out/sweep", "Where run folders go.")
+flags.DEFINE_integer("jobs", 1, "Runs at once (processes).")
+flags.DEFINE_integer("eval_every", 1000, "Evaluate every N steps.")
+flags.DEFINE_string("extra_flags", "", "More flags passed to every prune_train run, "
+                    "space-separated (e.g. '--imp_rounds=3 --snip_rounds=100').")
+flags.DEFINE_bool("dry_run", False, "List the grid and what would run; run nothing.")
+common.define_data_flags()
+
+
+def grid(archs, pruners, compressions, pruning_types, seeds, train_steps) -> list[dict]:
+  """The runs, dense ones first; duplicates (dense at several targets) removed."""
+  for name in pruners:
+    if name != "imp":
+      pruning.get_pruner(name)
+  runs, seen = [], set()
+  needs_dense = any(p == "dense" or (p != "imp" and pruning.get_pruner(p).after_training)
+                    for p in pruners)
+  for arch, seed in itertools.product(archs, seeds):
+    models.get_spec(arch)
+    if needs_dense:
+      runs.append(dict(arch=arch, pruner="dense", compression=1.0, pruning_type="direct",
+                       seed=seed))
+  for arch, pruner, c, t, seed in itertools.product(archs, pruners, compressions,
+                                                   pruning_types, seeds):
+    if pruner == "dense":
+      continue
+    runs.append(dict(arch=arch, pruner=pruner, compression=c, pruning_type=t, seed=seed))
+  out = []
+  for r in runs:
+    key = tuple(sorted(r.items()))
+    if key not in seen:
+      seen.add(key)
+      out.append(r)
+  return out
+
+
+def result_path(run: dict, out_dir: str, train_steps: int | None) -> str:
+  spec = models.get_spec(run["arch"])
+  steps = train_steps or configs.get_config(run["arch"]).train_steps
+  name = prune_train.run_name(run["arch"], spec.dataset, run["pruner"], run["pruning_type"],
+                              1.0 - 1.0 / run["compression"], run["seed"], steps)
+  return os.path.join(out_dir, name, "result.json")
+
+
+def command(run: dict, args: dict) -> list[str]:
+  cmd = [sys.executable, "-m", "experiments.prune_train", f"--arch={run['arch']}",
+         f"--pruner={run['pruner']}", f"--pruning_type={run['pruning_type']}",
+         f"--seed={run['seed']}", f"--out_dir={args['out_dir']}",
+         f"--eval_every={args['eval_every']}"]
+  if run["pruner"] != "dense":
+    cmd.append(f"--compression={run['compression']:.10g}")
+  for flag in ("train_steps", "tfds_manual_dir", "tfds_data_dir"):
+    if args.get(flag):
+      cmd.append(f"--{flag}={args[flag]}")
+  if args.get("synthetic_data"):
+    cmd.append("--synthetic_data")
+  return cmd + args.get("extra", [])
+
+
+def execute(runs: list[dict], args: dict, jobs: int = 1) -> tuple[int, int, int]:
+  """Runs the grid; returns (done, skipped, failed)."""
+  todo = [r for r in runs if not os.path.exists(result_path(r, args["out_dir"],
+                                                            args.get("train_steps")))]
+  skipped = len(runs) - len(todo)
+  logging.info("Sweep: %d runs, %d already done, %d to run with %d job(s).", len(runs),
+               skipped, len(todo), jobs)
+  dense = [r for r in todo if r["pruner"] == "dense"]
+  rest = [r for r in todo if r["pruner"] != "dense"]
+  done = failed = 0
+  start = time.time()
+
+  def one(run):
+    os.makedirs(args["out_dir"], exist_ok=True)
+    log = result_path(run, args["out_dir"], args.get("train_steps")).replace(
+        "result.json", "log.txt")
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, "a") as f:
+      proc = subprocess.run(command(run, args), stdout=f, stderr=subprocess.STDOUT)
+    return run, proc.returncode, log
+
+  for phase in (dense, rest):
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+      for run, code, log in pool.map(one, phase):
+        if code == 0:
+          done += 1
+        else:
+          failed += 1
+          logging.error("Run failed (exit %d), see %s: %s", code, log, run)
+        finished = done + failed
+        elapsed = time.time() - start
+        logging.info("[%d/%d] %s %s %s %.4gx seed %d: %s; ETA %.0fs", finished, len(todo),
+                     run["arch"], run["pruner"], run["pruning_type"], run["compression"],
+                     run["seed"], "ok" if code == 0 else "FAILED",
+                     elapsed / finished * (len(todo) - finished))
+  return done, skipped, failed
+
+
+def main(argv):
+  del argv
+  runs = grid(common.parse_list(FLAGS.archs, name="archs"),
+              common.parse_list(FLAGS.pruners, name="pruners"),
+              common.parse_list(FLAGS.compressions, float, "compressions"),
+              common.parse_list(FLAGS.pruning_types, name="pruning_types"),
+              common.parse_list(FLAGS.seeds, int, "seeds"), FLAGS.train_steps)
+  args = dict(out_dir=FLAGS.out_dir, train_steps=FLAGS.train_steps,
+              tfds_manual_dir=FLAGS.tfds_manual_dir, tfds_data_dir=FLAGS.tfds_data_dir,
+              synthetic_data=FLAGS.synthetic_data, eval_every=FLAGS.eval_every,
+              extra=FLAGS.extra_flags.split())
+  if FLAGS.dry_run:
+    for r in runs:
+      exists = os.path.exists(result_path(r, FLAGS.out_dir, FLAGS.train_steps))
+      print(("done  " if exists else "todo  ") + " ".join(command(r, args)[3:]))
+    return
+  done, skipped, failed = execute(runs, args, FLAGS.jobs)
+  print(f"Sweep finished: {done} ran, {skipped} skipped (results exist), {failed} failed.")
+  if failed:
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
