@@ -82,6 +82,13 @@ def define_data_flags() -> None:
                       "~/tensorflow_datasets).")
 
 
+def run_name(arch: str, dataset: str, pruner: str, pruning_type: str, sparsity: float,
+             seed: int, train_steps: int) -> str:
+  compression = 1.0 / (1.0 - sparsity)
+  return (f"{arch}-{dataset}_{pruner.replace('/', '-')}_{pruning_type}_"
+          f"c{compression:.4g}_s{seed}_t{train_steps}")
+
+
 def parse_list(value: str, cast=str, name: str = "list") -> list:
   items = [v.strip() for v in value.split(",") if v.strip()]
   try:

@@ -33,23 +33,6 @@ from experiments import configs
 from sparsejax import effective, masks, models, pruning
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("arch", "lenet300100", f"Network: {', '.join(models.MODELS)}.")
-flags.DEFINE_string("pruners", "random/uniform,random/erk,random/igq",
-                    f"Comma-separated pruners: {', '.join(pruning.PRUNERS)}.")
-flags.DEFINE_string("pruning_types", "direct", "Comma-separated: direct, effective.")
-flags.DEFINE_string("compressions", "",
-                    "Comma-separated compressions (10 = 90% sparse); default 10^(0.2 i) "
-                    "for i = 1..15, up to 1000x.")
-flags.DEFINE_integer("seed", 0, "Seed for initial weights and random scores.")
-flags.DEFINE_string("out_dir", "out/compression", "Where the CSV and the plot go.")
-flags.DEFINE_integer("score_batches", 10, "Batches of training data for SNIP/GraSP.")
-flags.DEFINE_integer("score_batch_size", 0, "Batch size for data scores (0: the paper's).")
-flags.DEFINE_integer("snip_rounds", 300, "Rounds of iterative SNIP.")
-flags.DEFINE_integer("synflow_rounds", 100, "Rounds of SynFlow.")
-flags.DEFINE_bool("stop_at_disconnection", True,
-                  "Stop a pruner's sweep at its first disconnected network.")
-common.define_data_flags()
-
 COLUMNS = ["arch", "pruner", "pruning_type", "seed", "target_compression",
            "direct_compression", "effective_compression", "direct_sparsity",
            "effective_sparsity", "active_units", "total_units", "active_units_per_layer",
@@ -195,6 +178,27 @@ def plot(path: str, rows: list[dict], title: str) -> None:
   common.atomic_write_bytes(path, buf.getvalue())
 
 
+
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a binary)."""
+  flags.DEFINE_string("arch", "lenet300100", f"Network: {', '.join(models.MODELS)}.")
+  flags.DEFINE_string("pruners", "random/uniform,random/erk,random/igq",
+                      f"Comma-separated pruners: {', '.join(pruning.PRUNERS)}.")
+  flags.DEFINE_string("pruning_types", "direct", "Comma-separated: direct, effective.")
+  flags.DEFINE_string("compressions", "",
+                      "Comma-separated compressions (10 = 90% sparse); default 10^(0.2 i) "
+                      "for i = 1..15, up to 1000x.")
+  flags.DEFINE_integer("seed", 0, "Seed for initial weights and random scores.")
+  flags.DEFINE_string("out_dir", "out/compression", "Where the CSV and the plot go.")
+  flags.DEFINE_integer("score_batches", 10, "Batches of training data for SNIP/GraSP.")
+  flags.DEFINE_integer("score_batch_size", 0, "Batch size for data scores (0: the paper's).")
+  flags.DEFINE_integer("snip_rounds", 300, "Rounds of iterative SNIP.")
+  flags.DEFINE_integer("synflow_rounds", 100, "Rounds of SynFlow.")
+  flags.DEFINE_bool("stop_at_disconnection", True,
+                    "Stop a pruner's sweep at its first disconnected network.")
+  common.define_data_flags()
+
+
 def main(argv):
   del argv
   pruner_names = common.parse_list(FLAGS.pruners, name="pruners")
@@ -235,4 +239,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -36,29 +36,6 @@ from experiments import common, configs
 from sparsejax import data, effective, masks as masks_lib, models, pruning, training
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("arch", "lenet300100", f"Network: {', '.join(models.MODELS)}.")
-flags.DEFINE_string("dataset", None, "Dataset (default: the network's paper dataset).")
-flags.DEFINE_string("pruner", "random/igq",
-                    f"Pruner: {', '.join(pruning.PRUNERS)}, or imp.")
-flags.DEFINE_float("compression", None, "Target compression (100 = 99% sparse).")
-flags.DEFINE_float("target_sparsity", None, "Target sparsity in [0, 1) (or --compression).")
-flags.DEFINE_enum("pruning_type", "direct", list(pruning.PRUNING_TYPES),
-                  "Hit the target in direct or in effective sparsity.")
-flags.DEFINE_integer("seed", 0, "Seed: initial weights, pruning, data order.")
-flags.DEFINE_integer("train_steps", None, "Training steps (default: the paper's); the "
-                     "learning-rate decays stay at the same fractions of the run.")
-flags.DEFINE_integer("eval_every", 1000, "Evaluate on the test split every N steps.")
-flags.DEFINE_integer("checkpoint_every", 1000, "Checkpoint every N steps.")
-flags.DEFINE_integer("log_every", 500, "Progress line every N steps.")
-flags.DEFINE_string("out_dir", "out/prune_train", "Where run folders go.")
-flags.DEFINE_string("dense_dir", None, "Run folder of the dense run whose weights "
-                    "magnitude/LAMP/imp score (default: the matching dense run in out_dir).")
-flags.DEFINE_integer("imp_rounds", 5, "Rounds of iterative magnitude pruning.")
-flags.DEFINE_integer("rewind_step", 0, "IMP rewinds kept weights to this training step.")
-flags.DEFINE_integer("score_batches", 10, "Training batches for SNIP/GraSP scores.")
-flags.DEFINE_integer("snip_rounds", 300, "Rounds of iterative SNIP.")
-flags.DEFINE_integer("synflow_rounds", 100, "Rounds of SynFlow.")
-common.define_data_flags()
 
 
 def target_sparsity(compression: float | None, sparsity: float | None) -> float:
@@ -73,13 +50,6 @@ def target_sparsity(compression: float | None, sparsity: float | None) -> float:
   if not 0 <= sparsity < 1:
     raise ValueError(f"--target_sparsity={sparsity!r} is outside the allowed range [0, 1).")
   return sparsity
-
-
-def run_name(arch: str, dataset: str, pruner: str, pruning_type: str, sparsity: float,
-             seed: int, train_steps: int) -> str:
-  compression = 1.0 / (1.0 - sparsity)
-  return (f"{arch}-{dataset}_{pruner.replace('/', '-')}_{pruning_type}_"
-          f"c{compression:.4g}_s{seed}_t{train_steps}")
 
 
 def connectivity_report(model, masks, input_shape) -> dict:
@@ -128,7 +98,8 @@ def run(*, arch: str, dataset: str | None, pruner: str, sparsity: float, pruning
   config = configs.get_config(arch, **overrides)
   if pruner != "imp":
     pruning.get_pruner(pruner)
-  name = run_name(arch, dataset, pruner, pruning_type, sparsity, seed, config.train_steps)
+  name = common.run_name(arch, dataset, pruner, pruning_type, sparsity, seed,
+                         config.train_steps)
   run_dir = os.path.join(out_dir, name)
   result_path = os.path.join(run_dir, "result.json")
   os.makedirs(run_dir, exist_ok=True)
@@ -146,8 +117,8 @@ def run(*, arch: str, dataset: str | None, pruner: str, sparsity: float, pruning
                       log_every=log_every)
 
   def dense_weights():
-    folder = dense_dir or os.path.join(out_dir, run_name(arch, dataset, "dense", "direct",
-                                                         0.0, seed, config.train_steps))
+    folder = dense_dir or os.path.join(out_dir, common.run_name(
+        arch, dataset, "dense", "direct", 0.0, seed, config.train_steps))
     return (_load_params(os.path.join(folder, "weights", "initial"), init_params),
             _load_params(os.path.join(folder, "weights", "final"), init_params))
 
@@ -247,6 +218,34 @@ def _imp(model, dspec, config, train_data, test_data, init_params, sparsity, pru
   return result
 
 
+
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a binary)."""
+  flags.DEFINE_string("arch", "lenet300100", f"Network: {', '.join(models.MODELS)}.")
+  flags.DEFINE_string("dataset", None, "Dataset (default: the network's paper dataset).")
+  flags.DEFINE_string("pruner", "random/igq",
+                      f"Pruner: {', '.join(pruning.PRUNERS)}, or imp.")
+  flags.DEFINE_float("compression", None, "Target compression (100 = 99% sparse).")
+  flags.DEFINE_float("target_sparsity", None, "Target sparsity in [0, 1) (or --compression).")
+  flags.DEFINE_enum("pruning_type", "direct", list(pruning.PRUNING_TYPES),
+                    "Hit the target in direct or in effective sparsity.")
+  flags.DEFINE_integer("seed", 0, "Seed: initial weights, pruning, data order.")
+  flags.DEFINE_integer("train_steps", None, "Training steps (default: the paper's); the "
+                       "learning-rate decays stay at the same fractions of the run.")
+  flags.DEFINE_integer("eval_every", 1000, "Evaluate on the test split every N steps.")
+  flags.DEFINE_integer("checkpoint_every", 1000, "Checkpoint every N steps.")
+  flags.DEFINE_integer("log_every", 500, "Progress line every N steps.")
+  flags.DEFINE_string("out_dir", "out/prune_train", "Where run folders go.")
+  flags.DEFINE_string("dense_dir", None, "Run folder of the dense run whose weights "
+                      "magnitude/LAMP/imp score (default: the matching dense run in out_dir).")
+  flags.DEFINE_integer("imp_rounds", 5, "Rounds of iterative magnitude pruning.")
+  flags.DEFINE_integer("rewind_step", 0, "IMP rewinds kept weights to this training step.")
+  flags.DEFINE_integer("score_batches", 10, "Training batches for SNIP/GraSP scores.")
+  flags.DEFINE_integer("snip_rounds", 300, "Rounds of iterative SNIP.")
+  flags.DEFINE_integer("synflow_rounds", 100, "Rounds of SynFlow.")
+  common.define_data_flags()
+
+
 def main(argv):
   del argv
   sparsity = target_sparsity(FLAGS.compression, FLAGS.target_sparsity)
@@ -268,4 +267,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -22,23 +22,10 @@ import time
 
 from absl import app, flags, logging
 
-from experiments import common, configs, prune_train
+from experiments import common, configs
 from sparsejax import models, pruning
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("archs", "lenet300100", "Comma-separated networks.")
-flags.DEFINE_string("pruners", "random/igq", "Comma-separated pruners (and imp).")
-flags.DEFINE_string("compressions", "10,100", "Comma-separated target compressions.")
-flags.DEFINE_string("pruning_types", "direct", "Comma-separated: direct, effective.")
-flags.DEFINE_string("seeds", "0", "Comma-separated seeds.")
-flags.DEFINE_integer("train_steps", None, "Training steps (default: each paper config).")
-flags.DEFINE_string("out_dir", "out/sweep", "Where run folders go.")
-flags.DEFINE_integer("jobs", 1, "Runs at once (processes).")
-flags.DEFINE_integer("eval_every", 1000, "Evaluate every N steps.")
-flags.DEFINE_string("extra_flags", "", "More flags passed to every prune_train run, "
-                    "space-separated (e.g. '--imp_rounds=3 --snip_rounds=100').")
-flags.DEFINE_bool("dry_run", False, "List the grid and what would run; run nothing.")
-common.define_data_flags()
 
 
 def grid(archs, pruners, compressions, pruning_types, seeds, train_steps) -> list[dict]:
@@ -71,7 +58,7 @@ def grid(archs, pruners, compressions, pruning_types, seeds, train_steps) -> lis
 def result_path(run: dict, out_dir: str, train_steps: int | None) -> str:
   spec = models.get_spec(run["arch"])
   steps = train_steps or configs.get_config(run["arch"]).train_steps
-  name = prune_train.run_name(run["arch"], spec.dataset, run["pruner"], run["pruning_type"],
+  name = common.run_name(run["arch"], spec.dataset, run["pruner"], run["pruning_type"],
                               1.0 - 1.0 / run["compression"], run["seed"], steps)
   return os.path.join(out_dir, name, "result.json")
 
@@ -129,6 +116,24 @@ def execute(runs: list[dict], args: dict, jobs: int = 1) -> tuple[int, int, int]
   return done, skipped, failed
 
 
+
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a binary)."""
+  flags.DEFINE_string("archs", "lenet300100", "Comma-separated networks.")
+  flags.DEFINE_string("pruners", "random/igq", "Comma-separated pruners (and imp).")
+  flags.DEFINE_string("compressions", "10,100", "Comma-separated target compressions.")
+  flags.DEFINE_string("pruning_types", "direct", "Comma-separated: direct, effective.")
+  flags.DEFINE_string("seeds", "0", "Comma-separated seeds.")
+  flags.DEFINE_integer("train_steps", None, "Training steps (default: each paper config).")
+  flags.DEFINE_string("out_dir", "out/sweep", "Where run folders go.")
+  flags.DEFINE_integer("jobs", 1, "Runs at once (processes).")
+  flags.DEFINE_integer("eval_every", 1000, "Evaluate every N steps.")
+  flags.DEFINE_string("extra_flags", "", "More flags passed to every prune_train run, "
+                      "space-separated (e.g. '--imp_rounds=3 --snip_rounds=100').")
+  flags.DEFINE_bool("dry_run", False, "List the grid and what would run; run nothing.")
+  common.define_data_flags()
+
+
 def main(argv):
   del argv
   runs = grid(common.parse_list(FLAGS.archs, name="archs"),
@@ -152,4 +157,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

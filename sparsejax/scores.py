@@ -13,7 +13,7 @@ Elimination order of an iterative pruner, lowest priority first:
 1. weights masked out by the initial ``masks``;
 2. weights pruned in round 0, then round 1, ... (within a round by that round's score,
    ascending; equal scores: the higher flat position goes first);
-3. the survivors, by the score of the last round.
+3. the survivors, by their score on the final mask (one extra scoring pass).
 Positions are flat row-major indices within a layer, layers in input-to-output order,
 the tie-break :func:`sparsejax.pruning.rank_scores` uses too.
 
@@ -49,7 +49,9 @@ _INITIAL = -1
 
 
 class RoundStats(NamedTuple):
-  """Per-round statistics of an iterative pruner (numpy arrays of length ``rounds``).
+  """Per-round statistics of an iterative pruner: numpy arrays of length ``rounds + 1``,
+  entry t for round t and entry ``rounds`` for the scoring pass on the final mask (which
+  prunes nothing and orders the survivors).
 
   kept: weights alive when the round's scores were computed.
   target: weights kept after the round.
@@ -638,6 +640,11 @@ def _iterate(step, args_for_round: Callable, params: PyTree, mask_leaves, sparsi
   for t in range(rounds):
     state, st = step(args_for_round(t), state, jnp.int32(t), jnp.int32(schedule[t]))
     stats.append(st)
+  # One more scoring pass on the final mask, pruning nothing: the survivors are ordered
+  # by their final scores, so weights the last round cut off from every path (score 0)
+  # come first when fewer than the final count are kept.
+  state, st = step(args_for_round(rounds), state, jnp.int32(rounds), jnp.int32(schedule[-1]))
+  stats.append(st)
   stats = np.asarray(jnp.stack(stats))
   bad = int(stats[:, 1].sum())
   if bad:
@@ -647,8 +654,8 @@ def _iterate(step, args_for_round: Callable, params: PyTree, mask_leaves, sparsi
   prio = _score_tree(params, _priorities(*state, rounds))
   if not return_stats:
     return prio
-  kept = np.concatenate([[kept0], schedule[:-1]]).astype(np.int64)
-  return prio, RoundStats(kept=kept, target=schedule.astype(np.int64),
+  kept = np.concatenate([[kept0], schedule]).astype(np.int64)
+  return prio, RoundStats(kept=kept, target=np.concatenate([schedule, schedule[-1:]]),
                           zero_kept=stats[:, 0].astype(np.int64),
                           min_positive_score=_bits_to_float(stats[:, 2]),
                           max_score=_bits_to_float(stats[:, 3]),

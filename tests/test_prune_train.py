@@ -1,0 +1,82 @@
+"""prune_train and sweep end to end on synthetic data (tiny runs)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import common, prune_train, sweep
+
+COMMON = dict(arch="lenet300100", dataset=None, seed=0, train_steps=20, synthetic=True,
+              manual_dir=None, data_dir=None, eval_every=10, checkpoint_every=10,
+              log_every=10, num_examples=512)
+
+
+def test_result_json_has_what_a_researcher_needs(tmp_path):
+  r = prune_train.run(pruner="random/igq", sparsity=0.99, pruning_type="effective",
+                      out_dir=str(tmp_path), **COMMON)
+  name = common.run_name("lenet300100", "mnist", "random/igq", "effective", 0.99, 0, 20)
+  on_disk = json.load(open(tmp_path / name / "result.json"))
+  assert on_disk["config"]["pruner"] == "random/igq"
+  for key in ("direct_compression", "effective_compression", "layers", "active_units",
+              "history", "test_accuracy", "test_loss", "steps_per_second", "wall_time"):
+    assert key in on_disk, key
+  assert r["effective_compression"] == pytest.approx(100, rel=0.01)
+  assert r["direct_compression"] < r["effective_compression"]
+  assert [h["step"] for h in r["history"]] == [10, 20]
+  assert len(r["layers"]) == 3 and set(r["layers"][0]) == {
+      "layer", "direct_sparsity", "effective_sparsity"}
+  assert (tmp_path / name / "masks.npz").exists()
+  assert not [f for f in os.listdir(tmp_path / name) if f.startswith(".tmp")]
+
+
+def test_dense_then_magnitude_uses_the_dense_weights(tmp_path):
+  prune_train.run(pruner="dense", sparsity=0.0, pruning_type="direct", out_dir=str(tmp_path),
+                  **COMMON)
+  dense = common.run_name("lenet300100", "mnist", "dense", "direct", 0.0, 0, 20)
+  assert (tmp_path / dense / "weights" / "initial").exists()
+  assert (tmp_path / dense / "weights" / "final").exists()
+  r = prune_train.run(pruner="magnitude/global", sparsity=0.9, pruning_type="direct",
+                      out_dir=str(tmp_path), **COMMON)
+  assert r["direct_compression"] == pytest.approx(10, rel=1e-3)
+  with pytest.raises(FileNotFoundError, match="run --pruner=dense"):
+    prune_train.run(pruner="lamp", sparsity=0.9, pruning_type="direct",
+                    out_dir=str(tmp_path / "elsewhere"), **COMMON)
+
+
+def test_imp_rounds_reach_the_target(tmp_path):
+  r = prune_train.run(pruner="imp", sparsity=0.9, pruning_type="direct", imp_rounds=2,
+                      rewind_step=5, out_dir=str(tmp_path), **COMMON)
+  assert [x["round"] for x in r["imp_rounds"]] == [1, 2]
+  assert r["imp_rounds"][0]["direct_compression"] == pytest.approx(10 ** 0.5, rel=1e-3)
+  assert r["direct_compression"] == pytest.approx(10, rel=1e-3)
+
+
+def test_target_arguments():
+  assert prune_train.target_sparsity(100.0, None) == pytest.approx(0.99)
+  assert prune_train.target_sparsity(None, 0.9) == 0.9
+  with pytest.raises(ValueError, match="not both"):
+    prune_train.target_sparsity(10.0, 0.9)
+  with pytest.raises(ValueError, match="--target_sparsity=1.5"):
+    prune_train.target_sparsity(None, 1.5)
+  with pytest.raises(ValueError, match="--compression=0.5"):
+    prune_train.target_sparsity(0.5, None)
+
+
+def test_sweep_grid_orders_dense_first_and_skips_done(tmp_path):
+  runs = sweep.grid(["lenet300100"], ["random/igq", "magnitude/global"], [10.0, 100.0],
+                    ["direct", "effective"], [0, 1], 20)
+  assert [r["pruner"] for r in runs[:2]] == ["dense", "dense"]
+  assert len(runs) == 2 + 2 * 2 * 2 * 2
+  with pytest.raises(ValueError, match="pruner='nope'"):
+    sweep.grid(["lenet300100"], ["nope"], [10.0], ["direct"], [0], 20)
+  args = dict(out_dir=str(tmp_path), train_steps=20, synthetic_data=True, eval_every=10,
+              extra=["--checkpoint_every=10", "--log_every=10"])
+  small = sweep.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct", "effective"],
+                     [0], 20)
+  done, skipped, failed = sweep.execute(small, args, jobs=2)
+  assert (done, skipped, failed) == (2, 0, 0)
+  for r in small:
+    assert os.path.exists(sweep.result_path(r, str(tmp_path), 20))
+  assert sweep.execute(small, args, jobs=2) == (0, 2, 0)  # resumable: nothing re-runs
