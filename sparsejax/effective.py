@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import masks as masks_lib
+from sparsejax import models
 from sparsejax.models import layers
 
 Masks = Any
@@ -62,28 +63,6 @@ class _FrozenDict(dict):
     return hash(tuple(self.items()))
 
 
-def _check_input_shape(input_shape) -> tuple[int, ...]:
-  try:
-    shape = tuple(input_shape)
-  except TypeError:
-    shape = ()
-  if (not shape or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
-                           for d in shape) or min(shape) < 1):
-    raise ValueError(f"input_shape={input_shape!r} must be the shape of one example without "
-                     "the batch axis, e.g. (28, 28, 1), with positive sizes.")
-  return tuple(int(d) for d in shape)
-
-
-def _check_hashable(model: nn.Module) -> nn.Module:
-  try:
-    hash(model)
-  except TypeError as e:
-    raise ValueError(f"model={type(model).__name__} has an unhashable field ({e}); the "
-                     "connectivity sweep is compiled once per model, so its fields must be "
-                     "hashable (use tuples, not lists).") from None
-  return model
-
-
 @functools.lru_cache(maxsize=64)
 def _sweep_parts(model: nn.Module, input_shape: tuple[int, ...]):
   conn = model.clone(mode=layers.CONNECTIVITY)
@@ -100,7 +79,7 @@ def connectivity_sweep(model: nn.Module, input_shape, units: bool = True
   ``units=False`` skips the unit counts (active_units and active_inputs are then
   empty / None), which is what searches that only need the masks want."""
   conn, x, param_shapes, perturb_shapes, _ = _sweep_parts(
-      _check_hashable(model), _check_input_shape(input_shape))
+      models.check_model(model), models.check_input_shape(input_shape))
 
   def sweep(masks: Masks) -> Connectivity:
     by_path = {masks_lib.path_str(p): m for p, m in
@@ -162,8 +141,8 @@ def connectivity(model: nn.Module, masks: Masks, input_shape) -> Connectivity:
     masks: bool masks shaped like the model's params (None at non-prunable leaves).
     input_shape: one example's shape without the batch axis, e.g. (32, 32, 3).
   """
-  input_shape = _check_input_shape(input_shape)
-  *_, standard_params = _sweep_parts(_check_hashable(model), input_shape)
+  input_shape = models.check_input_shape(input_shape)
+  *_, standard_params = _sweep_parts(models.check_model(model), input_shape)
   masks_lib.validate(masks, standard_params)
   result = _jitted_sweep(model, input_shape)(masks)
   return result.replace(active_units={k: int(v) for k, v in result.active_units.items()},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+import numpy as np
 
 from sparsejax.models import layers
 from sparsejax.models.lenet import LeNet5, LeNet300100
@@ -52,10 +53,38 @@ def create(name: str, num_classes: int | None = None, mode: str = layers.STANDAR
   return spec.build(num_classes=num_classes, mode=layers.check_mode(mode), **spec.kwargs)
 
 
+def check_model(model: nn.Module) -> nn.Module:
+  """ValueError unless ``model`` has a ``mode`` field and is hashable (it is a static
+  argument of the jitted sweeps and scores, compiled once per model)."""
+  if not hasattr(model, "mode"):
+    raise ValueError(f"model={type(model).__name__} has no 'mode' field; build it from "
+                     "sparsejax.models.layers (see sparsejax.models).")
+  try:
+    hash(model)
+  except TypeError as e:
+    raise ValueError(f"model={type(model).__name__} has an unhashable field ({e}); it is "
+                     "compiled once per model, so its fields must be hashable (use tuples, "
+                     "not lists).") from None
+  return model
+
+
+def check_input_shape(input_shape) -> tuple[int, ...]:
+  """One example's shape without the batch axis, as positive ints, or ValueError."""
+  try:
+    shape = tuple(input_shape)
+  except TypeError:
+    shape = ()
+  if (not shape or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+                           for d in shape) or min(shape) < 1):
+    raise ValueError(f"input_shape={input_shape!r} must be the shape of one example without "
+                     "the batch axis, e.g. (28, 28, 1), with positive integer sizes.")
+  return tuple(int(d) for d in shape)
+
+
 def input_shape(name: str) -> tuple:
   """Shape of one input example of the network's paper dataset, e.g. (28, 28, 1)."""
   return get_spec(name).input_shape
 
 
-__all__ = ["create", "get_spec", "input_shape", "MODELS", "ModelSpec", "layers",
+__all__ = ["create", "get_spec", "input_shape", "check_model", "check_input_shape", "MODELS", "ModelSpec", "layers",
            "LeNet300100", "LeNet5", "VGG", "ResNet18"]

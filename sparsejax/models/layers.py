@@ -4,10 +4,14 @@ One network definition serves three purposes (method.md section 1):
 
 - ``STANDARD``: the network as trained (ReLU, batch norm, max or average pooling).
 - ``LINEAR``: SynFlow's linearization: no nonlinearity, no normalization, average
-  pooling. Each Dense/Conv output is divided by a stop-gradient positive constant
-  (its largest absolute value) so that R = sum(output) can neither overflow nor
-  underflow; R and every w * dR/dw are then scaled by one common positive factor,
-  which leaves SynFlow's ranking unchanged.
+  pooling. Activations are divided by a stop-gradient positive constant (their
+  largest absolute value, :func:`rescale`) so that R = sum(output) can neither
+  overflow nor underflow. This scales R and every w * dR/dw by one common positive
+  factor, leaving SynFlow's ranking unchanged, only where every input-output path
+  passes through the rescaled tensor: after each layer of a chain, but after the
+  residual sum (not inside the branches) of a residual block, whose branches would
+  otherwise get different factors. Dense/Conv rescale their output unless built
+  with ``rescale=False``.
 - ``CONNECTIVITY``: the binary reachability sweep behind effective masks. With
   weights = mask and biases = 0 every Dense/Conv output, activation, pooling output
   and residual sum passes through :func:`gate`, whose forward is the indicator
@@ -62,8 +66,14 @@ def _gate_bwd(_, g):
 gate.defvjp(_gate_fwd, _gate_bwd)
 
 
-def _normalize_linear(y: jax.Array) -> jax.Array:
-  # A common positive rescaling per layer: R and all w * dR/dw scale alike.
+def rescale(y: jax.Array, mode: str) -> jax.Array:
+  """In linear mode, y / stop_gradient(max |y|) (y if all zero); else y.
+
+  Apply only to tensors that every input-output path passes through (a cut of the
+  network), so that the factor is common to all of R's terms.
+  """
+  if mode != LINEAR:
+    return y
   scale = jax.lax.stop_gradient(jnp.max(jnp.abs(y)))
   return y / jnp.where(scale > 0, scale, 1.0)
 
@@ -76,15 +86,19 @@ class _ModeOutput:
       y = gate(y)
       self.sow("intermediates", "reach", y)
       y = self.perturb("coreach", y)
-    elif self.mode == LINEAR:
-      y = _normalize_linear(y)
+    elif self.rescale:
+      y = rescale(y, self.mode)
     return y
 
 
 class Dense(_ModeOutput, nn.Dense):
-  """`nn.Dense` (kernel (in, out)) with the zoo's initializer and a mode."""
+  """`nn.Dense` (kernel (in, out)) with the zoo's initializer and a mode.
+
+  rescale: in linear mode, rescale the output (False inside residual branches).
+  """
 
   mode: str = STANDARD
+  rescale: bool = True
   kernel_init: Callable = kernel_init
 
   @nn.compact
@@ -93,9 +107,13 @@ class Dense(_ModeOutput, nn.Dense):
 
 
 class Conv(_ModeOutput, nn.Conv):
-  """`nn.Conv` (NHWC inputs, HWIO kernel) with the zoo's initializer and a mode."""
+  """`nn.Conv` (NHWC inputs, HWIO kernel) with the zoo's initializer and a mode.
+
+  rescale: in linear mode, rescale the output (False inside residual branches).
+  """
 
   mode: str = STANDARD
+  rescale: bool = True
   kernel_init: Callable = kernel_init
 
   @nn.compact

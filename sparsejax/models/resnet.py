@@ -12,6 +12,8 @@ class BasicBlock(nn.Module):
   """relu(bn(conv3x3(relu(bn(conv3x3(x))))) + shortcut(x)); no biases.
 
   The shortcut is a 1x1 conv + BN where the shape changes, the identity otherwise.
+  In linear (SynFlow) mode the block rescales its output after the sum, where every
+  path meets, not inside the branches (see :func:`layers.rescale`).
   """
 
   features: int
@@ -21,7 +23,8 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     conv = lambda f, k, s, name: L.Conv(f, (k, k), strides=(s, s), padding="SAME",
-                                         use_bias=False, mode=self.mode, name=name)
+                                         use_bias=False, rescale=False, mode=self.mode,
+                                         name=name)
     y = conv(self.features, 3, self.stride, "conv_1")(x)
     y = L.Norm(mode=self.mode, name="norm_1")(y, train)
     y = L.relu(y, self.mode)
@@ -30,7 +33,7 @@ class BasicBlock(nn.Module):
     if self.stride != 1 or x.shape[-1] != self.features:
       x = conv(self.features, 1, self.stride, "shortcut_conv")(x)
       x = L.Norm(mode=self.mode, name="shortcut_norm")(x, train)
-    return L.relu(L.add(y, x, self.mode), self.mode)
+    return L.rescale(L.relu(L.add(y, x, self.mode), self.mode), self.mode)
 
 
 class ResNet18(nn.Module):
