@@ -100,29 +100,87 @@ def _order(flat_scores: jax.Array) -> tuple[jax.Array, jax.Array]:
   return order, ranks
 
 
-def rank_scores(scores: PyTree, quota: str | None = None) -> Ranking:
+def _sort_desc_host(keys: np.ndarray) -> np.ndarray:
+  """Indices of ``keys`` (float32 or int32, 1-D) by descending value, ties by index.
+
+  One sort of packed uint64 keys (order-preserving 32-bit key << 32 | index): numpy's
+  vectorized sort does 20M keys several times faster than XLA:CPU's stable argsort.
+  """
+  if keys.dtype.kind == "f":
+    bits = (keys.astype(np.float32) + np.float32(0.0)).view(np.uint32)  # -0.0 -> 0.0
+    ascending = np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000))
+  else:
+    ascending = keys.astype(np.int32).view(np.uint32) ^ np.uint32(0x80000000)
+  packed = (~ascending).astype(np.uint64) << np.uint64(32)
+  packed |= np.arange(keys.size, dtype=np.uint64)
+  packed.sort()
+  return (packed & np.uint64(0xFFFFFFFF)).astype(np.int32)
+
+
+def _inverse(order: np.ndarray) -> np.ndarray:
+  ranks = np.empty_like(order)
+  ranks[order] = np.arange(order.size, dtype=order.dtype)
+  return ranks
+
+
+def _rank_host(leaves: list, quota: str | None):
+  """(order, ranks, cutoffs) per layer, computed with numpy on the host."""
+  host = [np.asarray(jax.device_get(x)).reshape(-1) for x in leaves]
+  if quota is not None:
+    orders = [_sort_desc_host(x) for x in host]
+    return orders, [_inverse(o) for o in orders], None
+  sizes = np.array([x.size for x in host])
+  offsets = np.concatenate([[0], np.cumsum(sizes)])
+  order = _sort_desc_host(np.concatenate(host))
+  layer_of = np.repeat(np.arange(len(host), dtype=np.uint16), sizes)[order]
+  by_layer = np.argsort(layer_of, kind="stable").astype(np.int32)  # radix sort on uint16
+  orders, ranks, cutoffs = [], [], []
+  for l in range(len(host)):
+    positions = by_layer[offsets[l]:offsets[l + 1]]  # global ranks of layer l, ascending
+    orders.append((order[positions] - offsets[l]).astype(np.int32))
+    ranks.append(_inverse(orders[-1]))
+    cutoffs.append(positions)
+  return orders, ranks, cutoffs
+
+
+def _rank_device(leaves: list, quota: str | None):
+  """(order, ranks, cutoffs) per layer, computed with jitted sorts on the device."""
+  flat = [x.reshape(-1) for x in leaves]
+  orders, ranks = zip(*(_order(x) for x in flat))
+  cutoffs = None
+  if quota is None:
+    _, global_ranks = _order(jnp.concatenate(flat))
+    splits = np.cumsum([x.size for x in flat])[:-1]
+    cutoffs = [jnp.sort(r) for r in jnp.split(global_ranks, splits)]
+  return orders, ranks, cutoffs
+
+
+def rank_scores(scores: PyTree, quota: str | None = None, sort: str = "auto") -> Ranking:
   """Ranking of a mask-shaped tree of scores (higher score = kept first).
 
   ``quota=None`` ranks all layers together (global threshold); a quota name ranks
   inside each layer and takes per-layer counts from the quota. Ties are broken by
-  position: a stable sort of -score over the flattened layers.
+  position: a stable sort of -score over the flattened layers. ``sort``: 'host'
+  (numpy; the fast one on CPU), 'device' (jitted sorts), 'auto' (host on CPU).
   """
   flat, treedef = jax.tree.flatten(scores, is_leaf=lambda x: x is None)
   slots = tuple(i for i, leaf in enumerate(flat) if leaf is not None)
-  leaves = [flat[i].reshape(-1) for i in slots]
+  leaves = [flat[i] for i in slots]
   if not leaves:
     raise ValueError("scores has no prunable layer.")
   check_scores(leaves)
   shapes = tuple(tuple(int(d) for d in flat[i].shape) for i in slots)
   if quota is not None:
     quotas_lib.get_quota(quota)
-  order, ranks = zip(*(_order(s) for s in leaves))
-  cutoffs = None
-  if quota is None:
-    _, global_ranks = _order(jnp.concatenate(leaves))
-    splits = np.cumsum([s.size for s in leaves])[:-1]
-    cutoffs = tuple(jnp.sort(r) for r in jnp.split(global_ranks, splits))
-  return Ranking(tuple(order), tuple(ranks), cutoffs, quota, shapes, treedef, slots)
+  if sort not in ("auto", "host", "device"):
+    raise ValueError(f"sort={sort!r} is not allowed; allowed: auto, host, device.")
+  if sort == "auto":
+    sort = "host" if jax.default_backend() == "cpu" else "device"
+  orders, ranks, cutoffs = (_rank_host if sort == "host" else _rank_device)(leaves, quota)
+  to_device = lambda xs: tuple(jnp.asarray(x, jnp.int32) for x in xs)
+  return Ranking(to_device(orders), to_device(ranks),
+                 None if cutoffs is None else to_device(cutoffs), quota, shapes, treedef,
+                 slots)
 
 
 def _flat_masks_at(ranking: Ranking, kept) -> list[jax.Array]:

@@ -63,6 +63,22 @@ def test_ties_are_broken_by_position():
   assert np.asarray(kept[1]).reshape(-1)[:5].all() and np.asarray(kept[1]).sum() == 5
 
 
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**20), ties=st.booleans(), quota=st.sampled_from([None, "igq"]),
+       integer=st.booleans())
+def test_host_and_device_sorts_agree(seed, ties, quota, integer):
+  _, params, _ = small("cnn")
+  scores = random_scores(params, seed, distinct=not ties)
+  if integer:
+    scores = masks.map_masks(lambda s: (s * 1000).astype(jnp.int32) - 500, scores)
+  else:  # signed zeros and negatives sort as numbers
+    scores = masks.map_masks(lambda s: jnp.where(s > 1.5, -0.0, s - 0.5), scores)
+  a = pruning.rank_scores(scores, quota, sort="host")
+  b = pruning.rank_scores(scores, quota, sort="device")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_integer_scores_rank_exactly():
   _, params, _ = small("mlp")
   n = [int(np.prod(s)) for s in masks.prunable_shapes(params)]
