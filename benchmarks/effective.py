@@ -58,7 +58,7 @@ def main():
       t = report.median_seconds(lambda: effective.effective_masks(model, m, shape),
                                 args.repeats)
       eff = effective.effective_compression(model, m, shape)
-      rows.append([arch, f"{c:g}x", f"{eff:.4g}x", f"{t * 1e3:.1f}", f"{dense * 1e3:.1f}",
+      rows.append([arch, f"{c:g}x", "disconnected" if eff == float("inf") else f"{eff:.4g}x", f"{t * 1e3:.1f}", f"{dense * 1e3:.1f}",
                    f"{t / dense:.2f}", f"{REFERENCE_SECONDS[arch] * 1e3:.0f}",
                    f"{REFERENCE_SECONDS[arch] / t:.0f}x"])
       print(" | ".join(rows[-1]), flush=True)

@@ -12,9 +12,14 @@ the mask at k, E is non-decreasing because the masks are nested, and the answer 
     k* = max { k : E(k) <= floor((1 - s) N) },
 
 the smallest direct sparsity whose effective sparsity is at least s: keeping one
-more weight along the ranking falls below the target. The search is one jitted
-``lax.while_loop`` on a bracket lo < hi with E(lo) <= K < E(hi), proposing k by
-interpolation of E (Illinois rule) and finishing when hi = lo + 1.
+more weight along the ranking falls below the target. The search keeps a bracket
+E(lo) <= K < E(hi) and stops at hi = lo + 1. Each connectivity sweep also bounds E
+for nearby k (masks are nested), which closes most of the bracket without sweeping;
+proposals interpolate log E in log k. The loop body is one jitted function, run as a
+``lax.while_loop`` on accelerators and stepped from the host on CPU (XLA:CPU runs
+convolutions inside while-loop bodies through a much slower path, jax-ml/jax#12868).
+Rankings are built once per pruner: on CPU by one packed numpy sort, elsewhere by
+jitted sorts.
 """
 
 from __future__ import annotations
@@ -254,8 +259,9 @@ def _search_parts(sweep: Callable, ranking: Ranking, target_kept) -> "_SearchPar
     E(k') <= E(k) - #{removed weights active at k} for k' < k. Bisection on these
     bounds moves the other end of the bracket without sweeping.
   - Proposals: the fixed-point step k T / E(k) until the target is bracketed, then
-    Illinois regula falsi on log E against log k, with a bisection step whenever the
-    bracket has not halved in two sweeps.
+    Illinois regula falsi on log E against log k, with a bisection step right after
+    any step that did not halve the bracket (E jumps where one weight reconnects many,
+    and interpolation cannot locate a jump).
   """
   total = ranking.total
   width = min(BOUND_WINDOW, total)
@@ -308,7 +314,7 @@ def _search_parts(sweep: Callable, ranking: Ranking, target_kept) -> "_SearchPar
     k_lin = lo_f + jnp.clip(t_lin, 0.0, 1.0) * (hi_f - lo_f)
     k_interp = jnp.where(e_lo > 0, k_log, k_lin)
     span = hi - lo
-    use_mid = have_hi & (2 * span > width_2)
+    use_mid = have_hi & (2 * span > width_1)
     k = jnp.where(use_mid, (lo_f + hi_f) / 2, jnp.where(have_hi, k_interp, k_fixed))
     k = jnp.clip(jnp.round(k), lo_f + 1, jnp.where(have_hi, hi_f - 1, hi_f)).astype(jnp.int32)
     e, eff, pot = _sweep_at(sweep, ranking, k)

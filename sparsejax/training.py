@@ -3,9 +3,9 @@
 The training recipe of method.md section 5: SGD with momentum, a piecewise-constant
 learning rate, L2 on Dense/Conv kernels only, cross-entropy, per-step augmentation
 on the device. A sparse network is trained by keeping its pruned weights at
-exactly zero: gradients are masked before the optimizer and the parameters are
-re-masked after every update, so neither weight decay nor momentum can revive a
-pruned weight.
+exactly zero: gradients are masked before the optimizer (its state stays 0 at pruned
+weights) and so are the updates after it, so neither weight decay nor momentum (even
+momentum carried over from dense training) can revive a pruned weight.
 
 Batch norm uses batch statistics in training and its running averages at
 evaluation (standard practice; :func:`eval_step`, :func:`evaluate`). The paper's
@@ -208,11 +208,12 @@ def _train_step(state: TrainState, batch, key, *, model, spec, config):
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  # Masked gradients keep the momentum trace of pruned weights at 0; re-masking the
-  # parameters makes "exactly 0" hold whatever the optimizer does.
+  # Masked gradients keep the optimizer state of pruned weights at 0; masking the
+  # updates too makes "exactly 0" hold whatever the optimizer state holds (say,
+  # momentum carried over from dense training).
   grads = _apply_masks(grads, state.masks)
   updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
-  params = _apply_masks(optax.apply_updates(state.params, updates), state.masks)
+  params = optax.apply_updates(state.params, _apply_masks(updates, state.masks))
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)
@@ -225,8 +226,8 @@ def train_step(state: TrainState, batch, key: jax.Array, *, model, spec, config
 
   Normalizes and augments on the device with ``fold_in(key, state.step)`` (pass the
   run's key, the same at every step), computes the mean cross-entropy with batch
-  statistics, masks the gradients, applies :func:`make_optimizer`'s update and
-  re-masks the parameters: pruned weights are exactly 0 after every step.
+  statistics, masks the gradients, applies :func:`make_optimizer`'s update with
+  the update masked too: pruned weights are exactly 0 after every step.
 
   Args:
     state: :class:`TrainState` (replicated when data parallel).

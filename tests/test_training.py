@@ -207,7 +207,7 @@ def test_masks_hold_exactly_after_many_steps(mnist_like):
 
 def test_momentum_cannot_revive_pruned_weights(mnist_like):
   """A momentum buffer that is nonzero at pruned weights (e.g. carried over from dense
-  training) still leaves them at exactly 0: parameters are re-masked after updates."""
+  training) still leaves them at exactly 0: the updates are masked too."""
   (images, labels), _ = mnist_like
   model, cfg = TinyMLP(), tiny_config()
   params = numpy_params(model, (28, 28, 1))
