@@ -85,3 +85,19 @@ def test_binary_writes_csv_and_png(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert "random/uniform" in result.stdout
   assert (out / "compression.csv").exists() and (out / "compression.png").exists()
+
+
+def test_data_driven_pruners_on_synthetic_batches():
+  from experiments import common
+  batches = lambda: common.score_batches("mnist", num_batches=2, batch_size=32, seed=0,
+                                         synthetic=True, manual_dir=None, data_dir=None)
+  kwargs = lambda p: {"rounds": 5} if p.score in ("snip_iterative", "synflow") else None
+  rows = compression.sweep("lenet300100", ["snip", "snip/iterative", "grasp", "random/snip",
+                                           "synflow"], ["direct", "effective"], [100.0],
+                           seed=0, batches_fn=batches, score_kwargs_fn=kwargs)
+  assert [r["status"] for r in rows] == ["ok"] * 10
+  for r in rows:
+    if r["pruning_type"] == "direct":
+      assert r["direct_compression"] == pytest.approx(100, rel=1e-3)
+    else:
+      assert r["effective_compression"] >= 100 * (1 - 1e-9)
