@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -44,10 +45,12 @@ def _jsonable(x):
   raise TypeError(f"{type(x).__name__} is not JSON serializable")
 
 
+@functools.lru_cache(maxsize=8)
 def load_data(dataset: str, split: str, *, synthetic: bool, manual_dir: str | None,
               data_dir: str | None, seed: int = 0, num_examples: int | None = None):
   """(images uint8, labels int32) of a split: real (TFDS, offline from manual_dir) or
-  synthetic data of the same shapes."""
+  synthetic data of the same shapes. Cached: the runs of an in-process sweep read a
+  split once (callers must not modify the arrays)."""
   if synthetic:
     return data.synthetic_split(dataset, split, num_examples=num_examples, seed=seed)
   return data.load_split(dataset, split, data_dir=data_dir, manual_dir=manual_dir)

@@ -36,7 +36,7 @@ FLAGS = flags.FLAGS
 COLUMNS = ["arch", "pruner", "pruning_type", "seed", "target_compression",
            "direct_compression", "effective_compression", "direct_sparsity",
            "effective_sparsity", "active_units", "total_units", "active_units_per_layer",
-           "status", "seconds"]
+           "unit_layers", "status", "seconds", "ranking_seconds"]
 
 
 def default_compressions() -> list[float]:
@@ -76,46 +76,61 @@ def sweep(arch: str, pruner_names: list[str], pruning_types: list[str],
                   input_shape=input_shape, batches=batches,
                   trained_params=variables["params"],
                   score_kwargs=score_kwargs_fn(p) if score_kwargs_fn else None)
-    ranking = None
+    rows.extend(_sweep_pruner(arch, p, pruning_types, compressions, seed, model,
+                              input_shape, variables, kwargs, stop_at_disconnection))
+  return rows
+
+
+def _sweep_pruner(arch, p, pruning_types, compressions, seed, model, input_shape, variables,
+                  kwargs, stop_at_disconnection) -> list[dict]:
+  """Rows of one pruner. A ranking serves both pruning types: one ranking for the
+  whole sweep, or one per target for iterative pruners (their ranking depends on it)."""
+  rows, stopped, ranking = [], set(), None
+  for target in compressions:
+    if len(stopped) == len(pruning_types):
+      break
+    sparsity = 1.0 - 1.0 / target
+    rank_seconds = 0.0
+    if p.score != "dense" and (ranking is None or _iterative(p)):
+      start = time.time()
+      ranking = pruning.ranking_for(p, sparsity=sparsity, **kwargs)
+      rank_seconds = time.time() - start
     for pruning_type in pruning_types:
-      for target in compressions:
-        sparsity = 1.0 - 1.0 / target
-        start = time.time()
-        row = dict(arch=arch, pruner=name, pruning_type=pruning_type, seed=seed,
-                   target_compression=target)
-        try:
-          if p.score == "dense":
-            m = masks.ones(variables["params"])
-          elif _iterative(p):
-            m = pruning.prune(name, sparsity=sparsity, pruning_type=pruning_type, **kwargs)
-          else:
-            if ranking is None:
-              ranking = pruning.ranking_for(p, sparsity=sparsity, **kwargs)
-            m = pruning.masks_from_ranking(ranking, sparsity, pruning_type, model=model,
-                                           input_shape=input_shape)
-        except ValueError as err:
-          if "cannot be reached" not in str(err):
-            raise
-          logging.info("%s %s %.4gx: %s", name, pruning_type, target, err)
-          rows.append(dict(row, status="unreachable", seconds=time.time() - start))
-          break
-        conn = effective.connectivity(model, m, input_shape)
-        eff_density = masks.density(conn.masks)
-        per_layer = [f"{conn.active_units[k]}/{conn.total_units[k]}" for k in conn.active_units]
-        rows.append(dict(
-            row, direct_compression=masks.compression(m),
-            effective_compression=masks.compression_of(eff_density),
-            direct_sparsity=masks.direct_sparsity(m), effective_sparsity=1.0 - eff_density,
-            active_units=sum(conn.active_units.values()),
-            total_units=sum(conn.total_units.values()),
-            active_units_per_layer=";".join(per_layer),
-            status="disconnected" if eff_density == 0 else "ok",
-            seconds=time.time() - start))
-        logging.info("%s %s %.4gx: direct %.4gx effective %.4gx (%.2fs)", name, pruning_type,
-                     target, rows[-1]["direct_compression"],
-                     rows[-1]["effective_compression"], rows[-1]["seconds"])
-        if eff_density == 0 and stop_at_disconnection:
-          break
+      if pruning_type in stopped:
+        continue
+      start = time.time()
+      row = dict(arch=arch, pruner=p.name, pruning_type=pruning_type, seed=seed,
+                 target_compression=target, ranking_seconds=rank_seconds)
+      try:
+        if p.score == "dense":
+          m = masks.ones(variables["params"])
+        else:
+          m = pruning.masks_from_ranking(ranking, sparsity, pruning_type, model=model,
+                                         input_shape=input_shape)
+      except ValueError as err:
+        if "cannot be reached" not in str(err):
+          raise
+        logging.info("%s %s %.4gx: %s", p.name, pruning_type, target, err)
+        rows.append(dict(row, status="unreachable", seconds=time.time() - start))
+        stopped.add(pruning_type)
+        continue
+      conn = effective.connectivity(model, m, input_shape)
+      eff_density = masks.density(conn.masks)
+      per_layer = [f"{conn.active_units[k]}/{conn.total_units[k]}" for k in conn.active_units]
+      rows.append(dict(
+          row, direct_compression=masks.compression(m),
+          effective_compression=masks.compression_of(eff_density),
+          direct_sparsity=masks.direct_sparsity(m), effective_sparsity=1.0 - eff_density,
+          active_units=sum(conn.active_units.values()),
+          total_units=sum(conn.total_units.values()),
+          active_units_per_layer=";".join(per_layer), unit_layers=";".join(conn.active_units),
+          status="disconnected" if eff_density == 0 else "ok",
+          seconds=time.time() - start))
+      logging.info("%s %s %.4gx: direct %.4gx effective %.4gx (%.2fs + ranking %.2fs)",
+                   p.name, pruning_type, target, rows[-1]["direct_compression"],
+                   rows[-1]["effective_compression"], rows[-1]["seconds"], rank_seconds)
+      if eff_density == 0 and stop_at_disconnection:
+        stopped.add(pruning_type)
   return rows
 
 
@@ -132,9 +147,10 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def write_csv(path: str, rows: list[dict]) -> None:
+def write_csv(path: str, rows: list[dict], columns: list[str] | None = None) -> None:
+  """Writes ``rows`` (the ``columns``, default :data:`COLUMNS`) to ``path`` atomically."""
   buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+  writer = csv.DictWriter(buf, fieldnames=columns or COLUMNS, extrasaction="ignore")
   writer.writeheader()
   writer.writerows(rows)
   common.atomic_write_bytes(path, buf.getvalue().encode())

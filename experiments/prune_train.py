@@ -143,11 +143,24 @@ def run(*, arch: str, dataset: str | None, pruner: str, sparsity: float, pruning
         batches = common.score_batches(
             dataset, num_batches=score_batches, batch_size=config.snip_batch_size, seed=seed,
             synthetic=synthetic, manual_dir=manual_dir, data_dir=data_dir)
-      masks = pruning.prune(pruner, key=jax.random.fold_in(key, 1), model=model,
-                            variables={**variables, "params": start_params},
-                            sparsity=sparsity, pruning_type=pruning_type,
-                            input_shape=input_shape, batches=batches,
-                            trained_params=trained, score_kwargs=score_kwargs)
+      try:
+        masks = pruning.prune(pruner, key=jax.random.fold_in(key, 1), model=model,
+                              variables={**variables, "params": start_params},
+                              sparsity=sparsity, pruning_type=pruning_type,
+                              input_shape=input_shape, batches=batches,
+                              trained_params=trained, score_kwargs=score_kwargs)
+      except ValueError as err:
+        if "cannot be reached" not in str(err):
+          raise
+        # An effective target beyond this ranking's reach is a result, not a failure:
+        # record it so the grid is complete and the sweep does not retry it.
+        logging.warning("%s: %s", name, err)
+        summary = {"config": _config_record(arch, dataset, pruner, pruning_type, sparsity,
+                                            seed, synthetic, imp_rounds, rewind_step, config),
+                   "status": "unreachable", "error": str(err), "test_accuracy": None,
+                   "wall_time": time.time() - start_time, "platform": jax.default_backend()}
+        common.atomic_write_json(result_path, summary)
+        return summary
       masks_lib.save(mask_path, masks)
     if pruner == "dense":
       _save_params(os.path.join(run_dir, "weights", "initial"), init_params)
@@ -162,12 +175,9 @@ def run(*, arch: str, dataset: str | None, pruner: str, sparsity: float, pruning
       _save_params(os.path.join(run_dir, "weights", "final"), result.state.params)
   report = connectivity_report(model, masks, input_shape)
   summary = {
-      "config": {"arch": arch, "dataset": dataset, "pruner": pruner,
-                 "pruning_type": pruning_type, "target_sparsity": sparsity,
-                 "target_compression": 1.0 / (1.0 - sparsity), "seed": seed,
-                 "synthetic_data": synthetic, "imp_rounds": imp_rounds if pruner == "imp" else None,
-                 "rewind_step": rewind_step if pruner == "imp" else None,
-                 "train": {k: getattr(config, k) for k in config.__dataclass_fields__}},
+      "config": _config_record(arch, dataset, pruner, pruning_type, sparsity, seed,
+                               synthetic, imp_rounds, rewind_step, config),
+      "status": "disconnected" if report["effective_compression"] == float("inf") else "ok",
       **report,
       "history": result.history,
       "test_accuracy": result.final_test_accuracy,
@@ -180,6 +190,16 @@ def run(*, arch: str, dataset: str | None, pruner: str, sparsity: float, pruning
   common.atomic_write_json(result_path, summary)
   logging.info("Wrote %s: test accuracy %.4f.", result_path, result.final_test_accuracy)
   return summary
+
+
+def _config_record(arch, dataset, pruner, pruning_type, sparsity, seed, synthetic,
+                   imp_rounds, rewind_step, config) -> dict:
+  return {"arch": arch, "dataset": dataset, "pruner": pruner,
+          "pruning_type": pruning_type, "target_sparsity": sparsity,
+          "target_compression": 1.0 / (1.0 - sparsity), "seed": seed,
+          "synthetic_data": synthetic, "imp_rounds": imp_rounds if pruner == "imp" else None,
+          "rewind_step": rewind_step if pruner == "imp" else None,
+          "train": {k: getattr(config, k) for k in config.__dataclass_fields__}}
 
 
 def _imp(model, dspec, config, train_data, test_data, init_params, sparsity, pruning_type,
@@ -260,6 +280,10 @@ def main(argv):
                 log_every=FLAGS.log_every, imp_rounds=FLAGS.imp_rounds,
                 rewind_step=FLAGS.rewind_step, score_batches=FLAGS.score_batches,
                 score_kwargs=score_kwargs)
+  if summary["status"] == "unreachable":
+    print(json.dumps({"config": summary["config"], "status": "unreachable",
+                      "error": summary["error"]}, indent=2, default=str))
+    return
   brief = {k: summary[k] for k in ("direct_compression", "effective_compression",
                                    "test_accuracy", "test_loss", "steps_per_second",
                                    "wall_time")}

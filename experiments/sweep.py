@@ -8,7 +8,8 @@ Each grid point is one `experiments.prune_train` process writing
 <out_dir>/<run name>/result.json. A point whose result exists is skipped; an
 interrupted point resumes from its Orbax checkpoint. Dense runs go first, because
 magnitude and LAMP pruners score the weights they end with. --jobs runs that many
-processes at once; a failed point is reported and the others go on.
+processes at once; with --jobs=1 the runs share this process, so the dataset is read
+and the training step compiled once. A failed point is reported and the others go on.
 """
 
 from __future__ import annotations
@@ -78,6 +79,41 @@ def command(run: dict, args: dict) -> list[str]:
   return cmd + args.get("extra", [])
 
 
+# prune_train flags that --extra_flags may set for in-process runs, with their types.
+_EXTRA = {"imp_rounds": int, "rewind_step": int, "score_batches": int,
+          "checkpoint_every": int, "log_every": int, "dense_dir": str}
+_ROUNDS = {"snip_rounds": ("snip/iterative", int), "synflow_rounds": ("synflow", int)}
+
+
+def _run_in_process(run: dict, args: dict) -> int:
+  """One grid point in this process (data and compiled steps are reused across runs);
+  returns 0 on success, 1 on failure (logged, the sweep goes on)."""
+  from experiments import prune_train  # Imported here: it defines no flags on import.
+  kwargs, score_kwargs = {}, None
+  for item in args.get("extra", []):
+    key, _, value = item.lstrip("-").partition("=")
+    if key in _EXTRA:
+      kwargs[key] = _EXTRA[key](value)
+    elif key in _ROUNDS:
+      if run["pruner"] == _ROUNDS[key][0]:
+        score_kwargs = {"rounds": _ROUNDS[key][1](value)}
+    else:
+      raise ValueError(f"--extra_flags={item!r}: in-process runs (--jobs=1) take "
+                       f"{', '.join(sorted(_EXTRA) + sorted(_ROUNDS))}.")
+  try:
+    prune_train.run(arch=run["arch"], dataset=None, pruner=run["pruner"],
+                    sparsity=0.0 if run["pruner"] == "dense" else 1.0 - 1.0 / run["compression"],
+                    pruning_type=run["pruning_type"], seed=run["seed"],
+                    train_steps=args.get("train_steps"), out_dir=args["out_dir"],
+                    synthetic=bool(args.get("synthetic_data")),
+                    manual_dir=args.get("tfds_manual_dir"), data_dir=args.get("tfds_data_dir"),
+                    eval_every=args["eval_every"], score_kwargs=score_kwargs, **kwargs)
+  except Exception:  # pylint: disable=broad-except
+    logging.exception("Run failed: %s", run)
+    return 1
+  return 0
+
+
 def execute(runs: list[dict], args: dict, jobs: int = 1) -> tuple[int, int, int]:
   """Runs the grid; returns (done, skipped, failed)."""
   todo = [r for r in runs if not os.path.exists(result_path(r, args["out_dir"],
@@ -91,6 +127,8 @@ def execute(runs: list[dict], args: dict, jobs: int = 1) -> tuple[int, int, int]
   start = time.time()
 
   def one(run):
+    if jobs <= 1:
+      return run, _run_in_process(run, args), "(this process's log)"
     os.makedirs(args["out_dir"], exist_ok=True)
     log = result_path(run, args["out_dir"], args.get("train_steps")).replace(
         "result.json", "log.txt")
@@ -126,7 +164,8 @@ def define_flags() -> None:
   flags.DEFINE_string("seeds", "0", "Comma-separated seeds.")
   flags.DEFINE_integer("train_steps", None, "Training steps (default: each paper config).")
   flags.DEFINE_string("out_dir", "out/sweep", "Where run folders go.")
-  flags.DEFINE_integer("jobs", 1, "Runs at once (processes).")
+  flags.DEFINE_integer("jobs", 1, "Runs at once: 1 runs them in this process, more in "
+                       "that many subprocesses.")
   flags.DEFINE_integer("eval_every", 1000, "Evaluate every N steps.")
   flags.DEFINE_string("extra_flags", "", "More flags passed to every prune_train run, "
                       "space-separated (e.g. '--imp_rounds=3 --snip_rounds=100').")

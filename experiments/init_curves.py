@@ -1,0 +1,173 @@
+r"""At-initialization curves for all five networks (the paper's figure 1 style).
+
+For each network, each at-initialization pruner and both pruning types, prune at
+direct compression 10^(0.2 i), i = 1, 2, ..., until the network disconnects (or up
+to --max_exponent), and record direct and effective compression and active units per
+layer (:func:`experiments.compression.sweep`).
+
+  python -m experiments.init_curves --tfds_manual_dir=../shared/data/mnist
+  python -m experiments.init_curves --archs=lenet300100,lenet5 --pruners=synflow
+
+Writes one CSV per network and pruner, <out_dir>/<arch>/<pruner>.csv (atomically); a
+pair whose CSV exists is skipped, so an interrupted job resumes where it stopped.
+`python -m experiments.plot` draws the figures from these files.
+
+Data for SNIP, iterative SNIP and GraSP: LeNet-300-100 scores on real MNIST (TFDS,
+prepared offline from --tfds_manual_dir); the CIFAR- and Tiny-ImageNet-shaped
+networks score on synthetic data of the same shape (the real files cannot be
+downloaded here), and the CSV's `data` column says which. On a CPU the large networks
+use smaller scoring budgets than the paper (see :data:`CPU_BUDGETS`); pass
+--paper_budgets to use the paper's.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+
+from absl import app, flags, logging
+
+from experiments import common, compression, configs
+from sparsejax import models, pruning
+
+FLAGS = flags.FLAGS
+
+ARCHS = ("lenet300100", "lenet5", "vgg16", "vgg19", "resnet18")
+# Every at-initialization pruner: random with each quota, SNIP, iterative SNIP, GraSP,
+# SynFlow. uniform+ keeps the first layer dense, so it applies to conv nets only.
+PRUNERS = ("random/uniform", "random/uniform_plus", "random/erk", "random/igq", "snip",
+           "snip/iterative", "grasp", "synflow")
+
+
+# Budgets: score batches and examples per batch (SNIP, iterative SNIP, GraSP),
+# iterative-SNIP rounds, SynFlow rounds, the compression step of the iterative pruners
+# (a fresh run per compression: every 10^(0.2 step i)), and the largest exponent i.
+# The paper's: the networks' SNIP batch (configs.py), 300 iterative-SNIP rounds and
+# 100 SynFlow rounds at every 10^(0.2 i). On a 2-core CPU one VGG forward/backward pass
+# on 128 images takes seconds, so the large networks score on one small batch,
+# iterative SNIP runs 10 rounds, and the iterative pruners are sampled at every
+# 10^(0.6 i), up to 10^4.
+CPU_BUDGETS = {
+    "lenet300100": dict(score_batches=10, batch_size=100, snip_rounds=300,
+                        synflow_rounds=100, iterative_step=1, max_exponent=25),
+    "lenet5": dict(score_batches=10, batch_size=128, snip_rounds=300, synflow_rounds=100,
+                   iterative_step=1, max_exponent=25),
+    "vgg16": dict(score_batches=1, batch_size=32, snip_rounds=10, synflow_rounds=100,
+                  iterative_step=3, max_exponent=20),
+    "vgg19": dict(score_batches=1, batch_size=32, snip_rounds=10, synflow_rounds=100,
+                  iterative_step=3, max_exponent=20),
+    "resnet18": dict(score_batches=1, batch_size=16, snip_rounds=10, synflow_rounds=100,
+                     iterative_step=3, max_exponent=20),
+}
+
+
+def paper_budget(arch: str) -> dict:
+  return dict(score_batches=10, batch_size=configs.get_config(arch).snip_batch_size,
+              snip_rounds=300, synflow_rounds=100, iterative_step=1, max_exponent=25)
+
+
+def compressions(max_exponent: int, step: int = 1) -> list[float]:
+  """10^(0.2 i) for i = step, 2 step, ... <= max_exponent."""
+  return [10 ** (0.2 * i) for i in range(step, max_exponent + 1, step)]
+
+
+def csv_path(out_dir: str, arch: str, pruner: str) -> str:
+  return os.path.join(out_dir, arch, pruner.replace("/", "-") + ".csv")
+
+
+def read_rows(path: str) -> list[dict]:
+  """Rows of one CSV with numbers parsed back (inf stays inf)."""
+  with open(path) as f:
+    rows = list(csv.DictReader(f))
+  for r in rows:
+    for k, v in r.items():
+      if k in ("arch", "pruner", "pruning_type", "status", "active_units_per_layer",
+               "unit_layers", "data") or v in ("", None):
+        continue
+      r[k] = float(v)
+  return rows
+
+
+def run_one(arch: str, pruner: str, *, out_dir: str, seed: int, budget: dict, synthetic: bool, manual_dir: str | None,
+            data_dir: str | None) -> list[dict]:
+  """Sweeps one (network, pruner) pair and writes its CSV; returns the rows."""
+  p = pruning.get_pruner(pruner)
+  spec = models.get_spec(arch)
+  step = budget["iterative_step"] if compression._iterative(p) else 1
+  data_name = "-"
+  if p.needs_data:
+    data_name = f"synthetic {spec.dataset}" if synthetic else f"{spec.dataset} (TFDS)"
+
+  def batches_fn():
+    return common.score_batches(spec.dataset, num_batches=budget["score_batches"],
+                                batch_size=budget["batch_size"], seed=seed,
+                                synthetic=synthetic, manual_dir=manual_dir,
+                                data_dir=data_dir)
+
+  def score_kwargs_fn(q):
+    if q.score == "snip_iterative":
+      return {"rounds": budget["snip_rounds"]}
+    if q.score == "synflow":
+      return {"rounds": budget["synflow_rounds"]}
+    return None
+
+  start = time.time()
+  rows = compression.sweep(arch, [pruner], ["direct", "effective"],
+                           compressions(budget["max_exponent"], step), seed=seed,
+                           batches_fn=batches_fn, score_kwargs_fn=score_kwargs_fn)
+  for r in rows:
+    r["data"] = data_name
+  buf_path = csv_path(out_dir, arch, pruner)
+  os.makedirs(os.path.dirname(buf_path), exist_ok=True)
+  compression.write_csv(buf_path, rows, columns=compression.COLUMNS + ["data"])
+  logging.info("%s %s: %d rows in %.1fs -> %s", arch, pruner, len(rows),
+               time.time() - start, buf_path)
+  return rows
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("archs", ",".join(ARCHS), "Comma-separated networks.")
+  flags.DEFINE_string("pruners", ",".join(PRUNERS), "Comma-separated at-init pruners.")
+  flags.DEFINE_integer("max_exponent", None, "Largest i in 10^(0.2 i) (default: the "
+                       "budget's, 25 = 10^5x for the LeNets, 20 for the others); each "
+                       "pruner and type also stops at its first disconnected network.")
+  flags.DEFINE_integer("seed", 0, "Seed for initial weights, random scores and data.")
+  flags.DEFINE_string("out_dir", "results/init_curves", "Where the CSVs go.")
+  flags.DEFINE_bool("paper_budgets", False, "Score with the paper's budgets (slow on CPU).")
+  flags.DEFINE_bool("overwrite", False, "Recompute pairs whose CSV exists.")
+  common.define_data_flags()
+
+
+def main(argv):
+  del argv
+  archs = common.parse_list(FLAGS.archs, name="archs")
+  pruners = common.parse_list(FLAGS.pruners, name="pruners")
+  for arch in archs:
+    models.get_spec(arch)
+  for name in pruners:
+    p = pruning.get_pruner(name)
+    if p.after_training:
+      raise ValueError(f"--pruners: {name!r} prunes after training, not at initialization; "
+                       f"allowed: {', '.join(PRUNERS)}.")
+  for arch in archs:
+    budget = dict(paper_budget(arch) if FLAGS.paper_budgets else CPU_BUDGETS[arch])
+    if FLAGS.max_exponent:
+      budget["max_exponent"] = FLAGS.max_exponent
+    # Only MNIST is available offline; the other datasets are synthetic stand-ins.
+    synthetic = FLAGS.synthetic_data or models.get_spec(arch).dataset != "mnist"
+    for name in pruners:
+      if name == "random/uniform_plus" and arch == "lenet300100":
+        continue  # uniform+ keeps the first layer dense: conv nets only.
+      path = csv_path(FLAGS.out_dir, arch, name)
+      if os.path.exists(path) and not FLAGS.overwrite:
+        logging.info("%s exists; skipped.", path)
+        continue
+      run_one(arch, name, out_dir=FLAGS.out_dir, seed=FLAGS.seed, budget=budget, synthetic=synthetic,
+              manual_dir=FLAGS.tfds_manual_dir, data_dir=FLAGS.tfds_data_dir)
+  print(f"At-init curves in {FLAGS.out_dir}; draw them with python -m experiments.plot.")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
