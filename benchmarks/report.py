@@ -11,6 +11,8 @@ from typing import Callable
 
 import jax
 
+from experiments import common
+
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
                    "benchmarks.md")
 
@@ -46,24 +48,10 @@ def stamp() -> str:
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-  lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-  return "\n".join(lines)
+  return common.markdown_table(header, rows)
 
 
 def update_section(name: str, body: str, path: str = DOC) -> None:
   """Replaces the section between ``<!-- name:start -->`` and ``<!-- name:end -->``
   of docs/benchmarks.md (appending it if absent), leaving the others untouched."""
-  start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-  text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-  block = f"{start}\n{body.strip()}\n{end}"
-  if start in text and end in text:
-    before, rest = text.split(start, 1)
-    text = before + block + rest.split(end, 1)[1]
-  else:
-    text = text.rstrip() + "\n\n" + block + "\n"
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  common.update_markdown_section(path, name, body, title="# Benchmarks\n")

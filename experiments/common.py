@@ -35,6 +35,28 @@ def atomic_write_json(path: str, obj: Any) -> None:
                             + "\n").encode())
 
 
+def markdown_table(header: list[str], rows: list[list]) -> str:
+  """A GitHub-flavoured markdown table."""
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def update_markdown_section(path: str, name: str, body: str, title: str = "") -> None:
+  """Replaces the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in
+  the markdown file ``path`` (appending the section if absent; creating the file with
+  ``title`` if missing), atomically, leaving the rest of the file untouched."""
+  start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+  text = open(path).read() if os.path.exists(path) else title
+  block = f"{start}\n{body.strip()}\n{end}"
+  if start in text and end in text:
+    before, rest = text.split(start, 1)
+    text = before + block + rest.split(end, 1)[1]
+  else:
+    text = text.rstrip() + "\n\n" + block + "\n"
+  atomic_write_bytes(path, text.encode())
+
+
 def _jsonable(x):
   if isinstance(x, (np.integer,)):
     return int(x)

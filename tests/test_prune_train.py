@@ -80,3 +80,26 @@ def test_sweep_grid_orders_dense_first_and_skips_done(tmp_path):
   for r in small:
     assert os.path.exists(sweep.result_path(r, str(tmp_path), 20))
   assert sweep.execute(small, args, jobs=2) == (0, 2, 0)  # resumable: nothing re-runs
+
+
+def test_sweep_in_process_runs_records_unreachable_and_resumes(tmp_path):
+  args = dict(out_dir=str(tmp_path), train_steps=20, synthetic_data=True, eval_every=10,
+              extra=["--checkpoint_every=10", "--log_every=10", "--snip_rounds=3"])
+  small = sweep.grid(["lenet300100"], ["random/uniform"], [10.0, 1e6], ["effective"], [0], 20)
+  assert sweep.execute(small, args, jobs=1) == (2, 0, 0)
+  ok = json.load(open(sweep.result_path(small[0], str(tmp_path), 20)))
+  assert ok["status"] == "ok" and ok["effective_compression"] >= 10
+  # 10^6x effective is beyond any connected uniform mask of LeNet-300-100: recorded as
+  # a result (so the grid is complete), not retried, not a failure.
+  far = json.load(open(sweep.result_path(small[1], str(tmp_path), 20)))
+  assert far["status"] == "unreachable" and far["test_accuracy"] is None
+  assert "cannot be reached" in far["error"]
+  assert sweep.execute(small, args, jobs=1) == (0, 2, 0)
+  with pytest.raises(ValueError, match="--extra_flags='--nope=1'"):
+    sweep._run_in_process(small[0], dict(args, extra=["--nope=1"]))
+
+
+def test_direct_pruning_to_disconnection_is_marked(tmp_path):
+  r = prune_train.run(pruner="random/uniform", sparsity=1 - 1e-4, pruning_type="direct",
+                      out_dir=str(tmp_path), **COMMON)
+  assert r["status"] == "disconnected" and r["effective_compression"] == float("inf")

@@ -1,0 +1,404 @@
+r"""Figures and tables of the paper reproduction from the files under results/.
+
+  python -m experiments.plot          # reads results/, writes docs/figures/*.png and
+                                      # the generated tables of docs/results.md
+
+Inputs:
+- results/init_curves/<arch>/<pruner>.csv (experiments.init_curves): direct and
+  effective compression and active units per layer at initialization.
+- results/<arch>_<dataset>/<run>/result.json (experiments.sweep / prune_train): test
+  accuracy of pruned-and-trained networks.
+
+Outputs (docs/figures/): init_<arch>.png (effective against direct compression,
+log-log, one colour per pruner), units_<arch>.png (fraction of active units per layer
+at a few compressions), accuracy_<arch>_t<steps>.png (test accuracy against direct
+and against effective compression, one panel per pruning type, seed spread as error
+bars). The markdown tables go between the <!-- name:start/end --> markers of
+docs/results.md; the hand-written text around them is left alone.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import math
+import os
+import statistics
+
+from absl import app, flags, logging
+
+from experiments import common, init_curves
+
+FLAGS = flags.FLAGS
+
+# One colour per pruner, the same in every figure.
+PRUNER_ORDER = ("dense", "random/uniform", "random/uniform_plus", "random/erk", "random/igq",
+                "random/snip", "random/synflow", "snip", "snip/iterative", "grasp",
+                "synflow", "lamp", "magnitude/global", "magnitude/igq", "imp")
+ARCH_TITLES = {"lenet300100": "LeNet-300-100", "lenet5": "LeNet-5", "vgg16": "VGG-16",
+               "vgg19": "VGG-19", "resnet18": "ResNet-18"}
+
+
+def _colour(pruner: str):
+  import matplotlib
+  cmap = matplotlib.colormaps["tab20"]
+  i = PRUNER_ORDER.index(pruner) if pruner in PRUNER_ORDER else len(PRUNER_ORDER)
+  return cmap(i % 20)
+
+
+def _order(pruners) -> list[str]:
+  return sorted(set(pruners), key=lambda p: (PRUNER_ORDER.index(p)
+                                             if p in PRUNER_ORDER else 99, p))
+
+
+def _save(fig, path: str) -> None:
+  import matplotlib.pyplot as plt
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  plt.close(fig)
+  common.atomic_write_bytes(path, buf.getvalue())
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+  if x is None:
+    return "-"
+  if math.isinf(x):
+    return "inf"
+  return f"{x:.{digits}g}"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_curves(curves_dir: str) -> dict[str, list[dict]]:
+  """{arch: rows of every pruner's CSV} from experiments.init_curves."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(curves_dir, "*", "*.csv"))):
+    arch = os.path.basename(os.path.dirname(path))
+    out.setdefault(arch, []).extend(init_curves.read_rows(path))
+  return out
+
+
+def load_runs(results_dir: str) -> list[dict]:
+  """One flat record per result.json under ``results_dir`` (any depth)."""
+  runs = []
+  for path in sorted(glob.glob(os.path.join(results_dir, "**", "result.json"),
+                               recursive=True)):
+    with open(path) as f:
+      r = json.load(f)
+    c = r["config"]
+    runs.append(dict(
+        arch=c["arch"], dataset=c["dataset"], pruner=c["pruner"],
+        pruning_type=c["pruning_type"], seed=c["seed"],
+        target_compression=c["target_compression"], train_steps=c["train"]["train_steps"],
+        status=r.get("status", "ok"), direct_compression=r.get("direct_compression"),
+        effective_compression=r.get("effective_compression"),
+        test_accuracy=r.get("test_accuracy"), wall_time=r.get("wall_time"),
+        steps_per_second=r.get("steps_per_second"), path=path))
+  return runs
+
+
+def _group(runs: list[dict]) -> dict[tuple, list[dict]]:
+  """Runs grouped by (pruner, pruning_type, target compression) over seeds."""
+  groups = {}
+  for r in runs:
+    key = (r["pruner"], r["pruning_type"], round(r["target_compression"], 6))
+    groups.setdefault(key, []).append(r)
+  return groups
+
+
+def _summary(rs: list[dict]) -> dict:
+  """Mean and range over seeds of accuracy and compressions (trained runs only)."""
+  ok = [r for r in rs if r["status"] != "unreachable"]
+  if not ok:
+    return {"status": "unreachable", "seeds": len(rs)}
+  acc = [r["test_accuracy"] for r in ok]
+  return {"status": "disconnected" if any(r["status"] == "disconnected" for r in ok)
+          else "ok", "seeds": len(ok), "accuracy": statistics.fmean(acc),
+          "accuracy_min": min(acc), "accuracy_max": max(acc),
+          "direct": statistics.fmean(r["direct_compression"] for r in ok),
+          "effective": (math.inf if any(math.isinf(r["effective_compression"]) for r in ok)
+                        else statistics.fmean(r["effective_compression"] for r in ok))}
+
+
+# ---------------------------------------------------------------- figures
+
+
+def plot_curves(arch: str, rows: list[dict], path: str) -> None:
+  """Effective against direct compression (log-log): lines for the direct pruning
+  type, crosses for the effective type, x where the network disconnects."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7.2, 5.6))
+  finite = [r["effective_compression"] for r in rows
+            if r["status"] == "ok" and math.isfinite(r["effective_compression"])]
+  top = max(finite + [10.0]) * 3
+  right = max([r["direct_compression"] for r in rows if r["status"] != "unreachable"]
+              + [10.0]) * 1.5
+  data_notes = sorted({r.get("data", "-") for r in rows} - {"-", ""})
+  for pruner in _order(r["pruner"] for r in rows):
+    colour = _colour(pruner)
+    for ptype, style in (("direct", "-"), ("effective", "")):
+      rs = [r for r in rows if r["pruner"] == pruner and r["pruning_type"] == ptype
+            and r["status"] != "unreachable"]
+      if not rs:
+        continue
+      x = [r["direct_compression"] for r in rs]
+      y = [min(r["effective_compression"], top) for r in rs]
+      ax.plot(x, y, style, marker="o" if ptype == "direct" else "+", ms=3 if ptype ==
+              "direct" else 7, color=colour, lw=1.3,
+              label=pruner if ptype == "direct" else None)
+      cut = [(a, b) for a, b, r in zip(x, y, rs) if r["status"] == "disconnected"]
+      if cut:
+        ax.plot(*zip(*cut), "x", color=colour, ms=9, mew=2)
+  ax.plot([1, right], [1, right], ":", color="gray", lw=1)
+  ax.axhline(top, color="gray", lw=0.5)
+  ax.text(1.1, top * 0.75, "disconnected (x)", fontsize=8, color="gray")
+  ax.set(xscale="log", yscale="log", xlim=(1, right), xlabel="direct compression",
+         ylabel="effective compression")
+  note = f"; data scores: {', '.join(data_notes)}" if data_notes else ""
+  ax.set_title(f"{ARCH_TITLES.get(arch, arch)} at initialization (seed 0{note})\n"
+               "lines: pruned to direct target; +: pruned to effective target",
+               fontsize=9)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=7, loc="upper left", ncol=2)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def _nearest(rows: list[dict], target: float) -> dict | None:
+  rs = [r for r in rows if r["status"] != "unreachable"]
+  if not rs:
+    return None
+  best = min(rs, key=lambda r: abs(math.log(r["target_compression"] / target)))
+  return best if abs(math.log(best["target_compression"] / target)) < 0.05 else None
+
+
+def plot_units(arch: str, rows: list[dict], path: str,
+               targets=(10.0, 100.0, 1000.0)) -> None:
+  """Fraction of active units per layer, one panel per direct compression, one line
+  per pruner (direct pruning type)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  direct_rows = [r for r in rows if r["pruning_type"] == "direct"]
+  fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.8),
+                           sharey=True)
+  for ax, target in zip(axes, targets):
+    names = None
+    for pruner in _order(r["pruner"] for r in direct_rows):
+      r = _nearest([q for q in direct_rows if q["pruner"] == pruner], target)
+      if r is None or not r.get("active_units_per_layer"):
+        continue
+      counts = [tuple(int(v) for v in s.split("/")) for s in
+                r["active_units_per_layer"].split(";")]
+      names = r["unit_layers"].split(";")
+      ax.plot(range(len(counts)), [a / t for a, t in counts], "-o", ms=3,
+              color=_colour(pruner), label=pruner)
+    if names:
+      ax.set_xticks(range(len(names)))
+      ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_title(f"{target:g}x direct", fontsize=9)
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(True, alpha=0.3)
+  axes[0].set_ylabel("fraction of units active")
+  handles, labels = [], []
+  for ax in axes:  # One legend with every pruner that appears in any panel.
+    for h, l in zip(*ax.get_legend_handles_labels()):
+      if l not in labels:
+        handles.append(h)
+        labels.append(l)
+  axes[0].legend(handles, labels, fontsize=7, loc="lower left")
+  fig.suptitle(f"{ARCH_TITLES.get(arch, arch)}: active units per layer at initialization",
+               fontsize=10)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def plot_accuracy(runs: list[dict], path: str, title: str) -> None:
+  """Test accuracy against direct (left) and effective (right) compression, one row
+  per pruning type; error bars span the seeds."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  groups = {k: _summary(v) for k, v in _group(runs).items()}
+  dense = [g for (p, _, _), g in groups.items() if p == "dense" and "accuracy" in g]
+  fig, axes = plt.subplots(2, 2, figsize=(11, 8.5), sharey=True)
+  for row, ptype in enumerate(("direct", "effective")):
+    for col, xkey in enumerate(("direct", "effective")):
+      ax = axes[row, col]
+      for pruner in _order(p for p, _, _ in groups):
+        if pruner == "dense":
+          continue
+        pts = sorted((g[xkey], g) for (p, t, _), g in groups.items()
+                     if p == pruner and t == ptype and "accuracy" in g
+                     and math.isfinite(g[xkey]))
+        if not pts:
+          continue
+        x = [a for a, _ in pts]
+        y = [g["accuracy"] for _, g in pts]
+        err = [[g["accuracy"] - g["accuracy_min"] for _, g in pts],
+               [g["accuracy_max"] - g["accuracy"] for _, g in pts]]
+        style = "--" if pruner.startswith("random/") else "-"
+        ax.errorbar(x, y, yerr=err, fmt=style + "o", ms=3, lw=1.2, capsize=2,
+                    color=_colour(pruner), label=pruner)
+      for g in dense:
+        ax.axhline(g["accuracy"], color="black", lw=0.8, ls=":")
+      ax.set_xscale("log")
+      ax.set_xlabel(f"{xkey} compression")
+      ax.set_title(f"pruned to a {ptype} target; x = {xkey} compression", fontsize=9)
+      ax.grid(True, which="both", alpha=0.3)
+    axes[row, 0].set_ylabel("test accuracy")
+  axes[0, 1].legend(fontsize=7, loc="lower left", ncol=2)
+  fig.suptitle(title + " (dotted: dense)", fontsize=10)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+# ---------------------------------------------------------------- tables
+
+
+def accuracy_table(runs: list[dict]) -> str:
+  """Pruner x type rows; per target: accuracy (effective compression)."""
+  groups = {k: _summary(v) for k, v in _group(runs).items()}
+  targets = sorted({t for (p, _, t) in groups if p != "dense"})
+  header = ["pruner", "type"] + [f"{t:.4g}x" for t in targets]
+  rows = []
+  for pruner in _order(p for p, _, _ in groups):
+    types = ("direct",) if pruner == "dense" else ("direct", "effective")
+    for ptype in types:
+      cells = []
+      for t in ([1.0] if pruner == "dense" else targets):
+        g = groups.get((pruner, ptype, t))
+        if g is None:
+          cells.append("")
+        elif g["status"] == "unreachable":
+          cells.append("unreachable")
+        else:
+          spread = (f" ±{(g['accuracy_max'] - g['accuracy_min']) / 2:.3f}"
+                    if g["seeds"] > 1 else "")
+          other = g["effective"] if ptype == "direct" else g["direct"]
+          cells.append(f"{g['accuracy']:.4f}{spread} ({_fmt(other, 3)}x)")
+      if pruner == "dense":
+        cells += [""] * (len(targets) - 1)
+      rows.append([pruner, ptype] + cells)
+  return common.markdown_table(header, rows)
+
+
+def schedule_table(short: list[dict], full: list[dict]) -> str:
+  """The same runs with the short and the full schedule, side by side."""
+  header = ["pruner", "type", "target", "effective", "accuracy (short)",
+            "accuracy (full)", "difference", "full-run wall time"]
+  rows = []
+  short_by = {(r["pruner"], r["pruning_type"], round(r["target_compression"], 6), r["seed"]): r
+              for r in short}
+  for r in sorted(full, key=lambda r: (_order([r["pruner"]])[0] != "dense",
+                                       PRUNER_ORDER.index(r["pruner"])
+                                       if r["pruner"] in PRUNER_ORDER else 99)):
+    s = short_by.get((r["pruner"], r["pruning_type"], round(r["target_compression"], 6),
+                      r["seed"]))
+    if r["test_accuracy"] is None:
+      continue
+    acc_s = s["test_accuracy"] if s and s["test_accuracy"] is not None else None
+    rows.append([r["pruner"], r["pruning_type"], f"{r['target_compression']:.4g}x",
+                 f"{_fmt(r['effective_compression'])}x",
+                 "-" if acc_s is None else f"{acc_s:.4f}", f"{r['test_accuracy']:.4f}",
+                 "-" if acc_s is None else f"{r['test_accuracy'] - acc_s:+.4f}",
+                 f"{r['wall_time'] / 60:.1f} min"])
+  return common.markdown_table(header, rows)
+
+
+def curves_table(curves: dict[str, list[dict]], targets=(10.0, 100.0, 1000.0)) -> str:
+  """Per network and pruner: effective compression at direct targets, the first
+  disconnected direct compression, and the direct compression needed for 100x and
+  1000x effective."""
+  header = (["network", "pruner"] + [f"eff. at {t:g}x direct" for t in targets]
+            + ["disconnects at", "direct for 100x eff.", "direct for 1000x eff."])
+  rows = []
+  for arch in [a for a in init_curves.ARCHS if a in curves] + sorted(
+      set(curves) - set(init_curves.ARCHS)):
+    rs = curves[arch]
+    for pruner in _order(r["pruner"] for r in rs):
+      direct = [r for r in rs if r["pruner"] == pruner and r["pruning_type"] == "direct"]
+      eff = [r for r in rs if r["pruner"] == pruner and r["pruning_type"] == "effective"]
+      cells = []
+      cut = [r for r in direct if r["status"] == "disconnected"]
+      for t in targets:
+        r = _nearest(direct, t)
+        if r is None and cut and cut[0]["direct_compression"] < t:
+          cells.append("disconnected")
+          continue
+        cells.append("-" if r is None else
+                     ("disconnected" if r["status"] == "disconnected" else
+                      f"{_fmt(r['effective_compression'])}x"))
+      cells.append(f"{_fmt(cut[0]['direct_compression'])}x" if cut else
+                   f"> {_fmt(max((r['direct_compression'] for r in direct), default=None))}x")
+      for t in (100.0, 1000.0):
+        r = _nearest(eff, t)
+        cells.append("-" if r is None else
+                     ("unreachable" if r["status"] == "unreachable" else
+                      f"{_fmt(r['direct_compression'])}x"))
+      rows.append([ARCH_TITLES.get(arch, arch), pruner] + cells)
+  return common.markdown_table(header, rows)
+
+
+# ---------------------------------------------------------------- main
+
+
+def make_all(results_dir: str, figures_dir: str, doc: str | None,
+             short_steps: int, full_steps: int) -> list[str]:
+  """Draws every figure and writes every table it has data for; returns the files."""
+  written = []
+  curves = load_curves(os.path.join(results_dir, "init_curves"))
+  for arch, rows in curves.items():
+    for kind, fn in (("init", plot_curves), ("units", plot_units)):
+      path = os.path.join(figures_dir, f"{kind}_{arch}.png")
+      fn(arch, rows, path)
+      written.append(path)
+  runs = load_runs(results_dir)
+  short = [r for r in runs if r["train_steps"] == short_steps]
+  full = [r for r in runs if r["train_steps"] == full_steps]
+  for arch in sorted({r["arch"] for r in short}):
+    rs = [r for r in short if r["arch"] == arch]
+    dataset = rs[0]["dataset"]
+    path = os.path.join(figures_dir, f"accuracy_{arch}_t{short_steps}.png")
+    plot_accuracy(rs, path, f"{ARCH_TITLES.get(arch, arch)} on {dataset}, "
+                  f"{short_steps} training steps, {len({r['seed'] for r in rs})} seed(s)")
+    written.append(path)
+  if doc:
+    if curves:
+      common.update_markdown_section(doc, "init-curves-table", curves_table(curves))
+    if short:
+      common.update_markdown_section(doc, "accuracy-table", accuracy_table(short))
+    if full:
+      common.update_markdown_section(doc, "schedule-table", schedule_table(short, full))
+    written.append(doc)
+  return written
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("results_dir", "results", "Where the runs' files are.")
+  flags.DEFINE_string("figures_dir", "docs/figures", "Where the PNGs go.")
+  flags.DEFINE_string("doc", "docs/results.md", "Markdown file whose generated tables "
+                      "(between <!-- name:start/end --> markers) are rewritten; '' for none.")
+  flags.DEFINE_integer("short_steps", 3000, "Training steps of the grid's short schedule.")
+  flags.DEFINE_integer("full_steps", 96000, "Training steps of the full schedule.")
+
+
+def main(argv):
+  del argv
+  written = make_all(FLAGS.results_dir, FLAGS.figures_dir, FLAGS.doc or None,
+                     FLAGS.short_steps, FLAGS.full_steps)
+  for path in written:
+    logging.info("wrote %s", path)
+  print(f"Wrote {len(written)} files: " + ", ".join(written))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

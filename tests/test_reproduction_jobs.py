@@ -1,0 +1,118 @@
+"""The paper-reproduction jobs: at-init curves (CSV per network and pruner) and the
+figures/tables of docs/results.md, on tiny budgets and synthetic data."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import init_curves, plot, prune_train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(score_batches=1, batch_size=32, snip_rounds=3, synflow_rounds=3,
+            iterative_step=5, max_exponent=10)
+
+
+def test_compression_grid_is_ten_to_the_fifth_steps():
+  c = init_curves.compressions(25)
+  assert len(c) == 25 and c[0] == pytest.approx(10 ** 0.2) and c[-1] == pytest.approx(1e5)
+  assert init_curves.compressions(10, 5) == pytest.approx([10.0, 100.0])
+  # Every default budget reaches at least 10^4x; iterative pruners sample the same grid.
+  for arch, b in init_curves.CPU_BUDGETS.items():
+    full = init_curves.compressions(b["max_exponent"])
+    assert full[-1] >= 1e4 * (1 - 1e-9), arch
+    sampled = init_curves.compressions(b["max_exponent"], b["iterative_step"])
+    assert all(any(math.isclose(c, f) for f in full) for c in sampled), arch
+    assert set(b) == set(TINY), arch
+
+
+@pytest.fixture(scope="module")
+def curves_dir(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("curves"))
+  for pruner in ("random/igq", "synflow"):
+    init_curves.run_one("lenet300100", pruner, out_dir=out, seed=0, budget=TINY,
+                        synthetic=True, manual_dir=None, data_dir=None)
+  return out
+
+
+def test_curves_csv_has_both_types_and_reaches_effective_targets(curves_dir):
+  rows = init_curves.read_rows(init_curves.csv_path(curves_dir, "lenet300100", "random/igq"))
+  assert {r["pruning_type"] for r in rows} == {"direct", "effective"}
+  assert len([r for r in rows if r["pruning_type"] == "direct"]) == 10
+  for r in rows:
+    if r["pruning_type"] == "effective" and r["status"] == "ok":
+      assert r["effective_compression"] >= r["target_compression"] * (1 - 1e-9)
+    if r["pruning_type"] == "direct":
+      assert r["direct_compression"] == pytest.approx(r["target_compression"], rel=1e-2)
+      assert r["effective_compression"] >= r["direct_compression"]
+    assert r["unit_layers"] == "dense_0;dense_1;dense_2"
+
+
+def test_iterative_pruner_ranks_once_per_target_for_both_types(curves_dir):
+  rows = init_curves.read_rows(init_curves.csv_path(curves_dir, "lenet300100", "synflow"))
+  assert [r["target_compression"] for r in rows] == pytest.approx([10, 10, 100, 100])
+  # One ranking per target, shared by the two pruning types (same time on both rows).
+  assert rows[0]["ranking_seconds"] > 0 and rows[2]["ranking_seconds"] > 0
+  assert rows[0]["ranking_seconds"] == rows[1]["ranking_seconds"]
+  assert rows[2]["ranking_seconds"] == rows[3]["ranking_seconds"]
+  # A one-shot pruner ranks once for the whole sweep.
+  igq = init_curves.read_rows(init_curves.csv_path(curves_dir, "lenet300100", "random/igq"))
+  assert [r["ranking_seconds"] > 0 for r in igq] == [True, True] + [False] * (len(igq) - 2)
+
+
+def test_binary_skips_done_pairs_and_rejects_after_training_pruners(tmp_path):
+  cmd = [sys.executable, "-m", "experiments.init_curves", "--archs=lenet300100",
+         "--pruners=random/igq", "--max_exponent=3", f"--out_dir={tmp_path}",
+         "--synthetic_data"]
+  first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  assert first.returncode == 0, first.stderr[-2000:]
+  path = init_curves.csv_path(str(tmp_path), "lenet300100", "random/igq")
+  assert len(init_curves.read_rows(path)) == 6
+  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  assert again.returncode == 0 and "exists; skipped" in again.stderr
+  bad = subprocess.run(cmd[:4] + ["--pruners=magnitude/global", f"--out_dir={tmp_path}"],
+                       cwd=REPO, capture_output=True, text=True)
+  assert bad.returncode != 0 and "'magnitude/global' prunes after training" in bad.stderr
+
+
+def test_plot_makes_figures_and_fills_doc_sections(curves_dir, tmp_path):
+  results = tmp_path / "results"
+  results.mkdir()
+  os.symlink(curves_dir, results / "init_curves")
+  kw = dict(arch="lenet300100", dataset=None, seed=0, synthetic=True, manual_dir=None,
+            data_dir=None, eval_every=10, checkpoint_every=10, log_every=10,
+            num_examples=512, out_dir=str(results / "runs"))
+  prune_train.run(pruner="dense", sparsity=0.0, pruning_type="direct", train_steps=20, **kw)
+  prune_train.run(pruner="dense", sparsity=0.0, pruning_type="direct", train_steps=40, **kw)
+  for ptype in ("direct", "effective"):
+    prune_train.run(pruner="random/igq", sparsity=0.9, pruning_type=ptype, train_steps=20,
+                    **kw)
+  doc = tmp_path / "results.md"
+  doc.write_text("# Results\n\nHand-written text.\n\n<!-- accuracy-table:start -->\nold\n"
+                 "<!-- accuracy-table:end -->\n\nMore text.\n")
+  written = plot.make_all(str(results), str(tmp_path / "figs"), str(doc), 20, 40)
+  for name in ("init_lenet300100.png", "units_lenet300100.png",
+               "accuracy_lenet300100_t20.png"):
+    assert (tmp_path / "figs" / name).read_bytes()[:4] == b"\x89PNG", name
+  assert str(doc) in written
+  text = doc.read_text()
+  assert text.startswith("# Results\n\nHand-written text.") and "More text." in text
+  assert "old" not in text
+  table = text.split("<!-- accuracy-table:start -->")[1].split("<!-- accuracy-table:end")[0]
+  assert "| random/igq | direct |" in table and "| random/igq | effective |" in table
+  assert "| dense | direct |" in table
+  schedule = text.split("<!-- schedule-table:start -->")[1]
+  assert "| dense | direct | 1x |" in schedule
+  curves = text.split("<!-- init-curves-table:start -->")[1]
+  assert "| LeNet-300-100 | synflow |" in curves
+
+
+def test_summary_over_seeds():
+  runs = [dict(status=st, test_accuracy=a, direct_compression=10.0, effective_compression=e)
+          for st, a, e in (("ok", 0.9, 12.0), ("disconnected", 0.8, math.inf))]
+  s = plot._summary(runs)
+  assert s["accuracy"] == pytest.approx(0.85) and s["accuracy_min"] == 0.8
+  assert s["status"] == "disconnected" and math.isinf(s["effective"])
+  assert plot._summary([dict(status="unreachable")])["status"] == "unreachable"
