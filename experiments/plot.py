@@ -283,10 +283,54 @@ def accuracy_table(runs: list[dict]) -> str:
           spread = (f" ±{(g['accuracy_max'] - g['accuracy_min']) / 2:.3f}"
                     if g["seeds"] > 1 else "")
           other = g["effective"] if ptype == "direct" else g["direct"]
-          cells.append(f"{g['accuracy']:.4f}{spread} ({_fmt(other, 3)}x)")
+          note = "disconnected" if math.isinf(other) else f"{_fmt(other, 3)}x"
+          cells.append(f"{g['accuracy']:.4f}{spread} ({note})")
       if pruner == "dense":
         cells += [""] * (len(targets) - 1)
       rows.append([pruner, ptype] + cells)
+  return common.markdown_table(header, rows)
+
+
+RANDOM = ("random/uniform", "random/erk", "random/igq", "random/snip", "random/synflow")
+AT_INIT = ("snip", "snip/iterative", "grasp", "synflow")
+
+
+def kendall_tau(a: list[str], b: list[str]) -> float:
+  """Kendall's tau between two orders of the same items (1: same, -1: reversed)."""
+  pos = {x: i for i, x in enumerate(b)}
+  n, s = len(a), 0
+  for i in range(n):
+    for j in range(i + 1, n):
+      s += 1 if pos[a[i]] < pos[a[j]] else -1
+  return s / (n * (n - 1) / 2) if n > 1 else 1.0
+
+
+def claims_table(runs: list[dict]) -> str:
+  """Per target compression: pruners ordered by accuracy when pruned to the direct and
+  to the effective target, Kendall's tau between the two orders, the best random pruner
+  against the best data/SynFlow pruner at initialization (effective targets), and IGQ
+  against the other random quotas (effective targets)."""
+  groups = {k: _summary(v) for k, v in _group(runs).items()}
+  targets = sorted({t for (p, _, t) in groups if p != "dense"})
+  header = ["target", "order, direct targets (best first)", "order, effective targets",
+            "Kendall tau", "best random (eff.)", "best at-init (eff.)", "IGQ rank among random"]
+  rows = []
+  acc = lambda p, t, x: groups.get((p, t, x), {}).get("accuracy")
+  for x in targets:
+    common_pruners = [p for p in _order(p for p, _, _ in groups) if p != "dense"
+                      and acc(p, "direct", x) is not None and acc(p, "effective", x) is not None]
+    by_d = sorted(common_pruners, key=lambda p: -acc(p, "direct", x))
+    by_e = sorted(common_pruners, key=lambda p: -acc(p, "effective", x))
+    best = lambda names: max(((acc(p, "effective", x), p) for p in names
+                              if acc(p, "effective", x) is not None), default=None)
+    br, bi = best(RANDOM), best(AT_INIT)
+    rand = [p for p in by_e if p in RANDOM]
+    rows.append([f"{x:.4g}x", ", ".join(by_d), ", ".join(by_e),
+                 f"{kendall_tau(by_d, by_e):.2f}",
+                 "-" if br is None else f"{br[1]} {br[0]:.4f}",
+                 "-" if bi is None else f"{bi[1]} {bi[0]:.4f}",
+                 f"{rand.index('random/igq') + 1} of {len(rand)}" if "random/igq" in rand
+                 else "-"])
   return common.markdown_table(header, rows)
 
 
@@ -375,6 +419,7 @@ def make_all(results_dir: str, figures_dir: str, doc: str | None,
       common.update_markdown_section(doc, "init-curves-table", curves_table(curves))
     if short:
       common.update_markdown_section(doc, "accuracy-table", accuracy_table(short))
+      common.update_markdown_section(doc, "claims-table", claims_table(short))
     if full:
       common.update_markdown_section(doc, "schedule-table", schedule_table(short, full))
     written.append(doc)

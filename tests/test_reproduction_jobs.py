@@ -105,6 +105,8 @@ def test_plot_makes_figures_and_fills_doc_sections(curves_dir, tmp_path):
   assert "| dense | direct |" in table
   schedule = text.split("<!-- schedule-table:start -->")[1]
   assert "| dense | direct | 1x |" in schedule
+  claims = text.split("<!-- claims-table:start -->")[1].split("<!-- claims-table:end")[0]
+  assert "| 10x | random/igq | random/igq | 1.00 | random/igq " in claims
   curves = text.split("<!-- init-curves-table:start -->")[1]
   assert "| LeNet-300-100 | synflow |" in curves
 
@@ -116,3 +118,10 @@ def test_summary_over_seeds():
   assert s["accuracy"] == pytest.approx(0.85) and s["accuracy_min"] == 0.8
   assert s["status"] == "disconnected" and math.isinf(s["effective"])
   assert plot._summary([dict(status="unreachable")])["status"] == "unreachable"
+
+
+def test_kendall_tau_hand_cases():
+  assert plot.kendall_tau(list("abcd"), list("abcd")) == 1.0
+  assert plot.kendall_tau(list("abcd"), list("dcba")) == -1.0
+  # One swapped adjacent pair out of 6 pairs: (5 - 1) / 6.
+  assert plot.kendall_tau(list("abcd"), list("bacd")) == pytest.approx(4 / 6)
