@@ -101,3 +101,11 @@ def test_data_driven_pruners_on_synthetic_batches():
       assert r["direct_compression"] == pytest.approx(100, rel=1e-3)
     else:
       assert r["effective_compression"] >= 100 * (1 - 1e-9)
+
+
+def test_quota_limit_ends_the_curve_instead_of_raising():
+  # uniform+ keeps LeNet-5's first layer dense and its last at least 20% dense, so
+  # 1000x direct is beyond the quota: the curve ends there with an 'unreachable' row.
+  rows = compression.sweep("lenet5", ["random/uniform_plus"], ["direct"], [10.0, 1e3, 1e4],
+                           seed=0, stop_at_disconnection=False)
+  assert [r["status"] for r in rows] == ["ok", "unreachable"]
