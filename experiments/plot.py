@@ -40,11 +40,16 @@ ARCH_TITLES = {"lenet300100": "LeNet-300-100", "lenet5": "LeNet-5", "vgg16": "VG
                "vgg19": "VGG-19", "resnet18": "ResNet-18"}
 
 
+# Quotas borrowed from a pruner share its hue (random/snip light red, snip red).
+COLOURS = {"dense": "#000000", "random/uniform": "#1f77b4", "random/uniform_plus": "#aec7e8",
+           "random/erk": "#ff7f0e", "random/igq": "#2ca02c", "random/snip": "#ff9896",
+           "snip": "#d62728", "snip/iterative": "#8c564b", "random/synflow": "#c5b0d5",
+           "synflow": "#9467bd", "grasp": "#e377c2", "lamp": "#bcbd22",
+           "magnitude/global": "#17becf", "magnitude/igq": "#7f7f7f", "imp": "#000080"}
+
+
 def _colour(pruner: str):
-  import matplotlib
-  cmap = matplotlib.colormaps["tab20"]
-  i = PRUNER_ORDER.index(pruner) if pruner in PRUNER_ORDER else len(PRUNER_ORDER)
-  return cmap(i % 20)
+  return COLOURS.get(pruner, "#555555")
 
 
 def _order(pruners) -> list[str]:
