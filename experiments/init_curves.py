@@ -83,9 +83,9 @@ def read_rows(path: str) -> list[dict]:
   for r in rows:
     for k, v in r.items():
       if k in ("arch", "pruner", "pruning_type", "status", "active_units_per_layer",
-               "unit_layers", "data") or v in ("", None):
+               "unit_layers", "data"):
         continue
-      r[k] = float(v)
+      r[k] = None if v in ("", None) else float(v)  # empty: not measured (unreachable)
   return rows
 
 

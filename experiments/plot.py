@@ -373,7 +373,8 @@ def curves_table(curves: dict[str, list[dict]], targets=(10.0, 100.0, 1000.0)) -
       set(curves) - set(init_curves.ARCHS)):
     rs = curves[arch]
     for pruner in _order(r["pruner"] for r in rs):
-      direct = [r for r in rs if r["pruner"] == pruner and r["pruning_type"] == "direct"]
+      direct = [r for r in rs if r["pruner"] == pruner and r["pruning_type"] == "direct"
+                and r["status"] != "unreachable"]
       eff = [r for r in rs if r["pruner"] == pruner and r["pruning_type"] == "effective"]
       cells = []
       cut = [r for r in direct if r["status"] == "disconnected"]
