@@ -324,6 +324,8 @@ def claims_table(runs: list[dict]) -> str:
   for x in targets:
     common_pruners = [p for p in _order(p for p, _, _ in groups) if p != "dense"
                       and acc(p, "direct", x) is not None and acc(p, "effective", x) is not None]
+    if len(common_pruners) < 2:
+      continue  # e.g. the extra 100x effective runs of the schedule comparison
     by_d = sorted(common_pruners, key=lambda p: -acc(p, "direct", x))
     by_e = sorted(common_pruners, key=lambda p: -acc(p, "effective", x))
     best = lambda names: max(((acc(p, "effective", x), p) for p in names
@@ -417,8 +419,10 @@ def make_all(results_dir: str, figures_dir: str, doc: str | None,
     rs = [r for r in short if r["arch"] == arch]
     dataset = rs[0]["dataset"]
     path = os.path.join(figures_dir, f"accuracy_{arch}_t{short_steps}.png")
+    seeds = sorted({r["seed"] for r in rs})
     plot_accuracy(rs, path, f"{ARCH_TITLES.get(arch, arch)} on {dataset}, "
-                  f"{short_steps} training steps, {len({r['seed'] for r in rs})} seed(s)")
+                  f"{short_steps} training steps, seeds {', '.join(map(str, seeds))} "
+                  "(error bars: range over the seeds a point has)")
     written.append(path)
   if doc:
     if curves:
