@@ -392,9 +392,12 @@ def curves_table(curves: dict[str, list[dict]], targets=(10.0, 100.0, 1000.0)) -
                    f"> {_fmt(max((r['direct_compression'] for r in direct), default=None))}x")
       for t in (100.0, 1000.0):
         r = _nearest(eff, t)
-        cells.append("-" if r is None else
-                     ("unreachable" if r["status"] == "unreachable" else
-                      f"{_fmt(r['direct_compression'])}x"))
+        # The sweep stops at its first unreachable target: later targets are too.
+        missed = [q for q in eff if q["status"] == "unreachable"
+                  and q["target_compression"] <= t * 1.05]
+        cells.append(f"unreachable (from {_fmt(missed[0]['target_compression'])}x)"
+                     if missed and r is None else "-" if r is None else
+                     f"{_fmt(r['direct_compression'])}x")
       rows.append([ARCH_TITLES.get(arch, arch), pruner] + cells)
   return common.markdown_table(header, rows)
 
