@@ -1,37 +1,25 @@
-"""Pieces the experiment binaries share: atomic files, data for scores, flags."""
+"""Pieces the experiment binaries share: result files, data sources, flags, run names."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import os
-import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 from absl import flags, logging
 
-from sparsejax import data
+from sparsejax import data, files, masks, pruning
 
-
-def atomic_write_bytes(path: str, payload: bytes) -> None:
-  """Writes ``payload`` to ``path`` via a temp file and rename: never a half file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(payload)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+#: Iterative magnitude pruning with rewinding: a training procedure of
+#: experiments.prune_train, not a ranking, so not in the pruner registry.
+IMP = "imp"
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-  atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable)
+  files.atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable)
                             + "\n").encode())
 
 
@@ -54,7 +42,7 @@ def update_markdown_section(path: str, name: str, body: str, title: str = "") ->
     text = before + block + rest.split(end, 1)[1]
   else:
     text = text.rstrip() + "\n\n" + block + "\n"
-  atomic_write_bytes(path, text.encode())
+  files.atomic_write(path, text.encode())
 
 
 def _jsonable(x):
@@ -78,22 +66,46 @@ def load_data(dataset: str, split: str, *, synthetic: bool, manual_dir: str | No
   return data.load_split(dataset, split, data_dir=data_dir, manual_dir=manual_dir)
 
 
-def score_batches(dataset: str, *, num_batches: int, batch_size: int, seed: int,
-                  synthetic: bool, manual_dir: str | None, data_dir: str | None
-                  ) -> list[dict]:
-  """Preprocessed (normalized, not augmented) training batches for data-driven scores
-  (SNIP, iterative SNIP, GraSP): a list of {'image': float32 NHWC, 'label': int32}."""
-  images, labels = load_data(dataset, "train", synthetic=synthetic, manual_dir=manual_dir,
-                             data_dir=data_dir, seed=seed)
-  spec = data.get_spec(dataset)
-  batches = []
-  for step in range(num_batches):
-    idx = data.batch_indices(len(images), batch_size, seed, step)
-    x = data.preprocess(jax.random.key(0), images[idx], spec, False)
-    batches.append({"image": x, "label": labels[idx]})
-  logging.info("Score data: %d batches of %d from %s %s.", num_batches, batch_size,
-               "synthetic" if synthetic else "TFDS", dataset)
-  return batches
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+  """Where a binary's data comes from: TFDS (prepared offline from ``manual_dir``) or
+  synthetic data of the same shapes (``num_examples`` per split, synthetic only)."""
+
+  synthetic: bool = False
+  manual_dir: str | None = None
+  data_dir: str | None = None
+  num_examples: int | None = None
+
+  @classmethod
+  def from_flags(cls) -> "DataSource":
+    """From --synthetic_data, --tfds_manual_dir and --tfds_data_dir."""
+    return cls(synthetic=flags.FLAGS.synthetic_data, manual_dir=flags.FLAGS.tfds_manual_dir,
+               data_dir=flags.FLAGS.tfds_data_dir)
+
+  def split(self, dataset: str, split: str, seed: int = 0):
+    """(images uint8 [N, H, W, C], labels int32 [N]) of a split (cached, read-only)."""
+    return load_data(dataset, split, synthetic=self.synthetic, manual_dir=self.manual_dir,
+                     data_dir=self.data_dir, seed=seed,
+                     num_examples=self.num_examples if self.synthetic else None)
+
+  def score_batches(self, dataset: str, *, num_batches: int, batch_size: int, seed: int
+                    ) -> list[dict]:
+    """Preprocessed (normalized, not augmented) training batches for data-driven
+    scores (SNIP, iterative SNIP, GraSP): a list of {'image': float32 NHWC, 'label':
+    int32}. Batch s is :func:`sparsejax.data.batch_indices` of (seed, s)."""
+    images, labels = self.split(dataset, "train", seed)
+    spec = data.get_spec(dataset)
+    batches = []
+    for step in range(num_batches):
+      idx = data.batch_indices(len(images), batch_size, seed, step)
+      x = data.preprocess(jax.random.key(0), images[idx], spec, False)
+      batches.append({"image": x, "label": labels[idx]})
+    logging.info("Score data: %d batches of %d from %s %s.", num_batches, batch_size,
+                 "synthetic" if self.synthetic else "TFDS", dataset)
+    return batches
+
+  def describe(self, dataset: str) -> str:
+    return f"synthetic {dataset}" if self.synthetic else f"{dataset} (TFDS)"
 
 
 def define_data_flags() -> None:
@@ -107,11 +119,44 @@ def define_data_flags() -> None:
                       "~/tensorflow_datasets).")
 
 
-def run_name(arch: str, dataset: str, pruner: str, pruning_type: str, sparsity: float,
-             seed: int, train_steps: int) -> str:
-  compression = 1.0 / (1.0 - sparsity)
-  return (f"{arch}-{dataset}_{pruner.replace('/', '-')}_{pruning_type}_"
-          f"c{compression:.4g}_s{seed}_t{train_steps}")
+def target_sparsity(config) -> float:
+  """The run's target sparsity from ``config.compression`` or ``config.target_sparsity``
+  (neither: 0, the dense network), validated and naming the field."""
+  compression, sparsity = config.compression, config.target_sparsity
+  if compression is not None and sparsity is not None:
+    raise ValueError("give either --config.compression or --config.target_sparsity, not "
+                     "both.")
+  if compression is not None:
+    if not 1 <= compression < float("inf"):  # NaN fails too
+      raise ValueError(f"--config.compression={compression!r} must be a finite number of "
+                       "at least 1 (1 = dense, 100 = 99% sparse).")
+    return 1.0 - 1.0 / compression
+  if sparsity is None:
+    return 0.0
+  return masks.check_sparsity(sparsity, "--config.target_sparsity")
+
+
+def check_pruner(name: str) -> pruning.Pruner | None:
+  """The registered pruner ``name``, or None for 'imp'; ValueError for anything else."""
+  if name == IMP:
+    return None
+  if name not in pruning.PRUNERS:
+    raise ValueError(f"pruner={name!r} is not a known pruner; allowed: "
+                     f"{', '.join(pruning.PRUNERS)}, {IMP}.")
+  return pruning.PRUNERS[name]
+
+
+def after_training(name: str) -> bool:
+  """The pruner scores the weights of a matching dense run (IMP trains its own)."""
+  p = check_pruner(name)
+  return p is not None and p.after_training
+
+
+def run_name(config) -> str:
+  """The folder name of a run: network, dataset, pruner, type, target, seed, steps."""
+  compression = 1.0 / (1.0 - target_sparsity(config))
+  return (f"{config.arch}-{config.dataset}_{config.pruner.replace('/', '-')}_"
+          f"{config.pruning_type}_c{compression:.4g}_s{config.seed}_t{config.train_steps}")
 
 
 def parse_list(value: str, cast=str, name: str = "list") -> list:

@@ -30,7 +30,7 @@ from absl import app, flags, logging
 
 from experiments import common
 from experiments import configs
-from sparsejax import effective, masks, models, pruning
+from sparsejax import effective, errors, files, masks, models, pruning
 
 FLAGS = flags.FLAGS
 COLUMNS = ["arch", "pruner", "pruning_type", "seed", "target_compression",
@@ -43,24 +43,22 @@ def default_compressions() -> list[float]:
   return [10 ** (0.2 * i) for i in range(1, 16)]
 
 
-def _iterative(p: pruning.Pruner) -> bool:
-  """Pruners whose ranking depends on the target sparsity."""
-  return p.score in ("snip_iterative", "synflow") or p.quota == "synflow"
-
-
 def sweep(arch: str, pruner_names: list[str], pruning_types: list[str],
           compressions: list[float], *, seed: int = 0, batches_fn=None,
-          score_kwargs_fn=None, stop_at_disconnection: bool = True) -> list[dict]:
-  """Rows of the compression table (dicts with :data:`COLUMNS`)."""
+          rounds: dict | None = None, stop_at_disconnection: bool = True) -> list[dict]:
+  """Rows of the compression table (dicts with :data:`COLUMNS`).
+
+  batches_fn: () -> score batches, called once per data-driven pruner.
+  rounds: {pruner name: rounds} for iterative pruners (default: each pruner's).
+  """
   for name in pruner_names:
     pruning.get_pruner(name)
   for t in pruning_types:
-    if t not in pruning.PRUNING_TYPES:
-      raise ValueError(f"pruning type {t!r} is not allowed; allowed: "
-                       f"{', '.join(pruning.PRUNING_TYPES)}.")
+    pruning.check_pruning_type(t, "pruning_types")
   for c in compressions:
-    if not c >= 1:
-      raise ValueError(f"compression {c!r} must be at least 1 (1 = dense).")
+    if not 1 <= c < float("inf"):
+      raise ValueError(f"compressions has {c!r}; each must be a finite number of at least "
+                       "1 (1 = dense).")
   model = models.create(arch)
   input_shape = models.input_shape(arch)
   key = jax.random.key(seed)
@@ -74,8 +72,7 @@ def sweep(arch: str, pruner_names: list[str], pruning_types: list[str],
                       "initial weights.", name)
     kwargs = dict(key=jax.random.fold_in(key, 1), model=model, variables=variables,
                   input_shape=input_shape, batches=batches,
-                  trained_params=variables["params"],
-                  score_kwargs=score_kwargs_fn(p) if score_kwargs_fn else None)
+                  trained_params=variables["params"], rounds=(rounds or {}).get(name))
     rows.extend(_sweep_pruner(arch, p, pruning_types, compressions, seed, model,
                               input_shape, variables, kwargs, stop_at_disconnection))
   return rows
@@ -91,7 +88,7 @@ def _sweep_pruner(arch, p, pruning_types, compressions, seed, model, input_shape
       break
     sparsity = 1.0 - 1.0 / target
     rank_seconds = 0.0
-    if p.score != "dense" and (ranking is None or _iterative(p)):
+    if p.score is not None and (ranking is None or p.target_dependent):
       start = time.time()
       ranking = pruning.ranking_for(p, sparsity=sparsity, **kwargs)
       rank_seconds = time.time() - start
@@ -102,17 +99,15 @@ def _sweep_pruner(arch, p, pruning_types, compressions, seed, model, input_shape
       row = dict(arch=arch, pruner=p.name, pruning_type=pruning_type, seed=seed,
                  target_compression=target, ranking_seconds=rank_seconds)
       try:
-        if p.score == "dense":
+        if p.score is None:
           m = masks.ones(variables["params"])
         else:
           m = pruning.masks_from_ranking(ranking, sparsity, pruning_type, model=model,
                                          input_shape=input_shape)
-      except ValueError as err:
+      except errors.UnreachableSparsityError as err:
         # An effective target beyond the ranking's connected masks, or a direct target
         # beyond what the quota allows (uniform+ keeps the first layer dense): the end
         # of this pruner's curve, not an error.
-        if "cannot be reached" not in str(err) and "cannot reach sparsity" not in str(err):
-          raise
         logging.info("%s %s %.4gx: %s", p.name, pruning_type, target, err)
         rows.append(dict(row, status="unreachable", seconds=time.time() - start))
         stopped.add(pruning_type)
@@ -137,6 +132,20 @@ def _sweep_pruner(arch, p, pruning_types, compressions, seed, model, input_shape
   return rows
 
 
+def read_rows(path: str) -> list[dict]:
+  """Rows of a CSV written by :func:`write_csv`, numbers parsed back (inf stays inf,
+  an empty cell is None: not measured)."""
+  with open(path) as f:
+    rows = list(csv.DictReader(f))
+  for r in rows:
+    for k, v in r.items():
+      if k in ("arch", "pruner", "pruning_type", "status", "active_units_per_layer",
+               "unit_layers", "data"):
+        continue
+      r[k] = None if v in ("", None) else float(v)
+  return rows
+
+
 def format_table(rows: list[dict]) -> str:
   head = (f"{'pruner':<18} {'type':<9} {'target':>9} {'direct':>9} {'effective':>10} "
           f"{'active units':>13}  status")
@@ -151,51 +160,14 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_csv(path: str, rows: list[dict], columns: list[str] | None = None) -> None:
-  """Writes ``rows`` (the ``columns``, default :data:`COLUMNS`) to ``path`` atomically."""
+  """Writes ``rows`` (the ``columns``, default :data:`COLUMNS` and 'data') to ``path``
+  atomically."""
   buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=columns or COLUMNS, extrasaction="ignore")
+  writer = csv.DictWriter(buf, fieldnames=columns or COLUMNS + ["data"],
+                          extrasaction="ignore")
   writer.writeheader()
   writer.writerows(rows)
-  common.atomic_write_bytes(path, buf.getvalue().encode())
-
-
-def plot(path: str, rows: list[dict], title: str) -> None:
-  """Effective against direct compression, log-log, one line per pruner and type."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6.4, 5.2))
-  lines = {}
-  for r in rows:
-    if r["status"] in ("ok", "disconnected"):
-      lines.setdefault((r["pruner"], r["pruning_type"]), []).append(r)
-  top = max([r["effective_compression"] for rs in lines.values() for r in rs
-             if math.isfinite(r["effective_compression"])] + [10.0]) * 2
-  for (pruner, ptype), rs in lines.items():
-    x = [r["direct_compression"] for r in rs]
-    y = [r["effective_compression"] if math.isfinite(r["effective_compression"]) else top
-         for r in rs]
-    style = "-" if ptype == "direct" else "--"
-    (line,) = ax.plot(x, y, style, marker="o", ms=3, label=f"{pruner} ({ptype})")
-    cut = [(a, b) for a, b, r in zip(x, y, rs) if r["status"] == "disconnected"]
-    if cut:
-      ax.plot(*zip(*cut), "x", color=line.get_color(), ms=8)
-  right = max([r["direct_compression"] for rs in lines.values() for r in rs] + [10.0]) * 1.5
-  ax.plot([1, right], [1, right], ":", color="gray", lw=1, label="effective = direct")
-  ax.set_xlim(0.9, right)
-  ax.set(xscale="log", yscale="log", xlabel="direct compression",
-         ylabel="effective compression", title=title)
-  ax.axhline(top, color="gray", lw=0.5)
-  ax.text(1.05, top * 0.8, "x: disconnected", fontsize=8, color="gray")
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=120)
-  plt.close(fig)
-  common.atomic_write_bytes(path, buf.getvalue())
-
+  files.atomic_write(path, buf.getvalue().encode())
 
 
 def define_flags() -> None:
@@ -211,8 +183,8 @@ def define_flags() -> None:
   flags.DEFINE_string("out_dir", "out/compression", "Where the CSV and the plot go.")
   flags.DEFINE_integer("score_batches", 10, "Batches of training data for SNIP/GraSP.")
   flags.DEFINE_integer("score_batch_size", 0, "Batch size for data scores (0: the paper's).")
-  flags.DEFINE_integer("snip_rounds", 300, "Rounds of iterative SNIP.")
-  flags.DEFINE_integer("synflow_rounds", 100, "Rounds of SynFlow.")
+  flags.DEFINE_integer("rounds", None, "Rounds of every iterative pruner (SynFlow, "
+                       "iterative SNIP); default: each pruner's own.")
   flags.DEFINE_bool("stop_at_disconnection", True,
                     "Stop a pruner's sweep at its first disconnected network.")
   common.define_data_flags()
@@ -224,34 +196,29 @@ def main(argv):
   types = common.parse_list(FLAGS.pruning_types, name="pruning_types")
   comps = (common.parse_list(FLAGS.compressions, float, "compressions")
            or default_compressions())
+  from experiments import plot  # plot reads this module's CSVs
+
   spec = models.get_spec(FLAGS.arch)
   config = configs.get_config(FLAGS.arch)
+  source = common.DataSource.from_flags()
 
   def batches_fn():
-    return common.score_batches(
-        spec.dataset, num_batches=FLAGS.score_batches,
-        batch_size=FLAGS.score_batch_size or config.snip_batch_size or config.batch_size,
-        seed=FLAGS.seed, synthetic=FLAGS.synthetic_data, manual_dir=FLAGS.tfds_manual_dir,
-        data_dir=FLAGS.tfds_data_dir)
-
-  def score_kwargs_fn(p):
-    if p.score == "snip_iterative":
-      return {"rounds": FLAGS.snip_rounds}
-    if p.score == "synflow":
-      return {"rounds": FLAGS.synflow_rounds}
-    return None
+    return source.score_batches(spec.dataset, num_batches=FLAGS.score_batches,
+                                batch_size=FLAGS.score_batch_size or config.snip_batch_size,
+                                seed=FLAGS.seed)
 
   start = time.time()
+  rounds = None if FLAGS.rounds is None else {n: FLAGS.rounds for n in pruner_names}
   rows = sweep(FLAGS.arch, pruner_names, types, comps, seed=FLAGS.seed,
-               batches_fn=batches_fn, score_kwargs_fn=score_kwargs_fn,
+               batches_fn=batches_fn, rounds=rounds,
                stop_at_disconnection=FLAGS.stop_at_disconnection)
+  data_name = source.describe(spec.dataset)
+  for r in rows:
+    r["data"] = data_name if pruning.get_pruner(r["pruner"]).needs_data else "-"
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   write_csv(os.path.join(FLAGS.out_dir, "compression.csv"), rows)
-  data_note = ""
-  if any(pruning.get_pruner(n).needs_data for n in pruner_names):
-    data_note = ", synthetic data" if FLAGS.synthetic_data else f", {spec.dataset}"
-  plot(os.path.join(FLAGS.out_dir, "compression.png"), rows,
-       f"{FLAGS.arch} (seed {FLAGS.seed}{data_note})")
+  plot.plot_curves(FLAGS.arch, rows, os.path.join(FLAGS.out_dir, "compression.png"),
+                   seed=FLAGS.seed)
   print(format_table(rows))
   print(f"\nWrote {FLAGS.out_dir}/compression.csv and compression.png "
         f"in {time.time() - start:.1f}s.")

@@ -22,7 +22,6 @@ use smaller scoring budgets than the paper (see :data:`CPU_BUDGETS`); pass
 
 from __future__ import annotations
 
-import csv
 import os
 import time
 
@@ -40,8 +39,9 @@ PRUNERS = ("random/uniform", "random/uniform_plus", "random/erk", "random/igq", 
            "snip/iterative", "grasp", "synflow")
 
 
-# Budgets: score batches and examples per batch (SNIP, iterative SNIP, GraSP),
-# iterative-SNIP rounds, SynFlow rounds, the compression step of the iterative pruners
+# Budgets: score batches and examples per batch (SNIP, iterative SNIP, GraSP), rounds
+# of the iterative pruners (by name; others use the pruner's default), the
+# compression step of the iterative pruners
 # (a fresh run per compression: every 10^(0.2 step i)), and the largest exponent i.
 # The paper's: the networks' SNIP batch (configs.py), 300 iterative-SNIP rounds and
 # 100 SynFlow rounds at every 10^(0.2 i). On a 2-core CPU one VGG forward/backward pass
@@ -49,22 +49,22 @@ PRUNERS = ("random/uniform", "random/uniform_plus", "random/erk", "random/igq", 
 # iterative SNIP runs 10 rounds, and the iterative pruners are sampled at every
 # 10^(0.6 i), up to 10^4.
 CPU_BUDGETS = {
-    "lenet300100": dict(score_batches=10, batch_size=100, snip_rounds=300,
-                        synflow_rounds=100, iterative_step=1, max_exponent=25),
-    "lenet5": dict(score_batches=10, batch_size=128, snip_rounds=300, synflow_rounds=100,
-                   iterative_step=1, max_exponent=25),
-    "vgg16": dict(score_batches=1, batch_size=32, snip_rounds=10, synflow_rounds=100,
+    "lenet300100": dict(score_batches=10, batch_size=100, rounds={}, iterative_step=1,
+                        max_exponent=25),
+    "lenet5": dict(score_batches=10, batch_size=128, rounds={}, iterative_step=1,
+                   max_exponent=25),
+    "vgg16": dict(score_batches=1, batch_size=32, rounds={"snip/iterative": 10},
                   iterative_step=3, max_exponent=20),
-    "vgg19": dict(score_batches=1, batch_size=32, snip_rounds=10, synflow_rounds=100,
+    "vgg19": dict(score_batches=1, batch_size=32, rounds={"snip/iterative": 10},
                   iterative_step=3, max_exponent=20),
-    "resnet18": dict(score_batches=1, batch_size=16, snip_rounds=10, synflow_rounds=100,
+    "resnet18": dict(score_batches=1, batch_size=16, rounds={"snip/iterative": 10},
                      iterative_step=3, max_exponent=20),
 }
 
 
 def paper_budget(arch: str) -> dict:
   return dict(score_batches=10, batch_size=configs.get_config(arch).snip_batch_size,
-              snip_rounds=300, synflow_rounds=100, iterative_step=1, max_exponent=25)
+              rounds={}, iterative_step=1, max_exponent=25)
 
 
 def compressions(max_exponent: int, step: int = 1) -> list[float]:
@@ -76,51 +76,30 @@ def csv_path(out_dir: str, arch: str, pruner: str) -> str:
   return os.path.join(out_dir, arch, pruner.replace("/", "-") + ".csv")
 
 
-def read_rows(path: str) -> list[dict]:
-  """Rows of one CSV with numbers parsed back (inf stays inf)."""
-  with open(path) as f:
-    rows = list(csv.DictReader(f))
-  for r in rows:
-    for k, v in r.items():
-      if k in ("arch", "pruner", "pruning_type", "status", "active_units_per_layer",
-               "unit_layers", "data"):
-        continue
-      r[k] = None if v in ("", None) else float(v)  # empty: not measured (unreachable)
-  return rows
+read_rows = compression.read_rows
 
 
-def run_one(arch: str, pruner: str, *, out_dir: str, seed: int, budget: dict, synthetic: bool, manual_dir: str | None,
-            data_dir: str | None) -> list[dict]:
+def run_one(arch: str, pruner: str, *, out_dir: str, seed: int, budget: dict,
+            source: common.DataSource) -> list[dict]:
   """Sweeps one (network, pruner) pair and writes its CSV; returns the rows."""
   p = pruning.get_pruner(pruner)
   spec = models.get_spec(arch)
-  step = budget["iterative_step"] if compression._iterative(p) else 1
-  data_name = "-"
-  if p.needs_data:
-    data_name = f"synthetic {spec.dataset}" if synthetic else f"{spec.dataset} (TFDS)"
+  step = budget["iterative_step"] if p.target_dependent else 1
+  data_name = source.describe(spec.dataset) if p.needs_data else "-"
 
   def batches_fn():
-    return common.score_batches(spec.dataset, num_batches=budget["score_batches"],
-                                batch_size=budget["batch_size"], seed=seed,
-                                synthetic=synthetic, manual_dir=manual_dir,
-                                data_dir=data_dir)
-
-  def score_kwargs_fn(q):
-    if q.score == "snip_iterative":
-      return {"rounds": budget["snip_rounds"]}
-    if q.score == "synflow":
-      return {"rounds": budget["synflow_rounds"]}
-    return None
+    return source.score_batches(spec.dataset, num_batches=budget["score_batches"],
+                                batch_size=budget["batch_size"], seed=seed)
 
   start = time.time()
   rows = compression.sweep(arch, [pruner], ["direct", "effective"],
                            compressions(budget["max_exponent"], step), seed=seed,
-                           batches_fn=batches_fn, score_kwargs_fn=score_kwargs_fn)
+                           batches_fn=batches_fn, rounds=budget["rounds"])
   for r in rows:
     r["data"] = data_name
   buf_path = csv_path(out_dir, arch, pruner)
   os.makedirs(os.path.dirname(buf_path), exist_ok=True)
-  compression.write_csv(buf_path, rows, columns=compression.COLUMNS + ["data"])
+  compression.write_csv(buf_path, rows)
   logging.info("%s %s: %d rows in %.1fs -> %s", arch, pruner, len(rows),
                time.time() - start, buf_path)
   return rows
@@ -155,7 +134,9 @@ def main(argv):
     if FLAGS.max_exponent:
       budget["max_exponent"] = FLAGS.max_exponent
     # Only MNIST is available offline; the other datasets are synthetic stand-ins.
-    synthetic = FLAGS.synthetic_data or models.get_spec(arch).dataset != "mnist"
+    source = common.DataSource(
+        synthetic=FLAGS.synthetic_data or models.get_spec(arch).dataset != "mnist",
+        manual_dir=FLAGS.tfds_manual_dir, data_dir=FLAGS.tfds_data_dir)
     for name in pruners:
       if name == "random/uniform_plus" and arch == "lenet300100":
         continue  # uniform+ keeps the first layer dense: conv nets only.
@@ -163,8 +144,8 @@ def main(argv):
       if os.path.exists(path) and not FLAGS.overwrite:
         logging.info("%s exists; skipped.", path)
         continue
-      run_one(arch, name, out_dir=FLAGS.out_dir, seed=FLAGS.seed, budget=budget, synthetic=synthetic,
-              manual_dir=FLAGS.tfds_manual_dir, data_dir=FLAGS.tfds_data_dir)
+      run_one(arch, name, out_dir=FLAGS.out_dir, seed=FLAGS.seed, budget=budget,
+              source=source)
   print(f"At-init curves in {FLAGS.out_dir}; draw them with python -m experiments.plot.")
 
 

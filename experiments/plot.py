@@ -28,7 +28,8 @@ import statistics
 
 from absl import app, flags, logging
 
-from experiments import common, init_curves
+from experiments import common, compression, configs
+from sparsejax import files
 
 FLAGS = flags.FLAGS
 
@@ -62,7 +63,7 @@ def _save(fig, path: str) -> None:
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=100)
   plt.close(fig)
-  common.atomic_write_bytes(path, buf.getvalue())
+  files.atomic_write(path, buf.getvalue())
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -81,7 +82,7 @@ def load_curves(curves_dir: str) -> dict[str, list[dict]]:
   out = {}
   for path in sorted(glob.glob(os.path.join(curves_dir, "*", "*.csv"))):
     arch = os.path.basename(os.path.dirname(path))
-    out.setdefault(arch, []).extend(init_curves.read_rows(path))
+    out.setdefault(arch, []).extend(compression.read_rows(path))
   return out
 
 
@@ -130,9 +131,10 @@ def _summary(rs: list[dict]) -> dict:
 # ---------------------------------------------------------------- figures
 
 
-def plot_curves(arch: str, rows: list[dict], path: str) -> None:
+def plot_curves(arch: str, rows: list[dict], path: str, seed: int = 0) -> None:
   """Effective against direct compression (log-log): lines for the direct pruning
-  type, crosses for the effective type, x where the network disconnects."""
+  type, crosses for the effective type, x where the network disconnects. The one
+  compression-curve figure (experiments.compression and the reproduction's)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -165,7 +167,7 @@ def plot_curves(arch: str, rows: list[dict], path: str) -> None:
   ax.set(xscale="log", yscale="log", xlim=(1, right), xlabel="direct compression",
          ylabel="effective compression")
   note = f"; data scores: {', '.join(data_notes)}" if data_notes else ""
-  ax.set_title(f"{ARCH_TITLES.get(arch, arch)} at initialization (seed 0{note})\n"
+  ax.set_title(f"{ARCH_TITLES.get(arch, arch)} at initialization (seed {seed}{note})\n"
                "lines: pruned to direct target; +: pruned to effective target",
                fontsize=9)
   ax.grid(True, which="both", alpha=0.3)
@@ -371,8 +373,8 @@ def curves_table(curves: dict[str, list[dict]], targets=(10.0, 100.0, 1000.0)) -
   header = (["network", "pruner"] + [f"eff. at {t:g}x direct" for t in targets]
             + ["disconnects at", "direct for 100x eff.", "direct for 1000x eff."])
   rows = []
-  for arch in [a for a in init_curves.ARCHS if a in curves] + sorted(
-      set(curves) - set(init_curves.ARCHS)):
+  for arch in [a for a in configs.ARCHS if a in curves] + sorted(
+      set(curves) - set(configs.ARCHS)):
     rs = curves[arch]
     for pruner in _order(r["pruner"] for r in rs):
       direct = [r for r in rs if r["pruner"] == pruner and r["pruning_type"] == "direct"

@@ -1,8 +1,13 @@
 r"""Prune a network, train it, and record direct/effective sparsity and accuracy.
 
-  python -m experiments.prune_train --arch=lenet300100 --pruner=random/igq \
-      --compression=100 --pruning_type=effective --train_steps=3000 \
+  python -m experiments.prune_train --config=experiments/configs/lenet300100.py \
+      --config.pruner=random/igq --config.compression=100 \
+      --config.pruning_type=effective --config.train_steps=3000 \
       --tfds_manual_dir=../shared/data/mnist
+
+The experiment is a config (experiments/configs/<arch>.py, every field overridable
+as --config.<field>=<value>); where it runs and reads data are flags (--out_dir,
+--tfds_manual_dir, --tfds_data_dir, --synthetic_data).
 
 One run writes <out_dir>/<run name>/result.json atomically: the full config, direct
 and effective compression, per-layer direct and effective sparsity, active units,
@@ -11,13 +16,14 @@ time. Training checkpoints (Orbax) go to <run dir>/checkpoints, and an interrupt
 run resumes from them; the masks are saved as <run dir>/masks.npz.
 
 Paper flows (method.md section 4):
-- --pruner=dense saves the initial and final weights (<run dir>/weights/); the
+- pruner=dense saves the initial and final weights (<run dir>/weights/); the
   magnitude and LAMP pruners score the final weights of the dense run with the same
-  arch/dataset/seed/train_steps (or --dense_dir) and train from its initial weights.
-- --pruner=imp: iterative magnitude pruning with rewinding: train, prune globally by
-  magnitude to density d^(r/R) in round r of R = --imp_rounds, rewind the kept weights
-  to their values at --rewind_step (0: initialization), repeat; the last round's
-  training is the result.
+  arch/dataset/seed/train_steps (or config.dense_dir) and train from its initial
+  weights.
+- pruner=imp: iterative magnitude pruning with rewinding: train, prune globally by
+  magnitude to density d^(r/R) in round r of R = config.imp_rounds, rewind the kept
+  weights to their values at config.rewind_step (0: initialization), repeat; the last
+  round's training is the result.
 """
 
 from __future__ import annotations
@@ -28,28 +34,15 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from experiments import common, configs
-from sparsejax import data, effective, masks as masks_lib, models, pruning, training
+from sparsejax import data, effective, errors, masks as masks_lib, models, pruning, training
 
 FLAGS = flags.FLAGS
-
-
-def target_sparsity(compression: float | None, sparsity: float | None) -> float:
-  if (compression is None) == (sparsity is None):
-    if compression is None and sparsity is None:
-      return 0.0
-    raise ValueError("give either --compression or --target_sparsity, not both.")
-  if compression is not None:
-    if not compression >= 1:
-      raise ValueError(f"--compression={compression!r} must be at least 1.")
-    return 1.0 - 1.0 / compression
-  if not 0 <= sparsity < 1:
-    raise ValueError(f"--target_sparsity={sparsity!r} is outside the allowed range [0, 1).")
-  return sparsity
 
 
 def connectivity_report(model, masks, input_shape) -> dict:
@@ -83,23 +76,32 @@ def _load_params(path: str, like):
   return ocp.StandardCheckpointer().restore(os.path.abspath(path), like)
 
 
-def run(*, arch: str, dataset: str | None, pruner: str, sparsity: float, pruning_type: str,
-        seed: int, train_steps: int | None, out_dir: str, synthetic: bool,
-        manual_dir: str | None, data_dir: str | None, dense_dir: str | None = None,
-        eval_every: int = 1000, checkpoint_every: int = 1000, log_every: int = 500,
-        imp_rounds: int = 5, rewind_step: int = 0, score_batches: int = 10,
-        score_kwargs: dict | None = None, num_examples: int | None = None) -> dict:
-  """Prunes, trains and writes the result JSON; returns the result."""
+def dense_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config of the dense run whose weights magnitude/LAMP score."""
+  dense = config.copy_and_resolve_references()
+  dense.update(dict(pruner="dense", pruning_type="direct", compression=None,
+                    target_sparsity=None))
+  return dense
+
+
+def run(config: ml_collections.ConfigDict, *, out_dir: str,
+        source: common.DataSource = common.DataSource()) -> dict:
+  """Prunes, trains and writes the result JSON; returns the result.
+
+  Args:
+    config: an experiment config (:mod:`experiments.configs`).
+    out_dir: where the run folder goes.
+    source: where the data comes from (TFDS offline, or synthetic).
+  """
   start_time = time.time()
-  spec = models.get_spec(arch)
-  dataset = dataset or spec.dataset
+  sparsity = common.target_sparsity(config)
+  pruning.check_pruning_type(config.pruning_type, "--config.pruning_type")
+  p = common.check_pruner(config.pruner)
+  train_config = configs.train_config(config)
+  arch, dataset, seed = config.arch, config.dataset, config.seed
+  models.get_spec(arch)
   dspec = data.get_spec(dataset)
-  overrides = {"dataset": dataset} | ({"train_steps": train_steps} if train_steps else {})
-  config = configs.get_config(arch, **overrides)
-  if pruner != "imp":
-    pruning.get_pruner(pruner)
-  name = common.run_name(arch, dataset, pruner, pruning_type, sparsity, seed,
-                         config.train_steps)
+  name = common.run_name(config)
   run_dir = os.path.join(out_dir, name)
   result_path = os.path.join(run_dir, "result.json")
   os.makedirs(run_dir, exist_ok=True)
@@ -109,26 +111,22 @@ def run(*, arch: str, dataset: str | None, pruner: str, sparsity: float, pruning
   key = jax.random.key(seed)
   variables = model.init(jax.random.fold_in(key, 0), jnp.ones((1,) + input_shape))
   init_params = variables["params"]
-  load = lambda split: common.load_data(dataset, split, synthetic=synthetic,
-                                        manual_dir=manual_dir, data_dir=data_dir, seed=seed,
-                                        num_examples=num_examples if synthetic else None)
-  train_data, test_data = load("train"), load("test")
-  train_kwargs = dict(seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
-                      log_every=log_every)
+  train_data, test_data = source.split(dataset, "train", seed), source.split(dataset, "test", seed)
+  train_kwargs = dict(seed=seed, eval_every=config.eval_every,
+                      checkpoint_every=config.checkpoint_every, log_every=config.log_every)
+  record = _config_record(config, sparsity, source)
 
   def dense_weights():
-    folder = dense_dir or os.path.join(out_dir, common.run_name(
-        arch, dataset, "dense", "direct", 0.0, seed, config.train_steps))
+    folder = config.dense_dir or os.path.join(out_dir, common.run_name(dense_config(config)))
     return (_load_params(os.path.join(folder, "weights", "initial"), init_params),
             _load_params(os.path.join(folder, "weights", "final"), init_params))
 
   mask_path = os.path.join(run_dir, "masks.npz")
   rounds = []
-  p = pruning.get_pruner(pruner) if pruner != "imp" else None
-  if pruner == "imp":
-    result = _imp(model, dspec, config, train_data, test_data, init_params, sparsity,
-                  pruning_type, input_shape, run_dir, imp_rounds, rewind_step, train_kwargs,
-                  rounds)
+  if p is None:  # IMP
+    result = _imp(model, dspec, train_config, train_data, test_data, init_params, sparsity,
+                  config.pruning_type, input_shape, run_dir, config.imp_rounds,
+                  config.rewind_step, train_kwargs, rounds)
     masks, start_params = result.state.masks, None
   else:
     start_params = init_params
@@ -140,43 +138,38 @@ def run(*, arch: str, dataset: str | None, pruner: str, sparsity: float, pruning
         start_params, trained = dense_weights()
       batches = None
       if p.needs_data:
-        batches = common.score_batches(
-            dataset, num_batches=score_batches, batch_size=config.snip_batch_size, seed=seed,
-            synthetic=synthetic, manual_dir=manual_dir, data_dir=data_dir)
+        batches = source.score_batches(dataset, num_batches=config.score_batches,
+                                       batch_size=config.snip_batch_size, seed=seed)
       try:
-        masks = pruning.prune(pruner, key=jax.random.fold_in(key, 1), model=model,
+        masks = pruning.prune(p, key=jax.random.fold_in(key, 1), model=model,
                               variables={**variables, "params": start_params},
-                              sparsity=sparsity, pruning_type=pruning_type,
+                              sparsity=sparsity, pruning_type=config.pruning_type,
                               input_shape=input_shape, batches=batches,
-                              trained_params=trained, score_kwargs=score_kwargs)
-      except ValueError as err:
-        if "cannot be reached" not in str(err):
-          raise
+                              trained_params=trained, rounds=config.rounds)
+      except errors.UnreachableSparsityError as err:
         # An effective target beyond this ranking's reach is a result, not a failure:
         # record it so the grid is complete and the sweep does not retry it.
         logging.warning("%s: %s", name, err)
-        summary = {"config": _config_record(arch, dataset, pruner, pruning_type, sparsity,
-                                            seed, synthetic, imp_rounds, rewind_step, config),
-                   "status": "unreachable", "error": str(err), "test_accuracy": None,
+        summary = {"config": record, "status": "unreachable", "error": str(err),
+                   "max_sparsity": err.max_sparsity, "test_accuracy": None,
                    "wall_time": time.time() - start_time, "platform": jax.default_backend()}
         common.atomic_write_json(result_path, summary)
         return summary
       masks_lib.save(mask_path, masks)
-    if pruner == "dense":
+    if p.score is None:
       _save_params(os.path.join(run_dir, "weights", "initial"), init_params)
     report = connectivity_report(model, masks, input_shape)
     logging.info("%s: direct %.4gx, effective %.4gx compression.", name,
                  report["direct_compression"], report["effective_compression"])
-    result = training.train(model, dspec, config, train_data, test_data, masks=masks,
+    result = training.train(model, dspec, train_config, train_data, test_data, masks=masks,
                             params=start_params,
                             workdir=os.path.abspath(os.path.join(run_dir, "checkpoints")),
                             **train_kwargs)
-    if pruner == "dense":
+    if p.score is None:
       _save_params(os.path.join(run_dir, "weights", "final"), result.state.params)
   report = connectivity_report(model, masks, input_shape)
   summary = {
-      "config": _config_record(arch, dataset, pruner, pruning_type, sparsity, seed,
-                               synthetic, imp_rounds, rewind_step, config),
+      "config": record,
       "status": "disconnected" if report["effective_compression"] == float("inf") else "ok",
       **report,
       "history": result.history,
@@ -192,14 +185,18 @@ def run(*, arch: str, dataset: str | None, pruner: str, sparsity: float, pruning
   return summary
 
 
-def _config_record(arch, dataset, pruner, pruning_type, sparsity, seed, synthetic,
-                   imp_rounds, rewind_step, config) -> dict:
-  return {"arch": arch, "dataset": dataset, "pruner": pruner,
-          "pruning_type": pruning_type, "target_sparsity": sparsity,
-          "target_compression": 1.0 / (1.0 - sparsity), "seed": seed,
-          "synthetic_data": synthetic, "imp_rounds": imp_rounds if pruner == "imp" else None,
-          "rewind_step": rewind_step if pruner == "imp" else None,
-          "train": {k: getattr(config, k) for k in config.__dataclass_fields__}}
+def _config_record(config, sparsity: float, source: common.DataSource) -> dict:
+  """What result.json records of the run's settings (``experiment``: the whole config)."""
+  imp = config.pruner == common.IMP
+  train_config = configs.train_config(config)
+  return {"arch": config.arch, "dataset": config.dataset, "pruner": config.pruner,
+          "pruning_type": config.pruning_type, "target_sparsity": sparsity,
+          "target_compression": 1.0 / (1.0 - sparsity), "seed": config.seed,
+          "synthetic_data": source.synthetic,
+          "imp_rounds": config.imp_rounds if imp else None,
+          "rewind_step": config.rewind_step if imp else None,
+          "train": {k: getattr(train_config, k) for k in configs.TRAIN_FIELDS},
+          "experiment": config.to_dict()}
 
 
 def _imp(model, dspec, config, train_data, test_data, init_params, sparsity, pruning_type,
@@ -241,45 +238,17 @@ def _imp(model, dspec, config, train_data, test_data, init_params, sparsity, pru
 
 def define_flags() -> None:
   """The command-line flags (defined only when run as a binary)."""
-  flags.DEFINE_string("arch", "lenet300100", f"Network: {', '.join(models.MODELS)}.")
-  flags.DEFINE_string("dataset", None, "Dataset (default: the network's paper dataset).")
-  flags.DEFINE_string("pruner", "random/igq",
-                      f"Pruner: {', '.join(pruning.PRUNERS)}, or imp.")
-  flags.DEFINE_float("compression", None, "Target compression (100 = 99% sparse).")
-  flags.DEFINE_float("target_sparsity", None, "Target sparsity in [0, 1) (or --compression).")
-  flags.DEFINE_enum("pruning_type", "direct", list(pruning.PRUNING_TYPES),
-                    "Hit the target in direct or in effective sparsity.")
-  flags.DEFINE_integer("seed", 0, "Seed: initial weights, pruning, data order.")
-  flags.DEFINE_integer("train_steps", None, "Training steps (default: the paper's); the "
-                       "learning-rate decays stay at the same fractions of the run.")
-  flags.DEFINE_integer("eval_every", 1000, "Evaluate on the test split every N steps.")
-  flags.DEFINE_integer("checkpoint_every", 1000, "Checkpoint every N steps.")
-  flags.DEFINE_integer("log_every", 500, "Progress line every N steps.")
+  config_flags.DEFINE_config_file(
+      "config", configs.path("lenet300100"),
+      "Experiment config file (experiments/configs/<arch>.py); override any field with "
+      "--config.<field>=<value>.")
   flags.DEFINE_string("out_dir", "out/prune_train", "Where run folders go.")
-  flags.DEFINE_string("dense_dir", None, "Run folder of the dense run whose weights "
-                      "magnitude/LAMP/imp score (default: the matching dense run in out_dir).")
-  flags.DEFINE_integer("imp_rounds", 5, "Rounds of iterative magnitude pruning.")
-  flags.DEFINE_integer("rewind_step", 0, "IMP rewinds kept weights to this training step.")
-  flags.DEFINE_integer("score_batches", 10, "Training batches for SNIP/GraSP scores.")
-  flags.DEFINE_integer("snip_rounds", 300, "Rounds of iterative SNIP.")
-  flags.DEFINE_integer("synflow_rounds", 100, "Rounds of SynFlow.")
   common.define_data_flags()
 
 
 def main(argv):
   del argv
-  sparsity = target_sparsity(FLAGS.compression, FLAGS.target_sparsity)
-  score_kwargs = ({"rounds": FLAGS.snip_rounds} if FLAGS.pruner == "snip/iterative" else
-                  {"rounds": FLAGS.synflow_rounds} if FLAGS.pruner == "synflow" else None)
-  summary = run(arch=FLAGS.arch, dataset=FLAGS.dataset, pruner=FLAGS.pruner,
-                sparsity=sparsity, pruning_type=FLAGS.pruning_type, seed=FLAGS.seed,
-                train_steps=FLAGS.train_steps, out_dir=FLAGS.out_dir,
-                synthetic=FLAGS.synthetic_data, manual_dir=FLAGS.tfds_manual_dir,
-                data_dir=FLAGS.tfds_data_dir, dense_dir=FLAGS.dense_dir,
-                eval_every=FLAGS.eval_every, checkpoint_every=FLAGS.checkpoint_every,
-                log_every=FLAGS.log_every, imp_rounds=FLAGS.imp_rounds,
-                rewind_step=FLAGS.rewind_step, score_batches=FLAGS.score_batches,
-                score_kwargs=score_kwargs)
+  summary = run(FLAGS.config, out_dir=FLAGS.out_dir, source=common.DataSource.from_flags())
   if summary["status"] == "unreachable":
     print(json.dumps({"config": summary["config"], "status": "unreachable",
                       "error": summary["error"]}, indent=2, default=str))

@@ -4,12 +4,17 @@ r"""A resumable grid of prune-and-train runs.
       --compressions=10,100 --pruning_types=direct,effective --seeds=0,1 \
       --train_steps=6000 --tfds_manual_dir=../shared/data/mnist --jobs=2
 
-Each grid point is one `experiments.prune_train` process writing
-<out_dir>/<run name>/result.json. A point whose result exists is skipped; an
-interrupted point resumes from its Orbax checkpoint. Dense runs go first, because
-magnitude and LAMP pruners score the weights they end with. --jobs runs that many
-processes at once; with --jobs=1 the runs share this process, so the dataset is read
-and the training step compiled once. A failed point is reported and the others go on.
+Each grid point is a list of overrides of its network's config
+(experiments/configs/<arch>.py): its pruner, type, seed and compression, then the
+sweep's shared ones (--train_steps, --eval_every, --extra_flags). One code path runs
+them: :func:`experiments.configs.load` parses the overrides exactly as the command
+line does, and experiments.prune_train runs the config, in this process
+(--jobs=1: the dataset is read and the training step compiled once) or in --jobs
+subprocesses given the same overrides on their command lines. Each run writes
+<out_dir>/<run name>/result.json; a point whose result exists is skipped, an
+interrupted one resumes from its Orbax checkpoint. Dense runs go first, because
+magnitude and LAMP pruners score the weights they end with. A failed point is
+reported and the others go on.
 """
 
 from __future__ import annotations
@@ -21,33 +26,34 @@ import subprocess
 import sys
 import time
 
+import ml_collections
 from absl import app, flags, logging
 
 from experiments import common, configs
-from sparsejax import models, pruning
 
 FLAGS = flags.FLAGS
 
 
-def grid(archs, pruners, compressions, pruning_types, seeds, train_steps) -> list[dict]:
-  """The runs, dense ones first; duplicates (dense at several targets) removed."""
+def grid(archs, pruners, compressions, pruning_types, seeds) -> list[dict]:
+  """The grid points, dense runs first; duplicates (dense at several targets) removed.
+
+  A point is {arch, pruner, pruning_type, seed, compression} (compression None for
+  dense); :func:`overrides` turns it into config overrides.
+  """
   for name in pruners:
-    if name != "imp":
-      pruning.get_pruner(name)
-  runs, seen = [], set()
-  needs_dense = any(p == "dense" or (p != "imp" and pruning.get_pruner(p).after_training)
-                    for p in pruners)
+    common.check_pruner(name)
+  needs_dense = any(p == "dense" or common.after_training(p) for p in pruners)
+  runs = []
   for arch, seed in itertools.product(archs, seeds):
-    models.get_spec(arch)
+    configs.path(arch)
     if needs_dense:
-      runs.append(dict(arch=arch, pruner="dense", compression=1.0, pruning_type="direct",
-                       seed=seed))
+      runs.append(dict(arch=arch, pruner="dense", pruning_type="direct", seed=seed,
+                       compression=None))
   for arch, pruner, c, t, seed in itertools.product(archs, pruners, compressions,
                                                    pruning_types, seeds):
-    if pruner == "dense":
-      continue
-    runs.append(dict(arch=arch, pruner=pruner, compression=c, pruning_type=t, seed=seed))
-  out = []
+    if pruner != "dense":
+      runs.append(dict(arch=arch, pruner=pruner, pruning_type=t, seed=seed, compression=c))
+  out, seen = [], set()
   for r in runs:
     key = tuple(sorted(r.items()))
     if key not in seen:
@@ -56,103 +62,92 @@ def grid(archs, pruners, compressions, pruning_types, seeds, train_steps) -> lis
   return out
 
 
-def result_path(run: dict, out_dir: str, train_steps: int | None) -> str:
-  spec = models.get_spec(run["arch"])
-  steps = train_steps or configs.get_config(run["arch"]).train_steps
-  name = common.run_name(run["arch"], spec.dataset, run["pruner"], run["pruning_type"],
-                              1.0 - 1.0 / run["compression"], run["seed"], steps)
-  return os.path.join(out_dir, name, "result.json")
+def overrides(point: dict, shared: list[str]) -> list[str]:
+  """Config overrides ('field=value') of a grid point, then the sweep's shared ones."""
+  own = [f"pruner={point['pruner']}", f"pruning_type={point['pruning_type']}",
+         f"seed={point['seed']}"]
+  if point["compression"] is not None:
+    own.append(f"compression={point['compression']:.10g}")
+  return own + list(shared)
 
 
-def command(run: dict, args: dict) -> list[str]:
-  cmd = [sys.executable, "-m", "experiments.prune_train", f"--arch={run['arch']}",
-         f"--pruner={run['pruner']}", f"--pruning_type={run['pruning_type']}",
-         f"--seed={run['seed']}", f"--out_dir={args['out_dir']}",
-         f"--eval_every={args['eval_every']}"]
-  if run["pruner"] != "dense":
-    cmd.append(f"--compression={run['compression']:.10g}")
-  for flag in ("train_steps", "tfds_manual_dir", "tfds_data_dir"):
-    if args.get(flag):
-      cmd.append(f"--{flag}={args[flag]}")
-  if args.get("synthetic_data"):
+def config_for(point: dict, shared: list[str]) -> ml_collections.ConfigDict:
+  """The run's config: the network's file with the point's and the shared overrides."""
+  return configs.load(point["arch"], overrides(point, shared))
+
+
+def result_path(config: ml_collections.ConfigDict, out_dir: str) -> str:
+  return os.path.join(out_dir, common.run_name(config), "result.json")
+
+
+def command(point: dict, shared: list[str], out_dir: str, source: common.DataSource
+            ) -> list[str]:
+  """The experiments.prune_train command line of a grid point."""
+  cmd = [sys.executable, "-m", "experiments.prune_train",
+         f"--config={configs.path(point['arch'])}",
+         *configs.override_args(overrides(point, shared)), f"--out_dir={out_dir}"]
+  if source.manual_dir:
+    cmd.append(f"--tfds_manual_dir={source.manual_dir}")
+  if source.data_dir:
+    cmd.append(f"--tfds_data_dir={source.data_dir}")
+  if source.synthetic:
     cmd.append("--synthetic_data")
-  return cmd + args.get("extra", [])
+  return cmd
 
 
-# prune_train flags that --extra_flags may set for in-process runs, with their types.
-_EXTRA = {"imp_rounds": int, "rewind_step": int, "score_batches": int,
-          "checkpoint_every": int, "log_every": int, "dense_dir": str}
-_ROUNDS = {"snip_rounds": ("snip/iterative", int), "synflow_rounds": ("synflow", int)}
-
-
-def _run_in_process(run: dict, args: dict) -> int:
+def _run_in_process(config: ml_collections.ConfigDict, out_dir: str,
+                    source: common.DataSource) -> int:
   """One grid point in this process (data and compiled steps are reused across runs);
   returns 0 on success, 1 on failure (logged, the sweep goes on)."""
   from experiments import prune_train  # Imported here: it defines no flags on import.
-  kwargs, score_kwargs = {}, None
-  for item in args.get("extra", []):
-    key, _, value = item.lstrip("-").partition("=")
-    if key in _EXTRA:
-      kwargs[key] = _EXTRA[key](value)
-    elif key in _ROUNDS:
-      if run["pruner"] == _ROUNDS[key][0]:
-        score_kwargs = {"rounds": _ROUNDS[key][1](value)}
-    else:
-      raise ValueError(f"--extra_flags={item!r}: in-process runs (--jobs=1) take "
-                       f"{', '.join(sorted(_EXTRA) + sorted(_ROUNDS))}.")
   try:
-    prune_train.run(arch=run["arch"], dataset=None, pruner=run["pruner"],
-                    sparsity=0.0 if run["pruner"] == "dense" else 1.0 - 1.0 / run["compression"],
-                    pruning_type=run["pruning_type"], seed=run["seed"],
-                    train_steps=args.get("train_steps"), out_dir=args["out_dir"],
-                    synthetic=bool(args.get("synthetic_data")),
-                    manual_dir=args.get("tfds_manual_dir"), data_dir=args.get("tfds_data_dir"),
-                    eval_every=args["eval_every"], score_kwargs=score_kwargs, **kwargs)
+    prune_train.run(config, out_dir=out_dir, source=source)
   except Exception:  # pylint: disable=broad-except
-    logging.exception("Run failed: %s", run)
+    logging.exception("Run failed: %s", common.run_name(config))
     return 1
   return 0
 
 
-def execute(runs: list[dict], args: dict, jobs: int = 1) -> tuple[int, int, int]:
+def execute(points: list[dict], shared: list[str], out_dir: str, source: common.DataSource,
+            jobs: int = 1) -> tuple[int, int, int]:
   """Runs the grid; returns (done, skipped, failed)."""
-  todo = [r for r in runs if not os.path.exists(result_path(r, args["out_dir"],
-                                                            args.get("train_steps")))]
+  runs = [(point, config_for(point, shared)) for point in points]
+  todo = [(point, c) for point, c in runs if not os.path.exists(result_path(c, out_dir))]
   skipped = len(runs) - len(todo)
   logging.info("Sweep: %d runs, %d already done, %d to run with %d job(s).", len(runs),
                skipped, len(todo), jobs)
-  dense = [r for r in todo if r["pruner"] == "dense"]
-  rest = [r for r in todo if r["pruner"] != "dense"]
+  dense = [r for r in todo if r[0]["pruner"] == "dense"]
+  rest = [r for r in todo if r[0]["pruner"] != "dense"]
   done = failed = 0
   start = time.time()
 
   def one(run):
+    point, config = run
     if jobs <= 1:
-      return run, _run_in_process(run, args), "(this process's log)"
-    os.makedirs(args["out_dir"], exist_ok=True)
-    log = result_path(run, args["out_dir"], args.get("train_steps")).replace(
-        "result.json", "log.txt")
+      return point, _run_in_process(config, out_dir, source), "(this process's log)"
+    log = result_path(config, out_dir).replace("result.json", "log.txt")
     os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, "a") as f:
-      proc = subprocess.run(command(run, args), stdout=f, stderr=subprocess.STDOUT)
-    return run, proc.returncode, log
+      proc = subprocess.run(command(point, shared, out_dir, source), stdout=f,
+                            stderr=subprocess.STDOUT)
+    return point, proc.returncode, log
 
   for phase in (dense, rest):
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-      for run, code, log in pool.map(one, phase):
+      for point, code, log in pool.map(one, phase):
         if code == 0:
           done += 1
         else:
           failed += 1
-          logging.error("Run failed (exit %d), see %s: %s", code, log, run)
+          logging.error("Run failed (exit %d), see %s: %s", code, log, point)
         finished = done + failed
         elapsed = time.time() - start
-        logging.info("[%d/%d] %s %s %s %.4gx seed %d: %s; ETA %.0fs", finished, len(todo),
-                     run["arch"], run["pruner"], run["pruning_type"], run["compression"],
-                     run["seed"], "ok" if code == 0 else "FAILED",
+        logging.info("[%d/%d] %s %s %s %s seed %d: %s; ETA %.0fs", finished, len(todo),
+                     point["arch"], point["pruner"], point["pruning_type"],
+                     "dense" if point["compression"] is None else f"{point['compression']:.4g}x",
+                     point["seed"], "ok" if code == 0 else "FAILED",
                      elapsed / finished * (len(todo) - finished))
   return done, skipped, failed
-
 
 
 def define_flags() -> None:
@@ -162,34 +157,46 @@ def define_flags() -> None:
   flags.DEFINE_string("compressions", "10,100", "Comma-separated target compressions.")
   flags.DEFINE_string("pruning_types", "direct", "Comma-separated: direct, effective.")
   flags.DEFINE_string("seeds", "0", "Comma-separated seeds.")
-  flags.DEFINE_integer("train_steps", None, "Training steps (default: each paper config).")
+  flags.DEFINE_integer("train_steps", None, "Training steps (default: each network's "
+                       "config); the same as --extra_flags=--config.train_steps=N.")
+  flags.DEFINE_integer("eval_every", None, "Evaluate every N steps (default: the config's).")
   flags.DEFINE_string("out_dir", "out/sweep", "Where run folders go.")
   flags.DEFINE_integer("jobs", 1, "Runs at once: 1 runs them in this process, more in "
                        "that many subprocesses.")
-  flags.DEFINE_integer("eval_every", 1000, "Evaluate every N steps.")
-  flags.DEFINE_string("extra_flags", "", "More flags passed to every prune_train run, "
-                      "space-separated (e.g. '--imp_rounds=3 --snip_rounds=100').")
+  flags.DEFINE_string("extra_flags", "", "Config overrides for every run, space-separated "
+                      "--config.<field>=<value> (e.g. '--config.imp_rounds=3 "
+                      "--config.rounds=100').")
   flags.DEFINE_bool("dry_run", False, "List the grid and what would run; run nothing.")
   common.define_data_flags()
 
 
+def shared_overrides(train_steps: int | None, eval_every: int | None, extra: str
+                     ) -> list[str]:
+  """The overrides every run of the sweep gets ('field=value')."""
+  shared = []
+  if train_steps is not None:
+    shared.append(f"train_steps={train_steps}")
+  if eval_every is not None:
+    shared.append(f"eval_every={eval_every}")
+  return shared + [a[len("--config."):] for a in configs.override_args(extra.split())]
+
+
 def main(argv):
   del argv
-  runs = grid(common.parse_list(FLAGS.archs, name="archs"),
-              common.parse_list(FLAGS.pruners, name="pruners"),
-              common.parse_list(FLAGS.compressions, float, "compressions"),
-              common.parse_list(FLAGS.pruning_types, name="pruning_types"),
-              common.parse_list(FLAGS.seeds, int, "seeds"), FLAGS.train_steps)
-  args = dict(out_dir=FLAGS.out_dir, train_steps=FLAGS.train_steps,
-              tfds_manual_dir=FLAGS.tfds_manual_dir, tfds_data_dir=FLAGS.tfds_data_dir,
-              synthetic_data=FLAGS.synthetic_data, eval_every=FLAGS.eval_every,
-              extra=FLAGS.extra_flags.split())
+  points = grid(common.parse_list(FLAGS.archs, name="archs"),
+                common.parse_list(FLAGS.pruners, name="pruners"),
+                common.parse_list(FLAGS.compressions, float, "compressions"),
+                common.parse_list(FLAGS.pruning_types, name="pruning_types"),
+                common.parse_list(FLAGS.seeds, int, "seeds"))
+  shared = shared_overrides(FLAGS.train_steps, FLAGS.eval_every, FLAGS.extra_flags)
+  source = common.DataSource.from_flags()
   if FLAGS.dry_run:
-    for r in runs:
-      exists = os.path.exists(result_path(r, FLAGS.out_dir, FLAGS.train_steps))
-      print(("done  " if exists else "todo  ") + " ".join(command(r, args)[3:]))
+    for point in points:
+      exists = os.path.exists(result_path(config_for(point, shared), FLAGS.out_dir))
+      print(("done  " if exists else "todo  ")
+            + " ".join(command(point, shared, FLAGS.out_dir, source)[3:]))
     return
-  done, skipped, failed = execute(runs, args, FLAGS.jobs)
+  done, skipped, failed = execute(points, shared, FLAGS.out_dir, source, FLAGS.jobs)
   print(f"Sweep finished: {done} ran, {skipped} skipped (results exist), {failed} failed.")
   if failed:
     sys.exit(1)

@@ -15,13 +15,15 @@ compression = 1 / density (method.md section 1).
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sparsejax import files
 
 PyTree = Any
 Masks = PyTree
@@ -83,9 +85,17 @@ def ones(params: PyTree) -> Masks:
   return map_prunable(lambda w: jnp.ones(w.shape, bool), params)
 
 
-def _check_sparsity(sparsity, name: str = "sparsity") -> float:
-  s = float(sparsity)
-  if not (0.0 <= s < 1.0) or np.isnan(s):
+def check_sparsity(sparsity, name: str = "sparsity") -> float:
+  """``sparsity`` as a float in [0, 1), or ValueError naming ``name`` (NaN, inf,
+  non-numbers and values outside the range are rejected). A traced value (inside
+  jit) is returned as it is: it cannot be checked."""
+  if isinstance(sparsity, jax.core.Tracer):
+    return sparsity
+  try:
+    s = float(sparsity)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name}={sparsity!r} must be a number in [0, 1).") from None
+  if not 0.0 <= s < 1.0:  # NaN fails too
     raise ValueError(f"{name}={sparsity!r} is outside the allowed range [0, 1).")
   return s
 
@@ -99,9 +109,9 @@ def random(key: jax.Array, params: PyTree, sparsity: float | Sequence[float]) ->
   """
   leaves = _prunable_leaves(params)
   if np.ndim(sparsity) == 0:
-    sparsities = [_check_sparsity(sparsity)] * len(leaves)
+    sparsities = [check_sparsity(sparsity)] * len(leaves)
   else:
-    sparsities = [_check_sparsity(s, "sparsity[%d]" % i) for i, s in enumerate(sparsity)]
+    sparsities = [check_sparsity(s, "sparsity[%d]" % i) for i, s in enumerate(sparsity)]
     if len(sparsities) != len(leaves):
       raise ValueError(f"sparsity has {len(sparsities)} entries; the params have "
                        f"{len(leaves)} prunable layers.")
@@ -188,18 +198,9 @@ def save(path: str | os.PathLike, masks: Masks) -> None:
   """Writes the masks as .npz keyed by '/'-joined paths, atomically (temp + rename)."""
   flat = jax.tree_util.tree_leaves_with_path(masks, is_leaf=_is_none)
   arrays = {path_str(p): np.asarray(m) for p, m in flat if m is not None}
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  buf = io.BytesIO()
+  np.savez_compressed(buf, **arrays)
+  files.atomic_write(path, buf.getvalue())
 
 
 def load(path: str | os.PathLike, params: PyTree) -> Masks:

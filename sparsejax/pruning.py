@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import effective as effective_lib
+from sparsejax import errors
 from sparsejax import masks as masks_lib
 from sparsejax import quotas as quotas_lib
 
@@ -410,10 +411,8 @@ def masks_from_ranking(ranking: Ranking, sparsity: float, pruning_type: str = "d
                        model=None, input_shape=None) -> PyTree:
   """Masks at direct sparsity ``sparsity``, or at the smallest direct sparsity whose
   effective sparsity is at least ``sparsity`` (``pruning_type='effective'``)."""
-  sparsity = masks_lib._check_sparsity(sparsity)
-  if pruning_type not in PRUNING_TYPES:
-    raise ValueError(f"pruning_type={pruning_type!r} is not allowed; allowed: "
-                     f"{', '.join(PRUNING_TYPES)}.")
+  sparsity = masks_lib.check_sparsity(sparsity)
+  check_pruning_type(pruning_type)
   if pruning_type == "direct":
     return masks_at(ranking, kept_for_sparsity(sparsity, ranking.total))
   target = max_kept_for_sparsity(sparsity, ranking.total)
@@ -423,11 +422,12 @@ def masks_from_ranking(ranking: Ranking, sparsity: float, pruning_type: str = "d
   k, e, _ = effective_kept(model, ranking, target, input_shape)
   if e == 0 or e > target:
     smallest = _smallest_connected(model, ranking, input_shape)
-    raise ValueError(
+    raise errors.UnreachableSparsityError(
         f"sparsity={sparsity!r} (effective) cannot be reached: along this ranking every "
         f"connected mask keeps more than {target} weights; the largest reachable effective "
         f"sparsity is {1 - smallest / ranking.total:.6g} (compression "
-        f"{ranking.total / smallest:.4g}x).")
+        f"{ranking.total / smallest:.4g}x).", sparsity=sparsity,
+        max_sparsity=1 - smallest / ranking.total)
   return masks_at(ranking, k)
 
 
@@ -444,129 +444,290 @@ def _smallest_connected(model, ranking: Ranking, input_shape) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class Pruner:
-  """A named pruner: what scores the weights and how layers share the budget.
+class ScoreContext:
+  """What a pruner's score function may read (:attr:`Pruner.score`).
 
-  score: 'dense', 'random', 'magnitude', 'lamp', 'snip', 'snip_iterative', 'grasp'
-    or 'synflow' (see :mod:`sparsejax.scores`).
-  quota: None for one global ranking, a quota name (:mod:`sparsejax.quotas`), or
-    'snip' / 'synflow' for per-layer counts taken from that pruner's ranking.
-  needs_data: scores need training batches.
-  after_training: scores are taken from weights after dense training (the masks are
-    applied to the initial weights), as the paper does for magnitude and LAMP.
+  key: PRNG key for random scores. model, variables: the Flax module and its
+  variables ({'params': ..., 'batch_stats': ...}) at initialization. sparsity: the
+  target (iterative pruners prune towards it). input_shape: one example's shape
+  (SynFlow's all-ones input). batches: preprocessed batches for data-driven scores.
+  trained_params: params after dense training (magnitude, LAMP). rounds: rounds of
+  an iterative pruner. score_kwargs: extra keyword arguments for the score function.
+  """
+
+  key: jax.Array
+  model: Any
+  variables: PyTree
+  sparsity: float
+  input_shape: tuple | None = None
+  batches: Any = None
+  trained_params: PyTree = None
+  rounds: int | None = None
+  score_kwargs: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def params(self) -> PyTree:
+    return self.variables["params"]
+
+
+ScoreFn = Callable[[ScoreContext], PyTree]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruner:
+  """A named pruner: a score function over one hook, and how layers share the budget.
+
+  Attributes:
+    name: registry name, e.g. 'random/igq' ('/' separates a score from its quota).
+    score: ``ScoreContext -> score tree`` shaped like the masks (higher = kept
+      first; int32 priorities for iterative pruners); None only for 'dense'.
+    quota: None for one global ranking, or a quota name (:mod:`sparsejax.quotas`).
+    quota_from: the name of another pruner whose global ranking gives the per-layer
+      kept counts; weights are then ranked inside each layer by ``score`` (the
+      paper's random/snip and random/synflow).
+    iterative: the score function prunes towards the target in rounds, so its
+      ranking depends on the target sparsity.
+    default_rounds: rounds of an iterative pruner when none are given.
+    needs_data: scores need training batches (``ScoreContext.batches``).
+    after_training: scores are taken from weights after dense training (the masks
+      are applied to the initial weights), as the paper does for magnitude and LAMP.
   """
 
   name: str
-  score: str
+  score: ScoreFn | None
   quota: str | None = None
+  quota_from: str | None = None
+  iterative: bool = False
+  default_rounds: int | None = None
   needs_data: bool = False
   after_training: bool = False
 
+  def __post_init__(self):
+    if not isinstance(self.name, str) or not self.name:
+      raise ValueError(f"name={self.name!r} must be a non-empty string.")
+    if self.score is None and self.name != "dense":
+      raise ValueError(f"pruner {self.name!r}: score must be a function ScoreContext -> "
+                       "scores (None is reserved for 'dense').")
+    if self.score is not None and not callable(self.score):
+      raise ValueError(f"pruner {self.name!r}: score={self.score!r} is not callable.")
+    if self.quota is not None:
+      quotas_lib.get_quota(self.quota)
+    if self.quota is not None and self.quota_from is not None:
+      raise ValueError(f"pruner {self.name!r}: give quota or quota_from, not both.")
+    if self.iterative and (not isinstance(self.default_rounds, int)
+                           or self.default_rounds < 1):
+      raise ValueError(f"pruner {self.name!r}: an iterative pruner needs default_rounds, a "
+                       f"positive integer; got {self.default_rounds!r}.")
 
-def _registry() -> dict[str, Pruner]:
-  entries = [Pruner("dense", "dense")]
-  for q in quotas_lib.QUOTAS:
-    entries.append(Pruner(f"random/{q}", "random", q))
-  entries += [Pruner("random/snip", "random", "snip", needs_data=True),
-              Pruner("random/synflow", "random", "synflow"),
-              Pruner("magnitude/global", "magnitude", None, after_training=True)]
-  for q in quotas_lib.QUOTAS:
-    entries.append(Pruner(f"magnitude/{q}", "magnitude", q, after_training=True))
-  entries += [Pruner("lamp", "lamp", None, after_training=True),
-              Pruner("snip", "snip", None, needs_data=True),
-              Pruner("snip/iterative", "snip_iterative", None, needs_data=True),
-              Pruner("synflow", "synflow"),
-              Pruner("grasp", "grasp", None, needs_data=True)]
-  return {p.name: p for p in entries}
+  @property
+  def target_dependent(self) -> bool:
+    """Its ranking depends on the target sparsity (compute one ranking per target)."""
+    return self.iterative or (self.quota_from is not None
+                              and get_pruner(self.quota_from).target_dependent)
+
+  @property
+  def uses_rounds(self) -> bool:
+    return self.iterative
 
 
-PRUNERS = _registry()
+def _scores_lib():
+  from sparsejax import scores  # scores builds on models, not on pruning
+  return scores
 
 
-def get_pruner(name: str) -> Pruner:
+def _random(c: ScoreContext):
+  return _scores_lib().random(c.key, c.params)
+
+
+def _magnitude(c: ScoreContext):
+  return _scores_lib().magnitude(c.trained_params)
+
+
+def _lamp(c: ScoreContext):
+  return _scores_lib().lamp(c.trained_params)
+
+
+def _snip(c: ScoreContext):
+  return _scores_lib().snip(c.model, c.variables, c.batches, **c.score_kwargs)
+
+
+def _iterative_snip(c: ScoreContext):
+  return _scores_lib().iterative_snip(c.model, c.variables, c.batches, c.sparsity,
+                                      rounds=c.rounds, **c.score_kwargs)
+
+
+def _grasp(c: ScoreContext):
+  return _scores_lib().grasp(c.model, c.variables, c.batches, **c.score_kwargs)
+
+
+def _synflow(c: ScoreContext):
+  return _scores_lib().synflow(c.model, c.params, c.input_shape, c.sparsity,
+                               rounds=c.rounds, **c.score_kwargs)
+
+
+def _builtin() -> list[Pruner]:
+  entries = [Pruner("dense", None)]
+  entries += [Pruner(f"random/{q}", _random, q) for q in quotas_lib.QUOTAS]
+  entries += [Pruner("random/snip", _random, quota_from="snip", needs_data=True),
+              Pruner("random/synflow", _random, quota_from="synflow"),
+              Pruner("magnitude/global", _magnitude, after_training=True)]
+  entries += [Pruner(f"magnitude/{q}", _magnitude, q, after_training=True)
+              for q in quotas_lib.QUOTAS]
+  entries += [Pruner("lamp", _lamp, after_training=True),
+              Pruner("snip", _snip, needs_data=True),
+              Pruner("snip/iterative", _iterative_snip, iterative=True, default_rounds=300,
+                     needs_data=True),
+              Pruner("synflow", _synflow, iterative=True, default_rounds=100),
+              Pruner("grasp", _grasp, needs_data=True)]
+  return entries
+
+
+#: The pruner registry: name -> :class:`Pruner`. Extend it with :func:`register_pruner`.
+PRUNERS: dict[str, Pruner] = {p.name: p for p in _builtin()}
+
+
+def register_pruner(pruner: Pruner, *, overwrite: bool = False) -> Pruner:
+  """Adds ``pruner`` to :data:`PRUNERS`; it then works with both pruning types,
+  every quota and every experiment binary, by name.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import masks, pruning
+    >>> def smallest_first(c):  # keeps the weights closest to zero: a toy score
+    ...   return masks.map_prunable(lambda w: -jnp.abs(w), c.params)
+    >>> _ = pruning.register_pruner(pruning.Pruner("toy/inverse", smallest_first, "erk"))
+    >>> pruning.get_pruner("toy/inverse").quota
+    'erk'
+
+  Raises:
+    ValueError: the name is taken (unless ``overwrite``), or ``quota_from`` names an
+      unknown pruner or one without a ranking.
+  """
+  if not isinstance(pruner, Pruner):
+    raise ValueError(f"pruner={pruner!r} must be a sparsejax.pruning.Pruner.")
+  if pruner.name in PRUNERS and not overwrite:
+    raise ValueError(f"pruner name {pruner.name!r} is already registered; pass "
+                     "overwrite=True to replace it.")
+  if pruner.quota_from is not None:
+    source = get_pruner(pruner.quota_from)
+    if source.score is None:
+      raise ValueError(f"pruner {pruner.name!r}: quota_from={pruner.quota_from!r} has no "
+                       "ranking.")
+  PRUNERS[pruner.name] = pruner
+  return pruner
+
+
+def get_pruner(name: str | Pruner) -> Pruner:
+  """The registered :class:`Pruner` ``name`` (a Pruner is returned as it is)."""
+  if isinstance(name, Pruner):
+    return name
   if name not in PRUNERS:
     raise ValueError(f"pruner={name!r} is not a known pruner; allowed: {', '.join(PRUNERS)}.")
   return PRUNERS[name]
 
 
-def _scores(score: str, *, key, model, variables, sparsity, input_shape, batches,
-            trained_params, score_kwargs) -> PyTree:
-  from sparsejax import scores as scores_lib  # scores builds on models, not on pruning
+def check_pruning_type(pruning_type: str, name: str = "pruning_type") -> str:
+  """``pruning_type`` if it is one of :data:`PRUNING_TYPES`, else ValueError."""
+  if pruning_type not in PRUNING_TYPES:
+    raise ValueError(f"{name}={pruning_type!r} is not allowed; allowed: "
+                     f"{', '.join(PRUNING_TYPES)}.")
+  return pruning_type
 
-  params = variables["params"]
-  if score == "random":
-    return scores_lib.random(key, params)
-  if score == "magnitude":
-    return scores_lib.magnitude(trained_params)
-  if score == "lamp":
-    return scores_lib.lamp(trained_params)
-  if score == "snip":
-    return scores_lib.snip(model, variables, batches, **score_kwargs)
-  if score == "snip_iterative":
-    return scores_lib.iterative_snip(model, variables, batches, sparsity, **score_kwargs)
-  if score == "grasp":
-    return scores_lib.grasp(model, variables, batches, **score_kwargs)
-  if score == "synflow":
-    return scores_lib.synflow(model, params, input_shape, sparsity, **score_kwargs)
-  raise AssertionError(score)
+
+def _rounds(p: Pruner, rounds: int | None) -> int | None:
+  if not p.iterative:
+    return None
+  rounds = p.default_rounds if rounds is None else rounds
+  if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 1:
+    raise ValueError(f"rounds={rounds!r} must be a positive integer (pruner {p.name!r}).")
+  return int(rounds)
 
 
 def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTree,
                 sparsity: float, input_shape=None, batches=None, trained_params=None,
-                score_kwargs: dict | None = None) -> Ranking:
+                rounds: int | None = None, score_kwargs: dict | None = None) -> Ranking:
   """The ranking of ``pruner`` (scores computed once; iterative pruners run to
-  ``sparsity`` and rank the eliminated weights by elimination order)."""
-  p = pruner if isinstance(pruner, Pruner) else get_pruner(pruner)
-  if p.score == "dense":
-    raise ValueError("pruner='dense' has no ranking: it keeps every weight.")
+  ``sparsity`` in ``rounds`` rounds, default the pruner's, and rank the eliminated
+  weights by elimination order)."""
+  p = get_pruner(pruner)
+  if p.score is None:
+    raise ValueError(f"pruner={p.name!r} has no ranking: it keeps every weight.")
   if p.needs_data and not batches:
     raise ValueError(f"pruner={p.name!r} scores weights on training data: pass batches= "
                      "(from the dataset pipeline or synthetic data).")
   if p.after_training and trained_params is None:
     raise ValueError(f"pruner={p.name!r} scores the weights after dense training: pass "
                      "trained_params= (the final params of a --pruner=dense run).")
-  if p.score == "synflow" or p.quota == "synflow":
-    if input_shape is None:
-      raise ValueError(f"pruner={p.name!r} needs input_shape= for SynFlow's all-ones input.")
-  kwargs = dict(key=key, model=model, variables=variables, sparsity=sparsity,
-                input_shape=input_shape, batches=batches, trained_params=trained_params,
-                score_kwargs=dict(score_kwargs or {}))
-  if p.quota in ("snip", "synflow"):
-    # Per-layer counts from the source pruner's global ranking, random within layers.
-    source = rank_scores(_scores(p.quota, **dict(kwargs, score_kwargs={})))
-    within = rank_scores(_scores("random", **kwargs), quota="uniform")
-    return Ranking(within.order, within.ranks, source.cutoffs, None, within.shapes,
+  context = ScoreContext(key=key, model=model, variables=variables,
+                         sparsity=masks_lib.check_sparsity(sparsity),
+                         input_shape=None if input_shape is None else tuple(input_shape),
+                         batches=batches, trained_params=trained_params,
+                         rounds=_rounds(p, rounds), score_kwargs=dict(score_kwargs or {}))
+  if p.quota_from is not None:
+    # Per-layer counts from the source pruner's global ranking, `score` within layers.
+    source = get_pruner(p.quota_from)
+    source_context = dataclasses.replace(context, rounds=_rounds(source, None),
+                                         score_kwargs={})
+    _check_context(source, source_context)
+    global_ranking = rank_scores(source.score(source_context))
+    within = rank_scores(p.score(context), quota="uniform")
+    return Ranking(within.order, within.ranks, global_ranking.cutoffs, None, within.shapes,
                    within.treedef, within.slots)
-  return rank_scores(_scores(p.score, **kwargs), quota=p.quota)
+  _check_context(p, context)
+  return rank_scores(p.score(context), quota=p.quota)
 
 
-def prune(pruner: str, *, key: jax.Array, model, variables: PyTree, sparsity: float,
-          pruning_type: str = "direct", input_shape=None, batches=None,
-          trained_params=None, score_kwargs: dict | None = None) -> PyTree:
+def _check_context(p: Pruner, context: ScoreContext) -> None:
+  if p.score in (_synflow,) and context.input_shape is None:
+    raise ValueError(f"pruner={p.name!r} needs input_shape= for SynFlow's all-ones input.")
+
+
+def prune(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTree,
+          sparsity: float, pruning_type: str = "direct", input_shape=None, batches=None,
+          trained_params=None, rounds: int | None = None,
+          score_kwargs: dict | None = None) -> PyTree:
   """Masks of ``pruner`` at ``sparsity``: direct sparsity, or (``pruning_type=
   'effective'``) the smallest direct sparsity whose effective sparsity is at least
   ``sparsity`` (method.md section 2).
 
   Args:
-    pruner: a name from :data:`PRUNERS`, e.g. 'random/igq', 'snip', 'synflow'.
+    pruner: a name from :data:`PRUNERS` (e.g. 'random/igq', 'snip', 'synflow') or a
+      :class:`Pruner`.
     key: PRNG key for random scores and random within-layer orders.
-    model: the flax module (its ``mode`` field is switched as needed).
+    model: the flax module.
     variables: {'params': ..., 'batch_stats': ...} at initialization.
-    input_shape: one example's shape, e.g. (28, 28, 1) (effective mode, SynFlow).
+    input_shape: one example's shape, e.g. (28, 28, 1) (effective type, SynFlow).
     batches: preprocessed batches for data-driven scores (SNIP, GraSP).
     trained_params: params after dense training (magnitude, LAMP).
+    rounds: rounds of an iterative pruner (default: the pruner's).
+
+  Returns:
+    A mask tree: bool at the prunable kernels, None elsewhere.
+
+  Raises:
+    UnreachableSparsityError: an effective target beyond every connected mask of the
+      ranking, or a direct target beyond the quota's limit.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from sparsejax import masks, models, pruning
+    >>> model = models.create("lenet300100")
+    >>> variables = model.init(jax.random.key(0), jnp.ones((1, 28, 28, 1)))
+    >>> m = pruning.prune("random/igq", key=jax.random.key(1), model=model,
+    ...                   variables=variables, sparsity=0.9, input_shape=(28, 28, 1))
+    >>> round(masks.compression(m), 2)
+    10.0
   """
   p = get_pruner(pruner)
-  masks_lib._check_sparsity(sparsity)
-  if pruning_type not in PRUNING_TYPES:
-    raise ValueError(f"pruning_type={pruning_type!r} is not allowed; allowed: "
-                     f"{', '.join(PRUNING_TYPES)}.")
-  if p.score == "dense":
+  sparsity = masks_lib.check_sparsity(sparsity)
+  check_pruning_type(pruning_type)
+  if p.score is None:
     if sparsity != 0:
       raise ValueError(f"pruner='dense' keeps every weight; sparsity={sparsity!r} must be 0.")
     return masks_lib.ones(variables["params"])
   ranking = ranking_for(p, key=key, model=model, variables=variables, sparsity=sparsity,
                         input_shape=input_shape, batches=batches,
-                        trained_params=trained_params, score_kwargs=score_kwargs)
+                        trained_params=trained_params, rounds=rounds,
+                        score_kwargs=score_kwargs)
   return masks_from_ranking(ranking, sparsity, pruning_type, model=model,
                             input_shape=input_shape)

@@ -36,6 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import errors
+from sparsejax import masks as masks_lib
+
 Shapes = Tuple[Tuple[int, ...], ...]
 QuotaFn = Callable[[Any, Shapes], jax.Array]
 
@@ -122,9 +125,7 @@ def _concrete_scalar(value: Any, name: str) -> Union[float, None]:
 
 def _check_sparsity(sparsity: Any) -> Union[float, None]:
     s = _concrete_scalar(sparsity, "sparsity")
-    if s is not None and not 0.0 <= s < 1.0:
-        raise ValueError(f"`sparsity` must lie in [0, 1), got {s!r}")
-    return s
+    return None if s is None else masks_lib.check_sparsity(s)
 
 
 def _check_density(density: Any) -> Union[float, None]:
@@ -158,10 +159,10 @@ def _check_uniform_plus_reachable(density: Union[float, None], shapes: Shapes) -
     s_max = uniform_plus_max_sparsity(shapes)
     # A float32-sized slack: a target exactly at the limit must stay reachable.
     if 1.0 - density > s_max + 1e-7:
-        raise ValueError(
+        raise errors.UnreachableSparsityError(
             f"uniform_plus cannot reach sparsity {1.0 - density!r} on these shapes: the "
             f"largest reachable sparsity is {s_max!r} (first layer dense, last layer at "
-            "least 20% dense)")
+            "least 20% dense)", sparsity=1.0 - density, max_sparsity=s_max)
 
 
 # --------------------------------------------------------------------------- kernels

@@ -113,16 +113,6 @@ def _check_finite(kernel_scores: Sequence, who: str) -> None:
                      "(check the weights, the inputs and the loss).")
 
 
-def _check_sparsity(sparsity) -> float:
-  try:
-    s = float(sparsity)
-  except (TypeError, ValueError):
-    raise ValueError(f"sparsity={sparsity!r} must be a number in [0, 1).") from None
-  if not 0.0 <= s < 1.0:  # NaN fails too
-    raise ValueError(f"sparsity={sparsity!r} is outside the allowed range [0, 1).")
-  return s
-
-
 def _check_rounds(rounds) -> int:
   if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 1:
     raise ValueError(f"rounds={rounds!r} must be a positive integer.")
@@ -697,7 +687,7 @@ def iterative_snip(model, variables: PyTree, batches: Iterable[dict], sparsity: 
   returns :class:`RoundStats`.
   """
   who = "iterative_snip"
-  sparsity = _check_sparsity(sparsity)
+  sparsity = masks_lib.check_sparsity(sparsity)
   rounds = _check_rounds(rounds)
   params, rest = _split_variables(variables)
   source = _Cycle(batches, who)
@@ -787,7 +777,7 @@ def synflow(model, params: PyTree, input_shape, sparsity: float, *, rounds: int 
   weight lost all its paths).
   """
   who = "synflow"
-  sparsity = _check_sparsity(sparsity)
+  sparsity = masks_lib.check_sparsity(sparsity)
   rounds = _check_rounds(rounds)
   params, abs_kernels, _, step = _synflow_setup(model, params, input_shape)
   mask_leaves = _mask_leaves(masks, params)

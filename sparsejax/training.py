@@ -3,9 +3,13 @@
 The training recipe of method.md section 5: SGD with momentum, a piecewise-constant
 learning rate, L2 on Dense/Conv kernels only, cross-entropy, per-step augmentation
 on the device. A sparse network is trained by keeping its pruned weights at
-exactly zero: gradients are masked before the optimizer (its state stays 0 at pruned
-weights) and so are the updates after it, so neither weight decay nor momentum (even
-momentum carried over from dense training) can revive a pruned weight.
+exactly zero with :func:`sparsejax.optim.with_masks`: gradients are masked before the
+optimizer (its state stays 0 at pruned weights) and so are the updates after it, so
+neither weight decay nor momentum (even momentum carried over from dense training)
+can revive a pruned weight. The masks live in the optimizer state.
+
+Hyperparameters come in a :class:`TrainConfig` (the paper's per-network values are
+the experiment configs under ``experiments/configs/``).
 
 Batch norm uses batch statistics in training and its running averages at
 evaluation (standard practice; :func:`eval_step`, :func:`evaluate`). The paper's
@@ -45,9 +49,70 @@ import orbax.checkpoint as ocp
 
 from sparsejax import data
 from sparsejax import masks as masks_lib
+from sparsejax import optim
 
 PyTree = Any
 DATA_AXIS = "data"
+
+
+# ----------------------------------------------------------------- config
+
+
+def weight_decay_from_keras_l2(l2: float) -> float:
+  """Gradient coefficient equivalent to a Keras ``l2(l2)`` kernel regularizer: 2 * l2."""
+  return 2.0 * l2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """How one network is trained (hashable: usable as a static jit argument).
+
+  Attributes:
+    dataset: dataset name in :data:`sparsejax.data.DATASETS`.
+    batch_size: examples per step (global, over all devices).
+    train_steps: optimizer steps of a full run.
+    learning_rate: initial learning rate.
+    momentum: SGD (heavy-ball) momentum; 0 for plain SGD.
+    weight_decay: L2 coefficient on the gradient of Dense/Conv kernels (see the
+      module docstring for the mapping from the paper's Keras L2).
+    decay_boundaries: increasing fractions in (0, 1] of ``train_steps`` at which
+      the learning rate is multiplied by ``decay_factor``.
+    decay_factor: multiplier at each boundary.
+    snip_batch_size: examples in the batch that SNIP-like pruners score on.
+  """
+
+  dataset: str
+  batch_size: int
+  train_steps: int
+  learning_rate: float
+  momentum: float
+  weight_decay: float
+  decay_boundaries: tuple[float, ...]
+  decay_factor: float = 0.1
+  snip_batch_size: int = 100
+
+  def __post_init__(self):
+    for name in ("batch_size", "train_steps", "snip_batch_size"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")
+    for name in ("learning_rate", "decay_factor"):
+      value = getattr(self, name)
+      if not value > 0:
+        raise ValueError(f"{name}={value!r} must be positive.")
+    if not 0.0 <= self.momentum < 1.0:
+      raise ValueError(f"momentum={self.momentum!r} must be in [0, 1).")
+    if not self.weight_decay >= 0.0:
+      raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0.")
+    bounds = tuple(float(b) for b in self.decay_boundaries)
+    if any(not 0.0 < b <= 1.0 for b in bounds) or list(bounds) != sorted(bounds):
+      raise ValueError(f"decay_boundaries={self.decay_boundaries!r} must be increasing "
+                       "fractions of the run in (0, 1].")
+    object.__setattr__(self, "decay_boundaries", bounds)  # Lists -> tuple: hashable.
+
+  def boundary_steps(self) -> tuple[int, ...]:
+    """The decay boundaries in steps: round(fraction * train_steps)."""
+    return tuple(int(round(b * self.train_steps)) for b in self.decay_boundaries)
 
 
 # ----------------------------------------------------------------- optimizer
@@ -96,6 +161,12 @@ def make_optimizer(config) -> optax.GradientTransformation:
   )
 
 
+def make_masked_optimizer(config, masks: PyTree = None) -> optax.GradientTransformation:
+  """:func:`make_optimizer` wrapped in :func:`sparsejax.optim.with_masks` (masks None:
+  dense). The train step reads the masks from the optimizer state."""
+  return optim.with_masks(make_optimizer(config), masks)
+
+
 # ---------------------------------------------------------------- train state
 
 
@@ -107,19 +178,20 @@ class TrainState:
     step: int32 scalar, optimizer steps taken.
     params: the model's 'params' collection; pruned kernel entries are exactly 0.
     batch_stats: the model's 'batch_stats' collection ({} without batch norm).
-    opt_state: state of :func:`make_optimizer` (momentum trace, schedule count).
-    masks: mask tree (bool at kernels, None elsewhere), or None to train densely.
+    opt_state: state of :func:`make_masked_optimizer`: a
+      :class:`sparsejax.optim.MaskedState` holding the masks (bool at kernels, None
+      elsewhere; None to train densely) and the momentum trace and schedule count.
   """
 
   step: jax.Array
   params: PyTree
   batch_stats: PyTree
   opt_state: optax.OptState
-  masks: PyTree = None
 
-
-def _apply_masks(tree: PyTree, masks: PyTree) -> PyTree:
-  return tree if masks is None else masks_lib.apply(tree, masks)
+  @property
+  def masks(self) -> PyTree:
+    """The masks in the optimizer state (None for dense training)."""
+    return optim.get_masks(self.opt_state)
 
 
 def _check_same_structure(params: PyTree, reference: PyTree) -> None:
@@ -177,7 +249,7 @@ def create_train_state(model: flax.linen.Module, key: jax.Array, input_shape: Se
     params = masks_lib.apply(params, masks)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=batch_stats,
-                    opt_state=make_optimizer(config).init(params), masks=masks)
+                    opt_state=make_masked_optimizer(config, masks).init(params))
 
 
 # ----------------------------------------------------------------- steps
@@ -208,12 +280,10 @@ def _train_step(state: TrainState, batch, key, *, model, spec, config):
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  # Masked gradients keep the optimizer state of pruned weights at 0; masking the
-  # updates too makes "exactly 0" hold whatever the optimizer state holds (say,
-  # momentum carried over from dense training).
-  grads = _apply_masks(grads, state.masks)
-  updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, _apply_masks(updates, state.masks))
+  # The masks are in opt_state: gradients and updates are masked there.
+  updates, opt_state = make_masked_optimizer(config).update(grads, state.opt_state,
+                                                            state.params)
+  params = optax.apply_updates(state.params, updates)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)
@@ -226,8 +296,9 @@ def train_step(state: TrainState, batch, key: jax.Array, *, model, spec, config
 
   Normalizes and augments on the device with ``fold_in(key, state.step)`` (pass the
   run's key, the same at every step), computes the mean cross-entropy with batch
-  statistics, masks the gradients, applies :func:`make_optimizer`'s update with
-  the update masked too: pruned weights are exactly 0 after every step.
+  statistics and applies :func:`make_masked_optimizer`'s update (gradients and
+  updates masked by the masks in the state): pruned weights are exactly 0 after
+  every step.
 
   Args:
     state: :class:`TrainState` (replicated when data parallel).
@@ -555,5 +626,6 @@ def _train_loop(model, dspec, config, state, step_key, meta, manager, *, seed, s
                      wall_time=time.perf_counter() - start_time, start_step=start, state=state)
 
 
-__all__ = ["TrainState", "TrainResult", "make_schedule", "make_optimizer", "kernel_mask",
+__all__ = ["TrainConfig", "weight_decay_from_keras_l2", "TrainState", "TrainResult",
+           "make_schedule", "make_optimizer", "make_masked_optimizer", "kernel_mask",
            "create_train_state", "train_step", "eval_step", "evaluate", "make_mesh", "train"]

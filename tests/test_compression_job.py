@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from experiments import compression
+from experiments import compression, plot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +47,7 @@ def test_csv_and_plot(rows, tmp_path):
   for column in ("arch", "pruner", "pruning_type", "target_compression",
                  "direct_compression", "effective_compression", "active_units"):
     assert column in read[0]
-  compression.plot(str(tmp_path / "c.png"), rows, "test")
+  plot.plot_curves("lenet300100", rows, str(tmp_path / "c.png"))
   assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
   assert compression.format_table(rows).count("\n") == len(rows) + 1
 
@@ -68,9 +68,9 @@ def test_sweep_stops_at_disconnection():
 def test_bad_arguments():
   with pytest.raises(ValueError, match="pruner='prune_all'"):
     compression.sweep("lenet300100", ["prune_all"], ["direct"], [10.0])
-  with pytest.raises(ValueError, match="pruning type 'both'"):
+  with pytest.raises(ValueError, match="pruning_types='both'"):
     compression.sweep("lenet300100", ["random/igq"], ["both"], [10.0])
-  with pytest.raises(ValueError, match="compression 0.5"):
+  with pytest.raises(ValueError, match="compressions has 0.5"):
     compression.sweep("lenet300100", ["random/igq"], ["direct"], [0.5])
   with pytest.raises(ValueError, match="name='resnet50'"):
     compression.sweep("resnet50", ["random/igq"], ["direct"], [10.0])
@@ -89,12 +89,12 @@ def test_binary_writes_csv_and_png(tmp_path):
 
 def test_data_driven_pruners_on_synthetic_batches():
   from experiments import common
-  batches = lambda: common.score_batches("mnist", num_batches=2, batch_size=32, seed=0,
-                                         synthetic=True, manual_dir=None, data_dir=None)
-  kwargs = lambda p: {"rounds": 5} if p.score in ("snip_iterative", "synflow") else None
+  batches = lambda: common.DataSource(synthetic=True).score_batches(
+      "mnist", num_batches=2, batch_size=32, seed=0)
   rows = compression.sweep("lenet300100", ["snip", "snip/iterative", "grasp", "random/snip",
                                            "synflow"], ["direct", "effective"], [100.0],
-                           seed=0, batches_fn=batches, score_kwargs_fn=kwargs)
+                           seed=0, batches_fn=batches,
+                           rounds={"snip/iterative": 5, "synflow": 5})
   assert [r["status"] for r in rows] == ["ok"] * 10
   for r in rows:
     if r["pruning_type"] == "direct":

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from experiments import init_curves, plot, prune_train
+from experiments import common, configs, init_curves, plot, prune_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(score_batches=1, batch_size=32, snip_rounds=3, synflow_rounds=3,
+TINY = dict(score_batches=1, batch_size=32, rounds={"snip/iterative": 3, "synflow": 3},
             iterative_step=5, max_exponent=10)
 
 
@@ -33,7 +33,7 @@ def curves_dir(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("curves"))
   for pruner in ("random/igq", "synflow"):
     init_curves.run_one("lenet300100", pruner, out_dir=out, seed=0, budget=TINY,
-                        synthetic=True, manual_dir=None, data_dir=None)
+                        source=common.DataSource(synthetic=True))
   return out
 
 
@@ -81,14 +81,18 @@ def test_plot_makes_figures_and_fills_doc_sections(curves_dir, tmp_path):
   results = tmp_path / "results"
   results.mkdir()
   os.symlink(curves_dir, results / "init_curves")
-  kw = dict(arch="lenet300100", dataset=None, seed=0, synthetic=True, manual_dir=None,
-            data_dir=None, eval_every=10, checkpoint_every=10, log_every=10,
-            num_examples=512, out_dir=str(results / "runs"))
-  prune_train.run(pruner="dense", sparsity=0.0, pruning_type="direct", train_steps=20, **kw)
-  prune_train.run(pruner="dense", sparsity=0.0, pruning_type="direct", train_steps=40, **kw)
+  source = common.DataSource(synthetic=True, num_examples=512)
+  tiny = ["eval_every=10", "checkpoint_every=10", "log_every=10"]
+
+  def run(*overrides):
+    prune_train.run(configs.load("lenet300100", tiny + list(overrides)),
+                    out_dir=str(results / "runs"), source=source)
+
+  run("pruner=dense", "train_steps=20")
+  run("pruner=dense", "train_steps=40")
   for pruner in ("random/igq", "random/uniform"):
     for ptype in ("direct", "effective"):
-      prune_train.run(pruner=pruner, sparsity=0.9, pruning_type=ptype, train_steps=20, **kw)
+      run(f"pruner={pruner}", "compression=10", f"pruning_type={ptype}", "train_steps=20")
   doc = tmp_path / "results.md"
   doc.write_text("# Results\n\nHand-written text.\n\n<!-- accuracy-table:start -->\nold\n"
                  "<!-- accuracy-table:end -->\n\nMore text.\n")

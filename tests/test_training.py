@@ -199,7 +199,8 @@ def test_masks_hold_exactly_after_many_steps(mnist_like):
                                          model=model, spec=models.get_spec("lenet300100"),
                                          config=cfg)
   assert int(state.step) == 50 and np.isfinite(float(metrics["loss"]))
-  trace = state.opt_state[1][0].trace  # chain(decay, sgd) -> sgd's (TraceState, ...).
+  # MaskedState(masks, chain(decay, sgd)) -> sgd's (TraceState, ...).
+  trace = state.opt_state.inner_state[1][0].trace
   for w0, w, t, m in zip(kernels0, _kernels(state.params), _kernels(trace), mask_np):
     assert np.all(w[~m] == 0.0) and np.all(t[~m] == 0.0)
     assert np.mean(w[m] != w0[m]) > 0.99  # Kept weights train.
@@ -214,9 +215,10 @@ def test_momentum_cannot_revive_pruned_weights(mnist_like):
   mask = numpy_mask(params, 0.3)
   state = training.create_train_state(model, jax.random.key(0), (28, 28, 1), cfg,
                                       masks=mask, params=params)
-  decay_state, (trace_state, *rest) = state.opt_state
+  decay_state, (trace_state, *rest) = state.opt_state.inner_state
   poisoned = trace_state._replace(trace=jax.tree.map(jnp.ones_like, trace_state.trace))
-  state = state.replace(opt_state=(decay_state, (poisoned, *rest)))
+  state = state.replace(opt_state=state.opt_state._replace(
+      inner_state=(decay_state, (poisoned, *rest))))
   mask_np = [np.asarray(m) for m in masks_lib.mask_leaves(mask)]
   for step in range(5):
     state, _ = training.train_step(state, _batch(images, labels, 32, step), jax.random.key(3),

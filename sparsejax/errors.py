@@ -1,0 +1,29 @@
+"""Typed errors that callers branch on (never on the text of a message)."""
+
+from __future__ import annotations
+
+
+class UnreachableSparsityError(ValueError):
+  """A target sparsity that a pruner cannot reach.
+
+  Raised for an effective target beyond every connected mask of a ranking, and for
+  a direct target beyond what a quota allows (uniform+ keeps the first layer dense).
+
+  Attributes:
+    sparsity: the requested sparsity.
+    max_sparsity: the largest sparsity that can be reached (of the same kind: direct
+      for a quota limit, effective for an effective target).
+  """
+
+  def __init__(self, message: str, *, sparsity: float, max_sparsity: float):
+    super().__init__(message)
+    self.sparsity = float(sparsity)
+    self.max_sparsity = float(max_sparsity)
+
+  @property
+  def max_compression(self) -> float:
+    """1 / (1 - max_sparsity): the largest reachable compression."""
+    return float("inf") if self.max_sparsity >= 1.0 else 1.0 / (1.0 - self.max_sparsity)
+
+
+__all__ = ["UnreachableSparsityError"]

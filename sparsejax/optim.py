@@ -1,0 +1,147 @@
+"""An Optax transformation that keeps pruned weights at exactly zero.
+
+``with_masks(inner, masks)`` wraps any ``optax.GradientTransformation``. With
+masks m (1 = kept) it computes
+
+    g~_t         = m * g_t                       (masked gradients)
+    u_t, s_t     = inner.update(g~_t, s_{t-1}, w_t)
+    update_t     = m * u_t                       (masked updates)
+
+so the inner state of a pruned weight never sees a gradient, and whatever the
+inner transformation adds on its own (momentum carried over from dense training,
+Adam's bias-corrected moments, decoupled weight decay as in ``optax.adamw``) is
+cut off at pruned weights. A weight that starts at 0 stays exactly 0.
+
+The masks live in the transformation's state (:class:`MaskedState`), so they are
+checkpointed with Orbax and sharded with the rest of the optimizer state, and can
+be replaced between steps (:func:`replace_masks`: IMP rounds, gradual schedules,
+dynamic sparse training) without recompiling a jitted step, as long as the new
+masks have the same structure, shapes and dtype.
+
+Masks are trees shaped like the params with a bool array at prunable leaves and
+``None`` elsewhere (:mod:`sparsejax.masks`); ``None`` leaves are left unmasked.
+
+Reference: the same construction as jaxpruner's ``wrap_optax`` (Lee et al., 2023,
+"JaxPruner: A concise library for sparsity research"), with the masks in the state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax import masks as masks_lib
+
+PyTree = Any
+
+
+class MaskedState(NamedTuple):
+  """State of :func:`with_masks`.
+
+  masks: the mask tree (bool at prunable leaves, None elsewhere), or None for no
+    masking at all (dense training through the same code).
+  inner_state: the wrapped transformation's state.
+  """
+
+  masks: PyTree
+  inner_state: optax.OptState
+
+
+def _mask(tree: PyTree, masks: PyTree) -> PyTree:
+  if masks is None:
+    return tree
+  return jax.tree.map(lambda x, m: x if m is None else jnp.where(m, x, jnp.zeros_like(x)),
+                      tree, masks, is_leaf=lambda v: v is None)
+
+
+def with_masks(inner: optax.GradientTransformation, masks: PyTree
+               ) -> optax.GradientTransformation:
+  """Wraps ``inner`` so that masked-out weights get zero gradients and zero updates.
+
+  Args:
+    inner: any Optax transformation (sgd, adam, adamw, a chain, ...).
+    masks: bool mask tree shaped like the params (None at non-prunable leaves), or
+      None (no masking). Stored in the state by ``init``; ``update`` reads the masks
+      from the state, so :func:`replace_masks` changes them between steps.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`MaskedState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from sparsejax import optim
+    >>> params = {"kernel": jnp.array([[1.0, 2.0], [3.0, 4.0]]), "bias": jnp.zeros(2)}
+    >>> masks = {"kernel": jnp.array([[True, False], [False, True]]), "bias": None}
+    >>> tx = optim.with_masks(optax.adamw(0.1, weight_decay=0.1), masks)
+    >>> state = tx.init(params)
+    >>> grads = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> updates["kernel"][0, 1], updates["kernel"][1, 0]
+    (Array(0., dtype=float32), Array(0., dtype=float32))
+  """
+  if masks is not None:
+    masks = jax.tree.map(jnp.asarray, masks)
+
+  def init_fn(params):
+    if masks is not None:
+      masks_lib.validate(masks, params)
+    return MaskedState(masks=masks, inner_state=inner.init(params))
+
+  def update_fn(updates, state, params=None):
+    updates = _mask(updates, state.masks)
+    updates, inner_state = inner.update(updates, state.inner_state, params)
+    return _mask(updates, state.masks), MaskedState(state.masks, inner_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_masked_state(x) -> bool:
+  return isinstance(x, MaskedState)
+
+
+def get_masks(opt_state: optax.OptState) -> PyTree:
+  """The masks held by the (outermost) :class:`MaskedState` inside ``opt_state``.
+
+  Raises:
+    ValueError: ``opt_state`` holds no :class:`MaskedState`.
+  """
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_masked_state)
+           if _is_masked_state(s)]
+  if not found:
+    raise ValueError("opt_state holds no MaskedState: build the optimizer with "
+                     "sparsejax.optim.with_masks(inner, masks).")
+  return found[0].masks
+
+
+def replace_masks(opt_state: optax.OptState, masks: PyTree) -> optax.OptState:
+  """``opt_state`` with the masks of every :class:`MaskedState` inside it replaced.
+
+  The new masks must have the structure, shapes and dtype of the old ones for a
+  jitted step to reuse its compiled program (a bool mask of the same shapes does).
+  The inner state is kept as it is; the next update masks it through the gradients.
+
+  Raises:
+    ValueError: ``opt_state`` holds no :class:`MaskedState`, or the new masks do not
+      match the old ones (tree structure, shapes, dtype).
+  """
+  old = get_masks(opt_state)
+  if old is not None and masks is not None:
+    masks = jax.tree.map(jnp.asarray, masks)
+    try:
+      same = jax.tree.map(lambda a, b: a.shape == b.shape and a.dtype == b.dtype, old, masks)
+    except ValueError as err:
+      raise ValueError(f"masks do not have the tree structure of the masks in opt_state: "
+                       f"{err}") from None
+    bad = [masks_lib.path_str(p) for p, ok in jax.tree_util.tree_leaves_with_path(same)
+           if not ok]
+    if bad:
+      raise ValueError(f"masks differ in shape or dtype from the masks in opt_state at "
+                       f"{bad[:5]}; replacing masks needs bool arrays of the same shapes.")
+  return jax.tree.map(lambda s: s._replace(masks=masks) if _is_masked_state(s) else s,
+                      opt_state, is_leaf=_is_masked_state)
+
+
+__all__ = ["MaskedState", "with_masks", "get_masks", "replace_masks"]
