@@ -1,0 +1,54 @@
+"""sparsejax: neural-network pruning in JAX/Flax through the lens of effective sparsity.
+
+A weight that lies on no input-to-output path is as good as pruned (Vysogorets &
+Kempe, "Connectivity Matters", JMLR 2023). Three lines in a training loop:
+
+  masks = sparsejax.prune("snip", key=key, model=model, variables=variables,
+                          sparsity=0.99, pruning_type="effective", ...)
+  tx = sparsejax.with_masks(optax.adamw(1e-3), masks)       # pruned weights stay 0
+  sparsejax.effective_compression(model, masks, input_shape)
+
+Submodules: masks, effective, quotas, scores, pruning, models, optim, errors; and,
+imported on first use because they bring TensorFlow Datasets, data and training.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from sparsejax import effective, errors, masks, models, optim, pruning, quotas, scores
+from sparsejax.effective import (active_units, connectivity, effective_compression,
+                                 effective_masks, effective_sparsity)
+from sparsejax.errors import UnreachableSparsityError
+from sparsejax.optim import MaskedState, get_masks, replace_masks, with_masks
+from sparsejax.pruning import (PRUNERS, Pruner, ScoreContext, get_pruner, prune, ranking_for,
+                               register_pruner)
+
+__version__ = "0.2.0"
+
+# Imported on first attribute access: they import TensorFlow Datasets.
+_LAZY_SUBMODULES = ("data", "training")
+
+
+def __getattr__(name: str):
+  if name in _LAZY_SUBMODULES:
+    module = importlib.import_module(f"sparsejax.{name}")
+    globals()[name] = module
+    return module
+  raise AttributeError(f"module 'sparsejax' has no attribute {name!r}")
+
+
+__all__ = [
+    "__version__",
+    # submodules
+    "masks", "effective", "quotas", "scores", "pruning", "models", "optim", "errors",
+    "data", "training",
+    # pruning
+    "prune", "ranking_for", "PRUNERS", "Pruner", "ScoreContext", "register_pruner",
+    "get_pruner", "UnreachableSparsityError",
+    # effective sparsity
+    "effective_masks", "effective_sparsity", "effective_compression", "active_units",
+    "connectivity",
+    # training with masks
+    "with_masks", "MaskedState", "get_masks", "replace_masks",
+]

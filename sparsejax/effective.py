@@ -150,7 +150,21 @@ def connectivity(model: nn.Module, masks: Masks, input_shape) -> Connectivity:
 
 
 def effective_masks(model: nn.Module, masks: Masks, input_shape) -> Masks:
-  """The active weights: unmasked and on some input-to-output path (bool, like masks)."""
+  """The active weights: unmasked and on some input-to-output path (bool, like masks).
+
+  active(w: u -> v) = mask(w) AND reach(u) AND coreach(v) (method.md section 1).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from sparsejax import effective, masks, models
+    >>> model = models.create("lenet300100")
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 28, 28, 1)))["params"]
+    >>> m = masks.ones(params)
+    >>> m["dense_1"]["kernel"] = jnp.zeros_like(m["dense_1"]["kernel"])  # cut layer 2
+    >>> eff = effective.effective_masks(model, m, (28, 28, 1))
+    >>> int(eff["dense_0"]["kernel"].sum()), int(eff["dense_2"]["kernel"].sum())
+    (0, 0)
+  """
   return connectivity(model, masks, input_shape).masks
 
 

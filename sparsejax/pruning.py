@@ -598,6 +598,7 @@ def register_pruner(pruner: Pruner, *, overwrite: bool = False) -> Pruner:
     >>> _ = pruning.register_pruner(pruning.Pruner("toy/inverse", smallest_first, "erk"))
     >>> pruning.get_pruner("toy/inverse").quota
     'erk'
+    >>> del pruning.PRUNERS["toy/inverse"]
 
   Raises:
     ValueError: the name is taken (unless ``overwrite``), or ``quota_from`` names an
