@@ -510,8 +510,9 @@ class Pruner:
                        "scores (None is reserved for 'dense').")
     if self.score is not None and not callable(self.score):
       raise ValueError(f"pruner {self.name!r}: score={self.score!r} is not callable.")
-    if self.quota is not None:
-      quotas_lib.get_quota(self.quota)
+    if self.quota is not None and self.quota not in quotas_lib.QUOTAS:
+      raise ValueError(f"pruner {self.name!r}: quota={self.quota!r} is not a quota; allowed: "
+                       f"None (global ranking), {', '.join(quotas_lib.QUOTAS)}.")
     if self.quota is not None and self.quota_from is not None:
       raise ValueError(f"pruner {self.name!r}: give quota or quota_from, not both.")
     if self.iterative and (not isinstance(self.default_rounds, int)
