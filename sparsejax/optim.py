@@ -57,8 +57,8 @@ def _mask(tree: PyTree, masks: PyTree) -> PyTree:
                       tree, masks, is_leaf=lambda v: v is None)
 
 
-def with_masks(inner: optax.GradientTransformation, masks: PyTree
-               ) -> optax.GradientTransformation:
+def with_masks(inner: optax.GradientTransformation, masks: PyTree,
+               straight_through: bool = False) -> optax.GradientTransformation:
   """Wraps ``inner`` so that masked-out weights get zero gradients and zero updates.
 
   Args:
@@ -66,6 +66,9 @@ def with_masks(inner: optax.GradientTransformation, masks: PyTree
     masks: bool mask tree shaped like the params (None at non-prunable leaves), or
       None (no masking). Stored in the state by ``init``; ``update`` reads the masks
       from the state, so :func:`replace_masks` changes them between steps.
+    straight_through: the masks only hold the forward pass's mask of
+      straight-through-estimator training (:func:`straight_through`); gradients and
+      updates pass unmasked, so the dense weights keep training.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`MaskedState`.
@@ -91,11 +94,23 @@ def with_masks(inner: optax.GradientTransformation, masks: PyTree
     return MaskedState(masks=masks, inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None):
-    updates = _mask(updates, state.masks)
+    masks_now = None if straight_through else state.masks
+    updates = _mask(updates, masks_now)
     updates, inner_state = inner.update(updates, state.inner_state, params)
-    return _mask(updates, state.masks), MaskedState(state.masks, inner_state)
+    return _mask(updates, masks_now), MaskedState(state.masks, inner_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def straight_through(params: PyTree, masks: PyTree) -> PyTree:
+  """w * m in the forward pass, the identity in the backward pass (the straight-through
+  estimator): ``w + stop_gradient(w * m - w)``; masks None: params unchanged."""
+  if masks is None:
+    return params
+  return jax.tree.map(
+      lambda w, m: w if m is None else w + jax.lax.stop_gradient(
+          jnp.where(m, w, jnp.zeros_like(w)) - w), params, masks,
+      is_leaf=lambda v: v is None)
 
 
 def _is_masked_state(x) -> bool:
@@ -144,4 +159,4 @@ def replace_masks(opt_state: optax.OptState, masks: PyTree) -> optax.OptState:
                       opt_state, is_leaf=_is_masked_state)
 
 
-__all__ = ["MaskedState", "with_masks", "get_masks", "replace_masks"]
+__all__ = ["MaskedState", "with_masks", "get_masks", "replace_masks", "straight_through"]

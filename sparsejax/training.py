@@ -161,10 +161,12 @@ def make_optimizer(config) -> optax.GradientTransformation:
   )
 
 
-def make_masked_optimizer(config, masks: PyTree = None) -> optax.GradientTransformation:
+def make_masked_optimizer(config, masks: PyTree = None, straight_through: bool = False
+                          ) -> optax.GradientTransformation:
   """:func:`make_optimizer` wrapped in :func:`sparsejax.optim.with_masks` (masks None:
-  dense). The train step reads the masks from the optimizer state."""
-  return optim.with_masks(make_optimizer(config), masks)
+  dense). The train step reads the masks from the optimizer state. With
+  ``straight_through`` the masks only mask the forward pass (STE training)."""
+  return optim.with_masks(make_optimizer(config), masks, straight_through=straight_through)
 
 
 # ---------------------------------------------------------------- train state
@@ -219,7 +221,8 @@ def _init_batch_stats(params, x, *, model):
 
 
 def create_train_state(model: flax.linen.Module, key: jax.Array, input_shape: Sequence[int],
-                       config, masks: PyTree = None, params: PyTree = None) -> TrainState:
+                       config, masks: PyTree = None, params: PyTree = None,
+                       straight_through: bool = False) -> TrainState:
   """Initializes the model and the optimizer; pruned weights start at exactly 0.
 
   Args:
@@ -232,7 +235,8 @@ def create_train_state(model: flax.linen.Module, key: jax.Array, input_shape: Se
       ``model.init(key, ...)`` parameters. Batch-norm statistics are always fresh.
 
   Returns:
-    A :class:`TrainState` at step 0 with ``params * masks``.
+    A :class:`TrainState` at step 0 with ``params * masks`` (``params`` as they are
+    with ``straight_through``: the dense weights train, the forward pass is masked).
   """
   x = jnp.zeros((1,) + tuple(int(d) for d in input_shape), jnp.float32)
   if params is None:
@@ -246,10 +250,11 @@ def create_train_state(model: flax.linen.Module, key: jax.Array, input_shape: Se
   if masks is not None:
     masks = jax.tree.map(jnp.asarray, masks)
     masks_lib.validate(masks, params)
-    params = masks_lib.apply(params, masks)
+    if not straight_through:
+      params = masks_lib.apply(params, masks)
+  tx = make_masked_optimizer(config, masks, straight_through)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=batch_stats,
-                    opt_state=make_masked_optimizer(config, masks).init(params))
+                    batch_stats=batch_stats, opt_state=tx.init(params))
 
 
 # ----------------------------------------------------------------- steps
@@ -267,12 +272,16 @@ def _dataset_spec(spec) -> data.DatasetSpec:
                    "models.ModelSpec.")
 
 
-@functools.partial(jax.jit, static_argnames=("model", "spec", "config"))
-def _train_step(state: TrainState, batch, key, *, model, spec, config):
+def _loss_and_grads(state: TrainState, batch, key, *, model, spec, straight_through):
+  """Mean cross-entropy of the augmented batch of step ``state.step`` (batch
+  statistics), its gradient with respect to the (dense) params, logits and the new
+  batch statistics. With ``straight_through`` the forward pass uses w * m."""
   x = data.preprocess(jax.random.fold_in(key, state.step), batch["image"], spec, train=True)
   labels = batch["label"]
 
   def loss_fn(params):
+    if straight_through:
+      params = optim.straight_through(params, state.masks)
     logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
                                   train=True, mutable=["batch_stats"])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -280,9 +289,25 @@ def _train_step(state: TrainState, batch, key, *, model, spec, config):
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
+  return loss, grads, logits, batch_stats
+
+
+@functools.partial(jax.jit, static_argnames=("model", "spec", "straight_through"))
+def _dense_grads(state: TrainState, batch, key, *, model, spec, straight_through=False):
+  """dL/dw at every weight, pruned ones included (RigL's growth criterion)."""
+  return _loss_and_grads(state, batch, key, model=model, spec=spec,
+                         straight_through=straight_through)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "spec", "config", "straight_through"))
+def _train_step(state: TrainState, batch, key, *, model, spec, config,
+                straight_through=False):
+  loss, grads, logits, batch_stats = _loss_and_grads(
+      state, batch, key, model=model, spec=spec, straight_through=straight_through)
+  labels = batch["label"]
   # The masks are in opt_state: gradients and updates are masked there.
-  updates, opt_state = make_masked_optimizer(config).update(grads, state.opt_state,
-                                                            state.params)
+  updates, opt_state = make_masked_optimizer(config, None, straight_through).update(
+      grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -318,8 +343,9 @@ def train_step(state: TrainState, batch, key: jax.Array, *, model, spec, config
 @functools.partial(jax.jit, static_argnames=("model", "spec"))
 def _eval_step(state: TrainState, batch, *, model, spec):
   x = data.preprocess(None, batch["image"], spec, train=False)
-  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
-                       train=False)
+  # Masked weights are 0 already, except the dense weights of straight-through training.
+  params = state.params if state.masks is None else masks_lib.apply(state.params, state.masks)
+  logits = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=False)
   weight = batch["mask"].astype(jnp.float32)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
@@ -392,7 +418,78 @@ def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray, *, model
   return float(totals["loss"]) / count, float(totals["correct"]) / count
 
 
+# ------------------------------------------------------------ moving masks
+
+
+class MaskUpdates:
+  """Runs a :mod:`sparsejax.dynamic` updater inside :func:`train` and logs each update.
+
+  At an update step s (before the optimizer step s) the updater computes new masks
+  from the current params (and, for RigL, the dense gradient on batch s), the masks
+  in the optimizer state are replaced (no recompilation) and dropped weights are set
+  to 0. Each update appends a record: step, kept weights, dropped and grown weights,
+  direct compression and, with ``track_effective``, effective compression, active
+  units, dead kept weights (kept but inactive) and grown weights dead on arrival.
+  """
+
+  def __init__(self, updater, *, model, spec, input_shape, step_key,
+               track_effective: bool = False):
+    self.updater = updater
+    self.model, self.spec, self.input_shape = model, spec, tuple(input_shape)
+    self.step_key = step_key
+    self.track_effective = track_effective
+    self.records: list[dict] = []
+    self._sweep = None
+    if getattr(updater, "regrow", "any") == "active":
+      from sparsejax import effective
+      self._sweep = effective.connectivity_sweep(model, self.input_shape, units=False)
+
+  def __call__(self, state: TrainState, batch, step: int) -> TrainState:
+    from sparsejax import dynamic, effective
+    u, old = self.updater, state.masks
+    key = jax.random.fold_in(jax.random.fold_in(self.step_key, step), 1)
+    if getattr(u, "target", "direct") == "effective":
+      new = u.update_effective(state.params, old, step, model=self.model,
+                               input_shape=self.input_shape)
+    else:
+      grads = (_dense_grads(state, batch, self.step_key, model=self.model, spec=self.spec,
+                            straight_through=u.straight_through) if u.needs_grads else None)
+      extra = {"sweep": self._sweep} if self._sweep is not None else {}
+      new = u.update(state.params, grads, old, jnp.int32(step), key, **extra)
+    new = jax.tree.map(lambda m, ref: jax.device_put(m, ref.sharding), new, old)
+    params = state.params if u.straight_through else dynamic.apply_update(state.params, new)
+    state = state.replace(params=params, opt_state=optim.replace_masks(state.opt_state, new))
+    kept, total = masks_lib.count(new)
+    grown = masks_lib.map_masks(lambda n, o: n & ~o, new, old)
+    record = {"step": int(step), "kept": kept,
+              "dropped": int(masks_lib.count(masks_lib.map_masks(lambda o, n: o & ~n, old,
+                                                                 new))[0]),
+              "grown": int(masks_lib.count(grown)[0]),
+              "direct_compression": total / kept if kept else float("inf")}
+    if self.track_effective:
+      conn = effective.connectivity(self.model, new, self.input_shape)
+      active = masks_lib.count(conn.masks)[0]
+      record.update(
+          effective_compression=total / active if active else float("inf"),
+          dead_kept=kept - active,
+          grown_dead=int(masks_lib.count(masks_lib.map_masks(
+              lambda g, e: g & ~e, grown, conn.masks))[0]),
+          active_units=int(sum(conn.active_units.values())),
+          total_units=int(sum(conn.total_units.values())))
+    self.records.append(record)
+    logging.info("mask update at step %d: %s", step,
+                 ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in record.items() if k != "step"))
+    return state
+
+
 # ------------------------------------------------------------------- loop
+
+
+def _split_history(saved: list) -> tuple[list, list]:
+  """(evaluations, mask-update records) of a checkpoint's history item."""
+  return ([h for h in saved if "mask_update" not in h],
+          [h["mask_update"] for h in saved if "mask_update" in h])
 
 
 @dataclasses.dataclass
@@ -408,6 +505,8 @@ class TrainResult:
     wall_time: seconds spent in this call.
     start_step: the step this call started from (> 0 after a resume).
     state: the final :class:`TrainState` (replicated over the mesh).
+    mask_updates: the records of :class:`MaskUpdates` (empty without an updater),
+      those of earlier, resumed-from segments included.
   """
 
   history: list[dict]
@@ -417,6 +516,7 @@ class TrainResult:
   wall_time: float
   start_step: int
   state: TrainState
+  mask_updates: list = dataclasses.field(default_factory=list)
 
 
 def _format_seconds(seconds: float) -> str:
@@ -426,13 +526,16 @@ def _format_seconds(seconds: float) -> str:
   return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _meta(config, seed: int, key: jax.Array, masked: bool) -> dict:
+def _meta(config, seed: int, key: jax.Array, masked: bool, updater=None) -> dict:
   """What must match for a checkpoint to be resumed (JSON-able)."""
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
-  return {"config": {k: list(v) if isinstance(v, tuple) else v
+  meta = {"config": {k: list(v) if isinstance(v, tuple) else v
                      for k, v in dataclasses.asdict(config).items()},
           "seed": int(seed), "key": np.asarray(key).ravel().tolist(), "masked": bool(masked)}
+  if updater is not None:
+    meta["updater"] = repr(updater)
+  return meta
 
 
 def _restore(manager, step: int, state: TrainState, meta: dict):
@@ -446,7 +549,7 @@ def _restore(manager, step: int, state: TrainState, meta: dict):
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
-  if state.masks is not None:
+  if state.masks is not None and "updater" not in meta:  # moving masks differ, rightly
     same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state.masks,
                         restored["state"].masks)
     if not all(jax.tree.leaves(same)):
@@ -461,7 +564,7 @@ def train(model: flax.linen.Module, spec, config, train_data: tuple[np.ndarray, 
           workdir: str | None = None, checkpoint_every: int = 5000, keep_checkpoints: int = 3,
           eval_every: int = 5000, log_every: int = 500, num_steps: int | None = None,
           eval_batch_size: int = 1000, devices: Sequence[jax.Device] | None = None,
-          prefetch: int = 2) -> TrainResult:
+          prefetch: int = 2, updater=None, track_effective: bool = False) -> TrainResult:
   """Trains ``model`` (masked when ``masks`` is given), resuming from ``workdir``.
 
   Args:
@@ -489,6 +592,10 @@ def train(model: flax.linen.Module, spec, config, train_data: tuple[np.ndarray, 
     eval_batch_size: evaluation batch (rounded up to a multiple of the devices).
     devices: devices of the data-parallel mesh; default ``jax.local_devices()``.
     prefetch: batches put on the devices ahead of the step.
+    updater: a :mod:`sparsejax.dynamic` updater (GMP, SET, RigL, STE) that moves the
+      masks during training (``masks`` are the starting masks; all ones for GMP from
+      dense); see :class:`MaskUpdates`.
+    track_effective: with an updater, log effective sparsity at every mask update.
 
   Returns:
     A :class:`TrainResult`.
@@ -519,12 +626,19 @@ def train(model: flax.linen.Module, spec, config, train_data: tuple[np.ndarray, 
 
   key = jax.random.key(seed) if key is None else key
   init_key, step_key = jax.random.split(key)
+  if updater is not None and masks is None:
+    raise ValueError("updater needs starting masks: pass masks= (e.g. masks.ones(params) "
+                     "for gradual magnitude pruning from a dense network).")
+  straight_through = bool(getattr(updater, "straight_through", False))
   state = create_train_state(model, init_key, dspec.image_shape, config, masks=masks,
-                             params=params)
+                             params=params, straight_through=straight_through)
   state = jax.device_put(state, replicated)
   step_key = jax.device_put(step_key, replicated)
+  mask_updates = None if updater is None else MaskUpdates(
+      updater, model=model, spec=dspec, input_shape=dspec.image_shape, step_key=step_key,
+      track_effective=track_effective)
 
-  meta = _meta(config, seed, key, masks is not None)
+  meta = _meta(config, seed, key, masks is not None, updater)
   manager = None if workdir is None else ocp.CheckpointManager(
       workdir, options=ocp.CheckpointManagerOptions(max_to_keep=keep_checkpoints, create=True))
   try:
@@ -534,7 +648,7 @@ def train(model: flax.linen.Module, spec, config, train_data: tuple[np.ndarray, 
                        batch_sharding=batch_sharding, checkpoint_every=checkpoint_every,
                        eval_every=eval_every, log_every=log_every,
                        eval_batch_size=eval_batch_size, prefetch=prefetch,
-                       start_time=start_time)
+                       start_time=start_time, mask_updates=mask_updates)
   finally:
     if manager is not None:
       manager.wait_until_finished()
@@ -544,8 +658,9 @@ def train(model: flax.linen.Module, spec, config, train_data: tuple[np.ndarray, 
 def _train_loop(model, dspec, config, state, step_key, meta, manager, *, seed, stop,
                 train_images, train_labels, test_images, test_labels, mesh, batch_sharding,
                 checkpoint_every, eval_every, log_every, eval_batch_size, prefetch,
-                start_time) -> TrainResult:
+                start_time, mask_updates=None) -> TrainResult:
   history: list[dict] = []
+  straight_through = bool(mask_updates is not None and mask_updates.updater.straight_through)
   if manager is not None:
     latest = manager.latest_step()
     if latest is not None:
@@ -553,12 +668,16 @@ def _train_loop(model, dspec, config, state, step_key, meta, manager, *, seed, s
         raise ValueError(f"workdir={manager.directory!s} holds a checkpoint at step "
                          f"{latest}, past num_steps={stop}.")
       state, history = _restore(manager, latest, state, meta)
+      if mask_updates is not None:
+        history, mask_updates.records = _split_history(history)
       logging.info("Resumed from %s at step %d.", manager.directory, latest)
 
   def save(step: int) -> None:
     if manager is not None and manager.latest_step() != step:
+      saved = history + ([{"mask_update": r} for r in mask_updates.records]
+                         if mask_updates is not None else [])
       manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history),
+          state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(saved),
           meta=ocp.args.JsonSave(meta)), force=True)
 
   def run_eval(step: int) -> tuple[float, float]:
@@ -583,8 +702,10 @@ def _train_loop(model, dspec, config, state, step_key, meta, manager, *, seed, s
     window_start = time.perf_counter()
     try:
       for step, batch in zip(range(start, stop), batches):
+        if mask_updates is not None and mask_updates.updater.is_update_step(step):
+          state = mask_updates(state, batch, step)
         state, metrics = _train_step(state, batch, step_key, model=model, spec=dspec,
-                                     config=config)
+                                     config=config, straight_through=straight_through)
         done = step + 1
         window.append(metrics)
         if step == start:  # The first call compiles; time the steps after it.
@@ -623,7 +744,8 @@ def _train_loop(model, dspec, config, state, step_key, meta, manager, *, seed, s
   steps_per_second = timed_steps / train_time if timed_steps and train_time > 0 else float("nan")
   return TrainResult(history=history, final_test_loss=final[0], final_test_accuracy=final[1],
                      steps_per_second=steps_per_second,
-                     wall_time=time.perf_counter() - start_time, start_step=start, state=state)
+                     wall_time=time.perf_counter() - start_time, start_step=start, state=state,
+                     mask_updates=[] if mask_updates is None else list(mask_updates.records))
 
 
 __all__ = ["TrainConfig", "weight_decay_from_keras_l2", "TrainState", "TrainResult",

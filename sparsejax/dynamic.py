@@ -1,0 +1,332 @@
+"""Masks that move during training: gradual magnitude pruning, SET, RigL, STE.
+
+Each updater is a small frozen dataclass (hashable: a static argument of its jitted
+update) with one pure function
+
+    masks' = updater.update(params, grads, masks, step, key)
+
+called at the steps where ``updater.is_update_step(step)``; the training loop puts
+``masks'`` into the optimizer state with :func:`sparsejax.optim.replace_masks` (no
+recompilation) and zeroes the dropped weights (:func:`apply_update`). Grown weights
+start at 0, as in RigL.
+
+- :class:`GradualMagnitude` (Zhu & Gupta, 2017, "To prune, or not to prune"): at
+  update steps t in [t0, t1] the sparsity follows the cubic schedule
+
+      s_t = s_f + (s_i - s_f) (1 - (t - t0) / (t1 - t0))^3,
+
+  and the mask keeps the round((1 - s_t) N) largest |w| among the kept weights
+  (globally, or per layer with a quota of :mod:`sparsejax.quotas`); pruned weights
+  never come back. ``target='effective'`` aims each step at s_t as *effective*
+  sparsity with the exact search of :mod:`sparsejax.pruning` along |w|
+  (:meth:`GradualMagnitude.update_effective`).
+- :class:`SET` (Mocanu et al., 2018) and :class:`RigL` (Evci et al., 2020): in each
+  layer drop the n = floor(f_t k_l) kept weights of smallest |w| and grow n weights
+  among the others (dropped ones included): at random (SET) or by largest |dL/dw|
+  (RigL). Every layer keeps exactly k_l weights. The drop fraction is constant or
+  decays as f_t = f_0 / 2 (1 + cos(pi t / t_end)); there are no updates after t_end.
+  With a connectivity ``sweep`` (``regrow='active'``) weights are grown first among
+  those that would be active (:attr:`sparsejax.effective.Connectivity.potential` of
+  the mask after the drop), so none is dead on arrival while such weights remain.
+- :class:`STE` (straight-through estimator, e.g. Zhou et al., 2021): dense weights
+  keep training; the forward pass uses w * m with m the top round((1 - s) N) of |w|
+  recomputed every ``every`` steps, and the gradient passes straight through to w
+  (:func:`sparsejax.optim.straight_through`).
+
+Ties are broken by position (flattened layers, input-to-output order), so an update
+is a deterministic function of its arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsejax import masks as masks_lib
+from sparsejax import quotas as quotas_lib
+
+PyTree = Any
+DECAYS = ("constant", "cosine")
+TARGETS = ("direct", "effective")
+REGROW = ("any", "active")
+
+
+# ---------------------------------------------------------------- schedules
+
+
+def gmp_sparsity(step, *, initial: float, final: float, start: int, end: int):
+  """The cubic schedule s_t = s_f + (s_i - s_f)(1 - (t - t0)/(t1 - t0))^3, clipped to
+  [t0, t1] (s_i before t0, s_f after t1). Jit-able in ``step``."""
+  t = jnp.asarray(step, jnp.float32)
+  frac = jnp.where(t >= end, 1.0, jnp.clip((t - start) / max(end - start, 1), 0.0, 1.0))
+  return final + (initial - final) * (1.0 - frac) ** 3
+
+
+def drop_fraction(step, *, initial: float, end: int, decay: str):
+  """f_t: ``initial`` (constant) or initial / 2 (1 + cos(pi t / end)) (cosine)."""
+  if decay == "constant":
+    return jnp.float32(initial)
+  t = jnp.minimum(jnp.asarray(step, jnp.float32), float(end))
+  return initial / 2.0 * (1.0 + jnp.cos(jnp.pi * t / max(end, 1)))
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _flat(tree: PyTree) -> list[jax.Array]:
+  return [x.reshape(-1) for x in masks_lib.mask_leaves(tree)]
+
+
+def _like(masks: PyTree, flat: list[jax.Array]) -> PyTree:
+  it = iter(flat)
+  return masks_lib.map_masks(lambda m: next(it).reshape(m.shape), masks)
+
+
+def _prunable(params: PyTree, masks: PyTree) -> list[jax.Array]:
+  """The params at the masks' leaves, flat, in layer order."""
+  return _flat(masks_lib.map_masks(lambda m, w: w, masks, params))
+
+
+def _rank_desc(score: jax.Array) -> jax.Array:
+  """Rank of each entry when sorted by descending score, ties by position."""
+  order = jnp.argsort(-score, stable=True)
+  return jnp.zeros(score.shape, jnp.int32).at[order].set(
+      jnp.arange(score.size, dtype=jnp.int32))
+
+
+def _top(score: jax.Array, count) -> jax.Array:
+  """Bool: the ``count`` highest scores (ties by position)."""
+  return _rank_desc(score) < count
+
+
+def _check_range(name: str, value, low: float, high: float, high_open: bool = True):
+  ok = low <= value < high if high_open else low <= value <= high
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
+    bracket = ")" if high_open else "]"
+    raise ValueError(f"{name}={value!r} must be in [{low}, {high}{bracket}.")
+
+
+def _check_steps(start: int, end: int, every: int) -> None:
+  for name, value in (("start", start), ("end", end)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ValueError(f"{name}={value!r} must be a non-negative integer step.")
+  if end < start:
+    raise ValueError(f"end={end!r} must be at least start={start!r}.")
+  if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    raise ValueError(f"every={every!r} must be a positive integer (steps between updates).")
+
+
+def apply_update(params: PyTree, masks: PyTree) -> PyTree:
+  """Params with the weights outside ``masks`` set to 0 (dropped ones; grown ones are
+  already 0, having been pruned)."""
+  return masks_lib.apply(params, masks)
+
+
+# ---------------------------------------------------------------- updaters
+
+
+@dataclasses.dataclass(frozen=True)
+class GradualMagnitude:
+  """Gradual magnitude pruning with the cubic schedule (see the module docstring).
+
+  final_sparsity: s_f, reached at step ``end``. initial_sparsity: s_i at ``start``.
+  every: steps between updates. quota: None (one global magnitude ranking) or a
+  quota name. target: 'direct', or 'effective' (each step reaches s_t in effective
+  sparsity; use :meth:`update_effective`).
+  """
+
+  final_sparsity: float
+  start: int
+  end: int
+  every: int = 100
+  initial_sparsity: float = 0.0
+  quota: str | None = None
+  target: str = "direct"
+  needs_grads = False
+  straight_through = False
+
+  def __post_init__(self):
+    _check_range("final_sparsity", self.final_sparsity, 0.0, 1.0)
+    _check_range("initial_sparsity", self.initial_sparsity, 0.0, self.final_sparsity,
+                 high_open=False)
+    _check_steps(self.start, self.end, self.every)
+    if self.quota is not None and self.quota not in quotas_lib.QUOTAS:
+      raise ValueError(f"quota={self.quota!r} is not a quota; allowed: None (global), "
+                       f"{', '.join(quotas_lib.QUOTAS)}.")
+    if self.target not in TARGETS:
+      raise ValueError(f"target={self.target!r} is not allowed; allowed: {', '.join(TARGETS)}.")
+
+  def is_update_step(self, step: int) -> bool:
+    return self.start <= step <= self.end and (step - self.start) % self.every == 0
+
+  def sparsity(self, step):
+    return gmp_sparsity(step, initial=self.initial_sparsity, final=self.final_sparsity,
+                        start=self.start, end=self.end)
+
+  def scores(self, params: PyTree, masks: PyTree) -> PyTree:
+    """|w| at kept weights, -1 at pruned ones (they rank last and never return)."""
+    return masks_lib.map_masks(lambda m, w: jnp.where(m, jnp.abs(w).astype(jnp.float32), -1.0),
+                               masks, params)
+
+  @functools.partial(jax.jit, static_argnames=("self",))
+  def update(self, params, grads, masks, step, key):
+    """Masks at s_t: the round((1 - s_t) N) largest |w| among the kept (jitted)."""
+    del grads, key
+    score = _flat(self.scores(params, masks))
+    shapes = tuple(tuple(m.shape) for m in masks_lib.mask_leaves(masks))
+    total = sum(math.prod(s) for s in shapes)
+    density = 1.0 - self.sparsity(step)
+    if self.quota is None:
+      kept = jnp.round(density * total).astype(jnp.int32)
+      keep = _top(jnp.concatenate(score), kept)
+      splits = np.cumsum([s.size for s in score])[:-1]
+      return _like(masks, jnp.split(keep, splits))
+    counts = quotas_lib.layer_kept_counts(self.quota, density, shapes)
+    return _like(masks, [_top(s, counts[l]) for l, s in enumerate(score)])
+
+  def update_effective(self, params, masks, step, *, model, input_shape):
+    """Masks at the smallest direct sparsity whose effective sparsity is at least s_t,
+    along |w| among the kept weights (the exact search of :mod:`sparsejax.pruning`)."""
+    from sparsejax import pruning  # pruning builds on effective; dynamic does not need it
+    ranking = pruning.rank_scores(self.scores(params, masks), quota=self.quota)
+    return pruning.masks_from_ranking(ranking, float(self.sparsity(step)), "effective",
+                                      model=model, input_shape=input_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DropGrow:
+  """Shared by SET and RigL: drop the smallest |w|, grow as ``_grow_score`` says."""
+
+  end: int
+  every: int = 100
+  start: int = 0
+  drop_fraction: float = 0.3
+  decay: str = "cosine"
+  regrow: str = "any"
+  straight_through = False
+
+  def __post_init__(self):
+    _check_steps(self.start, self.end, self.every)
+    _check_range("drop_fraction", self.drop_fraction, 0.0, 1.0, high_open=False)
+    if self.decay not in DECAYS:
+      raise ValueError(f"decay={self.decay!r} is not allowed; allowed: {', '.join(DECAYS)}.")
+    if self.regrow not in REGROW:
+      raise ValueError(f"regrow={self.regrow!r} is not allowed; allowed: {', '.join(REGROW)}.")
+
+  def is_update_step(self, step: int) -> bool:
+    return (self.start < step < self.end) and (step - self.start) % self.every == 0
+
+  def fraction(self, step):
+    return drop_fraction(step, initial=self.drop_fraction, end=self.end, decay=self.decay)
+
+  def _grow_score(self, grads, keys, i, shape):
+    """Per-layer growth priority [n_l] (higher grows first)."""
+    raise NotImplementedError
+
+  @functools.partial(jax.jit, static_argnames=("self", "sweep"))
+  def update(self, params, grads, masks, step, key, sweep: Callable | None = None):
+    """Per layer: drop n = floor(f_t k_l) smallest |w| among the kept, grow n by the
+    grow score among the rest (the dropped included); with ``sweep`` (a connectivity
+    sweep, ``regrow='active'``) weights that would be active are grown first."""
+    w = _prunable(params, masks)
+    m = _flat(masks)
+    g = None if grads is None else _prunable(grads, masks)
+    f = self.fraction(step)
+    keys = jax.random.split(key, len(m))
+    dropped = []
+    for wl, ml in zip(w, m):
+      k = jnp.sum(ml, dtype=jnp.int32)
+      n = jnp.floor(f * k.astype(jnp.float32)).astype(jnp.int32)
+      # The n smallest |w| among the kept: lowest = highest of -|w| (pruned last).
+      drop_score = jnp.where(ml, -jnp.abs(wl).astype(jnp.float32), -jnp.inf)
+      dropped.append((ml & ~_top(drop_score, n), n))
+    potential = None
+    if sweep is not None and self.regrow == "active":
+      potential = _flat(sweep(_like(masks, [d for d, _ in dropped])).potential)
+    out = []
+    for i, (kept, n) in enumerate(dropped):
+      score = self._grow_score(g, keys, i, m[i].shape)
+      if potential is not None:  # would-be-active weights first, then the others
+        order = jnp.argsort(-score, stable=True)
+        order = order[jnp.argsort(~potential[i][order], stable=True)]
+        rank = jnp.zeros(score.shape, jnp.int32).at[order].set(
+            jnp.arange(score.size, dtype=jnp.int32))
+        candidates = jnp.where(kept, jnp.int32(score.size), rank)
+        grow = _top(-candidates.astype(jnp.float32), n) & ~kept
+      else:
+        grow = _top(jnp.where(kept, -jnp.inf, score), n)
+      out.append(kept | grow)
+    return _like(masks, out)
+
+
+@dataclasses.dataclass(frozen=True)
+class SET(_DropGrow):
+  """Sparse Evolutionary Training: magnitude drop, random regrowth (constant drop
+  fraction by default, as in Mocanu et al.)."""
+
+  decay: str = "constant"
+  needs_grads = False
+
+  def _grow_score(self, grads, keys, i, shape):
+    return jax.random.uniform(keys[i], shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class RigL(_DropGrow):
+  """Rigging the Lottery: magnitude drop, regrowth by largest |dL/dw| of the dense
+  gradient, cosine-decayed drop fraction (Evci et al.)."""
+
+  needs_grads = True
+
+  def _grow_score(self, grads, keys, i, shape):
+    if grads is None:
+      raise ValueError("RigL grows by gradient magnitude: pass grads= (dense gradients).")
+    return jnp.abs(grads[i]).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class STE:
+  """Straight-through magnitude pruning: the mask is the top round((1 - s) N) of |w|
+  of the dense weights (globally or per layer with ``quota``), recomputed every
+  ``every`` steps; training keeps the dense weights and uses w * m forward."""
+
+  sparsity: float
+  every: int = 1
+  end: int | None = None
+  quota: str | None = None
+  needs_grads = False
+  straight_through = True
+
+  def __post_init__(self):
+    _check_range("sparsity", self.sparsity, 0.0, 1.0)
+    _check_steps(0, self.end if self.end is not None else 0, self.every)
+    if self.quota is not None and self.quota not in quotas_lib.QUOTAS:
+      raise ValueError(f"quota={self.quota!r} is not a quota; allowed: None (global), "
+                       f"{', '.join(quotas_lib.QUOTAS)}.")
+
+  def is_update_step(self, step: int) -> bool:
+    return step % self.every == 0 and (self.end is None or step <= self.end)
+
+  @functools.partial(jax.jit, static_argnames=("self",))
+  def update(self, params, grads, masks, step, key):
+    del grads, step, key
+    gmp = GradualMagnitude(self.sparsity, 0, 0, 1, self.sparsity, self.quota)
+    ones = masks_lib.map_masks(jnp.ones_like, masks)
+    return gmp.update(params, None, ones, 0, None)
+
+
+Updater = GradualMagnitude | SET | RigL | STE
+
+
+def kept_count(masks: PyTree) -> int:
+  return int(sum(int(jnp.sum(m)) for m in masks_lib.mask_leaves(masks)))
+
+
+__all__ = ["GradualMagnitude", "SET", "RigL", "STE", "Updater", "gmp_sparsity",
+           "drop_fraction", "apply_update", "kept_count", "DECAYS", "TARGETS", "REGROW"]

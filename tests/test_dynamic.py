@@ -1,0 +1,241 @@
+"""Moving masks: gradual magnitude pruning, SET, RigL and STE against closed forms and
+brute-force references, inside the library's training loop."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsejax import dynamic, effective, masks as masks_lib, pruning, training
+from tests import test_pruning as TP
+from tests.test_training import TinyMLP, _batch, mnist_like, numpy_mask, numpy_params, tiny_config  # noqa: F401
+
+
+def params_and_masks(density=1.0, seed=0):
+  params = numpy_params(TinyMLP(), (28, 28, 1), seed)
+  masks = (masks_lib.ones(params) if density == 1.0 else numpy_mask(params, density, seed))
+  return masks_lib.apply(params, masks), masks
+
+
+def flat(tree):
+  return [np.asarray(x).reshape(-1) for x in masks_lib.mask_leaves(tree)]
+
+
+# ------------------------------------------------------------------ GMP
+
+
+def test_gmp_schedule_is_the_cubic_closed_form_and_ends_at_the_target():
+  gmp = dynamic.GradualMagnitude(0.9, start=100, end=700, every=100, initial_sparsity=0.2)
+  params, masks = params_and_masks()
+  total = masks_lib.count(masks)[1]
+  steps = [t for t in range(1000) if gmp.is_update_step(t)]
+  assert steps == [100, 200, 300, 400, 500, 600, 700]
+  previous = masks
+  for t in steps:
+    want = 0.9 + (0.2 - 0.9) * (1 - (t - 100) / 600) ** 3
+    assert float(gmp.sparsity(t)) == pytest.approx(want, abs=1e-6)
+    masks = gmp.update(params, None, masks, jnp.int32(t), jax.random.key(0))
+    assert masks_lib.count(masks)[0] == round((1 - float(gmp.sparsity(t))) * total)
+    for new, old in zip(flat(masks), flat(previous)):  # pruned weights never return
+      assert not np.any(new & ~old)
+    previous = masks
+  assert masks_lib.count(masks)[0] == round(0.1 * total)
+  # The kept weights are the largest |w| among those kept before (global ranking).
+  w = np.concatenate([np.abs(x) for x in flat(masks_lib.map_masks(lambda m, p: p, masks,
+                                                                   params))])
+  keep = np.concatenate(flat(masks))
+  assert w[keep].min() >= w[~keep].max()
+
+
+def test_gmp_with_a_quota_keeps_the_quota_counts():
+  gmp = dynamic.GradualMagnitude(0.8, start=0, end=0, quota="igq")
+  params, masks = params_and_masks()
+  out = gmp.update(params, None, masks, jnp.int32(0), jax.random.key(0))
+  shapes = tuple(m.shape for m in masks_lib.mask_leaves(masks))
+  want = np.asarray(pruning.quotas_lib.layer_kept_counts("igq", 0.2, shapes))
+  assert [int(m.sum()) for m in flat(out)] == want.tolist()
+
+
+def test_gmp_effective_target_equals_the_brute_force_scan():
+  model, shapes, input_shape = TP.small("mlp")
+  params = TP.random_scores(shapes, 3)  # stands in for trained weights
+  masks = masks_lib.ones(params)
+  gmp = dynamic.GradualMagnitude(0.7, start=0, end=4, every=2, target="effective")
+  for t in (0, 2, 4):
+    s_t = float(gmp.sparsity(t))
+    new = gmp.update_effective(params, masks, t, model=model, input_shape=input_shape)
+    eff = effective.effective_masks(model, new, input_shape)
+    assert masks_lib.direct_sparsity(eff) >= s_t - 1e-9
+    ranking = pruning.rank_scores(gmp.scores(params, masks))
+    want, _ = TP.brute_force(model, ranking, pruning.max_kept_for_sparsity(s_t, ranking.total),
+                             input_shape)
+    assert masks_lib.count(new)[0] == want
+    masks = new
+
+
+# ------------------------------------------------------------- SET / RigL
+
+
+def brute_force_rigl(w, g, m, fraction):
+  """Per layer: drop the n smallest |w| among kept (ties by position), grow the n
+  largest |g| among the others."""
+  out = []
+  for wl, gl, ml in zip(w, g, m):
+    n = int(np.floor(np.float32(fraction) * np.float32(ml.sum())))
+    kept_idx = np.nonzero(ml)[0]
+    order = kept_idx[np.argsort(np.abs(wl[kept_idx]), kind="stable")]
+    after = ml.copy()
+    after[order[:n]] = False
+    cand = np.nonzero(~after)[0]
+    grow = cand[np.argsort(-np.abs(gl[cand]), kind="stable")[:n]]
+    after[grow] = True
+    out.append(after)
+  return out
+
+
+def test_rigl_regrows_the_largest_gradients_and_keeps_counts():
+  params, masks = params_and_masks(0.3)
+  rigl = dynamic.RigL(end=1000, every=100, drop_fraction=0.3)
+  for t in (100, 400, 900):
+    grads = numpy_params(TinyMLP(), (28, 28, 1), seed=t)  # a new gradient each time
+    new = rigl.update(params, grads, masks, jnp.int32(t), jax.random.key(t))
+    f = 0.3 / 2 * (1 + math.cos(math.pi * t / 1000))
+    assert float(rigl.fraction(t)) == pytest.approx(f, rel=1e-6)
+    w = flat(masks_lib.map_masks(lambda m, p: p, masks, params))
+    g = flat(masks_lib.map_masks(lambda m, p: p, masks, grads))
+    want = brute_force_rigl(w, g, flat(masks), float(rigl.fraction(t)))
+    for got, exp, old in zip(flat(new), want, flat(masks)):
+      np.testing.assert_array_equal(got, exp)
+      assert got.sum() == old.sum()
+    assert any((a != b).any() for a, b in zip(flat(new), flat(masks)))
+    masks = new
+    params = dynamic.apply_update(params, masks)
+  assert not rigl.is_update_step(1000) and rigl.is_update_step(900)
+
+
+def test_set_keeps_counts_and_grows_at_random():
+  params, masks = params_and_masks(0.3)
+  s = dynamic.SET(end=1000, every=100, drop_fraction=0.3)
+  assert float(s.fraction(500)) == pytest.approx(0.3)
+  new = s.update(params, None, masks, jnp.int32(100), jax.random.key(0))
+  again = s.update(params, None, masks, jnp.int32(100), jax.random.key(0))
+  other = s.update(params, None, masks, jnp.int32(100), jax.random.key(1))
+  for a, b, old in zip(flat(new), flat(again), flat(masks)):
+    np.testing.assert_array_equal(a, b)  # deterministic in (params, masks, step, key)
+    assert a.sum() == old.sum()
+  assert any((a != b).any() for a, b in zip(flat(new), flat(other)))
+
+
+def test_active_regrowth_lands_no_weight_on_a_dead_unit():
+  model, shapes, input_shape = TP.small("cnn")
+  params = TP.random_scores(shapes, 1)
+  masks = masks_lib.map_masks(lambda m: m, pruning.masks_at(
+      pruning.rank_scores(TP.random_scores(shapes, 2)), 60))
+  sweep = effective.connectivity_sweep(model, input_shape, units=False)
+  grads = TP.random_scores(shapes, 4)
+  for cls in (dynamic.RigL, dynamic.SET):
+    up = cls(end=100, every=10, drop_fraction=0.5, regrow="active")
+    new = up.update(params, grads, masks, jnp.int32(10), jax.random.key(0), sweep=sweep)
+    after_drop_potential = None
+    grown = masks_lib.map_masks(lambda n, o: n & ~o, new, masks)
+    eff = effective.effective_masks(model, new, input_shape)
+    dead = masks_lib.count(masks_lib.map_masks(lambda g, e: g & ~e, grown, eff))[0]
+    plain = cls(end=100, every=10, drop_fraction=0.5).update(
+        params, grads, masks, jnp.int32(10), jax.random.key(0))
+    grown_plain = masks_lib.map_masks(lambda n, o: n & ~o, plain, masks)
+    eff_plain = effective.effective_masks(model, plain, input_shape)
+    dead_plain = masks_lib.count(masks_lib.map_masks(lambda g, e: g & ~e, grown_plain,
+                                                     eff_plain))[0]
+    assert dead <= dead_plain
+    assert masks_lib.count(new)[0] == masks_lib.count(masks)[0]
+    del after_drop_potential
+
+
+def test_bad_arguments_name_the_field():
+  with pytest.raises(ValueError, match="final_sparsity=1.0"):
+    dynamic.GradualMagnitude(1.0, start=0, end=10)
+  with pytest.raises(ValueError, match="end=5 must be at least start=10"):
+    dynamic.GradualMagnitude(0.5, start=10, end=5)
+  with pytest.raises(ValueError, match="every=0"):
+    dynamic.RigL(end=10, every=0)
+  with pytest.raises(ValueError, match="decay='linear'"):
+    dynamic.SET(end=10, decay="linear")
+  with pytest.raises(ValueError, match="regrow='dead'"):
+    dynamic.RigL(end=10, regrow="dead")
+  with pytest.raises(ValueError, match="grads="):
+    params, masks = params_and_masks(0.5)
+    dynamic.RigL(end=10).update(params, None, masks, jnp.int32(1), jax.random.key(0))
+
+
+# ------------------------------------------------------------ in training
+
+
+TRACK = False  # TEMP until the connectivity transform lands
+
+UPDATERS = {
+    "gmp": lambda: dynamic.GradualMagnitude(0.9, start=4, end=16, every=4),
+    "set": lambda: dynamic.SET(end=20, every=4),
+    "rigl": lambda: dynamic.RigL(end=20, every=4),
+    "ste": lambda: dynamic.STE(0.9, every=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UPDATERS))
+def test_pruned_weights_are_zero_after_every_step(name, mnist_like):
+  (images, labels), _ = mnist_like
+  model, cfg = TinyMLP(), tiny_config(train_steps=24)
+  params = numpy_params(model, (28, 28, 1))
+  start = masks_lib.ones(params) if name == "gmp" else numpy_mask(params, 0.1)
+  updater = UPDATERS[name]()
+  state = training.create_train_state(model, jax.random.key(0), (28, 28, 1), cfg,
+                                      masks=start, params=params,
+                                      straight_through=updater.straight_through)
+  key = jax.random.key(1)
+  updates = training.MaskUpdates(updater, model=model, spec="mnist" and training.data.get_spec(
+      "mnist"), input_shape=(28, 28, 1), step_key=key, track_effective=TRACK)
+  kept = None
+  for step in range(24):
+    before = state.masks
+    if updater.is_update_step(step):
+      state = updates(state, _batch(images, labels, 32, step), step)
+    elif kept is not None:  # masks only move at update steps
+      assert all(np.array_equal(a, b) for a, b in zip(flat(before), flat(state.masks)))
+    state, _ = training._train_step(state, _batch(images, labels, 32, step), key, model=model,
+                                    spec=training.data.get_spec("mnist"), config=cfg,
+                                    straight_through=updater.straight_through)
+    kept = masks_lib.count(state.masks)[0]
+    forward = (masks_lib.apply(state.params, state.masks) if updater.straight_through
+               else state.params)
+    for w, m in zip(flat(masks_lib.map_masks(lambda m, p: p, state.masks, forward)),
+                    flat(state.masks)):
+      assert np.all(w[~m] == 0.0)
+  assert [r["step"] for r in updates.records] == [s for s in range(24)
+                                                  if updater.is_update_step(s)]
+  for r in updates.records:
+    assert not TRACK or (r["dead_kept"] >= 0 and r["effective_compression"] >= r["direct_compression"] - 1e-9)
+  if name in ("set", "rigl"):
+    assert len({r["kept"] for r in updates.records}) == 1
+    assert all(r["grown"] == r["dropped"] for r in updates.records)
+  if name == "gmp":
+    assert updates.records[-1]["direct_compression"] == pytest.approx(10, rel=0.01)
+
+
+def test_train_with_an_updater_resumes_to_the_same_masks(mnist_like, tmp_path):
+  train_data, test_data = mnist_like
+  model, cfg = TinyMLP(), tiny_config(train_steps=20)
+  params = numpy_params(model, (28, 28, 1))
+  kw = dict(masks=numpy_mask(params, 0.2), params=params, eval_every=10, log_every=10,
+            checkpoint_every=6, updater=dynamic.RigL(end=20, every=4), track_effective=TRACK)
+  full = training.train(model, "mnist", cfg, train_data, test_data, **kw)
+  training.train(model, "mnist", cfg, train_data, test_data, workdir=str(tmp_path),
+                 num_steps=12, **kw)
+  resumed = training.train(model, "mnist", cfg, train_data, test_data,
+                           workdir=str(tmp_path), **kw)
+  assert resumed.start_step == 12
+  assert [r["step"] for r in resumed.mask_updates] == [4, 8, 12, 16]
+  assert resumed.mask_updates == full.mask_updates
+  for a, b in zip(flat(full.state.masks), flat(resumed.state.masks)):
+    np.testing.assert_array_equal(a, b)
+  jax.tree.map(np.testing.assert_array_equal, full.state.params, resumed.state.params)
