@@ -17,6 +17,9 @@ from sparsejax import data, files, masks, pruning
 #: Iterative magnitude pruning with rewinding: a training procedure of
 #: experiments.prune_train, not a ranking, so not in the pruner registry.
 IMP = "imp"
+#: Masks that move during training (sparsejax.dynamic): gradual magnitude pruning,
+#: SET, RigL and straight-through magnitude pruning. Training procedures too.
+DYNAMIC = ("gmp", "set", "rigl", "ste")
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
@@ -138,12 +141,13 @@ def target_sparsity(config) -> float:
 
 
 def check_pruner(name: str) -> pruning.Pruner | None:
-  """The registered pruner ``name``, or None for 'imp'; ValueError for anything else."""
-  if name == IMP:
+  """The registered pruner ``name``, or None for a training procedure ('imp' and the
+  :data:`DYNAMIC` ones); ValueError for anything else."""
+  if name == IMP or name in DYNAMIC:
     return None
   if name not in pruning.PRUNERS:
     raise ValueError(f"pruner={name!r} is not a known pruner; allowed: "
-                     f"{', '.join(pruning.PRUNERS)}, {IMP}.")
+                     f"{', '.join(pruning.PRUNERS)}, {IMP}, {', '.join(DYNAMIC)}.")
   return pruning.PRUNERS[name]
 
 

@@ -36,7 +36,8 @@ FLAGS = flags.FLAGS
 # One colour per pruner, the same in every figure.
 PRUNER_ORDER = ("dense", "random/uniform", "random/uniform_plus", "random/erk", "random/igq",
                 "random/snip", "random/synflow", "snip", "snip/iterative", "grasp",
-                "synflow", "lamp", "magnitude/global", "magnitude/igq", "imp")
+                "synflow", "lamp", "magnitude/global", "magnitude/igq", "imp", "gmp", "set",
+                "rigl", "ste")
 ARCH_TITLES = {"lenet300100": "LeNet-300-100", "lenet5": "LeNet-5", "vgg16": "VGG-16",
                "vgg19": "VGG-19", "resnet18": "ResNet-18"}
 
@@ -46,7 +47,8 @@ COLOURS = {"dense": "#000000", "random/uniform": "#1f77b4", "random/uniform_plus
            "random/erk": "#ff7f0e", "random/igq": "#2ca02c", "random/snip": "#ff9896",
            "snip": "#d62728", "snip/iterative": "#8c564b", "random/synflow": "#c5b0d5",
            "synflow": "#9467bd", "grasp": "#e377c2", "lamp": "#bcbd22",
-           "magnitude/global": "#17becf", "magnitude/igq": "#7f7f7f", "imp": "#000080"}
+           "magnitude/global": "#17becf", "magnitude/igq": "#7f7f7f", "imp": "#000080",
+           "gmp": "#e6550d", "set": "#31a354", "rigl": "#6a3d9a", "ste": "#b15928"}
 
 
 def _colour(pruner: str):
@@ -101,7 +103,8 @@ def load_runs(results_dir: str) -> list[dict]:
         status=r.get("status", "ok"), direct_compression=r.get("direct_compression"),
         effective_compression=r.get("effective_compression"),
         test_accuracy=r.get("test_accuracy"), wall_time=r.get("wall_time"),
-        steps_per_second=r.get("steps_per_second"), path=path))
+        steps_per_second=r.get("steps_per_second"), mask_updates=r.get("mask_updates"),
+        path=path))
   return runs
 
 
@@ -267,6 +270,104 @@ def plot_accuracy(runs: list[dict], path: str, title: str) -> None:
   _save(fig, path)
 
 
+#: At-init pruners and IMP drawn beside the moving-mask methods.
+DYNAMIC_REFERENCES = ("random/igq", "snip", "synflow", "imp")
+
+
+def plot_dynamic_accuracy(runs: list[dict], path: str, title: str) -> None:
+  """Test accuracy against effective compression of the moving-mask methods (solid:
+  direct update target, dashed: effective), beside at-init pruners and IMP (thin)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  groups = {k: _summary(v) for k, v in _group(runs).items()}
+  fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+  for ax, xkey in zip(axes, ("direct", "effective")):
+    for pruner in _order(p for p, _, _ in groups):
+      dynamic = pruner in common.DYNAMIC
+      if not dynamic and pruner not in DYNAMIC_REFERENCES:
+        continue
+      for ptype, style in (("direct", "-"), ("effective", "--")):
+        pts = sorted((g[xkey], g) for (p, t, _), g in groups.items()
+                     if p == pruner and t == ptype and "accuracy" in g
+                     and math.isfinite(g[xkey]))
+        if not pts or (not dynamic and ptype == "direct" and pruner != "imp"):
+          continue
+        err = [[g["accuracy"] - g["accuracy_min"] for _, g in pts],
+               [g["accuracy_max"] - g["accuracy"] for _, g in pts]]
+        ax.errorbar([a for a, _ in pts], [g["accuracy"] for _, g in pts], yerr=err,
+                    fmt=style + "o", ms=3 if dynamic else 2, lw=1.6 if dynamic else 0.8,
+                    capsize=2, color=_colour(pruner), alpha=1.0 if dynamic else 0.6,
+                    label=f"{pruner} ({ptype} target)")
+    for g in [g for (p, _, _), g in groups.items() if p == "dense" and "accuracy" in g]:
+      ax.axhline(g["accuracy"], color="black", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{xkey} compression at the end of training")
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0].set_ylabel("test accuracy")
+  axes[1].legend(fontsize=7, loc="lower left", ncol=2)
+  fig.suptitle(title + " (dotted: dense; thin: at-init pruners and IMP for reference)",
+               fontsize=10)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def plot_dead_weights(runs: list[dict], path: str, title: str,
+                      targets=(25.118864315, 158.48931925, 1000.0)) -> None:
+  """Fraction of kept weights that are dead (on no input-output path) at every mask
+  update, per moving-mask method and update target; one panel per target (seed 0)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, len(targets), figsize=(4.6 * len(targets), 4), sharey=True)
+  for ax, target in zip(axes, targets):
+    for r in sorted(runs, key=lambda r: (r["pruner"], r["pruning_type"])):
+      if (r["pruner"] not in common.DYNAMIC or r["seed"] != 0 or not r.get("mask_updates")
+          or not math.isclose(r["target_compression"], target, rel_tol=1e-6)):
+        continue
+      ups = [u for u in r["mask_updates"] if "dead_kept" in u and u["kept"]]
+      ax.plot([u["step"] for u in ups], [u["dead_kept"] / u["kept"] for u in ups],
+              "-" if r["pruning_type"] == "direct" else "--", marker=".", ms=3,
+              color=_colour(r["pruner"]), label=f"{r['pruner']} ({r['pruning_type']})")
+    ax.set_title(f"target {target:.4g}x", fontsize=9)
+    ax.set_xlabel("training step")
+    ax.grid(True, alpha=0.3)
+  axes[0].set_ylabel("dead kept weights / kept weights")
+  if axes[0].get_legend_handles_labels()[0]:
+    axes[0].legend(fontsize=7)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def dynamic_table(runs: list[dict]) -> str:
+  """Moving-mask methods: per target, accuracy and the compressions reached at the end
+  (direct / effective; effective/direct is the hidden gap), mean over seeds."""
+  groups = {k: _summary(v) for k, v in _group(runs).items()}
+  targets = sorted({t for (p, _, t) in groups if p in common.DYNAMIC})
+  header = ["method", "update target"] + [f"{t:.4g}x" for t in targets]
+  rows = []
+  for pruner in _order(p for p, _, _ in groups if p in common.DYNAMIC):
+    for ptype in ("direct", "effective"):
+      cells = []
+      for t in targets:
+        g = groups.get((pruner, ptype, t))
+        if g is None:
+          cells.append("")
+        elif g["status"] == "unreachable":
+          cells.append("unreachable")
+        elif "accuracy" not in g:
+          cells.append(g["status"])
+        else:
+          gap = (g["effective"] / g["direct"]) if math.isfinite(g["effective"]) else math.inf
+          cells.append(f"{g['accuracy']:.4f} ({_fmt(g['direct'], 3)}x / "
+                       f"{_fmt(g['effective'], 3)}x, gap {_fmt(gap, 3)})")
+      rows.append([pruner, ptype] + cells)
+  return common.markdown_table(header, rows)
+
+
 # ---------------------------------------------------------------- tables
 
 
@@ -418,8 +519,21 @@ def make_all(results_dir: str, figures_dir: str, doc: str | None,
       fn(arch, rows, path)
       written.append(path)
   runs = load_runs(results_dir)
+  # The paper reproduction's figures and tables hold the pruners of the paper; the
+  # moving-mask methods get their own.
+  moving = [r for r in runs if r["train_steps"] == short_steps
+            and r["pruner"] in common.DYNAMIC]
+  runs = [r for r in runs if r["pruner"] not in common.DYNAMIC]
   short = [r for r in runs if r["train_steps"] == short_steps]
   full = [r for r in runs if r["train_steps"] == full_steps]
+  for arch in sorted({r["arch"] for r in moving}):
+    rs = [r for r in short + moving if r["arch"] == arch]
+    title = (f"{ARCH_TITLES.get(arch, arch)} on {rs[0]['dataset']}, {short_steps} steps, "
+             "masks that move during training")
+    for name, fn in ((f"accuracy_dynamic_{arch}_t{short_steps}.png", plot_dynamic_accuracy),
+                     (f"dead_weights_{arch}_t{short_steps}.png", plot_dead_weights)):
+      fn(rs, os.path.join(figures_dir, name), title)
+      written.append(os.path.join(figures_dir, name))
   for arch in sorted({r["arch"] for r in short}):
     rs = [r for r in short if r["arch"] == arch]
     dataset = rs[0]["dataset"]
@@ -437,6 +551,8 @@ def make_all(results_dir: str, figures_dir: str, doc: str | None,
       common.update_markdown_section(doc, "claims-table", claims_table(short))
     if full:
       common.update_markdown_section(doc, "schedule-table", schedule_table(short, full))
+    if moving:
+      common.update_markdown_section(doc, "dynamic-table", dynamic_table(moving))
     written.append(doc)
   return written
 

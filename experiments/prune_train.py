@@ -40,7 +40,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import common, configs
-from sparsejax import data, effective, errors, masks as masks_lib, models, pruning, training
+from sparsejax import (data, dynamic, effective, errors, masks as masks_lib, models, pruning,
+                       training)
 
 FLAGS = flags.FLAGS
 
@@ -123,7 +124,19 @@ def run(config: ml_collections.ConfigDict, *, out_dir: str,
 
   mask_path = os.path.join(run_dir, "masks.npz")
   rounds = []
-  if p is None:  # IMP
+  if config.pruner in common.DYNAMIC:
+    updater = make_updater(config, sparsity)
+    try:
+      start_masks = _starting_masks(config, updater, model, variables, sparsity, key)
+    except errors.UnreachableSparsityError as err:
+      return _record_unreachable(err, name, record, result_path, start_time)
+    result = training.train(model, dspec, train_config, train_data, test_data,
+                            masks=start_masks, params=init_params, updater=updater,
+                            track_effective=config.track_effective,
+                            workdir=os.path.abspath(os.path.join(run_dir, "checkpoints")),
+                            **train_kwargs)
+    masks, start_params = result.state.masks, None
+  elif p is None:  # IMP
     result = _imp(model, dspec, train_config, train_data, test_data, init_params, sparsity,
                   config.pruning_type, input_shape, run_dir, config.imp_rounds,
                   config.rewind_step, train_kwargs, rounds)
@@ -147,14 +160,7 @@ def run(config: ml_collections.ConfigDict, *, out_dir: str,
                               input_shape=input_shape, batches=batches,
                               trained_params=trained, rounds=config.rounds)
       except errors.UnreachableSparsityError as err:
-        # An effective target beyond this ranking's reach is a result, not a failure:
-        # record it so the grid is complete and the sweep does not retry it.
-        logging.warning("%s: %s", name, err)
-        summary = {"config": record, "status": "unreachable", "error": str(err),
-                   "max_sparsity": err.max_sparsity, "test_accuracy": None,
-                   "wall_time": time.time() - start_time, "platform": jax.default_backend()}
-        common.atomic_write_json(result_path, summary)
-        return summary
+        return _record_unreachable(err, name, record, result_path, start_time)
       masks_lib.save(mask_path, masks)
     if p.score is None:
       _save_params(os.path.join(run_dir, "weights", "initial"), init_params)
@@ -178,11 +184,61 @@ def run(config: ml_collections.ConfigDict, *, out_dir: str,
       "steps_per_second": result.steps_per_second,
       "wall_time": time.time() - start_time,
       "imp_rounds": rounds or None,
+      "mask_updates": result.mask_updates or None,
       "platform": jax.default_backend(),
   }
   common.atomic_write_json(result_path, summary)
   logging.info("Wrote %s: test accuracy %.4f.", result_path, result.final_test_accuracy)
   return summary
+
+
+def _record_unreachable(err: errors.UnreachableSparsityError, name: str, record: dict,
+                        result_path: str, start_time: float) -> dict:
+  """An effective target beyond the ranking's reach is a result, not a failure: it is
+  recorded so that the grid is complete and the sweep does not retry it."""
+  logging.warning("%s: %s", name, err)
+  summary = {"config": record, "status": "unreachable", "error": str(err),
+             "max_sparsity": err.max_sparsity, "test_accuracy": None,
+             "wall_time": time.time() - start_time, "platform": jax.default_backend()}
+  common.atomic_write_json(result_path, summary)
+  return summary
+
+
+def make_updater(config: ml_collections.ConfigDict, sparsity: float) -> dynamic.Updater:
+  """The :mod:`sparsejax.dynamic` updater of a gmp/set/rigl/ste config, its steps scaled
+  to ``train_steps`` (update_start and update_end are fractions of the run)."""
+  for field in ("update_start", "update_end"):
+    if not 0.0 <= config[field] <= 1.0:
+      raise ValueError(f"--config.{field}={config[field]!r} must be a fraction of the run "
+                       "in [0, 1].")
+  steps = config.train_steps
+  start, end = round(config.update_start * steps), round(config.update_end * steps)
+  target = config.update_target or config.pruning_type
+  pruning.check_pruning_type(target, "--config.update_target")
+  if config.pruner == "gmp":
+    return dynamic.GradualMagnitude(sparsity, start=start, end=end, every=config.update_every,
+                                    initial_sparsity=config.initial_sparsity,
+                                    quota=config.quota, target=target)
+  if config.pruner == "ste":
+    if target == "effective":
+      raise ValueError("--config.update_target='effective' is not available for ste (its "
+                       "mask is recomputed from dense weights); allowed: direct.")
+    return dynamic.STE(sparsity, every=config.update_every, quota=config.quota)
+  cls = {"set": dynamic.SET, "rigl": dynamic.RigL}[config.pruner]
+  return cls(end=end, every=config.update_every, drop_fraction=config.drop_fraction,
+             regrow="active" if target == "effective" else "any")
+
+
+def _starting_masks(config, updater, model, variables, sparsity, key):
+  """GMP and STE start dense (STE's first update, at step 0, prunes); SET and RigL
+  start from random masks at the target with the quota (ERK by default), aimed at
+  effective sparsity when the update target is effective."""
+  if config.pruner in ("gmp", "ste"):
+    return masks_lib.ones(variables["params"])
+  target = config.update_target or config.pruning_type
+  return pruning.prune(f"random/{config.quota or 'erk'}", key=jax.random.fold_in(key, 1),
+                       model=model, variables=variables, sparsity=sparsity,
+                       pruning_type=target, input_shape=data.get_spec(config.dataset).image_shape)
 
 
 def _config_record(config, sparsity: float, source: common.DataSource) -> dict:

@@ -239,3 +239,43 @@ def test_train_with_an_updater_resumes_to_the_same_masks(mnist_like, tmp_path):
   for a, b in zip(flat(full.state.masks), flat(resumed.state.masks)):
     np.testing.assert_array_equal(a, b)
   jax.tree.map(np.testing.assert_array_equal, full.state.params, resumed.state.params)
+
+
+# ------------------------------------------------------------ experiments
+
+
+@pytest.mark.slow
+def test_prune_train_moving_masks_record_history_and_plot(tmp_path):
+  from experiments import common, configs, plot, prune_train, sweep
+  source = common.DataSource(synthetic=True, num_examples=256)
+  tiny = ["train_steps=40", "eval_every=20", "log_every=20", "update_every=10",
+          "checkpoint_every=20"]
+  out = tmp_path / "results" / "runs"
+  results = {}
+  for pruner, ptype in (("gmp", "direct"), ("gmp", "effective"), ("rigl", "direct"),
+                        ("set", "effective"), ("ste", "direct")):
+    config = configs.load("lenet300100", tiny + [f"pruner={pruner}", "compression=20",
+                                                 f"pruning_type={ptype}"])
+    results[pruner, ptype] = r = prune_train.run(config, out_dir=str(out), source=source)
+    assert r["status"] == "ok", (pruner, ptype)
+    ups = r["mask_updates"]
+    assert ups and all({"effective_compression", "dead_kept", "grown_dead"} <= set(u)
+                       for u in ups)
+  gmp = results["gmp", "direct"]
+  assert [u["step"] for u in gmp["mask_updates"]] == [10, 20, 30]
+  assert gmp["direct_compression"] == pytest.approx(20, rel=1e-3)
+  assert results["gmp", "effective"]["effective_compression"] >= 20 * (1 - 1e-9)
+  rigl = results["rigl", "direct"]["mask_updates"]
+  assert len({u["kept"] for u in rigl}) == 1  # a fixed budget that moves
+  assert all(u["grown_dead"] == 0 for u in results["set", "effective"]["mask_updates"])
+  assert results["ste", "direct"]["direct_compression"] == pytest.approx(20, rel=1e-3)
+  with pytest.raises(ValueError, match="update_target='effective' is not available for ste"):
+    prune_train.run(configs.load("lenet300100", tiny + ["pruner=ste", "compression=20",
+                                                        "pruning_type=effective"]),
+                    out_dir=str(out), source=source)
+  assert sweep.grid(["lenet300100"], ["gmp", "rigl"], [10.0], ["direct"], [0])[0]["pruner"] == "gmp"
+  written = plot.make_all(str(tmp_path / "results"), str(tmp_path / "figs"), None, 40, 96000)
+  for name in ("accuracy_dynamic_lenet300100_t40.png", "dead_weights_lenet300100_t40.png"):
+    assert (tmp_path / "figs" / name).read_bytes()[:4] == b"\x89PNG"
+  assert "gmp" in plot.dynamic_table(plot.load_runs(str(tmp_path / "results")))
+  del written

@@ -12,7 +12,21 @@ on the command line as ``--config.<field>=<value>``):
 - pruners: ``rounds`` (iterative pruners; None: the pruner's default),
   ``score_batches`` (batches of ``snip_batch_size`` examples for data-driven scores),
   ``dense_dir`` (the dense run whose weights magnitude/LAMP/IMP score),
-  ``imp_rounds``, ``rewind_step``.
+  ``imp_rounds``, ``rewind_step``;
+- masks that move during training (pruner gmp, set, rigl or ste; sparsejax.dynamic):
+  ``update_every`` (steps between mask updates), ``update_start`` and ``update_end``
+  (fractions of the run: GMP prunes from start to end, SET/RigL update until end),
+  ``initial_sparsity`` (GMP), ``drop_fraction`` (SET/RigL), ``quota`` (None: global
+  magnitude for GMP and STE, ERK for the starting masks of SET and RigL),
+  ``update_target`` (None: ``pruning_type``; 'effective' aims GMP at effective
+  sparsity and regrows SET/RigL only into weights that would be active),
+  ``track_effective`` (effective sparsity at every update, in the result).
+
+Defaults of the moving-mask methods follow their papers, scaled to ``train_steps``:
+RigL (Evci et al., 2020) updates every 100 steps with drop fraction 0.3, cosine decay
+to 0 at 75% of the run and ERK starting masks; SET (Mocanu et al., 2018) the same
+with a constant drop fraction; GMP (Zhu & Gupta, 2017) prunes from 25% to 75% of the
+run with the cubic schedule, every 100 steps.
 """
 
 from __future__ import annotations
@@ -58,4 +72,13 @@ def experiment(*, arch: str, dataset: str, batch_size: int, train_steps: int,
   c.dense_dir = config_dict.placeholder(str)
   c.imp_rounds = 5
   c.rewind_step = 0
+
+  c.update_every = 100
+  c.update_start = 0.25
+  c.update_end = 0.75
+  c.initial_sparsity = 0.0
+  c.drop_fraction = 0.3
+  c.quota = config_dict.placeholder(str)
+  c.update_target = config_dict.placeholder(str)
+  c.track_effective = True
   return c
