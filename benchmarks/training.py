@@ -51,19 +51,26 @@ def steps_per_second(state, batches, key, *, model, spec, config, window, window
   return statistics.median(rates)
 
 
-def bench(arch, batch_size, window, windows, compression=100.0):
+def _setup(arch, batch_size, pruner="random/igq", compression=100.0):
+  """Model, dataset spec, config, variables, masks of ``pruner``, 8 batches, key."""
   spec = models.get_spec(arch)
   dspec = data.get_spec(spec.dataset)
-  config = configs.get_config(arch, batch_size=batch_size)
+  config = configs.get_config(arch, batch_size=batch_size, train_steps=100_000)
   model = models.create(arch)
   key = jax.random.key(0)
   variables = model.init(key, jnp.ones((1,) + dspec.image_shape))
-  m = pruning.prune("random/igq", key=key, model=model, variables=variables,
+  m = pruning.prune(pruner, key=key, model=model, variables=variables,
                     sparsity=1 - 1 / compression)
   images, labels = data.synthetic_split(spec.dataset, "train", num_examples=8 * batch_size)
   batches = [{"image": jnp.asarray(images[i * batch_size:(i + 1) * batch_size]),
               "label": jnp.asarray(labels[i * batch_size:(i + 1) * batch_size])}
              for i in range(8)]
+  return model, dspec, config, variables, m, batches, key
+
+
+def bench(arch, batch_size, window, windows, compression=100.0):
+  model, dspec, config, variables, m, batches, key = _setup(arch, batch_size, "random/igq",
+                                                            compression)
   out = {}
   # Interleave masked and dense windows so both see the same machine state.
   states = {kind: training.create_train_state(model, key, dspec.image_shape, config,
@@ -80,22 +87,6 @@ def bench(arch, batch_size, window, windows, compression=100.0):
   return out
 
 
-def _setup(arch, batch_size, compression=100.0):
-  spec = models.get_spec(arch)
-  dspec = data.get_spec(spec.dataset)
-  config = configs.get_config(arch, batch_size=batch_size, train_steps=100_000)
-  model = models.create(arch)
-  key = jax.random.key(0)
-  variables = model.init(key, jnp.ones((1,) + dspec.image_shape))
-  m = pruning.prune("random/erk", key=key, model=model, variables=variables,
-                    sparsity=1 - 1 / compression)
-  images, labels = data.synthetic_split(spec.dataset, "train", num_examples=8 * batch_size)
-  batches = [{"image": jnp.asarray(images[i * batch_size:(i + 1) * batch_size]),
-              "label": jnp.asarray(labels[i * batch_size:(i + 1) * batch_size])}
-             for i in range(8)]
-  return model, dspec, config, variables, m, batches, key
-
-
 def _updaters(sparsity, steps):
   return {"fixed mask": None,
           "GMP": dynamic.GradualMagnitude(sparsity, start=0, end=steps, every=100),
@@ -104,7 +95,7 @@ def _updaters(sparsity, steps):
 
 def bench_dynamic_loop(arch, batch_size, steps, repeats):
   """Seconds per step of the training loop (updates included) per method/tracking."""
-  model, dspec, config, variables, m, batches, key = _setup(arch, batch_size)
+  model, dspec, config, variables, m, batches, key = _setup(arch, batch_size, "random/erk")
   out = {}
   for name, updater in _updaters(0.99, steps).items():
     for track in ((False,) if updater is None else (False, True)):
@@ -134,7 +125,7 @@ def bench_dynamic_loop(arch, batch_size, steps, repeats):
 def bench_dynamic_parts(arch, batch_size, repeats):
   """(seconds per train step, seconds per update) per method/tracking, for networks
   whose steps are too slow to run 100 of them per measurement."""
-  model, dspec, config, variables, m, batches, key = _setup(arch, batch_size)
+  model, dspec, config, variables, m, batches, key = _setup(arch, batch_size, "random/erk")
   state = training.create_train_state(model, key, dspec.image_shape, config, masks=m,
                                       params=variables["params"])
   step = lambda s: training._train_step(s, batches[0], key, model=model, spec=dspec,
