@@ -30,17 +30,23 @@ INNER = {
 
 
 def run_steps(tx, params, steps, key, jit=True):
+  """``steps`` updates with gradients N(0, 1) from ``fold_in(key, t)``; jitted as one
+  ``fori_loop``, or op by op."""
   state = tx.init(params)
 
-  def step(params, state, key):
-    grads = jax.tree.map(lambda p: jax.random.normal(key, p.shape), params)
+  def step(t, carry):
+    params, state = carry
+    k = jax.random.fold_in(key, t)
+    grads = jax.tree.map(lambda p: jax.random.normal(k, p.shape), params)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  step = jax.jit(step) if jit else step
+  if jit:
+    return jax.jit(lambda c: jax.lax.fori_loop(0, steps, step, c))((params, state))
+  carry = (params, state)
   for t in range(steps):
-    params, state = step(params, state, jax.random.fold_in(key, t))
-  return params, state
+    carry = step(t, carry)
+  return carry
 
 
 @pytest.mark.parametrize("name", sorted(INNER))
