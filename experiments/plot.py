@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import glob
 import io
-import json
 import math
 import os
 import statistics
 
 from absl import app, flags, logging
 
-from experiments import common, init_curves
+from experiments import common, init_curves, results
 
 FLAGS = flags.FLAGS
 
@@ -90,8 +89,7 @@ def load_runs(results_dir: str) -> list[dict]:
   runs = []
   for path in sorted(glob.glob(os.path.join(results_dir, "**", "result.json"),
                                recursive=True)):
-    with open(path) as f:
-      r = json.load(f)
+    r = results.load(path)  # InvalidResultError names a torn or incomplete file.
     c = r["config"]
     runs.append(dict(
         arch=c["arch"], dataset=c["dataset"], pruner=c["pruner"],
@@ -100,7 +98,8 @@ def load_runs(results_dir: str) -> list[dict]:
         status=r.get("status", "ok"), direct_compression=r.get("direct_compression"),
         effective_compression=r.get("effective_compression"),
         test_accuracy=r.get("test_accuracy"), wall_time=r.get("wall_time"),
-        steps_per_second=r.get("steps_per_second"), path=path))
+        steps_per_second=r.get("steps_per_second"), diverged_step=r.get("diverged_step"),
+        path=path))
   return runs
 
 
@@ -114,9 +113,15 @@ def _group(runs: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def _summary(rs: list[dict]) -> dict:
-  """Mean and range over seeds of accuracy and compressions (trained runs only)."""
-  ok = [r for r in rs if r["status"] != "unreachable"]
+  """Mean and range over seeds of accuracy and compressions (trained runs only; a
+  group with none is 'diverged' when a seed diverged, else 'unreachable')."""
+  ok = [r for r in rs if r["status"] not in ("unreachable", "diverged")]
   if not ok:
+    diverged = [r for r in rs if r["status"] == "diverged"]
+    if diverged:
+      return {"status": "diverged", "seeds": len(rs),
+              "direct": diverged[0].get("direct_compression"),
+              "effective": diverged[0].get("effective_compression")}
     return {"status": "unreachable", "seeds": len(rs)}
   acc = [r["test_accuracy"] for r in ok]
   return {"status": "disconnected" if any(r["status"] == "disconnected" for r in ok)
@@ -252,6 +257,14 @@ def plot_accuracy(runs: list[dict], path: str, title: str) -> None:
         style = "--" if pruner.startswith("random/") else "-"
         ax.errorbar(x, y, yerr=err, fmt=style + "o", ms=3, lw=1.2, capsize=2,
                     color=_colour(pruner), label=pruner)
+      # Diverged runs have no accuracy: an X on the bottom edge at their compression.
+      gone = [g[xkey] for (p, t, _), g in groups.items() if t == ptype and p != "dense"
+              and g["status"] == "diverged" and g.get(xkey) is not None
+              and math.isfinite(g[xkey])]
+      if gone:
+        ax.plot(gone, [0.02] * len(gone), "X", color="red", ms=7,
+                transform=ax.get_xaxis_transform(), label="diverged" if row == 0 and col == 1
+                else None)
       for g in dense:
         ax.axhline(g["accuracy"], color="black", lw=0.8, ls=":")
       ax.set_xscale("log")
@@ -282,8 +295,8 @@ def accuracy_table(runs: list[dict]) -> str:
         g = groups.get((pruner, ptype, t))
         if g is None:
           cells.append("")
-        elif g["status"] == "unreachable":
-          cells.append("unreachable")
+        elif g["status"] in ("unreachable", "diverged"):
+          cells.append(g["status"])
         else:
           spread = (f" ±{(g['accuracy_max'] - g['accuracy_min']) / 2:.3f}"
                     if g["seeds"] > 1 else "")
