@@ -23,7 +23,9 @@ Paper flows (method.md section 4):
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import time
 
 import jax
@@ -32,10 +34,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
-from experiments import common, configs
+from experiments import common, configs, processes, rundir
 from sparsejax import data, effective, masks as masks_lib, models, pruning, training
 
 FLAGS = flags.FLAGS
+# Exit status of a run refused because another process works in its folder.
+EXIT_LOCKED = 75
 
 
 def target_sparsity(compression: float | None, sparsity: float | None) -> float:
@@ -44,9 +48,7 @@ def target_sparsity(compression: float | None, sparsity: float | None) -> float:
       return 0.0
     raise ValueError("give either --compression or --target_sparsity, not both.")
   if compression is not None:
-    if not compression >= 1:
-      raise ValueError(f"--compression={compression!r} must be at least 1.")
-    return 1.0 - 1.0 / compression
+    return 1.0 - 1.0 / common.check_compression_flag("compression", compression)
   if not 0 <= sparsity < 1:
     raise ValueError(f"--target_sparsity={sparsity!r} is outside the allowed range [0, 1).")
   return sparsity
@@ -89,12 +91,25 @@ def run(*, arch: str, dataset: str | None, pruner: str, sparsity: float, pruning
         eval_every: int = 1000, checkpoint_every: int = 1000, log_every: int = 500,
         imp_rounds: int = 5, rewind_step: int = 0, score_batches: int = 10,
         score_kwargs: dict | None = None, num_examples: int | None = None) -> dict:
-  """Prunes, trains and writes the result JSON; returns the result."""
+  """Prunes, trains and writes the result JSON; returns the result.
+
+  A run whose training diverges (non-finite loss or parameters) is recorded with
+  status 'diverged' and the step (no checkpoint holds non-finite values).
+
+  Raises:
+    ValueError: a bad argument (named as its flag), before any work.
+    rundir.RunLockedError: another process is working on this run.
+  """
   start_time = time.time()
+  _check_args(sparsity=sparsity, seed=seed, train_steps=train_steps, out_dir=out_dir,
+              eval_every=eval_every, checkpoint_every=checkpoint_every, log_every=log_every,
+              imp_rounds=imp_rounds, rewind_step=rewind_step, score_batches=score_batches,
+              num_examples=num_examples)
   spec = models.get_spec(arch)
   dataset = dataset or spec.dataset
   dspec = data.get_spec(dataset)
-  overrides = {"dataset": dataset} | ({"train_steps": train_steps} if train_steps else {})
+  overrides = {"dataset": dataset} | (
+      {} if train_steps is None else {"train_steps": train_steps})
   config = configs.get_config(arch, **overrides)
   if pruner != "imp":
     pruning.get_pruner(pruner)
@@ -104,92 +119,136 @@ def run(*, arch: str, dataset: str | None, pruner: str, sparsity: float, pruning
   result_path = os.path.join(run_dir, "result.json")
   os.makedirs(run_dir, exist_ok=True)
 
-  model = models.create(arch, dspec.num_classes)
-  input_shape = dspec.image_shape
-  key = jax.random.key(seed)
-  variables = model.init(jax.random.fold_in(key, 0), jnp.ones((1,) + input_shape))
-  init_params = variables["params"]
-  load = lambda split: common.load_data(dataset, split, synthetic=synthetic,
-                                        manual_dir=manual_dir, data_dir=data_dir, seed=seed,
-                                        num_examples=num_examples if synthetic else None)
-  train_data, test_data = load("train"), load("test")
-  train_kwargs = dict(seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
-                      log_every=log_every)
+  with rundir.locked(run_dir), rundir.WallClock(run_dir, start_time) as clock:
+    model = models.create(arch, dspec.num_classes)
+    input_shape = dspec.image_shape
+    key = jax.random.key(seed)
+    variables = model.init(jax.random.fold_in(key, 0), jnp.ones((1,) + input_shape))
+    init_params = variables["params"]
+    load = lambda split: common.load_data(dataset, split, synthetic=synthetic,
+                                          manual_dir=manual_dir, data_dir=data_dir, seed=seed,
+                                          num_examples=num_examples if synthetic else None)
+    train_data, test_data = load("train"), load("test")
+    train_kwargs = dict(seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
+                        log_every=log_every)
 
-  def dense_weights():
-    folder = dense_dir or os.path.join(out_dir, common.run_name(
-        arch, dataset, "dense", "direct", 0.0, seed, config.train_steps))
-    return (_load_params(os.path.join(folder, "weights", "initial"), init_params),
-            _load_params(os.path.join(folder, "weights", "final"), init_params))
+    def dense_weights():
+      folder = dense_dir or os.path.join(out_dir, common.run_name(
+          arch, dataset, "dense", "direct", 0.0, seed, config.train_steps))
+      return (_load_params(os.path.join(folder, "weights", "initial"), init_params),
+              _load_params(os.path.join(folder, "weights", "final"), init_params))
 
-  mask_path = os.path.join(run_dir, "masks.npz")
-  rounds = []
-  p = pruning.get_pruner(pruner) if pruner != "imp" else None
-  if pruner == "imp":
-    result = _imp(model, dspec, config, train_data, test_data, init_params, sparsity,
-                  pruning_type, input_shape, run_dir, imp_rounds, rewind_step, train_kwargs,
-                  rounds)
-    masks, start_params = result.state.masks, None
-  else:
-    start_params = init_params
-    if os.path.exists(mask_path):  # resumed run: the same masks, no re-scoring
-      masks = masks_lib.load(mask_path, init_params)
-    else:
-      trained = None
-      if p.after_training:
-        start_params, trained = dense_weights()
-      batches = None
-      if p.needs_data:
-        batches = common.score_batches(
-            dataset, num_batches=score_batches, batch_size=config.snip_batch_size, seed=seed,
-            synthetic=synthetic, manual_dir=manual_dir, data_dir=data_dir)
+    mask_path = os.path.join(run_dir, "masks.npz")
+    rounds = []
+    p = pruning.get_pruner(pruner) if pruner != "imp" else None
+    record = lambda: _config_record(arch, dataset, pruner, pruning_type, sparsity, seed,
+                                    synthetic, imp_rounds, rewind_step, config)
+    if pruner == "imp":
       try:
-        masks = pruning.prune(pruner, key=jax.random.fold_in(key, 1), model=model,
-                              variables={**variables, "params": start_params},
-                              sparsity=sparsity, pruning_type=pruning_type,
-                              input_shape=input_shape, batches=batches,
-                              trained_params=trained, score_kwargs=score_kwargs)
-      except ValueError as err:
-        if "cannot be reached" not in str(err):
-          raise
-        # An effective target beyond this ranking's reach is a result, not a failure:
-        # record it so the grid is complete and the sweep does not retry it.
-        logging.warning("%s: %s", name, err)
-        summary = {"config": _config_record(arch, dataset, pruner, pruning_type, sparsity,
-                                            seed, synthetic, imp_rounds, rewind_step, config),
-                   "status": "unreachable", "error": str(err), "test_accuracy": None,
-                   "wall_time": time.time() - start_time, "platform": jax.default_backend()}
-        common.atomic_write_json(result_path, summary)
-        return summary
-      masks_lib.save(mask_path, masks)
-    if pruner == "dense":
-      _save_params(os.path.join(run_dir, "weights", "initial"), init_params)
+        result = _imp(model, dspec, config, train_data, test_data, init_params, sparsity,
+                      pruning_type, input_shape, run_dir, imp_rounds, rewind_step,
+                      train_kwargs, rounds)
+      except training.DivergedError as err:
+        return _record_diverged(err, result_path, record(), {"imp_rounds": rounds}, clock)
+      masks, start_params = result.state.masks, None
+    else:
+      start_params = init_params
+      if os.path.exists(mask_path):  # resumed run: the same masks, no re-scoring
+        masks = masks_lib.load(mask_path, init_params)
+      else:
+        trained = None
+        if p.after_training:
+          start_params, trained = dense_weights()
+        batches = None
+        if p.needs_data:
+          batches = common.score_batches(
+              dataset, num_batches=score_batches, batch_size=config.snip_batch_size, seed=seed,
+              synthetic=synthetic, manual_dir=manual_dir, data_dir=data_dir)
+        try:
+          masks = pruning.prune(pruner, key=jax.random.fold_in(key, 1), model=model,
+                                variables={**variables, "params": start_params},
+                                sparsity=sparsity, pruning_type=pruning_type,
+                                input_shape=input_shape, batches=batches,
+                                trained_params=trained, score_kwargs=score_kwargs)
+        except ValueError as err:
+          if "cannot be reached" not in str(err):
+            raise
+          # An effective target beyond this ranking's reach is a result, not a failure:
+          # record it so the grid is complete and the sweep does not retry it.
+          logging.warning("%s: %s", name, err)
+          summary = {"config": _config_record(arch, dataset, pruner, pruning_type, sparsity,
+                                              seed, synthetic, imp_rounds, rewind_step, config),
+                     "status": "unreachable", "error": str(err), "test_accuracy": None,
+                     **_wall_times(clock), "platform": jax.default_backend()}
+          common.atomic_write_json(result_path, summary)
+          return summary
+        masks_lib.save(mask_path, masks)
+      if pruner == "dense":
+        _save_params(os.path.join(run_dir, "weights", "initial"), init_params)
+      report = connectivity_report(model, masks, input_shape)
+      logging.info("%s: direct %.4gx, effective %.4gx compression.", name,
+                   report["direct_compression"], report["effective_compression"])
+      try:
+        result = training.train(model, dspec, config, train_data, test_data, masks=masks,
+                                params=start_params,
+                                workdir=os.path.abspath(os.path.join(run_dir, "checkpoints")),
+                                **train_kwargs)
+      except training.DivergedError as err:
+        return _record_diverged(err, result_path, record(), report, clock)
+      if pruner == "dense":
+        _save_params(os.path.join(run_dir, "weights", "final"), result.state.params)
     report = connectivity_report(model, masks, input_shape)
-    logging.info("%s: direct %.4gx, effective %.4gx compression.", name,
-                 report["direct_compression"], report["effective_compression"])
-    result = training.train(model, dspec, config, train_data, test_data, masks=masks,
-                            params=start_params,
-                            workdir=os.path.abspath(os.path.join(run_dir, "checkpoints")),
-                            **train_kwargs)
-    if pruner == "dense":
-      _save_params(os.path.join(run_dir, "weights", "final"), result.state.params)
-  report = connectivity_report(model, masks, input_shape)
-  summary = {
-      "config": _config_record(arch, dataset, pruner, pruning_type, sparsity, seed,
-                               synthetic, imp_rounds, rewind_step, config),
-      "status": "disconnected" if report["effective_compression"] == float("inf") else "ok",
-      **report,
-      "history": result.history,
-      "test_accuracy": result.final_test_accuracy,
-      "test_loss": result.final_test_loss,
-      "steps_per_second": result.steps_per_second,
-      "wall_time": time.time() - start_time,
-      "imp_rounds": rounds or None,
-      "platform": jax.default_backend(),
-  }
+    summary = {
+        "config": _config_record(arch, dataset, pruner, pruning_type, sparsity, seed,
+                                 synthetic, imp_rounds, rewind_step, config),
+        "status": "disconnected" if report["effective_compression"] == float("inf") else "ok",
+        **report,
+        "history": result.history,
+        "test_accuracy": result.final_test_accuracy,
+        "test_loss": result.final_test_loss,
+        # None (not NaN) when this process trained no steps (a finished run resumed).
+        "steps_per_second": (result.steps_per_second
+                             if math.isfinite(result.steps_per_second) else None),
+        **_wall_times(clock),
+        "imp_rounds": rounds or None,
+        "platform": jax.default_backend(),
+    }
+    common.atomic_write_json(result_path, summary)
+    logging.info("Wrote %s: test accuracy %.4f.", result_path, result.final_test_accuracy)
+    return summary
+
+
+def _wall_times(clock: rundir.WallClock) -> dict:
+  """wall_time: seconds over all processes of the run; the last one's separately."""
+  return {"wall_time": clock.total(), "wall_time_last_process": clock.this_process(),
+          "processes": clock.processes()}
+
+
+def _record_diverged(err: training.DivergedError, result_path: str, config_record: dict,
+                     extra: dict, clock: rundir.WallClock) -> dict:
+  """Writes and returns the result of a run whose training diverged: finished, not
+  failed (a sweep does not retry it)."""
+  logging.error("%s: %s", os.path.dirname(result_path), err)
+  summary = {"config": config_record, "status": "diverged", "diverged_step": err.step,
+             "error": str(err), "test_accuracy": None, **extra, **_wall_times(clock),
+             "platform": jax.default_backend()}
   common.atomic_write_json(result_path, summary)
-  logging.info("Wrote %s: test accuracy %.4f.", result_path, result.final_test_accuracy)
   return summary
+
+
+def _check_args(*, sparsity, seed, train_steps, out_dir, eval_every, checkpoint_every,
+                log_every, imp_rounds, rewind_step, score_batches, num_examples) -> None:
+  """Every numeric argument and out_dir, before any work (named as the flags)."""
+  if isinstance(sparsity, bool) or not (isinstance(sparsity, (int, float))
+                                        and 0 <= sparsity < 1):
+    raise ValueError(f"sparsity={sparsity!r} (from --compression or --target_sparsity) "
+                     "must be in [0, 1).")
+  common.check_run_args(
+      out_dir=out_dir, nonnegative={"seed": seed, "rewind_step": rewind_step},
+      counts={"eval_every": eval_every, "checkpoint_every": checkpoint_every,
+              "log_every": log_every, "imp_rounds": imp_rounds,
+              "score_batches": score_batches},
+      optional_counts={"train_steps": train_steps, "num_examples": num_examples})
 
 
 def _config_record(arch, dataset, pruner, pruning_type, sparsity, seed, synthetic,
@@ -268,26 +327,33 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
+  processes.exit_with_parent()
   sparsity = target_sparsity(FLAGS.compression, FLAGS.target_sparsity)
+  common.check_run_args(counts={"snip_rounds": FLAGS.snip_rounds,
+                                "synflow_rounds": FLAGS.synflow_rounds})
   score_kwargs = ({"rounds": FLAGS.snip_rounds} if FLAGS.pruner == "snip/iterative" else
                   {"rounds": FLAGS.synflow_rounds} if FLAGS.pruner == "synflow" else None)
-  summary = run(arch=FLAGS.arch, dataset=FLAGS.dataset, pruner=FLAGS.pruner,
-                sparsity=sparsity, pruning_type=FLAGS.pruning_type, seed=FLAGS.seed,
-                train_steps=FLAGS.train_steps, out_dir=FLAGS.out_dir,
-                synthetic=FLAGS.synthetic_data, manual_dir=FLAGS.tfds_manual_dir,
-                data_dir=FLAGS.tfds_data_dir, dense_dir=FLAGS.dense_dir,
-                eval_every=FLAGS.eval_every, checkpoint_every=FLAGS.checkpoint_every,
-                log_every=FLAGS.log_every, imp_rounds=FLAGS.imp_rounds,
-                rewind_step=FLAGS.rewind_step, score_batches=FLAGS.score_batches,
-                score_kwargs=score_kwargs)
-  if summary["status"] == "unreachable":
-    print(json.dumps({"config": summary["config"], "status": "unreachable",
-                      "error": summary["error"]}, indent=2, default=str))
+  try:
+    summary = run(arch=FLAGS.arch, dataset=FLAGS.dataset, pruner=FLAGS.pruner,
+                  sparsity=sparsity, pruning_type=FLAGS.pruning_type, seed=FLAGS.seed,
+                  train_steps=FLAGS.train_steps, out_dir=FLAGS.out_dir,
+                  synthetic=FLAGS.synthetic_data, manual_dir=FLAGS.tfds_manual_dir,
+                  data_dir=FLAGS.tfds_data_dir, dense_dir=FLAGS.dense_dir,
+                  eval_every=FLAGS.eval_every, checkpoint_every=FLAGS.checkpoint_every,
+                  log_every=FLAGS.log_every, imp_rounds=FLAGS.imp_rounds,
+                  rewind_step=FLAGS.rewind_step, score_batches=FLAGS.score_batches,
+                  score_kwargs=score_kwargs)
+  except rundir.RunLockedError as err:
+    logging.error("%s", err)
+    sys.exit(EXIT_LOCKED)
+  if summary["status"] in ("unreachable", "diverged"):
+    print(json.dumps(common.strict_json({k: summary[k] for k in (
+        "config", "status", "error", "diverged_step") if k in summary}), indent=2))
     return
   brief = {k: summary[k] for k in ("direct_compression", "effective_compression",
                                    "test_accuracy", "test_loss", "steps_per_second",
                                    "wall_time")}
-  print(json.dumps({"config": summary["config"], **brief}, indent=2, default=str))
+  print(json.dumps(common.strict_json({"config": summary["config"], **brief}), indent=2))
 
 
 if __name__ == "__main__":

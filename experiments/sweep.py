@@ -5,25 +5,32 @@ r"""A resumable grid of prune-and-train runs.
       --train_steps=6000 --tfds_manual_dir=../shared/data/mnist --jobs=2
 
 Each grid point is one `experiments.prune_train` process writing
-<out_dir>/<run name>/result.json. A point whose result exists is skipped; an
-interrupted point resumes from its Orbax checkpoint. Dense runs go first, because
-magnitude and LAMP pruners score the weights they end with. --jobs runs that many
-processes at once; with --jobs=1 the runs share this process, so the dataset is read
-and the training step compiled once. A failed point is reported and the others go on.
+<out_dir>/<run name>/result.json. A point whose result is valid (experiments.results:
+it parses and has what its status needs; a diverged or unreachable run is finished
+too) is skipped; an invalid one is moved aside (result.json.invalid-<time>) and run
+again; an interrupted point resumes from its Orbax checkpoint. Dense runs go first,
+because magnitude and LAMP pruners score the weights they end with. --jobs runs that
+many processes at once; with --jobs=1 the runs share this process, so the dataset is
+read and the training step compiled once. A failed point is reported and the others go
+on. Child processes run in their own process groups and end with the sweep: SIGINT or
+SIGTERM ends them, and a child whose sweep died (SIGKILL) stops by itself
+(experiments.processes).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import os
-import subprocess
+import signal
 import sys
+import threading
 import time
 
 from absl import app, flags, logging
 
-from experiments import common, configs
+from experiments import common, configs, processes, results
 from sparsejax import models, pruning
 
 FLAGS = flags.FLAGS
@@ -34,6 +41,9 @@ def grid(archs, pruners, compressions, pruning_types, seeds, train_steps) -> lis
   for name in pruners:
     if name != "imp":
       pruning.get_pruner(name)
+  common.check_run_args(compressions={"compressions": list(compressions)},
+                        nonnegative={"seeds": list(seeds)},
+                        optional_counts={"train_steps": train_steps})
   runs, seen = [], set()
   needs_dense = any(p == "dense" or (p != "imp" and pruning.get_pruner(p).after_training)
                     for p in pruners)
@@ -58,7 +68,7 @@ def grid(archs, pruners, compressions, pruning_types, seeds, train_steps) -> lis
 
 def result_path(run: dict, out_dir: str, train_steps: int | None) -> str:
   spec = models.get_spec(run["arch"])
-  steps = train_steps or configs.get_config(run["arch"]).train_steps
+  steps = configs.get_config(run["arch"]).train_steps if train_steps is None else train_steps
   name = common.run_name(run["arch"], spec.dataset, run["pruner"], run["pruning_type"],
                               1.0 - 1.0 / run["compression"], run["seed"], steps)
   return os.path.join(out_dir, name, "result.json")
@@ -72,7 +82,7 @@ def command(run: dict, args: dict) -> list[str]:
   if run["pruner"] != "dense":
     cmd.append(f"--compression={run['compression']:.10g}")
   for flag in ("train_steps", "tfds_manual_dir", "tfds_data_dir"):
-    if args.get(flag):
+    if args.get(flag) is not None:
       cmd.append(f"--{flag}={args[flag]}")
   if args.get("synthetic_data"):
     cmd.append("--synthetic_data")
@@ -115,16 +125,21 @@ def _run_in_process(run: dict, args: dict) -> int:
 
 
 def execute(runs: list[dict], args: dict, jobs: int = 1) -> tuple[int, int, int]:
-  """Runs the grid; returns (done, skipped, failed)."""
-  todo = [r for r in runs if not os.path.exists(result_path(r, args["out_dir"],
-                                                            args.get("train_steps")))]
+  """Runs the grid; returns (done, skipped, failed).
+
+  Raises:
+    processes.Stopped: SIGINT or SIGTERM while child processes ran (jobs > 1); they
+      have been ended.
+  """
+  todo = [r for r in runs if not results.is_done(result_path(r, args["out_dir"],
+                                                             args.get("train_steps")))]
   skipped = len(runs) - len(todo)
   logging.info("Sweep: %d runs, %d already done, %d to run with %d job(s).", len(runs),
                skipped, len(todo), jobs)
   dense = [r for r in todo if r["pruner"] == "dense"]
   rest = [r for r in todo if r["pruner"] != "dense"]
-  done = failed = 0
   start = time.time()
+  children = processes.Children()
 
   def one(run):
     if jobs <= 1:
@@ -134,9 +149,18 @@ def execute(runs: list[dict], args: dict, jobs: int = 1) -> tuple[int, int, int]
         "result.json", "log.txt")
     os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, "a") as f:
-      proc = subprocess.run(command(run, args), stdout=f, stderr=subprocess.STDOUT)
-    return run, proc.returncode, log
+      code = children.run(command(run, args), f)
+    return run, code, log
 
+  signals = (processes.stop_on_signals(children)
+             if jobs > 1 and threading.current_thread() is threading.main_thread()
+             else contextlib.nullcontext())
+  with signals:
+    return _execute_phases(dense, rest, one, jobs, todo, skipped, start)
+
+
+def _execute_phases(dense, rest, one, jobs, todo, skipped, start) -> tuple[int, int, int]:
+  done = failed = 0
   for phase in (dense, rest):
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
       for run, code, log in pool.map(one, phase):
@@ -175,6 +199,9 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
+  common.check_run_args(out_dir=None if FLAGS.dry_run else FLAGS.out_dir,
+                        counts={"jobs": FLAGS.jobs, "eval_every": FLAGS.eval_every},
+                        optional_counts={"train_steps": FLAGS.train_steps})
   runs = grid(common.parse_list(FLAGS.archs, name="archs"),
               common.parse_list(FLAGS.pruners, name="pruners"),
               common.parse_list(FLAGS.compressions, float, "compressions"),
@@ -186,10 +213,21 @@ def main(argv):
               extra=FLAGS.extra_flags.split())
   if FLAGS.dry_run:
     for r in runs:
-      exists = os.path.exists(result_path(r, FLAGS.out_dir, FLAGS.train_steps))
-      print(("done  " if exists else "todo  ") + " ".join(command(r, args)[3:]))
+      state = "done  "
+      try:
+        results.load(result_path(r, FLAGS.out_dir, FLAGS.train_steps))
+      except FileNotFoundError:
+        state = "todo  "
+      except results.InvalidResultError:
+        state = "redo  "  # Invalid result: a real run moves it aside and runs again.
+      print(state + " ".join(command(r, args)[3:]))
     return
-  done, skipped, failed = execute(runs, args, FLAGS.jobs)
+  try:
+    done, skipped, failed = execute(runs, args, FLAGS.jobs)
+  except processes.Stopped as stop:
+    print(f"Sweep stopped by {signal.Signals(stop.signum).name}; its runs were ended and "
+          "resume from their checkpoints when the sweep runs again.")
+    sys.exit(128 + stop.signum)
   print(f"Sweep finished: {done} ran, {skipped} skipped (results exist), {failed} failed.")
   if failed:
     sys.exit(1)

@@ -195,6 +195,10 @@ def save(path: str | os.PathLike, masks: Masks) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       np.savez_compressed(f, **arrays)
+      # The mode open() would give (0666 less the umask), not mkstemp's 0600.
+      umask = os.umask(0o022)
+      os.umask(umask)
+      os.fchmod(f.fileno(), 0o666 & ~umask)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

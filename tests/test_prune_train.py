@@ -103,3 +103,118 @@ def test_direct_pruning_to_disconnection_is_marked(tmp_path):
   r = prune_train.run(pruner="random/uniform", sparsity=1 - 1e-4, pruning_type="direct",
                       out_dir=str(tmp_path), **COMMON)
   assert r["status"] == "disconnected" and r["effective_compression"] == float("inf")
+
+
+# ------------------------------------- nothing lost, nothing silently wrong (issue 12)
+
+
+def _reject(name):
+  raise ValueError(f"{name} is not JSON")
+
+
+def _strict(path):
+  with open(path) as f:
+    return json.loads(f.read(), parse_constant=_reject)
+
+
+def test_sweep_redoes_a_torn_result_and_keeps_it_aside(tmp_path):
+  args = dict(out_dir=str(tmp_path), train_steps=20, synthetic_data=True, eval_every=10,
+              extra=["--checkpoint_every=10", "--log_every=10"])
+  small = sweep.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct"], [0], 20)
+  assert sweep.execute(small, args, jobs=1) == (1, 0, 0)
+  path = sweep.result_path(small[0], str(tmp_path), 20)
+  whole = open(path).read()
+  with open(path, "w") as f:
+    f.write(whole[: len(whole) // 2])
+  from experiments import plot, results
+  with pytest.raises(results.InvalidResultError, match="result.json: invalid result") as err:
+    plot.load_runs(str(tmp_path))
+  assert err.value.path == path
+  assert sweep.execute(small, args, jobs=1) == (1, 0, 0)  # redone, not skipped
+  assert _strict(path)["status"] == "ok"
+  aside = [f for f in os.listdir(os.path.dirname(path)) if ".invalid-" in f]
+  assert len(aside) == 1 and aside[0].startswith("result.json.invalid-")
+  assert sweep.execute(small, args, jobs=1) == (0, 1, 0)
+
+
+def test_zero_steps_negative_seeds_and_infinite_targets_are_rejected_before_work(tmp_path):
+  kw = dict(COMMON, out_dir=str(tmp_path))
+  for flag, value in (("train_steps", 0), ("seed", -1), ("eval_every", 0),
+                      ("num_examples", 0)):
+    with pytest.raises(ValueError, match=f"--{flag}={value}"):
+      prune_train.run(pruner="random/igq", sparsity=0.9, pruning_type="direct",
+                      **dict(kw, **{flag: value}))
+  assert os.listdir(tmp_path) == []  # no run folder, no masks.npz
+  with pytest.raises(ValueError, match="--compression=inf"):
+    prune_train.target_sparsity(float("inf"), None)
+  with pytest.raises(ValueError, match="--compression=nan"):
+    prune_train.target_sparsity(float("nan"), None)
+  with pytest.raises(ValueError, match="--compressions=inf"):
+    sweep.grid(["lenet300100"], ["random/igq"], [float("inf")], ["direct"], [0], 20)
+  with pytest.raises(ValueError, match="--seeds=-1"):
+    sweep.grid(["lenet300100"], ["random/igq"], [10.0], ["direct"], [-1], 20)
+  with pytest.raises(ValueError, match="--train_steps=0"):
+    sweep.grid(["lenet300100"], ["random/igq"], [10.0], ["direct"], [0], 0)
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(ValueError, match="--out_dir=.*a_file/runs.* is not a writable folder"):
+    prune_train.run(pruner="random/igq", sparsity=0.9, pruning_type="direct",
+                    **dict(kw, out_dir=str(blocker / "runs")))
+  # 0 is a value, not "not given": the sweep passes it on.
+  cmd = sweep.command(dict(arch="lenet300100", pruner="random/igq", compression=10.0,
+                           pruning_type="direct", seed=0),
+                      dict(out_dir="o", eval_every=10, train_steps=0))
+  assert "--train_steps=0" in cmd
+
+
+def test_diverging_run_is_recorded_and_not_retried(tmp_path, monkeypatch):
+  from experiments import configs
+  get_config = configs.get_config
+  monkeypatch.setattr(configs, "get_config",
+                      lambda arch, **kw: get_config(arch, **kw, learning_rate=1e30))
+  args = dict(out_dir=str(tmp_path), train_steps=20, synthetic_data=True, eval_every=10,
+              extra=["--checkpoint_every=1", "--log_every=10"])
+  small = sweep.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct"], [0], 20)
+  assert sweep.execute(small, args, jobs=1) == (1, 0, 0)  # finished, not failed: exit 0
+  path = sweep.result_path(small[0], str(tmp_path), 20)
+  r = _strict(path)
+  assert r["status"] == "diverged" and 1 <= r["diverged_step"] <= 20
+  assert f"step {r['diverged_step']}" in r["error"]
+  assert sweep.execute(small, args, jobs=1) == (0, 1, 0)
+  import jax
+  import orbax.checkpoint as ocp
+  ckpts = os.path.join(os.path.dirname(path), "checkpoints")
+  for step in [s for s in os.listdir(ckpts) if s.isdigit()]:
+    assert int(step) < r["diverged_step"]
+    state = ocp.StandardCheckpointer().restore(os.path.join(ckpts, step, "state"))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state)
+               if np.issubdtype(np.asarray(x).dtype, np.floating)), step
+
+
+def test_wall_time_sums_processes_and_results_are_strict_and_group_readable(tmp_path):
+  import stat
+  old = os.umask(0o022)
+  try:
+    first = prune_train.run(pruner="random/igq", sparsity=0.9, pruning_type="direct",
+                            out_dir=str(tmp_path), **COMMON)
+    again = prune_train.run(pruner="random/igq", sparsity=0.9, pruning_type="direct",
+                            out_dir=str(tmp_path), **COMMON)  # a resume with no steps left
+  finally:
+    os.umask(old)
+  name = common.run_name("lenet300100", "mnist", "random/igq", "direct", 0.9, 0, 20)
+  on_disk = _strict(tmp_path / name / "result.json")
+  assert first["processes"] == 1 and on_disk["processes"] == 2
+  assert on_disk["steps_per_second"] is None and again["steps_per_second"] is None
+  assert on_disk["wall_time"] >= first["wall_time"] + on_disk["wall_time_last_process"] - 1e-6
+  for f in ("result.json", "masks.npz"):
+    assert stat.S_IMODE(os.stat(tmp_path / name / f).st_mode) == 0o644, f
+
+
+def test_a_second_run_on_a_locked_folder_refuses(tmp_path):
+  from experiments import rundir
+  name = common.run_name("lenet300100", "mnist", "random/igq", "direct", 0.9, 0, 20)
+  with rundir.locked(str(tmp_path / name)):
+    with pytest.raises(rundir.RunLockedError, match=f"pid {os.getpid()}"):
+      prune_train.run(pruner="random/igq", sparsity=0.9, pruning_type="direct",
+                      out_dir=str(tmp_path), **COMMON)
+  assert not (tmp_path / name / "masks.npz").exists()
