@@ -218,3 +218,64 @@ def test_a_second_run_on_a_locked_folder_refuses(tmp_path):
       prune_train.run(pruner="random/igq", sparsity=0.9, pruning_type="direct",
                       out_dir=str(tmp_path), **COMMON)
   assert not (tmp_path / name / "masks.npz").exists()
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+  except FileNotFoundError:
+    return False
+
+
+def _child_pids(parent: int, count: int, timeout=120.0) -> list[int]:
+  """Pids of ``parent``'s prune_train children (from /proc), once ``count`` run."""
+  import time
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    pids = []
+    for entry in os.listdir("/proc"):
+      try:
+        with open(f"/proc/{entry}/stat") as f:
+          ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        with open(f"/proc/{entry}/cmdline", "rb") as f:
+          cmdline = f.read()
+      except (OSError, ValueError, IndexError):
+        continue
+      if ppid == parent and b"experiments.prune_train" in cmdline:
+        pids.append(int(entry))
+    if len(pids) == count:
+      return pids
+    time.sleep(0.5)
+  raise AssertionError(f"the sweep's {count} children did not start in {timeout}s")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc"), reason="reads /proc")
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_stopping_the_sweep_leaves_no_child_running(tmp_path, sig):
+  import signal
+  import subprocess
+  import sys
+  import time
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "-m", "experiments.sweep", "--archs=lenet300100",
+         "--pruners=random/uniform", "--compressions=10", "--pruning_types=direct,effective",
+         "--train_steps=100000", "--jobs=2", "--synthetic_data", f"--out_dir={tmp_path}"]
+  parent = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+  try:
+    pids = _child_pids(parent.pid, 2)
+    time.sleep(3)  # into their imports and training
+    assert all(_alive(p) for p in pids)
+    parent.send_signal(getattr(signal, sig))
+    parent.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+      time.sleep(0.2)
+    assert not [p for p in pids if _alive(p)]
+  finally:
+    if parent.poll() is None:
+      parent.kill()
+  if sig != "SIGKILL":
+    assert parent.returncode == 128 + getattr(signal, sig)
