@@ -59,8 +59,7 @@ def sweep(arch: str, pruner_names: list[str], pruning_types: list[str],
       raise ValueError(f"pruning type {t!r} is not allowed; allowed: "
                        f"{', '.join(pruning.PRUNING_TYPES)}.")
   for c in compressions:
-    if not c >= 1:
-      raise ValueError(f"compression {c!r} must be at least 1 (1 = dense).")
+    common.check_compression_flag("compressions", c)
   model = models.create(arch)
   input_shape = models.input_shape(arch)
   key = jax.random.key(seed)
@@ -160,29 +159,48 @@ def write_csv(path: str, rows: list[dict], columns: list[str] | None = None) -> 
 
 
 def plot(path: str, rows: list[dict], title: str) -> None:
-  """Effective against direct compression, log-log, one line per pruner and type."""
+  """Effective against direct compression, log-log, one line per pruner and type.
+
+  As in the table, every row shows: infinite compressions (a disconnected network, or
+  a target so high that no weight is kept) sit on a line at the top or right edge,
+  and a line whose later targets are unreachable says from which target in its label.
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6.4, 5.2))
-  lines = {}
+  lines, unreachable = {}, {}
   for r in rows:
+    key = (r["pruner"], r["pruning_type"])
     if r["status"] in ("ok", "disconnected"):
-      lines.setdefault((r["pruner"], r["pruning_type"]), []).append(r)
-  top = max([r["effective_compression"] for rs in lines.values() for r in rs
-             if math.isfinite(r["effective_compression"])] + [10.0]) * 2
+      lines.setdefault(key, []).append(r)
+    elif r["status"] == "unreachable":
+      unreachable.setdefault(key, r["target_compression"])
+  finite = lambda key: [r[key] for rs in lines.values() for r in rs if math.isfinite(r[key])]
+  top = max(finite("effective_compression") + [10.0]) * 2
+  edge = max(finite("direct_compression") + [10.0]) * 2  # x of "no weight kept"
+  any_edge = any(math.isinf(r["direct_compression"]) for rs in lines.values() for r in rs)
+  for key in set(unreachable) - set(lines):
+    lines[key] = []
   for (pruner, ptype), rs in lines.items():
-    x = [r["direct_compression"] for r in rs]
+    x = [r["direct_compression"] if math.isfinite(r["direct_compression"]) else edge
+         for r in rs]
     y = [r["effective_compression"] if math.isfinite(r["effective_compression"]) else top
          for r in rs]
     style = "-" if ptype == "direct" else "--"
-    (line,) = ax.plot(x, y, style, marker="o", ms=3, label=f"{pruner} ({ptype})")
+    label = f"{pruner} ({ptype})"
+    if (pruner, ptype) in unreachable:
+      label += f", unreachable from {unreachable[(pruner, ptype)]:.4g}x"
+    (line,) = ax.plot(x, y, style, marker="o", ms=3, label=label)
     cut = [(a, b) for a, b, r in zip(x, y, rs) if r["status"] == "disconnected"]
     if cut:
       ax.plot(*zip(*cut), "x", color=line.get_color(), ms=8)
-  right = max([r["direct_compression"] for rs in lines.values() for r in rs] + [10.0]) * 1.5
+  right = edge * 1.5 if any_edge else edge * 0.75
   ax.plot([1, right], [1, right], ":", color="gray", lw=1, label="effective = direct")
+  if any_edge:
+    ax.axvline(edge, color="gray", lw=0.5)
+    ax.text(edge * 1.05, 1.1, "no weight kept", fontsize=8, color="gray", rotation=90)
   ax.set_xlim(0.9, right)
   ax.set(xscale="log", yscale="log", xlabel="direct compression",
          ylabel="effective compression", title=title)
@@ -224,6 +242,12 @@ def main(argv):
   types = common.parse_list(FLAGS.pruning_types, name="pruning_types")
   comps = (common.parse_list(FLAGS.compressions, float, "compressions")
            or default_compressions())
+  common.check_run_args(out_dir=FLAGS.out_dir, compressions={"compressions": comps},
+                        nonnegative={"seed": FLAGS.seed,
+                                     "score_batch_size": FLAGS.score_batch_size},
+                        counts={"score_batches": FLAGS.score_batches,
+                                "snip_rounds": FLAGS.snip_rounds,
+                                "synflow_rounds": FLAGS.synflow_rounds})
   spec = models.get_spec(FLAGS.arch)
   config = configs.get_config(FLAGS.arch)
 
