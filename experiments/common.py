@@ -153,6 +153,9 @@ def define_data_flags() -> None:
 
 def run_name(arch: str, dataset: str, pruner: str, pruning_type: str, sparsity: float,
              seed: int, train_steps: int) -> str:
+  if not 0 <= sparsity < 1:
+    raise ValueError(f"sparsity={sparsity!r} must be in [0, 1) to name a run (compression "
+                     "1 / (1 - sparsity) must be finite).")
   compression = 1.0 / (1.0 - sparsity)
   return (f"{arch}-{dataset}_{pruner.replace('/', '-')}_{pruning_type}_"
           f"c{compression:.4g}_s{seed}_t{train_steps}")

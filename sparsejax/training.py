@@ -521,9 +521,16 @@ def train(model: flax.linen.Module, spec, config, train_data: tuple[np.ndarray, 
   Returns:
     A :class:`TrainResult`.
 
+  Checkpoints hold a SHA-256 of their state (:func:`state_checksum`); one that cannot
+  be read or does not match is logged by step, moved to ``<workdir>-corrupt/``, and
+  the next older one is used (with none left: a fresh start). A state with a NaN or
+  infinite value is never saved.
+
   Raises:
     ValueError: batch size not divisible by the device count, bad arguments, or a
       workdir holding a run with other settings or masks.
+    DivergedError: a non-finite training loss (checked every ``log_every`` steps) or
+      a non-finite state when a checkpoint is due; raised after a clean stop.
   """
   start_time = time.perf_counter()
   dspec = _dataset_spec(config.dataset if spec is None else spec)
@@ -659,5 +666,6 @@ def _train_loop(model, dspec, config, state, step_key, meta, manager, *, seed, s
                      wall_time=time.perf_counter() - start_time, start_step=start, state=state)
 
 
-__all__ = ["TrainState", "TrainResult", "make_schedule", "make_optimizer", "kernel_mask",
+__all__ = ["TrainState", "TrainResult", "DivergedError", "CorruptCheckpointError",
+           "state_checksum", "make_schedule", "make_optimizer", "kernel_mask",
            "create_train_state", "train_step", "eval_step", "evaluate", "make_mesh", "train"]

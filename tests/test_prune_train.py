@@ -279,3 +279,15 @@ def test_stopping_the_sweep_leaves_no_child_running(tmp_path, sig):
       parent.kill()
   if sig != "SIGKILL":
     assert parent.returncode == 128 + getattr(signal, sig)
+
+
+def test_binary_rejects_bad_flags_by_name_before_any_work(tmp_path):
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for flag in ("--train_steps=0", "--seed=-1", "--compression=inf"):
+    result = subprocess.run([sys.executable, "-m", "experiments.prune_train", flag,
+                             "--synthetic_data", f"--out_dir={tmp_path}"],
+                            cwd=repo, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and flag in result.stderr, result.stderr[-2000:]
+  assert os.listdir(tmp_path) == []

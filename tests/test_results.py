@@ -90,3 +90,18 @@ def test_is_done_moves_a_torn_file_aside(tmp_path):
   assert aside.read_text() == json.dumps(_valid())[:40]
   common.atomic_write_json(str(path), _valid())
   assert results.is_done(str(path))
+
+
+def test_plots_and_tables_show_diverged_runs(tmp_path):
+  from experiments import plot
+  runs = [dict(pruner=p, pruning_type="direct", target_compression=10.0, seed=0,
+               status=st, test_accuracy=a, direct_compression=10.0,
+               effective_compression=12.0, diverged_step=step)
+          for p, st, a, step in (("random/igq", "ok", 0.9, None),
+                                 ("random/uniform", "diverged", None, 7),
+                                 ("dense", "ok", 0.95, None))]
+  runs[2].update(target_compression=1.0, direct_compression=1.0, effective_compression=1.0)
+  assert plot._summary(runs[1:2])["status"] == "diverged"
+  assert "| random/uniform | direct | diverged |" in plot.accuracy_table(runs)
+  plot.plot_accuracy(runs, str(tmp_path / "a.png"), "t")
+  assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
