@@ -602,6 +602,8 @@ def _train_loop(model, dspec, config, state, step_key, meta, manager, *, seed, s
   def run_eval(step: int) -> tuple[float, float]:
     loss, accuracy = evaluate(state, test_images, test_labels, model=model, spec=dspec,
                               batch_size=eval_batch_size, mesh=mesh)
+    if not math.isfinite(loss):  # Infinite or NaN logits: nothing to report.
+      raise DivergedError(step, f"test loss is {loss}")
     history.append({"step": step, "test_loss": loss, "test_accuracy": accuracy})
     logging.info("step %d/%d: test loss %.4f, test accuracy %.4f", step, stop, loss, accuracy)
     return loss, accuracy
