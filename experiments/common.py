@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
+import tempfile
 from typing import Any
 
 import jax
@@ -22,9 +24,31 @@ IMP = "imp"
 DYNAMIC = ("gmp", "set", "rigl", "ste")
 
 
+def strict_json(obj: Any) -> Any:
+  """``obj`` with every non-finite float (NaN, +-inf, numpy ones too) as None and numpy
+  scalars/arrays as Python values: what a strict JSON parser accepts. A record that
+  holds such a value says why in its ``status`` (e.g. 'disconnected': infinite
+  effective compression)."""
+  if isinstance(obj, dict):
+    return {k: strict_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [strict_json(v) for v in obj]
+  if isinstance(obj, (np.ndarray, jax.Array)):
+    return strict_json(np.asarray(obj).tolist())
+  if isinstance(obj, (bool, np.bool_)):
+    return bool(obj)
+  if isinstance(obj, (np.integer,)):
+    return int(obj)
+  if isinstance(obj, (float, np.floating)):
+    return float(obj) if np.isfinite(obj) else None
+  return obj
+
+
 def atomic_write_json(path: str, obj: Any) -> None:
-  files.atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable)
-                            + "\n").encode())
+  """Writes ``obj`` as strict JSON (non-finite floats as null, see :func:`strict_json`),
+  atomically; the one JSON writer of the experiments."""
+  files.atomic_write(path, (json.dumps(strict_json(obj), indent=2, sort_keys=True,
+                                       allow_nan=False, default=_jsonable) + "\n").encode())
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -131,10 +155,7 @@ def target_sparsity(config) -> float:
     raise ValueError("give either --config.compression or --config.target_sparsity, not "
                      "both.")
   if compression is not None:
-    if not 1 <= compression < float("inf"):  # NaN fails too
-      raise ValueError(f"--config.compression={compression!r} must be a finite number of "
-                       "at least 1 (1 = dense, 100 = 99% sparse).")
-    return 1.0 - 1.0 / compression
+    return 1.0 - 1.0 / check_compression_flag("config.compression", compression)
   if sparsity is None:
     return 0.0
   return masks.check_sparsity(sparsity, "--config.target_sparsity")
@@ -171,3 +192,72 @@ def parse_list(value: str, cast=str, name: str = "list") -> list:
   except ValueError:
     raise ValueError(f"--{name}={value!r} is not a comma-separated list of "
                      f"{cast.__name__} values.") from None
+
+
+# ------------------------------------------------------------- flag checks
+# Every binary checks its numeric flags and its out_dir before any work (pruning can
+# take minutes), naming the flag, its value and what is allowed.
+
+
+def check_int_flag(name: str, value, *, low: int = 1, allow_none: bool = False) -> None:
+  """Raises ValueError unless ``value`` is an integer >= ``low`` (or None if allowed).
+  ``0`` is a value, not "not given"."""
+  if value is None and allow_none:
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    raise ValueError(f"--{name}={value!r} must be an integer >= {low}"
+                     + (" (or not given)." if allow_none else "."))
+
+
+def check_compression_flag(name: str, value) -> float:
+  """A target compression: a finite number >= 1 (1 = dense); returns it as a float."""
+  try:
+    c = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"--{name}={value!r} must be a number >= 1.") from None
+  if not (math.isfinite(c) and c >= 1):
+    raise ValueError(f"--{name}={value!r} must be a finite number >= 1 (1 = dense; "
+                     "100 = 99% sparse).")
+  return c
+
+
+def check_writable_dir(name: str, path: str) -> None:
+  """Creates ``path`` if needed and checks a file can be written in it."""
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+      pass
+  except OSError as err:
+    raise ValueError(f"--{name}={path!r} is not a writable folder: {err.strerror or err}."
+                     ) from None
+
+
+def _values(value) -> list:
+  return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def check_run_args(*, out_dir: str | None = None, compressions: dict | None = None,
+                   counts: dict | None = None, optional_counts: dict | None = None,
+                   nonnegative: dict | None = None) -> None:
+  """Checks a binary's flags before any work. Each argument maps flag names to a value
+  or a list of values: ``compressions`` finite >= 1, ``counts`` integers >= 1,
+  ``optional_counts`` the same or None, ``nonnegative`` integers >= 0 (seeds, steps);
+  ``out_dir`` must be a folder that can be written (created if missing).
+
+  Raises:
+    ValueError: naming the first bad flag, its value and what is allowed.
+  """
+  for name, value in (compressions or {}).items():
+    for v in _values(value):
+      check_compression_flag(name, v)
+  for name, value in (counts or {}).items():
+    for v in _values(value):
+      check_int_flag(name, v)
+  for name, value in (optional_counts or {}).items():
+    for v in _values(value):
+      check_int_flag(name, v, allow_none=True)
+  for name, value in (nonnegative or {}).items():
+    for v in _values(value):
+      check_int_flag(name, v, low=0)
+  if out_dir is not None:
+    check_writable_dir("out_dir", out_dir)

@@ -56,9 +56,7 @@ def sweep(arch: str, pruner_names: list[str], pruning_types: list[str],
   for t in pruning_types:
     pruning.check_pruning_type(t, "pruning_types")
   for c in compressions:
-    if not 1 <= c < float("inf"):
-      raise ValueError(f"compressions has {c!r}; each must be a finite number of at least "
-                       "1 (1 = dense).")
+    common.check_compression_flag("compressions", c)
   model = models.create(arch)
   input_shape = models.input_shape(arch)
   key = jax.random.key(seed)
@@ -198,6 +196,11 @@ def main(argv):
            or default_compressions())
   from experiments import plot  # plot reads this module's CSVs
 
+  common.check_run_args(out_dir=FLAGS.out_dir, compressions={"compressions": comps},
+                        nonnegative={"seed": FLAGS.seed,
+                                     "score_batch_size": FLAGS.score_batch_size},
+                        counts={"score_batches": FLAGS.score_batches},
+                        optional_counts={"rounds": FLAGS.rounds})
   spec = models.get_spec(FLAGS.arch)
   config = configs.get_config(FLAGS.arch)
   source = common.DataSource.from_flags()

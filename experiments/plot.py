@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import glob
 import io
-import json
 import math
 import os
 import statistics
 
 from absl import app, flags, logging
 
-from experiments import common, compression, configs
+from experiments import common, compression, configs, results
 from sparsejax import files
 
 FLAGS = flags.FLAGS
@@ -93,8 +92,7 @@ def load_runs(results_dir: str) -> list[dict]:
   runs = []
   for path in sorted(glob.glob(os.path.join(results_dir, "**", "result.json"),
                                recursive=True)):
-    with open(path) as f:
-      r = json.load(f)
+    r = results.load(path)  # InvalidResultError names a torn or incomplete file.
     c = r["config"]
     runs.append(dict(
         arch=c["arch"], dataset=c["dataset"], pruner=c["pruner"],
@@ -104,7 +102,7 @@ def load_runs(results_dir: str) -> list[dict]:
         effective_compression=r.get("effective_compression"),
         test_accuracy=r.get("test_accuracy"), wall_time=r.get("wall_time"),
         steps_per_second=r.get("steps_per_second"), mask_updates=r.get("mask_updates"),
-        path=path))
+        diverged_step=r.get("diverged_step"), path=path))
   return runs
 
 
@@ -118,9 +116,15 @@ def _group(runs: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def _summary(rs: list[dict]) -> dict:
-  """Mean and range over seeds of accuracy and compressions (trained runs only)."""
-  ok = [r for r in rs if r["status"] != "unreachable"]
+  """Mean and range over seeds of accuracy and compressions (trained runs only; a
+  group with none is 'diverged' when a seed diverged, else 'unreachable')."""
+  ok = [r for r in rs if r["status"] not in ("unreachable", "diverged")]
   if not ok:
+    diverged = [r for r in rs if r["status"] == "diverged"]
+    if diverged:
+      return {"status": "diverged", "seeds": len(rs),
+              "direct": diverged[0].get("direct_compression"),
+              "effective": diverged[0].get("effective_compression")}
     return {"status": "unreachable", "seeds": len(rs)}
   acc = [r["test_accuracy"] for r in ok]
   return {"status": "disconnected" if any(r["status"] == "disconnected" for r in ok)
@@ -143,27 +147,43 @@ def plot_curves(arch: str, rows: list[dict], path: str, seed: int = 0) -> None:
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(7.2, 5.6))
-  finite = [r["effective_compression"] for r in rows
+  # Infinite compressions sit on edge lines, as in the table: a disconnected network at
+  # the top, a target so high that no weight is kept at the right.
+  measured = [r for r in rows if r["status"] in ("ok", "disconnected")]
+  finite = [r["effective_compression"] for r in measured
             if r["status"] == "ok" and math.isfinite(r["effective_compression"])]
   top = max(finite + [10.0]) * 3
-  right = max([r["direct_compression"] for r in rows if r["status"] != "unreachable"]
-              + [10.0]) * 1.5
+  edge = max([r["direct_compression"] for r in measured
+              if math.isfinite(r["direct_compression"])] + [10.0]) * 2
+  any_edge = any(math.isinf(r["direct_compression"]) for r in measured)
+  right = edge * 1.5 if any_edge else edge * 0.75
   data_notes = sorted({r.get("data", "-") for r in rows} - {"-", ""})
   for pruner in _order(r["pruner"] for r in rows):
     colour = _colour(pruner)
     for ptype, style in (("direct", "-"), ("effective", "")):
-      rs = [r for r in rows if r["pruner"] == pruner and r["pruning_type"] == ptype
-            and r["status"] != "unreachable"]
+      mine = [r for r in rows if r["pruner"] == pruner and r["pruning_type"] == ptype]
+      rs = [r for r in mine if r["status"] in ("ok", "disconnected")]
+      unreachable = [r["target_compression"] for r in mine if r["status"] == "unreachable"]
+      label = None
+      if ptype == "direct" or (unreachable and not rs):
+        label = pruner
+      if unreachable and label:
+        label += f" ({ptype} unreachable from {min(unreachable):.4g}x)"
       if not rs:
+        if label:
+          ax.plot([], [], style or "-", color=colour, label=label)
         continue
-      x = [r["direct_compression"] for r in rs]
+      x = [r["direct_compression"] if math.isfinite(r["direct_compression"]) else edge
+           for r in rs]
       y = [min(r["effective_compression"], top) for r in rs]
       ax.plot(x, y, style, marker="o" if ptype == "direct" else "+", ms=3 if ptype ==
-              "direct" else 7, color=colour, lw=1.3,
-              label=pruner if ptype == "direct" else None)
+              "direct" else 7, color=colour, lw=1.3, label=label)
       cut = [(a, b) for a, b, r in zip(x, y, rs) if r["status"] == "disconnected"]
       if cut:
         ax.plot(*zip(*cut), "x", color=colour, ms=9, mew=2)
+  if any_edge:
+    ax.axvline(edge, color="gray", lw=0.5)
+    ax.text(edge * 1.05, 1.1, "no weight kept", fontsize=8, color="gray", rotation=90)
   ax.plot([1, right], [1, right], ":", color="gray", lw=1)
   ax.axhline(top, color="gray", lw=0.5)
   ax.text(1.1, top * 0.75, "disconnected (x)", fontsize=8, color="gray")
@@ -257,6 +277,14 @@ def plot_accuracy(runs: list[dict], path: str, title: str) -> None:
         style = "--" if pruner.startswith("random/") else "-"
         ax.errorbar(x, y, yerr=err, fmt=style + "o", ms=3, lw=1.2, capsize=2,
                     color=_colour(pruner), label=pruner)
+      # Diverged runs have no accuracy: an X on the bottom edge at their compression.
+      gone = [g[xkey] for (p, t, _), g in groups.items() if t == ptype and p != "dense"
+              and g["status"] == "diverged" and g.get(xkey) is not None
+              and math.isfinite(g[xkey])]
+      if gone:
+        ax.plot(gone, [0.02] * len(gone), "X", color="red", ms=7,
+                transform=ax.get_xaxis_transform(), label="diverged" if row == 0 and col == 1
+                else None)
       for g in dense:
         ax.axhline(g["accuracy"], color="black", lw=0.8, ls=":")
       ax.set_xscale("log")
@@ -385,8 +413,8 @@ def accuracy_table(runs: list[dict]) -> str:
         g = groups.get((pruner, ptype, t))
         if g is None:
           cells.append("")
-        elif g["status"] == "unreachable":
-          cells.append("unreachable")
+        elif g["status"] in ("unreachable", "diverged"):
+          cells.append(g["status"])
         else:
           spread = (f" ±{(g['accuracy_max'] - g['accuracy_min']) / 2:.3f}"
                     if g["seeds"] > 1 else "")

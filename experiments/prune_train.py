@@ -29,7 +29,9 @@ Paper flows (method.md section 4):
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import time
 
 import jax
@@ -39,11 +41,13 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import common, configs
+from experiments import common, configs, processes, rundir
 from sparsejax import (data, dynamic, effective, errors, masks as masks_lib, models, pruning,
                        training)
 
 FLAGS = flags.FLAGS
+# Exit status of a run refused because another process works in its folder.
+EXIT_LOCKED = 75
 
 
 def connectivity_report(model, masks, input_shape) -> dict:
@@ -71,9 +75,9 @@ def _save_params(path: str, params) -> None:
 
 def _load_params(path: str, like):
   if not os.path.exists(path):
-    raise FileNotFoundError(f"no weights at {path!r}: run --pruner=dense with the same "
-                            "--arch, --dataset, --seed and --train_steps first (or pass "
-                            "--dense_dir).")
+    raise FileNotFoundError(f"no weights at {path!r}: run --config.pruner=dense with the "
+                            "same arch, dataset, seed and train_steps first (or set "
+                            "--config.dense_dir).")
   return ocp.StandardCheckpointer().restore(os.path.abspath(path), like)
 
 
@@ -89,24 +93,39 @@ def run(config: ml_collections.ConfigDict, *, out_dir: str,
         source: common.DataSource = common.DataSource()) -> dict:
   """Prunes, trains and writes the result JSON; returns the result.
 
+  A run whose training diverges (non-finite loss or parameters) is recorded with
+  status 'diverged' and the step (no checkpoint holds non-finite values).
+
   Args:
     config: an experiment config (:mod:`experiments.configs`).
     out_dir: where the run folder goes.
     source: where the data comes from (TFDS offline, or synthetic).
+
+  Raises:
+    ValueError: a bad config field or argument (named as its flag), before any work.
+    rundir.RunLockedError: another process is working on this run.
   """
   start_time = time.time()
+  check_config(config, out_dir, source)
   sparsity = common.target_sparsity(config)
-  pruning.check_pruning_type(config.pruning_type, "--config.pruning_type")
   p = common.check_pruner(config.pruner)
   train_config = configs.train_config(config)
   arch, dataset, seed = config.arch, config.dataset, config.seed
   models.get_spec(arch)
   dspec = data.get_spec(dataset)
+  updater = make_updater(config, sparsity) if config.pruner in common.DYNAMIC else None
   name = common.run_name(config)
   run_dir = os.path.join(out_dir, name)
-  result_path = os.path.join(run_dir, "result.json")
   os.makedirs(run_dir, exist_ok=True)
+  with rundir.locked(run_dir), rundir.WallClock(run_dir, start_time) as clock:
+    return _run_locked(config, p, updater, sparsity, train_config, dspec, name, run_dir,
+                       out_dir, source, clock)
 
+
+def _run_locked(config, p, updater, sparsity, train_config, dspec, name, run_dir, out_dir,
+                source, clock) -> dict:
+  arch, dataset, seed = config.arch, config.dataset, config.seed
+  result_path = os.path.join(run_dir, "result.json")
   model = models.create(arch, dspec.num_classes)
   input_shape = dspec.image_shape
   key = jax.random.key(seed)
@@ -124,22 +143,27 @@ def run(config: ml_collections.ConfigDict, *, out_dir: str,
 
   mask_path = os.path.join(run_dir, "masks.npz")
   rounds = []
-  if config.pruner in common.DYNAMIC:
-    updater = make_updater(config, sparsity)
+  workdir = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+  if updater is not None:
     try:
       start_masks = _starting_masks(config, updater, model, variables, sparsity, key)
     except errors.UnreachableSparsityError as err:
-      return _record_unreachable(err, name, record, result_path, start_time)
-    result = training.train(model, dspec, train_config, train_data, test_data,
-                            masks=start_masks, params=init_params, updater=updater,
-                            track_effective=config.track_effective,
-                            workdir=os.path.abspath(os.path.join(run_dir, "checkpoints")),
-                            **train_kwargs)
+      return _record_unreachable(err, name, record, result_path, clock)
+    try:
+      result = training.train(model, dspec, train_config, train_data, test_data,
+                              masks=start_masks, params=init_params, updater=updater,
+                              track_effective=config.track_effective, workdir=workdir,
+                              **train_kwargs)
+    except training.DivergedError as err:
+      return _record_diverged(err, result_path, record, {}, clock)
     masks, start_params = result.state.masks, None
   elif p is None:  # IMP
-    result = _imp(model, dspec, train_config, train_data, test_data, init_params, sparsity,
-                  config.pruning_type, input_shape, run_dir, config.imp_rounds,
-                  config.rewind_step, train_kwargs, rounds)
+    try:
+      result = _imp(model, dspec, train_config, train_data, test_data, init_params, sparsity,
+                    config.pruning_type, input_shape, run_dir, config.imp_rounds,
+                    config.rewind_step, train_kwargs, rounds)
+    except training.DivergedError as err:
+      return _record_diverged(err, result_path, record, {"imp_rounds": rounds}, clock)
     masks, start_params = result.state.masks, None
   else:
     start_params = init_params
@@ -160,17 +184,19 @@ def run(config: ml_collections.ConfigDict, *, out_dir: str,
                               input_shape=input_shape, batches=batches,
                               trained_params=trained, rounds=config.rounds)
       except errors.UnreachableSparsityError as err:
-        return _record_unreachable(err, name, record, result_path, start_time)
+        return _record_unreachable(err, name, record, result_path, clock)
       masks_lib.save(mask_path, masks)
     if p.score is None:
       _save_params(os.path.join(run_dir, "weights", "initial"), init_params)
     report = connectivity_report(model, masks, input_shape)
     logging.info("%s: direct %.4gx, effective %.4gx compression.", name,
                  report["direct_compression"], report["effective_compression"])
-    result = training.train(model, dspec, train_config, train_data, test_data, masks=masks,
-                            params=start_params,
-                            workdir=os.path.abspath(os.path.join(run_dir, "checkpoints")),
-                            **train_kwargs)
+    try:
+      result = training.train(model, dspec, train_config, train_data, test_data,
+                              masks=masks, params=start_params, workdir=workdir,
+                              **train_kwargs)
+    except training.DivergedError as err:
+      return _record_diverged(err, result_path, record, report, clock)
     if p.score is None:
       _save_params(os.path.join(run_dir, "weights", "final"), result.state.params)
   report = connectivity_report(model, masks, input_shape)
@@ -181,8 +207,10 @@ def run(config: ml_collections.ConfigDict, *, out_dir: str,
       "history": result.history,
       "test_accuracy": result.final_test_accuracy,
       "test_loss": result.final_test_loss,
-      "steps_per_second": result.steps_per_second,
-      "wall_time": time.time() - start_time,
+      # None (not NaN) when this process trained no steps (a finished run resumed).
+      "steps_per_second": (result.steps_per_second
+                           if math.isfinite(result.steps_per_second) else None),
+      **_wall_times(clock),
       "imp_rounds": rounds or None,
       "mask_updates": result.mask_updates or None,
       "platform": jax.default_backend(),
@@ -193,15 +221,59 @@ def run(config: ml_collections.ConfigDict, *, out_dir: str,
 
 
 def _record_unreachable(err: errors.UnreachableSparsityError, name: str, record: dict,
-                        result_path: str, start_time: float) -> dict:
+                        result_path: str, clock: rundir.WallClock) -> dict:
   """An effective target beyond the ranking's reach is a result, not a failure: it is
   recorded so that the grid is complete and the sweep does not retry it."""
   logging.warning("%s: %s", name, err)
   summary = {"config": record, "status": "unreachable", "error": str(err),
              "max_sparsity": err.max_sparsity, "test_accuracy": None,
-             "wall_time": time.time() - start_time, "platform": jax.default_backend()}
+             **_wall_times(clock), "platform": jax.default_backend()}
   common.atomic_write_json(result_path, summary)
   return summary
+
+
+def _wall_times(clock: rundir.WallClock) -> dict:
+  """wall_time: seconds over all processes of the run; the last one's separately."""
+  return {"wall_time": clock.total(), "wall_time_last_process": clock.this_process(),
+          "processes": clock.processes()}
+
+
+def _record_diverged(err: training.DivergedError, result_path: str, config_record: dict,
+                     extra: dict, clock: rundir.WallClock) -> dict:
+  """Writes and returns the result of a run whose training diverged: finished, not
+  failed (a sweep does not retry it)."""
+  logging.error("%s: %s", os.path.dirname(result_path), err)
+  summary = {"config": config_record, "status": "diverged", "diverged_step": err.step,
+             "error": str(err), "test_accuracy": None, **extra, **_wall_times(clock),
+             "platform": jax.default_backend()}
+  common.atomic_write_json(result_path, summary)
+  return summary
+
+
+def check_config(config: ml_collections.ConfigDict, out_dir: str,
+                 source: common.DataSource) -> None:
+  """Every field a run needs and out_dir, before any work (named as their flags): the
+  target, the pruner and pruning type, the counts and steps, a moving-mask schedule.
+
+  Raises:
+    ValueError: the first bad field, its value and what is allowed.
+  """
+  sparsity = common.target_sparsity(config)
+  pruning.check_pruning_type(config.pruning_type, "--config.pruning_type")
+  common.check_pruner(config.pruner)
+  models.get_spec(config.arch)
+  data.get_spec(config.dataset)
+  if config.pruner in common.DYNAMIC:
+    make_updater(config, sparsity)
+  f = lambda name: f"config.{name}"
+  common.check_run_args(
+      out_dir=out_dir,
+      nonnegative={f("seed"): config.seed, f("rewind_step"): config.rewind_step},
+      counts={f(k): config[k] for k in ("train_steps", "batch_size", "eval_every",
+                                        "checkpoint_every", "log_every", "imp_rounds",
+                                        "score_batches", "snip_batch_size",
+                                        "update_every")},
+      optional_counts={f("rounds"): config.rounds, "num_examples": source.num_examples})
 
 
 def make_updater(config: ml_collections.ConfigDict, sparsity: float) -> dynamic.Updater:
@@ -259,9 +331,9 @@ def _imp(model, dspec, config, train_data, test_data, init_params, sparsity, pru
          input_shape, run_dir, imp_rounds, rewind_step, train_kwargs, rounds):
   """Iterative magnitude pruning with rewinding; returns the last round's TrainResult."""
   if imp_rounds < 1:
-    raise ValueError(f"--imp_rounds={imp_rounds!r} must be at least 1.")
+    raise ValueError(f"--config.imp_rounds={imp_rounds!r} must be at least 1.")
   if not 0 <= rewind_step < config.train_steps:
-    raise ValueError(f"--rewind_step={rewind_step!r} must be in [0, train_steps).")
+    raise ValueError(f"--config.rewind_step={rewind_step!r} must be in [0, train_steps).")
   workdir = lambda r: os.path.abspath(os.path.join(run_dir, f"round{r}", "checkpoints"))
   masks = masks_lib.ones(init_params)
   rewind = init_params
@@ -304,15 +376,20 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  summary = run(FLAGS.config, out_dir=FLAGS.out_dir, source=common.DataSource.from_flags())
-  if summary["status"] == "unreachable":
-    print(json.dumps({"config": summary["config"], "status": "unreachable",
-                      "error": summary["error"]}, indent=2, default=str))
+  processes.exit_with_parent()
+  try:
+    summary = run(FLAGS.config, out_dir=FLAGS.out_dir, source=common.DataSource.from_flags())
+  except rundir.RunLockedError as err:
+    logging.error("%s", err)
+    sys.exit(EXIT_LOCKED)
+  if summary["status"] in ("unreachable", "diverged"):
+    print(json.dumps(common.strict_json({k: summary[k] for k in (
+        "config", "status", "error", "diverged_step") if k in summary}), indent=2))
     return
   brief = {k: summary[k] for k in ("direct_compression", "effective_compression",
                                    "test_accuracy", "test_loss", "steps_per_second",
                                    "wall_time")}
-  print(json.dumps({"config": summary["config"], **brief}, indent=2, default=str))
+  print(json.dumps(common.strict_json({"config": summary["config"], **brief}), indent=2))
 
 
 if __name__ == "__main__":

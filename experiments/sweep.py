@@ -11,25 +11,31 @@ them: :func:`experiments.configs.load` parses the overrides exactly as the comma
 line does, and experiments.prune_train runs the config, in this process
 (--jobs=1: the dataset is read and the training step compiled once) or in --jobs
 subprocesses given the same overrides on their command lines. Each run writes
-<out_dir>/<run name>/result.json; a point whose result exists is skipped, an
-interrupted one resumes from its Orbax checkpoint. Dense runs go first, because
-magnitude and LAMP pruners score the weights they end with. A failed point is
-reported and the others go on.
+<out_dir>/<run name>/result.json. A point whose result is valid (experiments.results:
+it parses and has what its status needs; a diverged or unreachable run is finished
+too) is skipped; an invalid one is moved aside (result.json.invalid-<time>) and run
+again; an interrupted point resumes from its Orbax checkpoint. Dense runs go first,
+because magnitude and LAMP pruners score the weights they end with. A failed point is
+reported and the others go on. Child processes run in their own process groups and
+end with the sweep: SIGINT or SIGTERM ends them, and a child whose sweep died
+(SIGKILL) stops by itself (experiments.processes).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import os
-import subprocess
+import signal
 import sys
+import threading
 import time
 
 import ml_collections
 from absl import app, flags, logging
 
-from experiments import common, configs
+from experiments import common, configs, processes, results
 
 FLAGS = flags.FLAGS
 
@@ -42,6 +48,8 @@ def grid(archs, pruners, compressions, pruning_types, seeds) -> list[dict]:
   """
   for name in pruners:
     common.check_pruner(name)
+  common.check_run_args(compressions={"compressions": list(compressions)},
+                        nonnegative={"seeds": list(seeds)})
   needs_dense = any(p == "dense" or common.after_training(p) for p in pruners)
   runs = []
   for arch, seed in itertools.product(archs, seeds):
@@ -99,7 +107,7 @@ def _run_in_process(config: ml_collections.ConfigDict, out_dir: str,
                     source: common.DataSource) -> int:
   """One grid point in this process (data and compiled steps are reused across runs);
   returns 0 on success, 1 on failure (logged, the sweep goes on)."""
-  from experiments import prune_train  # Imported here: it defines no flags on import.
+  from experiments import prune_train
   try:
     prune_train.run(config, out_dir=out_dir, source=source)
   except Exception:  # pylint: disable=broad-except
@@ -110,16 +118,24 @@ def _run_in_process(config: ml_collections.ConfigDict, out_dir: str,
 
 def execute(points: list[dict], shared: list[str], out_dir: str, source: common.DataSource,
             jobs: int = 1) -> tuple[int, int, int]:
-  """Runs the grid; returns (done, skipped, failed)."""
+  """Runs the grid; returns (done, skipped, failed).
+
+  Raises:
+    processes.Stopped: SIGINT or SIGTERM while child processes ran (jobs > 1); they
+      have been ended.
+  """
+  from experiments import prune_train  # Imported here: it defines no flags on import.
   runs = [(point, config_for(point, shared)) for point in points]
-  todo = [(point, c) for point, c in runs if not os.path.exists(result_path(c, out_dir))]
+  for _, config in runs:  # Every point's settings, before any work.
+    prune_train.check_config(config, out_dir, source)
+  todo = [(point, c) for point, c in runs if not results.is_done(result_path(c, out_dir))]
   skipped = len(runs) - len(todo)
   logging.info("Sweep: %d runs, %d already done, %d to run with %d job(s).", len(runs),
                skipped, len(todo), jobs)
   dense = [r for r in todo if r[0]["pruner"] == "dense"]
   rest = [r for r in todo if r[0]["pruner"] != "dense"]
-  done = failed = 0
   start = time.time()
+  children = processes.Children()
 
   def one(run):
     point, config = run
@@ -128,10 +144,18 @@ def execute(points: list[dict], shared: list[str], out_dir: str, source: common.
     log = result_path(config, out_dir).replace("result.json", "log.txt")
     os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, "a") as f:
-      proc = subprocess.run(command(point, shared, out_dir, source), stdout=f,
-                            stderr=subprocess.STDOUT)
-    return point, proc.returncode, log
+      code = children.run(command(point, shared, out_dir, source), f)
+    return point, code, log
 
+  signals = (processes.stop_on_signals(children)
+             if jobs > 1 and threading.current_thread() is threading.main_thread()
+             else contextlib.nullcontext())
+  with signals:
+    return _execute_phases(dense, rest, one, jobs, todo, skipped, start)
+
+
+def _execute_phases(dense, rest, one, jobs, todo, skipped, start) -> tuple[int, int, int]:
+  done = failed = 0
   for phase in (dense, rest):
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
       for point, code, log in pool.map(one, phase):
@@ -183,6 +207,10 @@ def shared_overrides(train_steps: int | None, eval_every: int | None, extra: str
 
 def main(argv):
   del argv
+  common.check_run_args(out_dir=None if FLAGS.dry_run else FLAGS.out_dir,
+                        counts={"jobs": FLAGS.jobs},
+                        optional_counts={"train_steps": FLAGS.train_steps,
+                                         "eval_every": FLAGS.eval_every})
   points = grid(common.parse_list(FLAGS.archs, name="archs"),
                 common.parse_list(FLAGS.pruners, name="pruners"),
                 common.parse_list(FLAGS.compressions, float, "compressions"),
@@ -192,11 +220,21 @@ def main(argv):
   source = common.DataSource.from_flags()
   if FLAGS.dry_run:
     for point in points:
-      exists = os.path.exists(result_path(config_for(point, shared), FLAGS.out_dir))
-      print(("done  " if exists else "todo  ")
-            + " ".join(command(point, shared, FLAGS.out_dir, source)[3:]))
+      state = "done  "
+      try:
+        results.load(result_path(config_for(point, shared), FLAGS.out_dir))
+      except FileNotFoundError:
+        state = "todo  "
+      except results.InvalidResultError:
+        state = "redo  "  # Invalid result: a real run moves it aside and runs again.
+      print(state + " ".join(command(point, shared, FLAGS.out_dir, source)[3:]))
     return
-  done, skipped, failed = execute(points, shared, FLAGS.out_dir, source, FLAGS.jobs)
+  try:
+    done, skipped, failed = execute(points, shared, FLAGS.out_dir, source, FLAGS.jobs)
+  except processes.Stopped as stop:
+    print(f"Sweep stopped by {signal.Signals(stop.signum).name}; its runs were ended and "
+          "resume from their checkpoints when the sweep runs again.")
+    sys.exit(128 + stop.signum)
   print(f"Sweep finished: {done} ran, {skipped} skipped (results exist), {failed} failed.")
   if failed:
     sys.exit(1)

@@ -6,6 +6,21 @@ import os
 import tempfile
 
 
+def _umask() -> int:
+  """The process umask, read without changing it where Linux allows (os.umask sets it
+  process-wide, which threads writing files at the same moment would see)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 def atomic_write(path: str | os.PathLike, payload: bytes) -> None:
   """Writes ``payload`` to ``path`` through a temp file in the same folder and a rename.
 
@@ -21,9 +36,7 @@ def atomic_write(path: str | os.PathLike, payload: bytes) -> None:
       f.write(payload)
       f.flush()
       os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+      os.fchmod(f.fileno(), 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

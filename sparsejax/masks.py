@@ -157,39 +157,67 @@ def validate(masks: Masks, params: PyTree, name: str = "masks") -> None:
 
 
 def apply(params: PyTree, masks: Masks) -> PyTree:
-  """``params`` with every prunable kernel multiplied by its mask (others unchanged)."""
+  """``params`` with every prunable kernel multiplied by its mask (others unchanged).
+
+  Raises:
+    ValueError: ``masks`` does not match ``params`` (:func:`validate`: tree, bool
+      dtype, exact kernel shapes; a broadcastable mask is refused, not broadcast).
+  """
+  validate(masks, params)
   return jax.tree.map(lambda m, w: w if m is None else jnp.where(m, w, jnp.zeros_like(w)),
                       masks, params, is_leaf=_is_none)
 
 
-def count(masks: Masks) -> tuple[int, int]:
-  """(kept, total) prunable weights."""
-  leaves = mask_leaves(masks)
+def _checked_leaves(masks: Masks, params: PyTree | None) -> list:
+  """The mask leaves, each checked to be a bool array; with ``params``, the whole tree
+  is checked against them (:func:`validate`)."""
+  if params is not None:
+    validate(masks, params)
+  flat = [(path_str(p), m) for p, m in
+          jax.tree_util.tree_leaves_with_path(masks, is_leaf=_is_none) if m is not None]
+  for path, m in flat:
+    dtype = getattr(m, "dtype", None)
+    if dtype != np.bool_:
+      raise ValueError(f"masks[{path!r}] has dtype {dtype}; masks must be bool arrays.")
+  return [m for _, m in flat]
+
+
+def count(masks: Masks, params: PyTree | None = None) -> tuple[int, int]:
+  """(kept, total) prunable weights. The leaves must be bool arrays; pass ``params`` to
+  also check the tree and the kernel shapes (:func:`validate`).
+
+  Raises:
+    ValueError: a non-bool leaf, or masks that do not match ``params``.
+  """
+  leaves = _checked_leaves(masks, params)
   kept = sum(int(jnp.sum(m)) for m in leaves)
   return kept, sum(int(np.prod(m.shape)) for m in leaves)
 
 
-def density(masks: Masks) -> float:
-  kept, total = count(masks)
+def density(masks: Masks, params: PyTree | None = None) -> float:
+  """Kept / prunable weights (checks as :func:`count`)."""
+  kept, total = count(masks, params)
   return kept / total
 
 
-def direct_sparsity(masks: Masks) -> float:
-  """Masked-out prunable weights / all prunable weights."""
-  return 1.0 - density(masks)
+def direct_sparsity(masks: Masks, params: PyTree | None = None) -> float:
+  """Masked-out prunable weights / all prunable weights (checks as :func:`count`)."""
+  return 1.0 - density(masks, params)
 
 
-def compression(masks: Masks) -> float:
-  """1 / density; inf for a mask that keeps nothing."""
-  return compression_of(density(masks))
+def compression(masks: Masks, params: PyTree | None = None) -> float:
+  """1 / density; inf for a mask that keeps nothing (checks as :func:`count`)."""
+  return compression_of(density(masks, params))
 
 
 def compression_of(density_value: float) -> float:
   return float("inf") if density_value <= 0 else 1.0 / density_value
 
 
-def layer_sparsities(masks: Masks) -> dict[str, float]:
-  """{path: sparsity} per prunable layer, in input-to-output order."""
+def layer_sparsities(masks: Masks, params: PyTree | None = None) -> dict[str, float]:
+  """{path: sparsity} per prunable layer, in input-to-output order (checks as
+  :func:`count`)."""
+  _checked_leaves(masks, params)
   flat = jax.tree_util.tree_leaves_with_path(masks, is_leaf=_is_none)
   return {path_str(p): 1.0 - float(jnp.mean(m)) for p, m in flat if m is not None}
 

@@ -113,6 +113,17 @@ def _check_finite(kernel_scores: Sequence, who: str) -> None:
                      "(check the weights, the inputs and the loss).")
 
 
+def _check_finite_weights(params: PyTree, who: str) -> None:
+  """Scores of NaN or infinite weights mean nothing (LAMP would score such a layer 0)."""
+  bad = {p: int(jnp.sum(~jnp.isfinite(w)))
+         for p, w in zip(masks_lib.prunable_paths(params), _kernels(params))}
+  bad = {p: n for p, n in bad.items() if n}
+  if bad:
+    raise ValueError(f"{who} got {sum(bad.values())} NaN or infinite weights (in "
+                     f"{', '.join(sorted(bad)[:5])}); weights must be finite (check the "
+                     "training run they come from).")
+
+
 def _check_rounds(rounds) -> int:
   if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 1:
     raise ValueError(f"rounds={rounds!r} must be a positive integer.")
@@ -249,7 +260,11 @@ def lamp(params: PyTree) -> PyTree:
   returned at the original positions (float32). The largest weight of every layer
   scores exactly 1 and every other weight at most 1/2, so a global top-k with
   k >= number of layers never empties a layer. An all-zero layer scores 0.
+
+  Raises:
+    ValueError: a NaN or infinite weight (as :func:`magnitude`).
   """
+  _check_finite_weights(params, "lamp")
   out = masks_lib.map_prunable(_lamp_layer_jit, params)
   _check_finite(masks_lib.mask_leaves(out), "lamp")
   return out

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
+import os
 import time
 from typing import Any, Sequence
 
@@ -490,6 +492,26 @@ def _split_history(saved: list) -> tuple[list, list]:
   """(evaluations, mask-update records) of a checkpoint's history item."""
   return ([h for h in saved if "mask_update" not in h],
           [h["mask_update"] for h in saved if "mask_update" in h])
+class DivergedError(FloatingPointError):
+  """Training met a non-finite loss or parameter; ``step`` is the first step seen so.
+
+  Raised by :func:`train` after it has stopped cleanly (data pipeline closed, pending
+  checkpoints finished); no checkpoint holding non-finite values is ever saved."""
+
+  def __init__(self, step: int, what: str):
+    super().__init__(f"training diverged at step {step}: {what}; lower "
+                     "config.learning_rate or check the inputs.")
+    self.step = step
+    self.what = what
+
+
+class CorruptCheckpointError(RuntimeError):
+  """A checkpoint that cannot be read or whose checksum does not match."""
+
+  def __init__(self, step: int, reason: str):
+    super().__init__(f"checkpoint at step {step} is unusable: {reason}")
+    self.step = step
+    self.reason = reason
 
 
 @dataclasses.dataclass
@@ -538,24 +560,99 @@ def _meta(config, seed: int, key: jax.Array, masked: bool, updater=None) -> dict
   return meta
 
 
+def state_checksum(state: TrainState) -> str:
+  """SHA-256 over every array of ``state`` (path, dtype, shape and bytes), as hex."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(state)):
+    if jnp.issubdtype(getattr(leaf, "dtype", np.float32), jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    a = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
+    digest.update(a.tobytes())
+  return digest.hexdigest()
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _read_checkpoint(manager, step: int, state: TrainState):
+  """(saved meta, state, history) of step ``step``, checksum verified.
+
+  Raises:
+    CorruptCheckpointError: any read failure (missing or truncated files, an empty
+      step folder) or a checksum that does not match what was read.
+  """
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore(), checksum=ocp.args.JsonRestore(),
+        state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
+    saved_sum = restored["checksum"]["sha256"]
+  except Exception as err:  # pylint: disable=broad-except
+    # Orbax and TensorStore raise many types for damaged files; all mean "unusable".
+    raise CorruptCheckpointError(step, f"{type(err).__name__}: {str(err)[:300]}") from err
+  got = state_checksum(restored["state"])
+  if got != saved_sum:
+    raise CorruptCheckpointError(step, f"checksum {got[:12]}... does not match the "
+                                 f"saved {str(saved_sum)[:12]}...")
+  return restored["meta"], restored["state"], list(restored["history"])
+
+
+def _set_aside(manager, step: int) -> str:
+  """Moves a corrupted step folder out of the checkpoint folder (kept for inspection)."""
+  workdir = os.fspath(manager.directory)
+  aside = os.path.join(os.path.dirname(workdir.rstrip("/")),
+                       os.path.basename(workdir.rstrip("/")) + "-corrupt")
+  os.makedirs(aside, exist_ok=True)
+  target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+  os.replace(os.path.join(workdir, str(step)), target)
+  return target
+
+
 def _restore(manager, step: int, state: TrainState, meta: dict):
-  saved_meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  saved_meta, restored_state, history = _read_checkpoint(manager, step, state)
   if saved_meta != meta:
     differing = sorted(k for k in set(meta) | set(saved_meta)
                        if meta.get(k) != saved_meta.get(k))
     raise ValueError(f"workdir={manager.directory!s} holds a run with different settings "
                      f"({', '.join(differing)}): saved {saved_meta}, now {meta}. Use another "
                      "workdir or the same settings to resume.")
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
   if state.masks is not None and "updater" not in meta:  # moving masks differ, rightly
     same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state.masks,
-                        restored["state"].masks)
+                        restored_state.masks)
     if not all(jax.tree.leaves(same)):
       raise ValueError(f"workdir={manager.directory!s} holds a run with different masks; "
                        "use another workdir to train these masks.")
-  return restored["state"], list(restored["history"])
+  return restored_state, history
+
+
+def _restore_latest_intact(manager, state: TrainState, meta: dict, stop: int):
+  """(state, history) of the newest checkpoint that reads back intact, or None.
+
+  A checkpoint that cannot be read or fails its checksum is logged (naming its step),
+  moved to ``<workdir>-corrupt/`` and the next older one is tried; with none left the
+  run starts fresh. Checkpoints of other settings or masks raise ValueError."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    if step > stop:
+      raise ValueError(f"workdir={manager.directory!s} holds a checkpoint at step "
+                       f"{step}, past num_steps={stop}.")
+    try:
+      restored = _restore(manager, step, state, meta)
+    except CorruptCheckpointError as err:
+      moved = _set_aside(manager, step)
+      logging.error("%s in %s; moved to %s, falling back to an earlier checkpoint.", err,
+                    manager.directory, moved)
+      manager.reload()
+      continue
+    if not bool(_all_finite(restored[0])):
+      raise DivergedError(step, "the checkpoint holds non-finite values")
+    logging.info("Resumed from %s at step %d.", manager.directory, step)
+    return restored
+  return None
 
 
 def train(model: flax.linen.Module, spec, config, train_data: tuple[np.ndarray, np.ndarray],
@@ -600,9 +697,16 @@ def train(model: flax.linen.Module, spec, config, train_data: tuple[np.ndarray, 
   Returns:
     A :class:`TrainResult`.
 
+  Checkpoints hold a SHA-256 of their state (:func:`state_checksum`); one that cannot
+  be read or does not match is logged by step, moved to ``<workdir>-corrupt/``, and
+  the next older one is used (with none left: a fresh start). A state with a NaN or
+  infinite value is never saved.
+
   Raises:
     ValueError: batch size not divisible by the device count, bad arguments, or a
       workdir holding a run with other settings or masks.
+    DivergedError: a non-finite training loss (checked every ``log_every`` steps) or
+      a non-finite state when a checkpoint is due; raised after a clean stop.
   """
   start_time = time.perf_counter()
   dspec = _dataset_spec(config.dataset if spec is None else spec)
@@ -661,28 +765,33 @@ def _train_loop(model, dspec, config, state, step_key, meta, manager, *, seed, s
                 start_time, mask_updates=None) -> TrainResult:
   history: list[dict] = []
   straight_through = bool(mask_updates is not None and mask_updates.updater.straight_through)
-  if manager is not None:
-    latest = manager.latest_step()
-    if latest is not None:
-      if latest > stop:
-        raise ValueError(f"workdir={manager.directory!s} holds a checkpoint at step "
-                         f"{latest}, past num_steps={stop}.")
-      state, history = _restore(manager, latest, state, meta)
+  if manager is not None and manager.all_steps():
+    restored = _restore_latest_intact(manager, state, meta, stop)
+    if restored is None:
+      logging.error("No intact checkpoint left in %s: starting from step 0.",
+                    manager.directory)
+    else:
+      state, history = restored
       if mask_updates is not None:
         history, mask_updates.records = _split_history(history)
-      logging.info("Resumed from %s at step %d.", manager.directory, latest)
 
   def save(step: int) -> None:
     if manager is not None and manager.latest_step() != step:
+      if not bool(_all_finite(state)):
+        raise DivergedError(step, "non-finite parameters or optimizer state")
       saved = history + ([{"mask_update": r} for r in mask_updates.records]
                          if mask_updates is not None else [])
       manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(saved),
-          meta=ocp.args.JsonSave(meta)), force=True)
+          meta=ocp.args.JsonSave(meta),
+          checksum=ocp.args.JsonSave({"sha256": state_checksum(state), "step": step})),
+          force=True)
 
   def run_eval(step: int) -> tuple[float, float]:
     loss, accuracy = evaluate(state, test_images, test_labels, model=model, spec=dspec,
                               batch_size=eval_batch_size, mesh=mesh)
+    if not math.isfinite(loss):  # Infinite or NaN logits: nothing to report.
+      raise DivergedError(step, f"test loss is {loss}")
     history.append({"step": step, "test_loss": loss, "test_accuracy": accuracy})
     logging.info("step %d/%d: test loss %.4f, test accuracy %.4f", step, stop, loss, accuracy)
     return loss, accuracy
@@ -714,10 +823,12 @@ def _train_loop(model, dspec, config, state, step_key, meta, manager, *, seed, s
         else:
           timed_steps += 1
         if done % log_every == 0 or done == stop:
+          losses = np.asarray(jax.device_get([m["loss"] for m in window]))
+          if not np.all(np.isfinite(losses)):
+            bad = int(np.argmin(np.isfinite(losses)))  # window[i] is step done - len + i + 1
+            raise DivergedError(done - len(window) + bad + 1,
+                                f"training loss is {losses[bad]}")
           means = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *window))
-          if not np.isfinite(means["loss"]):
-            raise FloatingPointError(f"training loss is {means['loss']} at step {done}; "
-                                     "lower config.learning_rate or check the inputs.")
           now = time.perf_counter()
           rate = len(window) / max(now - window_start, 1e-9)
           logging.info("step %d/%d: loss %.4f, accuracy %.4f, %.1f steps/s, ETA %s", done,
@@ -749,5 +860,6 @@ def _train_loop(model, dspec, config, state, step_key, meta, manager, *, seed, s
 
 
 __all__ = ["TrainConfig", "weight_decay_from_keras_l2", "TrainState", "TrainResult",
+           "DivergedError", "CorruptCheckpointError", "state_checksum", "MaskUpdates",
            "make_schedule", "make_optimizer", "make_masked_optimizer", "kernel_mask",
            "create_train_state", "train_step", "eval_step", "evaluate", "make_mesh", "train"]

@@ -52,6 +52,18 @@ def test_csv_and_plot(rows, tmp_path):
   assert compression.format_table(rows).count("\n") == len(rows) + 1
 
 
+def test_plot_shows_targets_that_keep_nothing_or_are_unreachable(tmp_path):
+  # 1e12x keeps no weight of LeNet-300-100: infinite direct and effective compression
+  # (the table says inf); the effective type cannot reach it (the table: unreachable).
+  rows = compression.sweep("lenet300100", ["random/uniform"], ["direct", "effective"],
+                           [10.0, 1e12], seed=0)
+  assert [r["status"] for r in rows] == ["ok", "ok", "disconnected", "unreachable"]
+  assert math.isinf(rows[2]["direct_compression"])
+  plot.plot_curves("lenet300100", rows, str(tmp_path / "c.png"))
+  assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+  assert "inf" in compression.format_table(rows)
+
+
 def test_unreachable_targets_are_reported_not_raised():
   rows = compression.sweep("lenet300100", ["random/uniform"], ["effective"],
                            [1e5, 1e6], seed=0)
@@ -70,8 +82,11 @@ def test_bad_arguments():
     compression.sweep("lenet300100", ["prune_all"], ["direct"], [10.0])
   with pytest.raises(ValueError, match="pruning_types='both'"):
     compression.sweep("lenet300100", ["random/igq"], ["both"], [10.0])
-  with pytest.raises(ValueError, match="compressions has 0.5"):
+  with pytest.raises(ValueError, match="--compressions=0.5"):
     compression.sweep("lenet300100", ["random/igq"], ["direct"], [0.5])
+  for bad in (float("inf"), float("nan")):
+    with pytest.raises(ValueError, match=f"--compressions={bad}"):
+      compression.sweep("lenet300100", ["random/igq"], ["direct"], [bad])
   with pytest.raises(ValueError, match="name='resnet50'"):
     compression.sweep("resnet50", ["random/igq"], ["direct"], [10.0])
 

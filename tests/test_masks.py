@@ -116,3 +116,21 @@ def test_load_rejects_foreign_masks(params, tmp_path):
   masks.save(path, masks.ones(other))
   with pytest.raises(ValueError, match="not prunable kernels"):
     masks.load(path, params)
+
+
+def test_apply_and_counts_refuse_masks_that_do_not_fit(params):
+  good = masks.ones(params)
+  # A (1, n) mask broadcasts against an (m, n) kernel: refused, not broadcast.
+  row = dict(good, dense_2=dict(good["dense_2"], kernel=jnp.zeros(
+      (1,) + params["dense_2"]["kernel"].shape[1:], bool)))
+  with pytest.raises(ValueError, match=r"masks\['dense_2/kernel'\] has shape"):
+    masks.apply(params, row)
+  with pytest.raises(ValueError, match=r"has shape"):
+    masks.compression(row, params)
+  half = masks.map_masks(lambda m: jnp.full(m.shape, 0.5, jnp.float32), good)
+  for fn in (masks.compression, masks.count, masks.direct_sparsity, masks.layer_sparsities):
+    with pytest.raises(ValueError, match="masks must be bool"):
+      fn(half)
+  with pytest.raises(ValueError, match="does not match the parameter tree"):
+    masks.apply(params, {"conv_0": good["conv_0"]})
+  assert masks.compression(good, params) == 1.0

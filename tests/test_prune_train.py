@@ -47,7 +47,7 @@ def test_dense_then_magnitude_uses_the_dense_weights(tmp_path):
   assert (tmp_path / dense / "weights" / "final").exists()
   r = run(tmp_path, pruner="magnitude/global", compression=10)
   assert r["direct_compression"] == pytest.approx(10, rel=1e-3)
-  with pytest.raises(FileNotFoundError, match="run --pruner=dense"):
+  with pytest.raises(FileNotFoundError, match="run --config.pruner=dense"):
     run(tmp_path / "elsewhere", pruner="lamp", compression=10)
 
 
@@ -111,3 +111,189 @@ def test_sweep_in_process_runs_records_unreachable_and_resumes(tmp_path):
 def test_direct_pruning_to_disconnection_is_marked(tmp_path):
   r = run(tmp_path, pruner="random/uniform", compression=1e4)
   assert r["status"] == "disconnected" and r["effective_compression"] == float("inf")
+
+
+# ------------------------------------- nothing lost, nothing silently wrong (issue 12)
+
+
+def _reject(name):
+  raise ValueError(f"{name} is not JSON")
+
+
+def _strict(path):
+  with open(path) as f:
+    return json.loads(f.read(), parse_constant=_reject)
+
+
+def test_sweep_redoes_a_torn_result_and_keeps_it_aside(tmp_path):
+  shared = sweep.shared_overrides(20, 10, "--config.checkpoint_every=10 --config.log_every=10")
+  source = common.DataSource(synthetic=True)
+  small = sweep.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct"], [0])
+  assert sweep.execute(small, shared, str(tmp_path), source, jobs=1) == (1, 0, 0)
+  path = sweep.result_path(sweep.config_for(small[0], shared), str(tmp_path))
+  whole = open(path).read()
+  with open(path, "w") as f:
+    f.write(whole[: len(whole) // 2])
+  from experiments import plot, results
+  with pytest.raises(results.InvalidResultError, match="result.json: invalid result") as err:
+    plot.load_runs(str(tmp_path))
+  assert err.value.path == path
+  # redone, not skipped
+  assert sweep.execute(small, shared, str(tmp_path), source, jobs=1) == (1, 0, 0)
+  assert _strict(path)["status"] == "ok"
+  aside = [f for f in os.listdir(os.path.dirname(path)) if ".invalid-" in f]
+  assert len(aside) == 1 and aside[0].startswith("result.json.invalid-")
+  assert sweep.execute(small, shared, str(tmp_path), source, jobs=1) == (0, 1, 0)
+
+
+def test_zero_steps_negative_seeds_and_infinite_targets_are_rejected_before_work(tmp_path):
+  for field, value in (("train_steps", 0), ("seed", -1), ("eval_every", 0),
+                       ("update_every", 0)):
+    with pytest.raises(ValueError, match=f"--config.{field}={value}"):
+      run(tmp_path, pruner="random/igq", compression=10, **{field: value})
+  with pytest.raises(ValueError, match="--num_examples=0"):
+    prune_train.run(config(pruner="random/igq", compression=10), out_dir=str(tmp_path),
+                    source=common.DataSource(synthetic=True, num_examples=0))
+  assert os.listdir(tmp_path) == []  # no run folder, no masks.npz
+  for bad in ("inf", "nan"):
+    with pytest.raises(ValueError, match=f"--config.compression={bad}"):
+      run(tmp_path, pruner="random/igq", compression=bad)
+  with pytest.raises(ValueError, match="--compressions=inf"):
+    sweep.grid(["lenet300100"], ["random/igq"], [float("inf")], ["direct"], [0])
+  with pytest.raises(ValueError, match="--seeds=-1"):
+    sweep.grid(["lenet300100"], ["random/igq"], [10.0], ["direct"], [-1])
+  with pytest.raises(ValueError, match="--config.train_steps=0"):
+    sweep.execute(sweep.grid(["lenet300100"], ["random/igq"], [10.0], ["direct"], [0]),
+                  sweep.shared_overrides(0, None, ""), str(tmp_path),
+                  common.DataSource(synthetic=True), jobs=1)
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(ValueError, match="--out_dir=.*a_file/runs.* is not a writable folder"):
+    run(blocker / "runs", pruner="random/igq", compression=10)
+  # 0 is a value, not "not given": the sweep passes it on.
+  point = dict(arch="lenet300100", pruner="random/igq", compression=10.0,
+               pruning_type="direct", seed=0)
+  cmd = sweep.command(point, sweep.shared_overrides(0, None, ""), "o",
+                      common.DataSource(synthetic=True))
+  assert "--config.train_steps=0" in cmd
+
+
+def test_diverging_run_is_recorded_and_not_retried(tmp_path):
+  shared = sweep.shared_overrides(20, 10, "--config.checkpoint_every=1 "
+                                  "--config.log_every=10 --config.learning_rate=1e30")
+  source = common.DataSource(synthetic=True)
+  small = sweep.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct"], [0])
+  # finished, not failed: exit 0
+  assert sweep.execute(small, shared, str(tmp_path), source, jobs=1) == (1, 0, 0)
+  path = sweep.result_path(sweep.config_for(small[0], shared), str(tmp_path))
+  r = _strict(path)
+  assert r["status"] == "diverged" and 1 <= r["diverged_step"] <= 20
+  assert f"step {r['diverged_step']}" in r["error"]
+  assert sweep.execute(small, shared, str(tmp_path), source, jobs=1) == (0, 1, 0)
+  import jax
+  import orbax.checkpoint as ocp
+  ckpts = os.path.join(os.path.dirname(path), "checkpoints")
+  for step in [s for s in os.listdir(ckpts) if s.isdigit()]:
+    assert int(step) < r["diverged_step"]
+    state = ocp.StandardCheckpointer().restore(os.path.join(ckpts, step, "state"))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state)
+               if np.issubdtype(np.asarray(x).dtype, np.floating)), step
+
+
+def test_wall_time_sums_processes_and_results_are_strict_and_group_readable(tmp_path):
+  import stat
+  old = os.umask(0o022)
+  try:
+    first = run(tmp_path, pruner="random/igq", compression=10)
+    again = run(tmp_path, pruner="random/igq", compression=10)  # resumed, no steps left
+  finally:
+    os.umask(old)
+  name = common.run_name(config(pruner="random/igq", compression=10))
+  on_disk = _strict(tmp_path / name / "result.json")
+  assert first["processes"] == 1 and on_disk["processes"] == 2
+  assert on_disk["steps_per_second"] is None and again["steps_per_second"] is None
+  assert on_disk["wall_time"] >= first["wall_time"] + on_disk["wall_time_last_process"] - 1e-6
+  for f in ("result.json", "masks.npz"):
+    assert stat.S_IMODE(os.stat(tmp_path / name / f).st_mode) == 0o644, f
+
+
+def test_a_second_run_on_a_locked_folder_refuses(tmp_path):
+  from experiments import rundir
+  name = common.run_name(config(pruner="random/igq", compression=10))
+  with rundir.locked(str(tmp_path / name)):
+    with pytest.raises(rundir.RunLockedError, match=f"pid {os.getpid()}"):
+      run(tmp_path, pruner="random/igq", compression=10)
+  assert not (tmp_path / name / "masks.npz").exists()
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+  except FileNotFoundError:
+    return False
+
+
+def _child_pids(parent: int, count: int, timeout=120.0) -> list[int]:
+  """Pids of ``parent``'s prune_train children (from /proc), once ``count`` run."""
+  import time
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    pids = []
+    for entry in os.listdir("/proc"):
+      try:
+        with open(f"/proc/{entry}/stat") as f:
+          ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        with open(f"/proc/{entry}/cmdline", "rb") as f:
+          cmdline = f.read()
+      except (OSError, ValueError, IndexError):
+        continue
+      if ppid == parent and b"experiments.prune_train" in cmdline:
+        pids.append(int(entry))
+    if len(pids) == count:
+      return pids
+    time.sleep(0.5)
+  raise AssertionError(f"the sweep's {count} children did not start in {timeout}s")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc"), reason="reads /proc")
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_stopping_the_sweep_leaves_no_child_running(tmp_path, sig):
+  import signal
+  import subprocess
+  import sys
+  import time
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "-m", "experiments.sweep", "--archs=lenet300100",
+         "--pruners=random/uniform", "--compressions=10", "--pruning_types=direct,effective",
+         "--train_steps=100000", "--jobs=2", "--synthetic_data", f"--out_dir={tmp_path}"]
+  parent = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+  try:
+    pids = _child_pids(parent.pid, 2)
+    time.sleep(3)  # into their imports and training
+    assert all(_alive(p) for p in pids)
+    parent.send_signal(getattr(signal, sig))
+    parent.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+      time.sleep(0.2)
+    assert not [p for p in pids if _alive(p)]
+  finally:
+    if parent.poll() is None:
+      parent.kill()
+  if sig != "SIGKILL":
+    assert parent.returncode == 128 + getattr(signal, sig)
+
+
+def test_binary_rejects_bad_flags_by_name_before_any_work(tmp_path):
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for flag in ("--config.train_steps=0", "--config.seed=-1", "--config.compression=inf"):
+    result = subprocess.run([sys.executable, "-m", "experiments.prune_train", flag,
+                             "--synthetic_data", f"--out_dir={tmp_path}"],
+                            cwd=repo, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and flag in result.stderr, result.stderr[-2000:]
+  assert os.listdir(tmp_path) == []

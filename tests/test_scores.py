@@ -172,6 +172,18 @@ def test_lamp_global_topk_never_empties_a_layer():
     assert min(mag) == 0
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_lamp_rejects_non_finite_weights_like_magnitude(bad):
+    w = np.random.default_rng(0).normal(size=(300, 100)).astype(np.float32)
+    w[3, 7] = bad
+    params = {"dense_0": {"kernel": jnp.asarray(w)},
+              "dense_1": {"kernel": jnp.ones((100, 10), jnp.float32)}}
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        scores.magnitude(params)
+    with pytest.raises(ValueError, match="lamp got 1 NaN or infinite weights.*dense_0"):
+        scores.lamp(params)
+
+
 # --------------------------------------------------------------------------- random
 
 

@@ -396,3 +396,91 @@ def test_data_parallel_matches_one_device(tmp_path):
     a, b = two[name], one[name]
     scale = float(np.max(np.abs(b)))
     assert np.max(np.abs(a - b)) <= 1e-5 * scale + 1e-6, name
+
+
+# ------------------------------------------------- integrity and divergence
+
+
+def _checkpointed_run(mnist_like, workdir, num_steps=None, **overrides):
+  train_data, test_data = mnist_like
+  model, cfg = TinyMLP(), tiny_config(train_steps=20)
+  params = numpy_params(model, (28, 28, 1), seed=5)
+  kwargs = dict(params=params, seed=3, eval_every=10, log_every=10, checkpoint_every=5,
+                keep_checkpoints=3, workdir=str(workdir), num_steps=num_steps)
+  kwargs.update(overrides)
+  return training.train(model, "mnist", cfg, train_data, test_data, **kwargs)
+
+
+def _largest_data_file(step_dir: pathlib.Path) -> pathlib.Path:
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(mnist_like, tmp_path_factory):
+  return _checkpointed_run(mnist_like, tmp_path_factory.mktemp("full"))
+
+
+# Orbax logs its failed reads from background tasks as unraisable exceptions.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", ["flip_bytes", "truncate", "delete_manifest",
+                                    "delete_metadata", "empty_step_folder"])
+def test_damaged_checkpoint_falls_back_to_the_previous_one(mnist_like, uninterrupted,
+                                                           tmp_path, damage, caplog):
+  _checkpointed_run(mnist_like, tmp_path, num_steps=15)
+  step_dir = tmp_path / "15"
+  if damage == "flip_bytes":
+    # Bytes of the array data, not of a header: read back without any error.
+    target = _largest_data_file(step_dir)
+    payload = bytearray(target.read_bytes())
+    for i in (100, len(payload) // 2, len(payload) - 100):
+      payload[i] ^= 0xFF
+    target.write_bytes(bytes(payload))
+  elif damage == "truncate":
+    target = _largest_data_file(step_dir)
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+  elif damage == "delete_metadata":
+    (step_dir / "state" / "_METADATA").unlink()
+  elif damage == "delete_manifest":
+    (step_dir / "state" / "manifest.ocdbt").unlink()
+  else:
+    import shutil
+    shutil.rmtree(step_dir)
+    step_dir.mkdir()
+  resumed = _checkpointed_run(mnist_like, tmp_path)
+  assert resumed.start_step == 10
+  assert "checkpoint at step 15 is unusable" in caplog.text
+  assert [p.name.split("-")[0] for p in (tmp_path.parent / (tmp_path.name + "-corrupt")
+                                         ).iterdir()] == ["15"]
+  for a, b in zip(_leaves(uninterrupted.state.params), _leaves(resumed.state.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+# Orbax logs its failed reads from background tasks as unraisable exceptions.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_no_intact_checkpoint_starts_fresh(mnist_like, uninterrupted, tmp_path):
+  _checkpointed_run(mnist_like, tmp_path, num_steps=10)
+  for step in (5, 10):
+    (tmp_path / str(step) / "state" / "manifest.ocdbt").unlink()
+  resumed = _checkpointed_run(mnist_like, tmp_path)
+  assert resumed.start_step == 0
+  for a, b in zip(_leaves(uninterrupted.state.params), _leaves(resumed.state.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_divergence_stops_cleanly_without_a_non_finite_checkpoint(mnist_like, tmp_path):
+  train_data, test_data = mnist_like
+  model, cfg = TinyMLP(), tiny_config(train_steps=20, learning_rate=1e30)
+  params = numpy_params(model, (28, 28, 1), seed=5)
+  with pytest.raises(training.DivergedError) as err:
+    training.train(model, "mnist", cfg, train_data, test_data, params=params,
+                   workdir=str(tmp_path), checkpoint_every=1, log_every=10, eval_every=10)
+  step = err.value.step
+  assert 1 <= step <= 20 and f"step {step}" in str(err.value)
+  import orbax.checkpoint as ocp
+  saved = sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit())
+  assert all(s < step for s in saved)
+  for s in saved:
+    state = ocp.StandardCheckpointer().restore(tmp_path / str(s) / "state")
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state)
+               if np.issubdtype(np.asarray(x).dtype, np.floating)), s

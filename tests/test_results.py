@@ -1,0 +1,108 @@
+"""Result files: strict JSON, readable by the group, validated when read back."""
+
+import glob
+import json
+import math
+import os
+import stat
+
+import pytest
+
+from experiments import common, results
+from sparsejax import files
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _reject(name):
+  raise ValueError(f"{name} is not JSON")
+
+
+def test_every_committed_result_is_strict_json_and_valid():
+  paths = glob.glob(os.path.join(REPO, "results", "**", "result.json"), recursive=True)
+  assert paths
+  for path in paths:
+    with open(path) as f:
+      json.loads(f.read(), parse_constant=_reject)
+    results.load(path)
+
+
+def test_writer_turns_non_finite_numbers_into_null(tmp_path):
+  import numpy as np
+  path = tmp_path / "r.json"
+  common.atomic_write_json(str(path), {"a": math.inf, "b": [float("nan"), 1.5],
+                                       "c": np.float32(-np.inf), "d": np.arange(2)})
+  assert json.loads(path.read_text(), parse_constant=_reject) == {
+      "a": None, "b": [None, 1.5], "c": None, "d": [0, 1]}
+
+
+def test_result_files_follow_the_umask(tmp_path):
+  old = os.umask(0o022)
+  try:
+    common.atomic_write_json(str(tmp_path / "r.json"), {"x": 1})
+    assert stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode) == 0o644
+    os.umask(0o027)
+    files.atomic_write(str(tmp_path / "s.txt"), b"x")
+    assert stat.S_IMODE(os.stat(tmp_path / "s.txt").st_mode) == 0o640
+  finally:
+    os.umask(old)
+
+
+def _valid(**changes):
+  r = {"config": {"arch": "lenet300100", "dataset": "mnist", "pruner": "random/igq",
+                  "pruning_type": "direct", "seed": 0, "target_compression": 10.0,
+                  "train": {"train_steps": 20}},
+       "status": "ok", "test_accuracy": 0.9, "test_loss": 0.3, "direct_compression": 10.0,
+       "effective_compression": 11.0, "history": []}
+  r.update(changes)
+  return r
+
+
+@pytest.mark.parametrize("text,why", [
+    ('{"config": {"arch": "lenet3', "not strict JSON"),
+    ('{"x": NaN}', "not strict JSON"),
+    (json.dumps(_valid(status="weird")), "status='weird'"),
+    (json.dumps(_valid(test_accuracy=None)), "test_accuracy=None"),
+    (json.dumps(_valid(status="diverged")), "diverged_step=None"),
+    (json.dumps({k: v for k, v in _valid().items() if k != "config"}), "config"),
+])
+def test_load_names_the_file_and_the_reason(tmp_path, text, why):
+  path = tmp_path / "result.json"
+  path.write_text(text)
+  with pytest.raises(results.InvalidResultError, match=why) as err:
+    results.load(str(path))
+  assert err.value.path == str(path) and str(path) in str(err.value)
+
+
+def test_disconnected_reads_back_as_infinite(tmp_path):
+  path = tmp_path / "result.json"
+  common.atomic_write_json(str(path), _valid(status="disconnected",
+                                             effective_compression=math.inf))
+  assert results.load(str(path))["effective_compression"] == math.inf
+
+
+def test_is_done_moves_a_torn_file_aside(tmp_path):
+  path = tmp_path / "result.json"
+  assert not results.is_done(str(path))
+  path.write_text(json.dumps(_valid())[:40])
+  assert not results.is_done(str(path))
+  assert not path.exists()
+  [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("result.json.invalid-")]
+  assert aside.read_text() == json.dumps(_valid())[:40]
+  common.atomic_write_json(str(path), _valid())
+  assert results.is_done(str(path))
+
+
+def test_plots_and_tables_show_diverged_runs(tmp_path):
+  from experiments import plot
+  runs = [dict(pruner=p, pruning_type="direct", target_compression=10.0, seed=0,
+               status=st, test_accuracy=a, direct_compression=10.0,
+               effective_compression=12.0, diverged_step=step)
+          for p, st, a, step in (("random/igq", "ok", 0.9, None),
+                                 ("random/uniform", "diverged", None, 7),
+                                 ("dense", "ok", 0.95, None))]
+  runs[2].update(target_compression=1.0, direct_compression=1.0, effective_compression=1.0)
+  assert plot._summary(runs[1:2])["status"] == "diverged"
+  assert "| random/uniform | direct | diverged |" in plot.accuracy_table(runs)
+  plot.plot_accuracy(runs, str(tmp_path / "a.png"), "t")
+  assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
