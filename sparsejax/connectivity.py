@@ -137,7 +137,7 @@ gate.defvjp(_gate_fwd, _gate_bwd)
 # --------------------------------------------------------------------------- program
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Eqn:
   prim: Any
   params: dict
@@ -148,7 +148,7 @@ class Eqn:
   out_avals: list
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Program:
   """A traced, inlined and classified program ``fn(params, extra, x)``."""
 
