@@ -177,9 +177,9 @@ def _src(eqn) -> str:
 
 
 def _unsupported(name: str, src: str, why: str) -> ValueError:
-  return ValueError(f"primitive {name!r} at {src} {why}; the connectivity transform "
-                    f"supports: {', '.join(supported_primitives())} (see "
-                    "sparsejax.connectivity).")
+  return ValueError(f"primitive {name!r} at {src} {why}; allowed: the primitives of "
+                    "sparsejax.connectivity.supported_primitives() (linear ops, elementwise, "
+                    "reductions, pooling, structure, calls, cond on a constant).")
 
 
 class _Builder:

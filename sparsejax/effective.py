@@ -63,7 +63,8 @@ def example_input(input_shape) -> jax.ShapeDtypeStruct:
   if hasattr(input_shape, "shape") and hasattr(input_shape, "dtype"):
     shape = tuple(int(d) for d in input_shape.shape)
     if not shape:
-      raise ValueError(f"x has shape (); the example input must have at least one axis.")
+      raise ValueError("input_shape is an example input of shape (); it must have at least "
+                       "one axis.")
     return jax.ShapeDtypeStruct(shape, input_shape.dtype)
   shape = models.check_input_shape(input_shape)
   return jax.ShapeDtypeStruct((1,) + shape, jnp.float32)
