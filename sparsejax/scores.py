@@ -32,6 +32,7 @@ import functools
 import math
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -711,42 +712,42 @@ def iterative_snip(model, variables: PyTree, batches: Iterable[dict], sparsity: 
 
 
 @functools.lru_cache(maxsize=32)
-def _synflow_fns(model, input_shape: tuple[int, ...]):
-  lin = model.clone(mode=layers.LINEAR)
-  x = jnp.ones((1,) + input_shape, jnp.float32)
-  shapes = jax.eval_shape(lin.init, jax.random.key(0), x)["params"]
-  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-  kernel_slots = tuple(i for i, (p, s) in enumerate(flat) if masks_lib.is_prunable(p, s))
-  paths = tuple(masks_lib.path_str(flat[i][0]) for i in kernel_slots)
+def _synflow_fns(traced):
+  """(kernel paths, jitted one-round scores, jitted round step) of a traced model."""
+  from sparsejax import connectivity as conn_lib  # pylint: disable=g-import-not-at-top
+  kernel_slots = tuple(sorted(traced.prunable))  # the params' flattened (mask) order
+  paths = tuple(traced.paths[i] for i in kernel_slots)
+  linear = conn_lib.linear_scores(traced.program, kernel_slots)
+  extra = [jnp.ones(s, jnp.float32) for s in traced.program.extra_shapes]
 
-  def scores(abs_kernels, alive):
-    """|dR/dw * w| with w = |kernel| * alive, all other parameters 0 (traceable)."""
-    weights = [jnp.where(a, w, 0.0) for w, a in zip(abs_kernels, alive)]
-    leaves = [jnp.zeros(s.shape, jnp.float32) for _, s in flat]
-    for i, w in zip(kernel_slots, weights):
-      leaves[i] = w
-    p = jax.tree.unflatten(treedef, leaves)
-    g = jax.grad(lambda p: jnp.sum(lin.apply({"params": p}, x)))(p)
-    g = jax.tree.leaves(g)
-    return [jnp.abs(g[i] * w) for i, w in zip(kernel_slots, weights)]
+  def scores(abs_kernels, alive, abs_params):
+    """|dR/dw * w| with w = |kernel| * alive on the linearized program (traceable)."""
+    return linear(abs_kernels, alive, abs_params, extra)
 
-  step = _make_step(lambda alive, abs_kernels: scores(abs_kernels, alive))
+  step = _make_step(lambda alive, abs_kernels, abs_params: scores(abs_kernels, alive,
+                                                                  abs_params))
   return paths, jax.jit(scores), step
 
 
-def _synflow_setup(model, params, input_shape):
-  """(params, |kernels| float32, one-round scores fn, jitted round step)."""
-  input_shape = models.check_input_shape(input_shape)
-  paths, scores, step = _synflow_fns(models.check_model(model), input_shape)
-  if (tuple(masks_lib.prunable_paths(params)) != paths and hasattr(params, "keys")
-      and "params" in params):
+def _synflow_setup(model, params, input_shape, trace_kwargs=None):
+  """(params, |kernels| float32, |params| flat, one-round scores fn, jitted round step)."""
+  from sparsejax import effective  # pylint: disable=g-import-not-at-top
+  if hasattr(params, "keys") and "params" in params and hasattr(params["params"], "keys"):
     params = params["params"]  # model variables were passed
+  if not hasattr(input_shape, "shape"):
+    input_shape = models.check_input_shape(input_shape)
+  kw = dict(trace_kwargs or {})
+  if not isinstance(model, nn.Module):
+    kw.setdefault("params", params)
+  traced = effective.trace(model, input_shape, **kw)
+  paths, scores, step = _synflow_fns(traced)
   mine = tuple(masks_lib.prunable_paths(params))
-  if mine != paths:
+  if mine != paths or len(jax.tree.leaves(params)) != len(traced.paths):
     raise ValueError(f"params does not match the model: prunable kernels {list(mine)[:3]}... "
                      f"vs the model's {list(paths)[:3]}...; pass the model's params.")
   abs_kernels = [jnp.abs(w).astype(jnp.float32) for w in _kernels(params)]
-  return params, abs_kernels, scores, step
+  abs_params = [jnp.abs(jnp.asarray(w)).astype(jnp.float32) for w in jax.tree.leaves(params)]
+  return params, abs_kernels, abs_params, scores, step
 
 
 def synflow_scores(model, params: PyTree, input_shape, masks=None) -> PyTree:
@@ -766,10 +767,10 @@ def synflow_scores(model, params: PyTree, input_shape, masks=None) -> PyTree:
   branch are rescaled differently, which biases ResNet scores until the linear mode
   rescales at block outputs instead (tests: the strict xfail on a residual network).
   """
-  params, abs_kernels, scores, _ = _synflow_setup(model, params, input_shape)
+  params, abs_kernels, abs_params, scores, _ = _synflow_setup(model, params, input_shape)
   mask_leaves = _mask_leaves(masks, params)
   alive = mask_leaves or [jnp.ones(w.shape, bool) for w in abs_kernels]
-  out = scores(abs_kernels, alive)
+  out = scores(abs_kernels, alive, abs_params)
   _check_finite(out, "synflow")
   return _score_tree(params, out)
 
@@ -789,7 +790,7 @@ def synflow(model, params: PyTree, input_shape, sparsity: float, *, rounds: int 
   who = "synflow"
   sparsity = _check_sparsity(sparsity)
   rounds = _check_rounds(rounds)
-  params, abs_kernels, _, step = _synflow_setup(model, params, input_shape)
+  params, abs_kernels, abs_params, _, step = _synflow_setup(model, params, input_shape)
   mask_leaves = _mask_leaves(masks, params)
-  return _iterate(step, lambda t: (abs_kernels,), params, mask_leaves, sparsity, rounds, who,
+  return _iterate(step, lambda t: (abs_kernels, abs_params), params, mask_leaves, sparsity, rounds, who,
                   return_stats)

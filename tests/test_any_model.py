@@ -275,3 +275,102 @@ def test_supported_primitives_listed():
   for p in ("dot_general", "conv_general_dilated", "reduce_window_max", "custom_jvp_call",
             "pjit", "concatenate", "gather"):
     assert p in names
+
+
+# --------------------------------------------------------------------------- SynFlow
+
+
+class PlainBlock(nn.Module):
+  """ResNet basic block as the Flax examples write it (names as the zoo's)."""
+
+  features: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    s = (self.stride, self.stride)
+    bn = lambda name: nn.BatchNorm(use_running_average=True, momentum=0.99, epsilon=1e-5,
+                                   name=name)
+    y = nn.Conv(self.features, (3, 3), s, padding="SAME", use_bias=False, name="conv_1")(x)
+    y = nn.relu(bn("norm_1")(y))
+    y = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, name="conv_2")(y)
+    y = bn("norm_2")(y)
+    if self.stride != 1 or x.shape[-1] != self.features:
+      x = nn.Conv(self.features, (1, 1), s, padding="SAME", use_bias=False,
+                  name="shortcut_conv")(x)
+      x = bn("shortcut_norm")(x)
+    return nn.relu(y + x)
+
+
+class PlainResNet18(nn.Module):
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(64, (3, 3), padding="SAME", use_bias=False, name="stage0_conv")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=True, name="stage0_norm")(x))
+    for stage, f in enumerate((64, 128, 256, 512), start=1):
+      for block in range(2):
+        x = PlainBlock(f, 2 if stage > 1 and block == 0 else 1,
+                       name=f"stage{stage}_block{block}")(x)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, use_bias=False, name="stage5_dense")(x)
+
+
+def test_synflow_plain_resnet_equals_the_zoo_resnet():
+  from sparsejax import models, scores
+  shape = (4, 4, 3)
+  zoo = models.create("resnet18", num_classes=10)
+  plain = PlainResNet18(10)
+  params = plain.init(jax.random.key(0), jnp.ones((1,) + shape))["params"]
+  zoo_shapes = jax.eval_shape(zoo.init, jax.random.key(0), jnp.ones((1,) + shape))["params"]
+  assert jax.tree.structure(zoo_shapes) == jax.tree.structure(params)
+  rng = np.random.default_rng(0)
+  masks = masks_lib.map_prunable(lambda w: jnp.asarray(rng.random(w.shape) < 0.3), params)
+  a = scores.synflow_scores(plain, params, shape, masks)
+  b = scores.synflow_scores(zoo, params, shape, masks)
+  for x, y in zip(masks_lib.mask_leaves(a), masks_lib.mask_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in masks_lib.mask_leaves(a))
+  pa = scores.synflow(plain, params, shape, 0.99, rounds=4)
+  pb = scores.synflow(zoo, params, shape, 0.99, rounds=4)
+  for x, y in zip(masks_lib.mask_leaves(pa), masks_lib.mask_leaves(pb)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_synflow_on_a_gelu_mlp_is_path_counting():
+  from sparsejax import scores
+  rng = np.random.default_rng(1)
+  params = {"l1": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+                   "bias": jnp.ones(4)},
+            "l2": {"kernel": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)}}
+  fn = lambda p, x: jax.nn.gelu(x @ p["l1"]["kernel"] + p["l1"]["bias"]) @ p["l2"]["kernel"]
+  got = scores.synflow_scores(fn, params, (3,))
+  got = {"w1": got["l1"]["kernel"], "w2": got["l2"]["kernel"]}
+  a1, a2 = np.abs(np.asarray(params["l1"]["kernel"])), np.abs(np.asarray(params["l2"]["kernel"]))
+  want1 = a1 * (a2 @ np.ones(2))[None, :]
+  want2 = a2 * (np.ones(3) @ a1)[:, None]
+  factor = float(np.sum(got["w1"]) / np.sum(want1))
+  np.testing.assert_allclose(got["w1"], factor * want1, rtol=1e-5)
+  np.testing.assert_allclose(got["w2"], factor * want2, rtol=1e-5)
+
+
+def test_synflow_refuses_unfaithful_linearizations():
+  from sparsejax import scores
+  ln = ref.PlainNet((("dense", 4, None), ("ln",), ("dense", 2, None)))
+  params = ln.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+  with pytest.raises(ValueError, match="not faithful"):
+    scores.synflow_scores(ln, params, (3,))
+
+  def gating(p, x):
+    return (x @ p["a"]["kernel"]) * jnp.tanh(x @ p["b"]["kernel"])
+
+  params = {"a": {"kernel": jnp.ones((3, 2))}, "b": {"kernel": jnp.ones((3, 2))}}
+  with pytest.raises(ValueError, match="not faithful"):
+    scores.synflow_scores(gating, params, (3,))
+
+  def attention(p, x):  # x: [T, D]
+    return jax.nn.softmax((x @ p["a"]["kernel"]) @ (x @ p["b"]["kernel"]).T) @ x
+
+  with pytest.raises(ValueError, match="not faithful"):
+    scores.synflow_scores(attention, params, jnp.ones((4, 3)))
