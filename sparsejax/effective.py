@@ -271,7 +271,9 @@ def connectivity(model, masks: Masks, input_shape, **kw) -> Connectivity:
   traced = trace(model, input_shape, **kw)
   validate(masks, traced)
   result = _jitted_sweep(traced)(masks)
-  return result.replace(active_units={k: int(v) for k, v in result.active_units.items()},
+  # jit returns dicts with sorted keys; total_units (static) keeps the traced order
+  return result.replace(active_units={k: int(result.active_units[k])
+                                      for k in result.total_units},
                         active_inputs=int(result.active_inputs))
 
 
@@ -308,3 +310,12 @@ def ones(model, input_shape, **kw) -> Masks:
   for i in t.prunable:
     leaves[i] = jnp.ones(t.shapes[i], bool)
   return jax.tree.unflatten(t.params_spec[0], leaves)
+
+
+def flow_order(model, input_shape, **kw) -> tuple[int, ...]:
+  """The prunable layers in input-to-output (traced data-flow) order, as indices into
+  the params' tree (flattened, sorted-key) order of the prunable leaves: entry j is the
+  tree position of the j-th layer the input flows through."""
+  t = trace(model, input_shape, **kw)
+  tree_order = sorted(t.prunable)
+  return tuple(tree_order.index(i) for i in t.prunable)

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,8 @@ class Ranking:
     ascending, so that counts(k)[l] = #{w in l : global rank < k}.
   quota: None for a global ranking, else a quota name (counts from the quota).
   shapes: the prunable kernel shapes; treedef/slots rebuild the mask tree.
+  flow: layer indices in input-to-output (traced data-flow) order, which quotas such as
+    uniform+ (first layer dense, last at most 80% sparse) read; () = the tree order.
   """
 
   order: tuple
@@ -60,6 +63,7 @@ class Ranking:
   shapes: tuple = flax.struct.field(pytree_node=False, default=())
   treedef: Any = flax.struct.field(pytree_node=False, default=None)
   slots: tuple = flax.struct.field(pytree_node=False, default=())
+  flow: tuple = flax.struct.field(pytree_node=False, default=())
 
   @property
   def total(self) -> int:
@@ -72,7 +76,11 @@ class Ranking:
       return jnp.stack([jnp.searchsorted(c, kept, side="left").astype(jnp.int32)
                         for c in self.cutoffs])
     density = kept.astype(jnp.float32) / self.total
-    return quotas_lib.layer_kept_counts(self.quota, density, self.shapes)
+    if not self.flow or tuple(self.flow) == tuple(range(len(self.shapes))):
+      return quotas_lib.layer_kept_counts(self.quota, density, self.shapes)
+    counts = quotas_lib.layer_kept_counts(self.quota, density,
+                                          tuple(self.shapes[i] for i in self.flow))
+    return jnp.zeros(len(self.shapes), counts.dtype).at[np.asarray(self.flow)].set(counts)
 
   def to_tree(self, flat_leaves: Sequence[jax.Array]) -> PyTree:
     """Mask-shaped tree from per-layer flat arrays (in layer order)."""
@@ -160,13 +168,16 @@ def _rank_device(leaves: list, quota: str | None):
   return orders, ranks, cutoffs
 
 
-def rank_scores(scores: PyTree, quota: str | None = None, sort: str = "auto") -> Ranking:
+def rank_scores(scores: PyTree, quota: str | None = None, sort: str = "auto",
+                flow: Sequence[int] | None = None) -> Ranking:
   """Ranking of a mask-shaped tree of scores (higher score = kept first).
 
   ``quota=None`` ranks all layers together (global threshold); a quota name ranks
   inside each layer and takes per-layer counts from the quota. Ties are broken by
   position: a stable sort of -score over the flattened layers. ``sort``: 'host'
   (numpy; the fast one on CPU), 'device' (jitted sorts), 'auto' (host on CPU).
+  ``flow``: the layers in input-to-output order (indices into the tree order), e.g.
+  from :func:`layer_flow`; default the tree order.
   """
   flat, treedef = jax.tree.flatten(scores, is_leaf=lambda x: x is None)
   slots = tuple(i for i, leaf in enumerate(flat) if leaf is not None)
@@ -181,11 +192,14 @@ def rank_scores(scores: PyTree, quota: str | None = None, sort: str = "auto") ->
     raise ValueError(f"sort={sort!r} is not allowed; allowed: auto, host, device.")
   if sort == "auto":
     sort = "host" if jax.default_backend() == "cpu" else "device"
+  flow = tuple(int(i) for i in flow) if flow is not None else ()
+  if flow and sorted(flow) != list(range(len(leaves))):
+    raise ValueError(f"flow={flow!r} must be a permutation of the {len(leaves)} layers.")
   orders, ranks, cutoffs = (_rank_host if sort == "host" else _rank_device)(leaves, quota)
   to_device = lambda xs: tuple(jnp.asarray(x, jnp.int32) for x in xs)
   return Ranking(to_device(orders), to_device(ranks),
                  None if cutoffs is None else to_device(cutoffs), quota, shapes, treedef,
-                 slots)
+                 slots, flow)
 
 
 def _flat_masks_at(ranking: Ranking, kept) -> list[jax.Array]:
@@ -365,8 +379,8 @@ LOOPS = ("auto", "device", "host")
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_search(model, input_shape, loop: str):
-  sweep = effective_lib.connectivity_sweep(model, input_shape, units=False)
+def _jitted_search(traced, loop: str):
+  sweep = effective_lib.sweep_of(traced, units=False)
   if loop == "device":
     return jax.jit(functools.partial(search_effective, sweep))
   # Host-driven: the same jitted init/body/finish, with only the loop condition read
@@ -391,25 +405,28 @@ def _jitted_search(model, input_shape, loop: str):
 
 
 def effective_kept(model, ranking: Ranking, target_kept: int, input_shape,
-                   loop: str = "auto") -> tuple[int, int, int]:
+                   loop: str = "auto", **trace_kw) -> tuple[int, int, int]:
   """(k, active weights at k, sweeps evaluated) for the largest k meeting the target.
 
-  loop: 'device' runs the search as one ``lax.while_loop``; 'host' steps the same
-  jitted body from Python (faster on XLA:CPU, see _jitted_search); 'auto' picks
-  'host' on CPU and 'device' elsewhere.
+  model, input_shape, ``trace_kw`` (variables=, params=, apply_kwargs=): as
+  :func:`sparsejax.effective.trace`. loop: 'device' runs the search as one
+  ``lax.while_loop``; 'host' steps the same jitted body from Python (faster on
+  XLA:CPU, see _jitted_search); 'auto' picks 'host' on CPU and 'device' elsewhere.
   """
   if loop not in LOOPS:
     raise ValueError(f"loop={loop!r} is not allowed; allowed: {', '.join(LOOPS)}.")
   if loop == "auto":
     loop = "host" if jax.default_backend() == "cpu" else "device"
-  k, e, n = _jitted_search(model, tuple(input_shape), loop)(ranking, jnp.int32(target_kept))
+  traced = effective_lib.trace(model, input_shape, **trace_kw)
+  k, e, n = _jitted_search(traced, loop)(ranking, jnp.int32(target_kept))
   return int(k), int(e), int(n)
 
 
 def masks_from_ranking(ranking: Ranking, sparsity: float, pruning_type: str = "direct", *,
-                       model=None, input_shape=None) -> PyTree:
+                       model=None, input_shape=None, **trace_kw) -> PyTree:
   """Masks at direct sparsity ``sparsity``, or at the smallest direct sparsity whose
-  effective sparsity is at least ``sparsity`` (``pruning_type='effective'``)."""
+  effective sparsity is at least ``sparsity`` (``pruning_type='effective'``; ``model``,
+  ``input_shape`` and ``trace_kw`` as :func:`sparsejax.effective.trace`)."""
   sparsity = masks_lib._check_sparsity(sparsity)
   if pruning_type not in PRUNING_TYPES:
     raise ValueError(f"pruning_type={pruning_type!r} is not allowed; allowed: "
@@ -420,9 +437,9 @@ def masks_from_ranking(ranking: Ranking, sparsity: float, pruning_type: str = "d
   if model is None or input_shape is None:
     raise ValueError("pruning_type='effective' needs model= and input_shape= for the "
                      "connectivity sweep.")
-  k, e, _ = effective_kept(model, ranking, target, input_shape)
+  k, e, _ = effective_kept(model, ranking, target, input_shape, **trace_kw)
   if e == 0 or e > target:
-    smallest = _smallest_connected(model, ranking, input_shape)
+    smallest = _smallest_connected(model, ranking, input_shape, **trace_kw)
     raise ValueError(
         f"sparsity={sparsity!r} (effective) cannot be reached: along this ranking every "
         f"connected mask keeps more than {target} weights; the largest reachable effective "
@@ -431,12 +448,13 @@ def masks_from_ranking(ranking: Ranking, sparsity: float, pruning_type: str = "d
   return masks_at(ranking, k)
 
 
-def _smallest_connected(model, ranking: Ranking, input_shape) -> int:
+def _smallest_connected(model, ranking: Ranking, input_shape, **trace_kw) -> int:
   """Fewest active weights of any connected mask along the ranking."""
-  k, e, _ = effective_kept(model, ranking, 0, input_shape)  # largest k still disconnected
+  # largest k still disconnected
+  k, e, _ = effective_kept(model, ranking, 0, input_shape, **trace_kw)
   if e > 0:  # even the first mask of the family is connected (e.g. uniform+)
     return e
-  sweep = effective_lib.connectivity_sweep(model, tuple(input_shape), units=False)
+  sweep = effective_lib.connectivity_sweep(model, input_shape, units=False, **trace_kw)
   return int(jax.jit(lambda r, kk: _sweep_at(sweep, r, kk)[0])(ranking, k + 1))
 
 
@@ -489,11 +507,37 @@ def get_pruner(name: str) -> Pruner:
   return PRUNERS[name]
 
 
+def _params_of(model, variables) -> PyTree:
+  """A Flax module's variables hold 'params'; a function's ``variables`` are its params."""
+  if model is None or isinstance(model, nn.Module):
+    if not hasattr(variables, "keys") or "params" not in variables:
+      raise ValueError("variables has no 'params' collection; pass the model's variables "
+                       "(e.g. model.init(...)), or a function apply(params, x) as model= "
+                       "with its params as variables=.")
+    return variables["params"]
+  return variables
+
+
+def _trace_kw(model, variables, apply_kwargs) -> dict:
+  kw = {"apply_kwargs": apply_kwargs} if apply_kwargs else {}
+  if isinstance(model, nn.Module):
+    kw["variables"] = variables
+  else:
+    kw["params"] = variables
+  return kw
+
+
 def _scores(score: str, *, key, model, variables, sparsity, input_shape, batches,
-            trained_params, score_kwargs) -> PyTree:
+            trained_params, score_kwargs, loss=None, apply_kwargs=None) -> PyTree:
   from sparsejax import scores as scores_lib  # scores builds on models, not on pruning
 
-  params = variables["params"]
+  params = _params_of(model, variables)
+  data_kw = dict(score_kwargs)
+  if loss is not None:
+    data_kw["loss"] = loss
+  elif score in ("snip", "snip_iterative", "grasp") and not isinstance(model, nn.Module):
+    raise ValueError(f"score={score!r} on a function model needs loss= (a function "
+                     "loss(params, batch) -> scalar over your batches).")
   if score == "random":
     return scores_lib.random(key, params)
   if score == "magnitude":
@@ -501,21 +545,31 @@ def _scores(score: str, *, key, model, variables, sparsity, input_shape, batches
   if score == "lamp":
     return scores_lib.lamp(trained_params)
   if score == "snip":
-    return scores_lib.snip(model, variables, batches, **score_kwargs)
+    return scores_lib.snip(model, variables, batches, **data_kw)
   if score == "snip_iterative":
-    return scores_lib.iterative_snip(model, variables, batches, sparsity, **score_kwargs)
+    return scores_lib.iterative_snip(model, variables, batches, sparsity, **data_kw)
   if score == "grasp":
-    return scores_lib.grasp(model, variables, batches, **score_kwargs)
+    return scores_lib.grasp(model, variables, batches, **data_kw)
   if score == "synflow":
-    return scores_lib.synflow(model, params, input_shape, sparsity, **score_kwargs)
+    return scores_lib.synflow(model, params, input_shape, sparsity, apply_kwargs=apply_kwargs,
+                              **score_kwargs)
   raise AssertionError(score)
 
 
 def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTree,
                 sparsity: float, input_shape=None, batches=None, trained_params=None,
-                score_kwargs: dict | None = None) -> Ranking:
+                score_kwargs: dict | None = None, loss: Callable | None = None,
+                apply_kwargs: dict | None = None) -> Ranking:
   """The ranking of ``pruner`` (scores computed once; iterative pruners run to
-  ``sparsity`` and rank the eliminated weights by elimination order)."""
+  ``sparsity`` and rank the eliminated weights by elimination order).
+
+  ``model``: a Flax module with its ``variables``, or a function ``apply(params, x)``
+  with its params as ``variables``. ``input_shape`` (one example's shape, or an example
+  input) also gives the layers' input-to-output order that quotas such as uniform+
+  read (without it: the params' tree order). ``loss(params, batch) -> scalar`` over
+  the user's ``batches`` replaces the image/label cross-entropy of SNIP, iterative
+  SNIP and GraSP.
+  """
   p = pruner if isinstance(pruner, Pruner) else get_pruner(pruner)
   if p.score == "dense":
     raise ValueError("pruner='dense' has no ranking: it keeps every weight.")
@@ -530,19 +584,24 @@ def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTre
       raise ValueError(f"pruner={p.name!r} needs input_shape= for SynFlow's all-ones input.")
   kwargs = dict(key=key, model=model, variables=variables, sparsity=sparsity,
                 input_shape=input_shape, batches=batches, trained_params=trained_params,
-                score_kwargs=dict(score_kwargs or {}))
+                score_kwargs=dict(score_kwargs or {}), loss=loss, apply_kwargs=apply_kwargs)
+  flow = None
+  if input_shape is not None and model is not None:
+    flow = effective_lib.flow_order(model, input_shape,
+                                    **_trace_kw(model, variables, apply_kwargs))
   if p.quota in ("snip", "synflow"):
     # Per-layer counts from the source pruner's global ranking, random within layers.
     source = rank_scores(_scores(p.quota, **dict(kwargs, score_kwargs={})))
     within = rank_scores(_scores("random", **kwargs), quota="uniform")
     return Ranking(within.order, within.ranks, source.cutoffs, None, within.shapes,
-                   within.treedef, within.slots)
-  return rank_scores(_scores(p.score, **kwargs), quota=p.quota)
+                   within.treedef, within.slots, flow or ())
+  return rank_scores(_scores(p.score, **kwargs), quota=p.quota, flow=flow)
 
 
 def prune(pruner: str, *, key: jax.Array, model, variables: PyTree, sparsity: float,
           pruning_type: str = "direct", input_shape=None, batches=None,
-          trained_params=None, score_kwargs: dict | None = None) -> PyTree:
+          trained_params=None, score_kwargs: dict | None = None,
+          loss: Callable | None = None, apply_kwargs: dict | None = None) -> PyTree:
   """Masks of ``pruner`` at ``sparsity``: direct sparsity, or (``pruning_type=
   'effective'``) the smallest direct sparsity whose effective sparsity is at least
   ``sparsity`` (method.md section 2).
@@ -550,11 +609,16 @@ def prune(pruner: str, *, key: jax.Array, model, variables: PyTree, sparsity: fl
   Args:
     pruner: a name from :data:`PRUNERS`, e.g. 'random/igq', 'snip', 'synflow'.
     key: PRNG key for random scores and random within-layer orders.
-    model: the flax module (its ``mode`` field is switched as needed).
-    variables: {'params': ..., 'batch_stats': ...} at initialization.
-    input_shape: one example's shape, e.g. (28, 28, 1) (effective mode, SynFlow).
-    batches: preprocessed batches for data-driven scores (SNIP, GraSP).
+    model: a Flax module (zoo or user-written), or a function ``apply(params, x)``.
+    variables: the module's {'params': ..., 'batch_stats': ...} at initialization, or
+      the function's params.
+    input_shape: one example's shape, e.g. (28, 28, 1), or an example input (effective
+      mode, SynFlow, and the layers' input-to-output order).
+    batches: batches for data-driven scores (SNIP, GraSP): preprocessed image/label
+      dicts for the default loss, any pytrees for a user ``loss``.
     trained_params: params after dense training (magnitude, LAMP).
+    loss: ``loss(params, batch) -> scalar`` for SNIP, iterative SNIP and GraSP.
+    apply_kwargs: keyword arguments of the model's call (e.g. {'train': False}).
   """
   p = get_pruner(pruner)
   masks_lib._check_sparsity(sparsity)
@@ -564,9 +628,11 @@ def prune(pruner: str, *, key: jax.Array, model, variables: PyTree, sparsity: fl
   if p.score == "dense":
     if sparsity != 0:
       raise ValueError(f"pruner='dense' keeps every weight; sparsity={sparsity!r} must be 0.")
-    return masks_lib.ones(variables["params"])
+    return masks_lib.ones(_params_of(model, variables))
   ranking = ranking_for(p, key=key, model=model, variables=variables, sparsity=sparsity,
                         input_shape=input_shape, batches=batches,
-                        trained_params=trained_params, score_kwargs=score_kwargs)
+                        trained_params=trained_params, score_kwargs=score_kwargs, loss=loss,
+                        apply_kwargs=apply_kwargs)
   return masks_from_ranking(ranking, sparsity, pruning_type, model=model,
-                            input_shape=input_shape)
+                            input_shape=input_shape,
+                            **_trace_kw(model, variables, apply_kwargs))

@@ -54,11 +54,11 @@ def create(name: str, num_classes: int | None = None, mode: str = layers.STANDAR
 
 
 def check_model(model: nn.Module) -> nn.Module:
-  """ValueError unless ``model`` has a ``mode`` field and is hashable (it is a static
-  argument of the jitted sweeps and scores, compiled once per model)."""
-  if not hasattr(model, "mode"):
-    raise ValueError(f"model={type(model).__name__} has no 'mode' field; build it from "
-                     "sparsejax.models.layers (see sparsejax.models).")
+  """ValueError unless ``model`` is a Flax module (or a function) and hashable (it is a
+  static argument of the jitted scores, compiled once per model)."""
+  if not (isinstance(model, nn.Module) or callable(model)):
+    raise ValueError(f"model={model!r} must be a Flax module (or a function "
+                     "apply(params, x)).")
   try:
     hash(model)
   except TypeError as e:
