@@ -52,6 +52,21 @@ Anything else that depends on the input or the parameters (``while``, ``scan``,
 ``cond`` on a non-constant predicate, gathers with input-dependent indices, unknown
 primitives) raises ValueError naming the primitive and the user's source line.
 
+Supported primitives on input- or parameter-dependent values (``supported_primitives()``):
+linear: dot_general, conv_general_dilated; elementwise: add, add_any, sub, mul, div, rem,
+pow, max, min, atan2, nextafter, neg, sign, floor, ceil, round, is_finite, exp, exp2, log,
+log1p, expm1, tanh, logistic, sin, cos, tan, asin, acos, atan, sinh, cosh, asinh, acosh,
+atanh, sqrt, rsqrt, cbrt, abs, integer_pow, square, erf, erfc, erf_inv, lgamma, digamma,
+igamma, igammac, polygamma, bessel_i0e, bessel_i1e, convert_element_type,
+reduce_precision, real, imag, conj, not, and, or, xor, eq, ne, lt, le, gt, ge, select_n,
+clamp, shift ops, population_count, copy, stop_gradient, optimization_barrier;
+reductions: reduce_sum/max/min/prod/and/or/xor, argmax, argmin, reduce_window_sum/max/min,
+reduce_window, cumsum, cumprod, cummax, cummin, cumlogsumexp, sort, top_k; structure:
+reshape, transpose, broadcast_in_dim, squeeze, expand_dims, slice, rev, pad, concatenate,
+split, gather, dynamic_slice, dynamic_update_slice, scatter, scatter-add; calls: jit/pjit,
+closed_call, core_call, remat/checkpoint, custom_jvp_call, custom_vjp_call; cond with a
+constant predicate. Equations of constants only are folded, whatever their primitive.
+
 Prunable leaves: by default every parameter that enters a linear op as its weight
 operand (through any parameter-only computation: casts, reshapes, masking), in the
 order of first use in the traced program (input-to-output order).

@@ -40,7 +40,6 @@ import optax
 
 from sparsejax import masks as masks_lib
 from sparsejax import models
-from sparsejax.models import layers
 
 PyTree = Any
 

@@ -59,30 +59,28 @@ class ResBlock(nn.Module):
 
     features: int
     stride: int = 1
-    mode: str = L.STANDARD
 
     @nn.compact
     def __call__(self, x, train: bool):
         def conv(f, k, s, name):
             return L.Conv(f, (k, k), strides=(s, s), padding="SAME", use_bias=False,
-                          mode=self.mode, name=name)
+                          name=name)
 
         y = conv(self.features, 3, self.stride, "conv_1")(x)
-        y = L.Norm(mode=self.mode, name="norm_1")(y, train)
-        y = L.relu(y, self.mode)
+        y = L.Norm(name="norm_1")(y, train)
+        y = nn.relu(y)
         y = conv(self.features, 3, 1, "conv_2")(y)
-        y = L.Norm(mode=self.mode, name="norm_2")(y, train)
+        y = L.Norm(name="norm_2")(y, train)
         if self.stride != 1 or x.shape[-1] != self.features:
             x = conv(self.features, 1, self.stride, "shortcut_conv")(x)
-            x = L.Norm(mode=self.mode, name="shortcut_norm")(x, train)
-        return L.relu(L.add(y, x, self.mode), self.mode)
+            x = L.Norm(name="shortcut_norm")(x, train)
+        return nn.relu(y + x)
 
 
 class SpecNet(nn.Module):
     """The flax network of a spec (see the module docstring)."""
 
     spec: tuple
-    mode: str = L.STANDARD
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -91,24 +89,24 @@ class SpecNet(nn.Module):
             kind, name = op[0], f"op{i:02d}_{op[0]}"
             if kind == "conv":
                 _, features, k, s, padding = op
-                x = L.Conv(features, (k, k), strides=(s, s), padding=padding, mode=self.mode,
+                x = L.Conv(features, (k, k), strides=(s, s), padding=padding,
                            name=name)(x)
-                x = L.Norm(mode=self.mode, name=name + "_norm")(x, train)
-                x = L.relu(x, self.mode)
+                x = L.Norm(name=name + "_norm")(x, train)
+                x = nn.relu(x)
             elif kind == "dense":
-                x = L.Dense(op[1], mode=self.mode, name=name)(x)
-                x = L.Norm(mode=self.mode, name=name + "_norm")(x, train)
+                x = L.Dense(op[1], name=name)(x)
+                x = L.Norm(name=name + "_norm")(x, train)
                 if i < last:
-                    x = L.relu(x, self.mode)
+                    x = nn.relu(x)
             elif kind == "pool":
                 _, pool_kind, window, stride = op
-                x = L.pool(x, pool_kind, window, self.mode, stride=stride)
+                x = L.pool(x, pool_kind, window, stride=stride)
             elif kind == "flatten":
                 x = L.flatten(x)
             elif kind == "gap":
-                x = L.global_avg_pool(x, self.mode)
+                x = L.global_avg_pool(x)
             elif kind == "res":
-                x = ResBlock(op[1], op[2], mode=self.mode, name=name)(x, train)
+                x = ResBlock(op[1], op[2], name=name)(x, train)
             else:
                 raise ValueError(f"unknown op {op!r}")
         return x
