@@ -8,17 +8,20 @@ Kempe, "Connectivity Matters", JMLR 2023). Three lines in a training loop:
   tx = sparsejax.with_masks(optax.adamw(1e-3), masks)       # pruned weights stay 0
   sparsejax.effective_compression(model, masks, input_shape)
 
-Submodules: masks, effective, quotas, scores, pruning, models, optim, errors; and,
-imported on first use because they bring TensorFlow Datasets, data and training.
+Submodules: masks, connectivity (the transform of a traced program that effective
+sparsity and SynFlow use), effective, quotas, scores, pruning, models, optim, dynamic,
+errors; and, imported on first use because they bring TensorFlow Datasets, data and
+training.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from sparsejax import effective, errors, masks, models, optim, pruning, quotas, scores
-from sparsejax.effective import (active_units, connectivity, effective_compression,
-                                 effective_masks, effective_sparsity)
+from sparsejax import (connectivity, dynamic, effective, errors, masks, models, optim, pruning,
+                       quotas, scores)
+from sparsejax.effective import (active_units, effective_compression, effective_masks,
+                                 effective_sparsity)
 from sparsejax.errors import UnreachableSparsityError
 from sparsejax.optim import MaskedState, get_masks, replace_masks, with_masks
 from sparsejax.pruning import (PRUNERS, Pruner, ScoreContext, get_pruner, prune, ranking_for,
@@ -41,14 +44,13 @@ def __getattr__(name: str):
 __all__ = [
     "__version__",
     # submodules
-    "masks", "effective", "quotas", "scores", "pruning", "models", "optim", "errors",
-    "data", "training",
+    "masks", "connectivity", "effective", "quotas", "scores", "pruning", "models", "optim",
+    "dynamic", "errors", "data", "training",
     # pruning
     "prune", "ranking_for", "PRUNERS", "Pruner", "ScoreContext", "register_pruner",
     "get_pruner", "UnreachableSparsityError",
     # effective sparsity
     "effective_masks", "effective_sparsity", "effective_compression", "active_units",
-    "connectivity",
     # training with masks
     "with_masks", "MaskedState", "get_masks", "replace_masks",
 ]

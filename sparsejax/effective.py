@@ -9,147 +9,275 @@ coreach(u) = "u reaches an output":
     coreach(u) = OR_{u -> v unmasked} coreach(v)      (outputs are co-reachable)
     active(w: u -> v) = mask(w) AND reach(u) AND coreach(v)
 
-Both ORs are one forward and one backward pass of the network in connectivity mode
-(weights = mask, biases = 0, normalization = identity, pooling = average, every
-activation the gate 1[x > 0] whose backward is 1[g > 0]); the kernel gradient of
-that pass is sum_positions reach(u) * coreach(v), positive exactly for active
-weights. Values stay binary between layers, so the result is exact in float32 for
-any depth: no path counts, no overflow. A unit is active when reach AND coreach.
+Both ORs are one forward and one backward pass of the model's traced program under
+reachability semantics (:mod:`sparsejax.connectivity`): weights = mask, every other
+parameter a pattern of ones, every sum gated back to {0, 1} forward and backward.
+The kernel gradient of that pass is sum_positions reach(u) * coreach(v), positive
+exactly for active (or potentially active) weights. Values stay binary, so the
+result is exact in float32 for any depth. A unit is active when reach AND coreach.
+
+Models: a Flax module (zoo or user-written; ``variables`` optional, its
+``apply(variables, x, **apply_kwargs)`` is traced) or any function
+``apply(params, x)`` with ``params=``. Inputs: one example's shape without the batch
+axis (batch 1 is added), or an example input array (used with its shape as given).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import connectivity as conn_lib
 from sparsejax import masks as masks_lib
 from sparsejax import models
-from sparsejax.models import layers
+from sparsejax.connectivity import Connectivity  # pylint: disable=unused-import
 
 Masks = Any
 
 
-@flax.struct.dataclass
-class Connectivity:
-  """Result of one sweep.
+def _is_none(x) -> bool:
+  return x is None
 
-  masks: effective masks (bool, shaped like the input masks).
-  potential: weights that are or would be active if unmasked: some position joins a
-    reachable source unit to a co-reachable destination unit (bool, like masks).
-  active_units: {layer path: number of active output units} per Dense/Conv layer,
-    input-to-output order; a unit is one neuron, or one channel at one position.
-  total_units: {layer path: number of output units}.
-  active_inputs / total_inputs: input units (pixels x channels) on some path.
+
+def _spec(tree):
+  """Hashable (treedef, ((shape, dtype), ...)) of a tree of arrays or shape structs."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((tuple(int(d) for d in np.shape(l)), np.dtype(
+      getattr(l, "dtype", np.float32)).name) for l in leaves)
+
+
+def _unspec(spec):
+  treedef, leaves = spec
+  return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaves])
+
+
+def example_input(input_shape) -> jax.ShapeDtypeStruct:
+  """One example's shape without the batch axis -> [1, *shape] float32; an array (or
+  shape struct) -> its own shape and dtype."""
+  if hasattr(input_shape, "shape") and hasattr(input_shape, "dtype"):
+    shape = tuple(int(d) for d in input_shape.shape)
+    if not shape:
+      raise ValueError("input_shape is an example input of shape (); it must have at least "
+                       "one axis.")
+    return jax.ShapeDtypeStruct(shape, input_shape.dtype)
+  shape = models.check_input_shape(input_shape)
+  return jax.ShapeDtypeStruct((1,) + shape, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Traced:
+  """A model's traced program and what the masks attach to.
+
+  prunable: flat param leaf indices that carry masks, input-to-output order.
+  paths: '/'-joined path per flat param leaf; shapes: their shapes.
   """
 
-  masks: Masks
-  potential: Masks
-  active_units: dict
-  active_inputs: Any
-  total_units: dict = flax.struct.field(pytree_node=False)
-  total_inputs: int = flax.struct.field(pytree_node=False)
+  program: conn_lib.Program
+  prunable: tuple
+  paths: tuple
+  shapes: tuple
+  params_spec: Any
+  extra: Any   # shape structs of the other collections
+
+  @property
+  def prunable_paths(self) -> list[str]:
+    return [self.paths[i] for i in self.prunable]
 
 
-class _FrozenDict(dict):
-  """A hashable dict for static pytree metadata."""
-
-  def __hash__(self):
-    return hash(tuple(self.items()))
+def _apply_fn(model, apply_kwargs):
+  kwargs = dict(apply_kwargs or ())
+  if isinstance(model, nn.Module):
+    return lambda p, e, x: model.apply({"params": p, **e}, x, **kwargs)
+  return lambda p, e, x: model(p, x, **kwargs)
 
 
 @functools.lru_cache(maxsize=64)
-def _sweep_parts(model: nn.Module, input_shape: tuple[int, ...]):
-  conn = model.clone(mode=layers.CONNECTIVITY)
-  x = jnp.ones((1,) + input_shape, jnp.float32)
-  shapes = jax.eval_shape(conn.init, jax.random.key(0), x)
-  standard = jax.eval_shape(model.clone(mode=layers.STANDARD).init, jax.random.key(0), x)
-  return conn, x, shapes["params"], shapes.get("perturbations", {}), standard["params"]
+def _trace_cached(model, x_spec, params_spec, extra_spec, apply_kwargs, prunable) -> Traced:
+  params, extra = _unspec(params_spec), _unspec(extra_spec)
+  prog = conn_lib.build(_apply_fn(model, apply_kwargs), params, extra, _unspec(x_spec))
+  flat = jax.tree_util.tree_leaves_with_path(params)
+  paths = tuple(masks_lib.path_str(p) for p, _ in flat)
+  order = prog.weight_leaves
+  if prunable is not None:
+    chosen = [i for i, p in enumerate(paths) if prunable(p)]
+    bad = [paths[i] for i in chosen if i not in order]
+    if bad:
+      raise ValueError(f"prunable selects {bad[:3]}, which enter no linear op (Dense, Conv, "
+                       "dot_general, conv_general_dilated) as a weight; only such weights "
+                       "can be pruned.")
+    order = tuple(i for i in order if i in chosen)
+  if not order:
+    raise ValueError(f"model={_name(model)} has no prunable weight: no parameter enters a "
+                     "linear op (dot_general, conv_general_dilated) as its weight.")
+  return Traced(prog, tuple(order), paths, tuple(tuple(s.shape) for _, s in flat),
+                params_spec, extra)
 
 
-def connectivity_sweep(model: nn.Module, input_shape, units: bool = True
-                       ) -> Callable[[Masks], Connectivity]:
-  """The pure, jit-able sweep ``masks -> Connectivity`` for ``model`` on one example
-  of ``input_shape``. For use inside other jitted code (no input validation).
-  ``units=False`` skips the unit counts (active_units and active_inputs are then
-  empty / None), which is what searches that only need the masks want."""
-  conn, x, param_shapes, perturb_shapes, _ = _sweep_parts(
-      models.check_model(model), models.check_input_shape(input_shape))
+def _name(model) -> str:
+  return type(model).__name__ if isinstance(model, nn.Module) else getattr(
+      model, "__name__", type(model).__name__)
+
+
+def _hashable(model, what="model"):
+  try:
+    hash(model)
+  except TypeError as e:
+    raise ValueError(f"{what}={_name(model)} has an unhashable field ({e}); it is compiled "
+                     "once per model, so its fields must be hashable (use tuples, not "
+                     "lists).") from None
+  return model
+
+
+def trace(model, input_shape, *, variables=None, params=None, apply_kwargs=None,
+          prunable: Callable[[str], bool] | None = None) -> Traced:
+  """Traces ``model`` once per (model, input shape, variable shapes).
+
+  Args:
+    model: a Flax module (called as ``model.apply(variables, x, **apply_kwargs)``) or a
+      function ``apply(params, x, **apply_kwargs)``.
+    input_shape: one example's shape without the batch axis, or an example input array.
+    variables: a module's variables ({'params': ..., 'batch_stats': ...}); default:
+      the shapes of ``model.init``.
+    params: a function's params (required for functions).
+    prunable: predicate on the '/'-joined parameter path; default: every parameter
+      that enters a linear op as its weight.
+  """
+  x = example_input(input_shape)
+  kwargs = tuple(sorted((apply_kwargs or {}).items()))
+  if isinstance(model, nn.Module):
+    if params is not None and variables is None:
+      variables = {"params": params}
+    if variables is None:
+      try:
+        variables = jax.eval_shape(functools.partial(model.init, **dict(kwargs)),
+                                   jax.random.key(0), x)
+      except (TypeError, ValueError) as err:
+        raise ValueError(f"input_shape={input_shape!r} cannot be applied to "
+                         f"model={_name(model)}: {err}") from None
+    if not hasattr(variables, "keys") or "params" not in variables:
+      raise ValueError("variables has no 'params' collection; pass the model's variables "
+                       "(e.g. model.init(...)).")
+    params = variables["params"]
+    extra = {k: v for k, v in variables.items() if k != "params"}
+  elif callable(model):
+    if params is None:
+      params = variables
+    if params is None:
+      raise ValueError(f"model={_name(model)} is a function: pass params= (its parameter "
+                       "tree) so that masks can be matched to it.")
+    extra = {}
+  else:
+    raise ValueError(f"model={model!r} must be a Flax module or a function "
+                     "apply(params, x).")
+  _hashable(model)
+  return _trace_cached(model, _spec(x), _spec(params), _spec(extra), kwargs, prunable)
+
+
+def _flat_masks(masks, traced: Traced) -> list:
+  flat = jax.tree.leaves(masks, is_leaf=_is_none)
+  return [flat[i] for i in traced.prunable]
+
+
+def sweep_of(traced: Traced, units: bool = True) -> Callable[[Masks], Connectivity]:
+  """The pure, jit-able sweep ``masks -> Connectivity`` of a traced model."""
+  raw = conn_lib.reach_sweep(traced.program, traced.prunable, units)
+  names = conn_lib.site_names(traced.program)
+  total_inputs = int(sum(np.prod(s) for s in traced.program.x_shapes))
 
   def sweep(masks: Masks) -> Connectivity:
-    by_path = {masks_lib.path_str(p): m for p, m in
-               jax.tree_util.tree_leaves_with_path(masks, is_leaf=lambda v: v is None)
-               if m is not None}
-
-    def weight(path, shape):
-      m = by_path.get(masks_lib.path_str(path))
-      return jnp.zeros(shape.shape, jnp.float32) if m is None else m.astype(jnp.float32)
-
-    params = jax.tree_util.tree_map_with_path(weight, param_shapes)
-    perturb = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), perturb_shapes)
-
-    def forward(params, perturb, x):
-      out, state = conn.apply({"params": params, "perturbations": perturb}, x,
-                              mutable=["intermediates"])
-      return out, state["intermediates"]
-
-    if units:
-      out, vjp, reach = jax.vjp(forward, params, perturb, x, has_aux=True)
-      g_params, g_perturb, g_x = vjp(jnp.ones_like(out))
-    else:
-      out, vjp = jax.vjp(lambda p: conn.apply({"params": p}, x), params)
-      (g_params,) = vjp(jnp.ones_like(out))
-    g_kernels = {masks_lib.path_str(p): g for p, g in
-                 jax.tree_util.tree_leaves_with_path(g_params)}
-    potential = jax.tree_util.tree_map_with_path(
-        lambda p, m: None if m is None else g_kernels[masks_lib.path_str(p)] > 0, masks,
-        is_leaf=lambda v: v is None)
+    flat, treedef = jax.tree.flatten(masks, is_leaf=_is_none)
+    ks = [flat[i] for i in traced.prunable]
+    pot, active, active_inputs, total = raw(ks)
+    leaves = [None] * len(flat)
+    for i, p in zip(traced.prunable, pot):
+      leaves[i] = p
+    potential = jax.tree.unflatten(treedef, leaves)
     effective = masks_lib.map_masks(lambda m, live: m & live, masks, potential)
     if not units:
-      return Connectivity(effective, potential, {}, None, _FrozenDict(), 0)
+      return Connectivity(effective, potential, {}, None, conn_lib._FrozenDict(), 0)
+    return Connectivity(effective, potential, active, active_inputs,
+                        conn_lib._FrozenDict(total), total_inputs)
 
-    active, total = {}, {}
-    reach_flat = {masks_lib.path_str(p[:-2]): r for p, r in
-                  jax.tree_util.tree_leaves_with_path(reach)}
-    for p, g in jax.tree_util.tree_leaves_with_path(g_perturb):
-      layer = masks_lib.path_str(p[:-1])
-      is_active = (reach_flat[layer] > 0) & (g > 0)
-      active[layer] = jnp.sum(is_active)
-      total[layer] = int(np.prod(g.shape))
-    return Connectivity(effective, potential, active, jnp.sum(g_x > 0), _FrozenDict(total),
-                        int(np.prod(x.shape)))
-
+  del names
   return sweep
 
 
+def connectivity_sweep(model, input_shape, units: bool = True, **kw
+                       ) -> Callable[[Masks], Connectivity]:
+  """The pure, jit-able sweep ``masks -> Connectivity`` for ``model`` on one example
+  of ``input_shape`` (keywords as :func:`trace`). For use inside other jitted code (no
+  mask validation). ``units=False`` skips the unit counts (active_units and
+  active_inputs are then empty / None), which is what searches that only need the
+  masks want."""
+  return sweep_of(trace(model, input_shape, **kw), units)
+
+
 @functools.lru_cache(maxsize=64)
-def _jitted_sweep(model: nn.Module, input_shape: tuple[int, ...]):
-  return jax.jit(connectivity_sweep(model, input_shape))
+def _jitted_sweep(traced: Traced):
+  return jax.jit(sweep_of(traced))
 
 
-def connectivity(model: nn.Module, masks: Masks, input_shape) -> Connectivity:
+def validate(masks: Masks, traced: Traced, name: str = "masks") -> None:
+  """ValueError unless ``masks`` has the params' structure with a bool array of the
+  kernel's shape at every prunable leaf and None elsewhere."""
+  want = dict(zip(traced.paths, traced.shapes))
+  try:
+    flat = jax.tree_util.tree_leaves_with_path(masks, is_leaf=_is_none)
+  except Exception:  # pylint: disable=broad-except
+    flat = []
+  got = {masks_lib.path_str(p): m for p, m in flat}
+  missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+  if missing or extra:
+    raise ValueError(f"{name} does not match the parameter tree: missing {missing[:5]}, "
+                     f"unexpected {extra[:5]}; a mask has the structure of params.")
+  prunable = set(traced.prunable_paths)
+  for path, shape in want.items():
+    m = got[path]
+    if path not in prunable:
+      if m is not None:
+        raise ValueError(f"{name}[{path!r}] must be None: only the weights of linear ops "
+                         f"are prunable, got {type(m).__name__}.")
+      continue
+    if m is None or not hasattr(m, "dtype"):
+      raise ValueError(f"{name}[{path!r}]={m!r}: expected a bool array of shape {shape}.")
+    if m.dtype != np.bool_:
+      raise ValueError(f"{name}[{path!r}] has dtype {m.dtype}; masks must be bool.")
+    if tuple(m.shape) != tuple(shape):
+      raise ValueError(f"{name}[{path!r}] has shape {tuple(m.shape)}; the kernel has "
+                       f"shape {tuple(shape)}.")
+  if jax.tree.structure(masks, is_leaf=_is_none) != jax.tree.structure(
+      jax.tree.unflatten(traced.params_spec[0], [None] * len(traced.paths)),
+      is_leaf=_is_none):
+    raise ValueError(f"{name} does not match the parameter tree's structure (containers "
+                     "differ); a mask has the structure of params.")
+
+
+def connectivity(model, masks: Masks, input_shape, **kw) -> Connectivity:
   """Effective masks and active units of ``model`` under ``masks``.
 
   Args:
-    model: a zoo model or any flax module built from :mod:`sparsejax.models.layers`
-      that has a ``mode`` field.
+    model: a Flax module (zoo or user-written) or a function ``apply(params, x)``.
     masks: bool masks shaped like the model's params (None at non-prunable leaves).
-    input_shape: one example's shape without the batch axis, e.g. (32, 32, 3).
+    input_shape: one example's shape without the batch axis, e.g. (32, 32, 3), or an
+      example input array.
+    **kw: ``variables=``, ``params=``, ``apply_kwargs=``, ``prunable=`` (see :func:`trace`).
   """
-  input_shape = models.check_input_shape(input_shape)
-  *_, standard_params = _sweep_parts(models.check_model(model), input_shape)
-  masks_lib.validate(masks, standard_params)
-  result = _jitted_sweep(model, input_shape)(masks)
-  return result.replace(active_units={k: int(v) for k, v in result.active_units.items()},
+  traced = trace(model, input_shape, **kw)
+  validate(masks, traced)
+  result = _jitted_sweep(traced)(masks)
+  # jit returns dicts with sorted keys; total_units (static) keeps the traced order
+  return result.replace(active_units={k: int(result.active_units[k])
+                                      for k in result.total_units},
                         active_inputs=int(result.active_inputs))
 
 
-def effective_masks(model: nn.Module, masks: Masks, input_shape) -> Masks:
+def effective_masks(model, masks: Masks, input_shape, **kw) -> Masks:
   """The active weights: unmasked and on some input-to-output path (bool, like masks).
 
   active(w: u -> v) = mask(w) AND reach(u) AND coreach(v) (method.md section 1).
@@ -165,20 +293,43 @@ def effective_masks(model: nn.Module, masks: Masks, input_shape) -> Masks:
     >>> int(eff["dense_0"]["kernel"].sum()), int(eff["dense_2"]["kernel"].sum())
     (0, 0)
   """
-  return connectivity(model, masks, input_shape).masks
+  return connectivity(model, masks, input_shape, **kw).masks
 
 
-def effective_sparsity(model: nn.Module, masks: Masks, input_shape) -> float:
+def effective_sparsity(model, masks: Masks, input_shape, **kw) -> float:
   """1 - active weights / prunable weights (1.0 for a disconnected network)."""
-  return masks_lib.direct_sparsity(effective_masks(model, masks, input_shape))
+  return masks_lib.direct_sparsity(effective_masks(model, masks, input_shape, **kw))
 
 
-def effective_compression(model: nn.Module, masks: Masks, input_shape) -> float:
+def effective_compression(model, masks: Masks, input_shape, **kw) -> float:
   """1 / effective density; inf for a disconnected network."""
-  return masks_lib.compression(effective_masks(model, masks, input_shape))
+  return masks_lib.compression(effective_masks(model, masks, input_shape, **kw))
 
 
-def active_units(model: nn.Module, masks: Masks, input_shape) -> dict[str, tuple[int, int]]:
-  """{layer path: (active, total)} output units per Dense/Conv layer."""
-  c = connectivity(model, masks, input_shape)
+def active_units(model, masks: Masks, input_shape, **kw) -> dict[str, tuple[int, int]]:
+  """{layer path: (active, total)} output units per linear op, input-to-output order."""
+  c = connectivity(model, masks, input_shape, **kw)
   return {k: (c.active_units[k], c.total_units[k]) for k in c.active_units}
+
+
+def prunable_paths(model, input_shape, **kw) -> list[str]:
+  """Paths of the prunable leaves in input-to-output (traced data-flow) order."""
+  return trace(model, input_shape, **kw).prunable_paths
+
+
+def ones(model, input_shape, **kw) -> Masks:
+  """The dense mask of ``model``: True at every prunable leaf, None elsewhere."""
+  t = trace(model, input_shape, **kw)
+  leaves = [None] * len(t.paths)
+  for i in t.prunable:
+    leaves[i] = jnp.ones(t.shapes[i], bool)
+  return jax.tree.unflatten(t.params_spec[0], leaves)
+
+
+def flow_order(model, input_shape, **kw) -> tuple[int, ...]:
+  """The prunable layers in input-to-output (traced data-flow) order, as indices into
+  the params' tree (flattened, sorted-key) order of the prunable leaves: entry j is the
+  tree position of the j-th layer the input flows through."""
+  t = trace(model, input_shape, **kw)
+  tree_order = sorted(t.prunable)
+  return tuple(tree_order.index(i) for i in t.prunable)

@@ -6,8 +6,10 @@ kernels [in, out], Conv kernels [H, W, in, out]); every other leaf of a mask is
 
 Order: :func:`prunable_paths` lists kernels in the order of the flattened tree
 (sorted keys). The zoo names its layers so that this order is the input-to-output
-order (tests check it against the order in which the layers are called), which
-per-layer reports and uniform+ rely on.
+order (tests check it against the order in which the layers are called). For other
+models (Flax's automatic names sort ``Dense_10`` before ``Dense_2``) the input-to-output
+order comes from the traced program: ``effective.prunable_paths(model, x)`` and
+``effective.flow_order``; rankings carry it (``pruning.Ranking.flow``) for uniform+.
 
 Direct sparsity s = masked-out weights / prunable weights; density = 1 - s;
 compression = 1 / density (method.md section 1).

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,8 @@ class Ranking:
     ascending, so that counts(k)[l] = #{w in l : global rank < k}.
   quota: None for a global ranking, else a quota name (counts from the quota).
   shapes: the prunable kernel shapes; treedef/slots rebuild the mask tree.
+  flow: layer indices in input-to-output (traced data-flow) order, which quotas such as
+    uniform+ (first layer dense, last at most 80% sparse) read; () = the tree order.
   """
 
   order: tuple
@@ -61,6 +64,7 @@ class Ranking:
   shapes: tuple = flax.struct.field(pytree_node=False, default=())
   treedef: Any = flax.struct.field(pytree_node=False, default=None)
   slots: tuple = flax.struct.field(pytree_node=False, default=())
+  flow: tuple = flax.struct.field(pytree_node=False, default=())
 
   @property
   def total(self) -> int:
@@ -73,7 +77,11 @@ class Ranking:
       return jnp.stack([jnp.searchsorted(c, kept, side="left").astype(jnp.int32)
                         for c in self.cutoffs])
     density = kept.astype(jnp.float32) / self.total
-    return quotas_lib.layer_kept_counts(self.quota, density, self.shapes)
+    if not self.flow or tuple(self.flow) == tuple(range(len(self.shapes))):
+      return quotas_lib.layer_kept_counts(self.quota, density, self.shapes)
+    counts = quotas_lib.layer_kept_counts(self.quota, density,
+                                          tuple(self.shapes[i] for i in self.flow))
+    return jnp.zeros(len(self.shapes), counts.dtype).at[np.asarray(self.flow)].set(counts)
 
   def to_tree(self, flat_leaves: Sequence[jax.Array]) -> PyTree:
     """Mask-shaped tree from per-layer flat arrays (in layer order)."""
@@ -161,13 +169,16 @@ def _rank_device(leaves: list, quota: str | None):
   return orders, ranks, cutoffs
 
 
-def rank_scores(scores: PyTree, quota: str | None = None, sort: str = "auto") -> Ranking:
+def rank_scores(scores: PyTree, quota: str | None = None, sort: str = "auto",
+                flow: Sequence[int] | None = None) -> Ranking:
   """Ranking of a mask-shaped tree of scores (higher score = kept first).
 
   ``quota=None`` ranks all layers together (global threshold); a quota name ranks
   inside each layer and takes per-layer counts from the quota. Ties are broken by
   position: a stable sort of -score over the flattened layers. ``sort``: 'host'
   (numpy; the fast one on CPU), 'device' (jitted sorts), 'auto' (host on CPU).
+  ``flow``: the layers in input-to-output order (indices into the tree order), e.g.
+  from :func:`layer_flow`; default the tree order.
   """
   flat, treedef = jax.tree.flatten(scores, is_leaf=lambda x: x is None)
   slots = tuple(i for i, leaf in enumerate(flat) if leaf is not None)
@@ -182,11 +193,14 @@ def rank_scores(scores: PyTree, quota: str | None = None, sort: str = "auto") ->
     raise ValueError(f"sort={sort!r} is not allowed; allowed: auto, host, device.")
   if sort == "auto":
     sort = "host" if jax.default_backend() == "cpu" else "device"
+  flow = tuple(int(i) for i in flow) if flow is not None else ()
+  if flow and sorted(flow) != list(range(len(leaves))):
+    raise ValueError(f"flow={flow!r} must be a permutation of the {len(leaves)} layers.")
   orders, ranks, cutoffs = (_rank_host if sort == "host" else _rank_device)(leaves, quota)
   to_device = lambda xs: tuple(jnp.asarray(x, jnp.int32) for x in xs)
   return Ranking(to_device(orders), to_device(ranks),
                  None if cutoffs is None else to_device(cutoffs), quota, shapes, treedef,
-                 slots)
+                 slots, flow)
 
 
 def _flat_masks_at(ranking: Ranking, kept) -> list[jax.Array]:
@@ -366,8 +380,8 @@ LOOPS = ("auto", "device", "host")
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_search(model, input_shape, loop: str):
-  sweep = effective_lib.connectivity_sweep(model, input_shape, units=False)
+def _jitted_search(traced, loop: str):
+  sweep = effective_lib.sweep_of(traced, units=False)
   if loop == "device":
     return jax.jit(functools.partial(search_effective, sweep))
   # Host-driven: the same jitted init/body/finish, with only the loop condition read
@@ -392,25 +406,28 @@ def _jitted_search(model, input_shape, loop: str):
 
 
 def effective_kept(model, ranking: Ranking, target_kept: int, input_shape,
-                   loop: str = "auto") -> tuple[int, int, int]:
+                   loop: str = "auto", **trace_kw) -> tuple[int, int, int]:
   """(k, active weights at k, sweeps evaluated) for the largest k meeting the target.
 
-  loop: 'device' runs the search as one ``lax.while_loop``; 'host' steps the same
-  jitted body from Python (faster on XLA:CPU, see _jitted_search); 'auto' picks
-  'host' on CPU and 'device' elsewhere.
+  model, input_shape, ``trace_kw`` (variables=, params=, apply_kwargs=): as
+  :func:`sparsejax.effective.trace`. loop: 'device' runs the search as one
+  ``lax.while_loop``; 'host' steps the same jitted body from Python (faster on
+  XLA:CPU, see _jitted_search); 'auto' picks 'host' on CPU and 'device' elsewhere.
   """
   if loop not in LOOPS:
     raise ValueError(f"loop={loop!r} is not allowed; allowed: {', '.join(LOOPS)}.")
   if loop == "auto":
     loop = "host" if jax.default_backend() == "cpu" else "device"
-  k, e, n = _jitted_search(model, tuple(input_shape), loop)(ranking, jnp.int32(target_kept))
+  traced = effective_lib.trace(model, input_shape, **trace_kw)
+  k, e, n = _jitted_search(traced, loop)(ranking, jnp.int32(target_kept))
   return int(k), int(e), int(n)
 
 
 def masks_from_ranking(ranking: Ranking, sparsity: float, pruning_type: str = "direct", *,
-                       model=None, input_shape=None) -> PyTree:
+                       model=None, input_shape=None, **trace_kw) -> PyTree:
   """Masks at direct sparsity ``sparsity``, or at the smallest direct sparsity whose
-  effective sparsity is at least ``sparsity`` (``pruning_type='effective'``)."""
+  effective sparsity is at least ``sparsity`` (``pruning_type='effective'``; ``model``,
+  ``input_shape`` and ``trace_kw`` as :func:`sparsejax.effective.trace`)."""
   sparsity = masks_lib.check_sparsity(sparsity)
   check_pruning_type(pruning_type)
   if pruning_type == "direct":
@@ -419,9 +436,9 @@ def masks_from_ranking(ranking: Ranking, sparsity: float, pruning_type: str = "d
   if model is None or input_shape is None:
     raise ValueError("pruning_type='effective' needs model= and input_shape= for the "
                      "connectivity sweep.")
-  k, e, _ = effective_kept(model, ranking, target, input_shape)
+  k, e, _ = effective_kept(model, ranking, target, input_shape, **trace_kw)
   if e == 0 or e > target:
-    smallest = _smallest_connected(model, ranking, input_shape)
+    smallest = _smallest_connected(model, ranking, input_shape, **trace_kw)
     raise errors.UnreachableSparsityError(
         f"sparsity={sparsity!r} (effective) cannot be reached: along this ranking every "
         f"connected mask keeps more than {target} weights; the largest reachable effective "
@@ -431,12 +448,13 @@ def masks_from_ranking(ranking: Ranking, sparsity: float, pruning_type: str = "d
   return masks_at(ranking, k)
 
 
-def _smallest_connected(model, ranking: Ranking, input_shape) -> int:
+def _smallest_connected(model, ranking: Ranking, input_shape, **trace_kw) -> int:
   """Fewest active weights of any connected mask along the ranking."""
-  k, e, _ = effective_kept(model, ranking, 0, input_shape)  # largest k still disconnected
+  # largest k still disconnected
+  k, e, _ = effective_kept(model, ranking, 0, input_shape, **trace_kw)
   if e > 0:  # even the first mask of the family is connected (e.g. uniform+)
     return e
-  sweep = effective_lib.connectivity_sweep(model, tuple(input_shape), units=False)
+  sweep = effective_lib.connectivity_sweep(model, input_shape, units=False, **trace_kw)
   return int(jax.jit(lambda r, kk: _sweep_at(sweep, r, kk)[0])(ranking, k + 1))
 
 
@@ -447,12 +465,16 @@ def _smallest_connected(model, ranking: Ranking, input_shape) -> int:
 class ScoreContext:
   """What a pruner's score function may read (:attr:`Pruner.score`).
 
-  key: PRNG key for random scores. model, variables: the Flax module and its
-  variables ({'params': ..., 'batch_stats': ...}) at initialization. sparsity: the
-  target (iterative pruners prune towards it). input_shape: one example's shape
-  (SynFlow's all-ones input). batches: preprocessed batches for data-driven scores.
-  trained_params: params after dense training (magnitude, LAMP). rounds: rounds of
-  an iterative pruner. score_kwargs: extra keyword arguments for the score function.
+  key: PRNG key for random scores. model, variables: a Flax module and its variables
+  ({'params': ..., 'batch_stats': ...}) at initialization, or a function
+  ``apply(params, x)`` and its params. sparsity: the target (iterative pruners prune
+  towards it). input_shape: one example's shape or an example input (SynFlow's
+  all-ones input). batches: batches for data-driven scores. trained_params: params
+  after dense training (magnitude, LAMP). rounds: rounds of an iterative pruner.
+  score_kwargs: extra keyword arguments for the score function. loss: the user's
+  ``loss(params, batch) -> scalar`` for data-driven scores (None: the image/label
+  cross-entropy of a Flax module). apply_kwargs: keyword arguments of the model's
+  call (e.g. {'train': False}).
   """
 
   key: jax.Array
@@ -464,10 +486,22 @@ class ScoreContext:
   trained_params: PyTree = None
   rounds: int | None = None
   score_kwargs: dict = dataclasses.field(default_factory=dict)
+  loss: Callable | None = None
+  apply_kwargs: dict | None = None
 
   @property
   def params(self) -> PyTree:
-    return self.variables["params"]
+    return _params_of(self.model, self.variables)
+
+  def data_kwargs(self, who: str) -> dict:
+    """Keyword arguments of a data-driven score: score_kwargs and the user's loss."""
+    kw = dict(self.score_kwargs)
+    if self.loss is not None:
+      kw["loss"] = self.loss
+    elif not isinstance(self.model, nn.Module):
+      raise ValueError(f"pruner {who!r} on a function model needs loss= (a function "
+                       "loss(params, batch) -> scalar over your batches).")
+    return kw
 
 
 ScoreFn = Callable[[ScoreContext], PyTree]
@@ -549,21 +583,22 @@ def _lamp(c: ScoreContext):
 
 
 def _snip(c: ScoreContext):
-  return _scores_lib().snip(c.model, c.variables, c.batches, **c.score_kwargs)
+  return _scores_lib().snip(c.model, c.variables, c.batches, **c.data_kwargs("snip"))
 
 
 def _iterative_snip(c: ScoreContext):
   return _scores_lib().iterative_snip(c.model, c.variables, c.batches, c.sparsity,
-                                      rounds=c.rounds, **c.score_kwargs)
+                                      rounds=c.rounds, **c.data_kwargs("snip/iterative"))
 
 
 def _grasp(c: ScoreContext):
-  return _scores_lib().grasp(c.model, c.variables, c.batches, **c.score_kwargs)
+  return _scores_lib().grasp(c.model, c.variables, c.batches, **c.data_kwargs("grasp"))
 
 
 def _synflow(c: ScoreContext):
   return _scores_lib().synflow(c.model, c.params, c.input_shape, c.sparsity,
-                               rounds=c.rounds, **c.score_kwargs)
+                               rounds=c.rounds, apply_kwargs=c.apply_kwargs,
+                               **c.score_kwargs)
 
 
 def _builtin() -> list[Pruner]:
@@ -643,14 +678,43 @@ def _rounds(p: Pruner, rounds: int | None) -> int | None:
   if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 1:
     raise ValueError(f"rounds={rounds!r} must be a positive integer (pruner {p.name!r}).")
   return int(rounds)
+def _params_of(model, variables) -> PyTree:
+  """A Flax module's variables hold 'params'; a function's ``variables`` are its params."""
+  if model is None or isinstance(model, nn.Module):
+    if not hasattr(variables, "keys") or "params" not in variables:
+      raise ValueError("variables has no 'params' collection; pass the model's variables "
+                       "(e.g. model.init(...)), or a function apply(params, x) as model= "
+                       "with its params as variables=.")
+    return variables["params"]
+  return variables
+
+
+def _trace_kw(model, variables, apply_kwargs) -> dict:
+  kw = {"apply_kwargs": apply_kwargs} if apply_kwargs else {}
+  if isinstance(model, nn.Module):
+    kw["variables"] = variables
+  else:
+    kw["params"] = variables
+  return kw
+
+
 
 
 def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTree,
                 sparsity: float, input_shape=None, batches=None, trained_params=None,
-                rounds: int | None = None, score_kwargs: dict | None = None) -> Ranking:
+                rounds: int | None = None, score_kwargs: dict | None = None,
+                loss: Callable | None = None, apply_kwargs: dict | None = None) -> Ranking:
   """The ranking of ``pruner`` (scores computed once; iterative pruners run to
   ``sparsity`` in ``rounds`` rounds, default the pruner's, and rank the eliminated
-  weights by elimination order)."""
+  weights by elimination order).
+
+  ``model``: a Flax module with its ``variables``, or a function ``apply(params, x)``
+  with its params as ``variables``. ``input_shape`` (one example's shape, or an example
+  input) also gives the layers' input-to-output order that quotas such as uniform+
+  read (without it: the params' tree order). ``loss(params, batch) -> scalar`` over
+  the user's ``batches`` replaces the image/label cross-entropy of SNIP, iterative
+  SNIP and GraSP.
+  """
   p = get_pruner(pruner)
   if p.score is None:
     raise ValueError(f"pruner={p.name!r} has no ranking: it keeps every weight.")
@@ -662,21 +726,26 @@ def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTre
                      "trained_params= (the final params of a --pruner=dense run).")
   context = ScoreContext(key=key, model=model, variables=variables,
                          sparsity=masks_lib.check_sparsity(sparsity),
-                         input_shape=None if input_shape is None else tuple(input_shape),
-                         batches=batches, trained_params=trained_params,
-                         rounds=_rounds(p, rounds), score_kwargs=dict(score_kwargs or {}))
+                         input_shape=input_shape, batches=batches,
+                         trained_params=trained_params, rounds=_rounds(p, rounds),
+                         score_kwargs=dict(score_kwargs or {}), loss=loss,
+                         apply_kwargs=apply_kwargs)
+  flow = None
+  if input_shape is not None and model is not None:
+    flow = effective_lib.flow_order(model, input_shape,
+                                    **_trace_kw(model, variables, apply_kwargs))
   if p.quota_from is not None:
     # Per-layer counts from the source pruner's global ranking, `score` within layers.
     source = get_pruner(p.quota_from)
     source_context = dataclasses.replace(context, rounds=_rounds(source, None),
                                          score_kwargs={})
     _check_context(source, source_context)
-    global_ranking = rank_scores(source.score(source_context))
-    within = rank_scores(p.score(context), quota="uniform")
+    global_ranking = rank_scores(source.score(source_context), flow=flow)
+    within = rank_scores(p.score(context), quota="uniform", flow=flow)
     return Ranking(within.order, within.ranks, global_ranking.cutoffs, None, within.shapes,
-                   within.treedef, within.slots)
+                   within.treedef, within.slots, flow or ())
   _check_context(p, context)
-  return rank_scores(p.score(context), quota=p.quota)
+  return rank_scores(p.score(context), quota=p.quota, flow=flow)
 
 
 def _check_context(p: Pruner, context: ScoreContext) -> None:
@@ -687,7 +756,8 @@ def _check_context(p: Pruner, context: ScoreContext) -> None:
 def prune(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTree,
           sparsity: float, pruning_type: str = "direct", input_shape=None, batches=None,
           trained_params=None, rounds: int | None = None,
-          score_kwargs: dict | None = None) -> PyTree:
+          score_kwargs: dict | None = None, loss: Callable | None = None,
+          apply_kwargs: dict | None = None) -> PyTree:
   """Masks of ``pruner`` at ``sparsity``: direct sparsity, or (``pruning_type=
   'effective'``) the smallest direct sparsity whose effective sparsity is at least
   ``sparsity`` (method.md section 2).
@@ -696,12 +766,17 @@ def prune(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTree,
     pruner: a name from :data:`PRUNERS` (e.g. 'random/igq', 'snip', 'synflow') or a
       :class:`Pruner`.
     key: PRNG key for random scores and random within-layer orders.
-    model: the flax module.
-    variables: {'params': ..., 'batch_stats': ...} at initialization.
-    input_shape: one example's shape, e.g. (28, 28, 1) (effective type, SynFlow).
-    batches: preprocessed batches for data-driven scores (SNIP, GraSP).
+    model: a Flax module (zoo or user-written), or a function ``apply(params, x)``.
+    variables: the module's {'params': ..., 'batch_stats': ...} at initialization, or
+      the function's params.
+    input_shape: one example's shape, e.g. (28, 28, 1), or an example input (effective
+      type, SynFlow, and the layers' input-to-output order).
+    batches: batches for data-driven scores (SNIP, GraSP): preprocessed image/label
+      dicts for the default loss, any pytrees for a user ``loss``.
     trained_params: params after dense training (magnitude, LAMP).
     rounds: rounds of an iterative pruner (default: the pruner's).
+    loss: ``loss(params, batch) -> scalar`` for SNIP, iterative SNIP and GraSP.
+    apply_kwargs: keyword arguments of the model's call (e.g. {'train': False}).
 
   Returns:
     A mask tree: bool at the prunable kernels, None elsewhere.
@@ -726,10 +801,11 @@ def prune(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTree,
   if p.score is None:
     if sparsity != 0:
       raise ValueError(f"pruner='dense' keeps every weight; sparsity={sparsity!r} must be 0.")
-    return masks_lib.ones(variables["params"])
+    return masks_lib.ones(_params_of(model, variables))
   ranking = ranking_for(p, key=key, model=model, variables=variables, sparsity=sparsity,
                         input_shape=input_shape, batches=batches,
                         trained_params=trained_params, rounds=rounds,
-                        score_kwargs=score_kwargs)
+                        score_kwargs=score_kwargs, loss=loss, apply_kwargs=apply_kwargs)
   return masks_from_ranking(ranking, sparsity, pruning_type, model=model,
-                            input_shape=input_shape)
+                            input_shape=input_shape,
+                            **_trace_kw(model, variables, apply_kwargs))

@@ -32,6 +32,7 @@ import functools
 import math
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +40,6 @@ import optax
 
 from sparsejax import masks as masks_lib
 from sparsejax import models
-from sparsejax.models import layers
 
 PyTree = Any
 
@@ -141,8 +141,24 @@ def _check_batch(batch, who: str) -> dict:
   return {"image": image.astype(jnp.float32), "label": jnp.asarray(batch["label"], jnp.int32)}
 
 
-def _batches_list(batches, who: str) -> list[dict]:
+def _any_batch(batch, who: str):
+  """A batch for a user loss: any pytree of arrays with a leading batch axis."""
+  leaves = jax.tree.leaves(batch)
+  if not leaves or not all(np.ndim(l) >= 1 for l in leaves):
+    raise ValueError(f"{who} needs batches that are pytrees of arrays with a leading batch "
+                     f"axis; got {type(batch).__name__}.")
+  return jax.tree.map(jnp.asarray, batch)
+
+
+def _batch_size(batch) -> int:
+  if isinstance(batch, Mapping) and "label" in batch:
+    return int(np.shape(batch["label"])[0])
+  return int(np.shape(jax.tree.leaves(batch)[0])[0])
+
+
+def _batches_list(batches, who: str, check=None) -> list[dict]:
   """All batches, checked; ValueError if there are none."""
+  check = check or _check_batch
   if batches is None:
     raise ValueError(f"{who} needs data: batches=None; pass an iterable of preprocessed "
                      "batches {'image': float32 [B, H, W, C], 'label': int32 [B]}.")
@@ -150,7 +166,7 @@ def _batches_list(batches, who: str) -> list[dict]:
     batches = [batches]
   out = []
   for b in batches:
-    out.append(_check_batch(b, who))
+    out.append(check(b, who))
   if not out:
     raise ValueError(f"{who} needs data: batches is empty; pass at least one preprocessed "
                      "batch {'image': float32 [B, H, W, C], 'label': int32 [B]}.")
@@ -161,10 +177,11 @@ class _Cycle:
   """Batch t of ``batches``, cycling when they run out. Sequences are indexed; other
   iterables are read lazily, and their batches kept so that they can be cycled."""
 
-  def __init__(self, batches, who: str):
+  def __init__(self, batches, who: str, check=None):
     if batches is None:
       _batches_list(None, who)
     self.who = who
+    self.check = check or _check_batch
     self.seq = batches if isinstance(batches, (list, tuple)) else None
     self.it = None if self.seq is not None else iter(
         [batches] if isinstance(batches, Mapping) else batches)
@@ -175,10 +192,10 @@ class _Cycle:
     if self.seq is not None:
       if not self.seq:
         _batches_list([], self.who)
-      return _check_batch(self.seq[t % len(self.seq)], self.who)
+      return self.check(self.seq[t % len(self.seq)], self.who)
     while self.it is not None and len(self.cache) <= t:
       try:
-        self.cache.append(_check_batch(next(self.it), self.who))
+        self.cache.append(self.check(next(self.it), self.who))
       except StopIteration:
         self.it = None
     if not self.cache:
@@ -195,6 +212,22 @@ def _split_variables(variables) -> tuple[PyTree, dict]:
                      "(e.g. model.init(...)), not the params alone.")
   rest = {k: v for k, v in variables.items() if k != "params"}
   return variables["params"], rest
+
+
+def _split_for(variables, loss) -> tuple[PyTree, dict]:
+  """(params, other collections); with a user ``loss``, bare params are accepted."""
+  if loss is not None and not (hasattr(variables, "keys") and "params" in variables):
+    return variables, {}
+  return _split_variables(variables)
+
+
+def _model_key(model, loss):
+  """The model as a cache key: unused (None) with a user loss; else a hashable module."""
+  if loss is not None:
+    if not callable(loss):
+      raise ValueError(f"loss={loss!r} must be a function loss(params, batch) -> scalar.")
+    return None
+  return models.check_model(model)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -273,8 +306,19 @@ def lamp(params: PyTree) -> PyTree:
 # --------------------------------------------------------------------------- SNIP
 
 
-def _data_loss(model, loss_fn: Callable, temperature: float | None = None):
-  """loss(params, rest, batch) on ``model.apply(..., train=True)`` logits."""
+def _data_loss(model, loss_fn: Callable, temperature: float | None = None, loss=None):
+  """loss(params, rest, batch): the user's ``loss(params, batch)`` if given (GraSP's
+  temperature passed as ``temperature=`` when the loss accepts it), else ``loss_fn``
+  on ``model.apply(..., train=True)`` logits of image/label batches."""
+  if loss is not None:
+    import inspect  # pylint: disable=g-import-not-at-top
+    try:
+      takes_t = "temperature" in inspect.signature(loss).parameters
+    except (TypeError, ValueError):
+      takes_t = False
+    if temperature is not None and takes_t:
+      return lambda params, rest, batch: loss(params, batch, temperature=temperature)
+    return lambda params, rest, batch: loss(params, batch)
 
   def loss(params, rest, batch):
     logits, _ = model.apply({"params": params, **rest}, batch["image"], train=True,
@@ -287,8 +331,8 @@ def _data_loss(model, loss_fn: Callable, temperature: float | None = None):
 
 
 @functools.lru_cache(maxsize=32)
-def _snip_fns(model, loss_fn: Callable):
-  loss = _data_loss(model, loss_fn)
+def _snip_fns(model, loss_fn: Callable, user_loss: Callable | None = None):
+  loss = _data_loss(model, loss_fn, loss=user_loss)
 
   def kernel_grads(params, rest, batch, mask_leaves):
     """dL/dw at the masked weights, at the prunable kernels only."""
@@ -319,7 +363,7 @@ def _snip_fns(model, loss_fn: Callable):
 
 
 def snip(model, variables: PyTree, batches: Iterable[dict], *, masks=None,
-         loss_fn: Callable | None = None) -> PyTree:
+         loss_fn: Callable | None = None, loss: Callable | None = None) -> PyTree:
   """SNIP connection sensitivity (Lee et al., 2019, "SNIP: single-shot network pruning
   based on connection sensitivity"):
 
@@ -337,20 +381,24 @@ def snip(model, variables: PyTree, batches: Iterable[dict], *, masks=None,
     batches: iterable of preprocessed batches {'image': float32 [B, H, W, C]
       normalized, 'label': int32 [B]} (a single such dict is accepted too).
     masks: optional bool mask tree (None at non-prunable leaves).
+    loss: optional ``loss(params, batch) -> scalar`` over the user's own batches (any
+      pytrees with a leading batch axis); replaces the model/image/label default, and
+      ``variables`` may then be the params alone.
   Returns:
     float32 score tree shaped like the params.
   """
   who = "snip"
-  params, rest = _split_variables(variables)
+  params, rest = _split_for(variables, loss)
   if batches is None:
     _batches_list(None, who)
   mask_leaves = _mask_leaves(masks, params)
-  accumulate, finish, _ = _snip_fns(models.check_model(model), loss_fn or cross_entropy)
+  check = _check_batch if loss is None else _any_batch
+  accumulate, finish, _ = _snip_fns(_model_key(model, loss), loss_fn or cross_entropy, loss)
   acc = [jnp.zeros(w.shape, jnp.float32) for w in _kernels(params)]
   total = 0
   for batch in ([batches] if isinstance(batches, Mapping) else batches):
-    batch = _check_batch(batch, who)
-    size = int(batch["label"].shape[0])
+    batch = check(batch, who)
+    size = _batch_size(batch)
     acc = accumulate(acc, jnp.float32(size), params, rest, batch, mask_leaves)
     total += size
   if total == 0:
@@ -364,8 +412,8 @@ def snip(model, variables: PyTree, batches: Iterable[dict], *, masks=None,
 
 
 @functools.lru_cache(maxsize=32)
-def _grasp_fns(model, loss_fn: Callable, temperature: float):
-  loss = _data_loss(model, loss_fn, temperature)
+def _grasp_fns(model, loss_fn: Callable, temperature: float, user_loss: Callable | None = None):
+  loss = _data_loss(model, loss_fn, temperature, user_loss)
 
   @jax.jit
   def grad_acc(acc, weight, params, rest, batch):
@@ -384,8 +432,8 @@ def _grasp_fns(model, loss_fn: Callable, temperature: float):
 
 
 def grasp_hessian_gradient(model, variables: PyTree, batches: Iterable[dict], *,
-                           temperature: float = 200.0, loss_fn: Callable | None = None
-                           ) -> tuple[list, list]:
+                           temperature: float = 200.0, loss_fn: Callable | None = None,
+                           loss: Callable | None = None) -> tuple[list, list]:
   """(g, Hg) at the prunable kernels (lists in layer order, float32): g = mean_b
   dL_b/dw and Hg = mean_b H_b g, with L_b the loss on logits / temperature and H_b its
   Hessian over the prunable kernels. Hg is a forward-over-reverse product (jax.jvp of
@@ -397,11 +445,11 @@ def grasp_hessian_gradient(model, variables: PyTree, batches: Iterable[dict], *,
     t = float("nan")
   if isinstance(temperature, bool) or not (math.isfinite(t) and t > 0):
     raise ValueError(f"temperature={temperature!r} must be a positive finite number.")
-  params, rest = _split_variables(variables)
-  batch_list = _batches_list(batches, who)
-  grad_acc, hvp_acc = _grasp_fns(models.check_model(model), loss_fn or cross_entropy, t)
+  params, rest = _split_for(variables, loss)
+  batch_list = _batches_list(batches, who, _check_batch if loss is None else _any_batch)
+  grad_acc, hvp_acc = _grasp_fns(_model_key(model, loss), loss_fn or cross_entropy, t, loss)
   zeros = [jnp.zeros(w.shape, jnp.float32) for w in _kernels(params)]
-  sizes = [int(b["label"].shape[0]) for b in batch_list]
+  sizes = [_batch_size(b) for b in batch_list]
   total = float(sum(sizes))
   g = zeros
   for b, n in zip(batch_list, sizes):
@@ -413,17 +461,18 @@ def grasp_hessian_gradient(model, variables: PyTree, batches: Iterable[dict], *,
 
 
 def grasp(model, variables: PyTree, batches: Iterable[dict], *, temperature: float = 200.0,
-          loss_fn: Callable | None = None) -> PyTree:
+          loss_fn: Callable | None = None, loss: Callable | None = None) -> PyTree:
   """GraSP keep-scores (Wang et al., 2020, "Picking winning tickets before training by
   preserving gradient flow"): GraSP's score is S = -w * (H g), with g the loss gradient
   and H the Hessian of the loss on logits / ``temperature`` (both averaged over
   ``batches``, batch norm in training mode), and GraSP removes the *highest* S. This
   returns the keep-score -S = w * (H g) (float32; higher = kept first, may be
-  negative). Batches as in :func:`snip`.
+  negative). Batches and ``loss`` as in :func:`snip` (a user loss that accepts a
+  ``temperature`` keyword gets GraSP's temperature; otherwise it is used as is).
   """
-  params, _ = _split_variables(variables)
+  params, _ = _split_for(variables, loss)
   _, hg = grasp_hessian_gradient(model, variables, batches, temperature=temperature,
-                                 loss_fn=loss_fn)
+                                 loss_fn=loss_fn, loss=loss)
   out = [(w.astype(jnp.float32) * h) for w, h in zip(_kernels(params), hg)]
   _check_finite(out, "grasp")
   return _score_tree(params, out)
@@ -682,14 +731,14 @@ def _iterate(step, args_for_round: Callable, params: PyTree, mask_leaves, sparsi
 
 
 @functools.lru_cache(maxsize=32)
-def _iterative_snip_step(model, loss_fn: Callable):
-  _, _, round_scores = _snip_fns(model, loss_fn)
+def _iterative_snip_step(model, loss_fn: Callable, user_loss: Callable | None = None):
+  _, _, round_scores = _snip_fns(model, loss_fn, user_loss)
   return _make_step(lambda alive, params, rest, batch: round_scores(params, rest, batch, alive))
 
 
 def iterative_snip(model, variables: PyTree, batches: Iterable[dict], sparsity: float, *,
                    rounds: int = 300, masks=None, loss_fn: Callable | None = None,
-                   return_stats: bool = False):
+                   return_stats: bool = False, loss: Callable | None = None):
   """Iterative SNIP (de Jorge et al., 2021, "Progressive skeletonization", FORCE-like
   schedule without resurrection): after round t = 1..R the density is
   (1 - s)^(t/R); each round recomputes :func:`snip` on the currently masked network
@@ -704,10 +753,10 @@ def iterative_snip(model, variables: PyTree, batches: Iterable[dict], sparsity: 
   who = "iterative_snip"
   sparsity = masks_lib.check_sparsity(sparsity)
   rounds = _check_rounds(rounds)
-  params, rest = _split_variables(variables)
-  source = _Cycle(batches, who)
+  params, rest = _split_for(variables, loss)
+  source = _Cycle(batches, who, _check_batch if loss is None else _any_batch)
   mask_leaves = _mask_leaves(masks, params)
-  step = _iterative_snip_step(models.check_model(model), loss_fn or cross_entropy)
+  step = _iterative_snip_step(_model_key(model, loss), loss_fn or cross_entropy, loss)
   args = lambda t: (params, rest, source.get(t))
   return _iterate(step, args, params, mask_leaves, sparsity, rounds, who, return_stats)
 
@@ -716,71 +765,72 @@ def iterative_snip(model, variables: PyTree, batches: Iterable[dict], sparsity: 
 
 
 @functools.lru_cache(maxsize=32)
-def _synflow_fns(model, input_shape: tuple[int, ...]):
-  lin = model.clone(mode=layers.LINEAR)
-  x = jnp.ones((1,) + input_shape, jnp.float32)
-  shapes = jax.eval_shape(lin.init, jax.random.key(0), x)["params"]
-  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-  kernel_slots = tuple(i for i, (p, s) in enumerate(flat) if masks_lib.is_prunable(p, s))
-  paths = tuple(masks_lib.path_str(flat[i][0]) for i in kernel_slots)
+def _synflow_fns(traced):
+  """(kernel paths, jitted one-round scores, jitted round step) of a traced model."""
+  from sparsejax import connectivity as conn_lib  # pylint: disable=g-import-not-at-top
+  kernel_slots = tuple(sorted(traced.prunable))  # the params' flattened (mask) order
+  paths = tuple(traced.paths[i] for i in kernel_slots)
+  linear = conn_lib.linear_scores(traced.program, kernel_slots)
+  extra = [jnp.ones(s, jnp.float32) for s in traced.program.extra_shapes]
 
-  def scores(abs_kernels, alive):
-    """|dR/dw * w| with w = |kernel| * alive, all other parameters 0 (traceable)."""
-    weights = [jnp.where(a, w, 0.0) for w, a in zip(abs_kernels, alive)]
-    leaves = [jnp.zeros(s.shape, jnp.float32) for _, s in flat]
-    for i, w in zip(kernel_slots, weights):
-      leaves[i] = w
-    p = jax.tree.unflatten(treedef, leaves)
-    g = jax.grad(lambda p: jnp.sum(lin.apply({"params": p}, x)))(p)
-    g = jax.tree.leaves(g)
-    return [jnp.abs(g[i] * w) for i, w in zip(kernel_slots, weights)]
+  def scores(abs_kernels, alive, abs_params):
+    """|dR/dw * w| with w = |kernel| * alive on the linearized program (traceable)."""
+    return linear(abs_kernels, alive, abs_params, extra)
 
-  step = _make_step(lambda alive, abs_kernels: scores(abs_kernels, alive))
+  step = _make_step(lambda alive, abs_kernels, abs_params: scores(abs_kernels, alive,
+                                                                  abs_params))
   return paths, jax.jit(scores), step
 
 
-def _synflow_setup(model, params, input_shape):
-  """(params, |kernels| float32, one-round scores fn, jitted round step)."""
-  input_shape = models.check_input_shape(input_shape)
-  paths, scores, step = _synflow_fns(models.check_model(model), input_shape)
-  if (tuple(masks_lib.prunable_paths(params)) != paths and hasattr(params, "keys")
-      and "params" in params):
+def _synflow_setup(model, params, input_shape, trace_kwargs=None):
+  """(params, |kernels| float32, |params| flat, one-round scores fn, jitted round step)."""
+  from sparsejax import effective  # pylint: disable=g-import-not-at-top
+  if hasattr(params, "keys") and "params" in params and hasattr(params["params"], "keys"):
     params = params["params"]  # model variables were passed
+  if not hasattr(input_shape, "shape"):
+    input_shape = models.check_input_shape(input_shape)
+  kw = dict(trace_kwargs or {})
+  if not isinstance(model, nn.Module):
+    kw.setdefault("params", params)
+  traced = effective.trace(model, input_shape, **kw)
+  paths, scores, step = _synflow_fns(traced)
   mine = tuple(masks_lib.prunable_paths(params))
-  if mine != paths:
+  if mine != paths or len(jax.tree.leaves(params)) != len(traced.paths):
     raise ValueError(f"params does not match the model: prunable kernels {list(mine)[:3]}... "
                      f"vs the model's {list(paths)[:3]}...; pass the model's params.")
   abs_kernels = [jnp.abs(w).astype(jnp.float32) for w in _kernels(params)]
-  return params, abs_kernels, scores, step
+  abs_params = [jnp.abs(jnp.asarray(w)).astype(jnp.float32) for w in jax.tree.leaves(params)]
+  return params, abs_kernels, abs_params, scores, step
 
 
-def synflow_scores(model, params: PyTree, input_shape, masks=None) -> PyTree:
+def synflow_scores(model, params: PyTree, input_shape, masks=None,
+                   apply_kwargs: dict | None = None) -> PyTree:
   """One round of SynFlow scores (Tanaka et al., 2020, "Pruning neural networks without
   any data by iteratively conserving synaptic flow"):
 
       R = 1^T f_lin(1; |w| * m),   score(w) = | dR/dw * w |,
 
-  on the linearized network (``mode='linear'``: no nonlinearity or normalization,
-  average pooling, biases 0) with all-ones input [1, *input_shape]. The linear mode
-  divides each layer's output by a stop-gradient positive constant, so R and all
-  scores are the true ones times one common positive factor: same ranking, no
-  overflow. float32; pruned weights score 0.
-
-  Caveat: the factor is common only when every path crosses every rescaled layer
-  (chain networks: LeNet, VGG). Across a residual add the skip path and the conv
-  branch are rescaled differently, which biases ResNet scores until the linear mode
-  rescales at block outputs instead (tests: the strict xfail on a residual network).
+  on the linearized program of any model (:mod:`sparsejax.connectivity`: activations
+  and normalization the identity, max pooling as average, biases 0) with an all-ones
+  input [1, *input_shape] (or shaped like an example input). Values are divided by a
+  stop-gradient positive constant only at cuts of the traced graph (values every
+  input-to-output path passes through, e.g. after a residual sum, never inside its
+  branches), so R and all scores are the true ones times one common positive factor:
+  same ranking, no overflow. float32; pruned weights score 0. ``model``: a Flax module
+  or a function ``apply(params, x)``; ValueError where the model has no faithful
+  linearization (layer norm, products of activations).
   """
-  params, abs_kernels, scores, _ = _synflow_setup(model, params, input_shape)
+  params, abs_kernels, abs_params, scores, _ = _synflow_setup(
+      model, params, input_shape, {"apply_kwargs": apply_kwargs} if apply_kwargs else None)
   mask_leaves = _mask_leaves(masks, params)
   alive = mask_leaves or [jnp.ones(w.shape, bool) for w in abs_kernels]
-  out = scores(abs_kernels, alive)
+  out = scores(abs_kernels, alive, abs_params)
   _check_finite(out, "synflow")
   return _score_tree(params, out)
 
 
 def synflow(model, params: PyTree, input_shape, sparsity: float, *, rounds: int = 100,
-            masks=None, return_stats: bool = False):
+            masks=None, return_stats: bool = False, apply_kwargs: dict | None = None):
   """Iterative SynFlow (Tanaka et al., 2020): ``rounds`` rounds of
   :func:`synflow_scores` on the currently kept weights; after round t = 1..R the
   density is (1 - s)^(t/R), kept globally by exact top-k (ties by position).
@@ -794,7 +844,8 @@ def synflow(model, params: PyTree, input_shape, sparsity: float, *, rounds: int 
   who = "synflow"
   sparsity = masks_lib.check_sparsity(sparsity)
   rounds = _check_rounds(rounds)
-  params, abs_kernels, _, step = _synflow_setup(model, params, input_shape)
+  params, abs_kernels, abs_params, _, step = _synflow_setup(
+      model, params, input_shape, {"apply_kwargs": apply_kwargs} if apply_kwargs else None)
   mask_leaves = _mask_leaves(masks, params)
-  return _iterate(step, lambda t: (abs_kernels,), params, mask_leaves, sparsity, rounds, who,
+  return _iterate(step, lambda t: (abs_kernels, abs_params), params, mask_leaves, sparsity, rounds, who,
                   return_stats)

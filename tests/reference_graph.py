@@ -46,6 +46,7 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sparsejax.models import layers as L
@@ -58,30 +59,28 @@ class ResBlock(nn.Module):
 
     features: int
     stride: int = 1
-    mode: str = L.STANDARD
 
     @nn.compact
     def __call__(self, x, train: bool):
         def conv(f, k, s, name):
             return L.Conv(f, (k, k), strides=(s, s), padding="SAME", use_bias=False,
-                          mode=self.mode, name=name)
+                          name=name)
 
         y = conv(self.features, 3, self.stride, "conv_1")(x)
-        y = L.Norm(mode=self.mode, name="norm_1")(y, train)
-        y = L.relu(y, self.mode)
+        y = L.Norm(name="norm_1")(y, train)
+        y = nn.relu(y)
         y = conv(self.features, 3, 1, "conv_2")(y)
-        y = L.Norm(mode=self.mode, name="norm_2")(y, train)
+        y = L.Norm(name="norm_2")(y, train)
         if self.stride != 1 or x.shape[-1] != self.features:
             x = conv(self.features, 1, self.stride, "shortcut_conv")(x)
-            x = L.Norm(mode=self.mode, name="shortcut_norm")(x, train)
-        return L.relu(L.add(y, x, self.mode), self.mode)
+            x = L.Norm(name="shortcut_norm")(x, train)
+        return nn.relu(y + x)
 
 
 class SpecNet(nn.Module):
     """The flax network of a spec (see the module docstring)."""
 
     spec: tuple
-    mode: str = L.STANDARD
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -90,24 +89,24 @@ class SpecNet(nn.Module):
             kind, name = op[0], f"op{i:02d}_{op[0]}"
             if kind == "conv":
                 _, features, k, s, padding = op
-                x = L.Conv(features, (k, k), strides=(s, s), padding=padding, mode=self.mode,
+                x = L.Conv(features, (k, k), strides=(s, s), padding=padding,
                            name=name)(x)
-                x = L.Norm(mode=self.mode, name=name + "_norm")(x, train)
-                x = L.relu(x, self.mode)
+                x = L.Norm(name=name + "_norm")(x, train)
+                x = nn.relu(x)
             elif kind == "dense":
-                x = L.Dense(op[1], mode=self.mode, name=name)(x)
-                x = L.Norm(mode=self.mode, name=name + "_norm")(x, train)
+                x = L.Dense(op[1], name=name)(x)
+                x = L.Norm(name=name + "_norm")(x, train)
                 if i < last:
-                    x = L.relu(x, self.mode)
+                    x = nn.relu(x)
             elif kind == "pool":
                 _, pool_kind, window, stride = op
-                x = L.pool(x, pool_kind, window, self.mode, stride=stride)
+                x = L.pool(x, pool_kind, window, stride=stride)
             elif kind == "flatten":
                 x = L.flatten(x)
             elif kind == "gap":
-                x = L.global_avg_pool(x, self.mode)
+                x = L.global_avg_pool(x)
             elif kind == "res":
-                x = ResBlock(op[1], op[2], mode=self.mode, name=name)(x, train)
+                x = ResBlock(op[1], op[2], name=name)(x, train)
             else:
                 raise ValueError(f"unknown op {op!r}")
         return x
@@ -372,3 +371,204 @@ def mlp_reference(kernels: Sequence[np.ndarray]):
 def param_shapes(model: nn.Module, input_shape) -> dict:
     x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), np.float32)
     return jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+
+
+# --------------------------------------------------------------------------- plain Flax nets
+#
+# A second spec language for networks written as Flax users write them (nn.Conv, nn.Dense,
+# nn.BatchNorm, nn.LayerNorm, nn.max_pool, jax.nn activations), with their unit graphs
+# built here independently of sparsejax. Ops (one example is [H, W, C] or [T, C] or [N]):
+#
+#   ('conv', features, (kh, kw), (sh, sw), padding, (dh, dw), groups, act)
+#        padding 'SAME', 'VALID' or ((lo, hi), (lo, hi)); kernel dilation d; grouped
+#        (groups = C: depthwise); act None, 'relu', 'tanh' or 'gelu'
+#   ('dense', features, act)        over the last axis (per token on [T, C])
+#   ('pool', kind, (wh, ww), (sh, sw), padding)   kind 'max' or 'avg'; padding as conv's
+#   ('bn', zero_scale)              BatchNorm, running statistics (scale_init zeros if set)
+#   ('ln',)                         LayerNorm over the last axis: connects that axis
+#   ('flatten',) / ('tokens',)      [H, W, C] -> [H*W*C] / [H*W, C]
+#   ('mix', tokens)                 token mixing: Dense over the token axis of [T, C]
+#   ('gap',)                        mean over H, W
+#   ('res', features, stride)       relu(bn(conv3(relu(bn(conv3/s(x))))) zero-init scale)
+#                                   + (bn(conv1x1/s(x)) if the shape changes else x))
+#   ('concat', features)            concatenate [conv3x3(x), conv1x1(x)] on channels
+#
+# Layer i's modules are named f"op{i}_{kind}" (unpadded: with 10+ ops the sorted key order
+# is not the call order); inside 'res' / 'concat': 'conv_1', 'conv_2', 'proj' / 'a', 'b'.
+
+_ACTS = {None: lambda x: x, "relu": nn.relu, "tanh": jnp.tanh, "gelu": nn.gelu}
+
+
+class PlainRes(nn.Module):
+    features: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x):
+        s = (self.stride, self.stride)
+        y = nn.Conv(self.features, (3, 3), s, padding="SAME", use_bias=False, name="conv_1")(x)
+        y = nn.relu(nn.BatchNorm(use_running_average=True, name="bn_1")(y))
+        y = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, name="conv_2")(y)
+        y = nn.BatchNorm(use_running_average=True, scale_init=nn.initializers.zeros,
+                         name="bn_2")(y)
+        if self.stride != 1 or x.shape[-1] != self.features:
+            x = nn.Conv(self.features, (1, 1), s, use_bias=False, name="proj")(x)
+        return nn.relu(x + y)
+
+
+class PlainNet(nn.Module):
+    spec: tuple
+
+    @nn.compact
+    def __call__(self, x):
+        for i, op in enumerate(self.spec):
+            kind, name = op[0], f"op{i}_{op[0]}"
+            if kind == "conv":
+                _, f, k, s, pad, d, g, act = op
+                x = _ACTS[act](nn.Conv(f, k, s, padding=pad, kernel_dilation=d,
+                                       feature_group_count=g, name=name)(x))
+            elif kind == "dense":
+                x = _ACTS[op[2]](nn.Dense(op[1], name=name)(x))
+            elif kind == "pool":
+                _, pk, w, s, pad = op
+                x = (nn.max_pool if pk == "max" else nn.avg_pool)(x, w, s, padding=pad)
+            elif kind == "bn":
+                init = nn.initializers.zeros if op[1] else nn.initializers.ones
+                x = nn.BatchNorm(use_running_average=True, scale_init=init, name=name)(x)
+            elif kind == "ln":
+                x = nn.LayerNorm(name=name)(x)
+            elif kind == "flatten":
+                x = x.reshape(x.shape[0], -1)
+            elif kind == "tokens":
+                x = x.reshape(x.shape[0], -1, x.shape[-1])
+            elif kind == "mix":
+                x = jnp.swapaxes(nn.Dense(op[1], name=name)(jnp.swapaxes(x, 1, 2)), 1, 2)
+            elif kind == "gap":
+                x = jnp.mean(x, axis=(1, 2))
+            elif kind == "res":
+                x = PlainRes(op[1], op[2], name=name)(x)
+            elif kind == "concat":
+                x = jnp.concatenate([nn.Conv(op[1], (3, 3), padding="SAME", name=f"{name}_a")(x),
+                                     nn.Conv(op[1], (1, 1), name=f"{name}_b")(x)], axis=-1)
+            else:
+                raise ValueError(f"unknown op {op!r}")
+        return x
+
+
+def _geometry(n: int, k: int, s: int, d: int, padding) -> tuple[int, int]:
+    """(output size, low padding) along one axis; padding 'SAME', 'VALID' or (lo, hi)."""
+    ke = (k - 1) * d + 1
+    if padding == "SAME":
+        out = -(-n // s)
+        return out, max((out - 1) * s + ke - n, 0) // 2
+    lo, hi = (0, 0) if padding == "VALID" else padding
+    out = (n + lo + hi - ke) // s + 1
+    if out < 1:
+        raise ValueError(f"window {k} (dilation {d}) does not fit size {n} with {padding}")
+    return out, lo
+
+
+def _axis_pad(padding, axis):
+    return padding if isinstance(padding, str) else tuple(padding[axis])
+
+
+class _PlainBuilder(_Builder):
+
+    def conv2(self, x, f, k, s, pad, d, g, path):
+        H, W, C = x.shape
+        oh_n, lo_h = _geometry(H, k[0], s[0], d[0], _axis_pad(pad, 0))
+        ow_n, lo_w = _geometry(W, k[1], s[1], d[1], _axis_pad(pad, 1))
+        cg, fg = C // g, f // g
+        out = self.new((oh_n, ow_n, f))
+        li = len(self.layers)
+        self.layers.append(Layer(path, (k[0], k[1], cg, f), out))
+        index = np.arange(k[0] * k[1] * cg * f).reshape(k[0], k[1], cg, f)
+        for oh in range(oh_n):
+            for ow in range(ow_n):
+                for kh in range(k[0]):
+                    ih = oh * s[0] + kh * d[0] - lo_h
+                    if not 0 <= ih < H:
+                        continue
+                    for kw in range(k[1]):
+                        iw = ow * s[1] + kw * d[1] - lo_w
+                        if not 0 <= iw < W:
+                            continue
+                        for gi in range(g):
+                            cin = x[ih, iw, gi * cg:(gi + 1) * cg]
+                            cout = out[oh, ow, gi * fg:(gi + 1) * fg]
+                            self.add_edges(cin[:, None], cout[None, :], li,
+                                           index[kh, kw, :, gi * fg:(gi + 1) * fg])
+        return out
+
+    def dense_last(self, x, f, path):
+        out = self.new(x.shape[:-1] + (f,))
+        li = len(self.layers)
+        self.layers.append(Layer(path, (x.shape[-1], f), out))
+        index = np.arange(x.shape[-1] * f).reshape(x.shape[-1], f)
+        for pos in np.ndindex(*x.shape[:-1]):
+            self.add_edges(x[pos][:, None], out[pos][None, :], li, index)
+        return out
+
+    def pool2(self, x, w, s, pad):
+        H, W, C = x.shape
+        oh_n, lo_h = _geometry(H, w[0], s[0], 1, _axis_pad(pad, 0))
+        ow_n, lo_w = _geometry(W, w[1], s[1], 1, _axis_pad(pad, 1))
+        out = self.new((oh_n, ow_n, C))
+        for oh in range(oh_n):
+            for ow in range(ow_n):
+                for dh in range(w[0]):
+                    for dw in range(w[1]):
+                        ih, iw = oh * s[0] + dh - lo_h, ow * s[1] + dw - lo_w
+                        if 0 <= ih < H and 0 <= iw < W:   # padding is not a unit
+                            self.add_edges(x[ih, iw, :], out[oh, ow, :])
+        return out
+
+    def all_to_all_last(self, x):
+        """Layer norm: every unit of the last axis feeds every output unit there."""
+        out = self.new(x.shape)
+        for pos in np.ndindex(*x.shape[:-1]):
+            self.add_edges(x[pos][:, None], out[pos][None, :])
+        return out
+
+
+def build_plain_graph(spec: Sequence, input_shape: Sequence[int]) -> Graph:
+    """The unit-level graph of a :class:`PlainNet` spec on one example."""
+    b = _PlainBuilder()
+    x = inputs = b.new(tuple(input_shape))
+    for i, op in enumerate(spec):
+        kind, name = op[0], f"op{i}_{op[0]}"
+        if kind == "conv":
+            _, f, k, s, pad, d, g, _ = op
+            x = b.conv2(x, f, k, s, pad, d, g, name)
+        elif kind == "dense":
+            x = b.dense_last(x, op[1], name)
+        elif kind == "pool":
+            _, _, w, s, pad = op
+            x = b.pool2(x, w, s, pad)
+        elif kind == "bn":
+            pass                               # per unit; a zero scale cuts no path
+        elif kind == "ln":
+            x = b.all_to_all_last(x)
+        elif kind == "flatten":
+            x = x.reshape(-1)
+        elif kind == "tokens":
+            x = x.reshape(-1, x.shape[-1])
+        elif kind == "mix":
+            x = b.dense_last(x.T, op[1], name).T
+        elif kind == "gap":
+            x = b.gap(x)
+        elif kind == "res":
+            _, f, st = op
+            y = b.conv2(x, f, (3, 3), (st, st), "SAME", (1, 1), 1, f"{name}/conv_1")
+            y = b.conv2(y, f, (3, 3), (1, 1), "SAME", (1, 1), 1, f"{name}/conv_2")
+            if st != 1 or x.shape[-1] != f:
+                x = b.conv2(x, f, (1, 1), (st, st), "VALID", (1, 1), 1, f"{name}/proj")
+            x = b.add(y, x)
+        elif kind == "concat":
+            a = b.conv2(x, op[1], (3, 3), (1, 1), "SAME", (1, 1), 1, f"{name}_a")
+            c = b.conv2(x, op[1], (1, 1), (1, 1), "VALID", (1, 1), 1, f"{name}_b")
+            x = np.concatenate([a, c], axis=-1)
+        else:
+            raise ValueError(f"unknown op {op!r}")
+    src, dst, layer, entry = (np.concatenate(a) for a in zip(*b.edges))
+    return Graph(b.n, inputs, x, src, dst, layer, entry, b.layers)

@@ -172,8 +172,6 @@ def test_bad_arguments_name_the_field():
 # ------------------------------------------------------------ in training
 
 
-TRACK = False  # TEMP until the connectivity transform lands
-
 UPDATERS = {
     "gmp": lambda: dynamic.GradualMagnitude(0.9, start=4, end=16, every=4),
     "set": lambda: dynamic.SET(end=20, every=4),
@@ -194,7 +192,7 @@ def test_pruned_weights_are_zero_after_every_step(name, mnist_like):
                                       straight_through=updater.straight_through)
   key = jax.random.key(1)
   updates = training.MaskUpdates(updater, model=model, spec="mnist" and training.data.get_spec(
-      "mnist"), input_shape=(28, 28, 1), step_key=key, track_effective=TRACK)
+      "mnist"), input_shape=(28, 28, 1), step_key=key, track_effective=True)
   kept = None
   for step in range(24):
     before = state.masks
@@ -214,7 +212,7 @@ def test_pruned_weights_are_zero_after_every_step(name, mnist_like):
   assert [r["step"] for r in updates.records] == [s for s in range(24)
                                                   if updater.is_update_step(s)]
   for r in updates.records:
-    assert not TRACK or (r["dead_kept"] >= 0 and r["effective_compression"] >= r["direct_compression"] - 1e-9)
+    assert r["dead_kept"] >= 0 and r["effective_compression"] >= r["direct_compression"] - 1e-9
   if name in ("set", "rigl"):
     assert len({r["kept"] for r in updates.records}) == 1
     assert all(r["grown"] == r["dropped"] for r in updates.records)
@@ -227,7 +225,7 @@ def test_train_with_an_updater_resumes_to_the_same_masks(mnist_like, tmp_path):
   model, cfg = TinyMLP(), tiny_config(train_steps=20)
   params = numpy_params(model, (28, 28, 1))
   kw = dict(masks=numpy_mask(params, 0.2), params=params, eval_every=10, log_every=10,
-            checkpoint_every=6, updater=dynamic.RigL(end=20, every=4), track_effective=TRACK)
+            checkpoint_every=6, updater=dynamic.RigL(end=20, every=4), track_effective=True)
   full = training.train(model, "mnist", cfg, train_data, test_data, **kw)
   training.train(model, "mnist", cfg, train_data, test_data, workdir=str(tmp_path),
                  num_steps=12, **kw)

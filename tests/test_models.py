@@ -1,4 +1,4 @@
-"""The model zoo: prunable counts, layer order, layouts, modes, registry errors."""
+"""The model zoo: prunable counts, layer order, layouts, registry errors."""
 
 import flax.linen as nn
 import jax
@@ -55,12 +55,11 @@ def test_tree_order_is_input_to_output_order(name, input_shape, classes, count, 
 
 
 @pytest.mark.parametrize("name,input_shape,classes,count,layers", ZOO)
-def test_output_shapes_in_every_mode(name, input_shape, classes, count, layers):
-  for mode in L.MODES:
-    model = models.create(name, classes, mode=mode)
-    out = jax.eval_shape(lambda: model.init_with_output(
-        jax.random.key(0), jnp.ones((2,) + input_shape))[0])
-    assert out.shape == (2, classes)
+def test_output_shapes(name, input_shape, classes, count, layers):
+  model = models.create(name, classes)
+  out = jax.eval_shape(lambda: model.init_with_output(
+      jax.random.key(0), jnp.ones((2,) + input_shape))[0])
+  assert out.shape == (2, classes)
 
 
 def test_kernel_layouts_and_initializer():
@@ -97,20 +96,12 @@ def test_same_padding_is_xla_same():
   np.testing.assert_allclose(conv.apply(variables, x), want, rtol=1e-6)
 
 
-def test_connectivity_mode_values_are_binary():
-  model = models.create("lenet5", mode=L.CONNECTIVITY)
-  params = shapes_of(model, (32, 32, 3))["params"]
-  ones = jax.tree.map(lambda s: jnp.ones(s.shape), params)
-  out = model.apply({"params": ones}, jnp.ones((1, 32, 32, 3)))
-  assert set(np.unique(np.asarray(out))) <= {0.0, 1.0}
-
-
-def test_linear_mode_is_rescaled_and_finite_on_vgg19():
-  model = models.create("vgg19", mode=L.LINEAR)
-  params = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))["params"]
-  params = jax.tree.map(jnp.abs, params)
-  out = model.apply({"params": params}, jnp.ones((1, 32, 32, 3)))
-  assert np.all(np.isfinite(out)) and 0 < float(jnp.max(out)) <= 1.0
+def test_zoo_models_are_plain_flax_modules():
+  """No modes: effective masks and SynFlow transform the traced program instead."""
+  for name in models.MODELS:
+    model = models.create(name)
+    assert not hasattr(model, "mode")
+    assert not hasattr(L, "gate") and not hasattr(L, "MODES")
 
 
 def test_registry_errors():
@@ -118,7 +109,5 @@ def test_registry_errors():
     models.create("alexnet")
   with pytest.raises(ValueError, match="num_classes=0"):
     models.create("lenet5", 0)
-  with pytest.raises(ValueError, match="mode='sparse'"):
-    models.create("lenet5", mode="sparse")
   with pytest.raises(ValueError, match="kind='median'"):
-    L.pool(jnp.ones((1, 4, 4, 1)), "median", 2, L.STANDARD)
+    L.pool(jnp.ones((1, 4, 4, 1)), "median", 2)

@@ -35,31 +35,29 @@ class MLP(nn.Module):
 
     widths: tuple = (5, 4, 3)
     use_bias: bool = True
-    mode: str = L.STANDARD
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = L.flatten(x)
         for i, w in enumerate(self.widths):
-            x = L.Dense(w, use_bias=self.use_bias, mode=self.mode, name=f"dense_{i}")(x)
+            x = L.Dense(w, use_bias=self.use_bias, name=f"dense_{i}")(x)
             if i < len(self.widths) - 1:
-                x = L.relu(x, self.mode)
+                x = nn.relu(x)
         return x
 
 
 class CNN(nn.Module):
     """Conv + batch norm + ReLU + avg pool, then Dense: exercises batch_stats."""
 
-    mode: str = L.STANDARD
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = L.Conv(4, (3, 3), padding="SAME", mode=self.mode, name="conv_0")(x)
-        x = L.Norm(mode=self.mode, name="norm_0")(x, train)
-        x = L.relu(x, self.mode)
-        x = L.pool(x, "avg", 2, self.mode)
+        x = L.Conv(4, (3, 3), padding="SAME", name="conv_0")(x)
+        x = L.Norm(name="norm_0")(x, train)
+        x = nn.relu(x)
+        x = L.pool(x, "avg", 2)
         x = L.flatten(x)
-        return L.Dense(3, mode=self.mode, name="dense_1")(x)
+        return L.Dense(3, name="dense_1")(x)
 
 
 def init(model, shape, seed=0):
@@ -432,17 +430,15 @@ def test_synflow_rescaling_is_common_factor_with_biases_and_pooling():
 class TinyResNet(nn.Module):
     """Stem conv, one zoo BasicBlock (identity skip), global average pool, Dense."""
 
-    mode: str = L.STANDARD
-
     @nn.compact
     def __call__(self, x, train: bool = False):
         from sparsejax.models.resnet import BasicBlock
-        x = L.Conv(3, (3, 3), padding="SAME", use_bias=False, mode=self.mode,
+        x = L.Conv(3, (3, 3), padding="SAME", use_bias=False,
                    name="stage0_conv")(x)
-        x = L.relu(x, self.mode)
-        x = BasicBlock(3, 1, mode=self.mode, name="stage1_block0")(x, train)
-        x = L.global_avg_pool(x, self.mode)
-        return L.Dense(2, use_bias=False, mode=self.mode, name="stage2_dense")(x)
+        x = nn.relu(x)
+        x = BasicBlock(3, 1, name="stage1_block0")(x, train)
+        x = L.global_avg_pool(x)
+        return L.Dense(2, use_bias=False, name="stage2_dense")(x)
 
 
 def test_synflow_rescaling_is_common_factor_on_residual_networks():

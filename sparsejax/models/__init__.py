@@ -1,8 +1,8 @@
 """The paper's networks (Flax linen) and a registry by name.
 
-Every model takes ``mode`` (see :mod:`sparsejax.models.layers`) so that one
-definition serves training, SynFlow and the effective-mask sweep, and is called as
-``model.apply(variables, x, train=...)`` on NHWC inputs.
+Ordinary Flax modules, called as ``model.apply(variables, x, train=...)`` on NHWC
+inputs; effective masks and SynFlow transform their traced programs
+(:mod:`sparsejax.connectivity`), as for any user model.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import dataclasses
 import flax.linen as nn
 import numpy as np
 
-from sparsejax.models import layers
+from sparsejax.models import layers  # noqa: F401  (re-exported)
 from sparsejax.models.lenet import LeNet5, LeNet300100
 from sparsejax.models.resnet import ResNet18
 from sparsejax.models.vgg import VGG, VGG16, VGG19
@@ -44,21 +44,21 @@ def get_spec(name: str) -> ModelSpec:
   return MODELS[name]
 
 
-def create(name: str, num_classes: int | None = None, mode: str = layers.STANDARD) -> nn.Module:
+def create(name: str, num_classes: int | None = None) -> nn.Module:
   """Builds the network ``name`` (default classes: those of its paper dataset)."""
   spec = get_spec(name)
   num_classes = spec.num_classes if num_classes is None else num_classes
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"num_classes={num_classes!r} must be a positive integer.")
-  return spec.build(num_classes=num_classes, mode=layers.check_mode(mode), **spec.kwargs)
+  return spec.build(num_classes=num_classes, **spec.kwargs)
 
 
 def check_model(model: nn.Module) -> nn.Module:
-  """ValueError unless ``model`` has a ``mode`` field and is hashable (it is a static
-  argument of the jitted sweeps and scores, compiled once per model)."""
-  if not hasattr(model, "mode"):
-    raise ValueError(f"model={type(model).__name__} has no 'mode' field; build it from "
-                     "sparsejax.models.layers (see sparsejax.models).")
+  """ValueError unless ``model`` is a Flax module (or a function) and hashable (it is a
+  static argument of the jitted scores, compiled once per model)."""
+  if not (isinstance(model, nn.Module) or callable(model)):
+    raise ValueError(f"model={model!r} must be a Flax module (or a function "
+                     "apply(params, x)).")
   try:
     hash(model)
   except TypeError as e:

@@ -15,17 +15,16 @@ class LeNet300100(nn.Module):
   """
 
   num_classes: int = 10
-  mode: str = L.STANDARD
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = L.flatten(x)
     widths = (300, 100, self.num_classes)
     for i, width in enumerate(widths):
-      x = L.Dense(width, mode=self.mode, name=f"dense_{i}")(x)
-      x = L.Norm(mode=self.mode, name=f"norm_{i}")(x, train)
+      x = L.Dense(width, name=f"dense_{i}")(x)
+      x = L.Norm(name=f"norm_{i}")(x, train)
       if i < len(widths) - 1:
-        x = L.relu(x, self.mode)
+        x = nn.relu(x)
     return x
 
 
@@ -37,21 +36,20 @@ class LeNet5(nn.Module):
   """
 
   num_classes: int = 10
-  mode: str = L.STANDARD
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for i, features in enumerate((6, 16)):
-      x = L.Conv(features, (5, 5), padding="VALID", mode=self.mode, name=f"conv_{i}")(x)
-      x = L.Norm(mode=self.mode, name=f"norm_{i}")(x, train)
-      x = L.relu(x, self.mode)
-      x = L.pool(x, "avg", 2, self.mode)
+      x = L.Conv(features, (5, 5), padding="VALID", name=f"conv_{i}")(x)
+      x = L.Norm(name=f"norm_{i}")(x, train)
+      x = nn.relu(x)
+      x = L.pool(x, "avg", 2)
     x = L.flatten(x)
     widths = (120, 84, self.num_classes)
     for j, width in enumerate(widths):
       i = j + 2
-      x = L.Dense(width, mode=self.mode, name=f"dense_{i}")(x)
-      x = L.Norm(mode=self.mode, name=f"norm_{i}")(x, train)
+      x = L.Dense(width, name=f"dense_{i}")(x)
+      x = L.Norm(name=f"norm_{i}")(x, train)
       if j < len(widths) - 1:
-        x = L.relu(x, self.mode)
+        x = nn.relu(x)
     return x

@@ -12,28 +12,24 @@ class BasicBlock(nn.Module):
   """relu(bn(conv3x3(relu(bn(conv3x3(x))))) + shortcut(x)); no biases.
 
   The shortcut is a 1x1 conv + BN where the shape changes, the identity otherwise.
-  In linear (SynFlow) mode the block rescales its output after the sum, where every
-  path meets, not inside the branches (see :func:`layers.rescale`).
   """
 
   features: int
   stride: int = 1
-  mode: str = L.STANDARD
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     conv = lambda f, k, s, name: L.Conv(f, (k, k), strides=(s, s), padding="SAME",
-                                         use_bias=False, rescale=False, mode=self.mode,
-                                         name=name)
+                                         use_bias=False, name=name)
     y = conv(self.features, 3, self.stride, "conv_1")(x)
-    y = L.Norm(mode=self.mode, name="norm_1")(y, train)
-    y = L.relu(y, self.mode)
+    y = L.Norm(name="norm_1")(y, train)
+    y = nn.relu(y)
     y = conv(self.features, 3, 1, "conv_2")(y)
-    y = L.Norm(mode=self.mode, name="norm_2")(y, train)
+    y = L.Norm(name="norm_2")(y, train)
     if self.stride != 1 or x.shape[-1] != self.features:
       x = conv(self.features, 1, self.stride, "shortcut_conv")(x)
-      x = L.Norm(mode=self.mode, name="shortcut_norm")(x, train)
-    return L.rescale(L.relu(L.add(y, x, self.mode), self.mode), self.mode)
+      x = L.Norm(name="shortcut_norm")(x, train)
+    return nn.relu(y + x)
 
 
 class ResNet18(nn.Module):
@@ -43,19 +39,18 @@ class ResNet18(nn.Module):
   """
 
   num_classes: int = 200
-  mode: str = L.STANDARD
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     # Names sort in input-to-output order: stage0 (stem) ... stage5 (head).
-    x = L.Conv(64, (3, 3), padding="SAME", use_bias=False, mode=self.mode,
+    x = L.Conv(64, (3, 3), padding="SAME", use_bias=False,
                name="stage0_conv")(x)
-    x = L.Norm(mode=self.mode, name="stage0_norm")(x, train)
-    x = L.relu(x, self.mode)
+    x = L.Norm(name="stage0_norm")(x, train)
+    x = nn.relu(x)
     for stage, features in enumerate((64, 128, 256, 512), start=1):
       for block in range(2):
         stride = 2 if stage > 1 and block == 0 else 1
-        x = BasicBlock(features, stride, mode=self.mode,
+        x = BasicBlock(features, stride,
                        name=f"stage{stage}_block{block}")(x, train)
-    x = L.global_avg_pool(x, self.mode)
-    return L.Dense(self.num_classes, use_bias=False, mode=self.mode, name="stage5_dense")(x)
+    x = L.global_avg_pool(x)
+    return L.Dense(self.num_classes, use_bias=False, name="stage5_dense")(x)

@@ -23,19 +23,18 @@ class VGG(nn.Module):
 
   config: Sequence = VGG16
   num_classes: int = 10
-  mode: str = L.STANDARD
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     i = 0
     for item in self.config:
       if item == "M":
-        x = L.pool(x, "max", 2, self.mode)
+        x = L.pool(x, "max", 2)
         continue
       # Two-digit names keep the params tree (sorted keys) in input-to-output order.
-      x = L.Conv(item, (3, 3), padding="SAME", mode=self.mode, name=f"conv_{i:02d}")(x)
-      x = L.Norm(mode=self.mode, name=f"norm_{i:02d}")(x, train)
-      x = L.relu(x, self.mode)
+      x = L.Conv(item, (3, 3), padding="SAME", name=f"conv_{i:02d}")(x)
+      x = L.Norm(name=f"norm_{i:02d}")(x, train)
+      x = nn.relu(x)
       i += 1
     x = L.flatten(x)
-    return L.Dense(self.num_classes, mode=self.mode, name="dense")(x)
+    return L.Dense(self.num_classes, name="dense")(x)

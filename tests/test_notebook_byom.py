@@ -1,0 +1,49 @@
+"""Executes notebooks/bring_your_own_model.ipynb (a plain-Flax CNN: effective sparsity,
+SNIP and SynFlow to an effective target, brief training) and checks what it printed."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+NOTEBOOK = (pathlib.Path(__file__).resolve().parents[1] / "notebooks" /
+            "bring_your_own_model.ipynb")
+
+
+def test_notebook_is_valid_and_stored_without_outputs():
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  nbformat.validate(nb)
+  for cell in nb.cells:
+    if cell.cell_type == "code":
+      assert cell.outputs == [] and cell.execution_count is None, cell.id
+
+
+@pytest.mark.slow
+def test_notebook_runs():
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                                   resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+  client.execute(env=dict(os.environ))
+  out = {c.id: "".join(o.get("text", "") for o in c.get("outputs", [])
+                       if o.output_type == "stream" and o.name == "stdout")
+         for c in nb.cells if c.cell_type == "code"}
+  s = json.loads(out["summary"])
+  assert s["prunable_paths"] == ["Conv_0/kernel", "Conv_1/kernel", "Dense_0/kernel",
+                                 "Dense_1/kernel"]
+  for c, row in s["random_uniform"].items():
+    assert row["effective"] >= row["direct"] * (1 - 1e-9)
+    assert row["direct"] == pytest.approx(float(c), rel=1e-2)  # per-layer rounding
+  for pruner in ("snip", "synflow"):
+    row = s["pruned"][pruner]
+    assert row["effective"] >= s["effective_target"] * (1 - 1e-9), (pruner, row)
+    assert 1.0 <= row["direct"] <= row["effective"] * (1 + 1e-9)
+    assert s["test_accuracy"][pruner] > 0.2, s["test_accuracy"]
+  assert s["train_steps"] == 300
+  assert s["data"] in ("mnist", "synthetic")

@@ -1,0 +1,169 @@
+"""Every pruner on models users write themselves (plain Flax modules, apply functions),
+and the input-to-output order of layers taken from the traced program, not key names."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsejax import effective
+from sparsejax import masks as masks_lib
+from sparsejax import pruning
+from sparsejax import scores
+
+SHAPE = (6, 6, 1)
+
+
+class BackwardsCNN(nn.Module):
+  """Three layers whose names sort last-to-first."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3), name="z_first")(x))
+    x = nn.relu(nn.Conv(4, (3, 3), name="m_middle")(x))
+    return nn.Dense(3, name="a_last")(x.reshape(x.shape[0], -1))
+
+
+class AutoNamedConvs(nn.Module):
+  """11 convolutions with Flax's automatic names Conv_0 ... Conv_10 (Conv_10 sorts
+  before Conv_2) and a mean head."""
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(11):
+      x = nn.relu(nn.Conv(2, (3, 3))(x))
+    return jnp.mean(x, axis=(1, 2))
+
+
+def _kernel_sparsity(masks, path):
+  return {p: s for p, s in masks_lib.layer_sparsities(masks).items()}[path]
+
+
+def test_uniform_plus_keeps_the_first_layer_in_data_flow_order_dense():
+  model = BackwardsCNN()
+  variables = model.init(jax.random.key(0), jnp.ones((1,) + SHAPE))
+  assert effective.prunable_paths(model, SHAPE, variables=variables) == [
+      "z_first/kernel", "m_middle/kernel", "a_last/kernel"]
+  masks = pruning.prune("random/uniform_plus", key=jax.random.key(1), model=model,
+                        variables=variables, sparsity=0.5, input_shape=SHAPE)
+  assert _kernel_sparsity(masks, "z_first/kernel") == 0.0      # first: dense
+  assert _kernel_sparsity(masks, "a_last/kernel") <= 0.8 + 1e-6
+  assert _kernel_sparsity(masks, "m_middle/kernel") > 0.5
+
+
+def test_automatic_names_past_ten_are_ordered_by_data_flow():
+  model = AutoNamedConvs()
+  variables = model.init(jax.random.key(0), jnp.ones((1,) + SHAPE))
+  want = [f"Conv_{i}/kernel" for i in range(11)]
+  assert effective.prunable_paths(model, SHAPE, variables=variables) == want
+  units = effective.active_units(model, effective.ones(model, SHAPE, variables=variables),
+                                 SHAPE, variables=variables)
+  assert list(units) == [p[:-len("/kernel")] for p in want]
+  masks = pruning.prune("random/uniform_plus", key=jax.random.key(1), model=model,
+                        variables=variables, sparsity=0.5, input_shape=SHAPE)
+  assert _kernel_sparsity(masks, "Conv_0/kernel") == 0.0
+  assert _kernel_sparsity(masks, "Conv_10/kernel") <= 0.8 + 1e-6   # the true last layer
+  assert _kernel_sparsity(masks, "Conv_9/kernel") > 0.3
+
+
+class FlaxCNN(nn.Module):
+  """As the Flax examples write a CNN: Conv, BatchNorm, relu, max pool, Dense."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(4, (3, 3), name="conv1")(x)
+    x = nn.BatchNorm(use_running_average=not train, name="bn1")(x)
+    x = nn.max_pool(nn.relu(x), (2, 2), (2, 2))
+    x = nn.Conv(6, (3, 3), name="conv2")(x)
+    x = nn.BatchNorm(use_running_average=not train, name="bn2")(x)
+    x = nn.relu(x).reshape(x.shape[0], -1)
+    return nn.Dense(3, name="head")(x)
+
+
+def _batches(n=2, size=8):
+  rng = np.random.default_rng(0)
+  return [{"image": jnp.asarray(rng.normal(size=(size,) + SHAPE), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, 3, size), jnp.int32)} for _ in range(n)]
+
+
+FAST = {"snip/iterative": {"rounds": 3}, "synflow": {"rounds": 3}}
+
+
+@pytest.mark.parametrize("pruner", [p for p in pruning.PRUNERS if p != "dense"])
+def test_every_pruner_on_a_plain_flax_cnn_both_pruning_types(pruner):
+  model = FlaxCNN()
+  variables = model.init(jax.random.key(0), jnp.ones((1,) + SHAPE))
+  trained = jax.tree.map(lambda w: w * 1.5 + 0.01, variables["params"])
+  sparsity = 0.8
+  ranking = pruning.ranking_for(pruner, key=jax.random.key(2), model=model,
+                                variables=variables, sparsity=sparsity, input_shape=SHAPE,
+                                batches=_batches(), trained_params=trained,
+                                score_kwargs=FAST.get(pruner))
+  direct = pruning.masks_from_ranking(ranking, sparsity, "direct")
+  assert abs(masks_lib.direct_sparsity(direct) - sparsity) < 0.02
+  try:
+    eff = pruning.masks_from_ranking(ranking, sparsity, "effective", model=model,
+                                     input_shape=SHAPE, variables=variables)
+  except ValueError as e:   # a ranking whose connected masks are all denser
+    assert "cannot be reached" in str(e)
+    return
+  s_eff = effective.effective_sparsity(model, eff, SHAPE, variables=variables)
+  assert s_eff >= sparsity - 1e-9
+  assert masks_lib.direct_sparsity(eff) <= s_eff
+
+
+def _fn_model(params, x):
+  h = jax.nn.relu(jax.lax.conv_general_dilated(
+      x, params["conv"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+  return h.reshape(h.shape[0], -1) @ params["head"]["kernel"]
+
+
+def _fn_params():
+  rng = np.random.default_rng(3)
+  return {"conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 1, 4)), jnp.float32)},
+          "head": {"kernel": jnp.asarray(rng.normal(size=(36, 3)), jnp.float32)}}
+
+
+def _fn_loss(params, batch):
+  logits = _fn_model(params, batch["x"])
+  return jnp.mean((logits - batch["y"]) ** 2)
+
+
+@pytest.mark.parametrize("pruner", ["random/igq", "magnitude/global", "lamp", "snip",
+                                    "snip/iterative", "grasp", "synflow"])
+def test_pruners_on_an_apply_function_with_a_user_loss(pruner):
+  params = _fn_params()
+  rng = np.random.default_rng(4)
+  batches = [{"x": jnp.asarray(rng.normal(size=(4,) + SHAPE), jnp.float32),
+              "y": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}]
+  masks = pruning.prune(pruner, key=jax.random.key(0), model=_fn_model, variables=params,
+                        sparsity=0.7, pruning_type="effective", input_shape=SHAPE,
+                        batches=batches, trained_params=params, loss=_fn_loss,
+                        score_kwargs=FAST.get(pruner))
+  assert effective.effective_sparsity(_fn_model, masks, SHAPE, params=params) >= 0.7
+
+
+def test_data_pruners_on_a_function_need_a_loss():
+  with pytest.raises(ValueError, match="needs loss="):
+    pruning.prune("snip", key=jax.random.key(0), model=_fn_model, variables=_fn_params(),
+                  sparsity=0.5, input_shape=SHAPE, batches=[{"x": jnp.ones((2,) + SHAPE)}])
+
+
+def test_snip_user_loss_equals_default_loss():
+  model = FlaxCNN()
+  variables = model.init(jax.random.key(0), jnp.ones((1,) + SHAPE))
+  rest = {k: v for k, v in variables.items() if k != "params"}
+
+  def loss(params, batch):
+    logits, _ = model.apply({"params": params, **rest}, batch["image"], train=True,
+                            mutable=["batch_stats"])
+    return scores.cross_entropy(logits, batch["label"])
+
+  a = scores.snip(model, variables, _batches())
+  b = scores.snip(None, variables, _batches(), loss=loss)
+  for x, y in zip(masks_lib.mask_leaves(a), masks_lib.mask_leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-8)
