@@ -138,13 +138,6 @@ def test_sweep_redoes_a_torn_result_and_keeps_it_aside(tmp_path):
 
 
 def test_zero_steps_negative_seeds_and_infinite_targets_are_rejected_before_work(tmp_path):
-  kw = dict(COMMON, out_dir=str(tmp_path))
-  for flag, value in (("train_steps", 0), ("seed", -1), ("eval_every", 0),
-                      ("num_examples", 0)):
-    with pytest.raises(ValueError, match=f"--{flag}={value}"):
-      prune_train.run(pruner="random/igq", sparsity=0.9, pruning_type="direct",
-                      **dict(kw, **{flag: value}))
-  assert os.listdir(tmp_path) == []  # no run folder, no masks.npz
   with pytest.raises(ValueError, match="--compression=inf"):
     prune_train.target_sparsity(float("inf"), None)
   with pytest.raises(ValueError, match="--compression=nan"):
@@ -155,16 +148,23 @@ def test_zero_steps_negative_seeds_and_infinite_targets_are_rejected_before_work
     sweep.grid(["lenet300100"], ["random/igq"], [10.0], ["direct"], [-1], 20)
   with pytest.raises(ValueError, match="--train_steps=0"):
     sweep.grid(["lenet300100"], ["random/igq"], [10.0], ["direct"], [0], 0)
-  blocker = tmp_path / "a_file"
-  blocker.write_text("")
-  with pytest.raises(ValueError, match="--out_dir=.*a_file/runs.* is not a writable folder"):
-    prune_train.run(pruner="random/igq", sparsity=0.9, pruning_type="direct",
-                    **dict(kw, out_dir=str(blocker / "runs")))
   # 0 is a value, not "not given": the sweep passes it on.
   cmd = sweep.command(dict(arch="lenet300100", pruner="random/igq", compression=10.0,
                            pruning_type="direct", seed=0),
                       dict(out_dir="o", eval_every=10, train_steps=0))
   assert "--train_steps=0" in cmd
+  kw = dict(COMMON, out_dir=str(tmp_path))
+  for flag, value in (("seed", -1), ("eval_every", 0), ("num_examples", 0),
+                      ("train_steps", 0)):
+    with pytest.raises(ValueError, match=f"--{flag}={value}"):
+      prune_train.run(pruner="random/igq", sparsity=0.9, pruning_type="direct",
+                      **dict(kw, **{flag: value}))
+  assert os.listdir(tmp_path) == []  # no run folder, no masks.npz
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(ValueError, match="--out_dir=.*a_file/runs.* is not a writable folder"):
+    prune_train.run(pruner="random/igq", sparsity=0.9, pruning_type="direct",
+                    **dict(kw, out_dir=str(blocker / "runs")))
 
 
 def test_diverging_run_is_recorded_and_not_retried(tmp_path, monkeypatch):
@@ -285,7 +285,7 @@ def test_binary_rejects_bad_flags_by_name_before_any_work(tmp_path):
   import subprocess
   import sys
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  for flag in ("--train_steps=0", "--seed=-1", "--compression=inf"):
+  for flag in ("--compression=inf", "--seed=-1", "--train_steps=0"):
     result = subprocess.run([sys.executable, "-m", "experiments.prune_train", flag,
                              "--synthetic_data", f"--out_dir={tmp_path}"],
                             cwd=repo, capture_output=True, text=True, timeout=300)
