@@ -235,7 +235,7 @@ def main(argv):
     print(f"Sweep stopped by {signal.Signals(stop.signum).name}; its runs were ended and "
           "resume from their checkpoints when the sweep runs again.")
     sys.exit(128 + stop.signum)
-  print(f"Sweep finished: {done} ran, {skipped} skipped (results exist), {failed} failed.")
+  print(f"Sweep finished: {done} ran, {skipped} skipped (valid results exist), {failed} failed.")
   if failed:
     sys.exit(1)
 

@@ -291,7 +291,7 @@ def test_binary_rejects_bad_flags_by_name_before_any_work(tmp_path):
   import subprocess
   import sys
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  for flag in ("--config.train_steps=0", "--config.seed=-1", "--config.compression=inf"):
+  for flag in ("--config.compression=inf", "--config.seed=-1", "--config.train_steps=0"):
     result = subprocess.run([sys.executable, "-m", "experiments.prune_train", flag,
                              "--synthetic_data", f"--out_dir={tmp_path}"],
                             cwd=repo, capture_output=True, text=True, timeout=300)
