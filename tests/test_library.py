@@ -65,7 +65,8 @@ def test_readme_library_example_runs():
   readme = open(os.path.join(REPO, "README.md")).read()
   section = readme.split("## Use it in your own training loop", 1)[1]
   code = section.split("```python", 1)[1].split("```", 1)[0]
-  assert len([line for line in code.splitlines() if line.strip()]) <= 20
+  # The model definition included: a complete program a user can paste and run.
+  assert len([line for line in code.splitlines() if line.strip()]) <= 25
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd="/", timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
