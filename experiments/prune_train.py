@@ -297,8 +297,10 @@ def make_updater(config: ml_collections.ConfigDict, sparsity: float) -> dynamic.
                        "mask is recomputed from dense weights); allowed: direct.")
     return dynamic.STE(sparsity, every=config.update_every, quota=config.quota)
   cls = {"set": dynamic.SET, "rigl": dynamic.RigL}[config.pruner]
+  effective = target == "effective"
   return cls(end=end, every=config.update_every, drop_fraction=config.drop_fraction,
-             regrow="active" if target == "effective" else "any")
+             regrow="active" if effective else "any", target=target,
+             sparsity=sparsity if effective else None)
 
 
 def _starting_masks(config, updater, model, variables, sparsity, key):

@@ -28,6 +28,12 @@ start at 0, as in RigL.
   With a connectivity ``sweep`` (``regrow='active'``) weights are grown first among
   those that would be active (:attr:`sparsejax.effective.Connectivity.potential` of
   the mask after the drop), so none is dead on arrival while such weights remain.
+  ``target='effective'`` (with ``sparsity``) holds the budget in *effective* terms:
+  after the drop and the (active) regrowth, the mask is cut back along a ranking
+  (grown weights first, then the kept ones by |w|) with the exact search of
+  :mod:`sparsejax.pruning` to the smallest direct sparsity whose effective sparsity is
+  at least ``sparsity`` (:meth:`update_effective`); the kept count then moves while
+  the active count stays at the target.
 - :class:`STE` (straight-through estimator, e.g. Zhou et al., 2021): dense weights
   keep training; the forward pass uses w * m with m the top round((1 - s) N) of |w|
   recomputed every ``every`` steps, and the gradient passes straight through to w
@@ -190,18 +196,39 @@ class GradualMagnitude:
     counts = quotas_lib.layer_kept_counts(self.quota, density, shapes)
     return _like(masks, [_top(s, counts[l]) for l, s in enumerate(score)])
 
-  def update_effective(self, params, masks, step, *, model, input_shape):
+  def update_effective(self, params, grads, masks, step, key, *, model, input_shape,
+                       sweep=None):
     """Masks at the smallest direct sparsity whose effective sparsity is at least s_t,
     along |w| among the kept weights (the exact search of :mod:`sparsejax.pruning`)."""
-    from sparsejax import pruning  # pruning builds on effective; dynamic does not need it
-    ranking = pruning.rank_scores(self.scores(params, masks), quota=self.quota)
-    return pruning.masks_from_ranking(ranking, float(self.sparsity(step)), "effective",
-                                      model=model, input_shape=input_shape)
+    del grads, key, sweep
+    return _effective_cut(self.scores(params, masks), float(self.sparsity(step)),
+                          self.quota, model, input_shape)
+
+
+def _effective_cut(scores: PyTree, sparsity: float, quota, model, input_shape) -> PyTree:
+  """The mask along ``scores`` (higher kept first; negative: pruned, never kept) at the
+  smallest direct sparsity whose effective sparsity is at least ``sparsity``; the
+  weights with non-negative scores as they are when they already meet it."""
+  from sparsejax import effective, pruning  # pruning builds on effective
+  ranking = pruning.rank_scores(scores, quota=quota)
+  if quota is None:
+    available = sum(int(jnp.sum(x >= 0)) for x in masks_lib.mask_leaves(scores))
+    current = pruning.masks_at(ranking, available)
+    active = masks_lib.count(effective.effective_masks(model, current, input_shape))[0]
+    if active <= pruning.max_kept_for_sparsity(sparsity, ranking.total):
+      return current  # cutting is not needed; going on would revive pruned weights
+  return pruning.masks_from_ranking(ranking, sparsity, "effective", model=model,
+                                    input_shape=input_shape)
 
 
 @dataclasses.dataclass(frozen=True)
 class _DropGrow:
-  """Shared by SET and RigL: drop the smallest |w|, grow as ``_grow_score`` says."""
+  """Shared by SET and RigL: drop the smallest |w|, grow as ``_grow_score`` says.
+
+  target: 'direct' (the kept count of every layer stays as it is) or 'effective' (the
+  active count stays at ``sparsity``, see the module docstring; implies regrowth
+  into would-be-active weights).
+  """
 
   end: int
   every: int = 100
@@ -209,6 +236,8 @@ class _DropGrow:
   drop_fraction: float = 0.3
   decay: str = "cosine"
   regrow: str = "any"
+  target: str = "direct"
+  sparsity: float | None = None
   straight_through = False
 
   def __post_init__(self):
@@ -218,6 +247,30 @@ class _DropGrow:
       raise ValueError(f"decay={self.decay!r} is not allowed; allowed: {', '.join(DECAYS)}.")
     if self.regrow not in REGROW:
       raise ValueError(f"regrow={self.regrow!r} is not allowed; allowed: {', '.join(REGROW)}.")
+    if self.target not in TARGETS:
+      raise ValueError(f"target={self.target!r} is not allowed; allowed: {', '.join(TARGETS)}.")
+    if self.target == "effective":
+      if self.sparsity is None:
+        raise ValueError("target='effective' needs sparsity= (the effective sparsity the "
+                         "active weights are held at).")
+      _check_range("sparsity", self.sparsity, 0.0, 1.0)
+      if self.regrow != "active":
+        raise ValueError("target='effective' grows only weights that would be active: "
+                         "set regrow='active'.")
+
+  def update_effective(self, params, grads, masks, step, key, *, model, input_shape,
+                       sweep):
+    """Drop and (active) regrowth, then the cut back to ``sparsity`` in effective terms
+    along grown weights first, then kept ones by |w| (pruned ones never)."""
+    grown_mask = self.update(params, grads, masks, jnp.int32(step), key, sweep=sweep)
+    scores = masks_lib.map_masks(
+        lambda n, o, w: jnp.where(n & ~o, jnp.inf, jnp.where(n, jnp.abs(w), -1.0)
+                                  ).astype(jnp.float32), grown_mask, masks, params)
+    # inf is not a valid score: grown weights rank just above every kept one.
+    top = max(float(jnp.max(jnp.where(jnp.isfinite(x), x, 0.0)))
+              for x in masks_lib.mask_leaves(scores)) + 1.0
+    scores = masks_lib.map_masks(lambda x: jnp.where(jnp.isinf(x), top, x), scores)
+    return _effective_cut(scores, self.sparsity, None, model, input_shape)
 
   def is_update_step(self, step: int) -> bool:
     return (self.start < step < self.end) and (step - self.start) % self.every == 0

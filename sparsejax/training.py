@@ -450,13 +450,13 @@ class MaskUpdates:
     from sparsejax import dynamic, effective
     u, old = self.updater, state.masks
     key = jax.random.fold_in(jax.random.fold_in(self.step_key, step), 1)
+    grads = (_dense_grads(state, batch, self.step_key, model=self.model, spec=self.spec,
+                          straight_through=u.straight_through) if u.needs_grads else None)
+    extra = {"sweep": self._sweep} if self._sweep is not None else {}
     if getattr(u, "target", "direct") == "effective":
-      new = u.update_effective(state.params, old, step, model=self.model,
-                               input_shape=self.input_shape)
+      new = u.update_effective(state.params, grads, old, step, key, model=self.model,
+                               input_shape=self.input_shape, **extra)
     else:
-      grads = (_dense_grads(state, batch, self.step_key, model=self.model, spec=self.spec,
-                            straight_through=u.straight_through) if u.needs_grads else None)
-      extra = {"sweep": self._sweep} if self._sweep is not None else {}
       new = u.update(state.params, grads, old, jnp.int32(step), key, **extra)
     new = jax.tree.map(lambda m, ref: jax.device_put(m, ref.sharding), new, old)
     params = state.params if u.straight_through else dynamic.apply_update(state.params, new)

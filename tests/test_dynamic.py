@@ -65,7 +65,8 @@ def test_gmp_effective_target_equals_the_brute_force_scan():
   gmp = dynamic.GradualMagnitude(0.7, start=0, end=4, every=2, target="effective")
   for t in (0, 2, 4):
     s_t = float(gmp.sparsity(t))
-    new = gmp.update_effective(params, masks, t, model=model, input_shape=input_shape)
+    new = gmp.update_effective(params, None, masks, t, None, model=model,
+                               input_shape=input_shape)
     eff = effective.effective_masks(model, new, input_shape)
     assert masks_lib.direct_sparsity(eff) >= s_t - 1e-9
     ranking = pruning.rank_scores(gmp.scores(params, masks))
@@ -151,6 +152,39 @@ def test_active_regrowth_lands_no_weight_on_a_dead_unit():
     assert dead <= dead_plain
     assert masks_lib.count(new)[0] == masks_lib.count(masks)[0]
     del after_drop_potential
+
+
+@pytest.mark.parametrize("cls", [dynamic.SET, dynamic.RigL])
+def test_effective_target_holds_the_active_count_and_never_revives_pruned(cls):
+  model, shapes, input_shape = TP.small("cnn")
+  params = jax.tree.map(lambda s: jax.random.normal(jax.random.key(1), s.shape), shapes)
+  masks = pruning.masks_at(pruning.rank_scores(TP.random_scores(shapes, 2)), 70)
+  sweep = effective.connectivity_sweep(model, input_shape, units=False)
+  total = masks_lib.count(masks)[1]
+  up = cls(end=100, every=10, drop_fraction=0.5, regrow="active", target="effective",
+           sparsity=0.7)
+  target = pruning.max_kept_for_sparsity(0.7, total)
+  for t in (10, 20, 30):
+    grads = jax.tree.map(lambda s: jax.random.normal(jax.random.key(t), s.shape), shapes)
+    grown = up.update(params, grads, masks, jnp.int32(t), jax.random.key(t), sweep=sweep)
+    new = up.update_effective(params, grads, masks, t, jax.random.key(t), model=model,
+                              input_shape=input_shape, sweep=sweep)
+    active = masks_lib.count(effective.effective_masks(model, new, input_shape))[0]
+    assert active <= target  # effective sparsity at least the target
+    for n, g in zip(flat(new), flat(grown)):  # only cut back from the drop/grow mask
+      assert not np.any(n & ~g)
+    # The cut is the search along (grown first, then |w|): the brute-force scan agrees.
+    if masks_lib.count(effective.effective_masks(model, grown, input_shape))[0] > target:
+      scores = masks_lib.map_masks(lambda n, o, w: jnp.where(
+          n & ~o, 1e3, jnp.where(n, jnp.abs(w), -1.0)), grown, masks, params)
+      want, _ = TP.brute_force(model, pruning.rank_scores(scores), target, input_shape)
+      assert masks_lib.count(new)[0] == want
+    masks = new
+    params = dynamic.apply_update(params, masks)
+  with pytest.raises(ValueError, match="needs sparsity="):
+    cls(end=10, regrow="active", target="effective")
+  with pytest.raises(ValueError, match="regrow='active'"):
+    cls(end=10, target="effective", sparsity=0.5)
 
 
 def test_bad_arguments_name_the_field():

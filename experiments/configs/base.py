@@ -18,8 +18,9 @@ on the command line as ``--config.<field>=<value>``):
   (fractions of the run: GMP prunes from start to end, SET/RigL update until end),
   ``initial_sparsity`` (GMP), ``drop_fraction`` (SET/RigL), ``quota`` (None: global
   magnitude for GMP and STE, ERK for the starting masks of SET and RigL),
-  ``update_target`` (None: ``pruning_type``; 'effective' aims GMP at effective
-  sparsity and regrows SET/RigL only into weights that would be active),
+  ``update_target`` (None: ``pruning_type``; 'effective' aims every GMP step at the
+  schedule's sparsity in effective terms, and holds the active weights of SET/RigL at
+  the target, regrowing only weights that would be active),
   ``track_effective`` (effective sparsity at every update, in the result).
 
 Defaults of the moving-mask methods follow their papers, scaled to ``train_steps``:
