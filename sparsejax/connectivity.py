@@ -59,7 +59,8 @@ log1p, expm1, tanh, logistic, sin, cos, tan, asin, acos, atan, sinh, cosh, asinh
 atanh, sqrt, rsqrt, cbrt, abs, integer_pow, square, erf, erfc, erf_inv, lgamma, digamma,
 igamma, igammac, polygamma, bessel_i0e, bessel_i1e, convert_element_type,
 reduce_precision, real, imag, conj, not, and, or, xor, eq, ne, lt, le, gt, ge, select_n,
-clamp, shift ops, population_count, copy, stop_gradient, optimization_barrier;
+clamp, shift ops, population_count, copy, stop_gradient; identities: device_put,
+sharding_constraint, optimization_barrier, mesh_cast, reshard, pvary;
 reductions: reduce_sum/max/min/prod/and/or/xor, argmax, argmin, reduce_window_sum/max/min,
 reduce_window, cumsum, cumprod, cummax, cummin, cumlogsumexp, sort, top_k; structure:
 reshape, transpose, broadcast_in_dim, squeeze, expand_dims, slice, rev, pad, concatenate,
@@ -104,8 +105,11 @@ ELEMENTWISE = frozenset({
     "convert_element_type", "reduce_precision", "real", "imag", "conj", "not", "and", "or",
     "xor", "eq", "ne", "lt", "le", "gt", "ge", "select_n", "clamp", "shift_left",
     "shift_right_logical", "shift_right_arithmetic", "population_count", "copy", "copy_p",
-    "stop_gradient", "optimization_barrier", "polygamma", "bessel_i0e", "bessel_i1e",
+    "stop_gradient", "polygamma", "bessel_i0e", "bessel_i1e",
 })
+#: identities on each operand (placement, sharding, barriers).
+IDENTITY = frozenset({"device_put", "sharding_constraint", "optimization_barrier",
+                      "mesh_cast", "reshard", "pvary"})
 COMPARISONS = frozenset({"eq", "ne", "lt", "le", "gt", "ge", "is_finite"})
 REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
                         "reduce_or", "reduce_xor", "argmax", "argmin"})
@@ -121,7 +125,7 @@ STRUCTURAL = {
     "scatter": (0, 2), "scatter-add": (0, 2), "scatter_add": (0, 2),
 }
 SUPPORTED = LINEAR | CALLS | ELEMENTWISE | REDUCTIONS | WINDOWS | CUMULATIVE | ALONG_AXIS | \
-    frozenset(STRUCTURAL) | {"cond"}
+    IDENTITY | frozenset(STRUCTURAL) | {"cond"}
 
 
 def supported_primitives() -> list[str]:
@@ -254,6 +258,8 @@ class _Builder:
       if inner is None:
         raise _unsupported(name, src, "has no inner jaxpr")
       return self._sub(inner, ins)
+    if name in IDENTITY:  # each output is its operand: no equation at all
+      return list(ins[:len(eqn.outvars)])
     if all(k == "c" for k in kinds):
       subfuns, bind_params = _bind_params(eqn.primitive, eqn.params)
       with jax.ensure_compile_time_eval():

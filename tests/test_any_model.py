@@ -270,6 +270,22 @@ def test_attention_like_products_are_an_or():
   assert got.active_inputs == 6
 
 
+def test_placement_and_barriers_are_identities():
+  def fn(p, x):
+    h = jax.device_put(jnp.tanh(x @ p["a"]))
+    h, w = jax.lax.optimization_barrier((h, p["b"]))
+    return h @ w
+
+  params = {"a": jnp.ones((3, 4)), "b": jnp.ones((4, 2))}
+  rng = np.random.default_rng(5)
+  k1, k2 = rng.random((3, 4)) < 0.5, rng.random((4, 2)) < 0.5
+  got = effective.connectivity(fn, {"a": jnp.asarray(k1), "b": jnp.asarray(k2)}, (3,),
+                               params=params)
+  eff, _, _ = ref.mlp_reference([k1, k2])
+  np.testing.assert_array_equal(got.masks["a"], eff[0])
+  np.testing.assert_array_equal(got.masks["b"], eff[1])
+
+
 def test_supported_primitives_listed():
   names = connectivity.supported_primitives()
   for p in ("dot_general", "conv_general_dilated", "reduce_window_max", "custom_jvp_call",
