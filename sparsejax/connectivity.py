@@ -529,7 +529,10 @@ class _Eval:
     if name in STRUCTURAL:
       is_data = [k == "x" for k in kinds]
       fill = lambda j: jnp.zeros(jnp.shape(vals[j]), jnp.float32)
-      return _structural(e, vals, is_data, fill), None
+      outs = _structural(e, vals, is_data, fill)
+      if not linear and name in ("scatter-add", "scatter_add"):  # sums of indicators
+        outs = [gate(o) for o in outs]
+      return outs, None
     if name == "select_n" and kinds[0] == "c":
       cases = [vals[j] if kinds[j] == "x" else jnp.zeros(shape, jnp.float32)
                for j in range(1, len(vals))]
