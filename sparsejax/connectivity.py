@@ -76,7 +76,6 @@ order of first use in the traced program (input-to-output order).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Sequence
 
 import flax.struct
