@@ -59,7 +59,8 @@ log1p, expm1, tanh, logistic, sin, cos, tan, asin, acos, atan, sinh, cosh, asinh
 atanh, sqrt, rsqrt, cbrt, abs, integer_pow, square, erf, erfc, erf_inv, lgamma, digamma,
 igamma, igammac, polygamma, bessel_i0e, bessel_i1e, convert_element_type,
 reduce_precision, real, imag, conj, not, and, or, xor, eq, ne, lt, le, gt, ge, select_n,
-clamp, shift ops, population_count, copy, stop_gradient, optimization_barrier;
+clamp, shift ops, population_count, copy, stop_gradient; identities: device_put,
+sharding_constraint, optimization_barrier, mesh_cast, reshard, pvary;
 reductions: reduce_sum/max/min/prod/and/or/xor, argmax, argmin, reduce_window_sum/max/min,
 reduce_window, cumsum, cumprod, cummax, cummin, cumlogsumexp, sort, top_k; structure:
 reshape, transpose, broadcast_in_dim, squeeze, expand_dims, slice, rev, pad, concatenate,
@@ -75,7 +76,6 @@ order of first use in the traced program (input-to-output order).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Sequence
 
 import flax.struct
@@ -104,8 +104,11 @@ ELEMENTWISE = frozenset({
     "convert_element_type", "reduce_precision", "real", "imag", "conj", "not", "and", "or",
     "xor", "eq", "ne", "lt", "le", "gt", "ge", "select_n", "clamp", "shift_left",
     "shift_right_logical", "shift_right_arithmetic", "population_count", "copy", "copy_p",
-    "stop_gradient", "optimization_barrier", "polygamma", "bessel_i0e", "bessel_i1e",
+    "stop_gradient", "polygamma", "bessel_i0e", "bessel_i1e",
 })
+#: identities on each operand (placement, sharding, barriers).
+IDENTITY = frozenset({"device_put", "sharding_constraint", "optimization_barrier",
+                      "mesh_cast", "reshard", "pvary"})
 COMPARISONS = frozenset({"eq", "ne", "lt", "le", "gt", "ge", "is_finite"})
 REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
                         "reduce_or", "reduce_xor", "argmax", "argmin"})
@@ -121,7 +124,7 @@ STRUCTURAL = {
     "scatter": (0, 2), "scatter-add": (0, 2), "scatter_add": (0, 2),
 }
 SUPPORTED = LINEAR | CALLS | ELEMENTWISE | REDUCTIONS | WINDOWS | CUMULATIVE | ALONG_AXIS | \
-    frozenset(STRUCTURAL) | {"cond"}
+    IDENTITY | frozenset(STRUCTURAL) | {"cond"}
 
 
 def supported_primitives() -> list[str]:
@@ -254,6 +257,8 @@ class _Builder:
       if inner is None:
         raise _unsupported(name, src, "has no inner jaxpr")
       return self._sub(inner, ins)
+    if name in IDENTITY:  # each output is its operand: no equation at all
+      return list(ins[:len(eqn.outvars)])
     if all(k == "c" for k in kinds):
       subfuns, bind_params = _bind_params(eqn.primitive, eqn.params)
       with jax.ensure_compile_time_eval():
@@ -523,7 +528,10 @@ class _Eval:
     if name in STRUCTURAL:
       is_data = [k == "x" for k in kinds]
       fill = lambda j: jnp.zeros(jnp.shape(vals[j]), jnp.float32)
-      return _structural(e, vals, is_data, fill), None
+      outs = _structural(e, vals, is_data, fill)
+      if not linear and name in ("scatter-add", "scatter_add"):  # sums of indicators
+        outs = [gate(o) for o in outs]
+      return outs, None
     if name == "select_n" and kinds[0] == "c":
       cases = [vals[j] if kinds[j] == "x" else jnp.zeros(shape, jnp.float32)
                for j in range(1, len(vals))]

@@ -187,7 +187,6 @@ def _flat_masks(masks, traced: Traced) -> list:
 def sweep_of(traced: Traced, units: bool = True) -> Callable[[Masks], Connectivity]:
   """The pure, jit-able sweep ``masks -> Connectivity`` of a traced model."""
   raw = conn_lib.reach_sweep(traced.program, traced.prunable, units)
-  names = conn_lib.site_names(traced.program)
   total_inputs = int(sum(np.prod(s) for s in traced.program.x_shapes))
 
   def sweep(masks: Masks) -> Connectivity:
@@ -204,7 +203,6 @@ def sweep_of(traced: Traced, units: bool = True) -> Callable[[Masks], Connectivi
     return Connectivity(effective, potential, active, active_inputs,
                         conn_lib._FrozenDict(total), total_inputs)
 
-  del names
   return sweep
 
 

@@ -270,6 +270,22 @@ def test_attention_like_products_are_an_or():
   assert got.active_inputs == 6
 
 
+def test_placement_and_barriers_are_identities():
+  def fn(p, x):
+    h = jax.device_put(jnp.tanh(x @ p["a"]))
+    h, w = jax.lax.optimization_barrier((h, p["b"]))
+    return h @ w
+
+  params = {"a": jnp.ones((3, 4)), "b": jnp.ones((4, 2))}
+  rng = np.random.default_rng(5)
+  k1, k2 = rng.random((3, 4)) < 0.5, rng.random((4, 2)) < 0.5
+  got = effective.connectivity(fn, {"a": jnp.asarray(k1), "b": jnp.asarray(k2)}, (3,),
+                               params=params)
+  eff, _, _ = ref.mlp_reference([k1, k2])
+  np.testing.assert_array_equal(got.masks["a"], eff[0])
+  np.testing.assert_array_equal(got.masks["b"], eff[1])
+
+
 def test_supported_primitives_listed():
   names = connectivity.supported_primitives()
   for p in ("dot_general", "conv_general_dilated", "reduce_window_max", "custom_jvp_call",
@@ -374,3 +390,24 @@ def test_synflow_refuses_unfaithful_linearizations():
 
   with pytest.raises(ValueError, match="not faithful"):
     scores.synflow_scores(attention, params, jnp.ones((4, 3)))
+
+
+def test_constant_index_gather_and_scatter_add():
+  idx = np.array([2, 0, 2])
+
+  def fn(p, x):  # x: [4]; gather positions 2, 0, 2; scatter-add them into 2 slots
+    h = jnp.tanh(x @ p["a"])[idx]                      # [3]
+    s = jnp.zeros(2).at[np.array([0, 0, 1])].add(h)    # slot 0 <- h0 + h1, slot 1 <- h2
+    return s @ p["b"]
+
+  params = {"a": jnp.ones((4, 3)), "b": jnp.ones((2, 2))}
+  a = np.zeros((4, 3), bool)
+  a[:, 1] = True           # only hidden unit 1 is fed; it is never gathered
+  a[0, 0] = True           # hidden unit 0 (gathered once, into slot 0)
+  masks = {"a": jnp.asarray(a), "b": jnp.ones((2, 2), bool)}
+  got = effective.connectivity(fn, masks, jnp.ones(4), params=params)   # unbatched
+  want_a = np.zeros((4, 3), bool)
+  want_a[0, 0] = True
+  np.testing.assert_array_equal(got.masks["a"], want_a)
+  want_b = np.array([[True, True], [False, False]])   # slot 1 holds unit 2: unreachable
+  np.testing.assert_array_equal(got.masks["b"], want_b)
