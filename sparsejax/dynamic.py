@@ -56,6 +56,7 @@ import numpy as np
 
 from sparsejax import masks as masks_lib
 from sparsejax import quotas as quotas_lib
+from sparsejax import scores as scores_lib
 
 PyTree = Any
 DECAYS = ("constant", "cosine")
@@ -99,16 +100,18 @@ def _prunable(params: PyTree, masks: PyTree) -> list[jax.Array]:
   return _flat(masks_lib.map_masks(lambda m, w: w, masks, params))
 
 
-def _rank_desc(score: jax.Array) -> jax.Array:
-  """Rank of each entry when sorted by descending score, ties by position."""
-  order = jnp.argsort(-score, stable=True)
-  return jnp.zeros(score.shape, jnp.int32).at[order].set(
-      jnp.arange(score.size, dtype=jnp.int32))
+def _top(score: jax.Array, count, alive: jax.Array) -> jax.Array:
+  """Bool: the ``count`` highest non-negative scores among ``alive`` (ties by position,
+  lower first), by a radix select (no sort)."""
+  return scores_lib.select_top([score], count, [alive])[0]
 
 
-def _top(score: jax.Array, count) -> jax.Array:
-  """Bool: the ``count`` highest scores (ties by position)."""
-  return _rank_desc(score) < count
+def _bottom(score: jax.Array, count, alive: jax.Array) -> jax.Array:
+  """Bool: the ``count`` lowest non-negative scores among ``alive`` (ties by position,
+  lower first): the complement of the top (n - count) in reversed position order."""
+  n = jnp.sum(alive, dtype=jnp.int32)
+  keep_rev = _top(score[::-1], n - count, alive[::-1])[::-1]
+  return alive & ~keep_rev
 
 
 def _check_range(name: str, value, low: float, high: float, high_open: bool = True):
@@ -184,17 +187,16 @@ class GradualMagnitude:
   def update(self, params, grads, masks, step, key):
     """Masks at s_t: the round((1 - s_t) N) largest |w| among the kept (jitted)."""
     del grads, key
-    score = _flat(self.scores(params, masks))
-    shapes = tuple(tuple(m.shape) for m in masks_lib.mask_leaves(masks))
+    w = [jnp.abs(x).astype(jnp.float32) for x in _prunable(params, masks)]
+    m = _flat(masks)
+    shapes = tuple(tuple(x.shape) for x in masks_lib.mask_leaves(masks))
     total = sum(math.prod(s) for s in shapes)
     density = 1.0 - self.sparsity(step)
     if self.quota is None:
       kept = jnp.round(density * total).astype(jnp.int32)
-      keep = _top(jnp.concatenate(score), kept)
-      splits = np.cumsum([s.size for s in score])[:-1]
-      return _like(masks, jnp.split(keep, splits))
+      return _like(masks, scores_lib.select_top(w, kept, m))
     counts = quotas_lib.layer_kept_counts(self.quota, density, shapes)
-    return _like(masks, [_top(s, counts[l]) for l, s in enumerate(score)])
+    return _like(masks, [_top(x, counts[l], ml) for l, (x, ml) in enumerate(zip(w, m))])
 
   def update_effective(self, params, grads, masks, step, key, *, model, input_shape,
                        sweep=None):
@@ -296,24 +298,22 @@ class _DropGrow:
     for wl, ml in zip(w, m):
       k = jnp.sum(ml, dtype=jnp.int32)
       n = jnp.floor(f * k.astype(jnp.float32)).astype(jnp.int32)
-      # The n smallest |w| among the kept: lowest = highest of -|w| (pruned last).
-      drop_score = jnp.where(ml, -jnp.abs(wl).astype(jnp.float32), -jnp.inf)
-      dropped.append((ml & ~_top(drop_score, n), n))
+      # The n smallest |w| among the kept (ties: lower position first).
+      dropped.append((ml & ~_bottom(jnp.abs(wl).astype(jnp.float32), n, ml), n))
     potential = None
     if sweep is not None and self.regrow == "active":
       potential = _flat(sweep(_like(masks, [d for d, _ in dropped])).potential)
     out = []
     for i, (kept, n) in enumerate(dropped):
       score = self._grow_score(g, keys, i, m[i].shape)
+      candidates = ~kept
       if potential is not None:  # would-be-active weights first, then the others
-        order = jnp.argsort(-score, stable=True)
-        order = order[jnp.argsort(~potential[i][order], stable=True)]
-        rank = jnp.zeros(score.shape, jnp.int32).at[order].set(
-            jnp.arange(score.size, dtype=jnp.int32))
-        candidates = jnp.where(kept, jnp.int32(score.size), rank)
-        grow = _top(-candidates.astype(jnp.float32), n) & ~kept
+        first = candidates & potential[i]
+        n_first = jnp.minimum(n, jnp.sum(first, dtype=jnp.int32))
+        grow = _top(score, n_first, first)
+        grow = grow | _top(score, n - n_first, candidates & ~first)
       else:
-        grow = _top(jnp.where(kept, -jnp.inf, score), n)
+        grow = _top(score, n, candidates)
       out.append(kept | grow)
     return _like(masks, out)
 

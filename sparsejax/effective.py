@@ -224,31 +224,8 @@ def _jitted_sweep(traced: Traced):
 def validate(masks: Masks, traced: Traced, name: str = "masks") -> None:
   """ValueError unless ``masks`` has the params' structure with a bool array of the
   kernel's shape at every prunable leaf and None elsewhere."""
-  want = dict(zip(traced.paths, traced.shapes))
-  try:
-    flat = jax.tree_util.tree_leaves_with_path(masks, is_leaf=_is_none)
-  except Exception:  # pylint: disable=broad-except
-    flat = []
-  got = {masks_lib.path_str(p): m for p, m in flat}
-  missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-  if missing or extra:
-    raise ValueError(f"{name} does not match the parameter tree: missing {missing[:5]}, "
-                     f"unexpected {extra[:5]}; a mask has the structure of params.")
-  prunable = set(traced.prunable_paths)
-  for path, shape in want.items():
-    m = got[path]
-    if path not in prunable:
-      if m is not None:
-        raise ValueError(f"{name}[{path!r}] must be None: only the weights of linear ops "
-                         f"are prunable, got {type(m).__name__}.")
-      continue
-    if m is None or not hasattr(m, "dtype"):
-      raise ValueError(f"{name}[{path!r}]={m!r}: expected a bool array of shape {shape}.")
-    if m.dtype != np.bool_:
-      raise ValueError(f"{name}[{path!r}] has dtype {m.dtype}; masks must be bool.")
-    if tuple(m.shape) != tuple(shape):
-      raise ValueError(f"{name}[{path!r}] has shape {tuple(m.shape)}; the kernel has "
-                       f"shape {tuple(shape)}.")
+  masks_lib.validate(masks, _unspec(traced.params_spec), name,
+                     prunable=set(traced.prunable_paths))
   if jax.tree.structure(masks, is_leaf=_is_none) != jax.tree.structure(
       jax.tree.unflatten(traced.params_spec[0], [None] * len(traced.paths)),
       is_leaf=_is_none):

@@ -131,26 +131,39 @@ def random(key: jax.Array, params: PyTree, sparsity: float | Sequence[float]) ->
       lambda path, w: layer(path, w) if is_prunable(path, w) else None, params)
 
 
-def validate(masks: Masks, params: PyTree, name: str = "masks") -> None:
+def validate(masks: Masks, params: PyTree, name: str = "masks",
+             prunable: set[str] | None = None) -> None:
   """Raises ValueError unless ``masks`` matches ``params``: same tree, bool arrays of
-  the kernel shapes at prunable leaves, None elsewhere."""
+  the kernel shapes at prunable leaves, None elsewhere.
+
+  ``params`` may hold arrays or shape structs. ``prunable``: the '/'-joined paths of
+  the prunable leaves (e.g. those a traced program uses as linear-op weights); default
+  :func:`is_prunable` (leaves named 'kernel' with at least two axes).
+  """
   want = {path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
-  got = {path_str(p): m for p, m in
-         jax.tree_util.tree_leaves_with_path(masks, is_leaf=_is_none)}
+  try:
+    flat = jax.tree_util.tree_leaves_with_path(masks, is_leaf=_is_none)
+  except Exception:  # pylint: disable=broad-except
+    flat = []
+  got = {path_str(p): m for p, m in flat}
   missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
   if missing or extra:
     raise ValueError(f"{name} does not match the parameter tree: missing {missing[:5]}, "
                      f"unexpected {extra[:5]}; a mask has the structure of params.")
   for path, w in want.items():
     m = got[path]
-    prunable = path.endswith("kernel") and getattr(w, "ndim", 0) >= 2
-    if not prunable:
+    if prunable is None:
+      is_kernel = path.endswith("kernel") and len(getattr(w, "shape", ())) >= 2
+    else:
+      is_kernel = path in prunable
+    if not is_kernel:
       if m is not None:
-        raise ValueError(f"{name}[{path!r}] must be None: only Dense/Conv kernels are "
-                         f"prunable, got {type(m).__name__}.")
+        raise ValueError(f"{name}[{path!r}] must be None: only the weights of Dense/Conv "
+                         f"layers (linear ops) are prunable, got {type(m).__name__}.")
       continue
     if m is None or not hasattr(m, "dtype"):
-      raise ValueError(f"{name}[{path!r}]={m!r}: expected a bool array of shape {w.shape}.")
+      raise ValueError(f"{name}[{path!r}]={m!r}: expected a bool array of shape "
+                       f"{tuple(w.shape)}.")
     if m.dtype != np.bool_:
       raise ValueError(f"{name}[{path!r}] has dtype {m.dtype}; masks must be bool.")
     if tuple(m.shape) != tuple(w.shape):

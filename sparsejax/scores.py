@@ -562,6 +562,14 @@ def _keep_top(bits: Sequence[jax.Array], k: jax.Array):
 _keep_top_jit = jax.jit(_keep_top)
 
 
+def select_top(scores: Sequence[jax.Array], k, alive: Sequence[jax.Array]) -> list:
+  """Bool masks of the exact top-``k`` of non-negative ``scores`` among the ``alive``
+  entries, over all arrays together, ties by position (lower first; arrays in order).
+  A radix select (two histogram passes), no sort; jit-able with a traced ``k``."""
+  keep, _ = _keep_top([_score_bits(s, a) for s, a in zip(scores, alive)], k)
+  return keep
+
+
 def top_k_masks(scores: PyTree, kept: int, masks=None) -> PyTree:
   """Exact global top-``kept`` of a score tree among the weights kept by ``masks`` (all
   if None), ties by position, without a sort: the mask ``rank_scores`` + ``masks_at``

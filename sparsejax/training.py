@@ -423,6 +423,20 @@ def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray, *, model
 # ------------------------------------------------------------ moving masks
 
 
+@jax.jit
+def _update_stats(old: PyTree, new: PyTree, effective_masks: PyTree) -> dict:
+  """Kept, dropped and grown weights of a mask update (and, with effective masks,
+  active weights and grown weights that are not active), as int32 scalars."""
+  count = lambda fn, *trees: sum(jnp.sum(fn(*xs), dtype=jnp.int32) for xs in zip(
+      *(masks_lib.mask_leaves(t) for t in trees)))
+  stats = {"kept": count(lambda n: n, new), "dropped": count(lambda o, n: o & ~n, old, new),
+           "grown": count(lambda o, n: n & ~o, old, new)}
+  if effective_masks is not None:
+    stats["active"] = count(lambda e: e, effective_masks)
+    stats["grown_dead"] = count(lambda o, n, e: n & ~o & ~e, old, new, effective_masks)
+  return stats
+
+
 class MaskUpdates:
   """Runs a :mod:`sparsejax.dynamic` updater inside :func:`train` and logs each update.
 
@@ -461,21 +475,21 @@ class MaskUpdates:
     new = jax.tree.map(lambda m, ref: jax.device_put(m, ref.sharding), new, old)
     params = state.params if u.straight_through else dynamic.apply_update(state.params, new)
     state = state.replace(params=params, opt_state=optim.replace_masks(state.opt_state, new))
-    kept, total = masks_lib.count(new)
-    grown = masks_lib.map_masks(lambda n, o: n & ~o, new, old)
-    record = {"step": int(step), "kept": kept,
-              "dropped": int(masks_lib.count(masks_lib.map_masks(lambda o, n: o & ~n, old,
-                                                                 new))[0]),
-              "grown": int(masks_lib.count(grown)[0]),
-              "direct_compression": total / kept if kept else float("inf")}
+    total = masks_lib.count(new)[1]
+    effective_masks = None
     if self.track_effective:
       conn = effective.connectivity(self.model, new, self.input_shape)
-      active = masks_lib.count(conn.masks)[0]
+      effective_masks = conn.masks
+    stats = jax.device_get(_update_stats(old, new, effective_masks))  # one transfer
+    kept = int(stats["kept"])
+    record = {"step": int(step), "kept": kept, "dropped": int(stats["dropped"]),
+              "grown": int(stats["grown"]),
+              "direct_compression": total / kept if kept else float("inf")}
+    if self.track_effective:
+      active = int(stats["active"])
       record.update(
           effective_compression=total / active if active else float("inf"),
-          dead_kept=kept - active,
-          grown_dead=int(masks_lib.count(masks_lib.map_masks(
-              lambda g, e: g & ~e, grown, conn.masks))[0]),
+          dead_kept=kept - active, grown_dead=int(stats["grown_dead"]),
           active_units=int(sum(conn.active_units.values())),
           total_units=int(sum(conn.total_units.values())))
     self.records.append(record)
