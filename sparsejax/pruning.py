@@ -718,6 +718,11 @@ def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTre
   p = get_pruner(pruner)
   if p.score is None:
     raise ValueError(f"pruner={p.name!r} has no ranking: it keeps every weight.")
+  score_kwargs = dict(score_kwargs or {})
+  if "rounds" in score_kwargs:  # rounds given the way older code gave it
+    if rounds is not None:
+      raise ValueError("give rounds= or score_kwargs['rounds'], not both.")
+    rounds = score_kwargs.pop("rounds")
   if p.needs_data and not batches:
     raise ValueError(f"pruner={p.name!r} scores weights on training data: pass batches= "
                      "(from the dataset pipeline or synthetic data).")
@@ -728,7 +733,7 @@ def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTre
                          sparsity=masks_lib.check_sparsity(sparsity),
                          input_shape=input_shape, batches=batches,
                          trained_params=trained_params, rounds=_rounds(p, rounds),
-                         score_kwargs=dict(score_kwargs or {}), loss=loss,
+                         score_kwargs=score_kwargs, loss=loss,
                          apply_kwargs=apply_kwargs)
   flow = None
   if input_shape is not None and model is not None:

@@ -131,6 +131,19 @@ def test_registry_rejects_bad_pruners():
   assert not pruning.get_pruner("random/igq").target_dependent
 
 
+def test_rounds_come_as_an_argument_or_as_the_older_score_kwargs():
+  from sparsejax import models
+  model = models.create("lenet300100")
+  variables = model.init(jax.random.key(0), jnp.ones((1, 28, 28, 1)))
+  kw = dict(key=jax.random.key(1), model=model, variables=variables, sparsity=0.9,
+            input_shape=(28, 28, 1))
+  a = pruning.ranking_for("synflow", rounds=2, **kw)
+  b = pruning.ranking_for("synflow", score_kwargs={"rounds": 2}, **kw)
+  assert all(bool(jnp.array_equal(x, y)) for x, y in zip(a.order, b.order))
+  with pytest.raises(ValueError, match="not both"):
+    pruning.ranking_for("synflow", rounds=2, score_kwargs={"rounds": 3}, **kw)
+
+
 def test_unreachable_targets_raise_a_typed_error_with_the_reachable_limit():
   from sparsejax import models
   model = models.create("lenet300100")

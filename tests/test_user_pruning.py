@@ -96,7 +96,7 @@ def _batches(n=2, size=8):
            "label": jnp.asarray(rng.integers(0, 3, size), jnp.int32)} for _ in range(n)]
 
 
-FAST = {"snip/iterative": {"rounds": 3}, "synflow": {"rounds": 3}}
+FAST = {"snip/iterative": 3, "synflow": 3}  # rounds of the iterative pruners
 
 
 @pytest.mark.parametrize("pruner", [p for p in pruning.PRUNERS if p != "dense"])
@@ -108,7 +108,7 @@ def test_every_pruner_on_a_plain_flax_cnn_both_pruning_types(pruner):
   ranking = pruning.ranking_for(pruner, key=jax.random.key(2), model=model,
                                 variables=variables, sparsity=sparsity, input_shape=SHAPE,
                                 batches=_batches(), trained_params=trained,
-                                score_kwargs=FAST.get(pruner))
+                                rounds=FAST.get(pruner))
   direct = pruning.masks_from_ranking(ranking, sparsity, "direct")
   assert abs(masks_lib.direct_sparsity(direct) - sparsity) < 0.02
   eff = pruning.masks_from_ranking(ranking, sparsity, "effective", model=model,
@@ -146,7 +146,7 @@ def test_pruners_on_an_apply_function_with_a_user_loss(pruner):
   masks = pruning.prune(pruner, key=jax.random.key(0), model=_fn_model, variables=params,
                         sparsity=0.7, pruning_type="effective", input_shape=SHAPE,
                         batches=batches, trained_params=params, loss=_fn_loss,
-                        score_kwargs=FAST.get(pruner))
+                        rounds=FAST.get(pruner))
   assert effective.effective_sparsity(_fn_model, masks, SHAPE, params=params) >= 0.7
 
 
