@@ -134,6 +134,17 @@ def _hashable(model, what="model"):
   return model
 
 
+@functools.lru_cache(maxsize=64)
+def _init_shapes(model, x_spec, kwargs, shown: str):
+  """Shape structs of ``model.init``'s variables (cached: tracing init costs ms)."""
+  try:
+    return jax.eval_shape(functools.partial(model.init, **dict(kwargs)), jax.random.key(0),
+                          jax.ShapeDtypeStruct(*x_spec[1][0]))
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"input_shape={shown} cannot be applied to model={_name(model)}: "
+                     f"{err}") from None
+
+
 def trace(model, input_shape, *, variables=None, params=None, apply_kwargs=None,
           prunable: Callable[[str], bool] | None = None) -> Traced:
   """Traces ``model`` once per (model, input shape, variable shapes).
@@ -154,12 +165,8 @@ def trace(model, input_shape, *, variables=None, params=None, apply_kwargs=None,
     if params is not None and variables is None:
       variables = {"params": params}
     if variables is None:
-      try:
-        variables = jax.eval_shape(functools.partial(model.init, **dict(kwargs)),
-                                   jax.random.key(0), x)
-      except (TypeError, ValueError) as err:
-        raise ValueError(f"input_shape={input_shape!r} cannot be applied to "
-                         f"model={_name(model)}: {err}") from None
+      _hashable(model)
+      variables = _init_shapes(model, _spec(x), kwargs, repr(input_shape))
     if not hasattr(variables, "keys") or "params" not in variables:
       raise ValueError("variables has no 'params' collection; pass the model's variables "
                        "(e.g. model.init(...)).")
