@@ -377,9 +377,5 @@ class STE:
 Updater = GradualMagnitude | SET | RigL | STE
 
 
-def kept_count(masks: PyTree) -> int:
-  return int(sum(int(jnp.sum(m)) for m in masks_lib.mask_leaves(masks)))
-
-
 __all__ = ["GradualMagnitude", "SET", "RigL", "STE", "Updater", "gmp_sparsity",
-           "drop_fraction", "apply_update", "kept_count", "DECAYS", "TARGETS", "REGROW"]
+           "drop_fraction", "apply_update", "DECAYS", "TARGETS", "REGROW"]

@@ -560,10 +560,6 @@ class Pruner:
     return self.iterative or (self.quota_from is not None
                               and get_pruner(self.quota_from).target_dependent)
 
-  @property
-  def uses_rounds(self) -> bool:
-    return self.iterative
-
 
 def _scores_lib():
   from sparsejax import scores  # scores builds on models, not on pruning
