@@ -104,14 +104,8 @@ def _trace_cached(model, x_spec, params_spec, extra_spec, apply_kwargs, prunable
   flat = jax.tree_util.tree_leaves_with_path(params)
   paths = tuple(masks_lib.path_str(p) for p, _ in flat)
   order = prog.weight_leaves
-  if prunable is not None:
-    chosen = [i for i, p in enumerate(paths) if prunable(p)]
-    bad = [paths[i] for i in chosen if i not in order]
-    if bad:
-      raise ValueError(f"prunable selects {bad[:3]}, which enter no linear op (Dense, Conv, "
-                       "dot_general, conv_general_dilated) as a weight; only such weights "
-                       "can be pruned.")
-    order = tuple(i for i in order if i in chosen)
+  if prunable is not None:  # a frozenset of paths (see trace)
+    order = tuple(i for i in order if paths[i] in prunable)
   if not order:
     raise ValueError(f"model={_name(model)} has no prunable weight: no parameter enters a "
                      "linear op (dot_general, conv_general_dilated) as its weight.")
@@ -146,7 +140,7 @@ def _init_shapes(model, x_spec, kwargs, shown: str):
 
 
 def trace(model, input_shape, *, variables=None, params=None, apply_kwargs=None,
-          prunable: Callable[[str], bool] | None = None) -> Traced:
+          prunable: masks_lib.Prunable = None) -> Traced:
   """Traces ``model`` once per (model, input shape, variable shapes).
 
   Args:
@@ -156,8 +150,9 @@ def trace(model, input_shape, *, variables=None, params=None, apply_kwargs=None,
     variables: a module's variables ({'params': ..., 'batch_stats': ...}); default:
       the shapes of ``model.init``.
     params: a function's params (required for functions).
-    prunable: predicate on the '/'-joined parameter path; default: every parameter
-      that enters a linear op as its weight.
+    prunable: a predicate on the '/'-joined parameter path, which narrows the
+      parameters that enter a linear op as its weight (default: all of them), or a
+      collection of such paths (exactly those).
   """
   x = example_input(input_shape)
   kwargs = tuple(sorted((apply_kwargs or {}).items()))
@@ -183,7 +178,46 @@ def trace(model, input_shape, *, variables=None, params=None, apply_kwargs=None,
     raise ValueError(f"model={model!r} must be a Flax module or a function "
                      "apply(params, x).")
   _hashable(model)
-  return _trace_cached(model, _spec(x), _spec(params), _spec(extra), kwargs, prunable)
+  key = (model, _spec(x), _spec(params), _spec(extra), kwargs)
+  default = _trace_cached(*key, None)
+  if prunable is None:
+    return default
+  masks_lib.selector(prunable)  # checks its type
+  weights = set(default.prunable_paths)
+  if callable(prunable):  # narrows the linear-op weights
+    picked = frozenset(p for p in default.paths if prunable(p))
+    chosen = picked & weights
+    bad = sorted(picked) if not chosen else []
+  else:                   # exactly these paths
+    chosen = frozenset(prunable)
+    bad = sorted(chosen - weights)
+  if bad:
+    raise ValueError(f"prunable selects {bad[:3]} (given, or the masks' leaves), which enter "
+                     "no linear op (Dense, Conv, dot_general, conv_general_dilated) as a "
+                     "weight; only such weights can be pruned.")
+  if chosen == weights:
+    return default  # one program (and one compilation) for the default set
+  return _trace_cached(*key, chosen)
+
+
+def _prunable_of(masks: Masks) -> frozenset:
+  """The prunable set a mask tree carries: the paths of its non-None leaves."""
+  flat = jax.tree_util.tree_leaves_with_path(masks, is_leaf=_is_none)
+  return frozenset(masks_lib.path_str(p) for p, m in flat if m is not None)
+
+
+def _trace_for(model, masks: Masks, input_shape, kw: dict) -> Traced:
+  """The trace whose prunable leaves are ``kw['prunable']`` or else the masks' leaves."""
+  if kw.get("prunable") is not None:
+    return trace(model, input_shape, **kw)
+  default = trace(model, input_shape, **kw)
+  chosen = _prunable_of(masks) & set(default.paths)  # others: validate names them
+  bad = sorted(chosen - set(default.prunable_paths))
+  if bad:
+    raise ValueError(f"masks[{bad[0]!r}] must be None: only parameters that enter a linear op "
+                     "(Dense, Conv, dot_general, conv_general_dilated) as its weight are "
+                     "prunable.")
+  return trace(model, input_shape, **dict(kw, prunable=chosen))
 
 
 def _flat_masks(masks, traced: Traced) -> list:
@@ -248,9 +282,10 @@ def connectivity(model, masks: Masks, input_shape, **kw) -> Connectivity:
     masks: bool masks shaped like the model's params (None at non-prunable leaves).
     input_shape: one example's shape without the batch axis, e.g. (32, 32, 3), or an
       example input array.
-    **kw: ``variables=``, ``params=``, ``apply_kwargs=``, ``prunable=`` (see :func:`trace`).
+    **kw: ``variables=``, ``params=``, ``apply_kwargs=``, ``prunable=`` (see :func:`trace`;
+      default: the leaves where ``masks`` is not None).
   """
-  traced = trace(model, input_shape, **kw)
+  traced = _trace_for(model, masks, input_shape, kw)
   validate(masks, traced)
   result = _jitted_sweep(traced)(masks)
   # jit returns dicts with sorted keys; total_units (static) keeps the traced order

@@ -1,8 +1,19 @@
 """Masks: pytrees shaped like ``params`` with a bool array at every prunable kernel.
 
-A leaf is prunable when it is named ``kernel`` and has at least two axes (Dense
-kernels [in, out], Conv kernels [H, W, in, out]); every other leaf of a mask is
-``None``. Biases and normalization parameters are never pruned nor counted.
+The mask tree *is* the prunable set: its bool leaves are the prunable weights, its
+``None`` leaves are not pruned nor counted. Which leaves those are is decided once,
+where a mask is first made:
+
+- from a traced program (``effective.ones(model, x)``, ``pruning.prune``): every
+  parameter that enters a linear op (dot_general, convolution) as its weight operand,
+  optionally narrowed by a predicate on the parameter path;
+- from params alone (:func:`ones`, :func:`map_prunable`, :func:`random` here), with
+  ``prunable=None``: the leaves named ``kernel`` with at least two axes (Flax's Dense
+  kernels [in, out], Conv kernels [H, W, in, out]); or ``prunable=`` a predicate on
+  the '/'-joined path or a collection of paths (:func:`selector`).
+
+Everything downstream (scores, counts, training, the optimizer) follows the mask
+tree. Biases and normalization parameters (one axis) are never prunable.
 
 Order: :func:`prunable_paths` lists kernels in the order of the flattened tree
 (sorted keys). The zoo names its layers so that this order is the input-to-output
@@ -19,7 +30,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,34 +51,68 @@ def path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
+def _ndim(leaf) -> int:
+  return len(getattr(leaf, "shape", ()))
+
+
 def is_prunable(path, leaf) -> bool:
-  """Prunable leaves are Dense/Conv kernels: named 'kernel', at least 2-D."""
+  """The rule without a traced program: Dense/Conv kernels, named 'kernel', at least 2-D."""
   name = path_str(path[-1:]) if path else ""
-  return name == "kernel" and getattr(leaf, "ndim", 0) >= 2
+  return name == "kernel" and _ndim(leaf) >= 2
 
 
-def _prunable_leaves(params: PyTree) -> list[tuple[str, Any]]:
+Prunable = Callable[[str], bool] | Collection[str] | None
+
+
+def selector(prunable: Prunable = None) -> Callable[[Any, Any], bool]:
+  """``(path, leaf) -> bool`` choosing the prunable leaves.
+
+  prunable: None (:func:`is_prunable`: leaves named 'kernel' with >= 2 axes), a
+    predicate on the '/'-joined path (among leaves with >= 2 axes), or a collection of
+    '/'-joined paths (e.g. ``effective.prunable_paths(model, x)``).
+  """
+  if prunable is None:
+    return is_prunable
+  if callable(prunable):
+    return lambda path, leaf: _ndim(leaf) >= 2 and bool(prunable(path_str(path)))
+  if isinstance(prunable, Collection) and not isinstance(prunable, (str, bytes)) and all(
+      isinstance(p, str) for p in prunable):
+    chosen = frozenset(prunable)
+    return lambda path, leaf: path_str(path) in chosen
+  raise ValueError(f"prunable={prunable!r} must be None (Dense/Conv kernels), a predicate on "
+                   "the '/'-joined parameter path, or a collection of such paths.")
+
+
+def _prunable_leaves(params: PyTree, prunable: Prunable = None) -> list[tuple[str, Any]]:
+  chosen = selector(prunable)
   flat = jax.tree_util.tree_leaves_with_path(params)
-  return [(path_str(p), leaf) for p, leaf in flat if is_prunable(p, leaf)]
+  return [(path_str(p), leaf) for p, leaf in flat if chosen(p, leaf)]
 
 
-def prunable_paths(params: PyTree) -> list[str]:
-  """'/'-joined paths of the prunable kernels, in input-to-output order for the zoo."""
-  return [p for p, _ in _prunable_leaves(params)]
+def prunable_paths(params: PyTree, prunable: Prunable = None) -> list[str]:
+  """'/'-joined paths of the prunable leaves (:func:`selector`) in the params' tree
+  order, which is the input-to-output order for the zoo."""
+  return [p for p, _ in _prunable_leaves(params, prunable)]
 
 
-def prunable_shapes(params: PyTree) -> tuple[tuple[int, ...], ...]:
-  """Shapes of the prunable kernels in :func:`prunable_paths` order."""
-  return tuple(tuple(int(d) for d in leaf.shape) for _, leaf in _prunable_leaves(params))
+def prunable_shapes(params: PyTree, prunable: Prunable = None) -> tuple[tuple[int, ...], ...]:
+  """Shapes of the prunable leaves in :func:`prunable_paths` order."""
+  return tuple(tuple(int(d) for d in leaf.shape) for _, leaf in
+               _prunable_leaves(params, prunable))
 
 
-def map_prunable(fn: Callable, params: PyTree, *rest: PyTree) -> PyTree:
-  """Tree shaped like ``params``: ``fn(leaf, *rest_leaves)`` at prunable leaves, None elsewhere.
+def map_prunable(fn: Callable, params: PyTree, *rest: PyTree,
+                 prunable: Prunable = None) -> PyTree:
+  """Tree shaped like ``params``: ``fn(leaf, *rest_leaves)`` at prunable leaves
+  (:func:`selector`), None elsewhere. To follow an existing mask tree instead, use
+  :func:`map_masks`.
 
   ``rest`` may be masks (None at non-prunable leaves) or full trees.
   """
+  chosen = selector(prunable)
+
   def visit(path, leaf, *others):
-    return fn(leaf, *others) if is_prunable(path, leaf) else None
+    return fn(leaf, *others) if chosen(path, leaf) else None
   return jax.tree_util.tree_map_with_path(visit, params, *rest, is_leaf=_is_none)
 
 
@@ -82,9 +127,9 @@ def mask_leaves(masks: Masks) -> list:
   return [m for m in jax.tree.leaves(masks, is_leaf=_is_none) if m is not None]
 
 
-def ones(params: PyTree) -> Masks:
-  """The dense mask: every prunable weight kept."""
-  return map_prunable(lambda w: jnp.ones(w.shape, bool), params)
+def ones(params: PyTree, prunable: Prunable = None) -> Masks:
+  """The dense mask: every prunable weight (:func:`selector`) kept."""
+  return map_prunable(lambda w: jnp.ones(w.shape, bool), params, prunable=prunable)
 
 
 def check_sparsity(sparsity, name: str = "sparsity") -> float:
@@ -102,14 +147,16 @@ def check_sparsity(sparsity, name: str = "sparsity") -> float:
   return s
 
 
-def random(key: jax.Array, params: PyTree, sparsity: float | Sequence[float]) -> Masks:
+def random(key: jax.Array, params: PyTree, sparsity: float | Sequence[float],
+           prunable: Prunable = None) -> Masks:
   """Uniformly random mask keeping exactly round((1 - s_l) n_l) weights in layer l.
 
   ``sparsity`` is one number for every layer or one per prunable layer (input-to-
   output order). Masks from one key are nested across sparsities: each layer keeps
-  a prefix of one fixed random permutation.
+  a prefix of one fixed random permutation. ``prunable``: see :func:`selector`.
   """
-  leaves = _prunable_leaves(params)
+  leaves = _prunable_leaves(params, prunable)
+  chosen = selector(prunable)
   if np.ndim(sparsity) == 0:
     sparsities = [check_sparsity(sparsity)] * len(leaves)
   else:
@@ -128,17 +175,19 @@ def random(key: jax.Array, params: PyTree, sparsity: float | Sequence[float]) ->
     return (rank < kept).reshape(w.shape)
 
   return jax.tree_util.tree_map_with_path(
-      lambda path, w: layer(path, w) if is_prunable(path, w) else None, params)
+      lambda path, w: layer(path, w) if chosen(path, w) else None, params)
 
 
 def validate(masks: Masks, params: PyTree, name: str = "masks",
-             prunable: set[str] | None = None) -> None:
-  """Raises ValueError unless ``masks`` matches ``params``: same tree, bool arrays of
-  the kernel shapes at prunable leaves, None elsewhere.
+             prunable: Prunable = None) -> None:
+  """Raises ValueError unless ``masks`` matches ``params``: the same tree, a bool array
+  of the weight's shape or None at every leaf.
 
-  ``params`` may hold arrays or shape structs. ``prunable``: the '/'-joined paths of
-  the prunable leaves (e.g. those a traced program uses as linear-op weights); default
-  :func:`is_prunable` (leaves named 'kernel' with at least two axes).
+  ``params`` may hold arrays or shape structs. ``prunable`` (see :func:`selector`):
+  the leaves that must carry a mask (e.g. those a traced program uses as linear-op
+  weights), all others None. Without it the mask tree decides which leaves are
+  prunable, and only leaves with at least two axes may be (a bias or a normalization
+  scale never is).
   """
   want = {path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
   try:
@@ -150,24 +199,26 @@ def validate(masks: Masks, params: PyTree, name: str = "masks",
   if missing or extra:
     raise ValueError(f"{name} does not match the parameter tree: missing {missing[:5]}, "
                      f"unexpected {extra[:5]}; a mask has the structure of params.")
+  chosen = None if prunable is None else set(prunable_paths(params, prunable))
   for path, w in want.items():
     m = got[path]
-    if prunable is None:
-      is_kernel = path.endswith("kernel") and len(getattr(w, "shape", ())) >= 2
+    if chosen is None:
+      must, may = False, _ndim(w) >= 2
     else:
-      is_kernel = path in prunable
-    if not is_kernel:
-      if m is not None:
-        raise ValueError(f"{name}[{path!r}] must be None: only the weights of Dense/Conv "
-                         f"layers (linear ops) are prunable, got {type(m).__name__}.")
+      must = may = path in chosen
+    if m is None and not must:
       continue
+    if not may:
+      why = ("only weights with at least two axes (Dense/Conv kernels, linear-op weights) "
+             "are prunable" if chosen is None else "it is not one of the prunable leaves")
+      raise ValueError(f"{name}[{path!r}] must be None: {why}, got {type(m).__name__}.")
     if m is None or not hasattr(m, "dtype"):
       raise ValueError(f"{name}[{path!r}]={m!r}: expected a bool array of shape "
                        f"{tuple(w.shape)}.")
     if m.dtype != np.bool_:
       raise ValueError(f"{name}[{path!r}] has dtype {m.dtype}; masks must be bool.")
     if tuple(m.shape) != tuple(w.shape):
-      raise ValueError(f"{name}[{path!r}] has shape {tuple(m.shape)}; the kernel has "
+      raise ValueError(f"{name}[{path!r}] has shape {tuple(m.shape)}; the weight has "
                        f"shape {tuple(w.shape)}.")
 
 
@@ -251,11 +302,11 @@ def load(path: str | os.PathLike, params: PyTree) -> Masks:
   with np.load(os.fspath(path)) as data:
     arrays: Mapping[str, np.ndarray] = {k: data[k] for k in data.files}
   masks = jax.tree_util.tree_map_with_path(
-      lambda p, w: jnp.asarray(arrays[path_str(p)]) if is_prunable(p, w)
-      and path_str(p) in arrays else None, params)
-  unknown = sorted(set(arrays) - set(prunable_paths(params)))
+      lambda p, w: jnp.asarray(arrays[path_str(p)]) if path_str(p) in arrays else None, params)
+  unknown = sorted(set(arrays) - {path_str(p) for p, _ in
+                                  jax.tree_util.tree_leaves_with_path(params)})
   if unknown:
     raise ValueError(f"path={os.fspath(path)!r} holds masks for {unknown[:5]}, which are not "
-                     f"prunable kernels of the given params.")
+                     f"prunable kernels of the given params (not parameters of them).")
   validate(masks, params, name=f"masks loaded from {os.fspath(path)!r}")
   return masks

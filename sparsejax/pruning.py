@@ -418,7 +418,7 @@ def effective_kept(model, ranking: Ranking, target_kept: int, input_shape,
     raise ValueError(f"loop={loop!r} is not allowed; allowed: {', '.join(LOOPS)}.")
   if loop == "auto":
     loop = "host" if jax.default_backend() == "cpu" else "device"
-  traced = effective_lib.trace(model, input_shape, **trace_kw)
+  traced = effective_lib.trace(model, input_shape, **_with_ranking_prunable(ranking, trace_kw))
   k, e, n = _jitted_search(traced, loop)(ranking, jnp.int32(target_kept))
   return int(k), int(e), int(n)
 
@@ -448,8 +448,23 @@ def masks_from_ranking(ranking: Ranking, sparsity: float, pruning_type: str = "d
   return masks_at(ranking, k)
 
 
+def _ranking_prunable(ranking: Ranking) -> frozenset:
+  """The '/'-joined paths of the leaves a ranking ranks."""
+  tree = jax.tree.unflatten(ranking.treedef, [0] * ranking.treedef.num_leaves)
+  paths = [masks_lib.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+  return frozenset(paths[i] for i in ranking.slots)
+
+
+def _with_ranking_prunable(ranking: Ranking, trace_kw: dict) -> dict:
+  """``trace_kw`` with the ranking's leaves as the prunable set unless one is given."""
+  if trace_kw.get("prunable") is not None:
+    return trace_kw
+  return dict(trace_kw, prunable=_ranking_prunable(ranking))
+
+
 def _smallest_connected(model, ranking: Ranking, input_shape, **trace_kw) -> int:
   """Fewest active weights of any connected mask along the ranking."""
+  trace_kw = _with_ranking_prunable(ranking, trace_kw)
   # largest k still disconnected
   k, e, _ = effective_kept(model, ranking, 0, input_shape, **trace_kw)
   if e > 0:  # even the first mask of the family is connected (e.g. uniform+)
@@ -474,7 +489,10 @@ class ScoreContext:
   score_kwargs: extra keyword arguments for the score function. loss: the user's
   ``loss(params, batch) -> scalar`` for data-driven scores (None: the image/label
   cross-entropy of a Flax module). apply_kwargs: keyword arguments of the model's
-  call (e.g. {'train': False}).
+  call (e.g. {'train': False}). prunable: the '/'-joined paths of the prunable leaves
+  (the linear-op weights of the traced program, narrowed by the caller's predicate);
+  a score tree has arrays exactly there (``masks.map_prunable(fn, c.params,
+  prunable=c.prunable)``).
   """
 
   key: jax.Array
@@ -488,14 +506,16 @@ class ScoreContext:
   score_kwargs: dict = dataclasses.field(default_factory=dict)
   loss: Callable | None = None
   apply_kwargs: dict | None = None
+  prunable: frozenset | None = None
 
   @property
   def params(self) -> PyTree:
     return _params_of(self.model, self.variables)
 
   def data_kwargs(self, who: str) -> dict:
-    """Keyword arguments of a data-driven score: score_kwargs and the user's loss."""
-    kw = dict(self.score_kwargs)
+    """Keyword arguments of a data-driven score: score_kwargs, the user's loss and the
+    prunable set."""
+    kw = dict(self.score_kwargs, prunable=self.prunable)
     if self.loss is not None:
       kw["loss"] = self.loss
     elif not isinstance(self.model, nn.Module):
@@ -567,15 +587,15 @@ def _scores_lib():
 
 
 def _random(c: ScoreContext):
-  return _scores_lib().random(c.key, c.params)
+  return _scores_lib().random(c.key, c.params, prunable=c.prunable)
 
 
 def _magnitude(c: ScoreContext):
-  return _scores_lib().magnitude(c.trained_params)
+  return _scores_lib().magnitude(c.trained_params, prunable=c.prunable)
 
 
 def _lamp(c: ScoreContext):
-  return _scores_lib().lamp(c.trained_params)
+  return _scores_lib().lamp(c.trained_params, prunable=c.prunable)
 
 
 def _snip(c: ScoreContext):
@@ -594,7 +614,7 @@ def _grasp(c: ScoreContext):
 def _synflow(c: ScoreContext):
   return _scores_lib().synflow(c.model, c.params, c.input_shape, c.sparsity,
                                rounds=c.rounds, apply_kwargs=c.apply_kwargs,
-                               **c.score_kwargs)
+                               prunable=c.prunable, **c.score_kwargs)
 
 
 def _builtin() -> list[Pruner]:
@@ -626,7 +646,7 @@ def register_pruner(pruner: Pruner, *, overwrite: bool = False) -> Pruner:
     >>> import jax.numpy as jnp
     >>> from sparsejax import masks, pruning
     >>> def smallest_first(c):  # keeps the weights closest to zero: a toy score
-    ...   return masks.map_prunable(lambda w: -jnp.abs(w), c.params)
+    ...   return masks.map_prunable(lambda w: -jnp.abs(w), c.params, prunable=c.prunable)
     >>> _ = pruning.register_pruner(pruning.Pruner("toy/inverse", smallest_first, "erk"))
     >>> pruning.get_pruner("toy/inverse").quota
     'erk'
@@ -685,8 +705,10 @@ def _params_of(model, variables) -> PyTree:
   return variables
 
 
-def _trace_kw(model, variables, apply_kwargs) -> dict:
+def _trace_kw(model, variables, apply_kwargs, prunable=None) -> dict:
   kw = {"apply_kwargs": apply_kwargs} if apply_kwargs else {}
+  if prunable is not None:
+    kw["prunable"] = prunable
   if isinstance(model, nn.Module):
     kw["variables"] = variables
   else:
@@ -694,12 +716,39 @@ def _trace_kw(model, variables, apply_kwargs) -> dict:
   return kw
 
 
+def prunable_set(model, variables: PyTree, input_shape=None, *,
+                 prunable: masks_lib.Prunable = None, apply_kwargs: dict | None = None
+                 ) -> frozenset:
+  """The '/'-joined paths of the leaves a pruner prunes.
+
+  With an example input: the parameters the traced program uses as linear-op weights
+  (:func:`sparsejax.effective.trace`), narrowed by ``prunable`` (a predicate on the
+  path or a collection of paths). Without one: :func:`sparsejax.masks.selector`'s
+  rule on the params (leaves named 'kernel' with >= 2 axes by default).
+  """
+  if input_shape is not None and model is not None:
+    return frozenset(effective_lib.prunable_paths(
+        model, input_shape, **_trace_kw(model, variables, apply_kwargs, prunable)))
+  chosen = frozenset(masks_lib.prunable_paths(_params_of(model, variables), prunable))
+  if not chosen:
+    raise ValueError(f"prunable={prunable!r} selects no parameter of the model.")
+  return chosen
+
+
+def _check_score_leaves(scores: PyTree, chosen: frozenset, who: str) -> None:
+  flat = jax.tree_util.tree_leaves_with_path(scores, is_leaf=lambda x: x is None)
+  got = frozenset(masks_lib.path_str(p) for p, s in flat if s is not None)
+  if got != chosen:
+    raise ValueError(f"pruner {who!r} scored {sorted(got - chosen)[:3]} and not "
+                     f"{sorted(chosen - got)[:3]}; a score tree has arrays exactly at the "
+                     "prunable leaves (ScoreContext.prunable).")
 
 
 def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTree,
                 sparsity: float, input_shape=None, batches=None, trained_params=None,
                 rounds: int | None = None, score_kwargs: dict | None = None,
-                loss: Callable | None = None, apply_kwargs: dict | None = None) -> Ranking:
+                loss: Callable | None = None, apply_kwargs: dict | None = None,
+                prunable: masks_lib.Prunable = None) -> Ranking:
   """The ranking of ``pruner`` (scores computed once; iterative pruners run to
   ``sparsity`` in ``rounds`` rounds, default the pruner's, and rank the eliminated
   weights by elimination order).
@@ -709,7 +758,8 @@ def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTre
   input) also gives the layers' input-to-output order that quotas such as uniform+
   read (without it: the params' tree order). ``loss(params, batch) -> scalar`` over
   the user's ``batches`` replaces the image/label cross-entropy of SNIP, iterative
-  SNIP and GraSP.
+  SNIP and GraSP. ``prunable``: narrows the prunable leaves (:func:`prunable_set`),
+  e.g. ``lambda path: not path.startswith('head/')`` to keep a classifier dense.
   """
   p = get_pruner(pruner)
   if p.score is None:
@@ -725,28 +775,36 @@ def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTre
   if p.after_training and trained_params is None:
     raise ValueError(f"pruner={p.name!r} scores the weights after dense training: pass "
                      "trained_params= (the final params of a --pruner=dense run).")
+  chosen = prunable_set(model, variables, input_shape, prunable=prunable,
+                        apply_kwargs=apply_kwargs)
   context = ScoreContext(key=key, model=model, variables=variables,
                          sparsity=masks_lib.check_sparsity(sparsity),
                          input_shape=input_shape, batches=batches,
                          trained_params=trained_params, rounds=_rounds(p, rounds),
                          score_kwargs=score_kwargs, loss=loss,
-                         apply_kwargs=apply_kwargs)
+                         apply_kwargs=apply_kwargs, prunable=chosen)
   flow = None
   if input_shape is not None and model is not None:
     flow = effective_lib.flow_order(model, input_shape,
-                                    **_trace_kw(model, variables, apply_kwargs))
+                                    **_trace_kw(model, variables, apply_kwargs, chosen))
   if p.quota_from is not None:
     # Per-layer counts from the source pruner's global ranking, `score` within layers.
     source = get_pruner(p.quota_from)
     source_context = dataclasses.replace(context, rounds=_rounds(source, None),
                                          score_kwargs={})
     _check_context(source, source_context)
-    global_ranking = rank_scores(source.score(source_context), flow=flow)
-    within = rank_scores(p.score(context), quota="uniform", flow=flow)
+    global_ranking = rank_scores(_scored(source, source_context), flow=flow)
+    within = rank_scores(_scored(p, context), quota="uniform", flow=flow)
     return Ranking(within.order, within.ranks, global_ranking.cutoffs, None, within.shapes,
                    within.treedef, within.slots, flow or ())
   _check_context(p, context)
-  return rank_scores(p.score(context), quota=p.quota, flow=flow)
+  return rank_scores(_scored(p, context), quota=p.quota, flow=flow)
+
+
+def _scored(p: Pruner, context: ScoreContext) -> PyTree:
+  scores = p.score(context)
+  _check_score_leaves(scores, context.prunable, p.name)
+  return scores
 
 
 def _check_context(p: Pruner, context: ScoreContext) -> None:
@@ -758,7 +816,7 @@ def prune(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTree,
           sparsity: float, pruning_type: str = "direct", input_shape=None, batches=None,
           trained_params=None, rounds: int | None = None,
           score_kwargs: dict | None = None, loss: Callable | None = None,
-          apply_kwargs: dict | None = None) -> PyTree:
+          apply_kwargs: dict | None = None, prunable: masks_lib.Prunable = None) -> PyTree:
   """Masks of ``pruner`` at ``sparsity``: direct sparsity, or (``pruning_type=
   'effective'``) the smallest direct sparsity whose effective sparsity is at least
   ``sparsity`` (method.md section 2).
@@ -778,9 +836,12 @@ def prune(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTree,
     rounds: rounds of an iterative pruner (default: the pruner's).
     loss: ``loss(params, batch) -> scalar`` for SNIP, iterative SNIP and GraSP.
     apply_kwargs: keyword arguments of the model's call (e.g. {'train': False}).
+    prunable: narrows the prunable leaves, which default to every parameter the traced
+      program uses as a linear-op weight (Dense/Conv/Einsum kernels): a predicate on
+      the '/'-joined path or a collection of paths (:func:`prunable_set`).
 
   Returns:
-    A mask tree: bool at the prunable kernels, None elsewhere.
+    A mask tree: bool at the prunable leaves, None elsewhere.
 
   Raises:
     UnreachableSparsityError: an effective target beyond every connected mask of the
@@ -802,11 +863,14 @@ def prune(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTree,
   if p.score is None:
     if sparsity != 0:
       raise ValueError(f"pruner='dense' keeps every weight; sparsity={sparsity!r} must be 0.")
-    return masks_lib.ones(_params_of(model, variables))
+    chosen = prunable_set(model, variables, input_shape, prunable=prunable,
+                          apply_kwargs=apply_kwargs)
+    return masks_lib.ones(_params_of(model, variables), chosen)
   ranking = ranking_for(p, key=key, model=model, variables=variables, sparsity=sparsity,
                         input_shape=input_shape, batches=batches,
                         trained_params=trained_params, rounds=rounds,
-                        score_kwargs=score_kwargs, loss=loss, apply_kwargs=apply_kwargs)
+                        score_kwargs=score_kwargs, loss=loss, apply_kwargs=apply_kwargs,
+                        prunable=prunable)
   return masks_from_ranking(ranking, sparsity, pruning_type, model=model,
                             input_shape=input_shape,
                             **_trace_kw(model, variables, apply_kwargs))

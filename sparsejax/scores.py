@@ -1,8 +1,7 @@
 """Pruning scores (method.md section 4): one number per prunable weight, higher = kept first.
 
 Every function returns a *score tree*: shaped like ``params``, with an array of the
-kernel's shape at every prunable kernel (Dense/Conv ``kernel``) and ``None``
-elsewhere, ready for :func:`sparsejax.pruning.rank_scores`. One-shot scores are
+weight's shape at every prunable leaf and ``None`` elsewhere, ready for :func:`sparsejax.pruning.rank_scores`. One-shot scores are
 float32. Iterative pruners (:func:`iterative_snip`, :func:`synflow`) return int32
 *priorities*: a permutation of 0..N-1 that encodes their elimination order, so that
 the top k = round((1 - s) N) priorities are exactly the pruner's final mask and a
@@ -16,6 +15,12 @@ Elimination order of an iterative pruner, lowest priority first:
 3. the survivors, by their score on the final mask (one extra scoring pass).
 Positions are flat row-major indices within a layer, layers in input-to-output order,
 the tie-break :func:`sparsejax.pruning.rank_scores` uses too.
+
+Prunable leaves: those where ``masks`` is not None when masks are given, else those
+chosen by ``prunable`` (:func:`sparsejax.masks.selector`: default the leaves named
+'kernel' with at least two axes, or a predicate on the path, or a collection of paths,
+e.g. the linear-op weights of a traced program that :func:`sparsejax.pruning.prune`
+passes).
 
 Per-round top-k is exact: a two-pass radix select on the float bits of the scores
 (histograms of the high 16 and low 15 bits; non-negative float32 order = int32 order
@@ -80,29 +85,60 @@ def _is_none(x) -> bool:
   return x is None
 
 
-def _kernels(params: PyTree) -> list:
-  flat = jax.tree_util.tree_leaves_with_path(params)
-  return [leaf for p, leaf in flat if masks_lib.is_prunable(p, leaf)]
+def _slots(params: PyTree, prunable: masks_lib.Prunable = None, masks=None) -> tuple:
+  """Flat leaf indices of the prunable leaves (module docstring), checking ``masks``."""
+  if masks is not None:
+    masks_lib.validate(masks, params, prunable=prunable)
+    flat = jax.tree.leaves(masks, is_leaf=_is_none)
+    slots = tuple(i for i, m in enumerate(flat) if m is not None)
+  else:
+    chosen = masks_lib.selector(prunable)
+    slots = tuple(i for i, (p, leaf) in enumerate(jax.tree_util.tree_leaves_with_path(params))
+                  if chosen(p, leaf))
+  if not slots:
+    raise ValueError(f"params has no prunable leaf (prunable={prunable!r}: default Dense/Conv "
+                     "'kernel' leaves with >= 2 axes).")
+  return slots
 
 
-def _with_kernels(params: PyTree, kernels: Sequence) -> PyTree:
-  """``params`` with its prunable kernels replaced, in layer order (traceable)."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  it = iter(kernels)
-  return jax.tree.unflatten(treedef, [next(it) if masks_lib.is_prunable(p, leaf) else leaf
-                                      for p, leaf in flat])
+def _cache_slots(params: PyTree, slots: tuple) -> tuple | None:
+  """``slots`` as a cache key of the compiled score functions: None for the default
+  rule's leaves, so that callers with and without an explicit set share programs."""
+  default = tuple(i for i, (p, leaf) in enumerate(jax.tree_util.tree_leaves_with_path(params))
+                  if masks_lib.is_prunable(p, leaf))
+  return None if slots == default else slots
 
 
-def _score_tree(params: PyTree, kernel_scores: Sequence) -> PyTree:
-  """Mask-shaped tree: the given arrays at the prunable kernels, None elsewhere."""
-  it = iter(kernel_scores)
-  return masks_lib.map_prunable(lambda w: next(it).reshape(w.shape), params)
+def _kernels(params: PyTree, slots: tuple | None = None) -> list:
+  """The prunable leaves (``slots``; default :func:`_slots`), in tree order (traceable;
+  also for gradient trees)."""
+  leaves = jax.tree.leaves(params)
+  slots = _slots(params) if slots is None else slots
+  return [leaves[i] for i in slots]
 
 
-def _mask_leaves(masks, params: PyTree) -> list | None:
+def _with_kernels(params: PyTree, kernels: Sequence, slots: tuple | None = None) -> PyTree:
+  """``params`` with its prunable leaves replaced, in tree order (traceable)."""
+  slots = _slots(params) if slots is None else slots
+  leaves, treedef = jax.tree.flatten(params)
+  for i, k in zip(slots, kernels):
+    leaves[i] = k
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def _score_tree(params: PyTree, kernel_scores: Sequence, slots: tuple) -> PyTree:
+  """Mask-shaped tree: the given arrays at the prunable leaves, None elsewhere."""
+  leaves, treedef = jax.tree.flatten(params)
+  out = [None] * len(leaves)
+  for i, k in zip(slots, kernel_scores):
+    out[i] = jnp.reshape(k, leaves[i].shape)
+  return jax.tree.unflatten(treedef, out)
+
+
+def _mask_leaves(masks) -> list | None:
+  """The arrays of a mask tree already checked by :func:`_slots`."""
   if masks is None:
     return None
-  masks_lib.validate(masks, params)
   return [jnp.asarray(m) for m in masks_lib.mask_leaves(masks)]
 
 
@@ -113,10 +149,11 @@ def _check_finite(kernel_scores: Sequence, who: str) -> None:
                      "(check the weights, the inputs and the loss).")
 
 
-def _check_finite_weights(params: PyTree, who: str) -> None:
+def _check_finite_weights(params: PyTree, slots: tuple, who: str) -> None:
   """Scores of NaN or infinite weights mean nothing (LAMP would score such a layer 0)."""
-  bad = {p: int(jnp.sum(~jnp.isfinite(w)))
-         for p, w in zip(masks_lib.prunable_paths(params), _kernels(params))}
+  paths = [masks_lib.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  bad = {paths[i]: int(jnp.sum(~jnp.isfinite(w)))
+         for i, w in zip(slots, _kernels(params, slots))}
   bad = {p: n for p, n in bad.items() if n}
   if bad:
     raise ValueError(f"{who} got {sum(bad.values())} NaN or infinite weights (in "
@@ -238,7 +275,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------- one-shot
 
 
-def random(key: jax.Array, params: PyTree) -> PyTree:
+def random(key: jax.Array, params: PyTree, prunable: masks_lib.Prunable = None) -> PyTree:
   """Random scores: iid uniform integers in [0, 2^31) (int32, ranked exactly), one
   independent draw per layer from ``jax.random.split(key, L)``.
 
@@ -248,12 +285,11 @@ def random(key: jax.Array, params: PyTree) -> PyTree:
   position; only ties at a mask's cut matter, so at most a weight or two. O(N): a
   permutation (jax.random.permutation) costs 20 s on 20M weights on CPU.
   """
-  kernels = _kernels(params)
-  if not kernels:
-    raise ValueError("params has no prunable kernel (Dense/Conv 'kernel' with >= 2 axes).")
+  slots = _slots(params, prunable)
+  kernels = _kernels(params, slots)
   keys = jax.random.split(key, len(kernels))
   draws = [_random_bits(k, tuple(w.shape)) for k, w in zip(keys, kernels)]
-  return _score_tree(params, draws)
+  return _score_tree(params, draws, slots)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -261,11 +297,12 @@ def _random_bits(key: jax.Array, shape: tuple) -> jax.Array:
   return (jax.random.bits(key, shape, jnp.uint32) >> 1).astype(jnp.int32)
 
 
-def magnitude(params: PyTree) -> PyTree:
-  """Magnitude scores |w| (float32)."""
-  out = masks_lib.map_prunable(lambda w: jnp.abs(w).astype(jnp.float32), params)
-  _check_finite(masks_lib.mask_leaves(out), "magnitude")
-  return out
+def magnitude(params: PyTree, prunable: masks_lib.Prunable = None) -> PyTree:
+  """Magnitude scores |w| (float32) at the ``prunable`` leaves (module docstring)."""
+  slots = _slots(params, prunable)
+  out = [jnp.abs(w).astype(jnp.float32) for w in _kernels(params, slots)]
+  _check_finite(out, "magnitude")
+  return _score_tree(params, out, slots)
 
 
 def _lamp_layer(w: jax.Array) -> jax.Array:
@@ -283,7 +320,7 @@ def _lamp_layer(w: jax.Array) -> jax.Array:
 _lamp_layer_jit = jax.jit(_lamp_layer)
 
 
-def lamp(params: PyTree) -> PyTree:
+def lamp(params: PyTree, prunable: masks_lib.Prunable = None) -> PyTree:
   """LAMP scores (Lee et al., 2021, "Layer-adaptive sparsity for the magnitude-based
   pruning"): in each layer, with weights sorted by |w| ascending (ties: higher flat
   position first),
@@ -297,10 +334,11 @@ def lamp(params: PyTree) -> PyTree:
   Raises:
     ValueError: a NaN or infinite weight (as :func:`magnitude`).
   """
-  _check_finite_weights(params, "lamp")
-  out = masks_lib.map_prunable(_lamp_layer_jit, params)
-  _check_finite(masks_lib.mask_leaves(out), "lamp")
-  return out
+  slots = _slots(params, prunable)
+  _check_finite_weights(params, slots, "lamp")
+  out = [_lamp_layer_jit(w) for w in _kernels(params, slots)]
+  _check_finite(out, "lamp")
+  return _score_tree(params, out, slots)
 
 
 # --------------------------------------------------------------------------- SNIP
@@ -331,16 +369,17 @@ def _data_loss(model, loss_fn: Callable, temperature: float | None = None, loss=
 
 
 @functools.lru_cache(maxsize=32)
-def _snip_fns(model, loss_fn: Callable, user_loss: Callable | None = None):
+def _snip_fns(model, loss_fn: Callable, user_loss: Callable | None = None,
+              slots: tuple | None = None):
   loss = _data_loss(model, loss_fn, loss=user_loss)
 
   def kernel_grads(params, rest, batch, mask_leaves):
-    """dL/dw at the masked weights, at the prunable kernels only."""
-    kernels = _kernels(params)
+    """dL/dw at the masked weights, at the prunable leaves only."""
+    kernels = _kernels(params, slots)
     if mask_leaves is not None:
       kernels = [jnp.where(m, w, 0) for w, m in zip(kernels, mask_leaves)]
-    g = jax.grad(loss)(_with_kernels(params, kernels), rest, batch)
-    return _kernels(g), kernels
+    g = jax.grad(loss)(_with_kernels(params, kernels, slots), rest, batch)
+    return _kernels(g, slots), kernels
 
   @jax.jit
   def accumulate(acc, weight, params, rest, batch, mask_leaves):
@@ -349,7 +388,7 @@ def _snip_fns(model, loss_fn: Callable, user_loss: Callable | None = None):
 
   @jax.jit
   def finish(acc, total, params, mask_leaves):
-    kernels = _kernels(params)
+    kernels = _kernels(params, slots)
     if mask_leaves is not None:
       kernels = [jnp.where(m, w, 0) for w, m in zip(kernels, mask_leaves)]
     return [jnp.abs(a / total * w).astype(jnp.float32) for a, w in zip(acc, kernels)]
@@ -363,7 +402,8 @@ def _snip_fns(model, loss_fn: Callable, user_loss: Callable | None = None):
 
 
 def snip(model, variables: PyTree, batches: Iterable[dict], *, masks=None,
-         loss_fn: Callable | None = None, loss: Callable | None = None) -> PyTree:
+         loss_fn: Callable | None = None, loss: Callable | None = None,
+         prunable: masks_lib.Prunable = None) -> PyTree:
   """SNIP connection sensitivity (Lee et al., 2019, "SNIP: single-shot network pruning
   based on connection sensitivity"):
 
@@ -384,6 +424,7 @@ def snip(model, variables: PyTree, batches: Iterable[dict], *, masks=None,
     loss: optional ``loss(params, batch) -> scalar`` over the user's own batches (any
       pytrees with a leading batch axis); replaces the model/image/label default, and
       ``variables`` may then be the params alone.
+    prunable: which leaves are scored (module docstring).
   Returns:
     float32 score tree shaped like the params.
   """
@@ -391,10 +432,12 @@ def snip(model, variables: PyTree, batches: Iterable[dict], *, masks=None,
   params, rest = _split_for(variables, loss)
   if batches is None:
     _batches_list(None, who)
-  mask_leaves = _mask_leaves(masks, params)
+  slots = _slots(params, prunable, masks)
+  mask_leaves = _mask_leaves(masks)
   check = _check_batch if loss is None else _any_batch
-  accumulate, finish, _ = _snip_fns(_model_key(model, loss), loss_fn or cross_entropy, loss)
-  acc = [jnp.zeros(w.shape, jnp.float32) for w in _kernels(params)]
+  accumulate, finish, _ = _snip_fns(_model_key(model, loss), loss_fn or cross_entropy, loss,
+                                    _cache_slots(params, slots))
+  acc = [jnp.zeros(w.shape, jnp.float32) for w in _kernels(params, slots)]
   total = 0
   for batch in ([batches] if isinstance(batches, Mapping) else batches):
     batch = check(batch, who)
@@ -405,35 +448,37 @@ def snip(model, variables: PyTree, batches: Iterable[dict], *, masks=None,
     _batches_list([], who)
   out = finish(acc, jnp.float32(total), params, mask_leaves)
   _check_finite(out, who)
-  return _score_tree(params, out)
+  return _score_tree(params, out, slots)
 
 
 # --------------------------------------------------------------------------- GraSP
 
 
 @functools.lru_cache(maxsize=32)
-def _grasp_fns(model, loss_fn: Callable, temperature: float, user_loss: Callable | None = None):
+def _grasp_fns(model, loss_fn: Callable, temperature: float,
+               user_loss: Callable | None = None, slots: tuple | None = None):
   loss = _data_loss(model, loss_fn, temperature, user_loss)
 
   @jax.jit
   def grad_acc(acc, weight, params, rest, batch):
     g = jax.grad(loss)(params, rest, batch)
-    return [a + weight * gi for a, gi in zip(acc, _kernels(g))]
+    return [a + weight * gi for a, gi in zip(acc, _kernels(g, slots))]
 
   @jax.jit
   def hvp_acc(acc, weight, params, rest, batch, g_kernels):
     # Tangent g on the prunable kernels only, as GraSP differentiates only the weights.
-    tangent = _with_kernels(jax.tree.map(jnp.zeros_like, params), g_kernels)
+    tangent = _with_kernels(jax.tree.map(jnp.zeros_like, params), g_kernels, slots)
     grad = lambda p: jax.grad(loss)(p, rest, batch)
     _, hg = jax.jvp(grad, (params,), (tangent,))
-    return [a + weight * h for a, h in zip(acc, _kernels(hg))]
+    return [a + weight * h for a, h in zip(acc, _kernels(hg, slots))]
 
   return grad_acc, hvp_acc
 
 
 def grasp_hessian_gradient(model, variables: PyTree, batches: Iterable[dict], *,
                            temperature: float = 200.0, loss_fn: Callable | None = None,
-                           loss: Callable | None = None) -> tuple[list, list]:
+                           loss: Callable | None = None,
+                           prunable: masks_lib.Prunable = None) -> tuple[list, list]:
   """(g, Hg) at the prunable kernels (lists in layer order, float32): g = mean_b
   dL_b/dw and Hg = mean_b H_b g, with L_b the loss on logits / temperature and H_b its
   Hessian over the prunable kernels. Hg is a forward-over-reverse product (jax.jvp of
@@ -447,8 +492,10 @@ def grasp_hessian_gradient(model, variables: PyTree, batches: Iterable[dict], *,
     raise ValueError(f"temperature={temperature!r} must be a positive finite number.")
   params, rest = _split_for(variables, loss)
   batch_list = _batches_list(batches, who, _check_batch if loss is None else _any_batch)
-  grad_acc, hvp_acc = _grasp_fns(_model_key(model, loss), loss_fn or cross_entropy, t, loss)
-  zeros = [jnp.zeros(w.shape, jnp.float32) for w in _kernels(params)]
+  slots = _slots(params, prunable)
+  grad_acc, hvp_acc = _grasp_fns(_model_key(model, loss), loss_fn or cross_entropy, t, loss,
+                                 _cache_slots(params, slots))
+  zeros = [jnp.zeros(w.shape, jnp.float32) for w in _kernels(params, slots)]
   sizes = [_batch_size(b) for b in batch_list]
   total = float(sum(sizes))
   g = zeros
@@ -461,7 +508,8 @@ def grasp_hessian_gradient(model, variables: PyTree, batches: Iterable[dict], *,
 
 
 def grasp(model, variables: PyTree, batches: Iterable[dict], *, temperature: float = 200.0,
-          loss_fn: Callable | None = None, loss: Callable | None = None) -> PyTree:
+          loss_fn: Callable | None = None, loss: Callable | None = None,
+          prunable: masks_lib.Prunable = None) -> PyTree:
   """GraSP keep-scores (Wang et al., 2020, "Picking winning tickets before training by
   preserving gradient flow"): GraSP's score is S = -w * (H g), with g the loss gradient
   and H the Hessian of the loss on logits / ``temperature`` (both averaged over
@@ -471,11 +519,12 @@ def grasp(model, variables: PyTree, batches: Iterable[dict], *, temperature: flo
   ``temperature`` keyword gets GraSP's temperature; otherwise it is used as is).
   """
   params, _ = _split_for(variables, loss)
+  slots = _slots(params, prunable)
   _, hg = grasp_hessian_gradient(model, variables, batches, temperature=temperature,
-                                 loss_fn=loss_fn, loss=loss)
-  out = [(w.astype(jnp.float32) * h) for w, h in zip(_kernels(params), hg)]
+                                 loss_fn=loss_fn, loss=loss, prunable=prunable)
+  out = [(w.astype(jnp.float32) * h) for w, h in zip(_kernels(params, slots), hg)]
   _check_finite(out, "grasp")
-  return _score_tree(params, out)
+  return _score_tree(params, out, slots)
 
 
 # --------------------------------------------------------------------------- exact top-k
@@ -696,9 +745,9 @@ def _priorities(round_of: list, last: list, rounds: int) -> list:
   return jnp.split(prio, np.cumsum(sizes)[:-1])
 
 
-def _iterate(step, args_for_round: Callable, params: PyTree, mask_leaves, sparsity: float,
-             rounds: int, who: str, return_stats: bool):
-  kernels = _kernels(params)
+def _iterate(step, args_for_round: Callable, params: PyTree, slots: tuple, mask_leaves,
+             sparsity: float, rounds: int, who: str, return_stats: bool):
+  kernels = _kernels(params, slots)
   total = int(sum(np.prod(w.shape) for w in kernels))
   if mask_leaves is None:
     round_of = [jnp.full(w.shape, _ALIVE, jnp.int32) for w in kernels]
@@ -723,7 +772,7 @@ def _iterate(step, args_for_round: Callable, params: PyTree, mask_leaves, sparsi
     first = int(np.argmax(stats[:, 1] > 0))
     raise ValueError(f"{who} computed {bad} NaN or infinite scores (first in round {first}); "
                      "scores must be finite.")
-  prio = _score_tree(params, _priorities(*state, rounds))
+  prio = _score_tree(params, _priorities(*state, rounds), slots)
   if not return_stats:
     return prio
   kept = np.concatenate([[kept0], schedule]).astype(np.int64)
@@ -739,14 +788,16 @@ def _iterate(step, args_for_round: Callable, params: PyTree, mask_leaves, sparsi
 
 
 @functools.lru_cache(maxsize=32)
-def _iterative_snip_step(model, loss_fn: Callable, user_loss: Callable | None = None):
-  _, _, round_scores = _snip_fns(model, loss_fn, user_loss)
+def _iterative_snip_step(model, loss_fn: Callable, user_loss: Callable | None = None,
+                         slots: tuple | None = None):
+  _, _, round_scores = _snip_fns(model, loss_fn, user_loss, slots)
   return _make_step(lambda alive, params, rest, batch: round_scores(params, rest, batch, alive))
 
 
 def iterative_snip(model, variables: PyTree, batches: Iterable[dict], sparsity: float, *,
                    rounds: int = 300, masks=None, loss_fn: Callable | None = None,
-                   return_stats: bool = False, loss: Callable | None = None):
+                   return_stats: bool = False, loss: Callable | None = None,
+                   prunable: masks_lib.Prunable = None):
   """Iterative SNIP (de Jorge et al., 2021, "Progressive skeletonization", FORCE-like
   schedule without resurrection): after round t = 1..R the density is
   (1 - s)^(t/R); each round recomputes :func:`snip` on the currently masked network
@@ -763,10 +814,13 @@ def iterative_snip(model, variables: PyTree, batches: Iterable[dict], sparsity: 
   rounds = _check_rounds(rounds)
   params, rest = _split_for(variables, loss)
   source = _Cycle(batches, who, _check_batch if loss is None else _any_batch)
-  mask_leaves = _mask_leaves(masks, params)
-  step = _iterative_snip_step(_model_key(model, loss), loss_fn or cross_entropy, loss)
+  slots = _slots(params, prunable, masks)
+  mask_leaves = _mask_leaves(masks)
+  step = _iterative_snip_step(_model_key(model, loss), loss_fn or cross_entropy, loss,
+                              _cache_slots(params, slots))
   args = lambda t: (params, rest, source.get(t))
-  return _iterate(step, args, params, mask_leaves, sparsity, rounds, who, return_stats)
+  return _iterate(step, args, params, slots, mask_leaves, sparsity, rounds, who,
+                  return_stats)
 
 
 # --------------------------------------------------------------------------- SynFlow
@@ -790,29 +844,36 @@ def _synflow_fns(traced):
   return paths, jax.jit(scores), step
 
 
-def _synflow_setup(model, params, input_shape, trace_kwargs=None):
-  """(params, |kernels| float32, |params| flat, one-round scores fn, jitted round step)."""
+def _synflow_setup(model, params, input_shape, apply_kwargs=None, prunable=None, masks=None):
+  """(params, slots, |kernels| float32, |params| flat, one-round scores fn, jitted round
+  step, mask leaves) for the prunable leaves of the traced program (module docstring)."""
   from sparsejax import effective  # pylint: disable=g-import-not-at-top
   if hasattr(params, "keys") and "params" in params and hasattr(params["params"], "keys"):
     params = params["params"]  # model variables were passed
   if not hasattr(input_shape, "shape"):
     input_shape = models.check_input_shape(input_shape)
-  kw = dict(trace_kwargs or {})
+  kw = {"apply_kwargs": apply_kwargs} if apply_kwargs else {}
   if not isinstance(model, nn.Module):
-    kw.setdefault("params", params)
-  traced = effective.trace(model, input_shape, **kw)
+    kw["params"] = params
+  traced = (effective.trace(model, input_shape, prunable=prunable, **kw) if masks is None
+            else effective._trace_for(model, masks, input_shape,  # pylint: disable=protected-access
+                                      dict(kw, prunable=prunable)))
   paths, scores, step = _synflow_fns(traced)
-  mine = tuple(masks_lib.prunable_paths(params))
-  if mine != paths or len(jax.tree.leaves(params)) != len(traced.paths):
-    raise ValueError(f"params does not match the model: prunable kernels {list(mine)[:3]}... "
-                     f"vs the model's {list(paths)[:3]}...; pass the model's params.")
-  abs_kernels = [jnp.abs(w).astype(jnp.float32) for w in _kernels(params)]
+  mine = tuple(masks_lib.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params))
+  if mine != traced.paths:
+    raise ValueError(f"params does not match the model: leaves {list(mine)[:3]}... vs the "
+                     f"model's {list(traced.paths)[:3]}...; pass the model's params.")
+  slots = tuple(sorted(traced.prunable))
+  if masks is not None:
+    masks_lib.validate(masks, params, prunable=paths)
+  abs_kernels = [jnp.abs(w).astype(jnp.float32) for w in _kernels(params, slots)]
   abs_params = [jnp.abs(jnp.asarray(w)).astype(jnp.float32) for w in jax.tree.leaves(params)]
-  return params, abs_kernels, abs_params, scores, step
+  return params, slots, abs_kernels, abs_params, scores, step, _mask_leaves(masks)
 
 
 def synflow_scores(model, params: PyTree, input_shape, masks=None,
-                   apply_kwargs: dict | None = None) -> PyTree:
+                   apply_kwargs: dict | None = None,
+                   prunable: masks_lib.Prunable = None) -> PyTree:
   """One round of SynFlow scores (Tanaka et al., 2020, "Pruning neural networks without
   any data by iteratively conserving synaptic flow"):
 
@@ -828,17 +889,17 @@ def synflow_scores(model, params: PyTree, input_shape, masks=None,
   or a function ``apply(params, x)``; ValueError where the model has no faithful
   linearization (layer norm, products of activations).
   """
-  params, abs_kernels, abs_params, scores, _ = _synflow_setup(
-      model, params, input_shape, {"apply_kwargs": apply_kwargs} if apply_kwargs else None)
-  mask_leaves = _mask_leaves(masks, params)
+  params, slots, abs_kernels, abs_params, scores, _, mask_leaves = _synflow_setup(
+      model, params, input_shape, apply_kwargs, prunable, masks)
   alive = mask_leaves or [jnp.ones(w.shape, bool) for w in abs_kernels]
   out = scores(abs_kernels, alive, abs_params)
   _check_finite(out, "synflow")
-  return _score_tree(params, out)
+  return _score_tree(params, out, slots)
 
 
 def synflow(model, params: PyTree, input_shape, sparsity: float, *, rounds: int = 100,
-            masks=None, return_stats: bool = False, apply_kwargs: dict | None = None):
+            masks=None, return_stats: bool = False, apply_kwargs: dict | None = None,
+            prunable: masks_lib.Prunable = None):
   """Iterative SynFlow (Tanaka et al., 2020): ``rounds`` rounds of
   :func:`synflow_scores` on the currently kept weights; after round t = 1..R the
   density is (1 - s)^(t/R), kept globally by exact top-k (ties by position).
@@ -852,8 +913,7 @@ def synflow(model, params: PyTree, input_shape, sparsity: float, *, rounds: int 
   who = "synflow"
   sparsity = masks_lib.check_sparsity(sparsity)
   rounds = _check_rounds(rounds)
-  params, abs_kernels, abs_params, _, step = _synflow_setup(
-      model, params, input_shape, {"apply_kwargs": apply_kwargs} if apply_kwargs else None)
-  mask_leaves = _mask_leaves(masks, params)
-  return _iterate(step, lambda t: (abs_kernels, abs_params), params, mask_leaves, sparsity, rounds, who,
-                  return_stats)
+  params, slots, abs_kernels, abs_params, _, step, mask_leaves = _synflow_setup(
+      model, params, input_shape, apply_kwargs, prunable, masks)
+  return _iterate(step, lambda t: (abs_kernels, abs_params), params, slots, mask_leaves,
+                  sparsity, rounds, who, return_stats)

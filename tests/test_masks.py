@@ -134,3 +134,20 @@ def test_apply_and_counts_refuse_masks_that_do_not_fit(params):
   with pytest.raises(ValueError, match="does not match the parameter tree"):
     masks.apply(params, {"conv_0": good["conv_0"]})
   assert masks.compression(good, params) == 1.0
+
+
+def test_selector_chooses_leaves_by_rule_predicate_or_paths(params):
+  assert masks.prunable_paths(params, lambda p: p.startswith("dense")) == [
+      "dense_2/kernel", "dense_3/kernel", "dense_4/kernel"]
+  assert masks.prunable_paths(params, {"conv_1/kernel", "dense_4/kernel"}) == [
+      "conv_1/kernel", "dense_4/kernel"]
+  m = masks.ones(params, lambda p: p != "conv_0/kernel")
+  assert m["conv_0"]["kernel"] is None and masks.count(m)[1] == 61_770 - 450
+  masks.validate(m, params)  # a None at a kernel: that kernel is not pruned
+  with pytest.raises(ValueError, match=r"masks\['conv_0/kernel'\]=None: expected a bool"):
+    masks.validate(m, params, prunable=None or masks.prunable_paths(params))
+  for bad in (3, "conv_0/kernel", [1, 2]):
+    with pytest.raises(ValueError, match="prunable=.* must be None"):
+      masks.ones(params, bad)
+  r = masks.random(jax.random.key(0), params, 0.5, prunable={"dense_2/kernel"})
+  assert masks.count(r) == (24_000, 48_000)

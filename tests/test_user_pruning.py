@@ -170,3 +170,103 @@ def test_snip_user_loss_equals_default_loss():
   b = scores.snip(None, variables, _batches(), loss=loss)
   for x, y in zip(masks_lib.mask_leaves(a), masks_lib.mask_leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-8)
+
+
+# ------------------------------------------------- the prunable set beyond the name rule
+
+
+def _named_fn(params, x):
+  """A user function whose weights are not called 'kernel': conv 'cw', dense 'w_out'."""
+  h = jax.lax.conv_general_dilated(x, params["cw"], (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  h = jax.nn.relu(h + params["cb"])
+  h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+  return h.reshape(h.shape[0], -1) @ params["w_out"] + params["b_out"]
+
+
+def _named_params():
+  rng = np.random.default_rng(5)
+  return {"cw": jnp.asarray(rng.normal(size=(3, 3, 1, 4)), jnp.float32),
+          "cb": jnp.zeros(4, jnp.float32),
+          "w_out": jnp.asarray(rng.normal(size=(36, 3)), jnp.float32),
+          "b_out": jnp.zeros(3, jnp.float32)}
+
+
+def _named_loss(params, batch):
+  return jnp.mean((_named_fn(params, batch["x"]) - batch["y"]) ** 2)
+
+
+@pytest.mark.parametrize("pruner", ["random/uniform_plus", "random/igq", "random/snip",
+                                    "magnitude/erk", "lamp", "snip", "snip/iterative",
+                                    "grasp", "synflow"])
+def test_every_pruner_prunes_weights_not_named_kernel(pruner):
+  params = _named_params()
+  rng = np.random.default_rng(6)
+  batches = [{"x": jnp.asarray(rng.normal(size=(4,) + SHAPE), jnp.float32),
+              "y": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}]
+  kw = dict(key=jax.random.key(0), model=_named_fn, variables=params, input_shape=SHAPE,
+            batches=batches, trained_params=params, loss=_named_loss,
+            rounds=FAST.get(pruner))
+  direct = pruning.prune(pruner, sparsity=0.5, **kw)
+  assert direct["cb"] is None and direct["b_out"] is None
+  assert masks_lib.count(direct, params) == (72, 36 + 108)      # cw and w_out
+  eff = pruning.prune(pruner, sparsity=0.5, pruning_type="effective", **kw)
+  assert effective.effective_sparsity(_named_fn, eff, SHAPE, params=params) >= 0.5
+
+
+@pytest.mark.parametrize("pruner", ["random/erk", "magnitude/global", "snip",
+                                    "synflow"])
+def test_a_prunable_predicate_keeps_chosen_layers_dense(pruner):
+  model = FlaxCNN()
+  variables = model.init(jax.random.key(0), jnp.ones((1,) + SHAPE))
+  keep_ends = lambda path: path not in ("conv1/kernel", "head/kernel")
+  kw = dict(key=jax.random.key(2), model=model, variables=variables, input_shape=SHAPE,
+            batches=_batches(), trained_params=variables["params"],
+            rounds=FAST.get(pruner), prunable=keep_ends)
+  m = pruning.prune(pruner, sparsity=0.7, **kw)
+  assert m["conv1"]["kernel"] is None and m["head"]["kernel"] is None
+  assert masks_lib.count(m) == (round(0.3 * 216), 216)          # conv2 alone: 3*3*4*6
+  eff = pruning.prune(pruner, sparsity=0.7, pruning_type="effective", **kw)
+  # the masks carry the prunable set: no prunable= needed to measure them
+  assert effective.effective_sparsity(model, eff, SHAPE, variables=variables) >= 0.7
+  # an unpruned layer is an unmasked one: the same active weights as a True mask there
+  full = dict(eff, conv1=dict(eff["conv1"], kernel=jnp.ones((3, 3, 1, 4), bool)),
+              head=dict(eff["head"], kernel=jnp.ones(
+                  variables["params"]["head"]["kernel"].shape, bool)))
+  a = effective.effective_masks(model, eff, SHAPE, variables=variables)
+  b = effective.effective_masks(model, full, SHAPE, variables=variables)
+  np.testing.assert_array_equal(a["conv2"]["kernel"], b["conv2"]["kernel"])
+
+
+def test_masks_of_a_user_function_train_with_the_optax_wrapper():
+  import optax  # pylint: disable=g-import-not-at-top
+  from sparsejax import optim  # pylint: disable=g-import-not-at-top
+  params = _named_params()
+  m = pruning.prune("random/igq", key=jax.random.key(1), model=_named_fn, variables=params,
+                    sparsity=0.8, input_shape=SHAPE)
+  tx = optim.with_masks(optax.adam(1e-2), m)
+  params = masks_lib.apply(params, m)
+  state = tx.init(params)
+  batch = {"x": jnp.ones((2,) + SHAPE), "y": jnp.ones((2, 3))}
+  for _ in range(3):
+    grads = jax.grad(_named_loss)(params, batch)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  for name in ("cw", "w_out"):
+    assert not np.any(np.asarray(params[name])[~np.asarray(m[name])])
+  assert np.any(np.asarray(params["cb"]) != 0)                   # biases train
+
+
+def test_bad_prunable_and_foreign_score_trees():
+  params = _named_params()
+  with pytest.raises(ValueError, match="prunable=3 must be None"):
+    pruning.prune("random/igq", key=jax.random.key(0), model=_named_fn, variables=params,
+                  sparsity=0.5, input_shape=SHAPE, prunable=3)
+  with pytest.raises(ValueError, match=r"prunable selects \['cb'\]"):
+    pruning.prune("random/igq", key=jax.random.key(0), model=_named_fn, variables=params,
+                  sparsity=0.5, input_shape=SHAPE, prunable=["cb", "cw"])
+  wrong = pruning.Pruner("toy/name_rule", lambda c: masks_lib.map_prunable(jnp.abs, c.params),
+                         "erk")
+  with pytest.raises(ValueError, match="scored.*ScoreContext.prunable"):
+    pruning.prune(wrong, key=jax.random.key(0), model=_named_fn, variables=params,
+                  sparsity=0.5, input_shape=SHAPE)
