@@ -200,26 +200,6 @@ def trace(model, input_shape, *, variables=None, params=None, apply_kwargs=None,
   return _trace_cached(*key, chosen)
 
 
-def _prunable_of(masks: Masks) -> frozenset:
-  """The prunable set a mask tree carries: the paths of its non-None leaves."""
-  flat = jax.tree_util.tree_leaves_with_path(masks, is_leaf=_is_none)
-  return frozenset(masks_lib.path_str(p) for p, m in flat if m is not None)
-
-
-def _trace_for(model, masks: Masks, input_shape, kw: dict) -> Traced:
-  """The trace whose prunable leaves are ``kw['prunable']`` or else the masks' leaves."""
-  if kw.get("prunable") is not None:
-    return trace(model, input_shape, **kw)
-  default = trace(model, input_shape, **kw)
-  chosen = _prunable_of(masks) & set(default.paths)  # others: validate names them
-  bad = sorted(chosen - set(default.prunable_paths))
-  if bad:
-    raise ValueError(f"masks[{bad[0]!r}] must be None: only parameters that enter a linear op "
-                     "(Dense, Conv, dot_general, conv_general_dilated) as its weight are "
-                     "prunable.")
-  return trace(model, input_shape, **dict(kw, prunable=chosen))
-
-
 def _flat_masks(masks, traced: Traced) -> list:
   flat = jax.tree.leaves(masks, is_leaf=_is_none)
   return [flat[i] for i in traced.prunable]
@@ -266,7 +246,8 @@ def validate(masks: Masks, traced: Traced, name: str = "masks") -> None:
   """ValueError unless ``masks`` has the params' structure with a bool array of the
   kernel's shape at every prunable leaf and None elsewhere."""
   masks_lib.validate(masks, _unspec(traced.params_spec), name,
-                     prunable=set(traced.prunable_paths))
+                     prunable=set(traced.prunable_paths),
+                     hint=" (a linear-op weight; pass prunable= to leave it out)")
   if jax.tree.structure(masks, is_leaf=_is_none) != jax.tree.structure(
       jax.tree.unflatten(traced.params_spec[0], [None] * len(traced.paths)),
       is_leaf=_is_none):
@@ -282,10 +263,12 @@ def connectivity(model, masks: Masks, input_shape, **kw) -> Connectivity:
     masks: bool masks shaped like the model's params (None at non-prunable leaves).
     input_shape: one example's shape without the batch axis, e.g. (32, 32, 3), or an
       example input array.
-    **kw: ``variables=``, ``params=``, ``apply_kwargs=``, ``prunable=`` (see :func:`trace`;
-      default: the leaves where ``masks`` is not None).
+    **kw: ``variables=``, ``params=``, ``apply_kwargs=``, ``prunable=`` (see :func:`trace`).
+      Every prunable leaf must carry a mask: a linear-op weight left None is an error
+      (a forgotten layer would silently count as dense); pass the ``prunable=`` the
+      masks were made with to leave layers out.
   """
-  traced = _trace_for(model, masks, input_shape, kw)
+  traced = trace(model, input_shape, **kw)
   validate(masks, traced)
   result = _jitted_sweep(traced)(masks)
   # jit returns dicts with sorted keys; total_units (static) keeps the traced order

@@ -12,8 +12,11 @@ where a mask is first made:
   kernels [in, out], Conv kernels [H, W, in, out]); or ``prunable=`` a predicate on
   the '/'-joined path or a collection of paths (:func:`selector`).
 
-Everything downstream (scores, counts, training, the optimizer) follows the mask
-tree. Biases and normalization parameters (one axis) are never prunable.
+Scores, counts, training and the optimizer follow the mask tree. The connectivity of
+a traced program (:mod:`sparsejax.effective`) is stricter: there every linear-op weight
+must carry a mask unless ``prunable=`` leaves it out, so that a forgotten layer is an
+error and never silently counts as dense. Biases and normalization parameters (one
+axis) are never prunable.
 
 Order: :func:`prunable_paths` lists kernels in the order of the flattened tree
 (sorted keys). The zoo names its layers so that this order is the input-to-output
@@ -179,7 +182,7 @@ def random(key: jax.Array, params: PyTree, sparsity: float | Sequence[float],
 
 
 def validate(masks: Masks, params: PyTree, name: str = "masks",
-             prunable: Prunable = None) -> None:
+             prunable: Prunable = None, hint: str = "") -> None:
   """Raises ValueError unless ``masks`` matches ``params``: the same tree, a bool array
   of the weight's shape or None at every leaf.
 
@@ -214,7 +217,7 @@ def validate(masks: Masks, params: PyTree, name: str = "masks",
       raise ValueError(f"{name}[{path!r}] must be None: {why}, got {type(m).__name__}.")
     if m is None or not hasattr(m, "dtype"):
       raise ValueError(f"{name}[{path!r}]={m!r}: expected a bool array of shape "
-                       f"{tuple(w.shape)}.")
+                       f"{tuple(w.shape)}{hint}.")
     if m.dtype != np.bool_:
       raise ValueError(f"{name}[{path!r}] has dtype {m.dtype}; masks must be bool.")
     if tuple(m.shape) != tuple(w.shape):

@@ -855,9 +855,7 @@ def _synflow_setup(model, params, input_shape, apply_kwargs=None, prunable=None,
   kw = {"apply_kwargs": apply_kwargs} if apply_kwargs else {}
   if not isinstance(model, nn.Module):
     kw["params"] = params
-  traced = (effective.trace(model, input_shape, prunable=prunable, **kw) if masks is None
-            else effective._trace_for(model, masks, input_shape,  # pylint: disable=protected-access
-                                      dict(kw, prunable=prunable)))
+  traced = effective.trace(model, input_shape, prunable=prunable, **kw)
   paths, scores, step = _synflow_fns(traced)
   mine = tuple(masks_lib.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params))
   if mine != traced.paths:

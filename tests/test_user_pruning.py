@@ -227,13 +227,16 @@ def test_a_prunable_predicate_keeps_chosen_layers_dense(pruner):
   assert m["conv1"]["kernel"] is None and m["head"]["kernel"] is None
   assert masks_lib.count(m) == (round(0.3 * 216), 216)          # conv2 alone: 3*3*4*6
   eff = pruning.prune(pruner, sparsity=0.7, pruning_type="effective", **kw)
-  # the masks carry the prunable set: no prunable= needed to measure them
-  assert effective.effective_sparsity(model, eff, SHAPE, variables=variables) >= 0.7
+  # measuring them takes the same prunable=; without it a layer left out is an error
+  assert effective.effective_sparsity(model, eff, SHAPE, variables=variables,
+                                      prunable=keep_ends) >= 0.7
+  with pytest.raises(ValueError, match=r"masks\['conv1/kernel'\]=None.*pass prunable="):
+    effective.effective_sparsity(model, eff, SHAPE, variables=variables)
   # an unpruned layer is an unmasked one: the same active weights as a True mask there
   full = dict(eff, conv1=dict(eff["conv1"], kernel=jnp.ones((3, 3, 1, 4), bool)),
               head=dict(eff["head"], kernel=jnp.ones(
                   variables["params"]["head"]["kernel"].shape, bool)))
-  a = effective.effective_masks(model, eff, SHAPE, variables=variables)
+  a = effective.effective_masks(model, eff, SHAPE, variables=variables, prunable=keep_ends)
   b = effective.effective_masks(model, full, SHAPE, variables=variables)
   np.testing.assert_array_equal(a["conv2"]["kernel"], b["conv2"]["kernel"])
 
