@@ -12,7 +12,7 @@ Open MPI job of more than one task is detected by JAX itself
 On the CPU, cross-process collectives use gloo
 (``jax_cpu_collectives_implementation``). Once initialized, ``jax.devices()``
 holds every process's devices, and :func:`sparsejax.training.train` builds its
-mesh over them (docs/multihost.md).
+mesh over them (docs/cluster.md).
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ The experiment is a config (experiments/configs/<arch>.py, every field overridab
 as --config.<field>=<value>); where it runs and reads data are flags (--out_dir,
 --tfds_manual_dir, --tfds_data_dir, --synthetic_data).
 
+Several hosts can train one run (data parallel): every process runs the same command
+with --coordinator_address, --num_processes and its --process_id (or the JAX_*
+variables, or a SLURM/Open MPI job; experiments.distributed, docs/cluster.md).
+
 One run writes <out_dir>/<run name>/result.json atomically: the full config, direct
 and effective compression, per-layer direct and effective sparsity, active units,
 the test accuracy/loss history, the final test accuracy, steps per second and wall
