@@ -6,9 +6,10 @@ environment.
       --coordinator_address=HOST0:1234 --num_processes=N --process_id=i
 
 Each setting comes from its flag, else from ``JAX_COORDINATOR_ADDRESS``,
-``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; with no coordinator given, a SLURM or
-Open MPI job of more than one task is detected by JAX itself
-(``jax.distributed.initialize()`` without arguments). Nothing set: one process.
+``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``. ``--coordinator_address=auto`` lets JAX
+find all three in a SLURM or Open MPI job (``jax.distributed.initialize()`` without
+arguments); it is not assumed from the job's variables alone, because a sweep's
+single-process runs inherit them too. Nothing set: one process.
 On the CPU, cross-process collectives use gloo
 (``jax_cpu_collectives_implementation``). Once initialized, ``jax.devices()``
 holds every process's devices, and :func:`sparsejax.training.train` builds its
@@ -29,7 +30,8 @@ ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS",
 def define_flags() -> None:
   flags.DEFINE_string("coordinator_address", None, "Multi-host training: 'host:port' of "
                       "process 0's coordinator, the same in every process (default "
-                      f"${ENV['coordinator_address']}).")
+                      f"${ENV['coordinator_address']}); 'auto': JAX finds it and the "
+                      "process count and index in a SLURM or Open MPI job.")
   flags.DEFINE_integer("num_processes", None, "Multi-host training: number of processes "
                        f"(default ${ENV['num_processes']}).")
   flags.DEFINE_integer("process_id", None, "Multi-host training: this process's index in "
@@ -48,18 +50,11 @@ def _int(name: str, flag_value, environ) -> int | None:
     raise ValueError(f"${ENV[name]}={value!r} must be an integer (--{name}).") from None
 
 
-def _cluster_tasks(environ) -> int:
-  """Tasks of a SLURM or Open MPI job that JAX detects by itself (0: none)."""
-  for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-    if environ.get(var, "").isdigit():
-      return int(environ[var])
-  return 0
-
-
 def settings(coordinator_address: str | None = None, num_processes: int | None = None,
              process_id: int | None = None, environ=None) -> dict | None:
   """The ``jax.distributed.initialize`` arguments from flag values (None: not given)
-  and the environment; ``{}`` lets JAX detect a SLURM/Open MPI job; None: one process.
+  and the environment; for the address 'auto', those given (JAX detects the rest in a
+  SLURM/Open MPI job); None: one process.
 
   Raises:
     ValueError: an incomplete or inconsistent setting, named as its flag.
@@ -70,12 +65,14 @@ def settings(coordinator_address: str | None = None, num_processes: int | None =
   pid = _int("process_id", process_id, environ)
   if address is None:
     if num is None and pid is None:
-      return {} if _cluster_tasks(environ) > 1 else None
+      return None
     if num == 1 and pid in (None, 0):
       return None
     raise ValueError(f"--num_processes={num!r} --process_id={pid!r} need "
                      "--coordinator_address=host:port (process 0's host and a free port; or "
                      f"${ENV['coordinator_address']}).")
+  if address == "auto":
+    return {k: v for k, v in (("num_processes", num), ("process_id", pid)) if v is not None}
   if num is None or pid is None:
     raise ValueError(f"--coordinator_address={address!r} needs --num_processes and "
                      f"--process_id (or ${ENV['num_processes']}, ${ENV['process_id']}).")

@@ -110,7 +110,8 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def connect(options: RayOptions):
-  """Connects this process to the cluster (or starts a local instance); returns ray.
+  """Connects this process to the cluster (or starts a local instance; a connection
+  this process already has is kept); returns the ray module.
 
   Raises:
     ValueError: ray is not installed, or the cluster cannot be reached (naming the
@@ -124,7 +125,7 @@ def connect(options: RayOptions):
     return ray
   try:
     if options.address:
-      ray.init(address=options.address, log_to_driver=True)
+      ray.init(address=options.address)
     else:
       ray.init(include_dashboard=False)
   except ConnectionError as err:

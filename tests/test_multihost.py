@@ -74,8 +74,9 @@ def test_settings_come_from_flags_then_environment_and_are_checked():
   env = {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
   assert distributed.settings(environ=env) == full
   assert distributed.settings(None, None, 0, environ=env) == {**full, "process_id": 0}
-  assert distributed.settings(environ={"SLURM_NTASKS": "4"}) == {}  # JAX detects SLURM
-  assert distributed.settings(environ={"SLURM_NTASKS": "1"}) is None
+  assert distributed.settings("auto", environ={}) == {}  # JAX detects SLURM, Open MPI
+  assert distributed.settings("auto", 4, environ={}) == {"num_processes": 4}
+  assert distributed.settings(environ={"SLURM_NTASKS": "4"}) is None  # not assumed
   assert distributed.settings(None, 1, 0, environ={}) is None
   for args, env, message in (
       (("h:1", 2, None), {}, "--coordinator_address='h:1' needs --num_processes"),

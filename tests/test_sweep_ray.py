@@ -3,6 +3,7 @@ synthetic data: runs, skips, retries a killed worker's run, reports a run whose
 worker keeps dying; bad flags fail before any file is written."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,7 +34,7 @@ def ray_address():
   ray = pytest.importorskip("ray")
   port = _free_port()
   temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Short: socket paths are limited.
-  cli = os.path.join(os.path.dirname(sys.executable), "ray")
+  cli = (shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray"))
   # A throw-away cluster on the loopback address: no token to share with the driver.
   previous_auth = os.environ.get("RAY_AUTH_MODE")
   os.environ["RAY_AUTH_MODE"] = "disabled"
