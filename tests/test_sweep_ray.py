@@ -182,3 +182,20 @@ def test_unreachable_ray_address_fails_by_name_before_any_file(tmp_path):
       sweep.execute(points, SHARED, str(out), SOURCE, None, "ray",
                     ray_executor.RayOptions(address=address))
   assert not out.exists() or os.listdir(out) == []
+
+
+def test_ray_addresses_and_capacity():
+  assert ray_executor._host_port("10.0.0.1:6379") == ("10.0.0.1", 6379)
+  assert ray_executor._host_port("ray://head:10001") == ("head", 10001)
+  assert ray_executor._host_port("[::1]:6379") == ("::1", 6379)
+  assert ray_executor._host_port("auto") is None
+
+  class Cluster:  # What capacity reads of a cluster: 10 CPUs, 2 GPUs.
+    @staticmethod
+    def cluster_resources():
+      return {"CPU": 10.0, "GPU": 2.0}
+
+  slots = lambda **kw: ray_executor.capacity(Cluster, ray_executor.RayOptions(**kw))
+  assert slots(cpus_per_run=3) == 3
+  assert slots(cpus_per_run=1, gpus_per_run=0.5) == 4
+  assert slots(cpus_per_run=1, gpus_per_run=4) == 1  # at least one in flight
