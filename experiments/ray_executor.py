@@ -133,7 +133,18 @@ def connect(options: RayOptions):
                      f"({err}); start one with `ray start --head`, or leave "
                      "--ray_address empty for a local instance.") from None
   logging.info("Ray cluster: %s", ray.cluster_resources())
+  if not fits_a_node(ray, options):
+    logging.warning("No node of the Ray cluster has --ray_cpus_per_run=%g CPUs and "
+                    "--ray_gpus_per_run=%g GPUs: the runs wait until "
+                    "such a node joins (an autoscaler may add one); lower the flags "
+                    "otherwise.", options.cpus_per_run, options.gpus_per_run)
   return ray
+
+
+def fits_a_node(ray, options: RayOptions) -> bool:
+  """A live node of the cluster has the CPUs and GPUs one run declares."""
+  return any(n.get("Alive") and n["Resources"].get("CPU", 0) >= options.cpus_per_run
+             and n["Resources"].get("GPU", 0) >= options.gpus_per_run for n in ray.nodes())
 
 
 def capacity(ray, options: RayOptions) -> int:

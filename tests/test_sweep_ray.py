@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from experiments import common, ray_executor, results, sweep
+from experiments import common, ray_executor, results, rundir, sweep
+from sparsejax import files
 
 SOURCE = common.DataSource(synthetic=True)
 # Small steps, many of them: a few seconds to kill its worker between checkpoints.
@@ -108,7 +109,8 @@ def _execute_in_thread(points, out_dir, options):
 def _no_stray_files(out_dir):
   for root, _, files in os.walk(out_dir):
     for f in files:
-      assert not f.startswith(".tmp") and ".invalid-" not in f, os.path.join(root, f)
+      assert not f.startswith(files.TMP_PREFIX) and ".invalid-" not in f, os.path.join(
+          root, f)
 
 
 @pytest.mark.slow
@@ -149,7 +151,10 @@ def test_ray_sweep_retries_a_killed_worker_and_reports_one_that_keeps_dying(
   code, why = outcome["r"]
   assert code == 1 and "--ray_max_retries=0" in why and "WorkerCrashedError" in why
   assert not os.path.exists(_path(again[0], tmp_path))
-  _no_stray_files(tmp_path)
+  # The killed worker may have died inside an atomic write (its wall-clock file): the
+  # run folder's next holder removes that temp file.
+  with rundir.locked(os.path.dirname(_path(again[0], tmp_path))):
+    _no_stray_files(tmp_path)
 
 
 def test_bad_ray_flags_fail_by_name_before_any_file(tmp_path, monkeypatch):
@@ -195,7 +200,16 @@ def test_ray_addresses_and_capacity():
     def cluster_resources():
       return {"CPU": 10.0, "GPU": 2.0}
 
+    @staticmethod
+    def nodes():
+      return [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}},
+              {"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}},
+              {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+
   slots = lambda **kw: ray_executor.capacity(Cluster, ray_executor.RayOptions(**kw))
   assert slots(cpus_per_run=3) == 3
   assert slots(cpus_per_run=1, gpus_per_run=0.5) == 4
   assert slots(cpus_per_run=1, gpus_per_run=4) == 1  # at least one in flight
+  fits = lambda **kw: ray_executor.fits_a_node(Cluster, ray_executor.RayOptions(**kw))
+  assert fits(cpus_per_run=8, gpus_per_run=1) and fits(cpus_per_run=2, gpus_per_run=0.5)
+  assert not fits(cpus_per_run=9) and not fits(cpus_per_run=1, gpus_per_run=2)
