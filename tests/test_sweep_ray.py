@@ -107,8 +107,8 @@ def _execute_in_thread(points, out_dir, options):
 
 
 def _no_stray_files(out_dir):
-  for root, _, files in os.walk(out_dir):
-    for f in files:
+  for root, _, names in os.walk(out_dir):
+    for f in names:
       assert not f.startswith(files.TMP_PREFIX) and ".invalid-" not in f, os.path.join(
           root, f)
 
