@@ -64,6 +64,7 @@ def ray_address():
     except subprocess.TimeoutExpired:
       os.killpg(head.pid, signal.SIGKILL)
       head.wait()
+    shutil.rmtree(temp, ignore_errors=True)
     if previous_auth is None:
       os.environ.pop("RAY_AUTH_MODE", None)
     else:
