@@ -66,6 +66,10 @@ class Children:
       with self._lock:
         self._procs.discard(proc)
 
+  def running(self) -> int:
+    with self._lock:
+      return len(self._procs)
+
   def pids(self) -> list[int]:
     with self._lock:
       return [p.pid for p in self._procs]
@@ -95,13 +99,14 @@ class Stopped(Exception):
 
 
 @contextlib.contextmanager
-def stop_on_signals(children: Children):
-  """In the ``with`` block (main thread), SIGINT and SIGTERM end ``children`` and raise
-  :class:`Stopped`; the previous handlers come back afterwards."""
+def stop_on_signals(children):
+  """In the ``with`` block (main thread), SIGINT and SIGTERM end ``children`` (a
+  :class:`Children`, or anything with ``running()`` and ``stop()``, e.g. the sweep's
+  Ray tasks) and raise :class:`Stopped`; the previous handlers come back afterwards."""
   def handler(signum, frame):
     del frame
-    logging.error("Got %s: ending %d running child process(es).",
-                  signal.Signals(signum).name, len(children.pids()))
+    logging.error("Got %s: ending %d running run(s).",
+                  signal.Signals(signum).name, children.running())
     children.stop()
     raise Stopped(signum)
 

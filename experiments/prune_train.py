@@ -9,6 +9,10 @@ The experiment is a config (experiments/configs/<arch>.py, every field overridab
 as --config.<field>=<value>); where it runs and reads data are flags (--out_dir,
 --tfds_manual_dir, --tfds_data_dir, --synthetic_data).
 
+Several hosts can train one run (data parallel): every process runs the same command
+with --coordinator_address, --num_processes and its --process_id (or the JAX_*
+variables, or a SLURM/Open MPI job; experiments.distributed, docs/cluster.md).
+
 One run writes <out_dir>/<run name>/result.json atomically: the full config, direct
 and effective compression, per-layer direct and effective sparsity, active units,
 the test accuracy/loss history, the final test accuracy, steps per second and wall
@@ -41,7 +45,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import common, configs, processes, rundir
+from experiments import common, configs, distributed, processes, rundir
 from sparsejax import (data, dynamic, effective, errors, masks as masks_lib, models, pruning,
                        training)
 
@@ -68,6 +72,10 @@ def connectivity_report(model, masks, input_shape) -> dict:
 
 
 def _save_params(path: str, params) -> None:
+  """Saves ``params`` with Orbax (every process calls it; with several processes the
+  host copies are saved, which Orbax writes once)."""
+  if jax.process_count() > 1:  # Process-local or replicated arrays: same values.
+    params = jax.device_get(params)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.abspath(path), params, force=True)
   ckptr.wait_until_finished()
@@ -117,6 +125,9 @@ def run(config: ml_collections.ConfigDict, *, out_dir: str,
   name = common.run_name(config)
   run_dir = os.path.join(out_dir, name)
   os.makedirs(run_dir, exist_ok=True)
+  if not distributed.is_primary():  # Multi-host: process 0 locks and writes the files.
+    return _run_locked(config, p, updater, sparsity, train_config, dspec, name, run_dir,
+                       out_dir, source, rundir.WallClock(run_dir, start_time))
   with rundir.locked(run_dir), rundir.WallClock(run_dir, start_time) as clock:
     return _run_locked(config, p, updater, sparsity, train_config, dspec, name, run_dir,
                        out_dir, source, clock)
@@ -185,7 +196,8 @@ def _run_locked(config, p, updater, sparsity, train_config, dspec, name, run_dir
                               trained_params=trained, rounds=config.rounds)
       except errors.UnreachableSparsityError as err:
         return _record_unreachable(err, name, record, result_path, clock)
-      masks_lib.save(mask_path, masks)
+      if distributed.is_primary():
+        masks_lib.save(mask_path, masks)
     if p.score is None:
       _save_params(os.path.join(run_dir, "weights", "initial"), init_params)
     report = connectivity_report(model, masks, input_shape)
@@ -215,7 +227,7 @@ def _run_locked(config, p, updater, sparsity, train_config, dspec, name, run_dir
       "mask_updates": result.mask_updates or None,
       "platform": jax.default_backend(),
   }
-  common.atomic_write_json(result_path, summary)
+  _write_result(result_path, summary)
   logging.info("Wrote %s: test accuracy %.4f.", result_path, result.final_test_accuracy)
   return summary
 
@@ -228,8 +240,14 @@ def _record_unreachable(err: errors.UnreachableSparsityError, name: str, record:
   summary = {"config": record, "status": "unreachable", "error": str(err),
              "max_sparsity": err.max_sparsity, "test_accuracy": None,
              **_wall_times(clock), "platform": jax.default_backend()}
-  common.atomic_write_json(result_path, summary)
+  _write_result(result_path, summary)
   return summary
+
+
+def _write_result(path: str, summary: dict) -> None:
+  """The run's result.json (strict JSON, atomic); with several processes, process 0's."""
+  if distributed.is_primary():
+    common.atomic_write_json(path, summary)
 
 
 def _wall_times(clock: rundir.WallClock) -> dict:
@@ -246,7 +264,7 @@ def _record_diverged(err: training.DivergedError, result_path: str, config_recor
   summary = {"config": config_record, "status": "diverged", "diverged_step": err.step,
              "error": str(err), "test_accuracy": None, **extra, **_wall_times(clock),
              "platform": jax.default_backend()}
-  common.atomic_write_json(result_path, summary)
+  _write_result(result_path, summary)
   return summary
 
 
@@ -374,11 +392,13 @@ def define_flags() -> None:
       "--config.<field>=<value>.")
   flags.DEFINE_string("out_dir", "out/prune_train", "Where run folders go.")
   common.define_data_flags()
+  distributed.define_flags()
 
 
 def main(argv):
   del argv
   processes.exit_with_parent()
+  distributed.initialize_from_flags()
   try:
     summary = run(FLAGS.config, out_dir=FLAGS.out_dir, source=common.DataSource.from_flags())
   except rundir.RunLockedError as err:

@@ -3,7 +3,8 @@
 - :func:`locked`: one process at a time works in a run folder (``fcntl.flock`` on
   ``<run dir>/.lock``, released by the kernel when the process ends however it ends);
   a second one gets :class:`RunLockedError` instead of deleting the first one's
-  checkpoints.
+  checkpoints. The new holder deletes the temp files of atomic writes that an
+  earlier holder, killed mid-write, left in the folder.
 - :class:`WallClock`: the seconds of every process that worked on the run, kept in
   ``<run dir>/wall_time.json`` and refreshed every few seconds, so that a killed
   process still counts (up to the last refresh).
@@ -19,6 +20,7 @@ import threading
 import time
 
 from experiments import common
+from sparsejax import files
 
 LOCK_FILE = ".lock"
 WALL_TIME_FILE = "wall_time.json"
@@ -53,12 +55,22 @@ def locked(run_dir: str):
       raise RunLockedError(run_dir, holder) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+    _remove_unfinished_writes(run_dir)
     try:
       yield
     finally:
       fcntl.flock(fd, fcntl.LOCK_UN)
   finally:
     os.close(fd)
+
+
+def _remove_unfinished_writes(run_dir: str) -> None:
+  """Deletes ``<run dir>/.tmp-*``: only the lock holder writes there, so with the lock
+  held these are the unfinished writes of a killed holder (never a result)."""
+  for name in os.listdir(run_dir):
+    if name.startswith(files.TMP_PREFIX):
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(run_dir, name))
 
 
 class WallClock:

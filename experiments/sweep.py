@@ -19,6 +19,13 @@ because magnitude and LAMP pruners score the weights they end with. A failed poi
 reported and the others go on. Child processes run in their own process groups and
 end with the sweep: SIGINT or SIGTERM ends them, and a child whose sweep died
 (SIGKILL) stops by itself (experiments.processes).
+
+--executor=ray runs each point as a Ray task instead, on a local Ray instance or the
+cluster at --ray_address, each declaring --ray_cpus_per_run CPUs and
+--ray_gpus_per_run GPUs; the task runs the same function in a Ray worker, so locking,
+skipping and resuming are the ones above, and a point whose worker died is run again
+(--ray_max_retries) from its checkpoint (experiments.ray_executor). SIGINT or SIGTERM
+cancels the tasks in flight.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import time
 import ml_collections
 from absl import app, flags, logging
 
-from experiments import common, configs, processes, results
+from experiments import common, configs, processes, ray_executor, results
 
 FLAGS = flags.FLAGS
 
@@ -116,22 +123,52 @@ def _run_in_process(config: ml_collections.ConfigDict, out_dir: str,
   return 0
 
 
+def run_point(point: dict, shared: list[str], out_dir: str, source: common.DataSource
+              ) -> int:
+  """A grid point in this process: 0 on success, 1 on failure (logged). What a Ray
+  task runs (experiments.ray_executor); --jobs=1 runs the same on its parsed config."""
+  return _run_in_process(config_for(point, shared), out_dir, source)
+
+
+EXECUTORS = ("local", "ray")
+
+
 def execute(points: list[dict], shared: list[str], out_dir: str, source: common.DataSource,
-            jobs: int = 1) -> tuple[int, int, int]:
+            jobs: int | None = 1, executor: str = "local",
+            ray_options: ray_executor.RayOptions | None = None) -> tuple[int, int, int]:
   """Runs the grid; returns (done, skipped, failed).
 
+  Args:
+    jobs: local: runs at once (1: in this process, more: that many subprocesses;
+      None: 1). ray: the most runs in flight (None: as many as the cluster holds).
+    executor: 'local' (this machine) or 'ray' (Ray tasks, experiments.ray_executor).
+    ray_options: the Ray cluster and each task's resources (executor='ray').
+
   Raises:
-    processes.Stopped: SIGINT or SIGTERM while child processes ran (jobs > 1); they
+    ValueError: a bad config or flag, ray not installed or its cluster unreachable
+      (before any run starts and before any file is written).
+    processes.Stopped: SIGINT or SIGTERM while child processes or Ray tasks ran; they
       have been ended.
   """
   from experiments import prune_train  # Imported here: it defines no flags on import.
+  if executor not in EXECUTORS:
+    raise ValueError(f"--executor={executor!r} is not an executor; allowed: "
+                     f"{', '.join(EXECUTORS)}.")
   runs = [(point, config_for(point, shared)) for point in points]
   for _, config in runs:  # Every point's settings, before any work.
     prune_train.check_config(config, out_dir, source)
+  runner = None
+  if executor == "ray":
+    options = ray_options or ray_executor.RayOptions()
+    ray = ray_executor.connect(options)
+    runner = ray_executor.RayRuns(ray, options)
+    jobs = jobs or ray_executor.capacity(ray, options)
+  jobs = jobs or 1
   todo = [(point, c) for point, c in runs if not results.is_done(result_path(c, out_dir))]
   skipped = len(runs) - len(todo)
-  logging.info("Sweep: %d runs, %d already done, %d to run with %d job(s).", len(runs),
-               skipped, len(todo), jobs)
+  logging.info("Sweep: %d runs, %d already done, %d to run with %d %s.", len(runs),
+               skipped, len(todo), jobs,
+               "Ray task(s) in flight" if runner else "job(s)")
   dense = [r for r in todo if r[0]["pruner"] == "dense"]
   rest = [r for r in todo if r[0]["pruner"] != "dense"]
   start = time.time()
@@ -139,16 +176,20 @@ def execute(points: list[dict], shared: list[str], out_dir: str, source: common.
 
   def one(run):
     point, config = run
+    if runner is not None:
+      return (point, *runner.run(point, shared, out_dir, source))
     if jobs <= 1:
-      return point, _run_in_process(config, out_dir, source), "(this process's log)"
+      return point, _run_in_process(config, out_dir, source), "see this process's log"
     log = result_path(config, out_dir).replace("result.json", "log.txt")
     os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, "a") as f:
       code = children.run(command(point, shared, out_dir, source), f)
-    return point, code, log
+    return point, code, f"see {log}"
 
-  signals = (processes.stop_on_signals(children)
-             if jobs > 1 and threading.current_thread() is threading.main_thread()
+  stoppable = runner if runner is not None else children
+  signals = (processes.stop_on_signals(stoppable)
+             if (jobs > 1 or runner is not None)
+             and threading.current_thread() is threading.main_thread()
              else contextlib.nullcontext())
   with signals:
     return _execute_phases(dense, rest, one, jobs, todo, skipped, start)
@@ -163,7 +204,7 @@ def _execute_phases(dense, rest, one, jobs, todo, skipped, start) -> tuple[int, 
           done += 1
         else:
           failed += 1
-          logging.error("Run failed (exit %d), see %s: %s", code, log, point)
+          logging.error("Run failed (exit %d; %s): %s", code, log, point)
         finished = done + failed
         elapsed = time.time() - start
         logging.info("[%d/%d] %s %s %s %s seed %d: %s; ETA %.0fs", finished, len(todo),
@@ -185,8 +226,21 @@ def define_flags() -> None:
                        "config); the same as --extra_flags=--config.train_steps=N.")
   flags.DEFINE_integer("eval_every", None, "Evaluate every N steps (default: the config's).")
   flags.DEFINE_string("out_dir", "out/sweep", "Where run folders go.")
-  flags.DEFINE_integer("jobs", 1, "Runs at once: 1 runs them in this process, more in "
-                       "that many subprocesses.")
+  flags.DEFINE_integer("jobs", None, "Runs at once. --executor=local: 1 (default) runs "
+                       "them in this process, more in that many subprocesses. "
+                       "--executor=ray: the most Ray tasks in flight (default: as many as "
+                       "the cluster's CPUs and GPUs hold).")
+  flags.DEFINE_enum("executor", "local", list(EXECUTORS), "Where runs go: 'local' (this "
+                    "machine) or 'ray' (one Ray task per run; pip install "
+                    "'sparsejax[ray]').")
+  flags.DEFINE_string("ray_address", None, "--executor=ray: the cluster's head "
+                      "('host:port' from `ray start --head`, 'auto', 'ray://host:port'); "
+                      "empty: start a local Ray instance.")
+  flags.DEFINE_float("ray_cpus_per_run", 1.0, "--executor=ray: CPUs each run declares.")
+  flags.DEFINE_float("ray_gpus_per_run", 0.0, "--executor=ray: GPUs each run declares "
+                     "(fractions share a GPU).")
+  flags.DEFINE_integer("ray_max_retries", 3, "--executor=ray: times a run is started again "
+                       "after its worker died (it resumes from its checkpoint).")
   flags.DEFINE_string("extra_flags", "", "Config overrides for every run, space-separated "
                       "--config.<field>=<value> (e.g. '--config.imp_rounds=3 "
                       "--config.rounds=100').")
@@ -205,11 +259,20 @@ def shared_overrides(train_steps: int | None, eval_every: int | None, extra: str
   return shared + [a[len("--config."):] for a in configs.override_args(extra.split())]
 
 
+def _ray_options():
+  if FLAGS.executor != "ray":
+    return None
+  return ray_executor.RayOptions(address=FLAGS.ray_address or None,
+                                 cpus_per_run=FLAGS.ray_cpus_per_run,
+                                 gpus_per_run=FLAGS.ray_gpus_per_run,
+                                 max_retries=FLAGS.ray_max_retries)
+
+
 def main(argv):
   del argv
   common.check_run_args(out_dir=None if FLAGS.dry_run else FLAGS.out_dir,
-                        counts={"jobs": FLAGS.jobs},
-                        optional_counts={"train_steps": FLAGS.train_steps,
+                        optional_counts={"jobs": FLAGS.jobs,
+                                         "train_steps": FLAGS.train_steps,
                                          "eval_every": FLAGS.eval_every})
   points = grid(common.parse_list(FLAGS.archs, name="archs"),
                 common.parse_list(FLAGS.pruners, name="pruners"),
@@ -230,7 +293,8 @@ def main(argv):
       print(state + " ".join(command(point, shared, FLAGS.out_dir, source)[3:]))
     return
   try:
-    done, skipped, failed = execute(points, shared, FLAGS.out_dir, source, FLAGS.jobs)
+    done, skipped, failed = execute(points, shared, FLAGS.out_dir, source, FLAGS.jobs,
+                                    FLAGS.executor, _ray_options())
   except processes.Stopped as stop:
     print(f"Sweep stopped by {signal.Signals(stop.signum).name}; its runs were ended and "
           "resume from their checkpoints when the sweep runs again.")

@@ -523,9 +523,42 @@ class _Raised:
 _END = object()
 
 
-def _prefetch(batches: Iterable[Batch], size: int, sharding) -> Iterator[Batch]:
-  """Puts host batches on the device ``size`` ahead, from a background thread."""
-  put = lambda b: jax.device_put(b, sharding) if sharding is not None else jax.device_put(b)
+def process_rows(sharding: jax.sharding.Sharding | None, batch_size: int) -> tuple[int, int]:
+  """Rows ``[lo, hi)`` of a global batch of ``batch_size`` examples that this process's
+  devices hold under ``sharding`` (batch axis first): ``(0, batch_size)`` unless the
+  sharding spans devices of other processes (multi-host data parallelism).
+
+  Raises:
+    ValueError: this process's rows are not one contiguous block (a mesh whose devices
+      are not grouped by process).
+  """
+  if sharding is None or sharding.is_fully_addressable:
+    return 0, batch_size
+  spans = sorted({(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
+                  for s in sharding.addressable_devices_indices_map((batch_size,)).values()})
+  if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+    raise ValueError(f"sharding={sharding!r} gives process {jax.process_index()} the rows "
+                     f"{spans} of a batch, not one block; order the mesh's devices by process.")
+  return spans[0][0], spans[-1][1]
+
+
+def _put(sharding, global_size: int):
+  """Host batch -> device arrays: ``jax.device_put`` onto ``sharding``; when the
+  sharding spans several processes, the batch holds only this process's rows
+  (:func:`process_rows`) and becomes a global array of ``global_size`` rows."""
+  if sharding is None:
+    return jax.device_put
+  if sharding.is_fully_addressable:
+    return lambda b: jax.device_put(b, sharding)
+  return lambda b: jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(
+          sharding, x, (global_size,) + x.shape[1:]), b)
+
+
+def _prefetch(batches: Iterable[Batch], size: int, put=None) -> Iterator[Batch]:
+  """Puts host batches on the devices (``put``, default ``jax.device_put``) ``size``
+  ahead, from a background thread."""
+  put = put or jax.device_put
   if size <= 0:  # Synchronous: simpler to debug.
     for batch in batches:
       yield put(batch)
@@ -578,7 +611,9 @@ def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed:
     start_step: first step to yield (to resume).
     prefetch: batches put on the device ahead by a background thread (0: none).
     num_steps: stop after this many batches; None: never stop.
-    sharding: passed to ``jax.device_put`` (e.g. a batch-axis NamedSharding).
+    sharding: passed to ``jax.device_put`` (e.g. a batch-axis NamedSharding). One
+      spanning several processes: each process gathers only its rows of every
+      batch (:func:`process_rows`) and the batch is a global array.
 
   Yields:
     {"image": uint8 [B, H, W, C], "label": int32 [B]} as device arrays.
@@ -587,15 +622,16 @@ def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed:
   if len(labels) != n:
     raise ValueError(f"labels has {len(labels)} entries but images has {n}")
   batch_indices(n, batch_size, seed, start_step)  # Validates the arguments early.
+  lo, hi = process_rows(sharding, batch_size)
 
   def host_batches():
     step = start_step
     while num_steps is None or step < start_step + num_steps:
-      idx = batch_indices(n, batch_size, seed, step)
+      idx = batch_indices(n, batch_size, seed, step)[lo:hi]
       yield {"image": images[idx], "label": labels[idx].astype(np.int32)}
       step += 1
 
-  return _prefetch(host_batches(), prefetch, sharding)
+  return _prefetch(host_batches(), prefetch, _put(sharding, batch_size))
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
@@ -616,6 +652,7 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
     raise ValueError(f"labels has {len(labels)} entries but images has {n}")
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+  lo, hi = process_rows(sharding, batch_size)
 
   def host_batches():
     for start in range(0, n, batch_size):
@@ -626,6 +663,6 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
       if k < batch_size:
         image = np.concatenate([image, np.zeros((batch_size - k,) + image.shape[1:], image.dtype)])
         label = np.concatenate([label, np.zeros(batch_size - k, np.int32)])
-      yield {"image": image, "label": label, "mask": mask}
+      yield {"image": image[lo:hi], "label": label[lo:hi], "mask": mask[lo:hi]}
 
-  return _prefetch(host_batches(), prefetch, sharding)
+  return _prefetch(host_batches(), prefetch, _put(sharding, batch_size))

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import tempfile
 
+#: Names of the temp files :func:`atomic_write` renames into place; one left behind
+#: is an unfinished write of a process that was killed.
+TMP_PREFIX = ".tmp-"
+
 
 def _umask() -> int:
   """The process umask, read without changing it where Linux allows (os.umask sets it
@@ -30,7 +34,7 @@ def atomic_write(path: str | os.PathLike, payload: bytes) -> None:
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix=os.path.basename(path))
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(payload)
@@ -44,4 +48,4 @@ def atomic_write(path: str | os.PathLike, payload: bytes) -> None:
     raise
 
 
-__all__ = ["atomic_write"]
+__all__ = ["TMP_PREFIX", "atomic_write"]

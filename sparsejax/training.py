@@ -21,7 +21,11 @@ Data parallelism: a 1-D :class:`jax.sharding.Mesh` over the devices (axis
 ``'data'``); every batch is sharded along its first axis and the train state is
 replicated; ``jax.jit`` partitions the step (gradients and batch-norm statistics
 are reduced over the whole global batch, so the result equals one device's up to
-float summation order). One device runs the same code.
+float summation order). One device runs the same code. Multi-host: after
+``jax.distributed.initialize`` in every process (experiments.distributed), the
+mesh spans all processes' devices, every process runs the same :func:`train` call
+and gathers only its block of rows of each global batch
+(:func:`sparsejax.data.process_rows`); the state stays replicated on every device.
 
 Reproducibility: batch ``s`` comes from :func:`sparsejax.data.batch_indices`
 (a function of ``(seed, s)``) and the augmentation key of step ``s`` is
@@ -370,11 +374,34 @@ def eval_step(state: TrainState, batch, *, model, spec) -> dict:
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """1-D mesh with axis 'data' over ``devices`` (default: ``jax.local_devices()``)."""
-  devices = list(jax.local_devices() if devices is None else devices)
+  """1-D mesh with axis 'data' over ``devices`` (default: ``jax.devices()``, every
+  process's devices, grouped by process so that each process feeds one block of
+  rows of a batch; one process: its local devices)."""
+  if devices is None:
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  devices = list(devices)
   if not devices:
     raise ValueError("devices is empty; give at least one device.")
   return Mesh(np.array(devices), (DATA_AXIS,))
+
+
+def replicate(tree: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
+  """``tree`` copied to every device of ``sharding`` (a replicated sharding).
+
+  ``jax.device_put`` when this process holds all of the devices; otherwise (several
+  processes) each process passes the same values, and its host copy fills its own
+  devices' shards of one global array (PRNG keys through their key data)."""
+  if sharding.is_fully_addressable:
+    return jax.device_put(tree, sharding)
+
+  def put(x):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                      impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(put, tree)
 
 
 def _mesh_of(state: TrainState) -> Mesh:
@@ -472,7 +499,7 @@ class MaskUpdates:
                                input_shape=self.input_shape, **extra)
     else:
       new = u.update(state.params, grads, old, jnp.int32(step), key, **extra)
-    new = jax.tree.map(lambda m, ref: jax.device_put(m, ref.sharding), new, old)
+    new = jax.tree.map(lambda m, ref: replicate(m, ref.sharding), new, old)
     params = state.params if u.straight_through else dynamic.apply_update(state.params, new)
     state = state.replace(params=params, opt_state=optim.replace_masks(state.opt_state, new))
     total = masks_lib.count(new)[1]
@@ -701,7 +728,8 @@ def train(model: flax.linen.Module, spec, config, train_data: tuple[np.ndarray, 
     num_steps: stop once the state reaches this step (a total, not a count of new
       steps); default ``config.train_steps``.
     eval_batch_size: evaluation batch (rounded up to a multiple of the devices).
-    devices: devices of the data-parallel mesh; default ``jax.local_devices()``.
+    devices: devices of the data-parallel mesh; default ``jax.devices()`` (with
+      several processes: all of theirs; see the module docstring).
     prefetch: batches put on the devices ahead of the step.
     updater: a :mod:`sparsejax.dynamic` updater (GMP, SET, RigL, STE) that moves the
       masks during training (``masks`` are the starting masks; all ones for GMP from
@@ -750,8 +778,8 @@ def train(model: flax.linen.Module, spec, config, train_data: tuple[np.ndarray, 
   straight_through = bool(getattr(updater, "straight_through", False))
   state = create_train_state(model, init_key, dspec.image_shape, config, masks=masks,
                              params=params, straight_through=straight_through)
-  state = jax.device_put(state, replicated)
-  step_key = jax.device_put(step_key, replicated)
+  state = replicate(state, replicated)
+  step_key = replicate(step_key, replicated)
   mask_updates = None if updater is None else MaskUpdates(
       updater, model=model, spec=dspec, input_shape=dspec.image_shape, step_key=step_key,
       track_effective=track_effective)
@@ -876,4 +904,5 @@ def _train_loop(model, dspec, config, state, step_key, meta, manager, *, seed, s
 __all__ = ["TrainConfig", "weight_decay_from_keras_l2", "TrainState", "TrainResult",
            "DivergedError", "CorruptCheckpointError", "state_checksum", "MaskUpdates",
            "make_schedule", "make_optimizer", "make_masked_optimizer", "kernel_mask",
-           "create_train_state", "train_step", "eval_step", "evaluate", "make_mesh", "train"]
+           "create_train_state", "train_step", "eval_step", "evaluate", "make_mesh", "replicate",
+           "train"]

@@ -226,6 +226,18 @@ def test_a_second_run_on_a_locked_folder_refuses(tmp_path):
   assert not (tmp_path / name / "masks.npz").exists()
 
 
+def test_the_next_holder_of_a_run_folder_removes_a_killed_writers_temp_files(tmp_path):
+  from experiments import rundir
+  from sparsejax import files
+  stale = tmp_path / (files.TMP_PREFIX + "x1y2wall_time.json")  # as atomic_write names it
+  stale.write_text('{"processes": [')
+  (tmp_path / "result.json").write_text("{}")
+  (tmp_path / "checkpoints").mkdir()
+  with rundir.locked(str(tmp_path)):
+    assert not stale.exists()
+  assert sorted(os.listdir(tmp_path)) == [".lock", "checkpoints", "result.json"]
+
+
 def _alive(pid: int) -> bool:
   try:
     with open(f"/proc/{pid}/status") as f:
