@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import compilation
 from sparsejax import connectivity as conn_lib
 from sparsejax import masks as masks_lib
 from sparsejax import models
@@ -228,7 +229,7 @@ def compiled_sweep(traced: Traced) -> Callable[[Masks], Connectivity]:
   """The jitted sweep (masks and unit counts) of a traced model: the one connectivity
   program per (model, input shape, mask structure), shared by :func:`connectivity`,
   :func:`effective_masks`, :func:`active_units` and the effective-target search."""
-  return jax.jit(sweep_of(traced))
+  return compilation.jit(sweep_of(traced))
 
 
 def validate(masks: Masks, traced: Traced, name: str = "masks") -> None:

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import compilation
 from sparsejax import effective as effective_lib
 from sparsejax import errors
 from sparsejax import masks as masks_lib
@@ -213,10 +214,12 @@ def masks_at(ranking: Ranking, kept) -> PyTree:
   return _masks_at(ranking, jnp.asarray(kept, jnp.int32))
 
 
-@jax.jit
-def _masks_at(ranking: Ranking, kept) -> PyTree:
-  # jitted: one program per ranking structure instead of a comparison per layer shape
+def _masks_at_fn(ranking: Ranking, kept) -> PyTree:
   return ranking.to_tree(_flat_masks_at(ranking, kept))
+
+
+# jitted: one program per ranking structure instead of a comparison per layer shape
+_masks_at = compilation.jit(_masks_at_fn)
 
 
 def kept_for_sparsity(sparsity: float, total: int) -> int:
