@@ -15,6 +15,7 @@ import functools
 from typing import Callable
 
 import jax
+from jax._src import core as jax_core
 
 #: XLA options of the library's jitted programs on CPU.
 CPU_OPTIONS = {"xla_backend_optimization_level": 1}
@@ -22,13 +23,16 @@ CPU_OPTIONS = {"xla_backend_optimization_level": 1}
 
 def jit(fn: Callable, **jit_kwargs) -> Callable:
   """``jax.jit(fn, **jit_kwargs)``, compiled with :data:`CPU_OPTIONS` when the default
-  backend is the CPU (decided at each call, so a process may switch backends)."""
+  backend is the CPU (decided at each call, so a process may switch backends) and it
+  is called outside any trace (nested in another jit, vmap, ... it is inlined there,
+  and jax accepts compiler options only at the top level)."""
   plain = jax.jit(fn, **jit_kwargs)
   cpu = jax.jit(fn, compiler_options=CPU_OPTIONS, **jit_kwargs)
 
   @functools.wraps(fn)
   def call(*args, **kwargs):
-    return (cpu if jax.default_backend() == "cpu" else plain)(*args, **kwargs)
+    top = jax_core.trace_state_clean() and jax.default_backend() == "cpu"
+    return (cpu if top else plain)(*args, **kwargs)
 
   call.plain, call.cpu = plain, cpu
   return call

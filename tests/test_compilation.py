@@ -26,6 +26,9 @@ def test_compile_log_counts_programs():
   with compilation.CompileLog() as again:
     f(x)
   assert again.count == 0
+  # nested in other transformations it is inlined (compiler options are top-level only)
+  np.testing.assert_array_equal(np.asarray(jax.jit(f)(x)), np.asarray(f(x)))
+  np.testing.assert_array_equal(np.asarray(jax.vmap(f)(x)), np.asarray(f(x)))
 
 
 def test_jit_on_cpu_options_gives_the_same_values():
