@@ -436,39 +436,45 @@ MAX_PATCHES = 1 << 24
 
 
 def _reach_linear(e: Eqn, args) -> jax.Array:
-  """A linear op of the reachability sweep on (indicators, pattern), float32.
+  """A linear op of the reachability sweep on (indicators, pattern), float32: the op
+  itself, or for a convolution with few output positions :func:`conv_as_patches`
+  (XLA:CPU runs small-spatial convolutions, e.g. 512 channels at 2x2 or 4x4 positions,
+  and their gradients through a path 10-100x slower than that product)."""
+  y = conv_as_patches(e, *args) if e.prim.name == "conv_general_dilated" else None
+  return _bind(e, *args, preferred_element_type=jnp.float32)[0] if y is None else y
 
-  A plain convolution (no lhs dilation, one group) with few output positions runs as
-  one patches-times-kernel product: y[o] = sum_k x_pad[o s + k d] w[k] for offsets
-  k, strides s, rhs dilation d, i.e. strided slices of the padded input concatenated
-  along channels, times the kernel as a [prod(K) Cin, Cout] matrix. Its vjp is slices,
-  pads and two matrix products: the kernel gradient is patches^T times coreach. Exact
-  here as the convolution itself: the terms are in {0, 1} and every sum is < 2^24.
-  XLA:CPU runs small-spatial convolutions (e.g. 512 channels at 2x2 or 4x4 positions)
-  and their gradients through a path 10-100x slower than this product.
+
+def conv_as_patches(e: Eqn, x, w, max_positions: int | None = None) -> jax.Array | None:
+  """The convolution ``e`` on (x, w) as one patches-times-kernel product (float32), or
+  None where it does not apply (lhs dilation, groups, more than ``max_positions``
+  output positions per example, default :data:`MAX_POSITIONS`, or a patch matrix
+  over :data:`MAX_PATCHES` elements).
+
+  y[o] = sum_k x_pad[o s + k d] w[k] for offsets k, strides s and rhs dilation d:
+  strided slices of the padded input concatenated along channels, times the kernel
+  as a [prod(K) Cin, Cout] matrix. Its vjp is slices, pads and two matrix products
+  (the kernel gradient is patches^T times coreach). In the reachability sweep it is
+  exact as the convolution itself: terms are in {0, 1} and every sum is < 2^24.
   """
-  x, w = args
   p = e.params
-  if (e.prim.name != "conv_general_dilated" or jnp.ndim(x) < 3
-      or any(d != 1 for d in p["lhs_dilation"]) or p["feature_group_count"] != 1
-      or p["batch_group_count"] != 1):
-    return _bind(e, *args, preferred_element_type=jnp.float32)[0]
+  max_positions = MAX_POSITIONS if max_positions is None else max_positions
+  if (jnp.ndim(x) < 3 or any(d != 1 for d in p["lhs_dilation"])
+      or p["feature_group_count"] != 1 or p["batch_group_count"] != 1):
+    return None
   lhs, rhs, out = p["dimension_numbers"]
   nsp = len(lhs) - 2
   x = jnp.transpose(jnp.asarray(x, jnp.float32), (lhs[0], *lhs[2:], lhs[1]))   # N, *S, C
   w = jnp.transpose(jnp.asarray(w, jnp.float32), (*rhs[2:], rhs[1], rhs[0]))   # *K, Ci, Co
   ksize, cin, cout = w.shape[:nsp], w.shape[nsp], w.shape[nsp + 1]
   strides, dil = tuple(p["window_strides"]), tuple(p["rhs_dilation"])
-  pads = [tuple(q) for q in p["padding"]]
-  xp = lax.pad(x, jnp.float32(0), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] +
-               [(0, 0, 0)])
+  xp = lax.pad(x, jnp.float32(0), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in p["padding"]]
+               + [(0, 0, 0)])
   osize = [(xp.shape[1 + d] - (ksize[d] - 1) * dil[d] - 1) // strides[d] + 1
            for d in range(nsp)]
-  n = x.shape[0]
-  positions = int(np.prod(osize))
-  if (min(osize) < 1 or positions > MAX_POSITIONS
+  n, positions = x.shape[0], int(np.prod(osize))
+  if (min(osize) < 1 or positions > max_positions
       or n * positions * int(np.prod(ksize)) * cin > MAX_PATCHES):
-    return _bind(e, *args, preferred_element_type=jnp.float32)[0]
+    return None
   cols = []
   for offs in np.ndindex(*ksize):
     start = [0] + [o * d for o, d in zip(offs, dil)] + [0]
