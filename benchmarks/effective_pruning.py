@@ -172,7 +172,8 @@ def main():
 
 {report.stamp()}. Medians of {args.repeats} runs after compilation. *direct s*: masks
 at the target direct compression; *ranking s*: scores + sort, first call (compilation
-included); *ranking warm s*: the same again (another seed), median; *effective s*: the exact search (host-stepped jitted
+included); *ranking warm s*: the same again (another seed), median; *effective s*:
+the exact search (host-stepped jitted
 sweeps with bounds, see `sparsejax/pruning.py`) for the smallest direct sparsity whose
 effective sparsity reaches the target. Magnitude is scored on the initial weights here
 (only the timing matters). The paper's reference needs about 31 s (100x) and 28 s (1000x)

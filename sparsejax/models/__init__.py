@@ -105,5 +105,6 @@ def input_shape(name: str) -> tuple:
   return get_spec(name).input_shape
 
 
-__all__ = ["create", "init", "get_spec", "input_shape", "check_model", "check_input_shape", "MODELS", "ModelSpec", "layers",
+__all__ = ["create", "init", "get_spec", "input_shape", "check_model", "check_input_shape",
+           "MODELS", "ModelSpec", "layers",
            "LeNet300100", "LeNet5", "VGG", "ResNet18"]
