@@ -222,6 +222,10 @@ def _flat_masks_at(ranking: Ranking, kept) -> list[jax.Array]:
 
 def masks_at(ranking: Ranking, kept) -> PyTree:
   """The mask keeping ``kept`` weights along the ranking (``kept`` may be traced)."""
+  if ranking.quota is not None and not isinstance(kept, jax.core.Tracer):
+    # a concrete count meets the quota's checks (e.g. beyond uniform+'s reach: raises)
+    shapes = [ranking.shapes[i] for i in ranking.flow] if ranking.flow else ranking.shapes
+    quotas_lib.check_density(ranking.quota, float(kept) / ranking.total, shapes)
   return _masks_at(ranking, jnp.asarray(kept, jnp.int32))
 
 
