@@ -24,10 +24,8 @@ jitted sorts.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
-import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -144,29 +142,20 @@ def _rank_host(leaves: list, quota: str | None):
   """(order, ranks, cutoffs) per layer, computed with numpy on the host."""
   host = [np.asarray(jax.device_get(x)).reshape(-1) for x in leaves]
   if quota is not None:
-    orders = _host_map(_sort_desc_host, host)
-    return orders, _host_map(_inverse, orders), None
+    orders = [_sort_desc_host(x) for x in host]
+    return orders, [_inverse(o) for o in orders], None
   sizes = np.array([x.size for x in host])
   offsets = np.concatenate([[0], np.cumsum(sizes)])
   order = _sort_desc_host(np.concatenate(host))
   layer_of = np.repeat(np.arange(len(host), dtype=np.uint16), sizes)[order]
   by_layer = np.argsort(layer_of, kind="stable").astype(np.int32)  # radix sort on uint16
-  orders, cutoffs = [], []
+  orders, ranks, cutoffs = [], [], []
   for l in range(len(host)):
     positions = by_layer[offsets[l]:offsets[l + 1]]  # global ranks of layer l, ascending
     orders.append((order[positions] - offsets[l]).astype(np.int32))
+    ranks.append(_inverse(orders[-1]))
     cutoffs.append(positions)
-  return orders, _host_map(_inverse, orders), cutoffs
-
-
-def _host_map(fn: Callable, items: list) -> list:
-  """[fn(x) for x in items] on a thread per core (numpy's sorts and scatters release
-  the GIL; the layers are independent)."""
-  workers = min(len(items), os.cpu_count() or 1)
-  if workers <= 1:
-    return [fn(x) for x in items]
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    return list(pool.map(fn, items))
+  return orders, ranks, cutoffs
 
 
 def _rank_device(leaves: list, quota: str | None):
