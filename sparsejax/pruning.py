@@ -96,8 +96,9 @@ def check_scores(scores: Sequence[jax.Array], name: str = "scores") -> None:
   for i, s in enumerate(scores):
     if jnp.issubdtype(s.dtype, jnp.integer):
       continue
-    if not bool(jnp.all(jnp.isfinite(s))):
-      bad = int(jnp.sum(~jnp.isfinite(s)))
+    finite = np.isfinite(np.asarray(s))  # on the host: no program per leaf shape
+    if not finite.all():
+      bad = int(np.count_nonzero(~finite))
       raise ValueError(f"{name}[{i}] has {bad} NaN or infinite values; scores must be finite.")
 
 
@@ -126,10 +127,18 @@ def _sort_desc_host(keys: np.ndarray) -> np.ndarray:
     ascending = np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000))
   else:
     ascending = keys.astype(np.int32).view(np.uint32) ^ np.uint32(0x80000000)
-  packed = (~ascending).astype(np.uint64) << np.uint64(32)
-  packed |= np.arange(keys.size, dtype=np.uint64)
+  if not np.little_endian:
+    packed = (~ascending).astype(np.uint64) << np.uint64(32)
+    packed |= np.arange(keys.size, dtype=np.uint64)
+    packed.sort()
+    return (packed & np.uint64(0xFFFFFFFF)).astype(np.int32)
+  # The words written in place (high: the key, low: the index): no 64-bit temporaries.
+  packed = np.empty(keys.size, np.uint64)
+  words = packed.view(np.uint32)
+  np.invert(ascending, out=words[1::2])
+  words[0::2] = np.arange(keys.size, dtype=np.uint32)
   packed.sort()
-  return (packed & np.uint64(0xFFFFFFFF)).astype(np.int32)
+  return words[0::2].astype(np.int32)
 
 
 def _inverse(order: np.ndarray) -> np.ndarray:
