@@ -76,6 +76,7 @@ order of first use in the traced program (input-to-output order).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.struct
@@ -428,10 +429,11 @@ def _along_axis_or(e: Eqn, v):
 
 
 #: A convolution of the reachability sweep with at most this many output positions
-#: per example (16 x 16) and a patch matrix of at most MAX_PATCHES elements runs as a
-#: patches-times-kernel product (measured: 2-30x faster there on XLA:CPU, slower on
-#: larger images).
-MAX_POSITIONS = 256
+#: per example (8 x 8) and a selection matrix of at most MAX_PATCHES entries runs as a
+#: patches-times-kernel product (measured: 2-100x faster there on XLA:CPU; from 16 x 16
+#: on, the convolution and the product cost about the same, and the selection product
+#: grows as positions squared).
+MAX_POSITIONS = 64
 MAX_PATCHES = 1 << 24
 
 
@@ -444,17 +446,39 @@ def _reach_linear(e: Eqn, args) -> jax.Array:
   return _bind(e, *args, preferred_element_type=jnp.float32)[0] if y is None else y
 
 
+@functools.lru_cache(maxsize=256)
+def _selection(in_size, ksize, strides, dil, pads, max_positions):
+  """One-hot [*O, *K, S] float32: output position o reads input position s at kernel
+  offset k (o s + k d - pad_lo in bounds); None beyond ``max_positions`` outputs or
+  MAX_PATCHES entries."""
+  osize = [(i + lo + hi - (k - 1) * d - 1) // st + 1
+           for i, k, st, d, (lo, hi) in zip(in_size, ksize, strides, dil, pads)]
+  positions, size = int(np.prod(osize)), int(np.prod(in_size))
+  if (min(osize) < 1 or positions > max_positions
+      or positions * int(np.prod(ksize)) * size > MAX_PATCHES):
+    return None
+  sel = np.zeros((*osize, *ksize, size), np.float32)
+  for o in np.ndindex(*osize):
+    for k in np.ndindex(*ksize):
+      src = [oi * st + ki * d - lo for oi, ki, st, d, (lo, _) in
+             zip(o, k, strides, dil, pads)]
+      if all(0 <= v < i for v, i in zip(src, in_size)):
+        sel[(*o, *k, int(np.ravel_multi_index(src, in_size)))] = 1.0
+  return sel
+
+
 def conv_as_patches(e: Eqn, x, w, max_positions: int | None = None) -> jax.Array | None:
   """The convolution ``e`` on (x, w) as one patches-times-kernel product (float32), or
   None where it does not apply (lhs dilation, groups, more than ``max_positions``
-  output positions per example, default :data:`MAX_POSITIONS`, or a patch matrix
-  over :data:`MAX_PATCHES` elements).
+  output positions per example, default :data:`MAX_POSITIONS`, or a selection matrix
+  over :data:`MAX_PATCHES` entries).
 
-  y[o] = sum_k x_pad[o s + k d] w[k] for offsets k, strides s and rhs dilation d:
-  strided slices of the padded input concatenated along channels, times the kernel
-  as a [prod(K) Cin, Cout] matrix. Its vjp is slices, pads and two matrix products
-  (the kernel gradient is patches^T times coreach). In the reachability sweep it is
-  exact as the convolution itself: terms are in {0, 1} and every sum is < 2^24.
+  y[o] = sum_k x_pad[o s + k d] w[k] for offsets k, strides s and rhs dilation d: the
+  patches are one product of the input with a constant one-hot selection matrix
+  [O, K, S] (padding selects nothing), then patches [O, K Cin] times the kernel as a
+  [K Cin, Cout] matrix. Its vjp is two more products of each (the kernel gradient is
+  patches^T times coreach), few ops to compile. In the reachability sweep it is exact
+  as the convolution itself: terms are in {0, 1} and every sum is < 2^24.
   """
   p = e.params
   max_positions = MAX_POSITIONS if max_positions is None else max_positions
@@ -466,22 +490,16 @@ def conv_as_patches(e: Eqn, x, w, max_positions: int | None = None) -> jax.Array
   x = jnp.transpose(jnp.asarray(x, jnp.float32), (lhs[0], *lhs[2:], lhs[1]))   # N, *S, C
   w = jnp.transpose(jnp.asarray(w, jnp.float32), (*rhs[2:], rhs[1], rhs[0]))   # *K, Ci, Co
   ksize, cin, cout = w.shape[:nsp], w.shape[nsp], w.shape[nsp + 1]
-  strides, dil = tuple(p["window_strides"]), tuple(p["rhs_dilation"])
-  xp = lax.pad(x, jnp.float32(0), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in p["padding"]]
-               + [(0, 0, 0)])
-  osize = [(xp.shape[1 + d] - (ksize[d] - 1) * dil[d] - 1) // strides[d] + 1
-           for d in range(nsp)]
-  n, positions = x.shape[0], int(np.prod(osize))
-  if (min(osize) < 1 or positions > max_positions
-      or n * positions * int(np.prod(ksize)) * cin > MAX_PATCHES):
+  sel = _selection(tuple(x.shape[1:1 + nsp]), tuple(ksize), tuple(p["window_strides"]),
+                   tuple(p["rhs_dilation"]), tuple(tuple(q) for q in p["padding"]),
+                   max_positions)
+  if sel is None:
     return None
-  cols = []
-  for offs in np.ndindex(*ksize):
-    start = [0] + [o * d for o, d in zip(offs, dil)] + [0]
-    limit = [n] + [st + (o - 1) * s + 1 for st, o, s in zip(start[1:], osize, strides)] + [cin]
-    cols.append(lax.slice(xp, start, limit, [1, *strides, 1]))
-  patches = jnp.concatenate(cols, axis=-1).reshape(-1, len(cols) * cin)
-  y = jnp.dot(patches, w.reshape(len(cols) * cin, cout),
+  n, osize = x.shape[0], sel.shape[:nsp]
+  sel = sel.reshape(int(np.prod(osize)), -1, sel.shape[-1])  # [O, K, S]
+  # patches[n, o, k, c] = x[n, s(o, k), c]: one product with a constant one-hot matrix
+  patches = jnp.einsum("oks,nsc->nokc", sel, x.reshape(n, -1, cin))
+  y = jnp.dot(patches.reshape(-1, sel.shape[1] * cin), w.reshape(-1, cout),
               preferred_element_type=jnp.float32).reshape(n, *osize, cout)
   canonical = {out[0]: 0, out[1]: nsp + 1, **{out[2 + i]: 1 + i for i in range(nsp)}}
   return jnp.transpose(y, [canonical[j] for j in range(nsp + 2)])
