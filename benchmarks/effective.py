@@ -25,11 +25,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from benchmarks import old_sweep
 from benchmarks import report
-from sparsejax import effective, masks, models
+from sparsejax import compilation, connectivity, effective, masks, models
 
 OLD_MODELS = {"vgg19": lambda: old_sweep.VGG(config=old_sweep.VGG19, num_classes=100),
               "resnet18": lambda: old_sweep.ResNet18(num_classes=200)}
@@ -48,8 +49,74 @@ def _alternating_medians(fns, repeats):
   return [statistics.median(t) for t in times]
 
 
+def _compile(fn, example, max_positions=None):
+  """``fn`` compiled as the library compiles its sweep; ``max_positions`` overrides
+  connectivity.MAX_POSITIONS while tracing (0: every convolution as XLA's)."""
+  saved = connectivity.MAX_POSITIONS
+  if max_positions is not None:
+    connectivity.MAX_POSITIONS = max_positions
+  try:
+    options = compilation.CPU_OPTIONS if jax.default_backend() == "cpu" else None
+    return jax.jit(fn).lower(example).compile(options)
+  finally:
+    connectivity.MAX_POSITIONS = saved
+
+
+def _convolutions(traced, example):
+  """(eqn, lhs shape, rhs shape) of every convolution the reachability sweep runs."""
+  found, saved = [], connectivity._reach_linear  # pylint: disable=protected-access
+
+  def record(e, args):
+    if e.prim.name == "conv_general_dilated":
+      found.append((e, tuple(args[0].shape), tuple(args[1].shape)))
+    return saved(e, args)
+
+  connectivity._reach_linear = record  # pylint: disable=protected-access
+  try:
+    jax.eval_shape(effective.sweep_of(traced, units=False), example)
+  finally:
+    connectivity._reach_linear = saved  # pylint: disable=protected-access
+  return found
+
+
+def layer_profile(archs, repeats):
+  """Rows per convolution of the sweep: forward, input-gradient and kernel-gradient
+  ms of XLA's convolution and of the patches product, on binary values at batch 1."""
+  rows = []
+  for arch in archs:
+    model, shape = models.create(arch), models.input_shape(arch)
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1,) + shape))["params"]
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+    example = masks.random(jax.random.key(1), zeros, 0.99)
+    for n, (e, xs, ws) in enumerate(_convolutions(effective.trace(model, shape), example)):
+      keys = jax.random.split(jax.random.key(n), 3)
+      x = (jax.random.uniform(keys[0], xs) > 0.5).astype(jnp.float32)
+      w = (jax.random.uniform(keys[1], ws) > 0.99).astype(jnp.float32)
+      ops = {"conv": lambda a, b, e=e: connectivity._bind(  # pylint: disable=protected-access
+                 e, a, b, preferred_element_type=jnp.float32)[0],
+             "patches": lambda a, b, e=e: connectivity.conv_as_patches(e, a, b, 1 << 30)}
+      y = ops["conv"](x, w)
+      g = (jax.random.uniform(keys[2], y.shape) > 0.5).astype(jnp.float32)
+      times = {}
+      for name, op in ops.items():
+        fwd = jax.jit(op)
+        dx = jax.jit(lambda gg, op=op: jax.vjp(lambda a: op(a, w), x)[1](gg)[0])
+        dw = jax.jit(lambda gg, op=op: jax.vjp(lambda b: op(x, b), w)[1](gg)[0])
+        times[name] = [report.median_seconds(lambda: fwd(x, w), repeats) * 1e3,
+                       report.median_seconds(lambda: dx(g), repeats) * 1e3,
+                       report.median_seconds(lambda: dw(g), repeats) * 1e3]
+      positions = int(np.prod(y.shape[1:-1]))
+      used = "patches" if positions <= connectivity.MAX_POSITIONS else "conv"
+      rows.append([arch, n, f"{xs[1]}x{xs[2]}x{xs[3]} -> {ws[-1]}", positions,
+                   *[f"{t:.2f}" for t in times["conv"]],
+                   *[f"{t:.2f}" for t in times["patches"]], used])
+      print(" | ".join(str(r) for r in rows[-1]), flush=True)
+  return rows
+
+
 def transform_vs_old(archs, compressions, repeats):
-  """Rows: network, compression, units?, old ms, transform ms, ratio, trace s, compile s."""
+  """Rows: network, compression, units?, old ms, convolutions-only ms, transform ms,
+  ratios, trace s, compile s."""
   rows = []
   for arch in archs:
     model, shape = models.create(arch), models.input_shape(arch)
@@ -60,18 +127,25 @@ def transform_vs_old(archs, compressions, repeats):
       start = time.perf_counter()
       traced = effective.trace(model, shape)
       trace_s = time.perf_counter() - start
-      new = jax.jit(effective.sweep_of(traced, units))
       old = jax.jit(old_sweep.connectivity_sweep(OLD_MODELS[arch](), shape, units))
       m0 = masks.random(jax.random.key(1), zeros, 0.9)
       start = time.perf_counter()
-      new.lower(m0).compile()
+      convs = _compile(effective.sweep_of(traced, units), m0, max_positions=0)
+      compile_conv_s = time.perf_counter() - start
+      start = time.perf_counter()
+      new = _compile(effective.sweep_of(traced, units), m0)
       compile_s = time.perf_counter() - start
       for c in compressions:
         m = masks.random(jax.random.key(1), zeros, 1 - 1 / c)
-        t_old, t_new = _alternating_medians([lambda: old(m), lambda: new(m)], repeats)
+        t_old, t_conv, t_new = _alternating_medians(
+            [lambda: old(m), lambda: convs(m), lambda: new(m)], repeats)
+        same = all(bool(jnp.array_equal(a, b)) for a, b in zip(
+            jax.tree.leaves(convs(m).potential), jax.tree.leaves(new(m).potential)))
+        assert same, "the patches products changed the sweep's result"
         rows.append([arch, f"{c:g}x", "yes" if units else "no", f"{t_old * 1e3:.1f}",
-                     f"{t_new * 1e3:.1f}", f"{t_new / t_old:.3f}", f"{trace_s:.2f}",
-                     f"{compile_s:.2f}"])
+                     f"{t_conv * 1e3:.1f}", f"{t_new * 1e3:.1f}", f"{t_new / t_old:.3f}",
+                     f"{t_new / t_conv:.3f}", f"{trace_s:.2f}",
+                     f"{compile_conv_s:.2f} / {compile_s:.2f}"])
         print(" | ".join(rows[-1]), flush=True)
   return rows
 
@@ -101,14 +175,25 @@ def main():
   parser.add_argument("--no_doc", action="store_true", help="do not update docs/")
   parser.add_argument("--transform_only", action="store_true",
                       help="only the transform vs old sweep table")
+  parser.add_argument("--skip_profile", action="store_true",
+                      help="no per-convolution profile")
   args = parser.parse_args()
   compressions = [float(c) for c in args.compressions.split(",")]
   big = [a for a in args.archs.split(",") if a in OLD_MODELS]
   t_rows = transform_vs_old(big, compressions, args.repeats)
   t_table = report.markdown_table(
-      ["network", "direct", "units", "old sweep ms", "transform ms", "ratio", "trace s",
-       "compile s"], t_rows)
+      ["network", "direct", "units", "old sweep ms", "transform, convolutions ms",
+       "transform ms", "ratio to old", "ratio to convolutions", "trace s",
+       "compile s (convolutions / transform)"], t_rows)
   print(t_table)
+  p_table = ""
+  if not args.skip_profile:
+    p_rows = layer_profile(big, max(3, args.repeats // 2))
+    p_table = report.markdown_table(
+        ["network", "conv", "input -> channels", "positions", "conv fwd ms",
+         "conv input-grad ms", "conv kernel-grad ms", "patches fwd ms",
+         "patches input-grad ms", "patches kernel-grad ms", "sweep uses"], p_rows)
+    print(p_table)
   if not args.no_doc:
     report.update_section("effective_transform", f"""
 ## Connectivity transform vs the mode-based sweep (`python -m benchmarks.effective`)
@@ -120,9 +205,23 @@ connectivity transform of the traced standard model (sparsejax.connectivity); *u
 with active-unit counts (``effective.connectivity``) or masks only (the effective-target
 search). Target ratio <= 1.05. *trace s*: tracing to a jaxpr, inlining and classifying
 (once per model, input shape and variable shapes); *compile s*: XLA compilation of the
-transformed sweep (once per traced model and mask structure).
+transformed sweep (once per traced model and mask structure). *transform,
+convolutions*: the same transform with every convolution run as XLA's convolution
+(before issue 15); *transform*: convolutions with at most
+{connectivity.MAX_POSITIONS} output positions as one patches-times-kernel product
+(`connectivity.conv_as_patches`), masks checked equal. Issue 15 targets: one sweep of
+VGG-19 <= 60 ms, ResNet-18 <= 50 ms. Machine shared with two other sessions: compare
+ratios within a row.
 
 {t_table}
+
+Per convolution of the sweep (binary values, batch 1, medians): where the time goes,
+forward, input-gradient (coreach) and kernel-gradient (potential) of XLA's convolution
+against the patches product. XLA:CPU's convolutions at few positions (4x4, 2x2) are
+10-100x slower than the product of the same arithmetic; large images favor the
+convolution.
+
+{p_table}
 """)
   if args.transform_only:
     return
@@ -130,7 +229,7 @@ transformed sweep (once per traced model and mask structure).
   for arch in args.archs.split(","):
     model = models.create(arch)
     shape = models.input_shape(arch)
-    variables = model.init(jax.random.key(0), jnp.ones((1,) + shape))
+    variables = models.init(model, jax.random.key(0), shape)
     dense = report.median_seconds(dense_step(model, variables, shape, None), args.repeats)
     for c in compressions:
       m = masks.random(jax.random.key(1), variables["params"], 1 - 1 / c)

@@ -147,6 +147,47 @@ def define_data_flags() -> None:
                       "~/tensorflow_datasets).")
 
 
+def default_compilation_cache_dir() -> str:
+  """$XDG_CACHE_HOME/sparsejax/jax (default ~/.cache/sparsejax/jax)."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "sparsejax", "jax")
+
+
+def define_compilation_cache_flags() -> None:
+  flags.DEFINE_string("compilation_cache_dir", default_compilation_cache_dir(),
+                      "JAX's persistent compilation cache: a later process loads the "
+                      "compiled programs (sweeps, scores, steps) instead of compiling them "
+                      "again. Empty: off.")
+  flags.DEFINE_bool("compilation_cache", True,
+                    "Use the persistent compilation cache (--nocompilation_cache: off).")
+
+
+def enable_compilation_cache(directory: str | None, enabled: bool = True) -> str | None:
+  """Turns on JAX's persistent compilation cache in ``directory`` for every program
+  (also the ones that compile in under a second); returns the directory, or None
+  when off (``enabled`` False or an empty directory). The library never does this: it
+  is the binary's choice."""
+  if not enabled or not directory:
+    return None
+  directory = os.path.abspath(os.path.expanduser(directory))
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as err:
+    raise ValueError(f"--compilation_cache_dir={directory!r} cannot be created ({err}); "
+                     "give a writable folder, or --nocompilation_cache.") from None
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  return directory
+
+
+def compilation_cache_from_flags() -> str | None:
+  """:func:`enable_compilation_cache` as the flags of
+  :func:`define_compilation_cache_flags` say."""
+  return enable_compilation_cache(flags.FLAGS.compilation_cache_dir,
+                                  flags.FLAGS.compilation_cache)
+
+
 def target_sparsity(config) -> float:
   """The run's target sparsity from ``config.compression`` or ``config.target_sparsity``
   (neither: 0, the dense network), validated and naming the field."""

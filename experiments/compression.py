@@ -60,7 +60,7 @@ def sweep(arch: str, pruner_names: list[str], pruning_types: list[str],
   model = models.create(arch)
   input_shape = models.input_shape(arch)
   key = jax.random.key(seed)
-  variables = model.init(jax.random.fold_in(key, 0), jnp.ones((1,) + input_shape))
+  variables = models.init(model, jax.random.fold_in(key, 0), input_shape)
   rows = []
   for name in pruner_names:
     p = pruning.get_pruner(name)
@@ -186,10 +186,12 @@ def define_flags() -> None:
   flags.DEFINE_bool("stop_at_disconnection", True,
                     "Stop a pruner's sweep at its first disconnected network.")
   common.define_data_flags()
+  common.define_compilation_cache_flags()
 
 
 def main(argv):
   del argv
+  common.compilation_cache_from_flags()
   pruner_names = common.parse_list(FLAGS.pruners, name="pruners")
   types = common.parse_list(FLAGS.pruning_types, name="pruning_types")
   comps = (common.parse_list(FLAGS.compressions, float, "compressions")

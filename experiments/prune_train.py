@@ -140,7 +140,7 @@ def _run_locked(config, p, updater, sparsity, train_config, dspec, name, run_dir
   model = models.create(arch, dspec.num_classes)
   input_shape = dspec.image_shape
   key = jax.random.key(seed)
-  variables = model.init(jax.random.fold_in(key, 0), jnp.ones((1,) + input_shape))
+  variables = models.init(model, jax.random.fold_in(key, 0), input_shape)
   init_params = variables["params"]
   train_data, test_data = source.split(dataset, "train", seed), source.split(dataset, "test", seed)
   train_kwargs = dict(seed=seed, eval_every=config.eval_every,
@@ -393,12 +393,14 @@ def define_flags() -> None:
   flags.DEFINE_string("out_dir", "out/prune_train", "Where run folders go.")
   common.define_data_flags()
   distributed.define_flags()
+  common.define_compilation_cache_flags()
 
 
 def main(argv):
   del argv
   processes.exit_with_parent()
   distributed.initialize_from_flags()
+  common.compilation_cache_from_flags()
   try:
     summary = run(FLAGS.config, out_dir=FLAGS.out_dir, source=common.DataSource.from_flags())
   except rundir.RunLockedError as err:

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import compilation
 from sparsejax import connectivity as conn_lib
 from sparsejax import masks as masks_lib
 from sparsejax import models
@@ -238,8 +239,11 @@ def connectivity_sweep(model, input_shape, units: bool = True, **kw
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_sweep(traced: Traced):
-  return jax.jit(sweep_of(traced))
+def compiled_sweep(traced: Traced) -> Callable[[Masks], Connectivity]:
+  """The jitted sweep (masks and unit counts) of a traced model: the one connectivity
+  program per (model, input shape, mask structure), shared by :func:`connectivity`,
+  :func:`effective_masks`, :func:`active_units` and the effective-target search."""
+  return compilation.jit(sweep_of(traced))
 
 
 def validate(masks: Masks, traced: Traced, name: str = "masks") -> None:
@@ -270,7 +274,7 @@ def connectivity(model, masks: Masks, input_shape, **kw) -> Connectivity:
   """
   traced = trace(model, input_shape, **kw)
   validate(masks, traced)
-  result = _jitted_sweep(traced)(masks)
+  result = compiled_sweep(traced)(masks)
   # jit returns dicts with sorted keys; total_units (static) keeps the traced order
   return result.replace(active_units={k: int(result.active_units[k])
                                       for k in result.total_units},

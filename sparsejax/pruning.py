@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import compilation
 from sparsejax import effective as effective_lib
 from sparsejax import errors
 from sparsejax import masks as masks_lib
@@ -95,8 +96,9 @@ def check_scores(scores: Sequence[jax.Array], name: str = "scores") -> None:
   for i, s in enumerate(scores):
     if jnp.issubdtype(s.dtype, jnp.integer):
       continue
-    if not bool(jnp.all(jnp.isfinite(s))):
-      bad = int(jnp.sum(~jnp.isfinite(s)))
+    finite = np.isfinite(np.asarray(s))  # on the host: no program per leaf shape
+    if not finite.all():
+      bad = int(np.count_nonzero(~finite))
       raise ValueError(f"{name}[{i}] has {bad} NaN or infinite values; scores must be finite.")
 
 
@@ -125,10 +127,18 @@ def _sort_desc_host(keys: np.ndarray) -> np.ndarray:
     ascending = np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000))
   else:
     ascending = keys.astype(np.int32).view(np.uint32) ^ np.uint32(0x80000000)
-  packed = (~ascending).astype(np.uint64) << np.uint64(32)
-  packed |= np.arange(keys.size, dtype=np.uint64)
+  if not np.little_endian:
+    packed = (~ascending).astype(np.uint64) << np.uint64(32)
+    packed |= np.arange(keys.size, dtype=np.uint64)
+    packed.sort()
+    return (packed & np.uint64(0xFFFFFFFF)).astype(np.int32)
+  # The words written in place (high: the key, low: the index): no 64-bit temporaries.
+  packed = np.empty(keys.size, np.uint64)
+  words = packed.view(np.uint32)
+  np.invert(ascending, out=words[1::2])
+  words[0::2] = np.arange(keys.size, dtype=np.uint32)
   packed.sort()
-  return (packed & np.uint64(0xFFFFFFFF)).astype(np.int32)
+  return words[0::2].astype(np.int32)
 
 
 def _inverse(order: np.ndarray) -> np.ndarray:
@@ -210,7 +220,19 @@ def _flat_masks_at(ranking: Ranking, kept) -> list[jax.Array]:
 
 def masks_at(ranking: Ranking, kept) -> PyTree:
   """The mask keeping ``kept`` weights along the ranking (``kept`` may be traced)."""
+  if ranking.quota is not None and not isinstance(kept, jax.core.Tracer):
+    # a concrete count meets the quota's checks (e.g. beyond uniform+'s reach: raises)
+    shapes = [ranking.shapes[i] for i in ranking.flow] if ranking.flow else ranking.shapes
+    quotas_lib.check_density(ranking.quota, float(kept) / ranking.total, shapes)
+  return _masks_at(ranking, jnp.asarray(kept, jnp.int32))
+
+
+def _masks_at_fn(ranking: Ranking, kept) -> PyTree:
   return ranking.to_tree(_flat_masks_at(ranking, kept))
+
+
+# jitted: one program per ranking structure instead of a comparison per layer shape
+_masks_at = compilation.jit(_masks_at_fn)
 
 
 def kept_for_sparsity(sparsity: float, total: int) -> int:
@@ -235,119 +257,151 @@ def _sweep_at(sweep: Callable, ranking: Ranking, kept):
   return sum(jnp.sum(m, dtype=jnp.int32) for m in eff), eff, pot
 
 
-def _prefix_along_ranking(ranking: Ranking, flags: Sequence[jax.Array], start: jax.Array,
-                          step: int, width: int) -> list[jax.Array]:
-  """Per layer l, prefix sums [width + 1] of flags[l] at the weights of layer ranks
-  start[l], start[l] + step, ... (step = +1 forward, -1 backward), zero off the layer."""
-  out = []
-  for l, (order, flag) in enumerate(zip(ranking.order, flags)):
-    idx = start[l] + step * jnp.arange(width, dtype=jnp.int32)
-    valid = (idx >= 0) & (idx < order.size)
-    hit = jnp.where(valid, flag[order[jnp.clip(idx, 0, order.size - 1)]], False)
-    out.append(jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(hit, dtype=jnp.int32)]))
-  return out
+def _prefix_along_ranking(order: Sequence, flags: Sequence, start, step: int, width: int,
+                          xp=jnp):
+  """Per layer l, prefix sums [L, width + 1] of flags[l] at the weights of layer ranks
+  start[l], start[l] + step, ... (step = +1 forward, -1 backward), zero off the layer.
+  ``xp``: jax.numpy (traceable) or numpy (the host driver, nothing to compile)."""
+  hits = []
+  for l, (o, flag) in enumerate(zip(order, flags)):
+    idx = start[l] + step * xp.arange(width, dtype=xp.int32)
+    valid = (idx >= 0) & (idx < o.size)
+    hits.append(xp.where(valid, flag[o[xp.clip(idx, 0, o.size - 1)]], False))
+  sums = xp.cumsum(xp.stack(hits), axis=1, dtype=xp.int32)
+  return xp.concatenate([xp.zeros((len(hits), 1), xp.int32), sums], axis=1)
 
 
-def _gathered(prefix: Sequence[jax.Array], steps: jax.Array, width: int) -> jax.Array:
-  return sum(p[jnp.clip(steps[l], 0, width)] for l, p in enumerate(prefix))
+def _gathered(prefix, steps, width: int, xp=jnp):
+  """sum_l prefix[l, steps[..., l]] (steps clipped to [0, width]); steps [..., L]."""
+  return xp.sum(prefix[xp.arange(prefix.shape[0]), xp.clip(steps, 0, width)], axis=-1)
 
 
-def _bisect_int(pred: Callable, lo, hi, iters: int):
-  """Smallest k in (lo, hi] with pred(k) for monotone pred, given pred(hi); else hi."""
-  def body(_, bracket):
-    a, b = bracket
-    mid = a + (b - a) // 2
-    ok = pred(mid) & (b - a > 1)
-    return jnp.where(ok | (b - a <= 1), a, mid), jnp.where(ok, mid, b)
-  return jax.lax.fori_loop(0, iters, body, (lo, hi))[1]
+def _window(k, width: int, xp=jnp):
+  """[k, k + 1 .. k + width, k - 1 .. k - width]: the kept counts one sweep bounds."""
+  steps = xp.arange(1, width + 1, dtype=xp.int32)
+  return xp.concatenate([xp.reshape(k, (1,)).astype(xp.int32), k + steps, k - steps])
+
+
+def _initial_state(total: int, xp=jnp) -> tuple:
+  """(lo, E(lo), lo swept, hi, E(hi) or -1, Illinois weights of lo and hi, the last two
+  bracket widths, sweeps) before any sweep."""
+  big = xp.int32(2 * total + 2)
+  return (xp.int32(0), xp.int32(0), xp.bool_(False), xp.int32(total), xp.int32(-1),
+          xp.float32(1.0), xp.float32(1.0), big, big, xp.int32(0))
+
+
+def _search_cond(state):
+  lo, _, _, hi, e_hi, *_ = state
+  return (hi - lo > 1) | ((e_hi < 0) & (lo < hi))
+
+
+def _propose(state, target):
+  """The next kept count to sweep (int32, traceable): the fixed-point step k T / E(k)
+  until the target is bracketed, then Illinois regula falsi on log E against log k,
+  or the midpoint after a step that did not halve the bracket."""
+  lo, e_lo, _, hi, e_hi, w_lo, w_hi, width_1, _, _ = state
+  target = jnp.asarray(target, jnp.int32)
+  log_t = jnp.log(target.astype(jnp.float32) + 0.5)
+  have_hi = e_hi >= 0
+  lo_f, hi_f = jnp.float32(lo), jnp.float32(hi)
+  k_fixed = jnp.where(e_lo > 0, lo_f * (target + 0.5) / jnp.maximum(e_lo, 1) * 1.02,
+                      2.0 * lo_f + 1.0)
+  f_lo = (jnp.log(jnp.maximum(e_lo, 1).astype(jnp.float32)) - log_t) * w_lo
+  f_hi = (jnp.log(jnp.maximum(e_hi, 1).astype(jnp.float32)) - log_t) * w_hi
+  t_log = jnp.clip(-f_lo / jnp.maximum(f_hi - f_lo, 1e-12), 0.0, 1.0)
+  log_lo = jnp.log(jnp.maximum(lo_f, 1.0))
+  k_log = jnp.exp(log_lo + t_log * (jnp.log(hi_f) - log_lo))
+  t_lin = (target + 0.5 - e_lo) / jnp.maximum(e_hi - e_lo, 1).astype(jnp.float32)
+  k_lin = lo_f + jnp.clip(t_lin, 0.0, 1.0) * (hi_f - lo_f)
+  k_interp = jnp.where(e_lo > 0, k_log, k_lin)
+  span = hi - lo
+  use_mid = have_hi & (2 * span > width_1)
+  k = jnp.where(use_mid, (lo_f + hi_f) / 2, jnp.where(have_hi, k_interp, k_fixed))
+  return jnp.clip(jnp.round(k), lo_f + 1, jnp.where(have_hi, hi_f - 1, hi_f)
+                  ).astype(jnp.int32)
+
+
+_propose_jit = jax.jit(_propose)
+
+
+def _search_update(state, k, e, eff, pot, counts, order, target, total: int, first=False,
+                   xp=jnp):
+  """The state after the sweep at k: E(k) = e, ``eff``/``pot`` its flat effective and
+  potential masks per layer, ``counts`` = ranking.counts at :func:`_window` (k) [2W+1, L].
+
+  The sweep gives, for free, bounds for nearby k' along the ranking (masks are nested):
+  E(k') >= e + #{added weights live at k} for k' > k, E(k') <= e - #{removed weights
+  active at k} for k' < k. They are monotone in k', so the first candidate of the
+  window that passes is what a bisection would find; it moves the other end of the
+  bracket without sweeping.
+  """
+  lo, e_lo, exact_lo, hi, e_hi, w_lo, w_hi, width_1, _, n = state
+  width = (counts.shape[0] - 1) // 2
+  steps = xp.arange(1, width + 1, dtype=xp.int32)
+  below = e <= target
+  have_hi = e_hi >= 0
+  counts_k, counts_up, counts_down = counts[0], counts[1:width + 1], counts[width + 1:]
+  # k is below: lower bound E(k') >= e + live weights added between k and k'.
+  live_prefix = _prefix_along_ranking(order, pot, counts_k, 1, width, xp)
+  lower = e + _gathered(live_prefix, counts_up - counts_k, width, xp)   # at k + steps
+  k_hi = xp.minimum(k + width, xp.where(have_hi, hi, total))
+  over = (k + steps <= k_hi) & (lower > target)
+  first_over = xp.argmax(over)
+  found_hi = below & over[first_over]
+  # k is above: upper bound E(k') <= e - active weights removed between k' and k.
+  act_prefix = _prefix_along_ranking(order, eff, counts_k - 1, -1, width, xp)
+  upper = e - _gathered(act_prefix, counts_k - counts_down, width, xp)  # at k - steps
+  # Largest k' in [max(k - width, lo), k) with upper(k') <= T.
+  fits = (k - steps >= xp.maximum(k - width, lo)) & (upper <= target)
+  first_fit = xp.argmax(fits)
+  new_lo = k - steps[first_fit]
+  found_lo = ~below & fits[first_fit] & (new_lo > lo)
+  lo2 = xp.where(below, k, xp.where(found_lo, new_lo, lo))
+  e_lo2 = xp.where(below, e, xp.where(found_lo, upper[first_fit], e_lo))
+  exact2 = xp.where(below, True, xp.where(found_lo, False, exact_lo))
+  hi2 = xp.where(below, xp.where(found_hi, k + steps[first_over], hi), k)
+  e_hi2 = xp.where(below, xp.where(found_hi, lower[first_over], e_hi), e)
+  # The end that stays twice in a row has its f value halved (Illinois rule).
+  big = 2 * total + 2
+  i32, f32 = xp.int32, xp.float32
+  return (i32(lo2), i32(e_lo2), xp.bool_(exact2), i32(hi2), i32(e_hi2),
+          f32(xp.where(below | first, 1.0, 0.5 * w_lo)),
+          f32(xp.where(below & ~xp.bool_(first), 0.5 * w_hi, 1.0)),
+          i32(xp.where(have_hi, hi - lo, big)), i32(width_1), i32(n + 1))
 
 
 def _search_parts(sweep: Callable, ranking: Ranking, target_kept) -> "_SearchParts":
   """The search for the largest k with E(k) <= target_kept, as loop parts.
 
-  The bracket E(lo) <= T < E(hi) is the only
-  thing exactness rests on; every step keeps it:
+  The bracket E(lo) <= T < E(hi) is the only thing exactness rests on; every step
+  keeps it:
   - The first sweep is at k = T (E(T) <= T for global rankings, where E(k) <= k);
     hi = N is swept only if reached; a lower end never swept is swept at the end.
-  - A sweep at k gives E(k) and, for free, bounds for nearby k along the ranking
-    (masks are nested): E(k') >= E(k) + #{added weights live at k} for k' > k, and
-    E(k') <= E(k) - #{removed weights active at k} for k' < k. Bisection on these
-    bounds moves the other end of the bracket without sweeping.
-  - Proposals: the fixed-point step k T / E(k) until the target is bracketed, then
-    Illinois regula falsi on log E against log k, with a bisection step right after
-    any step that did not halve the bracket (E jumps where one weight reconnects many,
-    and interpolation cannot locate a jump).
+  - A sweep at k bounds E for nearby k (:func:`_search_update`), which closes most
+    of the bracket without sweeping.
+  - Proposals (:func:`_propose`): the fixed-point step k T / E(k) until the target is
+    bracketed, then Illinois regula falsi on log E against log k, with a bisection
+    step right after any step that did not halve the bracket (E jumps where one
+    weight reconnects many, and interpolation cannot locate a jump).
   """
   total = ranking.total
   width = min(BOUND_WINDOW, total)
-  iters = max(1, int(np.ceil(np.log2(width + 1))))
   target = jnp.asarray(target_kept, jnp.int32)
-  log_t = jnp.log(target.astype(jnp.float32) + 0.5)
-  big = jnp.int32(2 * total + 2)
 
-  def settle(k, e, eff, pot, lo, e_lo, exact_lo, hi, e_hi):
-    """Updates the bracket with the sweep at k and the bounds it implies."""
-    below = e <= target
-    counts_k = ranking.counts(k)
-    # k is below: lower bound E(k') >= e + live weights added between k and k'.
-    live_prefix = _prefix_along_ranking(ranking, pot, counts_k, 1, width)
-    lower = lambda k2: e + _gathered(live_prefix, ranking.counts(k2) - counts_k, width)
-    k_hi = jnp.minimum(k + width, jnp.where(e_hi >= 0, hi, total))
-    found_hi = below & (lower(k_hi) > target)
-    new_hi = jnp.where(found_hi, _bisect_int(lambda k2: lower(k2) > target, k, k_hi, iters), k_hi)
-    # k is above: upper bound E(k') <= e - active weights removed between k' and k.
-    act_prefix = _prefix_along_ranking(ranking, eff, counts_k - 1, -1, width)
-    upper = lambda k2: e - _gathered(act_prefix, counts_k - ranking.counts(k2), width)
-    k_lo = jnp.maximum(k - width, lo)
-    # Largest k' in [k_lo, k) with upper(k') <= T: the step before the smallest with > T.
-    first_above = _bisect_int(lambda k2: upper(k2) > target, k_lo, k, iters)
-    new_lo = first_above - 1
-    found_lo = ~below & (new_lo > lo) & (upper(new_lo) <= target)
-    lo2 = jnp.where(below, k, jnp.where(found_lo, new_lo, lo))
-    e_lo2 = jnp.where(below, e, jnp.where(found_lo, upper(new_lo), e_lo))
-    exact2 = jnp.where(below, True, jnp.where(found_lo, False, exact_lo))
-    hi2 = jnp.where(below, jnp.where(found_hi, new_hi, hi), k)
-    e_hi2 = jnp.where(below, jnp.where(found_hi, lower(new_hi), e_hi), e)
-    return lo2, e_lo2, exact2, hi2, e_hi2, below
-
-  def cond(state):
-    lo, _, _, hi, e_hi, *_ = state
-    return (hi - lo > 1) | ((e_hi < 0) & (lo < hi))
-
-  def body(state):
-    lo, e_lo, exact_lo, hi, e_hi, w_lo, w_hi, width_1, width_2, n = state
-    have_hi = e_hi >= 0
-    lo_f, hi_f = lo.astype(jnp.float32), hi.astype(jnp.float32)
-    k_fixed = jnp.where(e_lo > 0, lo_f * (target + 0.5) / jnp.maximum(e_lo, 1) * 1.02,
-                        2.0 * lo_f + 1.0)
-    f_lo = (jnp.log(jnp.maximum(e_lo, 1).astype(jnp.float32)) - log_t) * w_lo
-    f_hi = (jnp.log(jnp.maximum(e_hi, 1).astype(jnp.float32)) - log_t) * w_hi
-    t_log = jnp.clip(-f_lo / jnp.maximum(f_hi - f_lo, 1e-12), 0.0, 1.0)
-    log_lo = jnp.log(jnp.maximum(lo_f, 1.0))
-    k_log = jnp.exp(log_lo + t_log * (jnp.log(hi_f) - log_lo))
-    t_lin = (target + 0.5 - e_lo) / jnp.maximum(e_hi - e_lo, 1).astype(jnp.float32)
-    k_lin = lo_f + jnp.clip(t_lin, 0.0, 1.0) * (hi_f - lo_f)
-    k_interp = jnp.where(e_lo > 0, k_log, k_lin)
-    span = hi - lo
-    use_mid = have_hi & (2 * span > width_1)
-    k = jnp.where(use_mid, (lo_f + hi_f) / 2, jnp.where(have_hi, k_interp, k_fixed))
-    k = jnp.clip(jnp.round(k), lo_f + 1, jnp.where(have_hi, hi_f - 1, hi_f)).astype(jnp.int32)
+  def swept(state, k, first=False):
     e, eff, pot = _sweep_at(sweep, ranking, k)
-    lo2, e_lo2, exact2, hi2, e_hi2, below = settle(k, e, eff, pot, lo, e_lo, exact_lo, hi, e_hi)
-    # The end that stays twice in a row has its f value halved (Illinois rule).
-    return (lo2, e_lo2, exact2, hi2, e_hi2,
-            jnp.where(below, 1.0, 0.5 * w_lo), jnp.where(below, 0.5 * w_hi, 1.0),
-            jnp.where(have_hi, span, big), width_1, n + 1)
+    counts = jax.vmap(ranking.counts)(_window(k, width))
+    return _search_update(state, k, e, eff, pot, counts, ranking.order, target, total,
+                          first)
 
   def init():
     # Sweep at k = T first: usually E(T) <= T and T is the lower end. (Not always:
     # with quotas the rounded layer counts can sum to more than k.) Otherwise the
     # lower end starts at 0, unswept, and is confirmed by a sweep at the end.
-    k = jnp.clip(target, 0, total)
-    e, eff, pot = _sweep_at(sweep, ranking, k)
-    lo, e_lo, exact, hi, e_hi, _ = settle(k, e, eff, pot, jnp.int32(0), jnp.int32(0),
-                                          False, jnp.int32(total), jnp.int32(-1))
-    return (lo, e_lo, exact, hi, e_hi, 1.0, 1.0, big, big, jnp.int32(1))
+    return swept(_initial_state(total), jnp.clip(target, 0, total), first=True)
+
+  def body(state):
+    return swept(state, _propose(state, target))
 
   def finish(state):
     lo, e_lo, exact, *_, n = state
@@ -356,7 +410,7 @@ def _search_parts(sweep: Callable, ranking: Ranking, target_kept) -> "_SearchPar
                            lambda: (_sweep_at(sweep, ranking, lo)[0], n + 1))
     return lo, e_lo, n
 
-  return _SearchParts(init, cond, body, finish)
+  return _SearchParts(init, _search_cond, body, finish)
 
 
 class _SearchParts(NamedTuple):
@@ -381,28 +435,53 @@ LOOPS = ("auto", "device", "host")
 
 @functools.lru_cache(maxsize=32)
 def _jitted_search(traced, loop: str):
-  sweep = effective_lib.sweep_of(traced, units=False)
   if loop == "device":
+    sweep = effective_lib.sweep_of(traced, units=False)
     return jax.jit(functools.partial(search_effective, sweep))
-  # Host-driven: the same jitted init/body/finish, with only the loop condition read
-  # back per step. XLA:CPU runs convolutions inside while-loop bodies through a far
-  # slower path (jax-ml/jax#12868; 10-20x measured here on ResNet-18), so on CPU this
-  # is the fast driver; both drivers compute identical steps.
-  init = jax.jit(lambda r, t: _search_parts(sweep, r, t).init())
-  cond = jax.jit(lambda r, t, s: _search_parts(sweep, r, t).cond(s))
-  body = jax.jit(lambda r, t, s: _search_parts(sweep, r, t).body(s))
-  count = jax.jit(lambda r, k: _sweep_at(sweep, r, k)[0])
+  # Host-driven: XLA:CPU runs convolutions inside while-loop bodies through a far
+  # slower path (jax-ml/jax#12868; 10-20x measured here on ResNet-18). Each step runs
+  # the model's one compiled connectivity sweep (the program effective_masks and
+  # active_units run) on the jitted masks_at; the bracket is updated with numpy and
+  # the proposal is one tiny jitted program, so that nothing else is compiled per
+  # model. Both drivers compute identical steps.
+  return functools.partial(_host_search, effective_lib.compiled_sweep(traced))
 
-  def run(ranking, target):
-    state = init(ranking, target)
-    while bool(cond(ranking, target, state)):
-      state = body(ranking, target, state)
-    lo, e_lo, exact, *_, n = state
-    if not bool(exact):  # as in finish(), without a sweep inside lax.cond
-      return lo, count(ranking, lo), n + 1
-    return lo, e_lo, n
 
-  return run
+@jax.jit
+def _window_counts(ranking: Ranking, k):
+  return jax.vmap(ranking.counts)(_window(k, min(BOUND_WINDOW, ranking.total)))
+
+
+def _host_search(sweep: Callable, ranking: Ranking, target) -> tuple[int, int, int]:
+  """:func:`search_effective` stepped from the host."""
+  target, total = int(target), ranking.total
+  width = min(BOUND_WINDOW, total)
+  order = [np.asarray(o) for o in ranking.order]
+  if ranking.quota is None:  # global: counts(k) = #{cutoffs < k}, a host searchsorted
+    cutoffs = [np.asarray(c) for c in ranking.cutoffs]
+    window_counts = lambda k: np.stack(
+        [np.searchsorted(c, _window(np.int32(k), width, np), side="left") for c in cutoffs],
+        axis=1).astype(np.int32)
+  else:
+    window_counts = lambda k: np.asarray(_window_counts(ranking, np.int32(k)))
+  state = _initial_state(total, np)
+  k = min(max(target, 0), total)
+  first = True
+  while True:
+    conn = sweep(masks_at(ranking, k))
+    eff = [np.asarray(m).reshape(-1) for m in masks_lib.mask_leaves(conn.masks)]
+    pot = [np.asarray(m).reshape(-1) for m in masks_lib.mask_leaves(conn.potential)]
+    e = sum(int(np.count_nonzero(m)) for m in eff)
+    state = _search_update(state, np.int32(k), np.int32(e), eff, pot, window_counts(k),
+                           order, np.int32(target), total, first, np)
+    first = False
+    if not _search_cond(state):
+      break
+    k = int(_propose_jit(state, target))
+  lo, e_lo, exact, *_, n = (int(v) for v in state)
+  if not exact:  # as finish(), without a sweep inside lax.cond
+    return lo, masks_lib.count(sweep(masks_at(ranking, lo)).masks)[0], n + 1
+  return lo, e_lo, n
 
 
 def effective_kept(model, ranking: Ranking, target_kept: int, input_shape,
@@ -469,8 +548,8 @@ def _smallest_connected(model, ranking: Ranking, input_shape, **trace_kw) -> int
   k, e, _ = effective_kept(model, ranking, 0, input_shape, **trace_kw)
   if e > 0:  # even the first mask of the family is connected (e.g. uniform+)
     return e
-  sweep = effective_lib.connectivity_sweep(model, input_shape, units=False, **trace_kw)
-  return int(jax.jit(lambda r, kk: _sweep_at(sweep, r, kk)[0])(ranking, k + 1))
+  sweep = effective_lib.compiled_sweep(effective_lib.trace(model, input_shape, **trace_kw))
+  return masks_lib.count(sweep(masks_at(ranking, k + 1)).masks)[0]
 
 
 # ---------------------------------------------------------------------------- registry

@@ -437,6 +437,12 @@ def _rule_for(fn: QuotaFn, shapes: Shapes, density: Union[float, None]):
     return rule
 
 
+def check_density(quota: Union[str, QuotaFn], density: float, shapes: Any) -> None:
+    """The checks :func:`layer_kept_counts` makes on a concrete ``density`` (ValueError;
+    UnreachableSparsityError beyond the quota's reach), computing nothing."""
+    _rule_for(_resolve(quota, "quota"), normalize_shapes(shapes), _check_density(density))
+
+
 def layer_densities(quota: Union[str, QuotaFn], density: Any, shapes: Any) -> jax.Array:
     """Per-layer densities float32[L] of ``quota`` at global ``density`` in [0, 1].
 

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sparsejax import compilation
 from sparsejax import masks as masks_lib
 from sparsejax import models
 
@@ -287,14 +288,18 @@ def random(key: jax.Array, params: PyTree, prunable: masks_lib.Prunable = None) 
   """
   slots = _slots(params, prunable)
   kernels = _kernels(params, slots)
-  keys = jax.random.split(key, len(kernels))
-  draws = [_random_bits(k, tuple(w.shape)) for k, w in zip(keys, kernels)]
+  draws = _random_bits(key, tuple(tuple(int(d) for d in w.shape) for w in kernels))
   return _score_tree(params, draws, slots)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _random_bits(key: jax.Array, shape: tuple) -> jax.Array:
-  return (jax.random.bits(key, shape, jnp.uint32) >> 1).astype(jnp.int32)
+def _random_bits_fn(key: jax.Array, shapes: tuple) -> list:
+  keys = jax.random.split(key, len(shapes))
+  return [(jax.random.bits(k, s, jnp.uint32) >> 1).astype(jnp.int32)
+          for k, s in zip(keys, shapes)]
+
+
+# all layers in one program (one compilation per model, not one per kernel shape)
+_random_bits = compilation.jit(_random_bits_fn, static_argnums=1)
 
 
 def magnitude(params: PyTree, prunable: masks_lib.Prunable = None) -> PyTree:

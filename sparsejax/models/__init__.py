@@ -10,8 +10,11 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import compilation
 from sparsejax.models import layers  # noqa: F401  (re-exported)
 from sparsejax.models.lenet import LeNet5, LeNet300100
 from sparsejax.models.resnet import ResNet18
@@ -81,10 +84,27 @@ def check_input_shape(input_shape) -> tuple[int, ...]:
   return tuple(int(d) for d in shape)
 
 
+def init(model: nn.Module, key: jax.Array, input_shape, **kwargs):
+  """``model.init(key, ones([1, *input_shape]), **kwargs)`` as one compiled program per
+  (model, input shape, kwargs); called eagerly, Flax's init compiles every
+  initializer and layer op on its own (88 small programs for VGG-19)."""
+  shape = check_input_shape(input_shape)
+  check_model(model)
+  return _init(model, shape, tuple(sorted(kwargs.items())), key)
+
+
+def _init_fn(model, shape, kwargs, key):
+  return model.init(key, jnp.ones((1,) + shape, jnp.float32), **dict(kwargs))
+
+
+_init = compilation.jit(_init_fn, static_argnums=(0, 1, 2))
+
+
 def input_shape(name: str) -> tuple:
   """Shape of one input example of the network's paper dataset, e.g. (28, 28, 1)."""
   return get_spec(name).input_shape
 
 
-__all__ = ["create", "get_spec", "input_shape", "check_model", "check_input_shape", "MODELS", "ModelSpec", "layers",
+__all__ = ["create", "init", "get_spec", "input_shape", "check_model", "check_input_shape",
+           "MODELS", "ModelSpec", "layers",
            "LeNet300100", "LeNet5", "VGG", "ResNet18"]

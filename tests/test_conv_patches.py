@@ -1,0 +1,66 @@
+"""The sweep's convolutions as patches-times-kernel products equal XLA's convolution,
+values and both gradients, for any strides, padding, rhs dilation and layout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings, strategies as st
+from jax import lax
+
+from sparsejax import connectivity as conn
+
+
+def _conv_eqn(x, w, **kw):
+  jaxpr = jax.make_jaxpr(lambda a, b: lax.conv_general_dilated(a, b, **kw))(x, w)
+  (eqn,) = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  return conn.Eqn(eqn.primitive, dict(eqn.params), [], [], "x", "", [])
+
+
+@settings(max_examples=15, deadline=None)
+@given(nsp=st.sampled_from([1, 2]), size=st.integers(1, 6), k=st.integers(1, 3),
+       stride=st.integers(1, 3), dil=st.integers(1, 2), cin=st.integers(1, 3),
+       cout=st.integers(1, 3), batch=st.integers(1, 2), pad=st.sampled_from(
+           ["SAME", "VALID", ((1, 0),), ((2, 1),), ((0, -1),)]),
+       channels_last=st.booleans(), seed=st.integers(0, 2**16))
+def test_patches_equal_the_convolution_and_its_gradients(nsp, size, k, stride, dil, cin,
+                                                        cout, batch, pad, channels_last,
+                                                        seed):
+  if isinstance(pad, tuple):
+    pad = pad * nsp
+  lhs = "N" + "HW"[:nsp] + "C" if channels_last else "NC" + "HW"[:nsp]
+  rhs = "HW"[:nsp] + "IO" if channels_last else "OI" + "HW"[:nsp]
+  dn = (lhs, rhs, lhs)
+  xs = [batch] + [size] * nsp + [cin] if channels_last else [batch, cin] + [size] * nsp
+  ws = [k] * nsp + [cin, cout] if channels_last else [cout, cin] + [k] * nsp
+  keys = jax.random.split(jax.random.key(seed), 3)
+  x = (jax.random.uniform(keys[0], xs) > 0.4).astype(jnp.float32)
+  w = (jax.random.uniform(keys[1], ws) > 0.5).astype(jnp.float32)
+  kw = dict(window_strides=(stride,) * nsp, padding=pad, rhs_dilation=(dil,) * nsp,
+            dimension_numbers=dn)
+  try:
+    want, vjp = jax.vjp(lambda a, b: lax.conv_general_dilated(a, b, **kw), x, w)
+  except (TypeError, ValueError):  # an empty output: nothing to compare
+    return
+  e = _conv_eqn(x, w, **kw)
+  got = conn.conv_as_patches(e, x, w, max_positions=10**6)
+  if want.size == 0:
+    return
+  assert got is not None
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  g = (jax.random.uniform(keys[2], want.shape) > 0.5).astype(jnp.float32)
+  got_vjp = jax.vjp(lambda a, b: conn.conv_as_patches(e, a, b, 10**6), x, w)[1](g)
+  for a, b in zip(got_vjp, vjp(g)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_patches_decline_what_they_do_not_cover():
+  x = jnp.ones((1, 4, 4, 4))
+  w = jnp.ones((3, 3, 2, 4))
+  grouped = _conv_eqn(x, w, window_strides=(1, 1), padding="SAME",
+                      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2)
+  assert conn.conv_as_patches(grouped, x, w) is None
+  w = jnp.ones((3, 3, 4, 4))
+  plain = _conv_eqn(x, w, window_strides=(1, 1), padding="SAME",
+                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert conn.conv_as_patches(plain, x, w, max_positions=15) is None
+  assert conn.conv_as_patches(plain, x, w, max_positions=16) is not None
