@@ -54,7 +54,7 @@ i.e. which parameters a unit owns and which kernels read it).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
