@@ -30,13 +30,39 @@ from absl import app, flags, logging
 
 from experiments import common
 from experiments import configs
+from sparsejax import compact as compact_lib
 from sparsejax import effective, errors, files, masks, models, pruning
+from sparsejax import flops
 
 FLAGS = flags.FLAGS
 COLUMNS = ["arch", "pruner", "pruning_type", "seed", "target_compression",
            "direct_compression", "effective_compression", "direct_sparsity",
            "effective_sparsity", "active_units", "total_units", "active_units_per_layer",
-           "unit_layers", "status", "seconds", "ranking_seconds"]
+           "unit_layers", "status", "seconds", "ranking_seconds",
+           # FLOPs (2 per multiply-accumulate, one example) and kernel parameters
+           "flops_dense", "flops_direct", "flops_effective", "params_dense",
+           "params_direct", "params_effective",
+           # with --compact: the compacted network (sparsejax.compact)
+           "compact_widths", "live_channel_fraction", "compact_params", "compact_flops",
+           "compact_flops_direct"]
+
+
+def cost_columns(model, m, input_shape) -> dict:
+  """The FLOPs and parameter columns of one mask (:mod:`sparsejax.flops`)."""
+  c = flops.total(model, m, input_shape)
+  return {k: v for k, v in c.as_dict().items() if k.startswith(("flops_", "params_"))}
+
+
+def compact_columns(model, variables, m, input_shape) -> dict:
+  """The compacted network's widths (';'-joined per channel space), live-channel
+  fraction (kept / channels over the spaces), all parameters of its kernels and its
+  dense and direct (masked) FLOPs."""
+  p = compact_lib.plan(model, variables, m, input_shape=input_shape)
+  new_model, new_v, new_m = compact_lib.compact(model, variables, m, input_shape=input_shape)
+  c = flops.total(new_model, new_m, input_shape)
+  return dict(compact_widths=";".join(str(len(k)) for k in p.kept.values()),
+              live_channel_fraction=p.live_fraction(), compact_params=c.params_dense,
+              compact_flops=c.flops_dense, compact_flops_direct=c.flops_direct)
 
 
 def default_compressions() -> list[float]:
@@ -45,8 +71,11 @@ def default_compressions() -> list[float]:
 
 def sweep(arch: str, pruner_names: list[str], pruning_types: list[str],
           compressions: list[float], *, seed: int = 0, batches_fn=None,
-          rounds: dict | None = None, stop_at_disconnection: bool = True) -> list[dict]:
+          rounds: dict | None = None, stop_at_disconnection: bool = True,
+          compact: bool = False) -> list[dict]:
   """Rows of the compression table (dicts with :data:`COLUMNS`).
+
+  compact: also compact every mask (the ``compact_*`` columns).
 
   batches_fn: () -> score batches, called once per data-driven pruner.
   rounds: {pruner name: rounds} for iterative pruners (default: each pruner's).
@@ -72,12 +101,13 @@ def sweep(arch: str, pruner_names: list[str], pruning_types: list[str],
                   input_shape=input_shape, batches=batches,
                   trained_params=variables["params"], rounds=(rounds or {}).get(name))
     rows.extend(_sweep_pruner(arch, p, pruning_types, compressions, seed, model,
-                              input_shape, variables, kwargs, stop_at_disconnection))
+                              input_shape, variables, kwargs, stop_at_disconnection,
+                              compact))
   return rows
 
 
 def _sweep_pruner(arch, p, pruning_types, compressions, seed, model, input_shape, variables,
-                  kwargs, stop_at_disconnection) -> list[dict]:
+                  kwargs, stop_at_disconnection, compact=False) -> list[dict]:
   """Rows of one pruner. A ranking serves both pruning types: one ranking for the
   whole sweep, or one per target for iterative pruners (their ranking depends on it)."""
   rows, stopped, ranking = [], set(), None
@@ -121,6 +151,8 @@ def _sweep_pruner(arch, p, pruning_types, compressions, seed, model, input_shape
           total_units=sum(conn.total_units.values()),
           active_units_per_layer=";".join(per_layer), unit_layers=";".join(conn.active_units),
           status="disconnected" if eff_density == 0 else "ok",
+          **cost_columns(model, m, input_shape),
+          **(compact_columns(model, variables, m, input_shape) if compact else {}),
           seconds=time.time() - start))
       logging.info("%s %s %.4gx: direct %.4gx effective %.4gx (%.2fs + ranking %.2fs)",
                    p.name, pruning_type, target, rows[-1]["direct_compression"],
@@ -138,7 +170,7 @@ def read_rows(path: str) -> list[dict]:
   for r in rows:
     for k, v in r.items():
       if k in ("arch", "pruner", "pruning_type", "status", "active_units_per_layer",
-               "unit_layers", "data"):
+               "unit_layers", "data", "compact_widths"):
         continue
       r[k] = None if v in ("", None) else float(v)
   return rows
@@ -185,6 +217,8 @@ def define_flags() -> None:
                        "iterative SNIP); default: each pruner's own.")
   flags.DEFINE_bool("stop_at_disconnection", True,
                     "Stop a pruner's sweep at its first disconnected network.")
+  flags.DEFINE_bool("compact", False, "Also compact every mask (sparsejax.compact): "
+                    "compacted widths, live-channel fraction, parameters and FLOPs.")
   common.define_data_flags()
   common.define_compilation_cache_flags()
 
@@ -216,7 +250,7 @@ def main(argv):
   rounds = None if FLAGS.rounds is None else {n: FLAGS.rounds for n in pruner_names}
   rows = sweep(FLAGS.arch, pruner_names, types, comps, seed=FLAGS.seed,
                batches_fn=batches_fn, rounds=rounds,
-               stop_at_disconnection=FLAGS.stop_at_disconnection)
+               stop_at_disconnection=FLAGS.stop_at_disconnection, compact=FLAGS.compact)
   data_name = source.describe(spec.dataset)
   for r in rows:
     r["data"] = data_name if pruning.get_pruner(r["pruner"]).needs_data else "-"

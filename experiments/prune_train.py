@@ -46,8 +46,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import common, configs, distributed, processes, rundir
-from sparsejax import (data, dynamic, effective, errors, masks as masks_lib, models, pruning,
-                       training)
+from sparsejax import (data, dynamic, effective, errors, flops, masks as masks_lib, models,
+                       pruning, training)
 
 FLAGS = flags.FLAGS
 # Exit status of a run refused because another process works in its folder.
@@ -68,6 +68,8 @@ def connectivity_report(model, masks, input_shape) -> dict:
       "active_units": {k: [conn.active_units[k], conn.total_units[k]]
                        for k in conn.active_units},
       "active_inputs": [conn.active_inputs, conn.total_inputs],
+      # FLOPs (2 per multiply-accumulate, one example) and kernel parameters/bytes
+      "cost": flops.total(model, masks, input_shape).as_dict(),
   }
 
 

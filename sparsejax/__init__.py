@@ -10,7 +10,8 @@ Kempe, "Connectivity Matters", JMLR 2023). Three lines in a training loop:
 
 Submodules: masks, connectivity (the transform of a traced program that effective
 sparsity and SynFlow use), effective, quotas, scores, pruning, models, optim, dynamic,
-errors; and, imported on first use because they bring TensorFlow Datasets, data and
+compact (dead units removed: a smaller dense network), flops, structured (channel and
+neuron pruning), errors; and, imported on first use because they bring TensorFlow Datasets, data and
 training.
 """
 
@@ -18,8 +19,8 @@ from __future__ import annotations
 
 import importlib
 
-from sparsejax import (connectivity, dynamic, effective, errors, masks, models, optim, pruning,
-                       quotas, scores)
+from sparsejax import (compact, connectivity, dynamic, effective, errors, flops, masks, models,
+                       optim, pruning, quotas, scores, structured)
 from sparsejax.effective import (active_units, effective_compression, effective_masks,
                                  effective_sparsity)
 from sparsejax.errors import UnreachableSparsityError
@@ -45,7 +46,7 @@ __all__ = [
     "__version__",
     # submodules
     "masks", "connectivity", "effective", "quotas", "scores", "pruning", "models", "optim",
-    "dynamic", "errors", "data", "training",
+    "dynamic", "errors", "data", "training", "compact", "flops", "structured",
     # pruning
     "prune", "ranking_for", "PRUNERS", "Pruner", "ScoreContext", "register_pruner",
     "get_pruner", "UnreachableSparsityError",

@@ -765,21 +765,85 @@ def reach_sweep(prog: Program, prunable: Sequence[int], units: bool = True):
       (g,) = vjp([jnp.ones_like(o) for o in outs])
       return [gk > 0 for gk in g], {}, None, {}
 
-    shapes = [a.shape for a in (prog.eqns[k].out_avals[0] for k, _ in prog.sites)]
-    perturb = [jnp.zeros(s, jnp.float32) for s in shapes]
-
-    def f(ks, pert, xs):
-      outs, reach_at = ev.run(params_with(ks), extra, xs, perturb=pert)
-      return outs, [reach_at[n] for n in range(len(prog.sites))]
-
-    outs, vjp, reach = jax.vjp(f, kernels, perturb, xs, has_aux=True)
-    g, g_pert, g_x = vjp([jnp.ones_like(o) for o in outs])
+    g, reach, g_pert, g_x = _site_pass(ev, prog, params_with, kernels, extra, xs)
     active = {n: jnp.sum((r > 0) & (gp > 0)) for n, r, gp in zip(names, reach, g_pert)}
+    shapes = [a.shape for a in (prog.eqns[k].out_avals[0] for k, _ in prog.sites)]
     total = {n: int(np.prod(s)) for n, s in zip(names, shapes)}
     active_inputs = sum(jnp.sum(gx > 0) for gx in g_x)
     return [gk > 0 for gk in g], active, active_inputs, total
 
   return sweep
+
+
+def _site_pass(ev: "_Eval", prog: Program, params_with, kernels, extra, xs):
+  """One forward and one backward reachability pass with a zero perturbation at every
+  site: (cotangents of ``kernels`` (``params_with(kernels)`` = all params), reach per
+  site, coreach per site (the perturbation's cotangent), input cotangents)."""
+  shapes = [a.shape for a in (prog.eqns[k].out_avals[0] for k, _ in prog.sites)]
+  perturb = [jnp.zeros(s, jnp.float32) for s in shapes]
+
+  def f(ks, pert, xs):
+    outs, reach_at = ev.run(params_with(ks), extra, xs, perturb=pert)
+    return outs, [reach_at[n] for n in range(len(prog.sites))]
+
+  outs, vjp, reach = jax.vjp(f, kernels, perturb, xs, has_aux=True)
+  g, g_pert, g_x = vjp([jnp.ones_like(o) for o in outs])
+  return g, reach, g_pert, g_x
+
+
+def channel_sweep(prog: Program, prunable: Sequence[int]):
+  """The pure, jit-able ``kernel masks -> {site name: (reach, coreach)}``: bool vectors
+  over each linear op's last output axis (channels, features), reach[c] = some unit of
+  channel c (at some position) is reachable from the input, coreach[c] = some unit of
+  channel c reaches an output (method.md section 1)."""
+  ev = _Eval(prog, "reach")
+  prunable = tuple(prunable)
+  names = site_names(prog)
+
+  def sweep(masks: Sequence[jax.Array]):
+    pats = [jnp.ones(s, jnp.float32) for s in prog.param_shapes]
+
+    def params_with(ks):
+      ps = list(pats)
+      for i, k in zip(prunable, ks):
+        ps[i] = k
+      return ps
+
+    kernels = [m.astype(jnp.float32) for m in masks]
+    extra = [jnp.ones(s, jnp.float32) for s in prog.extra_shapes]
+    xs = [jnp.ones(s, jnp.float32) for s in prog.x_shapes]
+    _, reach, coreach, _ = _site_pass(ev, prog, params_with, kernels, extra, xs)
+    lead = lambda v: tuple(range(v.ndim - 1))
+    return {n: (jnp.any(r > 0, axis=lead(r)), jnp.any(c > 0, axis=lead(c)))
+            for n, r, c in zip(names, reach, coreach)}
+
+  return sweep
+
+
+def position_counts(prog: Program, prunable: Sequence[int]):
+  """The pure, jit-able ``kernel masks -> [counts per prunable leaf]``: for each weight,
+  the number of output positions at which it joins a reachable source unit to a
+  co-reachable destination unit (sum_positions reach(u) coreach(v), float32, exact
+  below 2**24), times its mask: the multiply-accumulates it does on a live path."""
+  ev = _Eval(prog, "reach")
+  prunable = tuple(prunable)
+
+  def counts(masks: Sequence[jax.Array]):
+    pats = [jnp.ones(s, jnp.float32) for s in prog.param_shapes]
+
+    def params_with(ks):
+      ps = list(pats)
+      for i, k in zip(prunable, ks):
+        ps[i] = k
+      return ps
+
+    kernels = [m.astype(jnp.float32) for m in masks]
+    extra = [jnp.ones(s, jnp.float32) for s in prog.extra_shapes]
+    xs = [jnp.ones(s, jnp.float32) for s in prog.x_shapes]
+    g, _, _, _ = _site_pass(ev, prog, params_with, kernels, extra, xs)
+    return [gk * k for gk, k in zip(g, kernels)]
+
+  return counts
 
 
 def linear_scores(prog: Program, prunable: Sequence[int]):

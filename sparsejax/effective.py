@@ -281,6 +281,23 @@ def connectivity(model, masks: Masks, input_shape, **kw) -> Connectivity:
                         active_inputs=int(result.active_inputs))
 
 
+@functools.lru_cache(maxsize=64)
+def _jitted_channels(traced: Traced):
+  return jax.jit(conn_lib.channel_sweep(traced.program, traced.prunable))
+
+
+def channel_reach(model, masks: Masks, input_shape, **kw) -> dict[str, tuple]:
+  """{layer path: (reach, coreach)} per linear op, input-to-output order: bool numpy
+  vectors over the op's output channels (last axis), reach[c] = an unmasked path from
+  the input reaches channel c at some position, coreach[c] = an unmasked path leads from
+  channel c at some position to an output. Keywords as :func:`connectivity`."""
+  traced = trace(model, input_shape, **kw)
+  validate(masks, traced)
+  maps = _jitted_channels(traced)(_flat_masks(masks, traced))
+  names = conn_lib.site_names(traced.program)
+  return {n: (np.asarray(maps[n][0]), np.asarray(maps[n][1])) for n in names}
+
+
 def effective_masks(model, masks: Masks, input_shape, **kw) -> Masks:
   """The active weights: unmasked and on some input-to-output path (bool, like masks).
 

@@ -26,4 +26,19 @@ class UnreachableSparsityError(ValueError):
     return float("inf") if self.max_sparsity >= 1.0 else 1.0 / (1.0 - self.max_sparsity)
 
 
-__all__ = ["UnreachableSparsityError"]
+class CompactionMismatchError(ValueError):
+  """A compacted network that does not compute the masked network's function
+  (:mod:`sparsejax.compact`).
+
+  Attributes:
+    max_diff: max |logit difference| (inference mode).
+    scale: max |logit| of the masked original.
+  """
+
+  def __init__(self, message: str, *, max_diff: float, scale: float):
+    super().__init__(message)
+    self.max_diff = float(max_diff)
+    self.scale = float(scale)
+
+
+__all__ = ["UnreachableSparsityError", "CompactionMismatchError"]

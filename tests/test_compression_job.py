@@ -124,3 +124,17 @@ def test_quota_limit_ends_the_curve_instead_of_raising():
   rows = compression.sweep("lenet5", ["random/uniform_plus"], ["direct"], [10.0, 1e3, 1e4],
                            seed=0, stop_at_disconnection=False)
   assert [r["status"] for r in rows] == ["ok", "unreachable"]
+
+
+def test_flops_and_compact_columns():
+  """At initialization every kept unit of a compacted LeNet-300-100 is live, so its
+  unmasked weights are exactly the active ones: compacted direct FLOPs = effective."""
+  rows = compression.sweep("lenet300100", ["synflow"], ["effective"], [100.0],
+                           rounds={"synflow": 5}, compact=True)
+  (r,) = rows
+  assert r["flops_dense"] == 2 * 266200 and r["params_dense"] == 266200
+  assert r["flops_effective"] <= r["flops_direct"] < r["flops_dense"]
+  assert r["compact_flops_direct"] == r["flops_effective"]
+  widths = [int(w) for w in r["compact_widths"].split(";")]
+  assert r["compact_params"] == 784 * widths[0] + widths[0] * widths[1] + widths[1] * 10
+  assert r["live_channel_fraction"] == sum(widths) / 400
