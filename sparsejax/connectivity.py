@@ -745,18 +745,7 @@ def reach_sweep(prog: Program, prunable: Sequence[int], units: bool = True):
   names = site_names(prog)
 
   def sweep(masks: Sequence[jax.Array]):
-    pats = [jnp.ones(s, jnp.float32) for s in prog.param_shapes]
-    by_leaf = dict(zip(prunable, masks))
-    kernels = [by_leaf[i].astype(jnp.float32) for i in prunable]
-    extra = [jnp.ones(s, jnp.float32) for s in prog.extra_shapes]
-    xs = [jnp.ones(s, jnp.float32) for s in prog.x_shapes]
-
-    def params_with(ks):
-      ps = list(pats)
-      for i, k in zip(prunable, ks):
-        ps[i] = k
-      return ps
-
+    params_with, kernels, extra, xs = _reach_inputs(prog, prunable, masks)
     if not units:
       def f(ks):
         outs, _ = ev.run(params_with(ks), extra, xs)
@@ -773,6 +762,24 @@ def reach_sweep(prog: Program, prunable: Sequence[int], units: bool = True):
     return [gk > 0 for gk in g], active, active_inputs, total
 
   return sweep
+
+
+def _reach_inputs(prog: Program, prunable: tuple, masks: Sequence[jax.Array]):
+  """(params_with, kernels, extra, xs) of a reachability pass: the masks as float32
+  patterns at the ``prunable`` leaves, ones at every other parameter, extra value and
+  input; ``params_with(ks)`` puts ``ks`` at the prunable leaves (differentiable)."""
+  pats = [jnp.ones(s, jnp.float32) for s in prog.param_shapes]
+
+  def params_with(ks):
+    ps = list(pats)
+    for i, k in zip(prunable, ks):
+      ps[i] = k
+    return ps
+
+  kernels = [m.astype(jnp.float32) for m in masks]
+  extra = [jnp.ones(s, jnp.float32) for s in prog.extra_shapes]
+  xs = [jnp.ones(s, jnp.float32) for s in prog.x_shapes]
+  return params_with, kernels, extra, xs
 
 
 def _site_pass(ev: "_Eval", prog: Program, params_with, kernels, extra, xs):
@@ -801,18 +808,7 @@ def channel_sweep(prog: Program, prunable: Sequence[int]):
   names = site_names(prog)
 
   def sweep(masks: Sequence[jax.Array]):
-    pats = [jnp.ones(s, jnp.float32) for s in prog.param_shapes]
-
-    def params_with(ks):
-      ps = list(pats)
-      for i, k in zip(prunable, ks):
-        ps[i] = k
-      return ps
-
-    kernels = [m.astype(jnp.float32) for m in masks]
-    extra = [jnp.ones(s, jnp.float32) for s in prog.extra_shapes]
-    xs = [jnp.ones(s, jnp.float32) for s in prog.x_shapes]
-    _, reach, coreach, _ = _site_pass(ev, prog, params_with, kernels, extra, xs)
+    _, reach, coreach, _ = _site_pass(ev, prog, *_reach_inputs(prog, prunable, masks))
     lead = lambda v: tuple(range(v.ndim - 1))
     return {n: (jnp.any(r > 0, axis=lead(r)), jnp.any(c > 0, axis=lead(c)))
             for n, r, c in zip(names, reach, coreach)}
@@ -829,17 +825,7 @@ def position_counts(prog: Program, prunable: Sequence[int]):
   prunable = tuple(prunable)
 
   def counts(masks: Sequence[jax.Array]):
-    pats = [jnp.ones(s, jnp.float32) for s in prog.param_shapes]
-
-    def params_with(ks):
-      ps = list(pats)
-      for i, k in zip(prunable, ks):
-        ps[i] = k
-      return ps
-
-    kernels = [m.astype(jnp.float32) for m in masks]
-    extra = [jnp.ones(s, jnp.float32) for s in prog.extra_shapes]
-    xs = [jnp.ones(s, jnp.float32) for s in prog.x_shapes]
+    params_with, kernels, extra, xs = _reach_inputs(prog, prunable, masks)
     g, _, _, _ = _site_pass(ev, prog, params_with, kernels, extra, xs)
     return [gk * k for gk, k in zip(g, kernels)]
 
