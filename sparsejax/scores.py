@@ -34,6 +34,7 @@ per-round statistics stay on the device until the end.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
@@ -352,9 +353,9 @@ def lamp(params: PyTree, prunable: masks_lib.Prunable = None) -> PyTree:
 def _data_loss(model, loss_fn: Callable, temperature: float | None = None, loss=None):
   """loss(params, rest, batch): the user's ``loss(params, batch)`` if given (GraSP's
   temperature passed as ``temperature=`` when the loss accepts it), else ``loss_fn``
-  on ``model.apply(..., train=True)`` logits of image/label batches."""
+  on ``model.apply(..., train=True)`` logits of image/label batches (``train=True``
+  only where the module's ``__call__`` takes it: a plain Flax model may not)."""
   if loss is not None:
-    import inspect  # pylint: disable=g-import-not-at-top
     try:
       takes_t = "temperature" in inspect.signature(loss).parameters
     except (TypeError, ValueError):
@@ -363,8 +364,15 @@ def _data_loss(model, loss_fn: Callable, temperature: float | None = None, loss=
       return lambda params, rest, batch: loss(params, batch, temperature=temperature)
     return lambda params, rest, batch: loss(params, batch)
 
+  try:
+    call = inspect.signature(type(model).__call__).parameters
+    takes_train = "train" in call or any(p.kind == p.VAR_KEYWORD for p in call.values())
+  except (TypeError, ValueError):
+    takes_train = True
+  train = {"train": True} if takes_train else {}
+
   def loss(params, rest, batch):
-    logits, _ = model.apply({"params": params, **rest}, batch["image"], train=True,
+    logits, _ = model.apply({"params": params, **rest}, batch["image"], **train,
                             mutable=["batch_stats"])
     if temperature is not None:
       logits = logits / temperature

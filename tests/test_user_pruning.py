@@ -273,3 +273,21 @@ def test_bad_prunable_and_foreign_score_trees():
   with pytest.raises(ValueError, match="scored.*ScoreContext.prunable"):
     pruning.prune(wrong, key=jax.random.key(0), model=_named_fn, variables=params,
                   sparsity=0.5, input_shape=SHAPE)
+
+
+class PlainMLP(nn.Module):
+  """A Flax model whose __call__ takes no ``train`` argument."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(nn.relu(nn.Dense(8)(x.reshape(x.shape[0], -1))))
+
+
+@pytest.mark.parametrize("pruner", ["snip", "grasp"])
+def test_data_pruners_on_a_model_without_a_train_argument(pruner):
+  model = PlainMLP()
+  variables = model.init(jax.random.key(0), jnp.ones((1,) + SHAPE))
+  m = pruning.prune(pruner, key=jax.random.key(1), model=model, variables=variables,
+                    sparsity=0.8, pruning_type="effective", input_shape=SHAPE,
+                    batches=_batches())
+  assert effective.effective_sparsity(model, m, SHAPE, variables=variables) >= 0.8
