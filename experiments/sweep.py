@@ -95,12 +95,16 @@ def result_path(config: ml_collections.ConfigDict, out_dir: str) -> str:
   return os.path.join(out_dir, common.run_name(config), "result.json")
 
 
-def command(point: dict, shared: list[str], out_dir: str, source: common.DataSource
-            ) -> list[str]:
-  """The experiments.prune_train command line of a grid point."""
+def command(point: dict, shared: list[str], out_dir: str, source: common.DataSource,
+            compilation_cache_dir: str | None = None) -> list[str]:
+  """The experiments.prune_train command line of a grid point; the child uses the
+  persistent compilation cache in ``compilation_cache_dir`` ('' : none; None: the
+  child's default)."""
   cmd = [sys.executable, "-m", "experiments.prune_train",
          f"--config={configs.path(point['arch'])}",
          *configs.override_args(overrides(point, shared)), f"--out_dir={out_dir}"]
+  if compilation_cache_dir is not None:
+    cmd.append(f"--compilation_cache_dir={compilation_cache_dir}")
   if source.manual_dir:
     cmd.append(f"--tfds_manual_dir={source.manual_dir}")
   if source.data_dir:
@@ -135,7 +139,8 @@ EXECUTORS = ("local", "ray")
 
 def execute(points: list[dict], shared: list[str], out_dir: str, source: common.DataSource,
             jobs: int | None = 1, executor: str = "local",
-            ray_options: ray_executor.RayOptions | None = None) -> tuple[int, int, int]:
+            ray_options: ray_executor.RayOptions | None = None,
+            compilation_cache_dir: str | None = None) -> tuple[int, int, int]:
   """Runs the grid; returns (done, skipped, failed).
 
   Args:
@@ -143,6 +148,9 @@ def execute(points: list[dict], shared: list[str], out_dir: str, source: common.
       None: 1). ray: the most runs in flight (None: as many as the cluster holds).
     executor: 'local' (this machine) or 'ray' (Ray tasks, experiments.ray_executor).
     ray_options: the Ray cluster and each task's resources (executor='ray').
+    compilation_cache_dir: the persistent compilation cache local child processes
+      use ('': none; None: their default). In-process runs use this process's
+      setting (:func:`experiments.common.enable_compilation_cache`).
 
   Raises:
     ValueError: a bad config or flag, ray not installed or its cluster unreachable
@@ -183,7 +191,7 @@ def execute(points: list[dict], shared: list[str], out_dir: str, source: common.
     log = result_path(config, out_dir).replace("result.json", "log.txt")
     os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, "a") as f:
-      code = children.run(command(point, shared, out_dir, source), f)
+      code = children.run(command(point, shared, out_dir, source, compilation_cache_dir), f)
     return point, code, f"see {log}"
 
   stoppable = runner if runner is not None else children
@@ -245,6 +253,7 @@ def define_flags() -> None:
                       "--config.<field>=<value> (e.g. '--config.imp_rounds=3 "
                       "--config.rounds=100').")
   flags.DEFINE_bool("dry_run", False, "List the grid and what would run; run nothing.")
+  common.define_compilation_cache_flags()
   common.define_data_flags()
 
 
@@ -292,9 +301,10 @@ def main(argv):
         state = "redo  "  # Invalid result: a real run moves it aside and runs again.
       print(state + " ".join(command(point, shared, FLAGS.out_dir, source)[3:]))
     return
+  cache = common.compilation_cache_from_flags()  # in-process runs, and the children
   try:
     done, skipped, failed = execute(points, shared, FLAGS.out_dir, source, FLAGS.jobs,
-                                    FLAGS.executor, _ray_options())
+                                    FLAGS.executor, _ray_options(), cache or "")
   except processes.Stopped as stop:
     print(f"Sweep stopped by {signal.Signals(stop.signum).name}; its runs were ended and "
           "resume from their checkpoints when the sweep runs again.")
