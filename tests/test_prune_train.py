@@ -178,7 +178,7 @@ def test_zero_steps_negative_seeds_and_infinite_targets_are_rejected_before_work
   assert "--config.train_steps=0" in cmd
   assert not any(a.startswith("--compilation_cache_dir") for a in cmd)  # child's default
   cmd = sweep.command(point, [], "o", common.DataSource(synthetic=True), "")
-  assert cmd[-1] == "--compilation_cache_dir="  # the sweep's --nocompilation_cache
+  assert "--compilation_cache_dir=" in cmd  # the sweep's --nocompilation_cache
 
 
 def test_diverging_run_is_recorded_and_not_retried(tmp_path):
