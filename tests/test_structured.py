@@ -356,3 +356,56 @@ def test_a_user_structured_pruner_by_registration():
   kept = [kept_channels(m, f"conv_{i}", c) for i, c in enumerate((4, 6))]
   for k in kept:
     np.testing.assert_array_equal(k, np.arange(len(k)))
+
+
+# ------------------------------------------------------- experiment binaries by name
+
+def test_prune_train_structured_after_dense_training_and_at_init(tmp_path):
+  from experiments import common, configs, prune_train
+  source = common.DataSource(synthetic=True, num_examples=256)
+  tiny = ["train_steps=10", "eval_every=10", "checkpoint_every=10", "log_every=10"]
+
+  def run(**fields):
+    config = configs.load("lenet300100", tiny + [f"{k}={v}" for k, v in fields.items()])
+    return config, prune_train.run(config, out_dir=str(tmp_path), source=source)
+
+  run(pruner="dense")
+  config, r = run(pruner="neuron/l1", compression=10, pruning_type="effective")
+  assert r["status"] == "ok" and r["effective_compression"] >= 10
+  assert r["effective_compression"] == pytest.approx(r["direct_compression"])
+  # the kept neurons of dense_0 are those of largest L1 norm in the *trained* weights
+  dense_dir = tmp_path / common.run_name(prune_train.dense_config(config))
+  final = prune_train._load_params(str(dense_dir / "weights" / "final"),
+                                   prune_train.models.init(
+                                       prune_train.models.create("lenet300100"),
+                                       jax.random.key(0), (28, 28, 1))["params"])
+  m = masks_lib.load(tmp_path / common.run_name(config) / "masks.npz", final)
+  kept = kept_channels(m, "dense_0", 300)
+  norms = np.abs(np.asarray(final["dense_0"]["kernel"])).sum(0)
+  np.testing.assert_array_equal(kept, np.sort(np.argsort(norms, kind="stable")[-len(kept):]))
+  _, r = run(pruner="neuron/snip/global", compression=10, pruning_type="direct")
+  assert r["status"] == "ok" and r["direct_compression"] >= 10
+  assert r["history"][-1]["step"] == 10
+
+
+def test_compression_table_with_structured_pruners():
+  from experiments import compression
+  rows = compression.sweep("lenet300100", ["neuron/random/igq", "neuron/magnitude"],
+                           ["direct", "effective"], [10.0, 1e5])
+  assert [(r["pruner"], r["pruning_type"], r["status"]) for r in rows] == [
+      ("neuron/random/igq", "direct", "ok"), ("neuron/random/igq", "effective", "ok"),
+      ("neuron/random/igq", "direct", "unreachable"),
+      ("neuron/random/igq", "effective", "unreachable"),
+      ("neuron/magnitude", "direct", "ok"), ("neuron/magnitude", "effective", "ok"),
+      ("neuron/magnitude", "direct", "unreachable"),
+      ("neuron/magnitude", "effective", "unreachable")]
+  for r in rows[:2] + rows[4:6]:
+    assert r["direct_compression"] >= 10 and r["effective_compression"] >= 10
+
+
+def test_sweep_grid_runs_dense_first_for_after_training_structured_pruners():
+  from experiments import sweep
+  runs = sweep.grid(["vgg19"], ["channel/bn_scale/global"], [10.0], ["effective"], [0])
+  assert [r["pruner"] for r in runs] == ["dense", "channel/bn_scale/global"]
+  assert [r["pruner"] for r in sweep.grid(["vgg19"], ["channel/snip"], [10.0],
+                                          ["direct"], [0])] == ["channel/snip"]
