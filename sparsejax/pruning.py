@@ -20,6 +20,13 @@ proposals interpolate log E in log k. The loop body is one jitted function, run 
 convolutions inside while-loop bodies through a much slower path, jax-ml/jax#12868).
 Rankings are built once per pruner: on CPU by one packed numpy sort, elsewhere by
 jitted sorts.
+
+Structured pruners (``Pruner.kind`` 'channel' or 'neuron', names 'channel/l1',
+'neuron/snip/igq', ...) rank whole channels instead: their ranking is a
+:class:`sparsejax.structured.ChannelRanking`, a nested family of channel removals, and
+:func:`masks_from_ranking` takes its member with the fewest channels removed that
+reaches the target (a bisection over the channels removed; see
+:mod:`sparsejax.structured`).
 """
 
 from __future__ import annotations
@@ -508,7 +515,9 @@ def masks_from_ranking(ranking: Ranking, sparsity: float, pruning_type: str = "d
                        model=None, input_shape=None, **trace_kw) -> PyTree:
   """Masks at direct sparsity ``sparsity``, or at the smallest direct sparsity whose
   effective sparsity is at least ``sparsity`` (``pruning_type='effective'``; ``model``,
-  ``input_shape`` and ``trace_kw`` as :func:`sparsejax.effective.trace`)."""
+  ``input_shape`` and ``trace_kw`` as :func:`sparsejax.effective.trace`). A
+  :class:`sparsejax.structured.ChannelRanking` gives the member with the fewest
+  channels removed whose direct (effective) sparsity is at least ``sparsity``."""
   if not isinstance(ranking, Ranking):
     structured = _structured_lib()
     if isinstance(ranking, structured.ChannelRanking):
@@ -897,6 +906,10 @@ def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTre
   the user's ``batches`` replaces the image/label cross-entropy of SNIP, iterative
   SNIP and GraSP. ``prunable``: narrows the prunable leaves (:func:`prunable_set`),
   e.g. ``lambda path: not path.startswith('head/')`` to keep a classifier dense.
+
+  A structured pruner (``p.structured``) returns a
+  :class:`sparsejax.structured.ChannelRanking` instead (zoo models only; ``prunable``
+  and ``score_kwargs`` are not taken), which :func:`masks_from_ranking` accepts too.
   """
   p = get_pruner(pruner)
   if p.score is None:
@@ -983,8 +996,9 @@ def prune(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTree,
   ``sparsity`` (method.md section 2).
 
   Args:
-    pruner: a name from :data:`PRUNERS` (e.g. 'random/igq', 'snip', 'synflow') or a
-      :class:`Pruner`.
+    pruner: a name from :data:`PRUNERS` (e.g. 'random/igq', 'snip', 'synflow', or a
+      structured one, 'channel/l1', 'neuron/snip/global': :mod:`sparsejax.structured`)
+      or a :class:`Pruner`.
     key: PRNG key for random scores and random within-layer orders.
     model: a Flax module (zoo or user-written), or a function ``apply(params, x)``.
     variables: the module's {'params': ..., 'batch_stats': ...} at initialization, or
@@ -993,7 +1007,8 @@ def prune(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTree,
       type, SynFlow, and the layers' input-to-output order).
     batches: batches for data-driven scores (SNIP, GraSP): preprocessed image/label
       dicts for the default loss, any pytrees for a user ``loss``.
-    trained_params: params after dense training (magnitude, LAMP).
+    trained_params: params after dense training (magnitude, LAMP; structured l1,
+      magnitude and bn_scale).
     rounds: rounds of an iterative pruner (default: the pruner's).
     loss: ``loss(params, batch) -> scalar`` for SNIP, iterative SNIP and GraSP.
     apply_kwargs: keyword arguments of the model's call (e.g. {'train': False}).
