@@ -21,7 +21,8 @@ readers' input slices) and its filter F_c (the writers' kernel columns):
 
     l1:        sum |F_c|                        (filter L1 norm, Li et al. 2017)
     magnitude: sum_{w in W_c} |w|
-    bn_scale:  sum |gamma_c| over the writers' batch norms (Liu et al. 2017)
+    bn_scale:  sum |gamma_c| over the writers' batch norms (Liu et al. 2017, who
+               train with an L1 penalty on gamma; the dense runs here have none)
     snip:      sum_{w in W_c} SNIP score(w)     (Lee et al. 2019)
     synflow:   sum_{w in W_c} SynFlow score(w)  (one round, Tanaka et al. 2020)
     random:    uniform
