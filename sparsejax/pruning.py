@@ -20,6 +20,13 @@ proposals interpolate log E in log k. The loop body is one jitted function, run 
 convolutions inside while-loop bodies through a much slower path, jax-ml/jax#12868).
 Rankings are built once per pruner: on CPU by one packed numpy sort, elsewhere by
 jitted sorts.
+
+Structured pruners (``Pruner.kind`` 'channel' or 'neuron', names 'channel/l1',
+'neuron/snip/igq', ...) rank whole channels instead: their ranking is a
+:class:`sparsejax.structured.ChannelRanking`, a nested family of channel removals, and
+:func:`masks_from_ranking` takes its member with the fewest channels removed that
+reaches the target (a bisection over the channels removed; see
+:mod:`sparsejax.structured`).
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ from sparsejax import quotas as quotas_lib
 
 PyTree = Any
 PRUNING_TYPES = ("direct", "effective")
+#: Pruner kinds: unstructured weights, or structured channels / neurons.
+KINDS = ("weights", "channel", "neuron")
 
 
 @flax.struct.dataclass
@@ -506,7 +515,16 @@ def masks_from_ranking(ranking: Ranking, sparsity: float, pruning_type: str = "d
                        model=None, input_shape=None, **trace_kw) -> PyTree:
   """Masks at direct sparsity ``sparsity``, or at the smallest direct sparsity whose
   effective sparsity is at least ``sparsity`` (``pruning_type='effective'``; ``model``,
-  ``input_shape`` and ``trace_kw`` as :func:`sparsejax.effective.trace`)."""
+  ``input_shape`` and ``trace_kw`` as :func:`sparsejax.effective.trace`). A
+  :class:`sparsejax.structured.ChannelRanking` gives the member with the fewest
+  channels removed whose direct (effective) sparsity is at least ``sparsity``."""
+  if not isinstance(ranking, Ranking):
+    structured = _structured_lib()
+    if isinstance(ranking, structured.ChannelRanking):
+      return structured.masks_for_target(ranking, sparsity, pruning_type,
+                                         input_shape=input_shape, **trace_kw)
+    raise ValueError(f"ranking={type(ranking).__name__} is not a Ranking (from "
+                     "rank_scores or ranking_for).")
   sparsity = masks_lib.check_sparsity(sparsity)
   check_pruning_type(pruning_type)
   if pruning_type == "direct":
@@ -624,6 +642,11 @@ class Pruner:
     needs_data: scores need training batches (``ScoreContext.batches``).
     after_training: scores are taken from weights after dense training (the masks
       are applied to the initial weights), as the paper does for magnitude and LAMP.
+    kind: 'weights' (unstructured: ``score`` returns a score tree shaped like the
+      masks) or a structured kind, 'channel' or 'neuron' (``score`` returns
+      {space name: channel scores [size]}, :mod:`sparsejax.structured`; ``quota`` is a
+      group quota, uniform, erk or igq, or None for one global channel ranking; the
+      ranking is a :class:`sparsejax.structured.ChannelRanking`).
   """
 
   name: str
@@ -634,6 +657,7 @@ class Pruner:
   default_rounds: int | None = None
   needs_data: bool = False
   after_training: bool = False
+  kind: str = "weights"
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name:
@@ -643,7 +667,17 @@ class Pruner:
                        "scores (None is reserved for 'dense').")
     if self.score is not None and not callable(self.score):
       raise ValueError(f"pruner {self.name!r}: score={self.score!r} is not callable.")
-    if self.quota is not None and self.quota not in quotas_lib.QUOTAS:
+    if self.kind not in KINDS:
+      raise ValueError(f"pruner {self.name!r}: kind={self.kind!r} is not allowed; allowed: "
+                       f"{', '.join(KINDS)}.")
+    if self.structured:
+      if self.quota is not None and self.quota not in quotas_lib.GROUP_QUOTAS:
+        raise ValueError(f"pruner {self.name!r}: quota={self.quota!r} is not a channel "
+                         f"quota; allowed: None (global), {', '.join(quotas_lib.GROUP_QUOTAS)}.")
+      if self.quota_from is not None or self.iterative:
+        raise ValueError(f"pruner {self.name!r}: a structured pruner takes neither "
+                         "quota_from nor iterative.")
+    elif self.quota is not None and self.quota not in quotas_lib.QUOTAS:
       raise ValueError(f"pruner {self.name!r}: quota={self.quota!r} is not a quota; allowed: "
                        f"None (global ranking), {', '.join(quotas_lib.QUOTAS)}.")
     if self.quota is not None and self.quota_from is not None:
@@ -652,6 +686,11 @@ class Pruner:
                            or self.default_rounds < 1):
       raise ValueError(f"pruner {self.name!r}: an iterative pruner needs default_rounds, a "
                        f"positive integer; got {self.default_rounds!r}.")
+
+  @property
+  def structured(self) -> bool:
+    """It removes whole channels or neurons (kind 'channel' or 'neuron')."""
+    return self.kind != "weights"
 
   @property
   def target_dependent(self) -> bool:
@@ -696,6 +735,34 @@ def _synflow(c: ScoreContext):
                                prunable=c.prunable, **c.score_kwargs)
 
 
+def _structured_lib():
+  from sparsejax import structured  # structured builds on compact and scores
+  return structured
+
+
+def _channel_score(name: str) -> ScoreFn:
+  """The score function of the structured pruner ``name``: {space: scores [size]}."""
+  def score(c: ScoreContext):
+    return _structured_lib().channel_scores(
+        name, key=c.key, model=c.model, variables=c.variables, input_shape=c.input_shape,
+        batches=c.batches, trained_params=c.trained_params, loss=c.loss,
+        apply_kwargs=c.apply_kwargs)
+  score.__name__ = f"channel_score[{name}]"
+  return score
+
+
+def _structured_builtin() -> list[Pruner]:
+  """'<kind>/<score>' (uniform channel quota) and '<kind>/<score>/<quota>'."""
+  from sparsejax import structured
+  out = []
+  for name in structured.NAMES:
+    kind, score, quota = structured.parse(name)
+    out.append(Pruner(name, _channel_score(name), None if quota == "global" else quota,
+                      needs_data=score == "snip",
+                      after_training=score in structured.AFTER_TRAINING, kind=kind))
+  return out
+
+
 def _builtin() -> list[Pruner]:
   entries = [Pruner("dense", None)]
   entries += [Pruner(f"random/{q}", _random, q) for q in quotas_lib.QUOTAS]
@@ -710,7 +777,7 @@ def _builtin() -> list[Pruner]:
                      needs_data=True),
               Pruner("synflow", _synflow, iterative=True, default_rounds=100),
               Pruner("grasp", _grasp, needs_data=True)]
-  return entries
+  return entries + _structured_builtin()
 
 
 #: The pruner registry: name -> :class:`Pruner`. Extend it with :func:`register_pruner`.
@@ -839,6 +906,10 @@ def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTre
   the user's ``batches`` replaces the image/label cross-entropy of SNIP, iterative
   SNIP and GraSP. ``prunable``: narrows the prunable leaves (:func:`prunable_set`),
   e.g. ``lambda path: not path.startswith('head/')`` to keep a classifier dense.
+
+  A structured pruner (``p.structured``) returns a
+  :class:`sparsejax.structured.ChannelRanking` instead (zoo models only; ``prunable``
+  and ``score_kwargs`` are not taken), which :func:`masks_from_ranking` accepts too.
   """
   p = get_pruner(pruner)
   if p.score is None:
@@ -854,6 +925,11 @@ def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTre
   if p.after_training and trained_params is None:
     raise ValueError(f"pruner={p.name!r} scores the weights after dense training: pass "
                      "trained_params= (the final params of a --pruner=dense run).")
+  if p.structured:
+    return _channel_ranking(p, key=key, model=model, variables=variables,
+                            sparsity=sparsity, input_shape=input_shape, batches=batches,
+                            trained_params=trained_params, score_kwargs=score_kwargs,
+                            loss=loss, apply_kwargs=apply_kwargs, prunable=prunable)
   chosen = prunable_set(model, variables, input_shape, prunable=prunable,
                         apply_kwargs=apply_kwargs)
   context = ScoreContext(key=key, model=model, variables=variables,
@@ -880,6 +956,25 @@ def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTre
   return rank_scores(_scored(p, context), quota=p.quota, flow=flow)
 
 
+def _channel_ranking(p: Pruner, *, prunable, score_kwargs, **context_kw):
+  """The :class:`sparsejax.structured.ChannelRanking` of a structured pruner."""
+  structured = _structured_lib()
+  model, variables = context_kw["model"], context_kw["variables"]
+  if prunable is not None:
+    raise ValueError(f"prunable={prunable!r}: structured pruner {p.name!r} prunes whole "
+                     "channel spaces; prunable= is for unstructured pruners.")
+  if score_kwargs:
+    raise ValueError(f"score_kwargs={score_kwargs!r}: structured pruner {p.name!r} takes "
+                     "none.")
+  if isinstance(model, nn.Module):
+    _params_of(model, variables)  # ValueError: no 'params' collection
+  structured.spaces_of(model, variables, p.kind, p.name)  # ValueError: no such channels
+  context = ScoreContext(**dict(context_kw, sparsity=masks_lib.check_sparsity(
+      context_kw["sparsity"])))
+  return structured.rank(p.name, p.kind, "global" if p.quota is None else p.quota,
+                         p.score(context), model, variables)
+
+
 def _scored(p: Pruner, context: ScoreContext) -> PyTree:
   scores = p.score(context)
   _check_score_leaves(scores, context.prunable, p.name)
@@ -901,8 +996,9 @@ def prune(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTree,
   ``sparsity`` (method.md section 2).
 
   Args:
-    pruner: a name from :data:`PRUNERS` (e.g. 'random/igq', 'snip', 'synflow') or a
-      :class:`Pruner`.
+    pruner: a name from :data:`PRUNERS` (e.g. 'random/igq', 'snip', 'synflow', or a
+      structured one, 'channel/l1', 'neuron/snip/global': :mod:`sparsejax.structured`)
+      or a :class:`Pruner`.
     key: PRNG key for random scores and random within-layer orders.
     model: a Flax module (zoo or user-written), or a function ``apply(params, x)``.
     variables: the module's {'params': ..., 'batch_stats': ...} at initialization, or
@@ -911,7 +1007,8 @@ def prune(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTree,
       type, SynFlow, and the layers' input-to-output order).
     batches: batches for data-driven scores (SNIP, GraSP): preprocessed image/label
       dicts for the default loss, any pytrees for a user ``loss``.
-    trained_params: params after dense training (magnitude, LAMP).
+    trained_params: params after dense training (magnitude, LAMP; structured l1,
+      magnitude and bn_scale).
     rounds: rounds of an iterative pruner (default: the pruner's).
     loss: ``loss(params, batch) -> scalar`` for SNIP, iterative SNIP and GraSP.
     apply_kwargs: keyword arguments of the model's call (e.g. {'train': False}).

@@ -45,8 +45,10 @@ QuotaFn = Callable[[Any, Shapes], jax.Array]
 __all__ = [
     "QUOTAS",
     "UNIFORM_PLUS_LAST_MIN_DENSITY",
+    "GROUP_QUOTAS",
     "erk",
     "get_quota",
+    "group_kept_counts",
     "igq",
     "layer_densities",
     "layer_kept_counts",
@@ -184,12 +186,19 @@ class _Layers(NamedTuple):
 
 @functools.lru_cache(maxsize=256)
 def _layer_constants(shapes: Shapes) -> _Layers:
-    num = len(shapes)
+    return _constants(tuple(math.prod(s) for s in shapes),
+                      tuple(sum(s) / math.prod(s) for s in shapes))
+
+
+@functools.lru_cache(maxsize=256)
+def _constants(sizes: Tuple[int, ...], ratios: Tuple[float, ...]) -> _Layers:
+    """_Layers of layers with n_l = sizes[l] units and ERK ratios ``ratios``."""
+    num = len(sizes)
     padded = max(32, 1 << (num - 1).bit_length())
     n = np.zeros(padded, np.int64)
-    n[:num] = [math.prod(s) for s in shapes]
+    n[:num] = sizes
     ratio = np.ones(padded, np.float64)
-    ratio[:num] = [sum(s) / math.prod(s) for s in shapes]
+    ratio[:num] = ratios
     return _Layers(n.astype(np.float32), n.astype(np.int32), ratio.astype(np.float32),
                    np.float32(n.sum()), np.int32(num - 1))
 
@@ -457,6 +466,38 @@ def layer_densities(quota: Union[str, QuotaFn], density: Any, shapes: Any) -> ja
         return densities[:len(shapes)]
     d = jnp.asarray(density, jnp.float32)
     return 1.0 - jnp.asarray(fn(1.0 - d, shapes), jnp.float32)
+
+
+#: The quotas :func:`group_kept_counts` allocates units with.
+GROUP_QUOTAS = ("uniform", "erk", "igq")
+
+
+def group_kept_counts(quota: str, density: float, sizes: Any, ratios: Any = None
+                      ) -> np.ndarray:
+    """Units each group keeps, int32[L]: a quota's rule on groups of units (e.g. the
+    channels of each channel space, :mod:`sparsejax.structured`), the budget counted
+    in units.
+
+    With n_l = sizes[l] and C = sum_l n_l, the densities solve sum_l n_l d_l = density C
+    by the rules of :func:`uniform` (d_l = density), :func:`igq` (d_l = 1 / (1 + F n_l))
+    and :func:`erk` (d_l = min(1, eps r_l) with r_l = ratios[l], e.g. the ERK ratio
+    sum(shape) / prod(shape) of the group's kernel); kept_l = round(n_l d_l), clipped to
+    [1, n_l] (every group keeps a unit). Non-decreasing in ``density`` per group.
+    """
+    if quota not in GROUP_QUOTAS:
+        raise ValueError(f"quota={quota!r} is not a group quota; allowed: "
+                         f"{', '.join(GROUP_QUOTAS)}.")
+    sizes = tuple(operator.index(n) for n in sizes)
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"sizes={sizes!r} must list positive group sizes.")
+    ratios = (1.0,) * len(sizes) if ratios is None else tuple(float(r) for r in ratios)
+    if len(ratios) != len(sizes) or not all(r > 0 and math.isfinite(r) for r in ratios):
+        raise ValueError(f"ratios={ratios!r} must be {len(sizes)} positive finite numbers.")
+    d = _check_density(density)
+    if d is None:
+        raise ValueError(f"density={density!r} must be a concrete number in [0, 1].")
+    _, _, counts = _kernel(quota, d, False, _constants(sizes, ratios))
+    return np.clip(np.asarray(counts[:len(sizes)]), 1, np.asarray(sizes))
 
 
 def layer_kept_counts(quota: Union[str, QuotaFn], density: Any, shapes: Any) -> jax.Array:

@@ -6,59 +6,124 @@ every layer that writes it, pruned as one group) masks its filter (the writers' 
 columns [..., c]) and its downstream input slices (the readers' kernel rows). So
 effective sparsity, training and compaction apply unchanged; :func:`sparsejax.compact`
 turns the masks into a smaller dense network (the removed channels are not co-reachable,
-hence dropped). Effective sparsity exceeds direct sparsity: the connections that only a
-removed channel fed are dead too (report it with :mod:`sparsejax.effective`).
+hence dropped).
+
+By name, in the pruner registry (:mod:`sparsejax.pruning`): 'channel/<score>' prunes
+conv channels (and residual streams), 'neuron/<score>' hidden Dense units, both with
+the uniform channel quota; 'channel/<score>/<quota>' (quota erk, igq or global) picks
+another. The input and the logits are never pruned; every space keeps >= 1 channel.
+``pruning.prune('channel/l1', ..., sparsity=s, pruning_type=...)`` removes channels
+along the pruner's order until the *weight* sparsity (direct) or the effective
+sparsity (effective) reaches s, with the fewest channels that reach it.
 
 Channel scores (higher = kept), for the weights W_c of channel c (its filter and its
 readers' input slices) and its filter F_c (the writers' kernel columns):
 
     l1:        sum |F_c|                        (filter L1 norm, Li et al. 2017)
     magnitude: sum_{w in W_c} |w|
+    bn_scale:  sum |gamma_c| over the writers' batch norms (Liu et al. 2017, who
+               train with an L1 penalty on gamma; the dense runs here have none)
     snip:      sum_{w in W_c} SNIP score(w)     (Lee et al. 2019)
     synflow:   sum_{w in W_c} SynFlow score(w)  (one round, Tanaka et al. 2020)
-    bn_scale:  sum |gamma_c| over the writers' batch norms (Liu et al. 2017: after dense
-               training; pass the trained variables)
     random:    uniform
 
-Names: 'channel/<score>' prunes conv channels (and residual streams), 'neuron/<score>'
-hidden Dense units; the input and the logits are never pruned. Quotas in channel counts:
-'uniform' removes round(fraction * size) channels of every space, 'global' the
-round(fraction * total) lowest scores over all spaces; every space keeps >= 1 channel.
+l1, magnitude and bn_scale score the weights after dense training, as their weight
+versions do (``trained_params``; the masks apply to the initial weights); snip,
+synflow and random score at initialization.
+
+The nested family (:class:`ChannelRanking`). Per space, channels are removed in
+ascending score order (ties: lower index first). Member m (0 <= m <= M) removes
+
+    global:  the first m of all channels sorted by (score, space, index), each space's
+             best channel excluded (M = C - S for C channels in S spaces);
+    quota:   n_l - kept_l(1 - m / C) of space l, kept_l from
+             :func:`sparsejax.quotas.group_kept_counts` (uniform: round(n_l d); IGQ:
+             d_l = 1 / (1 + F n_l); ERK: d_l = min(1, eps r_l), r_l the ERK ratio
+             sum(shape) / prod(shape) of the space's writer kernels pooled), M = C.
+
+Members are nested (more removed at larger m), so the kept weights K(m) and the active
+weights E(m) are non-increasing in m, and the answer, the smallest m with K(m) (or
+E(m)) <= floor((1 - s) N), is found by bisection over m on the host (one connectivity
+sweep per step for 'effective', the model's one compiled sweep). A target beyond
+member M raises :class:`sparsejax.errors.UnreachableSparsityError`.
+
+Effective sparsity of these masks. The connections that only a removed channel fed
+(its readers' input slices) are masked with it, so they count in the direct sparsity
+already (masking the filters alone would leave them dead but unmasked: effective >
+direct); every kept channel still reads and feeds every kept channel of its
+neighbours. So effective exceeds direct only by what is dead in the dense network too
+(e.g. kernel taps that see nothing but zero padding on small inputs: ResNet-18 on 8x8
+inputs); on LeNet-300-100, LeNet-5 and VGG at their input sizes they are equal. Report
+both (prune_train and compression do, from the masks).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sparsejax import compact, scores
+from sparsejax import compact, effective, errors, quotas, scores
 from sparsejax import masks as masks_lib
 
 SCORES = ("l1", "magnitude", "snip", "synflow", "bn_scale", "random")
 KINDS = ("channel", "neuron")
-QUOTAS = ("uniform", "global")
-NAMES = tuple(f"{k}/{s}" for k in KINDS for s in SCORES)
+#: Channel quotas: the group quotas of :mod:`sparsejax.quotas` and one global ranking.
+QUOTAS = quotas.GROUP_QUOTAS + ("global",)
+DEFAULT_QUOTA = "uniform"
+#: Scores read from the weights after dense training (``trained_params``).
+AFTER_TRAINING = ("l1", "magnitude", "bn_scale")
+#: Registry names: '<kind>/<score>' (the default quota) and '<kind>/<score>/<quota>'.
+NAMES = tuple(f"{k}/{s}{q}" for k in KINDS for s in SCORES
+              for q in [""] + [f"/{q}" for q in QUOTAS if q != DEFAULT_QUOTA])
+
+
+def parse(name: str) -> tuple[str, str, str]:
+  """(kind, score, quota) of a structured pruner name; ValueError for others."""
+  parts = name.split("/") if isinstance(name, str) else []
+  if name not in NAMES:
+    raise ValueError(f"name={name!r} is not a structured pruner; allowed: "
+                     f"<kind>/<score>[/<quota>] with kind in {KINDS}, score in {SCORES}, "
+                     f"quota in {QUOTAS} (default {DEFAULT_QUOTA}).")
+  return parts[0], parts[1], parts[2] if len(parts) == 3 else DEFAULT_QUOTA
 
 
 def _check(name, fraction, quota):
-  if name not in NAMES:
-    raise ValueError(f"name={name!r} is not a structured pruner; allowed: {', '.join(NAMES)}.")
+  parse(name)
   if not (isinstance(fraction, (float, int)) and 0.0 <= fraction < 1.0):
     raise ValueError(f"fraction={fraction!r} (of channels removed) must be in [0, 1).")
   if quota not in QUOTAS:
     raise ValueError(f"quota={quota!r} is not a channel quota; allowed: {', '.join(QUOTAS)}.")
 
 
-def spaces_of(model, variables, kind: str) -> list:
-  """The channel spaces of ``kind`` ('channel': conv writers, 'neuron': Dense writers)."""
-  spaces, _ = compact.channel_spaces(model)
+def spaces_of(model, variables, kind: str, who: str | None = None) -> list:
+  """The channel spaces of ``kind`` ('channel': conv writers, 'neuron': Dense writers).
+
+  ValueError (naming ``who``, the pruner, and the model) for a function model, a model
+  the compactor does not know, or one without spaces of that kind.
+  """
+  who = f"pruner {who!r}: " if who else ""
+  if not isinstance(model, nn.Module):
+    raise ValueError(f"{who}model={getattr(model, '__name__', type(model).__name__)} is "
+                     "a function; structured pruners need a zoo Flax module "
+                     f"({', '.join(c.__name__ for c in compact.FAMILIES)}), whose channel "
+                     "spaces (the parameters each unit owns, the kernels that read it) "
+                     "are known.")
+  try:
+    spaces, _ = compact.channel_spaces(model)
+  except ValueError as err:
+    raise ValueError(f"{who}{err}") from None
   flat = traverse_util.flatten_dict(variables["params"], sep="/")
   ndim = 4 if kind == "channel" else 2
   chosen = [s for s in spaces if np.ndim(flat[f"{s.sites[0]}/kernel"]) == ndim]
   if not chosen:
-    raise ValueError(f"model={type(model).__name__} has no {kind}s to prune "
+    raise ValueError(f"{who}model={type(model).__name__} has no {kind}s to prune "
                      f"({'conv channels' if kind == 'channel' else 'hidden Dense units'}); "
                      f"use {'neuron' if kind == 'channel' else 'channel'}/... instead.")
   return chosen
@@ -80,13 +145,17 @@ def channel_score_of(space, weight_scores: dict) -> np.ndarray:
 
 
 def channel_scores(name: str, *, key, model, variables, input_shape=None,
-                   batches=None) -> dict:
-  """{space name: scores [size]} of the spaces the pruner ``name`` prunes."""
-  _check(name, 0.0, "uniform")
-  kind, score = name.split("/")
-  spaces = spaces_of(model, variables, kind)
+                   batches=None, trained_params=None, loss=None,
+                   apply_kwargs: dict | None = None) -> dict:
+  """{space name: scores [size]} of the spaces the pruner ``name`` prunes.
+
+  l1, magnitude and bn_scale read ``trained_params`` (default: variables['params']).
+  """
+  kind, score, _ = parse(name)
+  spaces = spaces_of(model, variables, kind, name)
   params = variables["params"]
-  flat = traverse_util.flatten_dict(params, sep="/")
+  weights = params if trained_params is None else trained_params
+  flat = traverse_util.flatten_dict(weights, sep="/")
   if score == "random":
     return {s.name: np.asarray(jax.random.uniform(jax.random.fold_in(key, i), (s.size,)))
             for i, s in enumerate(spaces)}
@@ -103,49 +172,144 @@ def channel_scores(name: str, *, key, model, variables, input_shape=None,
       out[s.name] = sum(np.abs(np.asarray(flat[f"{w}/scale"])) for w in norms)
     return out
   if score == "magnitude":
-    w = scores.magnitude(params)
+    w = scores.magnitude(weights)
   elif score == "snip":
-    if batches is None:
+    if not batches:
       raise ValueError(f"name={name!r} needs batches= (SNIP scores a loss).")
-    w = scores.snip(model, variables, batches)
+    w = scores.snip(model, variables, batches, **({"loss": loss} if loss else {}))
   else:
     if input_shape is None:
       raise ValueError(f"name={name!r} needs input_shape= (SynFlow's all-ones input).")
-    w = scores.synflow_scores(model, params, input_shape)
+    w = scores.synflow_scores(model, params, input_shape, apply_kwargs=apply_kwargs)
   ws = {k: v for k, v in traverse_util.flatten_dict(w, sep="/").items() if v is not None}
   return {s.name: channel_score_of(s, ws) for s in spaces}
 
 
-def keep_from_scores(sc: dict, fraction: float, quota: str) -> dict:
-  """{space: kept channel indices} removing the lowest scores (ties: lower index goes
-  first), ``fraction`` of each space (uniform) or of all channels (global)."""
-  if quota == "uniform":
-    keep = {}
-    for n, s in sc.items():
-      drop = min(int(round(fraction * len(s))), len(s) - 1)
-      order = np.lexsort((np.arange(len(s)), s))  # ascending score
-      keep[n] = np.sort(order[drop:])
-    return keep
-  items = [(v, i, n, c) for i, (n, s) in enumerate(sc.items()) for c, v in enumerate(s)]
-  items.sort(key=lambda t: (t[0], t[1], t[3]))
-  drop = int(round(fraction * len(items)))
-  left = {n: len(s) for n, s in sc.items()}
-  gone = {n: set() for n in sc}
-  for v, _, n, c in items:
-    if drop == 0:
-      break
-    if left[n] > 1:
-      gone[n].add(c)
-      left[n] -= 1
-      drop -= 1
-  return {n: np.array([c for c in range(len(s)) if c not in gone[n]]) for n, s in sc.items()}
+def _erk_ratio(space, flat_params) -> float:
+  """sum(shape) / prod(shape) of the space's writer kernels pooled (sums over sites)."""
+  shapes = [np.shape(flat_params[f"{w}/kernel"]) for w in space.sites]
+  return sum(sum(s) for s in shapes) / sum(math.prod(s) for s in shapes)
 
 
-def masks_for(model, variables, keep: dict) -> dict:
-  """Weight masks removing every channel outside ``keep`` (filters and input slices)."""
-  spaces, _ = compact.channel_spaces(model)
-  m = masks_lib.ones(variables["params"])
-  flat = traverse_util.flatten_dict(m, sep="/")
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChannelRanking:
+  """The nested family of channel removals of a structured pruner (module docstring).
+
+  spaces: the pruned channel spaces; orders: per space, channel indices in removal
+  order (ascending score, ties by index); quota: a group quota or 'global';
+  sequence: global only, the space index of each removal (length M); ratios: ERK
+  ratios per space; template: the flat mask template {path: shape} of the prunable
+  kernels and the mask tree (None elsewhere).
+  """
+
+  name: str
+  model: Any
+  spaces: tuple
+  orders: tuple
+  quota: str
+  sequence: np.ndarray | None
+  ratios: tuple
+  template: Any
+
+  @property
+  def sizes(self) -> tuple:
+    return tuple(s.size for s in self.spaces)
+
+  @property
+  def steps(self) -> int:
+    """M: the last member (every space down to one channel)."""
+    return len(self.sequence) if self.quota == "global" else sum(self.sizes)
+
+  @property
+  def total(self) -> int:
+    """N: prunable weights."""
+    return sum(int(np.size(m)) for m in masks_lib.mask_leaves(self.template))
+
+  def removed_counts(self, m: int) -> np.ndarray:
+    """Channels removed per space by member m, int [S]."""
+    return _removed_counts(self.quota, self.sizes, self.sequence, self.ratios, m)
+
+  def kept(self, m: int) -> dict:
+    """{space name: kept channel indices (sorted)} of member m."""
+    return _kept([s.name for s in self.spaces], self.orders, self.removed_counts(m))
+
+  def masks_at(self, m: int, host: bool = False):
+    """The mask tree of member m (numpy leaves when ``host``, else jax arrays)."""
+    out = _masks(self.template, self.spaces, self.kept(m))
+    return out if host else masks_lib.map_masks(jnp.asarray, out)
+
+
+def _orders(sc: list) -> tuple:
+  """Per space, channel indices by ascending score, ties by index (removal order)."""
+  return tuple(np.lexsort((np.arange(len(x)), np.asarray(x))) for x in sc)
+
+
+def _sequence(sc: list, orders: tuple) -> np.ndarray:
+  """Global family: the space of each removal, channels sorted by (score, space,
+  index), each space's best channel left out."""
+  items = sorted((float(x[c]), i, int(c)) for i, (x, o) in enumerate(zip(sc, orders))
+                 for c in o[:-1])
+  return np.array([i for _, i, _ in items], np.int64)
+
+
+def _removed_counts(quota, sizes, sequence, ratios, m: int) -> np.ndarray:
+  """Channels removed per space by member m of the family (module docstring)."""
+  steps = len(sequence) if quota == "global" else sum(sizes)
+  if not 0 <= m <= steps:
+    raise ValueError(f"m={m!r} must be in [0, {steps}].")
+  if quota == "global":
+    return np.bincount(sequence[:m], minlength=len(sizes))
+  c = sum(sizes)
+  return np.asarray(sizes) - quotas.group_kept_counts(quota, (c - m) / c, sizes, ratios)
+
+
+def _kept(names, orders, removed) -> dict:
+  return {n: np.sort(o[r:]) for n, o, r in zip(names, orders, removed)}
+
+
+def keep_from_scores(sc: dict, fraction: float, quota: str, ratios=None) -> dict:
+  """{space: kept channel indices} of member round(fraction * C) of the family of
+  the scores ``sc`` {space: scores [size]} under ``quota`` (ERK needs ``ratios``)."""
+  if quota not in QUOTAS:
+    raise ValueError(f"quota={quota!r} is not a channel quota; allowed: {', '.join(QUOTAS)}.")
+  if quota == "erk" and ratios is None:
+    raise ValueError("quota='erk' needs ratios= (the ERK ratio of each space).")
+  names, values = list(sc), [np.asarray(x) for x in sc.values()]
+  sizes = tuple(len(x) for x in values)
+  orders = _orders(values)
+  sequence = _sequence(values, orders) if quota == "global" else None
+  steps = len(sequence) if quota == "global" else sum(sizes)
+  m = min(int(round(fraction * sum(sizes))), steps)
+  return _kept(names, orders, _removed_counts(quota, sizes, sequence, ratios, m))
+
+
+def rank(name: str, kind: str, quota: str, channel_scores_: dict, model, variables
+         ) -> ChannelRanking:
+  """The :class:`ChannelRanking` of the pruner ``name`` from its channel scores
+  {space name: scores [size]} of the spaces of ``kind`` under ``quota``."""
+  if kind not in KINDS:
+    raise ValueError(f"kind={kind!r} is not allowed; allowed: {', '.join(KINDS)}.")
+  if quota not in QUOTAS:
+    raise ValueError(f"quota={quota!r} is not a channel quota; allowed: {', '.join(QUOTAS)}.")
+  spaces = spaces_of(model, variables, kind, name)
+  for s in spaces:
+    sc = channel_scores_.get(s.name)
+    if sc is None or np.shape(sc) != (s.size,) or not np.all(np.isfinite(sc)):
+      raise ValueError(f"pruner {name!r}: the scores of space {s.name} must be {s.size} "
+                       f"finite numbers; got {sc!r}.")
+  values = [np.asarray(channel_scores_[s.name]) for s in spaces]
+  orders = _orders(values)
+  sequence = _sequence(values, orders) if quota == "global" else None
+  flat = traverse_util.flatten_dict(variables["params"], sep="/")
+  template = masks_lib.map_masks(lambda m: np.ones(m.shape, bool),
+                                 masks_lib.ones(variables["params"]))
+  return ChannelRanking(name, model, tuple(spaces), orders, quota, sequence,
+                        tuple(_erk_ratio(s, flat) for s in spaces), template)
+
+
+def _masks(template, spaces, keep: dict):
+  """Masks (numpy) removing every channel outside ``keep``: filters and input slices."""
+  flat = traverse_util.flatten_dict(jax.tree.map(np.copy, template), sep="/")
   for s in spaces:
     if s.name not in keep:
       continue
@@ -153,26 +317,79 @@ def masks_for(model, variables, keep: dict) -> dict:
     off[np.asarray(keep[s.name], int)] = False
     if not off.any():
       continue
-    off = jnp.asarray(off)
     for w in s.sites:
-      k = f"{w}/kernel"
-      flat[k] = flat[k] & ~off
+      flat[f"{w}/kernel"][..., off] = False
     for r in s.readers:
-      k = f"{r}/kernel"
-      a = flat[k]
-      flat[k] = (_rows(a, s.size) & ~off[None, :, None]).reshape(a.shape)
+      a = flat[f"{r}/kernel"]
+      a.reshape(-1, s.size, a.shape[-1])[:, off, :] = False  # a view: writes into a
   return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def masks_for(model, variables, keep: dict) -> dict:
+  """Weight masks removing every channel outside ``keep`` (filters and input slices)."""
+  spaces, _ = compact.channel_spaces(model)
+  out = _masks(masks_lib.map_masks(lambda m: np.ones(m.shape, bool),
+                                   masks_lib.ones(variables["params"])), spaces, keep)
+  return masks_lib.map_masks(jnp.asarray, out)
+
+
+def masks_for_target(ranking: ChannelRanking, sparsity: float, pruning_type: str = "direct",
+                     *, input_shape=None, **trace_kw):
+  """Member m* = min { m : K(m) <= T } (direct: kept weights K; effective: active
+  weights E), T = floor((1 - s) N), by bisection over m (module docstring).
+
+  Raises UnreachableSparsityError when member M misses the target.
+  """
+  from sparsejax import pruning  # pruning dispatches here; it imports this lazily
+  sparsity = masks_lib.check_sparsity(sparsity)
+  pruning.check_pruning_type(pruning_type)
+  total = ranking.total
+  target = pruning.max_kept_for_sparsity(sparsity, total)
+  if pruning_type == "direct":
+    def kept(m):
+      return masks_lib.count(ranking.masks_at(m, host=True))[0]
+  else:
+    if input_shape is None:
+      raise ValueError("pruning_type='effective' needs input_shape= for the connectivity "
+                       "sweep.")
+    sweep = effective.compiled_sweep(effective.trace(ranking.model, input_shape, **trace_kw))
+
+    def kept(m):
+      return masks_lib.count(sweep(ranking.masks_at(m, host=True)).masks)[0]
+  last = kept(ranking.steps)
+  if last > target:
+    best = 1.0 - last / total
+    raise errors.UnreachableSparsityError(
+        f"sparsity={sparsity!r} ({pruning_type}) cannot be reached by {ranking.name!r}: "
+        f"with every channel space at its last channel(s) {last} of {total} weights are "
+        f"{'kept' if pruning_type == 'direct' else 'active'}; the largest reachable "
+        f"{pruning_type} sparsity is {best:.6g} (compression {total / last:.4g}x).",
+        sparsity=sparsity, max_sparsity=best)
+  lo, hi = -1, ranking.steps  # K(lo) > T (lo = -1: by convention), K(hi) <= T
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if kept(mid) <= target:
+      hi = mid
+    else:
+      lo = mid
+  return ranking.masks_at(hi)
 
 
 def prune(name: str, *, key, model, variables, fraction: float, quota: str = "uniform",
           input_shape=None, batches=None) -> dict:
-  """Masks removing ``fraction`` of the channels (or neurons) by the score of ``name``
-  ('channel/l1', 'neuron/snip', ...: see the module docstring) under ``quota``."""
+  """Masks removing ``fraction`` of the channels (or neurons) of ``name``'s kind by its
+  score: member round(fraction * C) of the family under ``quota`` (uniform: kept_l =
+  round(n_l (1 - fraction)); global: the round(fraction * C) lowest scores; each space
+  keeps >= 1). By target sparsity: :func:`sparsejax.pruning.prune`."""
   _check(name, fraction, quota)
+  kind, score, _ = parse(name)
   sc = channel_scores(name, key=key, model=model, variables=variables,
                       input_shape=input_shape, batches=batches)
-  return masks_for(model, variables, keep_from_scores(sc, fraction, quota))
+  ranking = rank(name, kind, quota, sc, model, variables)
+  m = int(round(fraction * sum(ranking.sizes)))
+  return ranking.masks_at(min(m, ranking.steps))
 
 
-__all__ = ["prune", "channel_scores", "keep_from_scores", "masks_for", "spaces_of",
-           "NAMES", "SCORES", "QUOTAS"]
+__all__ = ["prune", "channel_scores", "rank", "keep_from_scores", "ChannelRanking", "masks_for_target",
+           "masks_for", "spaces_of", "parse", "NAMES", "SCORES", "QUOTAS", "KINDS",
+           "AFTER_TRAINING"]

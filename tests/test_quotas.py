@@ -484,3 +484,22 @@ def test_unknown_quota_name():
     assert all(name in message for name in QUOTAS)
     with pytest.raises(ValueError, match="quota"):
         layer_kept_counts("erdos", 0.5, NETWORKS["lenet5"])
+
+
+@pytest.mark.parametrize("name", quotas.GROUP_QUOTAS)
+@HYP
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+       ratio_seed=st.integers(0, 2**16), d=st.floats(0.0, 1.0), e=st.floats(0.0, 1.0))
+def test_group_kept_counts_monotone_bounded_and_on_budget(name, sizes, ratio_seed, d, e):
+    # channel quotas (sparsejax.structured): counts of units per group
+    ratios = np.random.default_rng(ratio_seed).uniform(0.01, 2.0, len(sizes))
+    lo, hi = sorted((d, e))
+    k_lo = quotas.group_kept_counts(name, lo, sizes, ratios)
+    k_hi = quotas.group_kept_counts(name, hi, sizes, ratios)
+    assert np.all(k_lo <= k_hi)  # nested in the density
+    assert np.all((1 <= k_lo) & (k_hi <= np.asarray(sizes)))
+    # round(n_l d_l) is within 1/2 of n_l d_l; the floor of 1 adds at most 1 per group
+    assert abs(int(k_hi.sum()) - hi * sum(sizes)) <= 1.5 * len(sizes) + 1e-3
+    if name == "uniform":
+        np.testing.assert_array_equal(
+            k_hi, np.clip(np.round(np.float32(hi) * np.asarray(sizes, np.float32)), 1, None))

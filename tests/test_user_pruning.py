@@ -99,7 +99,8 @@ def _batches(n=2, size=8):
 FAST = {"snip/iterative": 3, "synflow": 3}  # rounds of the iterative pruners
 
 
-@pytest.mark.parametrize("pruner", [p for p in pruning.PRUNERS if p != "dense"])
+@pytest.mark.parametrize("pruner", [p for p in pruning.PRUNERS
+                                    if p != "dense" and not pruning.PRUNERS[p].structured])
 def test_every_pruner_on_a_plain_flax_cnn_both_pruning_types(pruner):
   model = FlaxCNN()
   variables = model.init(jax.random.key(0), jnp.ones((1,) + SHAPE))
@@ -116,6 +117,17 @@ def test_every_pruner_on_a_plain_flax_cnn_both_pruning_types(pruner):
   s_eff = effective.effective_sparsity(model, eff, SHAPE, variables=variables)
   assert s_eff >= sparsity - 1e-9
   assert masks_lib.direct_sparsity(eff) <= s_eff
+
+
+@pytest.mark.parametrize("pruner", ["channel/l1", "neuron/random/global"])
+def test_structured_pruners_on_a_plain_flax_cnn_say_what_is_missing(pruner):
+  # structured pruners need the channel spaces of a zoo model (sparsejax.compact)
+  model = FlaxCNN()
+  variables = model.init(jax.random.key(0), jnp.ones((1,) + SHAPE))
+  with pytest.raises(ValueError, match=f"{pruner!r}.*model=FlaxCNN is not a network the "
+                                       "compactor knows"):
+    pruning.prune(pruner, key=jax.random.key(2), model=model, variables=variables,
+                  sparsity=0.5, input_shape=SHAPE, trained_params=variables["params"])
 
 
 def _fn_model(params, x):
