@@ -1,150 +1,422 @@
 """Benchmark: the masked network against its compaction (sparsejax.compact), side by side.
 
-For each network, at-init pruner and effective compression: prune at initialization to
-the effective target, compact (``fold=False``: the compacted network is also the one to
-train), check the logits agree, then time in one run, alternating masked and compacted:
+For each network, pruner and effective compression (a *row*): prune at initialization
+to the effective target, compact (``fold=False``: the compacted network is also the one
+to train), check the logits agree, then time in one run, alternating masked and
+compacted (medians of ``--repeats``):
 
 - inference latency, batch 1 (jitted ``apply``, inference mode);
-- inference throughput, batch ``--batch`` (default 256);
+- inference time of a batch of ``--batch`` (default 256): throughput;
 - one masked training step (``training.train_step``: augmentation, SGD momentum, L2,
-  masked gradients) at the paper's batch size (``--train`` to enable; slow on a CPU).
+  masked gradients) at the paper's batch size (``experiments/configs``; ``--no_train``
+  skips it).
 
 Ratios are masked time / compacted time, beside the FLOPs ratio (dense FLOPs of the
 masked network / dense FLOPs of the compacted one, :mod:`sparsejax.flops`): what a
-dense kernel could gain at most. Target: SynFlow VGG-19 at 100x effective, compacted,
-runs inference >= 5x faster than masked, within a factor 2 of its FLOPs ratio.
+dense kernel could gain with equal efficiency. Compile times (``lower().compile()``)
+are recorded separately. Target: SynFlow VGG-19 at 100x effective, compacted, runs
+inference >= 5x faster than masked, within a factor 2 of its FLOPs ratio.
 
-  python -m benchmarks.compaction                       # the default grid
+Pruners are registry names (``random/igq``, ``snip``, ``channel/l1``, ...) or
+``structured``: ``channel/l1`` for convnets, ``neuron/l1`` for LeNet-300-100 (l1 scores
+the initial weights here: the timings depend on the mask's structure, not on which
+weights survive). SNIP scores ``--snip_examples`` synthetic examples (0: the paper's
+``snip_batch_size``, in chunks of 128; any number, also above the synthetic split's 1024).
+
+Every row runs in its own subprocess (its compiled programs and arrays are freed with
+it: a whole grid in one process ran out of memory on ResNet-18) and is written to
+``--csv`` (default results/compaction/benchmark_<platform>.csv) as soon as it is done,
+atomically. A rerun skips the rows already there (``--overwrite`` to redo them), so a
+long grid is filled row by row; ``--rows`` picks rows by ``arch:pruner:compression``
+patterns. ``--doc`` writes the table of the CSV into docs/benchmarks.md.
+
+  python -m benchmarks.compaction                      # the default grid, into the CSV
   python -m benchmarks.compaction --archs vgg19 --pruners synflow --compressions 100
+  python -m benchmarks.compaction --rows 'resnet18:synflow:100,resnet18:structured:100'
+  python -m benchmarks.compaction --table_only --doc   # the CSV's table into the docs
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import fnmatch
 import functools
+import io
+import os
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from benchmarks import report
 from experiments import configs
-from sparsejax import compact, data, flops, models, pruning, training
+from sparsejax import compact, data, errors, files, flops, models, pruning, training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCHS = ("vgg19", "lenet300100", "resnet18")
+PRUNERS = ("random/igq", "random/uniform", "snip", "synflow", "structured")
+STRUCTURED = "structured"
+#: Examples per SNIP scoring batch when --snip_examples exceeds it.
+SNIP_CHUNK = 128
+#: Row identity in the CSV (a rerun skips rows whose key is there).
+KEY = ("platform", "arch", "pruner", "compression", "batch", "train")
+FIELDS = KEY + (
+    "status", "params_masked", "params_compact", "flops_masked", "flops_compact",
+    "flops_effective", "flops_ratio", "latency_masked_s", "latency_compact_s",
+    "batch_masked_s", "batch_compact_s", "train_batch", "train_masked_s",
+    "train_compact_s", "compile_masked_s", "compile_compact_s", "repeats", "rounds",
+    "snip_examples", "prune_s", "load_before", "load_after", "date")
 
 
-def _prune(arch, pruner, compression, rounds):
+def pruner_for(arch: str, name: str) -> str:
+  """The registry name of ``name`` for ``arch`` ('structured': channel/l1 for convnets,
+  neuron/l1 for LeNet-300-100); ValueError for an unknown pruner."""
+  if name == STRUCTURED:
+    return "neuron/l1" if arch == "lenet300100" else "channel/l1"
+  try:
+    pruning.get_pruner(name)
+  except ValueError:
+    raise ValueError(f"--pruners: {name!r} is not a pruner; use registry names "
+                     f"(e.g. {', '.join(PRUNERS[:-1])}, channel/l1, neuron/l1) or "
+                     f"{STRUCTURED!r}.") from None
+  return name
+
+
+def grid(archs: str, pruners: str, compressions: str, rows: str | None = None) -> list:
+  """[(arch, pruner, compression)] of the comma-separated lists, restricted to the
+  ``arch:pruner:compression`` fnmatch patterns of ``rows`` (if given)."""
+  arch_list = [a for a in archs.split(",") if a]
+  for a in arch_list:
+    if a not in models.MODELS:
+      raise ValueError(f"--archs: {a!r} is not a network; allowed: "
+                       f"{', '.join(sorted(models.MODELS))}.")
+  try:
+    cs = [float(c) for c in compressions.split(",") if c]
+  except ValueError:
+    raise ValueError(f"--compressions={compressions!r} must be comma-separated numbers "
+                     "(effective compression ratios > 1, e.g. 10,100,1000).") from None
+  for c in cs:
+    if not c > 1:
+      raise ValueError(f"--compressions: {c:g} is not an effective compression > 1.")
+  pats = None
+  if rows:
+    pats = [p.split(":") for p in rows.split(",") if p]
+    for p in pats:
+      if len(p) != 3:
+        raise ValueError(f"--rows: {':'.join(p)!r} must be arch:pruner:compression "
+                         "(fnmatch patterns, e.g. 'resnet18:synflow:100' or 'vgg19:*:*').")
+  out = []
+  for a in arch_list:
+    for name in (p for p in pruners.split(",") if p):
+      pr = pruner_for(a, name)
+      for c in cs:
+        if pats is None or any(fnmatch.fnmatchcase(a, pa) and (
+            fnmatch.fnmatchcase(pr, pp) or fnmatch.fnmatchcase(name, pp)) and
+            fnmatch.fnmatchcase(f"{c:g}", pc) for pa, pp, pc in pats):
+          out.append((a, pr, c))
+  if not out:
+    raise ValueError(f"no row matches --archs={archs!r} --pruners={pruners!r} "
+                     f"--compressions={compressions!r} --rows={rows!r}.")
+  return out
+
+
+def score_batches(arch: str, examples: int) -> list:
+  """``examples`` synthetic training examples (normalized) in batches of <= SNIP_CHUNK;
+  0: the paper's ``snip_batch_size``."""
+  spec = models.get_spec(arch)
+  n = examples or configs.get_config(arch).snip_batch_size
+  images, labels = data.synthetic_split(spec.dataset, "train", n)
+  dspec = data.get_spec(spec.dataset)
+  return [{"image": data.preprocess(jax.random.key(0), jnp.asarray(images[i:i + SNIP_CHUNK]),
+                                    dspec, train=False),
+           "label": jnp.asarray(labels[i:i + SNIP_CHUNK])} for i in range(0, n, SNIP_CHUNK)]
+
+
+def prune(arch: str, pruner: str, compression: float, *, rounds: int = 100,
+          snip_examples: int = 128):
+  """(model, input shape, variables at init, masks at ``compression`` effective)."""
   model, shape = models.create(arch), models.input_shape(arch)
   v = model.init(jax.random.key(0), jnp.ones((1,) + shape))
-  batches = None
-  if pruning.get_pruner(pruner).needs_data:
-    images, labels = data.synthetic_split(models.get_spec(arch).dataset, "train", 128)
-    spec = data.get_spec(models.get_spec(arch).dataset)
-    batches = [{"image": data.preprocess(jax.random.key(0), jnp.asarray(images), spec,
-                                         train=False), "label": jnp.asarray(labels)}]
-  m = pruning.prune(pruner, key=jax.random.key(1), model=model, variables=v,
+  p = pruning.get_pruner(pruner)
+  batches = score_batches(arch, snip_examples) if p.needs_data else None
+  m = pruning.prune(p, key=jax.random.key(1), model=model, variables=v,
                     sparsity=1 - 1 / compression, pruning_type="effective",
                     input_shape=shape, batches=batches,
+                    trained_params=v["params"] if p.after_training else None,
                     rounds=rounds if pruner == "synflow" else None)
   return model, shape, v, m
 
 
-def _infer_fn(model):
-  return jax.jit(functools.partial(model.apply, train=False))
+def _compile(fn, *args):
+  """(compiled fn, seconds to lower and compile it)."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  return compiled, time.perf_counter() - start
 
 
-def _alternate(fns, repeats):
-  """Medians of interleaved timings of every fn (the same machine state for each)."""
+def _alternate(fns: dict, repeats: int) -> dict:
+  """Medians of interleaved timings of every fn (no-argument callables), the order
+  reversed every other round so that neither always runs first."""
   times = {k: [] for k in fns}
-  for _ in range(repeats):
-    for k, fn in fns.items():
-      times[k].append(report.median_seconds(fn, repeats=1, warmup=0))
-  return {k: sorted(t)[len(t) // 2] for k, t in times.items()}
+  order = list(fns)
+  for r in range(repeats):
+    for k in (order if r % 2 == 0 else order[::-1]):
+      times[k].append(report.median_seconds(fns[k], repeats=1, warmup=0))
+  return {k: float(np.median(t)) for k, t in times.items()}
 
 
-def bench(arch, pruner, compression, *, batch, repeats, train, rounds):
-  model, shape, v, m = _prune(arch, pruner, compression, rounds)
+def _load() -> str:
+  try:
+    with open("/proc/loadavg") as f:
+      return " ".join(f.read().split()[:3])
+  except OSError:
+    return ""
+
+
+def bench_row(arch: str, pruner: str, compression: float, *, batch: int = 256,
+              repeats: int = 5, train: bool = True, rounds: int = 100,
+              snip_examples: int = 128, train_batch: int | None = None) -> dict:
+  """One row: prune, compact (verified), time masked against compacted.
+
+  Returns a dict of :data:`FIELDS` (seconds; FLOPs per example). ``status`` is 'ok', or
+  'unreachable: ...' for an effective target the pruner cannot reach.
+  """
+  for name, value, low in (("batch", batch, 1), ("repeats", repeats, 1),
+                           ("rounds", rounds, 1), ("snip_examples", snip_examples, 0)):
+    if int(value) != value or value < low:
+      raise ValueError(f"{name}={value!r} must be an integer >= {low}.")
+  cfg = configs.get_config(arch, train_steps=1000)
+  row = dict(platform=jax.default_backend(), arch=arch, pruner=pruner,
+             compression=f"{compression:g}", batch=batch, train=int(train),
+             repeats=repeats, rounds=rounds if pruner == "synflow" else "",
+             snip_examples=(snip_examples or cfg.snip_batch_size) if "snip" in pruner else "",
+             load_before=_load(), date=time.strftime("%Y-%m-%d %H:%M"))
+  start = time.perf_counter()
+  try:
+    model, shape, v, m = prune(arch, pruner, compression, rounds=rounds,
+                               snip_examples=snip_examples)
+  except errors.UnreachableSparsityError as err:
+    return {**row, "status": f"unreachable: {err}"}
+  row["prune_s"] = time.perf_counter() - start
   masked = {**v, "params": jax.tree.map(lambda p, k: p if k is None else p * k,
                                         v["params"], m, is_leaf=lambda x: x is None)}
   new_model, new_v, new_m = compact.compact(model, v, m, input_shape=shape, fold=False,
                                             verify=True)
-  before = flops.total(model, m, shape)
-  after = flops.total(new_model, new_m, shape)
-  row = dict(flops_ratio=before.flops_dense / after.flops_dense,
-             params=(before.params_dense, after.params_dense))
-  f_masked, f_comp = _infer_fn(model), _infer_fn(new_model)
-  for name, b in (("latency", 1), ("throughput", batch)):
+  before, after = flops.total(model, m, shape), flops.total(new_model, new_m, shape)
+  row.update(params_masked=before.params_dense, params_compact=after.params_dense,
+             flops_masked=before.flops_dense, flops_compact=after.flops_dense,
+             flops_effective=before.flops_effective,
+             flops_ratio=before.flops_dense / after.flops_dense)
+  infer = {"masked": (functools.partial(model.apply, train=False), masked),
+           "compact": (functools.partial(new_model.apply, train=False), new_v)}
+  for field, b in (("latency", 1), ("batch", batch)):
     x = jax.random.normal(jax.random.key(2), (b,) + shape)
-    fns = {"masked": lambda: f_masked(masked, x), "compact": lambda: f_comp(new_v, x)}
-    for fn in fns.values():  # compile
-      jax.block_until_ready(fn())
+    fns = {}
+    for k, (fn, variables) in infer.items():
+      compiled, seconds = _compile(fn, variables, x)
+      if b == 1:
+        row[f"compile_{k}_s"] = seconds
+      fns[k] = functools.partial(compiled, variables, x)
+      jax.block_until_ready(fns[k]())  # warm-up
     t = _alternate(fns, repeats)
-    row[name] = (t["masked"], t["compact"])
+    row[f"{field}_masked_s"], row[f"{field}_compact_s"] = t["masked"], t["compact"]
+    del fns
   if train:
-    cfg = configs.get_config(arch, train_steps=1000)
     spec = models.get_spec(arch)
-    images, labels = data.synthetic_split(spec.dataset, "train", cfg.batch_size)
+    row["train_batch"] = tb = train_batch or cfg.batch_size
+    images, labels = data.synthetic_split(spec.dataset, "train", tb)
     batch_ = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
-    states = {k: training.create_train_state(mdl, jax.random.key(0), shape, cfg, masks=mk,
-                                             params=vv["params"])
-              for k, mdl, mk, vv in (("masked", model, m, v), ("compact", new_model, new_m,
-                                                                new_v))}
-    mdls = {"masked": model, "compact": new_model}
-    step = {k: (lambda k=k: training.train_step(states[k], batch_, jax.random.key(3),
-                                                model=mdls[k], spec=spec.dataset,
-                                                config=cfg)) for k in states}
-    for fn in step.values():
-      jax.block_until_ready(fn())
-    t = _alternate(step, max(1, repeats // 2))
-    row["train"] = (t["masked"], t["compact"])
-  return row
+    steps = {}
+    for k, mdl, mk, vv in (("masked", model, m, v), ("compact", new_model, new_m, new_v)):
+      state = training.create_train_state(mdl, jax.random.key(0), shape, cfg, masks=mk,
+                                          params=vv["params"])
+      fn = functools.partial(training.train_step, model=mdl, spec=spec.dataset, config=cfg)
+      compiled, _ = _compile(fn, state, batch_, jax.random.key(3))
+      steps[k] = functools.partial(compiled, state, batch_, jax.random.key(3))
+      jax.block_until_ready(steps[k]())
+    t = _alternate(steps, max(1, repeats // 2))
+    row["train_masked_s"], row["train_compact_s"] = t["masked"], t["compact"]
+  row["load_after"] = _load()
+  return {**row, "status": "ok"}
 
 
-def main():
+# ------------------------------------------------------------------ the CSV
+
+
+def default_csv() -> str:
+  return os.path.join(ROOT, "results", "compaction", f"benchmark_{jax.default_backend()}.csv")
+
+
+def read_rows(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def _key(row: dict) -> tuple:
+  return tuple(str(row.get(k, "")) for k in KEY)
+
+
+def write_row(path: str, row: dict) -> None:
+  """Adds ``row`` to the CSV at ``path`` (replacing one with the same key), atomically."""
+  rows = [r for r in read_rows(path) if _key(r) != _key(row)] + [row]
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore")
+  writer.writeheader()
+  writer.writerows(rows)
+  files.atomic_write(path, buf.getvalue().encode())
+
+
+def _done(row: dict | None) -> bool:
+  return row is not None and (row["status"] == "ok" or row["status"].startswith("unreachable"))
+
+
+# ------------------------------------------------------------------ the table
+
+
+def _ms(a, b) -> str:
+  return f"{1e3 * float(a):.3g} / {1e3 * float(b):.3g}" if a not in ("", None) else "-"
+
+
+def _ratio(a, b) -> str:
+  return f"{float(a) / float(b):.2f}x" if a not in ("", None) else "-"
+
+
+def table(rows: list[dict]) -> str:
+  """The markdown table of CSV rows (grid order: network, pruner, compression)."""
+  order = {a: i for i, a in enumerate(ARCHS)}
+  porder = lambda p: next((i for i, q in enumerate(PRUNERS) if p == q), len(PRUNERS))
+  rows = sorted(rows, key=lambda r: (order.get(r["arch"], 99), porder(r["pruner"]),
+                                     r["pruner"], float(r["compression"])))
+  out = []
+  for r in rows:
+    head = [r["arch"], r["pruner"], f"{r['compression']}x"]
+    if r["status"] != "ok":
+      out.append(head + [r["status"][:60]] + ["-"] * 9)
+      continue
+    out.append(head + [
+        f"{int(r['params_masked']):,} / {int(r['params_compact']):,}",
+        f"{float(r['flops_ratio']):.2f}x",
+        _ms(r["latency_masked_s"], r["latency_compact_s"]),
+        _ratio(r["latency_masked_s"], r["latency_compact_s"]),
+        _ms(r["batch_masked_s"], r["batch_compact_s"]),
+        _ratio(r["batch_masked_s"], r["batch_compact_s"]),
+        (_ms(r["train_masked_s"], r["train_compact_s"]) + f" (b={r['train_batch']})"
+         if r["train_masked_s"] else "-"),
+        _ratio(r["train_masked_s"], r["train_compact_s"]),
+        f"{float(r['compile_masked_s']):.1f} / {float(r['compile_compact_s']):.1f}",
+        r["load_before"].split(" ")[0] + "-" + r["load_after"].split(" ")[0]])
+  header = ["network", "pruner", "effective", "kernel params masked / compact",
+            "FLOPs ratio", "latency b=1 ms masked / compact", "speed-up",
+            "b=256 ms masked / compact", "speed-up", "train step ms masked / compact",
+            "speed-up", "compile b=1 s", "load (1 min)"]
+  return report.markdown_table(header, out)
+
+
+def write_doc(path: str, rows: list[dict]) -> None:
+  report.update_section("compaction-table", f"""
+### Measured grid (generated from `{os.path.relpath(path, ROOT)}`)
+
+{report.machine()}. Speed-up = masked time / compacted time (medians of alternated
+timings); FLOPs ratio = dense FLOPs of the masked network / of the compacted one;
+load = 1-minute load average before-after the row (2 cores, shared).
+
+{table(rows)}
+""")
+
+
+# ------------------------------------------------------------------ main
+
+
+def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--archs", default="lenet300100,vgg19,resnet18")
-  parser.add_argument("--pruners", default="random/igq,random/uniform,snip,synflow")
+  parser.add_argument("--archs", default=",".join(ARCHS))
+  parser.add_argument("--pruners", default=",".join(PRUNERS),
+                      help=f"registry names or {STRUCTURED!r} (channel/l1, neuron/l1).")
   parser.add_argument("--compressions", default="10,100,1000")
+  parser.add_argument("--rows", default=None,
+                      help="comma-separated arch:pruner:compression fnmatch patterns.")
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--rounds", type=int, default=100, help="SynFlow rounds.")
-  parser.add_argument("--train", action="store_true", help="Also time one training step.")
-  parser.add_argument("--no_doc", action="store_true")
-  args = parser.parse_args()
-  rows = []
-  for arch in args.archs.split(","):
-    for pruner in args.pruners.split(","):
-      for c in (float(x) for x in args.compressions.split(",")):
-        try:
-          r = bench(arch, pruner, c, batch=args.batch, repeats=args.repeats,
-                    train=args.train, rounds=args.rounds)
-        except ValueError as err:  # e.g. an unreachable effective target
-          print(f"{arch} {pruner} {c:g}x: {type(err).__name__}: {err}", flush=True)
-          continue
-        ms = lambda t: f"{1e3 * t[0]:.3g} / {1e3 * t[1]:.3g}"
-        ratio = lambda t: f"{t[0] / t[1]:.2f}x"
-        rows.append([arch, pruner, f"{c:g}x", f"{r['params'][0]} / {r['params'][1]}",
-                     f"{r['flops_ratio']:.2f}x", ms(r["latency"]), ratio(r["latency"]),
-                     ms(r["throughput"]), ratio(r["throughput"]),
-                     ms(r["train"]) if "train" in r else "-",
-                     ratio(r["train"]) if "train" in r else "-"])
-        print(" | ".join(rows[-1]), flush=True)
-  header = ["network", "pruner", "effective", "kernel params masked / compact",
-            "FLOPs ratio", "latency b=1 ms masked / compact", "speed-up",
-            f"b={args.batch} ms masked / compact", "speed-up", "train step ms", "speed-up"]
-  table = report.markdown_table(header, rows)
-  print(table)
-  if not args.no_doc:
-    report.update_section("compaction", f"""
-## Compaction: masked against compacted (`python -m benchmarks.compaction`)
+  parser.add_argument("--snip_examples", type=int, default=128,
+                      help="SNIP scoring examples (0: the paper's snip_batch_size).")
+  parser.add_argument("--no_train", action="store_true", help="Skip the training step.")
+  parser.add_argument("--csv", default=None, help="default: " + os.path.relpath(
+      os.path.join("results", "compaction", "benchmark_<platform>.csv")))
+  parser.add_argument("--overwrite", action="store_true", help="Redo rows in the CSV.")
+  parser.add_argument("--in_process", action="store_true",
+                      help="Run the rows in this process (no subprocess per row).")
+  parser.add_argument("--table_only", action="store_true", help="Only print the table.")
+  parser.add_argument("--doc", action="store_true",
+                      help="Write the CSV's table into docs/benchmarks.md.")
+  parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  for name in ("batch", "repeats", "rounds"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name}={getattr(args, name)} must be >= 1.")
+  if args.snip_examples < 0:
+    parser.error(f"--snip_examples={args.snip_examples} must be >= 0 (0: the paper's).")
+  try:
+    args.grid = grid(args.archs, args.pruners, args.compressions, args.rows)
+  except ValueError as err:
+    parser.error(str(err))
+  args.csv = args.csv or default_csv()
+  return args
 
-{report.stamp()}. Pruned at initialization to the effective compression shown,
-compacted by `sparsejax.compact` (`fold=False`, logits checked equal), then timed
-alternately: jitted inference at batch 1 and batch {args.batch} (medians of
-{args.repeats}){", one masked training step at the paper's batch size" if args.train
- else ""}. Speed-up = masked time / compacted time; FLOPs ratio = dense FLOPs of the
-masked network / of the compacted one. Target: SynFlow VGG-19 at 100x, inference >= 5x.
 
-{table}
-""")
+def _run_one(args, arch, pruner, c) -> dict:
+  kw = dict(batch=args.batch, repeats=args.repeats, train=not args.no_train,
+            rounds=args.rounds, snip_examples=args.snip_examples)
+  if args.in_process:
+    row = bench_row(arch, pruner, c, **kw)
+    write_row(args.csv, row)
+    jax.clear_caches()
+    return row
+  cmd = [sys.executable, "-m", "benchmarks.compaction", "--_one", f"{arch}:{pruner}:{c:g}",
+         "--archs", arch, "--pruners", pruner, "--compressions", f"{c:g}",
+         "--batch", str(args.batch), "--repeats", str(args.repeats), "--rounds",
+         str(args.rounds), "--snip_examples", str(args.snip_examples), "--csv", args.csv]
+  cmd += ["--no_train"] if args.no_train else []
+  proc = subprocess.run(cmd, cwd=ROOT)
+  key = (jax.default_backend(), arch, pruner, f"{c:g}", str(args.batch),
+         str(int(not args.no_train)))
+  row = next((r for r in read_rows(args.csv) if _key(r) == key), None)
+  if proc.returncode != 0 or row is None:
+    row = dict(zip(KEY, key), status=f"error: exit code {proc.returncode}",
+               load_after=_load(), date=time.strftime("%Y-%m-%d %H:%M"))
+    write_row(args.csv, row)
+  return row
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args._one:
+    (arch, pruner, c), = args.grid
+    row = bench_row(arch, pruner, c, batch=args.batch, repeats=args.repeats,
+                    train=not args.no_train, rounds=args.rounds,
+                    snip_examples=args.snip_examples)
+    write_row(args.csv, row)
+    return
+  if not args.table_only:
+    have = {_key(r): r for r in read_rows(args.csv)}
+    for arch, pruner, c in args.grid:
+      key = (jax.default_backend(), arch, pruner, f"{c:g}", str(args.batch),
+             str(int(not args.no_train)))
+      if not args.overwrite and _done(have.get(key)):
+        print(f"{arch} {pruner} {c:g}x: in {args.csv} already", flush=True)
+        continue
+      row = _run_one(args, arch, pruner, c)
+      print(table([row]).splitlines()[-1], flush=True)
+  rows = read_rows(args.csv)
+  print(table(rows))
+  if args.doc:
+    write_doc(args.csv, rows)
 
 
 if __name__ == "__main__":
