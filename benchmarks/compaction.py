@@ -295,6 +295,7 @@ def table(rows: list[dict]) -> str:
                                      r["pruner"], float(r["compression"])))
   out = []
   for r in rows:
+    r = {k: r.get(k, "") for k in FIELDS}
     head = [r["arch"], r["pruner"], f"{r['compression']}x"]
     if r["status"] != "ok":
       out.append(head + [r["status"][:60]] + ["-"] * 9)

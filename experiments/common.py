@@ -120,8 +120,22 @@ class DataSource:
                     ) -> list[dict]:
     """Preprocessed (normalized, not augmented) training batches for data-driven
     scores (SNIP, iterative SNIP, GraSP): a list of {'image': float32 NHWC, 'label':
-    int32}. Batch s is :func:`sparsejax.data.batch_indices` of (seed, s)."""
+    int32}. Batch s is :func:`sparsejax.data.batch_indices` of (seed, s).
+
+    A ``batch_size`` above the split's size: synthetic data (a smoke-test stand-in,
+    1024 training examples by default) scores on the whole split instead, with a
+    warning (VGG-19's SNIP batch is 1280, ResNet-18's 2560); real data raises a
+    ValueError naming both sizes."""
     images, labels = self.split(dataset, "train", seed)
+    if batch_size > len(images):
+      if not self.synthetic:
+        raise ValueError(f"batch_size={batch_size} (score batch, e.g. the config's "
+                         f"snip_batch_size) exceeds the {len(images)} examples of {dataset} "
+                         "train; pass a smaller score batch size.")
+      logging.warning("Score batch size %d exceeds the %d synthetic %s training examples; "
+                      "scoring on batches of %d.", batch_size, len(images), dataset,
+                      len(images))
+      batch_size = len(images)
     spec = data.get_spec(dataset)
     batches = []
     for step in range(num_batches):

@@ -1,0 +1,68 @@
+"""benchmarks.compaction: its row function on LeNet-300-100 (tiny repeats), the
+resumable CSV, the flag checks; and score batches larger than the synthetic split."""
+
+import pytest
+
+from benchmarks import compaction
+from experiments import common
+
+
+@pytest.mark.slow
+def test_row_times_masked_and_compacted_lenet300100():
+  row = compaction.bench_row("lenet300100", "neuron/l1", 10, batch=4, repeats=1)
+  assert row["status"] == "ok"
+  assert row["train_batch"] == 100  # the paper's batch size
+  assert row["flops_ratio"] == pytest.approx(row["flops_masked"] / row["flops_compact"])
+  assert row["flops_ratio"] > 5  # whole neurons removed
+  for k in ("latency", "batch", "train", "compile"):
+    assert row[f"{k}_masked_s"] > 0 and row[f"{k}_compact_s"] > 0
+  assert set(row) <= set(compaction.FIELDS)
+
+
+@pytest.mark.slow
+def test_grid_is_written_row_by_row_and_resumed(tmp_path, capsys):
+  path = str(tmp_path / "bench.csv")
+  argv = ["--archs", "lenet300100", "--pruners", "structured", "--compressions", "10",
+          "--batch", "2", "--repeats", "1", "--no_train", "--in_process", "--csv", path]
+  compaction.main(argv)
+  (row,) = compaction.read_rows(path)
+  assert (row["arch"], row["pruner"], row["status"]) == ("lenet300100", "neuron/l1", "ok")
+  assert "neuron/l1" in compaction.table([row])
+  capsys.readouterr()
+  compaction.main(argv)  # resumed: nothing to do
+  assert "already" in capsys.readouterr().out
+  assert len(compaction.read_rows(path)) == 1
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--archs", "vgg99"], "--archs: 'vgg99' is not a network"),
+    (["--pruners", "nope"], "--pruners: 'nope' is not a pruner"),
+    (["--compressions", "1"], "not an effective compression > 1"),
+    (["--compressions", "ten"], "must be comma-separated numbers"),
+    (["--rows", "vgg19:synflow"], "must be arch:pruner:compression"),
+    (["--rows", "lenet5:*:*"], "no row matches"),
+    (["--repeats", "0"], "--repeats=0 must be >= 1"),
+])
+def test_bad_flags_are_named(argv, match, capsys):
+  with pytest.raises(SystemExit):
+    compaction.parse_args(argv + ["--csv", "unused.csv"])
+  assert match in capsys.readouterr().err
+
+
+def test_structured_resolves_per_network_and_rows_filter():
+  rows = compaction.grid("vgg19,lenet300100", "structured,synflow", "10,100",
+                         rows="*:structured:100,vgg19:synflow:1*")
+  assert rows == [("vgg19", "channel/l1", 100.0), ("vgg19", "synflow", 10.0),
+                  ("vgg19", "synflow", 100.0), ("lenet300100", "neuron/l1", 100.0)]
+  with pytest.raises(ValueError, match="batch=0 must be an integer >= 1"):
+    compaction.bench_row("lenet300100", "synflow", 10, batch=0)
+
+
+def test_score_batches_above_the_synthetic_split_size():
+  # VGG-19's SNIP batch (1280) and ResNet-18's (2560) exceed the 1024 synthetic examples.
+  (batch,) = common.DataSource(synthetic=True).score_batches(
+      "mnist", num_batches=1, batch_size=1500, seed=0)
+  assert batch["image"].shape == (1024, 28, 28, 1)
+  chunks = compaction.score_batches("lenet300100", 1500)
+  assert sum(len(b["label"]) for b in chunks) == 1500
+  assert max(len(b["label"]) for b in chunks) <= compaction.SNIP_CHUNK
