@@ -28,7 +28,8 @@ it: a whole grid in one process ran out of memory on ResNet-18) and is written t
 ``--csv`` (default results/compaction/benchmark_<platform>.csv) as soon as it is done,
 atomically. A rerun skips the rows already there (``--overwrite`` to redo them), so a
 long grid is filled row by row; ``--rows`` picks rows by ``arch:pruner:compression``
-patterns. ``--doc`` writes the table of the CSV into docs/benchmarks.md.
+patterns. A row's masks are kept in results/compaction/masks/ (reused by a rerun and
+by benchmarks.compaction_layers). ``--doc`` writes the table of the CSV into docs/benchmarks.md.
 
   python -m benchmarks.compaction                      # the default grid, into the CSV
   python -m benchmarks.compaction --archs vgg19 --pruners synflow --compressions 100
@@ -51,10 +52,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from benchmarks import report
 from experiments import configs
 from sparsejax import compact, data, errors, files, flops, models, pruning, training
+from sparsejax import masks as masks_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = ("vgg19", "lenet300100", "resnet18")
@@ -65,7 +68,7 @@ SNIP_CHUNK = 128
 #: Row identity in the CSV (a rerun skips rows whose key is there).
 KEY = ("platform", "arch", "pruner", "compression", "batch", "train")
 FIELDS = KEY + (
-    "status", "params_masked", "params_compact", "flops_masked", "flops_compact",
+    "status", "widths", "params_masked", "params_compact", "flops_masked", "flops_compact",
     "flops_effective", "flops_ratio", "latency_masked_s", "latency_compact_s",
     "batch_masked_s", "batch_compact_s", "train_batch", "train_masked_s",
     "train_compact_s", "compile_masked_s", "compile_compact_s", "repeats", "rounds",
@@ -136,11 +139,26 @@ def score_batches(arch: str, examples: int) -> list:
            "label": jnp.asarray(labels[i:i + SNIP_CHUNK])} for i in range(0, n, SNIP_CHUNK)]
 
 
+def mask_path(arch: str, pruner: str, compression: float, rounds: int,
+              snip_examples: int) -> str:
+  """Where :func:`prune` keeps a row's masks (results/compaction/masks/...npz)."""
+  extra = f"_r{rounds}" if pruner == "synflow" else (
+      f"_n{snip_examples}" if "snip" in pruner else "")
+  return os.path.join(ROOT, "results", "compaction", "masks",
+                      f"{arch}_{pruner.replace('/', '-')}_{compression:g}x{extra}.npz")
+
+
 def prune(arch: str, pruner: str, compression: float, *, rounds: int = 100,
-          snip_examples: int = 128):
-  """(model, input shape, variables at init, masks at ``compression`` effective)."""
+          snip_examples: int = 128, cache: bool = False):
+  """(model, input shape, variables at init, masks at ``compression`` effective).
+
+  ``cache``: load the masks from :func:`mask_path` if there, else save them there
+  (the initialization is fixed: key 0 for the weights, key 1 for the pruner)."""
   model, shape = models.create(arch), models.input_shape(arch)
   v = model.init(jax.random.key(0), jnp.ones((1,) + shape))
+  path = mask_path(arch, pruner, compression, rounds, snip_examples)
+  if cache and os.path.exists(path):
+    return model, shape, v, masks_lib.load(path, v["params"])
   p = pruning.get_pruner(pruner)
   batches = score_batches(arch, snip_examples) if p.needs_data else None
   m = pruning.prune(p, key=jax.random.key(1), model=model, variables=v,
@@ -148,6 +166,8 @@ def prune(arch: str, pruner: str, compression: float, *, rounds: int = 100,
                     input_shape=shape, batches=batches,
                     trained_params=v["params"] if p.after_training else None,
                     rounds=rounds if pruner == "synflow" else None)
+  if cache:
+    masks_lib.save(path, m)
   return model, shape, v, m
 
 
@@ -179,7 +199,8 @@ def _load() -> str:
 
 def bench_row(arch: str, pruner: str, compression: float, *, batch: int = 256,
               repeats: int = 5, train: bool = True, rounds: int = 100,
-              snip_examples: int = 128, train_batch: int | None = None) -> dict:
+              snip_examples: int = 128, train_batch: int | None = None,
+              cache: bool = False) -> dict:
   """One row: prune, compact (verified), time masked against compacted.
 
   Returns a dict of :data:`FIELDS` (seconds; FLOPs per example). ``status`` is 'ok', or
@@ -198,7 +219,7 @@ def bench_row(arch: str, pruner: str, compression: float, *, batch: int = 256,
   start = time.perf_counter()
   try:
     model, shape, v, m = prune(arch, pruner, compression, rounds=rounds,
-                               snip_examples=snip_examples)
+                               snip_examples=snip_examples, cache=cache)
   except errors.UnreachableSparsityError as err:
     return {**row, "status": f"unreachable: {err}"}
   row["prune_s"] = time.perf_counter() - start
@@ -207,7 +228,9 @@ def bench_row(arch: str, pruner: str, compression: float, *, batch: int = 256,
   new_model, new_v, new_m = compact.compact(model, v, m, input_shape=shape, fold=False,
                                             verify=True)
   before, after = flops.total(model, m, shape), flops.total(new_model, new_m, shape)
-  row.update(params_masked=before.params_dense, params_compact=after.params_dense,
+  kernels = [k for p, k in sorted(traverse_util.flatten_dict(new_v["params"], sep="/").items())
+             if p.endswith("/kernel")]
+  row.update(widths="-".join(str(k.shape[-1]) for k in kernels),params_masked=before.params_dense, params_compact=after.params_dense,
              flops_masked=before.flops_dense, flops_compact=after.flops_dense,
              flops_effective=before.flops_effective,
              flops_ratio=before.flops_dense / after.flops_dense)
@@ -401,7 +424,7 @@ def main(argv=None):
     (arch, pruner, c), = args.grid
     row = bench_row(arch, pruner, c, batch=args.batch, repeats=args.repeats,
                     train=not args.no_train, rounds=args.rounds,
-                    snip_examples=args.snip_examples)
+                    snip_examples=args.snip_examples, cache=True)
     write_row(args.csv, row)
     return
   if not args.table_only:

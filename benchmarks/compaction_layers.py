@@ -57,7 +57,7 @@ def _dense(x, k):
 def time_layers(arch, pruner, compression, *, batch=32, repeats=5, rounds=100,
                 snip_examples=128) -> list[dict]:
   model, shape, v, m = compaction.prune(arch, pruner, compression, rounds=rounds,
-                                        snip_examples=snip_examples)
+                                        snip_examples=snip_examples, cache=True)
   new_model, new_v, _ = compact.compact(model, v, m, input_shape=shape, fold=False)
   before, after = layer_shapes(model, v, shape), layer_shapes(new_model, new_v, shape)
   rows = []
