@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import fnmatch
 import functools
 import io
@@ -286,13 +287,17 @@ def _key(row: dict) -> tuple:
 
 
 def write_row(path: str, row: dict) -> None:
-  """Adds ``row`` to the CSV at ``path`` (replacing one with the same key), atomically."""
-  rows = [r for r in read_rows(path) if _key(r) != _key(row)] + [row]
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore")
-  writer.writeheader()
-  writer.writerows(rows)
-  files.atomic_write(path, buf.getvalue().encode())
+  """Adds ``row`` to the CSV at ``path`` (replacing one with the same key), atomically;
+  under a lock (``path``.lock), so that several grids can fill one CSV at once."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    rows = [r for r in read_rows(path) if _key(r) != _key(row)] + [row]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    files.atomic_write(path, buf.getvalue().encode())
 
 
 def _done(row: dict | None) -> bool:
