@@ -8,6 +8,7 @@ im2col matmul (``lax.conv_general_dilated_patches`` then one ``dot``), with the
 achieved GFLOP/s (2 FLOPs per multiply-accumulate). Timings alternate masked/compact.
 
   python -m benchmarks.compaction_layers --arch vgg19 --pruner synflow --compression 100
+  python -m benchmarks.compaction_layers --padding_check   # XLA:CPU 'SAME' conv at 2x2
 """
 
 from __future__ import annotations
@@ -81,6 +82,28 @@ def time_layers(arch, pruner, compression, *, batch=32, repeats=5, rounds=100,
   return rows
 
 
+def padding_check(batch: int = 32, repeats: int = 3) -> list[tuple]:
+  """[(case, seconds, GFLOP/s)]: XLA's 3x3 'SAME' conv at small spatial sizes and
+  widths, and the 2x2x512 one as 'VALID' on a pre-padded input and forward+backward."""
+  cases = {}
+  for s_, c in ((2, 512), (2, 256), (2, 128), (4, 512), (8, 512)):
+    x = jax.random.normal(jax.random.key(0), (batch, s_, s_, c))
+    k = jax.random.normal(jax.random.key(1), (3, 3, c, c))
+    fl = 2 * batch * s_ * s_ * 9 * c * c
+    cases[f"SAME {s_}x{s_}x{c}"] = (_conv, x, k, fl)
+    if (s_, c) == (2, 512):
+      xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+      valid = lambda a, b: lax.conv_general_dilated(
+          a, b, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      cases[f"VALID on pre-padded {s_}x{s_}x{c}"] = (valid, xp, k, fl)
+      grad = jax.grad(lambda a, b: jnp.sum(_conv(a, b) ** 2), argnums=(0, 1))
+      cases[f"forward+backward SAME {s_}x{s_}x{c}"] = (grad, x, k, 3 * fl)
+  fns = {n: functools.partial(jax.jit(f).lower(x, k).compile(), x, k)
+         for n, (f, x, k, _) in cases.items()}
+  t = compaction._alternate(fns, repeats)
+  return [(n, t[n], fl / t[n] / 1e9) for n, (_, _, _, fl) in cases.items()]
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--arch", default="vgg19")
@@ -89,7 +112,14 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--rounds", type=int, default=100)
+  parser.add_argument("--padding_check", action="store_true",
+                      help="Only time XLA's 3x3 'SAME' conv at 2x2..8x8 (see padding_check).")
   args = parser.parse_args(argv)
+  if args.padding_check:
+    print(f"{report.machine()}; batch {args.batch}; load {compaction._load()}")
+    for n, t, g in padding_check(args.batch, args.repeats):
+      print(f"{n}: {1e3 * t:.1f} ms, {g:.2f} GFLOP/s")
+    return
   (arch, pruner, c), = compaction.grid(args.arch, args.pruner, f"{args.compression:g}")
   rows = time_layers(arch, pruner, c, batch=args.batch, repeats=args.repeats,
                      rounds=args.rounds)

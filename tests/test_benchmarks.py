@@ -66,3 +66,13 @@ def test_score_batches_above_the_synthetic_split_size():
   chunks = compaction.score_batches("lenet300100", 1500)
   assert sum(len(b["label"]) for b in chunks) == 1500
   assert max(len(b["label"]) for b in chunks) <= compaction.SNIP_CHUNK
+
+
+def test_layer_benchmark_im2col_equals_the_convolution():
+  import jax
+  import numpy as np
+  from benchmarks import compaction_layers
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 3, 5))
+  np.testing.assert_allclose(compaction_layers._im2col(x, k), compaction_layers._conv(x, k),
+                             rtol=1e-5, atol=1e-5)
