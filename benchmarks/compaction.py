@@ -308,7 +308,8 @@ def _done(row: dict | None) -> bool:
 
 
 def _ms(a, b) -> str:
-  return f"{1e3 * float(a):.3g} / {1e3 * float(b):.3g}" if a not in ("", None) else "-"
+  f = lambda t: f"{1e3 * t:,.0f}" if t >= 0.1 else f"{1e3 * t:.3g}"
+  return f"{f(float(a))} / {f(float(b))}" if a not in ("", None) else "-"
 
 
 def _ratio(a, b) -> str:
