@@ -46,6 +46,7 @@ import fnmatch
 import functools
 import io
 import os
+import re
 import subprocess
 import sys
 import time
@@ -327,7 +328,9 @@ def table(rows: list[dict]) -> str:
     r = {k: r.get(k, "") for k in FIELDS}
     head = [r["arch"], r["pruner"], f"{r['compression']}x"]
     if r["status"] != "ok":
-      out.append(head + [r["status"][:60]] + ["-"] * 9)
+      most = re.search(r"\(compression ([0-9.e+]+x)\)", r["status"])
+      status = f"unreachable (at most {most.group(1)})" if most else r["status"][:60]
+      out.append(head + [status] + ["-"] * 9)
       continue
     out.append(head + [
         f"{int(r['params_masked']):,} / {int(r['params_compact']):,}",
