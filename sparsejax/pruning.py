@@ -75,18 +75,21 @@ class Ranking:
   shapes: the prunable kernel shapes; treedef/slots rebuild the mask tree.
   flow: layer indices in input-to-output (traced data-flow) order, which quotas such as
     uniform+ (first layer dense, last at most 80% sparse) read; () = the tree order.
-  keys: per layer, uint32 descending keys of the within-layer order (views of one
-    flat array); count_keys: global rankings: the flat [N] keys whose global order
-    gives the per-layer counts (the same array for a plain global ranking).
+  keys: uint32 [N] descending keys of the flattened layers (tree order), whose order
+    within each layer is the layer's order; count_keys: global rankings only: the
+    [N] keys whose global order gives the per-layer counts (``keys`` itself for a
+    plain global ranking; another pruner's for ``Pruner.quota_from``); device_keys:
+    ``keys`` as a device array (made when first needed).
   """
 
   def __init__(self, order=None, ranks=None, cutoffs=None, quota=None, shapes=(),
-               treedef=None, slots=(), flow=(), *, keys=None, count_keys=None):
+               treedef=None, slots=(), flow=(), *, keys=None, count_keys=None,
+               device_keys=None):
     self._order, self._ranks, self._cutoffs = order, ranks, cutoffs
     self.quota, self.shapes, self.treedef = quota, tuple(shapes), treedef
     self.slots, self.flow = tuple(slots), tuple(flow)
-    self.keys, self.count_keys = keys, count_keys
-    self._prefixes = self._count_prefix = self._device_keys = None
+    self.keys, self.count_keys, self._device_keys = keys, count_keys, device_keys
+    self._prefixes = self._count_prefix = None
 
   def tree_flatten(self):
     return ((self.order, self.ranks, self.cutoffs),
@@ -100,7 +103,7 @@ class Ranking:
     fields = dict(order=self._order, ranks=self._ranks, cutoffs=self._cutoffs,
                   quota=self.quota, shapes=self.shapes, treedef=self.treedef,
                   slots=self.slots, flow=self.flow, keys=self.keys,
-                  count_keys=self.count_keys)
+                  count_keys=self.count_keys, device_keys=self._device_keys)
     fields.update(changes)
     return Ranking(**fields)
 
@@ -117,7 +120,7 @@ class Ranking:
   @property
   def order(self) -> tuple:
     if self._order is None:
-      orders = [selection.full_order(d) for d in self.keys]
+      orders = [selection.full_order(d) for d in self.layer_keys]
       self._order = tuple(jnp.asarray(o, jnp.int32) for o in orders)
       self._ranks = tuple(jnp.asarray(_inverse(o), jnp.int32) for o in orders)
     return self._order
@@ -145,9 +148,15 @@ class Ranking:
     """Whether concrete kept counts are served by selection (keys are held)."""
     return self.keys is not None
 
+  @property
+  def layer_keys(self) -> tuple:
+    """Per layer, the keys of its weights (views of ``keys``)."""
+    offsets = self.offsets
+    return tuple(self.keys[offsets[l]:offsets[l + 1]] for l in range(len(self.shapes)))
+
   def _layer_prefix(self, l: int) -> selection.Prefix:
     if self._prefixes is None:
-      self._prefixes = [selection.Prefix(d) for d in self.keys]
+      self._prefixes = [selection.Prefix(d) for d in self.layer_keys]
     return self._prefixes[l]
 
   def _global_prefix(self) -> selection.Prefix:
@@ -157,8 +166,7 @@ class Ranking:
     return self._count_prefix
 
   def _plain_global(self) -> bool:
-    return (self.quota is None and self.count_keys is not None and self.keys is not None
-            and np.may_share_memory(self.keys[0], self.count_keys))
+    return self.quota is None and self.keys is not None and self.count_keys is self.keys
 
   def host_counts(self, kept: int) -> np.ndarray:
     """counts(kept) as int32 [L] numpy, by selection (concrete ``kept``)."""
@@ -221,12 +229,12 @@ class Ranking:
     for l, (a, b) in enumerate(zip(lo, hi)):
       a, b = int(a), max(int(a), int(b))
       positions = self._layer_prefix(l).order(b)[a:b] if b > a else np.zeros(0, np.int32)
-      out.append(_OrderWindow(a, positions, int(self.keys[l].size)))
+      out.append(_OrderWindow(a, positions, int(np.prod(self.shapes[l]))))
     return out
 
-  def device_keys(self) -> tuple:
+  def device_keys(self) -> jax.Array:
     if self._device_keys is None:
-      self._device_keys = tuple(jnp.asarray(d) for d in self.keys)
+      self._device_keys = jnp.asarray(self.keys)
     return self._device_keys
 
   # ------------------------------------------------------------ either
@@ -368,7 +376,6 @@ def rank_scores(scores: PyTree, quota: str | None = None, sort: str = "auto",
   leaves = [flat[i] for i in slots]
   if not leaves:
     raise ValueError("scores has no prunable layer.")
-  check_scores(leaves)
   shapes = tuple(tuple(int(d) for d in flat[i].shape) for i in slots)
   if quota is not None:
     quotas_lib.get_quota(quota)
@@ -378,15 +385,15 @@ def rank_scores(scores: PyTree, quota: str | None = None, sort: str = "auto",
   if flow and sorted(flow) != list(range(len(leaves))):
     raise ValueError(f"flow={flow!r} must be a permutation of the {len(leaves)} layers.")
   if sort in ("auto", "select"):
-    sizes = [int(np.prod(s)) for s in shapes]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    flat_keys = np.empty(int(offsets[-1]), np.uint32)
-    for l, leaf in enumerate(leaves):
-      flat_keys[offsets[l]:offsets[l + 1]] = selection.descending_keys(
-          jax.device_get(leaf))
-    keys = tuple(flat_keys[offsets[l]:offsets[l + 1]] for l in range(len(leaves)))
+    device_keys, bad = selection.flat_keys(leaves)  # NaN/inf counted in the same pass
+    for i, b in enumerate(bad):
+      if b:
+        raise ValueError(f"scores[{i}] has {b} NaN or infinite values; scores must be "
+                         "finite.")
+    keys = np.asarray(device_keys)  # no copy on the CPU
     return Ranking(None, None, None, quota, shapes, treedef, slots, flow, keys=keys,
-                   count_keys=flat_keys if quota is None else None)
+                   count_keys=keys if quota is None else None, device_keys=device_keys)
+  check_scores(leaves)
   orders, ranks, cutoffs = (_rank_host if sort == "host" else _rank_device)(leaves, quota)
   to_device = lambda xs: tuple(jnp.asarray(x, jnp.int32) for x in xs)
   return Ranking(to_device(orders), to_device(ranks),
@@ -407,20 +414,23 @@ def masks_at(ranking: Ranking, kept) -> PyTree:
     quotas_lib.check_density(ranking.quota, float(kept) / ranking.total, shapes)
   if ranking.selects and not isinstance(kept, jax.core.Tracer):
     ts, ps = ranking.thresholds(int(kept))
-    return ranking.to_tree(_threshold_masks(ranking.device_keys(), ts, ps))
+    sizes = tuple(int(np.prod(s)) for s in ranking.shapes)
+    return ranking.to_tree(_threshold_masks(ranking.device_keys(), ts, ps, sizes=sizes))
   return _masks_at(ranking, jnp.asarray(kept, jnp.int32))
 
 
-def _threshold_masks_fn(keys: tuple, ts, ps) -> list:
-  """Per layer: (key_i, i) < (t_l, p_l) (Ranking.thresholds)."""
+def _threshold_masks_fn(keys: jax.Array, ts, ps, sizes: tuple) -> list:
+  """Per layer l (``sizes[l]`` weights of the flat ``keys``): (key_i, i) < (t_l, p_l)
+  (Ranking.thresholds)."""
   out = []
-  for l, d in enumerate(keys):
+  for l, start in enumerate(np.cumsum((0,) + sizes[:-1])):
+    d = jax.lax.slice(keys, (int(start),), (int(start) + sizes[l],))
     index = jnp.arange(d.size, dtype=jnp.int32)
     out.append((d < ts[l]) | ((d == ts[l]) & (index < ps[l])))
   return out
 
 
-_threshold_masks = compilation.jit(_threshold_masks_fn)
+_threshold_masks = compilation.jit(_threshold_masks_fn, static_argnames="sizes")
 
 
 def _masks_at_fn(ranking: Ranking, kept) -> PyTree:
@@ -1152,7 +1162,8 @@ def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTre
     global_ranking = rank_scores(_scored(source, source_context), flow=flow)
     within = rank_scores(_scored(p, context), quota="uniform", flow=flow)
     return Ranking(None, None, None, None, within.shapes, within.treedef, within.slots,
-                   flow or (), keys=within.keys, count_keys=global_ranking.count_keys)
+                   flow or (), keys=within.keys, count_keys=global_ranking.count_keys,
+                   device_keys=within.device_keys())
   _check_context(p, context)
   return rank_scores(_scored(p, context), quota=p.quota, flow=flow)
 

@@ -19,8 +19,11 @@ What a ranking needs is rarely the whole order:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sparsejax import compilation
 
 _SIGN = np.uint32(0x80000000)
 
@@ -29,18 +32,67 @@ def descending_keys(x) -> np.ndarray:
   """uint32 [n] keys of the flat scores ``x`` (float or integer): smaller = ranked first.
 
   Float scores of any width (float32, bfloat16, float16, float64 rounded to float32 as
-  the device sort does) keep their order exactly; -0.0 and 0.0 get one key.
+  the device sort does) keep their order exactly; -0.0 and 0.0 get one key. With b the
+  int32 bits: d = b ^ 0x7FFFFFFF for b >= 0, d = b for b < 0 (the bit complement of the
+  usual ascending key).
   """
   x = np.asarray(x).reshape(-1)
   if jnp.issubdtype(x.dtype, jnp.floating):  # ml_dtypes' bfloat16 has numpy kind 'V'
-    bits = (x.astype(np.float32) + np.float32(0.0)).view(np.uint32)  # -0.0 -> 0.0
-    ascending = np.where(bits >> np.uint32(31), ~bits, bits | _SIGN)
-  elif jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == np.bool_:
-    ascending = x.astype(np.int32).view(np.uint32) ^ _SIGN
-  else:
-    raise ValueError(f"scores of dtype {x.dtype} cannot be ranked; allowed: float or "
-                     "integer scores.")
-  return np.invert(ascending, out=ascending)
+    bits = (x.astype(np.float32) + np.float32(0.0)).view(np.int32)  # -0.0 -> 0.0
+    d = np.invert(bits)
+    np.right_shift(d, 31, out=d)
+    np.bitwise_and(d, 0x7FFFFFFF, out=d)
+    np.bitwise_xor(d, bits, out=d)
+    return d.view(np.uint32)
+  if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == np.bool_:
+    return np.invert(x.astype(np.int32).view(np.uint32) ^ _SIGN)
+  raise ValueError(f"scores of dtype {x.dtype} cannot be ranked; allowed: float or "
+                   "integer scores.")
+
+
+def _float32_bits(x: jax.Array) -> jax.Array:
+  """int32 bits of float32 or bfloat16 ``x`` widened to float32, by integer operations
+  only (XLA:CPU flushes subnormals to zero in float operations, numpy does not)."""
+  if x.dtype == jnp.bfloat16:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.int32) << 16
+  return jax.lax.bitcast_convert_type(x, jnp.int32)
+
+
+def _device_keys_fn(leaves: tuple) -> tuple[jax.Array, jax.Array]:
+  """(uint32 [N] descending keys of the flattened, concatenated leaves; int32 [L]
+  non-finite values per leaf): :func:`descending_keys` as one fused program."""
+  keys, bad = [], []
+  for x in leaves:
+    x = x.reshape(-1)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      bits = _float32_bits(x)
+      bits = jnp.where(bits == jnp.int32(-2**31), 0, bits)  # -0.0 -> 0.0
+      d = bits ^ ((~bits >> 31) & 0x7FFFFFFF)
+      exponent = jnp.int32(0x7F800000)
+      bad.append(jnp.sum((bits & exponent) == exponent, dtype=jnp.int32))
+    else:
+      d = ~(x.astype(jnp.int32) ^ jnp.int32(-2**31))
+      bad.append(jnp.int32(0))
+    keys.append(jax.lax.bitcast_convert_type(d, jnp.uint32))
+  return jnp.concatenate(keys), jnp.stack(bad)
+
+
+def _on_device(dtype) -> bool:
+  return dtype in (jnp.float32, jnp.bfloat16) or (
+      jnp.issubdtype(dtype, jnp.integer) and np.dtype(dtype).itemsize <= 4)
+
+
+def flat_keys(leaves) -> tuple[jax.Array | np.ndarray, np.ndarray]:
+  """(uint32 [N] keys of all leaves, flattened in order; int32 [L] non-finite values
+  per leaf): one jitted program per tree structure for float32, bfloat16 and integer
+  scores (bit operations only), numpy otherwise (float16, float64)."""
+  if all(_on_device(x.dtype) for x in leaves):
+    keys, bad = _device_keys(tuple(jnp.asarray(x) for x in leaves))
+    return keys, np.asarray(bad)
+  host = [np.asarray(jax.device_get(x)).reshape(-1) for x in leaves]
+  bad = [0 if not jnp.issubdtype(x.dtype, jnp.floating)
+         else int(np.count_nonzero(~np.isfinite(x.astype(np.float32)))) for x in host]
+  return (np.concatenate([descending_keys(x) for x in host]), np.asarray(bad, np.int32))
 
 
 def sort_positions(d: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -126,7 +178,7 @@ class Prefix:
   def order(self, m: int) -> np.ndarray:
     m = min(int(m), self.d.size)
     if m > self.positions.size:
-      grown = max(m, 2 * self.positions.size, self.MIN)
+      grown = max(2 * m, 2 * self.positions.size, self.MIN)  # room for the next steps
       self.positions = top(self.d, min(grown, self.d.size))
     return self.positions
 
@@ -140,3 +192,6 @@ class Prefix:
       return threshold(self.d, c)
     last = int(self.positions[c - 1])
     return int(self.d[last]), last + 1
+
+
+_device_keys = compilation.jit(_device_keys_fn)

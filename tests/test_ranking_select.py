@@ -176,3 +176,18 @@ def test_bad_sort():
   _, params, _ = TP.small("mlp")
   with pytest.raises(ValueError, match="sort='gpu'.*select"):
     pruning.rank_scores(TP.random_scores(params, 0), sort="gpu")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32])
+def test_device_keys_equal_host_keys_subnormals_and_signed_zeros(dtype):
+  tiny = float(jnp.finfo(jnp.bfloat16 if dtype == jnp.bfloat16 else jnp.float32).tiny)
+  x = np.array([0.0, -0.0, tiny / 4, -tiny / 4, tiny / 2, 1.0, -1.0, 3e4, -3e4, 2.5])
+  leaf = jnp.asarray(x * (1e4 if dtype == jnp.int32 else 1.0), dtype)
+  got, bad = selection.flat_keys([leaf, leaf[::-1]])
+  want = np.concatenate([selection.descending_keys(np.asarray(leaf)),
+                         selection.descending_keys(np.asarray(leaf[::-1]))])
+  np.testing.assert_array_equal(np.asarray(got), want)
+  assert list(bad) == [0, 0]
+  if dtype in (jnp.float32, jnp.bfloat16):  # subnormals stay apart, signed zeros tie
+    keys = want[:x.size]
+    assert keys[0] == keys[1] and len({keys[0], keys[2], keys[3], keys[4]}) == 4
