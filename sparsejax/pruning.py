@@ -78,32 +78,47 @@ class Ranking:
   keys: uint32 [N] descending keys of the flattened layers (tree order), whose order
     within each layer is the layer's order; count_keys: global rankings only: the
     [N] keys whose global order gives the per-layer counts (``keys`` itself for a
-    plain global ranking; another pruner's for ``Pruner.quota_from``); device_keys:
-    ``keys`` as a device array (made when first needed).
+    plain global ranking; another pruner's for ``Pruner.quota_from``); device_keys,
+    count_device_keys: the same as device arrays (made when first needed).
+
+  As a pytree, a ranking built from keys has its device keys as leaves (passing it to
+  a jitted function copies no order); inside a trace, ``order``, ``ranks`` and
+  ``cutoffs`` are then stable sorts of the keys in the program.
   """
 
   def __init__(self, order=None, ranks=None, cutoffs=None, quota=None, shapes=(),
                treedef=None, slots=(), flow=(), *, keys=None, count_keys=None,
-               device_keys=None):
+               device_keys=None, count_device_keys=None):
     self._order, self._ranks, self._cutoffs = order, ranks, cutoffs
     self.quota, self.shapes, self.treedef = quota, tuple(shapes), treedef
     self.slots, self.flow = tuple(slots), tuple(flow)
     self.keys, self.count_keys, self._device_keys = keys, count_keys, device_keys
+    self._count_device_keys = count_device_keys
     self._prefixes = self._count_prefix = None
 
+  def _from_keys(self) -> bool:
+    return self.keys is not None or self._device_keys is not None
+
   def tree_flatten(self):
-    return ((self.order, self.ranks, self.cutoffs),
-            (self.quota, self.shapes, self.treedef, self.slots, self.flow))
+    aux = (self._from_keys(), self.quota, self.shapes, self.treedef, self.slots, self.flow)
+    if aux[0]:
+      return (self.device_keys(), self.count_device_keys()), aux
+    return (self.order, self.ranks, self.cutoffs), aux
 
   @classmethod
   def tree_unflatten(cls, aux, children):
+    from_keys, *aux = aux
+    if from_keys:
+      return cls(None, None, None, *aux, device_keys=children[0],
+                 count_device_keys=children[1])
     return cls(*children, *aux)
 
   def replace(self, **changes) -> "Ranking":
     fields = dict(order=self._order, ranks=self._ranks, cutoffs=self._cutoffs,
                   quota=self.quota, shapes=self.shapes, treedef=self.treedef,
                   slots=self.slots, flow=self.flow, keys=self.keys,
-                  count_keys=self.count_keys, device_keys=self._device_keys)
+                  count_keys=self.count_keys, device_keys=self._device_keys,
+                  count_device_keys=self._count_device_keys)
     fields.update(changes)
     return Ranking(**fields)
 
@@ -119,7 +134,9 @@ class Ranking:
   # ------------------------------------------------------------ full arrays, lazily
   @property
   def order(self) -> tuple:
-    if self._order is None:
+    if self._order is None and self.keys is None:  # traced: sorts in the program
+      self._order, self._ranks = zip(*(_order_of_keys(d) for d in self._layer_device_keys()))
+    elif self._order is None:
       orders = [selection.full_order(d) for d in self.layer_keys]
       self._order = tuple(jnp.asarray(o, jnp.int32) for o in orders)
       self._ranks = tuple(jnp.asarray(_inverse(o), jnp.int32) for o in orders)
@@ -133,7 +150,13 @@ class Ranking:
 
   @property
   def cutoffs(self) -> tuple | None:
-    if self._cutoffs is None and self.count_keys is not None:
+    if self._cutoffs is None and self.count_keys is None and \
+        self._count_device_keys is not None:  # traced: sorts in the program
+      _, global_ranks = _order_of_keys(self._count_device_keys)
+      offsets = self.offsets
+      self._cutoffs = tuple(jnp.sort(global_ranks[offsets[l]:offsets[l + 1]])
+                            for l in range(len(self.shapes)))
+    elif self._cutoffs is None and self.count_keys is not None:
       offsets = self.offsets
       order = selection.full_order(self.count_keys)
       layer_of = (np.searchsorted(offsets, order, side="right") - 1).astype(np.uint16)
@@ -237,6 +260,16 @@ class Ranking:
       self._device_keys = jnp.asarray(self.keys)
     return self._device_keys
 
+  def count_device_keys(self) -> jax.Array | None:
+    if self._count_device_keys is None and self.count_keys is not None:
+      self._count_device_keys = (self.device_keys() if self.count_keys is self.keys
+                                 else jnp.asarray(self.count_keys))
+    return self._count_device_keys
+
+  def _layer_device_keys(self) -> list:
+    offsets, d = self.offsets, self.device_keys()
+    return [d[offsets[l]:offsets[l + 1]] for l in range(len(self.shapes))]
+
   # ------------------------------------------------------------ either
   def counts(self, kept) -> jax.Array:
     """Kept weights per layer [L] (int32) when ``kept`` are kept in all (traceable)."""
@@ -254,6 +287,14 @@ class Ranking:
     for slot, leaf, shape in zip(self.slots, flat_leaves, self.shapes):
       leaves[slot] = leaf.reshape(shape)
     return jax.tree.unflatten(self.treedef, leaves)
+
+
+def _order_of_keys(d: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(order, ranks) of descending keys ``d`` (traceable): a stable ascending sort."""
+  order = jnp.argsort(d, stable=True).astype(jnp.int32)
+  ranks = jnp.zeros(order.shape, jnp.int32).at[order].set(
+      jnp.arange(order.size, dtype=jnp.int32))
+  return order, ranks
 
 
 class _OrderWindow:
@@ -1163,7 +1204,8 @@ def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTre
     within = rank_scores(_scored(p, context), quota="uniform", flow=flow)
     return Ranking(None, None, None, None, within.shapes, within.treedef, within.slots,
                    flow or (), keys=within.keys, count_keys=global_ranking.count_keys,
-                   device_keys=within.device_keys())
+                   device_keys=within.device_keys(),
+                   count_device_keys=global_ranking.device_keys())
   _check_context(p, context)
   return rank_scores(_scored(p, context), quota=p.quota, flow=flow)
 
