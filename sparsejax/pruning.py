@@ -279,7 +279,9 @@ class Ranking:
       kept = jnp.asarray(kept, jnp.int32)
       return jnp.stack([jnp.searchsorted(c, kept, side="left").astype(jnp.int32)
                         for c in self.cutoffs])
-    return _quota_counts(self.quota, self.shapes, self.flow, kept)
+    if isinstance(kept, jax.core.Tracer):
+      return _quota_counts(self.quota, self.shapes, self.flow, kept)
+    return _quota_counts_jit(self.quota, self.shapes, self.flow, np.int32(kept))
 
   def to_tree(self, flat_leaves: Sequence[jax.Array]) -> PyTree:
     """Mask-shaped tree from per-layer flat arrays (in layer order)."""
@@ -320,6 +322,10 @@ def _quota_counts(quota: str, shapes: tuple, flow: tuple, kept) -> jax.Array:
     return quotas_lib.layer_kept_counts(quota, density, shapes)
   counts = quotas_lib.layer_kept_counts(quota, density, tuple(shapes[i] for i in flow))
   return jnp.zeros(len(shapes), counts.dtype).at[np.asarray(flow)].set(counts)
+
+
+# concrete counts: one program per quota and shapes, not an eager op per step
+_quota_counts_jit = jax.jit(_quota_counts, static_argnums=(0, 1, 2))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -455,23 +461,24 @@ def masks_at(ranking: Ranking, kept) -> PyTree:
     quotas_lib.check_density(ranking.quota, float(kept) / ranking.total, shapes)
   if ranking.selects and not isinstance(kept, jax.core.Tracer):
     ts, ps = ranking.thresholds(int(kept))
-    sizes = tuple(int(np.prod(s)) for s in ranking.shapes)
-    return ranking.to_tree(_threshold_masks(ranking.device_keys(), ts, ps, sizes=sizes))
+    return ranking.to_tree(_threshold_masks(ranking.device_keys(), ts, ps,
+                                            shapes=ranking.shapes))
   return _masks_at(ranking, jnp.asarray(kept, jnp.int32))
 
 
-def _threshold_masks_fn(keys: jax.Array, ts, ps, sizes: tuple) -> list:
-  """Per layer l (``sizes[l]`` weights of the flat ``keys``): (key_i, i) < (t_l, p_l)
-  (Ranking.thresholds)."""
+def _threshold_masks_fn(keys: jax.Array, ts, ps, shapes: tuple) -> list:
+  """Per layer l (its weights in the flat ``keys``): (key_i, i) < (t_l, p_l)
+  (Ranking.thresholds), shaped like the layer's kernel."""
   out = []
+  sizes = tuple(int(np.prod(s)) for s in shapes)
   for l, start in enumerate(np.cumsum((0,) + sizes[:-1])):
     d = jax.lax.slice(keys, (int(start),), (int(start) + sizes[l],))
     index = jnp.arange(d.size, dtype=jnp.int32)
-    out.append((d < ts[l]) | ((d == ts[l]) & (index < ps[l])))
+    out.append(((d < ts[l]) | ((d == ts[l]) & (index < ps[l]))).reshape(shapes[l]))
   return out
 
 
-_threshold_masks = compilation.jit(_threshold_masks_fn, static_argnames="sizes")
+_threshold_masks = compilation.jit(_threshold_masks_fn, static_argnames="shapes")
 
 
 def _masks_at_fn(ranking: Ranking, kept) -> PyTree:
