@@ -114,6 +114,7 @@ def test_traced_ranking_sorts_its_keys_in_the_program(quota):
   assert_same_masks(jax.jit(pruning.masks_at)(select, k), pruning.masks_at(full, int(k)))
 
 
+@pytest.mark.slow
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 2**20), levels=st.sampled_from([1, 2, 3, 8]),
        quota=st.sampled_from(QUOTAS), name=st.sampled_from(sorted(TP.SMALL)),
@@ -131,6 +132,7 @@ def test_selection_search_equals_full_sort_search(seed, levels, quota, name, fra
   assert device == want
 
 
+@pytest.mark.slow
 def test_effective_masks_equal_on_lenet300100():
   from sparsejax import models
   model = models.create("lenet300100")
