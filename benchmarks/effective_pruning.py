@@ -17,6 +17,12 @@ commit (``--baseline``, exported with git archive) in the same run: wall and CPU
 seconds and XLA compilations per phase (init, ranking, search).
 
   python -m benchmarks.effective_pruning   # prints the table, updates docs/benchmarks.md
+
+Rankings without a full sort (issue 15, item 2), with ``--ranking_only``: the ranking
+alone by the old full sort and by selection, then with the direct masks and the
+effective search, VGG-19 random/uniform and magnitude/global, and the fresh processes:
+
+  python -m benchmarks.effective_pruning --ranking_only --archs=vgg19 --baseline=47e8d69
 """
 
 from __future__ import annotations
@@ -25,15 +31,17 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable
 
 import jax
 
 from benchmarks import report
-from sparsejax import effective, masks, models, pruning
+from sparsejax import compilation, effective, errors, masks, models, pruning
 
 REFERENCE = {("vgg19", "random/uniform", 100.0): 31.0, ("vgg19", "random/uniform", 1000.0): 28.0}
 
@@ -82,6 +90,108 @@ def fresh_runs(baseline: str | None, compressions, arch="vgg19", pruner="random/
   return rows
 
 
+def _timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+  """Medians of (wall s, CPU s of the process) of ``fn()``, after one call."""
+  jax.block_until_ready(fn())
+  wall, cpu = [], []
+  for _ in range(repeats):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn())
+    wall.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
+  return statistics.median(wall), statistics.median(cpu)
+
+
+def ranking_rows(arch: str, pruners, compressions, repeats: int) -> list[list]:
+  """The ranking alone, by the old full sort (``sort='host'``) and by selection
+  (``sort='select'``, the default), then with the direct masks and the effective search
+  at each compression, a new ranking each time (selection defers work to them)."""
+  model, shape = models.create(arch), models.input_shape(arch)
+  variables = models.init(model, jax.random.key(0), shape)
+  chosen = pruning.prunable_set(model, variables, shape)
+  rows = []
+  for name in pruners:
+    p = pruning.get_pruner(name)
+    context = pruning.ScoreContext(
+        key=jax.random.key(1), model=model, variables=variables, sparsity=0.99,
+        input_shape=shape, trained_params=variables["params"], prunable=chosen)
+    scores = jax.block_until_ready(p.score(context))
+    for sort in ("host", "select"):
+      rank = lambda: pruning.rank_scores(scores, p.quota, sort=sort)
+      with compilation.CompileLog() as log:
+        first = time.perf_counter()
+        jax.block_until_ready(rank())
+        first = time.perf_counter() - first
+      cells = [arch, name, "full sort (host)" if sort == "host" else "selection",
+               f"{first:.3f} ({log.count})", "%.3f / %.3f" % _timed(rank, repeats)]
+      for c in compressions:
+        s = 1 - 1 / c
+        cells.append("%.3f / %.3f" % _timed(
+            lambda: pruning.masks_from_ranking(rank(), s, "direct"), repeats))
+        def effective_masks():
+          try:
+            return pruning.masks_from_ranking(rank(), s, "effective", model=model,
+                                              input_shape=shape, variables=variables)
+          except errors.UnreachableSparsityError:  # found unreachable: also timed
+            return None
+        cells.append("%.2f / %.2f" % _timed(effective_masks, max(1, repeats // 2)))
+      rows.append(cells)
+      print(" | ".join(rows[-1]), flush=True)
+  return rows
+
+
+def ranking_main(args) -> None:
+  """Issue 15, item 2: rankings without a full sort (``--ranking_only``)."""
+  compressions = [float(c) for c in args.compressions.split(",")]
+  load = open("/proc/loadavg").read().split()[:3]
+  rows = []
+  for arch in args.archs.split(","):
+    rows += ranking_rows(arch, args.pruners.split(","), compressions, args.repeats)
+  header = ["network", "pruner", "ranking by", "first call s (compiles)",
+            "ranking s (wall / CPU)"]
+  for c in compressions:
+    header += [f"ranking + direct {c:g}x s", f"ranking + effective {c:g}x s"]
+  table = report.markdown_table(header, rows)
+  print(table)
+  fresh_table = ""
+  if not args.skip_fresh:
+    fresh = fresh_runs(args.baseline or None,
+                       [float(c) for c in args.fresh_compressions.split(",")])
+    fresh_table = report.markdown_table(FRESH_HEADER, fresh)
+    print(fresh_table)
+  load_end = open("/proc/loadavg").read().split()[:3]
+  if args.no_doc:
+    return
+  report.update_section("ranking_select", f"""
+## Rankings without a full sort (`python -m benchmarks.effective_pruning --ranking_only`)
+
+{report.stamp()}; load average {' '.join(load)} at the start, {' '.join(load_end)} at the
+end (2 cores shared with other sessions: wall times are inflated, CPU seconds steadier).
+Issue 15, item 2: `rank_scores` computes order-preserving uint32 keys of the scores
+(one fused program) and nothing else; a direct mask takes one threshold per layer (or
+one global threshold) by selection, and the host-stepped effective search sorts only the
+prefixes of the order that its windows reach (`sparsejax/selection.py`). *full sort*:
+the previous ranking (`sort='host'`, one packed numpy sort of all N weights, kept for
+comparison); both give identical masks (tests/test_ranking_select.py). Scores computed
+once; medians of {args.repeats} runs (wall / CPU s) after one call; the direct and
+effective columns build a new ranking each time (selection defers work to them).
+Target (issue 15): ranking <= 0.5 s.
+
+{table}
+
+Fresh processes (`benchmarks/fresh_prune.py`, VGG-19 random/uniform, effective target),
+as in the section above; *baseline*: the library before this change (full sort).
+Targets: cold <= 6 s, warm <= 2 s to 100x.
+
+{fresh_table}
+""")
+
+
+FRESH_HEADER = ["library", "target", "cache", "import s", "init s (compiles, compile s)",
+                "ranking s (compiles, compile s)", "search s (compiles, compile s)",
+                "total wall s", "total CPU s"]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--archs", default="vgg19,resnet18")
@@ -96,15 +206,18 @@ def main():
                            "(before issue 15); empty: none")
   parser.add_argument("--fresh_compressions", default="100,1000")
   parser.add_argument("--skip_fresh", action="store_true")
+  parser.add_argument("--ranking_only", action="store_true",
+                      help="only the ranking comparison (full sort vs selection) and the "
+                           "fresh processes; writes its own docs section")
   args = parser.parse_args()
+  if args.ranking_only:
+    ranking_main(args)
+    return
   fresh_table = ""
   if not args.skip_fresh:
     fresh = fresh_runs(args.baseline or None,
                        [float(c) for c in args.fresh_compressions.split(",")])
-    fresh_table = report.markdown_table(
-        ["library", "target", "cache", "import s", "init s (compiles, compile s)",
-         "ranking s (compiles, compile s)", "search s (compiles, compile s)",
-         "total wall s", "total CPU s"], fresh)
+    fresh_table = report.markdown_table(FRESH_HEADER, fresh)
     print(fresh_table)
   rows = []
   for arch in args.archs.split(","):

@@ -64,7 +64,7 @@ def main():
       out = jax.block_until_ready(fn())
     phases[name] = {"s": time.perf_counter() - start, "cpu_s": _cpu_seconds() - cpu,
                     "compiles": log.count, "compile_s": log.seconds,
-                    "cache_hits": log.cache_hits}
+                    "cache_hits": log.cache_hits, "names": log.names}
     return out
 
   model, shape = models.create(args.arch), models.input_shape(args.arch)

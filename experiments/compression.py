@@ -44,7 +44,7 @@ COLUMNS = ["arch", "pruner", "pruning_type", "seed", "target_compression",
            "params_direct", "params_effective",
            # with --compact: the compacted network (sparsejax.compact)
            "compact_widths", "live_channel_fraction", "compact_params", "compact_flops",
-           "compact_flops_direct"]
+           "compact_flops_direct", "compact_logit_rel_diff"]
 
 
 def cost_columns(model, m, input_shape) -> dict:
@@ -55,14 +55,18 @@ def cost_columns(model, m, input_shape) -> dict:
 
 def compact_columns(model, variables, m, input_shape) -> dict:
   """The compacted network's widths (';'-joined per channel space), live-channel
-  fraction (kept / channels over the spaces), all parameters of its kernels and its
-  dense and direct (masked) FLOPs."""
+  fraction (kept / channels over the spaces), all parameters of its kernels, its dense
+  and direct (masked) FLOPs, and max |logit difference| / max |logit| against the masked
+  network (8 standard normal inputs, inference mode); a compaction that changes the
+  function raises :class:`sparsejax.compact.CompactionMismatchError`."""
   p = compact_lib.plan(model, variables, m, input_shape=input_shape)
   new_model, new_v, new_m = compact_lib.compact(model, variables, m, input_shape=input_shape)
+  rel = compact_lib.check_equal(model, variables, m, new_model, new_v, input_shape)
   c = flops.total(new_model, new_m, input_shape)
   return dict(compact_widths=";".join(str(len(k)) for k in p.kept.values()),
               live_channel_fraction=p.live_fraction(), compact_params=c.params_dense,
-              compact_flops=c.flops_dense, compact_flops_direct=c.flops_direct)
+              compact_flops=c.flops_dense, compact_flops_direct=c.flops_direct,
+              compact_logit_rel_diff=rel)
 
 
 def default_compressions() -> list[float]:
@@ -218,7 +222,8 @@ def define_flags() -> None:
   flags.DEFINE_bool("stop_at_disconnection", True,
                     "Stop a pruner's sweep at its first disconnected network.")
   flags.DEFINE_bool("compact", False, "Also compact every mask (sparsejax.compact): "
-                    "compacted widths, live-channel fraction, parameters and FLOPs.")
+                    "compacted widths, live-channel fraction, parameters and FLOPs, each compaction "
+                    "checked to compute the masked network's logits.")
   common.define_data_flags()
   common.define_compilation_cache_flags()
 

@@ -11,27 +11,30 @@ Kempe, "Connectivity Matters", JMLR 2023). Three lines in a training loop:
 Submodules: masks, connectivity (the transform of a traced program that effective
 sparsity and SynFlow use), effective, quotas, scores, pruning, models, optim, dynamic,
 compact (dead units removed: a smaller dense network), flops, structured (channel and
-neuron pruning), errors; and, imported on first use because they bring TensorFlow Datasets, data and
-training.
+neuron pruning), errors; data and training (they bring TensorFlow Datasets) and
+optim, scores, dynamic, compact, flops, structured are imported on first use.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from sparsejax import (compact, connectivity, dynamic, effective, errors, flops, masks, models,
-                       optim, pruning, quotas, scores, structured)
+from sparsejax import connectivity, effective, errors, masks, models, pruning, quotas
 from sparsejax.effective import (active_units, effective_compression, effective_masks,
                                  effective_sparsity)
 from sparsejax.errors import UnreachableSparsityError
-from sparsejax.optim import MaskedState, get_masks, replace_masks, with_masks
 from sparsejax.pruning import (PRUNERS, Pruner, ScoreContext, get_pruner, prune, ranking_for,
                                register_pruner)
 
 __version__ = "0.2.0"
 
-# Imported on first attribute access: they import TensorFlow Datasets.
-_LAZY_SUBMODULES = ("data", "training")
+# Imported on first attribute access: data and training import TensorFlow Datasets;
+# the others (optax, the structured and dynamic pruners) are not needed to prune, and
+# a CLI run that prunes once should not pay for their import.
+_LAZY_SUBMODULES = ("data", "training", "compact", "dynamic", "flops", "optim", "scores",
+                    "structured")
+_LAZY_NAMES = {"MaskedState": "optim", "get_masks": "optim", "replace_masks": "optim",
+               "with_masks": "optim"}
 
 
 def __getattr__(name: str):
@@ -39,6 +42,10 @@ def __getattr__(name: str):
     module = importlib.import_module(f"sparsejax.{name}")
     globals()[name] = module
     return module
+  if name in _LAZY_NAMES:
+    value = getattr(importlib.import_module(f"sparsejax.{_LAZY_NAMES[name]}"), name)
+    globals()[name] = value
+    return value
   raise AttributeError(f"module 'sparsejax' has no attribute {name!r}")
 
 

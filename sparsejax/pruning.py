@@ -18,8 +18,11 @@ for nearby k (masks are nested), which closes most of the bracket without sweepi
 proposals interpolate log E in log k. The loop body is one jitted function, run as a
 ``lax.while_loop`` on accelerators and stepped from the host on CPU (XLA:CPU runs
 convolutions inside while-loop bodies through a much slower path, jax-ml/jax#12868).
-Rankings are built once per pruner: on CPU by one packed numpy sort, elsewhere by
-jitted sorts.
+Rankings are built once per pruner, without a sort: each score becomes an
+order-preserving uint32 key (:mod:`sparsejax.selection`); a mask at a concrete count is
+a per-layer threshold found by selection, and the host-stepped search sorts only the
+prefixes of the order it visits. The full order is computed (one sort) only when a
+ranking enters a jitted function, e.g. the device loop.
 
 Structured pruners (``Pruner.kind`` 'channel' or 'neuron', names 'channel/l1',
 'neuron/snip/igq', ...) rank whole channels instead: their ranking is a
@@ -36,7 +39,6 @@ import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +48,7 @@ from sparsejax import effective as effective_lib
 from sparsejax import errors
 from sparsejax import masks as masks_lib
 from sparsejax import quotas as quotas_lib
+from sparsejax import selection
 
 PyTree = Any
 PRUNING_TYPES = ("direct", "effective")
@@ -53,45 +56,232 @@ PRUNING_TYPES = ("direct", "effective")
 KINDS = ("weights", "channel", "neuron")
 
 
-@flax.struct.dataclass
+@jax.tree_util.register_pytree_node_class
 class Ranking:
   """A nested family of masks: layer l keeps its ``counts(k)[l]`` best weights.
 
+  Built by :func:`rank_scores` from the scores' order-preserving keys
+  (:mod:`sparsejax.selection`); the arrays below are computed (one full sort) only
+  when asked for, e.g. when the ranking enters a jitted function as a pytree:
   order: per layer, flat indices best first (int32 [n_l]).
   ranks: per layer, the inverse: rank of each flat index within its layer.
   cutoffs: global rankings only: per layer, the global ranks of its weights sorted
     ascending, so that counts(k)[l] = #{w in l : global rank < k}.
+  A concrete kept count needs none of them: :func:`masks_at` takes per-layer
+  thresholds by selection, and the host-stepped search reads sorted prefixes
+  (:class:`sparsejax.selection.Prefix`) up to the counts it visits.
+
   quota: None for a global ranking, else a quota name (counts from the quota).
   shapes: the prunable kernel shapes; treedef/slots rebuild the mask tree.
   flow: layer indices in input-to-output (traced data-flow) order, which quotas such as
     uniform+ (first layer dense, last at most 80% sparse) read; () = the tree order.
+  keys: uint32 [N] descending keys of the flattened layers (tree order), whose order
+    within each layer is the layer's order; count_keys: global rankings only: the
+    [N] keys whose global order gives the per-layer counts (``keys`` itself for a
+    plain global ranking; another pruner's for ``Pruner.quota_from``); device_keys,
+    count_device_keys: the same as device arrays (made when first needed).
+
+  As a pytree, a ranking built from keys has its device keys as leaves (passing it to
+  a jitted function copies no order); inside a trace, ``order``, ``ranks`` and
+  ``cutoffs`` are then stable sorts of the keys in the program.
   """
 
-  order: tuple
-  ranks: tuple
-  cutoffs: tuple | None
-  quota: str | None = flax.struct.field(pytree_node=False, default=None)
-  shapes: tuple = flax.struct.field(pytree_node=False, default=())
-  treedef: Any = flax.struct.field(pytree_node=False, default=None)
-  slots: tuple = flax.struct.field(pytree_node=False, default=())
-  flow: tuple = flax.struct.field(pytree_node=False, default=())
+  def __init__(self, order=None, ranks=None, cutoffs=None, quota=None, shapes=(),
+               treedef=None, slots=(), flow=(), *, keys=None, count_keys=None,
+               device_keys=None, count_device_keys=None):
+    self._order, self._ranks, self._cutoffs = order, ranks, cutoffs
+    self.quota, self.shapes, self.treedef = quota, tuple(shapes), treedef
+    self.slots, self.flow = tuple(slots), tuple(flow)
+    self.keys, self.count_keys, self._device_keys = keys, count_keys, device_keys
+    self._count_device_keys = count_device_keys
+    self._prefixes = self._count_prefix = None
+
+  def _from_keys(self) -> bool:
+    return self.keys is not None or self._device_keys is not None
+
+  def tree_flatten(self):
+    aux = (self._from_keys(), self.quota, self.shapes, self.treedef, self.slots, self.flow)
+    if aux[0]:
+      return (self.device_keys(), self.count_device_keys()), aux
+    return (self.order, self.ranks, self.cutoffs), aux
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    from_keys, *aux = aux
+    if from_keys:
+      return cls(None, None, None, *aux, device_keys=children[0],
+                 count_device_keys=children[1])
+    return cls(*children, *aux)
+
+  def replace(self, **changes) -> "Ranking":
+    fields = dict(order=self._order, ranks=self._ranks, cutoffs=self._cutoffs,
+                  quota=self.quota, shapes=self.shapes, treedef=self.treedef,
+                  slots=self.slots, flow=self.flow, keys=self.keys,
+                  count_keys=self.count_keys, device_keys=self._device_keys,
+                  count_device_keys=self._count_device_keys)
+    fields.update(changes)
+    return Ranking(**fields)
 
   @property
   def total(self) -> int:
     return int(sum(np.prod(s) for s in self.shapes))
 
+  @property
+  def offsets(self) -> np.ndarray:
+    """int64 [L + 1]: where each layer starts in the flat (tree-order) weights."""
+    return np.concatenate([[0], np.cumsum([int(np.prod(s)) for s in self.shapes])])
+
+  # ------------------------------------------------------------ full arrays, lazily
+  @property
+  def order(self) -> tuple:
+    if self._order is None and self.keys is None:  # traced: sorts in the program
+      self._order, self._ranks = zip(*(_order_of_keys(d) for d in self._layer_device_keys()))
+    elif self._order is None:
+      orders = [selection.full_order(d) for d in self.layer_keys]
+      self._order = tuple(jnp.asarray(o, jnp.int32) for o in orders)
+      self._ranks = tuple(jnp.asarray(_inverse(o), jnp.int32) for o in orders)
+    return self._order
+
+  @property
+  def ranks(self) -> tuple:
+    if self._ranks is None:
+      self.order  # pylint: disable=pointless-statement
+    return self._ranks
+
+  @property
+  def cutoffs(self) -> tuple | None:
+    if self._cutoffs is None and self.count_keys is None and \
+        self._count_device_keys is not None:  # traced: sorts in the program
+      _, global_ranks = _order_of_keys(self._count_device_keys)
+      offsets = self.offsets
+      self._cutoffs = tuple(jnp.sort(global_ranks[offsets[l]:offsets[l + 1]])
+                            for l in range(len(self.shapes)))
+    elif self._cutoffs is None and self.count_keys is not None:
+      offsets = self.offsets
+      order = selection.full_order(self.count_keys)
+      layer_of = (np.searchsorted(offsets, order, side="right") - 1).astype(np.uint16)
+      by_layer = np.argsort(layer_of, kind="stable").astype(np.int32)  # radix sort
+      self._cutoffs = tuple(jnp.asarray(by_layer[offsets[l]:offsets[l + 1]], jnp.int32)
+                            for l in range(len(self.shapes)))
+    return self._cutoffs
+
+  # ------------------------------------------------------------ selection (host)
+  @property
+  def selects(self) -> bool:
+    """Whether concrete kept counts are served by selection (keys are held)."""
+    return self.keys is not None
+
+  @property
+  def layer_keys(self) -> tuple:
+    """Per layer, the keys of its weights (views of ``keys``)."""
+    offsets = self.offsets
+    return tuple(self.keys[offsets[l]:offsets[l + 1]] for l in range(len(self.shapes)))
+
+  def _layer_prefix(self, l: int) -> selection.Prefix:
+    if self._prefixes is None:
+      self._prefixes = [selection.Prefix(d) for d in self.layer_keys]
+    return self._prefixes[l]
+
+  def _global_prefix(self) -> selection.Prefix:
+    if self._count_prefix is None:
+      self._count_prefix = selection.Prefix(self.count_keys)
+      self._count_prefix.layer_of = None
+    return self._count_prefix
+
+  def _plain_global(self) -> bool:
+    return self.quota is None and self.keys is not None and self.count_keys is self.keys
+
+  def host_counts(self, kept: int) -> np.ndarray:
+    """counts(kept) as int32 [L] numpy, by selection (concrete ``kept``)."""
+    kept = int(kept)
+    if self.quota is not None or self.count_keys is None:
+      return np.asarray(self.counts(kept))
+    total = self.total
+    kept = min(max(kept, 0), total)
+    prefix = self._global_prefix()
+    if kept <= prefix.positions.size:
+      return self.window_counts(np.array([kept]))[0]
+    t, p = selection.threshold(self.count_keys, kept)
+    offsets = self.offsets
+    out = []
+    for l in range(len(self.shapes)):
+      d = self.count_keys[offsets[l]:offsets[l + 1]]
+      ties = min(max(p - int(offsets[l]), 0), d.size)
+      out.append(np.count_nonzero(d < np.uint32(t))
+                 + np.count_nonzero(d[:ties] == np.uint32(t)))
+    return np.asarray(out, np.int32)
+
+  def window_counts(self, ks: np.ndarray) -> np.ndarray:
+    """counts(k) for each k of ``ks`` (clipped to [0, N]): int32 [len(ks), L]; global
+    rankings read the sorted prefix of the global order (grown to max(ks))."""
+    ks = np.clip(np.asarray(ks, np.int64), 0, self.total)
+    if self.quota is not None or self.count_keys is None:
+      return np.asarray(_quota_window_counts(self.quota, self.shapes, self.flow,
+                                             ks.astype(np.int32)))
+    prefix = self._global_prefix()
+    positions = prefix.order(int(ks.max()))
+    if prefix.layer_of is None or prefix.layer_of.size != positions.size:
+      prefix.layer_of = (np.searchsorted(self.offsets, positions, side="right")
+                         - 1).astype(np.int32)
+    lo, hi, num = int(ks.min()), int(ks.max()), len(self.shapes)
+    base = np.bincount(prefix.layer_of[:lo], minlength=num)
+    steps = np.zeros((hi - lo + 1, num), np.int32)
+    steps[np.arange(1, hi - lo + 1), prefix.layer_of[lo:hi]] = 1
+    cum = base[None, :] + np.cumsum(steps, axis=0)
+    return cum[ks - lo].astype(np.int32)
+
+  def thresholds(self, kept: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer (t_l, p_l) (uint32 [L], int32 [L]): layer l keeps the weights i with
+    (key_i, i) < (t_l, p_l), the mask at ``kept`` (concrete)."""
+    offsets = self.offsets
+    num = len(self.shapes)
+    if self._plain_global():  # one global threshold
+      t, p = self._global_prefix().threshold(min(max(int(kept), 0), self.total))
+      ps = np.clip(p - offsets[:-1], 0, np.diff(offsets))
+      return np.full(num, t, np.uint32), ps.astype(np.int32)
+    counts = self.host_counts(kept)
+    ts, ps = np.zeros(num, np.uint32), np.zeros(num, np.int32)
+    for l in range(num):
+      ts[l], ps[l] = self._layer_prefix(l).threshold(int(counts[l]))
+    return ts, ps
+
+  def order_windows(self, lo: np.ndarray, hi: np.ndarray) -> list:
+    """Per layer, the positions of layer ranks [lo_l, hi_l) as a
+    :class:`_OrderWindow` (indexable by layer rank like ``order[l]`` there)."""
+    out = []
+    for l, (a, b) in enumerate(zip(lo, hi)):
+      a, b = int(a), max(int(a), int(b))
+      positions = self._layer_prefix(l).order(b)[a:b] if b > a else np.zeros(0, np.int32)
+      out.append(_OrderWindow(a, positions, int(np.prod(self.shapes[l]))))
+    return out
+
+  def device_keys(self) -> jax.Array:
+    if self._device_keys is None:
+      self._device_keys = jnp.asarray(self.keys)
+    return self._device_keys
+
+  def count_device_keys(self) -> jax.Array | None:
+    if self._count_device_keys is None and self.count_keys is not None:
+      self._count_device_keys = (self.device_keys() if self.count_keys is self.keys
+                                 else jnp.asarray(self.count_keys))
+    return self._count_device_keys
+
+  def _layer_device_keys(self) -> list:
+    offsets, d = self.offsets, self.device_keys()
+    return [d[offsets[l]:offsets[l + 1]] for l in range(len(self.shapes))]
+
+  # ------------------------------------------------------------ either
   def counts(self, kept) -> jax.Array:
     """Kept weights per layer [L] (int32) when ``kept`` are kept in all (traceable)."""
-    kept = jnp.asarray(kept, jnp.int32)
     if self.quota is None:
+      if self.selects and not isinstance(kept, jax.core.Tracer):
+        return jnp.asarray(self.host_counts(int(kept)))
+      kept = jnp.asarray(kept, jnp.int32)
       return jnp.stack([jnp.searchsorted(c, kept, side="left").astype(jnp.int32)
                         for c in self.cutoffs])
-    density = kept.astype(jnp.float32) / self.total
-    if not self.flow or tuple(self.flow) == tuple(range(len(self.shapes))):
-      return quotas_lib.layer_kept_counts(self.quota, density, self.shapes)
-    counts = quotas_lib.layer_kept_counts(self.quota, density,
-                                          tuple(self.shapes[i] for i in self.flow))
-    return jnp.zeros(len(self.shapes), counts.dtype).at[np.asarray(self.flow)].set(counts)
+    if isinstance(kept, jax.core.Tracer):
+      return _quota_counts(self.quota, self.shapes, self.flow, kept)
+    return _quota_counts_jit(self.quota, self.shapes, self.flow, np.int32(kept))
 
   def to_tree(self, flat_leaves: Sequence[jax.Array]) -> PyTree:
     """Mask-shaped tree from per-layer flat arrays (in layer order)."""
@@ -99,6 +289,48 @@ class Ranking:
     for slot, leaf, shape in zip(self.slots, flat_leaves, self.shapes):
       leaves[slot] = leaf.reshape(shape)
     return jax.tree.unflatten(self.treedef, leaves)
+
+
+def _order_of_keys(d: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(order, ranks) of descending keys ``d`` (traceable): a stable ascending sort."""
+  order = jnp.argsort(d, stable=True).astype(jnp.int32)
+  ranks = jnp.zeros(order.shape, jnp.int32).at[order].set(
+      jnp.arange(order.size, dtype=jnp.int32))
+  return order, ranks
+
+
+class _OrderWindow:
+  """Layer ranks [start, start + len(positions)) of one layer's order, indexable by
+  layer rank as the full order is (ranks outside the window read position 0; the
+  search never uses them)."""
+
+  def __init__(self, start: int, positions: np.ndarray, size: int):
+    self.start, self.positions, self.size = start, positions, size
+
+  def __getitem__(self, idx):
+    if self.positions.size == 0:
+      return np.zeros(np.shape(idx), np.int32)
+    return self.positions[np.clip(idx - self.start, 0, self.positions.size - 1)]
+
+
+def _quota_counts(quota: str, shapes: tuple, flow: tuple, kept) -> jax.Array:
+  """Per-layer kept counts of ``quota`` at ``kept`` weights in all (traceable)."""
+  kept = jnp.asarray(kept, jnp.int32)
+  total = int(sum(np.prod(s) for s in shapes))
+  density = kept.astype(jnp.float32) / total
+  if not flow or tuple(flow) == tuple(range(len(shapes))):
+    return quotas_lib.layer_kept_counts(quota, density, shapes)
+  counts = quotas_lib.layer_kept_counts(quota, density, tuple(shapes[i] for i in flow))
+  return jnp.zeros(len(shapes), counts.dtype).at[np.asarray(flow)].set(counts)
+
+
+# concrete counts: one program per quota and shapes, not an eager op per step
+_quota_counts_jit = jax.jit(_quota_counts, static_argnums=(0, 1, 2))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _quota_window_counts(quota: str, shapes: tuple, flow: tuple, ks):
+  return jax.vmap(lambda k: _quota_counts(quota, shapes, flow, k))(ks)
 
 
 def check_scores(scores: Sequence[jax.Array], name: str = "scores") -> None:
@@ -126,28 +358,10 @@ def _order(flat_scores: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _sort_desc_host(keys: np.ndarray) -> np.ndarray:
-  """Indices of ``keys`` (float32 or int32, 1-D) by descending value, ties by index.
-
-  One sort of packed uint64 keys (order-preserving 32-bit key << 32 | index): numpy's
-  vectorized sort does 20M keys several times faster than XLA:CPU's stable argsort.
-  """
-  if keys.dtype.kind == "f":
-    bits = (keys.astype(np.float32) + np.float32(0.0)).view(np.uint32)  # -0.0 -> 0.0
-    ascending = np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000))
-  else:
-    ascending = keys.astype(np.int32).view(np.uint32) ^ np.uint32(0x80000000)
-  if not np.little_endian:
-    packed = (~ascending).astype(np.uint64) << np.uint64(32)
-    packed |= np.arange(keys.size, dtype=np.uint64)
-    packed.sort()
-    return (packed & np.uint64(0xFFFFFFFF)).astype(np.int32)
-  # The words written in place (high: the key, low: the index): no 64-bit temporaries.
-  packed = np.empty(keys.size, np.uint64)
-  words = packed.view(np.uint32)
-  np.invert(ascending, out=words[1::2])
-  words[0::2] = np.arange(keys.size, dtype=np.uint32)
-  packed.sort()
-  return words[0::2].astype(np.int32)
+  """Indices of ``keys`` (float of any width, or int32; 1-D) by descending value, ties
+  by index: one sort of packed uint64 keys (order-preserving 32-bit key << 32 | index),
+  :func:`sparsejax.selection.full_order`."""
+  return selection.full_order(selection.descending_keys(keys))
 
 
 def _inverse(order: np.ndarray) -> np.ndarray:
@@ -188,14 +402,19 @@ def _rank_device(leaves: list, quota: str | None):
   return orders, ranks, cutoffs
 
 
+SORTS = ("auto", "select", "host", "device")
+
+
 def rank_scores(scores: PyTree, quota: str | None = None, sort: str = "auto",
                 flow: Sequence[int] | None = None) -> Ranking:
   """Ranking of a mask-shaped tree of scores (higher score = kept first).
 
   ``quota=None`` ranks all layers together (global threshold); a quota name ranks
   inside each layer and takes per-layer counts from the quota. Ties are broken by
-  position: a stable sort of -score over the flattened layers. ``sort``: 'host'
-  (numpy; the fast one on CPU), 'device' (jitted sorts), 'auto' (host on CPU).
+  position: a stable sort of -score over the flattened layers. ``sort``: 'select'
+  (the default 'auto': order-preserving keys only, O(N); masks and the search select
+  what they need, :mod:`sparsejax.selection`), or a full sort up front: 'host' (numpy)
+  or 'device' (jitted sorts). All give the same masks.
   ``flow``: the layers in input-to-output order (indices into the tree order), e.g.
   from :func:`layer_flow`; default the tree order.
   """
@@ -204,17 +423,24 @@ def rank_scores(scores: PyTree, quota: str | None = None, sort: str = "auto",
   leaves = [flat[i] for i in slots]
   if not leaves:
     raise ValueError("scores has no prunable layer.")
-  check_scores(leaves)
   shapes = tuple(tuple(int(d) for d in flat[i].shape) for i in slots)
   if quota is not None:
     quotas_lib.get_quota(quota)
-  if sort not in ("auto", "host", "device"):
-    raise ValueError(f"sort={sort!r} is not allowed; allowed: auto, host, device.")
-  if sort == "auto":
-    sort = "host" if jax.default_backend() == "cpu" else "device"
+  if sort not in SORTS:
+    raise ValueError(f"sort={sort!r} is not allowed; allowed: {', '.join(SORTS)}.")
   flow = tuple(int(i) for i in flow) if flow is not None else ()
   if flow and sorted(flow) != list(range(len(leaves))):
     raise ValueError(f"flow={flow!r} must be a permutation of the {len(leaves)} layers.")
+  if sort in ("auto", "select"):
+    device_keys, bad = selection.flat_keys(leaves)  # NaN/inf counted in the same pass
+    for i, b in enumerate(bad):
+      if b:
+        raise ValueError(f"scores[{i}] has {b} NaN or infinite values; scores must be "
+                         "finite.")
+    keys = np.asarray(device_keys)  # no copy on the CPU
+    return Ranking(None, None, None, quota, shapes, treedef, slots, flow, keys=keys,
+                   count_keys=keys if quota is None else None, device_keys=device_keys)
+  check_scores(leaves)
   orders, ranks, cutoffs = (_rank_host if sort == "host" else _rank_device)(leaves, quota)
   to_device = lambda xs: tuple(jnp.asarray(x, jnp.int32) for x in xs)
   return Ranking(to_device(orders), to_device(ranks),
@@ -233,7 +459,26 @@ def masks_at(ranking: Ranking, kept) -> PyTree:
     # a concrete count meets the quota's checks (e.g. beyond uniform+'s reach: raises)
     shapes = [ranking.shapes[i] for i in ranking.flow] if ranking.flow else ranking.shapes
     quotas_lib.check_density(ranking.quota, float(kept) / ranking.total, shapes)
+  if ranking.selects and not isinstance(kept, jax.core.Tracer):
+    ts, ps = ranking.thresholds(int(kept))
+    return ranking.to_tree(_threshold_masks(ranking.device_keys(), ts, ps,
+                                            shapes=ranking.shapes))
   return _masks_at(ranking, jnp.asarray(kept, jnp.int32))
+
+
+def _threshold_masks_fn(keys: jax.Array, ts, ps, shapes: tuple) -> list:
+  """Per layer l (its weights in the flat ``keys``): (key_i, i) < (t_l, p_l)
+  (Ranking.thresholds), shaped like the layer's kernel."""
+  out = []
+  sizes = tuple(int(np.prod(s)) for s in shapes)
+  for l, start in enumerate(np.cumsum((0,) + sizes[:-1])):
+    d = jax.lax.slice(keys, (int(start),), (int(start) + sizes[l],))
+    index = jnp.arange(d.size, dtype=jnp.int32)
+    out.append(((d < ts[l]) | ((d == ts[l]) & (index < ps[l]))).reshape(shapes[l]))
+  return out
+
+
+_threshold_masks = compilation.jit(_threshold_masks_fn, static_argnames="shapes")
 
 
 def _masks_at_fn(ranking: Ranking, kept) -> PyTree:
@@ -465,24 +710,38 @@ def _host_search(sweep: Callable, ranking: Ranking, target) -> tuple[int, int, i
   """:func:`search_effective` stepped from the host."""
   target, total = int(target), ranking.total
   width = min(BOUND_WINDOW, total)
-  order = [np.asarray(o) for o in ranking.order]
-  if ranking.quota is None:  # global: counts(k) = #{cutoffs < k}, a host searchsorted
-    cutoffs = [np.asarray(c) for c in ranking.cutoffs]
-    window_counts = lambda k: np.stack(
-        [np.searchsorted(c, _window(np.int32(k), width, np), side="left") for c in cutoffs],
-        axis=1).astype(np.int32)
+  if ranking.selects:
+    # Counts and orders by selection: the sorted prefixes reach only as far along the
+    # ranking as the visited windows [k - width, k + width] do.
+    def window_counts(k):
+      return ranking.window_counts(_window(np.int32(k), width, np))
+
+    def orders(counts):  # the layer ranks _search_update reads, per layer
+      lo = np.maximum(counts.min(axis=0), counts[0] - width)
+      hi = np.minimum(counts.max(axis=0), counts[0] + width)
+      return ranking.order_windows(lo, hi)
   else:
-    window_counts = lambda k: np.asarray(_window_counts(ranking, np.int32(k)))
+    order = [np.asarray(o) for o in ranking.order]
+    orders = lambda counts: order
+    if ranking.quota is None:  # global: counts(k) = #{cutoffs < k}, a host searchsorted
+      cutoffs = [np.asarray(c) for c in ranking.cutoffs]
+      window_counts = lambda k: np.stack(
+          [np.searchsorted(c, _window(np.int32(k), width, np), side="left")
+           for c in cutoffs], axis=1).astype(np.int32)
+    else:
+      window_counts = lambda k: np.asarray(_window_counts(ranking, np.int32(k)))
   state = _initial_state(total, np)
   k = min(max(target, 0), total)
   first = True
   while True:
+    counts = window_counts(k)
+    windows = orders(counts)  # first: the masks then read thresholds off the prefixes
     conn = sweep(masks_at(ranking, k))
     eff = [np.asarray(m).reshape(-1) for m in masks_lib.mask_leaves(conn.masks)]
     pot = [np.asarray(m).reshape(-1) for m in masks_lib.mask_leaves(conn.potential)]
     e = sum(int(np.count_nonzero(m)) for m in eff)
-    state = _search_update(state, np.int32(k), np.int32(e), eff, pot, window_counts(k),
-                           order, np.int32(target), total, first, np)
+    state = _search_update(state, np.int32(k), np.int32(e), eff, pot, counts,
+                           windows, np.int32(target), total, first, np)
     first = False
     if not _search_cond(state):
       break
@@ -950,8 +1209,10 @@ def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTre
     _check_context(source, source_context)
     global_ranking = rank_scores(_scored(source, source_context), flow=flow)
     within = rank_scores(_scored(p, context), quota="uniform", flow=flow)
-    return Ranking(within.order, within.ranks, global_ranking.cutoffs, None, within.shapes,
-                   within.treedef, within.slots, flow or ())
+    return Ranking(None, None, None, None, within.shapes, within.treedef, within.slots,
+                   flow or (), keys=within.keys, count_keys=global_ranking.count_keys,
+                   device_keys=within.device_keys(),
+                   count_device_keys=global_ranking.device_keys())
   _check_context(p, context)
   return rank_scores(_scored(p, context), quota=p.quota, flow=flow)
 

@@ -42,7 +42,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from sparsejax import compilation
 from sparsejax import masks as masks_lib
@@ -271,6 +270,7 @@ def _model_key(model, loss):
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Mean softmax cross-entropy with integer labels (the default data loss)."""
+  import optax  # pylint: disable=g-import-not-at-top  (not needed to prune by rank)
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 

@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from experiments import compression, plot
+from sparsejax import compact
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -138,3 +140,18 @@ def test_flops_and_compact_columns():
   widths = [int(w) for w in r["compact_widths"].split(";")]
   assert r["compact_params"] == 784 * widths[0] + widths[0] * widths[1] + widths[1] * 10
   assert r["live_channel_fraction"] == sum(widths) / 400
+  assert 0 <= r["compact_logit_rel_diff"] <= compact.RTOL
+
+
+def test_compact_columns_fail_loudly_on_a_changed_function(monkeypatch):
+  """A compaction that changes the function stops the sweep (never a silent row)."""
+  real = compact.compact
+
+  def broken(*args, **kwargs):
+    new_model, new_v, new_m = real(*args, **kwargs)
+    new_v = jax.tree_util.tree_map(lambda a: a * 1.5, new_v)
+    return new_model, new_v, new_m
+
+  monkeypatch.setattr(compact, "compact", broken)
+  with pytest.raises(compact.CompactionMismatchError):
+    compression.sweep("lenet300100", ["random/igq"], ["effective"], [10.0], compact=True)

@@ -14,9 +14,6 @@ from hypothesis import given, settings, strategies as st
 
 from sparsejax import data
 
-MNIST_RAW = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-
-
 # ------------------------------------------------------------------- specs
 
 
@@ -368,18 +365,9 @@ def test_manual_dir_env_var_is_used(tmp_path, monkeypatch):
   assert str(tmp_path / "data_env") in str(err.value)
 
 
-@pytest.fixture(scope="session")
-def mnist_tfds_dir(tmp_path_factory):
-  """MNIST prepared by TFDS offline from the raw files beside the checkout."""
-  if not all((MNIST_RAW / f).exists() for f in data.get_spec("mnist").manual_files):
-    pytest.skip(f"raw MNIST files not found in {MNIST_RAW} (only present beside the "
-                "project's own checkout; a fresh clone has no offline copy)")
-  return str(tmp_path_factory.mktemp("tfds_mnist"))
-
-
 @pytest.mark.slow
-def test_real_mnist_prepared_offline(mnist_tfds_dir):
-  kwargs = dict(data_dir=mnist_tfds_dir, manual_dir=str(MNIST_RAW))
+def test_real_mnist_prepared_offline(mnist_tfds):
+  kwargs = mnist_tfds
   x, y = data.load_split("mnist", "train", **kwargs)
   xt, yt = data.load_split("mnist", "test", **kwargs)
   assert x.shape == (60000, 28, 28, 1) and xt.shape == (10000, 28, 28, 1)
