@@ -21,14 +21,13 @@ runs inference >= 5x faster than masked, within a factor 2 of its FLOPs ratio.
 from __future__ import annotations
 
 import argparse
-import functools
 
 import jax
 import jax.numpy as jnp
 
 from benchmarks import report
 from experiments import configs
-from sparsejax import compact, data, flops, models, pruning, training
+from sparsejax import compact, data, flops, models, pruning, timing, training
 
 
 def _prune(arch, pruner, compression, rounds):
@@ -47,19 +46,6 @@ def _prune(arch, pruner, compression, rounds):
   return model, shape, v, m
 
 
-def _infer_fn(model):
-  return jax.jit(functools.partial(model.apply, train=False))
-
-
-def _alternate(fns, repeats):
-  """Medians of interleaved timings of every fn (the same machine state for each)."""
-  times = {k: [] for k in fns}
-  for _ in range(repeats):
-    for k, fn in fns.items():
-      times[k].append(report.median_seconds(fn, repeats=1, warmup=0))
-  return {k: sorted(t)[len(t) // 2] for k, t in times.items()}
-
-
 def bench(arch, pruner, compression, *, batch, repeats, train, rounds):
   model, shape, v, m = _prune(arch, pruner, compression, rounds)
   masked = {**v, "params": jax.tree.map(lambda p, k: p if k is None else p * k,
@@ -70,14 +56,10 @@ def bench(arch, pruner, compression, *, batch, repeats, train, rounds):
   after = flops.total(new_model, new_m, shape)
   row = dict(flops_ratio=before.flops_dense / after.flops_dense,
              params=(before.params_dense, after.params_dense))
-  f_masked, f_comp = _infer_fn(model), _infer_fn(new_model)
-  for name, b in (("latency", 1), ("throughput", batch)):
-    x = jax.random.normal(jax.random.key(2), (b,) + shape)
-    fns = {"masked": lambda: f_masked(masked, x), "compact": lambda: f_comp(new_v, x)}
-    for fn in fns.values():  # compile
-      jax.block_until_ready(fn())
-    t = _alternate(fns, repeats)
-    row[name] = (t["masked"], t["compact"])
+  t = timing.inference({"masked": (model, masked), "compact": (new_model, new_v)}, shape,
+                       batch=batch, repeats=repeats, key=jax.random.key(2))
+  row["latency"] = (t["masked"]["latency_ms"] / 1e3, t["compact"]["latency_ms"] / 1e3)
+  row["throughput"] = (t["masked"]["batch_ms"] / 1e3, t["compact"]["batch_ms"] / 1e3)
   if train:
     cfg = configs.get_config(arch, train_steps=1000)
     spec = models.get_spec(arch)
@@ -93,7 +75,7 @@ def bench(arch, pruner, compression, *, batch, repeats, train, rounds):
                                                 config=cfg)) for k in states}
     for fn in step.values():
       jax.block_until_ready(fn())
-    t = _alternate(step, max(1, repeats // 2))
+    t = timing.alternate(step, max(1, repeats // 2))
     row["train"] = (t["masked"], t["compact"])
   return row
 
