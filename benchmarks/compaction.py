@@ -58,7 +58,7 @@ from flax import traverse_util
 
 from benchmarks import report
 from experiments import configs
-from sparsejax import compact, data, errors, files, flops, models, pruning, training
+from sparsejax import compact, data, errors, files, flops, models, pruning, timing, training
 from sparsejax import masks as masks_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,23 +180,9 @@ def _compile(fn, *args):
   return compiled, time.perf_counter() - start
 
 
-def _alternate(fns: dict, repeats: int) -> dict:
-  """Medians of interleaved timings of every fn (no-argument callables), the order
-  reversed every other round so that neither always runs first."""
-  times = {k: [] for k in fns}
-  order = list(fns)
-  for r in range(repeats):
-    for k in (order if r % 2 == 0 else order[::-1]):
-      times[k].append(report.median_seconds(fns[k], repeats=1, warmup=0))
-  return {k: float(np.median(t)) for k, t in times.items()}
-
-
 def _load() -> str:
-  try:
-    with open("/proc/loadavg") as f:
-      return " ".join(f.read().split()[:3])
-  except OSError:
-    return ""
+  load = timing.load_average()
+  return "" if load is None else f"{load:.2f}"
 
 
 def bench_row(arch: str, pruner: str, compression: float, *, batch: int = 256,
@@ -247,7 +233,7 @@ def bench_row(arch: str, pruner: str, compression: float, *, batch: int = 256,
         row[f"compile_{k}_s"] = seconds
       fns[k] = functools.partial(compiled, variables, x)
       jax.block_until_ready(fns[k]())  # warm-up
-    t = _alternate(fns, repeats)
+    t = timing.alternate(fns, repeats)
     row[f"{field}_masked_s"], row[f"{field}_compact_s"] = t["masked"], t["compact"]
     del fns
   if train:
@@ -263,7 +249,7 @@ def bench_row(arch: str, pruner: str, compression: float, *, batch: int = 256,
       compiled, _ = _compile(fn, state, batch_, jax.random.key(3))
       steps[k] = functools.partial(compiled, state, batch_, jax.random.key(3))
       jax.block_until_ready(steps[k]())
-    t = _alternate(steps, max(1, repeats // 2))
+    t = timing.alternate(steps, max(1, repeats // 2))
     row["train_masked_s"], row["train_compact_s"] = t["masked"], t["compact"]
   row["load_after"] = _load()
   return {**row, "status": "ok"}

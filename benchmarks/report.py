@@ -1,32 +1,23 @@
-"""Timing helpers and the docs/benchmarks.md writer shared by the benchmark scripts."""
+"""The docs/benchmarks.md writer and machine stamp shared by the benchmark scripts (their
+timings: sparsejax.timing)."""
 
 from __future__ import annotations
 
 import datetime
 import os
 import platform
-import statistics
-import time
-from typing import Callable
 
 import jax
 
 from experiments import common
+from sparsejax import timing
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
                    "benchmarks.md")
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 1) -> float:
-  """Median wall time of ``fn()`` (results blocked on) after ``warmup`` calls."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+# The one timing helper (sparsejax.timing), under the name the benchmarks use.
+median_seconds = timing.median_seconds
 
 
 def machine() -> str:

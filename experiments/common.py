@@ -234,10 +234,13 @@ def after_training(name: str) -> bool:
 
 
 def run_name(config) -> str:
-  """The folder name of a run: network, dataset, pruner, type, target, seed, steps."""
+  """The folder name of a run: network, dataset, pruner, type, target, seed, steps, and
+  ``_compact`` when the compacted network trains (``config.compact``)."""
   compression = 1.0 / (1.0 - target_sparsity(config))
+  compact = config.get("compact", False)
   return (f"{config.arch}-{config.dataset}_{config.pruner.replace('/', '-')}_"
-          f"{config.pruning_type}_c{compression:.4g}_s{config.seed}_t{config.train_steps}")
+          f"{config.pruning_type}_c{compression:.4g}_s{config.seed}_t{config.train_steps}"
+          + ("_compact" if compact else ""))
 
 
 def parse_list(value: str, cast=str, name: str = "list") -> list:

@@ -8,12 +8,20 @@ Inputs:
   effective compression and active units per layer at initialization.
 - results/<arch>_<dataset>/<run>/result.json (experiments.sweep / prune_train): test
   accuracy of pruned-and-trained networks.
+- results/compaction/lenet300100_latency.csv (experiments.compaction_latency): masked
+  and compacted inference time of the trained LeNet-300-100 runs' networks;
+  results/compaction/<vgg19|resnet18>/compression.csv (experiments.compression
+  --compact): live channels and compacted FLOPs at initialization.
 
 Outputs (docs/figures/): init_<arch>.png (effective against direct compression,
 log-log, one colour per pruner), units_<arch>.png (fraction of active units per layer
 at a few compressions), accuracy_<arch>_t<steps>.png (test accuracy against direct
 and against effective compression, one panel per pruning type, seed spread as error
-bars). The markdown tables go between the <!-- name:start/end --> markers of
+bars), speed_lenet300100_t<steps>.png (test accuracy against effective compression
+and against the compacted network's measured inference time, unstructured against
+neuron pruners), compaction_channels_{compression,flops}.png (live-channel fraction
+and compacted FLOPs of VGG-19 and ResNet-18 against effective compression and against
+effective FLOPs). The markdown tables go between the <!-- name:start/end --> markers of
 docs/results.md; the hand-written text around them is left alone.
 """
 
@@ -36,7 +44,8 @@ FLAGS = flags.FLAGS
 PRUNER_ORDER = ("dense", "random/uniform", "random/uniform_plus", "random/erk", "random/igq",
                 "random/snip", "random/synflow", "snip", "snip/iterative", "grasp",
                 "synflow", "lamp", "magnitude/global", "magnitude/igq", "imp", "gmp", "set",
-                "rigl", "ste")
+                "rigl", "ste", "neuron/l1", "neuron/magnitude", "neuron/snip", "neuron/synflow",
+                "neuron/random")
 ARCH_TITLES = {"lenet300100": "LeNet-300-100", "lenet5": "LeNet-5", "vgg16": "VGG-16",
                "vgg19": "VGG-19", "resnet18": "ResNet-18"}
 
@@ -47,7 +56,10 @@ COLOURS = {"dense": "#000000", "random/uniform": "#1f77b4", "random/uniform_plus
            "snip": "#d62728", "snip/iterative": "#8c564b", "random/synflow": "#c5b0d5",
            "synflow": "#9467bd", "grasp": "#e377c2", "lamp": "#bcbd22",
            "magnitude/global": "#17becf", "magnitude/igq": "#7f7f7f", "imp": "#000080",
-           "gmp": "#e6550d", "set": "#31a354", "rigl": "#6a3d9a", "ste": "#b15928"}
+           "gmp": "#e6550d", "set": "#31a354", "rigl": "#6a3d9a", "ste": "#b15928",
+           # structured (neuron) pruners: darker shades of their weight scores' hues
+           "neuron/l1": "#004d4d", "neuron/magnitude": "#0b6e7a", "neuron/snip": "#7f0000",
+           "neuron/synflow": "#3f007d", "neuron/random": "#08306b"}
 
 
 def _colour(pruner: str):
@@ -102,7 +114,8 @@ def load_runs(results_dir: str) -> list[dict]:
         effective_compression=r.get("effective_compression"),
         test_accuracy=r.get("test_accuracy"), wall_time=r.get("wall_time"),
         steps_per_second=r.get("steps_per_second"), mask_updates=r.get("mask_updates"),
-        diverged_step=r.get("diverged_step"), path=path))
+        diverged_step=r.get("diverged_step"),
+        compact=bool(c.get("experiment", {}).get("compact")), path=path))
   return runs
 
 
@@ -535,6 +548,221 @@ def curves_table(curves: dict[str, list[dict]], targets=(10.0, 100.0, 1000.0)) -
 
 # ---------------------------------------------------------------- main
 
+# ------------------------------------------------------- compaction (section 5)
+
+LATENCY_CSV = os.path.join("compaction", "lenet300100_latency.csv")
+COMPACTION_ARCHS = ("vgg19", "resnet18")
+
+
+def _compaction_figures(results_dir, figures_dir, doc, short, short_steps) -> list[str]:
+  """The speed figure and table of LeNet-300-100 (results/compaction/
+  lenet300100_latency.csv with the trained runs) and the live-channel figures of VGG-19
+  and ResNet-18 (results/compaction/<arch>/compression.csv), where their data exist."""
+  written = []
+  latency_path = os.path.join(results_dir, LATENCY_CSV)
+  if os.path.exists(latency_path):
+    from experiments import compaction_latency
+    lat = compaction_latency.read_rows(latency_path)
+    rs = [r for r in short if r["arch"] == "lenet300100" and r["pruning_type"] == "effective"]
+    path = os.path.join(figures_dir, f"speed_lenet300100_t{short_steps}.png")
+    plot_speed(rs, lat, path, f"LeNet-300-100 on MNIST, {short_steps} training steps")
+    written.append(path)
+    if doc:
+      common.update_markdown_section(doc, "speed-table", speed_table(rs, lat))
+  rows = {}
+  for arch in COMPACTION_ARCHS:
+    csv_path = os.path.join(results_dir, "compaction", arch, "compression.csv")
+    if os.path.exists(csv_path):
+      rows[arch] = compression.read_rows(csv_path)
+  if rows:
+    for xkey, name in (("effective_compression", "compression"),
+                       ("flops_effective", "flops")):
+      path = os.path.join(figures_dir, f"compaction_channels_{name}.png")
+      plot_compaction(rows, path, xkey)
+      written.append(path)
+    if doc:
+      common.update_markdown_section(doc, "compaction-table", compaction_table(rows))
+  return written
+
+
+def _latency_groups(lat: list[dict]) -> dict[tuple, dict]:
+  """(pruner, target) -> means over the timed seeds of the latency CSV's times."""
+  groups = {}
+  for r in lat:
+    if r.get("masked_latency_ms") is None:
+      continue
+    groups.setdefault((r["pruner"], round(r["target_compression"], 6)), []).append(r)
+  out = {}
+  for k, rs in groups.items():
+    mean = lambda key: statistics.fmean(r[key] for r in rs)
+    out[k] = {key: mean(key) for key in (
+        "masked_latency_ms", "compact_latency_ms", "masked_throughput", "compact_throughput",
+        "latency_speedup", "throughput_speedup", "live_channel_fraction", "compact_params",
+        "params_dense", "compact_flops", "flops_dense", "load_average")}
+    out[k]["seeds"] = len(rs)
+    out[k]["reproduced"] = all(r["reproduced"] for r in rs)
+    out[k]["widths"] = sorted({r["widths"] for r in rs})
+  return out
+
+
+def plot_speed(runs: list[dict], lat: list[dict], path: str, title: str) -> None:
+  """Test accuracy against effective compression (left) and against the measured
+  inference time of the compacted network (middle: batch 1; right: time per example at
+  the throughput batch), unstructured at-init pruners (solid) against neuron pruners
+  (dashed); means over seeds, error bars the seeds' range."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from experiments import compaction_latency
+  groups = {k: _summary(v) for k, v in _group(runs).items()}
+  times = _latency_groups(lat)
+  batch = int(next((r["batch"] for r in lat if r.get("batch")), 256))
+  fig, axes = plt.subplots(1, 3, figsize=(16, 5.2), sharey=True)
+  xs = (("effective compression", None),
+        ("compacted inference latency, batch 1 (ms)", "compact_latency_ms"),
+        (f"compacted inference time per example, batch {batch} (us)", "compact_throughput"))
+  masked = list(times.values())
+  for pruner in _order(compaction_latency.UNSTRUCTURED + compaction_latency.NEURON):
+    pts = sorted((t, g) for (p, ptype, t), g in groups.items()
+                 if p == pruner and ptype == "effective" and "accuracy" in g
+                 and math.isfinite(g["effective"]))
+    if not pts:
+      continue
+    style = "--s" if pruner.startswith("neuron/") else "-o"
+    for ax, (label, key) in zip(axes, xs):
+      if key is None:
+        x = [g["effective"] for _, g in pts]
+        keep = pts
+      else:
+        keep = [(t, g) for t, g in pts if (pruner, round(t, 6)) in times]
+        x = [times[(pruner, round(t, 6))][key] for t, _ in keep]
+        if key == "compact_throughput":
+          x = [1e6 / v for v in x]
+      if not keep:
+        continue
+      y = [g["accuracy"] for _, g in keep]
+      err = [[g["accuracy"] - g["accuracy_min"] for _, g in keep],
+             [g["accuracy_max"] - g["accuracy"] for _, g in keep]]
+      ax.errorbar(x, y, yerr=err, fmt=style, ms=3, lw=1.1, capsize=2,
+                  color=_colour(pruner), label=pruner if key is None else None)
+  if masked:  # every masked network is the dense-size one: its time, as a reference
+    for ax, key, scale in ((axes[1], "masked_latency_ms", 1.0),
+                           (axes[2], "masked_throughput", None)):
+      v = statistics.median(g[key] for g in masked)
+      ax.axvline(v if scale else 1e6 / v, color="black", lw=0.8, ls=":")
+  from matplotlib.ticker import NullFormatter
+  for ax, (label, key) in zip(axes, xs):
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(label)
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0].set_ylabel("test accuracy")
+  axes[0].legend(fontsize=7, loc="lower left", ncol=2)
+  loads = [r["load_average"] for r in lat if r.get("load_average") is not None]
+  load = f"; load average {min(loads):.1f}-{max(loads):.1f} while timing" if loads else ""
+  fig.suptitle(title + ": unstructured at-init pruners (solid, compacted) against neuron "
+               "pruners (dashed), pruned to an effective target; dotted: the masked "
+               f"(dense-size) network's time{load}", fontsize=9)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def speed_table(runs: list[dict], lat: list[dict]) -> str:
+  """Per pruner and target: mean test accuracy, compacted widths, and masked against
+  compacted inference time (batch 1 latency; time per example at the throughput
+  batch) with the speed-ups."""
+  from experiments import compaction_latency
+  groups = {k: _summary(v) for k, v in _group(runs).items()}
+  times = _latency_groups(lat)
+  header = ["pruner", "target", "seeds", "test accuracy", "effective", "widths",
+            "b=1 ms masked / compact", "speed-up", "per-example us masked / compact",
+            "speed-up"]
+  rows = []
+  for pruner in _order(compaction_latency.UNSTRUCTURED + compaction_latency.NEURON):
+    for (p, ptype, t), g in sorted(groups.items(), key=lambda kv: kv[0][2]):
+      if p != pruner or ptype != "effective":
+        continue
+      tm = times.get((p, round(t, 6)))
+      if "accuracy" not in g:
+        rows.append([p, f"{t:.4g}x", g["seeds"], g["status"], "", "", "", "", "", ""])
+        continue
+      acc = f"{g['accuracy']:.4f}" + (f" ±{(g['accuracy_max'] - g['accuracy_min']) / 2:.3f}"
+                                       if g["seeds"] > 1 else "")
+      cells = [p, f"{t:.4g}x", g["seeds"], acc, f"{_fmt(g['effective'], 4)}x"]
+      if tm is None:
+        rows.append(cells + ["not timed", "", "", "", ""])
+        continue
+      widths = " ".join(w.replace(";", "-") for w in tm["widths"][:3])
+      widths += "" if tm["reproduced"] else " (not reproduced)"
+      rows.append(cells + [
+          widths, f"{tm['masked_latency_ms']:.3g} / {tm['compact_latency_ms']:.3g}",
+          f"{tm['latency_speedup']:.2f}x",
+          f"{1e6 / tm['masked_throughput']:.3g} / {1e6 / tm['compact_throughput']:.3g}",
+          f"{tm['throughput_speedup']:.2f}x"])
+  return common.markdown_table(header, rows)
+
+
+def plot_compaction(rows: dict[str, list[dict]], path: str, xkey: str) -> None:
+  """Per network (rows of the figure): the live-channel fraction and the compacted
+  network's dense FLOPs (relative to the original's) of every at-init pruner, against
+  ``xkey`` ('effective_compression', or 'flops_effective': FLOPs on live paths)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4.2 * len(rows)), squeeze=False)
+  for i, (arch, rs) in enumerate(rows.items()):
+    ok = [r for r in rs if r["status"] == "ok" and r.get("live_channel_fraction") is not None]
+    for pruner in _order(r["pruner"] for r in ok):
+      pts = sorted((r[xkey], r) for r in ok if r["pruner"] == pruner)
+      x = [a for a, _ in pts]
+      style = "--o" if pruner.startswith("random/") else "-o"
+      axes[i, 0].plot(x, [r["live_channel_fraction"] for _, r in pts], style, ms=4,
+                      color=_colour(pruner), label=pruner)
+      axes[i, 1].plot(x, [r["compact_flops"] / r["flops_dense"] for _, r in pts], style,
+                      ms=4, color=_colour(pruner), label=pruner)
+    name = ARCH_TITLES.get(arch, arch)
+    axes[i, 0].set_ylabel(f"{name}: live-channel fraction")
+    axes[i, 1].set_ylabel(f"{name}: compacted FLOPs / dense FLOPs")
+    for ax in axes[i]:
+      ax.set_xscale("log")
+      if xkey == "flops_effective":
+        ax.invert_xaxis()
+      ax.set_xlabel("effective compression" if xkey == "effective_compression" else
+                    "effective FLOPs (FLOPs on live paths, one example)")
+      ax.grid(True, which="both", alpha=0.3)
+    axes[i, 1].set_yscale("log")
+  axes[0, 0].legend(fontsize=7, loc="lower left", ncol=2)
+  fig.suptitle("At initialization (no training), pruned to an effective target, seed 0; "
+               "channels kept by sparsejax.compact (a residual stream counts once per "
+               "channel)", fontsize=9)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def compaction_table(rows: dict[str, list[dict]]) -> str:
+  """Per network, pruner and target: effective compression, live-channel fraction and
+  the original/compacted dense FLOPs, effective FLOPs and kernel parameter ratios."""
+  header = ["network", "pruner", "target", "effective", "live channels",
+            "compacted FLOPs ratio", "effective FLOPs ratio", "compacted params ratio"]
+  out = []
+  for arch, rs in rows.items():
+    for pruner in _order(r["pruner"] for r in rs):
+      for r in sorted((r for r in rs if r["pruner"] == pruner),
+                      key=lambda r: r["target_compression"]):
+        cells = [arch, pruner, f"{r['target_compression']:.4g}x"]
+        if r["status"] != "ok" or r.get("live_channel_fraction") is None:
+          out.append(cells + [r["status"], "", "", "", ""])
+          continue
+        out.append(cells + [
+            f"{_fmt(r['effective_compression'], 4)}x", f"{r['live_channel_fraction']:.2f}",
+            f"{r['flops_dense'] / r['compact_flops']:.2f}x",
+            f"{_fmt(r['flops_dense'] / r['flops_effective'], 3)}x",
+            f"{r['params_dense'] / r['compact_params']:.2f}x"])
+  return common.markdown_table(header, out)
+
+
 
 def make_all(results_dir: str, figures_dir: str, doc: str | None,
              short_steps: int, full_steps: int) -> list[str]:
@@ -547,6 +775,9 @@ def make_all(results_dir: str, figures_dir: str, doc: str | None,
       fn(arch, rows, path)
       written.append(path)
   runs = load_runs(results_dir)
+  # Compacted training runs (prune_train --config.compact) are not the masked runs'
+  # repeats: they stay out of these figures.
+  runs = [r for r in runs if not r["compact"]]
   # The paper reproduction's figures and tables hold the pruners of the paper; the
   # moving-mask methods get their own.
   moving = [r for r in runs if r["train_steps"] == short_steps
@@ -571,6 +802,7 @@ def make_all(results_dir: str, figures_dir: str, doc: str | None,
                   f"{short_steps} training steps, seeds {', '.join(map(str, seeds))} "
                   "(error bars: range over the seeds a point has)")
     written.append(path)
+  written += _compaction_figures(results_dir, figures_dir, doc, short, short_steps)
   if doc:
     if curves:
       common.update_markdown_section(doc, "init-curves-table", curves_table(curves))

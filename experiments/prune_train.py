@@ -28,6 +28,13 @@ Paper flows (method.md section 4):
   magnitude to density d^(r/R) in round r of R = config.imp_rounds, rewind the kept
   weights to their values at config.rewind_step (0: initialization), repeat; the last
   round's training is the result.
+- compact=True (one-shot pruners): after pruning, the dead units are removed
+  (sparsejax.compact, fold=False, logits checked equal) and the compacted network
+  trains with its remaining masks; the run folder gets a ``_compact`` suffix and
+  result.json a "compact" record: channel spaces and widths before and after, FLOPs,
+  parameters and bytes before and after, and masked against compacted inference time
+  (batch 1 latency, batch 256 throughput; ``timing_repeats`` each, sparsejax.timing).
+  Compression, units and "cost" describe the pruned network (the same function).
 """
 
 from __future__ import annotations
@@ -46,8 +53,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import common, configs, distributed, processes, rundir
+from sparsejax import compact as compact_lib
 from sparsejax import (data, dynamic, effective, errors, flops, masks as masks_lib, models,
-                       pruning, training)
+                       pruning, timing, training)
 
 FLAGS = flags.FLAGS
 # Exit status of a run refused because another process works in its folder.
@@ -71,6 +79,56 @@ def connectivity_report(model, masks, input_shape) -> dict:
       # FLOPs (2 per multiply-accumulate, one example) and kernel parameters/bytes
       "cost": flops.total(model, masks, input_shape).as_dict(),
   }
+
+
+def masked_variables(variables: dict, masks) -> dict:
+  """``variables`` with the masked weights zeroed (what the masked network computes)."""
+  return {**variables, "params": masks_lib.apply(variables["params"], masks)}
+
+
+def compact_network(model, variables, masks, input_shape):
+  """The pruned network with its dead units removed (:func:`sparsejax.compact.compact`,
+  ``fold=False``: it trains as the masked original does), checked to compute the same
+  logits: ``(model, variables, masks, record)``.
+
+  record: the channel spaces, their widths before and after, the live-channel fraction
+  (kept / channels), the relative logit difference, the kernel FLOPs/parameters/bytes
+  (dense, direct, effective; :mod:`sparsejax.flops`) and every variable's bytes, before
+  and after.
+
+  Raises:
+    sparsejax.errors.CompactionMismatchError: the logits differ (more than 1e-5 x scale).
+  """
+  new_model, new_vars, new_masks = compact_lib.compact(model, variables, masks,
+                                                       input_shape=input_shape, fold=False)
+  rel = compact_lib.check_equal(model, variables, masks, new_model, new_vars, input_shape)
+  spaces = compact_lib.channel_spaces(model)[0]
+  kept = compact_lib.channel_spaces(new_model)[0]
+  record = {
+      "spaces": [s.name for s in spaces],
+      "widths_before": [s.size for s in spaces],
+      "widths": [s.size for s in kept],
+      "live_channel_fraction": sum(s.size for s in kept) / sum(s.size for s in spaces),
+      "logits_relative_difference": rel,
+      "cost_before": flops.total(model, masks, input_shape).as_dict(),
+      "cost_after": flops.total(new_model, new_masks, input_shape).as_dict(),
+      "network_bytes_before": flops.network_bytes(masked_variables(variables, masks)),
+      "network_bytes_after": flops.network_bytes(new_vars),
+  }
+  return new_model, new_vars, new_masks, record
+
+
+def time_compaction(model, masked, new_model, new_variables, input_shape, *,
+                    repeats: int, batch: int = 256) -> dict:
+  """Inference time of the masked network against its compaction, measured in turns in
+  this process (:func:`sparsejax.timing.inference`): latency at batch 1, throughput at
+  ``batch``, the speed-ups (masked / compacted time) and the load average."""
+  t = timing.inference({"masked": (model, masked), "compact": (new_model, new_variables)},
+                       input_shape, batch=batch, repeats=repeats)
+  return {**t, "batch": batch, "repeats": repeats,
+          "latency_speedup": t["masked"]["latency_ms"] / t["compact"]["latency_ms"],
+          "throughput_speedup": t["compact"]["throughput"] / t["masked"]["throughput"],
+          "load_average": timing.load_average(), "platform": jax.default_backend()}
 
 
 def _save_params(path: str, params) -> None:
@@ -97,6 +155,41 @@ def dense_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   dense.update(dict(pruner="dense", pruning_type="direct", compression=None,
                     target_sparsity=None))
   return dense
+
+
+def dense_weights(config: ml_collections.ConfigDict, out_dir: str, like):
+  """(initial, final) parameters of the dense run that magnitude/LAMP/neuron-l1 score:
+  ``config.dense_dir`` or the matching dense run under ``out_dir``."""
+  folder = config.dense_dir or os.path.join(out_dir, common.run_name(dense_config(config)))
+  return (_load_params(os.path.join(folder, "weights", "initial"), like),
+          _load_params(os.path.join(folder, "weights", "final"), like))
+
+
+def prune_one_shot(config: ml_collections.ConfigDict, p: pruning.Pruner, model, variables,
+                   source: common.DataSource, out_dir: str):
+  """The masks of a one-shot pruner (at initialization, or after training: scoring the
+  dense run's final weights) and the parameters training starts from: ``(masks,
+  start_params)``. Deterministic in the config (seed: key 1 of ``jax.random.key(seed)``
+  for the pruner, score batches by seed), so a finished run's masks can be re-created.
+
+  Raises:
+    errors.UnreachableSparsityError: an effective target beyond the ranking's reach.
+  """
+  key = jax.random.key(config.seed)
+  start_params, trained = variables["params"], None
+  if p.after_training:
+    start_params, trained = dense_weights(config, out_dir, variables["params"])
+  batches = None
+  if p.needs_data:
+    batches = source.score_batches(config.dataset, num_batches=config.score_batches,
+                                   batch_size=config.snip_batch_size, seed=config.seed)
+  masks = pruning.prune(p, key=jax.random.fold_in(key, 1), model=model,
+                        variables={**variables, "params": start_params},
+                        sparsity=common.target_sparsity(config),
+                        pruning_type=config.pruning_type,
+                        input_shape=data.get_spec(config.dataset).image_shape,
+                        batches=batches, trained_params=trained, rounds=config.rounds)
+  return masks, start_params
 
 
 def run(config: ml_collections.ConfigDict, *, out_dir: str,
@@ -149,11 +242,6 @@ def _run_locked(config, p, updater, sparsity, train_config, dspec, name, run_dir
                       checkpoint_every=config.checkpoint_every, log_every=config.log_every)
   record = _config_record(config, sparsity, source)
 
-  def dense_weights():
-    folder = config.dense_dir or os.path.join(out_dir, common.run_name(dense_config(config)))
-    return (_load_params(os.path.join(folder, "weights", "initial"), init_params),
-            _load_params(os.path.join(folder, "weights", "final"), init_params))
-
   mask_path = os.path.join(run_dir, "masks.npz")
   rounds = []
   workdir = os.path.abspath(os.path.join(run_dir, "checkpoints"))
@@ -183,19 +271,8 @@ def _run_locked(config, p, updater, sparsity, train_config, dspec, name, run_dir
     if os.path.exists(mask_path):  # resumed run: the same masks, no re-scoring
       masks = masks_lib.load(mask_path, init_params)
     else:
-      trained = None
-      if p.after_training:
-        start_params, trained = dense_weights()
-      batches = None
-      if p.needs_data:
-        batches = source.score_batches(dataset, num_batches=config.score_batches,
-                                       batch_size=config.snip_batch_size, seed=seed)
       try:
-        masks = pruning.prune(p, key=jax.random.fold_in(key, 1), model=model,
-                              variables={**variables, "params": start_params},
-                              sparsity=sparsity, pruning_type=config.pruning_type,
-                              input_shape=input_shape, batches=batches,
-                              trained_params=trained, rounds=config.rounds)
+        masks, start_params = prune_one_shot(config, p, model, variables, source, out_dir)
       except errors.UnreachableSparsityError as err:
         return _record_unreachable(err, name, record, result_path, clock)
       if distributed.is_primary():
@@ -205,12 +282,26 @@ def _run_locked(config, p, updater, sparsity, train_config, dspec, name, run_dir
     report = connectivity_report(model, masks, input_shape)
     logging.info("%s: direct %.4gx, effective %.4gx compression.", name,
                  report["direct_compression"], report["effective_compression"])
+    train_model, train_masks, train_params = model, masks, start_params
+    if config.compact:  # the same function with the dead units removed
+      pruned = {**variables, "params": start_params}
+      train_model, compacted, train_masks, compact_record = compact_network(
+          model, pruned, masks, input_shape)
+      train_params = compacted["params"]
+      logging.info("%s: compacted widths %s -> %s (logits equal to %.2g of their scale).",
+                   name, compact_record["widths_before"], compact_record["widths"],
+                   compact_record["logits_relative_difference"])
+      compact_record["timing"] = time_compaction(
+          model, masked_variables(pruned, masks), train_model, compacted, input_shape,
+          repeats=config.timing_repeats)
     try:
-      result = training.train(model, dspec, train_config, train_data, test_data,
-                              masks=masks, params=start_params, workdir=workdir,
+      result = training.train(train_model, dspec, train_config, train_data, test_data,
+                              masks=train_masks, params=train_params, workdir=workdir,
                               **train_kwargs)
     except training.DivergedError as err:
-      return _record_diverged(err, result_path, record, report, clock)
+      return _record_diverged(err, result_path, record,
+                              {**report, "compact": compact_record} if config.compact
+                              else report, clock)
     if p.score is None:
       _save_params(os.path.join(run_dir, "weights", "final"), result.state.params)
   report = connectivity_report(model, masks, input_shape)
@@ -229,6 +320,8 @@ def _run_locked(config, p, updater, sparsity, train_config, dspec, name, run_dir
       "mask_updates": result.mask_updates or None,
       "platform": jax.default_backend(),
   }
+  if config.compact:
+    summary["compact"] = compact_record
   _write_result(result_path, summary)
   logging.info("Wrote %s: test accuracy %.4f.", result_path, result.final_test_accuracy)
   return summary
@@ -285,6 +378,15 @@ def check_config(config: ml_collections.ConfigDict, out_dir: str,
   data.get_spec(config.dataset)
   if config.pruner in common.DYNAMIC:
     make_updater(config, sparsity)
+  if not isinstance(config.compact, bool):
+    raise ValueError(f"--config.compact={config.compact!r} must be True or False.")
+  if config.compact and (config.pruner in common.DYNAMIC or config.pruner == common.IMP
+                         or config.pruner == "dense"):
+    raise ValueError(
+        f"--config.compact=True is for one-shot pruners (at initialization or after "
+        f"training), not --config.pruner={config.pruner!r} (masks that move during "
+        "training or IMP's rounds cannot be compacted before training; a dense network has "
+        "nothing to remove).")
   f = lambda name: f"config.{name}"
   common.check_run_args(
       out_dir=out_dir,
@@ -292,7 +394,7 @@ def check_config(config: ml_collections.ConfigDict, out_dir: str,
       counts={f(k): config[k] for k in ("train_steps", "batch_size", "eval_every",
                                         "checkpoint_every", "log_every", "imp_rounds",
                                         "score_batches", "snip_batch_size",
-                                        "update_every")},
+                                        "update_every", "timing_repeats")},
       optional_counts={f("rounds"): config.rounds, "num_examples": source.num_examples})
 
 

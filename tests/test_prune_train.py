@@ -312,3 +312,55 @@ def test_binary_rejects_bad_flags_by_name_before_any_work(tmp_path):
                             cwd=repo, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and flag in result.stderr, result.stderr[-2000:]
   assert os.listdir(tmp_path) == []
+
+
+def test_compact_run_trains_the_compacted_network_and_follows_the_masked_run(tmp_path):
+  # neuron/random at 10x removes whole neurons: the compacted LeNet is narrower.
+  fields = dict(pruner="neuron/random", compression=10, pruning_type="effective",
+                timing_repeats=2)
+  masked = run(tmp_path, **fields)
+  r = run(tmp_path, compact=True, **fields)
+  name = common.run_name(config(compact=True, **fields))
+  assert name == "lenet300100-mnist_neuron-random_effective_c10_s0_t20_compact"
+  assert name != common.run_name(config(**fields))
+  on_disk = json.load(open(tmp_path / name / "result.json"))
+  c = on_disk["compact"]
+  assert c["widths_before"] == [300, 100]
+  assert all(a < b for a, b in zip(c["widths"], c["widths_before"]))
+  assert c["logits_relative_difference"] <= 1e-5
+  assert c["cost_after"]["flops_dense"] < c["cost_before"]["flops_dense"]
+  # Dead units carry no live path: the effective cost is unchanged by compaction.
+  assert c["cost_after"]["flops_effective"] == c["cost_before"]["flops_effective"]
+  assert c["cost_after"]["params_effective"] == c["cost_before"]["params_effective"]
+  assert c["network_bytes_after"] < c["network_bytes_before"]
+  for net in ("masked", "compact"):
+    assert c["timing"][net]["latency_ms"] > 0 and c["timing"][net]["throughput"] > 0
+  assert c["timing"]["batch"] == 256 and c["timing"]["repeats"] == 2
+  # The pruned network's compression, units and cost are recorded as for any run.
+  assert r["effective_compression"] == pytest.approx(masked["effective_compression"])
+  assert r["cost"] == masked["cost"]
+  # Same seed, same data: the compacted network trains as the masked one does.
+  assert [h["step"] for h in r["history"]] == [h["step"] for h in masked["history"]]
+  for a, b in zip(r["history"], masked["history"]):
+    assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4, abs=1e-5)
+    assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=2e-3)
+
+
+def test_uncompacted_runs_record_flops_and_params(tmp_path):
+  r = run(tmp_path, pruner="random/igq", compression=10, pruning_type="direct",
+          train_steps=10, eval_every=10, checkpoint_every=10)
+  cost = r["cost"]
+  assert cost["params_dense"] == 784 * 300 + 300 * 100 + 100 * 10
+  assert cost["flops_dense"] == 2 * cost["params_dense"]
+  assert cost["params_direct"] == pytest.approx(cost["params_dense"] / 10, rel=1e-3)
+  assert cost["flops_effective"] <= cost["flops_direct"] <= cost["flops_dense"]
+  assert "compact" not in r
+
+
+def test_compact_is_refused_for_moving_masks_imp_and_dense_before_any_file(tmp_path):
+  for pruner in ("rigl", "gmp", "set", "ste", "imp", "dense"):
+    with pytest.raises(ValueError, match=f"--config.compact=True .*'{pruner}'"):
+      run(tmp_path, pruner=pruner, compression=10, compact=True)
+  with pytest.raises(ValueError, match="--config.timing_repeats=0"):
+    run(tmp_path, pruner="random/igq", compression=10, compact=True, timing_repeats=0)
+  assert os.listdir(tmp_path) == []

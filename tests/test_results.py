@@ -106,3 +106,39 @@ def test_plots_and_tables_show_diverged_runs(tmp_path):
   assert "| random/uniform | direct | diverged |" in plot.accuracy_table(runs)
   plot.plot_accuracy(runs, str(tmp_path / "a.png"), "t")
   assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compaction_figures_and_tables_from_their_csvs(tmp_path):
+  from experiments import compaction_latency, compression, plot
+  runs = [dict(pruner=p, pruning_type="effective", target_compression=t, seed=s,
+               status="ok", test_accuracy=0.9 - 0.01 * s, direct_compression=t,
+               effective_compression=t, diverged_step=None)
+          for p in ("snip", "neuron/snip") for t in (10.0, 100.0) for s in (0, 1)]
+  runs.append(dict(runs[0], pruner="neuron/random", target_compression=1000.0,
+                   status="unreachable", test_accuracy=None))
+  lat = [dict(pruner=p, target_compression=t, masked_latency_ms=1.0, compact_latency_ms=0.5,
+              masked_throughput=1e5, compact_throughput=2e5, latency_speedup=2.0,
+              throughput_speedup=2.0, live_channel_fraction=0.5, compact_params=10.0,
+              params_dense=20.0, compact_flops=20.0, flops_dense=40.0, load_average=1.0,
+              reproduced=p == "snip", widths="150;50", batch=256.0)
+         for p in ("snip", "neuron/snip") for t in (10.0, 100.0)]
+  path = tmp_path / "lat.csv"
+  compression.write_csv(str(path), lat, compaction_latency.COLUMNS)
+  lat = compaction_latency.read_rows(str(path))
+  table = plot.speed_table(runs, lat)
+  assert "| snip | 10x | 2 | 0.8950 ±0.005 | 10x | 150-50 | 1 / 0.5 | 2.00x |" in table
+  assert "150-50 (not reproduced)" in table  # the neuron/snip rows: flagged
+  assert "| neuron/random | 1000x | 1 | unreachable |" in table
+  plot.plot_speed(runs, lat, str(tmp_path / "s.png"), "t")
+  rows = {"vgg19": [dict(pruner="synflow", target_compression=t, status="ok",
+                         effective_compression=t, live_channel_fraction=1 / t ** 0.5,
+                         flops_dense=100.0, compact_flops=100 / t ** 0.5,
+                         flops_effective=100 / t, params_dense=50.0,
+                         compact_params=50 / t ** 0.5) for t in (10.0, 100.0)]
+          + [dict(pruner="grasp", target_compression=1000.0, status="unreachable")]}
+  table = plot.compaction_table(rows)
+  assert "| vgg19 | synflow | 100x | 100x | 0.10 | 10.00x | 100x | 10.00x |" in table
+  assert "| vgg19 | grasp | 1000x | unreachable |" in table
+  for xkey in ("effective_compression", "flops_effective"):
+    plot.plot_compaction(rows, str(tmp_path / f"{xkey}.png"), xkey)
+    assert (tmp_path / f"{xkey}.png").read_bytes()[:4] == b"\x89PNG"

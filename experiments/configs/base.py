@@ -21,7 +21,11 @@ on the command line as ``--config.<field>=<value>``):
   ``update_target`` (None: ``pruning_type``; 'effective' aims every GMP step at the
   schedule's sparsity in effective terms, and holds the active weights of SET/RigL at
   the target, regrowing only weights that would be active),
-  ``track_effective`` (effective sparsity at every update, in the result).
+  ``track_effective`` (effective sparsity at every update, in the result);
+- compaction (one-shot pruners only): ``compact`` (train the pruned network with its
+  dead units removed, :mod:`sparsejax.compact`, ``fold=False``; the run name gets a
+  ``_compact`` suffix), ``timing_repeats`` (timings per network of masked against
+  compacted inference at batch 1 and 256, :mod:`sparsejax.timing`).
 
 Defaults of the moving-mask methods follow their papers, scaled to ``train_steps``:
 RigL (Evci et al., 2020) updates every 100 steps with drop fraction 0.3, cosine decay
@@ -82,4 +86,7 @@ def experiment(*, arch: str, dataset: str, batch_size: int, train_steps: int,
   c.quota = config_dict.placeholder(str)
   c.update_target = config_dict.placeholder(str)
   c.track_effective = True
+
+  c.compact = False
+  c.timing_repeats = 20
   return c
