@@ -53,7 +53,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 
 from benchmarks import report

@@ -33,7 +33,7 @@ import jax
 from absl import app, flags, logging
 
 from experiments import common, compression, configs, prune_train
-from sparsejax import data, effective, masks as masks_lib, models, timing
+from sparsejax import data, effective, masks as masks_lib, models
 
 FLAGS = flags.FLAGS
 

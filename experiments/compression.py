@@ -24,8 +24,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags, logging
 
 from experiments import common

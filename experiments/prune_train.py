@@ -213,7 +213,7 @@ def run(config: ml_collections.ConfigDict, *, out_dir: str,
   sparsity = common.target_sparsity(config)
   p = common.check_pruner(config.pruner)
   train_config = configs.train_config(config)
-  arch, dataset, seed = config.arch, config.dataset, config.seed
+  arch, dataset = config.arch, config.dataset
   models.get_spec(arch)
   dspec = data.get_spec(dataset)
   updater = make_updater(config, sparsity) if config.pruner in common.DYNAMIC else None
