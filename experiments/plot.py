@@ -99,8 +99,15 @@ def load_curves(curves_dir: str) -> dict[str, list[dict]]:
   return out
 
 
+def grid_target(compression: float) -> float:
+  """A target compression to 4 significant digits: the key runs and timings are grouped
+  by (63.1 given on a command line and 10^1.8 = 63.0957 are one target)."""
+  return float(f"{compression:.4g}")
+
+
 def load_runs(results_dir: str) -> list[dict]:
-  """One flat record per result.json under ``results_dir`` (any depth)."""
+  """One flat record per result.json under ``results_dir`` (any depth); targets by
+  :func:`grid_target`."""
   runs = []
   for path in sorted(glob.glob(os.path.join(results_dir, "**", "result.json"),
                                recursive=True)):
@@ -109,7 +116,7 @@ def load_runs(results_dir: str) -> list[dict]:
     runs.append(dict(
         arch=c["arch"], dataset=c["dataset"], pruner=c["pruner"],
         pruning_type=c["pruning_type"], seed=c["seed"],
-        target_compression=c["target_compression"], train_steps=c["train"]["train_steps"],
+        target_compression=grid_target(c["target_compression"]), train_steps=c["train"]["train_steps"],
         status=r.get("status", "ok"), direct_compression=r.get("direct_compression"),
         effective_compression=r.get("effective_compression"),
         test_accuracy=r.get("test_accuracy"), wall_time=r.get("wall_time"),
@@ -591,7 +598,7 @@ def _latency_groups(lat: list[dict]) -> dict[tuple, dict]:
   for r in lat:
     if r.get("masked_latency_ms") is None:
       continue
-    groups.setdefault((r["pruner"], round(r["target_compression"], 6)), []).append(r)
+    groups.setdefault((r["pruner"], grid_target(r["target_compression"])), []).append(r)
   out = {}
   for k, rs in groups.items():
     mean = lambda key: statistics.fmean(r[key] for r in rs)
@@ -683,7 +690,7 @@ def speed_table(runs: list[dict], lat: list[dict]) -> str:
     for (p, ptype, t), g in sorted(groups.items(), key=lambda kv: kv[0][2]):
       if p != pruner or ptype != "effective":
         continue
-      tm = times.get((p, round(t, 6)))
+      tm = times.get((p, grid_target(t)))
       if "accuracy" not in g:
         rows.append([p, f"{t:.4g}x", g["seeds"], g["status"], "", "", "", "", "", ""])
         continue
