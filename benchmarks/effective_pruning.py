@@ -140,6 +140,17 @@ def ranking_rows(arch: str, pruners, compressions, repeats: int) -> list[list]:
   return rows
 
 
+def fresh_table_from_args(args) -> str:
+  """The fresh-process table (printed) unless --skip_fresh; '' then."""
+  if args.skip_fresh:
+    return ""
+  fresh = fresh_runs(args.baseline or None,
+                     [float(c) for c in args.fresh_compressions.split(",")])
+  table = report.markdown_table(FRESH_HEADER, fresh)
+  print(table)
+  return table
+
+
 def ranking_main(args) -> None:
   """Issue 15, item 2: rankings without a full sort (``--ranking_only``)."""
   compressions = [float(c) for c in args.compressions.split(",")]
@@ -153,12 +164,7 @@ def ranking_main(args) -> None:
     header += [f"ranking + direct {c:g}x s", f"ranking + effective {c:g}x s"]
   table = report.markdown_table(header, rows)
   print(table)
-  fresh_table = ""
-  if not args.skip_fresh:
-    fresh = fresh_runs(args.baseline or None,
-                       [float(c) for c in args.fresh_compressions.split(",")])
-    fresh_table = report.markdown_table(FRESH_HEADER, fresh)
-    print(fresh_table)
+  fresh_table = fresh_table_from_args(args)
   load_end = open("/proc/loadavg").read().split()[:3]
   if args.no_doc:
     return
@@ -213,12 +219,7 @@ def main():
   if args.ranking_only:
     ranking_main(args)
     return
-  fresh_table = ""
-  if not args.skip_fresh:
-    fresh = fresh_runs(args.baseline or None,
-                       [float(c) for c in args.fresh_compressions.split(",")])
-    fresh_table = report.markdown_table(FRESH_HEADER, fresh)
-    print(fresh_table)
+  fresh_table = fresh_table_from_args(args)
   rows = []
   for arch in args.archs.split(","):
     model = models.create(arch)
