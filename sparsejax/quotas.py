@@ -76,9 +76,9 @@ _MAX_TOTAL = 2**30  # kept counts and their sums are int32
 def normalize_shapes(shapes: Any) -> Shapes:
   """Validates kernel shapes and returns them as a tuple of tuples of Python ints.
 
-    Raises ValueError (naming ``shapes``) for an empty list, an empty shape, a
-    non-integer or non-positive dimension, or more than 2**30 weights in total.
-    """
+  Raises ValueError (naming ``shapes``) for an empty list, an empty shape, a
+  non-integer or non-positive dimension, or more than 2**30 weights in total.
+  """
   if isinstance(shapes, (str, bytes)):
     raise ValueError(f"`shapes` must be a sequence of kernel shapes, got {shapes!r}")
   try:
@@ -173,9 +173,9 @@ def _check_uniform_plus_reachable(density: Union[float, None], shapes: Shapes) -
 class _Layers(NamedTuple):
   """Per-layer constants, padded to a bucket of 32, 64, 128, ... layers.
 
-    Padding lets one compiled kernel serve every network with as many layers up to
-    the bucket size; padded layers have n = 0 and so keep nothing.
-    """
+  Padding lets one compiled kernel serve every network with as many layers up to
+  the bucket size; padded layers have n = 0 and so keep nothing.
+  """
 
   n: np.ndarray  # float32[P], n_l = prod(shape_l), 0 in padding
   n_int: np.ndarray  # int32[P]
@@ -210,10 +210,10 @@ def _bits_to_f32(bits: jax.Array) -> jax.Array:
 def _bisect_bits(pred: Callable[[jax.Array], jax.Array], hi_bits: int) -> jax.Array:
   """Smallest x >= 0 (in float32 bit order, up to ``hi_bits``) with ``pred(x)``.
 
-    ``pred(bitcast(hi_bits))`` is assumed true. A fixed number of steps and a
-    predicate that only turns true as the target grows make the result monotone in
-    the target, however ``pred`` rounds.
-    """
+  ``pred(bitcast(hi_bits))`` is assumed true. A fixed number of steps and a
+  predicate that only turns true as the target grows make the result monotone in
+  the target, however ``pred`` rounds.
+  """
 
   def step(_, bracket):
     lo, hi = bracket
@@ -240,9 +240,9 @@ def _target(d: jax.Array, n_total: jax.Array):
 def _excess(layers: _Layers, densities: jax.Array, target) -> jax.Array:
   """An int32 with the sign of sum_l n_l densities_l - target, exact up to 2**-16.
 
-    Integer parts and fixed-point fractions are summed as integers, so the result does
-    not depend on summation order (nor on vmap or the backend's reduction tree).
-    """
+  Integer parts and fixed-point fractions are summed as integers, so the result does
+  not depend on summation order (nor on vmap or the backend's reduction tree).
+  """
   t_int, t_frac = target
   kept = jnp.where(layers.n > 0, layers.n * densities, 0.0)  # padding: 0 * inf
   whole = jnp.floor(kept)
@@ -311,11 +311,11 @@ def _round_counts(densities, n, n_int):
 def _kernel(rule: str, value, from_sparsity, layers: _Layers):
   """(densities f32[P], sparsities f32[P], kept counts i32[P]) of one quota.
 
-    ``value`` is the global sparsity when ``from_sparsity`` else the global density.
-    One kernel per quota and layer bucket serves all three public views, so a new
-    network costs few compilations; under an outer jit unused outputs are dropped.
-    Traced values outside [0, 1] are clamped; a traced NaN gives NaN (and 0 counts).
-    """
+  ``value`` is the global sparsity when ``from_sparsity`` else the global density.
+  One kernel per quota and layer bucket serves all three public views, so a new
+  network costs few compilations; under an outer jit unused outputs are dropped.
+  Traced values outside [0, 1] are clamped; a traced NaN gives NaN (and 0 counts).
+  """
   v = jnp.asarray(value, jnp.float32)
   v_clipped = jnp.clip(v, 0.0, 1.0)
   d = jnp.where(from_sparsity, 1.0 - v_clipped, v_clipped)
@@ -348,65 +348,65 @@ def _run_quota(rule: str, sparsity: Any, shapes: Any) -> jax.Array:
 def uniform(sparsity: Any, shapes: Any) -> jax.Array:
   """Uniform quota: s_l = s for every layer (Gale et al., 2019).
 
-    Args:
-      sparsity: scalar in [0, 1), may be traced.
-      shapes: prunable kernel shapes, input to output.
-    Returns:
-      float32[L] per-layer sparsities.
-    """
+  Args:
+    sparsity: scalar in [0, 1), may be traced.
+    shapes: prunable kernel shapes, input to output.
+  Returns:
+    float32[L] per-layer sparsities.
+  """
   return _run_quota("uniform", sparsity, shapes)
 
 
 def uniform_plus(sparsity: Any, shapes: Any) -> jax.Array:
   """Uniform+ quota (Gale et al., 2019), for convolutional networks only.
 
-    The first layer is dense, the others share one density d_m, except that the last
-    layer keeps at least 20% of its weights (it is at most 80% sparse):
+  The first layer is dense, the others share one density d_m, except that the last
+  layer keeps at least 20% of its weights (it is at most 80% sparse):
 
-      density_1 = 1,  density_l = d_m (1 < l < L),  density_L = max(d_m, 0.2),
-      with d_m solved from n_1 + sum_{1<l<L} n_l d_m + n_L max(d_m, 0.2) = (1 - s) N.
+    density_1 = 1,  density_l = d_m (1 < l < L),  density_L = max(d_m, 0.2),
+    with d_m solved from n_1 + sum_{1<l<L} n_l d_m + n_L max(d_m, 0.2) = (1 - s) N.
 
-    So the last layer shares the middle sparsity until that passes 80%, then stays at
-    80% while the middle layers take the rest (the reading of Lee et al. 2021's
-    reference code for Gale et al.'s rule; with two layers the last takes it all).
-    The largest reachable sparsity is 1 - (n_1 + 0.2 n_L) / N
-    (:func:`uniform_plus_max_sparsity`); a concrete sparsity above it raises, a traced
-    one is clamped to it. Raises ValueError when no kernel in ``shapes`` is 4-D.
+  So the last layer shares the middle sparsity until that passes 80%, then stays at
+  80% while the middle layers take the rest (the reading of Lee et al. 2021's
+  reference code for Gale et al.'s rule; with two layers the last takes it all).
+  The largest reachable sparsity is 1 - (n_1 + 0.2 n_L) / N
+  (:func:`uniform_plus_max_sparsity`); a concrete sparsity above it raises, a traced
+  one is clamped to it. Raises ValueError when no kernel in ``shapes`` is 4-D.
 
-    Returns:
-      float32[L] per-layer sparsities.
-    """
+  Returns:
+    float32[L] per-layer sparsities.
+  """
   return _run_quota("uniform_plus", sparsity, shapes)
 
 
 def erk(sparsity: Any, shapes: Any) -> jax.Array:
   """Erdos-Renyi-Kernel quota (Evci et al., 2020).
 
-      density_l = min(1, eps * sum(shape_l) / prod(shape_l)),
+    density_l = min(1, eps * sum(shape_l) / prod(shape_l)),
 
-    all kernel dimensions (spatial ones included), with eps solved so that
-    sum_l n_l density_l = (1 - s) N. This equals "make the layers whose density would
-    exceed 1 dense and re-solve the others".
+  all kernel dimensions (spatial ones included), with eps solved so that
+  sum_l n_l density_l = (1 - s) N. This equals "make the layers whose density would
+  exceed 1 dense and re-solve the others".
 
-    Returns:
-      float32[L] per-layer sparsities.
-    """
+  Returns:
+    float32[L] per-layer sparsities.
+  """
   return _run_quota("erk", sparsity, shapes)
 
 
 def igq(sparsity: Any, shapes: Any) -> jax.Array:
   """Ideal Gas Quotas (Vysogorets & Kempe, 2023).
 
-    Layer l is a cylinder of length n_l and cross-section 1/n_l compressed by a common
-    force F >= 0:
+  Layer l is a cylinder of length n_l and cross-section 1/n_l compressed by a common
+  force F >= 0:
 
-      density_l = 1 / (1 + F n_l),  F solved from sum_l n_l density_l = (1 - s) N.
+    density_l = 1 / (1 + F n_l),  F solved from sum_l n_l density_l = (1 - s) N.
 
-    Always valid (0 <= density_l <= 1); smaller layers are pruned less.
+  Always valid (0 <= density_l <= 1); smaller layers are pruned less.
 
-    Returns:
-      float32[L] per-layer sparsities.
-    """
+  Returns:
+    float32[L] per-layer sparsities.
+  """
   return _run_quota("igq", sparsity, shapes)
 
 
@@ -432,8 +432,8 @@ def _resolve(quota: Any, argname: str) -> QuotaFn:
 def get_quota(name: Union[str, QuotaFn]) -> QuotaFn:
   """The quota function called ``name`` in :data:`QUOTAS` (a callable passes through).
 
-    Raises ValueError naming ``name``, its value and the allowed names.
-    """
+  Raises ValueError naming ``name``, its value and the allowed names.
+  """
   return _resolve(name, "name")
 
 
@@ -448,16 +448,16 @@ def _rule_for(fn: QuotaFn, shapes: Shapes, density: Union[float, None]):
 
 def check_density(quota: Union[str, QuotaFn], density: float, shapes: Any) -> None:
   """The checks :func:`layer_kept_counts` makes on a concrete ``density`` (ValueError;
-    UnreachableSparsityError beyond the quota's reach), computing nothing."""
+  UnreachableSparsityError beyond the quota's reach), computing nothing."""
   _rule_for(_resolve(quota, "quota"), normalize_shapes(shapes), _check_density(density))
 
 
 def layer_densities(quota: Union[str, QuotaFn], density: Any, shapes: Any) -> jax.Array:
   """Per-layer densities float32[L] of ``quota`` at global ``density`` in [0, 1].
 
-    Same allocation as ``1 - quota(1 - density, shapes)``, without the round trip
-    through sparsity (more precise for small densities). Jit-able with traced density.
-    """
+  Same allocation as ``1 - quota(1 - density, shapes)``, without the round trip
+  through sparsity (more precise for small densities). Jit-able with traced density.
+  """
   fn = _resolve(quota, "quota")
   shapes = normalize_shapes(shapes)
   rule = _rule_for(fn, shapes, _check_density(density))
@@ -475,15 +475,15 @@ GROUP_QUOTAS = ("uniform", "erk", "igq")
 def group_kept_counts(quota: str, density: float, sizes: Any, ratios: Any = None
                       ) -> np.ndarray:
   """Units each group keeps, int32[L]: a quota's rule on groups of units (e.g. the
-    channels of each channel space, :mod:`sparsejax.structured`), the budget counted
-    in units.
+  channels of each channel space, :mod:`sparsejax.structured`), the budget counted
+  in units.
 
-    With n_l = sizes[l] and C = sum_l n_l, the densities solve sum_l n_l d_l = density C
-    by the rules of :func:`uniform` (d_l = density), :func:`igq` (d_l = 1 / (1 + F n_l))
-    and :func:`erk` (d_l = min(1, eps r_l) with r_l = ratios[l], e.g. the ERK ratio
-    sum(shape) / prod(shape) of the group's kernel); kept_l = round(n_l d_l), clipped to
-    [1, n_l] (every group keeps a unit). Non-decreasing in ``density`` per group.
-    """
+  With n_l = sizes[l] and C = sum_l n_l, the densities solve sum_l n_l d_l = density C
+  by the rules of :func:`uniform` (d_l = density), :func:`igq` (d_l = 1 / (1 + F n_l))
+  and :func:`erk` (d_l = min(1, eps r_l) with r_l = ratios[l], e.g. the ERK ratio
+  sum(shape) / prod(shape) of the group's kernel); kept_l = round(n_l d_l), clipped to
+  [1, n_l] (every group keeps a unit). Non-decreasing in ``density`` per group.
+  """
   if quota not in GROUP_QUOTAS:
     raise ValueError(f"quota={quota!r} is not a group quota; allowed: "
                      f"{', '.join(GROUP_QUOTAS)}.")
@@ -503,16 +503,16 @@ def group_kept_counts(quota: str, density: float, sizes: Any, ratios: Any = None
 def layer_kept_counts(quota: Union[str, QuotaFn], density: Any, shapes: Any) -> jax.Array:
   """Number of weights each layer keeps: int32[L], round(n_l * density_l) in [0, n_l].
 
-    Args:
-      quota: a name in :data:`QUOTAS` or a quota function ``fn(sparsity, shapes)``.
-      density: global density 1 - s in [0, 1]; may be traced (``jax.jit``), then it is
-        clamped to [0, 1] (and for Uniform+ to its reachable range).
-      shapes: prunable kernel shapes, input to output.
+  Args:
+    quota: a name in :data:`QUOTAS` or a quota function ``fn(sparsity, shapes)``.
+    density: global density 1 - s in [0, 1]; may be traced (``jax.jit``), then it is
+      clamped to [0, 1] (and for Uniform+ to its reachable range).
+    shapes: prunable kernel shapes, input to output.
 
-    For the built-in quotas every count is non-decreasing in ``density`` (so masks
-    from a fixed ranking are nested) and the total is within one weight per layer of
-    round(density * N).
-    """
+  For the built-in quotas every count is non-decreasing in ``density`` (so masks
+  from a fixed ranking are nested) and the total is within one weight per layer of
+  round(density * N).
+  """
   fn = _resolve(quota, "quota")
   shapes = normalize_shapes(shapes)
   rule = _rule_for(fn, shapes, _check_density(density))

@@ -355,7 +355,7 @@ def reference(g: Graph, masks: Sequence[np.ndarray], search: str = "fixpoint") -
 def mlp_reference(kernels: Sequence[np.ndarray]):
   """Effective masks of a plain MLP by boolean matrix propagation.
 
-    Returns (effective masks, active units per layer, active inputs)."""
+  Returns (effective masks, active units per layer, active inputs)."""
   ks = [np.asarray(k, bool) for k in kernels]
   reach = [np.ones(ks[0].shape[0], bool)]
   for k in ks:

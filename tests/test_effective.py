@@ -334,8 +334,8 @@ def test_padding_only_taps_are_inactive(arch, active_taps):
 
 def test_hand_padding_convention_and_flatten_order():
   """2x2 input, 2x2 SAME conv (padding 0 low, 1 high) keeping only tap (1, 1): output
-    position (i, j) reads input (i + 1, j + 1), real only for (0, 0). Flatten (H, W, C)
-    puts (0, 0, c) at rows c = 0, 1 of the dense kernel: only those rows are active."""
+  position (i, j) reads input (i + 1, j + 1), real only for (0, 0). Flatten (H, W, C)
+  puts (0, 0, c) at rows c = 0, 1 of the dense kernel: only those rows are active."""
   arch = Arch("flatten_order", (2, 2, 1),
               (("conv", 2, 2, 1, "SAME"), ("flatten",), ("dense", 1)), full=False)
   conv = np.zeros((2, 2, 1, 2), bool)
@@ -351,8 +351,8 @@ def test_hand_padding_convention_and_flatten_order():
 
 def test_hand_gap_connects_every_position():
   """Channel 0 of a 2x2 SAME conv keeping only tap (1, 1) is reachable at position
-    (0, 0) alone; global average pooling still connects it to its channel's output, so
-    the head's row 0 is active. Channel 1 keeps nothing: row 1 is inactive."""
+  (0, 0) alone; global average pooling still connects it to its channel's output, so
+  the head's row 0 is active. Channel 1 keeps nothing: row 1 is inactive."""
   arch = Arch("gap_hand", (2, 2, 1),
               (("conv", 2, 2, 1, "SAME"), ("gap",), ("dense", 1)), full=False)
   conv = np.zeros((2, 2, 1, 2), bool)
@@ -432,7 +432,7 @@ def test_an_empty_layer_disconnects_everything(data):
 
 def test_bypassed_empty_layers_do_not_disconnect():
   """Emptying a residual branch leaves the identity shortcut; emptying the shortcut
-    conv leaves the main branch."""
+  conv leaves the main branch."""
   arch = RESNETS[0]
   for empty in (["op02_res/conv_1"], ["op01_res/shortcut_conv"],
                 ["op02_res/conv_1", "op02_res/conv_2"]):

@@ -66,7 +66,7 @@ def init(model, shape, seed=0):
 
 def fast_params(model, shape, seed=0):
   """Params without running ``model.init`` (slow to compile for VGG-19): kernels
-    normal with the zoo's variance (scale 2, fan_avg), everything else 0 or 1."""
+  normal with the zoo's variance (scale 2, fan_avg), everything else 0 or 1."""
   rng = np.random.default_rng(seed)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1,) + tuple(shape)))
 
@@ -119,7 +119,7 @@ def test_magnitude_closed_form():
 
 def lamp_reference(w):
   """Brute force: the sum runs over the weights at or after u in ascending |w| order,
-    ties ordered by position descending (u itself included)."""
+  ties ordered by position descending (u itself included)."""
   a = np.abs(np.asarray(w, np.float64)).ravel()
   pos = np.arange(a.size)
   out = np.zeros(a.size)
@@ -361,7 +361,7 @@ def test_grasp_default_temperature_finite():
 
 def path_count_scores(params, masks=None):
   """Closed form for a linear MLP without biases, float64: with A_l = |W_l| * m_l,
-    left = 1^T A_1 ... A_{l-1}, right = A_{l+1} ... A_L 1, score_ij = A_l[i,j] left_i right_j."""
+  left = 1^T A_1 ... A_{l-1}, right = A_{l+1} ... A_L 1, score_ij = A_l[i,j] left_i right_j."""
   names = sorted(params)
   mats = [np.abs(np.asarray(params[n]["kernel"], np.float64)) for n in names]
   if masks is not None:
@@ -407,7 +407,7 @@ def test_synflow_one_round_matches_path_counts(with_masks):
 
 def test_synflow_rescaling_is_common_factor_with_biases_and_pooling():
   """On a conv net (biases present but zeroed, BN identity, avg pool) the scores match
-    the same linear network without the per-layer rescaling, up to one factor."""
+  the same linear network without the per-layer rescaling, up to one factor."""
   model = CNN()
   params = init(model, (6, 6, 2))["params"]
   got = [np.asarray(x, np.float64)
