@@ -392,9 +392,11 @@ def _run_one(args, arch, pruner, c) -> dict:
   kw = dict(batch=args.batch, repeats=args.repeats, train=not args.no_train,
             rounds=args.rounds, snip_examples=args.snip_examples)
   if args.in_process:
+    # No jax.clear_caches() here: freeing XLA:CPU executables inside a long-lived process
+    # (the test suite) is what preceded a segfault in libgcc_s's unwinder at the end of a
+    # CI run; rows that need their memory back run in subprocesses (the default).
     row = bench_row(arch, pruner, c, **kw)
     write_row(args.csv, row)
-    jax.clear_caches()
     return row
   cmd = [sys.executable, "-m", "benchmarks.compaction", "--_one", f"{arch}:{pruner}:{c:g}",
          "--archs", arch, "--pruners", pruner, "--compressions", f"{c:g}",
