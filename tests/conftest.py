@@ -20,3 +20,16 @@ def mnist_tfds(tmp_path_factory) -> dict:
     pytest.skip(f"raw MNIST files not found in {MNIST_RAW} (only present beside the "
                 "project's own checkout; a fresh clone has no offline copy)")
   return dict(data_dir=str(tmp_path_factory.mktemp("tfds_mnist")), manual_dir=str(MNIST_RAW))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Drops JAX's compiled programs after every test module. XLA:CPU maps memory for
+  each executable it keeps; over the whole suite (600+ tests, thousands of programs)
+  the process reached Linux's vm.max_map_count (65,530 mappings) and crashed at the
+  end of a CI run (segfault in libgcc_s's unwinder, then SIGABRT, always at the same
+  test). Modules share nothing compiled, so clearing between them costs only their
+  own recompilation."""
+  yield
+  import jax
+  jax.clear_caches()
