@@ -22,7 +22,7 @@ import numpy as np
 from jax import lax
 
 from benchmarks import compaction, report
-from sparsejax import compact
+from sparsejax import compact, timing
 
 
 def layer_shapes(model, variables, shape) -> dict:
@@ -76,7 +76,7 @@ def time_layers(arch, pruner, compression, *, batch=32, repeats=5, rounds=100,
         f = jax.jit(op).lower(x, k).compile()
         r[f"{name}_{op_name}"] = functools.partial(f, x, k)
     fns = {k: f for k, f in r.items() if callable(f)}
-    t = compaction._alternate(fns, repeats)
+    t = timing.alternate(fns, repeats)
     r.update(t)
     rows.append(r)
   return rows
@@ -100,7 +100,7 @@ def padding_check(batch: int = 32, repeats: int = 3) -> list[tuple]:
       cases[f"forward+backward SAME {s_}x{s_}x{c}"] = (grad, x, k, 3 * fl)
   fns = {n: functools.partial(jax.jit(f).lower(x, k).compile(), x, k)
          for n, (f, x, k, _) in cases.items()}
-  t = compaction._alternate(fns, repeats)
+  t = timing.alternate(fns, repeats)
   return [(n, t[n], fl / t[n] / 1e9) for n, (_, _, _, fl) in cases.items()]
 
 
