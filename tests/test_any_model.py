@@ -334,8 +334,10 @@ class PlainResNet18(nn.Module):
 
 
 def test_synflow_plain_resnet_equals_the_zoo_resnet():
+  """Bit-equal scores. 32x32 inputs keep every conv input larger than its padding (4x4
+  in stage 4), where the zoo's Conv is plain nn.Conv (layers.conv_general_dilated)."""
   from sparsejax import models, scores
-  shape = (4, 4, 3)
+  shape = (32, 32, 3)
   zoo = models.create("resnet18", num_classes=10)
   plain = PlainResNet18(10)
   params = plain.init(jax.random.key(0), jnp.ones((1,) + shape))["params"]

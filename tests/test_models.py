@@ -96,6 +96,36 @@ def test_same_padding_is_xla_same():
   np.testing.assert_allclose(conv.apply(variables, x), want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape,kernel,strides,padding,dilation,prepadded", [
+    ((2, 2, 2, 5), (3, 3), 1, "SAME", 1, True),        # VGG's last block: pad 2 >= size 2
+    ((2, 1, 1, 4), (3, 3), 1, "SAME", 1, True),
+    ((2, 2, 3, 3), (5, 5), 1, "SAME", 1, True),
+    ((2, 2, 2, 3), (3, 3), 1, "SAME", 2, True),        # dilated kernel: pad 4
+    ((2, 2, 2, 3), (3, 3), 1, ((1, 1), (1, 1)), 1, True),
+    ((2, 3, 3, 3), (3, 3), 2, "SAME", 1, False),       # pad 2 < size 3
+    ((1, 4, 4, 3), (3, 3), 1, "SAME", 1, False),
+    ((2, 5, 5, 3), (3, 3), 1, "VALID", 1, False),
+])
+def test_conv_pads_beforehand_only_where_padding_covers_the_input(
+    shape, kernel, strides, padding, dilation, prepadded):
+  """L.Conv == nn.Conv (outputs and gradients); the input is padded beforehand (a `pad`
+  behind an optimization barrier, then 'VALID') exactly when some axis's padding is at
+  least its size (XLA:CPU's slow path, see layers.conv_general_dilated)."""
+  x = jax.random.normal(jax.random.key(0), shape)
+  ours = L.Conv(6, kernel, strides=strides, padding=padding, kernel_dilation=dilation)
+  flax_conv = nn.Conv(6, kernel, strides=strides, padding=padding, kernel_dilation=dilation)
+  variables = ours.init(jax.random.key(1), x)
+  np.testing.assert_allclose(ours.apply(variables, x), flax_conv.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  loss = lambda m: jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), argnums=(0, 1))
+  for a, b in zip(jax.tree.leaves(loss(ours)(variables, x)),
+                  jax.tree.leaves(loss(flax_conv)(variables, x))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  prims = {e.primitive.name for e in jax.make_jaxpr(ours.apply)(variables, x).eqns}
+  assert ("optimization_barrier" in prims) == prepadded
+  assert ("pad" in prims) == prepadded
+
+
 def test_zoo_models_are_plain_flax_modules():
   """No modes: effective masks and SynFlow transform the traced program instead."""
   for name in models.MODELS:
