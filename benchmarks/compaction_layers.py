@@ -3,7 +3,8 @@
 For one row of benchmarks.compaction (prune at init to an effective compression,
 compact), each Dense/Conv call of the masked and of the compacted network is timed in
 isolation at its own input shape (jitted, inference, batch ``--batch``), twice: as
-XLA's convolution (``lax.conv_general_dilated``, what the network runs) and as an
+XLA's convolution the way the zoo's Conv calls it (``layers.conv_general_dilated``, what
+the network runs) and as an
 im2col matmul (``lax.conv_general_dilated_patches`` then one ``dot``), with the
 achieved GFLOP/s (2 FLOPs per multiply-accumulate). Timings alternate masked/compact.
 
@@ -23,6 +24,7 @@ from jax import lax
 
 from benchmarks import compaction, report
 from sparsejax import compact, timing
+from sparsejax.models import layers
 
 
 def layer_shapes(model, variables, shape) -> dict:
@@ -38,6 +40,14 @@ def layer_shapes(model, variables, shape) -> dict:
 
 
 def _conv(x, k):
+  """XLA's 3x3 'SAME' convolution as the zoo's Conv calls it (layers.conv_general_dilated:
+  padded beforehand where the padding covers the input)."""
+  return layers.conv_general_dilated(x, k, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _conv_same(x, k):
+  """``lax.conv_general_dilated`` 'SAME' as it is (XLA:CPU's slow path at 2x2)."""
   return lax.conv_general_dilated(x, k, (1, 1), "SAME",
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -90,14 +100,17 @@ def padding_check(batch: int = 32, repeats: int = 3) -> list[tuple]:
     x = jax.random.normal(jax.random.key(0), (batch, s_, s_, c))
     k = jax.random.normal(jax.random.key(1), (3, 3, c, c))
     fl = 2 * batch * s_ * s_ * 9 * c * c
-    cases[f"SAME {s_}x{s_}x{c}"] = (_conv, x, k, fl)
+    cases[f"SAME {s_}x{s_}x{c}"] = (_conv_same, x, k, fl)
+    if s_ == 2:
+      cases[f"zoo Conv (padded beforehand) {s_}x{s_}x{c}"] = (_conv, x, k, fl)
     if (s_, c) == (2, 512):
       xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
       valid = lambda a, b: lax.conv_general_dilated(
           a, b, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
       cases[f"VALID on pre-padded {s_}x{s_}x{c}"] = (valid, xp, k, fl)
-      grad = jax.grad(lambda a, b: jnp.sum(_conv(a, b) ** 2), argnums=(0, 1))
-      cases[f"forward+backward SAME {s_}x{s_}x{c}"] = (grad, x, k, 3 * fl)
+      for name, f in (("SAME", _conv_same), ("zoo Conv", _conv)):
+        grad = jax.grad(lambda a, b, f=f: jnp.sum(f(a, b) ** 2), argnums=(0, 1))
+        cases[f"forward+backward {name} {s_}x{s_}x{c}"] = (grad, x, k, 3 * fl)
   fns = {n: functools.partial(jax.jit(f).lower(x, k).compile(), x, k)
          for n, (f, x, k, _) in cases.items()}
   t = timing.alternate(fns, repeats)
