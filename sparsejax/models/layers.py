@@ -32,10 +32,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   spatial axis is at least that axis's size (then convolving 'VALID'): the same function.
 
   XLA:CPU (JAX 0.10.2) takes a slow path for such convolutions: 3x3 'SAME' on VGG's
-  2x2x512 inputs ran at 1.3 GFLOP/s, 'VALID' on the padded input at 28 (22x faster),
-  while 'SAME' on 4x4 and larger inputs runs at 58-62 GFLOP/s (batch 32, quiet machine;
-  ``python -m benchmarks.compaction_layers --padding_check``, docs/benchmarks.md). The
-  backward pass keeps the slow path (its input gradient is again such a convolution).
+  2x2x512 inputs ran at 2.5 GFLOP/s, this function at 47 (19x faster), 'SAME' on 4x4x512
+  and 8x8x512 at 112-115 (batch 32, quiet machine; ``python -m
+  benchmarks.compaction_layers --padding_check``, docs/benchmarks.md). The backward pass
+  keeps the slow path (its input gradient is again such a convolution).
   """
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   spatial_lhs = dn.lhs_spec[2:]
@@ -61,8 +61,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
 
 class Conv(nn.Conv):
-  """`nn.Conv` (NHWC inputs, HWIO kernel) with the zoo's initializer; convolutions whose
-  padding is as large as their input run through :func:`conv_general_dilated`."""
+  """`nn.Conv` (NHWC inputs, HWIO kernel) with the zoo's initializer, convolving through
+  :func:`conv_general_dilated` (pads beforehand where the padding covers the input)."""
 
   kernel_init: Callable = kernel_init
   conv_general_dilated: Callable = conv_general_dilated
