@@ -439,11 +439,15 @@ MAX_PATCHES = 1 << 24
 
 def _reach_linear(e: Eqn, args) -> jax.Array:
   """A linear op of the reachability sweep on (indicators, pattern), float32: the op
-  itself, or for a convolution with few output positions :func:`conv_as_patches`
+  itself; for a convolution with few output positions :func:`conv_as_patches`
   (XLA:CPU runs small-spatial convolutions, e.g. 512 channels at 2x2 or 4x4 positions,
-  and their gradients through a path 10-100x slower than that product)."""
-  y = conv_as_patches(e, *args) if e.prim.name == "conv_general_dilated" else None
-  return _bind(e, *args, preferred_element_type=jnp.float32)[0] if y is None else y
+  and their gradients through a path 10-100x slower than that product), and for the
+  others XLA's convolution with :func:`conv_patches_kernel_grad` as its kernel
+  gradient."""
+  if e.prim.name != "conv_general_dilated":
+    return _bind(e, *args, preferred_element_type=jnp.float32)[0]
+  y = conv_as_patches(e, *args)
+  return conv_patches_kernel_grad(e, *args) if y is None else y
 
 
 @functools.lru_cache(maxsize=256)
@@ -503,6 +507,76 @@ def conv_as_patches(e: Eqn, x, w, max_positions: int | None = None) -> jax.Array
               preferred_element_type=jnp.float32).reshape(n, *osize, cout)
   canonical = {out[0]: 0, out[1]: nsp + 1, **{out[2 + i]: 1 + i for i in range(nsp)}}
   return jnp.transpose(y, [canonical[j] for j in range(nsp + 2)])
+
+
+def _patches_at_offsets(e: Eqn, x, ksize, osize) -> jax.Array | None:
+  """patches[n, *o, k, c] = x_pad[n, o s + k d, c]: [N, *O, K, Cin] float32 for the
+  convolution ``e`` (``x`` in its lhs layout; ``ksize`` its kernel's and ``osize`` its
+  output's spatial sizes), one strided slice of the padded input per kernel offset k;
+  None with lhs dilation, groups or over :data:`MAX_KERNEL_GRAD_PATCHES` entries."""
+  p = e.params
+  if (any(d != 1 for d in p["lhs_dilation"]) or p["feature_group_count"] != 1
+      or p["batch_group_count"] != 1):
+    return None
+  lhs = p["dimension_numbers"][0]
+  x = jnp.transpose(jnp.asarray(x, jnp.float32), (lhs[0], *lhs[2:], lhs[1]))  # N, *S, C
+  n, cin = x.shape[0], x.shape[-1]
+  if n * int(np.prod(osize)) * int(np.prod(ksize)) * cin > MAX_KERNEL_GRAD_PATCHES:
+    return None
+  strides, dil = p["window_strides"], p["rhs_dilation"]
+  x = lax.pad(x, jnp.float32(0),
+              [(0, 0, 0), *[(lo, hi, 0) for lo, hi in p["padding"]], (0, 0, 0)])
+  cols = []
+  for k in np.ndindex(*ksize):
+    start = [ki * d for ki, d in zip(k, dil)]
+    limit = [st + (o - 1) * s + 1 for st, o, s in zip(start, osize, strides)]
+    cols.append(lax.slice(x, (0, *start, 0), (n, *limit, cin), (1, *strides, 1)))
+  return jnp.stack(cols, axis=-2)
+
+
+#: The kernel gradient of :func:`conv_patches_kernel_grad` materializes at most this
+#: many patch entries (float32), else it is XLA's.
+MAX_KERNEL_GRAD_PATCHES = 1 << 26
+
+
+def conv_patches_kernel_grad(e: Eqn, x, w) -> jax.Array:
+  """XLA's convolution ``e`` on (x, w) (float32), whose vjp computes the kernel
+  gradient as one patches-transposed-times-cotangent product.
+
+  dw[k, ci, co] = sum_{n, o} x_pad[n, o s + k d, ci] g[n, o, co]: the patches of
+  :func:`_patches_at_offsets` as [N O, K Cin], transposed, times the cotangent as
+  [N O, Cout]. XLA:CPU runs the kernel gradient of a convolution over many positions
+  (e.g. 64 channels at 64 x 64) as a convolution 2-3x slower than that product; the
+  input gradient stays XLA's. In the reachability sweep the result is the
+  convolution's own: terms are in {0, 1} and every sum is < 2^24. Convolutions the
+  patches do not cover (lhs dilation, groups) are XLA's with its own gradients.
+  """
+  conv = lambda a, b: _bind(e, a, b, preferred_element_type=jnp.float32)[0]
+
+  @jax.custom_vjp
+  def f(a, b):
+    return conv(a, b)
+
+  def fwd(a, b):
+    return conv(a, b), (a, b)
+
+  def bwd(res, g):
+    a, b = res
+    _, rhs, out = e.params["dimension_numbers"]
+    ksize = [b.shape[d] for d in rhs[2:]]
+    patches = _patches_at_offsets(e, a, ksize, [g.shape[d] for d in out[2:]])
+    if patches is None:
+      return jax.vjp(conv, a, b)[1](g)
+    da = jax.vjp(lambda t: conv(t, b), a)[1](g)[0]
+    g = jnp.transpose(g, (out[0], *out[2:], out[1]))  # N, *O, Co
+    cin, cout = patches.shape[-1], g.shape[-1]
+    dw = jnp.dot(patches.reshape(-1, int(np.prod(ksize)) * cin).T,
+                 g.reshape(-1, cout), preferred_element_type=jnp.float32)
+    dw = dw.reshape(*ksize, cin, cout)  # axes rhs[2:], rhs[1], rhs[0] of b
+    return da, jnp.transpose(dw, np.argsort((*rhs[2:], rhs[1], rhs[0]))).astype(b.dtype)
+
+  f.defvjp(fwd, bwd)
+  return f(x, w)
 
 
 class _Eval:

@@ -1,5 +1,6 @@
-"""The sweep's convolutions as patches-times-kernel products equal XLA's convolution,
-values and both gradients, for any strides, padding, rhs dilation and layout."""
+"""The sweep's convolutions as patches-times-kernel products, and XLA's convolution with
+the patches kernel gradient, equal XLA's convolution, values and both gradients, for
+any strides, padding, rhs dilation and layout."""
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,11 @@ def test_patches_equal_the_convolution_and_its_gradients(nsp, size, k, stride, d
   got_vjp = jax.vjp(lambda a, b: conn.conv_as_patches(e, a, b, 10**6), x, w)[1](g)
   for a, b in zip(got_vjp, vjp(g)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  got, got_vjp = jax.jit(lambda a, b: jax.vjp(
+      lambda a, b: conn.conv_patches_kernel_grad(e, a, b), a, b))(x, w)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  for a, b in zip(got_vjp(g), vjp(g)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_patches_decline_what_they_do_not_cover():
@@ -64,3 +70,19 @@ def test_patches_decline_what_they_do_not_cover():
                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
   assert conn.conv_as_patches(plain, x, w, max_positions=15) is None
   assert conn.conv_as_patches(plain, x, w, max_positions=16) is not None
+
+
+def test_patches_kernel_grad_falls_back_to_xla_where_patches_do_not_apply():
+  """Grouped convolutions keep XLA's own gradients, equal to the plain vjp."""
+  keys = jax.random.split(jax.random.key(3), 3)
+  x = (jax.random.uniform(keys[0], (1, 5, 5, 4)) > 0.5).astype(jnp.float32)
+  w = (jax.random.uniform(keys[1], (3, 3, 2, 4)) > 0.5).astype(jnp.float32)
+  kw = dict(window_strides=(1, 1), padding="SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2)
+  want, vjp = jax.vjp(lambda a, b: lax.conv_general_dilated(a, b, **kw), x, w)
+  e = _conv_eqn(x, w, **kw)
+  got, got_vjp = jax.vjp(lambda a, b: conn.conv_patches_kernel_grad(e, a, b), x, w)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  g = (jax.random.uniform(keys[2], want.shape) > 0.5).astype(jnp.float32)
+  for a, b in zip(got_vjp(g), vjp(g)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
