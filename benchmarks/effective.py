@@ -49,17 +49,36 @@ def _alternating_medians(fns, repeats):
   return [statistics.median(t) for t in times]
 
 
-def _compile(fn, example, max_positions=None):
+def _compile(fn, example, max_positions=None, kernel_grad_patches=True):
   """``fn`` compiled as the library compiles its sweep; ``max_positions`` overrides
-  connectivity.MAX_POSITIONS while tracing (0: every convolution as XLA's)."""
-  saved = connectivity.MAX_POSITIONS
+  connectivity.MAX_POSITIONS while tracing (0: every convolution as XLA's);
+  ``kernel_grad_patches=False``: every kernel gradient XLA's (before
+  ``connectivity.conv_patches_kernel_grad``)."""
+  saved = connectivity.MAX_POSITIONS, connectivity.MAX_KERNEL_GRAD_PATCHES
   if max_positions is not None:
     connectivity.MAX_POSITIONS = max_positions
+  if not kernel_grad_patches:
+    connectivity.MAX_KERNEL_GRAD_PATCHES = 0
   try:
     options = compilation.CPU_OPTIONS if jax.default_backend() == "cpu" else None
     return jax.jit(fn).lower(example).compile(options)
   finally:
-    connectivity.MAX_POSITIONS = saved
+    connectivity.MAX_POSITIONS, connectivity.MAX_KERNEL_GRAD_PATCHES = saved
+
+
+def _gflop(compiled) -> float:
+  """XLA's count of floating-point operations of a compiled program, in 1e9."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)) / 1e9
+
+
+def matmul_gflops(repeats: int, n: int = 2048) -> float:
+  """The machine's float32 matrix-product rate (1e9 FLOP/s), an n x n product: the
+  ceiling the sweep's arithmetic is compared with."""
+  a = jnp.ones((n, n), jnp.float32)
+  product = jax.jit(lambda a: a @ a)
+  return 2 * n ** 3 / report.median_seconds(lambda: product(a), repeats) / 1e9
 
 
 def _convolutions(traced, example):
@@ -97,26 +116,34 @@ def layer_profile(archs, repeats):
              "patches": lambda a, b, e=e: connectivity.conv_as_patches(e, a, b, 1 << 30)}
       y = ops["conv"](x, w)
       g = (jax.random.uniform(keys[2], y.shape) > 0.5).astype(jnp.float32)
-      times = {}
+      times = {"patches": [float("nan")] * 3}  # nan: no patches product (too large)
       for name, op in ops.items():
+        if op(x, w) is None:
+          continue
+        # x, w and g are arguments, not constants XLA could fold into the program.
         fwd = jax.jit(op)
-        dx = jax.jit(lambda gg, op=op: jax.vjp(lambda a: op(a, w), x)[1](gg)[0])
-        dw = jax.jit(lambda gg, op=op: jax.vjp(lambda b: op(x, b), w)[1](gg)[0])
+        dx = jax.jit(lambda a, b, gg, op=op: jax.vjp(lambda t: op(t, b), a)[1](gg)[0])
+        dw = jax.jit(lambda a, b, gg, op=op: jax.vjp(lambda t: op(a, t), b)[1](gg)[0])
         times[name] = [report.median_seconds(lambda: fwd(x, w), repeats) * 1e3,
-                       report.median_seconds(lambda: dx(g), repeats) * 1e3,
-                       report.median_seconds(lambda: dw(g), repeats) * 1e3]
+                       report.median_seconds(lambda: dx(x, w, g), repeats) * 1e3,
+                       report.median_seconds(lambda: dw(x, w, g), repeats) * 1e3]
+      kernel_grad = jax.jit(lambda a, b, gg, e=e: jax.vjp(
+          lambda t: connectivity.conv_patches_kernel_grad(e, a, t), b)[1](gg)[0])
+      times["conv"].append(report.median_seconds(lambda: kernel_grad(x, w, g), repeats) * 1e3)
       positions = int(np.prod(y.shape[1:-1]))
-      used = "patches" if positions <= connectivity.MAX_POSITIONS else "conv"
+      used = ("patches" if positions <= connectivity.MAX_POSITIONS
+              else "conv, patches kernel-grad")
       rows.append([arch, n, f"{xs[1]}x{xs[2]}x{xs[3]} -> {ws[-1]}", positions,
                    *[f"{t:.2f}" for t in times["conv"]],
-                   *[f"{t:.2f}" for t in times["patches"]], used])
+                   *["-" if t != t else f"{t:.2f}" for t in times["patches"]], used])
       print(" | ".join(str(r) for r in rows[-1]), flush=True)
   return rows
 
 
 def transform_vs_old(archs, compressions, repeats):
-  """Rows: network, compression, units?, old ms, convolutions-only ms, transform ms,
-  ratios, trace s, compile s."""
+  """Rows: network, compression, units?, ms of the old sweep, of the transform with
+  XLA's convolutions only, with XLA's kernel gradients, and as the library runs it;
+  ratios; GFLOP of one sweep and its rate; trace s; compile s."""
   rows = []
   for arch in archs:
     model, shape = models.create(arch), models.input_shape(arch)
@@ -129,23 +156,27 @@ def transform_vs_old(archs, compressions, repeats):
       trace_s = time.perf_counter() - start
       old = jax.jit(old_sweep.connectivity_sweep(OLD_MODELS[arch](), shape, units))
       m0 = masks.random(jax.random.key(1), zeros, 0.9)
+      # A new function each: jit caches the trace of one function object, and the
+      # variants differ in module constants read while tracing.
+      sweep = lambda: effective.sweep_of(traced, units)
+      convs = _compile(sweep(), m0, max_positions=0, kernel_grad_patches=False)
+      before = _compile(sweep(), m0, kernel_grad_patches=False)
       start = time.perf_counter()
-      convs = _compile(effective.sweep_of(traced, units), m0, max_positions=0)
-      compile_conv_s = time.perf_counter() - start
-      start = time.perf_counter()
-      new = _compile(effective.sweep_of(traced, units), m0)
+      new = _compile(sweep(), m0)
       compile_s = time.perf_counter() - start
+      gflop = _gflop(new)
       for c in compressions:
         m = masks.random(jax.random.key(1), zeros, 1 - 1 / c)
-        t_old, t_conv, t_new = _alternating_medians(
-            [lambda: old(m), lambda: convs(m), lambda: new(m)], repeats)
-        same = all(bool(jnp.array_equal(a, b)) for a, b in zip(
-            jax.tree.leaves(convs(m).potential), jax.tree.leaves(new(m).potential)))
-        assert same, "the patches products changed the sweep's result"
+        t_old, t_conv, t_before, t_new = _alternating_medians(
+            [lambda: old(m), lambda: convs(m), lambda: before(m), lambda: new(m)], repeats)
+        want = jax.tree.leaves(convs(m))
+        for other in (before, new):
+          assert all(bool(jnp.array_equal(a, b)) for a, b in zip(
+              want, jax.tree.leaves(other(m)))), "a variant changed the sweep's result"
         rows.append([arch, f"{c:g}x", "yes" if units else "no", f"{t_old * 1e3:.1f}",
-                     f"{t_conv * 1e3:.1f}", f"{t_new * 1e3:.1f}", f"{t_new / t_old:.3f}",
-                     f"{t_new / t_conv:.3f}", f"{trace_s:.2f}",
-                     f"{compile_conv_s:.2f} / {compile_s:.2f}"])
+                     f"{t_conv * 1e3:.1f}", f"{t_before * 1e3:.1f}", f"{t_new * 1e3:.1f}",
+                     f"{t_new / t_old:.3f}", f"{t_new / t_before:.3f}", f"{gflop:.2f}",
+                     f"{gflop / t_new:.0f}", f"{trace_s:.2f}", f"{compile_s:.2f}"])
         print(" | ".join(rows[-1]), flush=True)
   return rows
 
@@ -181,17 +212,20 @@ def main():
   compressions = [float(c) for c in args.compressions.split(",")]
   big = [a for a in args.archs.split(",") if a in OLD_MODELS]
   t_rows = transform_vs_old(big, compressions, args.repeats)
+  peak = matmul_gflops(args.repeats)
   t_table = report.markdown_table(
-      ["network", "direct", "units", "old sweep ms", "transform, convolutions ms",
-       "transform ms", "ratio to old", "ratio to convolutions", "trace s",
-       "compile s (convolutions / transform)"], t_rows)
+      ["network", "direct", "units", "old sweep ms", "XLA convolutions ms",
+       "XLA kernel gradients ms", "transform ms", "ratio to old",
+       "ratio to XLA kernel gradients", "GFLOP", "GFLOP/s", "trace s", "compile s"],
+      t_rows)
   print(t_table)
   p_table = ""
   if not args.skip_profile:
     p_rows = layer_profile(big, max(3, args.repeats // 2))
     p_table = report.markdown_table(
         ["network", "conv", "input -> channels", "positions", "conv fwd ms",
-         "conv input-grad ms", "conv kernel-grad ms", "patches fwd ms",
+         "conv input-grad ms", "conv kernel-grad ms",
+         "conv kernel-grad as patches product ms", "patches fwd ms",
          "patches input-grad ms", "patches kernel-grad ms", "sweep uses"], p_rows)
     print(p_table)
   if not args.no_doc:
@@ -205,21 +239,26 @@ connectivity transform of the traced standard model (sparsejax.connectivity); *u
 with active-unit counts (``effective.connectivity``) or masks only (the effective-target
 search). Target ratio <= 1.05. *trace s*: tracing to a jaxpr, inlining and classifying
 (once per model, input shape and variable shapes); *compile s*: XLA compilation of the
-transformed sweep (once per traced model and mask structure). *transform,
-convolutions*: the same transform with every convolution run as XLA's convolution
-(before issue 15); *transform*: convolutions with at most
-{connectivity.MAX_POSITIONS} output positions as one patches-times-kernel product
-(`connectivity.conv_as_patches`), masks checked equal. Issue 15 targets: one sweep of
-VGG-19 <= 60 ms, ResNet-18 <= 50 ms. Machine shared with two other sessions: compare
-ratios within a row.
+transformed sweep (once per traced model and mask structure). *XLA convolutions*: the
+same transform with every convolution and its gradients XLA's (before issue 15); *XLA
+kernel gradients*: convolutions with at most {connectivity.MAX_POSITIONS} output
+positions as one patches-times-kernel product (`connectivity.conv_as_patches`), the
+others XLA's with XLA's gradients; *transform* (the library): as that, with the
+kernel gradients of the others as one patches-transposed-times-cotangent product
+(`connectivity.conv_patches_kernel_grad`). Masks and unit counts checked equal across
+the three. *GFLOP*: XLA's count for one sweep of the transform; *GFLOP/s*: that over
+its time, against a {peak:.0f} GFLOP/s float32 matrix product (2048 x 2048) measured
+in the same run, the machine's ceiling for this arithmetic. Issue 15 targets: one
+sweep of VGG-19 <= 60 ms, ResNet-18 <= 50 ms.
 
 {t_table}
 
 Per convolution of the sweep (binary values, batch 1, medians): where the time goes,
 forward, input-gradient (coreach) and kernel-gradient (potential) of XLA's convolution
-against the patches product. XLA:CPU's convolutions at few positions (4x4, 2x2) are
-10-100x slower than the product of the same arithmetic; large images favor the
-convolution.
+against the patches product, and the kernel gradient as one patches-transposed product
+(`connectivity.conv_patches_kernel_grad`). XLA:CPU's convolutions at few positions (4x4,
+2x2) are 10-100x slower than the product of the same arithmetic; large images favor
+the convolution, except for its kernel gradient.
 
 {p_table}
 """)
