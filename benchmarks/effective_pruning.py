@@ -219,6 +219,7 @@ def main():
   if args.ranking_only:
     ranking_main(args)
     return
+  load = open("/proc/loadavg").read().split()[:3]
   fresh_table = fresh_table_from_args(args)
   rows = []
   for arch in args.archs.split(","):
@@ -280,6 +281,7 @@ def main():
                     f"effective {eff:.4g}x.")
     print(synflow_line)
   print(table)
+  load_end = open("/proc/loadavg").read().split()[:3]
   if not args.no_doc:
     report.update_section("effective_pruning", f"""
 ## Pruning to a target effective sparsity (`python -m benchmarks.effective_pruning`)
@@ -303,8 +305,8 @@ seconds; a warm process loads them from the persistent cache and counts them too
 *cold*: empty persistent compilation cache; *warm*: a second process on the same
 cache. *baseline*: the library before issue 15, same child script, same run. Targets
 (issue 15): cold <= 6 s, warm <= 2 s to 100x. The paper's reference needs about 31 s.
-The machine was shared with two other sessions (load average well above 2 on 2
-cores): wall times are inflated; *total CPU s* (user + system of the process) is the
+Load average {' '.join(load)} at the start, {' '.join(load_end)} at the end; on a shared
+machine wall times are inflated and *total CPU s* (user + system of the process) is the
 steadier figure.
 
 {fresh_table}
