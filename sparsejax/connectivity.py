@@ -435,6 +435,9 @@ def _along_axis_or(e: Eqn, v):
 #: grows as positions squared).
 MAX_POSITIONS = 64
 MAX_PATCHES = 1 << 24
+#: The kernel gradient of :func:`conv_patches_kernel_grad` materializes at most this
+#: many patch entries (float32), else it is XLA's.
+MAX_KERNEL_GRAD_PATCHES = 1 << 26
 
 
 def _reach_linear(e: Eqn, args) -> jax.Array:
@@ -513,7 +516,9 @@ def _patches_at_offsets(e: Eqn, x, ksize, osize) -> jax.Array | None:
   """patches[n, *o, k, c] = x_pad[n, o s + k d, c]: [N, *O, K, Cin] float32 for the
   convolution ``e`` (``x`` in its lhs layout; ``ksize`` its kernel's and ``osize`` its
   output's spatial sizes), one strided slice of the padded input per kernel offset k;
-  None with lhs dilation, groups or over :data:`MAX_KERNEL_GRAD_PATCHES` entries."""
+  None with lhs dilation, groups or over :data:`MAX_KERNEL_GRAD_PATCHES` entries.
+  (:func:`conv_as_patches` gathers with a one-hot selection matrix instead: cheaper to
+  compile at few positions, but its size grows as positions squared.)"""
   p = e.params
   if (any(d != 1 for d in p["lhs_dilation"]) or p["feature_group_count"] != 1
       or p["batch_group_count"] != 1):
@@ -532,11 +537,6 @@ def _patches_at_offsets(e: Eqn, x, ksize, osize) -> jax.Array | None:
     limit = [st + (o - 1) * s + 1 for st, o, s in zip(start, osize, strides)]
     cols.append(lax.slice(x, (0, *start, 0), (n, *limit, cin), (1, *strides, 1)))
   return jnp.stack(cols, axis=-2)
-
-
-#: The kernel gradient of :func:`conv_patches_kernel_grad` materializes at most this
-#: many patch entries (float32), else it is XLA's.
-MAX_KERNEL_GRAD_PATCHES = 1 << 26
 
 
 def conv_patches_kernel_grad(e: Eqn, x, w) -> jax.Array:
