@@ -22,7 +22,9 @@ A task with no GPU runs JAX on the CPU (``JAX_PLATFORMS=cpu``); tasks sharing a 
 (``--ray_gpus_per_run`` < 1) allocate GPU memory as they need it
 (``XLA_PYTHON_CLIENT_PREALLOCATE=false``). Ray runs a GPU task in a fresh worker
 (``max_calls=1`` is Ray's default for GPU tasks), CPU tasks reuse theirs (data and
-compiled steps stay cached across runs).
+compiled steps stay cached across runs). Workers use the persistent compilation cache
+of ``--compilation_cache_dir`` as the local executor's children do (each node's
+default folder unless the flag names one; ``--nocompilation_cache``: none).
 """
 
 from __future__ import annotations
@@ -166,9 +168,25 @@ def _env(options: RayOptions) -> dict:
   return env
 
 
-def _run_task(point: dict, shared: list, out_dir: str, source: common.DataSource) -> int:
+def enable_worker_cache(directory: str | None) -> str | None:
+  """The persistent compilation cache in a Ray worker, as a local child process of
+  the sweep would use it: ``directory`` ('': none; None: this node's default,
+  :func:`experiments.common.default_compilation_cache_dir`). A node that cannot
+  write it runs without the cache (a warning), not without the run."""
+  if directory is None:
+    directory = common.default_compilation_cache_dir()
+  try:
+    return common.enable_compilation_cache(directory)
+  except ValueError as err:
+    logging.warning("%s This worker runs without the persistent compilation cache.", err)
+    return None
+
+
+def _run_task(point: dict, shared: list, out_dir: str, source: common.DataSource,
+              compilation_cache_dir: str | None = None) -> int:
   """The body of a grid point's Ray task (in a Ray worker): the local executor's run."""
   from experiments import sweep  # pylint: disable=import-outside-toplevel
+  enable_worker_cache(compilation_cache_dir)
   return sweep.run_point(point, shared, out_dir, source)
 
 
@@ -177,9 +195,13 @@ class RayRuns:
   :meth:`stop`, cancels those in flight (their workers end; the runs resume from
   their checkpoints next time) and starts no new one."""
 
-  def __init__(self, ray, options: RayOptions):
+  def __init__(self, ray, options: RayOptions, compilation_cache_dir: str | None = None):
+    """``compilation_cache_dir``: the workers' persistent compilation cache ('': none;
+    None: each node's default), a folder every node can write (a shared one lets
+    nodes share compiled programs)."""
     self._ray = ray
     self._options = options
+    self._cache = compilation_cache_dir
     self._task = ray.remote(_run_task).options(
         num_cpus=options.cpus_per_run, num_gpus=options.gpus_per_run,
         max_retries=options.max_retries, retry_exceptions=False,
@@ -195,7 +217,7 @@ class RayRuns:
     with self._lock:
       if self.stopping:
         return 1, "not started: the sweep was stopped"
-      ref = self._task.remote(point, shared, out_dir, source)
+      ref = self._task.remote(point, shared, out_dir, source, self._cache)
       self._refs.add(ref)
     try:
       code = ray.get(ref)

@@ -149,8 +149,8 @@ def execute(points: list[dict], shared: list[str], out_dir: str, source: common.
     executor: 'local' (this machine) or 'ray' (Ray tasks, experiments.ray_executor).
     ray_options: the Ray cluster and each task's resources (executor='ray').
     compilation_cache_dir: the persistent compilation cache local child processes
-      use ('': none; None: their default). In-process runs use this process's
-      setting (:func:`experiments.common.enable_compilation_cache`).
+      and Ray workers use ('': none; None: their default). In-process runs use this
+      process's setting (:func:`experiments.common.enable_compilation_cache`).
 
   Raises:
     ValueError: a bad config or flag, ray not installed or its cluster unreachable
@@ -169,7 +169,7 @@ def execute(points: list[dict], shared: list[str], out_dir: str, source: common.
   if executor == "ray":
     options = ray_options or ray_executor.RayOptions()
     ray = ray_executor.connect(options)
-    runner = ray_executor.RayRuns(ray, options)
+    runner = ray_executor.RayRuns(ray, options, compilation_cache_dir)
     jobs = jobs or ray_executor.capacity(ray, options)
   jobs = jobs or 1
   todo = [(point, c) for point, c in runs if not results.is_done(result_path(c, out_dir))]

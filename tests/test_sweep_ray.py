@@ -92,13 +92,13 @@ def _kill_worker(point, out_dir, after_checkpoint: bool, timeout=240.0) -> None:
   os.kill(pid, signal.SIGKILL)
 
 
-def _execute_in_thread(points, out_dir, options):
+def _execute_in_thread(points, out_dir, options, cache_dir=None):
   out = {}
 
   def target():
     try:
       out["counts"] = sweep.execute(points, SHARED, str(out_dir), SOURCE, None, "ray",
-                                    options)
+                                    options, cache_dir)
     except BaseException as err:  # pylint: disable=broad-except
       out["error"] = err
 
@@ -120,9 +120,15 @@ def test_ray_sweep_retries_a_killed_worker_and_reports_one_that_keeps_dying(
   points = sweep.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct", "effective"],
                       [0])
   options = ray_executor.RayOptions(address=ray_address, cpus_per_run=1, max_retries=2)
-  thread, out = _execute_in_thread(points, tmp_path, options)
-  _kill_worker(points[0], tmp_path, after_checkpoint=True)
-  thread.join(timeout=600)
+  cache = tempfile.mkdtemp(prefix="jaxcache")
+  try:
+    thread, out = _execute_in_thread(points, tmp_path, options, cache)
+    _kill_worker(points[0], tmp_path, after_checkpoint=True)
+    thread.join(timeout=600)
+    # The workers compiled into the sweep's persistent compilation cache.
+    assert os.listdir(cache)
+  finally:
+    shutil.rmtree(cache, ignore_errors=True)
   assert "error" not in out, out.get("error")
   assert out["counts"] == (2, 0, 0)  # the killed run was retried, not failed
   for point in points:
@@ -156,6 +162,28 @@ def test_ray_sweep_retries_a_killed_worker_and_reports_one_that_keeps_dying(
   # run folder's next holder removes that temp file.
   with rundir.locked(os.path.dirname(_path(again[0], tmp_path))):
     _no_stray_files(tmp_path)
+
+
+def test_worker_cache_as_the_local_children_use_it(tmp_path, monkeypatch):
+  """A worker's cache: the folder given, each node's default for None, none for '';
+  a folder the node cannot create: a warning and no cache, not a failed run."""
+  import jax  # pylint: disable=import-outside-toplevel
+  before = jax.config.jax_compilation_cache_dir
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  try:
+    assert ray_executor.enable_worker_cache(str(tmp_path / "c")) == str(tmp_path / "c")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
+    assert ray_executor.enable_worker_cache(None) == common.default_compilation_cache_dir()
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xdg" / "sparsejax" /
+                                                       "jax")
+    assert ray_executor.enable_worker_cache("") is None
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    current = jax.config.jax_compilation_cache_dir
+    assert ray_executor.enable_worker_cache(str(blocker / "cache")) is None
+    assert jax.config.jax_compilation_cache_dir == current
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
 
 
 def test_bad_ray_flags_fail_by_name_before_any_file(tmp_path, monkeypatch):
