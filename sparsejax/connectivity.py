@@ -453,6 +453,13 @@ def _reach_linear(e: Eqn, args) -> jax.Array:
   return conv_patches_kernel_grad(e, *args) if y is None else y
 
 
+def _patches_cover(p: dict) -> bool:
+  """Whether a convolution with params ``p`` is a patches product: no lhs dilation,
+  no feature or batch groups."""
+  return (all(d == 1 for d in p["lhs_dilation"]) and p["feature_group_count"] == 1
+          and p["batch_group_count"] == 1)
+
+
 @functools.lru_cache(maxsize=256)
 def _selection(in_size, ksize, strides, dil, pads, max_positions):
   """One-hot [*O, *K, S] float32: output position o reads input position s at kernel
@@ -489,8 +496,7 @@ def conv_as_patches(e: Eqn, x, w, max_positions: int | None = None) -> jax.Array
   """
   p = e.params
   max_positions = MAX_POSITIONS if max_positions is None else max_positions
-  if (jnp.ndim(x) < 3 or any(d != 1 for d in p["lhs_dilation"])
-      or p["feature_group_count"] != 1 or p["batch_group_count"] != 1):
+  if jnp.ndim(x) < 3 or not _patches_cover(p):
     return None
   lhs, rhs, out = p["dimension_numbers"]
   nsp = len(lhs) - 2
@@ -520,8 +526,7 @@ def _patches_at_offsets(e: Eqn, x, ksize, osize) -> jax.Array | None:
   (:func:`conv_as_patches` gathers with a one-hot selection matrix instead: cheaper to
   compile at few positions, but its size grows as positions squared.)"""
   p = e.params
-  if (any(d != 1 for d in p["lhs_dilation"]) or p["feature_group_count"] != 1
-      or p["batch_group_count"] != 1):
+  if not _patches_cover(p):
     return None
   lhs = p["dimension_numbers"][0]
   x = jnp.transpose(jnp.asarray(x, jnp.float32), (lhs[0], *lhs[2:], lhs[1]))  # N, *S, C
