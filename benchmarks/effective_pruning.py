@@ -154,7 +154,7 @@ def fresh_table_from_args(args) -> str:
 def ranking_main(args) -> None:
   """Issue 15, item 2: rankings without a full sort (``--ranking_only``)."""
   compressions = [float(c) for c in args.compressions.split(",")]
-  load = open("/proc/loadavg").read().split()[:3]
+  load = report.load_average()
   rows = []
   for arch in args.archs.split(","):
     rows += ranking_rows(arch, args.pruners.split(","), compressions, args.repeats)
@@ -165,13 +165,13 @@ def ranking_main(args) -> None:
   table = report.markdown_table(header, rows)
   print(table)
   fresh_table = fresh_table_from_args(args)
-  load_end = open("/proc/loadavg").read().split()[:3]
+  load_end = report.load_average()
   if args.no_doc:
     return
   report.update_section("ranking_select", f"""
 ## Rankings without a full sort (`python -m benchmarks.effective_pruning --ranking_only`)
 
-{report.stamp()}; load average {' '.join(load)} at the start, {' '.join(load_end)} at the
+{report.stamp()}; load average {load} at the start, {load_end} at the
 end (2 cores shared with other sessions: wall times are inflated, CPU seconds steadier).
 Issue 15, item 2: `rank_scores` computes order-preserving uint32 keys of the scores
 (one fused program) and nothing else; a direct mask takes one threshold per layer (or
@@ -219,7 +219,7 @@ def main():
   if args.ranking_only:
     ranking_main(args)
     return
-  load = open("/proc/loadavg").read().split()[:3]
+  load = report.load_average()
   fresh_table = fresh_table_from_args(args)
   rows = []
   for arch in args.archs.split(","):
@@ -281,7 +281,7 @@ def main():
                     f"effective {eff:.4g}x.")
     print(synflow_line)
   print(table)
-  load_end = open("/proc/loadavg").read().split()[:3]
+  load_end = report.load_average()
   if not args.no_doc:
     report.update_section("effective_pruning", f"""
 ## Pruning to a target effective sparsity (`python -m benchmarks.effective_pruning`)
@@ -305,7 +305,7 @@ seconds; a warm process loads them from the persistent cache and counts them too
 *cold*: empty persistent compilation cache; *warm*: a second process on the same
 cache. *baseline*: the library before issue 15, same child script, same run. Targets
 (issue 15): cold <= 6 s, warm <= 2 s to 100x. The paper's reference needs about 31 s.
-Load average {' '.join(load)} at the start, {' '.join(load_end)} at the end; on a shared
+Load average {load} at the start, {load_end} at the end; on a shared
 machine wall times are inflated and *total CPU s* (user + system of the process) is the
 steadier figure.
 

@@ -34,6 +34,15 @@ def machine() -> str:
           f"{jax.default_backend()} ({devices})")
 
 
+def load_average() -> str:
+  """The 1, 5 and 15 minute load averages, e.g. '0.25 0.81 0.98' ('?' where unknown)."""
+  try:
+    with open("/proc/loadavg") as f:
+      return " ".join(f.read().split()[:3])
+  except OSError:
+    return "?"
+
+
 def stamp() -> str:
   return f"{datetime.date.today().isoformat()}, {machine()}"
 
