@@ -69,11 +69,31 @@ SNIP_CHUNK = 128
 #: Row identity in the CSV (a rerun skips rows whose key is there).
 KEY = ("platform", "arch", "pruner", "compression", "batch", "train")
 FIELDS = KEY + (
-    "status", "widths", "params_masked", "params_compact", "flops_masked", "flops_compact",
-    "flops_effective", "flops_ratio", "latency_masked_s", "latency_compact_s",
-    "batch_masked_s", "batch_compact_s", "train_batch", "train_masked_s",
-    "train_compact_s", "compile_masked_s", "compile_compact_s", "repeats", "rounds",
-    "snip_examples", "prune_s", "load_before", "load_after", "date")
+  "status",
+  "widths",
+  "params_masked",
+  "params_compact",
+  "flops_masked",
+  "flops_compact",
+  "flops_effective",
+  "flops_ratio",
+  "latency_masked_s",
+  "latency_compact_s",
+  "batch_masked_s",
+  "batch_compact_s",
+  "train_batch",
+  "train_masked_s",
+  "train_compact_s",
+  "compile_masked_s",
+  "compile_compact_s",
+  "repeats",
+  "rounds",
+  "snip_examples",
+  "prune_s",
+  "load_before",
+  "load_after",
+  "date",
+)
 
 
 def pruner_for(arch: str, name: str) -> str:
@@ -84,9 +104,11 @@ def pruner_for(arch: str, name: str) -> str:
   try:
     pruning.get_pruner(name)
   except ValueError:
-    raise ValueError(f"--pruners: {name!r} is not a pruner; use registry names "
-                     f"(e.g. {', '.join(PRUNERS[:-1])}, channel/l1, neuron/l1) or "
-                     f"{STRUCTURED!r}.") from None
+    raise ValueError(
+      f"--pruners: {name!r} is not a pruner; use registry names "
+      f"(e.g. {', '.join(PRUNERS[:-1])}, channel/l1, neuron/l1) or "
+      f"{STRUCTURED!r}."
+    ) from None
   return name
 
 
@@ -96,13 +118,16 @@ def grid(archs: str, pruners: str, compressions: str, rows: str | None = None) -
   arch_list = [a for a in archs.split(",") if a]
   for a in arch_list:
     if a not in models.MODELS:
-      raise ValueError(f"--archs: {a!r} is not a network; allowed: "
-                       f"{', '.join(sorted(models.MODELS))}.")
+      raise ValueError(
+        f"--archs: {a!r} is not a network; allowed: {', '.join(sorted(models.MODELS))}."
+      )
   try:
     cs = [float(c) for c in compressions.split(",") if c]
   except ValueError:
-    raise ValueError(f"--compressions={compressions!r} must be comma-separated numbers "
-                     "(effective compression ratios > 1, e.g. 10,100,1000).") from None
+    raise ValueError(
+      f"--compressions={compressions!r} must be comma-separated numbers "
+      "(effective compression ratios > 1, e.g. 10,100,1000)."
+    ) from None
   for c in cs:
     if not c > 1:
       raise ValueError(f"--compressions: {c:g} is not an effective compression > 1.")
@@ -111,20 +136,27 @@ def grid(archs: str, pruners: str, compressions: str, rows: str | None = None) -
     pats = [p.split(":") for p in rows.split(",") if p]
     for p in pats:
       if len(p) != 3:
-        raise ValueError(f"--rows: {':'.join(p)!r} must be arch:pruner:compression "
-                         "(fnmatch patterns, e.g. 'resnet18:synflow:100' or 'vgg19:*:*').")
+        raise ValueError(
+          f"--rows: {':'.join(p)!r} must be arch:pruner:compression "
+          "(fnmatch patterns, e.g. 'resnet18:synflow:100' or 'vgg19:*:*')."
+        )
   out = []
   for a in arch_list:
     for name in (p for p in pruners.split(",") if p):
       pr = pruner_for(a, name)
       for c in cs:
-        if pats is None or any(fnmatch.fnmatchcase(a, pa) and (
-            fnmatch.fnmatchcase(pr, pp) or fnmatch.fnmatchcase(name, pp)) and
-            fnmatch.fnmatchcase(f"{c:g}", pc) for pa, pp, pc in pats):
+        if pats is None or any(
+          fnmatch.fnmatchcase(a, pa)
+          and (fnmatch.fnmatchcase(pr, pp) or fnmatch.fnmatchcase(name, pp))
+          and fnmatch.fnmatchcase(f"{c:g}", pc)
+          for pa, pp, pc in pats
+        ):
           out.append((a, pr, c))
   if not out:
-    raise ValueError(f"no row matches --archs={archs!r} --pruners={pruners!r} "
-                     f"--compressions={compressions!r} --rows={rows!r}.")
+    raise ValueError(
+      f"no row matches --archs={archs!r} --pruners={pruners!r} "
+      f"--compressions={compressions!r} --rows={rows!r}."
+    )
   return out
 
 
@@ -135,22 +167,40 @@ def score_batches(arch: str, examples: int) -> list:
   n = examples or configs.get_config(arch).snip_batch_size
   images, labels = data.synthetic_split(spec.dataset, "train", n)
   dspec = data.get_spec(spec.dataset)
-  return [{"image": data.preprocess(jax.random.key(0), jnp.asarray(images[i:i + SNIP_CHUNK]),
-                                    dspec, train=False),
-           "label": jnp.asarray(labels[i:i + SNIP_CHUNK])} for i in range(0, n, SNIP_CHUNK)]
+  return [
+    {
+      "image": data.preprocess(
+        jax.random.key(0), jnp.asarray(images[i : i + SNIP_CHUNK]), dspec, train=False
+      ),
+      "label": jnp.asarray(labels[i : i + SNIP_CHUNK]),
+    }
+    for i in range(0, n, SNIP_CHUNK)
+  ]
 
 
-def mask_path(arch: str, pruner: str, compression: float, rounds: int,
-              snip_examples: int) -> str:
+def mask_path(arch: str, pruner: str, compression: float, rounds: int, snip_examples: int) -> str:
   """Where :func:`prune` keeps a row's masks (results/compaction/masks/...npz)."""
-  extra = f"_r{rounds}" if pruner == "synflow" else (
-      f"_n{snip_examples}" if "snip" in pruner else "")
-  return os.path.join(ROOT, "results", "compaction", "masks",
-                      f"{arch}_{pruner.replace('/', '-')}_{compression:g}x{extra}.npz")
+  extra = (
+    f"_r{rounds}" if pruner == "synflow" else (f"_n{snip_examples}" if "snip" in pruner else "")
+  )
+  return os.path.join(
+    ROOT,
+    "results",
+    "compaction",
+    "masks",
+    f"{arch}_{pruner.replace('/', '-')}_{compression:g}x{extra}.npz",
+  )
 
 
-def prune(arch: str, pruner: str, compression: float, *, rounds: int = 100,
-          snip_examples: int = 128, cache: bool = False):
+def prune(
+  arch: str,
+  pruner: str,
+  compression: float,
+  *,
+  rounds: int = 100,
+  snip_examples: int = 128,
+  cache: bool = False,
+):
   """(model, input shape, variables at init, masks at ``compression`` effective).
 
   ``cache``: load the masks from :func:`mask_path` if there, else save them there
@@ -162,11 +212,18 @@ def prune(arch: str, pruner: str, compression: float, *, rounds: int = 100,
     return model, shape, v, masks_lib.load(path, v["params"])
   p = pruning.get_pruner(pruner)
   batches = score_batches(arch, snip_examples) if p.needs_data else None
-  m = pruning.prune(p, key=jax.random.key(1), model=model, variables=v,
-                    sparsity=1 - 1 / compression, pruning_type="effective",
-                    input_shape=shape, batches=batches,
-                    trained_params=v["params"] if p.after_training else None,
-                    rounds=rounds if pruner == "synflow" else None)
+  m = pruning.prune(
+    p,
+    key=jax.random.key(1),
+    model=model,
+    variables=v,
+    sparsity=1 - 1 / compression,
+    pruning_type="effective",
+    input_shape=shape,
+    batches=batches,
+    trained_params=v["params"] if p.after_training else None,
+    rounds=rounds if pruner == "synflow" else None,
+  )
   if cache:
     masks_lib.save(path, m)
   return model, shape, v, m
@@ -184,45 +241,80 @@ def _load() -> str:
   return "" if load is None else f"{load:.2f}"
 
 
-def bench_row(arch: str, pruner: str, compression: float, *, batch: int = 256,
-              repeats: int = 5, train: bool = True, rounds: int = 100,
-              snip_examples: int = 128, train_batch: int | None = None,
-              cache: bool = False) -> dict:
+def bench_row(
+  arch: str,
+  pruner: str,
+  compression: float,
+  *,
+  batch: int = 256,
+  repeats: int = 5,
+  train: bool = True,
+  rounds: int = 100,
+  snip_examples: int = 128,
+  train_batch: int | None = None,
+  cache: bool = False,
+) -> dict:
   """One row: prune, compact (verified), time masked against compacted.
 
   Returns a dict of :data:`FIELDS` (seconds; FLOPs per example). ``status`` is 'ok', or
   'unreachable: ...' for an effective target the pruner cannot reach.
   """
-  for name, value, low in (("batch", batch, 1), ("repeats", repeats, 1),
-                           ("rounds", rounds, 1), ("snip_examples", snip_examples, 0)):
+  for name, value, low in (
+    ("batch", batch, 1),
+    ("repeats", repeats, 1),
+    ("rounds", rounds, 1),
+    ("snip_examples", snip_examples, 0),
+  ):
     if int(value) != value or value < low:
       raise ValueError(f"{name}={value!r} must be an integer >= {low}.")
   cfg = configs.get_config(arch, train_steps=1000)
-  row = dict(platform=jax.default_backend(), arch=arch, pruner=pruner,
-             compression=f"{compression:g}", batch=batch, train=int(train),
-             repeats=repeats, rounds=rounds if pruner == "synflow" else "",
-             snip_examples=(snip_examples or cfg.snip_batch_size) if "snip" in pruner else "",
-             load_before=_load(), date=time.strftime("%Y-%m-%d %H:%M"))
+  row = dict(
+    platform=jax.default_backend(),
+    arch=arch,
+    pruner=pruner,
+    compression=f"{compression:g}",
+    batch=batch,
+    train=int(train),
+    repeats=repeats,
+    rounds=rounds if pruner == "synflow" else "",
+    snip_examples=(snip_examples or cfg.snip_batch_size) if "snip" in pruner else "",
+    load_before=_load(),
+    date=time.strftime("%Y-%m-%d %H:%M"),
+  )
   start = time.perf_counter()
   try:
-    model, shape, v, m = prune(arch, pruner, compression, rounds=rounds,
-                               snip_examples=snip_examples, cache=cache)
+    model, shape, v, m = prune(
+      arch, pruner, compression, rounds=rounds, snip_examples=snip_examples, cache=cache
+    )
   except errors.UnreachableSparsityError as err:
     return {**row, "status": f"unreachable: {err}"}
   row["prune_s"] = time.perf_counter() - start
-  masked = {**v, "params": jax.tree.map(lambda p, k: p if k is None else p * k,
-                                        v["params"], m, is_leaf=lambda x: x is None)}
-  new_model, new_v, new_m = compact.compact(model, v, m, input_shape=shape, fold=False,
-                                            verify=True)
+  masked = {
+    **v,
+    "params": jax.tree.map(
+      lambda p, k: p if k is None else p * k, v["params"], m, is_leaf=lambda x: x is None
+    ),
+  }
+  new_model, new_v, new_m = compact.compact(model, v, m, input_shape=shape, fold=False, verify=True)
   before, after = flops.total(model, m, shape), flops.total(new_model, new_m, shape)
-  kernels = [k for p, k in sorted(traverse_util.flatten_dict(new_v["params"], sep="/").items())
-             if p.endswith("/kernel")]
-  row.update(widths="-".join(str(k.shape[-1]) for k in kernels),params_masked=before.params_dense, params_compact=after.params_dense,
-             flops_masked=before.flops_dense, flops_compact=after.flops_dense,
-             flops_effective=before.flops_effective,
-             flops_ratio=before.flops_dense / after.flops_dense)
-  infer = {"masked": (functools.partial(model.apply, train=False), masked),
-           "compact": (functools.partial(new_model.apply, train=False), new_v)}
+  kernels = [
+    k
+    for p, k in sorted(traverse_util.flatten_dict(new_v["params"], sep="/").items())
+    if p.endswith("/kernel")
+  ]
+  row.update(
+    widths="-".join(str(k.shape[-1]) for k in kernels),
+    params_masked=before.params_dense,
+    params_compact=after.params_dense,
+    flops_masked=before.flops_dense,
+    flops_compact=after.flops_dense,
+    flops_effective=before.flops_effective,
+    flops_ratio=before.flops_dense / after.flops_dense,
+  )
+  infer = {
+    "masked": (functools.partial(model.apply, train=False), masked),
+    "compact": (functools.partial(new_model.apply, train=False), new_v),
+  }
   for field, b in (("latency", 1), ("batch", batch)):
     x = jax.random.normal(jax.random.key(2), (b,) + shape)
     fns = {}
@@ -242,8 +334,9 @@ def bench_row(arch: str, pruner: str, compression: float, *, batch: int = 256,
     batch_ = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
     steps = {}
     for k, mdl, mk, vv in (("masked", model, m, v), ("compact", new_model, new_m, new_v)):
-      state = training.create_train_state(mdl, jax.random.key(0), shape, cfg, masks=mk,
-                                          params=vv["params"])
+      state = training.create_train_state(
+        mdl, jax.random.key(0), shape, cfg, masks=mk, params=vv["params"]
+      )
       fn = functools.partial(training.train_step, model=mdl, spec=spec.dataset, config=cfg)
       compiled, _ = _compile(fn, state, batch_, jax.random.key(3))
       steps[k] = functools.partial(compiled, state, batch_, jax.random.key(3))
@@ -306,8 +399,15 @@ def table(rows: list[dict]) -> str:
   """The markdown table of CSV rows (grid order: network, pruner, compression)."""
   order = {a: i for i, a in enumerate(ARCHS)}
   porder = lambda p: next((i for i, q in enumerate(PRUNERS) if p == q), len(PRUNERS))
-  rows = sorted(rows, key=lambda r: (order.get(r["arch"], 99), porder(r["pruner"]),
-                                     r["pruner"], float(r["compression"])))
+  rows = sorted(
+    rows,
+    key=lambda r: (
+      order.get(r["arch"], 99),
+      porder(r["pruner"]),
+      r["pruner"],
+      float(r["compression"]),
+    ),
+  )
   out = []
   for r in rows:
     r = {k: r.get(k, "") for k in FIELDS}
@@ -317,27 +417,47 @@ def table(rows: list[dict]) -> str:
       status = f"unreachable (at most {most.group(1)})" if most else r["status"][:60]
       out.append(head + [status] + ["-"] * 9)
       continue
-    out.append(head + [
+    out.append(
+      head
+      + [
         f"{int(r['params_masked']):,} / {int(r['params_compact']):,}",
         f"{float(r['flops_ratio']):.2f}x",
         _ms(r["latency_masked_s"], r["latency_compact_s"]),
         _ratio(r["latency_masked_s"], r["latency_compact_s"]),
         _ms(r["batch_masked_s"], r["batch_compact_s"]),
         _ratio(r["batch_masked_s"], r["batch_compact_s"]),
-        (_ms(r["train_masked_s"], r["train_compact_s"]) + f" (b={r['train_batch']})"
-         if r["train_masked_s"] else "-"),
+        (
+          _ms(r["train_masked_s"], r["train_compact_s"]) + f" (b={r['train_batch']})"
+          if r["train_masked_s"]
+          else "-"
+        ),
         _ratio(r["train_masked_s"], r["train_compact_s"]),
         f"{float(r['compile_masked_s']):.1f} / {float(r['compile_compact_s']):.1f}",
-        r["load_before"].split(" ")[0] + "-" + r["load_after"].split(" ")[0]])
-  header = ["network", "pruner", "effective", "kernel params masked / compact",
-            "FLOPs ratio", "latency b=1 ms masked / compact", "speed-up",
-            "b=256 ms masked / compact", "speed-up", "train step ms masked / compact",
-            "speed-up", "compile b=1 s", "load (1 min)"]
+        r["load_before"].split(" ")[0] + "-" + r["load_after"].split(" ")[0],
+      ]
+    )
+  header = [
+    "network",
+    "pruner",
+    "effective",
+    "kernel params masked / compact",
+    "FLOPs ratio",
+    "latency b=1 ms masked / compact",
+    "speed-up",
+    "b=256 ms masked / compact",
+    "speed-up",
+    "train step ms masked / compact",
+    "speed-up",
+    "compile b=1 s",
+    "load (1 min)",
+  ]
   return report.markdown_table(header, out)
 
 
 def write_doc(path: str, rows: list[dict]) -> None:
-  report.update_section("compaction-table", f"""
+  report.update_section(
+    "compaction-table",
+    f"""
 ### Measured grid (generated from `{os.path.relpath(path, ROOT)}`)
 
 {report.machine()}. Speed-up = masked time / compacted time (medians of alternated
@@ -345,7 +465,8 @@ timings); FLOPs ratio = dense FLOPs of the masked network / of the compacted one
 load = 1-minute load average before-after the row (2 cores, shared).
 
 {table(rows)}
-""")
+""",
+  )
 
 
 # ------------------------------------------------------------------ main
@@ -354,25 +475,41 @@ load = 1-minute load average before-after the row (2 cores, shared).
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--archs", default=",".join(ARCHS))
-  parser.add_argument("--pruners", default=",".join(PRUNERS),
-                      help=f"registry names or {STRUCTURED!r} (channel/l1, neuron/l1).")
+  parser.add_argument(
+    "--pruners",
+    default=",".join(PRUNERS),
+    help=f"registry names or {STRUCTURED!r} (channel/l1, neuron/l1).",
+  )
   parser.add_argument("--compressions", default="10,100,1000")
-  parser.add_argument("--rows", default=None,
-                      help="comma-separated arch:pruner:compression fnmatch patterns.")
+  parser.add_argument(
+    "--rows", default=None, help="comma-separated arch:pruner:compression fnmatch patterns."
+  )
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--rounds", type=int, default=100, help="SynFlow rounds.")
-  parser.add_argument("--snip_examples", type=int, default=128,
-                      help="SNIP scoring examples (0: the paper's snip_batch_size).")
+  parser.add_argument(
+    "--snip_examples",
+    type=int,
+    default=128,
+    help="SNIP scoring examples (0: the paper's snip_batch_size).",
+  )
   parser.add_argument("--no_train", action="store_true", help="Skip the training step.")
-  parser.add_argument("--csv", default=None, help="default: " + os.path.relpath(
-      os.path.join("results", "compaction", "benchmark_<platform>.csv")))
+  parser.add_argument(
+    "--csv",
+    default=None,
+    help="default: "
+    + os.path.relpath(os.path.join("results", "compaction", "benchmark_<platform>.csv")),
+  )
   parser.add_argument("--overwrite", action="store_true", help="Redo rows in the CSV.")
-  parser.add_argument("--in_process", action="store_true",
-                      help="Run the rows in this process (no subprocess per row).")
+  parser.add_argument(
+    "--in_process",
+    action="store_true",
+    help="Run the rows in this process (no subprocess per row).",
+  )
   parser.add_argument("--table_only", action="store_true", help="Only print the table.")
-  parser.add_argument("--doc", action="store_true",
-                      help="Write the CSV's table into docs/benchmarks.md.")
+  parser.add_argument(
+    "--doc", action="store_true", help="Write the CSV's table into docs/benchmarks.md."
+  )
   parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   for name in ("batch", "repeats", "rounds"):
@@ -389,8 +526,13 @@ def parse_args(argv=None):
 
 
 def _run_one(args, arch, pruner, c) -> dict:
-  kw = dict(batch=args.batch, repeats=args.repeats, train=not args.no_train,
-            rounds=args.rounds, snip_examples=args.snip_examples)
+  kw = dict(
+    batch=args.batch,
+    repeats=args.repeats,
+    train=not args.no_train,
+    rounds=args.rounds,
+    snip_examples=args.snip_examples,
+  )
   if args.in_process:
     # No jax.clear_caches() here: freeing XLA:CPU executables inside a long-lived process
     # (the test suite) is what preceded a segfault in libgcc_s's unwinder at the end of a
@@ -398,18 +540,47 @@ def _run_one(args, arch, pruner, c) -> dict:
     row = bench_row(arch, pruner, c, **kw)
     write_row(args.csv, row)
     return row
-  cmd = [sys.executable, "-m", "benchmarks.compaction", "--_one", f"{arch}:{pruner}:{c:g}",
-         "--archs", arch, "--pruners", pruner, "--compressions", f"{c:g}",
-         "--batch", str(args.batch), "--repeats", str(args.repeats), "--rounds",
-         str(args.rounds), "--snip_examples", str(args.snip_examples), "--csv", args.csv]
+  cmd = [
+    sys.executable,
+    "-m",
+    "benchmarks.compaction",
+    "--_one",
+    f"{arch}:{pruner}:{c:g}",
+    "--archs",
+    arch,
+    "--pruners",
+    pruner,
+    "--compressions",
+    f"{c:g}",
+    "--batch",
+    str(args.batch),
+    "--repeats",
+    str(args.repeats),
+    "--rounds",
+    str(args.rounds),
+    "--snip_examples",
+    str(args.snip_examples),
+    "--csv",
+    args.csv,
+  ]
   cmd += ["--no_train"] if args.no_train else []
   proc = subprocess.run(cmd, cwd=ROOT)
-  key = (jax.default_backend(), arch, pruner, f"{c:g}", str(args.batch),
-         str(int(not args.no_train)))
+  key = (
+    jax.default_backend(),
+    arch,
+    pruner,
+    f"{c:g}",
+    str(args.batch),
+    str(int(not args.no_train)),
+  )
   row = next((r for r in read_rows(args.csv) if _key(r) == key), None)
   if proc.returncode != 0 or row is None:
-    row = dict(zip(KEY, key), status=f"error: exit code {proc.returncode}",
-               load_after=_load(), date=time.strftime("%Y-%m-%d %H:%M"))
+    row = dict(
+      zip(KEY, key),
+      status=f"error: exit code {proc.returncode}",
+      load_after=_load(),
+      date=time.strftime("%Y-%m-%d %H:%M"),
+    )
     write_row(args.csv, row)
   return row
 
@@ -417,17 +588,31 @@ def _run_one(args, arch, pruner, c) -> dict:
 def main(argv=None):
   args = parse_args(argv)
   if args._one:
-    (arch, pruner, c), = args.grid
-    row = bench_row(arch, pruner, c, batch=args.batch, repeats=args.repeats,
-                    train=not args.no_train, rounds=args.rounds,
-                    snip_examples=args.snip_examples, cache=True)
+    ((arch, pruner, c),) = args.grid
+    row = bench_row(
+      arch,
+      pruner,
+      c,
+      batch=args.batch,
+      repeats=args.repeats,
+      train=not args.no_train,
+      rounds=args.rounds,
+      snip_examples=args.snip_examples,
+      cache=True,
+    )
     write_row(args.csv, row)
     return
   if not args.table_only:
     have = {_key(r): r for r in read_rows(args.csv)}
     for arch, pruner, c in args.grid:
-      key = (jax.default_backend(), arch, pruner, f"{c:g}", str(args.batch),
-             str(int(not args.no_train)))
+      key = (
+        jax.default_backend(),
+        arch,
+        pruner,
+        f"{c:g}",
+        str(args.batch),
+        str(int(not args.no_train)),
+      )
       if not args.overwrite and _done(have.get(key)):
         print(f"{arch} {pruner} {c:g}x: in {args.csv} already", flush=True)
         continue

@@ -28,12 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import old_sweep
-from benchmarks import report
+from benchmarks import old_sweep, report
 from sparsejax import compilation, connectivity, effective, masks, models
 
-OLD_MODELS = {"vgg19": lambda: old_sweep.VGG(config=old_sweep.VGG19, num_classes=100),
-              "resnet18": lambda: old_sweep.ResNet18(num_classes=200)}
+OLD_MODELS = {
+  "vgg19": lambda: old_sweep.VGG(config=old_sweep.VGG19, num_classes=100),
+  "resnet18": lambda: old_sweep.ResNet18(num_classes=200),
+}
 
 
 def _alternating_medians(fns, repeats):
@@ -78,7 +79,7 @@ def matmul_gflops(repeats: int, n: int = 2048) -> float:
   ceiling the sweep's arithmetic is compared with."""
   a = jnp.ones((n, n), jnp.float32)
   product = jax.jit(lambda a: a @ a)
-  return 2 * n ** 3 / report.median_seconds(lambda: product(a), repeats) / 1e9
+  return 2 * n**3 / report.median_seconds(lambda: product(a), repeats) / 1e9
 
 
 def _convolutions(traced, example):
@@ -111,9 +112,12 @@ def layer_profile(archs, repeats):
       keys = jax.random.split(jax.random.key(n), 3)
       x = (jax.random.uniform(keys[0], xs) > 0.5).astype(jnp.float32)
       w = (jax.random.uniform(keys[1], ws) > 0.99).astype(jnp.float32)
-      ops = {"conv": lambda a, b, e=e: connectivity._bind(  # pylint: disable=protected-access
-                 e, a, b, preferred_element_type=jnp.float32)[0],
-             "patches": lambda a, b, e=e: connectivity.conv_as_patches(e, a, b, 1 << 30)}
+      ops = {
+        "conv": lambda a, b, e=e: connectivity._bind(  # pylint: disable=protected-access
+          e, a, b, preferred_element_type=jnp.float32
+        )[0],
+        "patches": lambda a, b, e=e: connectivity.conv_as_patches(e, a, b, 1 << 30),
+      }
       y = ops["conv"](x, w)
       g = (jax.random.uniform(keys[2], y.shape) > 0.5).astype(jnp.float32)
       times = {"patches": [float("nan")] * 3}  # nan: no patches product (too large)
@@ -124,18 +128,30 @@ def layer_profile(archs, repeats):
         fwd = jax.jit(op)
         dx = jax.jit(lambda a, b, gg, op=op: jax.vjp(lambda t: op(t, b), a)[1](gg)[0])
         dw = jax.jit(lambda a, b, gg, op=op: jax.vjp(lambda t: op(a, t), b)[1](gg)[0])
-        times[name] = [report.median_seconds(lambda: fwd(x, w), repeats) * 1e3,
-                       report.median_seconds(lambda: dx(x, w, g), repeats) * 1e3,
-                       report.median_seconds(lambda: dw(x, w, g), repeats) * 1e3]
-      kernel_grad = jax.jit(lambda a, b, gg, e=e: jax.vjp(
-          lambda t: connectivity.conv_patches_kernel_grad(e, a, t), b)[1](gg)[0])
+        times[name] = [
+          report.median_seconds(lambda: fwd(x, w), repeats) * 1e3,
+          report.median_seconds(lambda: dx(x, w, g), repeats) * 1e3,
+          report.median_seconds(lambda: dw(x, w, g), repeats) * 1e3,
+        ]
+      kernel_grad = jax.jit(
+        lambda a, b, gg, e=e: jax.vjp(lambda t: connectivity.conv_patches_kernel_grad(e, a, t), b)[
+          1
+        ](gg)[0]
+      )
       times["conv"].append(report.median_seconds(lambda: kernel_grad(x, w, g), repeats) * 1e3)
       positions = int(np.prod(y.shape[1:-1]))
-      used = ("patches" if positions <= connectivity.MAX_POSITIONS
-              else "conv, patches kernel-grad")
-      rows.append([arch, n, f"{xs[1]}x{xs[2]}x{xs[3]} -> {ws[-1]}", positions,
-                   *[f"{t:.2f}" for t in times["conv"]],
-                   *["-" if t != t else f"{t:.2f}" for t in times["patches"]], used])
+      used = "patches" if positions <= connectivity.MAX_POSITIONS else "conv, patches kernel-grad"
+      rows.append(
+        [
+          arch,
+          n,
+          f"{xs[1]}x{xs[2]}x{xs[3]} -> {ws[-1]}",
+          positions,
+          *[f"{t:.2f}" for t in times["conv"]],
+          *["-" if t != t else f"{t:.2f}" for t in times["patches"]],
+          used,
+        ]
+      )
       print(" | ".join(str(r) for r in rows[-1]), flush=True)
   return rows
 
@@ -168,17 +184,33 @@ def transform_vs_old(archs, compressions, repeats):
       for c in compressions:
         m = masks.random(jax.random.key(1), zeros, 1 - 1 / c)
         t_old, t_conv, t_before, t_new = _alternating_medians(
-            [lambda: old(m), lambda: convs(m), lambda: before(m), lambda: new(m)], repeats)
+          [lambda: old(m), lambda: convs(m), lambda: before(m), lambda: new(m)], repeats
+        )
         want = jax.tree.leaves(convs(m))
         for other in (before, new):
-          assert all(bool(jnp.array_equal(a, b)) for a, b in zip(
-              want, jax.tree.leaves(other(m)))), "a variant changed the sweep's result"
-        rows.append([arch, f"{c:g}x", "yes" if units else "no", f"{t_old * 1e3:.1f}",
-                     f"{t_conv * 1e3:.1f}", f"{t_before * 1e3:.1f}", f"{t_new * 1e3:.1f}",
-                     f"{t_new / t_old:.3f}", f"{t_new / t_before:.3f}", f"{gflop:.2f}",
-                     f"{gflop / t_new:.0f}", f"{trace_s:.2f}", f"{compile_s:.2f}"])
+          assert all(
+            bool(jnp.array_equal(a, b)) for a, b in zip(want, jax.tree.leaves(other(m)))
+          ), "a variant changed the sweep's result"
+        rows.append(
+          [
+            arch,
+            f"{c:g}x",
+            "yes" if units else "no",
+            f"{t_old * 1e3:.1f}",
+            f"{t_conv * 1e3:.1f}",
+            f"{t_before * 1e3:.1f}",
+            f"{t_new * 1e3:.1f}",
+            f"{t_new / t_old:.3f}",
+            f"{t_new / t_before:.3f}",
+            f"{gflop:.2f}",
+            f"{gflop / t_new:.0f}",
+            f"{trace_s:.2f}",
+            f"{compile_s:.2f}",
+          ]
+        )
         print(" | ".join(rows[-1]), flush=True)
   return rows
+
 
 REFERENCE_SECONDS = {"lenet300100": 0.05, "vgg19": 1.0, "resnet18": 0.5}
 
@@ -190,9 +222,11 @@ def dense_step(model, variables, input_shape, num_classes):
   @jax.jit
   def grad(params, batch_stats, x, y):
     def loss(p):
-      logits, _ = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
-                              mutable=["batch_stats"])
+      logits, _ = model.apply(
+        {"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+      )
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
     return jax.grad(loss)(params)
 
   return lambda: grad(variables["params"], variables["batch_stats"], x, y)
@@ -204,32 +238,59 @@ def main():
   parser.add_argument("--compressions", default="10,100,1000")
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--no_doc", action="store_true", help="do not update docs/")
-  parser.add_argument("--transform_only", action="store_true",
-                      help="only the transform vs old sweep table")
-  parser.add_argument("--skip_profile", action="store_true",
-                      help="no per-convolution profile")
+  parser.add_argument(
+    "--transform_only", action="store_true", help="only the transform vs old sweep table"
+  )
+  parser.add_argument("--skip_profile", action="store_true", help="no per-convolution profile")
   args = parser.parse_args()
   compressions = [float(c) for c in args.compressions.split(",")]
   big = [a for a in args.archs.split(",") if a in OLD_MODELS]
   t_rows = transform_vs_old(big, compressions, args.repeats)
   peak = matmul_gflops(args.repeats)
   t_table = report.markdown_table(
-      ["network", "direct", "units", "old sweep ms", "XLA convolutions ms",
-       "XLA kernel gradients ms", "transform ms", "ratio to old",
-       "ratio to XLA kernel gradients", "GFLOP", "GFLOP/s", "trace s", "compile s"],
-      t_rows)
+    [
+      "network",
+      "direct",
+      "units",
+      "old sweep ms",
+      "XLA convolutions ms",
+      "XLA kernel gradients ms",
+      "transform ms",
+      "ratio to old",
+      "ratio to XLA kernel gradients",
+      "GFLOP",
+      "GFLOP/s",
+      "trace s",
+      "compile s",
+    ],
+    t_rows,
+  )
   print(t_table)
   p_table = ""
   if not args.skip_profile:
     p_rows = layer_profile(big, max(3, args.repeats // 2))
     p_table = report.markdown_table(
-        ["network", "conv", "input -> channels", "positions", "conv fwd ms",
-         "conv input-grad ms", "conv kernel-grad ms",
-         "conv kernel-grad as patches product ms", "patches fwd ms",
-         "patches input-grad ms", "patches kernel-grad ms", "sweep uses"], p_rows)
+      [
+        "network",
+        "conv",
+        "input -> channels",
+        "positions",
+        "conv fwd ms",
+        "conv input-grad ms",
+        "conv kernel-grad ms",
+        "conv kernel-grad as patches product ms",
+        "patches fwd ms",
+        "patches input-grad ms",
+        "patches kernel-grad ms",
+        "sweep uses",
+      ],
+      p_rows,
+    )
     print(p_table)
   if not args.no_doc:
-    report.update_section("effective_transform", f"""
+    report.update_section(
+      "effective_transform",
+      f"""
 ## Connectivity transform vs the mode-based sweep (`python -m benchmarks.effective`)
 
 {report.stamp()}. Uniform random masks (seed 1), medians of {args.repeats} alternating
@@ -261,7 +322,8 @@ against the patches product, and the kernel gradient as one patches-transposed p
 the convolution, except for its kernel gradient.
 
 {p_table}
-""")
+""",
+    )
   if args.transform_only:
     return
   rows = []
@@ -272,19 +334,37 @@ the convolution, except for its kernel gradient.
     dense = report.median_seconds(dense_step(model, variables, shape, None), args.repeats)
     for c in compressions:
       m = masks.random(jax.random.key(1), variables["params"], 1 - 1 / c)
-      t = report.median_seconds(lambda: effective.effective_masks(model, m, shape),
-                                args.repeats)
+      t = report.median_seconds(lambda: effective.effective_masks(model, m, shape), args.repeats)
       eff = effective.effective_compression(model, m, shape)
-      rows.append([arch, f"{c:g}x", "disconnected" if eff == float("inf") else f"{eff:.4g}x", f"{t * 1e3:.1f}", f"{dense * 1e3:.1f}",
-                   f"{t / dense:.2f}", f"{REFERENCE_SECONDS[arch] * 1e3:.0f}",
-                   f"{REFERENCE_SECONDS[arch] / t:.0f}x"])
+      rows.append(
+        [
+          arch,
+          f"{c:g}x",
+          "disconnected" if eff == float("inf") else f"{eff:.4g}x",
+          f"{t * 1e3:.1f}",
+          f"{dense * 1e3:.1f}",
+          f"{t / dense:.2f}",
+          f"{REFERENCE_SECONDS[arch] * 1e3:.0f}",
+          f"{REFERENCE_SECONDS[arch] / t:.0f}x",
+        ]
+      )
       print(" | ".join(rows[-1]), flush=True)
-  header = ["network", "direct", "effective", "effective_masks ms", "dense fwd+bwd ms",
-            "ratio", "paper's reference ms", "speed-up"]
+  header = [
+    "network",
+    "direct",
+    "effective",
+    "effective_masks ms",
+    "dense fwd+bwd ms",
+    "ratio",
+    "paper's reference ms",
+    "speed-up",
+  ]
   table = report.markdown_table(header, rows)
   print(table)
   if not args.no_doc:
-    report.update_section("effective", f"""
+    report.update_section(
+      "effective",
+      f"""
 ## Exact effective masks (`python -m benchmarks.effective`)
 
 {report.stamp()}. Uniform random masks (seed 1), medians of {args.repeats} runs after
@@ -294,7 +374,8 @@ paper's reference needs about 1 s (VGG-19), 0.5 s (ResNet-18) and 0.05 s (LeNet-
 on a 2-core CPU of this kind.
 
 {table}
-""")
+""",
+    )
 
 
 if __name__ == "__main__":

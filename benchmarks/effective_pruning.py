@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 
@@ -55,8 +55,9 @@ def _library(commit: str | None, tmp: str) -> str:
     return ROOT
   folder = os.path.join(tmp, "baseline")
   os.makedirs(folder, exist_ok=True)
-  archive = subprocess.run(["git", "-C", ROOT, "archive", commit, "sparsejax"],
-                           check=True, capture_output=True).stdout
+  archive = subprocess.run(
+    ["git", "-C", ROOT, "archive", commit, "sparsejax"], check=True, capture_output=True
+  ).stdout
   subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
   return folder
 
@@ -65,8 +66,9 @@ def fresh_runs(baseline: str | None, compressions, arch="vgg19", pruner="random/
   """Rows of child processes: (version, target, cache, phases...)."""
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
-    versions = [("this checkout", None)] + ([(f"baseline {baseline[:7]}", baseline)]
-                                             if baseline else [])
+    versions = [("this checkout", None)] + (
+      [(f"baseline {baseline[:7]}", baseline)] if baseline else []
+    )
     for c in compressions:
       for label, commit in versions:
         library = _library(commit, tmp)
@@ -75,17 +77,36 @@ def fresh_runs(baseline: str | None, compressions, arch="vgg19", pruner="random/
         for state in ("cold", "warm"):
           env = dict(os.environ, PYTHONPATH=library)
           out = subprocess.run(
-              [sys.executable, os.path.join(ROOT, "benchmarks", "fresh_prune.py"),
-               f"--arch={arch}", f"--pruner={pruner}", f"--compression={c}",
-               f"--cache_dir={cache}"], env=env, cwd=tmp, capture_output=True, text=True,
-              check=True)
+            [
+              sys.executable,
+              os.path.join(ROOT, "benchmarks", "fresh_prune.py"),
+              f"--arch={arch}",
+              f"--pruner={pruner}",
+              f"--compression={c}",
+              f"--cache_dir={cache}",
+            ],
+            env=env,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            check=True,
+          )
           got = json.loads(out.stdout.strip().splitlines()[-1])
           ph = got["phases"]
-          cell = lambda n: (f"{ph[n]['s']:.2f} ({ph[n]['compiles']}, "
-                            f"{ph[n]['compile_s']:.1f} s)")
-          rows.append([label, f"{c:g}x", state, f"{ph['import']['s']:.2f}", cell("init"),
-                       cell("ranking"), cell("search"), f"{got['total_s']:.1f}",
-                       f"{got['total_cpu_s']:.1f}"])
+          cell = lambda n: f"{ph[n]['s']:.2f} ({ph[n]['compiles']}, {ph[n]['compile_s']:.1f} s)"
+          rows.append(
+            [
+              label,
+              f"{c:g}x",
+              state,
+              f"{ph['import']['s']:.2f}",
+              cell("init"),
+              cell("ranking"),
+              cell("search"),
+              f"{got['total_s']:.1f}",
+              f"{got['total_cpu_s']:.1f}",
+            ]
+          )
           print(" | ".join(rows[-1]), flush=True)
   return rows
 
@@ -113,8 +134,14 @@ def ranking_rows(arch: str, pruners, compressions, repeats: int) -> list[list]:
   for name in pruners:
     p = pruning.get_pruner(name)
     context = pruning.ScoreContext(
-        key=jax.random.key(1), model=model, variables=variables, sparsity=0.99,
-        input_shape=shape, trained_params=variables["params"], prunable=chosen)
+      key=jax.random.key(1),
+      model=model,
+      variables=variables,
+      sparsity=0.99,
+      input_shape=shape,
+      trained_params=variables["params"],
+      prunable=chosen,
+    )
     scores = jax.block_until_ready(p.score(context))
     for sort in ("host", "select"):
       rank = lambda: pruning.rank_scores(scores, p.quota, sort=sort)
@@ -122,19 +149,30 @@ def ranking_rows(arch: str, pruners, compressions, repeats: int) -> list[list]:
         first = time.perf_counter()
         jax.block_until_ready(rank())
         first = time.perf_counter() - first
-      cells = [arch, name, "full sort (host)" if sort == "host" else "selection",
-               f"{first:.3f} ({log.count})", "%.3f / %.3f" % _timed(rank, repeats)]
+      cells = [
+        arch,
+        name,
+        "full sort (host)" if sort == "host" else "selection",
+        f"{first:.3f} ({log.count})",
+        "{:.3f} / {:.3f}".format(*_timed(rank, repeats)),
+      ]
       for c in compressions:
         s = 1 - 1 / c
-        cells.append("%.3f / %.3f" % _timed(
-            lambda: pruning.masks_from_ranking(rank(), s, "direct"), repeats))
+        cells.append(
+          "{:.3f} / {:.3f}".format(
+            *_timed(lambda: pruning.masks_from_ranking(rank(), s, "direct"), repeats)
+          )
+        )
+
         def effective_masks():
           try:
-            return pruning.masks_from_ranking(rank(), s, "effective", model=model,
-                                              input_shape=shape, variables=variables)
+            return pruning.masks_from_ranking(
+              rank(), s, "effective", model=model, input_shape=shape, variables=variables
+            )
           except errors.UnreachableSparsityError:  # found unreachable: also timed
             return None
-        cells.append("%.2f / %.2f" % _timed(effective_masks, max(1, repeats // 2)))
+
+        cells.append("{:.2f} / {:.2f}".format(*_timed(effective_masks, max(1, repeats // 2))))
       rows.append(cells)
       print(" | ".join(rows[-1]), flush=True)
   return rows
@@ -144,8 +182,7 @@ def fresh_table_from_args(args) -> str:
   """The fresh-process table (printed) unless --skip_fresh; '' then."""
   if args.skip_fresh:
     return ""
-  fresh = fresh_runs(args.baseline or None,
-                     [float(c) for c in args.fresh_compressions.split(",")])
+  fresh = fresh_runs(args.baseline or None, [float(c) for c in args.fresh_compressions.split(",")])
   table = report.markdown_table(FRESH_HEADER, fresh)
   print(table)
   return table
@@ -158,8 +195,7 @@ def ranking_main(args) -> None:
   rows = []
   for arch in args.archs.split(","):
     rows += ranking_rows(arch, args.pruners.split(","), compressions, args.repeats)
-  header = ["network", "pruner", "ranking by", "first call s (compiles)",
-            "ranking s (wall / CPU)"]
+  header = ["network", "pruner", "ranking by", "first call s (compiles)", "ranking s (wall / CPU)"]
   for c in compressions:
     header += [f"ranking + direct {c:g}x s", f"ranking + effective {c:g}x s"]
   table = report.markdown_table(header, rows)
@@ -168,7 +204,9 @@ def ranking_main(args) -> None:
   load_end = report.load_average()
   if args.no_doc:
     return
-  report.update_section("ranking_select", f"""
+  report.update_section(
+    "ranking_select",
+    f"""
 ## Rankings without a full sort (`python -m benchmarks.effective_pruning --ranking_only`)
 
 {report.stamp()}; load average {load} at the start, {load_end} at the
@@ -190,12 +228,21 @@ as in the section above; *baseline*: the library before this change (full sort).
 Targets: cold <= 6 s, warm <= 2 s to 100x.
 
 {fresh_table}
-""")
+""",
+  )
 
 
-FRESH_HEADER = ["library", "target", "cache", "import s", "init s (compiles, compile s)",
-                "ranking s (compiles, compile s)", "search s (compiles, compile s)",
-                "total wall s", "total CPU s"]
+FRESH_HEADER = [
+  "library",
+  "target",
+  "cache",
+  "import s",
+  "init s (compiles, compile s)",
+  "ranking s (compiles, compile s)",
+  "search s (compiles, compile s)",
+  "total wall s",
+  "total CPU s",
+]
 
 
 def main():
@@ -207,14 +254,19 @@ def main():
   parser.add_argument("--synflow_rounds", type=int, default=100)
   parser.add_argument("--skip_synflow", action="store_true")
   parser.add_argument("--no_doc", action="store_true")
-  parser.add_argument("--baseline", default="9bcc800",
-                      help="commit whose library the fresh-process rows compare with "
-                           "(before issue 15); empty: none")
+  parser.add_argument(
+    "--baseline",
+    default="9bcc800",
+    help="commit whose library the fresh-process rows compare with (before issue 15); empty: none",
+  )
   parser.add_argument("--fresh_compressions", default="100,1000")
   parser.add_argument("--skip_fresh", action="store_true")
-  parser.add_argument("--ranking_only", action="store_true",
-                      help="only the ranking comparison (full sort vs selection) and the "
-                           "fresh processes; writes its own docs section")
+  parser.add_argument(
+    "--ranking_only",
+    action="store_true",
+    help="only the ranking comparison (full sort vs selection) and the "
+    "fresh processes; writes its own docs section",
+  )
   args = parser.parse_args()
   if args.ranking_only:
     ranking_main(args)
@@ -228,8 +280,14 @@ def main():
     variables = models.init(model, jax.random.key(0), shape)
     for name in args.pruners.split(","):
       make_ranking = lambda seed=1: pruning.ranking_for(
-          name, key=jax.random.key(seed), model=model, variables=variables, sparsity=0.99,
-          input_shape=shape, trained_params=variables["params"])
+        name,
+        key=jax.random.key(seed),
+        model=model,
+        variables=variables,
+        sparsity=0.99,
+        input_shape=shape,
+        trained_params=variables["params"],
+      )
       start = time.perf_counter()
       ranking = jax.block_until_ready(make_ranking())
       rank_s = time.perf_counter() - start
@@ -237,7 +295,8 @@ def main():
       for c in [float(c) for c in args.compressions.split(",")]:
         s = 1 - 1 / c
         direct = report.median_seconds(
-            lambda: pruning.masks_from_ranking(ranking, s, "direct"), args.repeats)
+          lambda: pruning.masks_from_ranking(ranking, s, "direct"), args.repeats
+        )
         target = pruning.max_kept_for_sparsity(s, ranking.total)
 
         def search():  # what masks_from_ranking(..., "effective") does, minus errors
@@ -254,36 +313,62 @@ def main():
             pruning.masks_from_ranking(ranking, s, "effective", model=model, input_shape=shape)
           except ValueError as err:
             reached = "unreachable (max " + str(err).rsplit("(compression ", 1)[1].rstrip(".")
-        rows.append([arch, name, f"{c:g}x", f"{rank_s:.2f}", f"{rank_warm:.2f}",
-                     f"{direct:.3f}", f"{eff:.2f}",
-                     sweeps, f"{ranking.total / max(k, 1):.4g}x", reached,
-                     f"{ref:.0f}" if ref else "-", f"{ref / eff:.0f}x" if ref else "-"])
+        rows.append(
+          [
+            arch,
+            name,
+            f"{c:g}x",
+            f"{rank_s:.2f}",
+            f"{rank_warm:.2f}",
+            f"{direct:.3f}",
+            f"{eff:.2f}",
+            sweeps,
+            f"{ranking.total / max(k, 1):.4g}x",
+            reached,
+            f"{ref:.0f}" if ref else "-",
+            f"{ref / eff:.0f}x" if ref else "-",
+          ]
+        )
         print(" | ".join(str(x) for x in rows[-1]), flush=True)
-  header = ["network", "pruner", "target", "ranking s", "ranking warm s", "direct s",
-            "effective s", "sweeps",
-            "direct compression needed", "effective reached", "paper's reference s",
-            "speed-up"]
+  header = [
+    "network",
+    "pruner",
+    "target",
+    "ranking s",
+    "ranking warm s",
+    "direct s",
+    "effective s",
+    "sweeps",
+    "direct compression needed",
+    "effective reached",
+    "paper's reference s",
+    "speed-up",
+  ]
   table = report.markdown_table(header, rows)
   synflow_line = ""
   if not args.skip_synflow:
     from sparsejax import scores
+
     model = models.create("vgg16")
     variables = models.init(model, jax.random.key(0), (32, 32, 3))
     start = time.perf_counter()
-    pr = scores.synflow(model, variables["params"], (32, 32, 3), 0.999,
-                        rounds=args.synflow_rounds)
+    pr = scores.synflow(model, variables["params"], (32, 32, 3), 0.999, rounds=args.synflow_rounds)
     jax.block_until_ready(pr)
     total = time.perf_counter() - start
     m = pruning.masks_from_ranking(pruning.rank_scores(pr), 0.999)
     eff = effective.effective_compression(model, m, (32, 32, 3))
-    synflow_line = (f"SynFlow, {args.synflow_rounds} rounds on VGG-16 to 1000x (compilation "
-                    f"included): {total:.1f} s; its mask: direct {masks.compression(m):.4g}x, "
-                    f"effective {eff:.4g}x.")
+    synflow_line = (
+      f"SynFlow, {args.synflow_rounds} rounds on VGG-16 to 1000x (compilation "
+      f"included): {total:.1f} s; its mask: direct {masks.compression(m):.4g}x, "
+      f"effective {eff:.4g}x."
+    )
     print(synflow_line)
   print(table)
   load_end = report.load_average()
   if not args.no_doc:
-    report.update_section("effective_pruning", f"""
+    report.update_section(
+      "effective_pruning",
+      f"""
 ## Pruning to a target effective sparsity (`python -m benchmarks.effective_pruning`)
 
 {report.stamp()}. Medians of {args.repeats} runs after compilation. *direct s*: masks
@@ -310,7 +395,8 @@ machine wall times are inflated and *total CPU s* (user + system of the process)
 steadier figure.
 
 {fresh_table}
-""")
+""",
+    )
 
 
 if __name__ == "__main__":

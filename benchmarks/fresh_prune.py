@@ -34,8 +34,9 @@ def _cpu_seconds() -> float:
 def _compile_log():
   """sparsejax.compilation.CompileLog of this checkout (also when an older library
   comes first on the path)."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "sparsejax", "compilation.py")
+  path = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sparsejax", "compilation.py"
+  )
   spec = importlib.util.spec_from_file_location("_benchmark_compilation", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -55,16 +56,29 @@ def main():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   from sparsejax import masks, models, pruning
-  phases = {"import": {"s": time.perf_counter() - START, "cpu_s": _cpu_seconds(),
-                       "compiles": 0, "compile_s": 0.0, "cache_hits": 0}}
+
+  phases = {
+    "import": {
+      "s": time.perf_counter() - START,
+      "cpu_s": _cpu_seconds(),
+      "compiles": 0,
+      "compile_s": 0.0,
+      "cache_hits": 0,
+    }
+  }
 
   def phase(name, fn):
     start, cpu = time.perf_counter(), _cpu_seconds()
     with CompileLog() as log:
       out = jax.block_until_ready(fn())
-    phases[name] = {"s": time.perf_counter() - start, "cpu_s": _cpu_seconds() - cpu,
-                    "compiles": log.count, "compile_s": log.seconds,
-                    "cache_hits": log.cache_hits, "names": log.names}
+    phases[name] = {
+      "s": time.perf_counter() - start,
+      "cpu_s": _cpu_seconds() - cpu,
+      "compiles": log.count,
+      "compile_s": log.seconds,
+      "cache_hits": log.cache_hits,
+      "names": log.names,
+    }
     return out
 
   model, shape = models.create(args.arch), models.input_shape(args.arch)
@@ -74,15 +88,33 @@ def main():
   else:
     variables = phase("init", lambda: model.init(key, jnp.ones((1,) + shape)))
   sparsity = 1 - 1 / args.compression
-  ranking = phase("ranking", lambda: pruning.ranking_for(
-      args.pruner, key=jax.random.key(1), model=model, variables=variables,
-      sparsity=sparsity, input_shape=shape))
-  m = phase("search", lambda: pruning.masks_from_ranking(
-      ranking, sparsity, "effective", model=model, input_shape=shape,
-      variables=variables))
-  print(json.dumps({"phases": phases, "total_s": time.perf_counter() - START,
-                    "total_cpu_s": _cpu_seconds(),
-                    "direct_compression": masks.compression(m)}))
+  ranking = phase(
+    "ranking",
+    lambda: pruning.ranking_for(
+      args.pruner,
+      key=jax.random.key(1),
+      model=model,
+      variables=variables,
+      sparsity=sparsity,
+      input_shape=shape,
+    ),
+  )
+  m = phase(
+    "search",
+    lambda: pruning.masks_from_ranking(
+      ranking, sparsity, "effective", model=model, input_shape=shape, variables=variables
+    ),
+  )
+  print(
+    json.dumps(
+      {
+        "phases": phases,
+        "total_s": time.perf_counter() - START,
+        "total_cpu_s": _cpu_seconds(),
+        "direct_compression": masks.compression(m),
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ only so that benchmarks/effective.py can time the transform against it in one ru
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -120,8 +121,14 @@ def relu(x: jax.Array, mode: str) -> jax.Array:
   return nn.relu(x)
 
 
-def pool(x: jax.Array, kind: str, window: int, mode: str, stride: int | None = None,
-         padding: str | Sequence = "VALID") -> jax.Array:
+def pool(
+  x: jax.Array,
+  kind: str,
+  window: int,
+  mode: str,
+  stride: int | None = None,
+  padding: str | Sequence = "VALID",
+) -> jax.Array:
   """Max or average pooling (NHWC); average in linear and connectivity modes."""
   if kind not in ("max", "avg"):
     raise ValueError(f"kind={kind!r} is not a pooling kind; allowed: 'max', 'avg'.")
@@ -149,11 +156,33 @@ def flatten(x: jax.Array) -> jax.Array:
   """[B, H, W, C] -> [B, H*W*C] in row-major (H, W, C) order."""
   return x.reshape(x.shape[0], -1)
 
+
 # ---- vgg.py
 #: Conv widths; "M" is a 2x2 max pool.
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-         512, 512, 512, 512, "M")
+VGG19 = (
+  64,
+  64,
+  "M",
+  128,
+  128,
+  "M",
+  256,
+  256,
+  256,
+  256,
+  "M",
+  512,
+  512,
+  512,
+  512,
+  "M",
+  512,
+  512,
+  512,
+  512,
+  "M",
+)
 
 
 class VGG(nn.Module):
@@ -181,6 +210,7 @@ class VGG(nn.Module):
     x = flatten(x)
     return Dense(self.num_classes, mode=self.mode, name="dense")(x)
 
+
 # ---- resnet.py
 class BasicBlock(nn.Module):
   """relu(bn(conv3x3(relu(bn(conv3x3(x))))) + shortcut(x)); no biases.
@@ -196,9 +226,16 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    conv = lambda f, k, s, name: Conv(f, (k, k), strides=(s, s), padding="SAME",
-                                         use_bias=False, rescale=False, mode=self.mode,
-                                         name=name)
+    conv = lambda f, k, s, name: Conv(
+      f,
+      (k, k),
+      strides=(s, s),
+      padding="SAME",
+      use_bias=False,
+      rescale=False,
+      mode=self.mode,
+      name=name,
+    )
     y = conv(self.features, 3, self.stride, "conv_1")(x)
     y = Norm(mode=self.mode, name="norm_1")(y, train)
     y = relu(y, self.mode)
@@ -222,17 +259,18 @@ class ResNet18(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     # Names sort in input-to-output order: stage0 (stem) ... stage5 (head).
-    x = Conv(64, (3, 3), padding="SAME", use_bias=False, mode=self.mode,
-               name="stage0_conv")(x)
+    x = Conv(64, (3, 3), padding="SAME", use_bias=False, mode=self.mode, name="stage0_conv")(x)
     x = Norm(mode=self.mode, name="stage0_norm")(x, train)
     x = relu(x, self.mode)
     for stage, features in enumerate((64, 128, 256, 512), start=1):
       for block in range(2):
         stride = 2 if stage > 1 and block == 0 else 1
-        x = BasicBlock(features, stride, mode=self.mode,
-                       name=f"stage{stage}_block{block}")(x, train)
+        x = BasicBlock(features, stride, mode=self.mode, name=f"stage{stage}_block{block}")(
+          x, train
+        )
     x = global_avg_pool(x, self.mode)
     return Dense(self.num_classes, use_bias=False, mode=self.mode, name="stage5_dense")(x)
+
 
 # ---- effective.py (the sweep)
 @flax.struct.dataclass
@@ -272,19 +310,21 @@ def _sweep_parts(model: nn.Module, input_shape: tuple[int, ...]):
   return conn, x, shapes["params"], shapes.get("perturbations", {}), standard["params"]
 
 
-def connectivity_sweep(model: nn.Module, input_shape, units: bool = True
-                       ) -> Callable[[Masks], Connectivity]:
+def connectivity_sweep(
+  model: nn.Module, input_shape, units: bool = True
+) -> Callable[[Masks], Connectivity]:
   """The pure, jit-able sweep ``masks -> Connectivity`` for ``model`` on one example
   of ``input_shape``. For use inside other jitted code (no input validation).
   ``units=False`` skips the unit counts (active_units and active_inputs are then
   empty / None), which is what searches that only need the masks want."""
-  conn, x, param_shapes, perturb_shapes, _ = _sweep_parts(
-      model, tuple(input_shape))
+  conn, x, param_shapes, perturb_shapes, _ = _sweep_parts(model, tuple(input_shape))
 
   def sweep(masks: Masks) -> Connectivity:
-    by_path = {masks_lib.path_str(p): m for p, m in
-               jax.tree_util.tree_leaves_with_path(masks, is_leaf=lambda v: v is None)
-               if m is not None}
+    by_path = {
+      masks_lib.path_str(p): m
+      for p, m in jax.tree_util.tree_leaves_with_path(masks, is_leaf=lambda v: v is None)
+      if m is not None
+    }
 
     def weight(path, shape):
       m = by_path.get(masks_lib.path_str(path))
@@ -294,8 +334,9 @@ def connectivity_sweep(model: nn.Module, input_shape, units: bool = True
     perturb = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), perturb_shapes)
 
     def forward(params, perturb, x):
-      out, state = conn.apply({"params": params, "perturbations": perturb}, x,
-                              mutable=["intermediates"])
+      out, state = conn.apply(
+        {"params": params, "perturbations": perturb}, x, mutable=["intermediates"]
+      )
       return out, state["intermediates"]
 
     if units:
@@ -304,25 +345,28 @@ def connectivity_sweep(model: nn.Module, input_shape, units: bool = True
     else:
       out, vjp = jax.vjp(lambda p: conn.apply({"params": p}, x), params)
       (g_params,) = vjp(jnp.ones_like(out))
-    g_kernels = {masks_lib.path_str(p): g for p, g in
-                 jax.tree_util.tree_leaves_with_path(g_params)}
+    g_kernels = {masks_lib.path_str(p): g for p, g in jax.tree_util.tree_leaves_with_path(g_params)}
     potential = jax.tree_util.tree_map_with_path(
-        lambda p, m: None if m is None else g_kernels[masks_lib.path_str(p)] > 0, masks,
-        is_leaf=lambda v: v is None)
+      lambda p, m: None if m is None else g_kernels[masks_lib.path_str(p)] > 0,
+      masks,
+      is_leaf=lambda v: v is None,
+    )
     effective = masks_lib.map_masks(lambda m, live: m & live, masks, potential)
     if not units:
       return Connectivity(effective, potential, {}, None, _FrozenDict(), 0)
 
     active, total = {}, {}
-    reach_flat = {masks_lib.path_str(p[:-2]): r for p, r in
-                  jax.tree_util.tree_leaves_with_path(reach)}
+    reach_flat = {
+      masks_lib.path_str(p[:-2]): r for p, r in jax.tree_util.tree_leaves_with_path(reach)
+    }
     for p, g in jax.tree_util.tree_leaves_with_path(g_perturb):
       layer = masks_lib.path_str(p[:-1])
       is_active = (reach_flat[layer] > 0) & (g > 0)
       active[layer] = jnp.sum(is_active)
       total[layer] = int(np.prod(g.shape))
-    return Connectivity(effective, potential, active, jnp.sum(g_x > 0), _FrozenDict(total),
-                        int(np.prod(x.shape)))
+    return Connectivity(
+      effective, potential, active, jnp.sum(g_x > 0), _FrozenDict(total), int(np.prod(x.shape))
+    )
 
   return sweep
 
@@ -330,5 +374,3 @@ def connectivity_sweep(model: nn.Module, input_shape, units: bool = True
 @functools.lru_cache(maxsize=64)
 def _jitted_sweep(model: nn.Module, input_shape: tuple[int, ...]):
   return jax.jit(connectivity_sweep(model, input_shape))
-
-

@@ -12,8 +12,9 @@ import jax
 from experiments import common
 from sparsejax import timing
 
-DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
-                   "benchmarks.md")
+DOC = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks.md"
+)
 
 
 # The one timing helper (sparsejax.timing), under the name the benchmarks use.
@@ -30,8 +31,9 @@ def machine() -> str:
   except OSError:
     pass
   devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
-  return (f"{os.cpu_count()} cores ({cpu}); JAX {jax.__version__} on "
-          f"{jax.default_backend()} ({devices})")
+  return (
+    f"{os.cpu_count()} cores ({cpu}); JAX {jax.__version__} on {jax.default_backend()} ({devices})"
+  )
 
 
 def load_average() -> str:

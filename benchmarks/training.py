@@ -28,11 +28,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks import report
 from experiments import configs
-from sparsejax import data, dynamic, masks as masks_lib, models, pruning, training
+from sparsejax import data, dynamic, models, pruning, training
+from sparsejax import masks as masks_lib
 
 REFERENCE = {"lenet300100": (56.0, 80.0)}  # paper's reference: (masked, dense) steps/s
 
@@ -59,63 +59,95 @@ def _setup(arch, batch_size, pruner="random/igq", compression=100.0):
   model = models.create(arch)
   key = jax.random.key(0)
   variables = model.init(key, jnp.ones((1,) + dspec.image_shape))
-  m = pruning.prune(pruner, key=key, model=model, variables=variables,
-                    sparsity=1 - 1 / compression)
+  m = pruning.prune(pruner, key=key, model=model, variables=variables, sparsity=1 - 1 / compression)
   images, labels = data.synthetic_split(spec.dataset, "train", num_examples=8 * batch_size)
-  batches = [{"image": jnp.asarray(images[i * batch_size:(i + 1) * batch_size]),
-              "label": jnp.asarray(labels[i * batch_size:(i + 1) * batch_size])}
-             for i in range(8)]
+  batches = [
+    {
+      "image": jnp.asarray(images[i * batch_size : (i + 1) * batch_size]),
+      "label": jnp.asarray(labels[i * batch_size : (i + 1) * batch_size]),
+    }
+    for i in range(8)
+  ]
   return model, dspec, config, variables, m, batches, key
 
 
 def bench(arch, batch_size, window, windows, compression=100.0):
-  model, dspec, config, variables, m, batches, key = _setup(arch, batch_size, "random/igq",
-                                                            compression)
+  model, dspec, config, variables, m, batches, key = _setup(
+    arch, batch_size, "random/igq", compression
+  )
   out = {}
   # Interleave masked and dense windows so both see the same machine state.
-  states = {kind: training.create_train_state(model, key, dspec.image_shape, config,
-                                              masks=mk, params=variables["params"])
-            for kind, mk in (("masked", m), ("dense", None))}
+  states = {
+    kind: training.create_train_state(
+      model, key, dspec.image_shape, config, masks=mk, params=variables["params"]
+    )
+    for kind, mk in (("masked", m), ("dense", None))
+  }
   rates = {"masked": [], "dense": []}
   for _ in range(windows):
     for kind in ("masked", "dense"):
-      rates[kind].append(steps_per_second(states[kind], batches, key, model=model,
-                                          spec=dspec, config=config, window=window,
-                                          windows=1))
+      rates[kind].append(
+        steps_per_second(
+          states[kind],
+          batches,
+          key,
+          model=model,
+          spec=dspec,
+          config=config,
+          window=window,
+          windows=1,
+        )
+      )
   for kind in rates:
     out[kind] = statistics.median(rates[kind])
   return out
 
 
 def _updaters(sparsity, steps):
-  return {"fixed mask": None,
-          "GMP": dynamic.GradualMagnitude(sparsity, start=0, end=steps, every=100),
-          "RigL": dynamic.RigL(end=10 * steps, every=100)}
+  return {
+    "fixed mask": None,
+    "GMP": dynamic.GradualMagnitude(sparsity, start=0, end=steps, every=100),
+    "RigL": dynamic.RigL(end=10 * steps, every=100),
+  }
 
 
 def bench_dynamic_loop(arch, batch_size, steps, repeats):
   """Seconds per step of the training loop (updates included) per method/tracking;
   medians over repeats that interleave the methods (the first repeat compiles)."""
   model, dspec, config, variables, m, batches, key = _setup(arch, batch_size, "random/erk")
-  cases = [(name, updater, track) for name, updater in _updaters(0.99, steps).items()
-           for track in ((False,) if updater is None else (False, True))]
+  cases = [
+    (name, updater, track)
+    for name, updater in _updaters(0.99, steps).items()
+    for track in ((False,) if updater is None else (False, True))
+  ]
   times = {(name, track): [] for name, _, track in cases}
   for r in range(repeats + 1):
     for name, updater, track in cases:
       start_masks = masks_lib.ones(m) if isinstance(updater, dynamic.GradualMagnitude) else m
-      state = training.create_train_state(model, key, dspec.image_shape, config,
-                                          masks=start_masks, params=variables["params"])
-      updates = None if updater is None else training.MaskUpdates(
-          updater, model=model, spec=dspec, input_shape=dspec.image_shape, step_key=key,
-          track_effective=track)
+      state = training.create_train_state(
+        model, key, dspec.image_shape, config, masks=start_masks, params=variables["params"]
+      )
+      updates = (
+        None
+        if updater is None
+        else training.MaskUpdates(
+          updater,
+          model=model,
+          spec=dspec,
+          input_shape=dspec.image_shape,
+          step_key=key,
+          track_effective=track,
+        )
+      )
       jax.block_until_ready(state)
       t0 = time.perf_counter()
       for step in range(steps):
         batch = batches[step % len(batches)]
         if updates is not None and updater.is_update_step(step):
           state = updates(state, batch, step)
-        state, metrics = training._train_step(state, batch, key, model=model, spec=dspec,
-                                              config=config)
+        state, metrics = training._train_step(
+          state, batch, key, model=model, spec=dspec, config=config
+        )
       jax.block_until_ready((state, metrics))
       if r:
         times[(name, track)].append((time.perf_counter() - t0) / steps)
@@ -126,10 +158,10 @@ def bench_dynamic_parts(arch, batch_size, repeats):
   """(seconds per train step, seconds per update) per method/tracking, for networks
   whose steps are too slow to run 100 of them per measurement."""
   model, dspec, config, variables, m, batches, key = _setup(arch, batch_size, "random/erk")
-  state = training.create_train_state(model, key, dspec.image_shape, config, masks=m,
-                                      params=variables["params"])
-  step = lambda s: training._train_step(s, batches[0], key, model=model, spec=dspec,
-                                        config=config)
+  state = training.create_train_state(
+    model, key, dspec.image_shape, config, masks=m, params=variables["params"]
+  )
+  step = lambda s: training._train_step(s, batches[0], key, model=model, spec=dspec, config=config)
   jax.block_until_ready(step(state))
   step_times = []
   for _ in range(repeats):
@@ -141,9 +173,14 @@ def bench_dynamic_parts(arch, batch_size, repeats):
     if updater is None:
       continue
     for track in (False, True):
-      updates = training.MaskUpdates(updater, model=model, spec=dspec,
-                                     input_shape=dspec.image_shape, step_key=key,
-                                     track_effective=track)
+      updates = training.MaskUpdates(
+        updater,
+        model=model,
+        spec=dspec,
+        input_shape=dspec.image_shape,
+        step_key=key,
+        track_effective=track,
+      )
       times = []
       for r in range(repeats + 1):
         t0 = time.perf_counter()
@@ -159,19 +196,36 @@ def dynamic_table(args) -> str:
   loop = bench_dynamic_loop("lenet300100", 100, args.dynamic_steps, args.dynamic_repeats)
   base = loop[("fixed mask", False)]
   for (name, track), sec in loop.items():
-    rows.append(["lenet300100", 100, name, "on" if track else "off",
-                 f"{1000 * sec:.2f}", f"{100 * (sec / base - 1):+.1f}%"])
+    rows.append(
+      [
+        "lenet300100",
+        100,
+        name,
+        "on" if track else "off",
+        f"{1000 * sec:.2f}",
+        f"{100 * (sec / base - 1):+.1f}%",
+      ]
+    )
     print(" | ".join(str(c) for c in rows[-1]), flush=True)
   if not args.skip_vgg:
     parts = bench_dynamic_parts("vgg16", 128, args.vgg_windows)
     for (name, track), (step_sec, update_sec) in parts.items():
       per_step = step_sec + update_sec / 100
-      rows.append(["vgg16", 128, name, "on" if track else "off",
-                   f"{1000 * per_step:.1f} (update {1000 * update_sec:.0f})",
-                   f"{100 * (per_step / step_sec - 1):+.2f}%"])
+      rows.append(
+        [
+          "vgg16",
+          128,
+          name,
+          "on" if track else "off",
+          f"{1000 * per_step:.1f} (update {1000 * update_sec:.0f})",
+          f"{100 * (per_step / step_sec - 1):+.2f}%",
+        ]
+      )
       print(" | ".join(str(c) for c in rows[-1]), flush=True)
-  return report.markdown_table(["network", "batch", "masks", "effective tracking",
-                                "ms per step", "overhead vs fixed mask"], rows)
+  return report.markdown_table(
+    ["network", "batch", "masks", "effective tracking", "ms per step", "overhead vs fixed mask"],
+    rows,
+  )
 
 
 def main():
@@ -193,17 +247,33 @@ def main():
   for arch, batch, window, windows in cases:
     r = bench(arch, batch, window, windows)
     ref = REFERENCE.get(arch)
-    rows.append([arch, batch, f"{r['masked']:.3g}", f"{r['dense']:.3g}",
-                 f"{r['dense'] / r['masked']:.3f}",
-                 f"{ref[0]:.0f} / {ref[1]:.0f}" if ref else "-",
-                 f"{r['masked'] / ref[0]:.1f}x" if ref else "-"])
+    rows.append(
+      [
+        arch,
+        batch,
+        f"{r['masked']:.3g}",
+        f"{r['dense']:.3g}",
+        f"{r['dense'] / r['masked']:.3f}",
+        f"{ref[0]:.0f} / {ref[1]:.0f}" if ref else "-",
+        f"{r['masked'] / ref[0]:.1f}x" if ref else "-",
+      ]
+    )
     print(" | ".join(str(c) for c in rows[-1]), flush=True)
-  header = ["network", "batch", "masked steps/s", "dense steps/s", "masked/dense time",
-            "paper's reference masked / dense steps/s", "masked vs reference"]
+  header = [
+    "network",
+    "batch",
+    "masked steps/s",
+    "dense steps/s",
+    "masked/dense time",
+    "paper's reference masked / dense steps/s",
+    "masked vs reference",
+  ]
   table = report.markdown_table(header, rows)
   print(table)
   if not args.no_doc:
-    report.update_section("training", f"""
+    report.update_section(
+      "training",
+      f"""
 ## Training throughput (`python -m benchmarks.training`)
 
 {report.stamp()}. One jitted train step (augmentation on the device, SGD momentum,
@@ -214,12 +284,15 @@ over interleaved windows of masked (random/igq, 100x) and dense steps: LeNet-300
 Targets: masked/dense time <= 1.05; LeNet-300-100 masked >= 5x the paper's reference.
 
 {table}
-""")
+""",
+    )
   if not args.skip_dynamic:
     dyn = dynamic_table(args)
     print(dyn)
     if not args.no_doc:
-      report.update_section("training-dynamic", f"""
+      report.update_section(
+        "training-dynamic",
+        f"""
 ## Moving masks during training (`python -m benchmarks.training`)
 
 {report.stamp()}. Masks updated every 100 steps by gradual magnitude pruning
@@ -232,7 +305,8 @@ timed (median of {args.vgg_windows}); ms per step = step + update / 100.
 Targets (LeNet-300-100): overhead <= 10% without tracking, <= 25% with it.
 
 {dyn}
-""")
+""",
+      )
 
 
 if __name__ == "__main__":

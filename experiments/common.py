@@ -47,8 +47,13 @@ def strict_json(obj: Any) -> Any:
 def atomic_write_json(path: str, obj: Any) -> None:
   """Writes ``obj`` as strict JSON (non-finite floats as null, see :func:`strict_json`),
   atomically; the one JSON writer of the experiments."""
-  files.atomic_write(path, (json.dumps(strict_json(obj), indent=2, sort_keys=True,
-                                       allow_nan=False, default=_jsonable) + "\n").encode())
+  files.atomic_write(
+    path,
+    (
+      json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False, default=_jsonable)
+      + "\n"
+    ).encode(),
+  )
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -84,8 +89,16 @@ def _jsonable(x):
 
 
 @functools.lru_cache(maxsize=8)
-def load_data(dataset: str, split: str, *, synthetic: bool, manual_dir: str | None,
-              data_dir: str | None, seed: int = 0, num_examples: int | None = None):
+def load_data(
+  dataset: str,
+  split: str,
+  *,
+  synthetic: bool,
+  manual_dir: str | None,
+  data_dir: str | None,
+  seed: int = 0,
+  num_examples: int | None = None,
+):
   """(images uint8, labels int32) of a split: real (TFDS, offline from manual_dir) or
   synthetic data of the same shapes. Cached: the runs of an in-process sweep read a
   split once (callers must not modify the arrays)."""
@@ -105,19 +118,29 @@ class DataSource:
   num_examples: int | None = None
 
   @classmethod
-  def from_flags(cls) -> "DataSource":
+  def from_flags(cls) -> DataSource:
     """From --synthetic_data, --tfds_manual_dir and --tfds_data_dir."""
-    return cls(synthetic=flags.FLAGS.synthetic_data, manual_dir=flags.FLAGS.tfds_manual_dir,
-               data_dir=flags.FLAGS.tfds_data_dir)
+    return cls(
+      synthetic=flags.FLAGS.synthetic_data,
+      manual_dir=flags.FLAGS.tfds_manual_dir,
+      data_dir=flags.FLAGS.tfds_data_dir,
+    )
 
   def split(self, dataset: str, split: str, seed: int = 0):
     """(images uint8 [N, H, W, C], labels int32 [N]) of a split (cached, read-only)."""
-    return load_data(dataset, split, synthetic=self.synthetic, manual_dir=self.manual_dir,
-                     data_dir=self.data_dir, seed=seed,
-                     num_examples=self.num_examples if self.synthetic else None)
+    return load_data(
+      dataset,
+      split,
+      synthetic=self.synthetic,
+      manual_dir=self.manual_dir,
+      data_dir=self.data_dir,
+      seed=seed,
+      num_examples=self.num_examples if self.synthetic else None,
+    )
 
-  def score_batches(self, dataset: str, *, num_batches: int, batch_size: int, seed: int
-                    ) -> list[dict]:
+  def score_batches(
+    self, dataset: str, *, num_batches: int, batch_size: int, seed: int
+  ) -> list[dict]:
     """Preprocessed (normalized, not augmented) training batches for data-driven
     scores (SNIP, iterative SNIP, GraSP): a list of {'image': float32 NHWC, 'label':
     int32}. Batch s is :func:`sparsejax.data.batch_indices` of (seed, s).
@@ -129,12 +152,19 @@ class DataSource:
     images, labels = self.split(dataset, "train", seed)
     if batch_size > len(images):
       if not self.synthetic:
-        raise ValueError(f"batch_size={batch_size} (score batch, e.g. the config's "
-                         f"snip_batch_size) exceeds the {len(images)} examples of {dataset} "
-                         "train; pass a smaller score batch size.")
-      logging.warning("Score batch size %d exceeds the %d synthetic %s training examples; "
-                      "scoring on batches of %d.", batch_size, len(images), dataset,
-                      len(images))
+        raise ValueError(
+          f"batch_size={batch_size} (score batch, e.g. the config's "
+          f"snip_batch_size) exceeds the {len(images)} examples of {dataset} "
+          "train; pass a smaller score batch size."
+        )
+      logging.warning(
+        "Score batch size %d exceeds the %d synthetic %s training examples; "
+        "scoring on batches of %d.",
+        batch_size,
+        len(images),
+        dataset,
+        len(images),
+      )
       batch_size = len(images)
     spec = data.get_spec(dataset)
     batches = []
@@ -142,8 +172,13 @@ class DataSource:
       idx = data.batch_indices(len(images), batch_size, seed, step)
       x = data.preprocess(jax.random.key(0), images[idx], spec, False)
       batches.append({"image": x, "label": labels[idx]})
-    logging.info("Score data: %d batches of %d from %s %s.", num_batches, batch_size,
-                 "synthetic" if self.synthetic else "TFDS", dataset)
+    logging.info(
+      "Score data: %d batches of %d from %s %s.",
+      num_batches,
+      batch_size,
+      "synthetic" if self.synthetic else "TFDS",
+      dataset,
+    )
     return batches
 
   def describe(self, dataset: str) -> str:
@@ -151,14 +186,20 @@ class DataSource:
 
 
 def define_data_flags() -> None:
-  flags.DEFINE_bool("synthetic_data", False,
-                    "Use synthetic data of the dataset's shapes instead of TFDS.")
-  flags.DEFINE_string("tfds_manual_dir", None,
-                      "Folder with the raw dataset files for offline TFDS preparation "
-                      f"(default ${data.MANUAL_DIR_ENV}); e.g. ../shared/data/mnist.")
-  flags.DEFINE_string("tfds_data_dir", None,
-                      f"Where TFDS keeps prepared data (default ${data.DATA_DIR_ENV}, then "
-                      "~/tensorflow_datasets).")
+  flags.DEFINE_bool(
+    "synthetic_data", False, "Use synthetic data of the dataset's shapes instead of TFDS."
+  )
+  flags.DEFINE_string(
+    "tfds_manual_dir",
+    None,
+    "Folder with the raw dataset files for offline TFDS preparation "
+    f"(default ${data.MANUAL_DIR_ENV}); e.g. ../shared/data/mnist.",
+  )
+  flags.DEFINE_string(
+    "tfds_data_dir",
+    None,
+    f"Where TFDS keeps prepared data (default ${data.DATA_DIR_ENV}, then ~/tensorflow_datasets).",
+  )
 
 
 def default_compilation_cache_dir() -> str:
@@ -168,12 +209,16 @@ def default_compilation_cache_dir() -> str:
 
 
 def define_compilation_cache_flags() -> None:
-  flags.DEFINE_string("compilation_cache_dir", default_compilation_cache_dir(),
-                      "JAX's persistent compilation cache: a later process loads the "
-                      "compiled programs (sweeps, scores, steps) instead of compiling them "
-                      "again. Empty: off.")
-  flags.DEFINE_bool("compilation_cache", True,
-                    "Use the persistent compilation cache (--nocompilation_cache: off).")
+  flags.DEFINE_string(
+    "compilation_cache_dir",
+    default_compilation_cache_dir(),
+    "JAX's persistent compilation cache: a later process loads the "
+    "compiled programs (sweeps, scores, steps) instead of compiling them "
+    "again. Empty: off.",
+  )
+  flags.DEFINE_bool(
+    "compilation_cache", True, "Use the persistent compilation cache (--nocompilation_cache: off)."
+  )
 
 
 def enable_compilation_cache(directory: str | None, enabled: bool = True) -> str | None:
@@ -187,8 +232,10 @@ def enable_compilation_cache(directory: str | None, enabled: bool = True) -> str
   try:
     os.makedirs(directory, exist_ok=True)
   except OSError as err:
-    raise ValueError(f"--compilation_cache_dir={directory!r} cannot be created ({err}); "
-                     "give a writable folder, or --nocompilation_cache.") from None
+    raise ValueError(
+      f"--compilation_cache_dir={directory!r} cannot be created ({err}); "
+      "give a writable folder, or --nocompilation_cache."
+    ) from None
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
@@ -198,8 +245,7 @@ def enable_compilation_cache(directory: str | None, enabled: bool = True) -> str
 def compilation_cache_from_flags() -> str | None:
   """:func:`enable_compilation_cache` as the flags of
   :func:`define_compilation_cache_flags` say."""
-  return enable_compilation_cache(flags.FLAGS.compilation_cache_dir,
-                                  flags.FLAGS.compilation_cache)
+  return enable_compilation_cache(flags.FLAGS.compilation_cache_dir, flags.FLAGS.compilation_cache)
 
 
 def target_sparsity(config) -> float:
@@ -207,8 +253,7 @@ def target_sparsity(config) -> float:
   (neither: 0, the dense network), validated and naming the field."""
   compression, sparsity = config.compression, config.target_sparsity
   if compression is not None and sparsity is not None:
-    raise ValueError("give either --config.compression or --config.target_sparsity, not "
-                     "both.")
+    raise ValueError("give either --config.compression or --config.target_sparsity, not both.")
   if compression is not None:
     return 1.0 - 1.0 / check_compression_flag("config.compression", compression)
   if sparsity is None:
@@ -222,8 +267,10 @@ def check_pruner(name: str) -> pruning.Pruner | None:
   if name == IMP or name in DYNAMIC:
     return None
   if name not in pruning.PRUNERS:
-    raise ValueError(f"pruner={name!r} is not a known pruner; allowed: "
-                     f"{', '.join(pruning.PRUNERS)}, {IMP}, {', '.join(DYNAMIC)}.")
+    raise ValueError(
+      f"pruner={name!r} is not a known pruner; allowed: "
+      f"{', '.join(pruning.PRUNERS)}, {IMP}, {', '.join(DYNAMIC)}."
+    )
   return pruning.PRUNERS[name]
 
 
@@ -238,9 +285,11 @@ def run_name(config) -> str:
   ``_compact`` when the compacted network trains (``config.compact``)."""
   compression = 1.0 / (1.0 - target_sparsity(config))
   compact = config.get("compact", False)
-  return (f"{config.arch}-{config.dataset}_{config.pruner.replace('/', '-')}_"
-          f"{config.pruning_type}_c{compression:.4g}_s{config.seed}_t{config.train_steps}"
-          + ("_compact" if compact else ""))
+  return (
+    f"{config.arch}-{config.dataset}_{config.pruner.replace('/', '-')}_"
+    f"{config.pruning_type}_c{compression:.4g}_s{config.seed}_t{config.train_steps}"
+    + ("_compact" if compact else "")
+  )
 
 
 def parse_list(value: str, cast=str, name: str = "list") -> list:
@@ -248,8 +297,9 @@ def parse_list(value: str, cast=str, name: str = "list") -> list:
   try:
     return [cast(v) for v in items]
   except ValueError:
-    raise ValueError(f"--{name}={value!r} is not a comma-separated list of "
-                     f"{cast.__name__} values.") from None
+    raise ValueError(
+      f"--{name}={value!r} is not a comma-separated list of {cast.__name__} values."
+    ) from None
 
 
 # ------------------------------------------------------------- flag checks
@@ -263,8 +313,10 @@ def check_int_flag(name: str, value, *, low: int = 1, allow_none: bool = False) 
   if value is None and allow_none:
     return
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-    raise ValueError(f"--{name}={value!r} must be an integer >= {low}"
-                     + (" (or not given)." if allow_none else "."))
+    raise ValueError(
+      f"--{name}={value!r} must be an integer >= {low}"
+      + (" (or not given)." if allow_none else ".")
+    )
 
 
 def check_compression_flag(name: str, value) -> float:
@@ -274,8 +326,9 @@ def check_compression_flag(name: str, value) -> float:
   except (TypeError, ValueError):
     raise ValueError(f"--{name}={value!r} must be a number >= 1.") from None
   if not (math.isfinite(c) and c >= 1):
-    raise ValueError(f"--{name}={value!r} must be a finite number >= 1 (1 = dense; "
-                     "100 = 99% sparse).")
+    raise ValueError(
+      f"--{name}={value!r} must be a finite number >= 1 (1 = dense; 100 = 99% sparse)."
+    )
   return c
 
 
@@ -286,17 +339,23 @@ def check_writable_dir(name: str, path: str) -> None:
     with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
       pass
   except OSError as err:
-    raise ValueError(f"--{name}={path!r} is not a writable folder: {err.strerror or err}."
-                     ) from None
+    raise ValueError(
+      f"--{name}={path!r} is not a writable folder: {err.strerror or err}."
+    ) from None
 
 
 def _values(value) -> list:
   return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def check_run_args(*, out_dir: str | None = None, compressions: dict | None = None,
-                   counts: dict | None = None, optional_counts: dict | None = None,
-                   nonnegative: dict | None = None) -> None:
+def check_run_args(
+  *,
+  out_dir: str | None = None,
+  compressions: dict | None = None,
+  counts: dict | None = None,
+  optional_counts: dict | None = None,
+  nonnegative: dict | None = None,
+) -> None:
   """Checks a binary's flags before any work. Each argument maps flag names to a value
   or a list of values: ``compressions`` finite >= 1, ``counts`` integers >= 1,
   ``optional_counts`` the same or None, ``nonnegative`` integers >= 0 (seeds, steps);

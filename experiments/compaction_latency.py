@@ -33,22 +33,61 @@ import jax
 from absl import app, flags, logging
 
 from experiments import common, compression, configs, prune_train
-from sparsejax import data, effective, masks as masks_lib, models
+from sparsejax import data, effective, models
+from sparsejax import masks as masks_lib
 
 FLAGS = flags.FLAGS
 
-UNSTRUCTURED = ("random/uniform", "random/erk", "random/igq", "random/snip", "random/synflow",
-                "snip", "snip/iterative", "grasp", "synflow")
+UNSTRUCTURED = (
+  "random/uniform",
+  "random/erk",
+  "random/igq",
+  "random/snip",
+  "random/synflow",
+  "snip",
+  "snip/iterative",
+  "grasp",
+  "synflow",
+)
 NEURON = ("neuron/l1", "neuron/magnitude", "neuron/snip", "neuron/synflow", "neuron/random")
-COLUMNS = ["run", "arch", "pruner", "pruning_type", "seed", "target_compression",
-           "train_steps", "status", "reason", "test_accuracy",
-           "recorded_effective_compression", "effective_compression", "reproduced",
-           "widths_before", "widths", "live_channel_fraction", "flops_dense",
-           "flops_effective", "compact_flops", "params_dense", "params_effective",
-           "compact_params", "network_bytes", "compact_network_bytes",
-           "logits_relative_difference", "masked_latency_ms", "compact_latency_ms",
-           "latency_speedup", "masked_throughput", "compact_throughput",
-           "throughput_speedup", "batch", "repeats", "load_average", "platform", "seconds"]
+COLUMNS = [
+  "run",
+  "arch",
+  "pruner",
+  "pruning_type",
+  "seed",
+  "target_compression",
+  "train_steps",
+  "status",
+  "reason",
+  "test_accuracy",
+  "recorded_effective_compression",
+  "effective_compression",
+  "reproduced",
+  "widths_before",
+  "widths",
+  "live_channel_fraction",
+  "flops_dense",
+  "flops_effective",
+  "compact_flops",
+  "params_dense",
+  "params_effective",
+  "compact_params",
+  "network_bytes",
+  "compact_network_bytes",
+  "logits_relative_difference",
+  "masked_latency_ms",
+  "compact_latency_ms",
+  "latency_speedup",
+  "masked_throughput",
+  "compact_throughput",
+  "throughput_speedup",
+  "batch",
+  "repeats",
+  "load_average",
+  "platform",
+  "seconds",
+]
 
 
 def recorded_config(result: dict):
@@ -59,28 +98,36 @@ def recorded_config(result: dict):
   c = result["config"]
   exp = c.get("experiment")
   if exp is None:
-    exp = {**{k: v for k, v in c["train"].items() if k != "dataset"},
-           "pruner": c["pruner"], "pruning_type": c["pruning_type"], "seed": c["seed"],
-           "target_sparsity": c["target_sparsity"], "compression": None}
+    exp = {
+      **{k: v for k, v in c["train"].items() if k != "dataset"},
+      "pruner": c["pruner"],
+      "pruning_type": c["pruning_type"],
+      "seed": c["seed"],
+      "target_sparsity": c["target_sparsity"],
+      "compression": None,
+    }
   config = configs.load(c["arch"])
-  config.update({k: tuple(v) if isinstance(v, list) else v for k, v in exp.items()
-                 if k in config})
+  config.update({k: tuple(v) if isinstance(v, list) else v for k, v in exp.items() if k in config})
   return config
 
 
-def find_runs(results_dir: str, pruners, pruning_type: str, arch: str,
-              train_steps: int | None) -> list[tuple[str, dict]]:
+def find_runs(
+  results_dir: str, pruners, pruning_type: str, arch: str, train_steps: int | None
+) -> list[tuple[str, dict]]:
   """(path, result) of the matching result.json files under ``results_dir``, sorted;
   compacted runs (name suffix ``_compact``) are not re-timed."""
   out = []
-  for path in sorted(glob.glob(os.path.join(results_dir, "**", "result.json"),
-                               recursive=True)):
+  for path in sorted(glob.glob(os.path.join(results_dir, "**", "result.json"), recursive=True)):
     with open(path) as f:
       r = json.load(f)
     c = r["config"]
-    if (c["arch"] != arch or c["pruner"] not in pruners or c["pruning_type"] != pruning_type
-        or c.get("experiment", {}).get("compact") or (train_steps is not None
-                                              and c["train"]["train_steps"] != train_steps)):
+    if (
+      c["arch"] != arch
+      or c["pruner"] not in pruners
+      or c["pruning_type"] != pruning_type
+      or c.get("experiment", {}).get("compact")
+      or (train_steps is not None and c["train"]["train_steps"] != train_steps)
+    ):
       continue
     out.append((path, r))
   return out
@@ -100,73 +147,118 @@ def _dense_dir(config, source: common.DataSource, dense_out: str) -> str:
   return folder
 
 
-def measure(path: str, result: dict, *, source: common.DataSource, dense_out: str,
-            batch: int, repeats: int) -> dict:
+def measure(
+  path: str, result: dict, *, source: common.DataSource, dense_out: str, batch: int, repeats: int
+) -> dict:
   """One CSV row: the run re-created, checked, compacted and timed (or skipped)."""
   start = time.time()
   c = result["config"]
-  row = dict(run=os.path.basename(os.path.dirname(path)), arch=c["arch"], pruner=c["pruner"],
-             pruning_type=c["pruning_type"], seed=c["seed"],
-             target_compression=c["target_compression"],
-             train_steps=c["train"]["train_steps"], status=result.get("status", "ok"),
-             test_accuracy=result.get("test_accuracy"),
-             recorded_effective_compression=result.get("effective_compression"))
+  row = dict(
+    run=os.path.basename(os.path.dirname(path)),
+    arch=c["arch"],
+    pruner=c["pruner"],
+    pruning_type=c["pruning_type"],
+    seed=c["seed"],
+    target_compression=c["target_compression"],
+    train_steps=c["train"]["train_steps"],
+    status=result.get("status", "ok"),
+    test_accuracy=result.get("test_accuracy"),
+    recorded_effective_compression=result.get("effective_compression"),
+  )
   if row["status"] != "ok":
-    return dict(row, reason=f"status {row['status']}: not timed"
-                + (f" ({result['error'][:120]})" if result.get("error") else ""))
+    return dict(
+      row,
+      reason=f"status {row['status']}: not timed"
+      + (f" ({result['error'][:120]})" if result.get("error") else ""),
+    )
   if c.get("synthetic_data") != source.synthetic:
-    return dict(row, reason=f"recorded synthetic_data={c.get('synthetic_data')} but this "
-                f"run reads synthetic={source.synthetic}: its scores would differ")
+    return dict(
+      row,
+      reason=f"recorded synthetic_data={c.get('synthetic_data')} but this "
+      f"run reads synthetic={source.synthetic}: its scores would differ",
+    )
   config = recorded_config(result)
   p = common.check_pruner(config.pruner)
   dspec = data.get_spec(config.dataset)
   input_shape = dspec.image_shape
   model = models.create(config.arch, dspec.num_classes)
-  variables = models.init(model, jax.random.fold_in(jax.random.key(config.seed), 0),
-                          input_shape)
+  variables = models.init(model, jax.random.fold_in(jax.random.key(config.seed), 0), input_shape)
   if p.after_training:
     config.dense_dir = _dense_dir(config, source, dense_out)
-  masks, start_params = prune_train.prune_one_shot(config, p, model, variables, source,
-                                                   dense_out)
+  masks, start_params = prune_train.prune_one_shot(config, p, model, variables, source, dense_out)
   conn = effective.connectivity(model, masks, input_shape)
   eff = masks_lib.compression(conn.masks)
   units = {k: [conn.active_units[k], conn.total_units[k]] for k in conn.active_units}
   recorded = row["recorded_effective_compression"]
-  same = (math.isclose(eff, recorded, rel_tol=1e-9)
-          and units == result.get("active_units", units))
-  notes = [] if same else [f"re-created masks differ from the run's: effective "
-                           f"{eff:.6g}x (recorded {recorded:.6g}x), active units {units} "
-                           f"(recorded {result.get('active_units')})"]
+  same = math.isclose(eff, recorded, rel_tol=1e-9) and units == result.get("active_units", units)
+  notes = (
+    []
+    if same
+    else [
+      f"re-created masks differ from the run's: effective "
+      f"{eff:.6g}x (recorded {recorded:.6g}x), active units {units} "
+      f"(recorded {result.get('active_units')})"
+    ]
+  )
   pruned = {**variables, "params": start_params}
-  new_model, new_vars, _, rec = prune_train.compact_network(model, pruned, masks,
-                                                            input_shape)
-  t = prune_train.time_compaction(model, prune_train.masked_variables(pruned, masks),
-                                  new_model, new_vars, input_shape, repeats=repeats,
-                                  batch=batch)
+  new_model, new_vars, _, rec = prune_train.compact_network(model, pruned, masks, input_shape)
+  t = prune_train.time_compaction(
+    model,
+    prune_train.masked_variables(pruned, masks),
+    new_model,
+    new_vars,
+    input_shape,
+    repeats=repeats,
+    batch=batch,
+  )
   before, after = rec["cost_before"], rec["cost_after"]
   return dict(
-      row, reason="; ".join(notes), effective_compression=eff, reproduced=same,
-      widths_before=";".join(map(str, rec["widths_before"])),
-      widths=";".join(map(str, rec["widths"])),
-      live_channel_fraction=rec["live_channel_fraction"],
-      flops_dense=before["flops_dense"], flops_effective=before["flops_effective"],
-      compact_flops=after["flops_dense"], params_dense=before["params_dense"],
-      params_effective=before["params_effective"], compact_params=after["params_dense"],
-      network_bytes=rec["network_bytes_before"],
-      compact_network_bytes=rec["network_bytes_after"],
-      logits_relative_difference=rec["logits_relative_difference"],
-      masked_latency_ms=t["masked"]["latency_ms"], compact_latency_ms=t["compact"]["latency_ms"],
-      latency_speedup=t["latency_speedup"], masked_throughput=t["masked"]["throughput"],
-      compact_throughput=t["compact"]["throughput"],
-      throughput_speedup=t["throughput_speedup"], batch=batch, repeats=repeats,
-      load_average=t["load_average"], platform=t["platform"], seconds=time.time() - start)
+    row,
+    reason="; ".join(notes),
+    effective_compression=eff,
+    reproduced=same,
+    widths_before=";".join(map(str, rec["widths_before"])),
+    widths=";".join(map(str, rec["widths"])),
+    live_channel_fraction=rec["live_channel_fraction"],
+    flops_dense=before["flops_dense"],
+    flops_effective=before["flops_effective"],
+    compact_flops=after["flops_dense"],
+    params_dense=before["params_dense"],
+    params_effective=before["params_effective"],
+    compact_params=after["params_dense"],
+    network_bytes=rec["network_bytes_before"],
+    compact_network_bytes=rec["network_bytes_after"],
+    logits_relative_difference=rec["logits_relative_difference"],
+    masked_latency_ms=t["masked"]["latency_ms"],
+    compact_latency_ms=t["compact"]["latency_ms"],
+    latency_speedup=t["latency_speedup"],
+    masked_throughput=t["masked"]["throughput"],
+    compact_throughput=t["compact"]["throughput"],
+    throughput_speedup=t["throughput_speedup"],
+    batch=batch,
+    repeats=repeats,
+    load_average=t["load_average"],
+    platform=t["platform"],
+    seconds=time.time() - start,
+  )
 
 
 def read_rows(path: str) -> list[dict]:
   """The CSV's rows with numbers parsed back (an empty cell is None)."""
   import csv
-  text = ("run", "arch", "pruner", "pruning_type", "status", "reason", "widths_before",
-          "widths", "platform", "reproduced")
+
+  text = (
+    "run",
+    "arch",
+    "pruner",
+    "pruning_type",
+    "status",
+    "reason",
+    "widths_before",
+    "widths",
+    "platform",
+    "reproduced",
+  )
   with open(path) as f:
     rows = list(csv.DictReader(f))
   for r in rows:
@@ -181,15 +273,21 @@ def define_flags() -> None:
   flags.DEFINE_string("results_dir", "results/lenet300100_mnist", "Where the runs are.")
   flags.DEFINE_string("out", "results/compaction/lenet300100_latency.csv", "The CSV.")
   flags.DEFINE_string("arch", "lenet300100", "Network of the runs.")
-  flags.DEFINE_string("pruners", ",".join(UNSTRUCTURED + NEURON),
-                      "Comma-separated one-shot pruners whose runs are timed.")
+  flags.DEFINE_string(
+    "pruners",
+    ",".join(UNSTRUCTURED + NEURON),
+    "Comma-separated one-shot pruners whose runs are timed.",
+  )
   flags.DEFINE_string("pruning_type", "effective", "Pruning type of the runs.")
   flags.DEFINE_integer("train_steps", 3000, "Only runs of this many steps (0: any).")
   flags.DEFINE_string("seeds", "", "Comma-separated seeds (default: every seed).")
   flags.DEFINE_integer("batch", 256, "Throughput batch.")
   flags.DEFINE_integer("repeats", 20, "Timings per network and batch size (medians).")
-  flags.DEFINE_string("dense_out", "out/compaction_dense",
-                      "Where a missing dense run (scored by after-training pruners) trains.")
+  flags.DEFINE_string(
+    "dense_out",
+    "out/compaction_dense",
+    "Where a missing dense run (scored by after-training pruners) trains.",
+  )
   common.define_data_flags()
   common.define_compilation_cache_flags()
 
@@ -200,31 +298,51 @@ def main(argv):
   pruners = common.parse_list(FLAGS.pruners, name="pruners")
   for name in pruners:
     if common.check_pruner(name) is None:
-      raise ValueError(f"--pruners: {name!r} is not a one-shot pruner (its masks move "
-                       "during training or come from IMP's rounds).")
+      raise ValueError(
+        f"--pruners: {name!r} is not a one-shot pruner (its masks move "
+        "during training or come from IMP's rounds)."
+      )
   seeds = common.parse_list(FLAGS.seeds, int, "seeds")
-  common.check_run_args(out_dir=os.path.dirname(FLAGS.out) or ".",
-                        counts={"batch": FLAGS.batch, "repeats": FLAGS.repeats},
-                        nonnegative={"train_steps": FLAGS.train_steps})
+  common.check_run_args(
+    out_dir=os.path.dirname(FLAGS.out) or ".",
+    counts={"batch": FLAGS.batch, "repeats": FLAGS.repeats},
+    nonnegative={"train_steps": FLAGS.train_steps},
+  )
   source = common.DataSource.from_flags()
-  runs = find_runs(FLAGS.results_dir, pruners, FLAGS.pruning_type, FLAGS.arch,
-                   FLAGS.train_steps or None)
+  runs = find_runs(
+    FLAGS.results_dir, pruners, FLAGS.pruning_type, FLAGS.arch, FLAGS.train_steps or None
+  )
   runs = [(p, r) for p, r in runs if not seeds or r["config"]["seed"] in seeds]
   logging.info("%d runs to re-create and time.", len(runs))
   rows = []
   for i, (path, result) in enumerate(runs):
-    rows.append(measure(path, result, source=source, dense_out=FLAGS.dense_out,
-                        batch=FLAGS.batch, repeats=FLAGS.repeats))
+    rows.append(
+      measure(
+        path,
+        result,
+        source=source,
+        dense_out=FLAGS.dense_out,
+        batch=FLAGS.batch,
+        repeats=FLAGS.repeats,
+      )
+    )
     r = rows[-1]
-    print(f"[{i + 1}/{len(runs)}] {r['run']}: "
-          + (f"{r['masked_latency_ms']:.3g} -> {r['compact_latency_ms']:.3g} ms, widths "
-             f"{r['widths']}, reproduced {r['reproduced']} (load {r['load_average']:.2f})"
-             if r.get("masked_latency_ms") is not None else f"skipped: {r['reason']}"),
-          flush=True)
+    print(
+      f"[{i + 1}/{len(runs)}] {r['run']}: "
+      + (
+        f"{r['masked_latency_ms']:.3g} -> {r['compact_latency_ms']:.3g} ms, widths "
+        f"{r['widths']}, reproduced {r['reproduced']} (load {r['load_average']:.2f})"
+        if r.get("masked_latency_ms") is not None
+        else f"skipped: {r['reason']}"
+      ),
+      flush=True,
+    )
     compression.write_csv(FLAGS.out, rows, COLUMNS)
   flagged = [r["run"] for r in rows if r.get("reproduced") is False]
-  print(f"Wrote {FLAGS.out}: {len(rows)} runs, {len(flagged)} not reproduced"
-        + (f": {', '.join(flagged)}" if flagged else "."))
+  print(
+    f"Wrote {FLAGS.out}: {len(rows)} runs, {len(flagged)} not reproduced"
+    + (f": {', '.join(flagged)}" if flagged else ".")
+  )
 
 
 if __name__ == "__main__":

@@ -26,23 +26,43 @@ import time
 import jax
 from absl import app, flags, logging
 
-from experiments import common
-from experiments import configs
+from experiments import common, configs
 from sparsejax import compact as compact_lib
-from sparsejax import effective, errors, files, masks, models, pruning
-from sparsejax import flops
+from sparsejax import effective, errors, files, flops, masks, models, pruning
 
 FLAGS = flags.FLAGS
-COLUMNS = ["arch", "pruner", "pruning_type", "seed", "target_compression",
-           "direct_compression", "effective_compression", "direct_sparsity",
-           "effective_sparsity", "active_units", "total_units", "active_units_per_layer",
-           "unit_layers", "status", "seconds", "ranking_seconds",
-           # FLOPs (2 per multiply-accumulate, one example) and kernel parameters
-           "flops_dense", "flops_direct", "flops_effective", "params_dense",
-           "params_direct", "params_effective",
-           # with --compact: the compacted network (sparsejax.compact)
-           "compact_widths", "live_channel_fraction", "compact_params", "compact_flops",
-           "compact_flops_direct", "compact_logit_rel_diff"]
+COLUMNS = [
+  "arch",
+  "pruner",
+  "pruning_type",
+  "seed",
+  "target_compression",
+  "direct_compression",
+  "effective_compression",
+  "direct_sparsity",
+  "effective_sparsity",
+  "active_units",
+  "total_units",
+  "active_units_per_layer",
+  "unit_layers",
+  "status",
+  "seconds",
+  "ranking_seconds",
+  # FLOPs (2 per multiply-accumulate, one example) and kernel parameters
+  "flops_dense",
+  "flops_direct",
+  "flops_effective",
+  "params_dense",
+  "params_direct",
+  "params_effective",
+  # with --compact: the compacted network (sparsejax.compact)
+  "compact_widths",
+  "live_channel_fraction",
+  "compact_params",
+  "compact_flops",
+  "compact_flops_direct",
+  "compact_logit_rel_diff",
+]
 
 
 def cost_columns(model, m, input_shape) -> dict:
@@ -61,20 +81,32 @@ def compact_columns(model, variables, m, input_shape) -> dict:
   new_model, new_v, new_m = compact_lib.compact(model, variables, m, input_shape=input_shape)
   rel = compact_lib.check_equal(model, variables, m, new_model, new_v, input_shape)
   c = flops.total(new_model, new_m, input_shape)
-  return dict(compact_widths=";".join(str(len(k)) for k in p.kept.values()),
-              live_channel_fraction=p.live_fraction(), compact_params=c.params_dense,
-              compact_flops=c.flops_dense, compact_flops_direct=c.flops_direct,
-              compact_logit_rel_diff=rel)
+  return dict(
+    compact_widths=";".join(str(len(k)) for k in p.kept.values()),
+    live_channel_fraction=p.live_fraction(),
+    compact_params=c.params_dense,
+    compact_flops=c.flops_dense,
+    compact_flops_direct=c.flops_direct,
+    compact_logit_rel_diff=rel,
+  )
 
 
 def default_compressions() -> list[float]:
   return [10 ** (0.2 * i) for i in range(1, 16)]
 
 
-def sweep(arch: str, pruner_names: list[str], pruning_types: list[str],
-          compressions: list[float], *, seed: int = 0, batches_fn=None,
-          rounds: dict | None = None, stop_at_disconnection: bool = True,
-          compact: bool = False) -> list[dict]:
+def sweep(
+  arch: str,
+  pruner_names: list[str],
+  pruning_types: list[str],
+  compressions: list[float],
+  *,
+  seed: int = 0,
+  batches_fn=None,
+  rounds: dict | None = None,
+  stop_at_disconnection: bool = True,
+  compact: bool = False,
+) -> list[dict]:
   """Rows of the compression table (dicts with :data:`COLUMNS`).
 
   compact: also compact every mask (the ``compact_*`` columns).
@@ -97,19 +129,49 @@ def sweep(arch: str, pruner_names: list[str], pruning_types: list[str],
     p = pruning.get_pruner(name)
     batches = batches_fn() if p.needs_data and batches_fn else None
     if p.after_training:
-      logging.warning("%s scores trained weights; with no training here it scores the "
-                      "initial weights.", name)
-    kwargs = dict(key=jax.random.fold_in(key, 1), model=model, variables=variables,
-                  input_shape=input_shape, batches=batches,
-                  trained_params=variables["params"], rounds=(rounds or {}).get(name))
-    rows.extend(_sweep_pruner(arch, p, pruning_types, compressions, seed, model,
-                              input_shape, variables, kwargs, stop_at_disconnection,
-                              compact))
+      logging.warning(
+        "%s scores trained weights; with no training here it scores the initial weights.", name
+      )
+    kwargs = dict(
+      key=jax.random.fold_in(key, 1),
+      model=model,
+      variables=variables,
+      input_shape=input_shape,
+      batches=batches,
+      trained_params=variables["params"],
+      rounds=(rounds or {}).get(name),
+    )
+    rows.extend(
+      _sweep_pruner(
+        arch,
+        p,
+        pruning_types,
+        compressions,
+        seed,
+        model,
+        input_shape,
+        variables,
+        kwargs,
+        stop_at_disconnection,
+        compact,
+      )
+    )
   return rows
 
 
-def _sweep_pruner(arch, p, pruning_types, compressions, seed, model, input_shape, variables,
-                  kwargs, stop_at_disconnection, compact=False) -> list[dict]:
+def _sweep_pruner(
+  arch,
+  p,
+  pruning_types,
+  compressions,
+  seed,
+  model,
+  input_shape,
+  variables,
+  kwargs,
+  stop_at_disconnection,
+  compact=False,
+) -> list[dict]:
   """Rows of one pruner. A ranking serves both pruning types: one ranking for the
   whole sweep, or one per target for iterative pruners (their ranking depends on it)."""
   rows, stopped, ranking = [], set(), None
@@ -126,14 +188,21 @@ def _sweep_pruner(arch, p, pruning_types, compressions, seed, model, input_shape
       if pruning_type in stopped:
         continue
       start = time.time()
-      row = dict(arch=arch, pruner=p.name, pruning_type=pruning_type, seed=seed,
-                 target_compression=target, ranking_seconds=rank_seconds)
+      row = dict(
+        arch=arch,
+        pruner=p.name,
+        pruning_type=pruning_type,
+        seed=seed,
+        target_compression=target,
+        ranking_seconds=rank_seconds,
+      )
       try:
         if p.score is None:
           m = masks.ones(variables["params"])
         else:
-          m = pruning.masks_from_ranking(ranking, sparsity, pruning_type, model=model,
-                                         input_shape=input_shape)
+          m = pruning.masks_from_ranking(
+            ranking, sparsity, pruning_type, model=model, input_shape=input_shape
+          )
       except errors.UnreachableSparsityError as err:
         # An effective target beyond the ranking's connected masks, or a direct target
         # beyond what the quota allows (uniform+ keeps the first layer dense): the end
@@ -145,20 +214,33 @@ def _sweep_pruner(arch, p, pruning_types, compressions, seed, model, input_shape
       conn = effective.connectivity(model, m, input_shape)
       eff_density = masks.density(conn.masks)
       per_layer = [f"{conn.active_units[k]}/{conn.total_units[k]}" for k in conn.active_units]
-      rows.append(dict(
-          row, direct_compression=masks.compression(m),
+      rows.append(
+        dict(
+          row,
+          direct_compression=masks.compression(m),
           effective_compression=masks.compression_of(eff_density),
-          direct_sparsity=masks.direct_sparsity(m), effective_sparsity=1.0 - eff_density,
+          direct_sparsity=masks.direct_sparsity(m),
+          effective_sparsity=1.0 - eff_density,
           active_units=sum(conn.active_units.values()),
           total_units=sum(conn.total_units.values()),
-          active_units_per_layer=";".join(per_layer), unit_layers=";".join(conn.active_units),
+          active_units_per_layer=";".join(per_layer),
+          unit_layers=";".join(conn.active_units),
           status="disconnected" if eff_density == 0 else "ok",
           **cost_columns(model, m, input_shape),
           **(compact_columns(model, variables, m, input_shape) if compact else {}),
-          seconds=time.time() - start))
-      logging.info("%s %s %.4gx: direct %.4gx effective %.4gx (%.2fs + ranking %.2fs)",
-                   p.name, pruning_type, target, rows[-1]["direct_compression"],
-                   rows[-1]["effective_compression"], rows[-1]["seconds"], rank_seconds)
+          seconds=time.time() - start,
+        )
+      )
+      logging.info(
+        "%s %s %.4gx: direct %.4gx effective %.4gx (%.2fs + ranking %.2fs)",
+        p.name,
+        pruning_type,
+        target,
+        rows[-1]["direct_compression"],
+        rows[-1]["effective_compression"],
+        rows[-1]["seconds"],
+        rank_seconds,
+      )
       if eff_density == 0 and stop_at_disconnection:
         stopped.add(pruning_type)
   return rows
@@ -171,23 +253,35 @@ def read_rows(path: str) -> list[dict]:
     rows = list(csv.DictReader(f))
   for r in rows:
     for k, v in r.items():
-      if k in ("arch", "pruner", "pruning_type", "status", "active_units_per_layer",
-               "unit_layers", "data", "compact_widths"):
+      if k in (
+        "arch",
+        "pruner",
+        "pruning_type",
+        "status",
+        "active_units_per_layer",
+        "unit_layers",
+        "data",
+        "compact_widths",
+      ):
         continue
       r[k] = None if v in ("", None) else float(v)
   return rows
 
 
 def format_table(rows: list[dict]) -> str:
-  head = (f"{'pruner':<18} {'type':<9} {'target':>9} {'direct':>9} {'effective':>10} "
-          f"{'active units':>13}  status")
+  head = (
+    f"{'pruner':<18} {'type':<9} {'target':>9} {'direct':>9} {'effective':>10} "
+    f"{'active units':>13}  status"
+  )
   lines = [head, "-" * len(head)]
   for r in rows:
     fmt = lambda v: "-" if v is None else ("inf" if math.isinf(v) else f"{v:.4g}")
-    units = (f"{r['active_units']}/{r['total_units']}" if "active_units" in r else "-")
-    lines.append(f"{r['pruner']:<18} {r['pruning_type']:<9} {fmt(r['target_compression']):>9} "
-                 f"{fmt(r.get('direct_compression')):>9} "
-                 f"{fmt(r.get('effective_compression')):>10} {units:>13}  {r['status']}")
+    units = f"{r['active_units']}/{r['total_units']}" if "active_units" in r else "-"
+    lines.append(
+      f"{r['pruner']:<18} {r['pruning_type']:<9} {fmt(r['target_compression']):>9} "
+      f"{fmt(r.get('direct_compression')):>9} "
+      f"{fmt(r.get('effective_compression')):>10} {units:>13}  {r['status']}"
+    )
   return "\n".join(lines)
 
 
@@ -195,8 +289,7 @@ def write_csv(path: str, rows: list[dict], columns: list[str] | None = None) -> 
   """Writes ``rows`` (the ``columns``, default :data:`COLUMNS` and 'data') to ``path``
   atomically."""
   buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=columns or COLUMNS + ["data"],
-                          extrasaction="ignore")
+  writer = csv.DictWriter(buf, fieldnames=columns or COLUMNS + ["data"], extrasaction="ignore")
   writer.writeheader()
   writer.writerows(rows)
   files.atomic_write(path, buf.getvalue().encode())
@@ -205,23 +298,37 @@ def write_csv(path: str, rows: list[dict], columns: list[str] | None = None) -> 
 def define_flags() -> None:
   """The command-line flags (defined only when run as a binary)."""
   flags.DEFINE_string("arch", "lenet300100", f"Network: {', '.join(models.MODELS)}.")
-  flags.DEFINE_string("pruners", "random/uniform,random/erk,random/igq",
-                      f"Comma-separated pruners: {', '.join(pruning.PRUNERS)}.")
+  flags.DEFINE_string(
+    "pruners",
+    "random/uniform,random/erk,random/igq",
+    f"Comma-separated pruners: {', '.join(pruning.PRUNERS)}.",
+  )
   flags.DEFINE_string("pruning_types", "direct", "Comma-separated: direct, effective.")
-  flags.DEFINE_string("compressions", "",
-                      "Comma-separated compressions (10 = 90% sparse); default 10^(0.2 i) "
-                      "for i = 1..15, up to 1000x.")
+  flags.DEFINE_string(
+    "compressions",
+    "",
+    "Comma-separated compressions (10 = 90% sparse); default 10^(0.2 i) "
+    "for i = 1..15, up to 1000x.",
+  )
   flags.DEFINE_integer("seed", 0, "Seed for initial weights and random scores.")
   flags.DEFINE_string("out_dir", "out/compression", "Where the CSV and the plot go.")
   flags.DEFINE_integer("score_batches", 10, "Batches of training data for SNIP/GraSP.")
   flags.DEFINE_integer("score_batch_size", 0, "Batch size for data scores (0: the paper's).")
-  flags.DEFINE_integer("rounds", None, "Rounds of every iterative pruner (SynFlow, "
-                       "iterative SNIP); default: each pruner's own.")
-  flags.DEFINE_bool("stop_at_disconnection", True,
-                    "Stop a pruner's sweep at its first disconnected network.")
-  flags.DEFINE_bool("compact", False, "Also compact every mask (sparsejax.compact): "
-                    "compacted widths, live-channel fraction, parameters and FLOPs, each compaction "
-                    "checked to compute the masked network's logits.")
+  flags.DEFINE_integer(
+    "rounds",
+    None,
+    "Rounds of every iterative pruner (SynFlow, iterative SNIP); default: each pruner's own.",
+  )
+  flags.DEFINE_bool(
+    "stop_at_disconnection", True, "Stop a pruner's sweep at its first disconnected network."
+  )
+  flags.DEFINE_bool(
+    "compact",
+    False,
+    "Also compact every mask (sparsejax.compact): "
+    "compacted widths, live-channel fraction, parameters and FLOPs, each compaction "
+    "checked to compute the masked network's logits.",
+  )
   common.define_data_flags()
   common.define_compilation_cache_flags()
 
@@ -231,39 +338,53 @@ def main(argv):
   common.compilation_cache_from_flags()
   pruner_names = common.parse_list(FLAGS.pruners, name="pruners")
   types = common.parse_list(FLAGS.pruning_types, name="pruning_types")
-  comps = (common.parse_list(FLAGS.compressions, float, "compressions")
-           or default_compressions())
+  comps = common.parse_list(FLAGS.compressions, float, "compressions") or default_compressions()
   from experiments import plot  # plot reads this module's CSVs
 
-  common.check_run_args(out_dir=FLAGS.out_dir, compressions={"compressions": comps},
-                        nonnegative={"seed": FLAGS.seed,
-                                     "score_batch_size": FLAGS.score_batch_size},
-                        counts={"score_batches": FLAGS.score_batches},
-                        optional_counts={"rounds": FLAGS.rounds})
+  common.check_run_args(
+    out_dir=FLAGS.out_dir,
+    compressions={"compressions": comps},
+    nonnegative={"seed": FLAGS.seed, "score_batch_size": FLAGS.score_batch_size},
+    counts={"score_batches": FLAGS.score_batches},
+    optional_counts={"rounds": FLAGS.rounds},
+  )
   spec = models.get_spec(FLAGS.arch)
   config = configs.get_config(FLAGS.arch)
   source = common.DataSource.from_flags()
 
   def batches_fn():
-    return source.score_batches(spec.dataset, num_batches=FLAGS.score_batches,
-                                batch_size=FLAGS.score_batch_size or config.snip_batch_size,
-                                seed=FLAGS.seed)
+    return source.score_batches(
+      spec.dataset,
+      num_batches=FLAGS.score_batches,
+      batch_size=FLAGS.score_batch_size or config.snip_batch_size,
+      seed=FLAGS.seed,
+    )
 
   start = time.time()
   rounds = None if FLAGS.rounds is None else {n: FLAGS.rounds for n in pruner_names}
-  rows = sweep(FLAGS.arch, pruner_names, types, comps, seed=FLAGS.seed,
-               batches_fn=batches_fn, rounds=rounds,
-               stop_at_disconnection=FLAGS.stop_at_disconnection, compact=FLAGS.compact)
+  rows = sweep(
+    FLAGS.arch,
+    pruner_names,
+    types,
+    comps,
+    seed=FLAGS.seed,
+    batches_fn=batches_fn,
+    rounds=rounds,
+    stop_at_disconnection=FLAGS.stop_at_disconnection,
+    compact=FLAGS.compact,
+  )
   data_name = source.describe(spec.dataset)
   for r in rows:
     r["data"] = data_name if pruning.get_pruner(r["pruner"]).needs_data else "-"
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   write_csv(os.path.join(FLAGS.out_dir, "compression.csv"), rows)
-  plot.plot_curves(FLAGS.arch, rows, os.path.join(FLAGS.out_dir, "compression.png"),
-                   seed=FLAGS.seed)
+  plot.plot_curves(
+    FLAGS.arch, rows, os.path.join(FLAGS.out_dir, "compression.png"), seed=FLAGS.seed
+  )
   print(format_table(rows))
-  print(f"\nWrote {FLAGS.out_dir}/compression.csv and compression.png "
-        f"in {time.time() - start:.1f}s.")
+  print(
+    f"\nWrote {FLAGS.out_dir}/compression.csv and compression.png in {time.time() - start:.1f}s."
+  )
 
 
 if __name__ == "__main__":

@@ -23,19 +23,33 @@ import os
 import jax
 from absl import flags, logging
 
-ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS",
-       "num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+ENV = {
+  "coordinator_address": "JAX_COORDINATOR_ADDRESS",
+  "num_processes": "JAX_NUM_PROCESSES",
+  "process_id": "JAX_PROCESS_ID",
+}
 
 
 def define_flags() -> None:
-  flags.DEFINE_string("coordinator_address", None, "Multi-host training: 'host:port' of "
-                      "process 0's coordinator, the same in every process (default "
-                      f"${ENV['coordinator_address']}); 'auto': JAX finds it and the "
-                      "process count and index in a SLURM or Open MPI job.")
-  flags.DEFINE_integer("num_processes", None, "Multi-host training: number of processes "
-                       f"(default ${ENV['num_processes']}).")
-  flags.DEFINE_integer("process_id", None, "Multi-host training: this process's index in "
-                       f"[0, num_processes) (default ${ENV['process_id']}).")
+  flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "Multi-host training: 'host:port' of "
+    "process 0's coordinator, the same in every process (default "
+    f"${ENV['coordinator_address']}); 'auto': JAX finds it and the "
+    "process count and index in a SLURM or Open MPI job.",
+  )
+  flags.DEFINE_integer(
+    "num_processes",
+    None,
+    f"Multi-host training: number of processes (default ${ENV['num_processes']}).",
+  )
+  flags.DEFINE_integer(
+    "process_id",
+    None,
+    "Multi-host training: this process's index in "
+    f"[0, num_processes) (default ${ENV['process_id']}).",
+  )
 
 
 def _int(name: str, flag_value, environ) -> int | None:
@@ -50,8 +64,12 @@ def _int(name: str, flag_value, environ) -> int | None:
     raise ValueError(f"${ENV[name]}={value!r} must be an integer (--{name}).") from None
 
 
-def settings(coordinator_address: str | None = None, num_processes: int | None = None,
-             process_id: int | None = None, environ=None) -> dict | None:
+def settings(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  environ=None,
+) -> dict | None:
   """The ``jax.distributed.initialize`` arguments from flag values (None: not given)
   and the environment; for the address 'auto', those given (JAX detects the rest in a
   SLURM/Open MPI job); None: one process.
@@ -68,14 +86,18 @@ def settings(coordinator_address: str | None = None, num_processes: int | None =
       return None
     if num == 1 and pid in (None, 0):
       return None
-    raise ValueError(f"--num_processes={num!r} --process_id={pid!r} need "
-                     "--coordinator_address=host:port (process 0's host and a free port; or "
-                     f"${ENV['coordinator_address']}).")
+    raise ValueError(
+      f"--num_processes={num!r} --process_id={pid!r} need "
+      "--coordinator_address=host:port (process 0's host and a free port; or "
+      f"${ENV['coordinator_address']})."
+    )
   if address == "auto":
     return {k: v for k, v in (("num_processes", num), ("process_id", pid)) if v is not None}
   if num is None or pid is None:
-    raise ValueError(f"--coordinator_address={address!r} needs --num_processes and "
-                     f"--process_id (or ${ENV['num_processes']}, ${ENV['process_id']}).")
+    raise ValueError(
+      f"--coordinator_address={address!r} needs --num_processes and "
+      f"--process_id (or ${ENV['num_processes']}, ${ENV['process_id']})."
+    )
   if num < 1:
     raise ValueError(f"--num_processes={num!r} must be an integer >= 1.")
   if not 0 <= pid < num:
@@ -92,8 +114,13 @@ def initialize(kwargs: dict | None) -> None:
     return
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
-  logging.info("Process %d of %d; %d local of %d devices.", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+    "Process %d of %d; %d local of %d devices.",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def initialize_from_flags() -> None:

@@ -35,8 +35,16 @@ FLAGS = flags.FLAGS
 ARCHS = ("lenet300100", "lenet5", "vgg16", "vgg19", "resnet18")
 # Every at-initialization pruner: random with each quota, SNIP, iterative SNIP, GraSP,
 # SynFlow. uniform+ keeps the first layer dense, so it applies to conv nets only.
-PRUNERS = ("random/uniform", "random/uniform_plus", "random/erk", "random/igq", "snip",
-           "snip/iterative", "grasp", "synflow")
+PRUNERS = (
+  "random/uniform",
+  "random/uniform_plus",
+  "random/erk",
+  "random/igq",
+  "snip",
+  "snip/iterative",
+  "grasp",
+  "synflow",
+)
 
 
 # Budgets: score batches and examples per batch (SNIP, iterative SNIP, GraSP), rounds
@@ -49,22 +57,30 @@ PRUNERS = ("random/uniform", "random/uniform_plus", "random/erk", "random/igq", 
 # iterative SNIP runs 10 rounds, and the iterative pruners are sampled at every
 # 10^(0.6 i), up to 10^4.
 CPU_BUDGETS = {
-    "lenet300100": dict(score_batches=10, batch_size=100, rounds={}, iterative_step=1,
-                        max_exponent=25),
-    "lenet5": dict(score_batches=10, batch_size=128, rounds={}, iterative_step=1,
-                   max_exponent=25),
-    "vgg16": dict(score_batches=1, batch_size=32, rounds={"snip/iterative": 10},
-                  iterative_step=3, max_exponent=20),
-    "vgg19": dict(score_batches=1, batch_size=32, rounds={"snip/iterative": 10},
-                  iterative_step=3, max_exponent=20),
-    "resnet18": dict(score_batches=1, batch_size=16, rounds={"snip/iterative": 10},
-                     iterative_step=3, max_exponent=20),
+  "lenet300100": dict(
+    score_batches=10, batch_size=100, rounds={}, iterative_step=1, max_exponent=25
+  ),
+  "lenet5": dict(score_batches=10, batch_size=128, rounds={}, iterative_step=1, max_exponent=25),
+  "vgg16": dict(
+    score_batches=1, batch_size=32, rounds={"snip/iterative": 10}, iterative_step=3, max_exponent=20
+  ),
+  "vgg19": dict(
+    score_batches=1, batch_size=32, rounds={"snip/iterative": 10}, iterative_step=3, max_exponent=20
+  ),
+  "resnet18": dict(
+    score_batches=1, batch_size=16, rounds={"snip/iterative": 10}, iterative_step=3, max_exponent=20
+  ),
 }
 
 
 def paper_budget(arch: str) -> dict:
-  return dict(score_batches=10, batch_size=configs.get_config(arch).snip_batch_size,
-              rounds={}, iterative_step=1, max_exponent=25)
+  return dict(
+    score_batches=10,
+    batch_size=configs.get_config(arch).snip_batch_size,
+    rounds={},
+    iterative_step=1,
+    max_exponent=25,
+  )
 
 
 def compressions(max_exponent: int, step: int = 1) -> list[float]:
@@ -79,8 +95,9 @@ def csv_path(out_dir: str, arch: str, pruner: str) -> str:
 read_rows = compression.read_rows
 
 
-def run_one(arch: str, pruner: str, *, out_dir: str, seed: int, budget: dict,
-            source: common.DataSource) -> list[dict]:
+def run_one(
+  arch: str, pruner: str, *, out_dir: str, seed: int, budget: dict, source: common.DataSource
+) -> list[dict]:
   """Sweeps one (network, pruner) pair and writes its CSV; returns the rows."""
   p = pruning.get_pruner(pruner)
   spec = models.get_spec(arch)
@@ -88,29 +105,41 @@ def run_one(arch: str, pruner: str, *, out_dir: str, seed: int, budget: dict,
   data_name = source.describe(spec.dataset) if p.needs_data else "-"
 
   def batches_fn():
-    return source.score_batches(spec.dataset, num_batches=budget["score_batches"],
-                                batch_size=budget["batch_size"], seed=seed)
+    return source.score_batches(
+      spec.dataset, num_batches=budget["score_batches"], batch_size=budget["batch_size"], seed=seed
+    )
 
   start = time.time()
-  rows = compression.sweep(arch, [pruner], ["direct", "effective"],
-                           compressions(budget["max_exponent"], step), seed=seed,
-                           batches_fn=batches_fn, rounds=budget["rounds"])
+  rows = compression.sweep(
+    arch,
+    [pruner],
+    ["direct", "effective"],
+    compressions(budget["max_exponent"], step),
+    seed=seed,
+    batches_fn=batches_fn,
+    rounds=budget["rounds"],
+  )
   for r in rows:
     r["data"] = data_name
   buf_path = csv_path(out_dir, arch, pruner)
   os.makedirs(os.path.dirname(buf_path), exist_ok=True)
   compression.write_csv(buf_path, rows)
-  logging.info("%s %s: %d rows in %.1fs -> %s", arch, pruner, len(rows),
-               time.time() - start, buf_path)
+  logging.info(
+    "%s %s: %d rows in %.1fs -> %s", arch, pruner, len(rows), time.time() - start, buf_path
+  )
   return rows
 
 
 def define_flags() -> None:
   flags.DEFINE_string("archs", ",".join(ARCHS), "Comma-separated networks.")
   flags.DEFINE_string("pruners", ",".join(PRUNERS), "Comma-separated at-init pruners.")
-  flags.DEFINE_integer("max_exponent", None, "Largest i in 10^(0.2 i) (default: the "
-                       "budget's, 25 = 10^5x for the LeNets, 20 for the others); each "
-                       "pruner and type also stops at its first disconnected network.")
+  flags.DEFINE_integer(
+    "max_exponent",
+    None,
+    "Largest i in 10^(0.2 i) (default: the "
+    "budget's, 25 = 10^5x for the LeNets, 20 for the others); each "
+    "pruner and type also stops at its first disconnected network.",
+  )
   flags.DEFINE_integer("seed", 0, "Seed for initial weights, random scores and data.")
   flags.DEFINE_string("out_dir", "results/init_curves", "Where the CSVs go.")
   flags.DEFINE_bool("paper_budgets", False, "Score with the paper's budgets (slow on CPU).")
@@ -127,16 +156,20 @@ def main(argv):
   for name in pruners:
     p = pruning.get_pruner(name)
     if p.after_training:
-      raise ValueError(f"--pruners: {name!r} prunes after training, not at initialization; "
-                       f"allowed: {', '.join(PRUNERS)}.")
+      raise ValueError(
+        f"--pruners: {name!r} prunes after training, not at initialization; "
+        f"allowed: {', '.join(PRUNERS)}."
+      )
   for arch in archs:
     budget = dict(paper_budget(arch) if FLAGS.paper_budgets else CPU_BUDGETS[arch])
     if FLAGS.max_exponent:
       budget["max_exponent"] = FLAGS.max_exponent
     # Only MNIST is available offline; the other datasets are synthetic stand-ins.
     source = common.DataSource(
-        synthetic=FLAGS.synthetic_data or models.get_spec(arch).dataset != "mnist",
-        manual_dir=FLAGS.tfds_manual_dir, data_dir=FLAGS.tfds_data_dir)
+      synthetic=FLAGS.synthetic_data or models.get_spec(arch).dataset != "mnist",
+      manual_dir=FLAGS.tfds_manual_dir,
+      data_dir=FLAGS.tfds_data_dir,
+    )
     for name in pruners:
       if name == "random/uniform_plus" and arch == "lenet300100":
         continue  # uniform+ keeps the first layer dense: conv nets only.
@@ -144,8 +177,7 @@ def main(argv):
       if os.path.exists(path) and not FLAGS.overwrite:
         logging.info("%s exists; skipped.", path)
         continue
-      run_one(arch, name, out_dir=FLAGS.out_dir, seed=FLAGS.seed, budget=budget,
-              source=source)
+      run_one(arch, name, out_dir=FLAGS.out_dir, seed=FLAGS.seed, budget=budget, source=source)
   print(f"At-init curves in {FLAGS.out_dir}; draw them with python -m experiments.plot.")
 
 

@@ -41,25 +41,69 @@ from sparsejax import files
 FLAGS = flags.FLAGS
 
 # One colour per pruner, the same in every figure.
-PRUNER_ORDER = ("dense", "random/uniform", "random/uniform_plus", "random/erk", "random/igq",
-                "random/snip", "random/synflow", "snip", "snip/iterative", "grasp",
-                "synflow", "lamp", "magnitude/global", "magnitude/igq", "imp", "gmp", "set",
-                "rigl", "ste", "neuron/l1", "neuron/magnitude", "neuron/snip", "neuron/synflow",
-                "neuron/random")
-ARCH_TITLES = {"lenet300100": "LeNet-300-100", "lenet5": "LeNet-5", "vgg16": "VGG-16",
-               "vgg19": "VGG-19", "resnet18": "ResNet-18"}
+PRUNER_ORDER = (
+  "dense",
+  "random/uniform",
+  "random/uniform_plus",
+  "random/erk",
+  "random/igq",
+  "random/snip",
+  "random/synflow",
+  "snip",
+  "snip/iterative",
+  "grasp",
+  "synflow",
+  "lamp",
+  "magnitude/global",
+  "magnitude/igq",
+  "imp",
+  "gmp",
+  "set",
+  "rigl",
+  "ste",
+  "neuron/l1",
+  "neuron/magnitude",
+  "neuron/snip",
+  "neuron/synflow",
+  "neuron/random",
+)
+ARCH_TITLES = {
+  "lenet300100": "LeNet-300-100",
+  "lenet5": "LeNet-5",
+  "vgg16": "VGG-16",
+  "vgg19": "VGG-19",
+  "resnet18": "ResNet-18",
+}
 
 
 # Quotas borrowed from a pruner share its hue (random/snip light red, snip red).
-COLOURS = {"dense": "#000000", "random/uniform": "#1f77b4", "random/uniform_plus": "#aec7e8",
-           "random/erk": "#ff7f0e", "random/igq": "#2ca02c", "random/snip": "#ff9896",
-           "snip": "#d62728", "snip/iterative": "#8c564b", "random/synflow": "#c5b0d5",
-           "synflow": "#9467bd", "grasp": "#e377c2", "lamp": "#bcbd22",
-           "magnitude/global": "#17becf", "magnitude/igq": "#7f7f7f", "imp": "#000080",
-           "gmp": "#e6550d", "set": "#31a354", "rigl": "#6a3d9a", "ste": "#b15928",
-           # structured (neuron) pruners: darker shades of their weight scores' hues
-           "neuron/l1": "#004d4d", "neuron/magnitude": "#0b6e7a", "neuron/snip": "#7f0000",
-           "neuron/synflow": "#3f007d", "neuron/random": "#08306b"}
+COLOURS = {
+  "dense": "#000000",
+  "random/uniform": "#1f77b4",
+  "random/uniform_plus": "#aec7e8",
+  "random/erk": "#ff7f0e",
+  "random/igq": "#2ca02c",
+  "random/snip": "#ff9896",
+  "snip": "#d62728",
+  "snip/iterative": "#8c564b",
+  "random/synflow": "#c5b0d5",
+  "synflow": "#9467bd",
+  "grasp": "#e377c2",
+  "lamp": "#bcbd22",
+  "magnitude/global": "#17becf",
+  "magnitude/igq": "#7f7f7f",
+  "imp": "#000080",
+  "gmp": "#e6550d",
+  "set": "#31a354",
+  "rigl": "#6a3d9a",
+  "ste": "#b15928",
+  # structured (neuron) pruners: darker shades of their weight scores' hues
+  "neuron/l1": "#004d4d",
+  "neuron/magnitude": "#0b6e7a",
+  "neuron/snip": "#7f0000",
+  "neuron/synflow": "#3f007d",
+  "neuron/random": "#08306b",
+}
 
 
 def _colour(pruner: str):
@@ -67,12 +111,12 @@ def _colour(pruner: str):
 
 
 def _order(pruners) -> list[str]:
-  return sorted(set(pruners), key=lambda p: (PRUNER_ORDER.index(p)
-                                             if p in PRUNER_ORDER else 99, p))
+  return sorted(set(pruners), key=lambda p: (PRUNER_ORDER.index(p) if p in PRUNER_ORDER else 99, p))
 
 
 def _save(fig, path: str) -> None:
   import matplotlib.pyplot as plt
+
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=100)
   plt.close(fig)
@@ -109,20 +153,30 @@ def load_runs(results_dir: str) -> list[dict]:
   """One flat record per result.json under ``results_dir`` (any depth); targets by
   :func:`grid_target`."""
   runs = []
-  for path in sorted(glob.glob(os.path.join(results_dir, "**", "result.json"),
-                               recursive=True)):
+  for path in sorted(glob.glob(os.path.join(results_dir, "**", "result.json"), recursive=True)):
     r = results.load(path)  # InvalidResultError names a torn or incomplete file.
     c = r["config"]
-    runs.append(dict(
-        arch=c["arch"], dataset=c["dataset"], pruner=c["pruner"],
-        pruning_type=c["pruning_type"], seed=c["seed"],
-        target_compression=grid_target(c["target_compression"]), train_steps=c["train"]["train_steps"],
-        status=r.get("status", "ok"), direct_compression=r.get("direct_compression"),
+    runs.append(
+      dict(
+        arch=c["arch"],
+        dataset=c["dataset"],
+        pruner=c["pruner"],
+        pruning_type=c["pruning_type"],
+        seed=c["seed"],
+        target_compression=grid_target(c["target_compression"]),
+        train_steps=c["train"]["train_steps"],
+        status=r.get("status", "ok"),
+        direct_compression=r.get("direct_compression"),
         effective_compression=r.get("effective_compression"),
-        test_accuracy=r.get("test_accuracy"), wall_time=r.get("wall_time"),
-        steps_per_second=r.get("steps_per_second"), mask_updates=r.get("mask_updates"),
+        test_accuracy=r.get("test_accuracy"),
+        wall_time=r.get("wall_time"),
+        steps_per_second=r.get("steps_per_second"),
+        mask_updates=r.get("mask_updates"),
         diverged_step=r.get("diverged_step"),
-        compact=bool(c.get("experiment", {}).get("compact")), path=path))
+        compact=bool(c.get("experiment", {}).get("compact")),
+        path=path,
+      )
+    )
   return runs
 
 
@@ -142,17 +196,27 @@ def _summary(rs: list[dict]) -> dict:
   if not ok:
     diverged = [r for r in rs if r["status"] == "diverged"]
     if diverged:
-      return {"status": "diverged", "seeds": len(rs),
-              "direct": diverged[0].get("direct_compression"),
-              "effective": diverged[0].get("effective_compression")}
+      return {
+        "status": "diverged",
+        "seeds": len(rs),
+        "direct": diverged[0].get("direct_compression"),
+        "effective": diverged[0].get("effective_compression"),
+      }
     return {"status": "unreachable", "seeds": len(rs)}
   acc = [r["test_accuracy"] for r in ok]
-  return {"status": "disconnected" if any(r["status"] == "disconnected" for r in ok)
-          else "ok", "seeds": len(ok), "accuracy": statistics.fmean(acc),
-          "accuracy_min": min(acc), "accuracy_max": max(acc),
-          "direct": statistics.fmean(r["direct_compression"] for r in ok),
-          "effective": (math.inf if any(math.isinf(r["effective_compression"]) for r in ok)
-                        else statistics.fmean(r["effective_compression"] for r in ok))}
+  return {
+    "status": "disconnected" if any(r["status"] == "disconnected" for r in ok) else "ok",
+    "seeds": len(ok),
+    "accuracy": statistics.fmean(acc),
+    "accuracy_min": min(acc),
+    "accuracy_max": max(acc),
+    "direct": statistics.fmean(r["direct_compression"] for r in ok),
+    "effective": (
+      math.inf
+      if any(math.isinf(r["effective_compression"]) for r in ok)
+      else statistics.fmean(r["effective_compression"] for r in ok)
+    ),
+  }
 
 
 # ---------------------------------------------------------------- figures
@@ -163,6 +227,7 @@ def plot_curves(arch: str, rows: list[dict], path: str, seed: int = 0) -> None:
   type, crosses for the effective type, x where the network disconnects. The one
   compression-curve figure (experiments.compression and the reproduction's)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -170,11 +235,18 @@ def plot_curves(arch: str, rows: list[dict], path: str, seed: int = 0) -> None:
   # Infinite compressions sit on edge lines, as in the table: a disconnected network at
   # the top, a target so high that no weight is kept at the right.
   measured = [r for r in rows if r["status"] in ("ok", "disconnected")]
-  finite = [r["effective_compression"] for r in measured
-            if r["status"] == "ok" and math.isfinite(r["effective_compression"])]
+  finite = [
+    r["effective_compression"]
+    for r in measured
+    if r["status"] == "ok" and math.isfinite(r["effective_compression"])
+  ]
   top = max(finite + [10.0]) * 3
-  edge = max([r["direct_compression"] for r in measured
-              if math.isfinite(r["direct_compression"])] + [10.0]) * 2
+  edge = (
+    max(
+      [r["direct_compression"] for r in measured if math.isfinite(r["direct_compression"])] + [10.0]
+    )
+    * 2
+  )
   any_edge = any(math.isinf(r["direct_compression"]) for r in measured)
   right = edge * 1.5 if any_edge else edge * 0.75
   data_notes = sorted({r.get("data", "-") for r in rows} - {"-", ""})
@@ -193,11 +265,18 @@ def plot_curves(arch: str, rows: list[dict], path: str, seed: int = 0) -> None:
         if label:
           ax.plot([], [], style or "-", color=colour, label=label)
         continue
-      x = [r["direct_compression"] if math.isfinite(r["direct_compression"]) else edge
-           for r in rs]
+      x = [r["direct_compression"] if math.isfinite(r["direct_compression"]) else edge for r in rs]
       y = [min(r["effective_compression"], top) for r in rs]
-      ax.plot(x, y, style, marker="o" if ptype == "direct" else "+", ms=3 if ptype ==
-              "direct" else 7, color=colour, lw=1.3, label=label)
+      ax.plot(
+        x,
+        y,
+        style,
+        marker="o" if ptype == "direct" else "+",
+        ms=3 if ptype == "direct" else 7,
+        color=colour,
+        lw=1.3,
+        label=label,
+      )
       cut = [(a, b) for a, b, r in zip(x, y, rs) if r["status"] == "disconnected"]
       if cut:
         ax.plot(*zip(*cut), "x", color=colour, ms=9, mew=2)
@@ -207,12 +286,19 @@ def plot_curves(arch: str, rows: list[dict], path: str, seed: int = 0) -> None:
   ax.plot([1, right], [1, right], ":", color="gray", lw=1)
   ax.axhline(top, color="gray", lw=0.5)
   ax.text(1.1, top * 0.75, "disconnected (x)", fontsize=8, color="gray")
-  ax.set(xscale="log", yscale="log", xlim=(1, right), xlabel="direct compression",
-         ylabel="effective compression")
+  ax.set(
+    xscale="log",
+    yscale="log",
+    xlim=(1, right),
+    xlabel="direct compression",
+    ylabel="effective compression",
+  )
   note = f"; data scores: {', '.join(data_notes)}" if data_notes else ""
-  ax.set_title(f"{ARCH_TITLES.get(arch, arch)} at initialization (seed {seed}{note})\n"
-               "lines: pruned to direct target; +: pruned to effective target",
-               fontsize=9)
+  ax.set_title(
+    f"{ARCH_TITLES.get(arch, arch)} at initialization (seed {seed}{note})\n"
+    "lines: pruned to direct target; +: pruned to effective target",
+    fontsize=9,
+  )
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=7, loc="upper left", ncol=2)
   fig.tight_layout()
@@ -227,28 +313,32 @@ def _nearest(rows: list[dict], target: float) -> dict | None:
   return best if abs(math.log(best["target_compression"] / target)) < 0.05 else None
 
 
-def plot_units(arch: str, rows: list[dict], path: str,
-               targets=(10.0, 100.0, 1000.0)) -> None:
+def plot_units(arch: str, rows: list[dict], path: str, targets=(10.0, 100.0, 1000.0)) -> None:
   """Fraction of active units per layer, one panel per direct compression, one line
   per pruner (direct pruning type)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   direct_rows = [r for r in rows if r["pruning_type"] == "direct"]
-  fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.8),
-                           sharey=True)
+  fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.8), sharey=True)
   for ax, target in zip(axes, targets):
     names = None
     for pruner in _order(r["pruner"] for r in direct_rows):
       r = _nearest([q for q in direct_rows if q["pruner"] == pruner], target)
       if r is None or not r.get("active_units_per_layer"):
         continue
-      counts = [tuple(int(v) for v in s.split("/")) for s in
-                r["active_units_per_layer"].split(";")]
+      counts = [tuple(int(v) for v in s.split("/")) for s in r["active_units_per_layer"].split(";")]
       names = r["unit_layers"].split(";")
-      ax.plot(range(len(counts)), [a / t for a, t in counts], "-o", ms=3,
-              color=_colour(pruner), label=pruner)
+      ax.plot(
+        range(len(counts)),
+        [a / t for a, t in counts],
+        "-o",
+        ms=3,
+        color=_colour(pruner),
+        label=pruner,
+      )
     if names:
       ax.set_xticks(range(len(names)))
       ax.set_xticklabels(names, rotation=90, fontsize=6)
@@ -263,8 +353,9 @@ def plot_units(arch: str, rows: list[dict], path: str,
         handles.append(h)
         labels.append(l)
   axes[0].legend(handles, labels, fontsize=7, loc="lower left")
-  fig.suptitle(f"{ARCH_TITLES.get(arch, arch)}: active units per layer at initialization",
-               fontsize=10)
+  fig.suptitle(
+    f"{ARCH_TITLES.get(arch, arch)}: active units per layer at initialization", fontsize=10
+  )
   fig.tight_layout()
   _save(fig, path)
 
@@ -273,6 +364,7 @@ def plot_accuracy(runs: list[dict], path: str, title: str) -> None:
   """Test accuracy against direct (left) and effective (right) compression, one row
   per pruning type; error bars span the seeds."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -285,26 +377,51 @@ def plot_accuracy(runs: list[dict], path: str, title: str) -> None:
       for pruner in _order(p for p, _, _ in groups):
         if pruner == "dense":
           continue
-        pts = sorted((g[xkey], g) for (p, t, _), g in groups.items()
-                     if p == pruner and t == ptype and "accuracy" in g
-                     and math.isfinite(g[xkey]))
+        pts = sorted(
+          (g[xkey], g)
+          for (p, t, _), g in groups.items()
+          if p == pruner and t == ptype and "accuracy" in g and math.isfinite(g[xkey])
+        )
         if not pts:
           continue
         x = [a for a, _ in pts]
         y = [g["accuracy"] for _, g in pts]
-        err = [[g["accuracy"] - g["accuracy_min"] for _, g in pts],
-               [g["accuracy_max"] - g["accuracy"] for _, g in pts]]
+        err = [
+          [g["accuracy"] - g["accuracy_min"] for _, g in pts],
+          [g["accuracy_max"] - g["accuracy"] for _, g in pts],
+        ]
         style = "--" if pruner.startswith("random/") else "-"
-        ax.errorbar(x, y, yerr=err, fmt=style + "o", ms=3, lw=1.2, capsize=2,
-                    color=_colour(pruner), label=pruner)
+        ax.errorbar(
+          x,
+          y,
+          yerr=err,
+          fmt=style + "o",
+          ms=3,
+          lw=1.2,
+          capsize=2,
+          color=_colour(pruner),
+          label=pruner,
+        )
       # Diverged runs have no accuracy: an X on the bottom edge at their compression.
-      gone = [g[xkey] for (p, t, _), g in groups.items() if t == ptype and p != "dense"
-              and g["status"] == "diverged" and g.get(xkey) is not None
-              and math.isfinite(g[xkey])]
+      gone = [
+        g[xkey]
+        for (p, t, _), g in groups.items()
+        if t == ptype
+        and p != "dense"
+        and g["status"] == "diverged"
+        and g.get(xkey) is not None
+        and math.isfinite(g[xkey])
+      ]
       if gone:
-        ax.plot(gone, [0.02] * len(gone), "X", color="red", ms=7,
-                transform=ax.get_xaxis_transform(), label="diverged" if row == 0 and col == 1
-                else None)
+        ax.plot(
+          gone,
+          [0.02] * len(gone),
+          "X",
+          color="red",
+          ms=7,
+          transform=ax.get_xaxis_transform(),
+          label="diverged" if row == 0 and col == 1 else None,
+        )
       for g in dense:
         ax.axhline(g["accuracy"], color="black", lw=0.8, ls=":")
       ax.set_xscale("log")
@@ -326,6 +443,7 @@ def plot_dynamic_accuracy(runs: list[dict], path: str, title: str) -> None:
   """Test accuracy against effective compression of the moving-mask methods (solid:
   direct update target, dashed: effective), beside at-init pruners and IMP (thin)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -337,17 +455,29 @@ def plot_dynamic_accuracy(runs: list[dict], path: str, title: str) -> None:
       if not dynamic and pruner not in DYNAMIC_REFERENCES:
         continue
       for ptype, style in (("direct", "-"), ("effective", "--")):
-        pts = sorted((g[xkey], g) for (p, t, _), g in groups.items()
-                     if p == pruner and t == ptype and "accuracy" in g
-                     and math.isfinite(g[xkey]))
+        pts = sorted(
+          (g[xkey], g)
+          for (p, t, _), g in groups.items()
+          if p == pruner and t == ptype and "accuracy" in g and math.isfinite(g[xkey])
+        )
         if not pts or (not dynamic and ptype == "direct" and pruner != "imp"):
           continue
-        err = [[g["accuracy"] - g["accuracy_min"] for _, g in pts],
-               [g["accuracy_max"] - g["accuracy"] for _, g in pts]]
-        ax.errorbar([a for a, _ in pts], [g["accuracy"] for _, g in pts], yerr=err,
-                    fmt=style + "o", ms=3 if dynamic else 2, lw=1.6 if dynamic else 0.8,
-                    capsize=2, color=_colour(pruner), alpha=1.0 if dynamic else 0.6,
-                    label=f"{pruner} ({ptype} target)")
+        err = [
+          [g["accuracy"] - g["accuracy_min"] for _, g in pts],
+          [g["accuracy_max"] - g["accuracy"] for _, g in pts],
+        ]
+        ax.errorbar(
+          [a for a, _ in pts],
+          [g["accuracy"] for _, g in pts],
+          yerr=err,
+          fmt=style + "o",
+          ms=3 if dynamic else 2,
+          lw=1.6 if dynamic else 0.8,
+          capsize=2,
+          color=_colour(pruner),
+          alpha=1.0 if dynamic else 0.6,
+          label=f"{pruner} ({ptype} target)",
+        )
     for g in [g for (p, _, _), g in groups.items() if p == "dense" and "accuracy" in g]:
       ax.axhline(g["accuracy"], color="black", lw=0.8, ls=":")
     ax.set_xscale("log")
@@ -355,30 +485,41 @@ def plot_dynamic_accuracy(runs: list[dict], path: str, title: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
   axes[0].set_ylabel("test accuracy")
   axes[1].legend(fontsize=7, loc="lower left", ncol=2)
-  fig.suptitle(title + " (dotted: dense; thin: at-init pruners and IMP for reference)",
-               fontsize=10)
+  fig.suptitle(title + " (dotted: dense; thin: at-init pruners and IMP for reference)", fontsize=10)
   fig.tight_layout()
   _save(fig, path)
 
 
-def plot_dead_weights(runs: list[dict], path: str, title: str,
-                      targets=(25.118864315, 158.48931925, 1000.0)) -> None:
+def plot_dead_weights(
+  runs: list[dict], path: str, title: str, targets=(25.118864315, 158.48931925, 1000.0)
+) -> None:
   """Fraction of kept weights that are dead (on no input-output path) at every mask
   update, per moving-mask method and update target; one panel per target (seed 0)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, len(targets), figsize=(4.6 * len(targets), 4), sharey=True)
   for ax, target in zip(axes, targets):
     for r in sorted(runs, key=lambda r: (r["pruner"], r["pruning_type"])):
-      if (r["pruner"] not in common.DYNAMIC or r["seed"] != 0 or not r.get("mask_updates")
-          or not math.isclose(r["target_compression"], target, rel_tol=1e-6)):
+      if (
+        r["pruner"] not in common.DYNAMIC
+        or r["seed"] != 0
+        or not r.get("mask_updates")
+        or not math.isclose(r["target_compression"], target, rel_tol=1e-6)
+      ):
         continue
       ups = [u for u in r["mask_updates"] if "dead_kept" in u and u["kept"]]
-      ax.plot([u["step"] for u in ups], [u["dead_kept"] / u["kept"] for u in ups],
-              "-" if r["pruning_type"] == "direct" else "--", marker=".", ms=3,
-              color=_colour(r["pruner"]), label=f"{r['pruner']} ({r['pruning_type']})")
+      ax.plot(
+        [u["step"] for u in ups],
+        [u["dead_kept"] / u["kept"] for u in ups],
+        "-" if r["pruning_type"] == "direct" else "--",
+        marker=".",
+        ms=3,
+        color=_colour(r["pruner"]),
+        label=f"{r['pruner']} ({r['pruning_type']})",
+      )
     ax.set_title(f"target {target:.4g}x", fontsize=9)
     ax.set_xlabel("training step")
     ax.grid(True, alpha=0.3)
@@ -410,8 +551,10 @@ def dynamic_table(runs: list[dict]) -> str:
           cells.append(g["status"])
         else:
           gap = (g["effective"] / g["direct"]) if math.isfinite(g["effective"]) else math.inf
-          cells.append(f"{g['accuracy']:.4f} ({_fmt(g['direct'], 3)}x / "
-                       f"{_fmt(g['effective'], 3)}x, gap {_fmt(gap, 3)})")
+          cells.append(
+            f"{g['accuracy']:.4f} ({_fmt(g['direct'], 3)}x / "
+            f"{_fmt(g['effective'], 3)}x, gap {_fmt(gap, 3)})"
+          )
       rows.append([pruner, ptype] + cells)
   return common.markdown_table(header, rows)
 
@@ -429,15 +572,14 @@ def accuracy_table(runs: list[dict]) -> str:
     types = ("direct",) if pruner == "dense" else ("direct", "effective")
     for ptype in types:
       cells = []
-      for t in ([1.0] if pruner == "dense" else targets):
+      for t in [1.0] if pruner == "dense" else targets:
         g = groups.get((pruner, ptype, t))
         if g is None:
           cells.append("")
         elif g["status"] in ("unreachable", "diverged"):
           cells.append(g["status"])
         else:
-          spread = (f" ±{(g['accuracy_max'] - g['accuracy_min']) / 2:.3f}"
-                    if g["seeds"] > 1 else "")
+          spread = f" ±{(g['accuracy_max'] - g['accuracy_min']) / 2:.3f}" if g["seeds"] > 1 else ""
           other = g["effective"] if ptype == "direct" else g["direct"]
           note = "disconnected" if math.isinf(other) else f"{_fmt(other, 3)}x"
           cells.append(f"{g['accuracy']:.4f}{spread} ({note})")
@@ -468,50 +610,86 @@ def claims_table(runs: list[dict]) -> str:
   against the other random quotas (effective targets)."""
   groups = {k: _summary(v) for k, v in _group(runs).items()}
   targets = sorted({t for (p, _, t) in groups if p != "dense"})
-  header = ["target", "order, direct targets (best first)", "order, effective targets",
-            "Kendall tau", "best random (eff.)", "best at-init (eff.)", "IGQ rank among random"]
+  header = [
+    "target",
+    "order, direct targets (best first)",
+    "order, effective targets",
+    "Kendall tau",
+    "best random (eff.)",
+    "best at-init (eff.)",
+    "IGQ rank among random",
+  ]
   rows = []
   acc = lambda p, t, x: groups.get((p, t, x), {}).get("accuracy")
   for x in targets:
-    common_pruners = [p for p in _order(p for p, _, _ in groups) if p != "dense"
-                      and acc(p, "direct", x) is not None and acc(p, "effective", x) is not None]
+    common_pruners = [
+      p
+      for p in _order(p for p, _, _ in groups)
+      if p != "dense" and acc(p, "direct", x) is not None and acc(p, "effective", x) is not None
+    ]
     if len(common_pruners) < 2:
       continue  # e.g. the extra 100x effective runs of the schedule comparison
     by_d = sorted(common_pruners, key=lambda p: -acc(p, "direct", x))
     by_e = sorted(common_pruners, key=lambda p: -acc(p, "effective", x))
-    best = lambda names: max(((acc(p, "effective", x), p) for p in names
-                              if acc(p, "effective", x) is not None), default=None)
+    best = lambda names: max(
+      ((acc(p, "effective", x), p) for p in names if acc(p, "effective", x) is not None),
+      default=None,
+    )
     br, bi = best(RANDOM), best(AT_INIT)
     rand = [p for p in by_e if p in RANDOM]
-    rows.append([f"{x:.4g}x", ", ".join(by_d), ", ".join(by_e),
-                 f"{kendall_tau(by_d, by_e):.2f}",
-                 "-" if br is None else f"{br[1]} {br[0]:.4f}",
-                 "-" if bi is None else f"{bi[1]} {bi[0]:.4f}",
-                 f"{rand.index('random/igq') + 1} of {len(rand)}" if "random/igq" in rand
-                 else "-"])
+    rows.append(
+      [
+        f"{x:.4g}x",
+        ", ".join(by_d),
+        ", ".join(by_e),
+        f"{kendall_tau(by_d, by_e):.2f}",
+        "-" if br is None else f"{br[1]} {br[0]:.4f}",
+        "-" if bi is None else f"{bi[1]} {bi[0]:.4f}",
+        f"{rand.index('random/igq') + 1} of {len(rand)}" if "random/igq" in rand else "-",
+      ]
+    )
   return common.markdown_table(header, rows)
 
 
 def schedule_table(short: list[dict], full: list[dict]) -> str:
   """The same runs with the short and the full schedule, side by side."""
-  header = ["pruner", "type", "target", "effective", "accuracy (short)",
-            "accuracy (full)", "difference", "full-run wall time"]
+  header = [
+    "pruner",
+    "type",
+    "target",
+    "effective",
+    "accuracy (short)",
+    "accuracy (full)",
+    "difference",
+    "full-run wall time",
+  ]
   rows = []
-  short_by = {(r["pruner"], r["pruning_type"], round(r["target_compression"], 6), r["seed"]): r
-              for r in short}
-  for r in sorted(full, key=lambda r: (_order([r["pruner"]])[0] != "dense",
-                                       PRUNER_ORDER.index(r["pruner"])
-                                       if r["pruner"] in PRUNER_ORDER else 99)):
-    s = short_by.get((r["pruner"], r["pruning_type"], round(r["target_compression"], 6),
-                      r["seed"]))
+  short_by = {
+    (r["pruner"], r["pruning_type"], round(r["target_compression"], 6), r["seed"]): r for r in short
+  }
+  for r in sorted(
+    full,
+    key=lambda r: (
+      _order([r["pruner"]])[0] != "dense",
+      PRUNER_ORDER.index(r["pruner"]) if r["pruner"] in PRUNER_ORDER else 99,
+    ),
+  ):
+    s = short_by.get((r["pruner"], r["pruning_type"], round(r["target_compression"], 6), r["seed"]))
     if r["test_accuracy"] is None:
       continue
     acc_s = s["test_accuracy"] if s and s["test_accuracy"] is not None else None
-    rows.append([r["pruner"], r["pruning_type"], f"{r['target_compression']:.4g}x",
-                 f"{_fmt(r['effective_compression'])}x",
-                 "-" if acc_s is None else f"{acc_s:.4f}", f"{r['test_accuracy']:.4f}",
-                 "-" if acc_s is None else f"{r['test_accuracy'] - acc_s:+.4f}",
-                 f"{r['wall_time'] / 60:.1f} min"])
+    rows.append(
+      [
+        r["pruner"],
+        r["pruning_type"],
+        f"{r['target_compression']:.4g}x",
+        f"{_fmt(r['effective_compression'])}x",
+        "-" if acc_s is None else f"{acc_s:.4f}",
+        f"{r['test_accuracy']:.4f}",
+        "-" if acc_s is None else f"{r['test_accuracy'] - acc_s:+.4f}",
+        f"{r['wall_time'] / 60:.1f} min",
+      ]
+    )
   return common.markdown_table(header, rows)
 
 
@@ -519,15 +697,20 @@ def curves_table(curves: dict[str, list[dict]], targets=(10.0, 100.0, 1000.0)) -
   """Per network and pruner: effective compression at direct targets, the first
   disconnected direct compression, and the direct compression needed for 100x and
   1000x effective."""
-  header = (["network", "pruner"] + [f"eff. at {t:g}x direct" for t in targets]
-            + ["disconnects at", "direct for 100x eff.", "direct for 1000x eff."])
+  header = (
+    ["network", "pruner"]
+    + [f"eff. at {t:g}x direct" for t in targets]
+    + ["disconnects at", "direct for 100x eff.", "direct for 1000x eff."]
+  )
   rows = []
-  for arch in [a for a in configs.ARCHS if a in curves] + sorted(
-      set(curves) - set(configs.ARCHS)):
+  for arch in [a for a in configs.ARCHS if a in curves] + sorted(set(curves) - set(configs.ARCHS)):
     rs = curves[arch]
     for pruner in _order(r["pruner"] for r in rs):
-      direct = [r for r in rs if r["pruner"] == pruner and r["pruning_type"] == "direct"
-                and r["status"] != "unreachable"]
+      direct = [
+        r
+        for r in rs
+        if r["pruner"] == pruner and r["pruning_type"] == "direct" and r["status"] != "unreachable"
+      ]
       eff = [r for r in rs if r["pruner"] == pruner and r["pruning_type"] == "effective"]
       cells = []
       cut = [r for r in direct if r["status"] == "disconnected"]
@@ -536,19 +719,33 @@ def curves_table(curves: dict[str, list[dict]], targets=(10.0, 100.0, 1000.0)) -
         if r is None and cut and cut[0]["direct_compression"] < t:
           cells.append("disconnected")
           continue
-        cells.append("-" if r is None else
-                     ("disconnected" if r["status"] == "disconnected" else
-                      f"{_fmt(r['effective_compression'])}x"))
-      cells.append(f"{_fmt(cut[0]['direct_compression'])}x" if cut else
-                   f"> {_fmt(max((r['direct_compression'] for r in direct), default=None))}x")
+        cells.append(
+          "-"
+          if r is None
+          else (
+            "disconnected"
+            if r["status"] == "disconnected"
+            else f"{_fmt(r['effective_compression'])}x"
+          )
+        )
+      cells.append(
+        f"{_fmt(cut[0]['direct_compression'])}x"
+        if cut
+        else f"> {_fmt(max((r['direct_compression'] for r in direct), default=None))}x"
+      )
       for t in (100.0, 1000.0):
         r = _nearest(eff, t)
         # The sweep stops at its first unreachable target: later targets are too.
-        missed = [q for q in eff if q["status"] == "unreachable"
-                  and q["target_compression"] <= t * 1.05]
-        cells.append(f"unreachable (from {_fmt(missed[0]['target_compression'])}x)"
-                     if missed and r is None else "-" if r is None else
-                     f"{_fmt(r['direct_compression'])}x")
+        missed = [
+          q for q in eff if q["status"] == "unreachable" and q["target_compression"] <= t * 1.05
+        ]
+        cells.append(
+          f"unreachable (from {_fmt(missed[0]['target_compression'])}x)"
+          if missed and r is None
+          else "-"
+          if r is None
+          else f"{_fmt(r['direct_compression'])}x"
+        )
       rows.append([ARCH_TITLES.get(arch, arch), pruner] + cells)
   return common.markdown_table(header, rows)
 
@@ -569,6 +766,7 @@ def _compaction_figures(results_dir, figures_dir, doc, short, short_steps) -> li
   latency_path = os.path.join(results_dir, LATENCY_CSV)
   if os.path.exists(latency_path):
     from experiments import compaction_latency
+
     lat = compaction_latency.read_rows(latency_path)
     rs = [r for r in short if r["arch"] == "lenet300100" and r["pruning_type"] == "effective"]
     path = os.path.join(figures_dir, f"speed_lenet300100_t{short_steps}.png")
@@ -582,8 +780,7 @@ def _compaction_figures(results_dir, figures_dir, doc, short, short_steps) -> li
     if os.path.exists(csv_path):
       rows[arch] = compression.read_rows(csv_path)
   if rows:
-    for xkey, name in (("effective_compression", "compression"),
-                       ("flops_effective", "flops")):
+    for xkey, name in (("effective_compression", "compression"), ("flops_effective", "flops")):
       path = os.path.join(figures_dir, f"compaction_channels_{name}.png")
       plot_compaction(rows, path, xkey)
       written.append(path)
@@ -602,10 +799,23 @@ def _latency_groups(lat: list[dict]) -> dict[tuple, dict]:
   out = {}
   for k, rs in groups.items():
     mean = lambda key: statistics.fmean(r[key] for r in rs)
-    out[k] = {key: mean(key) for key in (
-        "masked_latency_ms", "compact_latency_ms", "masked_throughput", "compact_throughput",
-        "latency_speedup", "throughput_speedup", "live_channel_fraction", "compact_params",
-        "params_dense", "compact_flops", "flops_dense", "load_average")}
+    out[k] = {
+      key: mean(key)
+      for key in (
+        "masked_latency_ms",
+        "compact_latency_ms",
+        "masked_throughput",
+        "compact_throughput",
+        "latency_speedup",
+        "throughput_speedup",
+        "live_channel_fraction",
+        "compact_params",
+        "params_dense",
+        "compact_flops",
+        "flops_dense",
+        "load_average",
+      )
+    }
     out[k]["seeds"] = len(rs)
     out[k]["reproduced"] = all(r["reproduced"] for r in rs)
     out[k]["widths"] = sorted({r["widths"] for r in rs})
@@ -618,26 +828,32 @@ def plot_speed(runs: list[dict], lat: list[dict], path: str, title: str) -> None
   the throughput batch), unstructured at-init pruners (solid) against neuron pruners
   (dashed); means over seeds, error bars the seeds' range."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   from experiments import compaction_latency
+
   groups = {k: _summary(v) for k, v in _group(runs).items()}
   times = _latency_groups(lat)
   batch = int(next((r["batch"] for r in lat if r.get("batch")), 256))
   fig, axes = plt.subplots(1, 3, figsize=(16, 5.2), sharey=True)
-  xs = (("effective compression", None),
-        ("compacted inference latency, batch 1 (ms)", "compact_latency_ms"),
-        (f"compacted inference time per example, batch {batch} (us)", "compact_throughput"))
+  xs = (
+    ("effective compression", None),
+    ("compacted inference latency, batch 1 (ms)", "compact_latency_ms"),
+    (f"compacted inference time per example, batch {batch} (us)", "compact_throughput"),
+  )
   masked = list(times.values())
   for pruner in _order(compaction_latency.UNSTRUCTURED + compaction_latency.NEURON):
-    pts = sorted((t, g) for (p, ptype, t), g in groups.items()
-                 if p == pruner and ptype == "effective" and "accuracy" in g
-                 and math.isfinite(g["effective"]))
+    pts = sorted(
+      (t, g)
+      for (p, ptype, t), g in groups.items()
+      if p == pruner and ptype == "effective" and "accuracy" in g and math.isfinite(g["effective"])
+    )
     if not pts:
       continue
     style = "--s" if pruner.startswith("neuron/") else "-o"
-    for ax, (label, key) in zip(axes, xs):
+    for ax, (_, key) in zip(axes, xs):
       if key is None:
         x = [g["effective"] for _, g in pts]
         keep = pts
@@ -649,17 +865,31 @@ def plot_speed(runs: list[dict], lat: list[dict], path: str, title: str) -> None
       if not keep:
         continue
       y = [g["accuracy"] for _, g in keep]
-      err = [[g["accuracy"] - g["accuracy_min"] for _, g in keep],
-             [g["accuracy_max"] - g["accuracy"] for _, g in keep]]
-      ax.errorbar(x, y, yerr=err, fmt=style, ms=3, lw=1.1, capsize=2,
-                  color=_colour(pruner), label=pruner if key is None else None)
+      err = [
+        [g["accuracy"] - g["accuracy_min"] for _, g in keep],
+        [g["accuracy_max"] - g["accuracy"] for _, g in keep],
+      ]
+      ax.errorbar(
+        x,
+        y,
+        yerr=err,
+        fmt=style,
+        ms=3,
+        lw=1.1,
+        capsize=2,
+        color=_colour(pruner),
+        label=pruner if key is None else None,
+      )
   if masked:  # every masked network is the dense-size one: its time, as a reference
-    for ax, key, scale in ((axes[1], "masked_latency_ms", 1.0),
-                           (axes[2], "masked_throughput", None)):
+    for ax, key, scale in (
+      (axes[1], "masked_latency_ms", 1.0),
+      (axes[2], "masked_throughput", None),
+    ):
       v = statistics.median(g[key] for g in masked)
       ax.axvline(v if scale else 1e6 / v, color="black", lw=0.8, ls=":")
   from matplotlib.ticker import NullFormatter
-  for ax, (label, key) in zip(axes, xs):
+
+  for ax, (label, _) in zip(axes, xs):
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(label)
@@ -668,9 +898,12 @@ def plot_speed(runs: list[dict], lat: list[dict], path: str, title: str) -> None
   axes[0].legend(fontsize=7, loc="lower left", ncol=2)
   loads = [r["load_average"] for r in lat if r.get("load_average") is not None]
   load = f"; load average {min(loads):.1f}-{max(loads):.1f} while timing" if loads else ""
-  fig.suptitle(title + ": unstructured at-init pruners (solid, compacted) against neuron "
-               "pruners (dashed), pruned to an effective target; dotted: the masked "
-               f"(dense-size) network's time{load}", fontsize=9)
+  fig.suptitle(
+    title + ": unstructured at-init pruners (solid, compacted) against neuron "
+    "pruners (dashed), pruned to an effective target; dotted: the masked "
+    f"(dense-size) network's time{load}",
+    fontsize=9,
+  )
   fig.tight_layout()
   _save(fig, path)
 
@@ -680,11 +913,21 @@ def speed_table(runs: list[dict], lat: list[dict]) -> str:
   compacted inference time (batch 1 latency; time per example at the throughput
   batch) with the speed-ups."""
   from experiments import compaction_latency
+
   groups = {k: _summary(v) for k, v in _group(runs).items()}
   times = _latency_groups(lat)
-  header = ["pruner", "target", "seeds", "test accuracy", "effective", "widths",
-            "b=1 ms masked / compact", "speed-up", "per-example us masked / compact",
-            "speed-up"]
+  header = [
+    "pruner",
+    "target",
+    "seeds",
+    "test accuracy",
+    "effective",
+    "widths",
+    "b=1 ms masked / compact",
+    "speed-up",
+    "per-example us masked / compact",
+    "speed-up",
+  ]
   rows = []
   for pruner in _order(compaction_latency.UNSTRUCTURED + compaction_latency.NEURON):
     for (p, ptype, t), g in sorted(groups.items(), key=lambda kv: kv[0][2]):
@@ -694,19 +937,25 @@ def speed_table(runs: list[dict], lat: list[dict]) -> str:
       if "accuracy" not in g:
         rows.append([p, f"{t:.4g}x", g["seeds"], g["status"], "", "", "", "", "", ""])
         continue
-      acc = f"{g['accuracy']:.4f}" + (f" ±{(g['accuracy_max'] - g['accuracy_min']) / 2:.3f}"
-                                       if g["seeds"] > 1 else "")
+      acc = f"{g['accuracy']:.4f}" + (
+        f" ±{(g['accuracy_max'] - g['accuracy_min']) / 2:.3f}" if g["seeds"] > 1 else ""
+      )
       cells = [p, f"{t:.4g}x", g["seeds"], acc, f"{_fmt(g['effective'], 4)}x"]
       if tm is None:
         rows.append(cells + ["not timed", "", "", "", ""])
         continue
       widths = " ".join(w.replace(";", "-") for w in tm["widths"][:3])
       widths += "" if tm["reproduced"] else " (not reproduced)"
-      rows.append(cells + [
-          widths, f"{tm['masked_latency_ms']:.3g} / {tm['compact_latency_ms']:.3g}",
+      rows.append(
+        cells
+        + [
+          widths,
+          f"{tm['masked_latency_ms']:.3g} / {tm['compact_latency_ms']:.3g}",
           f"{tm['latency_speedup']:.2f}x",
           f"{1e6 / tm['masked_throughput']:.3g} / {1e6 / tm['compact_throughput']:.3g}",
-          f"{tm['throughput_speedup']:.2f}x"])
+          f"{tm['throughput_speedup']:.2f}x",
+        ]
+      )
   return common.markdown_table(header, rows)
 
 
@@ -715,6 +964,7 @@ def plot_compaction(rows: dict[str, list[dict]], path: str, xkey: str) -> None:
   network's dense FLOPs (relative to the original's) of every at-init pruner, against
   ``xkey`` ('effective_compression', or 'flops_effective': FLOPs on live paths)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -725,10 +975,22 @@ def plot_compaction(rows: dict[str, list[dict]], path: str, xkey: str) -> None:
       pts = sorted((r[xkey], r) for r in ok if r["pruner"] == pruner)
       x = [a for a, _ in pts]
       style = "--o" if pruner.startswith("random/") else "-o"
-      axes[i, 0].plot(x, [r["live_channel_fraction"] for _, r in pts], style, ms=4,
-                      color=_colour(pruner), label=pruner)
-      axes[i, 1].plot(x, [r["compact_flops"] / r["flops_dense"] for _, r in pts], style,
-                      ms=4, color=_colour(pruner), label=pruner)
+      axes[i, 0].plot(
+        x,
+        [r["live_channel_fraction"] for _, r in pts],
+        style,
+        ms=4,
+        color=_colour(pruner),
+        label=pruner,
+      )
+      axes[i, 1].plot(
+        x,
+        [r["compact_flops"] / r["flops_dense"] for _, r in pts],
+        style,
+        ms=4,
+        color=_colour(pruner),
+        label=pruner,
+      )
     name = ARCH_TITLES.get(arch, arch)
     axes[i, 0].set_ylabel(f"{name}: live-channel fraction")
     axes[i, 1].set_ylabel(f"{name}: compacted FLOPs / dense FLOPs")
@@ -736,14 +998,20 @@ def plot_compaction(rows: dict[str, list[dict]], path: str, xkey: str) -> None:
       ax.set_xscale("log")
       if xkey == "flops_effective":
         ax.invert_xaxis()
-      ax.set_xlabel("effective compression" if xkey == "effective_compression" else
-                    "effective FLOPs (FLOPs on live paths, one example)")
+      ax.set_xlabel(
+        "effective compression"
+        if xkey == "effective_compression"
+        else "effective FLOPs (FLOPs on live paths, one example)"
+      )
       ax.grid(True, which="both", alpha=0.3)
     axes[i, 1].set_yscale("log")
   axes[0, 0].legend(fontsize=7, loc="lower left", ncol=2)
-  fig.suptitle("At initialization (no training), pruned to an effective target, seed 0; "
-               "channels kept by sparsejax.compact (a residual stream counts once per "
-               "channel)", fontsize=9)
+  fig.suptitle(
+    "At initialization (no training), pruned to an effective target, seed 0; "
+    "channels kept by sparsejax.compact (a residual stream counts once per "
+    "channel)",
+    fontsize=9,
+  )
   fig.tight_layout()
   _save(fig, path)
 
@@ -751,28 +1019,42 @@ def plot_compaction(rows: dict[str, list[dict]], path: str, xkey: str) -> None:
 def compaction_table(rows: dict[str, list[dict]]) -> str:
   """Per network, pruner and target: effective compression, live-channel fraction and
   the original/compacted dense FLOPs, effective FLOPs and kernel parameter ratios."""
-  header = ["network", "pruner", "target", "effective", "live channels",
-            "compacted FLOPs ratio", "effective FLOPs ratio", "compacted params ratio"]
+  header = [
+    "network",
+    "pruner",
+    "target",
+    "effective",
+    "live channels",
+    "compacted FLOPs ratio",
+    "effective FLOPs ratio",
+    "compacted params ratio",
+  ]
   out = []
   for arch, rs in rows.items():
     for pruner in _order(r["pruner"] for r in rs):
-      for r in sorted((r for r in rs if r["pruner"] == pruner),
-                      key=lambda r: r["target_compression"]):
+      for r in sorted(
+        (r for r in rs if r["pruner"] == pruner), key=lambda r: r["target_compression"]
+      ):
         cells = [arch, pruner, f"{r['target_compression']:.4g}x"]
         if r["status"] != "ok" or r.get("live_channel_fraction") is None:
           out.append(cells + [r["status"], "", "", "", ""])
           continue
-        out.append(cells + [
-            f"{_fmt(r['effective_compression'], 4)}x", f"{r['live_channel_fraction']:.2f}",
+        out.append(
+          cells
+          + [
+            f"{_fmt(r['effective_compression'], 4)}x",
+            f"{r['live_channel_fraction']:.2f}",
             f"{r['flops_dense'] / r['compact_flops']:.2f}x",
             f"{_fmt(r['flops_dense'] / r['flops_effective'], 3)}x",
-            f"{r['params_dense'] / r['compact_params']:.2f}x"])
+            f"{r['params_dense'] / r['compact_params']:.2f}x",
+          ]
+        )
   return common.markdown_table(header, out)
 
 
-
-def make_all(results_dir: str, figures_dir: str, doc: str | None,
-             short_steps: int, full_steps: int) -> list[str]:
+def make_all(
+  results_dir: str, figures_dir: str, doc: str | None, short_steps: int, full_steps: int
+) -> list[str]:
   """Draws every figure and writes every table it has data for; returns the files."""
   written = []
   curves = load_curves(os.path.join(results_dir, "init_curves"))
@@ -787,17 +1069,20 @@ def make_all(results_dir: str, figures_dir: str, doc: str | None,
   runs = [r for r in runs if not r["compact"]]
   # The paper reproduction's figures and tables hold the pruners of the paper; the
   # moving-mask methods get their own.
-  moving = [r for r in runs if r["train_steps"] == short_steps
-            and r["pruner"] in common.DYNAMIC]
+  moving = [r for r in runs if r["train_steps"] == short_steps and r["pruner"] in common.DYNAMIC]
   runs = [r for r in runs if r["pruner"] not in common.DYNAMIC]
   short = [r for r in runs if r["train_steps"] == short_steps]
   full = [r for r in runs if r["train_steps"] == full_steps]
   for arch in sorted({r["arch"] for r in moving}):
     rs = [r for r in short + moving if r["arch"] == arch]
-    title = (f"{ARCH_TITLES.get(arch, arch)} on {rs[0]['dataset']}, {short_steps} steps, "
-             "masks that move during training")
-    for name, fn in ((f"accuracy_dynamic_{arch}_t{short_steps}.png", plot_dynamic_accuracy),
-                     (f"dead_weights_{arch}_t{short_steps}.png", plot_dead_weights)):
+    title = (
+      f"{ARCH_TITLES.get(arch, arch)} on {rs[0]['dataset']}, {short_steps} steps, "
+      "masks that move during training"
+    )
+    for name, fn in (
+      (f"accuracy_dynamic_{arch}_t{short_steps}.png", plot_dynamic_accuracy),
+      (f"dead_weights_{arch}_t{short_steps}.png", plot_dead_weights),
+    ):
       fn(rs, os.path.join(figures_dir, name), title)
       written.append(os.path.join(figures_dir, name))
   for arch in sorted({r["arch"] for r in short}):
@@ -805,9 +1090,13 @@ def make_all(results_dir: str, figures_dir: str, doc: str | None,
     dataset = rs[0]["dataset"]
     path = os.path.join(figures_dir, f"accuracy_{arch}_t{short_steps}.png")
     seeds = sorted({r["seed"] for r in rs})
-    plot_accuracy(rs, path, f"{ARCH_TITLES.get(arch, arch)} on {dataset}, "
-                  f"{short_steps} training steps, seeds {', '.join(map(str, seeds))} "
-                  "(error bars: range over the seeds a point has)")
+    plot_accuracy(
+      rs,
+      path,
+      f"{ARCH_TITLES.get(arch, arch)} on {dataset}, "
+      f"{short_steps} training steps, seeds {', '.join(map(str, seeds))} "
+      "(error bars: range over the seeds a point has)",
+    )
     written.append(path)
   written += _compaction_figures(results_dir, figures_dir, doc, short, short_steps)
   if doc:
@@ -827,16 +1116,21 @@ def make_all(results_dir: str, figures_dir: str, doc: str | None,
 def define_flags() -> None:
   flags.DEFINE_string("results_dir", "results", "Where the runs' files are.")
   flags.DEFINE_string("figures_dir", "docs/figures", "Where the PNGs go.")
-  flags.DEFINE_string("doc", "docs/results.md", "Markdown file whose generated tables "
-                      "(between <!-- name:start/end --> markers) are rewritten; '' for none.")
+  flags.DEFINE_string(
+    "doc",
+    "docs/results.md",
+    "Markdown file whose generated tables "
+    "(between <!-- name:start/end --> markers) are rewritten; '' for none.",
+  )
   flags.DEFINE_integer("short_steps", 3000, "Training steps of the grid's short schedule.")
   flags.DEFINE_integer("full_steps", 96000, "Training steps of the full schedule.")
 
 
 def main(argv):
   del argv
-  written = make_all(FLAGS.results_dir, FLAGS.figures_dir, FLAGS.doc or None,
-                     FLAGS.short_steps, FLAGS.full_steps)
+  written = make_all(
+    FLAGS.results_dir, FLAGS.figures_dir, FLAGS.doc or None, FLAGS.short_steps, FLAGS.full_steps
+  )
   for path in written:
     logging.info("wrote %s", path)
   print(f"Wrote {len(written)} files: " + ", ".join(written))

@@ -34,8 +34,11 @@ def exit_with_parent(poll_seconds: float = 1.0) -> None:
   def watch():
     while os.getppid() == parent:
       time.sleep(poll_seconds)
-    logging.error("Parent process %d is gone; stopping this run (it resumes from its "
-                  "last checkpoint when run again).", parent)
+    logging.error(
+      "Parent process %d is gone; stopping this run (it resumes from its "
+      "last checkpoint when run again).",
+      parent,
+    )
     os.kill(os.getpid(), signal.SIGTERM)
 
   threading.Thread(target=watch, name="parent-watch", daemon=True).start()
@@ -56,9 +59,13 @@ class Children:
     with self._lock:
       if self.stopping:
         return -signal.SIGTERM
-      proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True,
-                              env={**os.environ, PARENT_ENV: str(os.getpid())})
+      proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, PARENT_ENV: str(os.getpid())},
+      )
       self._procs.add(proc)
     try:
       return proc.wait()
@@ -103,10 +110,12 @@ def stop_on_signals(children):
   """In the ``with`` block (main thread), SIGINT and SIGTERM end ``children`` (a
   :class:`Children`, or anything with ``running()`` and ``stop()``, e.g. the sweep's
   Ray tasks) and raise :class:`Stopped`; the previous handlers come back afterwards."""
+
   def handler(signum, frame):
     del frame
-    logging.error("Got %s: ending %d running run(s).",
-                  signal.Signals(signum).name, children.running())
+    logging.error(
+      "Got %s: ending %d running run(s).", signal.Signals(signum).name, children.running()
+    )
     children.stop()
     raise Stopped(signum)
 

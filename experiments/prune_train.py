@@ -54,8 +54,20 @@ from ml_collections import config_flags
 
 from experiments import common, configs, distributed, processes, rundir
 from sparsejax import compact as compact_lib
-from sparsejax import (data, dynamic, effective, errors, flops, masks as masks_lib, models,
-                       pruning, timing, training)
+from sparsejax import (
+  data,
+  dynamic,
+  effective,
+  errors,
+  flops,
+  models,
+  pruning,
+  timing,
+  training,
+)
+from sparsejax import (
+  masks as masks_lib,
+)
 
 FLAGS = flags.FLAGS
 # Exit status of a run refused because another process works in its folder.
@@ -67,17 +79,17 @@ def connectivity_report(model, masks, input_shape) -> dict:
   direct = masks_lib.layer_sparsities(masks)
   eff = masks_lib.layer_sparsities(conn.masks)
   return {
-      "direct_compression": masks_lib.compression(masks),
-      "effective_compression": masks_lib.compression(conn.masks),
-      "direct_sparsity": masks_lib.direct_sparsity(masks),
-      "effective_sparsity": masks_lib.direct_sparsity(conn.masks),
-      "layers": [{"layer": k, "direct_sparsity": direct[k], "effective_sparsity": eff[k]}
-                 for k in direct],
-      "active_units": {k: [conn.active_units[k], conn.total_units[k]]
-                       for k in conn.active_units},
-      "active_inputs": [conn.active_inputs, conn.total_inputs],
-      # FLOPs (2 per multiply-accumulate, one example) and kernel parameters/bytes
-      "cost": flops.total(model, masks, input_shape).as_dict(),
+    "direct_compression": masks_lib.compression(masks),
+    "effective_compression": masks_lib.compression(conn.masks),
+    "direct_sparsity": masks_lib.direct_sparsity(masks),
+    "effective_sparsity": masks_lib.direct_sparsity(conn.masks),
+    "layers": [
+      {"layer": k, "direct_sparsity": direct[k], "effective_sparsity": eff[k]} for k in direct
+    ],
+    "active_units": {k: [conn.active_units[k], conn.total_units[k]] for k in conn.active_units},
+    "active_inputs": [conn.active_inputs, conn.total_inputs],
+    # FLOPs (2 per multiply-accumulate, one example) and kernel parameters/bytes
+    "cost": flops.total(model, masks, input_shape).as_dict(),
   }
 
 
@@ -99,36 +111,47 @@ def compact_network(model, variables, masks, input_shape):
   Raises:
     sparsejax.errors.CompactionMismatchError: the logits differ (more than 1e-5 x scale).
   """
-  new_model, new_vars, new_masks = compact_lib.compact(model, variables, masks,
-                                                       input_shape=input_shape, fold=False)
+  new_model, new_vars, new_masks = compact_lib.compact(
+    model, variables, masks, input_shape=input_shape, fold=False
+  )
   rel = compact_lib.check_equal(model, variables, masks, new_model, new_vars, input_shape)
   spaces = compact_lib.channel_spaces(model)[0]
   kept = compact_lib.channel_spaces(new_model)[0]
   record = {
-      "spaces": [s.name for s in spaces],
-      "widths_before": [s.size for s in spaces],
-      "widths": [s.size for s in kept],
-      "live_channel_fraction": sum(s.size for s in kept) / sum(s.size for s in spaces),
-      "logits_relative_difference": rel,
-      "cost_before": flops.total(model, masks, input_shape).as_dict(),
-      "cost_after": flops.total(new_model, new_masks, input_shape).as_dict(),
-      "network_bytes_before": flops.network_bytes(masked_variables(variables, masks)),
-      "network_bytes_after": flops.network_bytes(new_vars),
+    "spaces": [s.name for s in spaces],
+    "widths_before": [s.size for s in spaces],
+    "widths": [s.size for s in kept],
+    "live_channel_fraction": sum(s.size for s in kept) / sum(s.size for s in spaces),
+    "logits_relative_difference": rel,
+    "cost_before": flops.total(model, masks, input_shape).as_dict(),
+    "cost_after": flops.total(new_model, new_masks, input_shape).as_dict(),
+    "network_bytes_before": flops.network_bytes(masked_variables(variables, masks)),
+    "network_bytes_after": flops.network_bytes(new_vars),
   }
   return new_model, new_vars, new_masks, record
 
 
-def time_compaction(model, masked, new_model, new_variables, input_shape, *,
-                    repeats: int, batch: int = 256) -> dict:
+def time_compaction(
+  model, masked, new_model, new_variables, input_shape, *, repeats: int, batch: int = 256
+) -> dict:
   """Inference time of the masked network against its compaction, measured in turns in
   this process (:func:`sparsejax.timing.inference`): latency at batch 1, throughput at
   ``batch``, the speed-ups (masked / compacted time) and the load average."""
-  t = timing.inference({"masked": (model, masked), "compact": (new_model, new_variables)},
-                       input_shape, batch=batch, repeats=repeats)
-  return {**t, "batch": batch, "repeats": repeats,
-          "latency_speedup": t["masked"]["latency_ms"] / t["compact"]["latency_ms"],
-          "throughput_speedup": t["compact"]["throughput"] / t["masked"]["throughput"],
-          "load_average": timing.load_average(), "platform": jax.default_backend()}
+  t = timing.inference(
+    {"masked": (model, masked), "compact": (new_model, new_variables)},
+    input_shape,
+    batch=batch,
+    repeats=repeats,
+  )
+  return {
+    **t,
+    "batch": batch,
+    "repeats": repeats,
+    "latency_speedup": t["masked"]["latency_ms"] / t["compact"]["latency_ms"],
+    "throughput_speedup": t["compact"]["throughput"] / t["masked"]["throughput"],
+    "load_average": timing.load_average(),
+    "platform": jax.default_backend(),
+  }
 
 
 def _save_params(path: str, params) -> None:
@@ -143,17 +166,18 @@ def _save_params(path: str, params) -> None:
 
 def _load_params(path: str, like):
   if not os.path.exists(path):
-    raise FileNotFoundError(f"no weights at {path!r}: run --config.pruner=dense with the "
-                            "same arch, dataset, seed and train_steps first (or set "
-                            "--config.dense_dir).")
+    raise FileNotFoundError(
+      f"no weights at {path!r}: run --config.pruner=dense with the "
+      "same arch, dataset, seed and train_steps first (or set "
+      "--config.dense_dir)."
+    )
   return ocp.StandardCheckpointer().restore(os.path.abspath(path), like)
 
 
 def dense_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config of the dense run whose weights magnitude/LAMP score."""
   dense = config.copy_and_resolve_references()
-  dense.update(dict(pruner="dense", pruning_type="direct", compression=None,
-                    target_sparsity=None))
+  dense.update(dict(pruner="dense", pruning_type="direct", compression=None, target_sparsity=None))
   return dense
 
 
@@ -161,12 +185,20 @@ def dense_weights(config: ml_collections.ConfigDict, out_dir: str, like):
   """(initial, final) parameters of the dense run that magnitude/LAMP/neuron-l1 score:
   ``config.dense_dir`` or the matching dense run under ``out_dir``."""
   folder = config.dense_dir or os.path.join(out_dir, common.run_name(dense_config(config)))
-  return (_load_params(os.path.join(folder, "weights", "initial"), like),
-          _load_params(os.path.join(folder, "weights", "final"), like))
+  return (
+    _load_params(os.path.join(folder, "weights", "initial"), like),
+    _load_params(os.path.join(folder, "weights", "final"), like),
+  )
 
 
-def prune_one_shot(config: ml_collections.ConfigDict, p: pruning.Pruner, model, variables,
-                   source: common.DataSource, out_dir: str):
+def prune_one_shot(
+  config: ml_collections.ConfigDict,
+  p: pruning.Pruner,
+  model,
+  variables,
+  source: common.DataSource,
+  out_dir: str,
+):
   """The masks of a one-shot pruner (at initialization, or after training: scoring the
   dense run's final weights) and the parameters training starts from: ``(masks,
   start_params)``. Deterministic in the config (seed: key 1 of ``jax.random.key(seed)``
@@ -181,19 +213,33 @@ def prune_one_shot(config: ml_collections.ConfigDict, p: pruning.Pruner, model, 
     start_params, trained = dense_weights(config, out_dir, variables["params"])
   batches = None
   if p.needs_data:
-    batches = source.score_batches(config.dataset, num_batches=config.score_batches,
-                                   batch_size=config.snip_batch_size, seed=config.seed)
-  masks = pruning.prune(p, key=jax.random.fold_in(key, 1), model=model,
-                        variables={**variables, "params": start_params},
-                        sparsity=common.target_sparsity(config),
-                        pruning_type=config.pruning_type,
-                        input_shape=data.get_spec(config.dataset).image_shape,
-                        batches=batches, trained_params=trained, rounds=config.rounds)
+    batches = source.score_batches(
+      config.dataset,
+      num_batches=config.score_batches,
+      batch_size=config.snip_batch_size,
+      seed=config.seed,
+    )
+  masks = pruning.prune(
+    p,
+    key=jax.random.fold_in(key, 1),
+    model=model,
+    variables={**variables, "params": start_params},
+    sparsity=common.target_sparsity(config),
+    pruning_type=config.pruning_type,
+    input_shape=data.get_spec(config.dataset).image_shape,
+    batches=batches,
+    trained_params=trained,
+    rounds=config.rounds,
+  )
   return masks, start_params
 
 
-def run(config: ml_collections.ConfigDict, *, out_dir: str,
-        source: common.DataSource = common.DataSource()) -> dict:
+def run(
+  config: ml_collections.ConfigDict,
+  *,
+  out_dir: str,
+  source: common.DataSource | None = None,
+) -> dict:
   """Prunes, trains and writes the result JSON; returns the result.
 
   A run whose training diverges (non-finite loss or parameters) is recorded with
@@ -209,6 +255,7 @@ def run(config: ml_collections.ConfigDict, *, out_dir: str,
     rundir.RunLockedError: another process is working on this run.
   """
   start_time = time.time()
+  source = common.DataSource() if source is None else source
   check_config(config, out_dir, source)
   sparsity = common.target_sparsity(config)
   p = common.check_pruner(config.pruner)
@@ -221,15 +268,28 @@ def run(config: ml_collections.ConfigDict, *, out_dir: str,
   run_dir = os.path.join(out_dir, name)
   os.makedirs(run_dir, exist_ok=True)
   if not distributed.is_primary():  # Multi-host: process 0 locks and writes the files.
-    return _run_locked(config, p, updater, sparsity, train_config, dspec, name, run_dir,
-                       out_dir, source, rundir.WallClock(run_dir, start_time))
+    return _run_locked(
+      config,
+      p,
+      updater,
+      sparsity,
+      train_config,
+      dspec,
+      name,
+      run_dir,
+      out_dir,
+      source,
+      rundir.WallClock(run_dir, start_time),
+    )
   with rundir.locked(run_dir), rundir.WallClock(run_dir, start_time) as clock:
-    return _run_locked(config, p, updater, sparsity, train_config, dspec, name, run_dir,
-                       out_dir, source, clock)
+    return _run_locked(
+      config, p, updater, sparsity, train_config, dspec, name, run_dir, out_dir, source, clock
+    )
 
 
-def _run_locked(config, p, updater, sparsity, train_config, dspec, name, run_dir, out_dir,
-                source, clock) -> dict:
+def _run_locked(
+  config, p, updater, sparsity, train_config, dspec, name, run_dir, out_dir, source, clock
+) -> dict:
   arch, dataset, seed = config.arch, config.dataset, config.seed
   result_path = os.path.join(run_dir, "result.json")
   model = models.create(arch, dspec.num_classes)
@@ -238,8 +298,12 @@ def _run_locked(config, p, updater, sparsity, train_config, dspec, name, run_dir
   variables = models.init(model, jax.random.fold_in(key, 0), input_shape)
   init_params = variables["params"]
   train_data, test_data = source.split(dataset, "train", seed), source.split(dataset, "test", seed)
-  train_kwargs = dict(seed=seed, eval_every=config.eval_every,
-                      checkpoint_every=config.checkpoint_every, log_every=config.log_every)
+  train_kwargs = dict(
+    seed=seed,
+    eval_every=config.eval_every,
+    checkpoint_every=config.checkpoint_every,
+    log_every=config.log_every,
+  )
   record = _config_record(config, sparsity, source)
 
   mask_path = os.path.join(run_dir, "masks.npz")
@@ -251,18 +315,40 @@ def _run_locked(config, p, updater, sparsity, train_config, dspec, name, run_dir
     except errors.UnreachableSparsityError as err:
       return _record_unreachable(err, name, record, result_path, clock)
     try:
-      result = training.train(model, dspec, train_config, train_data, test_data,
-                              masks=start_masks, params=init_params, updater=updater,
-                              track_effective=config.track_effective, workdir=workdir,
-                              **train_kwargs)
+      result = training.train(
+        model,
+        dspec,
+        train_config,
+        train_data,
+        test_data,
+        masks=start_masks,
+        params=init_params,
+        updater=updater,
+        track_effective=config.track_effective,
+        workdir=workdir,
+        **train_kwargs,
+      )
     except training.DivergedError as err:
       return _record_diverged(err, result_path, record, {}, clock)
     masks, start_params = result.state.masks, None
   elif p is None:  # IMP
     try:
-      result = _imp(model, dspec, train_config, train_data, test_data, init_params, sparsity,
-                    config.pruning_type, input_shape, run_dir, config.imp_rounds,
-                    config.rewind_step, train_kwargs, rounds)
+      result = _imp(
+        model,
+        dspec,
+        train_config,
+        train_data,
+        test_data,
+        init_params,
+        sparsity,
+        config.pruning_type,
+        input_shape,
+        run_dir,
+        config.imp_rounds,
+        config.rewind_step,
+        train_kwargs,
+        rounds,
+      )
     except training.DivergedError as err:
       return _record_diverged(err, result_path, record, {"imp_rounds": rounds}, clock)
     masks, start_params = result.state.masks, None
@@ -280,45 +366,72 @@ def _run_locked(config, p, updater, sparsity, train_config, dspec, name, run_dir
     if p.score is None:
       _save_params(os.path.join(run_dir, "weights", "initial"), init_params)
     report = connectivity_report(model, masks, input_shape)
-    logging.info("%s: direct %.4gx, effective %.4gx compression.", name,
-                 report["direct_compression"], report["effective_compression"])
+    logging.info(
+      "%s: direct %.4gx, effective %.4gx compression.",
+      name,
+      report["direct_compression"],
+      report["effective_compression"],
+    )
     train_model, train_masks, train_params = model, masks, start_params
     if config.compact:  # the same function with the dead units removed
       pruned = {**variables, "params": start_params}
       train_model, compacted, train_masks, compact_record = compact_network(
-          model, pruned, masks, input_shape)
+        model, pruned, masks, input_shape
+      )
       train_params = compacted["params"]
-      logging.info("%s: compacted widths %s -> %s (logits equal to %.2g of their scale).",
-                   name, compact_record["widths_before"], compact_record["widths"],
-                   compact_record["logits_relative_difference"])
+      logging.info(
+        "%s: compacted widths %s -> %s (logits equal to %.2g of their scale).",
+        name,
+        compact_record["widths_before"],
+        compact_record["widths"],
+        compact_record["logits_relative_difference"],
+      )
       compact_record["timing"] = time_compaction(
-          model, masked_variables(pruned, masks), train_model, compacted, input_shape,
-          repeats=config.timing_repeats)
+        model,
+        masked_variables(pruned, masks),
+        train_model,
+        compacted,
+        input_shape,
+        repeats=config.timing_repeats,
+      )
     try:
-      result = training.train(train_model, dspec, train_config, train_data, test_data,
-                              masks=train_masks, params=train_params, workdir=workdir,
-                              **train_kwargs)
+      result = training.train(
+        train_model,
+        dspec,
+        train_config,
+        train_data,
+        test_data,
+        masks=train_masks,
+        params=train_params,
+        workdir=workdir,
+        **train_kwargs,
+      )
     except training.DivergedError as err:
-      return _record_diverged(err, result_path, record,
-                              {**report, "compact": compact_record} if config.compact
-                              else report, clock)
+      return _record_diverged(
+        err,
+        result_path,
+        record,
+        {**report, "compact": compact_record} if config.compact else report,
+        clock,
+      )
     if p.score is None:
       _save_params(os.path.join(run_dir, "weights", "final"), result.state.params)
   report = connectivity_report(model, masks, input_shape)
   summary = {
-      "config": record,
-      "status": "disconnected" if report["effective_compression"] == float("inf") else "ok",
-      **report,
-      "history": result.history,
-      "test_accuracy": result.final_test_accuracy,
-      "test_loss": result.final_test_loss,
-      # None (not NaN) when this process trained no steps (a finished run resumed).
-      "steps_per_second": (result.steps_per_second
-                           if math.isfinite(result.steps_per_second) else None),
-      **_wall_times(clock),
-      "imp_rounds": rounds or None,
-      "mask_updates": result.mask_updates or None,
-      "platform": jax.default_backend(),
+    "config": record,
+    "status": "disconnected" if report["effective_compression"] == float("inf") else "ok",
+    **report,
+    "history": result.history,
+    "test_accuracy": result.final_test_accuracy,
+    "test_loss": result.final_test_loss,
+    # None (not NaN) when this process trained no steps (a finished run resumed).
+    "steps_per_second": (
+      result.steps_per_second if math.isfinite(result.steps_per_second) else None
+    ),
+    **_wall_times(clock),
+    "imp_rounds": rounds or None,
+    "mask_updates": result.mask_updates or None,
+    "platform": jax.default_backend(),
   }
   if config.compact:
     summary["compact"] = compact_record
@@ -327,14 +440,25 @@ def _run_locked(config, p, updater, sparsity, train_config, dspec, name, run_dir
   return summary
 
 
-def _record_unreachable(err: errors.UnreachableSparsityError, name: str, record: dict,
-                        result_path: str, clock: rundir.WallClock) -> dict:
+def _record_unreachable(
+  err: errors.UnreachableSparsityError,
+  name: str,
+  record: dict,
+  result_path: str,
+  clock: rundir.WallClock,
+) -> dict:
   """An effective target beyond the ranking's reach is a result, not a failure: it is
   recorded so that the grid is complete and the sweep does not retry it."""
   logging.warning("%s: %s", name, err)
-  summary = {"config": record, "status": "unreachable", "error": str(err),
-             "max_sparsity": err.max_sparsity, "test_accuracy": None,
-             **_wall_times(clock), "platform": jax.default_backend()}
+  summary = {
+    "config": record,
+    "status": "unreachable",
+    "error": str(err),
+    "max_sparsity": err.max_sparsity,
+    "test_accuracy": None,
+    **_wall_times(clock),
+    "platform": jax.default_backend(),
+  }
   _write_result(result_path, summary)
   return summary
 
@@ -347,24 +471,40 @@ def _write_result(path: str, summary: dict) -> None:
 
 def _wall_times(clock: rundir.WallClock) -> dict:
   """wall_time: seconds over all processes of the run; the last one's separately."""
-  return {"wall_time": clock.total(), "wall_time_last_process": clock.this_process(),
-          "processes": clock.processes()}
+  return {
+    "wall_time": clock.total(),
+    "wall_time_last_process": clock.this_process(),
+    "processes": clock.processes(),
+  }
 
 
-def _record_diverged(err: training.DivergedError, result_path: str, config_record: dict,
-                     extra: dict, clock: rundir.WallClock) -> dict:
+def _record_diverged(
+  err: training.DivergedError,
+  result_path: str,
+  config_record: dict,
+  extra: dict,
+  clock: rundir.WallClock,
+) -> dict:
   """Writes and returns the result of a run whose training diverged: finished, not
   failed (a sweep does not retry it)."""
   logging.error("%s: %s", os.path.dirname(result_path), err)
-  summary = {"config": config_record, "status": "diverged", "diverged_step": err.step,
-             "error": str(err), "test_accuracy": None, **extra, **_wall_times(clock),
-             "platform": jax.default_backend()}
+  summary = {
+    "config": config_record,
+    "status": "diverged",
+    "diverged_step": err.step,
+    "error": str(err),
+    "test_accuracy": None,
+    **extra,
+    **_wall_times(clock),
+    "platform": jax.default_backend(),
+  }
   _write_result(result_path, summary)
   return summary
 
 
-def check_config(config: ml_collections.ConfigDict, out_dir: str,
-                 source: common.DataSource) -> None:
+def check_config(
+  config: ml_collections.ConfigDict, out_dir: str, source: common.DataSource
+) -> None:
   """Every field a run needs and out_dir, before any work (named as their flags): the
   target, the pruner and pruning type, the counts and steps, a moving-mask schedule.
 
@@ -380,22 +520,36 @@ def check_config(config: ml_collections.ConfigDict, out_dir: str,
     make_updater(config, sparsity)
   if not isinstance(config.compact, bool):
     raise ValueError(f"--config.compact={config.compact!r} must be True or False.")
-  if config.compact and (config.pruner in common.DYNAMIC or config.pruner == common.IMP
-                         or config.pruner == "dense"):
+  if config.compact and (
+    config.pruner in common.DYNAMIC or config.pruner == common.IMP or config.pruner == "dense"
+  ):
     raise ValueError(
-        f"--config.compact=True is for one-shot pruners (at initialization or after "
-        f"training), not --config.pruner={config.pruner!r} (masks that move during "
-        "training or IMP's rounds cannot be compacted before training; a dense network has "
-        "nothing to remove).")
+      f"--config.compact=True is for one-shot pruners (at initialization or after "
+      f"training), not --config.pruner={config.pruner!r} (masks that move during "
+      "training or IMP's rounds cannot be compacted before training; a dense network has "
+      "nothing to remove)."
+    )
   f = lambda name: f"config.{name}"
   common.check_run_args(
-      out_dir=out_dir,
-      nonnegative={f("seed"): config.seed, f("rewind_step"): config.rewind_step},
-      counts={f(k): config[k] for k in ("train_steps", "batch_size", "eval_every",
-                                        "checkpoint_every", "log_every", "imp_rounds",
-                                        "score_batches", "snip_batch_size",
-                                        "update_every", "timing_repeats")},
-      optional_counts={f("rounds"): config.rounds, "num_examples": source.num_examples})
+    out_dir=out_dir,
+    nonnegative={f("seed"): config.seed, f("rewind_step"): config.rewind_step},
+    counts={
+      f(k): config[k]
+      for k in (
+        "train_steps",
+        "batch_size",
+        "eval_every",
+        "checkpoint_every",
+        "log_every",
+        "imp_rounds",
+        "score_batches",
+        "snip_batch_size",
+        "update_every",
+        "timing_repeats",
+      )
+    },
+    optional_counts={f("rounds"): config.rounds, "num_examples": source.num_examples},
+  )
 
 
 def make_updater(config: ml_collections.ConfigDict, sparsity: float) -> dynamic.Updater:
@@ -403,26 +557,40 @@ def make_updater(config: ml_collections.ConfigDict, sparsity: float) -> dynamic.
   to ``train_steps`` (update_start and update_end are fractions of the run)."""
   for field in ("update_start", "update_end"):
     if not 0.0 <= config[field] <= 1.0:
-      raise ValueError(f"--config.{field}={config[field]!r} must be a fraction of the run "
-                       "in [0, 1].")
+      raise ValueError(
+        f"--config.{field}={config[field]!r} must be a fraction of the run in [0, 1]."
+      )
   steps = config.train_steps
   start, end = round(config.update_start * steps), round(config.update_end * steps)
   target = config.update_target or config.pruning_type
   pruning.check_pruning_type(target, "--config.update_target")
   if config.pruner == "gmp":
-    return dynamic.GradualMagnitude(sparsity, start=start, end=end, every=config.update_every,
-                                    initial_sparsity=config.initial_sparsity,
-                                    quota=config.quota, target=target)
+    return dynamic.GradualMagnitude(
+      sparsity,
+      start=start,
+      end=end,
+      every=config.update_every,
+      initial_sparsity=config.initial_sparsity,
+      quota=config.quota,
+      target=target,
+    )
   if config.pruner == "ste":
     if target == "effective":
-      raise ValueError("--config.update_target='effective' is not available for ste (its "
-                       "mask is recomputed from dense weights); allowed: direct.")
+      raise ValueError(
+        "--config.update_target='effective' is not available for ste (its "
+        "mask is recomputed from dense weights); allowed: direct."
+      )
     return dynamic.STE(sparsity, every=config.update_every, quota=config.quota)
   cls = {"set": dynamic.SET, "rigl": dynamic.RigL}[config.pruner]
   effective = target == "effective"
-  return cls(end=end, every=config.update_every, drop_fraction=config.drop_fraction,
-             regrow="active" if effective else "any", target=target,
-             sparsity=sparsity if effective else None)
+  return cls(
+    end=end,
+    every=config.update_every,
+    drop_fraction=config.drop_fraction,
+    regrow="active" if effective else "any",
+    target=target,
+    sparsity=sparsity if effective else None,
+  )
 
 
 def _starting_masks(config, updater, model, variables, sparsity, key):
@@ -432,27 +600,53 @@ def _starting_masks(config, updater, model, variables, sparsity, key):
   if config.pruner in ("gmp", "ste"):
     return masks_lib.ones(variables["params"])
   target = config.update_target or config.pruning_type
-  return pruning.prune(f"random/{config.quota or 'erk'}", key=jax.random.fold_in(key, 1),
-                       model=model, variables=variables, sparsity=sparsity,
-                       pruning_type=target, input_shape=data.get_spec(config.dataset).image_shape)
+  return pruning.prune(
+    f"random/{config.quota or 'erk'}",
+    key=jax.random.fold_in(key, 1),
+    model=model,
+    variables=variables,
+    sparsity=sparsity,
+    pruning_type=target,
+    input_shape=data.get_spec(config.dataset).image_shape,
+  )
 
 
 def _config_record(config, sparsity: float, source: common.DataSource) -> dict:
   """What result.json records of the run's settings (``experiment``: the whole config)."""
   imp = config.pruner == common.IMP
   train_config = configs.train_config(config)
-  return {"arch": config.arch, "dataset": config.dataset, "pruner": config.pruner,
-          "pruning_type": config.pruning_type, "target_sparsity": sparsity,
-          "target_compression": 1.0 / (1.0 - sparsity), "seed": config.seed,
-          "synthetic_data": source.synthetic,
-          "imp_rounds": config.imp_rounds if imp else None,
-          "rewind_step": config.rewind_step if imp else None,
-          "train": {k: getattr(train_config, k) for k in configs.TRAIN_FIELDS},
-          "experiment": config.to_dict()}
+  return {
+    "arch": config.arch,
+    "dataset": config.dataset,
+    "pruner": config.pruner,
+    "pruning_type": config.pruning_type,
+    "target_sparsity": sparsity,
+    "target_compression": 1.0 / (1.0 - sparsity),
+    "seed": config.seed,
+    "synthetic_data": source.synthetic,
+    "imp_rounds": config.imp_rounds if imp else None,
+    "rewind_step": config.rewind_step if imp else None,
+    "train": {k: getattr(train_config, k) for k in configs.TRAIN_FIELDS},
+    "experiment": config.to_dict(),
+  }
 
 
-def _imp(model, dspec, config, train_data, test_data, init_params, sparsity, pruning_type,
-         input_shape, run_dir, imp_rounds, rewind_step, train_kwargs, rounds):
+def _imp(
+  model,
+  dspec,
+  config,
+  train_data,
+  test_data,
+  init_params,
+  sparsity,
+  pruning_type,
+  input_shape,
+  run_dir,
+  imp_rounds,
+  rewind_step,
+  train_kwargs,
+  rounds,
+):
   """Iterative magnitude pruning with rewinding; returns the last round's TrainResult."""
   if imp_rounds < 1:
     raise ValueError(f"--config.imp_rounds={imp_rounds!r} must be at least 1.")
@@ -462,38 +656,84 @@ def _imp(model, dspec, config, train_data, test_data, init_params, sparsity, pru
   masks = masks_lib.ones(init_params)
   rewind = init_params
   if rewind_step > 0:
-    early = training.train(model, dspec, config, train_data, test_data, masks=masks,
-                           params=init_params, workdir=workdir(0), num_steps=rewind_step,
-                           **train_kwargs)
+    early = training.train(
+      model,
+      dspec,
+      config,
+      train_data,
+      test_data,
+      masks=masks,
+      params=init_params,
+      workdir=workdir(0),
+      num_steps=rewind_step,
+      **train_kwargs,
+    )
     rewind = early.state.params
-  result = training.train(model, dspec, config, train_data, test_data, masks=masks,
-                          params=init_params, workdir=workdir(0), **train_kwargs)
+  result = training.train(
+    model,
+    dspec,
+    config,
+    train_data,
+    test_data,
+    masks=masks,
+    params=init_params,
+    workdir=workdir(0),
+    **train_kwargs,
+  )
   for r in range(1, imp_rounds + 1):
     round_sparsity = 1.0 - (1.0 - sparsity) ** (r / imp_rounds)
     # Global magnitude among the kept weights; pruned ones rank last.
-    scores = masks_lib.map_masks(lambda m, w: jnp.where(m, jnp.abs(w), -1.0), masks,
-                                 result.state.params)
-    masks = pruning.masks_from_ranking(pruning.rank_scores(scores), round_sparsity,
-                                       pruning_type, model=model, input_shape=input_shape)
-    rounds.append({"round": r, "target_sparsity": round_sparsity,
-                   "test_accuracy_before": result.final_test_accuracy,
-                   **{k: v for k, v in connectivity_report(model, masks, input_shape).items()
-                      if k.endswith("compression")}})
-    logging.info("IMP round %d/%d: direct %.4gx, effective %.4gx.", r, imp_rounds,
-                 rounds[-1]["direct_compression"], rounds[-1]["effective_compression"])
-    result = training.train(model, dspec, config, train_data, test_data, masks=masks,
-                            params=masks_lib.apply(rewind, masks), workdir=workdir(r),
-                            **train_kwargs)
+    scores = masks_lib.map_masks(
+      lambda m, w: jnp.where(m, jnp.abs(w), -1.0), masks, result.state.params
+    )
+    masks = pruning.masks_from_ranking(
+      pruning.rank_scores(scores),
+      round_sparsity,
+      pruning_type,
+      model=model,
+      input_shape=input_shape,
+    )
+    rounds.append(
+      {
+        "round": r,
+        "target_sparsity": round_sparsity,
+        "test_accuracy_before": result.final_test_accuracy,
+        **{
+          k: v
+          for k, v in connectivity_report(model, masks, input_shape).items()
+          if k.endswith("compression")
+        },
+      }
+    )
+    logging.info(
+      "IMP round %d/%d: direct %.4gx, effective %.4gx.",
+      r,
+      imp_rounds,
+      rounds[-1]["direct_compression"],
+      rounds[-1]["effective_compression"],
+    )
+    result = training.train(
+      model,
+      dspec,
+      config,
+      train_data,
+      test_data,
+      masks=masks,
+      params=masks_lib.apply(rewind, masks),
+      workdir=workdir(r),
+      **train_kwargs,
+    )
   return result
-
 
 
 def define_flags() -> None:
   """The command-line flags (defined only when run as a binary)."""
   config_flags.DEFINE_config_file(
-      "config", configs.path("lenet300100"),
-      "Experiment config file (experiments/configs/<arch>.py); override any field with "
-      "--config.<field>=<value>.")
+    "config",
+    configs.path("lenet300100"),
+    "Experiment config file (experiments/configs/<arch>.py); override any field with "
+    "--config.<field>=<value>.",
+  )
   flags.DEFINE_string("out_dir", "out/prune_train", "Where run folders go.")
   common.define_data_flags()
   distributed.define_flags()
@@ -511,12 +751,26 @@ def main(argv):
     logging.error("%s", err)
     sys.exit(EXIT_LOCKED)
   if summary["status"] in ("unreachable", "diverged"):
-    print(json.dumps(common.strict_json({k: summary[k] for k in (
-        "config", "status", "error", "diverged_step") if k in summary}), indent=2))
+    print(
+      json.dumps(
+        common.strict_json(
+          {k: summary[k] for k in ("config", "status", "error", "diverged_step") if k in summary}
+        ),
+        indent=2,
+      )
+    )
     return
-  brief = {k: summary[k] for k in ("direct_compression", "effective_compression",
-                                   "test_accuracy", "test_loss", "steps_per_second",
-                                   "wall_time")}
+  brief = {
+    k: summary[k]
+    for k in (
+      "direct_compression",
+      "effective_compression",
+      "test_accuracy",
+      "test_loss",
+      "steps_per_second",
+      "wall_time",
+    )
+  }
   print(json.dumps(common.strict_json({"config": summary["config"], **brief}), indent=2))
 
 

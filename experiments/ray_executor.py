@@ -61,12 +61,16 @@ class RayOptions:
 
   def check(self) -> None:
     """ValueError naming the flag of the first bad field."""
-    for name, value, low, strict in (("ray_cpus_per_run", self.cpus_per_run, 0.0, True),
-                                     ("ray_gpus_per_run", self.gpus_per_run, 0.0, False)):
-      if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-          value > low if strict else value >= low):
-        raise ValueError(f"--{name}={value!r} must be a number {'>' if strict else '>='} "
-                         f"{low:g}.")
+    for name, value, low, strict in (
+      ("ray_cpus_per_run", self.cpus_per_run, 0.0, True),
+      ("ray_gpus_per_run", self.gpus_per_run, 0.0, False),
+    ):
+      if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (value > low if strict else value >= low)
+      ):
+        raise ValueError(f"--{name}={value!r} must be a number {'>' if strict else '>='} {low:g}.")
     common.check_int_flag("ray_max_retries", self.max_retries, low=0)
 
 
@@ -75,9 +79,10 @@ def import_ray():
   try:
     import ray  # pylint: disable=import-outside-toplevel
   except ImportError as err:
-    raise ValueError(f"--executor=ray needs the ray package, which is not installed "
-                     f"({err}); install it with {INSTALL}, or use --executor=local."
-                     ) from None
+    raise ValueError(
+      f"--executor=ray needs the ray package, which is not installed "
+      f"({err}); install it with {INSTALL}, or use --executor=local."
+    ) from None
   return ray
 
 
@@ -85,12 +90,14 @@ def _host_port(address: str) -> tuple[str, int] | None:
   """(host, port) of 'host:port' or 'ray://host:port'; None for 'auto'."""
   if address == "auto":
     return None
-  rest = address[len("ray://"):] if address.startswith("ray://") else address
+  rest = address[len("ray://") :] if address.startswith("ray://") else address
   host, sep, port = rest.rpartition(":")
   if not sep or not host or not port.isdigit():
-    raise ValueError(f"--ray_address={address!r} must be 'host:port' (the head node's "
-                     "GCS address that `ray start --head` prints), 'ray://host:port', "
-                     "'auto', or empty for a local Ray instance.")
+    raise ValueError(
+      f"--ray_address={address!r} must be 'host:port' (the head node's "
+      "GCS address that `ray start --head` prints), 'ray://host:port', "
+      "'auto', or empty for a local Ray instance."
+    )
   return host.strip("[]"), int(port)
 
 
@@ -105,10 +112,11 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
       pass
   except OSError as err:
     raise ValueError(
-        f"--ray_address={address!r} is not reachable ({err.strerror or err}): start the "
-        f"head node there (`ray start --head --port={target[1]}`), give the address "
-        "`ray status` shows on the cluster, or leave --ray_address empty for a local Ray "
-        "instance.") from None
+      f"--ray_address={address!r} is not reachable ({err.strerror or err}): start the "
+      f"head node there (`ray start --head --port={target[1]}`), give the address "
+      "`ray status` shows on the cluster, or leave --ray_address empty for a local Ray "
+      "instance."
+    ) from None
 
 
 def connect(options: RayOptions):
@@ -131,22 +139,32 @@ def connect(options: RayOptions):
     else:
       ray.init(include_dashboard=False)
   except ConnectionError as err:
-    raise ValueError(f"--ray_address={options.address!r}: no Ray cluster answers there "
-                     f"({err}); start one with `ray start --head`, or leave "
-                     "--ray_address empty for a local instance.") from None
+    raise ValueError(
+      f"--ray_address={options.address!r}: no Ray cluster answers there "
+      f"({err}); start one with `ray start --head`, or leave "
+      "--ray_address empty for a local instance."
+    ) from None
   logging.info("Ray cluster: %s", ray.cluster_resources())
   if not fits_a_node(ray, options):
-    logging.warning("No node of the Ray cluster has --ray_cpus_per_run=%g CPUs and "
-                    "--ray_gpus_per_run=%g GPUs: the runs wait until "
-                    "such a node joins (an autoscaler may add one); lower the flags "
-                    "otherwise.", options.cpus_per_run, options.gpus_per_run)
+    logging.warning(
+      "No node of the Ray cluster has --ray_cpus_per_run=%g CPUs and "
+      "--ray_gpus_per_run=%g GPUs: the runs wait until "
+      "such a node joins (an autoscaler may add one); lower the flags "
+      "otherwise.",
+      options.cpus_per_run,
+      options.gpus_per_run,
+    )
   return ray
 
 
 def fits_a_node(ray, options: RayOptions) -> bool:
   """A live node of the cluster has the CPUs and GPUs one run declares."""
-  return any(n.get("Alive") and n["Resources"].get("CPU", 0) >= options.cpus_per_run
-             and n["Resources"].get("GPU", 0) >= options.gpus_per_run for n in ray.nodes())
+  return any(
+    n.get("Alive")
+    and n["Resources"].get("CPU", 0) >= options.cpus_per_run
+    and n["Resources"].get("GPU", 0) >= options.gpus_per_run
+    for n in ray.nodes()
+  )
 
 
 def capacity(ray, options: RayOptions) -> int:
@@ -182,10 +200,16 @@ def enable_worker_cache(directory: str | None) -> str | None:
     return None
 
 
-def _run_task(point: dict, shared: list, out_dir: str, source: common.DataSource,
-              compilation_cache_dir: str | None = None) -> int:
+def _run_task(
+  point: dict,
+  shared: list,
+  out_dir: str,
+  source: common.DataSource,
+  compilation_cache_dir: str | None = None,
+) -> int:
   """The body of a grid point's Ray task (in a Ray worker): the local executor's run."""
   from experiments import sweep  # pylint: disable=import-outside-toplevel
+
   enable_worker_cache(compilation_cache_dir)
   return sweep.run_point(point, shared, out_dir, source)
 
@@ -203,15 +227,19 @@ class RayRuns:
     self._options = options
     self._cache = compilation_cache_dir
     self._task = ray.remote(_run_task).options(
-        num_cpus=options.cpus_per_run, num_gpus=options.gpus_per_run,
-        max_retries=options.max_retries, retry_exceptions=False,
-        runtime_env={"env_vars": _env(options)})
+      num_cpus=options.cpus_per_run,
+      num_gpus=options.gpus_per_run,
+      max_retries=options.max_retries,
+      retry_exceptions=False,
+      runtime_env={"env_vars": _env(options)},
+    )
     self._refs: set = set()
     self._lock = threading.Lock()
     self.stopping = False
 
-  def run(self, point: dict, shared: list, out_dir: str, source: common.DataSource
-          ) -> tuple[int, str]:
+  def run(
+    self, point: dict, shared: list, out_dir: str, source: common.DataSource
+  ) -> tuple[int, str]:
     """Runs ``point`` as a task to its end: (0, '') when it finished, else (1, why)."""
     ray = self._ray
     with self._lock:
@@ -223,13 +251,18 @@ class RayRuns:
       code = ray.get(ref)
     except ray.exceptions.TaskCancelledError:
       return 1, "cancelled: the sweep was stopped; it resumes from its checkpoint"
-    except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-            ray.exceptions.OutOfMemoryError) as err:
+    except (
+      ray.exceptions.WorkerCrashedError,
+      ray.exceptions.NodeDiedError,
+      ray.exceptions.OutOfMemoryError,
+    ) as err:
       tries = self._options.max_retries + 1
-      return 1, (f"its Ray worker died in each of {tries} attempt(s) "
-                 f"(--ray_max_retries={self._options.max_retries}): {type(err).__name__}; "
-                 "see the Ray logs (/tmp/ray/session_latest/logs on the node). It resumes "
-                 "from its last checkpoint when the sweep runs again")
+      return 1, (
+        f"its Ray worker died in each of {tries} attempt(s) "
+        f"(--ray_max_retries={self._options.max_retries}): {type(err).__name__}; "
+        "see the Ray logs (/tmp/ray/session_latest/logs on the node). It resumes "
+        "from its last checkpoint when the sweep runs again"
+      )
     except ray.exceptions.RayError as err:
       return 1, f"Ray could not run it: {type(err).__name__}: {str(err)[:500]}"
     finally:

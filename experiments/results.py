@@ -25,8 +25,15 @@ from typing import Any
 from absl import logging
 
 STATUSES = ("ok", "disconnected", "unreachable", "diverged")
-_CONFIG_FIELDS = ("arch", "dataset", "pruner", "pruning_type", "seed", "target_compression",
-                  "train")
+_CONFIG_FIELDS = (
+  "arch",
+  "dataset",
+  "pruner",
+  "pruning_type",
+  "seed",
+  "target_compression",
+  "train",
+)
 
 
 class InvalidResultError(ValueError):
@@ -46,8 +53,7 @@ def _number(r: dict, key: str, *, allow_none: bool = False) -> str | None:
   value = r.get(key)
   if value is None and allow_none:
     return None
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-      value):
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
     return f"{key}={value!r}, expected a finite number"
   return None
 

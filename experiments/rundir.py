@@ -31,8 +31,10 @@ class RunLockedError(RuntimeError):
 
   def __init__(self, run_dir: str, holder: str):
     who = holder or "pid unknown"
-    super().__init__(f"run folder {run_dir} is in use by another process ({who}); wait "
-                     "for it to finish or stop it, then run again.")
+    super().__init__(
+      f"run folder {run_dir} is in use by another process ({who}); wait "
+      "for it to finish or stop it, then run again."
+    )
     self.run_dir = run_dir
     self.holder = holder
 
@@ -112,7 +114,7 @@ class WallClock:
     while not self._stop.wait(self._refresh):
       self.save()
 
-  def __enter__(self) -> "WallClock":
+  def __enter__(self) -> WallClock:
     self.save()
     self._thread = threading.Thread(target=self._loop, name="wall-clock", daemon=True)
     self._thread.start()

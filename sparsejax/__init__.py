@@ -20,21 +20,44 @@ from __future__ import annotations
 import importlib
 
 from sparsejax import connectivity, effective, errors, masks, models, pruning, quotas
-from sparsejax.effective import (active_units, effective_compression, effective_masks,
-                                 effective_sparsity)
+from sparsejax.effective import (
+  active_units,
+  effective_compression,
+  effective_masks,
+  effective_sparsity,
+)
 from sparsejax.errors import UnreachableSparsityError
-from sparsejax.pruning import (PRUNERS, Pruner, ScoreContext, get_pruner, prune, ranking_for,
-                               register_pruner)
+from sparsejax.pruning import (
+  PRUNERS,
+  Pruner,
+  ScoreContext,
+  get_pruner,
+  prune,
+  ranking_for,
+  register_pruner,
+)
 
 __version__ = "0.2.0"
 
 # Imported on first attribute access: data and training import TensorFlow Datasets;
 # the others (optax, the structured and dynamic pruners) are not needed to prune, and
 # a CLI run that prunes once should not pay for their import.
-_LAZY_SUBMODULES = ("data", "training", "compact", "dynamic", "flops", "optim", "scores",
-                    "structured")
-_LAZY_NAMES = {"MaskedState": "optim", "get_masks": "optim", "replace_masks": "optim",
-               "with_masks": "optim"}
+_LAZY_SUBMODULES = (
+  "data",
+  "training",
+  "compact",
+  "dynamic",
+  "flops",
+  "optim",
+  "scores",
+  "structured",
+)
+_LAZY_NAMES = {
+  "MaskedState": "optim",
+  "get_masks": "optim",
+  "replace_masks": "optim",
+  "with_masks": "optim",
+}
 
 
 def __getattr__(name: str):
@@ -50,15 +73,40 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "__version__",
-    # submodules
-    "masks", "connectivity", "effective", "quotas", "scores", "pruning", "models", "optim",
-    "dynamic", "errors", "data", "training", "compact", "flops", "structured",
-    # pruning
-    "prune", "ranking_for", "PRUNERS", "Pruner", "ScoreContext", "register_pruner",
-    "get_pruner", "UnreachableSparsityError",
-    # effective sparsity
-    "effective_masks", "effective_sparsity", "effective_compression", "active_units",
-    # training with masks
-    "with_masks", "MaskedState", "get_masks", "replace_masks",
+  "__version__",
+  # submodules
+  "masks",
+  "connectivity",
+  "effective",
+  "quotas",
+  "scores",
+  "pruning",
+  "models",
+  "optim",
+  "dynamic",
+  "errors",
+  "data",
+  "training",
+  "compact",
+  "flops",
+  "structured",
+  # pruning
+  "prune",
+  "ranking_for",
+  "PRUNERS",
+  "Pruner",
+  "ScoreContext",
+  "register_pruner",
+  "get_pruner",
+  "UnreachableSparsityError",
+  # effective sparsity
+  "effective_masks",
+  "effective_sparsity",
+  "effective_compression",
+  "active_units",
+  # training with masks
+  "with_masks",
+  "MaskedState",
+  "get_masks",
+  "replace_masks",
 ]

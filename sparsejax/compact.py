@@ -54,7 +54,7 @@ i.e. which parameters a unit owns and which kernels read it).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -62,10 +62,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sparsejax import effective
-from sparsejax.errors import CompactionMismatchError
+from sparsejax import effective, models
 from sparsejax import masks as masks_lib
-from sparsejax import models
+from sparsejax.errors import CompactionMismatchError
 from sparsejax.models.lenet import LeNet5, LeNet300100
 from sparsejax.models.resnet import ResNet18
 from sparsejax.models.vgg import VGG
@@ -95,11 +94,11 @@ class Space:
 class Plan:
   """What compaction keeps per space: kept and folded channel indices, and the counts."""
 
-  kept: dict      # space name -> np.ndarray of kept channel indices
-  folded: dict    # space name -> np.ndarray of folded channel indices
-  dropped: dict   # space name -> np.ndarray of dropped channel indices
-  sizes: dict     # space name -> original size
-  shifts: dict    # reader module path -> bias shift [out] from the folded constants
+  kept: dict  # space name -> np.ndarray of kept channel indices
+  folded: dict  # space name -> np.ndarray of folded channel indices
+  dropped: dict  # space name -> np.ndarray of dropped channel indices
+  sizes: dict  # space name -> original size
+  shifts: dict  # reader module path -> bias shift [out] from the folded constants
 
   def live_fraction(self) -> float:
     """Kept channels / channels over all spaces."""
@@ -115,38 +114,58 @@ def _layer_space(name, size, writer, norm, readers):
 
 def _lenet300100(model: LeNet300100):
   h = tuple(model.hidden)
-  spaces = [_layer_space(f"dense_{i}", w, f"dense_{i}", f"norm_{i}", [f"dense_{i + 1}"])
-            for i, w in enumerate(h)]
+  spaces = [
+    _layer_space(f"dense_{i}", w, f"dense_{i}", f"norm_{i}", [f"dense_{i + 1}"])
+    for i, w in enumerate(h)
+  ]
   return spaces, lambda s: model.clone(hidden=tuple(s))
 
 
 def _lenet5(model: LeNet5):
   c, h = tuple(model.channels), tuple(model.hidden)
-  spaces = [_layer_space(f"conv_{i}", w, f"conv_{i}", f"norm_{i}",
-                         [f"conv_{i + 1}" if i + 1 < len(c) else f"dense_{len(c)}"])
-            for i, w in enumerate(c)]
+  spaces = [
+    _layer_space(
+      f"conv_{i}",
+      w,
+      f"conv_{i}",
+      f"norm_{i}",
+      [f"conv_{i + 1}" if i + 1 < len(c) else f"dense_{len(c)}"],
+    )
+    for i, w in enumerate(c)
+  ]
   n = len(c)
-  spaces += [_layer_space(f"dense_{n + j}", w, f"dense_{n + j}", f"norm_{n + j}",
-                          [f"dense_{n + j + 1}"]) for j, w in enumerate(h)]
+  spaces += [
+    _layer_space(f"dense_{n + j}", w, f"dense_{n + j}", f"norm_{n + j}", [f"dense_{n + j + 1}"])
+    for j, w in enumerate(h)
+  ]
   return spaces, lambda s: model.clone(channels=tuple(s[:n]), hidden=tuple(s[n:]))
 
 
 def _vgg(model: VGG):
   widths = [w for w in model.config if w != "M"]
-  spaces = [_layer_space(f"conv_{i:02d}", w, f"conv_{i:02d}", f"norm_{i:02d}",
-                         [f"conv_{i + 1:02d}" if i + 1 < len(widths) else "dense"])
-            for i, w in enumerate(widths)]
+  spaces = [
+    _layer_space(
+      f"conv_{i:02d}",
+      w,
+      f"conv_{i:02d}",
+      f"norm_{i:02d}",
+      [f"conv_{i + 1:02d}" if i + 1 < len(widths) else "dense"],
+    )
+    for i, w in enumerate(widths)
+  ]
 
   def rebuild(sizes):
     it = iter(sizes)
     return model.clone(config=tuple("M" if w == "M" else next(it) for w in model.config))
+
   return spaces, rebuild
 
 
 def _resnet18(model: ResNet18):
   widths = tuple(model.widths)
-  inner = tuple(model.inner) if model.inner is not None else tuple(
-      w for w in widths for _ in range(2))
+  inner = (
+    tuple(model.inner) if model.inner is not None else tuple(w for w in widths for _ in range(2))
+  )
   spaces = []
   for s, w in enumerate(widths, start=1):
     writers, sites = [], []
@@ -159,25 +178,37 @@ def _resnet18(model: ResNet18):
     for b in range(2):
       writers += [f"stage{s}_block{b}/conv_2", f"stage{s}_block{b}/norm_2"]
       sites += [f"stage{s}_block{b}/conv_2"]
-    readers = ([f"stage1_block0/conv_1"] if s == 1 else []) + [f"stage{s}_block1/conv_1"]
-    readers += ([f"stage{s + 1}_block0/conv_1", f"stage{s + 1}_block0/shortcut_conv"]
-                if s < len(widths) else ["stage5_dense"])
+    readers = (["stage1_block0/conv_1"] if s == 1 else []) + [f"stage{s}_block1/conv_1"]
+    readers += (
+      [f"stage{s + 1}_block0/conv_1", f"stage{s + 1}_block0/shortcut_conv"]
+      if s < len(widths)
+      else ["stage5_dense"]
+    )
     spaces.append(Space(f"stream{s}", w, tuple(writers), tuple(sites), tuple(readers)))
   for k, w in enumerate(inner):
     blk = f"stage{k // 2 + 1}_block{k % 2}"
-    spaces.append(_layer_space(f"{blk}/inner", w, f"{blk}/conv_1", f"{blk}/norm_1",
-                               [f"{blk}/conv_2"]))
+    spaces.append(
+      _layer_space(f"{blk}/inner", w, f"{blk}/conv_1", f"{blk}/norm_1", [f"{blk}/conv_2"])
+    )
   n = len(widths)
   return spaces, lambda s: model.clone(widths=tuple(s[:n]), inner=tuple(s[n:]))
 
 
 #: Model class -> (model -> (spaces, rebuild(new sizes) -> model)).
-FAMILIES: dict[type, Callable] = {LeNet300100: _lenet300100, LeNet5: _lenet5, VGG: _vgg,
-                                  ResNet18: _resnet18}
+FAMILIES: dict[type, Callable] = {
+  LeNet300100: _lenet300100,
+  LeNet5: _lenet5,
+  VGG: _vgg,
+  ResNet18: _resnet18,
+}
 
 #: One example's default input shape per family (the paper's datasets).
-_DEFAULT_INPUT = {LeNet300100: (28, 28, 1), LeNet5: (32, 32, 3), VGG: (32, 32, 3),
-                  ResNet18: (64, 64, 3)}
+_DEFAULT_INPUT = {
+  LeNet300100: (28, 28, 1),
+  LeNet5: (32, 32, 3),
+  VGG: (32, 32, 3),
+  ResNet18: (64, 64, 3),
+}
 
 
 def channel_spaces(model) -> tuple[list[Space], Callable]:
@@ -187,10 +218,11 @@ def channel_spaces(model) -> tuple[list[Space], Callable]:
   if family is None:
     known = ", ".join(c.__name__ for c in FAMILIES)
     raise ValueError(
-        f"model={type(model).__name__} is not a network the compactor knows (allowed: "
-        f"{known}); compaction needs to know which parameters each unit owns and which "
-        "kernels read it (its channel spaces) and how to rebuild the model with fewer "
-        "units.")
+      f"model={type(model).__name__} is not a network the compactor knows (allowed: "
+      f"{known}); compaction needs to know which parameters each unit owns and which "
+      "kernels read it (its channel spaces) and how to rebuild the model with fewer "
+      "units."
+    )
   return family(model)
 
 
@@ -220,8 +252,9 @@ def _capture_inputs(model, variables, x) -> dict:
 
 def _check_variables(variables):
   if not hasattr(variables, "keys") or "params" not in variables:
-    raise ValueError("variables has no 'params' collection; pass the model's variables "
-                     "(e.g. model.init(...)).")
+    raise ValueError(
+      "variables has no 'params' collection; pass the model's variables (e.g. model.init(...))."
+    )
 
 
 def _channels(x: np.ndarray, size: int) -> np.ndarray:
@@ -252,18 +285,22 @@ def plan(model, variables, masks, *, input_shape=None, fold: bool = True) -> Pla
       zero &= (_channels(inputs[rd][0], sp.size) == 0).all(0)
     keep[sp.name], cand[sp.name] = c & r, c & ~r & ~zero
   # the constants' shifts of the readers' outputs (without bias)
-  deltas = {rd: inputs[rd][1](_zero_channels(inputs[rd][0], np.flatnonzero(cand[sp.name]),
-                                               sp.size))
-            for sp in spaces if fold and cand[sp.name].any() for rd in sp.readers
-            if f"{rd}/bias" in flat}
+  deltas = {
+    rd: inputs[rd][1](_zero_channels(inputs[rd][0], np.flatnonzero(cand[sp.name]), sp.size))
+    for sp in spaces
+    if fold and cand[sp.name].any()
+    for rd in sp.readers
+    if f"{rd}/bias" in flat
+  }
   kept, folded, dropped, sizes, shifts = {}, {}, {}, {}, {}
   for sp in spaces:
     k, f = keep[sp.name], cand[sp.name]
     if f.any():  # fold when every reader has a bias and sees a uniform shift
       ds = [deltas.get(rd) for rd in sp.readers]
       ds = [None if d is None else np.asarray(d).reshape(-1, d.shape[-1]) for d in ds]
-      uniform = all(d is not None and np.all(
-          np.abs(d - d[0]) <= 1e-6 * np.max(np.abs(d)) + 1e-30) for d in ds)
+      uniform = all(
+        d is not None and np.all(np.abs(d - d[0]) <= 1e-6 * np.max(np.abs(d)) + 1e-30) for d in ds
+      )
       if uniform:
         shifts.update({rd: d[0] for rd, d in zip(sp.readers, ds)})
       else:
@@ -308,8 +345,16 @@ def _zero_channels(x, keep_idx, size):
   return (x.reshape(1, -1, size) * sel).reshape(x.shape)
 
 
-def compact(model, variables, masks, *, input_shape=None, fold: bool = True,
-            verify: bool = False, key: jax.Array | None = None):
+def compact(
+  model,
+  variables,
+  masks,
+  *,
+  input_shape=None,
+  fold: bool = True,
+  verify: bool = False,
+  key: jax.Array | None = None,
+):
   """The masked network with its dead units removed: ``(model, variables, masks)``.
 
   Args:
@@ -358,8 +403,18 @@ def compact(model, variables, masks, *, input_shape=None, fold: bool = True,
   return new_model, new_vars, new_masks
 
 
-def logits_gap(model, variables, masks, new_model, new_variables, input_shape, *,
-               key: jax.Array | None = None, batch: int = 8, x=None) -> tuple[float, float]:
+def logits_gap(
+  model,
+  variables,
+  masks,
+  new_model,
+  new_variables,
+  input_shape,
+  *,
+  key: jax.Array | None = None,
+  batch: int = 8,
+  x=None,
+) -> tuple[float, float]:
   """(max |logit difference|, max |logit|) between the masked original and a compacted
   network in inference mode, on ``x`` or a standard normal batch from ``key``."""
   if x is None:
@@ -372,20 +427,43 @@ def logits_gap(model, variables, masks, new_model, new_variables, input_shape, *
   return float(jnp.max(jnp.abs(ref - out))), float(jnp.max(jnp.abs(ref)))
 
 
-def check_equal(model, variables, masks, new_model, new_variables, input_shape, *,
-                key: jax.Array | None = None, x=None) -> float:
+def check_equal(
+  model,
+  variables,
+  masks,
+  new_model,
+  new_variables,
+  input_shape,
+  *,
+  key: jax.Array | None = None,
+  x=None,
+) -> float:
   """Raises :class:`CompactionMismatchError` unless max |logit difference| <= RTOL x
   max |logit|; returns the relative difference."""
-  diff, scale = logits_gap(model, variables, masks, new_model, new_variables, input_shape,
-                           key=key, x=x)
+  diff, scale = logits_gap(
+    model, variables, masks, new_model, new_variables, input_shape, key=key, x=x
+  )
   rel = diff / scale if scale > 0 else diff
   if not rel <= RTOL:
     raise CompactionMismatchError(
-        f"the compacted {type(new_model).__name__} differs from the masked original: max "
-        f"|logit difference| {diff:.3g} at logit scale {scale:.3g} (allowed: {RTOL:g} x "
-        "scale).", max_diff=diff, scale=scale)
+      f"the compacted {type(new_model).__name__} differs from the masked original: max "
+      f"|logit difference| {diff:.3g} at logit scale {scale:.3g} (allowed: {RTOL:g} x "
+      "scale).",
+      max_diff=diff,
+      scale=scale,
+    )
   return rel
 
 
-__all__ = ["compact", "plan", "Plan", "Space", "channel_spaces", "check_equal",
-           "logits_gap", "CompactionMismatchError", "FAMILIES", "RTOL"]
+__all__ = [
+  "compact",
+  "plan",
+  "Plan",
+  "Space",
+  "channel_spaces",
+  "check_equal",
+  "logits_gap",
+  "CompactionMismatchError",
+  "FAMILIES",
+  "RTOL",
+]

@@ -12,7 +12,7 @@ library never turns it on.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from jax._src import core as jax_core
@@ -64,7 +64,7 @@ class CompileLog:
     if event == _CACHE_HIT_EVENT:
       self.cache_hits += 1
 
-  def __enter__(self) -> "CompileLog":
+  def __enter__(self) -> CompileLog:
     jax.monitoring.register_event_duration_secs_listener(self._duration)
     jax.monitoring.register_event_listener(self._event)
     return self

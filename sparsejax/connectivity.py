@@ -77,7 +77,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.struct
 import jax
@@ -93,39 +94,154 @@ Masks = Any
 # --------------------------------------------------------------------------- primitives
 
 LINEAR = frozenset({"dot_general", "conv_general_dilated"})
-CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
-                   "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",
-                   "custom_lin"})
-ELEMENTWISE = frozenset({
-    "add", "add_any", "sub", "mul", "div", "rem", "pow", "max", "min", "atan2", "nextafter",
-    "neg", "sign", "floor", "ceil", "round", "is_finite", "exp", "exp2", "log", "log1p",
-    "expm1", "tanh", "logistic", "sin", "cos", "tan", "asin", "acos", "atan", "sinh",
-    "cosh", "asinh", "acosh", "atanh", "sqrt", "rsqrt", "cbrt", "abs", "integer_pow",
-    "square", "erf", "erfc", "erf_inv", "lgamma", "digamma", "igamma", "igammac",
-    "convert_element_type", "reduce_precision", "real", "imag", "conj", "not", "and", "or",
-    "xor", "eq", "ne", "lt", "le", "gt", "ge", "select_n", "clamp", "shift_left",
-    "shift_right_logical", "shift_right_arithmetic", "population_count", "copy", "copy_p",
-    "stop_gradient", "polygamma", "bessel_i0e", "bessel_i1e",
-})
+CALLS = frozenset(
+  {
+    "pjit",
+    "jit",
+    "closed_call",
+    "core_call",
+    "remat",
+    "remat2",
+    "checkpoint",
+    "custom_jvp_call",
+    "custom_vjp_call",
+    "custom_vjp_call_jaxpr",
+    "custom_lin",
+  }
+)
+ELEMENTWISE = frozenset(
+  {
+    "add",
+    "add_any",
+    "sub",
+    "mul",
+    "div",
+    "rem",
+    "pow",
+    "max",
+    "min",
+    "atan2",
+    "nextafter",
+    "neg",
+    "sign",
+    "floor",
+    "ceil",
+    "round",
+    "is_finite",
+    "exp",
+    "exp2",
+    "log",
+    "log1p",
+    "expm1",
+    "tanh",
+    "logistic",
+    "sin",
+    "cos",
+    "tan",
+    "asin",
+    "acos",
+    "atan",
+    "sinh",
+    "cosh",
+    "asinh",
+    "acosh",
+    "atanh",
+    "sqrt",
+    "rsqrt",
+    "cbrt",
+    "abs",
+    "integer_pow",
+    "square",
+    "erf",
+    "erfc",
+    "erf_inv",
+    "lgamma",
+    "digamma",
+    "igamma",
+    "igammac",
+    "convert_element_type",
+    "reduce_precision",
+    "real",
+    "imag",
+    "conj",
+    "not",
+    "and",
+    "or",
+    "xor",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "select_n",
+    "clamp",
+    "shift_left",
+    "shift_right_logical",
+    "shift_right_arithmetic",
+    "population_count",
+    "copy",
+    "copy_p",
+    "stop_gradient",
+    "polygamma",
+    "bessel_i0e",
+    "bessel_i1e",
+  }
+)
 #: identities on each operand (placement, sharding, barriers).
-IDENTITY = frozenset({"device_put", "sharding_constraint", "optimization_barrier",
-                      "mesh_cast", "reshard", "pvary"})
+IDENTITY = frozenset(
+  {"device_put", "sharding_constraint", "optimization_barrier", "mesh_cast", "reshard", "pvary"}
+)
 COMPARISONS = frozenset({"eq", "ne", "lt", "le", "gt", "ge", "is_finite"})
-REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
-                        "reduce_or", "reduce_xor", "argmax", "argmin"})
-WINDOWS = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min",
-                     "reduce_window"})
+REDUCTIONS = frozenset(
+  {
+    "reduce_sum",
+    "reduce_max",
+    "reduce_min",
+    "reduce_prod",
+    "reduce_and",
+    "reduce_or",
+    "reduce_xor",
+    "argmax",
+    "argmin",
+  }
+)
+WINDOWS = frozenset(
+  {"reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window"}
+)
 CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"})
 ALONG_AXIS = frozenset({"sort", "top_k"})
 #: structural primitives: which operands are data (the others are indices / sizes).
 STRUCTURAL = {
-    "reshape": (0,), "transpose": (0,), "broadcast_in_dim": (0,), "squeeze": (0,),
-    "expand_dims": (0,), "slice": (0,), "rev": (0,), "pad": (0,), "concatenate": None,
-    "split": (0,), "gather": (0,), "dynamic_slice": (0,), "dynamic_update_slice": (0, 1),
-    "scatter": (0, 2), "scatter-add": (0, 2), "scatter_add": (0, 2),
+  "reshape": (0,),
+  "transpose": (0,),
+  "broadcast_in_dim": (0,),
+  "squeeze": (0,),
+  "expand_dims": (0,),
+  "slice": (0,),
+  "rev": (0,),
+  "pad": (0,),
+  "concatenate": None,
+  "split": (0,),
+  "gather": (0,),
+  "dynamic_slice": (0,),
+  "dynamic_update_slice": (0, 1),
+  "scatter": (0, 2),
+  "scatter-add": (0, 2),
+  "scatter_add": (0, 2),
 }
-SUPPORTED = LINEAR | CALLS | ELEMENTWISE | REDUCTIONS | WINDOWS | CUMULATIVE | ALONG_AXIS | \
-    IDENTITY | frozenset(STRUCTURAL) | {"cond"}
+SUPPORTED = (
+  LINEAR
+  | CALLS
+  | ELEMENTWISE
+  | REDUCTIONS
+  | WINDOWS
+  | CUMULATIVE
+  | ALONG_AXIS
+  | IDENTITY
+  | frozenset(STRUCTURAL)
+  | {"cond"}
+)
 
 
 def supported_primitives() -> list[str]:
@@ -160,10 +276,10 @@ gate.defvjp(_gate_fwd, _gate_bwd)
 class Eqn:
   prim: Any
   params: dict
-  ins: list          # value ids
-  outs: list         # value ids
-  kind: str          # 'x' or 'p'
-  src: str           # the user's source line
+  ins: list  # value ids
+  outs: list  # value ids
+  kind: str  # 'x' or 'p'
+  src: str  # the user's source line
   out_avals: list
 
 
@@ -172,20 +288,20 @@ class Program:
   """A traced, inlined and classified program ``fn(params, extra, x)``."""
 
   eqns: list
-  consts: dict             # id -> concrete value
-  kind: dict               # id -> 'x' | 'p' | 'c'
-  sources: dict            # id -> frozenset of param leaf indices ('p' values)
-  param_ids: list          # per flat param leaf
-  extra_ids: list          # per flat extra leaf
-  x_ids: list              # per flat input leaf
-  out_ids: list            # 'x' outputs
-  param_paths: list        # '/'-joined path per flat param leaf
+  consts: dict  # id -> concrete value
+  kind: dict  # id -> 'x' | 'p' | 'c'
+  sources: dict  # id -> frozenset of param leaf indices ('p' values)
+  param_ids: list  # per flat param leaf
+  extra_ids: list  # per flat extra leaf
+  x_ids: list  # per flat input leaf
+  out_ids: list  # 'x' outputs
+  param_paths: list  # '/'-joined path per flat param leaf
   param_shapes: list
   x_shapes: list
   extra_shapes: list
-  weight_leaves: tuple     # param leaves used as linear weights, first-use order
-  sites: list              # (eqn index, weight leaf or None) per linear op on 'x'
-  cuts: frozenset          # 'x' ids that dominate the output
+  weight_leaves: tuple  # param leaves used as linear weights, first-use order
+  sites: list  # (eqn index, weight leaf or None) per linear op on 'x'
+  cuts: frozenset  # 'x' ids that dominate the output
 
 
 def _src(eqn) -> str:
@@ -196,13 +312,14 @@ def _src(eqn) -> str:
 
 
 def _unsupported(name: str, src: str, why: str) -> ValueError:
-  return ValueError(f"primitive {name!r} at {src} {why}; allowed: the primitives of "
-                    "sparsejax.connectivity.supported_primitives() (linear ops, elementwise, "
-                    "reductions, pooling, structure, calls, cond on a constant).")
+  return ValueError(
+    f"primitive {name!r} at {src} {why}; allowed: the primitives of "
+    "sparsejax.connectivity.supported_primitives() (linear ops, elementwise, "
+    "reductions, pooling, structure, calls, cond on a constant)."
+  )
 
 
 class _Builder:
-
   def __init__(self):
     self.next_id = 0
     self.eqns: list[Eqn] = []
@@ -223,8 +340,9 @@ class _Builder:
     self.consts[i] = value
     return i
 
-  def inline(self, jaxpr: jcore.Jaxpr, const_ids: Sequence[int], in_ids: Sequence[int]
-             ) -> list[int]:
+  def inline(
+    self, jaxpr: jcore.Jaxpr, const_ids: Sequence[int], in_ids: Sequence[int]
+  ) -> list[int]:
     env = {}
     for v, i in zip(jaxpr.constvars, const_ids):
       env[v] = i
@@ -259,7 +377,7 @@ class _Builder:
         raise _unsupported(name, src, "has no inner jaxpr")
       return self._sub(inner, ins)
     if name in IDENTITY:  # each output is its operand: no equation at all
-      return list(ins[:len(eqn.outvars)])
+      return list(ins[: len(eqn.outvars)])
     if all(k == "c" for k in kinds):
       subfuns, bind_params = _bind_params(eqn.primitive, eqn.params)
       with jax.ensure_compile_time_eval():
@@ -269,28 +387,47 @@ class _Builder:
     if name == "cond":
       index = ins[0]
       if self.kind[index] != "c":
-        raise _unsupported(name, src, "branches on a value that depends on the input or "
-                           "the parameters (only constant predicates can be resolved)")
+        raise _unsupported(
+          name,
+          src,
+          "branches on a value that depends on the input or "
+          "the parameters (only constant predicates can be resolved)",
+        )
         # (a data-dependent branch has no single graph)
       branches = eqn.params["branches"]
       b = int(np.clip(np.asarray(self.consts[index]), 0, len(branches) - 1))
       return self._sub(branches[b], ins[1:])
     if name not in SUPPORTED:
-      raise _unsupported(name, src, "depends on the input or the parameters and has no "
-                         "connectivity rule (loops and unknown primitives are not supported)")
+      raise _unsupported(
+        name,
+        src,
+        "depends on the input or the parameters and has no "
+        "connectivity rule (loops and unknown primitives are not supported)",
+      )
     kind = "x" if "x" in kinds else "p"
-    if name in ("gather", "dynamic_slice", "dynamic_update_slice", "scatter", "scatter-add",
-                "scatter_add"):
+    if name in (
+      "gather",
+      "dynamic_slice",
+      "dynamic_update_slice",
+      "scatter",
+      "scatter-add",
+      "scatter_add",
+    ):
       data = STRUCTURAL[name]
       if any(kinds[j] != "c" for j in range(len(ins)) if j not in data):
-        raise _unsupported(name, src, "uses indices that depend on the input or the "
-                           "parameters (only constant indices are supported)")
+        raise _unsupported(
+          name,
+          src,
+          "uses indices that depend on the input or the "
+          "parameters (only constant indices are supported)",
+        )
     sources = frozenset()
     if kind == "p":
       sources = frozenset().union(*[self.sources[i] for i in ins if self.kind[i] == "p"])
     outs = [self.new(kind, sources) for _ in eqn.outvars]
-    self.eqns.append(Eqn(eqn.primitive, dict(eqn.params), ins, outs, kind, src,
-                         [v.aval for v in eqn.outvars]))
+    self.eqns.append(
+      Eqn(eqn.primitive, dict(eqn.params), ins, outs, kind, src, [v.aval for v in eqn.outvars])
+    )
     return outs
 
 
@@ -324,15 +461,19 @@ def build(fn: Callable, param_shapes, extra_shapes, x_shapes) -> Program:
   sds = lambda s: jax.ShapeDtypeStruct(tuple(s.shape), s.dtype)
 
   def flat_fn(ps, es, xs):
-    return fn(jax.tree.unflatten(p_tree, ps), jax.tree.unflatten(e_tree, es),
-              jax.tree.unflatten(x_tree, xs))
+    return fn(
+      jax.tree.unflatten(p_tree, ps), jax.tree.unflatten(e_tree, es), jax.tree.unflatten(x_tree, xs)
+    )
 
   try:
-    closed = jax.make_jaxpr(flat_fn)([sds(s) for _, s in p_flat], [sds(s) for s in e_flat],
-                                     [sds(s) for s in x_flat])
+    closed = jax.make_jaxpr(flat_fn)(
+      [sds(s) for _, s in p_flat], [sds(s) for s in e_flat], [sds(s) for s in x_flat]
+    )
   except (TypeError, ValueError) as err:
-    raise ValueError(f"the example input (shapes {[tuple(s.shape) for s in x_flat]}) "
-                     f"cannot be applied to the model: {err}") from None
+    raise ValueError(
+      f"the example input (shapes {[tuple(s.shape) for s in x_flat]}) "
+      f"cannot be applied to the model: {err}"
+    ) from None
   b = _Builder()
   param_ids = [b.new("p", {i}) for i in range(len(p_flat))]
   extra_ids = [b.new("p") for _ in e_flat]
@@ -341,8 +482,10 @@ def build(fn: Callable, param_shapes, extra_shapes, x_shapes) -> Program:
     outs = b._sub(closed, param_ids + extra_ids + x_ids)
   out_x = [o for o in outs if b.kind[o] == "x"]
   if not out_x:
-    raise ValueError("the model's output does not depend on its input x (it is constant "
-                     "in x); the connectivity of a constant function is undefined.")
+    raise ValueError(
+      "the model's output does not depend on its input x (it is constant "
+      "in x); the connectivity of a constant function is undefined."
+    )
   weight_leaves, sites = [], []
   for k, e in enumerate(b.eqns):
     if e.kind != "x" or e.prim.name not in LINEAR:
@@ -358,13 +501,24 @@ def build(fn: Callable, param_shapes, extra_shapes, x_shapes) -> Program:
       leaf = ws[0] if ws else None
     sites.append((k, leaf))
   from sparsejax import masks as masks_lib  # pylint: disable=g-import-not-at-top
-  return Program(eqns=b.eqns, consts=b.consts, kind=b.kind, sources=b.sources,
-                 param_ids=param_ids, extra_ids=extra_ids, x_ids=x_ids, out_ids=out_x,
-                 param_paths=[masks_lib.path_str(p) for p, _ in p_flat],
-                 param_shapes=[tuple(s.shape) for _, s in p_flat],
-                 x_shapes=[tuple(s.shape) for s in x_flat],
-                 extra_shapes=[tuple(s.shape) for s in e_flat], weight_leaves=tuple(weight_leaves),
-                 sites=sites, cuts=_dominators(b, x_ids, out_x))
+
+  return Program(
+    eqns=b.eqns,
+    consts=b.consts,
+    kind=b.kind,
+    sources=b.sources,
+    param_ids=param_ids,
+    extra_ids=extra_ids,
+    x_ids=x_ids,
+    out_ids=out_x,
+    param_paths=[masks_lib.path_str(p) for p, _ in p_flat],
+    param_shapes=[tuple(s.shape) for _, s in p_flat],
+    x_shapes=[tuple(s.shape) for s in x_flat],
+    extra_shapes=[tuple(s.shape) for s in e_flat],
+    weight_leaves=tuple(weight_leaves),
+    sites=sites,
+    cuts=_dominators(b, x_ids, out_x),
+  )
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -408,9 +562,13 @@ def _structural(e: Eqn, vals: list, is_data: list, fill) -> list:
 def _window_sum(e: Eqn, v):
   p = e.params
   return reduce_window_sum_p.bind(
-      v, window_dimensions=tuple(p["window_dimensions"]),
-      window_strides=tuple(p["window_strides"]), padding=tuple(map(tuple, p["padding"])),
-      base_dilation=tuple(p["base_dilation"]), window_dilation=tuple(p["window_dilation"]))
+    v,
+    window_dimensions=tuple(p["window_dimensions"]),
+    window_strides=tuple(p["window_strides"]),
+    padding=tuple(map(tuple, p["padding"])),
+    base_dilation=tuple(p["base_dilation"]),
+    window_dilation=tuple(p["window_dilation"]),
+  )
 
 
 def _reduce_axes(e: Eqn):
@@ -456,8 +614,11 @@ def _reach_linear(e: Eqn, args) -> jax.Array:
 def _patches_cover(p: dict) -> bool:
   """Whether a convolution with params ``p`` is a patches product: no lhs dilation,
   no feature or batch groups."""
-  return (all(d == 1 for d in p["lhs_dilation"]) and p["feature_group_count"] == 1
-          and p["batch_group_count"] == 1)
+  return (
+    all(d == 1 for d in p["lhs_dilation"])
+    and p["feature_group_count"] == 1
+    and p["batch_group_count"] == 1
+  )
 
 
 @functools.lru_cache(maxsize=256)
@@ -465,17 +626,21 @@ def _selection(in_size, ksize, strides, dil, pads, max_positions):
   """One-hot [*O, *K, S] float32: output position o reads input position s at kernel
   offset k (o s + k d - pad_lo in bounds); None beyond ``max_positions`` outputs or
   MAX_PATCHES entries."""
-  osize = [(i + lo + hi - (k - 1) * d - 1) // st + 1
-           for i, k, st, d, (lo, hi) in zip(in_size, ksize, strides, dil, pads)]
+  osize = [
+    (i + lo + hi - (k - 1) * d - 1) // st + 1
+    for i, k, st, d, (lo, hi) in zip(in_size, ksize, strides, dil, pads)
+  ]
   positions, size = int(np.prod(osize)), int(np.prod(in_size))
-  if (min(osize) < 1 or positions > max_positions
-      or positions * int(np.prod(ksize)) * size > MAX_PATCHES):
+  if (
+    min(osize) < 1
+    or positions > max_positions
+    or positions * int(np.prod(ksize)) * size > MAX_PATCHES
+  ):
     return None
   sel = np.zeros((*osize, *ksize, size), np.float32)
   for o in np.ndindex(*osize):
     for k in np.ndindex(*ksize):
-      src = [oi * st + ki * d - lo for oi, ki, st, d, (lo, _) in
-             zip(o, k, strides, dil, pads)]
+      src = [oi * st + ki * d - lo for oi, ki, st, d, (lo, _) in zip(o, k, strides, dil, pads)]
       if all(0 <= v < i for v, i in zip(src, in_size)):
         sel[(*o, *k, int(np.ravel_multi_index(src, in_size)))] = 1.0
   return sel
@@ -500,20 +665,26 @@ def conv_as_patches(e: Eqn, x, w, max_positions: int | None = None) -> jax.Array
     return None
   lhs, rhs, out = p["dimension_numbers"]
   nsp = len(lhs) - 2
-  x = jnp.transpose(jnp.asarray(x, jnp.float32), (lhs[0], *lhs[2:], lhs[1]))   # N, *S, C
-  w = jnp.transpose(jnp.asarray(w, jnp.float32), (*rhs[2:], rhs[1], rhs[0]))   # *K, Ci, Co
+  x = jnp.transpose(jnp.asarray(x, jnp.float32), (lhs[0], *lhs[2:], lhs[1]))  # N, *S, C
+  w = jnp.transpose(jnp.asarray(w, jnp.float32), (*rhs[2:], rhs[1], rhs[0]))  # *K, Ci, Co
   ksize, cin, cout = w.shape[:nsp], w.shape[nsp], w.shape[nsp + 1]
-  sel = _selection(tuple(x.shape[1:1 + nsp]), tuple(ksize), tuple(p["window_strides"]),
-                   tuple(p["rhs_dilation"]), tuple(tuple(q) for q in p["padding"]),
-                   max_positions)
+  sel = _selection(
+    tuple(x.shape[1 : 1 + nsp]),
+    tuple(ksize),
+    tuple(p["window_strides"]),
+    tuple(p["rhs_dilation"]),
+    tuple(tuple(q) for q in p["padding"]),
+    max_positions,
+  )
   if sel is None:
     return None
   n, osize = x.shape[0], sel.shape[:nsp]
   sel = sel.reshape(int(np.prod(osize)), -1, sel.shape[-1])  # [O, K, S]
   # patches[n, o, k, c] = x[n, s(o, k), c]: one product with a constant one-hot matrix
   patches = jnp.einsum("oks,nsc->nokc", sel, x.reshape(n, -1, cin))
-  y = jnp.dot(patches.reshape(-1, sel.shape[1] * cin), w.reshape(-1, cout),
-              preferred_element_type=jnp.float32).reshape(n, *osize, cout)
+  y = jnp.dot(
+    patches.reshape(-1, sel.shape[1] * cin), w.reshape(-1, cout), preferred_element_type=jnp.float32
+  ).reshape(n, *osize, cout)
   canonical = {out[0]: 0, out[1]: nsp + 1, **{out[2 + i]: 1 + i for i in range(nsp)}}
   return jnp.transpose(y, [canonical[j] for j in range(nsp + 2)])
 
@@ -534,8 +705,7 @@ def _patches_at_offsets(e: Eqn, x, ksize, osize) -> jax.Array | None:
   if n * int(np.prod(osize)) * int(np.prod(ksize)) * cin > MAX_KERNEL_GRAD_PATCHES:
     return None
   strides, dil = p["window_strides"], p["rhs_dilation"]
-  x = lax.pad(x, jnp.float32(0),
-              [(0, 0, 0), *[(lo, hi, 0) for lo, hi in p["padding"]], (0, 0, 0)])
+  x = lax.pad(x, jnp.float32(0), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in p["padding"]], (0, 0, 0)])
   cols = []
   for k in np.ndindex(*ksize):
     start = [ki * d for ki, d in zip(k, dil)]
@@ -575,8 +745,11 @@ def conv_patches_kernel_grad(e: Eqn, x, w) -> jax.Array:
     da = jax.vjp(lambda t: conv(t, b), a)[1](g)[0]
     g = jnp.transpose(g, (out[0], *out[2:], out[1]))  # N, *O, Co
     cin, cout = patches.shape[-1], g.shape[-1]
-    dw = jnp.dot(patches.reshape(-1, int(np.prod(ksize)) * cin).T,
-                 g.reshape(-1, cout), preferred_element_type=jnp.float32)
+    dw = jnp.dot(
+      patches.reshape(-1, int(np.prod(ksize)) * cin).T,
+      g.reshape(-1, cout),
+      preferred_element_type=jnp.float32,
+    )
     dw = dw.reshape(*ksize, cin, cout)  # axes rhs[2:], rhs[1], rhs[0] of b
     return da, jnp.transpose(dw, np.argsort((*rhs[2:], rhs[1], rhs[0]))).astype(b.dtype)
 
@@ -612,8 +785,9 @@ class _Eval:
         reach_at[site_of[k]] = outs[0]
         if perturb is not None:
           outs = [outs[0] + perturb[site_of[k]]]
-      if (rescale and new_origin is None and e.outs[0] in prog.cuts
-          and e.prim.name not in STRUCTURAL):
+      if (
+        rescale and new_origin is None and e.outs[0] in prog.cuts and e.prim.name not in STRUCTURAL
+      ):
         v = outs[0]
         scale = lax.stop_gradient(jnp.max(jnp.abs(v)))
         outs = [v / jnp.where(scale > 0, scale, 1.0)]
@@ -634,14 +808,14 @@ class _Eval:
       return [gate(_bind(e, pats[0], pats[1], preferred_element_type=jnp.float32)[0])]
     if name in STRUCTURAL:
       data = STRUCTURAL[name]
-      args = [p if data is None or j in data else v
-              for j, (p, v) in enumerate(zip(pats, vals))]
+      args = [p if data is None or j in data else v for j, (p, v) in enumerate(zip(pats, vals))]
       return _structural(e, args, [True] * len(args), None)
     if name == "mul":
       return [_bcast(pats[0], shape) * _bcast(pats[1], shape)]
     if name in ELEMENTWISE:
-      ps = [_bcast(v, a_shape) for v, k, a_shape in
-            zip(pats, kinds, [shape] * len(vals)) if k == "p"]
+      ps = [
+        _bcast(v, a_shape) for v, k, a_shape in zip(pats, kinds, [shape] * len(vals)) if k == "p"
+      ]
       out = ps[0] if len(ps) == 1 else gate(sum(ps))
       return [out] * len(e.outs)
     if name in REDUCTIONS:
@@ -662,24 +836,29 @@ class _Eval:
     xs = [j for j, k in enumerate(kinds) if k == "x"]
     linear = self.sem == "linear"
     if linear and any(vals[j] is None for j in xs) and name not in ELEMENTWISE:
-      raise ValueError(f"primitive {name!r} at {e.src} uses a comparison of the input as "
-                       "data; SynFlow's linearization is not faithful for this model.")
+      raise ValueError(
+        f"primitive {name!r} at {e.src} uses a comparison of the input as "
+        "data; SynFlow's linearization is not faithful for this model."
+      )
     shape = e.out_avals[0].shape
     if name in LINEAR:
       if len(xs) == 2:
         if linear:
-          raise ValueError(f"primitive {name!r} at {e.src} multiplies two input-dependent "
-                           "tensors (e.g. attention); SynFlow's linearization is not "
-                           "faithful for this model.")
+          raise ValueError(
+            f"primitive {name!r} at {e.src} multiplies two input-dependent "
+            "tensors (e.g. attention); SynFlow's linearization is not "
+            "faithful for this model."
+          )
         a, b = vals[:2]
-        y = (_bind(e, a, jnp.ones_like(b), preferred_element_type=jnp.float32)[0]
-             + _bind(e, jnp.ones_like(a), b, preferred_element_type=jnp.float32)[0])
+        y = (
+          _bind(e, a, jnp.ones_like(b), preferred_element_type=jnp.float32)[0]
+          + _bind(e, jnp.ones_like(a), b, preferred_element_type=jnp.float32)[0]
+        )
         return [gate(y)], None
       args = list(vals[:2])
       w = 1 - xs[0]
       if kinds[w] == "c":
-        args[w] = (jnp.abs(jnp.asarray(args[w], jnp.float32)) if linear
-                   else _nonzero(args[w]))
+        args[w] = jnp.abs(jnp.asarray(args[w], jnp.float32)) if linear else _nonzero(args[w])
       if linear:
         return [_bind(e, *args, preferred_element_type=jnp.float32)[0]], None
       return [gate(_reach_linear(e, args))], None
@@ -691,8 +870,9 @@ class _Eval:
         outs = [gate(o) for o in outs]
       return outs, None
     if name == "select_n" and kinds[0] == "c":
-      cases = [vals[j] if kinds[j] == "x" else jnp.zeros(shape, jnp.float32)
-               for j in range(1, len(vals))]
+      cases = [
+        vals[j] if kinds[j] == "x" else jnp.zeros(shape, jnp.float32) for j in range(1, len(vals))
+      ]
       return _bind(e, vals[0], *[_bcast(c, shape) for c in cases]), None
     if name in ELEMENTWISE:
       if linear:
@@ -708,8 +888,7 @@ class _Eval:
           return [jnp.sum(v, axis=_reduce_axes(e))], None
         if name in ("reduce_max", "reduce_min"):
           return [jnp.mean(v, axis=_reduce_axes(e))], None
-        raise ValueError(f"primitive {name!r} at {e.src} has no faithful linearization "
-                         "(SynFlow).")
+        raise ValueError(f"primitive {name!r} at {e.src} has no faithful linearization (SynFlow).")
       return [gate(jnp.sum(v, axis=_reduce_axes(e)))], None
     if name in WINDOWS:
       v = vals[0]
@@ -720,19 +899,16 @@ class _Eval:
         return [s], None
       if name in ("reduce_window_max", "reduce_window_min"):
         return [s / float(np.prod(e.params["window_dimensions"]))], None
-      raise ValueError(f"primitive {name!r} at {e.src} has no faithful linearization "
-                       "(SynFlow).")
+      raise ValueError(f"primitive {name!r} at {e.src} has no faithful linearization (SynFlow).")
     if name in CUMULATIVE:
       if linear:
         if name == "cumsum":
           return [_cum(e, vals[0])], None
-        raise ValueError(f"primitive {name!r} at {e.src} has no faithful linearization "
-                         "(SynFlow).")
+        raise ValueError(f"primitive {name!r} at {e.src} has no faithful linearization (SynFlow).")
       return [gate(_cum(e, vals[0]))], None
     if name in ALONG_AXIS:
       if linear:
-        raise ValueError(f"primitive {name!r} at {e.src} has no faithful linearization "
-                         "(SynFlow).")
+        raise ValueError(f"primitive {name!r} at {e.src} has no faithful linearization (SynFlow).")
       v = gate(sum(_bcast(vals[j], vals[xs[0]].shape) for j in xs))
       return _along_axis_or(e, v), None
     raise _unsupported(name, e.src, "has no connectivity rule")
@@ -752,12 +928,16 @@ class _Eval:
       return [_bcast(o[1], a.shape) for a in e.out_avals], o
     if name in ("add", "add_any"):
       if any(vals[j] is None for j in xs):
-        raise ValueError(f"primitive {name!r} at {e.src} adds a comparison of the input; "
-                         "SynFlow's linearization is not faithful for this model.")
+        raise ValueError(
+          f"primitive {name!r} at {e.src} adds a comparison of the input; "
+          "SynFlow's linearization is not faithful for this model."
+        )
       return [sum(_bcast(vals[j], shape) for j in xs)], None
-    raise ValueError(f"primitive {name!r} at {e.src} combines two different input-dependent "
-                     "tensors (a subtraction such as layer norm's, or a product of "
-                     "activations); SynFlow's linearization is not faithful for this model.")
+    raise ValueError(
+      f"primitive {name!r} at {e.src} combines two different input-dependent "
+      "tensors (a subtraction such as layer norm's, or a product of "
+      "activations); SynFlow's linearization is not faithful for this model."
+    )
 
 
 def _cum(e: Eqn, v):
@@ -826,9 +1006,11 @@ def reach_sweep(prog: Program, prunable: Sequence[int], units: bool = True):
   def sweep(masks: Sequence[jax.Array]):
     params_with, kernels, extra, xs = _reach_inputs(prog, prunable, masks)
     if not units:
+
       def f(ks):
         outs, _ = ev.run(params_with(ks), extra, xs)
         return outs
+
       outs, vjp = jax.vjp(f, kernels)
       (g,) = vjp([jnp.ones_like(o) for o in outs])
       return [gk > 0 for gk in g], {}, None, {}
@@ -861,7 +1043,7 @@ def _reach_inputs(prog: Program, prunable: tuple, masks: Sequence[jax.Array]):
   return params_with, kernels, extra, xs
 
 
-def _site_pass(ev: "_Eval", prog: Program, params_with, kernels, extra, xs):
+def _site_pass(ev: _Eval, prog: Program, params_with, kernels, extra, xs):
   """One forward and one backward reachability pass with a zero perturbation at every
   site: (cotangents of ``kernels`` (``params_with(kernels)`` = all params), reach per
   site, coreach per site (the perturbation's cotangent), input cotangents)."""
@@ -889,8 +1071,10 @@ def channel_sweep(prog: Program, prunable: Sequence[int]):
   def sweep(masks: Sequence[jax.Array]):
     _, reach, coreach, _ = _site_pass(ev, prog, *_reach_inputs(prog, prunable, masks))
     lead = lambda v: tuple(range(v.ndim - 1))
-    return {n: (jnp.any(r > 0, axis=lead(r)), jnp.any(c > 0, axis=lead(c)))
-            for n, r, c in zip(names, reach, coreach)}
+    return {
+      n: (jnp.any(r > 0, axis=lead(r)), jnp.any(c > 0, axis=lead(c)))
+      for n, r, c in zip(names, reach, coreach)
+    }
 
   return sweep
 

@@ -31,7 +31,8 @@ import os
 import queue
 import sys
 import threading
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -96,81 +97,81 @@ class DatasetSpec:
 
 
 _MNIST_FILES = (
-    "train-images-idx3-ubyte.gz",
-    "train-labels-idx1-ubyte.gz",
-    "t10k-images-idx3-ubyte.gz",
-    "t10k-labels-idx1-ubyte.gz",
+  "train-images-idx3-ubyte.gz",
+  "train-labels-idx1-ubyte.gz",
+  "t10k-images-idx3-ubyte.gz",
+  "t10k-labels-idx1-ubyte.gz",
 )
 
 DATASETS: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec(
-        name="mnist",
-        image_shape=(28, 28, 1),
-        num_classes=10,
-        mean=(0.1307,),
-        std=(0.3081,),
-        augmentation="rotate",
-        max_rotation_deg=4.0,
-        num_train=60_000,
-        num_test=10_000,
-        tfds_name="mnist",
-        manual_files=_MNIST_FILES,
-        manual_hint="the four official MNIST idx .gz files "
-        "(https://storage.googleapis.com/cvdf-datasets/mnist/), not unzipped",
+  "mnist": DatasetSpec(
+    name="mnist",
+    image_shape=(28, 28, 1),
+    num_classes=10,
+    mean=(0.1307,),
+    std=(0.3081,),
+    augmentation="rotate",
+    max_rotation_deg=4.0,
+    num_train=60_000,
+    num_test=10_000,
+    tfds_name="mnist",
+    manual_files=_MNIST_FILES,
+    manual_hint="the four official MNIST idx .gz files "
+    "(https://storage.googleapis.com/cvdf-datasets/mnist/), not unzipped",
+  ),
+  "cifar10": DatasetSpec(
+    name="cifar10",
+    image_shape=(32, 32, 3),
+    num_classes=10,
+    mean=(0.4914, 0.4822, 0.4465),
+    std=(0.2470, 0.2435, 0.2616),
+    augmentation="flip_shift",
+    max_shift=4,
+    num_train=50_000,
+    num_test=10_000,
+    tfds_name="cifar10",
+    manual_files=("cifar-10-binary.tar.gz",),
+    manual_hint="the official tarball "
+    "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz, not extracted",
+  ),
+  "cifar100": DatasetSpec(
+    name="cifar100",
+    image_shape=(32, 32, 3),
+    num_classes=100,
+    mean=(0.5071, 0.4865, 0.4409),
+    std=(0.2673, 0.2564, 0.2762),
+    augmentation="flip_shift",
+    max_shift=4,
+    num_train=50_000,
+    num_test=10_000,
+    tfds_name="cifar100",
+    manual_files=("cifar-100-binary.tar.gz",),
+    manual_hint="the official tarball "
+    "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz, not extracted",
+  ),
+  # The paper gives no statistics for Tiny ImageNet; these are the usual ImageNet
+  # mean/std (Tiny ImageNet is a 64x64 subset of ImageNet).
+  "tiny_imagenet": DatasetSpec(
+    name="tiny_imagenet",
+    image_shape=(64, 64, 3),
+    num_classes=200,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    augmentation="flip_shift",
+    max_shift=4,
+    num_train=100_000,
+    num_test=10_000,
+    tfds_name="tiny_imagenet_folder",
+    tfds_test_split="validation",
+    manual_files=(
+      "tiny-imagenet-200/wnids.txt",
+      "tiny-imagenet-200/train",
+      "tiny-imagenet-200/val/images",
+      "tiny-imagenet-200/val/val_annotations.txt",
     ),
-    "cifar10": DatasetSpec(
-        name="cifar10",
-        image_shape=(32, 32, 3),
-        num_classes=10,
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2470, 0.2435, 0.2616),
-        augmentation="flip_shift",
-        max_shift=4,
-        num_train=50_000,
-        num_test=10_000,
-        tfds_name="cifar10",
-        manual_files=("cifar-10-binary.tar.gz",),
-        manual_hint="the official tarball "
-        "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz, not extracted",
-    ),
-    "cifar100": DatasetSpec(
-        name="cifar100",
-        image_shape=(32, 32, 3),
-        num_classes=100,
-        mean=(0.5071, 0.4865, 0.4409),
-        std=(0.2673, 0.2564, 0.2762),
-        augmentation="flip_shift",
-        max_shift=4,
-        num_train=50_000,
-        num_test=10_000,
-        tfds_name="cifar100",
-        manual_files=("cifar-100-binary.tar.gz",),
-        manual_hint="the official tarball "
-        "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz, not extracted",
-    ),
-    # The paper gives no statistics for Tiny ImageNet; these are the usual ImageNet
-    # mean/std (Tiny ImageNet is a 64x64 subset of ImageNet).
-    "tiny_imagenet": DatasetSpec(
-        name="tiny_imagenet",
-        image_shape=(64, 64, 3),
-        num_classes=200,
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
-        augmentation="flip_shift",
-        max_shift=4,
-        num_train=100_000,
-        num_test=10_000,
-        tfds_name="tiny_imagenet_folder",
-        tfds_test_split="validation",
-        manual_files=(
-            "tiny-imagenet-200/wnids.txt",
-            "tiny-imagenet-200/train",
-            "tiny-imagenet-200/val/images",
-            "tiny-imagenet-200/val/val_annotations.txt",
-        ),
-        manual_hint="the folder tiny-imagenet-200/ unzipped from "
-        "http://cs231n.stanford.edu/tiny-imagenet-200.zip",
-    ),
+    manual_hint="the folder tiny-imagenet-200/ unzipped from "
+    "http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+  ),
 }
 
 
@@ -187,8 +188,10 @@ def _as_spec(spec: DatasetSpec | str) -> DatasetSpec:
 
 def _check_split(split: str) -> None:
   if split.split("[")[0] not in ("train", "test"):
-    raise ValueError(f"split={split!r} is not allowed; use 'train' or 'test' "
-                     "(optionally sliced, e.g. 'train[:90%]')")
+    raise ValueError(
+      f"split={split!r} is not allowed; use 'train' or 'test' "
+      "(optionally sliced, e.g. 'train[:90%]')"
+    )
 
 
 # ---------------------------------------------------------------- TFDS loading
@@ -216,17 +219,20 @@ class TinyImagenetFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Official tiny-imagenet-200 folder layout."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "Download http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it in "
-      "manual_dir so that manual_dir/tiny-imagenet-200/wnids.txt exists.")
+    "Download http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it in "
+    "manual_dir so that manual_dir/tiny-imagenet-200/wnids.txt exists."
+  )
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(64, 64, 3), encoding_format="jpeg"),
-            "label": tfds.features.ClassLabel(num_classes=200),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="http://cs231n.stanford.edu/",
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(64, 64, 3), encoding_format="jpeg"),
+          "label": tfds.features.ClassLabel(num_classes=200),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      homepage="http://cs231n.stanford.edu/",
     )
 
   def _split_generators(self, dl_manager):
@@ -234,8 +240,8 @@ class TinyImagenetFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     wnids = sorted((root / "wnids.txt").read_text().split())
     label_of = {wnid: i for i, wnid in enumerate(wnids)}
     return {
-        "train": self._generate_examples(root, "train", label_of),
-        "validation": self._generate_examples(root, "validation", label_of),
+      "train": self._generate_examples(root, "train", label_of),
+      "validation": self._generate_examples(root, "validation", label_of),
     }
 
   def _generate_examples(self, root, split, label_of):
@@ -257,19 +263,24 @@ def _builder(spec: DatasetSpec, data_dir: str | None) -> tfds.core.DatasetBuilde
 
 
 def _missing_data_error(spec, builder, manual_dir, missing, cause=None) -> MissingDataError:
-  where = (f"manual_dir={manual_dir!r}" if manual_dir else
-           f"a manual_dir (argument manual_dir or ${MANUAL_DIR_ENV})")
+  where = (
+    f"manual_dir={manual_dir!r}"
+    if manual_dir
+    else f"a manual_dir (argument manual_dir or ${MANUAL_DIR_ENV})"
+  )
   missing_txt = f" It lacks: {', '.join(missing)}." if missing else ""
   return MissingDataError(
-      f"Dataset {spec.name!r} is not prepared in data_dir={builder.data_dir_root!s} "
-      f"and cannot be prepared offline.{missing_txt} Put {spec.manual_hint} in "
-      f"{where}: it must contain {', '.join(spec.manual_files)}. TFDS then prepares "
-      f"it once into data_dir (argument data_dir or ${DATA_DIR_ENV})."
-      + (f" TFDS said: {type(cause).__name__}: {cause}" if cause is not None else ""))
+    f"Dataset {spec.name!r} is not prepared in data_dir={builder.data_dir_root!s} "
+    f"and cannot be prepared offline.{missing_txt} Put {spec.manual_hint} in "
+    f"{where}: it must contain {', '.join(spec.manual_files)}. TFDS then prepares "
+    f"it once into data_dir (argument data_dir or ${DATA_DIR_ENV})."
+    + (f" TFDS said: {type(cause).__name__}: {cause}" if cause is not None else "")
+  )
 
 
-def load_split(name: str, split: str, *, data_dir: str | None = None,
-               manual_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_split(
+  name: str, split: str, *, data_dir: str | None = None, manual_dir: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """Loads a whole split through TFDS into memory.
 
   Does what ``tfds.load(name, split=split, batch_size=-1, as_supervised=True,
@@ -303,8 +314,7 @@ def load_split(name: str, split: str, *, data_dir: str | None = None,
     if manual_dir is None and spec.name == "tiny_imagenet":
       raise _missing_data_error(spec, builder, None, [])
     if manual_dir is not None:
-      missing = [f for f in spec.manual_files
-                 if not os.path.exists(os.path.join(manual_dir, f))]
+      missing = [f for f in spec.manual_files if not os.path.exists(os.path.join(manual_dir, f))]
       if missing:
         raise _missing_data_error(spec, builder, manual_dir, missing)
     config = tfds.download.DownloadConfig(manual_dir=manual_dir)
@@ -321,8 +331,9 @@ def load_split(name: str, split: str, *, data_dir: str | None = None,
 # -------------------------------------------------------------- synthetic data
 
 
-def synthetic_split(name: str, split: str, num_examples: int | None = None,
-                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_split(
+  name: str, split: str, num_examples: int | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
   """Random data with the shapes and dtypes of a real split, and learnable labels.
 
   Each class has a fixed low-frequency pattern (a random 4x4 grid per channel,
@@ -385,14 +396,20 @@ def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> n
   last N mod B examples of each epoch's order are dropped. A pure function of
   (seed, step), so resuming at step s reproduces an uninterrupted run.
   """
-  for arg, value, low in (("num_examples", num_examples, 1), ("batch_size", batch_size, 1),
-                          ("seed", seed, 0), ("step", step, 0)):
+  for arg, value, low in (
+    ("num_examples", num_examples, 1),
+    ("batch_size", batch_size, 1),
+    ("seed", seed, 0),
+    ("step", step, 0),
+  ):
     if int(value) != value or value < low:
       raise ValueError(f"{arg}={value!r} must be an integer >= {low}")
   if batch_size > num_examples:
     raise ValueError(f"batch_size={batch_size} must be <= num_examples={num_examples}")
   epoch, i = divmod(int(step), steps_per_epoch(num_examples, batch_size))
-  return epoch_permutation(int(num_examples), int(seed), epoch)[i * batch_size:(i + 1) * batch_size]
+  return epoch_permutation(int(num_examples), int(seed), epoch)[
+    i * batch_size : (i + 1) * batch_size
+  ]
 
 
 # ------------------------------------------------------ preprocessing (in JAX)
@@ -427,8 +444,9 @@ def rotate(image: jax.Array, angle: jax.Array, fill: jax.Array | float = 0.0) ->
   """
   h, w, c = image.shape
   cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-  rows, cols = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32),
-                            jnp.arange(w, dtype=jnp.float32), indexing="ij")
+  rows, cols = jnp.meshgrid(
+    jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij"
+  )
   # Inverse map in (x right, y up) coordinates: output point p samples R(-angle) p.
   x_out, y_out = cols - cx, cy - rows
   cos, sin = jnp.cos(angle), jnp.sin(angle)
@@ -443,8 +461,9 @@ def rotate(image: jax.Array, angle: jax.Array, fill: jax.Array | float = 0.0) ->
   return out[..., :c] + (1.0 - out[..., c:]) * jnp.asarray(fill, image.dtype)
 
 
-def flip_and_shift(image: jax.Array, flip: jax.Array, shift: jax.Array, max_shift: int,
-                   fill: jax.Array | float = 0.0) -> jax.Array:
+def flip_and_shift(
+  image: jax.Array, flip: jax.Array, shift: jax.Array, max_shift: int, fill: jax.Array | float = 0.0
+) -> jax.Array:
   """Optionally flips one image left-right, then shifts it by whole pixels.
 
   Pad ``max_shift`` on every side with ``fill``, then crop: the pixel at (i, j)
@@ -464,7 +483,7 @@ def flip_and_shift(image: jax.Array, flip: jax.Array, shift: jax.Array, max_shif
   p = max_shift
   image = jnp.where(flip, image[:, ::-1, :], image)
   padded = jnp.broadcast_to(jnp.asarray(fill, image.dtype), (h + 2 * p, w + 2 * p, c))
-  padded = padded.at[p:p + h, p:p + w, :].set(image)
+  padded = padded.at[p : p + h, p : p + w, :].set(image)
   return jax.lax.dynamic_slice(padded, (p - shift[0], p - shift[1], 0), (h, w, c))
 
 
@@ -497,12 +516,14 @@ def augment(key: jax.Array, images: jax.Array, spec: DatasetSpec | str) -> jax.A
     shifts = jax.random.randint(shift_key, (b, 2), -m, m + 1)
     fn = lambda x, f, s: flip_and_shift(x, f, s, m, fill)
     return jax.vmap(fn)(images, flips, shifts)
-  raise ValueError(f"spec.augmentation={spec.augmentation!r} is not allowed; "
-                   "use 'rotate' or 'flip_shift'")
+  raise ValueError(
+    f"spec.augmentation={spec.augmentation!r} is not allowed; use 'rotate' or 'flip_shift'"
+  )
 
 
-def preprocess(key: jax.Array, images: jax.Array, spec: DatasetSpec | str,
-               train: bool) -> jax.Array:
+def preprocess(
+  key: jax.Array, images: jax.Array, spec: DatasetSpec | str, train: bool
+) -> jax.Array:
   """uint8 [B, H, W, C] -> float32 [B, H, W, C]: normalize, then augment if ``train``.
 
   ``train`` and ``spec`` are static under jit; ``key`` is unused when not training.
@@ -515,7 +536,6 @@ def preprocess(key: jax.Array, images: jax.Array, spec: DatasetSpec | str,
 
 
 class _Raised:
-
   def __init__(self, error: BaseException):
     self.error = error
 
@@ -534,11 +554,17 @@ def process_rows(sharding: jax.sharding.Sharding | None, batch_size: int) -> tup
   """
   if sharding is None or sharding.is_fully_addressable:
     return 0, batch_size
-  spans = sorted({(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
-                  for s in sharding.addressable_devices_indices_map((batch_size,)).values()})
+  spans = sorted(
+    {
+      (s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
+      for s in sharding.addressable_devices_indices_map((batch_size,)).values()
+    }
+  )
   if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
-    raise ValueError(f"sharding={sharding!r} gives process {jax.process_index()} the rows "
-                     f"{spans} of a batch, not one block; order the mesh's devices by process.")
+    raise ValueError(
+      f"sharding={sharding!r} gives process {jax.process_index()} the rows "
+      f"{spans} of a batch, not one block; order the mesh's devices by process."
+    )
   return spans[0][0], spans[-1][1]
 
 
@@ -551,8 +577,8 @@ def _put(sharding, global_size: int):
   if sharding.is_fully_addressable:
     return lambda b: jax.device_put(b, sharding)
   return lambda b: jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(
-          sharding, x, (global_size,) + x.shape[1:]), b)
+    lambda x: jax.make_array_from_process_local_data(sharding, x, (global_size,) + x.shape[1:]), b
+  )
 
 
 def _prefetch(batches: Iterable[Batch], size: int, put=None) -> Iterator[Batch]:
@@ -598,9 +624,17 @@ def _prefetch(batches: Iterable[Batch], size: int, put=None) -> Iterator[Batch]:
     stop.set()
 
 
-def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
-                  start_step: int = 0, prefetch: int = 2, *, num_steps: int | None = None,
-                  sharding: jax.sharding.Sharding | None = None) -> Iterator[Batch]:
+def train_batches(
+  images: np.ndarray,
+  labels: np.ndarray,
+  batch_size: int,
+  seed: int,
+  start_step: int = 0,
+  prefetch: int = 2,
+  *,
+  num_steps: int | None = None,
+  sharding: jax.sharding.Sharding | None = None,
+) -> Iterator[Batch]:
   """Training batches from step ``start_step`` on, as :func:`batch_indices` orders them.
 
   Args:
@@ -634,9 +668,14 @@ def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed:
   return _prefetch(host_batches(), prefetch, _put(sharding, batch_size))
 
 
-def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
-                 prefetch: int = 2, *,
-                 sharding: jax.sharding.Sharding | None = None) -> Iterator[Batch]:
+def eval_batches(
+  images: np.ndarray,
+  labels: np.ndarray,
+  batch_size: int,
+  prefetch: int = 2,
+  *,
+  sharding: jax.sharding.Sharding | None = None,
+) -> Iterator[Batch]:
   """The split in order, ceil(N / B) batches, every one of size B.
 
   The last batch is padded with zero images and label 0; ``mask`` marks the real
@@ -656,8 +695,8 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
 
   def host_batches():
     for start in range(0, n, batch_size):
-      image = images[start:start + batch_size]
-      label = labels[start:start + batch_size].astype(np.int32)
+      image = images[start : start + batch_size]
+      label = labels[start : start + batch_size].astype(np.int32)
       k = len(image)
       mask = np.arange(batch_size) < k
       if k < batch_size:

@@ -48,11 +48,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sparsejax import masks as masks_lib
 from sparsejax import quotas as quotas_lib
@@ -162,12 +162,15 @@ class GradualMagnitude:
 
   def __post_init__(self):
     _check_range("final_sparsity", self.final_sparsity, 0.0, 1.0)
-    _check_range("initial_sparsity", self.initial_sparsity, 0.0, self.final_sparsity,
-                 high_open=False)
+    _check_range(
+      "initial_sparsity", self.initial_sparsity, 0.0, self.final_sparsity, high_open=False
+    )
     _check_steps(self.start, self.end, self.every)
     if self.quota is not None and self.quota not in quotas_lib.QUOTAS:
-      raise ValueError(f"quota={self.quota!r} is not a quota; allowed: None (global), "
-                       f"{', '.join(quotas_lib.QUOTAS)}.")
+      raise ValueError(
+        f"quota={self.quota!r} is not a quota; allowed: None (global), "
+        f"{', '.join(quotas_lib.QUOTAS)}."
+      )
     if self.target not in TARGETS:
       raise ValueError(f"target={self.target!r} is not allowed; allowed: {', '.join(TARGETS)}.")
 
@@ -175,13 +178,15 @@ class GradualMagnitude:
     return self.start <= step <= self.end and (step - self.start) % self.every == 0
 
   def sparsity(self, step):
-    return gmp_sparsity(step, initial=self.initial_sparsity, final=self.final_sparsity,
-                        start=self.start, end=self.end)
+    return gmp_sparsity(
+      step, initial=self.initial_sparsity, final=self.final_sparsity, start=self.start, end=self.end
+    )
 
   def scores(self, params: PyTree, masks: PyTree) -> PyTree:
     """|w| at kept weights, -1 at pruned ones (they rank last and never return)."""
-    return masks_lib.map_masks(lambda m, w: jnp.where(m, jnp.abs(w).astype(jnp.float32), -1.0),
-                               masks, params)
+    return masks_lib.map_masks(
+      lambda m, w: jnp.where(m, jnp.abs(w).astype(jnp.float32), -1.0), masks, params
+    )
 
   @functools.partial(jax.jit, static_argnames=("self",))
   def update(self, params, grads, masks, step, key):
@@ -198,13 +203,13 @@ class GradualMagnitude:
     counts = quotas_lib.layer_kept_counts(self.quota, density, shapes)
     return _like(masks, [_top(x, counts[l], ml) for l, (x, ml) in enumerate(zip(w, m))])
 
-  def update_effective(self, params, grads, masks, step, key, *, model, input_shape,
-                       sweep=None):
+  def update_effective(self, params, grads, masks, step, key, *, model, input_shape, sweep=None):
     """Masks at the smallest direct sparsity whose effective sparsity is at least s_t,
     along |w| among the kept weights (the exact search of :mod:`sparsejax.pruning`)."""
     del grads, key, sweep
-    return _effective_cut(self.scores(params, masks), float(self.sparsity(step)),
-                          self.quota, model, input_shape)
+    return _effective_cut(
+      self.scores(params, masks), float(self.sparsity(step)), self.quota, model, input_shape
+    )
 
 
 def _effective_cut(scores: PyTree, sparsity: float, quota, model, input_shape) -> PyTree:
@@ -212,6 +217,7 @@ def _effective_cut(scores: PyTree, sparsity: float, quota, model, input_shape) -
   smallest direct sparsity whose effective sparsity is at least ``sparsity``; the
   weights with non-negative scores as they are when they already meet it."""
   from sparsejax import effective, pruning  # pruning builds on effective
+
   ranking = pruning.rank_scores(scores, quota=quota)
   if quota is None:
     available = sum(int(jnp.sum(x >= 0)) for x in masks_lib.mask_leaves(scores))
@@ -219,8 +225,9 @@ def _effective_cut(scores: PyTree, sparsity: float, quota, model, input_shape) -
     active = masks_lib.count(effective.effective_masks(model, current, input_shape))[0]
     if active <= pruning.max_kept_for_sparsity(sparsity, ranking.total):
       return current  # cutting is not needed; going on would revive pruned weights
-  return pruning.masks_from_ranking(ranking, sparsity, "effective", model=model,
-                                    input_shape=input_shape)
+  return pruning.masks_from_ranking(
+    ranking, sparsity, "effective", model=model, input_shape=input_shape
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,24 +260,33 @@ class _DropGrow:
       raise ValueError(f"target={self.target!r} is not allowed; allowed: {', '.join(TARGETS)}.")
     if self.target == "effective":
       if self.sparsity is None:
-        raise ValueError("target='effective' needs sparsity= (the effective sparsity the "
-                         "active weights are held at).")
+        raise ValueError(
+          "target='effective' needs sparsity= (the effective sparsity the "
+          "active weights are held at)."
+        )
       _check_range("sparsity", self.sparsity, 0.0, 1.0)
       if self.regrow != "active":
-        raise ValueError("target='effective' grows only weights that would be active: "
-                         "set regrow='active'.")
+        raise ValueError(
+          "target='effective' grows only weights that would be active: set regrow='active'."
+        )
 
-  def update_effective(self, params, grads, masks, step, key, *, model, input_shape,
-                       sweep):
+  def update_effective(self, params, grads, masks, step, key, *, model, input_shape, sweep):
     """Drop and (active) regrowth, then the cut back to ``sparsity`` in effective terms
     along grown weights first, then kept ones by |w| (pruned ones never)."""
     grown_mask = self.update(params, grads, masks, jnp.int32(step), key, sweep=sweep)
     scores = masks_lib.map_masks(
-        lambda n, o, w: jnp.where(n & ~o, jnp.inf, jnp.where(n, jnp.abs(w), -1.0)
-                                  ).astype(jnp.float32), grown_mask, masks, params)
+      lambda n, o, w: jnp.where(n & ~o, jnp.inf, jnp.where(n, jnp.abs(w), -1.0)).astype(
+        jnp.float32
+      ),
+      grown_mask,
+      masks,
+      params,
+    )
     # inf is not a valid score: grown weights rank just above every kept one.
-    top = max(float(jnp.max(jnp.where(jnp.isfinite(x), x, 0.0)))
-              for x in masks_lib.mask_leaves(scores)) + 1.0
+    top = (
+      max(float(jnp.max(jnp.where(jnp.isfinite(x), x, 0.0))) for x in masks_lib.mask_leaves(scores))
+      + 1.0
+    )
     scores = masks_lib.map_masks(lambda x: jnp.where(jnp.isinf(x), top, x), scores)
     return _effective_cut(scores, self.sparsity, None, model, input_shape)
 
@@ -360,8 +376,10 @@ class STE:
     _check_range("sparsity", self.sparsity, 0.0, 1.0)
     _check_steps(0, self.end if self.end is not None else 0, self.every)
     if self.quota is not None and self.quota not in quotas_lib.QUOTAS:
-      raise ValueError(f"quota={self.quota!r} is not a quota; allowed: None (global), "
-                       f"{', '.join(quotas_lib.QUOTAS)}.")
+      raise ValueError(
+        f"quota={self.quota!r} is not a quota; allowed: None (global), "
+        f"{', '.join(quotas_lib.QUOTAS)}."
+      )
 
   def is_update_step(self, step: int) -> bool:
     return step % self.every == 0 and (self.end is None or step <= self.end)
@@ -377,5 +395,16 @@ class STE:
 Updater = GradualMagnitude | SET | RigL | STE
 
 
-__all__ = ["GradualMagnitude", "SET", "RigL", "STE", "Updater", "gmp_sparsity",
-           "drop_fraction", "apply_update", "DECAYS", "TARGETS", "REGROW"]
+__all__ = [
+  "GradualMagnitude",
+  "SET",
+  "RigL",
+  "STE",
+  "Updater",
+  "gmp_sparsity",
+  "drop_fraction",
+  "apply_update",
+  "DECAYS",
+  "TARGETS",
+  "REGROW",
+]

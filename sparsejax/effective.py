@@ -26,17 +26,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import compilation
+from sparsejax import compilation, models
 from sparsejax import connectivity as conn_lib
 from sparsejax import masks as masks_lib
-from sparsejax import models
 from sparsejax.connectivity import Connectivity  # pylint: disable=unused-import
 
 Masks = Any
@@ -49,8 +49,10 @@ def _is_none(x) -> bool:
 def _spec(tree):
   """Hashable (treedef, ((shape, dtype), ...)) of a tree of arrays or shape structs."""
   leaves, treedef = jax.tree.flatten(tree)
-  return treedef, tuple((tuple(int(d) for d in np.shape(l)), np.dtype(
-      getattr(l, "dtype", np.float32)).name) for l in leaves)
+  return treedef, tuple(
+    (tuple(int(d) for d in np.shape(l)), np.dtype(getattr(l, "dtype", np.float32)).name)
+    for l in leaves
+  )
 
 
 def _unspec(spec):
@@ -64,8 +66,9 @@ def example_input(input_shape) -> jax.ShapeDtypeStruct:
   if hasattr(input_shape, "shape") and hasattr(input_shape, "dtype"):
     shape = tuple(int(d) for d in input_shape.shape)
     if not shape:
-      raise ValueError("input_shape is an example input of shape (); it must have at least "
-                       "one axis.")
+      raise ValueError(
+        "input_shape is an example input of shape (); it must have at least one axis."
+      )
     return jax.ShapeDtypeStruct(shape, input_shape.dtype)
   shape = models.check_input_shape(input_shape)
   return jax.ShapeDtypeStruct((1,) + shape, jnp.float32)
@@ -84,7 +87,7 @@ class Traced:
   paths: tuple
   shapes: tuple
   params_spec: Any
-  extra: Any   # shape structs of the other collections
+  extra: Any  # shape structs of the other collections
 
   @property
   def prunable_paths(self) -> list[str]:
@@ -108,24 +111,32 @@ def _trace_cached(model, x_spec, params_spec, extra_spec, apply_kwargs, prunable
   if prunable is not None:  # a frozenset of paths (see trace)
     order = tuple(i for i in order if paths[i] in prunable)
   if not order:
-    raise ValueError(f"model={_name(model)} has no prunable weight: no parameter enters a "
-                     "linear op (dot_general, conv_general_dilated) as its weight.")
-  return Traced(prog, tuple(order), paths, tuple(tuple(s.shape) for _, s in flat),
-                params_spec, extra)
+    raise ValueError(
+      f"model={_name(model)} has no prunable weight: no parameter enters a "
+      "linear op (dot_general, conv_general_dilated) as its weight."
+    )
+  return Traced(
+    prog, tuple(order), paths, tuple(tuple(s.shape) for _, s in flat), params_spec, extra
+  )
 
 
 def _name(model) -> str:
-  return type(model).__name__ if isinstance(model, nn.Module) else getattr(
-      model, "__name__", type(model).__name__)
+  return (
+    type(model).__name__
+    if isinstance(model, nn.Module)
+    else getattr(model, "__name__", type(model).__name__)
+  )
 
 
 def _hashable(model, what="model"):
   try:
     hash(model)
   except TypeError as e:
-    raise ValueError(f"{what}={_name(model)} has an unhashable field ({e}); it is compiled "
-                     "once per model, so its fields must be hashable (use tuples, not "
-                     "lists).") from None
+    raise ValueError(
+      f"{what}={_name(model)} has an unhashable field ({e}); it is compiled "
+      "once per model, so its fields must be hashable (use tuples, not "
+      "lists)."
+    ) from None
   return model
 
 
@@ -133,15 +144,26 @@ def _hashable(model, what="model"):
 def _init_shapes(model, x_spec, kwargs, shown: str):
   """Shape structs of ``model.init``'s variables (cached: tracing init costs ms)."""
   try:
-    return jax.eval_shape(functools.partial(model.init, **dict(kwargs)), jax.random.key(0),
-                          jax.ShapeDtypeStruct(*x_spec[1][0]))
+    return jax.eval_shape(
+      functools.partial(model.init, **dict(kwargs)),
+      jax.random.key(0),
+      jax.ShapeDtypeStruct(*x_spec[1][0]),
+    )
   except (TypeError, ValueError) as err:
-    raise ValueError(f"input_shape={shown} cannot be applied to model={_name(model)}: "
-                     f"{err}") from None
+    raise ValueError(
+      f"input_shape={shown} cannot be applied to model={_name(model)}: {err}"
+    ) from None
 
 
-def trace(model, input_shape, *, variables=None, params=None, apply_kwargs=None,
-          prunable: masks_lib.Prunable = None) -> Traced:
+def trace(
+  model,
+  input_shape,
+  *,
+  variables=None,
+  params=None,
+  apply_kwargs=None,
+  prunable: masks_lib.Prunable = None,
+) -> Traced:
   """Traces ``model`` once per (model, input shape, variable shapes).
 
   Args:
@@ -164,20 +186,22 @@ def trace(model, input_shape, *, variables=None, params=None, apply_kwargs=None,
       _hashable(model)
       variables = _init_shapes(model, _spec(x), kwargs, repr(input_shape))
     if not hasattr(variables, "keys") or "params" not in variables:
-      raise ValueError("variables has no 'params' collection; pass the model's variables "
-                       "(e.g. model.init(...)).")
+      raise ValueError(
+        "variables has no 'params' collection; pass the model's variables (e.g. model.init(...))."
+      )
     params = variables["params"]
     extra = {k: v for k, v in variables.items() if k != "params"}
   elif callable(model):
     if params is None:
       params = variables
     if params is None:
-      raise ValueError(f"model={_name(model)} is a function: pass params= (its parameter "
-                       "tree) so that masks can be matched to it.")
+      raise ValueError(
+        f"model={_name(model)} is a function: pass params= (its parameter "
+        "tree) so that masks can be matched to it."
+      )
     extra = {}
   else:
-    raise ValueError(f"model={model!r} must be a Flax module or a function "
-                     "apply(params, x).")
+    raise ValueError(f"model={model!r} must be a Flax module or a function apply(params, x).")
   _hashable(model)
   key = (model, _spec(x), _spec(params), _spec(extra), kwargs)
   default = _trace_cached(*key, None)
@@ -189,13 +213,15 @@ def trace(model, input_shape, *, variables=None, params=None, apply_kwargs=None,
     picked = frozenset(p for p in default.paths if prunable(p))
     chosen = picked & weights
     bad = sorted(picked) if not chosen else []
-  else:                   # exactly these paths
+  else:  # exactly these paths
     chosen = frozenset(prunable)
     bad = sorted(chosen - weights)
   if bad:
-    raise ValueError(f"prunable selects {bad[:3]} (given, or the masks' leaves), which enter "
-                     "no linear op (Dense, Conv, dot_general, conv_general_dilated) as a "
-                     "weight; only such weights can be pruned.")
+    raise ValueError(
+      f"prunable selects {bad[:3]} (given, or the masks' leaves), which enter "
+      "no linear op (Dense, Conv, dot_general, conv_general_dilated) as a "
+      "weight; only such weights can be pruned."
+    )
   if chosen == weights:
     return default  # one program (and one compilation) for the default set
   return _trace_cached(*key, chosen)
@@ -222,14 +248,16 @@ def sweep_of(traced: Traced, units: bool = True) -> Callable[[Masks], Connectivi
     effective = masks_lib.map_masks(lambda m, live: m & live, masks, potential)
     if not units:
       return Connectivity(effective, potential, {}, None, conn_lib._FrozenDict(), 0)
-    return Connectivity(effective, potential, active, active_inputs,
-                        conn_lib._FrozenDict(total), total_inputs)
+    return Connectivity(
+      effective, potential, active, active_inputs, conn_lib._FrozenDict(total), total_inputs
+    )
 
   return sweep
 
 
-def connectivity_sweep(model, input_shape, units: bool = True, **kw
-                       ) -> Callable[[Masks], Connectivity]:
+def connectivity_sweep(
+  model, input_shape, units: bool = True, **kw
+) -> Callable[[Masks], Connectivity]:
   """The pure, jit-able sweep ``masks -> Connectivity`` for ``model`` on one example
   of ``input_shape`` (keywords as :func:`trace`). For use inside other jitted code (no
   mask validation). ``units=False`` skips the unit counts (active_units and
@@ -249,14 +277,20 @@ def compiled_sweep(traced: Traced) -> Callable[[Masks], Connectivity]:
 def validate(masks: Masks, traced: Traced, name: str = "masks") -> None:
   """ValueError unless ``masks`` has the params' structure with a bool array of the
   kernel's shape at every prunable leaf and None elsewhere."""
-  masks_lib.validate(masks, _unspec(traced.params_spec), name,
-                     prunable=set(traced.prunable_paths),
-                     hint=" (a linear-op weight; pass prunable= to leave it out)")
+  masks_lib.validate(
+    masks,
+    _unspec(traced.params_spec),
+    name,
+    prunable=set(traced.prunable_paths),
+    hint=" (a linear-op weight; pass prunable= to leave it out)",
+  )
   if jax.tree.structure(masks, is_leaf=_is_none) != jax.tree.structure(
-      jax.tree.unflatten(traced.params_spec[0], [None] * len(traced.paths)),
-      is_leaf=_is_none):
-    raise ValueError(f"{name} does not match the parameter tree's structure (containers "
-                     "differ); a mask has the structure of params.")
+    jax.tree.unflatten(traced.params_spec[0], [None] * len(traced.paths)), is_leaf=_is_none
+  ):
+    raise ValueError(
+      f"{name} does not match the parameter tree's structure (containers "
+      "differ); a mask has the structure of params."
+    )
 
 
 def connectivity(model, masks: Masks, input_shape, **kw) -> Connectivity:
@@ -276,9 +310,10 @@ def connectivity(model, masks: Masks, input_shape, **kw) -> Connectivity:
   validate(masks, traced)
   result = compiled_sweep(traced)(masks)
   # jit returns dicts with sorted keys; total_units (static) keeps the traced order
-  return result.replace(active_units={k: int(result.active_units[k])
-                                      for k in result.total_units},
-                        active_inputs=int(result.active_inputs))
+  return result.replace(
+    active_units={k: int(result.active_units[k]) for k in result.total_units},
+    active_inputs=int(result.active_inputs),
+  )
 
 
 @functools.lru_cache(maxsize=64)

@@ -44,7 +44,7 @@ class Cost:
   bytes_effective: int
   positions: int = 0  # output positions (0 for the total)
 
-  def __add__(self, other: "Cost") -> "Cost":
+  def __add__(self, other: Cost) -> Cost:
     fields = [f.name for f in dataclasses.fields(self) if f.name != "positions"]
     return Cost(**{f: getattr(self, f) + getattr(other, f) for f in fields})
 
@@ -85,11 +85,18 @@ def costs(model, masks, input_shape, **kw) -> dict[str, Cost]:
     direct = int(m.sum())
     live = np.asarray(c)
     eff = int((live > 0).sum())
-    cost = Cost(flops_dense=2 * size * pos, flops_direct=2 * direct * pos,
-                flops_effective=2 * int(round(float(live.astype(np.float64).sum()))) // batch,
-                params_dense=size, params_direct=direct, params_effective=eff,
-                bytes_dense=size * item, bytes_direct=direct * item,
-                bytes_effective=eff * item, positions=pos)
+    cost = Cost(
+      flops_dense=2 * size * pos,
+      flops_direct=2 * direct * pos,
+      flops_effective=2 * int(round(float(live.astype(np.float64).sum()))) // batch,
+      params_dense=size,
+      params_direct=direct,
+      params_effective=eff,
+      bytes_dense=size * item,
+      bytes_direct=direct * item,
+      bytes_effective=eff * item,
+      positions=pos,
+    )
     out[name] = cost
     total = cost if total is None else total + cost
   out["total"] = dataclasses.replace(total, positions=0)

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -78,12 +79,17 @@ def selector(prunable: Prunable = None) -> Callable[[Any, Any], bool]:
     return is_prunable
   if callable(prunable):
     return lambda path, leaf: _ndim(leaf) >= 2 and bool(prunable(path_str(path)))
-  if isinstance(prunable, Collection) and not isinstance(prunable, (str, bytes)) and all(
-      isinstance(p, str) for p in prunable):
+  if (
+    isinstance(prunable, Collection)
+    and not isinstance(prunable, (str, bytes))
+    and all(isinstance(p, str) for p in prunable)
+  ):
     chosen = frozenset(prunable)
     return lambda path, leaf: path_str(path) in chosen
-  raise ValueError(f"prunable={prunable!r} must be None (Dense/Conv kernels), a predicate on "
-                   "the '/'-joined parameter path, or a collection of such paths.")
+  raise ValueError(
+    f"prunable={prunable!r} must be None (Dense/Conv kernels), a predicate on "
+    "the '/'-joined parameter path, or a collection of such paths."
+  )
 
 
 def _prunable_leaves(params: PyTree, prunable: Prunable = None) -> list[tuple[str, Any]]:
@@ -100,12 +106,10 @@ def prunable_paths(params: PyTree, prunable: Prunable = None) -> list[str]:
 
 def prunable_shapes(params: PyTree, prunable: Prunable = None) -> tuple[tuple[int, ...], ...]:
   """Shapes of the prunable leaves in :func:`prunable_paths` order."""
-  return tuple(tuple(int(d) for d in leaf.shape) for _, leaf in
-               _prunable_leaves(params, prunable))
+  return tuple(tuple(int(d) for d in leaf.shape) for _, leaf in _prunable_leaves(params, prunable))
 
 
-def map_prunable(fn: Callable, params: PyTree, *rest: PyTree,
-                 prunable: Prunable = None) -> PyTree:
+def map_prunable(fn: Callable, params: PyTree, *rest: PyTree, prunable: Prunable = None) -> PyTree:
   """Tree shaped like ``params``: ``fn(leaf, *rest_leaves)`` at prunable leaves
   (:func:`selector`), None elsewhere. To follow an existing mask tree instead, use
   :func:`map_masks`.
@@ -116,13 +120,15 @@ def map_prunable(fn: Callable, params: PyTree, *rest: PyTree,
 
   def visit(path, leaf, *others):
     return fn(leaf, *others) if chosen(path, leaf) else None
+
   return jax.tree_util.tree_map_with_path(visit, params, *rest, is_leaf=_is_none)
 
 
 def map_masks(fn: Callable, masks: Masks, *rest: PyTree) -> Masks:
   """``fn(mask_leaf, *rest_leaves)`` at every mask leaf; None stays None."""
-  return jax.tree.map(lambda m, *o: None if m is None else fn(m, *o), masks, *rest,
-                      is_leaf=_is_none)
+  return jax.tree.map(
+    lambda m, *o: None if m is None else fn(m, *o), masks, *rest, is_leaf=_is_none
+  )
 
 
 def mask_leaves(masks: Masks) -> list:
@@ -150,8 +156,9 @@ def check_sparsity(sparsity, name: str = "sparsity") -> float:
   return s
 
 
-def random(key: jax.Array, params: PyTree, sparsity: float | Sequence[float],
-           prunable: Prunable = None) -> Masks:
+def random(
+  key: jax.Array, params: PyTree, sparsity: float | Sequence[float], prunable: Prunable = None
+) -> Masks:
   """Uniformly random mask keeping exactly round((1 - s_l) n_l) weights in layer l.
 
   ``sparsity`` is one number for every layer or one per prunable layer (input-to-
@@ -163,10 +170,11 @@ def random(key: jax.Array, params: PyTree, sparsity: float | Sequence[float],
   if np.ndim(sparsity) == 0:
     sparsities = [check_sparsity(sparsity)] * len(leaves)
   else:
-    sparsities = [check_sparsity(s, "sparsity[%d]" % i) for i, s in enumerate(sparsity)]
+    sparsities = [check_sparsity(s, f"sparsity[{i}]") for i, s in enumerate(sparsity)]
     if len(sparsities) != len(leaves):
-      raise ValueError(f"sparsity has {len(sparsities)} entries; the params have "
-                       f"{len(leaves)} prunable layers.")
+      raise ValueError(
+        f"sparsity has {len(sparsities)} entries; the params have {len(leaves)} prunable layers."
+      )
   keys = dict(zip((p for p, _ in leaves), jax.random.split(key, len(leaves))))
   by_path = dict(zip((p for p, _ in leaves), sparsities))
 
@@ -178,11 +186,13 @@ def random(key: jax.Array, params: PyTree, sparsity: float | Sequence[float],
     return (rank < kept).reshape(w.shape)
 
   return jax.tree_util.tree_map_with_path(
-      lambda path, w: layer(path, w) if chosen(path, w) else None, params)
+    lambda path, w: layer(path, w) if chosen(path, w) else None, params
+  )
 
 
-def validate(masks: Masks, params: PyTree, name: str = "masks",
-             prunable: Prunable = None, hint: str = "") -> None:
+def validate(
+  masks: Masks, params: PyTree, name: str = "masks", prunable: Prunable = None, hint: str = ""
+) -> None:
   """Raises ValueError unless ``masks`` matches ``params``: the same tree, a bool array
   of the weight's shape or None at every leaf.
 
@@ -200,8 +210,10 @@ def validate(masks: Masks, params: PyTree, name: str = "masks",
   got = {path_str(p): m for p, m in flat}
   missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
   if missing or extra:
-    raise ValueError(f"{name} does not match the parameter tree: missing {missing[:5]}, "
-                     f"unexpected {extra[:5]}; a mask has the structure of params.")
+    raise ValueError(
+      f"{name} does not match the parameter tree: missing {missing[:5]}, "
+      f"unexpected {extra[:5]}; a mask has the structure of params."
+    )
   chosen = None if prunable is None else set(prunable_paths(params, prunable))
   for path, w in want.items():
     m = got[path]
@@ -212,17 +224,22 @@ def validate(masks: Masks, params: PyTree, name: str = "masks",
     if m is None and not must:
       continue
     if not may:
-      why = ("only weights with at least two axes (Dense/Conv kernels, linear-op weights) "
-             "are prunable" if chosen is None else "it is not one of the prunable leaves")
+      why = (
+        "only weights with at least two axes (Dense/Conv kernels, linear-op weights) are prunable"
+        if chosen is None
+        else "it is not one of the prunable leaves"
+      )
       raise ValueError(f"{name}[{path!r}] must be None: {why}, got {type(m).__name__}.")
     if m is None or not hasattr(m, "dtype"):
-      raise ValueError(f"{name}[{path!r}]={m!r}: expected a bool array of shape "
-                       f"{tuple(w.shape)}{hint}.")
+      raise ValueError(
+        f"{name}[{path!r}]={m!r}: expected a bool array of shape {tuple(w.shape)}{hint}."
+      )
     if m.dtype != np.bool_:
       raise ValueError(f"{name}[{path!r}] has dtype {m.dtype}; masks must be bool.")
     if tuple(m.shape) != tuple(w.shape):
-      raise ValueError(f"{name}[{path!r}] has shape {tuple(m.shape)}; the weight has "
-                       f"shape {tuple(w.shape)}.")
+      raise ValueError(
+        f"{name}[{path!r}] has shape {tuple(m.shape)}; the weight has shape {tuple(w.shape)}."
+      )
 
 
 def apply(params: PyTree, masks: Masks) -> PyTree:
@@ -233,8 +250,12 @@ def apply(params: PyTree, masks: Masks) -> PyTree:
       dtype, exact kernel shapes; a broadcastable mask is refused, not broadcast).
   """
   validate(masks, params)
-  return jax.tree.map(lambda m, w: w if m is None else jnp.where(m, w, jnp.zeros_like(w)),
-                      masks, params, is_leaf=_is_none)
+  return jax.tree.map(
+    lambda m, w: w if m is None else jnp.where(m, w, jnp.zeros_like(w)),
+    masks,
+    params,
+    is_leaf=_is_none,
+  )
 
 
 def _checked_leaves(masks: Masks, params: PyTree | None) -> list:
@@ -242,8 +263,11 @@ def _checked_leaves(masks: Masks, params: PyTree | None) -> list:
   is checked against them (:func:`validate`)."""
   if params is not None:
     validate(masks, params)
-  flat = [(path_str(p), m) for p, m in
-          jax.tree_util.tree_leaves_with_path(masks, is_leaf=_is_none) if m is not None]
+  flat = [
+    (path_str(p), m)
+    for p, m in jax.tree_util.tree_leaves_with_path(masks, is_leaf=_is_none)
+    if m is not None
+  ]
   for path, m in flat:
     dtype = getattr(m, "dtype", None)
     if dtype != np.bool_:
@@ -306,11 +330,15 @@ def load(path: str | os.PathLike, params: PyTree) -> Masks:
   with np.load(os.fspath(path)) as data:
     arrays: Mapping[str, np.ndarray] = {k: data[k] for k in data.files}
   masks = jax.tree_util.tree_map_with_path(
-      lambda p, w: jnp.asarray(arrays[path_str(p)]) if path_str(p) in arrays else None, params)
-  unknown = sorted(set(arrays) - {path_str(p) for p, _ in
-                                  jax.tree_util.tree_leaves_with_path(params)})
+    lambda p, w: jnp.asarray(arrays[path_str(p)]) if path_str(p) in arrays else None, params
+  )
+  unknown = sorted(
+    set(arrays) - {path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+  )
   if unknown:
-    raise ValueError(f"path={os.fspath(path)!r} holds masks for {unknown[:5]}, which are not "
-                     f"prunable kernels of the given params (not parameters of them).")
+    raise ValueError(
+      f"path={os.fspath(path)!r} holds masks for {unknown[:5]}, which are not "
+      f"prunable kernels of the given params (not parameters of them)."
+    )
   validate(masks, params, name=f"masks loaded from {os.fspath(path)!r}")
   return masks

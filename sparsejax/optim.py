@@ -53,12 +53,17 @@ class MaskedState(NamedTuple):
 def _mask(tree: PyTree, masks: PyTree) -> PyTree:
   if masks is None:
     return tree
-  return jax.tree.map(lambda x, m: x if m is None else jnp.where(m, x, jnp.zeros_like(x)),
-                      tree, masks, is_leaf=lambda v: v is None)
+  return jax.tree.map(
+    lambda x, m: x if m is None else jnp.where(m, x, jnp.zeros_like(x)),
+    tree,
+    masks,
+    is_leaf=lambda v: v is None,
+  )
 
 
-def with_masks(inner: optax.GradientTransformation, masks: PyTree,
-               straight_through: bool = False) -> optax.GradientTransformation:
+def with_masks(
+  inner: optax.GradientTransformation, masks: PyTree, straight_through: bool = False
+) -> optax.GradientTransformation:
   """Wraps ``inner`` so that masked-out weights get zero gradients and zero updates.
 
   Args:
@@ -108,9 +113,13 @@ def straight_through(params: PyTree, masks: PyTree) -> PyTree:
   if masks is None:
     return params
   return jax.tree.map(
-      lambda w, m: w if m is None else w + jax.lax.stop_gradient(
-          jnp.where(m, w, jnp.zeros_like(w)) - w), params, masks,
-      is_leaf=lambda v: v is None)
+    lambda w, m: (
+      w if m is None else w + jax.lax.stop_gradient(jnp.where(m, w, jnp.zeros_like(w)) - w)
+    ),
+    params,
+    masks,
+    is_leaf=lambda v: v is None,
+  )
 
 
 def _is_masked_state(x) -> bool:
@@ -123,11 +132,12 @@ def get_masks(opt_state: optax.OptState) -> PyTree:
   Raises:
     ValueError: ``opt_state`` holds no :class:`MaskedState`.
   """
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_masked_state)
-           if _is_masked_state(s)]
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_masked_state) if _is_masked_state(s)]
   if not found:
-    raise ValueError("opt_state holds no MaskedState: build the optimizer with "
-                     "sparsejax.optim.with_masks(inner, masks).")
+    raise ValueError(
+      "opt_state holds no MaskedState: build the optimizer with "
+      "sparsejax.optim.with_masks(inner, masks)."
+    )
   return found[0].masks
 
 
@@ -148,15 +158,20 @@ def replace_masks(opt_state: optax.OptState, masks: PyTree) -> optax.OptState:
     try:
       same = jax.tree.map(lambda a, b: a.shape == b.shape and a.dtype == b.dtype, old, masks)
     except ValueError as err:
-      raise ValueError(f"masks do not have the tree structure of the masks in opt_state: "
-                       f"{err}") from None
-    bad = [masks_lib.path_str(p) for p, ok in jax.tree_util.tree_leaves_with_path(same)
-           if not ok]
+      raise ValueError(
+        f"masks do not have the tree structure of the masks in opt_state: {err}"
+      ) from None
+    bad = [masks_lib.path_str(p) for p, ok in jax.tree_util.tree_leaves_with_path(same) if not ok]
     if bad:
-      raise ValueError(f"masks differ in shape or dtype from the masks in opt_state at "
-                       f"{bad[:5]}; replacing masks needs bool arrays of the same shapes.")
-  return jax.tree.map(lambda s: s._replace(masks=masks) if _is_masked_state(s) else s,
-                      opt_state, is_leaf=_is_masked_state)
+      raise ValueError(
+        f"masks differ in shape or dtype from the masks in opt_state at "
+        f"{bad[:5]}; replacing masks needs bool arrays of the same shapes."
+      )
+  return jax.tree.map(
+    lambda s: s._replace(masks=masks) if _is_masked_state(s) else s,
+    opt_state,
+    is_leaf=_is_masked_state,
+  )
 
 
 __all__ = ["MaskedState", "with_masks", "get_masks", "replace_masks", "straight_through"]

@@ -36,19 +36,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import compilation
+from sparsejax import compilation, errors, selection
 from sparsejax import effective as effective_lib
-from sparsejax import errors
 from sparsejax import masks as masks_lib
 from sparsejax import quotas as quotas_lib
-from sparsejax import selection
 
 PyTree = Any
 PRUNING_TYPES = ("direct", "effective")
@@ -86,9 +85,22 @@ class Ranking:
   ``cutoffs`` are then stable sorts of the keys in the program.
   """
 
-  def __init__(self, order=None, ranks=None, cutoffs=None, quota=None, shapes=(),
-               treedef=None, slots=(), flow=(), *, keys=None, count_keys=None,
-               device_keys=None, count_device_keys=None):
+  def __init__(
+    self,
+    order=None,
+    ranks=None,
+    cutoffs=None,
+    quota=None,
+    shapes=(),
+    treedef=None,
+    slots=(),
+    flow=(),
+    *,
+    keys=None,
+    count_keys=None,
+    device_keys=None,
+    count_device_keys=None,
+  ):
     self._order, self._ranks, self._cutoffs = order, ranks, cutoffs
     self.quota, self.shapes, self.treedef = quota, tuple(shapes), treedef
     self.slots, self.flow = tuple(slots), tuple(flow)
@@ -109,16 +121,24 @@ class Ranking:
   def tree_unflatten(cls, aux, children):
     from_keys, *aux = aux
     if from_keys:
-      return cls(None, None, None, *aux, device_keys=children[0],
-                 count_device_keys=children[1])
+      return cls(None, None, None, *aux, device_keys=children[0], count_device_keys=children[1])
     return cls(*children, *aux)
 
-  def replace(self, **changes) -> "Ranking":
-    fields = dict(order=self._order, ranks=self._ranks, cutoffs=self._cutoffs,
-                  quota=self.quota, shapes=self.shapes, treedef=self.treedef,
-                  slots=self.slots, flow=self.flow, keys=self.keys,
-                  count_keys=self.count_keys, device_keys=self._device_keys,
-                  count_device_keys=self._count_device_keys)
+  def replace(self, **changes) -> Ranking:
+    fields = dict(
+      order=self._order,
+      ranks=self._ranks,
+      cutoffs=self._cutoffs,
+      quota=self.quota,
+      shapes=self.shapes,
+      treedef=self.treedef,
+      slots=self.slots,
+      flow=self.flow,
+      keys=self.keys,
+      count_keys=self.count_keys,
+      device_keys=self._device_keys,
+      count_device_keys=self._count_device_keys,
+    )
     fields.update(changes)
     return Ranking(**fields)
 
@@ -145,24 +165,28 @@ class Ranking:
   @property
   def ranks(self) -> tuple:
     if self._ranks is None:
-      self.order  # pylint: disable=pointless-statement
+      _ = self.order
     return self._ranks
 
   @property
   def cutoffs(self) -> tuple | None:
-    if self._cutoffs is None and self.count_keys is None and \
-        self._count_device_keys is not None:  # traced: sorts in the program
+    if (
+      self._cutoffs is None and self.count_keys is None and self._count_device_keys is not None
+    ):  # traced: sorts in the program
       _, global_ranks = _order_of_keys(self._count_device_keys)
       offsets = self.offsets
-      self._cutoffs = tuple(jnp.sort(global_ranks[offsets[l]:offsets[l + 1]])
-                            for l in range(len(self.shapes)))
+      self._cutoffs = tuple(
+        jnp.sort(global_ranks[offsets[l] : offsets[l + 1]]) for l in range(len(self.shapes))
+      )
     elif self._cutoffs is None and self.count_keys is not None:
       offsets = self.offsets
       order = selection.full_order(self.count_keys)
       layer_of = (np.searchsorted(offsets, order, side="right") - 1).astype(np.uint16)
       by_layer = np.argsort(layer_of, kind="stable").astype(np.int32)  # radix sort
-      self._cutoffs = tuple(jnp.asarray(by_layer[offsets[l]:offsets[l + 1]], jnp.int32)
-                            for l in range(len(self.shapes)))
+      self._cutoffs = tuple(
+        jnp.asarray(by_layer[offsets[l] : offsets[l + 1]], jnp.int32)
+        for l in range(len(self.shapes))
+      )
     return self._cutoffs
 
   # ------------------------------------------------------------ selection (host)
@@ -175,7 +199,7 @@ class Ranking:
   def layer_keys(self) -> tuple:
     """Per layer, the keys of its weights (views of ``keys``)."""
     offsets = self.offsets
-    return tuple(self.keys[offsets[l]:offsets[l + 1]] for l in range(len(self.shapes)))
+    return tuple(self.keys[offsets[l] : offsets[l + 1]] for l in range(len(self.shapes)))
 
   def _layer_prefix(self, l: int) -> selection.Prefix:
     if self._prefixes is None:
@@ -205,10 +229,9 @@ class Ranking:
     offsets = self.offsets
     out = []
     for l in range(len(self.shapes)):
-      d = self.count_keys[offsets[l]:offsets[l + 1]]
+      d = self.count_keys[offsets[l] : offsets[l + 1]]
       ties = min(max(p - int(offsets[l]), 0), d.size)
-      out.append(np.count_nonzero(d < np.uint32(t))
-                 + np.count_nonzero(d[:ties] == np.uint32(t)))
+      out.append(np.count_nonzero(d < np.uint32(t)) + np.count_nonzero(d[:ties] == np.uint32(t)))
     return np.asarray(out, np.int32)
 
   def window_counts(self, ks: np.ndarray) -> np.ndarray:
@@ -216,13 +239,15 @@ class Ranking:
     rankings read the sorted prefix of the global order (grown to max(ks))."""
     ks = np.clip(np.asarray(ks, np.int64), 0, self.total)
     if self.quota is not None or self.count_keys is None:
-      return np.asarray(_quota_window_counts(self.quota, self.shapes, self.flow,
-                                             ks.astype(np.int32)))
+      return np.asarray(
+        _quota_window_counts(self.quota, self.shapes, self.flow, ks.astype(np.int32))
+      )
     prefix = self._global_prefix()
     positions = prefix.order(int(ks.max()))
     if prefix.layer_of is None or prefix.layer_of.size != positions.size:
-      prefix.layer_of = (np.searchsorted(self.offsets, positions, side="right")
-                         - 1).astype(np.int32)
+      prefix.layer_of = (np.searchsorted(self.offsets, positions, side="right") - 1).astype(
+        np.int32
+      )
     lo, hi, num = int(ks.min()), int(ks.max()), len(self.shapes)
     base = np.bincount(prefix.layer_of[:lo], minlength=num)
     steps = np.zeros((hi - lo + 1, num), np.int32)
@@ -262,13 +287,14 @@ class Ranking:
 
   def count_device_keys(self) -> jax.Array | None:
     if self._count_device_keys is None and self.count_keys is not None:
-      self._count_device_keys = (self.device_keys() if self.count_keys is self.keys
-                                 else jnp.asarray(self.count_keys))
+      self._count_device_keys = (
+        self.device_keys() if self.count_keys is self.keys else jnp.asarray(self.count_keys)
+      )
     return self._count_device_keys
 
   def _layer_device_keys(self) -> list:
     offsets, d = self.offsets, self.device_keys()
-    return [d[offsets[l]:offsets[l + 1]] for l in range(len(self.shapes))]
+    return [d[offsets[l] : offsets[l + 1]] for l in range(len(self.shapes))]
 
   # ------------------------------------------------------------ either
   def counts(self, kept) -> jax.Array:
@@ -277,8 +303,9 @@ class Ranking:
       if self.selects and not isinstance(kept, jax.core.Tracer):
         return jnp.asarray(self.host_counts(int(kept)))
       kept = jnp.asarray(kept, jnp.int32)
-      return jnp.stack([jnp.searchsorted(c, kept, side="left").astype(jnp.int32)
-                        for c in self.cutoffs])
+      return jnp.stack(
+        [jnp.searchsorted(c, kept, side="left").astype(jnp.int32) for c in self.cutoffs]
+      )
     if isinstance(kept, jax.core.Tracer):
       return _quota_counts(self.quota, self.shapes, self.flow, kept)
     return _quota_counts_jit(self.quota, self.shapes, self.flow, np.int32(kept))
@@ -294,8 +321,7 @@ class Ranking:
 def _order_of_keys(d: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(order, ranks) of descending keys ``d`` (traceable): a stable ascending sort."""
   order = jnp.argsort(d, stable=True).astype(jnp.int32)
-  ranks = jnp.zeros(order.shape, jnp.int32).at[order].set(
-      jnp.arange(order.size, dtype=jnp.int32))
+  ranks = jnp.zeros(order.shape, jnp.int32).at[order].set(jnp.arange(order.size, dtype=jnp.int32))
   return order, ranks
 
 
@@ -349,11 +375,13 @@ def _order(flat_scores: jax.Array) -> tuple[jax.Array, jax.Array]:
 
   Integer scores (e.g. elimination orders of iterative pruners) are sorted exactly.
   """
-  keys = flat_scores if jnp.issubdtype(flat_scores.dtype, jnp.integer) else \
-      flat_scores.astype(jnp.float32)
+  keys = (
+    flat_scores
+    if jnp.issubdtype(flat_scores.dtype, jnp.integer)
+    else flat_scores.astype(jnp.float32)
+  )
   order = jnp.argsort(-keys, stable=True).astype(jnp.int32)
-  ranks = jnp.zeros(order.shape, jnp.int32).at[order].set(
-      jnp.arange(order.size, dtype=jnp.int32))
+  ranks = jnp.zeros(order.shape, jnp.int32).at[order].set(jnp.arange(order.size, dtype=jnp.int32))
   return order, ranks
 
 
@@ -383,7 +411,7 @@ def _rank_host(leaves: list, quota: str | None):
   by_layer = np.argsort(layer_of, kind="stable").astype(np.int32)  # radix sort on uint16
   orders, ranks, cutoffs = [], [], []
   for l in range(len(host)):
-    positions = by_layer[offsets[l]:offsets[l + 1]]  # global ranks of layer l, ascending
+    positions = by_layer[offsets[l] : offsets[l + 1]]  # global ranks of layer l, ascending
     orders.append((order[positions] - offsets[l]).astype(np.int32))
     ranks.append(_inverse(orders[-1]))
     cutoffs.append(positions)
@@ -405,8 +433,9 @@ def _rank_device(leaves: list, quota: str | None):
 SORTS = ("auto", "select", "host", "device")
 
 
-def rank_scores(scores: PyTree, quota: str | None = None, sort: str = "auto",
-                flow: Sequence[int] | None = None) -> Ranking:
+def rank_scores(
+  scores: PyTree, quota: str | None = None, sort: str = "auto", flow: Sequence[int] | None = None
+) -> Ranking:
   """Ranking of a mask-shaped tree of scores (higher score = kept first).
 
   ``quota=None`` ranks all layers together (global threshold); a quota name ranks
@@ -435,17 +464,34 @@ def rank_scores(scores: PyTree, quota: str | None = None, sort: str = "auto",
     device_keys, bad = selection.flat_keys(leaves)  # NaN/inf counted in the same pass
     for i, b in enumerate(bad):
       if b:
-        raise ValueError(f"scores[{i}] has {b} NaN or infinite values; scores must be "
-                         "finite.")
+        raise ValueError(f"scores[{i}] has {b} NaN or infinite values; scores must be finite.")
     keys = np.asarray(device_keys)  # no copy on the CPU
-    return Ranking(None, None, None, quota, shapes, treedef, slots, flow, keys=keys,
-                   count_keys=keys if quota is None else None, device_keys=device_keys)
+    return Ranking(
+      None,
+      None,
+      None,
+      quota,
+      shapes,
+      treedef,
+      slots,
+      flow,
+      keys=keys,
+      count_keys=keys if quota is None else None,
+      device_keys=device_keys,
+    )
   check_scores(leaves)
   orders, ranks, cutoffs = (_rank_host if sort == "host" else _rank_device)(leaves, quota)
   to_device = lambda xs: tuple(jnp.asarray(x, jnp.int32) for x in xs)
-  return Ranking(to_device(orders), to_device(ranks),
-                 None if cutoffs is None else to_device(cutoffs), quota, shapes, treedef,
-                 slots, flow)
+  return Ranking(
+    to_device(orders),
+    to_device(ranks),
+    None if cutoffs is None else to_device(cutoffs),
+    quota,
+    shapes,
+    treedef,
+    slots,
+    flow,
+  )
 
 
 def _flat_masks_at(ranking: Ranking, kept) -> list[jax.Array]:
@@ -461,8 +507,7 @@ def masks_at(ranking: Ranking, kept) -> PyTree:
     quotas_lib.check_density(ranking.quota, float(kept) / ranking.total, shapes)
   if ranking.selects and not isinstance(kept, jax.core.Tracer):
     ts, ps = ranking.thresholds(int(kept))
-    return ranking.to_tree(_threshold_masks(ranking.device_keys(), ts, ps,
-                                            shapes=ranking.shapes))
+    return ranking.to_tree(_threshold_masks(ranking.device_keys(), ts, ps, shapes=ranking.shapes))
   return _masks_at(ranking, jnp.asarray(kept, jnp.int32))
 
 
@@ -511,8 +556,7 @@ def _sweep_at(sweep: Callable, ranking: Ranking, kept):
   return sum(jnp.sum(m, dtype=jnp.int32) for m in eff), eff, pot
 
 
-def _prefix_along_ranking(order: Sequence, flags: Sequence, start, step: int, width: int,
-                          xp=jnp):
+def _prefix_along_ranking(order: Sequence, flags: Sequence, start, step: int, width: int, xp=jnp):
   """Per layer l, prefix sums [L, width + 1] of flags[l] at the weights of layer ranks
   start[l], start[l] + step, ... (step = +1 forward, -1 backward), zero off the layer.
   ``xp``: jax.numpy (traceable) or numpy (the host driver, nothing to compile)."""
@@ -540,8 +584,18 @@ def _initial_state(total: int, xp=jnp) -> tuple:
   """(lo, E(lo), lo swept, hi, E(hi) or -1, Illinois weights of lo and hi, the last two
   bracket widths, sweeps) before any sweep."""
   big = xp.int32(2 * total + 2)
-  return (xp.int32(0), xp.int32(0), xp.bool_(False), xp.int32(total), xp.int32(-1),
-          xp.float32(1.0), xp.float32(1.0), big, big, xp.int32(0))
+  return (
+    xp.int32(0),
+    xp.int32(0),
+    xp.bool_(False),
+    xp.int32(total),
+    xp.int32(-1),
+    xp.float32(1.0),
+    xp.float32(1.0),
+    big,
+    big,
+    xp.int32(0),
+  )
 
 
 def _search_cond(state):
@@ -558,8 +612,9 @@ def _propose(state, target):
   log_t = jnp.log(target.astype(jnp.float32) + 0.5)
   have_hi = e_hi >= 0
   lo_f, hi_f = jnp.float32(lo), jnp.float32(hi)
-  k_fixed = jnp.where(e_lo > 0, lo_f * (target + 0.5) / jnp.maximum(e_lo, 1) * 1.02,
-                      2.0 * lo_f + 1.0)
+  k_fixed = jnp.where(
+    e_lo > 0, lo_f * (target + 0.5) / jnp.maximum(e_lo, 1) * 1.02, 2.0 * lo_f + 1.0
+  )
   f_lo = (jnp.log(jnp.maximum(e_lo, 1).astype(jnp.float32)) - log_t) * w_lo
   f_hi = (jnp.log(jnp.maximum(e_hi, 1).astype(jnp.float32)) - log_t) * w_hi
   t_log = jnp.clip(-f_lo / jnp.maximum(f_hi - f_lo, 1e-12), 0.0, 1.0)
@@ -571,15 +626,13 @@ def _propose(state, target):
   span = hi - lo
   use_mid = have_hi & (2 * span > width_1)
   k = jnp.where(use_mid, (lo_f + hi_f) / 2, jnp.where(have_hi, k_interp, k_fixed))
-  return jnp.clip(jnp.round(k), lo_f + 1, jnp.where(have_hi, hi_f - 1, hi_f)
-                  ).astype(jnp.int32)
+  return jnp.clip(jnp.round(k), lo_f + 1, jnp.where(have_hi, hi_f - 1, hi_f)).astype(jnp.int32)
 
 
 _propose_jit = jax.jit(_propose)
 
 
-def _search_update(state, k, e, eff, pot, counts, order, target, total: int, first=False,
-                   xp=jnp):
+def _search_update(state, k, e, eff, pot, counts, order, target, total: int, first=False, xp=jnp):
   """The state after the sweep at k: E(k) = e, ``eff``/``pot`` its flat effective and
   potential masks per layer, ``counts`` = ranking.counts at :func:`_window` (k) [2W+1, L].
 
@@ -594,10 +647,10 @@ def _search_update(state, k, e, eff, pot, counts, order, target, total: int, fir
   steps = xp.arange(1, width + 1, dtype=xp.int32)
   below = e <= target
   have_hi = e_hi >= 0
-  counts_k, counts_up, counts_down = counts[0], counts[1:width + 1], counts[width + 1:]
+  counts_k, counts_up, counts_down = counts[0], counts[1 : width + 1], counts[width + 1 :]
   # k is below: lower bound E(k') >= e + live weights added between k and k'.
   live_prefix = _prefix_along_ranking(order, pot, counts_k, 1, width, xp)
-  lower = e + _gathered(live_prefix, counts_up - counts_k, width, xp)   # at k + steps
+  lower = e + _gathered(live_prefix, counts_up - counts_k, width, xp)  # at k + steps
   k_hi = xp.minimum(k + width, xp.where(have_hi, hi, total))
   over = (k + steps <= k_hi) & (lower > target)
   first_over = xp.argmax(over)
@@ -618,13 +671,21 @@ def _search_update(state, k, e, eff, pot, counts, order, target, total: int, fir
   # The end that stays twice in a row has its f value halved (Illinois rule).
   big = 2 * total + 2
   i32, f32 = xp.int32, xp.float32
-  return (i32(lo2), i32(e_lo2), xp.bool_(exact2), i32(hi2), i32(e_hi2),
-          f32(xp.where(below | first, 1.0, 0.5 * w_lo)),
-          f32(xp.where(below & ~xp.bool_(first), 0.5 * w_hi, 1.0)),
-          i32(xp.where(have_hi, hi - lo, big)), i32(width_1), i32(n + 1))
+  return (
+    i32(lo2),
+    i32(e_lo2),
+    xp.bool_(exact2),
+    i32(hi2),
+    i32(e_hi2),
+    f32(xp.where(below | first, 1.0, 0.5 * w_lo)),
+    f32(xp.where(below & ~xp.bool_(first), 0.5 * w_hi, 1.0)),
+    i32(xp.where(have_hi, hi - lo, big)),
+    i32(width_1),
+    i32(n + 1),
+  )
 
 
-def _search_parts(sweep: Callable, ranking: Ranking, target_kept) -> "_SearchParts":
+def _search_parts(sweep: Callable, ranking: Ranking, target_kept) -> _SearchParts:
   """The search for the largest k with E(k) <= target_kept, as loop parts.
 
   The bracket E(lo) <= T < E(hi) is the only thing exactness rests on; every step
@@ -645,8 +706,7 @@ def _search_parts(sweep: Callable, ranking: Ranking, target_kept) -> "_SearchPar
   def swept(state, k, first=False):
     e, eff, pot = _sweep_at(sweep, ranking, k)
     counts = jax.vmap(ranking.counts)(_window(k, width))
-    return _search_update(state, k, e, eff, pot, counts, ranking.order, target, total,
-                          first)
+    return _search_update(state, k, e, eff, pot, counts, ranking.order, target, total, first)
 
   def init():
     # Sweep at k = T first: usually E(T) <= T and T is the lower end. (Not always:
@@ -660,8 +720,9 @@ def _search_parts(sweep: Callable, ranking: Ranking, target_kept) -> "_SearchPar
   def finish(state):
     lo, e_lo, exact, *_, n = state
     # A lower end set by a bound carries an upper estimate of E: sweep it once.
-    e_lo, n = jax.lax.cond(exact, lambda: (e_lo, n),
-                           lambda: (_sweep_at(sweep, ranking, lo)[0], n + 1))
+    e_lo, n = jax.lax.cond(
+      exact, lambda: (e_lo, n), lambda: (_sweep_at(sweep, ranking, lo)[0], n + 1)
+    )
     return lo, e_lo, n
 
   return _SearchParts(init, _search_cond, body, finish)
@@ -674,8 +735,9 @@ class _SearchParts(NamedTuple):
   finish: Callable
 
 
-def search_effective(sweep: Callable, ranking: Ranking, target_kept
-                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def search_effective(
+  sweep: Callable, ranking: Ranking, target_kept
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Largest k with E(k) <= target_kept as one ``lax.while_loop`` (jit-able).
 
   Returns (k, E(k), sweeps evaluated). See :func:`_search_parts` for the method.
@@ -726,8 +788,8 @@ def _host_search(sweep: Callable, ranking: Ranking, target) -> tuple[int, int, i
     if ranking.quota is None:  # global: counts(k) = #{cutoffs < k}, a host searchsorted
       cutoffs = [np.asarray(c) for c in ranking.cutoffs]
       window_counts = lambda k: np.stack(
-          [np.searchsorted(c, _window(np.int32(k), width, np), side="left")
-           for c in cutoffs], axis=1).astype(np.int32)
+        [np.searchsorted(c, _window(np.int32(k), width, np), side="left") for c in cutoffs], axis=1
+      ).astype(np.int32)
     else:
       window_counts = lambda k: np.asarray(_window_counts(ranking, np.int32(k)))
   state = _initial_state(total, np)
@@ -740,8 +802,9 @@ def _host_search(sweep: Callable, ranking: Ranking, target) -> tuple[int, int, i
     eff = [np.asarray(m).reshape(-1) for m in masks_lib.mask_leaves(conn.masks)]
     pot = [np.asarray(m).reshape(-1) for m in masks_lib.mask_leaves(conn.potential)]
     e = sum(int(np.count_nonzero(m)) for m in eff)
-    state = _search_update(state, np.int32(k), np.int32(e), eff, pot, counts,
-                           windows, np.int32(target), total, first, np)
+    state = _search_update(
+      state, np.int32(k), np.int32(e), eff, pot, counts, windows, np.int32(target), total, first, np
+    )
     first = False
     if not _search_cond(state):
       break
@@ -752,8 +815,9 @@ def _host_search(sweep: Callable, ranking: Ranking, target) -> tuple[int, int, i
   return lo, e_lo, n
 
 
-def effective_kept(model, ranking: Ranking, target_kept: int, input_shape,
-                   loop: str = "auto", **trace_kw) -> tuple[int, int, int]:
+def effective_kept(
+  model, ranking: Ranking, target_kept: int, input_shape, loop: str = "auto", **trace_kw
+) -> tuple[int, int, int]:
   """(k, active weights at k, sweeps evaluated) for the largest k meeting the target.
 
   model, input_shape, ``trace_kw`` (variables=, params=, apply_kwargs=): as
@@ -770,8 +834,15 @@ def effective_kept(model, ranking: Ranking, target_kept: int, input_shape,
   return int(k), int(e), int(n)
 
 
-def masks_from_ranking(ranking: Ranking, sparsity: float, pruning_type: str = "direct", *,
-                       model=None, input_shape=None, **trace_kw) -> PyTree:
+def masks_from_ranking(
+  ranking: Ranking,
+  sparsity: float,
+  pruning_type: str = "direct",
+  *,
+  model=None,
+  input_shape=None,
+  **trace_kw,
+) -> PyTree:
   """Masks at direct sparsity ``sparsity``, or at the smallest direct sparsity whose
   effective sparsity is at least ``sparsity`` (``pruning_type='effective'``; ``model``,
   ``input_shape`` and ``trace_kw`` as :func:`sparsejax.effective.trace`). A
@@ -780,27 +851,32 @@ def masks_from_ranking(ranking: Ranking, sparsity: float, pruning_type: str = "d
   if not isinstance(ranking, Ranking):
     structured = _structured_lib()
     if isinstance(ranking, structured.ChannelRanking):
-      return structured.masks_for_target(ranking, sparsity, pruning_type,
-                                         input_shape=input_shape, **trace_kw)
-    raise ValueError(f"ranking={type(ranking).__name__} is not a Ranking (from "
-                     "rank_scores or ranking_for).")
+      return structured.masks_for_target(
+        ranking, sparsity, pruning_type, input_shape=input_shape, **trace_kw
+      )
+    raise ValueError(
+      f"ranking={type(ranking).__name__} is not a Ranking (from rank_scores or ranking_for)."
+    )
   sparsity = masks_lib.check_sparsity(sparsity)
   check_pruning_type(pruning_type)
   if pruning_type == "direct":
     return masks_at(ranking, kept_for_sparsity(sparsity, ranking.total))
   target = max_kept_for_sparsity(sparsity, ranking.total)
   if model is None or input_shape is None:
-    raise ValueError("pruning_type='effective' needs model= and input_shape= for the "
-                     "connectivity sweep.")
+    raise ValueError(
+      "pruning_type='effective' needs model= and input_shape= for the connectivity sweep."
+    )
   k, e, _ = effective_kept(model, ranking, target, input_shape, **trace_kw)
   if e == 0 or e > target:
     smallest = _smallest_connected(model, ranking, input_shape, **trace_kw)
     raise errors.UnreachableSparsityError(
-        f"sparsity={sparsity!r} (effective) cannot be reached: along this ranking every "
-        f"connected mask keeps more than {target} weights; the largest reachable effective "
-        f"sparsity is {1 - smallest / ranking.total:.6g} (compression "
-        f"{ranking.total / smallest:.4g}x).", sparsity=sparsity,
-        max_sparsity=1 - smallest / ranking.total)
+      f"sparsity={sparsity!r} (effective) cannot be reached: along this ranking every "
+      f"connected mask keeps more than {target} weights; the largest reachable effective "
+      f"sparsity is {1 - smallest / ranking.total:.6g} (compression "
+      f"{ranking.total / smallest:.4g}x).",
+      sparsity=sparsity,
+      max_sparsity=1 - smallest / ranking.total,
+    )
   return masks_at(ranking, k)
 
 
@@ -875,8 +951,10 @@ class ScoreContext:
     if self.loss is not None:
       kw["loss"] = self.loss
     elif not isinstance(self.model, nn.Module):
-      raise ValueError(f"pruner {who!r} on a function model needs loss= (a function "
-                       "loss(params, batch) -> scalar over your batches).")
+      raise ValueError(
+        f"pruner {who!r} on a function model needs loss= (a function "
+        "loss(params, batch) -> scalar over your batches)."
+      )
     return kw
 
 
@@ -922,29 +1000,38 @@ class Pruner:
     if not isinstance(self.name, str) or not self.name:
       raise ValueError(f"name={self.name!r} must be a non-empty string.")
     if self.score is None and self.name != "dense":
-      raise ValueError(f"pruner {self.name!r}: score must be a function ScoreContext -> "
-                       "scores (None is reserved for 'dense').")
+      raise ValueError(
+        f"pruner {self.name!r}: score must be a function ScoreContext -> "
+        "scores (None is reserved for 'dense')."
+      )
     if self.score is not None and not callable(self.score):
       raise ValueError(f"pruner {self.name!r}: score={self.score!r} is not callable.")
     if self.kind not in KINDS:
-      raise ValueError(f"pruner {self.name!r}: kind={self.kind!r} is not allowed; allowed: "
-                       f"{', '.join(KINDS)}.")
+      raise ValueError(
+        f"pruner {self.name!r}: kind={self.kind!r} is not allowed; allowed: {', '.join(KINDS)}."
+      )
     if self.structured:
       if self.quota is not None and self.quota not in quotas_lib.GROUP_QUOTAS:
-        raise ValueError(f"pruner {self.name!r}: quota={self.quota!r} is not a channel "
-                         f"quota; allowed: None (global), {', '.join(quotas_lib.GROUP_QUOTAS)}.")
+        raise ValueError(
+          f"pruner {self.name!r}: quota={self.quota!r} is not a channel "
+          f"quota; allowed: None (global), {', '.join(quotas_lib.GROUP_QUOTAS)}."
+        )
       if self.quota_from is not None or self.iterative:
-        raise ValueError(f"pruner {self.name!r}: a structured pruner takes neither "
-                         "quota_from nor iterative.")
+        raise ValueError(
+          f"pruner {self.name!r}: a structured pruner takes neither quota_from nor iterative."
+        )
     elif self.quota is not None and self.quota not in quotas_lib.QUOTAS:
-      raise ValueError(f"pruner {self.name!r}: quota={self.quota!r} is not a quota; allowed: "
-                       f"None (global ranking), {', '.join(quotas_lib.QUOTAS)}.")
+      raise ValueError(
+        f"pruner {self.name!r}: quota={self.quota!r} is not a quota; allowed: "
+        f"None (global ranking), {', '.join(quotas_lib.QUOTAS)}."
+      )
     if self.quota is not None and self.quota_from is not None:
       raise ValueError(f"pruner {self.name!r}: give quota or quota_from, not both.")
-    if self.iterative and (not isinstance(self.default_rounds, int)
-                           or self.default_rounds < 1):
-      raise ValueError(f"pruner {self.name!r}: an iterative pruner needs default_rounds, a "
-                       f"positive integer; got {self.default_rounds!r}.")
+    if self.iterative and (not isinstance(self.default_rounds, int) or self.default_rounds < 1):
+      raise ValueError(
+        f"pruner {self.name!r}: an iterative pruner needs default_rounds, a "
+        f"positive integer; got {self.default_rounds!r}."
+      )
 
   @property
   def structured(self) -> bool:
@@ -954,12 +1041,14 @@ class Pruner:
   @property
   def target_dependent(self) -> bool:
     """Its ranking depends on the target sparsity (compute one ranking per target)."""
-    return self.iterative or (self.quota_from is not None
-                              and get_pruner(self.quota_from).target_dependent)
+    return self.iterative or (
+      self.quota_from is not None and get_pruner(self.quota_from).target_dependent
+    )
 
 
 def _scores_lib():
   from sparsejax import scores  # scores builds on models, not on pruning
+
   return scores
 
 
@@ -980,8 +1069,9 @@ def _snip(c: ScoreContext):
 
 
 def _iterative_snip(c: ScoreContext):
-  return _scores_lib().iterative_snip(c.model, c.variables, c.batches, c.sparsity,
-                                      rounds=c.rounds, **c.data_kwargs("snip/iterative"))
+  return _scores_lib().iterative_snip(
+    c.model, c.variables, c.batches, c.sparsity, rounds=c.rounds, **c.data_kwargs("snip/iterative")
+  )
 
 
 def _grasp(c: ScoreContext):
@@ -989,23 +1079,40 @@ def _grasp(c: ScoreContext):
 
 
 def _synflow(c: ScoreContext):
-  return _scores_lib().synflow(c.model, c.params, c.input_shape, c.sparsity,
-                               rounds=c.rounds, apply_kwargs=c.apply_kwargs,
-                               prunable=c.prunable, **c.score_kwargs)
+  return _scores_lib().synflow(
+    c.model,
+    c.params,
+    c.input_shape,
+    c.sparsity,
+    rounds=c.rounds,
+    apply_kwargs=c.apply_kwargs,
+    prunable=c.prunable,
+    **c.score_kwargs,
+  )
 
 
 def _structured_lib():
   from sparsejax import structured  # structured builds on compact and scores
+
   return structured
 
 
 def _channel_score(name: str) -> ScoreFn:
   """The score function of the structured pruner ``name``: {space: scores [size]}."""
+
   def score(c: ScoreContext):
     return _structured_lib().channel_scores(
-        name, key=c.key, model=c.model, variables=c.variables, input_shape=c.input_shape,
-        batches=c.batches, trained_params=c.trained_params, loss=c.loss,
-        apply_kwargs=c.apply_kwargs)
+      name,
+      key=c.key,
+      model=c.model,
+      variables=c.variables,
+      input_shape=c.input_shape,
+      batches=c.batches,
+      trained_params=c.trained_params,
+      loss=c.loss,
+      apply_kwargs=c.apply_kwargs,
+    )
+
   score.__name__ = f"channel_score[{name}]"
   return score
 
@@ -1013,29 +1120,41 @@ def _channel_score(name: str) -> ScoreFn:
 def _structured_builtin() -> list[Pruner]:
   """'<kind>/<score>' (uniform channel quota) and '<kind>/<score>/<quota>'."""
   from sparsejax import structured
+
   out = []
   for name in structured.NAMES:
     kind, score, quota = structured.parse(name)
-    out.append(Pruner(name, _channel_score(name), None if quota == "global" else quota,
-                      needs_data=score == "snip",
-                      after_training=score in structured.AFTER_TRAINING, kind=kind))
+    out.append(
+      Pruner(
+        name,
+        _channel_score(name),
+        None if quota == "global" else quota,
+        needs_data=score == "snip",
+        after_training=score in structured.AFTER_TRAINING,
+        kind=kind,
+      )
+    )
   return out
 
 
 def _builtin() -> list[Pruner]:
   entries = [Pruner("dense", None)]
   entries += [Pruner(f"random/{q}", _random, q) for q in quotas_lib.QUOTAS]
-  entries += [Pruner("random/snip", _random, quota_from="snip", needs_data=True),
-              Pruner("random/synflow", _random, quota_from="synflow"),
-              Pruner("magnitude/global", _magnitude, after_training=True)]
-  entries += [Pruner(f"magnitude/{q}", _magnitude, q, after_training=True)
-              for q in quotas_lib.QUOTAS]
-  entries += [Pruner("lamp", _lamp, after_training=True),
-              Pruner("snip", _snip, needs_data=True),
-              Pruner("snip/iterative", _iterative_snip, iterative=True, default_rounds=300,
-                     needs_data=True),
-              Pruner("synflow", _synflow, iterative=True, default_rounds=100),
-              Pruner("grasp", _grasp, needs_data=True)]
+  entries += [
+    Pruner("random/snip", _random, quota_from="snip", needs_data=True),
+    Pruner("random/synflow", _random, quota_from="synflow"),
+    Pruner("magnitude/global", _magnitude, after_training=True),
+  ]
+  entries += [
+    Pruner(f"magnitude/{q}", _magnitude, q, after_training=True) for q in quotas_lib.QUOTAS
+  ]
+  entries += [
+    Pruner("lamp", _lamp, after_training=True),
+    Pruner("snip", _snip, needs_data=True),
+    Pruner("snip/iterative", _iterative_snip, iterative=True, default_rounds=300, needs_data=True),
+    Pruner("synflow", _synflow, iterative=True, default_rounds=100),
+    Pruner("grasp", _grasp, needs_data=True),
+  ]
   return entries + _structured_builtin()
 
 
@@ -1064,13 +1183,13 @@ def register_pruner(pruner: Pruner, *, overwrite: bool = False) -> Pruner:
   if not isinstance(pruner, Pruner):
     raise ValueError(f"pruner={pruner!r} must be a sparsejax.pruning.Pruner.")
   if pruner.name in PRUNERS and not overwrite:
-    raise ValueError(f"pruner name {pruner.name!r} is already registered; pass "
-                     "overwrite=True to replace it.")
+    raise ValueError(
+      f"pruner name {pruner.name!r} is already registered; pass overwrite=True to replace it."
+    )
   if pruner.quota_from is not None:
     source = get_pruner(pruner.quota_from)
     if source.score is None:
-      raise ValueError(f"pruner {pruner.name!r}: quota_from={pruner.quota_from!r} has no "
-                       "ranking.")
+      raise ValueError(f"pruner {pruner.name!r}: quota_from={pruner.quota_from!r} has no ranking.")
   PRUNERS[pruner.name] = pruner
   return pruner
 
@@ -1087,8 +1206,9 @@ def get_pruner(name: str | Pruner) -> Pruner:
 def check_pruning_type(pruning_type: str, name: str = "pruning_type") -> str:
   """``pruning_type`` if it is one of :data:`PRUNING_TYPES`, else ValueError."""
   if pruning_type not in PRUNING_TYPES:
-    raise ValueError(f"{name}={pruning_type!r} is not allowed; allowed: "
-                     f"{', '.join(PRUNING_TYPES)}.")
+    raise ValueError(
+      f"{name}={pruning_type!r} is not allowed; allowed: {', '.join(PRUNING_TYPES)}."
+    )
   return pruning_type
 
 
@@ -1099,13 +1219,17 @@ def _rounds(p: Pruner, rounds: int | None) -> int | None:
   if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 1:
     raise ValueError(f"rounds={rounds!r} must be a positive integer (pruner {p.name!r}).")
   return int(rounds)
+
+
 def _params_of(model, variables) -> PyTree:
   """A Flax module's variables hold 'params'; a function's ``variables`` are its params."""
   if model is None or isinstance(model, nn.Module):
     if not hasattr(variables, "keys") or "params" not in variables:
-      raise ValueError("variables has no 'params' collection; pass the model's variables "
-                       "(e.g. model.init(...)), or a function apply(params, x) as model= "
-                       "with its params as variables=.")
+      raise ValueError(
+        "variables has no 'params' collection; pass the model's variables "
+        "(e.g. model.init(...)), or a function apply(params, x) as model= "
+        "with its params as variables=."
+      )
     return variables["params"]
   return variables
 
@@ -1121,9 +1245,14 @@ def _trace_kw(model, variables, apply_kwargs, prunable=None) -> dict:
   return kw
 
 
-def prunable_set(model, variables: PyTree, input_shape=None, *,
-                 prunable: masks_lib.Prunable = None, apply_kwargs: dict | None = None
-                 ) -> frozenset:
+def prunable_set(
+  model,
+  variables: PyTree,
+  input_shape=None,
+  *,
+  prunable: masks_lib.Prunable = None,
+  apply_kwargs: dict | None = None,
+) -> frozenset:
   """The '/'-joined paths of the leaves a pruner prunes.
 
   With an example input: the parameters the traced program uses as linear-op weights
@@ -1132,8 +1261,11 @@ def prunable_set(model, variables: PyTree, input_shape=None, *,
   rule on the params (leaves named 'kernel' with >= 2 axes by default).
   """
   if input_shape is not None and model is not None:
-    return frozenset(effective_lib.prunable_paths(
-        model, input_shape, **_trace_kw(model, variables, apply_kwargs, prunable)))
+    return frozenset(
+      effective_lib.prunable_paths(
+        model, input_shape, **_trace_kw(model, variables, apply_kwargs, prunable)
+      )
+    )
   chosen = frozenset(masks_lib.prunable_paths(_params_of(model, variables), prunable))
   if not chosen:
     raise ValueError(f"prunable={prunable!r} selects no parameter of the model.")
@@ -1144,16 +1276,29 @@ def _check_score_leaves(scores: PyTree, chosen: frozenset, who: str) -> None:
   flat = jax.tree_util.tree_leaves_with_path(scores, is_leaf=lambda x: x is None)
   got = frozenset(masks_lib.path_str(p) for p, s in flat if s is not None)
   if got != chosen:
-    raise ValueError(f"pruner {who!r} scored {sorted(got - chosen)[:3]} and not "
-                     f"{sorted(chosen - got)[:3]}; a score tree has arrays exactly at the "
-                     "prunable leaves (ScoreContext.prunable).")
+    raise ValueError(
+      f"pruner {who!r} scored {sorted(got - chosen)[:3]} and not "
+      f"{sorted(chosen - got)[:3]}; a score tree has arrays exactly at the "
+      "prunable leaves (ScoreContext.prunable)."
+    )
 
 
-def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTree,
-                sparsity: float, input_shape=None, batches=None, trained_params=None,
-                rounds: int | None = None, score_kwargs: dict | None = None,
-                loss: Callable | None = None, apply_kwargs: dict | None = None,
-                prunable: masks_lib.Prunable = None) -> Ranking:
+def ranking_for(
+  pruner: str | Pruner,
+  *,
+  key: jax.Array,
+  model,
+  variables: PyTree,
+  sparsity: float,
+  input_shape=None,
+  batches=None,
+  trained_params=None,
+  rounds: int | None = None,
+  score_kwargs: dict | None = None,
+  loss: Callable | None = None,
+  apply_kwargs: dict | None = None,
+  prunable: masks_lib.Prunable = None,
+) -> Ranking:
   """The ranking of ``pruner`` (scores computed once; iterative pruners run to
   ``sparsity`` in ``rounds`` rounds, default the pruner's, and rank the eliminated
   weights by elimination order).
@@ -1179,40 +1324,71 @@ def ranking_for(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTre
       raise ValueError("give rounds= or score_kwargs['rounds'], not both.")
     rounds = score_kwargs.pop("rounds")
   if p.needs_data and not batches:
-    raise ValueError(f"pruner={p.name!r} scores weights on training data: pass batches= "
-                     "(from the dataset pipeline or synthetic data).")
+    raise ValueError(
+      f"pruner={p.name!r} scores weights on training data: pass batches= "
+      "(from the dataset pipeline or synthetic data)."
+    )
   if p.after_training and trained_params is None:
-    raise ValueError(f"pruner={p.name!r} scores the weights after dense training: pass "
-                     "trained_params= (the final params of a --pruner=dense run).")
+    raise ValueError(
+      f"pruner={p.name!r} scores the weights after dense training: pass "
+      "trained_params= (the final params of a --pruner=dense run)."
+    )
   if p.structured:
-    return _channel_ranking(p, key=key, model=model, variables=variables,
-                            sparsity=sparsity, input_shape=input_shape, batches=batches,
-                            trained_params=trained_params, score_kwargs=score_kwargs,
-                            loss=loss, apply_kwargs=apply_kwargs, prunable=prunable)
-  chosen = prunable_set(model, variables, input_shape, prunable=prunable,
-                        apply_kwargs=apply_kwargs)
-  context = ScoreContext(key=key, model=model, variables=variables,
-                         sparsity=masks_lib.check_sparsity(sparsity),
-                         input_shape=input_shape, batches=batches,
-                         trained_params=trained_params, rounds=_rounds(p, rounds),
-                         score_kwargs=score_kwargs, loss=loss,
-                         apply_kwargs=apply_kwargs, prunable=chosen)
+    return _channel_ranking(
+      p,
+      key=key,
+      model=model,
+      variables=variables,
+      sparsity=sparsity,
+      input_shape=input_shape,
+      batches=batches,
+      trained_params=trained_params,
+      score_kwargs=score_kwargs,
+      loss=loss,
+      apply_kwargs=apply_kwargs,
+      prunable=prunable,
+    )
+  chosen = prunable_set(model, variables, input_shape, prunable=prunable, apply_kwargs=apply_kwargs)
+  context = ScoreContext(
+    key=key,
+    model=model,
+    variables=variables,
+    sparsity=masks_lib.check_sparsity(sparsity),
+    input_shape=input_shape,
+    batches=batches,
+    trained_params=trained_params,
+    rounds=_rounds(p, rounds),
+    score_kwargs=score_kwargs,
+    loss=loss,
+    apply_kwargs=apply_kwargs,
+    prunable=chosen,
+  )
   flow = None
   if input_shape is not None and model is not None:
-    flow = effective_lib.flow_order(model, input_shape,
-                                    **_trace_kw(model, variables, apply_kwargs, chosen))
+    flow = effective_lib.flow_order(
+      model, input_shape, **_trace_kw(model, variables, apply_kwargs, chosen)
+    )
   if p.quota_from is not None:
     # Per-layer counts from the source pruner's global ranking, `score` within layers.
     source = get_pruner(p.quota_from)
-    source_context = dataclasses.replace(context, rounds=_rounds(source, None),
-                                         score_kwargs={})
+    source_context = dataclasses.replace(context, rounds=_rounds(source, None), score_kwargs={})
     _check_context(source, source_context)
     global_ranking = rank_scores(_scored(source, source_context), flow=flow)
     within = rank_scores(_scored(p, context), quota="uniform", flow=flow)
-    return Ranking(None, None, None, None, within.shapes, within.treedef, within.slots,
-                   flow or (), keys=within.keys, count_keys=global_ranking.count_keys,
-                   device_keys=within.device_keys(),
-                   count_device_keys=global_ranking.device_keys())
+    return Ranking(
+      None,
+      None,
+      None,
+      None,
+      within.shapes,
+      within.treedef,
+      within.slots,
+      flow or (),
+      keys=within.keys,
+      count_keys=global_ranking.count_keys,
+      device_keys=within.device_keys(),
+      count_device_keys=global_ranking.device_keys(),
+    )
   _check_context(p, context)
   return rank_scores(_scored(p, context), quota=p.quota, flow=flow)
 
@@ -1222,18 +1398,21 @@ def _channel_ranking(p: Pruner, *, prunable, score_kwargs, **context_kw):
   structured = _structured_lib()
   model, variables = context_kw["model"], context_kw["variables"]
   if prunable is not None:
-    raise ValueError(f"prunable={prunable!r}: structured pruner {p.name!r} prunes whole "
-                     "channel spaces; prunable= is for unstructured pruners.")
+    raise ValueError(
+      f"prunable={prunable!r}: structured pruner {p.name!r} prunes whole "
+      "channel spaces; prunable= is for unstructured pruners."
+    )
   if score_kwargs:
-    raise ValueError(f"score_kwargs={score_kwargs!r}: structured pruner {p.name!r} takes "
-                     "none.")
+    raise ValueError(f"score_kwargs={score_kwargs!r}: structured pruner {p.name!r} takes none.")
   if isinstance(model, nn.Module):
     _params_of(model, variables)  # ValueError: no 'params' collection
   structured.spaces_of(model, variables, p.kind, p.name)  # ValueError: no such channels
-  context = ScoreContext(**dict(context_kw, sparsity=masks_lib.check_sparsity(
-      context_kw["sparsity"])))
-  return structured.rank(p.name, p.kind, "global" if p.quota is None else p.quota,
-                         p.score(context), model, variables)
+  context = ScoreContext(
+    **dict(context_kw, sparsity=masks_lib.check_sparsity(context_kw["sparsity"]))
+  )
+  return structured.rank(
+    p.name, p.kind, "global" if p.quota is None else p.quota, p.score(context), model, variables
+  )
 
 
 def _scored(p: Pruner, context: ScoreContext) -> PyTree:
@@ -1247,11 +1426,23 @@ def _check_context(p: Pruner, context: ScoreContext) -> None:
     raise ValueError(f"pruner={p.name!r} needs input_shape= for SynFlow's all-ones input.")
 
 
-def prune(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTree,
-          sparsity: float, pruning_type: str = "direct", input_shape=None, batches=None,
-          trained_params=None, rounds: int | None = None,
-          score_kwargs: dict | None = None, loss: Callable | None = None,
-          apply_kwargs: dict | None = None, prunable: masks_lib.Prunable = None) -> PyTree:
+def prune(
+  pruner: str | Pruner,
+  *,
+  key: jax.Array,
+  model,
+  variables: PyTree,
+  sparsity: float,
+  pruning_type: str = "direct",
+  input_shape=None,
+  batches=None,
+  trained_params=None,
+  rounds: int | None = None,
+  score_kwargs: dict | None = None,
+  loss: Callable | None = None,
+  apply_kwargs: dict | None = None,
+  prunable: masks_lib.Prunable = None,
+) -> PyTree:
   """Masks of ``pruner`` at ``sparsity``: direct sparsity, or (``pruning_type=
   'effective'``) the smallest direct sparsity whose effective sparsity is at least
   ``sparsity`` (method.md section 2).
@@ -1300,14 +1491,30 @@ def prune(pruner: str | Pruner, *, key: jax.Array, model, variables: PyTree,
   if p.score is None:
     if sparsity != 0:
       raise ValueError(f"pruner='dense' keeps every weight; sparsity={sparsity!r} must be 0.")
-    chosen = prunable_set(model, variables, input_shape, prunable=prunable,
-                          apply_kwargs=apply_kwargs)
+    chosen = prunable_set(
+      model, variables, input_shape, prunable=prunable, apply_kwargs=apply_kwargs
+    )
     return masks_lib.ones(_params_of(model, variables), chosen)
-  ranking = ranking_for(p, key=key, model=model, variables=variables, sparsity=sparsity,
-                        input_shape=input_shape, batches=batches,
-                        trained_params=trained_params, rounds=rounds,
-                        score_kwargs=score_kwargs, loss=loss, apply_kwargs=apply_kwargs,
-                        prunable=prunable)
-  return masks_from_ranking(ranking, sparsity, pruning_type, model=model,
-                            input_shape=input_shape,
-                            **_trace_kw(model, variables, apply_kwargs))
+  ranking = ranking_for(
+    p,
+    key=key,
+    model=model,
+    variables=variables,
+    sparsity=sparsity,
+    input_shape=input_shape,
+    batches=batches,
+    trained_params=trained_params,
+    rounds=rounds,
+    score_kwargs=score_kwargs,
+    loss=loss,
+    apply_kwargs=apply_kwargs,
+    prunable=prunable,
+  )
+  return masks_from_ranking(
+    ranking,
+    sparsity,
+    pruning_type,
+    model=model,
+    input_shape=input_shape,
+    **_trace_kw(model, variables, apply_kwargs),
+  )

@@ -30,7 +30,8 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from typing import Any, Callable, Dict, NamedTuple, Tuple, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,23 +40,23 @@ import numpy as np
 from sparsejax import errors
 from sparsejax import masks as masks_lib
 
-Shapes = Tuple[Tuple[int, ...], ...]
+Shapes = tuple[tuple[int, ...], ...]
 QuotaFn = Callable[[Any, Shapes], jax.Array]
 
 __all__ = [
-    "QUOTAS",
-    "UNIFORM_PLUS_LAST_MIN_DENSITY",
-    "GROUP_QUOTAS",
-    "erk",
-    "get_quota",
-    "group_kept_counts",
-    "igq",
-    "layer_densities",
-    "layer_kept_counts",
-    "normalize_shapes",
-    "uniform",
-    "uniform_plus",
-    "uniform_plus_max_sparsity",
+  "QUOTAS",
+  "UNIFORM_PLUS_LAST_MIN_DENSITY",
+  "GROUP_QUOTAS",
+  "erk",
+  "get_quota",
+  "group_kept_counts",
+  "igq",
+  "layer_densities",
+  "layer_kept_counts",
+  "normalize_shapes",
+  "uniform",
+  "uniform_plus",
+  "uniform_plus_max_sparsity",
 ]
 
 #: Uniform+ keeps at least this fraction of the last layer (at most 80% sparse).
@@ -84,14 +85,11 @@ def normalize_shapes(shapes: Any) -> Shapes:
   try:
     items = tuple(shapes)
   except TypeError:
-    raise ValueError(
-        f"`shapes` must be a sequence of kernel shapes, got {shapes!r}") from None
+    raise ValueError(f"`shapes` must be a sequence of kernel shapes, got {shapes!r}") from None
   if not items:
-    raise ValueError("`shapes` must list at least one prunable kernel shape, got "
-                     f"{shapes!r}")
+    raise ValueError(f"`shapes` must list at least one prunable kernel shape, got {shapes!r}")
   if len(items) > _MAX_LAYERS:
-    raise ValueError(f"`shapes` may list at most {_MAX_LAYERS} kernels, got "
-                     f"{len(items)}")
+    raise ValueError(f"`shapes` may list at most {_MAX_LAYERS} kernels, got {len(items)}")
   out = []
   for i, shape in enumerate(items):
     try:
@@ -99,11 +97,9 @@ def normalize_shapes(shapes: Any) -> Shapes:
         raise TypeError
       dims = tuple(operator.index(dim) for dim in shape)
     except TypeError:
-      raise ValueError(f"`shapes`[{i}] must be a tuple of positive ints, got "
-                       f"{shape!r}") from None
+      raise ValueError(f"`shapes`[{i}] must be a tuple of positive ints, got {shape!r}") from None
     if not dims or any(dim <= 0 for dim in dims):
-      raise ValueError(f"`shapes`[{i}] must be a non-empty tuple of positive ints, "
-                       f"got {shape!r}")
+      raise ValueError(f"`shapes`[{i}] must be a non-empty tuple of positive ints, got {shape!r}")
     out.append(dims)
   total = sum(math.prod(dims) for dims in out)
   if total > _MAX_TOTAL:
@@ -111,26 +107,25 @@ def normalize_shapes(shapes: Any) -> Shapes:
   return tuple(out)
 
 
-def _concrete_scalar(value: Any, name: str) -> Union[float, None]:
+def _concrete_scalar(value: Any, name: str) -> float | None:
   """The value as a float, or None when it is traced (then it is not validated)."""
   try:
     arr = np.asarray(value)
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
     return None
-  if arr.shape != () or not (np.issubdtype(arr.dtype, np.number)
-                             or arr.dtype == np.bool_):
+  if arr.shape != () or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
     raise ValueError(f"`{name}` must be a real scalar, got {value!r}")
   if np.iscomplexobj(arr):
     raise ValueError(f"`{name}` must be a real scalar, got {value!r}")
   return float(arr)
 
 
-def _check_sparsity(sparsity: Any) -> Union[float, None]:
+def _check_sparsity(sparsity: Any) -> float | None:
   s = _concrete_scalar(sparsity, "sparsity")
   return None if s is None else masks_lib.check_sparsity(s)
 
 
-def _check_density(density: Any) -> Union[float, None]:
+def _check_density(density: Any) -> float | None:
   d = _concrete_scalar(density, "density")
   if d is not None and not 0.0 <= d <= 1.0:
     raise ValueError(f"`density` must lie in [0, 1], got {d!r}")
@@ -151,20 +146,24 @@ def uniform_plus_max_sparsity(shapes: Any) -> float:
 def _require_conv(shapes: Shapes) -> None:
   if not any(len(s) == 4 for s in shapes):
     raise ValueError(
-        "uniform_plus needs a convolutional network (at least one 4-D HWIO kernel "
-        f"in `shapes`), got `shapes`={shapes!r}")
+      "uniform_plus needs a convolutional network (at least one 4-D HWIO kernel "
+      f"in `shapes`), got `shapes`={shapes!r}"
+    )
 
 
-def _check_uniform_plus_reachable(density: Union[float, None], shapes: Shapes) -> None:
+def _check_uniform_plus_reachable(density: float | None, shapes: Shapes) -> None:
   if density is None:
     return
   s_max = uniform_plus_max_sparsity(shapes)
   # A float32-sized slack: a target exactly at the limit must stay reachable.
   if 1.0 - density > s_max + 1e-7:
     raise errors.UnreachableSparsityError(
-        f"uniform_plus cannot reach sparsity {1.0 - density!r} on these shapes: the "
-        f"largest reachable sparsity is {s_max!r} (first layer dense, last layer at "
-        "least 20% dense)", sparsity=1.0 - density, max_sparsity=s_max)
+      f"uniform_plus cannot reach sparsity {1.0 - density!r} on these shapes: the "
+      f"largest reachable sparsity is {s_max!r} (first layer dense, last layer at "
+      "least 20% dense)",
+      sparsity=1.0 - density,
+      max_sparsity=s_max,
+    )
 
 
 # --------------------------------------------------------------------------- kernels
@@ -186,12 +185,13 @@ class _Layers(NamedTuple):
 
 @functools.lru_cache(maxsize=256)
 def _layer_constants(shapes: Shapes) -> _Layers:
-  return _constants(tuple(math.prod(s) for s in shapes),
-                    tuple(sum(s) / math.prod(s) for s in shapes))
+  return _constants(
+    tuple(math.prod(s) for s in shapes), tuple(sum(s) / math.prod(s) for s in shapes)
+  )
 
 
 @functools.lru_cache(maxsize=256)
-def _constants(sizes: Tuple[int, ...], ratios: Tuple[float, ...]) -> _Layers:
+def _constants(sizes: tuple[int, ...], ratios: tuple[float, ...]) -> _Layers:
   """_Layers of layers with n_l = sizes[l] units and ERK ratios ``ratios``."""
   num = len(sizes)
   padded = max(32, 1 << (num - 1).bit_length())
@@ -199,8 +199,13 @@ def _constants(sizes: Tuple[int, ...], ratios: Tuple[float, ...]) -> _Layers:
   n[:num] = sizes
   ratio = np.ones(padded, np.float64)
   ratio[:num] = ratios
-  return _Layers(n.astype(np.float32), n.astype(np.int32), ratio.astype(np.float32),
-                 np.float32(n.sum()), np.int32(num - 1))
+  return _Layers(
+    n.astype(np.float32),
+    n.astype(np.int32),
+    ratio.astype(np.float32),
+    np.float32(n.sum()),
+    np.int32(num - 1),
+  )
 
 
 def _bits_to_f32(bits: jax.Array) -> jax.Array:
@@ -288,16 +293,15 @@ def _uniform_plus_densities(d, layers: _Layers):
     # First layer dense (with one layer, first == last: dense).
     return jnp.where(index == 0, jnp.float32(1.0), dens)
 
-  middle = _bisect_bits(lambda m: _excess(layers, densities(m), target) >= 0,
-                        _ONE_BITS)
+  middle = _bisect_bits(lambda m: _excess(layers, densities(m), target) >= 0, _ONE_BITS)
   return densities(middle)
 
 
 _DENSITY_RULES = {
-    "uniform": _uniform_densities,
-    "uniform_plus": _uniform_plus_densities,
-    "erk": _erk_densities,
-    "igq": _igq_densities,
+  "uniform": _uniform_densities,
+  "uniform_plus": _uniform_plus_densities,
+  "erk": _erk_densities,
+  "igq": _igq_densities,
 }
 
 
@@ -325,8 +329,11 @@ def _kernel(rule: str, value, from_sparsity, layers: _Layers):
     sparsities = jnp.where(from_sparsity, v_clipped, sparsities)
   counts = _round_counts(densities, layers.n, layers.n_int)
   nan = jnp.isnan(v)
-  return (jnp.where(nan, jnp.nan, densities), jnp.where(nan, jnp.nan, sparsities),
-          jnp.where(nan, 0, counts))
+  return (
+    jnp.where(nan, jnp.nan, densities),
+    jnp.where(nan, jnp.nan, sparsities),
+    jnp.where(nan, 0, counts),
+  )
 
 
 _round_counts_jit = jax.jit(_round_counts)
@@ -342,7 +349,7 @@ def _run_quota(rule: str, sparsity: Any, shapes: Any) -> jax.Array:
     _require_conv(shapes)
     _check_uniform_plus_reachable(None if s is None else 1.0 - s, shapes)
   _, sparsities, _ = _kernel(rule, sparsity, True, _layer_constants(shapes))
-  return sparsities[:len(shapes)]
+  return sparsities[: len(shapes)]
 
 
 def uniform(sparsity: Any, shapes: Any) -> jax.Array:
@@ -410,11 +417,11 @@ def igq(sparsity: Any, shapes: Any) -> jax.Array:
   return _run_quota("igq", sparsity, shapes)
 
 
-QUOTAS: Dict[str, QuotaFn] = {
-    "uniform": uniform,
-    "uniform_plus": uniform_plus,
-    "erk": erk,
-    "igq": igq,
+QUOTAS: dict[str, QuotaFn] = {
+  "uniform": uniform,
+  "uniform_plus": uniform_plus,
+  "erk": erk,
+  "igq": igq,
 }
 
 _RULE_OF = {fn: name for name, fn in QUOTAS.items()}
@@ -425,11 +432,12 @@ def _resolve(quota: Any, argname: str) -> QuotaFn:
     return quota
   if isinstance(quota, str) and quota in QUOTAS:
     return QUOTAS[quota]
-  raise ValueError(f"`{argname}` must be one of {sorted(QUOTAS)} or a quota function, "
-                   f"got {quota!r}")
+  raise ValueError(
+    f"`{argname}` must be one of {sorted(QUOTAS)} or a quota function, got {quota!r}"
+  )
 
 
-def get_quota(name: Union[str, QuotaFn]) -> QuotaFn:
+def get_quota(name: str | QuotaFn) -> QuotaFn:
   """The quota function called ``name`` in :data:`QUOTAS` (a callable passes through).
 
   Raises ValueError naming ``name``, its value and the allowed names.
@@ -437,7 +445,7 @@ def get_quota(name: Union[str, QuotaFn]) -> QuotaFn:
   return _resolve(name, "name")
 
 
-def _rule_for(fn: QuotaFn, shapes: Shapes, density: Union[float, None]):
+def _rule_for(fn: QuotaFn, shapes: Shapes, density: float | None):
   """Name of a built-in quota (None for others), after its own reachability check."""
   rule = _RULE_OF.get(fn)
   if rule == "uniform_plus":
@@ -446,13 +454,13 @@ def _rule_for(fn: QuotaFn, shapes: Shapes, density: Union[float, None]):
   return rule
 
 
-def check_density(quota: Union[str, QuotaFn], density: float, shapes: Any) -> None:
+def check_density(quota: str | QuotaFn, density: float, shapes: Any) -> None:
   """The checks :func:`layer_kept_counts` makes on a concrete ``density`` (ValueError;
   UnreachableSparsityError beyond the quota's reach), computing nothing."""
   _rule_for(_resolve(quota, "quota"), normalize_shapes(shapes), _check_density(density))
 
 
-def layer_densities(quota: Union[str, QuotaFn], density: Any, shapes: Any) -> jax.Array:
+def layer_densities(quota: str | QuotaFn, density: Any, shapes: Any) -> jax.Array:
   """Per-layer densities float32[L] of ``quota`` at global ``density`` in [0, 1].
 
   Same allocation as ``1 - quota(1 - density, shapes)``, without the round trip
@@ -463,7 +471,7 @@ def layer_densities(quota: Union[str, QuotaFn], density: Any, shapes: Any) -> ja
   rule = _rule_for(fn, shapes, _check_density(density))
   if rule is not None:
     densities, _, _ = _kernel(rule, density, False, _layer_constants(shapes))
-    return densities[:len(shapes)]
+    return densities[: len(shapes)]
   d = jnp.asarray(density, jnp.float32)
   return 1.0 - jnp.asarray(fn(1.0 - d, shapes), jnp.float32)
 
@@ -472,8 +480,7 @@ def layer_densities(quota: Union[str, QuotaFn], density: Any, shapes: Any) -> ja
 GROUP_QUOTAS = ("uniform", "erk", "igq")
 
 
-def group_kept_counts(quota: str, density: float, sizes: Any, ratios: Any = None
-                      ) -> np.ndarray:
+def group_kept_counts(quota: str, density: float, sizes: Any, ratios: Any = None) -> np.ndarray:
   """Units each group keeps, int32[L]: a quota's rule on groups of units (e.g. the
   channels of each channel space, :mod:`sparsejax.structured`), the budget counted
   in units.
@@ -485,8 +492,7 @@ def group_kept_counts(quota: str, density: float, sizes: Any, ratios: Any = None
   [1, n_l] (every group keeps a unit). Non-decreasing in ``density`` per group.
   """
   if quota not in GROUP_QUOTAS:
-    raise ValueError(f"quota={quota!r} is not a group quota; allowed: "
-                     f"{', '.join(GROUP_QUOTAS)}.")
+    raise ValueError(f"quota={quota!r} is not a group quota; allowed: {', '.join(GROUP_QUOTAS)}.")
   sizes = tuple(operator.index(n) for n in sizes)
   if not sizes or min(sizes) < 1:
     raise ValueError(f"sizes={sizes!r} must list positive group sizes.")
@@ -497,10 +503,10 @@ def group_kept_counts(quota: str, density: float, sizes: Any, ratios: Any = None
   if d is None:
     raise ValueError(f"density={density!r} must be a concrete number in [0, 1].")
   _, _, counts = _kernel(quota, d, False, _constants(sizes, ratios))
-  return np.clip(np.asarray(counts[:len(sizes)]), 1, np.asarray(sizes))
+  return np.clip(np.asarray(counts[: len(sizes)]), 1, np.asarray(sizes))
 
 
-def layer_kept_counts(quota: Union[str, QuotaFn], density: Any, shapes: Any) -> jax.Array:
+def layer_kept_counts(quota: str | QuotaFn, density: Any, shapes: Any) -> jax.Array:
   """Number of weights each layer keeps: int32[L], round(n_l * density_l) in [0, n_l].
 
   Args:
@@ -518,7 +524,7 @@ def layer_kept_counts(quota: Union[str, QuotaFn], density: Any, shapes: Any) -> 
   rule = _rule_for(fn, shapes, _check_density(density))
   if rule is not None:
     _, _, counts = _kernel(rule, density, False, _layer_constants(shapes))
-    return counts[:len(shapes)]
+    return counts[: len(shapes)]
   d = jnp.asarray(density, jnp.float32)
   dens = 1.0 - jnp.asarray(fn(1.0 - d, shapes), jnp.float32)
   n = np.array([math.prod(s) for s in shapes], np.int64)

@@ -1,9 +1,10 @@
 """Pruning scores (method.md section 4): one number per prunable weight, higher = kept first.
 
 Every function returns a *score tree*: shaped like ``params``, with an array of the
-weight's shape at every prunable leaf and ``None`` elsewhere, ready for :func:`sparsejax.pruning.rank_scores`. One-shot scores are
-float32. Iterative pruners (:func:`iterative_snip`, :func:`synflow`) return int32
-*priorities*: a permutation of 0..N-1 that encodes their elimination order, so that
+weight's shape at every prunable leaf and ``None`` elsewhere, ready for
+:func:`sparsejax.pruning.rank_scores`. One-shot scores are float32. Iterative
+pruners (:func:`iterative_snip`, :func:`synflow`) return int32 *priorities*: a
+permutation of 0..N-1 that encodes their elimination order, so that
 the top k = round((1 - s) N) priorities are exactly the pruner's final mask and a
 slightly larger k re-adds the last-eliminated weights first (the effective-sparsity
 search walks along this order).
@@ -36,16 +37,16 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import compilation
+from sparsejax import compilation, models
 from sparsejax import masks as masks_lib
-from sparsejax import models
 
 PyTree = Any
 
@@ -94,19 +95,27 @@ def _slots(params: PyTree, prunable: masks_lib.Prunable = None, masks=None) -> t
     slots = tuple(i for i, m in enumerate(flat) if m is not None)
   else:
     chosen = masks_lib.selector(prunable)
-    slots = tuple(i for i, (p, leaf) in enumerate(jax.tree_util.tree_leaves_with_path(params))
-                  if chosen(p, leaf))
+    slots = tuple(
+      i
+      for i, (p, leaf) in enumerate(jax.tree_util.tree_leaves_with_path(params))
+      if chosen(p, leaf)
+    )
   if not slots:
-    raise ValueError(f"params has no prunable leaf (prunable={prunable!r}: default Dense/Conv "
-                     "'kernel' leaves with >= 2 axes).")
+    raise ValueError(
+      f"params has no prunable leaf (prunable={prunable!r}: default Dense/Conv "
+      "'kernel' leaves with >= 2 axes)."
+    )
   return slots
 
 
 def _cache_slots(params: PyTree, slots: tuple) -> tuple | None:
   """``slots`` as a cache key of the compiled score functions: None for the default
   rule's leaves, so that callers with and without an explicit set share programs."""
-  default = tuple(i for i, (p, leaf) in enumerate(jax.tree_util.tree_leaves_with_path(params))
-                  if masks_lib.is_prunable(p, leaf))
+  default = tuple(
+    i
+    for i, (p, leaf) in enumerate(jax.tree_util.tree_leaves_with_path(params))
+    if masks_lib.is_prunable(p, leaf)
+  )
   return None if slots == default else slots
 
 
@@ -146,20 +155,23 @@ def _mask_leaves(masks) -> list | None:
 def _check_finite(kernel_scores: Sequence, who: str) -> None:
   bad = sum(int(jnp.sum(~jnp.isfinite(s))) for s in kernel_scores)
   if bad:
-    raise ValueError(f"{who} computed {bad} NaN or infinite scores; scores must be finite "
-                     "(check the weights, the inputs and the loss).")
+    raise ValueError(
+      f"{who} computed {bad} NaN or infinite scores; scores must be finite "
+      "(check the weights, the inputs and the loss)."
+    )
 
 
 def _check_finite_weights(params: PyTree, slots: tuple, who: str) -> None:
   """Scores of NaN or infinite weights mean nothing (LAMP would score such a layer 0)."""
   paths = [masks_lib.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-  bad = {paths[i]: int(jnp.sum(~jnp.isfinite(w)))
-         for i, w in zip(slots, _kernels(params, slots))}
+  bad = {paths[i]: int(jnp.sum(~jnp.isfinite(w))) for i, w in zip(slots, _kernels(params, slots))}
   bad = {p: n for p, n in bad.items() if n}
   if bad:
-    raise ValueError(f"{who} got {sum(bad.values())} NaN or infinite weights (in "
-                     f"{', '.join(sorted(bad)[:5])}); weights must be finite (check the "
-                     "training run they come from).")
+    raise ValueError(
+      f"{who} got {sum(bad.values())} NaN or infinite weights (in "
+      f"{', '.join(sorted(bad)[:5])}); weights must be finite (check the "
+      "training run they come from)."
+    )
 
 
 def _check_rounds(rounds) -> int:
@@ -170,12 +182,15 @@ def _check_rounds(rounds) -> int:
 
 def _check_batch(batch, who: str) -> dict:
   if not isinstance(batch, Mapping) or "image" not in batch or "label" not in batch:
-    raise ValueError(f"{who} needs batches that are dicts with 'image' and 'label'; got "
-                     f"{type(batch).__name__}.")
+    raise ValueError(
+      f"{who} needs batches that are dicts with 'image' and 'label'; got {type(batch).__name__}."
+    )
   image = jnp.asarray(batch["image"])
   if not jnp.issubdtype(image.dtype, jnp.floating):
-    raise ValueError(f"{who} needs preprocessed batches (float images, normalized); got "
-                     f"image dtype {image.dtype}: apply sparsejax.data.preprocess first.")
+    raise ValueError(
+      f"{who} needs preprocessed batches (float images, normalized); got "
+      f"image dtype {image.dtype}: apply sparsejax.data.preprocess first."
+    )
   return {"image": image.astype(jnp.float32), "label": jnp.asarray(batch["label"], jnp.int32)}
 
 
@@ -183,8 +198,10 @@ def _any_batch(batch, who: str):
   """A batch for a user loss: any pytree of arrays with a leading batch axis."""
   leaves = jax.tree.leaves(batch)
   if not leaves or not all(np.ndim(l) >= 1 for l in leaves):
-    raise ValueError(f"{who} needs batches that are pytrees of arrays with a leading batch "
-                     f"axis; got {type(batch).__name__}.")
+    raise ValueError(
+      f"{who} needs batches that are pytrees of arrays with a leading batch "
+      f"axis; got {type(batch).__name__}."
+    )
   return jax.tree.map(jnp.asarray, batch)
 
 
@@ -198,16 +215,20 @@ def _batches_list(batches, who: str, check=None) -> list[dict]:
   """All batches, checked; ValueError if there are none."""
   check = check or _check_batch
   if batches is None:
-    raise ValueError(f"{who} needs data: batches=None; pass an iterable of preprocessed "
-                     "batches {'image': float32 [B, H, W, C], 'label': int32 [B]}.")
+    raise ValueError(
+      f"{who} needs data: batches=None; pass an iterable of preprocessed "
+      "batches {'image': float32 [B, H, W, C], 'label': int32 [B]}."
+    )
   if isinstance(batches, Mapping):
     batches = [batches]
   out = []
   for b in batches:
     out.append(check(b, who))
   if not out:
-    raise ValueError(f"{who} needs data: batches is empty; pass at least one preprocessed "
-                     "batch {'image': float32 [B, H, W, C], 'label': int32 [B]}.")
+    raise ValueError(
+      f"{who} needs data: batches is empty; pass at least one preprocessed "
+      "batch {'image': float32 [B, H, W, C], 'label': int32 [B]}."
+    )
   return out
 
 
@@ -221,8 +242,9 @@ class _Cycle:
     self.who = who
     self.check = check or _check_batch
     self.seq = batches if isinstance(batches, (list, tuple)) else None
-    self.it = None if self.seq is not None else iter(
-        [batches] if isinstance(batches, Mapping) else batches)
+    self.it = (
+      None if self.seq is not None else iter([batches] if isinstance(batches, Mapping) else batches)
+    )
     self.cache: list = []
     self.get(0)  # raises if there is no batch
 
@@ -243,11 +265,14 @@ class _Cycle:
 
 def _split_variables(variables) -> tuple[PyTree, dict]:
   if not isinstance(variables, dict) and not hasattr(variables, "keys"):
-    raise ValueError(f"variables must be a dict {{'params': ..., ...}}; got "
-                     f"{type(variables).__name__}.")
+    raise ValueError(
+      f"variables must be a dict {{'params': ..., ...}}; got {type(variables).__name__}."
+    )
   if "params" not in variables:
-    raise ValueError("variables has no 'params' collection; pass the model's variables "
-                     "(e.g. model.init(...)), not the params alone.")
+    raise ValueError(
+      "variables has no 'params' collection; pass the model's variables "
+      "(e.g. model.init(...)), not the params alone."
+    )
   rest = {k: v for k, v in variables.items() if k != "params"}
   return variables["params"], rest
 
@@ -271,6 +296,7 @@ def _model_key(model, loss):
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Mean softmax cross-entropy with integer labels (the default data loss)."""
   import optax  # pylint: disable=g-import-not-at-top  (not needed to prune by rank)
+
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
@@ -295,8 +321,7 @@ def random(key: jax.Array, params: PyTree, prunable: masks_lib.Prunable = None) 
 
 def _random_bits_fn(key: jax.Array, shapes: tuple) -> list:
   keys = jax.random.split(key, len(shapes))
-  return [(jax.random.bits(k, s, jnp.uint32) >> 1).astype(jnp.int32)
-          for k, s in zip(keys, shapes)]
+  return [(jax.random.bits(k, s, jnp.uint32) >> 1).astype(jnp.int32) for k, s in zip(keys, shapes)]
 
 
 # all layers in one program (one compilation per model, not one per kernel shape)
@@ -318,7 +343,7 @@ def _lamp_layer(w: jax.Array) -> jax.Array:
   # lowest position comes last and gets the larger score (kept first, as rank_scores).
   order = (n - 1 - jnp.argsort(a[::-1], stable=True)).astype(jnp.int32)
   sq = jnp.square(a[order])
-  tail = jnp.cumsum(sq[::-1])[::-1]   # sum_{v >= u} w_v^2
+  tail = jnp.cumsum(sq[::-1])[::-1]  # sum_{v >= u} w_v^2
   s = jnp.where(tail > 0, sq / jnp.where(tail > 0, tail, 1.0), 0.0)
   return jnp.zeros(n, jnp.float32).at[order].set(s).reshape(w.shape)
 
@@ -372,8 +397,9 @@ def _data_loss(model, loss_fn: Callable, temperature: float | None = None, loss=
   train = {"train": True} if takes_train else {}
 
   def loss(params, rest, batch):
-    logits, _ = model.apply({"params": params, **rest}, batch["image"], **train,
-                            mutable=["batch_stats"])
+    logits, _ = model.apply(
+      {"params": params, **rest}, batch["image"], **train, mutable=["batch_stats"]
+    )
     if temperature is not None:
       logits = logits / temperature
     return loss_fn(logits, batch["label"])
@@ -382,8 +408,9 @@ def _data_loss(model, loss_fn: Callable, temperature: float | None = None, loss=
 
 
 @functools.lru_cache(maxsize=32)
-def _snip_fns(model, loss_fn: Callable, user_loss: Callable | None = None,
-              slots: tuple | None = None):
+def _snip_fns(
+  model, loss_fn: Callable, user_loss: Callable | None = None, slots: tuple | None = None
+):
   loss = _data_loss(model, loss_fn, loss=user_loss)
 
   def kernel_grads(params, rest, batch, mask_leaves):
@@ -414,9 +441,16 @@ def _snip_fns(model, loss_fn: Callable, user_loss: Callable | None = None,
   return accumulate, finish, round_scores
 
 
-def snip(model, variables: PyTree, batches: Iterable[dict], *, masks=None,
-         loss_fn: Callable | None = None, loss: Callable | None = None,
-         prunable: masks_lib.Prunable = None) -> PyTree:
+def snip(
+  model,
+  variables: PyTree,
+  batches: Iterable[dict],
+  *,
+  masks=None,
+  loss_fn: Callable | None = None,
+  loss: Callable | None = None,
+  prunable: masks_lib.Prunable = None,
+) -> PyTree:
   """SNIP connection sensitivity (Lee et al., 2019, "SNIP: single-shot network pruning
   based on connection sensitivity"):
 
@@ -448,11 +482,12 @@ def snip(model, variables: PyTree, batches: Iterable[dict], *, masks=None,
   slots = _slots(params, prunable, masks)
   mask_leaves = _mask_leaves(masks)
   check = _check_batch if loss is None else _any_batch
-  accumulate, finish, _ = _snip_fns(_model_key(model, loss), loss_fn or cross_entropy, loss,
-                                    _cache_slots(params, slots))
+  accumulate, finish, _ = _snip_fns(
+    _model_key(model, loss), loss_fn or cross_entropy, loss, _cache_slots(params, slots)
+  )
   acc = [jnp.zeros(w.shape, jnp.float32) for w in _kernels(params, slots)]
   total = 0
-  for batch in ([batches] if isinstance(batches, Mapping) else batches):
+  for batch in [batches] if isinstance(batches, Mapping) else batches:
     batch = check(batch, who)
     size = _batch_size(batch)
     acc = accumulate(acc, jnp.float32(size), params, rest, batch, mask_leaves)
@@ -468,8 +503,13 @@ def snip(model, variables: PyTree, batches: Iterable[dict], *, masks=None,
 
 
 @functools.lru_cache(maxsize=32)
-def _grasp_fns(model, loss_fn: Callable, temperature: float,
-               user_loss: Callable | None = None, slots: tuple | None = None):
+def _grasp_fns(
+  model,
+  loss_fn: Callable,
+  temperature: float,
+  user_loss: Callable | None = None,
+  slots: tuple | None = None,
+):
   loss = _data_loss(model, loss_fn, temperature, user_loss)
 
   @jax.jit
@@ -488,10 +528,16 @@ def _grasp_fns(model, loss_fn: Callable, temperature: float,
   return grad_acc, hvp_acc
 
 
-def grasp_hessian_gradient(model, variables: PyTree, batches: Iterable[dict], *,
-                           temperature: float = 200.0, loss_fn: Callable | None = None,
-                           loss: Callable | None = None,
-                           prunable: masks_lib.Prunable = None) -> tuple[list, list]:
+def grasp_hessian_gradient(
+  model,
+  variables: PyTree,
+  batches: Iterable[dict],
+  *,
+  temperature: float = 200.0,
+  loss_fn: Callable | None = None,
+  loss: Callable | None = None,
+  prunable: masks_lib.Prunable = None,
+) -> tuple[list, list]:
   """(g, Hg) at the prunable kernels (lists in layer order, float32): g = mean_b
   dL_b/dw and Hg = mean_b H_b g, with L_b the loss on logits / temperature and H_b its
   Hessian over the prunable kernels. Hg is a forward-over-reverse product (jax.jvp of
@@ -506,8 +552,9 @@ def grasp_hessian_gradient(model, variables: PyTree, batches: Iterable[dict], *,
   params, rest = _split_for(variables, loss)
   batch_list = _batches_list(batches, who, _check_batch if loss is None else _any_batch)
   slots = _slots(params, prunable)
-  grad_acc, hvp_acc = _grasp_fns(_model_key(model, loss), loss_fn or cross_entropy, t, loss,
-                                 _cache_slots(params, slots))
+  grad_acc, hvp_acc = _grasp_fns(
+    _model_key(model, loss), loss_fn or cross_entropy, t, loss, _cache_slots(params, slots)
+  )
   zeros = [jnp.zeros(w.shape, jnp.float32) for w in _kernels(params, slots)]
   sizes = [_batch_size(b) for b in batch_list]
   total = float(sum(sizes))
@@ -520,9 +567,16 @@ def grasp_hessian_gradient(model, variables: PyTree, batches: Iterable[dict], *,
   return g, hg
 
 
-def grasp(model, variables: PyTree, batches: Iterable[dict], *, temperature: float = 200.0,
-          loss_fn: Callable | None = None, loss: Callable | None = None,
-          prunable: masks_lib.Prunable = None) -> PyTree:
+def grasp(
+  model,
+  variables: PyTree,
+  batches: Iterable[dict],
+  *,
+  temperature: float = 200.0,
+  loss_fn: Callable | None = None,
+  loss: Callable | None = None,
+  prunable: masks_lib.Prunable = None,
+) -> PyTree:
   """GraSP keep-scores (Wang et al., 2020, "Picking winning tickets before training by
   preserving gradient flow"): GraSP's score is S = -w * (H g), with g the loss gradient
   and H the Hessian of the loss on logits / ``temperature`` (both averaged over
@@ -533,8 +587,15 @@ def grasp(model, variables: PyTree, batches: Iterable[dict], *, temperature: flo
   """
   params, _ = _split_for(variables, loss)
   slots = _slots(params, prunable)
-  _, hg = grasp_hessian_gradient(model, variables, batches, temperature=temperature,
-                                 loss_fn=loss_fn, loss=loss, prunable=prunable)
+  _, hg = grasp_hessian_gradient(
+    model,
+    variables,
+    batches,
+    temperature=temperature,
+    loss_fn=loss_fn,
+    loss=loss,
+    prunable=prunable,
+  )
   out = [(w.astype(jnp.float32) * h) for w, h in zip(_kernels(params, slots), hg)]
   _check_finite(out, "grasp")
   return _score_tree(params, out, slots)
@@ -542,9 +603,9 @@ def grasp(model, variables: PyTree, batches: Iterable[dict], *, temperature: flo
 
 # --------------------------------------------------------------------------- exact top-k
 
-_HI = 1 << 16                    # buckets of the high 16 bits of a non-negative float32
-_LO = 1 << 15                    # values of the low 15 bits
-_INF_BUCKET = 0x7F800000 >> 15   # first bucket of inf/NaN bit patterns
+_HI = 1 << 16  # buckets of the high 16 bits of a non-negative float32
+_LO = 1 << 15  # values of the low 15 bits
+_INF_BUCKET = 0x7F800000 >> 15  # first bucket of inf/NaN bit patterns
 
 
 def _score_bits(score: jax.Array, alive: jax.Array) -> jax.Array:
@@ -559,10 +620,10 @@ def _suffix(h: jax.Array) -> jax.Array:
 
 
 class _Threshold(NamedTuple):
-  tau: jax.Array       # the k-th largest key
-  greater: jax.Array   # keys > tau
-  ties: jax.Array      # keys == tau
-  hist: jax.Array      # [1 + _HI]: bin 0 = zeros, bin 1 + j = positive keys with key >> 15 == j
+  tau: jax.Array  # the k-th largest key
+  greater: jax.Array  # keys > tau
+  ties: jax.Array  # keys == tau
+  hist: jax.Array  # [1 + _HI]: bin 0 = zeros, bin 1 + j = positive keys with key >> 15 == j
 
 
 def _threshold(bits: Sequence[jax.Array], k: jax.Array) -> _Threshold:
@@ -570,19 +631,26 @@ def _threshold(bits: Sequence[jax.Array], k: jax.Array) -> _Threshold:
   select: a histogram of the high bits (exact zeros in a bin of their own), then one of
   the low 15 bits inside the bucket that holds the k-th key. Two O(N) passes, no sort."""
   flat = [b.reshape(-1) for b in bits]
-  hist = sum(jnp.bincount(jnp.where(b == 0, 0, jnp.where(b > 0, (b >> 15) + 1, _HI + 1)),
-                          length=_HI + 1) for b in flat).astype(jnp.int32)
-  above = _suffix(hist)                                   # above[j] = #(bin >= j)
-  j = jnp.maximum(jnp.sum(above[:_HI + 1] >= k).astype(jnp.int32) - 1, 0)
+  hist = sum(
+    jnp.bincount(jnp.where(b == 0, 0, jnp.where(b > 0, (b >> 15) + 1, _HI + 1)), length=_HI + 1)
+    for b in flat
+  ).astype(jnp.int32)
+  above = _suffix(hist)  # above[j] = #(bin >= j)
+  j = jnp.maximum(jnp.sum(above[: _HI + 1] >= k).astype(jnp.int32) - 1, 0)
   h = jnp.maximum(j - 1, 0)
-  hist_lo = sum(jnp.bincount(jnp.where((b > 0) & ((b >> 15) == h), b & (_LO - 1), _LO),
-                             length=_LO) for b in flat).astype(jnp.int32)
+  hist_lo = sum(
+    jnp.bincount(jnp.where((b > 0) & ((b >> 15) == h), b & (_LO - 1), _LO), length=_LO)
+    for b in flat
+  ).astype(jnp.int32)
   above_lo = _suffix(hist_lo) + above[j + 1]
   l = jnp.maximum(jnp.sum(above_lo[:_LO] >= k).astype(jnp.int32) - 1, 0)
   zero = j == 0
-  return _Threshold(tau=jnp.where(zero, 0, (h << 15) | l),
-                    greater=jnp.where(zero, above[1], above_lo[l + 1]),
-                    ties=jnp.where(zero, hist[0], hist_lo[l]), hist=hist)
+  return _Threshold(
+    tau=jnp.where(zero, 0, (h << 15) | l),
+    greater=jnp.where(zero, above[1], above_lo[l + 1]),
+    ties=jnp.where(zero, hist[0], hist_lo[l]),
+    hist=hist,
+  )
 
 
 def _tie_cut(bits: Sequence[jax.Array], tau: jax.Array, wanted: jax.Array) -> jax.Array:
@@ -598,6 +666,7 @@ def _tie_cut(bits: Sequence[jax.Array], tau: jax.Array, wanted: jax.Array) -> ja
     def cut():
       inclusive = jnp.cumsum((bits[i].reshape(-1) == tau).astype(jnp.int32)) + before[i]
       return offsets[i] + jnp.sum(inclusive < wanted, dtype=jnp.int32) + 1
+
     return cut
 
   cut = jax.lax.switch(layer, [branch(i) for i in range(len(bits))])
@@ -611,8 +680,9 @@ def _keep_top(bits: Sequence[jax.Array], k: jax.Array):
   th = _threshold(bits, jnp.maximum(k, 1))
   wanted = k - th.greater
   total = sum(b.size for b in bits)
-  cut = jax.lax.cond(th.ties <= wanted, lambda: jnp.int32(total),
-                     lambda: _tie_cut(bits, th.tau, wanted))
+  cut = jax.lax.cond(
+    th.ties <= wanted, lambda: jnp.int32(total), lambda: _tie_cut(bits, th.tau, wanted)
+  )
   keep, offset = [], 0
   for b in bits:
     pos = jnp.arange(b.size, dtype=jnp.int32).reshape(b.shape) + offset
@@ -637,13 +707,13 @@ def top_k_masks(scores: PyTree, kept: int, masks=None) -> PyTree:
   if None), ties by position, without a sort: the mask ``rank_scores`` + ``masks_at``
   give. Scores are compared by absolute value (they must be non-negative floats)."""
   leaves = [s for s in jax.tree.leaves(scores, is_leaf=_is_none) if s is not None]
-  alive = ([jnp.ones(s.shape, bool) for s in leaves] if masks is None
-           else masks_lib.mask_leaves(masks))
+  alive = (
+    [jnp.ones(s.shape, bool) for s in leaves] if masks is None else masks_lib.mask_leaves(masks)
+  )
   avail = sum(int(jnp.sum(a)) for a in alive)
   if isinstance(kept, bool) or not 0 <= int(kept) <= avail:
     raise ValueError(f"kept={kept!r} must be in [0, {avail}] (the weights available).")
-  keep, _ = _keep_top_jit([_score_bits(s, a) for s, a in zip(leaves, alive)],
-                          jnp.int32(kept))
+  keep, _ = _keep_top_jit([_score_bits(s, a) for s, a in zip(leaves, alive)], jnp.int32(kept))
   it = iter(keep)
   return jax.tree.map(lambda s: None if s is None else next(it), scores, is_leaf=_is_none)
 
@@ -656,8 +726,10 @@ def _schedule(total: int, kept0: int, sparsity: float, rounds: int) -> np.ndarra
   ending at round((1 - s) N); d0 = kept0 / N is the initial density (1 without masks)."""
   final = int(round((1.0 - sparsity) * total))
   if final > kept0:
-    raise ValueError(f"sparsity={sparsity!r} keeps {final} weights, more than the {kept0} "
-                     "that masks keeps; an iterative pruner only removes weights.")
+    raise ValueError(
+      f"sparsity={sparsity!r} keeps {final} weights, more than the {kept0} "
+      "that masks keeps; an iterative pruner only removes weights."
+    )
   if kept0 == 0:
     return np.zeros(rounds, np.int32)
   d0, d1 = kept0 / total, 1.0 - sparsity
@@ -687,21 +759,23 @@ def _make_step(score_fn: Callable):
     bits = [_score_bits(si, a) for si, a in zip(s, alive)]
     keep, th = _keep_top(bits, k)
     round_of = [jnp.where(a & ~kp, t, r) for r, a, kp in zip(round_of, alive, keep)]
-    last = [jnp.where(a, jnp.abs(si).astype(jnp.float32), l)
-            for si, l, a in zip(s, last, alive)]
+    last = [jnp.where(a, jnp.abs(si).astype(jnp.float32), l) for si, l, a in zip(s, last, alive)]
     hist = th.hist
     positive = hist[1:]
     finite = positive[:_INF_BUCKET]
     has_pos = jnp.any(finite > 0)
     lo_bucket = jnp.argmax(finite > 0).astype(jnp.int32)
     hi_bucket = (_INF_BUCKET - 1 - jnp.argmax(finite[::-1] > 0)).astype(jnp.int32)
-    stats = jnp.stack([
-        hist[0],                                             # alive with score exactly 0
-        jnp.sum(positive[_INF_BUCKET:]),                      # NaN / inf
-        jnp.where(has_pos, (lo_bucket << 15) | 1, 0),         # min positive, lower bound
+    stats = jnp.stack(
+      [
+        hist[0],  # alive with score exactly 0
+        jnp.sum(positive[_INF_BUCKET:]),  # NaN / inf
+        jnp.where(has_pos, (lo_bucket << 15) | 1, 0),  # min positive, lower bound
         jnp.where(has_pos, (hi_bucket << 15) | (_LO - 1), 0),  # max, upper bound
         th.tau,
-        (th.ties > k - th.greater).astype(jnp.int32)])       # ties split by position
+        (th.ties > k - th.greater).astype(jnp.int32),
+      ]
+    )  # ties split by position
     return (round_of, last), stats
 
   return jax.jit(step)
@@ -723,8 +797,11 @@ def _packed_priorities(n: int, round_bits: int, pos_bits: int):
   def prio(rnd, score):
     bits = jax.lax.bitcast_convert_type(score, jnp.int32).astype(jnp.uint64)
     pos = jnp.arange(n, dtype=jnp.uint64)
-    key = (((rnd + 1).astype(jnp.uint64) << (31 + pos_bits)) | (bits << pos_bits)
-           | (jnp.uint64(n - 1) - pos))
+    key = (
+      ((rnd + 1).astype(jnp.uint64) << (31 + pos_bits))
+      | (bits << pos_bits)
+      | (jnp.uint64(n - 1) - pos)
+    )
     key = jnp.sort(key)
     order = (jnp.uint64(n - 1) - (key & jnp.uint64((1 << pos_bits) - 1))).astype(jnp.int32)
     return jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
@@ -758,8 +835,17 @@ def _priorities(round_of: list, last: list, rounds: int) -> list:
   return jnp.split(prio, np.cumsum(sizes)[:-1])
 
 
-def _iterate(step, args_for_round: Callable, params: PyTree, slots: tuple, mask_leaves,
-             sparsity: float, rounds: int, who: str, return_stats: bool):
+def _iterate(
+  step,
+  args_for_round: Callable,
+  params: PyTree,
+  slots: tuple,
+  mask_leaves,
+  sparsity: float,
+  rounds: int,
+  who: str,
+  return_stats: bool,
+):
   kernels = _kernels(params, slots)
   total = int(sum(np.prod(w.shape) for w in kernels))
   if mask_leaves is None:
@@ -783,34 +869,49 @@ def _iterate(step, args_for_round: Callable, params: PyTree, slots: tuple, mask_
   bad = int(stats[:, 1].sum())
   if bad:
     first = int(np.argmax(stats[:, 1] > 0))
-    raise ValueError(f"{who} computed {bad} NaN or infinite scores (first in round {first}); "
-                     "scores must be finite.")
+    raise ValueError(
+      f"{who} computed {bad} NaN or infinite scores (first in round {first}); "
+      "scores must be finite."
+    )
   prio = _score_tree(params, _priorities(*state, rounds), slots)
   if not return_stats:
     return prio
   kept = np.concatenate([[kept0], schedule]).astype(np.int64)
-  return prio, RoundStats(kept=kept, target=np.concatenate([schedule, schedule[-1:]]),
-                          zero_kept=stats[:, 0].astype(np.int64),
-                          min_positive_score=_bits_to_float(stats[:, 2]),
-                          max_score=_bits_to_float(stats[:, 3]),
-                          threshold=_bits_to_float(stats[:, 4]),
-                          ties_split=stats[:, 5].astype(bool))
+  return prio, RoundStats(
+    kept=kept,
+    target=np.concatenate([schedule, schedule[-1:]]),
+    zero_kept=stats[:, 0].astype(np.int64),
+    min_positive_score=_bits_to_float(stats[:, 2]),
+    max_score=_bits_to_float(stats[:, 3]),
+    threshold=_bits_to_float(stats[:, 4]),
+    ties_split=stats[:, 5].astype(bool),
+  )
 
 
 # --------------------------------------------------------------------------- iterative SNIP
 
 
 @functools.lru_cache(maxsize=32)
-def _iterative_snip_step(model, loss_fn: Callable, user_loss: Callable | None = None,
-                         slots: tuple | None = None):
+def _iterative_snip_step(
+  model, loss_fn: Callable, user_loss: Callable | None = None, slots: tuple | None = None
+):
   _, _, round_scores = _snip_fns(model, loss_fn, user_loss, slots)
   return _make_step(lambda alive, params, rest, batch: round_scores(params, rest, batch, alive))
 
 
-def iterative_snip(model, variables: PyTree, batches: Iterable[dict], sparsity: float, *,
-                   rounds: int = 300, masks=None, loss_fn: Callable | None = None,
-                   return_stats: bool = False, loss: Callable | None = None,
-                   prunable: masks_lib.Prunable = None):
+def iterative_snip(
+  model,
+  variables: PyTree,
+  batches: Iterable[dict],
+  sparsity: float,
+  *,
+  rounds: int = 300,
+  masks=None,
+  loss_fn: Callable | None = None,
+  return_stats: bool = False,
+  loss: Callable | None = None,
+  prunable: masks_lib.Prunable = None,
+):
   """Iterative SNIP (de Jorge et al., 2021, "Progressive skeletonization", FORCE-like
   schedule without resurrection): after round t = 1..R the density is
   (1 - s)^(t/R); each round recomputes :func:`snip` on the currently masked network
@@ -829,11 +930,11 @@ def iterative_snip(model, variables: PyTree, batches: Iterable[dict], sparsity: 
   source = _Cycle(batches, who, _check_batch if loss is None else _any_batch)
   slots = _slots(params, prunable, masks)
   mask_leaves = _mask_leaves(masks)
-  step = _iterative_snip_step(_model_key(model, loss), loss_fn or cross_entropy, loss,
-                              _cache_slots(params, slots))
+  step = _iterative_snip_step(
+    _model_key(model, loss), loss_fn or cross_entropy, loss, _cache_slots(params, slots)
+  )
   args = lambda t: (params, rest, source.get(t))
-  return _iterate(step, args, params, slots, mask_leaves, sparsity, rounds, who,
-                  return_stats)
+  return _iterate(step, args, params, slots, mask_leaves, sparsity, rounds, who, return_stats)
 
 
 # --------------------------------------------------------------------------- SynFlow
@@ -843,6 +944,7 @@ def iterative_snip(model, variables: PyTree, batches: Iterable[dict], sparsity: 
 def _synflow_fns(traced):
   """(kernel paths, jitted one-round scores, jitted round step) of a traced model."""
   from sparsejax import connectivity as conn_lib  # pylint: disable=g-import-not-at-top
+
   kernel_slots = tuple(sorted(traced.prunable))  # the params' flattened (mask) order
   paths = tuple(traced.paths[i] for i in kernel_slots)
   linear = conn_lib.linear_scores(traced.program, kernel_slots)
@@ -852,8 +954,7 @@ def _synflow_fns(traced):
     """|dR/dw * w| with w = |kernel| * alive on the linearized program (traceable)."""
     return linear(abs_kernels, alive, abs_params, extra)
 
-  step = _make_step(lambda alive, abs_kernels, abs_params: scores(abs_kernels, alive,
-                                                                  abs_params))
+  step = _make_step(lambda alive, abs_kernels, abs_params: scores(abs_kernels, alive, abs_params))
   return paths, jax.jit(scores), step
 
 
@@ -861,6 +962,7 @@ def _synflow_setup(model, params, input_shape, apply_kwargs=None, prunable=None,
   """(params, slots, |kernels| float32, |params| flat, one-round scores fn, jitted round
   step, mask leaves) for the prunable leaves of the traced program (module docstring)."""
   from sparsejax import effective  # pylint: disable=g-import-not-at-top
+
   if hasattr(params, "keys") and "params" in params and hasattr(params["params"], "keys"):
     params = params["params"]  # model variables were passed
   if not hasattr(input_shape, "shape"):
@@ -872,8 +974,10 @@ def _synflow_setup(model, params, input_shape, apply_kwargs=None, prunable=None,
   paths, scores, step = _synflow_fns(traced)
   mine = tuple(masks_lib.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params))
   if mine != traced.paths:
-    raise ValueError(f"params does not match the model: leaves {list(mine)[:3]}... vs the "
-                     f"model's {list(traced.paths)[:3]}...; pass the model's params.")
+    raise ValueError(
+      f"params does not match the model: leaves {list(mine)[:3]}... vs the "
+      f"model's {list(traced.paths)[:3]}...; pass the model's params."
+    )
   slots = tuple(sorted(traced.prunable))
   if masks is not None:
     masks_lib.validate(masks, params, prunable=paths)
@@ -882,9 +986,14 @@ def _synflow_setup(model, params, input_shape, apply_kwargs=None, prunable=None,
   return params, slots, abs_kernels, abs_params, scores, step, _mask_leaves(masks)
 
 
-def synflow_scores(model, params: PyTree, input_shape, masks=None,
-                   apply_kwargs: dict | None = None,
-                   prunable: masks_lib.Prunable = None) -> PyTree:
+def synflow_scores(
+  model,
+  params: PyTree,
+  input_shape,
+  masks=None,
+  apply_kwargs: dict | None = None,
+  prunable: masks_lib.Prunable = None,
+) -> PyTree:
   """One round of SynFlow scores (Tanaka et al., 2020, "Pruning neural networks without
   any data by iteratively conserving synaptic flow"):
 
@@ -901,16 +1010,26 @@ def synflow_scores(model, params: PyTree, input_shape, masks=None,
   linearization (layer norm, products of activations).
   """
   params, slots, abs_kernels, abs_params, scores, _, mask_leaves = _synflow_setup(
-      model, params, input_shape, apply_kwargs, prunable, masks)
+    model, params, input_shape, apply_kwargs, prunable, masks
+  )
   alive = mask_leaves or [jnp.ones(w.shape, bool) for w in abs_kernels]
   out = scores(abs_kernels, alive, abs_params)
   _check_finite(out, "synflow")
   return _score_tree(params, out, slots)
 
 
-def synflow(model, params: PyTree, input_shape, sparsity: float, *, rounds: int = 100,
-            masks=None, return_stats: bool = False, apply_kwargs: dict | None = None,
-            prunable: masks_lib.Prunable = None):
+def synflow(
+  model,
+  params: PyTree,
+  input_shape,
+  sparsity: float,
+  *,
+  rounds: int = 100,
+  masks=None,
+  return_stats: bool = False,
+  apply_kwargs: dict | None = None,
+  prunable: masks_lib.Prunable = None,
+):
   """Iterative SynFlow (Tanaka et al., 2020): ``rounds`` rounds of
   :func:`synflow_scores` on the currently kept weights; after round t = 1..R the
   density is (1 - s)^(t/R), kept globally by exact top-k (ties by position).
@@ -925,6 +1044,16 @@ def synflow(model, params: PyTree, input_shape, sparsity: float, *, rounds: int 
   sparsity = masks_lib.check_sparsity(sparsity)
   rounds = _check_rounds(rounds)
   params, slots, abs_kernels, abs_params, _, step, mask_leaves = _synflow_setup(
-      model, params, input_shape, apply_kwargs, prunable, masks)
-  return _iterate(step, lambda t: (abs_kernels, abs_params), params, slots, mask_leaves,
-                  sparsity, rounds, who, return_stats)
+    model, params, input_shape, apply_kwargs, prunable, masks
+  )
+  return _iterate(
+    step,
+    lambda t: (abs_kernels, abs_params),
+    params,
+    slots,
+    mask_leaves,
+    sparsity,
+    rounds,
+    who,
+    return_stats,
+  )

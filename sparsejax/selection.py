@@ -46,8 +46,7 @@ def descending_keys(x) -> np.ndarray:
     return d.view(np.uint32)
   if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == np.bool_:
     return np.invert(x.astype(np.int32).view(np.uint32) ^ _SIGN)
-  raise ValueError(f"scores of dtype {x.dtype} cannot be ranked; allowed: float or "
-                   "integer scores.")
+  raise ValueError(f"scores of dtype {x.dtype} cannot be ranked; allowed: float or integer scores.")
 
 
 def _float32_bits(x: jax.Array) -> jax.Array:
@@ -66,12 +65,12 @@ def _device_keys_fn(leaves: tuple) -> tuple[jax.Array, jax.Array]:
     x = x.reshape(-1)
     if jnp.issubdtype(x.dtype, jnp.floating):
       bits = _float32_bits(x)
-      bits = jnp.where(bits == jnp.int32(-2**31), 0, bits)  # -0.0 -> 0.0
+      bits = jnp.where(bits == jnp.int32(-(2**31)), 0, bits)  # -0.0 -> 0.0
       d = bits ^ ((~bits >> 31) & 0x7FFFFFFF)
       exponent = jnp.int32(0x7F800000)
       bad.append(jnp.sum((bits & exponent) == exponent, dtype=jnp.int32))
     else:
-      d = ~(x.astype(jnp.int32) ^ jnp.int32(-2**31))
+      d = ~(x.astype(jnp.int32) ^ jnp.int32(-(2**31)))
       bad.append(jnp.int32(0))
     keys.append(jax.lax.bitcast_convert_type(d, jnp.uint32))
   return jnp.concatenate(keys), jnp.stack(bad)
@@ -79,7 +78,8 @@ def _device_keys_fn(leaves: tuple) -> tuple[jax.Array, jax.Array]:
 
 def _on_device(dtype) -> bool:
   return dtype in (jnp.float32, jnp.bfloat16) or (
-      jnp.issubdtype(dtype, jnp.integer) and np.dtype(dtype).itemsize <= 4)
+    jnp.issubdtype(dtype, jnp.integer) and np.dtype(dtype).itemsize <= 4
+  )
 
 
 def flat_keys(leaves) -> tuple[jax.Array | np.ndarray, np.ndarray]:
@@ -90,8 +90,12 @@ def flat_keys(leaves) -> tuple[jax.Array | np.ndarray, np.ndarray]:
     keys, bad = _device_keys(tuple(jnp.asarray(x) for x in leaves))
     return keys, np.asarray(bad)
   host = [np.asarray(jax.device_get(x)).reshape(-1) for x in leaves]
-  bad = [0 if not jnp.issubdtype(x.dtype, jnp.floating)
-         else int(np.count_nonzero(~np.isfinite(x.astype(np.float32)))) for x in host]
+  bad = [
+    0
+    if not jnp.issubdtype(x.dtype, jnp.floating)
+    else int(np.count_nonzero(~np.isfinite(x.astype(np.float32))))
+    for x in host
+  ]
   return (np.concatenate([descending_keys(x) for x in host]), np.asarray(bad, np.int32))
 
 
@@ -148,7 +152,7 @@ def top(d: np.ndarray, c: int) -> np.ndarray:
     return np.zeros(0, np.int32)
   t = np.partition(d, c - 1)[c - 1]
   below = np.flatnonzero(d < t)
-  ties = np.flatnonzero(d == t)[:c - below.size]
+  ties = np.flatnonzero(d == t)[: c - below.size]
   return sort_positions(d, np.concatenate([below, ties]))
 
 

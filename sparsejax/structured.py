@@ -80,17 +80,23 @@ DEFAULT_QUOTA = "uniform"
 #: Scores read from the weights after dense training (``trained_params``).
 AFTER_TRAINING = ("l1", "magnitude", "bn_scale")
 #: Registry names: '<kind>/<score>' (the default quota) and '<kind>/<score>/<quota>'.
-NAMES = tuple(f"{k}/{s}{q}" for k in KINDS for s in SCORES
-              for q in [""] + [f"/{q}" for q in QUOTAS if q != DEFAULT_QUOTA])
+NAMES = tuple(
+  f"{k}/{s}{q}"
+  for k in KINDS
+  for s in SCORES
+  for q in [""] + [f"/{q}" for q in QUOTAS if q != DEFAULT_QUOTA]
+)
 
 
 def parse(name: str) -> tuple[str, str, str]:
   """(kind, score, quota) of a structured pruner name; ValueError for others."""
   parts = name.split("/") if isinstance(name, str) else []
   if name not in NAMES:
-    raise ValueError(f"name={name!r} is not a structured pruner; allowed: "
-                     f"<kind>/<score>[/<quota>] with kind in {KINDS}, score in {SCORES}, "
-                     f"quota in {QUOTAS} (default {DEFAULT_QUOTA}).")
+    raise ValueError(
+      f"name={name!r} is not a structured pruner; allowed: "
+      f"<kind>/<score>[/<quota>] with kind in {KINDS}, score in {SCORES}, "
+      f"quota in {QUOTAS} (default {DEFAULT_QUOTA})."
+    )
   return parts[0], parts[1], parts[2] if len(parts) == 3 else DEFAULT_QUOTA
 
 
@@ -110,11 +116,13 @@ def spaces_of(model, variables, kind: str, who: str | None = None) -> list:
   """
   who = f"pruner {who!r}: " if who else ""
   if not isinstance(model, nn.Module):
-    raise ValueError(f"{who}model={getattr(model, '__name__', type(model).__name__)} is "
-                     "a function; structured pruners need a zoo Flax module "
-                     f"({', '.join(c.__name__ for c in compact.FAMILIES)}), whose channel "
-                     "spaces (the parameters each unit owns, the kernels that read it) "
-                     "are known.")
+    raise ValueError(
+      f"{who}model={getattr(model, '__name__', type(model).__name__)} is "
+      "a function; structured pruners need a zoo Flax module "
+      f"({', '.join(c.__name__ for c in compact.FAMILIES)}), whose channel "
+      "spaces (the parameters each unit owns, the kernels that read it) "
+      "are known."
+    )
   try:
     spaces, _ = compact.channel_spaces(model)
   except ValueError as err:
@@ -123,9 +131,11 @@ def spaces_of(model, variables, kind: str, who: str | None = None) -> list:
   ndim = 4 if kind == "channel" else 2
   chosen = [s for s in spaces if np.ndim(flat[f"{s.sites[0]}/kernel"]) == ndim]
   if not chosen:
-    raise ValueError(f"{who}model={type(model).__name__} has no {kind}s to prune "
-                     f"({'conv channels' if kind == 'channel' else 'hidden Dense units'}); "
-                     f"use {'neuron' if kind == 'channel' else 'channel'}/... instead.")
+    raise ValueError(
+      f"{who}model={type(model).__name__} has no {kind}s to prune "
+      f"({'conv channels' if kind == 'channel' else 'hidden Dense units'}); "
+      f"use {'neuron' if kind == 'channel' else 'channel'}/... instead."
+    )
   return chosen
 
 
@@ -144,9 +154,18 @@ def channel_score_of(space, weight_scores: dict) -> np.ndarray:
   return s
 
 
-def channel_scores(name: str, *, key, model, variables, input_shape=None,
-                   batches=None, trained_params=None, loss=None,
-                   apply_kwargs: dict | None = None) -> dict:
+def channel_scores(
+  name: str,
+  *,
+  key,
+  model,
+  variables,
+  input_shape=None,
+  batches=None,
+  trained_params=None,
+  loss=None,
+  apply_kwargs: dict | None = None,
+) -> dict:
   """{space name: scores [size]} of the spaces the pruner ``name`` prunes.
 
   l1, magnitude and bn_scale read ``trained_params`` (default: variables['params']).
@@ -157,12 +176,18 @@ def channel_scores(name: str, *, key, model, variables, input_shape=None,
   weights = params if trained_params is None else trained_params
   flat = traverse_util.flatten_dict(weights, sep="/")
   if score == "random":
-    return {s.name: np.asarray(jax.random.uniform(jax.random.fold_in(key, i), (s.size,)))
-            for i, s in enumerate(spaces)}
+    return {
+      s.name: np.asarray(jax.random.uniform(jax.random.fold_in(key, i), (s.size,)))
+      for i, s in enumerate(spaces)
+    }
   if score == "l1":
-    return {s.name: sum(np.asarray(jnp.sum(jnp.abs(jnp.reshape(flat[f"{w}/kernel"],
-                                                               (-1, s.size))), 0))
-                        for w in s.sites) for s in spaces}
+    return {
+      s.name: sum(
+        np.asarray(jnp.sum(jnp.abs(jnp.reshape(flat[f"{w}/kernel"], (-1, s.size))), 0))
+        for w in s.sites
+      )
+      for s in spaces
+    }
   if score == "bn_scale":
     out = {}
     for s in spaces:
@@ -247,8 +272,9 @@ def _orders(sc: list) -> tuple:
 def _sequence(sc: list, orders: tuple) -> np.ndarray:
   """Global family: the space of each removal, channels sorted by (score, space,
   index), each space's best channel left out."""
-  items = sorted((float(x[c]), i, int(c)) for i, (x, o) in enumerate(zip(sc, orders))
-                 for c in o[:-1])
+  items = sorted(
+    (float(x[c]), i, int(c)) for i, (x, o) in enumerate(zip(sc, orders)) for c in o[:-1]
+  )
   return np.array([i for _, i, _ in items], np.int64)
 
 
@@ -283,8 +309,9 @@ def keep_from_scores(sc: dict, fraction: float, quota: str, ratios=None) -> dict
   return _kept(names, orders, _removed_counts(quota, sizes, sequence, ratios, m))
 
 
-def rank(name: str, kind: str, quota: str, channel_scores_: dict, model, variables
-         ) -> ChannelRanking:
+def rank(
+  name: str, kind: str, quota: str, channel_scores_: dict, model, variables
+) -> ChannelRanking:
   """The :class:`ChannelRanking` of the pruner ``name`` from its channel scores
   {space name: scores [size]} of the spaces of ``kind`` under ``quota``."""
   if kind not in KINDS:
@@ -295,16 +322,27 @@ def rank(name: str, kind: str, quota: str, channel_scores_: dict, model, variabl
   for s in spaces:
     sc = channel_scores_.get(s.name)
     if sc is None or np.shape(sc) != (s.size,) or not np.all(np.isfinite(sc)):
-      raise ValueError(f"pruner {name!r}: the scores of space {s.name} must be {s.size} "
-                       f"finite numbers; got {sc!r}.")
+      raise ValueError(
+        f"pruner {name!r}: the scores of space {s.name} must be {s.size} "
+        f"finite numbers; got {sc!r}."
+      )
   values = [np.asarray(channel_scores_[s.name]) for s in spaces]
   orders = _orders(values)
   sequence = _sequence(values, orders) if quota == "global" else None
   flat = traverse_util.flatten_dict(variables["params"], sep="/")
-  template = masks_lib.map_masks(lambda m: np.ones(m.shape, bool),
-                                 masks_lib.ones(variables["params"]))
-  return ChannelRanking(name, model, tuple(spaces), orders, quota, sequence,
-                        tuple(_erk_ratio(s, flat) for s in spaces), template)
+  template = masks_lib.map_masks(
+    lambda m: np.ones(m.shape, bool), masks_lib.ones(variables["params"])
+  )
+  return ChannelRanking(
+    name,
+    model,
+    tuple(spaces),
+    orders,
+    quota,
+    sequence,
+    tuple(_erk_ratio(s, flat) for s in spaces),
+    template,
+  )
 
 
 def _masks(template, spaces, keep: dict):
@@ -328,43 +366,56 @@ def _masks(template, spaces, keep: dict):
 def masks_for(model, variables, keep: dict) -> dict:
   """Weight masks removing every channel outside ``keep`` (filters and input slices)."""
   spaces, _ = compact.channel_spaces(model)
-  out = _masks(masks_lib.map_masks(lambda m: np.ones(m.shape, bool),
-                                   masks_lib.ones(variables["params"])), spaces, keep)
+  out = _masks(
+    masks_lib.map_masks(lambda m: np.ones(m.shape, bool), masks_lib.ones(variables["params"])),
+    spaces,
+    keep,
+  )
   return masks_lib.map_masks(jnp.asarray, out)
 
 
-def masks_for_target(ranking: ChannelRanking, sparsity: float, pruning_type: str = "direct",
-                     *, input_shape=None, **trace_kw):
+def masks_for_target(
+  ranking: ChannelRanking,
+  sparsity: float,
+  pruning_type: str = "direct",
+  *,
+  input_shape=None,
+  **trace_kw,
+):
   """Member m* = min { m : K(m) <= T } (direct: kept weights K; effective: active
   weights E), T = floor((1 - s) N), by bisection over m (module docstring).
 
   Raises UnreachableSparsityError when member M misses the target.
   """
   from sparsejax import pruning  # pruning dispatches here; it imports this lazily
+
   sparsity = masks_lib.check_sparsity(sparsity)
   pruning.check_pruning_type(pruning_type)
   total = ranking.total
   target = pruning.max_kept_for_sparsity(sparsity, total)
   if pruning_type == "direct":
+
     def kept(m):
       return masks_lib.count(ranking.masks_at(m, host=True))[0]
   else:
     if input_shape is None:
-      raise ValueError("pruning_type='effective' needs input_shape= for the connectivity "
-                       "sweep.")
+      raise ValueError("pruning_type='effective' needs input_shape= for the connectivity sweep.")
     sweep = effective.compiled_sweep(effective.trace(ranking.model, input_shape, **trace_kw))
 
     def kept(m):
       return masks_lib.count(sweep(ranking.masks_at(m, host=True)).masks)[0]
+
   last = kept(ranking.steps)
   if last > target:
     best = 1.0 - last / total
     raise errors.UnreachableSparsityError(
-        f"sparsity={sparsity!r} ({pruning_type}) cannot be reached by {ranking.name!r}: "
-        f"with every channel space at its last channel(s) {last} of {total} weights are "
-        f"{'kept' if pruning_type == 'direct' else 'active'}; the largest reachable "
-        f"{pruning_type} sparsity is {best:.6g} (compression {total / last:.4g}x).",
-        sparsity=sparsity, max_sparsity=best)
+      f"sparsity={sparsity!r} ({pruning_type}) cannot be reached by {ranking.name!r}: "
+      f"with every channel space at its last channel(s) {last} of {total} weights are "
+      f"{'kept' if pruning_type == 'direct' else 'active'}; the largest reachable "
+      f"{pruning_type} sparsity is {best:.6g} (compression {total / last:.4g}x).",
+      sparsity=sparsity,
+      max_sparsity=best,
+    )
   lo, hi = -1, ranking.steps  # K(lo) > T (lo = -1: by convention), K(hi) <= T
   while hi - lo > 1:
     mid = (lo + hi) // 2
@@ -375,21 +426,44 @@ def masks_for_target(ranking: ChannelRanking, sparsity: float, pruning_type: str
   return ranking.masks_at(hi)
 
 
-def prune(name: str, *, key, model, variables, fraction: float, quota: str = "uniform",
-          input_shape=None, batches=None) -> dict:
+def prune(
+  name: str,
+  *,
+  key,
+  model,
+  variables,
+  fraction: float,
+  quota: str = "uniform",
+  input_shape=None,
+  batches=None,
+) -> dict:
   """Masks removing ``fraction`` of the channels (or neurons) of ``name``'s kind by its
   score: member round(fraction * C) of the family under ``quota`` (uniform: kept_l =
   round(n_l (1 - fraction)); global: the round(fraction * C) lowest scores; each space
   keeps >= 1). By target sparsity: :func:`sparsejax.pruning.prune`."""
   _check(name, fraction, quota)
   kind, score, _ = parse(name)
-  sc = channel_scores(name, key=key, model=model, variables=variables,
-                      input_shape=input_shape, batches=batches)
+  sc = channel_scores(
+    name, key=key, model=model, variables=variables, input_shape=input_shape, batches=batches
+  )
   ranking = rank(name, kind, quota, sc, model, variables)
   m = int(round(fraction * sum(ranking.sizes)))
   return ranking.masks_at(min(m, ranking.steps))
 
 
-__all__ = ["prune", "channel_scores", "rank", "keep_from_scores", "ChannelRanking", "masks_for_target",
-           "masks_for", "spaces_of", "parse", "NAMES", "SCORES", "QUOTAS", "KINDS",
-           "AFTER_TRAINING"]
+__all__ = [
+  "prune",
+  "channel_scores",
+  "rank",
+  "keep_from_scores",
+  "ChannelRanking",
+  "masks_for_target",
+  "masks_for",
+  "spaces_of",
+  "parse",
+  "NAMES",
+  "SCORES",
+  "QUOTAS",
+  "KINDS",
+  "AFTER_TRAINING",
+]

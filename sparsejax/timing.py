@@ -19,7 +19,7 @@ import functools
 import os
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,13 +45,19 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, f
     raise ValueError(f"repeats={repeats!r} must be an integer >= 1.")
   times, order = {k: [] for k in fns}, list(fns)
   for r in range(repeats):
-    for k in (order if r % 2 == 0 else order[::-1]):
+    for k in order if r % 2 == 0 else order[::-1]:
       times[k].append(median_seconds(fns[k], repeats=1, warmup=0))
   return {k: statistics.median(t) for k, t in times.items()}
 
 
-def inference(networks: dict[str, tuple], input_shape, *, batch: int = 256,
-              repeats: int = 20, key: jax.Array | None = None) -> dict:
+def inference(
+  networks: dict[str, tuple],
+  input_shape,
+  *,
+  batch: int = 256,
+  repeats: int = 20,
+  key: jax.Array | None = None,
+) -> dict:
   """Inference latency (batch 1) and throughput (batch ``batch``) of each network.
 
   Args:

@@ -41,21 +41,22 @@ import hashlib
 import math
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from absl import logging
 import flax
-from flax import struct
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from absl import logging
+from flax import struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from sparsejax import data
+from sparsejax import data, optim
 from sparsejax import masks as masks_lib
-from sparsejax import optim
 
 PyTree = Any
 DATA_AXIS = "data"
@@ -112,8 +113,10 @@ class TrainConfig:
       raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0.")
     bounds = tuple(float(b) for b in self.decay_boundaries)
     if any(not 0.0 < b <= 1.0 for b in bounds) or list(bounds) != sorted(bounds):
-      raise ValueError(f"decay_boundaries={self.decay_boundaries!r} must be increasing "
-                       "fractions of the run in (0, 1].")
+      raise ValueError(
+        f"decay_boundaries={self.decay_boundaries!r} must be increasing "
+        "fractions of the run in (0, 1]."
+      )
     object.__setattr__(self, "decay_boundaries", bounds)  # Lists -> tuple: hashable.
 
   def boundary_steps(self) -> tuple[int, ...]:
@@ -162,13 +165,14 @@ def make_optimizer(config) -> optax.GradientTransformation:
   """
   momentum = config.momentum if config.momentum else None
   return optax.chain(
-      optax.add_decayed_weights(config.weight_decay, mask=kernel_mask),
-      optax.sgd(make_schedule(config), momentum=momentum),
+    optax.add_decayed_weights(config.weight_decay, mask=kernel_mask),
+    optax.sgd(make_schedule(config), momentum=momentum),
   )
 
 
-def make_masked_optimizer(config, masks: PyTree = None, straight_through: bool = False
-                          ) -> optax.GradientTransformation:
+def make_masked_optimizer(
+  config, masks: PyTree = None, straight_through: bool = False
+) -> optax.GradientTransformation:
   """:func:`make_optimizer` wrapped in :func:`sparsejax.optim.with_masks` (masks None:
   dense). The train step reads the masks from the optimizer state. With
   ``straight_through`` the masks only mask the forward pass (STE training)."""
@@ -203,14 +207,15 @@ class TrainState:
 
 
 def _check_same_structure(params: PyTree, reference: PyTree) -> None:
-  got = {masks_lib.path_str(p): np.shape(x)
-         for p, x in jax.tree_util.tree_leaves_with_path(params)}
-  want = {masks_lib.path_str(p): np.shape(x)
-          for p, x in jax.tree_util.tree_leaves_with_path(reference)}
+  got = {masks_lib.path_str(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  want = {
+    masks_lib.path_str(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(reference)
+  }
   if got != want:
     diff = sorted(set(got.items()) ^ set(want.items()))[:5]
-    raise ValueError(f"params do not match the model's parameters (path, shape): differing "
-                     f"entries {diff}.")
+    raise ValueError(
+      f"params do not match the model's parameters (path, shape): differing entries {diff}."
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -226,9 +231,15 @@ def _init_batch_stats(params, x, *, model):
   return variables.get("batch_stats", {})
 
 
-def create_train_state(model: flax.linen.Module, key: jax.Array, input_shape: Sequence[int],
-                       config, masks: PyTree = None, params: PyTree = None,
-                       straight_through: bool = False) -> TrainState:
+def create_train_state(
+  model: flax.linen.Module,
+  key: jax.Array,
+  input_shape: Sequence[int],
+  config,
+  masks: PyTree = None,
+  params: PyTree = None,
+  straight_through: bool = False,
+) -> TrainState:
   """Initializes the model and the optimizer; pruned weights start at exactly 0.
 
   Args:
@@ -259,8 +270,9 @@ def create_train_state(model: flax.linen.Module, key: jax.Array, input_shape: Se
     if not straight_through:
       params = masks_lib.apply(params, masks)
   tx = make_masked_optimizer(config, masks, straight_through)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=batch_stats, opt_state=tx.init(params))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=tx.init(params)
+  )
 
 
 # ----------------------------------------------------------------- steps
@@ -274,8 +286,9 @@ def _dataset_spec(spec) -> data.DatasetSpec:
     return data.get_spec(spec)
   if hasattr(spec, "dataset"):
     return data.get_spec(spec.dataset)
-  raise ValueError(f"spec={spec!r} must be a data.DatasetSpec, a dataset name or a "
-                   "models.ModelSpec.")
+  raise ValueError(
+    f"spec={spec!r} must be a data.DatasetSpec, a dataset name or a models.ModelSpec."
+  )
 
 
 def _loss_and_grads(state: TrainState, batch, key, *, model, spec, straight_through):
@@ -288,41 +301,45 @@ def _loss_and_grads(state: TrainState, batch, key, *, model, spec, straight_thro
   def loss_fn(params):
     if straight_through:
       params = optim.straight_through(params, state.masks)
-    logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
-                                  train=True, mutable=["batch_stats"])
+    logits, updates = model.apply(
+      {"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"]
+    )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, (logits, updates.get("batch_stats", state.batch_stats))
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   return loss, grads, logits, batch_stats
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec", "straight_through"))
 def _dense_grads(state: TrainState, batch, key, *, model, spec, straight_through=False):
   """dL/dw at every weight, pruned ones included (RigL's growth criterion)."""
-  return _loss_and_grads(state, batch, key, model=model, spec=spec,
-                         straight_through=straight_through)[1]
+  return _loss_and_grads(
+    state, batch, key, model=model, spec=spec, straight_through=straight_through
+  )[1]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec", "config", "straight_through"))
-def _train_step(state: TrainState, batch, key, *, model, spec, config,
-                straight_through=False):
+def _train_step(state: TrainState, batch, key, *, model, spec, config, straight_through=False):
   loss, grads, logits, batch_stats = _loss_and_grads(
-      state, batch, key, model=model, spec=spec, straight_through=straight_through)
+    state, batch, key, model=model, spec=spec, straight_through=straight_through
+  )
   labels = batch["label"]
   # The masks are in opt_state: gradients and updates are masked there.
   updates, opt_state = make_masked_optimizer(config, None, straight_through).update(
-      grads, state.opt_state, state.params)
+    grads, state.opt_state, state.params
+  )
   params = optax.apply_updates(state.params, updates)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state)
+  new_state = state.replace(
+    step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+  )
   return new_state, {"loss": loss, "accuracy": accuracy}
 
 
-def train_step(state: TrainState, batch, key: jax.Array, *, model, spec, config
-               ) -> tuple[TrainState, dict]:
+def train_step(
+  state: TrainState, batch, key: jax.Array, *, model, spec, config
+) -> tuple[TrainState, dict]:
   """One SGD step on a uint8 batch; jitted with ``model``, ``spec``, ``config`` static.
 
   Normalizes and augments on the device with ``fold_in(key, state.step)`` (pass the
@@ -355,8 +372,11 @@ def _eval_step(state: TrainState, batch, *, model, spec):
   weight = batch["mask"].astype(jnp.float32)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-  return {"loss": jnp.sum(loss * weight), "correct": jnp.sum(correct * weight),
-          "count": jnp.sum(weight)}
+  return {
+    "loss": jnp.sum(loss * weight),
+    "correct": jnp.sum(correct * weight),
+    "count": jnp.sum(weight),
+  }
 
 
 def eval_step(state: TrainState, batch, *, model, spec) -> dict:
@@ -396,8 +416,7 @@ def replicate(tree: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
 
   def put(x):
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.random.wrap_key_data(put(jax.random.key_data(x)),
-                                      impl=jax.random.key_impl(x))
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
@@ -413,12 +432,22 @@ def _mesh_of(state: TrainState) -> Mesh:
 
 def _check_divisible(batch_size: int, mesh: Mesh, name: str) -> None:
   if batch_size % mesh.size:
-    raise ValueError(f"{name}={batch_size} must be divisible by the number of devices "
-                     f"({mesh.size}) to shard the batch.")
+    raise ValueError(
+      f"{name}={batch_size} must be divisible by the number of devices "
+      f"({mesh.size}) to shard the batch."
+    )
 
 
-def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray, *, model, spec,
-             batch_size: int = 1000, mesh: Mesh | None = None) -> tuple[float, float]:
+def evaluate(
+  state: TrainState,
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  model,
+  spec,
+  batch_size: int = 1000,
+  mesh: Mesh | None = None,
+) -> tuple[float, float]:
   """Mean cross-entropy and accuracy over a whole split (running BN statistics).
 
   Args:
@@ -438,8 +467,9 @@ def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray, *, model
   batch_size = min(-(-int(batch_size) // size) * size, -(-n // size) * size)
   dspec = _dataset_spec(spec)
   totals = None
-  for batch in data.eval_batches(images, labels, batch_size,
-                                 sharding=NamedSharding(mesh, P(DATA_AXIS))):
+  for batch in data.eval_batches(
+    images, labels, batch_size, sharding=NamedSharding(mesh, P(DATA_AXIS))
+  ):
     sums = _eval_step(state, batch, model=model, spec=dspec)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
@@ -454,10 +484,14 @@ def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray, *, model
 def _update_stats(old: PyTree, new: PyTree, effective_masks: PyTree) -> dict:
   """Kept, dropped and grown weights of a mask update (and, with effective masks,
   active weights and grown weights that are not active), as int32 scalars."""
-  count = lambda fn, *trees: sum(jnp.sum(fn(*xs), dtype=jnp.int32) for xs in zip(
-      *(masks_lib.mask_leaves(t) for t in trees)))
-  stats = {"kept": count(lambda n: n, new), "dropped": count(lambda o, n: o & ~n, old, new),
-           "grown": count(lambda o, n: n & ~o, old, new)}
+  count = lambda fn, *trees: sum(
+    jnp.sum(fn(*xs), dtype=jnp.int32) for xs in zip(*(masks_lib.mask_leaves(t) for t in trees))
+  )
+  stats = {
+    "kept": count(lambda n: n, new),
+    "dropped": count(lambda o, n: o & ~n, old, new),
+    "grown": count(lambda o, n: n & ~o, old, new),
+  }
   if effective_masks is not None:
     stats["active"] = count(lambda e: e, effective_masks)
     stats["grown_dead"] = count(lambda o, n, e: n & ~o & ~e, old, new, effective_masks)
@@ -475,8 +509,7 @@ class MaskUpdates:
   units, dead kept weights (kept but inactive) and grown weights dead on arrival.
   """
 
-  def __init__(self, updater, *, model, spec, input_shape, step_key,
-               track_effective: bool = False):
+  def __init__(self, updater, *, model, spec, input_shape, step_key, track_effective: bool = False):
     self.updater = updater
     self.model, self.spec, self.input_shape = model, spec, tuple(input_shape)
     self.step_key = step_key
@@ -485,18 +518,31 @@ class MaskUpdates:
     self._sweep = None
     if getattr(updater, "regrow", "any") == "active":
       from sparsejax import effective
+
       self._sweep = effective.connectivity_sweep(model, self.input_shape, units=False)
 
   def __call__(self, state: TrainState, batch, step: int) -> TrainState:
     from sparsejax import dynamic, effective
+
     u, old = self.updater, state.masks
     key = jax.random.fold_in(jax.random.fold_in(self.step_key, step), 1)
-    grads = (_dense_grads(state, batch, self.step_key, model=self.model, spec=self.spec,
-                          straight_through=u.straight_through) if u.needs_grads else None)
+    grads = (
+      _dense_grads(
+        state,
+        batch,
+        self.step_key,
+        model=self.model,
+        spec=self.spec,
+        straight_through=u.straight_through,
+      )
+      if u.needs_grads
+      else None
+    )
     extra = {"sweep": self._sweep} if self._sweep is not None else {}
     if getattr(u, "target", "direct") == "effective":
-      new = u.update_effective(state.params, grads, old, step, key, model=self.model,
-                               input_shape=self.input_shape, **extra)
+      new = u.update_effective(
+        state.params, grads, old, step, key, model=self.model, input_shape=self.input_shape, **extra
+      )
     else:
       new = u.update(state.params, grads, old, jnp.int32(step), key, **extra)
     new = jax.tree.map(lambda m, ref: replicate(m, ref.sharding), new, old)
@@ -509,20 +555,32 @@ class MaskUpdates:
       effective_masks = conn.masks
     stats = jax.device_get(_update_stats(old, new, effective_masks))  # one transfer
     kept = int(stats["kept"])
-    record = {"step": int(step), "kept": kept, "dropped": int(stats["dropped"]),
-              "grown": int(stats["grown"]),
-              "direct_compression": total / kept if kept else float("inf")}
+    record = {
+      "step": int(step),
+      "kept": kept,
+      "dropped": int(stats["dropped"]),
+      "grown": int(stats["grown"]),
+      "direct_compression": total / kept if kept else float("inf"),
+    }
     if self.track_effective:
       active = int(stats["active"])
       record.update(
-          effective_compression=total / active if active else float("inf"),
-          dead_kept=kept - active, grown_dead=int(stats["grown_dead"]),
-          active_units=int(sum(conn.active_units.values())),
-          total_units=int(sum(conn.total_units.values())))
+        effective_compression=total / active if active else float("inf"),
+        dead_kept=kept - active,
+        grown_dead=int(stats["grown_dead"]),
+        active_units=int(sum(conn.active_units.values())),
+        total_units=int(sum(conn.total_units.values())),
+      )
     self.records.append(record)
-    logging.info("mask update at step %d: %s", step,
-                 ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                           for k, v in record.items() if k != "step"))
+    logging.info(
+      "mask update at step %d: %s",
+      step,
+      ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in record.items()
+        if k != "step"
+      ),
+    )
     return state
 
 
@@ -531,8 +589,12 @@ class MaskUpdates:
 
 def _split_history(saved: list) -> tuple[list, list]:
   """(evaluations, mask-update records) of a checkpoint's history item."""
-  return ([h for h in saved if "mask_update" not in h],
-          [h["mask_update"] for h in saved if "mask_update" in h])
+  return (
+    [h for h in saved if "mask_update" not in h],
+    [h["mask_update"] for h in saved if "mask_update" in h],
+  )
+
+
 class DivergedError(FloatingPointError):
   """Training met a non-finite loss or parameter; ``step`` is the first step seen so.
 
@@ -540,8 +602,9 @@ class DivergedError(FloatingPointError):
   checkpoints finished); no checkpoint holding non-finite values is ever saved."""
 
   def __init__(self, step: int, what: str):
-    super().__init__(f"training diverged at step {step}: {what}; lower "
-                     "config.learning_rate or check the inputs.")
+    super().__init__(
+      f"training diverged at step {step}: {what}; lower config.learning_rate or check the inputs."
+    )
     self.step = step
     self.what = what
 
@@ -593,9 +656,14 @@ def _meta(config, seed: int, key: jax.Array, masked: bool, updater=None) -> dict
   """What must match for a checkpoint to be resumed (JSON-able)."""
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
-  meta = {"config": {k: list(v) if isinstance(v, tuple) else v
-                     for k, v in dataclasses.asdict(config).items()},
-          "seed": int(seed), "key": np.asarray(key).ravel().tolist(), "masked": bool(masked)}
+  meta = {
+    "config": {
+      k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+    },
+    "seed": int(seed),
+    "key": np.asarray(key).ravel().tolist(),
+    "masked": bool(masked),
+  }
   if updater is not None:
     meta["updater"] = repr(updater)
   return meta
@@ -615,8 +683,9 @@ def state_checksum(state: TrainState) -> str:
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [
+    jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
@@ -629,25 +698,33 @@ def _read_checkpoint(manager, step: int, state: TrainState):
   """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore(), checksum=ocp.args.JsonRestore(),
-        state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore(),
+        checksum=ocp.args.JsonRestore(),
+        state=ocp.args.StandardRestore(abstract),
+        history=ocp.args.JsonRestore(),
+      ),
+    )
     saved_sum = restored["checksum"]["sha256"]
   except Exception as err:  # pylint: disable=broad-except
     # Orbax and TensorStore raise many types for damaged files; all mean "unusable".
     raise CorruptCheckpointError(step, f"{type(err).__name__}: {str(err)[:300]}") from err
   got = state_checksum(restored["state"])
   if got != saved_sum:
-    raise CorruptCheckpointError(step, f"checksum {got[:12]}... does not match the "
-                                 f"saved {str(saved_sum)[:12]}...")
+    raise CorruptCheckpointError(
+      step, f"checksum {got[:12]}... does not match the saved {str(saved_sum)[:12]}..."
+    )
   return restored["meta"], restored["state"], list(restored["history"])
 
 
 def _set_aside(manager, step: int) -> str:
   """Moves a corrupted step folder out of the checkpoint folder (kept for inspection)."""
   workdir = os.fspath(manager.directory)
-  aside = os.path.join(os.path.dirname(workdir.rstrip("/")),
-                       os.path.basename(workdir.rstrip("/")) + "-corrupt")
+  aside = os.path.join(
+    os.path.dirname(workdir.rstrip("/")), os.path.basename(workdir.rstrip("/")) + "-corrupt"
+  )
   os.makedirs(aside, exist_ok=True)
   target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
   os.replace(os.path.join(workdir, str(step)), target)
@@ -657,17 +734,19 @@ def _set_aside(manager, step: int) -> str:
 def _restore(manager, step: int, state: TrainState, meta: dict):
   saved_meta, restored_state, history = _read_checkpoint(manager, step, state)
   if saved_meta != meta:
-    differing = sorted(k for k in set(meta) | set(saved_meta)
-                       if meta.get(k) != saved_meta.get(k))
-    raise ValueError(f"workdir={manager.directory!s} holds a run with different settings "
-                     f"({', '.join(differing)}): saved {saved_meta}, now {meta}. Use another "
-                     "workdir or the same settings to resume.")
+    differing = sorted(k for k in set(meta) | set(saved_meta) if meta.get(k) != saved_meta.get(k))
+    raise ValueError(
+      f"workdir={manager.directory!s} holds a run with different settings "
+      f"({', '.join(differing)}): saved {saved_meta}, now {meta}. Use another "
+      "workdir or the same settings to resume."
+    )
   if state.masks is not None and "updater" not in meta:  # moving masks differ, rightly
-    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state.masks,
-                        restored_state.masks)
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state.masks, restored_state.masks)
     if not all(jax.tree.leaves(same)):
-      raise ValueError(f"workdir={manager.directory!s} holds a run with different masks; "
-                       "use another workdir to train these masks.")
+      raise ValueError(
+        f"workdir={manager.directory!s} holds a run with different masks; "
+        "use another workdir to train these masks."
+      )
   return restored_state, history
 
 
@@ -679,14 +758,19 @@ def _restore_latest_intact(manager, state: TrainState, meta: dict, stop: int):
   run starts fresh. Checkpoints of other settings or masks raise ValueError."""
   for step in sorted(manager.all_steps(), reverse=True):
     if step > stop:
-      raise ValueError(f"workdir={manager.directory!s} holds a checkpoint at step "
-                       f"{step}, past num_steps={stop}.")
+      raise ValueError(
+        f"workdir={manager.directory!s} holds a checkpoint at step {step}, past num_steps={stop}."
+      )
     try:
       restored = _restore(manager, step, state, meta)
     except CorruptCheckpointError as err:
       moved = _set_aside(manager, step)
-      logging.error("%s in %s; moved to %s, falling back to an earlier checkpoint.", err,
-                    manager.directory, moved)
+      logging.error(
+        "%s in %s; moved to %s, falling back to an earlier checkpoint.",
+        err,
+        manager.directory,
+        moved,
+      )
       manager.reload()
       continue
     if not bool(_all_finite(restored[0])):
@@ -696,13 +780,29 @@ def _restore_latest_intact(manager, state: TrainState, meta: dict, stop: int):
   return None
 
 
-def train(model: flax.linen.Module, spec, config, train_data: tuple[np.ndarray, np.ndarray],
-          test_data: tuple[np.ndarray, np.ndarray], *, masks: PyTree = None,
-          params: PyTree = None, seed: int = 0, key: jax.Array | None = None,
-          workdir: str | None = None, checkpoint_every: int = 5000, keep_checkpoints: int = 3,
-          eval_every: int = 5000, log_every: int = 500, num_steps: int | None = None,
-          eval_batch_size: int = 1000, devices: Sequence[jax.Device] | None = None,
-          prefetch: int = 2, updater=None, track_effective: bool = False) -> TrainResult:
+def train(
+  model: flax.linen.Module,
+  spec,
+  config,
+  train_data: tuple[np.ndarray, np.ndarray],
+  test_data: tuple[np.ndarray, np.ndarray],
+  *,
+  masks: PyTree = None,
+  params: PyTree = None,
+  seed: int = 0,
+  key: jax.Array | None = None,
+  workdir: str | None = None,
+  checkpoint_every: int = 5000,
+  keep_checkpoints: int = 3,
+  eval_every: int = 5000,
+  log_every: int = 500,
+  num_steps: int | None = None,
+  eval_batch_size: int = 1000,
+  devices: Sequence[jax.Device] | None = None,
+  prefetch: int = 2,
+  updater=None,
+  track_effective: bool = False,
+) -> TrainResult:
   """Trains ``model`` (masked when ``masks`` is given), resuming from ``workdir``.
 
   Args:
@@ -754,17 +854,24 @@ def train(model: flax.linen.Module, spec, config, train_data: tuple[np.ndarray, 
   dspec = _dataset_spec(config.dataset if spec is None else spec)
   train_images, train_labels = train_data
   test_images, test_labels = test_data
-  for name, value in (("checkpoint_every", checkpoint_every), ("eval_every", eval_every),
-                      ("log_every", log_every), ("keep_checkpoints", keep_checkpoints)):
+  for name, value in (
+    ("checkpoint_every", checkpoint_every),
+    ("eval_every", eval_every),
+    ("log_every", log_every),
+    ("keep_checkpoints", keep_checkpoints),
+  ):
     if int(value) != value or value < 1:
       raise ValueError(f"{name}={value!r} must be a positive integer.")
   stop = config.train_steps if num_steps is None else int(num_steps)
   if not 0 <= stop <= config.train_steps:
-    raise ValueError(f"num_steps={num_steps!r} must be in [0, config.train_steps="
-                     f"{config.train_steps}].")
+    raise ValueError(
+      f"num_steps={num_steps!r} must be in [0, config.train_steps={config.train_steps}]."
+    )
   if tuple(train_images.shape[1:]) != dspec.image_shape:
-    raise ValueError(f"train_data images have shape {tuple(train_images.shape[1:])} per "
-                     f"example; dataset {dspec.name!r} has {dspec.image_shape}.")
+    raise ValueError(
+      f"train_data images have shape {tuple(train_images.shape[1:])} per "
+      f"example; dataset {dspec.name!r} has {dspec.image_shape}."
+    )
   mesh = make_mesh(devices)
   _check_divisible(config.batch_size, mesh, "config.batch_size")
   replicated = NamedSharding(mesh, P())
@@ -773,45 +880,105 @@ def train(model: flax.linen.Module, spec, config, train_data: tuple[np.ndarray, 
   key = jax.random.key(seed) if key is None else key
   init_key, step_key = jax.random.split(key)
   if updater is not None and masks is None:
-    raise ValueError("updater needs starting masks: pass masks= (e.g. masks.ones(params) "
-                     "for gradual magnitude pruning from a dense network).")
+    raise ValueError(
+      "updater needs starting masks: pass masks= (e.g. masks.ones(params) "
+      "for gradual magnitude pruning from a dense network)."
+    )
   straight_through = bool(getattr(updater, "straight_through", False))
-  state = create_train_state(model, init_key, dspec.image_shape, config, masks=masks,
-                             params=params, straight_through=straight_through)
+  state = create_train_state(
+    model,
+    init_key,
+    dspec.image_shape,
+    config,
+    masks=masks,
+    params=params,
+    straight_through=straight_through,
+  )
   state = replicate(state, replicated)
   step_key = replicate(step_key, replicated)
-  mask_updates = None if updater is None else MaskUpdates(
-      updater, model=model, spec=dspec, input_shape=dspec.image_shape, step_key=step_key,
-      track_effective=track_effective)
+  mask_updates = (
+    None
+    if updater is None
+    else MaskUpdates(
+      updater,
+      model=model,
+      spec=dspec,
+      input_shape=dspec.image_shape,
+      step_key=step_key,
+      track_effective=track_effective,
+    )
+  )
 
   meta = _meta(config, seed, key, masks is not None, updater)
-  manager = None if workdir is None else ocp.CheckpointManager(
-      workdir, options=ocp.CheckpointManagerOptions(max_to_keep=keep_checkpoints, create=True))
+  manager = (
+    None
+    if workdir is None
+    else ocp.CheckpointManager(
+      workdir, options=ocp.CheckpointManagerOptions(max_to_keep=keep_checkpoints, create=True)
+    )
+  )
   try:
-    return _train_loop(model, dspec, config, state, step_key, meta, manager, seed=seed,
-                       stop=stop, train_images=train_images, train_labels=train_labels,
-                       test_images=test_images, test_labels=test_labels, mesh=mesh,
-                       batch_sharding=batch_sharding, checkpoint_every=checkpoint_every,
-                       eval_every=eval_every, log_every=log_every,
-                       eval_batch_size=eval_batch_size, prefetch=prefetch,
-                       start_time=start_time, mask_updates=mask_updates)
+    return _train_loop(
+      model,
+      dspec,
+      config,
+      state,
+      step_key,
+      meta,
+      manager,
+      seed=seed,
+      stop=stop,
+      train_images=train_images,
+      train_labels=train_labels,
+      test_images=test_images,
+      test_labels=test_labels,
+      mesh=mesh,
+      batch_sharding=batch_sharding,
+      checkpoint_every=checkpoint_every,
+      eval_every=eval_every,
+      log_every=log_every,
+      eval_batch_size=eval_batch_size,
+      prefetch=prefetch,
+      start_time=start_time,
+      mask_updates=mask_updates,
+    )
   finally:
     if manager is not None:
       manager.wait_until_finished()
       manager.close()
 
 
-def _train_loop(model, dspec, config, state, step_key, meta, manager, *, seed, stop,
-                train_images, train_labels, test_images, test_labels, mesh, batch_sharding,
-                checkpoint_every, eval_every, log_every, eval_batch_size, prefetch,
-                start_time, mask_updates=None) -> TrainResult:
+def _train_loop(
+  model,
+  dspec,
+  config,
+  state,
+  step_key,
+  meta,
+  manager,
+  *,
+  seed,
+  stop,
+  train_images,
+  train_labels,
+  test_images,
+  test_labels,
+  mesh,
+  batch_sharding,
+  checkpoint_every,
+  eval_every,
+  log_every,
+  eval_batch_size,
+  prefetch,
+  start_time,
+  mask_updates=None,
+) -> TrainResult:
   history: list[dict] = []
   straight_through = bool(mask_updates is not None and mask_updates.updater.straight_through)
   if manager is not None and manager.all_steps():
     restored = _restore_latest_intact(manager, state, meta, stop)
     if restored is None:
-      logging.error("No intact checkpoint left in %s: starting from step 0.",
-                    manager.directory)
+      logging.error("No intact checkpoint left in %s: starting from step 0.", manager.directory)
     else:
       state, history = restored
       if mask_updates is not None:
@@ -821,17 +988,30 @@ def _train_loop(model, dspec, config, state, step_key, meta, manager, *, seed, s
     if manager is not None and manager.latest_step() != step:
       if not bool(_all_finite(state)):
         raise DivergedError(step, "non-finite parameters or optimizer state")
-      saved = history + ([{"mask_update": r} for r in mask_updates.records]
-                         if mask_updates is not None else [])
-      manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(saved),
+      saved = history + (
+        [{"mask_update": r} for r in mask_updates.records] if mask_updates is not None else []
+      )
+      manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          history=ocp.args.JsonSave(saved),
           meta=ocp.args.JsonSave(meta),
-          checksum=ocp.args.JsonSave({"sha256": state_checksum(state), "step": step})),
-          force=True)
+          checksum=ocp.args.JsonSave({"sha256": state_checksum(state), "step": step}),
+        ),
+        force=True,
+      )
 
   def run_eval(step: int) -> tuple[float, float]:
-    loss, accuracy = evaluate(state, test_images, test_labels, model=model, spec=dspec,
-                              batch_size=eval_batch_size, mesh=mesh)
+    loss, accuracy = evaluate(
+      state,
+      test_images,
+      test_labels,
+      model=model,
+      spec=dspec,
+      batch_size=eval_batch_size,
+      mesh=mesh,
+    )
     if not math.isfinite(loss):  # Infinite or NaN logits: nothing to report.
       raise DivergedError(step, f"test loss is {loss}")
     history.append({"step": step, "test_loss": loss, "test_accuracy": accuracy})
@@ -839,24 +1019,45 @@ def _train_loop(model, dspec, config, state, step_key, meta, manager, *, seed, s
     return loss, accuracy
 
   start = int(jax.device_get(state.step))
-  logging.info("Training %s on %s: steps %d -> %d of %d, batch %d over %d device(s).",
-               type(model).__name__, dspec.name, start, stop, config.train_steps,
-               config.batch_size, mesh.size)
+  logging.info(
+    "Training %s on %s: steps %d -> %d of %d, batch %d over %d device(s).",
+    type(model).__name__,
+    dspec.name,
+    start,
+    stop,
+    config.train_steps,
+    config.batch_size,
+    mesh.size,
+  )
   side_time = 0.0  # Evaluations and checkpoints, excluded from steps/s.
   timed_from, timed_steps, train_time = 0.0, 0, 0.0
   final = None
   if start < stop:
-    batches = data.train_batches(train_images, train_labels, config.batch_size, seed,
-                                 start_step=start, prefetch=prefetch, num_steps=stop - start,
-                                 sharding=batch_sharding)
+    batches = data.train_batches(
+      train_images,
+      train_labels,
+      config.batch_size,
+      seed,
+      start_step=start,
+      prefetch=prefetch,
+      num_steps=stop - start,
+      sharding=batch_sharding,
+    )
     window: list[dict] = []
     window_start = time.perf_counter()
     try:
       for step, batch in zip(range(start, stop), batches):
         if mask_updates is not None and mask_updates.updater.is_update_step(step):
           state = mask_updates(state, batch, step)
-        state, metrics = _train_step(state, batch, step_key, model=model, spec=dspec,
-                                     config=config, straight_through=straight_through)
+        state, metrics = _train_step(
+          state,
+          batch,
+          step_key,
+          model=model,
+          spec=dspec,
+          config=config,
+          straight_through=straight_through,
+        )
         done = step + 1
         window.append(metrics)
         if step == start:  # The first call compiles; time the steps after it.
@@ -868,14 +1069,19 @@ def _train_loop(model, dspec, config, state, step_key, meta, manager, *, seed, s
           losses = np.asarray(jax.device_get([m["loss"] for m in window]))
           if not np.all(np.isfinite(losses)):
             bad = int(np.argmin(np.isfinite(losses)))  # window[i] is step done - len + i + 1
-            raise DivergedError(done - len(window) + bad + 1,
-                                f"training loss is {losses[bad]}")
+            raise DivergedError(done - len(window) + bad + 1, f"training loss is {losses[bad]}")
           means = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *window))
           now = time.perf_counter()
           rate = len(window) / max(now - window_start, 1e-9)
-          logging.info("step %d/%d: loss %.4f, accuracy %.4f, %.1f steps/s, ETA %s", done,
-                       stop, means["loss"], means["accuracy"], rate,
-                       _format_seconds((stop - done) / rate))
+          logging.info(
+            "step %d/%d: loss %.4f, accuracy %.4f, %.1f steps/s, ETA %s",
+            done,
+            stop,
+            means["loss"],
+            means["accuracy"],
+            rate,
+            _format_seconds((stop - done) / rate),
+          )
           window, window_start = [], now
         do_eval = done % eval_every == 0 or done == stop
         do_save = manager is not None and (done % checkpoint_every == 0 or done == stop)
@@ -892,17 +1098,42 @@ def _train_loop(model, dspec, config, state, step_key, meta, manager, *, seed, s
       batches.close()
     train_time = time.perf_counter() - timed_from - side_time
   if final is None:  # Nothing to train: evaluate what was restored.
-    final = (history[-1]["test_loss"], history[-1]["test_accuracy"]) if (
-        history and history[-1]["step"] == stop) else run_eval(stop)
+    final = (
+      (history[-1]["test_loss"], history[-1]["test_accuracy"])
+      if (history and history[-1]["step"] == stop)
+      else run_eval(stop)
+    )
   steps_per_second = timed_steps / train_time if timed_steps and train_time > 0 else float("nan")
-  return TrainResult(history=history, final_test_loss=final[0], final_test_accuracy=final[1],
-                     steps_per_second=steps_per_second,
-                     wall_time=time.perf_counter() - start_time, start_step=start, state=state,
-                     mask_updates=[] if mask_updates is None else list(mask_updates.records))
+  return TrainResult(
+    history=history,
+    final_test_loss=final[0],
+    final_test_accuracy=final[1],
+    steps_per_second=steps_per_second,
+    wall_time=time.perf_counter() - start_time,
+    start_step=start,
+    state=state,
+    mask_updates=[] if mask_updates is None else list(mask_updates.records),
+  )
 
 
-__all__ = ["TrainConfig", "weight_decay_from_keras_l2", "TrainState", "TrainResult",
-           "DivergedError", "CorruptCheckpointError", "state_checksum", "MaskUpdates",
-           "make_schedule", "make_optimizer", "make_masked_optimizer", "kernel_mask",
-           "create_train_state", "train_step", "eval_step", "evaluate", "make_mesh", "replicate",
-           "train"]
+__all__ = [
+  "TrainConfig",
+  "weight_decay_from_keras_l2",
+  "TrainState",
+  "TrainResult",
+  "DivergedError",
+  "CorruptCheckpointError",
+  "state_checksum",
+  "MaskUpdates",
+  "make_schedule",
+  "make_optimizer",
+  "make_masked_optimizer",
+  "kernel_mask",
+  "create_train_state",
+  "train_step",
+  "eval_step",
+  "evaluate",
+  "make_mesh",
+  "replicate",
+  "train",
+]

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -63,8 +63,7 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     def conv(f, k, s, name):
-      return L.Conv(f, (k, k), strides=(s, s), padding="SAME", use_bias=False,
-                    name=name)
+      return L.Conv(f, (k, k), strides=(s, s), padding="SAME", use_bias=False, name=name)
 
     y = conv(self.features, 3, self.stride, "conv_1")(x)
     y = L.Norm(name="norm_1")(y, train)
@@ -89,8 +88,7 @@ class SpecNet(nn.Module):
       kind, name = op[0], f"op{i:02d}_{op[0]}"
       if kind == "conv":
         _, features, k, s, padding = op
-        x = L.Conv(features, (k, k), strides=(s, s), padding=padding,
-                   name=name)(x)
+        x = L.Conv(features, (k, k), strides=(s, s), padding=padding, name=name)(x)
         x = L.Norm(name=name + "_norm")(x, train)
         x = nn.relu(x)
       elif kind == "dense":
@@ -138,20 +136,20 @@ def conv_geometry(n: int, k: int, s: int, padding: str) -> tuple[int, int]:
 
 @dataclasses.dataclass
 class Layer:
-  path: str                 # e.g. 'op00_conv' or 'op02_res/conv_1'
+  path: str  # e.g. 'op00_conv' or 'op02_res/conv_1'
   kernel_shape: tuple
-  out_ids: np.ndarray       # unit ids of the layer's output (before norm/ReLU)
+  out_ids: np.ndarray  # unit ids of the layer's output (before norm/ReLU)
 
 
 @dataclasses.dataclass
 class Graph:
   num_units: int
-  input_ids: np.ndarray     # shaped like one input example
+  input_ids: np.ndarray  # shaped like one input example
   output_ids: np.ndarray
-  src: np.ndarray           # [E] unit ids
-  dst: np.ndarray           # [E]
-  layer: np.ndarray         # [E] index into `layers`, -1 for unlabeled edges (pool, add, gap)
-  entry: np.ndarray         # [E] flat index into that layer's kernel (-1 if unlabeled)
+  src: np.ndarray  # [E] unit ids
+  dst: np.ndarray  # [E]
+  layer: np.ndarray  # [E] index into `layers`, -1 for unlabeled edges (pool, add, gap)
+  entry: np.ndarray  # [E] flat index into that layer's kernel (-1 if unlabeled)
   layers: list
 
   @property
@@ -160,10 +158,9 @@ class Graph:
 
 
 class _Builder:
-
   def __init__(self):
     self.n = 0
-    self.edges = []       # (src, dst, layer, entry) arrays
+    self.edges = []  # (src, dst, layer, entry) arrays
     self.layers = []
 
   def new(self, shape) -> np.ndarray:
@@ -191,14 +188,13 @@ class _Builder:
         for kh in range(k):
           ih = oh * s + kh - lo_h
           if not 0 <= ih < H:
-            continue          # zero padding: no unit, no edge
+            continue  # zero padding: no unit, no edge
           for kw in range(k):
             iw = ow * s + kw - lo_w
             if not 0 <= iw < W:
               continue
             # every (cin, cout) pair of this tap at this output position
-            self.add_edges(x[ih, iw, :, None], out[oh, ow, None, :], li,
-                           kernel_index[kh, kw])
+            self.add_edges(x[ih, iw, :, None], out[oh, ow, None, :], li, kernel_index[kh, kw])
     return out
 
   def dense(self, x, features, path):
@@ -207,8 +203,9 @@ class _Builder:
     out = self.new((features,))
     li = len(self.layers)
     self.layers.append(Layer(path, (x.size, features), out))
-    self.add_edges(x[:, None], out[None, :], li,
-                   np.arange(x.size * features).reshape(x.size, features))
+    self.add_edges(
+      x[:, None], out[None, :], li, np.arange(x.size * features).reshape(x.size, features)
+    )
     return out
 
   def pool(self, x, window, s):
@@ -253,9 +250,9 @@ def build_graph(spec: Sequence, input_shape: Sequence[int]) -> Graph:
     elif kind == "pool":
       _, pool_kind, window, stride = op
       assert pool_kind in ("max", "avg")
-      x = b.pool(x, window, stride)      # max and avg alike: every position connected
+      x = b.pool(x, window, stride)  # max and avg alike: every position connected
     elif kind == "flatten":
-      x = x.reshape(-1)                  # row-major (H, W, C): same units, new order
+      x = x.reshape(-1)  # row-major (H, W, C): same units, new order
     elif kind == "gap":
       x = b.gap(x)
     elif kind == "res":
@@ -276,8 +273,8 @@ def build_graph(spec: Sequence, input_shape: Sequence[int]) -> Graph:
 
 @dataclasses.dataclass
 class Result:
-  masks: list               # effective masks per layer (bool, kernel shapes), graph order
-  active_units: dict        # {path: active output units}
+  masks: list  # effective masks per layer (bool, kernel shapes), graph order
+  active_units: dict  # {path: active output units}
   total_units: dict
   active_inputs: int
   reach: np.ndarray
@@ -333,7 +330,7 @@ def reference(g: Graph, masks: Sequence[np.ndarray], search: str = "fixpoint") -
   src, dst = g.src[enabled], g.dst[enabled]
   walk = {"fixpoint": _fixpoint, "bfs": _bfs}[search]
   reach = walk(g.num_units, g.input_ids.ravel(), src, dst)
-  coreach = walk(g.num_units, g.output_ids.ravel(), dst, src)   # reversed edges
+  coreach = walk(g.num_units, g.output_ids.ravel(), dst, src)  # reversed edges
   live = enabled & (g.layer >= 0) & reach[g.src] & coreach[g.dst]
   eff = []
   for li, layer in enumerate(g.layers):
@@ -342,11 +339,13 @@ def reference(g: Graph, masks: Sequence[np.ndarray], search: str = "fixpoint") -
     eff.append(flat.reshape(layer.kernel_shape))
   active = reach & coreach
   return Result(
-      masks=eff,
-      active_units={l.path: int(active[l.out_ids].sum()) for l in g.layers},
-      total_units={l.path: int(l.out_ids.size) for l in g.layers},
-      active_inputs=int(active[g.input_ids].sum()),
-      reach=reach, coreach=coreach)
+    masks=eff,
+    active_units={l.path: int(active[l.out_ids].sum()) for l in g.layers},
+    total_units={l.path: int(l.out_ids.size) for l in g.layers},
+    active_inputs=int(active[g.input_ids].sum()),
+    reach=reach,
+    coreach=coreach,
+  )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -409,8 +408,7 @@ class PlainRes(nn.Module):
     y = nn.Conv(self.features, (3, 3), s, padding="SAME", use_bias=False, name="conv_1")(x)
     y = nn.relu(nn.BatchNorm(use_running_average=True, name="bn_1")(y))
     y = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, name="conv_2")(y)
-    y = nn.BatchNorm(use_running_average=True, scale_init=nn.initializers.zeros,
-                     name="bn_2")(y)
+    y = nn.BatchNorm(use_running_average=True, scale_init=nn.initializers.zeros, name="bn_2")(y)
     if self.stride != 1 or x.shape[-1] != self.features:
       x = nn.Conv(self.features, (1, 1), s, use_bias=False, name="proj")(x)
     return nn.relu(x + y)
@@ -425,8 +423,9 @@ class PlainNet(nn.Module):
       kind, name = op[0], f"op{i}_{op[0]}"
       if kind == "conv":
         _, f, k, s, pad, d, g, act = op
-        x = _ACTS[act](nn.Conv(f, k, s, padding=pad, kernel_dilation=d,
-                               feature_group_count=g, name=name)(x))
+        x = _ACTS[act](
+          nn.Conv(f, k, s, padding=pad, kernel_dilation=d, feature_group_count=g, name=name)(x)
+        )
       elif kind == "dense":
         x = _ACTS[op[2]](nn.Dense(op[1], name=name)(x))
       elif kind == "pool":
@@ -448,8 +447,13 @@ class PlainNet(nn.Module):
       elif kind == "res":
         x = PlainRes(op[1], op[2], name=name)(x)
       elif kind == "concat":
-        x = jnp.concatenate([nn.Conv(op[1], (3, 3), padding="SAME", name=f"{name}_a")(x),
-                             nn.Conv(op[1], (1, 1), name=f"{name}_b")(x)], axis=-1)
+        x = jnp.concatenate(
+          [
+            nn.Conv(op[1], (3, 3), padding="SAME", name=f"{name}_a")(x),
+            nn.Conv(op[1], (1, 1), name=f"{name}_b")(x),
+          ],
+          axis=-1,
+        )
       else:
         raise ValueError(f"unknown op {op!r}")
     return x
@@ -473,7 +477,6 @@ def _axis_pad(padding, axis):
 
 
 class _PlainBuilder(_Builder):
-
   def conv2(self, x, f, k, s, pad, d, g, path):
     H, W, C = x.shape
     oh_n, lo_h = _geometry(H, k[0], s[0], d[0], _axis_pad(pad, 0))
@@ -494,10 +497,11 @@ class _PlainBuilder(_Builder):
             if not 0 <= iw < W:
               continue
             for gi in range(g):
-              cin = x[ih, iw, gi * cg:(gi + 1) * cg]
-              cout = out[oh, ow, gi * fg:(gi + 1) * fg]
-              self.add_edges(cin[:, None], cout[None, :], li,
-                             index[kh, kw, :, gi * fg:(gi + 1) * fg])
+              cin = x[ih, iw, gi * cg : (gi + 1) * cg]
+              cout = out[oh, ow, gi * fg : (gi + 1) * fg]
+              self.add_edges(
+                cin[:, None], cout[None, :], li, index[kh, kw, :, gi * fg : (gi + 1) * fg]
+              )
     return out
 
   def dense_last(self, x, f, path):
@@ -519,7 +523,7 @@ class _PlainBuilder(_Builder):
         for dh in range(w[0]):
           for dw in range(w[1]):
             ih, iw = oh * s[0] + dh - lo_h, ow * s[1] + dw - lo_w
-            if 0 <= ih < H and 0 <= iw < W:   # padding is not a unit
+            if 0 <= ih < H and 0 <= iw < W:  # padding is not a unit
               self.add_edges(x[ih, iw, :], out[oh, ow, :])
     return out
 
@@ -546,7 +550,7 @@ def build_plain_graph(spec: Sequence, input_shape: Sequence[int]) -> Graph:
       _, _, w, s, pad = op
       x = b.pool2(x, w, s, pad)
     elif kind == "bn":
-      pass                               # per unit; a zero scale cuts no path
+      pass  # per unit; a zero scale cuts no path
     elif kind == "ln":
       x = b.all_to_all_last(x)
     elif kind == "flatten":

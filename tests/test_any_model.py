@@ -15,13 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparsejax import connectivity
-from sparsejax import effective
+from sparsejax import connectivity, effective
 from sparsejax import masks as masks_lib
 from tests import reference_graph as ref
 
-HYP = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                 HealthCheck.data_too_large])
+HYP = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 LEVELS = (0.0, 0.2, 0.5, 0.7, 0.85, 0.95, 1.0)
 
 
@@ -49,24 +47,28 @@ def _ops(shape0):
         else:
           pad, per_axis = mode, (mode, mode)
         try:
-          shape = (_out(h, k[0], s[0], d[0], per_axis[0]),
-                   _out(w, k[1], s[1], d[1], per_axis[1]), f)
+          shape = (
+            _out(h, k[0], s[0], d[0], per_axis[0]),
+            _out(w, k[1], s[1], d[1], per_axis[1]),
+            f,
+          )
         except ValueError:
           continue
-        ops.append(("conv", f, k, s, pad, d, groups,
-                    draw(st.sampled_from((None, "relu", "tanh", "gelu")))))
+        ops.append(
+          ("conv", f, k, s, pad, d, groups, draw(st.sampled_from((None, "relu", "tanh", "gelu"))))
+        )
       elif kind == "pool":
         win = (draw(st.integers(1, min(3, h))), draw(st.integers(1, min(3, w))))
         s = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
         mode = draw(st.sampled_from(("SAME", "VALID", "explicit")))
         if mode == "explicit":
-          pad = tuple((draw(st.integers(0, win[i] - 1)), draw(st.integers(0, win[i] - 1)))
-                      for i in range(2))
+          pad = tuple(
+            (draw(st.integers(0, win[i] - 1)), draw(st.integers(0, win[i] - 1))) for i in range(2)
+          )
           per_axis = pad
         else:
           pad, per_axis = mode, (mode, mode)
-        shape = (_out(h, win[0], s[0], 1, per_axis[0]), _out(w, win[1], s[1], 1, per_axis[1]),
-                 c)
+        shape = (_out(h, win[0], s[0], 1, per_axis[0]), _out(w, win[1], s[1], 1, per_axis[1]), c)
         ops.append(("pool", draw(st.sampled_from(("max", "avg"))), win, s, pad))
       elif kind == "bn":
         ops.append(("bn", draw(st.booleans())))
@@ -82,20 +84,25 @@ def _ops(shape0):
         shape = (h, w, 2 * f)
     head = draw(st.sampled_from(("flatten", "gap", "tokens")))
     if head == "tokens":
-      ops += [("tokens",), ("mix", draw(st.integers(1, 3))),
-              ("dense", draw(st.integers(1, 3)), None)]
+      ops += [
+        ("tokens",),
+        ("mix", draw(st.integers(1, 3))),
+        ("dense", draw(st.integers(1, 3)), None),
+      ]
     else:
       ops += [(head,), ("dense", draw(st.integers(1, 3)), None)]
     return tuple(ops)
-  return inner()
 
+  return inner()
 
 
 @st.composite
 def mlp_archs(draw):
   n = draw(st.integers(1, 6))
-  ops = tuple(("dense", draw(st.integers(1, 6)), draw(st.sampled_from(("tanh", "gelu", None))))
-              for _ in range(draw(st.integers(1, 4))))
+  ops = tuple(
+    ("dense", draw(st.integers(1, 6)), draw(st.sampled_from(("tanh", "gelu", None))))
+    for _ in range(draw(st.integers(1, 4)))
+  )
   return ops, (n,)
 
 
@@ -107,8 +114,13 @@ def _masks(draw, graph, params):
     seed = draw(st.integers(0, 2**31 - 1))
     by_path[layer.path] = np.random.default_rng(seed).random(layer.kernel_shape) < density
   tree = jax.tree_util.tree_map_with_path(
-      lambda p, s: jnp.asarray(by_path[masks_lib.path_str(p[:-1])])
-      if masks_lib.path_str(p[-1:]) == "kernel" else None, params)
+    lambda p, s: (
+      jnp.asarray(by_path[masks_lib.path_str(p[:-1])])
+      if masks_lib.path_str(p[-1:]) == "kernel"
+      else None
+    ),
+    params,
+  )
   return tree, [by_path[l.path] for l in graph.layers]
 
 
@@ -121,9 +133,11 @@ def check(draw, spec, input_shape, rounds=2):
     tree, per_layer = _masks(draw, graph, variables["params"])
     want = ref.reference(graph, per_layer)
     got = effective.connectivity(model, tree, x, variables=variables)
-    eff = {masks_lib.path_str(p[:-1]): np.asarray(m) for p, m in
-           jax.tree_util.tree_leaves_with_path(got.masks, is_leaf=lambda v: v is None)
-           if m is not None}
+    eff = {
+      masks_lib.path_str(p[:-1]): np.asarray(m)
+      for p, m in jax.tree_util.tree_leaves_with_path(got.masks, is_leaf=lambda v: v is None)
+      if m is not None
+    }
     for layer, w in zip(graph.layers, want.masks):
       np.testing.assert_array_equal(eff[layer.path], w, err_msg=f"{layer.path} in {spec}")
     assert got.active_units == want.active_units, spec
@@ -173,13 +187,11 @@ def test_apply_function_matches_mlp_reference():
 def test_default_prunable_leaves_are_linear_weights_in_data_flow_order():
   params = {"b_first": {"kernel": jnp.ones((3, 4))}, "a_last": {"kernel": jnp.ones((4, 2))}}
   fn = lambda p, x: jnp.tanh(x @ p["b_first"]["kernel"]) @ p["a_last"]["kernel"]
-  assert effective.prunable_paths(fn, (3,), params=params) == ["b_first/kernel",
-                                                               "a_last/kernel"]
+  assert effective.prunable_paths(fn, (3,), params=params) == ["b_first/kernel", "a_last/kernel"]
   only = lambda path: path.startswith("a_")
   assert effective.prunable_paths(fn, (3,), params=params, prunable=only) == ["a_last/kernel"]
   with pytest.raises(ValueError, match="prunable selects.*enter no linear op"):
-    effective.prunable_paths(_mlp_fn, (3,), params=_mlp_params(),
-                             prunable=lambda p: p == "b1")
+    effective.prunable_paths(_mlp_fn, (3,), params=_mlp_params(), prunable=lambda p: p == "b1")
 
 
 def test_masked_kernel_inside_the_model_and_weight_tying():
@@ -199,8 +211,9 @@ def test_masked_kernel_inside_the_model_and_weight_tying():
 
 def test_unsupported_primitive_names_it_and_the_source_line():
   def fn(p, x):
-    return jax.lax.while_loop(lambda c: c[0] < 3,
-                              lambda c: (c[0] + 1, jnp.tanh(c[1] @ p["w"])), (0, x))[1]
+    return jax.lax.while_loop(
+      lambda c: c[0] < 3, lambda c: (c[0] + 1, jnp.tanh(c[1] @ p["w"])), (0, x)
+    )[1]
 
   params = {"w": jnp.ones((3, 3))}
   with pytest.raises(ValueError, match=r"primitive 'while' at .*test_any_model.py:\d+"):
@@ -213,8 +226,11 @@ def test_input_dependent_cond_raises():
     return jax.lax.cond(h.sum() > 0, lambda h: h, lambda h: -h, h)
 
   params = {"w": jnp.ones((3, 3))}
-  with pytest.raises(ValueError, match=r"primitive 'cond' at .*test_any_model.py:\d+.*"
-                                       "branches on a value that depends on the input"):
+  with pytest.raises(
+    ValueError,
+    match=r"primitive 'cond' at .*test_any_model.py:\d+.*"
+    "branches on a value that depends on the input",
+  ):
     effective.connectivity(fn, {"w": jnp.ones((3, 3), bool)}, (3,), params=params)
 
 
@@ -224,11 +240,11 @@ def test_constant_cond_is_resolved():
 
   params = {"w": jnp.ones((3, 3)), "flag": 1}
   with pytest.raises(ValueError, match="primitive 'cond'"):  # a parameter: not constant
-    effective.connectivity(fn, {"w": jnp.ones((3, 3), bool), "flag": None}, (3,),
-                           params=params)
+    effective.connectivity(fn, {"w": jnp.ones((3, 3), bool), "flag": None}, (3,), params=params)
   fn2 = lambda p, x: jax.lax.cond(True, lambda h: h @ p["w"], lambda h: h * 0, x)
-  got = effective.connectivity(fn2, {"w": jnp.ones((3, 3), bool)}, (3,),
-                               params={"w": jnp.ones((3, 3))})
+  got = effective.connectivity(
+    fn2, {"w": jnp.ones((3, 3), bool)}, (3,), params={"w": jnp.ones((3, 3))}
+  )
   assert bool(got.masks["w"].all())
 
 
@@ -239,16 +255,16 @@ def test_bad_input():
     effective.connectivity(lambda p, x: p["w1"] @ p["w2"], good, (3,), params=params)
   with pytest.raises(ValueError, match="cannot be applied"):
     effective.connectivity(_mlp_fn, good, jnp.ones((1, 4)), params=params)
-  cnn = ref.PlainNet((("conv", 2, (3, 3), (1, 1), "SAME", (1, 1), 1, "relu"), ("gap",),
-                      ("dense", 2, None)))
+  cnn = ref.PlainNet(
+    (("conv", 2, (3, 3), (1, 1), "SAME", (1, 1), 1, "relu"), ("gap",), ("dense", 2, None))
+  )
   v = cnn.init(jax.random.key(0), jnp.ones((1, 4, 4, 1)))
-  with pytest.raises(ValueError, match="cannot be applied"):   # wrong rank
+  with pytest.raises(ValueError, match="cannot be applied"):  # wrong rank
     effective.connectivity(cnn, effective.ones(cnn, (4, 4, 1)), jnp.ones((4, 1)), variables=v)
   with pytest.raises(ValueError, match=r"example input of shape \(\)"):
     effective.connectivity(_mlp_fn, good, jnp.ones(()), params=params)
   with pytest.raises(ValueError, match="dtype int32; masks must be bool"):
-    effective.connectivity(_mlp_fn, dict(good, w1=jnp.ones((3, 4), jnp.int32)), (3,),
-                           params=params)
+    effective.connectivity(_mlp_fn, dict(good, w1=jnp.ones((3, 4), jnp.int32)), (3,), params=params)
   with pytest.raises(ValueError, match="does not match the parameter tree"):
     effective.connectivity(_mlp_fn, {"w1": good["w1"]}, (3,), params=params)
   with pytest.raises(ValueError, match="pass params="):
@@ -279,8 +295,9 @@ def test_placement_and_barriers_are_identities():
   params = {"a": jnp.ones((3, 4)), "b": jnp.ones((4, 2))}
   rng = np.random.default_rng(5)
   k1, k2 = rng.random((3, 4)) < 0.5, rng.random((4, 2)) < 0.5
-  got = effective.connectivity(fn, {"a": jnp.asarray(k1), "b": jnp.asarray(k2)}, (3,),
-                               params=params)
+  got = effective.connectivity(
+    fn, {"a": jnp.asarray(k1), "b": jnp.asarray(k2)}, (3,), params=params
+  )
   eff, _, _ = ref.mlp_reference([k1, k2])
   np.testing.assert_array_equal(got.masks["a"], eff[0])
   np.testing.assert_array_equal(got.masks["b"], eff[1])
@@ -288,8 +305,15 @@ def test_placement_and_barriers_are_identities():
 
 def test_supported_primitives_listed():
   names = connectivity.supported_primitives()
-  for p in ("dot_general", "conv_general_dilated", "reduce_window_max", "custom_jvp_call",
-            "pjit", "concatenate", "gather"):
+  for p in (
+    "dot_general",
+    "conv_general_dilated",
+    "reduce_window_max",
+    "custom_jvp_call",
+    "pjit",
+    "concatenate",
+    "gather",
+  ):
     assert p in names
 
 
@@ -305,15 +329,13 @@ class PlainBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     s = (self.stride, self.stride)
-    bn = lambda name: nn.BatchNorm(use_running_average=True, momentum=0.99, epsilon=1e-5,
-                                   name=name)
+    bn = lambda name: nn.BatchNorm(use_running_average=True, momentum=0.99, epsilon=1e-5, name=name)
     y = nn.Conv(self.features, (3, 3), s, padding="SAME", use_bias=False, name="conv_1")(x)
     y = nn.relu(bn("norm_1")(y))
     y = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, name="conv_2")(y)
     y = bn("norm_2")(y)
     if self.stride != 1 or x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), s, padding="SAME", use_bias=False,
-                  name="shortcut_conv")(x)
+      x = nn.Conv(self.features, (1, 1), s, padding="SAME", use_bias=False, name="shortcut_conv")(x)
       x = bn("shortcut_norm")(x)
     return nn.relu(y + x)
 
@@ -327,8 +349,9 @@ class PlainResNet18(nn.Module):
     x = nn.relu(nn.BatchNorm(use_running_average=True, name="stage0_norm")(x))
     for stage, f in enumerate((64, 128, 256, 512), start=1):
       for block in range(2):
-        x = PlainBlock(f, 2 if stage > 1 and block == 0 else 1,
-                       name=f"stage{stage}_block{block}")(x)
+        x = PlainBlock(f, 2 if stage > 1 and block == 0 else 1, name=f"stage{stage}_block{block}")(
+          x
+        )
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, use_bias=False, name="stage5_dense")(x)
 
@@ -337,6 +360,7 @@ def test_synflow_plain_resnet_equals_the_zoo_resnet():
   """Bit-equal scores. 32x32 inputs keep every conv input larger than its padding (4x4
   in stage 4), where the zoo's Conv is plain nn.Conv (layers.conv_general_dilated)."""
   from sparsejax import models, scores
+
   shape = (32, 32, 3)
   zoo = models.create("resnet18", num_classes=10)
   plain = PlainResNet18(10)
@@ -358,10 +382,12 @@ def test_synflow_plain_resnet_equals_the_zoo_resnet():
 
 def test_synflow_on_a_gelu_mlp_is_path_counting():
   from sparsejax import scores
+
   rng = np.random.default_rng(1)
-  params = {"l1": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
-                   "bias": jnp.ones(4)},
-            "l2": {"kernel": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)}}
+  params = {
+    "l1": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "bias": jnp.ones(4)},
+    "l2": {"kernel": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)},
+  }
   fn = lambda p, x: jax.nn.gelu(x @ p["l1"]["kernel"] + p["l1"]["bias"]) @ p["l2"]["kernel"]
   got = scores.synflow_scores(fn, params, (3,))
   got = {"w1": got["l1"]["kernel"], "w2": got["l2"]["kernel"]}
@@ -375,6 +401,7 @@ def test_synflow_on_a_gelu_mlp_is_path_counting():
 
 def test_synflow_refuses_unfaithful_linearizations():
   from sparsejax import scores
+
   ln = ref.PlainNet((("dense", 4, None), ("ln",), ("dense", 2, None)))
   params = ln.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
   with pytest.raises(ValueError, match="not faithful"):
@@ -398,18 +425,18 @@ def test_constant_index_gather_and_scatter_add():
   idx = np.array([2, 0, 2])
 
   def fn(p, x):  # x: [4]; gather positions 2, 0, 2; scatter-add them into 2 slots
-    h = jnp.tanh(x @ p["a"])[idx]                      # [3]
-    s = jnp.zeros(2).at[np.array([0, 0, 1])].add(h)    # slot 0 <- h0 + h1, slot 1 <- h2
+    h = jnp.tanh(x @ p["a"])[idx]  # [3]
+    s = jnp.zeros(2).at[np.array([0, 0, 1])].add(h)  # slot 0 <- h0 + h1, slot 1 <- h2
     return s @ p["b"]
 
   params = {"a": jnp.ones((4, 3)), "b": jnp.ones((2, 2))}
   a = np.zeros((4, 3), bool)
-  a[:, 1] = True           # only hidden unit 1 is fed; it is never gathered
-  a[0, 0] = True           # hidden unit 0 (gathered once, into slot 0)
+  a[:, 1] = True  # only hidden unit 1 is fed; it is never gathered
+  a[0, 0] = True  # hidden unit 0 (gathered once, into slot 0)
   masks = {"a": jnp.asarray(a), "b": jnp.ones((2, 2), bool)}
-  got = effective.connectivity(fn, masks, jnp.ones(4), params=params)   # unbatched
+  got = effective.connectivity(fn, masks, jnp.ones(4), params=params)  # unbatched
   want_a = np.zeros((4, 3), bool)
   want_a[0, 0] = True
   np.testing.assert_array_equal(got.masks["a"], want_a)
-  want_b = np.array([[True, True], [False, False]])   # slot 1 holds unit 2: unreachable
+  want_b = np.array([[True, True], [False, False]])  # slot 1 holds unit 2: unreachable
   np.testing.assert_array_equal(got.masks["b"], want_b)

@@ -22,8 +22,22 @@ def test_row_times_masked_and_compacted_lenet300100():
 @pytest.mark.slow
 def test_grid_is_written_row_by_row_and_resumed(tmp_path, capsys):
   path = str(tmp_path / "bench.csv")
-  argv = ["--archs", "lenet300100", "--pruners", "structured", "--compressions", "10",
-          "--batch", "2", "--repeats", "1", "--no_train", "--in_process", "--csv", path]
+  argv = [
+    "--archs",
+    "lenet300100",
+    "--pruners",
+    "structured",
+    "--compressions",
+    "10",
+    "--batch",
+    "2",
+    "--repeats",
+    "1",
+    "--no_train",
+    "--in_process",
+    "--csv",
+    path,
+  ]
   compaction.main(argv)
   (row,) = compaction.read_rows(path)
   assert (row["arch"], row["pruner"], row["status"]) == ("lenet300100", "neuron/l1", "ok")
@@ -34,7 +48,9 @@ def test_grid_is_written_row_by_row_and_resumed(tmp_path, capsys):
   assert len(compaction.read_rows(path)) == 1
 
 
-@pytest.mark.parametrize("argv, match", [
+@pytest.mark.parametrize(
+  "argv, match",
+  [
     (["--archs", "vgg99"], "--archs: 'vgg99' is not a network"),
     (["--pruners", "nope"], "--pruners: 'nope' is not a pruner"),
     (["--compressions", "1"], "not an effective compression > 1"),
@@ -42,7 +58,8 @@ def test_grid_is_written_row_by_row_and_resumed(tmp_path, capsys):
     (["--rows", "vgg19:synflow"], "must be arch:pruner:compression"),
     (["--rows", "lenet5:*:*"], "no row matches"),
     (["--repeats", "0"], "--repeats=0 must be >= 1"),
-])
+  ],
+)
 def test_bad_flags_are_named(argv, match, capsys):
   with pytest.raises(SystemExit):
     compaction.parse_args(argv + ["--csv", "unused.csv"])
@@ -50,10 +67,15 @@ def test_bad_flags_are_named(argv, match, capsys):
 
 
 def test_structured_resolves_per_network_and_rows_filter():
-  rows = compaction.grid("vgg19,lenet300100", "structured,synflow", "10,100",
-                         rows="*:structured:100,vgg19:synflow:1*")
-  assert rows == [("vgg19", "channel/l1", 100.0), ("vgg19", "synflow", 10.0),
-                  ("vgg19", "synflow", 100.0), ("lenet300100", "neuron/l1", 100.0)]
+  rows = compaction.grid(
+    "vgg19,lenet300100", "structured,synflow", "10,100", rows="*:structured:100,vgg19:synflow:1*"
+  )
+  assert rows == [
+    ("vgg19", "channel/l1", 100.0),
+    ("vgg19", "synflow", 10.0),
+    ("vgg19", "synflow", 100.0),
+    ("lenet300100", "neuron/l1", 100.0),
+  ]
   with pytest.raises(ValueError, match="batch=0 must be an integer >= 1"):
     compaction.bench_row("lenet300100", "synflow", 10, batch=0)
 
@@ -61,7 +83,8 @@ def test_structured_resolves_per_network_and_rows_filter():
 def test_score_batches_above_the_synthetic_split_size():
   # VGG-19's SNIP batch (1280) and ResNet-18's (2560) exceed the 1024 synthetic examples.
   (batch,) = common.DataSource(synthetic=True).score_batches(
-      "mnist", num_batches=1, batch_size=1500, seed=0)
+    "mnist", num_batches=1, batch_size=1500, seed=0
+  )
   assert batch["image"].shape == (1024, 28, 28, 1)
   chunks = compaction.score_batches("lenet300100", 1500)
   assert sum(len(b["label"]) for b in chunks) == 1500
@@ -71,8 +94,11 @@ def test_score_batches_above_the_synthetic_split_size():
 def test_layer_benchmark_im2col_equals_the_convolution():
   import jax
   import numpy as np
+
   from benchmarks import compaction_layers
+
   x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
   k = jax.random.normal(jax.random.key(1), (3, 3, 3, 5))
-  np.testing.assert_allclose(compaction_layers._im2col(x, k), compaction_layers._conv(x, k),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    compaction_layers._im2col(x, k), compaction_layers._conv(x, k), rtol=1e-5, atol=1e-5
+  )

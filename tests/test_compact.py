@@ -25,14 +25,17 @@ from sparsejax import masks as masks_lib
 from sparsejax.models import VGG, LeNet5, LeNet300100, ResNet18
 from tests import reference_graph as ref
 
-HYP = dict(deadline=None, max_examples=3,
-           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+HYP = dict(
+  deadline=None,
+  max_examples=3,
+  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 SMALL = {
-    "lenet300100": (LeNet300100(hidden=(24, 12)), (28, 28, 1)),
-    "lenet5": (LeNet5(channels=(4, 6), hidden=(12, 8)), (28, 28, 1)),  # MNIST-shaped
-    "vgg": (VGG(config=(6, "M", 8, "M", 8, 10, "M"), num_classes=5), (16, 16, 3)),
-    "resnet18": (ResNet18(num_classes=5, widths=(4, 6, 6, 8)), (16, 16, 3)),
+  "lenet300100": (LeNet300100(hidden=(24, 12)), (28, 28, 1)),
+  "lenet5": (LeNet5(channels=(4, 6), hidden=(12, 8)), (28, 28, 1)),  # MNIST-shaped
+  "vgg": (VGG(config=(6, "M", 8, "M", 8, 10, "M"), num_classes=5), (16, 16, 3)),
+  "resnet18": (ResNet18(num_classes=5, widths=(4, 6, 6, 8)), (16, 16, 3)),
 }
 
 
@@ -53,7 +56,7 @@ def perturb(variables, key):
   return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def small(name):
   model, shape = SMALL[name]
   v = model.init(jax.random.key(0), jnp.ones((1,) + shape))
@@ -65,8 +68,13 @@ def layer_masks(params, rng, sparsities):
   paths = masks_lib.prunable_paths(params)
   by = dict(zip(paths, sparsities))
   return jax.tree_util.tree_map_with_path(
-      lambda p, w: (jnp.asarray(rng.random(w.shape) >= by[masks_lib.path_str(p)])
-                    if masks_lib.path_str(p) in by else None), params)
+    lambda p, w: (
+      jnp.asarray(rng.random(w.shape) >= by[masks_lib.path_str(p)])
+      if masks_lib.path_str(p) in by
+      else None
+    ),
+    params,
+  )
 
 
 def active(model, m, shape):
@@ -77,10 +85,22 @@ def active(model, m, shape):
 
 
 REF_ARCHS = [
-    ("cnn_same_s2_odd", (5, 5, 2), (("conv", 3, 3, 1, "SAME"), ("conv", 3, 3, 2, "SAME"),
-                                    ("pool", "max", 2, 1), ("flatten",), ("dense", 3))),
-    ("res_6x6", (6, 6, 2), (("conv", 3, 3, 1, "SAME"), ("res", 4, 2), ("res", 4, 1),
-                            ("gap",), ("dense", 3))),
+  (
+    "cnn_same_s2_odd",
+    (5, 5, 2),
+    (
+      ("conv", 3, 3, 1, "SAME"),
+      ("conv", 3, 3, 2, "SAME"),
+      ("pool", "max", 2, 1),
+      ("flatten",),
+      ("dense", 3),
+    ),
+  ),
+  (
+    "res_6x6",
+    (6, 6, 2),
+    (("conv", 3, 3, 1, "SAME"), ("res", 4, 2), ("res", 4, 1), ("gap",), ("dense", 3)),
+  ),
 ]
 
 
@@ -95,7 +115,8 @@ def test_channel_reach_matches_the_unit_graph(arch, seed, level):
   rng = np.random.default_rng(seed)
   by = {l.path: rng.random(l.kernel_shape) >= level for l in graph.layers}
   tree = jax.tree_util.tree_map_with_path(
-      lambda p, s: by.get(masks_lib.path_str(p)[:-len("/kernel")]), shapes)
+    lambda p, s: by.get(masks_lib.path_str(p)[: -len("/kernel")]), shapes
+  )
   got = effective.channel_reach(model, tree, shape)
   want = ref.reference(graph, [by[l.path] for l in graph.layers])
   assert list(got) == [l.path for l in graph.layers]
@@ -115,8 +136,7 @@ def test_channel_reach_matches_the_unit_graph(arch, seed, level):
 def test_compacted_small_networks_compute_the_same_function(name, seed, data):
   model, shape, v = small(name)
   n = len(masks_lib.prunable_paths(v["params"]))
-  levels = data.draw(st.lists(st.sampled_from([0.0, 0.5, 0.8, 0.9, 0.97]), min_size=n,
-                              max_size=n))
+  levels = data.draw(st.lists(st.sampled_from([0.0, 0.5, 0.8, 0.9, 0.97]), min_size=n, max_size=n))
   m = layer_masks(v["params"], np.random.default_rng(seed), levels)
   fold = data.draw(st.booleans())
   new_model, new_v, new_m = compact.compact(model, v, m, input_shape=shape, fold=fold)
@@ -132,8 +152,10 @@ def test_compacted_small_networks_compute_the_same_function(name, seed, data):
 
 
 @settings(**HYP)
-@given(seed=st.integers(0, 2**32 - 1), levels=st.lists(st.sampled_from([0.5, 0.9, 0.97]),
-                                                      min_size=3, max_size=3))
+@given(
+  seed=st.integers(0, 2**32 - 1),
+  levels=st.lists(st.sampled_from([0.5, 0.9, 0.97]), min_size=3, max_size=3),
+)
 def test_mlp_keeps_exactly_the_live_neurons(seed, levels):
   """Dense readers: every constant is folded, so kept = reach AND coreach (boolean
   matrix propagation), or one neuron where none is live."""
@@ -193,8 +215,9 @@ def test_residual_streams_shrink_together():
   assert new_v["batch_stats"]["stage2_block1"]["norm_2"]["mean"].shape == (5,)
   # written by one block only: still read by the other, kept
   m2 = masks_lib.ones(v["params"])
-  m2["stage2_block0"]["conv_2"]["kernel"] = m2["stage2_block0"]["conv_2"]["kernel"].at[
-      ..., 1].set(False)
+  m2["stage2_block0"]["conv_2"]["kernel"] = (
+    m2["stage2_block0"]["conv_2"]["kernel"].at[..., 1].set(False)
+  )
   assert compact.compact(model, v, m2, input_shape=shape)[0].widths == (4, 6, 6, 8)
 
 
@@ -235,7 +258,7 @@ def test_unknown_models_and_mismatched_masks_are_value_errors():
 # --------------------------------------------------------------------------- the zoo
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def zoo(name):
   model, shape = models.create(name), models.input_shape(name)
   return model, shape, model.init(jax.random.key(0), jnp.ones((1,) + shape))
@@ -243,21 +266,34 @@ def zoo(name):
 
 def pruned(name, pruner, compression):
   model, shape, v = zoo(name)
-  batches = [{"image": jax.random.normal(jax.random.key(3), (16,) + shape),
-              "label": jnp.arange(16) % model.num_classes}]
-  m = pruning.prune(pruner, key=jax.random.key(1), model=model, variables=v,
-                    sparsity=1 - 1 / compression, pruning_type="effective",
-                    input_shape=shape, batches=batches, rounds=10 if pruner == "synflow"
-                    else None)
+  batches = [
+    {
+      "image": jax.random.normal(jax.random.key(3), (16,) + shape),
+      "label": jnp.arange(16) % model.num_classes,
+    }
+  ]
+  m = pruning.prune(
+    pruner,
+    key=jax.random.key(1),
+    model=model,
+    variables=v,
+    sparsity=1 - 1 / compression,
+    pruning_type="effective",
+    input_shape=shape,
+    batches=batches,
+    rounds=10 if pruner == "synflow" else None,
+  )
   return model, shape, v, m
 
 
-ZOO_CASES = ([("lenet300100", p, c) for p in ("random/igq", "snip", "synflow")
-              for c in (10, 100, 1000)]
-             + [("lenet5", "synflow", c) for c in (10, 100, 1000)]
-             + [pytest.param(*case, marks=pytest.mark.slow) for case in
-                [("vgg16", "snip", 100), ("vgg19", "synflow", 100),
-                 ("resnet18", "random/igq", 30)]])
+ZOO_CASES = (
+  [("lenet300100", p, c) for p in ("random/igq", "snip", "synflow") for c in (10, 100, 1000)]
+  + [("lenet5", "synflow", c) for c in (10, 100, 1000)]
+  + [
+    pytest.param(*case, marks=pytest.mark.slow)
+    for case in [("vgg16", "snip", 100), ("vgg19", "synflow", 100), ("resnet18", "random/igq", 30)]
+  ]
+)
 
 
 @pytest.mark.parametrize("name,pruner,compression", ZOO_CASES)
@@ -274,21 +310,25 @@ def test_zoo_networks_pruned_at_init_compact_exactly(name, pruner, compression):
     assert p.live_fraction() < 1.0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mnist_zoo(name):
   """LeNet-300-100 or LeNet-5 (its MNIST-shaped variant: the zoo's LeNet-5 on 28x28x1)."""
   model, shape = models.create(name), (28, 28, 1)
   return model, shape, model.init(jax.random.key(0), jnp.ones((1,) + shape))
 
 
-AT_INIT = [n for n, p in pruning.PRUNERS.items()
-           if p.kind == "weights" and not p.after_training and n != "dense"]
+AT_INIT = [
+  n
+  for n, p in pruning.PRUNERS.items()
+  if p.kind == "weights" and not p.after_training and n != "dense"
+]
 
 
 @pytest.fixture(scope="module")
 def mnist_batches(mnist_tfds):
   """(score batches from the train split, one normalized test batch of 256)."""
   from sparsejax import data
+
   x, y = data.load_split("mnist", "train", **mnist_tfds)
   xt, _ = data.load_split("mnist", "test", **mnist_tfds)
   score = [{"image": data.normalize(x[:128], "mnist"), "label": jnp.asarray(y[:128])}]
@@ -297,9 +337,12 @@ def mnist_batches(mnist_tfds):
 
 # LeNet-300-100 with every at-init pruner, and LeNet-5 with three, run by default; the rest
 # of LeNet-5's grid (about 3 CPU-minutes) on request: pytest -m exhaustive tests/test_compact.py
-MNIST_CASES = ([("lenet300100", p) for p in AT_INIT]
-               + [("lenet5", p) if p in ("random/igq", "snip", "synflow") else
-                  pytest.param("lenet5", p, marks=pytest.mark.exhaustive) for p in AT_INIT])
+MNIST_CASES = [("lenet300100", p) for p in AT_INIT] + [
+  ("lenet5", p)
+  if p in ("random/igq", "snip", "synflow")
+  else pytest.param("lenet5", p, marks=pytest.mark.exhaustive)
+  for p in AT_INIT
+]
 
 
 @pytest.mark.slow
@@ -315,10 +358,17 @@ def test_every_at_init_pruner_compacts_exactly_on_real_mnist(name, pruner, mnist
   checked = 0
   for compression in (10, 100, 1000):
     try:
-      m = pruning.prune(pruner, key=jax.random.key(1), model=model, variables=v,
-                        sparsity=1 - 1 / compression, pruning_type="effective",
-                        input_shape=shape, batches=score,
-                        rounds=10 if pruning.get_pruner(pruner).iterative else None)
+      m = pruning.prune(
+        pruner,
+        key=jax.random.key(1),
+        model=model,
+        variables=v,
+        sparsity=1 - 1 / compression,
+        pruning_type="effective",
+        input_shape=shape,
+        batches=score,
+        rounds=10 if pruning.get_pruner(pruner).iterative else None,
+      )
     except errors.UnreachableSparsityError:
       assert compression == 1000, (pruner, compression)  # only the extreme target may be
       continue
@@ -334,17 +384,26 @@ def test_every_at_init_pruner_compacts_exactly_on_real_mnist(name, pruner, mnist
 
 def _train(model, variables, m, shape, dataset, steps=4):
   from sparsejax import data, training
-  cfg = training.TrainConfig(dataset=dataset, batch_size=16, train_steps=steps,
-                             learning_rate=0.05, momentum=0.9, weight_decay=1e-3,
-                             decay_boundaries=(0.5,))
+
+  cfg = training.TrainConfig(
+    dataset=dataset,
+    batch_size=16,
+    train_steps=steps,
+    learning_rate=0.05,
+    momentum=0.9,
+    weight_decay=1e-3,
+    decay_boundaries=(0.5,),
+  )
   images, labels = data.synthetic_split(dataset, "train", 16 * steps)
-  state = training.create_train_state(model, jax.random.key(0), shape, cfg, masks=m,
-                                      params=variables["params"])
+  state = training.create_train_state(
+    model, jax.random.key(0), shape, cfg, masks=m, params=variables["params"]
+  )
   losses = []
   for s in range(steps):
-    batch = {"image": images[16 * s:16 * (s + 1)], "label": labels[16 * s:16 * (s + 1)]}
-    state, metrics = training.train_step(state, batch, jax.random.key(2), model=model,
-                                         spec=dataset, config=cfg)
+    batch = {"image": images[16 * s : 16 * (s + 1)], "label": labels[16 * s : 16 * (s + 1)]}
+    state, metrics = training.train_step(
+      state, batch, jax.random.key(2), model=model, spec=dataset, config=cfg
+    )
     losses.append(float(metrics["loss"]))
   return np.array(losses), {"params": state.params, "batch_stats": state.batch_stats}
 
@@ -359,11 +418,20 @@ def test_compacted_network_trains_like_the_masked_one(name):
     model, shape = VGG(config=(6, "M", 8, "M", 8, 10, "M")), (32, 32, 3)
     v = model.init(jax.random.key(0), jnp.ones((1,) + shape))
     dataset = "cifar10"
-  m = pruning.prune("synflow", key=jax.random.key(1), model=model, variables=v,
-                    sparsity=0.99, pruning_type="effective", input_shape=shape, rounds=10)
+  m = pruning.prune(
+    "synflow",
+    key=jax.random.key(1),
+    model=model,
+    variables=v,
+    sparsity=0.99,
+    pruning_type="effective",
+    input_shape=shape,
+    rounds=10,
+  )
   new_model, new_v, new_m = compact.compact(model, v, m, input_shape=shape, verify=True)
-  assert sum(len(k) for k in compact.plan(model, v, m, input_shape=shape).kept.values()) < \
-      sum(s.size for s in compact.channel_spaces(model)[0])
+  assert sum(len(k) for k in compact.plan(model, v, m, input_shape=shape).kept.values()) < sum(
+    s.size for s in compact.channel_spaces(model)[0]
+  )
   loss, trained = _train(model, v, m, shape, dataset)
   new_loss, new_trained = _train(new_model, new_v, new_m, shape, dataset)
   np.testing.assert_allclose(new_loss, loss, rtol=1e-5)

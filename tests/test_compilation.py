@@ -35,8 +35,7 @@ def test_jit_on_cpu_options_gives_the_same_values():
   fn = lambda x: jnp.tanh(x) * jnp.exp(-x * x) + jnp.sqrt(jnp.abs(x))
   x = jax.random.normal(jax.random.key(0), (1000,))
   f = compilation.jit(fn)
-  np.testing.assert_allclose(np.asarray(f(x)), np.asarray(jax.jit(fn)(x)), rtol=1e-6,
-                             atol=1e-7)
+  np.testing.assert_allclose(np.asarray(f(x)), np.asarray(jax.jit(fn)(x)), rtol=1e-6, atol=1e-7)
 
 
 def test_model_init_is_one_program_matching_flax_init():
@@ -73,8 +72,13 @@ def test_one_connectivity_program_serves_search_masks_and_units():
   model = models.create("lenet300100", num_classes=7)
   shape = (28, 28, 1)
   variables = models.init(model, jax.random.key(0), shape)
-  kw = dict(key=jax.random.key(1), model=model, variables=variables, input_shape=shape,
-            pruning_type="effective")
+  kw = dict(
+    key=jax.random.key(1),
+    model=model,
+    variables=variables,
+    input_shape=shape,
+    pruning_type="effective",
+  )
   with compilation.CompileLog() as log:
     m = pruning.prune("random/uniform", sparsity=0.99, **kw)
     eff = effective.effective_masks(model, m, shape, variables=variables)
@@ -90,8 +94,7 @@ def test_one_connectivity_program_serves_search_masks_and_units():
 
 def test_binaries_turn_the_persistent_cache_on_only_when_asked(tmp_path, monkeypatch):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-  assert common.default_compilation_cache_dir() == str(tmp_path / "xdg" / "sparsejax" /
-                                                       "jax")
+  assert common.default_compilation_cache_dir() == str(tmp_path / "xdg" / "sparsejax" / "jax")
   before = jax.config.jax_compilation_cache_dir
   try:
     assert common.enable_compilation_cache("", True) is None

@@ -17,8 +17,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def rows():
-  return compression.sweep("lenet300100", ["random/uniform", "random/igq"],
-                           ["direct", "effective"], [10.0, 100.0, 1000.0], seed=0)
+  return compression.sweep(
+    "lenet300100",
+    ["random/uniform", "random/igq"],
+    ["direct", "effective"],
+    [10.0, 100.0, 1000.0],
+    seed=0,
+  )
 
 
 def test_rows_report_direct_and_effective_compression(rows):
@@ -46,8 +51,15 @@ def test_csv_and_plot(rows, tmp_path):
   with open(path) as f:
     read = list(csv.DictReader(f))
   assert len(read) == len(rows)
-  for column in ("arch", "pruner", "pruning_type", "target_compression",
-                 "direct_compression", "effective_compression", "active_units"):
+  for column in (
+    "arch",
+    "pruner",
+    "pruning_type",
+    "target_compression",
+    "direct_compression",
+    "effective_compression",
+    "active_units",
+  ):
     assert column in read[0]
   plot.plot_curves("lenet300100", rows, str(tmp_path / "c.png"))
   assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
@@ -57,8 +69,9 @@ def test_csv_and_plot(rows, tmp_path):
 def test_plot_shows_targets_that_keep_nothing_or_are_unreachable(tmp_path):
   # 1e12x keeps no weight of LeNet-300-100: infinite direct and effective compression
   # (the table says inf); the effective type cannot reach it (the table: unreachable).
-  rows = compression.sweep("lenet300100", ["random/uniform"], ["direct", "effective"],
-                           [10.0, 1e12], seed=0)
+  rows = compression.sweep(
+    "lenet300100", ["random/uniform"], ["direct", "effective"], [10.0, 1e12], seed=0
+  )
   assert [r["status"] for r in rows] == ["ok", "ok", "disconnected", "unreachable"]
   assert math.isinf(rows[2]["direct_compression"])
   plot.plot_curves("lenet300100", rows, str(tmp_path / "c.png"))
@@ -67,14 +80,12 @@ def test_plot_shows_targets_that_keep_nothing_or_are_unreachable(tmp_path):
 
 
 def test_unreachable_targets_are_reported_not_raised():
-  rows = compression.sweep("lenet300100", ["random/uniform"], ["effective"],
-                           [1e5, 1e6], seed=0)
+  rows = compression.sweep("lenet300100", ["random/uniform"], ["effective"], [1e5, 1e6], seed=0)
   assert rows[0]["status"] == "unreachable" and len(rows) == 1
 
 
 def test_sweep_stops_at_disconnection():
-  rows = compression.sweep("lenet300100", ["random/uniform"], ["direct"],
-                           [100.0, 1e4, 1e5], seed=0)
+  rows = compression.sweep("lenet300100", ["random/uniform"], ["direct"], [100.0, 1e4, 1e5], seed=0)
   assert rows[-1]["status"] == "disconnected" and math.isinf(rows[-1]["effective_compression"])
   assert len(rows) == 2
 
@@ -96,9 +107,19 @@ def test_bad_arguments():
 def test_binary_writes_csv_and_png(tmp_path):
   out = tmp_path / "out"
   result = subprocess.run(
-      [sys.executable, "-m", "experiments.compression", "--compressions=10,100",
-       "--pruners=random/uniform", f"--out_dir={out}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "experiments.compression",
+      "--compressions=10,100",
+      "--pruners=random/uniform",
+      f"--out_dir={out}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert "random/uniform" in result.stdout
   assert (out / "compression.csv").exists() and (out / "compression.png").exists()
@@ -106,12 +127,19 @@ def test_binary_writes_csv_and_png(tmp_path):
 
 def test_data_driven_pruners_on_synthetic_batches():
   from experiments import common
+
   batches = lambda: common.DataSource(synthetic=True).score_batches(
-      "mnist", num_batches=2, batch_size=32, seed=0)
-  rows = compression.sweep("lenet300100", ["snip", "snip/iterative", "grasp", "random/snip",
-                                           "synflow"], ["direct", "effective"], [100.0],
-                           seed=0, batches_fn=batches,
-                           rounds={"snip/iterative": 5, "synflow": 5})
+    "mnist", num_batches=2, batch_size=32, seed=0
+  )
+  rows = compression.sweep(
+    "lenet300100",
+    ["snip", "snip/iterative", "grasp", "random/snip", "synflow"],
+    ["direct", "effective"],
+    [100.0],
+    seed=0,
+    batches_fn=batches,
+    rounds={"snip/iterative": 5, "synflow": 5},
+  )
   assert [r["status"] for r in rows] == ["ok"] * 10
   for r in rows:
     if r["pruning_type"] == "direct":
@@ -123,16 +151,23 @@ def test_data_driven_pruners_on_synthetic_batches():
 def test_quota_limit_ends_the_curve_instead_of_raising():
   # uniform+ keeps LeNet-5's first layer dense and its last at least 20% dense, so
   # 1000x direct is beyond the quota: the curve ends there with an 'unreachable' row.
-  rows = compression.sweep("lenet5", ["random/uniform_plus"], ["direct"], [10.0, 1e3, 1e4],
-                           seed=0, stop_at_disconnection=False)
+  rows = compression.sweep(
+    "lenet5",
+    ["random/uniform_plus"],
+    ["direct"],
+    [10.0, 1e3, 1e4],
+    seed=0,
+    stop_at_disconnection=False,
+  )
   assert [r["status"] for r in rows] == ["ok", "unreachable"]
 
 
 def test_flops_and_compact_columns():
   """At initialization every kept unit of a compacted LeNet-300-100 is live, so its
   unmasked weights are exactly the active ones: compacted direct FLOPs = effective."""
-  rows = compression.sweep("lenet300100", ["synflow"], ["effective"], [100.0],
-                           rounds={"synflow": 5}, compact=True)
+  rows = compression.sweep(
+    "lenet300100", ["synflow"], ["effective"], [100.0], rounds={"synflow": 5}, compact=True
+  )
   (r,) = rows
   assert r["flops_dense"] == 2 * 266200 and r["params_dense"] == 266200
   assert r["flops_effective"] <= r["flops_direct"] < r["flops_dense"]

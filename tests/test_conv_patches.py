@@ -5,7 +5,8 @@ any strides, padding, rhs dilation and layout."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax import lax
 
 from sparsejax import connectivity as conn
@@ -18,14 +19,22 @@ def _conv_eqn(x, w, **kw):
 
 
 @settings(max_examples=15, deadline=None)
-@given(nsp=st.sampled_from([1, 2]), size=st.integers(1, 6), k=st.integers(1, 3),
-       stride=st.integers(1, 3), dil=st.integers(1, 2), cin=st.integers(1, 3),
-       cout=st.integers(1, 3), batch=st.integers(1, 2), pad=st.sampled_from(
-           ["SAME", "VALID", ((1, 0),), ((2, 1),), ((0, -1),)]),
-       channels_last=st.booleans(), seed=st.integers(0, 2**16))
-def test_patches_equal_the_convolution_and_its_gradients(nsp, size, k, stride, dil, cin,
-                                                        cout, batch, pad, channels_last,
-                                                        seed):
+@given(
+  nsp=st.sampled_from([1, 2]),
+  size=st.integers(1, 6),
+  k=st.integers(1, 3),
+  stride=st.integers(1, 3),
+  dil=st.integers(1, 2),
+  cin=st.integers(1, 3),
+  cout=st.integers(1, 3),
+  batch=st.integers(1, 2),
+  pad=st.sampled_from(["SAME", "VALID", ((1, 0),), ((2, 1),), ((0, -1),)]),
+  channels_last=st.booleans(),
+  seed=st.integers(0, 2**16),
+)
+def test_patches_equal_the_convolution_and_its_gradients(
+  nsp, size, k, stride, dil, cin, cout, batch, pad, channels_last, seed
+):
   if isinstance(pad, tuple):
     pad = pad * nsp
   lhs = "N" + "HW"[:nsp] + "C" if channels_last else "NC" + "HW"[:nsp]
@@ -36,8 +45,9 @@ def test_patches_equal_the_convolution_and_its_gradients(nsp, size, k, stride, d
   keys = jax.random.split(jax.random.key(seed), 3)
   x = (jax.random.uniform(keys[0], xs) > 0.4).astype(jnp.float32)
   w = (jax.random.uniform(keys[1], ws) > 0.5).astype(jnp.float32)
-  kw = dict(window_strides=(stride,) * nsp, padding=pad, rhs_dilation=(dil,) * nsp,
-            dimension_numbers=dn)
+  kw = dict(
+    window_strides=(stride,) * nsp, padding=pad, rhs_dilation=(dil,) * nsp, dimension_numbers=dn
+  )
   try:
     want, vjp = jax.vjp(lambda a, b: lax.conv_general_dilated(a, b, **kw), x, w)
   except (TypeError, ValueError):  # an empty output: nothing to compare
@@ -52,8 +62,9 @@ def test_patches_equal_the_convolution_and_its_gradients(nsp, size, k, stride, d
   got_vjp = jax.vjp(lambda a, b: conn.conv_as_patches(e, a, b, 10**6), x, w)[1](g)
   for a, b in zip(got_vjp, vjp(g)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  got, got_vjp = jax.jit(lambda a, b: jax.vjp(
-      lambda a, b: conn.conv_patches_kernel_grad(e, a, b), a, b))(x, w)
+  got, got_vjp = jax.jit(
+    lambda a, b: jax.vjp(lambda a, b: conn.conv_patches_kernel_grad(e, a, b), a, b)
+  )(x, w)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   for a, b in zip(got_vjp(g), vjp(g)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -62,12 +73,19 @@ def test_patches_equal_the_convolution_and_its_gradients(nsp, size, k, stride, d
 def test_patches_decline_what_they_do_not_cover():
   x = jnp.ones((1, 4, 4, 4))
   w = jnp.ones((3, 3, 2, 4))
-  grouped = _conv_eqn(x, w, window_strides=(1, 1), padding="SAME",
-                      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2)
+  grouped = _conv_eqn(
+    x,
+    w,
+    window_strides=(1, 1),
+    padding="SAME",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=2,
+  )
   assert conn.conv_as_patches(grouped, x, w) is None
   w = jnp.ones((3, 3, 4, 4))
-  plain = _conv_eqn(x, w, window_strides=(1, 1), padding="SAME",
-                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  plain = _conv_eqn(
+    x, w, window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   assert conn.conv_as_patches(plain, x, w, max_positions=15) is None
   assert conn.conv_as_patches(plain, x, w, max_positions=16) is not None
 
@@ -77,8 +95,12 @@ def test_patches_kernel_grad_falls_back_to_xla_where_patches_do_not_apply():
   keys = jax.random.split(jax.random.key(3), 3)
   x = (jax.random.uniform(keys[0], (1, 5, 5, 4)) > 0.5).astype(jnp.float32)
   w = (jax.random.uniform(keys[1], (3, 3, 2, 4)) > 0.5).astype(jnp.float32)
-  kw = dict(window_strides=(1, 1), padding="SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2)
+  kw = dict(
+    window_strides=(1, 1),
+    padding="SAME",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=2,
+  )
   want, vjp = jax.vjp(lambda a, b: lax.conv_general_dilated(a, b, **kw), x, w)
   e = _conv_eqn(x, w, **kw)
   got, got_vjp = jax.vjp(lambda a, b: conn.conv_patches_kernel_grad(e, a, b), x, w)

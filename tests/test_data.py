@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sparsejax import data
 
@@ -21,7 +22,11 @@ def test_registry_matches_method_md():
   assert set(data.DATASETS) == {"mnist", "cifar10", "cifar100", "tiny_imagenet"}
   mnist = data.get_spec("mnist")
   assert (mnist.image_shape, mnist.num_classes, mnist.mean, mnist.std) == (
-      (28, 28, 1), 10, (0.1307,), (0.3081,))
+    (28, 28, 1),
+    10,
+    (0.1307,),
+    (0.3081,),
+  )
   assert (mnist.augmentation, mnist.max_rotation_deg) == ("rotate", 4.0)
   c10 = data.get_spec("cifar10")
   assert (c10.image_shape, c10.num_classes) == ((32, 32, 3), 10)
@@ -71,29 +76,31 @@ def test_batch_indices_deterministic_and_seed_dependent():
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 60), b=st.integers(1, 60), seed=st.integers(0, 2**31 - 1),
-       epochs=st.integers(1, 3))
+@given(
+  n=st.integers(1, 60),
+  b=st.integers(1, 60),
+  seed=st.integers(0, 2**31 - 1),
+  epochs=st.integers(1, 3),
+)
 def test_each_epoch_is_a_permutation(n, b, seed, epochs):
   b = min(b, n)
   spe = data.steps_per_epoch(n, b)
   stream = _stream(n, b, seed, 0, spe * epochs).reshape(epochs, spe * b)
   for e, epoch in enumerate(stream):
     perm = data.epoch_permutation(n, seed, e)
-    np.testing.assert_array_equal(epoch, perm[:spe * b])  # The dropped tail is last.
+    np.testing.assert_array_equal(epoch, perm[: spe * b])  # The dropped tail is last.
     np.testing.assert_array_equal(np.sort(perm), np.arange(n))  # Each index once.
     assert len(np.unique(epoch)) == spe * b
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 50), b=st.integers(1, 50), seed=st.integers(0, 1000),
-       s=st.integers(0, 40))
+@given(n=st.integers(1, 50), b=st.integers(1, 50), seed=st.integers(0, 1000), s=st.integers(0, 40))
 def test_resume_reproduces_tail_of_uninterrupted_stream(n, b, seed, s):
   b = min(b, n)
   images = np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1)
   labels = np.arange(n, dtype=np.int32)  # Labels are the indices: easy to check.
   full = list(data.train_batches(images, labels, b, seed, num_steps=s + 5, prefetch=1))
-  resumed = list(data.train_batches(images, labels, b, seed, start_step=s, num_steps=5,
-                                    prefetch=0))
+  resumed = list(data.train_batches(images, labels, b, seed, start_step=s, num_steps=5, prefetch=0))
   assert len(full) == s + 5 and len(resumed) == 5
   for k, (x, y) in enumerate(zip(full[s:], resumed)):
     np.testing.assert_array_equal(x["label"], y["label"])
@@ -170,15 +177,17 @@ def test_prefetch_reraises_producer_errors():
 def test_normalize_closed_form():
   img = np.array([0, 255, 51], np.uint8).reshape(3, 1, 1, 1)
   got = np.asarray(data.normalize(img, "mnist")).ravel()
-  np.testing.assert_allclose(got, [(0 - 0.1307) / 0.3081, (1 - 0.1307) / 0.3081,
-                                   (0.2 - 0.1307) / 0.3081], rtol=1e-6)
+  np.testing.assert_allclose(
+    got, [(0 - 0.1307) / 0.3081, (1 - 0.1307) / 0.3081, (0.2 - 0.1307) / 0.3081], rtol=1e-6
+  )
   img = np.full((1, 2, 2, 3), 255, np.uint8)
   got = np.asarray(data.normalize(img, data.get_spec("cifar10")))
   assert got.dtype == np.float32
   expect = (1 - np.array([0.4914, 0.4822, 0.4465])) / np.array([0.2470, 0.2435, 0.2616])
   np.testing.assert_allclose(got[0, 0, 0], expect, rtol=1e-6)
-  np.testing.assert_allclose(data.fill_value("cifar10"),
-                             data.normalize(np.zeros((1, 1, 1, 3), np.uint8), "cifar10")[0, 0, 0])
+  np.testing.assert_allclose(
+    data.fill_value("cifar10"), data.normalize(np.zeros((1, 1, 1, 3), np.uint8), "cifar10")[0, 0, 0]
+  )
 
 
 def _rand_image(h, w, c, seed=0):
@@ -189,8 +198,7 @@ def test_rotate_zero_is_identity_and_quarter_turn_is_rot90():
   x = _rand_image(28, 28, 1)
   np.testing.assert_array_equal(data.rotate(x, 0.0, fill=-0.42), x)
   y = _rand_image(8, 8, 3)
-  np.testing.assert_allclose(data.rotate(y, np.pi / 2), np.rot90(np.asarray(y), k=1),
-                             atol=1e-5)
+  np.testing.assert_allclose(data.rotate(y, np.pi / 2), np.rot90(np.asarray(y), k=1), atol=1e-5)
 
 
 def test_rotate_small_angle_keeps_centre_and_fills_corners():
@@ -249,8 +257,9 @@ def test_flip_shift_augment_only_flips_and_shifts():
   for img in (x, x[:, ::-1]):
     padded = np.broadcast_to(fill, (40, 40, 3)).copy()
     padded[4:36, 4:36] = img
-    candidates += [padded[4 - dy:36 - dy, 4 - dx:36 - dx]
-                   for dy in range(-4, 5) for dx in range(-4, 5)]
+    candidates += [
+      padded[4 - dy : 36 - dy, 4 - dx : 36 - dx] for dy in range(-4, 5) for dx in range(-4, 5)
+    ]
   for img in out:
     assert any(np.array_equal(img, c) for c in candidates)
 
@@ -293,7 +302,7 @@ def _write_fake_tiny_imagenet(root: pathlib.Path) -> None:
   wnids = ["n0300", "n0100", "n0200"]  # Not sorted: labels follow sorted order.
   (base / "val" / "images").mkdir(parents=True)
   base.joinpath("wnids.txt").write_text("\n".join(wnids) + "\n")
-  for k, wnid in enumerate(wnids):
+  for wnid in wnids:
     folder = base / "train" / wnid / "images"
     folder.mkdir(parents=True)
     for i in range(2):
@@ -305,8 +314,7 @@ def _write_fake_tiny_imagenet(root: pathlib.Path) -> None:
   for fname, wnid in val:
     level = 40 + 80 * sorted(wnids).index(wnid)
     if fname == "val_1.JPEG":  # Tiny ImageNet has a few grayscale JPEGs.
-      Image.fromarray(np.full((64, 64), level, np.uint8)).save(
-          base / "val" / "images" / fname)
+      Image.fromarray(np.full((64, 64), level, np.uint8)).save(base / "val" / "images" / fname)
     else:
       Image.fromarray(np.full((64, 64, 3), level, np.uint8)).save(base / "val" / "images" / fname)
     lines.append(f"{fname}\t{wnid}\t0\t0\t{rng.integers(10, 63)}\t63")
@@ -326,18 +334,29 @@ def test_tiny_imagenet_builder_on_fake_folder(tmp_path):
   assert sorted(test_labels.tolist()) == [0, 1, 2]
   np.testing.assert_allclose(test_images.reshape(3, -1).mean(1), 40 + 80 * test_labels, atol=2)
   # Prepared once: loads again without the raw folder.
-  again, _ = data.load_split("tiny_imagenet", "test", data_dir=kwargs["data_dir"],
-                             manual_dir=str(tmp_path / "nowhere"))
+  again, _ = data.load_split(
+    "tiny_imagenet", "test", data_dir=kwargs["data_dir"], manual_dir=str(tmp_path / "nowhere")
+  )
   assert again.shape == (3, 64, 64, 3)
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("mnist", ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]),
+@pytest.mark.parametrize(
+  "name,expected",
+  [
+    (
+      "mnist",
+      [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+      ],
+    ),
     ("cifar10", ["cifar-10-binary.tar.gz"]),
     ("cifar100", ["cifar-100-binary.tar.gz"]),
     ("tiny_imagenet", ["tiny-imagenet-200/"]),
-])
+  ],
+)
 def test_missing_offline_data_names_files_and_folder(tmp_path, name, expected):
   manual = tmp_path / "empty_manual"
   manual.mkdir()

@@ -8,14 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import dynamic, effective, masks as masks_lib, pruning, training
+from sparsejax import dynamic, effective, pruning, training
+from sparsejax import masks as masks_lib
 from tests import test_pruning as TP
 from tests.test_training import TinyMLP, _batch, mnist_like, numpy_mask, numpy_params, tiny_config  # noqa: F401
 
 
 def params_and_masks(density=1.0, seed=0):
   params = numpy_params(TinyMLP(), (28, 28, 1), seed)
-  masks = (masks_lib.ones(params) if density == 1.0 else numpy_mask(params, density, seed))
+  masks = masks_lib.ones(params) if density == 1.0 else numpy_mask(params, density, seed)
   return masks_lib.apply(params, masks), masks
 
 
@@ -43,8 +44,7 @@ def test_gmp_schedule_is_the_cubic_closed_form_and_ends_at_the_target():
     previous = masks
   assert masks_lib.count(masks)[0] == round(0.1 * total)
   # The kept weights are the largest |w| among those kept before (global ranking).
-  w = np.concatenate([np.abs(x) for x in flat(masks_lib.map_masks(lambda m, p: p, masks,
-                                                                   params))])
+  w = np.concatenate([np.abs(x) for x in flat(masks_lib.map_masks(lambda m, p: p, masks, params))])
   keep = np.concatenate(flat(masks))
   assert w[keep].min() >= w[~keep].max()
 
@@ -65,13 +65,13 @@ def test_gmp_effective_target_equals_the_brute_force_scan():
   gmp = dynamic.GradualMagnitude(0.7, start=0, end=4, every=2, target="effective")
   for t in (0, 2, 4):
     s_t = float(gmp.sparsity(t))
-    new = gmp.update_effective(params, None, masks, t, None, model=model,
-                               input_shape=input_shape)
+    new = gmp.update_effective(params, None, masks, t, None, model=model, input_shape=input_shape)
     eff = effective.effective_masks(model, new, input_shape)
     assert masks_lib.direct_sparsity(eff) >= s_t - 1e-9
     ranking = pruning.rank_scores(gmp.scores(params, masks))
-    want, _ = TP.brute_force(model, ranking, pruning.max_kept_for_sparsity(s_t, ranking.total),
-                             input_shape)
+    want, _ = TP.brute_force(
+      model, ranking, pruning.max_kept_for_sparsity(s_t, ranking.total), input_shape
+    )
     assert masks_lib.count(new)[0] == want
     masks = new
 
@@ -132,8 +132,9 @@ def test_set_keeps_counts_and_grows_at_random():
 def test_active_regrowth_lands_no_weight_on_a_dead_unit():
   model, shapes, input_shape = TP.small("cnn")
   params = TP.random_scores(shapes, 1)
-  masks = masks_lib.map_masks(lambda m: m, pruning.masks_at(
-      pruning.rank_scores(TP.random_scores(shapes, 2)), 60))
+  masks = masks_lib.map_masks(
+    lambda m: m, pruning.masks_at(pruning.rank_scores(TP.random_scores(shapes, 2)), 60)
+  )
   sweep = effective.connectivity_sweep(model, input_shape, units=False)
   grads = TP.random_scores(shapes, 4)
   for cls in (dynamic.RigL, dynamic.SET):
@@ -144,11 +145,13 @@ def test_active_regrowth_lands_no_weight_on_a_dead_unit():
     eff = effective.effective_masks(model, new, input_shape)
     dead = masks_lib.count(masks_lib.map_masks(lambda g, e: g & ~e, grown, eff))[0]
     plain = cls(end=100, every=10, drop_fraction=0.5).update(
-        params, grads, masks, jnp.int32(10), jax.random.key(0))
+      params, grads, masks, jnp.int32(10), jax.random.key(0)
+    )
     grown_plain = masks_lib.map_masks(lambda n, o: n & ~o, plain, masks)
     eff_plain = effective.effective_masks(model, plain, input_shape)
-    dead_plain = masks_lib.count(masks_lib.map_masks(lambda g, e: g & ~e, grown_plain,
-                                                     eff_plain))[0]
+    dead_plain = masks_lib.count(masks_lib.map_masks(lambda g, e: g & ~e, grown_plain, eff_plain))[
+      0
+    ]
     assert dead <= dead_plain
     assert masks_lib.count(new)[0] == masks_lib.count(masks)[0]
     del after_drop_potential
@@ -161,22 +164,23 @@ def test_effective_target_holds_the_active_count_and_never_revives_pruned(cls):
   masks = pruning.masks_at(pruning.rank_scores(TP.random_scores(shapes, 2)), 70)
   sweep = effective.connectivity_sweep(model, input_shape, units=False)
   total = masks_lib.count(masks)[1]
-  up = cls(end=100, every=10, drop_fraction=0.5, regrow="active", target="effective",
-           sparsity=0.7)
+  up = cls(end=100, every=10, drop_fraction=0.5, regrow="active", target="effective", sparsity=0.7)
   target = pruning.max_kept_for_sparsity(0.7, total)
   for t in (10, 20, 30):
     grads = jax.tree.map(lambda s: jax.random.normal(jax.random.key(t), s.shape), shapes)
     grown = up.update(params, grads, masks, jnp.int32(t), jax.random.key(t), sweep=sweep)
-    new = up.update_effective(params, grads, masks, t, jax.random.key(t), model=model,
-                              input_shape=input_shape, sweep=sweep)
+    new = up.update_effective(
+      params, grads, masks, t, jax.random.key(t), model=model, input_shape=input_shape, sweep=sweep
+    )
     active = masks_lib.count(effective.effective_masks(model, new, input_shape))[0]
     assert active <= target  # effective sparsity at least the target
     for n, g in zip(flat(new), flat(grown)):  # only cut back from the drop/grow mask
       assert not np.any(n & ~g)
     # The cut is the search along (grown first, then |w|): the brute-force scan agrees.
     if masks_lib.count(effective.effective_masks(model, grown, input_shape))[0] > target:
-      scores = masks_lib.map_masks(lambda n, o, w: jnp.where(
-          n & ~o, 1e3, jnp.where(n, jnp.abs(w), -1.0)), grown, masks, params)
+      scores = masks_lib.map_masks(
+        lambda n, o, w: jnp.where(n & ~o, 1e3, jnp.where(n, jnp.abs(w), -1.0)), grown, masks, params
+      )
       want, _ = TP.brute_force(model, pruning.rank_scores(scores), target, input_shape)
       assert masks_lib.count(new)[0] == want
     masks = new
@@ -207,10 +211,10 @@ def test_bad_arguments_name_the_field():
 
 
 UPDATERS = {
-    "gmp": lambda: dynamic.GradualMagnitude(0.9, start=4, end=16, every=4),
-    "set": lambda: dynamic.SET(end=20, every=4),
-    "rigl": lambda: dynamic.RigL(end=20, every=4),
-    "ste": lambda: dynamic.STE(0.9, every=4),
+  "gmp": lambda: dynamic.GradualMagnitude(0.9, start=4, end=16, every=4),
+  "set": lambda: dynamic.SET(end=20, every=4),
+  "rigl": lambda: dynamic.RigL(end=20, every=4),
+  "ste": lambda: dynamic.STE(0.9, every=4),
 }
 
 
@@ -221,12 +225,24 @@ def test_pruned_weights_are_zero_after_every_step(name, mnist_like):
   params = numpy_params(model, (28, 28, 1))
   start = masks_lib.ones(params) if name == "gmp" else numpy_mask(params, 0.1)
   updater = UPDATERS[name]()
-  state = training.create_train_state(model, jax.random.key(0), (28, 28, 1), cfg,
-                                      masks=start, params=params,
-                                      straight_through=updater.straight_through)
+  state = training.create_train_state(
+    model,
+    jax.random.key(0),
+    (28, 28, 1),
+    cfg,
+    masks=start,
+    params=params,
+    straight_through=updater.straight_through,
+  )
   key = jax.random.key(1)
-  updates = training.MaskUpdates(updater, model=model, spec="mnist" and training.data.get_spec(
-      "mnist"), input_shape=(28, 28, 1), step_key=key, track_effective=True)
+  updates = training.MaskUpdates(
+    updater,
+    model=model,
+    spec="mnist" and training.data.get_spec("mnist"),
+    input_shape=(28, 28, 1),
+    step_key=key,
+    track_effective=True,
+  )
   kept = None
   for step in range(24):
     before = state.masks
@@ -234,17 +250,24 @@ def test_pruned_weights_are_zero_after_every_step(name, mnist_like):
       state = updates(state, _batch(images, labels, 32, step), step)
     elif kept is not None:  # masks only move at update steps
       assert all(np.array_equal(a, b) for a, b in zip(flat(before), flat(state.masks)))
-    state, _ = training._train_step(state, _batch(images, labels, 32, step), key, model=model,
-                                    spec=training.data.get_spec("mnist"), config=cfg,
-                                    straight_through=updater.straight_through)
+    state, _ = training._train_step(
+      state,
+      _batch(images, labels, 32, step),
+      key,
+      model=model,
+      spec=training.data.get_spec("mnist"),
+      config=cfg,
+      straight_through=updater.straight_through,
+    )
     kept = masks_lib.count(state.masks)[0]
-    forward = (masks_lib.apply(state.params, state.masks) if updater.straight_through
-               else state.params)
-    for w, m in zip(flat(masks_lib.map_masks(lambda m, p: p, state.masks, forward)),
-                    flat(state.masks)):
+    forward = (
+      masks_lib.apply(state.params, state.masks) if updater.straight_through else state.params
+    )
+    for w, m in zip(
+      flat(masks_lib.map_masks(lambda m, p: p, state.masks, forward)), flat(state.masks)
+    ):
       assert np.all(w[~m] == 0.0)
-  assert [r["step"] for r in updates.records] == [s for s in range(24)
-                                                  if updater.is_update_step(s)]
+  assert [r["step"] for r in updates.records] == [s for s in range(24) if updater.is_update_step(s)]
   for r in updates.records:
     assert r["dead_kept"] >= 0 and r["effective_compression"] >= r["direct_compression"] - 1e-9
   if name in ("set", "rigl"):
@@ -258,13 +281,20 @@ def test_train_with_an_updater_resumes_to_the_same_masks(mnist_like, tmp_path):
   train_data, test_data = mnist_like
   model, cfg = TinyMLP(), tiny_config(train_steps=20)
   params = numpy_params(model, (28, 28, 1))
-  kw = dict(masks=numpy_mask(params, 0.2), params=params, eval_every=10, log_every=10,
-            checkpoint_every=6, updater=dynamic.RigL(end=20, every=4), track_effective=True)
+  kw = dict(
+    masks=numpy_mask(params, 0.2),
+    params=params,
+    eval_every=10,
+    log_every=10,
+    checkpoint_every=6,
+    updater=dynamic.RigL(end=20, every=4),
+    track_effective=True,
+  )
   full = training.train(model, "mnist", cfg, train_data, test_data, **kw)
-  training.train(model, "mnist", cfg, train_data, test_data, workdir=str(tmp_path),
-                 num_steps=12, **kw)
-  resumed = training.train(model, "mnist", cfg, train_data, test_data,
-                           workdir=str(tmp_path), **kw)
+  training.train(
+    model, "mnist", cfg, train_data, test_data, workdir=str(tmp_path), num_steps=12, **kw
+  )
+  resumed = training.train(model, "mnist", cfg, train_data, test_data, workdir=str(tmp_path), **kw)
   assert resumed.start_step == 12
   assert [r["step"] for r in resumed.mask_updates] == [4, 8, 12, 16]
   assert resumed.mask_updates == full.mask_updates
@@ -279,20 +309,31 @@ def test_train_with_an_updater_resumes_to_the_same_masks(mnist_like, tmp_path):
 @pytest.mark.slow
 def test_prune_train_moving_masks_record_history_and_plot(tmp_path):
   from experiments import common, configs, plot, prune_train, sweep
+
   source = common.DataSource(synthetic=True, num_examples=256)
-  tiny = ["train_steps=40", "eval_every=20", "log_every=20", "update_every=10",
-          "checkpoint_every=20"]
+  tiny = [
+    "train_steps=40",
+    "eval_every=20",
+    "log_every=20",
+    "update_every=10",
+    "checkpoint_every=20",
+  ]
   out = tmp_path / "results" / "runs"
   results = {}
-  for pruner, ptype in (("gmp", "direct"), ("gmp", "effective"), ("rigl", "direct"),
-                        ("set", "effective"), ("ste", "direct")):
-    config = configs.load("lenet300100", tiny + [f"pruner={pruner}", "compression=20",
-                                                 f"pruning_type={ptype}"])
+  for pruner, ptype in (
+    ("gmp", "direct"),
+    ("gmp", "effective"),
+    ("rigl", "direct"),
+    ("set", "effective"),
+    ("ste", "direct"),
+  ):
+    config = configs.load(
+      "lenet300100", tiny + [f"pruner={pruner}", "compression=20", f"pruning_type={ptype}"]
+    )
     results[pruner, ptype] = r = prune_train.run(config, out_dir=str(out), source=source)
     assert r["status"] == "ok", (pruner, ptype)
     ups = r["mask_updates"]
-    assert ups and all({"effective_compression", "dead_kept", "grown_dead"} <= set(u)
-                       for u in ups)
+    assert ups and all({"effective_compression", "dead_kept", "grown_dead"} <= set(u) for u in ups)
   gmp = results["gmp", "direct"]
   assert [u["step"] for u in gmp["mask_updates"]] == [10, 20, 30]
   assert gmp["direct_compression"] == pytest.approx(20, rel=1e-3)
@@ -302,9 +343,13 @@ def test_prune_train_moving_masks_record_history_and_plot(tmp_path):
   assert all(u["grown_dead"] == 0 for u in results["set", "effective"]["mask_updates"])
   assert results["ste", "direct"]["direct_compression"] == pytest.approx(20, rel=1e-3)
   with pytest.raises(ValueError, match="update_target='effective' is not available for ste"):
-    prune_train.run(configs.load("lenet300100", tiny + ["pruner=ste", "compression=20",
-                                                        "pruning_type=effective"]),
-                    out_dir=str(out), source=source)
+    prune_train.run(
+      configs.load(
+        "lenet300100", tiny + ["pruner=ste", "compression=20", "pruning_type=effective"]
+      ),
+      out_dir=str(out),
+      source=source,
+    )
   assert sweep.grid(["lenet300100"], ["gmp", "rigl"], [10.0], ["direct"], [0])[0]["pruner"] == "gmp"
   written = plot.make_all(str(tmp_path / "results"), str(tmp_path / "figs"), None, 40, 96000)
   for name in ("accuracy_dynamic_lenet300100_t40.png", "dead_weights_lenet300100_t40.png"):

@@ -20,13 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparsejax import effective
+from sparsejax import effective, models
 from sparsejax import masks as masks_lib
-from sparsejax import models
 from tests import reference_graph as ref
 
-HYP = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                 HealthCheck.data_too_large])
+HYP = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # --------------------------------------------------------------------------- architectures
 
@@ -36,65 +34,121 @@ class Arch:
   name: str
   input_shape: tuple
   spec: tuple
-  full: bool = True          # the dense mask is fully active (no padding-only taps)
+  full: bool = True  # the dense mask is fully active (no padding-only taps)
   cuts: tuple | None = None  # layers whose emptiness disconnects the net (None: all)
 
 
 MLPS = (
-    Arch("mlp_3_4_2", (3,), (("dense", 4), ("dense", 2))),
-    Arch("mlp_5_8_6_3", (5,), (("dense", 8), ("dense", 6), ("dense", 3))),
-    Arch("mlp_6_2_7_2", (6,), (("dense", 2), ("dense", 7), ("dense", 2))),
-    Arch("mlp_2x2x1_6_5_4_2", (2, 2, 1),
-         (("flatten",), ("dense", 6), ("dense", 5), ("dense", 4), ("dense", 2))),
-    Arch("mlp_4_3_8_5_7", (4,), (("dense", 3), ("dense", 8), ("dense", 5), ("dense", 7))),
+  Arch("mlp_3_4_2", (3,), (("dense", 4), ("dense", 2))),
+  Arch("mlp_5_8_6_3", (5,), (("dense", 8), ("dense", 6), ("dense", 3))),
+  Arch("mlp_6_2_7_2", (6,), (("dense", 2), ("dense", 7), ("dense", 2))),
+  Arch(
+    "mlp_2x2x1_6_5_4_2",
+    (2, 2, 1),
+    (("flatten",), ("dense", 6), ("dense", 5), ("dense", 4), ("dense", 2)),
+  ),
+  Arch("mlp_4_3_8_5_7", (4,), (("dense", 3), ("dense", 8), ("dense", 5), ("dense", 7))),
 )
 
 CNNS = (
-    # SAME stride 1, then SAME stride 2 on an odd size (5 -> 3), max pool with stride 1.
-    Arch("cnn_same_s2_odd", (5, 5, 2),
-         (("conv", 3, 3, 1, "SAME"), ("conv", 3, 3, 2, "SAME"), ("pool", "max", 2, 1),
-          ("flatten",), ("dense", 3))),
-    # SAME stride 2 on an even size (6 -> 3, padding 0 low / 1 high), even kernel SAME,
-    # avg pool 2.
-    Arch("cnn_same_s2_even", (6, 6, 2),
-         (("conv", 3, 3, 2, "SAME"), ("conv", 2, 2, 1, "SAME"), ("pool", "avg", 2, 2),
-          ("flatten",), ("dense", 2))),
-    # VALID, max pool 2, VALID stride 2 (3 -> 1).
-    Arch("cnn_valid", (8, 8, 2),
-         (("conv", 3, 3, 1, "VALID"), ("pool", "max", 2, 2), ("conv", 4, 2, 2, "VALID"),
-          ("flatten",), ("dense", 3))),
-    # VALID stride 2 on an odd size (7 -> 3), avg pool stride 1, SAME.
-    Arch("cnn_valid_s2_odd", (7, 7, 2),
-         (("conv", 3, 3, 2, "VALID"), ("pool", "avg", 2, 1), ("conv", 3, 3, 1, "SAME"),
-          ("flatten",), ("dense", 2))),
-    # Two SAME stride-2 convs on even sizes (8 -> 4 -> 2), max pool 2.
-    Arch("cnn_same_s2_s2", (8, 8, 2),
-         (("conv", 2, 3, 2, "SAME"), ("conv", 3, 3, 2, "SAME"), ("pool", "max", 2, 2),
-          ("flatten",), ("dense", 2))),
-    # A pool whose stride skips a row and column (window 2, stride 3 on 5).
-    Arch("cnn_pool_gap_rows", (5, 5, 1),
-         (("conv", 2, 3, 1, "SAME"), ("pool", "avg", 2, 3), ("flatten",), ("dense", 2))),
+  # SAME stride 1, then SAME stride 2 on an odd size (5 -> 3), max pool with stride 1.
+  Arch(
+    "cnn_same_s2_odd",
+    (5, 5, 2),
+    (
+      ("conv", 3, 3, 1, "SAME"),
+      ("conv", 3, 3, 2, "SAME"),
+      ("pool", "max", 2, 1),
+      ("flatten",),
+      ("dense", 3),
+    ),
+  ),
+  # SAME stride 2 on an even size (6 -> 3, padding 0 low / 1 high), even kernel SAME,
+  # avg pool 2.
+  Arch(
+    "cnn_same_s2_even",
+    (6, 6, 2),
+    (
+      ("conv", 3, 3, 2, "SAME"),
+      ("conv", 2, 2, 1, "SAME"),
+      ("pool", "avg", 2, 2),
+      ("flatten",),
+      ("dense", 2),
+    ),
+  ),
+  # VALID, max pool 2, VALID stride 2 (3 -> 1).
+  Arch(
+    "cnn_valid",
+    (8, 8, 2),
+    (
+      ("conv", 3, 3, 1, "VALID"),
+      ("pool", "max", 2, 2),
+      ("conv", 4, 2, 2, "VALID"),
+      ("flatten",),
+      ("dense", 3),
+    ),
+  ),
+  # VALID stride 2 on an odd size (7 -> 3), avg pool stride 1, SAME.
+  Arch(
+    "cnn_valid_s2_odd",
+    (7, 7, 2),
+    (
+      ("conv", 3, 3, 2, "VALID"),
+      ("pool", "avg", 2, 1),
+      ("conv", 3, 3, 1, "SAME"),
+      ("flatten",),
+      ("dense", 2),
+    ),
+  ),
+  # Two SAME stride-2 convs on even sizes (8 -> 4 -> 2), max pool 2.
+  Arch(
+    "cnn_same_s2_s2",
+    (8, 8, 2),
+    (
+      ("conv", 2, 3, 2, "SAME"),
+      ("conv", 3, 3, 2, "SAME"),
+      ("pool", "max", 2, 2),
+      ("flatten",),
+      ("dense", 2),
+    ),
+  ),
+  # A pool whose stride skips a row and column (window 2, stride 3 on 5).
+  Arch(
+    "cnn_pool_gap_rows",
+    (5, 5, 1),
+    (("conv", 2, 3, 1, "SAME"), ("pool", "avg", 2, 3), ("flatten",), ("dense", 2)),
+  ),
 )
 
 RESNETS = (
-    # stem, stride-2 block with a 1x1 stride-2 shortcut conv, identity block, GAP, head.
-    Arch("res_6x6", (6, 6, 2),
-         (("conv", 3, 3, 1, "SAME"), ("res", 4, 2), ("res", 4, 1), ("gap",), ("dense", 3)),
-         cuts=(0, 6)),
-    # identity block first, then a stride-2 block on an odd size (5 -> 3).
-    Arch("res_5x5", (5, 5, 3),
-         (("res", 3, 1), ("res", 4, 2), ("gap",), ("dense", 2)), cuts=(5,)),
+  # stem, stride-2 block with a 1x1 stride-2 shortcut conv, identity block, GAP, head.
+  Arch(
+    "res_6x6",
+    (6, 6, 2),
+    (("conv", 3, 3, 1, "SAME"), ("res", 4, 2), ("res", 4, 1), ("gap",), ("dense", 3)),
+    cuts=(0, 6),
+  ),
+  # identity block first, then a stride-2 block on an odd size (5 -> 3).
+  Arch("res_5x5", (5, 5, 3), (("res", 3, 1), ("res", 4, 2), ("gap",), ("dense", 2)), cuts=(5,)),
 )
 
 # Kernel taps that only ever touch zero padding: the dense mask is not fully active.
 PADDING = (
-    Arch("pad_3x3_on_1x1", (1, 1, 2),
-         (("conv", 2, 3, 1, "SAME"), ("flatten",), ("dense", 2)), full=False),
-    Arch("pad_3x3_s2_on_2x2", (2, 2, 1),
-         (("conv", 2, 3, 2, "SAME"), ("flatten",), ("dense", 2)), full=False),
-    Arch("pad_2x2_on_1x1", (1, 1, 1),
-         (("conv", 3, 2, 1, "SAME"), ("conv", 2, 3, 1, "SAME"), ("gap",), ("dense", 2)),
-         full=False),
+  Arch(
+    "pad_3x3_on_1x1", (1, 1, 2), (("conv", 2, 3, 1, "SAME"), ("flatten",), ("dense", 2)), full=False
+  ),
+  Arch(
+    "pad_3x3_s2_on_2x2",
+    (2, 2, 1),
+    (("conv", 2, 3, 2, "SAME"), ("flatten",), ("dense", 2)),
+    full=False,
+  ),
+  Arch(
+    "pad_2x2_on_1x1",
+    (1, 1, 1),
+    (("conv", 3, 2, 1, "SAME"), ("conv", 2, 3, 1, "SAME"), ("gap",), ("dense", 2)),
+    full=False,
+  ),
 )
 
 CONV_ARCHS = CNNS + RESNETS + PADDING
@@ -102,12 +156,15 @@ ALL_ARCHS = MLPS + CONV_ARCHS
 LEVELS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.85, 0.95, 0.99, 1.0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def setup(arch: Arch):
   """(model, params shape tree, reference graph); one model object per arch."""
   model = ref.make_model(arch.spec)
-  return model, ref.param_shapes(model, arch.input_shape), ref.build_graph(arch.spec,
-                                                                           arch.input_shape)
+  return (
+    model,
+    ref.param_shapes(model, arch.input_shape),
+    ref.build_graph(arch.spec, arch.input_shape),
+  )
 
 
 def _path(p) -> str:
@@ -120,18 +177,20 @@ def _is_none(x):
 
 def to_tree(shapes, by_layer: dict):
   """Mask tree like ``shapes``: by_layer['op00_conv'] at 'op00_conv/kernel', None elsewhere."""
+
   def leaf(p, s):
     name = _path(p)
-    if name.endswith("/kernel") and name[:-len("/kernel")] in by_layer:
-      return by_layer[name[:-len("/kernel")]]
+    if name.endswith("/kernel") and name[: -len("/kernel")] in by_layer:
+      return by_layer[name[: -len("/kernel")]]
     return None
+
   return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def from_tree(tree) -> dict:
   """{layer path: np bool array} of a mask tree's non-None leaves."""
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)[0]
-  return {_path(p)[:-len("/kernel")]: np.asarray(m) for p, m in flat if m is not None}
+  return {_path(p)[: -len("/kernel")]: np.asarray(m) for p, m in flat if m is not None}
 
 
 def random_masks(graph, rng, sparsities) -> dict:
@@ -168,8 +227,9 @@ def masks_for(draw, archs, levels=LEVELS):
   arch = draw(st.sampled_from(archs))
   _, _, graph = setup(arch)
   seed = draw(st.integers(0, 2**32 - 1))
-  sparsities = draw(st.lists(st.sampled_from(levels), min_size=len(graph.layers),
-                             max_size=len(graph.layers)))
+  sparsities = draw(
+    st.lists(st.sampled_from(levels), min_size=len(graph.layers), max_size=len(graph.layers))
+  )
   return arch, random_masks(graph, np.random.default_rng(seed), sparsities)
 
 
@@ -180,18 +240,28 @@ def masks_for(draw, archs, levels=LEVELS):
 def test_reference_layers_match_the_params_tree(arch):
   model, shapes, graph = setup(arch)
   # prunable kernels in sorted-key (= call) order, of the shapes the graph labels
-  assert [p[:-len("/kernel")] for p in masks_lib.prunable_paths(shapes)] == graph.paths
+  assert [p[: -len("/kernel")] for p in masks_lib.prunable_paths(shapes)] == graph.paths
   assert list(masks_lib.prunable_shapes(shapes)) == [l.kernel_shape for l in graph.layers]
-  out = jax.eval_shape(model.init_with_output, jax.random.key(0),
-                       jnp.zeros((1,) + arch.input_shape))[0]
+  out = jax.eval_shape(
+    model.init_with_output, jax.random.key(0), jnp.zeros((1,) + arch.input_shape)
+  )[0]
   assert out.shape == (1,) + graph.output_ids.shape
 
 
-@pytest.mark.parametrize("shape,features,k,s,padding", [
-    ((5, 5, 2), 3, 3, 1, "SAME"), ((5, 5, 2), 3, 3, 2, "SAME"), ((6, 6, 2), 2, 3, 2, "SAME"),
-    ((6, 7, 1), 2, 4, 1, "SAME"), ((2, 2, 1), 2, 3, 2, "SAME"), ((1, 1, 2), 2, 3, 1, "SAME"),
-    ((7, 7, 2), 3, 3, 2, "VALID"), ((8, 8, 2), 2, 2, 2, "VALID"), ((6, 6, 3), 2, 1, 2, "SAME"),
-])
+@pytest.mark.parametrize(
+  "shape,features,k,s,padding",
+  [
+    ((5, 5, 2), 3, 3, 1, "SAME"),
+    ((5, 5, 2), 3, 3, 2, "SAME"),
+    ((6, 6, 2), 2, 3, 2, "SAME"),
+    ((6, 7, 1), 2, 4, 1, "SAME"),
+    ((2, 2, 1), 2, 3, 2, "SAME"),
+    ((1, 1, 2), 2, 3, 1, "SAME"),
+    ((7, 7, 2), 3, 3, 2, "VALID"),
+    ((8, 8, 2), 2, 2, 2, "VALID"),
+    ((6, 6, 3), 2, 1, 2, "SAME"),
+  ],
+)
 def test_reference_conv_edges_are_xla_convolution(shape, features, k, s, padding):
   """The labelled edges, read as a linear map, are lax's convolution ('SAME' as in XLA)."""
   graph = ref.build_graph((("conv", features, k, s, padding),), shape)
@@ -202,14 +272,20 @@ def test_reference_conv_edges_are_xla_convolution(shape, features, k, s, padding
   y = np.zeros(graph.num_units)
   np.add.at(y, graph.dst, w.ravel()[graph.entry] * values[graph.src])
   want = jax.lax.conv_general_dilated(
-      jnp.asarray(x[None], jnp.float32), jnp.asarray(w, jnp.float32), (s, s), padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
+    jnp.asarray(x[None], jnp.float32),
+    jnp.asarray(w, jnp.float32),
+    (s, s),
+    padding,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )[0]
   assert want.shape == graph.output_ids.shape
   np.testing.assert_allclose(y[graph.output_ids], want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape,window,stride", [((5, 5, 2), 2, 1), ((6, 6, 1), 2, 2),
-                                                 ((5, 5, 1), 2, 3), ((7, 7, 2), 3, 2)])
+@pytest.mark.parametrize(
+  "shape,window,stride",
+  [((5, 5, 2), 2, 1), ((6, 6, 1), 2, 2), ((5, 5, 1), 2, 3), ((7, 7, 2), 3, 2)],
+)
 def test_reference_pool_edges_are_the_pooling_windows(shape, window, stride):
   graph = ref.build_graph((("pool", "avg", window, stride),), shape)
   x = np.random.default_rng(1).normal(size=shape)
@@ -217,8 +293,9 @@ def test_reference_pool_edges_are_the_pooling_windows(shape, window, stride):
   values[graph.input_ids] = x
   y = np.zeros(graph.num_units)
   np.add.at(y, graph.dst, values[graph.src])
-  want = jax.lax.reduce_window(jnp.asarray(x, jnp.float32), 0.0, jax.lax.add,
-                               (window, window, 1), (stride, stride, 1), "VALID")
+  want = jax.lax.reduce_window(
+    jnp.asarray(x, jnp.float32), 0.0, jax.lax.add, (window, window, 1), (stride, stride, 1), "VALID"
+  )
   assert want.shape == graph.output_ids.shape
   np.testing.assert_allclose(y[graph.output_ids], want, rtol=1e-5, atol=1e-5)
 
@@ -290,8 +367,7 @@ def test_hand_mlp_single_path():
   tree = to_tree(shapes, {"op00_dense": w0, "op01_dense": w1})
   assert effective.effective_sparsity(model, tree, (2,)) == pytest.approx(1 - 2 / 6)
   assert effective.effective_compression(model, tree, (2,)) == pytest.approx(3.0)
-  assert effective.active_units(model, tree, (2,)) == {"op00_dense": (1, 2),
-                                                       "op01_dense": (1, 1)}
+  assert effective.active_units(model, tree, (2,)) == {"op00_dense": (1, 2), "op01_dense": (1, 1)}
 
 
 def test_hand_mlp_no_path():
@@ -309,7 +385,9 @@ def _dense_layers(arch):
   return {l.path: np.ones(l.kernel_shape, bool) for l in graph.layers}
 
 
-@pytest.mark.parametrize("arch,active_taps", [
+@pytest.mark.parametrize(
+  "arch,active_taps",
+  [
     # 3x3 SAME on 1x1: only the centre tap ever sees a real input.
     (PADDING[0], [(1, 1)]),
     # 3x3 SAME stride 2 on 2x2: one output, padding 0 low / 1 high (XLA), so rows and
@@ -317,7 +395,9 @@ def _dense_layers(arch):
     (PADDING[1], [(0, 0), (0, 1), (1, 0), (1, 1)]),
     # 2x2 SAME on 1x1: padding 0 low / 1 high: only tap (0, 0).
     (PADDING[2], [(0, 0)]),
-], ids=lambda a: getattr(a, "name", ""))
+  ],
+  ids=lambda a: getattr(a, "name", ""),
+)
 def test_padding_only_taps_are_inactive(arch, active_taps):
   by_layer = _dense_layers(arch)
   conn, want = assert_matches(arch, by_layer)
@@ -325,7 +405,7 @@ def test_padding_only_taps_are_inactive(arch, active_taps):
   expected = np.zeros((k, k) + by_layer["op00_conv"].shape[2:], bool)
   for tap in active_taps:
     expected[tap] = True
-  np.testing.assert_array_equal(want.masks[0], expected)          # the reference
+  np.testing.assert_array_equal(want.masks[0], expected)  # the reference
   np.testing.assert_array_equal(from_tree(conn.masks)["op00_conv"], expected)
   model, shapes, _ = setup(arch)
   s = effective.effective_sparsity(model, to_tree(shapes, by_layer), arch.input_shape)
@@ -336,8 +416,9 @@ def test_hand_padding_convention_and_flatten_order():
   """2x2 input, 2x2 SAME conv (padding 0 low, 1 high) keeping only tap (1, 1): output
   position (i, j) reads input (i + 1, j + 1), real only for (0, 0). Flatten (H, W, C)
   puts (0, 0, c) at rows c = 0, 1 of the dense kernel: only those rows are active."""
-  arch = Arch("flatten_order", (2, 2, 1),
-              (("conv", 2, 2, 1, "SAME"), ("flatten",), ("dense", 1)), full=False)
+  arch = Arch(
+    "flatten_order", (2, 2, 1), (("conv", 2, 2, 1, "SAME"), ("flatten",), ("dense", 1)), full=False
+  )
   conv = np.zeros((2, 2, 1, 2), bool)
   conv[1, 1] = True
   dense = np.ones((8, 1), bool)
@@ -346,15 +427,16 @@ def test_hand_padding_convention_and_flatten_order():
   np.testing.assert_array_equal(got["op00_conv"], conv)
   np.testing.assert_array_equal(got["op02_dense"][:, 0], [1, 1, 0, 0, 0, 0, 0, 0])
   assert conn.active_units == {"op00_conv": 2, "op02_dense": 1}
-  assert conn.active_inputs == 1          # input (1, 1)
+  assert conn.active_inputs == 1  # input (1, 1)
 
 
 def test_hand_gap_connects_every_position():
   """Channel 0 of a 2x2 SAME conv keeping only tap (1, 1) is reachable at position
   (0, 0) alone; global average pooling still connects it to its channel's output, so
   the head's row 0 is active. Channel 1 keeps nothing: row 1 is inactive."""
-  arch = Arch("gap_hand", (2, 2, 1),
-              (("conv", 2, 2, 1, "SAME"), ("gap",), ("dense", 1)), full=False)
+  arch = Arch(
+    "gap_hand", (2, 2, 1), (("conv", 2, 2, 1, "SAME"), ("gap",), ("dense", 1)), full=False
+  )
   conv = np.zeros((2, 2, 1, 2), bool)
   conv[1, 1, 0, 0] = True
   head = np.ones((2, 1), bool)
@@ -371,8 +453,7 @@ def test_hand_gap_connects_every_position():
 
 def _eff(arch, by_layer):
   model, shapes, _ = setup(arch)
-  return from_tree(effective.effective_masks(model, to_tree(shapes, by_layer),
-                                             arch.input_shape))
+  return from_tree(effective.effective_masks(model, to_tree(shapes, by_layer), arch.input_shape))
 
 
 @settings(max_examples=30, **HYP)
@@ -381,20 +462,21 @@ def test_subset_fixed_point_monotone_deterministic(arch_masks, seed):
   arch, m1 = arch_masks
   e1 = _eff(arch, m1)
   for p in m1:
-    assert not (e1[p] & ~m1[p]).any()                       # subset of the mask
+    assert not (e1[p] & ~m1[p]).any()  # subset of the mask
   e11 = _eff(arch, e1)
   for p in m1:
-    np.testing.assert_array_equal(e11[p], e1[p])            # fixed point
+    np.testing.assert_array_equal(e11[p], e1[p])  # fixed point
   rng = np.random.default_rng(seed)
   m2 = {p: m | (rng.random(m.shape) < rng.choice([0.0, 0.1, 0.5])) for p, m in m1.items()}
   e2 = _eff(arch, m2)
   for p in m1:
-    assert not (e1[p] & ~e2[p]).any()                       # monotone
+    assert not (e1[p] & ~e2[p]).any()  # monotone
   # deterministic: same call, and an equal but distinct module object
   again = _eff(arch, m1)
   _, shapes, _ = setup(arch)
-  other = from_tree(effective.effective_masks(ref.make_model(arch.spec),
-                                              to_tree(shapes, m1), arch.input_shape))
+  other = from_tree(
+    effective.effective_masks(ref.make_model(arch.spec), to_tree(shapes, m1), arch.input_shape)
+  )
   for p in m1:
     np.testing.assert_array_equal(again[p], e1[p])
     np.testing.assert_array_equal(other[p], e1[p])
@@ -408,8 +490,7 @@ def test_dense_mask(arch):
     for p, m in from_tree(conn.masks).items():
       assert m.all(), p
     model, shapes, _ = setup(arch)
-    assert effective.effective_sparsity(model, to_tree(shapes, by_layer),
-                                        arch.input_shape) == 0.0
+    assert effective.effective_sparsity(model, to_tree(shapes, by_layer), arch.input_shape) == 0.0
 
 
 @settings(max_examples=25, **HYP)
@@ -434,8 +515,11 @@ def test_bypassed_empty_layers_do_not_disconnect():
   """Emptying a residual branch leaves the identity shortcut; emptying the shortcut
   conv leaves the main branch."""
   arch = RESNETS[0]
-  for empty in (["op02_res/conv_1"], ["op01_res/shortcut_conv"],
-                ["op02_res/conv_1", "op02_res/conv_2"]):
+  for empty in (
+    ["op02_res/conv_1"],
+    ["op01_res/shortcut_conv"],
+    ["op02_res/conv_1", "op02_res/conv_2"],
+  ):
     by_layer = _dense_layers(arch)
     for p in empty:
       by_layer[p] = np.zeros_like(by_layer[p])
@@ -450,9 +534,14 @@ def test_bypassed_empty_layers_do_not_disconnect():
 @given(masks_for((CNNS[0], CNNS[2])))
 def test_max_and_avg_pooling_connect_alike(arch_masks):
   arch, by_layer = arch_masks
-  swapped = dataclasses.replace(arch, name=arch.name + "_swapped", spec=tuple(
+  swapped = dataclasses.replace(
+    arch,
+    name=arch.name + "_swapped",
+    spec=tuple(
       ("pool", "avg" if op[1] == "max" else "max") + op[2:] if op[0] == "pool" else op
-      for op in arch.spec))
+      for op in arch.spec
+    ),
+  )
   a, b = _eff(arch, by_layer), _eff(swapped, by_layer)
   for p in a:
     np.testing.assert_array_equal(a[p], b[p])
@@ -477,12 +566,19 @@ def test_lenet300100_matches_mlp_reference(sparsity):
   assert conn.active_inputs == inputs
 
 
-LENET5_SPEC = (("conv", 6, 5, 1, "VALID"), ("pool", "avg", 2, 2),
-               ("conv", 16, 5, 1, "VALID"), ("pool", "avg", 2, 2), ("flatten",),
-               ("dense", 120), ("dense", 84), ("dense", 10))
+LENET5_SPEC = (
+  ("conv", 6, 5, 1, "VALID"),
+  ("pool", "avg", 2, 2),
+  ("conv", 16, 5, 1, "VALID"),
+  ("pool", "avg", 2, 2),
+  ("flatten",),
+  ("dense", 120),
+  ("dense", 84),
+  ("dense", 10),
+)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lenet5_graph():
   return ref.build_graph(LENET5_SPEC, (32, 32, 3))
 
@@ -523,7 +619,7 @@ def _raises(model, tree, shape):
 
 def test_bad_masks_raise(mlp):
   model, good, shape = mlp
-  effective.effective_masks(model, good, shape)          # the good one works
+  effective.effective_masks(model, good, shape)  # the good one works
   missing = {k: v for k, v in good.items() if k != "op01_dense"}
   _raises(model, missing, shape)
   missing_leaf = dict(good, op01_dense={"kernel": good["op01_dense"]["kernel"]})
@@ -535,15 +631,13 @@ def test_bad_masks_raise(mlp):
   wrong_shape = dict(good, op00_dense=dict(good["op00_dense"], kernel=jnp.ones((8, 5), bool)))
   _raises(model, wrong_shape, shape)
   for dtype in (jnp.float32, jnp.int32, np.uint8):
-    bad = dict(good, op00_dense=dict(good["op00_dense"],
-                                     kernel=jnp.ones((5, 8), dtype)))
+    bad = dict(good, op00_dense=dict(good["op00_dense"], kernel=jnp.ones((5, 8), dtype)))
     _raises(model, bad, shape)
   none_kernel = dict(good, op00_dense=dict(good["op00_dense"], kernel=None))
   _raises(model, none_kernel, shape)
   bias_mask = dict(good, op00_dense=dict(good["op00_dense"], bias=jnp.ones((8,), bool)))
   _raises(model, bias_mask, shape)
-  as_list = dict(good, op00_dense=dict(good["op00_dense"],
-                                       kernel=np.ones((5, 8), bool).tolist()))
+  as_list = dict(good, op00_dense=dict(good["op00_dense"], kernel=np.ones((5, 8), bool).tolist()))
   _raises(model, as_list, shape)
 
 

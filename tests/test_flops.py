@@ -16,7 +16,11 @@ def test_lenet300100_counts():
   v = model.init(jax.random.key(0), jnp.ones((1, 28, 28, 1)))
   dense = flops.costs(model, None, (28, 28, 1))
   assert [c.flops_dense for c in dense.values()] == [
-      2 * 784 * 300, 2 * 300 * 100, 2 * 100 * 10, 2 * 266200]
+    2 * 784 * 300,
+    2 * 300 * 100,
+    2 * 100 * 10,
+    2 * 266200,
+  ]
   assert dense["total"].params_effective == 266200
   assert dense["total"].bytes_dense == 4 * 266200
   m = masks_lib.random(jax.random.key(1), v["params"], 0.99)

@@ -25,18 +25,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_every_public_name_exists_and_version_matches_pyproject():
   for name in sparsejax.__all__:
     assert getattr(sparsejax, name) is not None, name
-  version = re.search(r'^version = "(.+)"', open(os.path.join(REPO, "pyproject.toml")).read(),
-                      re.M).group(1)
+  version = re.search(
+    r'^version = "(.+)"', open(os.path.join(REPO, "pyproject.toml")).read(), re.M
+  ).group(1)
   assert sparsejax.__version__ == version
   assert sparsejax.prune is pruning.prune and sparsejax.with_masks is optim.with_masks
   assert issubclass(sparsejax.UnreachableSparsityError, ValueError)
 
 
 def test_import_brings_no_tensorflow():
-  code = ("import sys, sparsejax; bad = [m for m in sys.modules if m.split('.')[0] in "
-          "('tensorflow', 'tensorflow_datasets', 'experiments')]; print(bad)")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd="/", timeout=300)
+  code = (
+    "import sys, sparsejax; bad = [m for m in sys.modules if m.split('.')[0] in "
+    "('tensorflow', 'tensorflow_datasets', 'experiments')]; print(bad)"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == "[]"
 
@@ -46,13 +50,17 @@ def test_library_stands_alone():
   top-level package (it runs from the repository root)."""
   for path in glob.glob(os.path.join(REPO, "sparsejax", "**", "*.py"), recursive=True):
     assert not re.search(r"^\s*(from|import) experiments", open(path).read(), re.M), path
-  out = subprocess.run([sys.executable, "-c", "import experiments"], capture_output=True,
-                       text=True, cwd="/", timeout=120)
+  out = subprocess.run(
+    [sys.executable, "-c", "import experiments"],
+    capture_output=True,
+    text=True,
+    cwd="/",
+    timeout=120,
+  )
   assert out.returncode != 0 and "No module named 'experiments'" in out.stderr
 
 
-@pytest.mark.parametrize("module", ["sparsejax.optim", "sparsejax.pruning",
-                                    "sparsejax.effective"])
+@pytest.mark.parametrize("module", ["sparsejax.optim", "sparsejax.pruning", "sparsejax.effective"])
 def test_docstring_examples_run(module):
   mod = __import__(module, fromlist=["_"])
   result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
@@ -67,8 +75,9 @@ def test_readme_library_example_runs():
   code = section.split("```python", 1)[1].split("```", 1)[0]
   # The model definition included: a complete program a user can paste and run.
   assert len([line for line in code.splitlines() if line.strip()]) <= 25
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd="/", timeout=600)
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=600
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "effective compression" in out.stdout
 
@@ -90,29 +99,45 @@ def toy_pruner():
 
 def test_registered_pruner_prunes_both_types(toy_pruner):
   from sparsejax import models
+
   model = models.create("lenet300100")
   variables = model.init(jax.random.key(0), jnp.ones((1, 28, 28, 1)))
-  kw = dict(key=jax.random.key(1), model=model, variables=variables, sparsity=0.99,
-            input_shape=(28, 28, 1))
+  kw = dict(
+    key=jax.random.key(1), model=model, variables=variables, sparsity=0.99, input_shape=(28, 28, 1)
+  )
   direct = sparsejax.prune("toy/inverse", pruning_type="direct", **kw)
   assert masks.compression(direct) == pytest.approx(100, rel=1e-3)
-  kept = [w[m] for w, m in zip(masks.mask_leaves(masks.map_masks(
-      lambda m, w: w, direct, variables["params"])), masks.mask_leaves(direct))]
+  kept = [
+    w[m]
+    for w, m in zip(
+      masks.mask_leaves(masks.map_masks(lambda m, w: w, direct, variables["params"])),
+      masks.mask_leaves(direct),
+    )
+  ]
   assert max(float(jnp.max(jnp.abs(k))) for k in kept) < 0.05  # the smallest weights
   eff = sparsejax.prune("toy/inverse", pruning_type="effective", **kw)
   assert effective.effective_compression(model, eff, (28, 28, 1)) >= 100 * (1 - 1e-9)
 
 
-def test_registered_pruner_runs_through_the_compression_job_and_prune_train(toy_pruner,
-                                                                           tmp_path):
-  rows = compression.sweep("lenet300100", ["toy/inverse"], ["direct", "effective"],
-                           [10.0, 100.0], seed=0)
+def test_registered_pruner_runs_through_the_compression_job_and_prune_train(toy_pruner, tmp_path):
+  rows = compression.sweep(
+    "lenet300100", ["toy/inverse"], ["direct", "effective"], [10.0, 100.0], seed=0
+  )
   assert [r["status"] for r in rows] == ["ok"] * 4
-  config = configs.load("lenet300100", ["pruner=toy/inverse", "compression=10",
-                                        "pruning_type=effective", "train_steps=10",
-                                        "eval_every=10", "log_every=10"])
-  r = prune_train.run(config, out_dir=str(tmp_path),
-                      source=common.DataSource(synthetic=True, num_examples=256))
+  config = configs.load(
+    "lenet300100",
+    [
+      "pruner=toy/inverse",
+      "compression=10",
+      "pruning_type=effective",
+      "train_steps=10",
+      "eval_every=10",
+      "log_every=10",
+    ],
+  )
+  r = prune_train.run(
+    config, out_dir=str(tmp_path), source=common.DataSource(synthetic=True, num_examples=256)
+  )
   assert r["status"] == "ok" and r["effective_compression"] >= 10 * (1 - 1e-9)
   assert sweep.grid(["lenet300100"], ["toy/inverse"], [10.0], ["direct"], [0])
 
@@ -133,10 +158,12 @@ def test_registry_rejects_bad_pruners():
 
 def test_rounds_come_as_an_argument_or_as_the_older_score_kwargs():
   from sparsejax import models
+
   model = models.create("lenet300100")
   variables = model.init(jax.random.key(0), jnp.ones((1, 28, 28, 1)))
-  kw = dict(key=jax.random.key(1), model=model, variables=variables, sparsity=0.9,
-            input_shape=(28, 28, 1))
+  kw = dict(
+    key=jax.random.key(1), model=model, variables=variables, sparsity=0.9, input_shape=(28, 28, 1)
+  )
   a = pruning.ranking_for("synflow", rounds=2, **kw)
   b = pruning.ranking_for("synflow", score_kwargs={"rounds": 2}, **kw)
   assert all(bool(jnp.array_equal(x, y)) for x, y in zip(a.order, b.order))
@@ -146,12 +173,19 @@ def test_rounds_come_as_an_argument_or_as_the_older_score_kwargs():
 
 def test_unreachable_targets_raise_a_typed_error_with_the_reachable_limit():
   from sparsejax import models
+
   model = models.create("lenet300100")
   variables = model.init(jax.random.key(0), jnp.ones((1, 28, 28, 1)))
   with pytest.raises(sparsejax.UnreachableSparsityError) as info:
-    sparsejax.prune("random/uniform", key=jax.random.key(1), model=model,
-                    variables=variables, sparsity=1 - 1e-6, pruning_type="effective",
-                    input_shape=(28, 28, 1))
+    sparsejax.prune(
+      "random/uniform",
+      key=jax.random.key(1),
+      model=model,
+      variables=variables,
+      sparsity=1 - 1e-6,
+      pruning_type="effective",
+      input_shape=(28, 28, 1),
+    )
   assert 0.99 < info.value.max_sparsity < 1 - 1e-6
   assert info.value.max_compression == pytest.approx(1 / (1 - info.value.max_sparsity))
 
@@ -179,11 +213,20 @@ def test_config_errors_name_the_field():
 
 @pytest.mark.slow
 def test_command_line_override_reaches_the_run(tmp_path):
-  cmd = [sys.executable, "-m", "experiments.prune_train",
-         "--config=experiments/configs/lenet300100.py", "--config.pruner=random/uniform",
-         "--config.compression=10", "--config.train_steps=6", "--config.eval_every=3",
-         "--config.log_every=3", "--config.learning_rate=0.05", "--synthetic_data",
-         f"--out_dir={tmp_path}"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.prune_train",
+    "--config=experiments/configs/lenet300100.py",
+    "--config.pruner=random/uniform",
+    "--config.compression=10",
+    "--config.train_steps=6",
+    "--config.eval_every=3",
+    "--config.log_every=3",
+    "--config.learning_rate=0.05",
+    "--synthetic_data",
+    f"--out_dir={tmp_path}",
+  ]
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   (path,) = glob.glob(str(tmp_path / "*" / "result.json"))

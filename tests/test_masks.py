@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sparsejax import masks, models
 
@@ -21,7 +22,12 @@ def test_prunable_leaves_are_kernels_only(params):
   assert m["conv_0"]["kernel"].dtype == bool and m["conv_0"]["bias"] is None
   assert m["norm_0"]["scale"] is None
   assert masks.prunable_paths(params) == [
-      "conv_0/kernel", "conv_1/kernel", "dense_2/kernel", "dense_3/kernel", "dense_4/kernel"]
+    "conv_0/kernel",
+    "conv_1/kernel",
+    "dense_2/kernel",
+    "dense_3/kernel",
+    "dense_4/kernel",
+  ]
   assert masks.count(m) == (61_770, 61_770)
   assert masks.direct_sparsity(m) == 0.0 and masks.compression(m) == 1.0
 
@@ -57,9 +63,11 @@ def test_per_layer_sparsities_and_report_order(params):
 def test_apply_zeroes_exactly_the_masked_weights(params):
   m = masks.random(jax.random.key(1), params, 0.7)
   pruned = masks.apply(params, m)
-  for (w, p, k) in zip(masks.mask_leaves(masks.map_prunable(lambda x: x, params)),
-                       masks.mask_leaves(masks.map_prunable(lambda x: x, pruned)),
-                       masks.mask_leaves(m)):
+  for w, p, k in zip(
+    masks.mask_leaves(masks.map_prunable(lambda x: x, params)),
+    masks.mask_leaves(masks.map_prunable(lambda x: x, pruned)),
+    masks.mask_leaves(m),
+  ):
     np.testing.assert_array_equal(np.asarray(p)[~np.asarray(k)], 0.0)
     np.testing.assert_array_equal(np.asarray(p)[np.asarray(k)], np.asarray(w)[np.asarray(k)])
   np.testing.assert_array_equal(pruned["conv_0"]["bias"], params["conv_0"]["bias"])
@@ -121,8 +129,12 @@ def test_load_rejects_foreign_masks(params, tmp_path):
 def test_apply_and_counts_refuse_masks_that_do_not_fit(params):
   good = masks.ones(params)
   # A (1, n) mask broadcasts against an (m, n) kernel: refused, not broadcast.
-  row = dict(good, dense_2=dict(good["dense_2"], kernel=jnp.zeros(
-      (1,) + params["dense_2"]["kernel"].shape[1:], bool)))
+  row = dict(
+    good,
+    dense_2=dict(
+      good["dense_2"], kernel=jnp.zeros((1,) + params["dense_2"]["kernel"].shape[1:], bool)
+    ),
+  )
   with pytest.raises(ValueError, match=r"masks\['dense_2/kernel'\] has shape"):
     masks.apply(params, row)
   with pytest.raises(ValueError, match=r"has shape"):
@@ -138,9 +150,14 @@ def test_apply_and_counts_refuse_masks_that_do_not_fit(params):
 
 def test_selector_chooses_leaves_by_rule_predicate_or_paths(params):
   assert masks.prunable_paths(params, lambda p: p.startswith("dense")) == [
-      "dense_2/kernel", "dense_3/kernel", "dense_4/kernel"]
+    "dense_2/kernel",
+    "dense_3/kernel",
+    "dense_4/kernel",
+  ]
   assert masks.prunable_paths(params, {"conv_1/kernel", "dense_4/kernel"}) == [
-      "conv_1/kernel", "dense_4/kernel"]
+    "conv_1/kernel",
+    "dense_4/kernel",
+  ]
   m = masks.ones(params, lambda p: p != "conv_0/kernel")
   assert m["conv_0"]["kernel"] is None and masks.count(m)[1] == 61_770 - 450
   masks.validate(m, params)  # a None at a kernel: that kernel is not pruned

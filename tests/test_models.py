@@ -11,11 +11,11 @@ from sparsejax.models import layers as L
 
 # (name, input shape, classes, prunable weights, prunable layers) from method.md section 5.
 ZOO = [
-    ("lenet300100", (28, 28, 1), 10, 266_200, 3),
-    ("lenet5", (32, 32, 3), 10, 61_770, 5),
-    ("vgg16", (32, 32, 3), 10, 14_715_584, 14),
-    ("vgg19", (32, 32, 3), 100, 20_070_080, 17),
-    ("resnet18", (64, 64, 3), 200, 11_261_632, 21),
+  ("lenet300100", (28, 28, 1), 10, 266_200, 3),
+  ("lenet5", (32, 32, 3), 10, 61_770, 5),
+  ("vgg16", (32, 32, 3), 10, 14_715_584, 14),
+  ("vgg19", (32, 32, 3), 100, 20_070_080, 17),
+  ("resnet18", (64, 64, 3), 200, 11_261_632, 21),
 ]
 
 
@@ -57,8 +57,9 @@ def test_tree_order_is_input_to_output_order(name, input_shape, classes, count, 
 @pytest.mark.parametrize("name,input_shape,classes,count,layers", ZOO)
 def test_output_shapes(name, input_shape, classes, count, layers):
   model = models.create(name, classes)
-  out = jax.eval_shape(lambda: model.init_with_output(
-      jax.random.key(0), jnp.ones((2,) + input_shape))[0])
+  out = jax.eval_shape(
+    lambda: model.init_with_output(jax.random.key(0), jnp.ones((2,) + input_shape))[0]
+  )
   assert out.shape == (2, classes)
 
 
@@ -91,23 +92,28 @@ def test_same_padding_is_xla_same():
   x = jax.random.normal(jax.random.key(0), (1, 4, 4, 1))
   variables = conv.init(jax.random.key(1), x)
   w = variables["params"]["kernel"]
-  want = jax.lax.conv_general_dilated(x, w, (2, 2), ((0, 1), (0, 1)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  want = jax.lax.conv_general_dilated(
+    x, w, (2, 2), ((0, 1), (0, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   np.testing.assert_allclose(conv.apply(variables, x), want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("shape,kernel,strides,padding,dilation,prepadded", [
-    ((2, 2, 2, 5), (3, 3), 1, "SAME", 1, True),        # VGG's last block: pad 2 >= size 2
+@pytest.mark.parametrize(
+  "shape,kernel,strides,padding,dilation,prepadded",
+  [
+    ((2, 2, 2, 5), (3, 3), 1, "SAME", 1, True),  # VGG's last block: pad 2 >= size 2
     ((2, 1, 1, 4), (3, 3), 1, "SAME", 1, True),
     ((2, 2, 3, 3), (5, 5), 1, "SAME", 1, True),
-    ((2, 2, 2, 3), (3, 3), 1, "SAME", 2, True),        # dilated kernel: pad 4
+    ((2, 2, 2, 3), (3, 3), 1, "SAME", 2, True),  # dilated kernel: pad 4
     ((2, 2, 2, 3), (3, 3), 1, ((1, 1), (1, 1)), 1, True),
-    ((2, 3, 3, 3), (3, 3), 2, "SAME", 1, False),       # pad 2 < size 3
+    ((2, 3, 3, 3), (3, 3), 2, "SAME", 1, False),  # pad 2 < size 3
     ((1, 4, 4, 3), (3, 3), 1, "SAME", 1, False),
     ((2, 5, 5, 3), (3, 3), 1, "VALID", 1, False),
-])
+  ],
+)
 def test_conv_pads_beforehand_only_where_padding_covers_the_input(
-    shape, kernel, strides, padding, dilation, prepadded):
+  shape, kernel, strides, padding, dilation, prepadded
+):
   """L.Conv == nn.Conv (outputs and gradients); the input is padded beforehand (a `pad`
   behind an optimization barrier, then 'VALID') exactly when some axis's padding is at
   least its size (XLA:CPU's slow path, see layers.conv_general_dilated)."""
@@ -115,11 +121,13 @@ def test_conv_pads_beforehand_only_where_padding_covers_the_input(
   ours = L.Conv(6, kernel, strides=strides, padding=padding, kernel_dilation=dilation)
   flax_conv = nn.Conv(6, kernel, strides=strides, padding=padding, kernel_dilation=dilation)
   variables = ours.init(jax.random.key(1), x)
-  np.testing.assert_allclose(ours.apply(variables, x), flax_conv.apply(variables, x),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    ours.apply(variables, x), flax_conv.apply(variables, x), rtol=1e-5, atol=1e-5
+  )
   loss = lambda m: jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), argnums=(0, 1))
-  for a, b in zip(jax.tree.leaves(loss(ours)(variables, x)),
-                  jax.tree.leaves(loss(flax_conv)(variables, x))):
+  for a, b in zip(
+    jax.tree.leaves(loss(ours)(variables, x)), jax.tree.leaves(loss(flax_conv)(variables, x))
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   prims = {e.primitive.name for e in jax.make_jaxpr(ours.apply)(variables, x).eqns}
   assert ("optimization_barrier" in prims) == prepadded

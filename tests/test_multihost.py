@@ -14,8 +14,7 @@ import pytest
 from experiments import common, configs, distributed, prune_train, results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["pruner=dense", "train_steps=20", "eval_every=10", "checkpoint_every=10",
-        "log_every=10"]
+TINY = ["pruner=dense", "train_steps=20", "eval_every=10", "checkpoint_every=10", "log_every=10"]
 
 
 def _free_port() -> int:
@@ -37,12 +36,27 @@ def test_two_processes_train_what_one_process_trains(tmp_path):
   port = _free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)  # One CPU device per process: a mesh of two.
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "experiments.prune_train", "--synthetic_data",
-       f"--out_dir={tmp_path / 'two'}", *[f"--config.{o}" for o in TINY],
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "experiments.prune_train",
+        "--synthetic_data",
+        f"--out_dir={tmp_path / 'two'}",
+        *[f"--config.{o}" for o in TINY],
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   try:
     logs = [p.communicate(timeout=400)[0] for p in procs]
   finally:
@@ -78,12 +92,13 @@ def test_settings_come_from_flags_then_environment_and_are_checked():
   assert distributed.settings("auto", 4, environ={}) == {"num_processes": 4}
   assert distributed.settings(environ={"SLURM_NTASKS": "4"}) is None  # not assumed
   assert distributed.settings(None, 1, 0, environ={}) is None
-  for args, env, message in (
-      (("h:1", 2, None), {}, "--coordinator_address='h:1' needs --num_processes"),
-      ((None, 2, 0), {}, "--num_processes=2 --process_id=0 need --coordinator_address"),
-      (("h:1", 2, 2), {}, r"--process_id=2 must be in \[0, 2\)"),
-      (("h:1", 0, 0), {}, "--num_processes=0 must be an integer >= 1"),
-      (("h", 2, 0), {}, "--coordinator_address='h' must be 'host:port'"),
-      ((None, None, None), {**env, "JAX_PROCESS_ID": "x"}, r"\$JAX_PROCESS_ID='x'")):
+  for args, environ, message in (
+    (("h:1", 2, None), {}, "--coordinator_address='h:1' needs --num_processes"),
+    ((None, 2, 0), {}, "--num_processes=2 --process_id=0 need --coordinator_address"),
+    (("h:1", 2, 2), {}, r"--process_id=2 must be in \[0, 2\)"),
+    (("h:1", 0, 0), {}, "--num_processes=0 must be an integer >= 1"),
+    (("h", 2, 0), {}, "--coordinator_address='h' must be 'host:port'"),
+    ((None, None, None), {**env, "JAX_PROCESS_ID": "x"}, r"\$JAX_PROCESS_ID='x'"),
+  ):
     with pytest.raises(ValueError, match=message):
-      distributed.settings(*args, environ=env)
+      distributed.settings(*args, environ=environ)

@@ -19,7 +19,9 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "effective_sparsity_tour.ipynb"
+NOTEBOOK = (
+  pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "effective_sparsity_tour.ipynb"
+)
 CELL_TIMEOUT_S = 600
 MANUAL_DIR_ENV = "SPARSEJAX_TFDS_MANUAL_DIR"  # sparsejax.data.MANUAL_DIR_ENV
 
@@ -29,20 +31,31 @@ class Run:
 
   def __init__(self, nb):
     self.nb = nb
-    self.stdout = {cell.id: "".join(o.get("text", "") for o in cell.get("outputs", [])
-                                    if o.output_type == "stream" and o.name == "stdout")
-                   for cell in nb.cells if cell.cell_type == "code"}
+    self.stdout = {
+      cell.id: "".join(
+        o.get("text", "")
+        for o in cell.get("outputs", [])
+        if o.output_type == "stream" and o.name == "stdout"
+      )
+      for cell in nb.cells
+      if cell.cell_type == "code"
+    }
     self.summary = json.loads(self.stdout["summary"])
 
   def images(self) -> int:
-    return sum("image/png" in o.get("data", {}) for cell in self.nb.cells
-               for o in cell.get("outputs", []))
+    return sum(
+      "image/png" in o.get("data", {}) for cell in self.nb.cells for o in cell.get("outputs", [])
+    )
 
 
 def execute(env_overrides: dict[str, str]) -> Run:
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                                   resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+  client = nbclient.NotebookClient(
+    nb,
+    timeout=CELL_TIMEOUT_S,
+    kernel_name="python3",
+    resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+  )
   client.execute(env=dict(os.environ, **env_overrides))  # raises on any cell's error
   return Run(nb)
 
@@ -63,8 +76,9 @@ def synthetic_run(default_run, tmp_path_factory) -> Run:
 def check_run(run: Run) -> None:
   s = run.summary
   # Step 2: 100x direct; the printed line agrees with the summary.
-  line = re.search(r"direct compression ([\d.]+)x, effective compression ([\d.]+)x",
-                   run.stdout["prune-direct"])
+  line = re.search(
+    r"direct compression ([\d.]+)x, effective compression ([\d.]+)x", run.stdout["prune-direct"]
+  )
   assert line, run.stdout["prune-direct"]
   direct, eff = s["direct_100x_uniform"]["direct"], s["direct_100x_uniform"]["effective"]
   assert (float(line[1]), float(line[2])) == (round(direct, 1), round(eff, 1))

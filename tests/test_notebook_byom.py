@@ -13,8 +13,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-NOTEBOOK = (pathlib.Path(__file__).resolve().parents[1] / "notebooks" /
-            "bring_your_own_model.ipynb")
+NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "bring_your_own_model.ipynb"
 
 
 def test_notebook_is_valid_and_stored_without_outputs():
@@ -28,15 +27,26 @@ def test_notebook_is_valid_and_stored_without_outputs():
 @pytest.mark.slow
 def test_notebook_runs():
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
-                                   resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+  client = nbclient.NotebookClient(
+    nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+  )
   client.execute(env=dict(os.environ))
-  out = {c.id: "".join(o.get("text", "") for o in c.get("outputs", [])
-                       if o.output_type == "stream" and o.name == "stdout")
-         for c in nb.cells if c.cell_type == "code"}
+  out = {
+    c.id: "".join(
+      o.get("text", "")
+      for o in c.get("outputs", [])
+      if o.output_type == "stream" and o.name == "stdout"
+    )
+    for c in nb.cells
+    if c.cell_type == "code"
+  }
   s = json.loads(out["summary"])
-  assert s["prunable_paths"] == ["Conv_0/kernel", "Conv_1/kernel", "Dense_0/kernel",
-                                 "Dense_1/kernel"]
+  assert s["prunable_paths"] == [
+    "Conv_0/kernel",
+    "Conv_1/kernel",
+    "Dense_0/kernel",
+    "Dense_1/kernel",
+  ]
   for c, row in s["random_uniform"].items():
     assert row["effective"] >= row["direct"] * (1 - 1e-9)
     assert row["direct"] == pytest.approx(float(c), rel=1e-2)  # per-layer rounding

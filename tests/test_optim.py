@@ -13,19 +13,23 @@ from sparsejax import optim
 
 def tree(key):
   k1, k2, k3 = jax.random.split(key, 3)
-  params = {"dense": {"kernel": jax.random.normal(k1, (6, 5)), "bias": jnp.ones(5)},
-            "conv": {"kernel": jax.random.normal(k2, (3, 3, 2, 4)), "bias": jnp.zeros(4)},
-            "norm": {"scale": jnp.ones(4)}}
-  masks = {"dense": {"kernel": jax.random.bernoulli(k3, 0.3, (6, 5)), "bias": None},
-           "conv": {"kernel": jax.random.bernoulli(k1, 0.5, (3, 3, 2, 4)), "bias": None},
-           "norm": {"scale": None}}
+  params = {
+    "dense": {"kernel": jax.random.normal(k1, (6, 5)), "bias": jnp.ones(5)},
+    "conv": {"kernel": jax.random.normal(k2, (3, 3, 2, 4)), "bias": jnp.zeros(4)},
+    "norm": {"scale": jnp.ones(4)},
+  }
+  masks = {
+    "dense": {"kernel": jax.random.bernoulli(k3, 0.3, (6, 5)), "bias": None},
+    "conv": {"kernel": jax.random.bernoulli(k1, 0.5, (3, 3, 2, 4)), "bias": None},
+    "norm": {"scale": None},
+  }
   return params, masks
 
 
 INNER = {
-    "sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9),
-    "adam": lambda: optax.adam(1e-2),
-    "adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
+  "sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9),
+  "adam": lambda: optax.adam(1e-2),
+  "adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
 }
 
 
@@ -53,10 +57,11 @@ def run_steps(tx, params, steps, key, jit=True):
 def test_pruned_weights_stay_exactly_zero_for_1000_steps(name):
   params, masks = tree(jax.random.key(0))
   params = masks_lib.apply(params, masks)
-  final, _ = run_steps(optim.with_masks(INNER[name](), masks), params, 1000,
-                       jax.random.key(1))
-  for w, m in zip(masks_lib.mask_leaves(masks_lib.map_masks(lambda m, w: w, masks, final)),
-                  masks_lib.mask_leaves(masks)):
+  final, _ = run_steps(optim.with_masks(INNER[name](), masks), params, 1000, jax.random.key(1))
+  for w, m in zip(
+    masks_lib.mask_leaves(masks_lib.map_masks(lambda m, w: w, masks, final)),
+    masks_lib.mask_leaves(masks),
+  ):
     assert np.all(np.asarray(w)[~np.asarray(m)] == 0.0)
     assert np.mean(np.asarray(w)[np.asarray(m)] != 0.0) > 0.99  # kept weights train
   # Unwrapped, the same optimizer revives pruned weights (the test can fail).
@@ -69,15 +74,15 @@ def test_all_ones_masks_equal_the_inner_transformation_exactly(name):
   params, masks = tree(jax.random.key(2))
   ones = masks_lib.map_masks(jnp.ones_like, masks)
   # Op by op, the wrapped transformation computes exactly what the inner one does.
-  wrapped, _ = run_steps(optim.with_masks(INNER[name](), ones), params, 20, jax.random.key(3),
-                         jit=False)
+  wrapped, _ = run_steps(
+    optim.with_masks(INNER[name](), ones), params, 20, jax.random.key(3), jit=False
+  )
   plain, _ = run_steps(INNER[name](), params, 20, jax.random.key(3), jit=False)
   jax.tree.map(np.testing.assert_array_equal, wrapped, plain)
   # Jitted, XLA may fuse the two programs differently (Adam's sqrt/div): 1-ulp level.
   wrapped, _ = run_steps(optim.with_masks(INNER[name](), ones), params, 20, jax.random.key(3))
   plain, _ = run_steps(INNER[name](), params, 20, jax.random.key(3))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               wrapped, plain)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), wrapped, plain)
 
 
 def test_update_matches_the_closed_form_of_masked_sgd():
@@ -86,8 +91,9 @@ def test_update_matches_the_closed_form_of_masked_sgd():
   grads = jax.tree.map(lambda p: jnp.full(p.shape, 3.0), params)
   tx = optim.with_masks(optax.sgd(0.5), masks)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-  np.testing.assert_array_equal(updates["dense"]["kernel"],
-                                np.where(masks["dense"]["kernel"], -1.5, 0.0))
+  np.testing.assert_array_equal(
+    updates["dense"]["kernel"], np.where(masks["dense"]["kernel"], -1.5, 0.0)
+  )
   np.testing.assert_array_equal(updates["dense"]["bias"], np.full(5, -1.5))  # unmasked
   np.testing.assert_array_equal(updates["norm"]["scale"], np.full(4, -1.5))
 
@@ -108,11 +114,11 @@ def test_replacing_masks_between_steps_does_not_recompile():
   state = optim.replace_masks(state, new_masks)
   params, state = step(params, state)
   assert step._cache_size() == 1
-  assert optim.get_masks(state) is new_masks or jax.tree.all(jax.tree.map(
-      lambda a, b: bool(jnp.array_equal(a, b)), optim.get_masks(state), new_masks))
+  assert optim.get_masks(state) is new_masks or jax.tree.all(
+    jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), optim.get_masks(state), new_masks)
+  )
   updates, _ = tx.update(grads, state, params)  # the new masks apply
-  assert np.all(np.asarray(updates["dense"]["kernel"])[np.asarray(masks["dense"]["kernel"])]
-                == 0.0)
+  assert np.all(np.asarray(updates["dense"]["kernel"])[np.asarray(masks["dense"]["kernel"])] == 0.0)
   with pytest.raises(ValueError, match="differ in shape or dtype"):
     optim.replace_masks(state, masks_lib.map_masks(lambda m: m.astype(jnp.float32), masks))
   with pytest.raises(ValueError, match="holds no MaskedState"):

@@ -23,19 +23,30 @@ def run(out_dir, **fields):
 
 def test_result_json_has_what_a_researcher_needs(tmp_path):
   r = run(tmp_path, pruner="random/igq", compression=100, pruning_type="effective")
-  name = common.run_name(config(pruner="random/igq", compression=100,
-                                pruning_type="effective"))
+  name = common.run_name(config(pruner="random/igq", compression=100, pruning_type="effective"))
   assert name == "lenet300100-mnist_random-igq_effective_c100_s0_t20"
   on_disk = json.load(open(tmp_path / name / "result.json"))
   assert on_disk["config"]["pruner"] == "random/igq"
-  for key in ("direct_compression", "effective_compression", "layers", "active_units",
-              "history", "test_accuracy", "test_loss", "steps_per_second", "wall_time"):
+  for key in (
+    "direct_compression",
+    "effective_compression",
+    "layers",
+    "active_units",
+    "history",
+    "test_accuracy",
+    "test_loss",
+    "steps_per_second",
+    "wall_time",
+  ):
     assert key in on_disk, key
   assert r["effective_compression"] == pytest.approx(100, rel=0.01)
   assert r["direct_compression"] < r["effective_compression"]
   assert [h["step"] for h in r["history"]] == [10, 20]
   assert len(r["layers"]) == 3 and set(r["layers"][0]) == {
-      "layer", "direct_sparsity", "effective_sparsity"}
+    "layer",
+    "direct_sparsity",
+    "effective_sparsity",
+  }
   assert (tmp_path / name / "masks.npz").exists()
   assert not [f for f in os.listdir(tmp_path / name) if f.startswith(".tmp")]
 
@@ -54,7 +65,7 @@ def test_dense_then_magnitude_uses_the_dense_weights(tmp_path):
 def test_imp_rounds_reach_the_target(tmp_path):
   r = run(tmp_path, pruner="imp", compression=10, imp_rounds=2, rewind_step=5)
   assert [x["round"] for x in r["imp_rounds"]] == [1, 2]
-  assert r["imp_rounds"][0]["direct_compression"] == pytest.approx(10 ** 0.5, rel=1e-3)
+  assert r["imp_rounds"][0]["direct_compression"] == pytest.approx(10**0.5, rel=1e-3)
   assert r["direct_compression"] == pytest.approx(10, rel=1e-3)
 
 
@@ -71,8 +82,13 @@ def test_target_arguments():
 
 
 def test_sweep_grid_orders_dense_first_and_skips_done(tmp_path):
-  runs = sweep.grid(["lenet300100"], ["random/igq", "magnitude/global"], [10.0, 100.0],
-                    ["direct", "effective"], [0, 1])
+  runs = sweep.grid(
+    ["lenet300100"],
+    ["random/igq", "magnitude/global"],
+    [10.0, 100.0],
+    ["direct", "effective"],
+    [0, 1],
+  )
   assert [r["pruner"] for r in runs[:2]] == ["dense", "dense"]
   assert len(runs) == 2 + 2 * 2 * 2 * 2
   with pytest.raises(ValueError, match="pruner='nope'"):
@@ -90,7 +106,8 @@ def test_sweep_grid_orders_dense_first_and_skips_done(tmp_path):
 
 def test_sweep_in_process_runs_records_unreachable_and_resumes(tmp_path):
   shared = sweep.shared_overrides(
-      20, 10, "--config.checkpoint_every=10 --config.log_every=10 --config.rounds=3")
+    20, 10, "--config.checkpoint_every=10 --config.log_every=10 --config.rounds=3"
+  )
   source = common.DataSource(synthetic=True)
   small = sweep.grid(["lenet300100"], ["random/uniform"], [10.0, 1e6], ["effective"], [0])
   assert sweep.execute(small, shared, str(tmp_path), source, jobs=1) == (2, 0, 0)
@@ -135,6 +152,7 @@ def test_sweep_redoes_a_torn_result_and_keeps_it_aside(tmp_path):
   with open(path, "w") as f:
     f.write(whole[: len(whole) // 2])
   from experiments import plot, results
+
   with pytest.raises(results.InvalidResultError, match="result.json: invalid result") as err:
     plot.load_runs(str(tmp_path))
   assert err.value.path == path
@@ -147,13 +165,15 @@ def test_sweep_redoes_a_torn_result_and_keeps_it_aside(tmp_path):
 
 
 def test_zero_steps_negative_seeds_and_infinite_targets_are_rejected_before_work(tmp_path):
-  for field, value in (("train_steps", 0), ("seed", -1), ("eval_every", 0),
-                       ("update_every", 0)):
+  for field, value in (("train_steps", 0), ("seed", -1), ("eval_every", 0), ("update_every", 0)):
     with pytest.raises(ValueError, match=f"--config.{field}={value}"):
       run(tmp_path, pruner="random/igq", compression=10, **{field: value})
   with pytest.raises(ValueError, match="--num_examples=0"):
-    prune_train.run(config(pruner="random/igq", compression=10), out_dir=str(tmp_path),
-                    source=common.DataSource(synthetic=True, num_examples=0))
+    prune_train.run(
+      config(pruner="random/igq", compression=10),
+      out_dir=str(tmp_path),
+      source=common.DataSource(synthetic=True, num_examples=0),
+    )
   assert os.listdir(tmp_path) == []  # no run folder, no masks.npz
   for bad in ("inf", "nan"):
     with pytest.raises(ValueError, match=f"--config.compression={bad}"):
@@ -163,18 +183,24 @@ def test_zero_steps_negative_seeds_and_infinite_targets_are_rejected_before_work
   with pytest.raises(ValueError, match="--seeds=-1"):
     sweep.grid(["lenet300100"], ["random/igq"], [10.0], ["direct"], [-1])
   with pytest.raises(ValueError, match="--config.train_steps=0"):
-    sweep.execute(sweep.grid(["lenet300100"], ["random/igq"], [10.0], ["direct"], [0]),
-                  sweep.shared_overrides(0, None, ""), str(tmp_path),
-                  common.DataSource(synthetic=True), jobs=1)
+    sweep.execute(
+      sweep.grid(["lenet300100"], ["random/igq"], [10.0], ["direct"], [0]),
+      sweep.shared_overrides(0, None, ""),
+      str(tmp_path),
+      common.DataSource(synthetic=True),
+      jobs=1,
+    )
   blocker = tmp_path / "a_file"
   blocker.write_text("")
   with pytest.raises(ValueError, match="--out_dir=.*a_file/runs.* is not a writable folder"):
     run(blocker / "runs", pruner="random/igq", compression=10)
   # 0 is a value, not "not given": the sweep passes it on.
-  point = dict(arch="lenet300100", pruner="random/igq", compression=10.0,
-               pruning_type="direct", seed=0)
-  cmd = sweep.command(point, sweep.shared_overrides(0, None, ""), "o",
-                      common.DataSource(synthetic=True))
+  point = dict(
+    arch="lenet300100", pruner="random/igq", compression=10.0, pruning_type="direct", seed=0
+  )
+  cmd = sweep.command(
+    point, sweep.shared_overrides(0, None, ""), "o", common.DataSource(synthetic=True)
+  )
   assert "--config.train_steps=0" in cmd
   assert not any(a.startswith("--compilation_cache_dir") for a in cmd)  # child's default
   cmd = sweep.command(point, [], "o", common.DataSource(synthetic=True), "")
@@ -182,8 +208,9 @@ def test_zero_steps_negative_seeds_and_infinite_targets_are_rejected_before_work
 
 
 def test_diverging_run_is_recorded_and_not_retried(tmp_path):
-  shared = sweep.shared_overrides(20, 10, "--config.checkpoint_every=1 "
-                                  "--config.log_every=10 --config.learning_rate=1e30")
+  shared = sweep.shared_overrides(
+    20, 10, "--config.checkpoint_every=1 --config.log_every=10 --config.learning_rate=1e30"
+  )
   source = common.DataSource(synthetic=True)
   small = sweep.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct"], [0])
   # finished, not failed: exit 0
@@ -195,16 +222,21 @@ def test_diverging_run_is_recorded_and_not_retried(tmp_path):
   assert sweep.execute(small, shared, str(tmp_path), source, jobs=1) == (0, 1, 0)
   import jax
   import orbax.checkpoint as ocp
+
   ckpts = os.path.join(os.path.dirname(path), "checkpoints")
   for step in [s for s in os.listdir(ckpts) if s.isdigit()]:
     assert int(step) < r["diverged_step"]
     state = ocp.StandardCheckpointer().restore(os.path.join(ckpts, step, "state"))
-    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state)
-               if np.issubdtype(np.asarray(x).dtype, np.floating)), step
+    assert all(
+      np.all(np.isfinite(x))
+      for x in jax.tree.leaves(state)
+      if np.issubdtype(np.asarray(x).dtype, np.floating)
+    ), step
 
 
 def test_wall_time_sums_processes_and_results_are_strict_and_group_readable(tmp_path):
   import stat
+
   old = os.umask(0o022)
   try:
     first = run(tmp_path, pruner="random/igq", compression=10)
@@ -222,6 +254,7 @@ def test_wall_time_sums_processes_and_results_are_strict_and_group_readable(tmp_
 
 def test_a_second_run_on_a_locked_folder_refuses(tmp_path):
   from experiments import rundir
+
   name = common.run_name(config(pruner="random/igq", compression=10))
   with rundir.locked(str(tmp_path / name)):
     with pytest.raises(rundir.RunLockedError, match=f"pid {os.getpid()}"):
@@ -232,6 +265,7 @@ def test_a_second_run_on_a_locked_folder_refuses(tmp_path):
 def test_the_next_holder_of_a_run_folder_removes_a_killed_writers_temp_files(tmp_path):
   from experiments import rundir
   from sparsejax import files
+
   stale = tmp_path / (files.TMP_PREFIX + "x1y2wall_time.json")  # as atomic_write names it
   stale.write_text('{"processes": [')
   (tmp_path / "result.json").write_text("{}")
@@ -252,6 +286,7 @@ def _alive(pid: int) -> bool:
 def _child_pids(parent: int, count: int, timeout=120.0) -> list[int]:
   """Pids of ``parent``'s prune_train children (from /proc), once ``count`` run."""
   import time
+
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     pids = []
@@ -279,12 +314,22 @@ def test_stopping_the_sweep_leaves_no_child_running(tmp_path, sig):
   import subprocess
   import sys
   import time
+
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  cmd = [sys.executable, "-m", "experiments.sweep", "--archs=lenet300100",
-         "--pruners=random/uniform", "--compressions=10", "--pruning_types=direct,effective",
-         "--train_steps=100000", "--jobs=2", "--synthetic_data", f"--out_dir={tmp_path}"]
-  parent = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.sweep",
+    "--archs=lenet300100",
+    "--pruners=random/uniform",
+    "--compressions=10",
+    "--pruning_types=direct,effective",
+    "--train_steps=100000",
+    "--jobs=2",
+    "--synthetic_data",
+    f"--out_dir={tmp_path}",
+  ]
+  parent = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     pids = _child_pids(parent.pid, 2)
     time.sleep(3)  # into their imports and training
@@ -305,19 +350,30 @@ def test_stopping_the_sweep_leaves_no_child_running(tmp_path, sig):
 def test_binary_rejects_bad_flags_by_name_before_any_work(tmp_path):
   import subprocess
   import sys
+
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for flag in ("--config.compression=inf", "--config.seed=-1", "--config.train_steps=0"):
-    result = subprocess.run([sys.executable, "-m", "experiments.prune_train", flag,
-                             "--synthetic_data", f"--out_dir={tmp_path}"],
-                            cwd=repo, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "experiments.prune_train",
+        flag,
+        "--synthetic_data",
+        f"--out_dir={tmp_path}",
+      ],
+      cwd=repo,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     assert result.returncode != 0 and flag in result.stderr, result.stderr[-2000:]
   assert os.listdir(tmp_path) == []
 
 
 def test_compact_run_trains_the_compacted_network_and_follows_the_masked_run(tmp_path):
   # neuron/random at 10x removes whole neurons: the compacted LeNet is narrower.
-  fields = dict(pruner="neuron/random", compression=10, pruning_type="effective",
-                timing_repeats=2)
+  fields = dict(pruner="neuron/random", compression=10, pruning_type="effective", timing_repeats=2)
   masked = run(tmp_path, **fields)
   r = run(tmp_path, compact=True, **fields)
   name = common.run_name(config(compact=True, **fields))
@@ -347,8 +403,15 @@ def test_compact_run_trains_the_compacted_network_and_follows_the_masked_run(tmp
 
 
 def test_uncompacted_runs_record_flops_and_params(tmp_path):
-  r = run(tmp_path, pruner="random/igq", compression=10, pruning_type="direct",
-          train_steps=10, eval_every=10, checkpoint_every=10)
+  r = run(
+    tmp_path,
+    pruner="random/igq",
+    compression=10,
+    pruning_type="direct",
+    train_steps=10,
+    eval_every=10,
+    checkpoint_every=10,
+  )
   cost = r["cost"]
   assert cost["params_dense"] == 784 * 300 + 300 * 100 + 100 * 10
   assert cost["flops_dense"] == 2 * cost["params_dense"]

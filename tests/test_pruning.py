@@ -6,19 +6,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sparsejax import effective, masks, models, pruning, quotas
 from tests import reference_graph as R
 
 SMALL = {
-    "mlp": (((("dense", 8), ("dense", 6), ("dense", 3)), (5,))),
-    "cnn": ((("conv", 3, 3, 1, "SAME"), ("conv", 4, 3, 2, "SAME"), ("pool", "max", 2, 2),
-             ("flatten",), ("dense", 3)), (6, 6, 2)),
+  "mlp": (((("dense", 8), ("dense", 6), ("dense", 3)), (5,))),
+  "cnn": (
+    (
+      ("conv", 3, 3, 1, "SAME"),
+      ("conv", 4, 3, 2, "SAME"),
+      ("pool", "max", 2, 2),
+      ("flatten",),
+      ("dense", 3),
+    ),
+    (6, 6, 2),
+  ),
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def small(name):
   spec, input_shape = SMALL[name]
   model = R.make_model(spec)
@@ -32,10 +41,11 @@ def random_scores(params, seed, distinct=True):
     return masks.map_prunable(lambda w: jax.random.uniform(next(keys), w.shape), params)
   # Few distinct values: many ties.
   return masks.map_prunable(
-      lambda w: jax.random.randint(next(keys), w.shape, 0, 3).astype(jnp.float32), params)
+    lambda w: jax.random.randint(next(keys), w.shape, 0, 3).astype(jnp.float32), params
+  )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _all_counts(model, input_shape):
   sweep = effective.connectivity_sweep(model, input_shape, units=False)
 
@@ -43,6 +53,7 @@ def _all_counts(model, input_shape):
   def scan(ranking):
     ks = jnp.arange(ranking.total + 1)
     return jax.vmap(lambda k: pruning._sweep_at(sweep, ranking, k)[0])(ks)
+
   return scan
 
 
@@ -64,8 +75,12 @@ def test_ties_are_broken_by_position():
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 2**20), ties=st.booleans(), quota=st.sampled_from([None, "igq"]),
-       integer=st.booleans())
+@given(
+  seed=st.integers(0, 2**20),
+  ties=st.booleans(),
+  quota=st.sampled_from([None, "igq"]),
+  integer=st.booleans(),
+)
 def test_host_and_device_sorts_agree(seed, ties, quota, integer):
   _, params, _ = small("cnn")
   scores = random_scores(params, seed, distinct=not ties)
@@ -84,8 +99,12 @@ def test_integer_scores_rank_exactly():
   n = [int(np.prod(s)) for s in masks.prunable_shapes(params)]
   big = 2**30  # beyond float32's exact integers
   starts = np.cumsum([0] + n[:-1])
-  it = iter([jnp.arange(big + a, big + a + k, dtype=jnp.int32).reshape(s)
-             for a, k, s in zip(starts, n, masks.prunable_shapes(params))])
+  it = iter(
+    [
+      jnp.arange(big + a, big + a + k, dtype=jnp.int32).reshape(s)
+      for a, k, s in zip(starts, n, masks.prunable_shapes(params))
+    ]
+  )
   ranking = pruning.rank_scores(masks.map_prunable(lambda w: next(it), params))
   last = masks.mask_leaves(pruning.masks_at(ranking, 1))
   assert np.asarray(last[-1]).reshape(-1)[-1] and sum(int(m.sum()) for m in last) == 1
@@ -121,8 +140,13 @@ def test_direct_masks_hit_the_count():
 
 
 @settings(max_examples=25, deadline=None)
-@given(name=st.sampled_from(sorted(SMALL)), quota=st.sampled_from([None, "uniform", "igq"]),
-       seed=st.integers(0, 2**20), ties=st.booleans(), frac=st.floats(0.0, 1.0))
+@given(
+  name=st.sampled_from(sorted(SMALL)),
+  quota=st.sampled_from([None, "uniform", "igq"]),
+  seed=st.integers(0, 2**20),
+  ties=st.booleans(),
+  frac=st.floats(0.0, 1.0),
+)
 def test_search_equals_brute_force(name, quota, seed, ties, frac):
   model, params, input_shape = small(name)
   ranking = pruning.rank_scores(random_scores(params, seed, distinct=not ties), quota)
@@ -142,8 +166,9 @@ def test_search_on_lenet300100_hits_the_target_closely():
     for compression in (10, 100):
       target = pruning.kept_for_sparsity(1 - 1 / compression, ranking.total)
       k, e, _ = pruning.effective_kept(model, ranking, target, (28, 28, 1))
-      count = lambda kk: int(sum(m.sum() for m in masks.mask_leaves(
-          sweep(pruning.masks_at(ranking, kk)).masks)))
+      count = lambda kk: int(
+        sum(m.sum() for m in masks.mask_leaves(sweep(pruning.masks_at(ranking, kk)).masks))
+      )
       assert count(k) == e <= target < count(k + 1)
       assert e >= 0.99 * target  # effective compression within 1% of the target
       assert k >= target  # effective pruning keeps more weights than direct
@@ -152,10 +177,12 @@ def test_search_on_lenet300100_hits_the_target_closely():
 def test_unreachable_target_names_the_largest_reachable():
   model, params, input_shape = small("mlp")
   ranking = pruning.rank_scores(random_scores(params, 3))
-  with pytest.raises(ValueError, match=r"cannot be reached.*largest reachable effective "
-                                       r"sparsity is 0\.\d+"):
-    pruning.masks_from_ranking(ranking, 0.999, "effective", model=model,
-                               input_shape=input_shape)
+  with pytest.raises(
+    ValueError,
+    match=r"cannot be reached.*largest reachable effective "
+    r"sparsity is 0\.\d+",
+  ):
+    pruning.masks_from_ranking(ranking, 0.999, "effective", model=model, input_shape=input_shape)
 
 
 def test_bad_arguments():

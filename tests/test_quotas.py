@@ -38,18 +38,18 @@ def _resnet18(classes):
 
 
 NETWORKS = {
-    "lenet300": ((784, 300), (300, 100), (100, 10)),
-    "lenet5": ((5, 5, 3, 6), (5, 5, 6, 16), (400, 120), (120, 84), (84, 10)),
-    "vgg16": _vgg([64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512], 10),
-    "vgg19": _vgg([64, 64, 128, 128] + [256] * 4 + [512] * 8, 100),
-    "resnet18": _resnet18(200),
+  "lenet300": ((784, 300), (300, 100), (100, 10)),
+  "lenet5": ((5, 5, 3, 6), (5, 5, 6, 16), (400, 120), (120, 84), (84, 10)),
+  "vgg16": _vgg([64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512], 10),
+  "vgg19": _vgg([64, 64, 128, 128] + [256] * 4 + [512] * 8, 100),
+  "resnet18": _resnet18(200),
 }
 TOTALS = {
-    "lenet300": 266_200,
-    "lenet5": 61_770,
-    "vgg16": 14_715_584,
-    "vgg19": 20_070_080,
-    "resnet18": 11_261_632,
+  "lenet300": 266_200,
+  "lenet5": 61_770,
+  "vgg16": 14_715_584,
+  "vgg19": 20_070_080,
+  "resnet18": 11_261_632,
 }
 CONV_NETS = ["lenet5", "vgg16", "vgg19", "resnet18"]
 # The paper's compression levels 10**(0.2 i) up to 1000x, and a few more.
@@ -122,23 +122,27 @@ def _uniform_plus_reference(density, shapes):
 
 
 REFERENCES = {
-    "uniform": lambda d, shapes: np.full(len(shapes), d),
-    "uniform_plus": _uniform_plus_reference,
-    "erk": _erk_reference,
-    "igq": _igq_reference,
+  "uniform": lambda d, shapes: np.full(len(shapes), d),
+  "uniform_plus": _uniform_plus_reference,
+  "erk": _erk_reference,
+  "igq": _igq_reference,
 }
 
 # --------------------------------------------------------------------------- strategies
 
 _dense = st.tuples(st.integers(1, 300), st.integers(1, 300))
-_conv = st.builds(lambda k, cin, cout: (k, k, cin, cout), st.sampled_from([1, 3, 5]),
-                  st.integers(1, 64), st.integers(1, 64))
+_conv = st.builds(
+  lambda k, cin, cout: (k, k, cin, cout),
+  st.sampled_from([1, 3, 5]),
+  st.integers(1, 64),
+  st.integers(1, 64),
+)
 SHAPES = st.lists(st.one_of(_dense, _conv), min_size=1, max_size=8).map(tuple)
-CONV_SHAPES = st.tuples(_conv, st.lists(st.one_of(_dense, _conv), min_size=1,
-                                        max_size=7)).map(lambda t: (t[0],) + tuple(t[1]))
+CONV_SHAPES = st.tuples(_conv, st.lists(st.one_of(_dense, _conv), min_size=1, max_size=7)).map(
+  lambda t: (t[0],) + tuple(t[1])
+)
 SPARSITY = st.one_of(st.floats(0.0, 0.999), st.sampled_from([0.0, 0.5, 0.9, 0.99]))
-HYP = settings(max_examples=30, deadline=None,
-               suppress_health_check=[HealthCheck.too_slow])
+HYP = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # --------------------------------------------------------------------------- checks
@@ -157,8 +161,7 @@ def _check_valid_and_total(name, s, shapes):
   assert np.all((kept >= 0) & (kept <= n))
   assert abs(int(kept.sum()) - round((1.0 - s) * n.sum())) <= len(shapes)
   # The counts follow the quota's own sparsities (up to the float32 round trip).
-  assert np.all(np.abs(kept - n * (1.0 - quota_sp.astype(np.float64)))
-                <= 0.5 + 1e-6 * n + 1e-9)
+  assert np.all(np.abs(kept - n * (1.0 - quota_sp.astype(np.float64))) <= 0.5 + 1e-6 * n + 1e-9)
 
 
 def _check_matches_reference(name, s, shapes):
@@ -327,9 +330,11 @@ def test_uniform_plus_hypothesis(shapes, s):
 
 def test_uniform_plus_rejects_mlps():
   mlp = NETWORKS["lenet300"]
-  for call in (lambda: quotas.uniform_plus(0.5, mlp),
-               lambda: layer_kept_counts("uniform_plus", 0.5, mlp),
-               lambda: quotas.uniform_plus_max_sparsity(mlp)):
+  for call in (
+    lambda: quotas.uniform_plus(0.5, mlp),
+    lambda: layer_kept_counts("uniform_plus", 0.5, mlp),
+    lambda: quotas.uniform_plus_max_sparsity(mlp),
+  ):
     with pytest.raises(ValueError, match="shapes") as info:
       call()
     assert "convolutional" in str(info.value)
@@ -346,8 +351,13 @@ def _float32_run(start, count):
 
 
 def _density_grid(lowest, points=300):
-  grid = np.concatenate([np.geomspace(max(lowest, 1e-5), 1.0, points),
-                         np.linspace(lowest, 1.0, points // 2), [lowest, 1.0]])
+  grid = np.concatenate(
+    [
+      np.geomspace(max(lowest, 1e-5), 1.0, points),
+      np.linspace(lowest, 1.0, points // 2),
+      [lowest, 1.0],
+    ]
+  )
   runs = [_float32_run(x, 40) for x in (0.01, 0.1, 0.5, 0.9) if x >= lowest]
   grid = np.concatenate([grid.astype(np.float32)] + [np.array(r) for r in runs])
   grid = np.unique(grid[(grid >= lowest) & (grid <= 1.0)])
@@ -383,8 +393,7 @@ def test_monotone_and_jit_equals_eager_networks(name, net):
 
   # Under jit with a traced density (the effective-sparsity search's setting), in a
   # loop like the search's: the same counts.
-  traced = jax.jit(lambda ds: jax.lax.map(
-      lambda d: layer_kept_counts(name, d, shapes), ds))
+  traced = jax.jit(lambda ds: jax.lax.map(lambda d: layer_kept_counts(name, d, shapes), ds))
   np.testing.assert_array_equal(np.asarray(traced(jnp.asarray(grid))), counts)
 
 
@@ -424,8 +433,9 @@ def test_traced_out_of_range_is_clamped_not_nan():
   n = _sizes(shapes)
   values = jnp.array([-0.5, 1.0, 1.5], jnp.float32)
   for name, fn in QUOTAS.items():
-    traced = jax.jit(jax.vmap(
-        lambda v, fn=fn, name=name: (fn(v, shapes), layer_kept_counts(name, v, shapes))))
+    traced = jax.jit(
+      jax.vmap(lambda v, fn=fn, name=name: (fn(v, shapes), layer_kept_counts(name, v, shapes)))
+    )
     sp, counts = (np.asarray(x) for x in traced(values))
     assert np.all(np.isfinite(sp)) and np.all((sp >= 0) & (sp <= 1))
     np.testing.assert_array_equal(counts[2], n)  # density 1.5 -> 1
@@ -440,8 +450,10 @@ def test_custom_quota_function_and_get_quota():
     assert get_quota(name) is fn
     assert get_quota(fn) is fn
   custom = lambda s, shapes: quotas.igq(s, shapes)  # noqa: E731
-  np.testing.assert_array_equal(np.asarray(layer_kept_counts(custom, 0.3, shapes)),
-                                np.asarray(layer_kept_counts("igq", 0.3, shapes)))
+  np.testing.assert_array_equal(
+    np.asarray(layer_kept_counts(custom, 0.3, shapes)),
+    np.asarray(layer_kept_counts("igq", 0.3, shapes)),
+  )
 
 
 # --------------------------------------------------------------------------- bad inputs
@@ -466,10 +478,9 @@ def test_bad_sparsity_not_scalar():
     quotas.erk(np.array([0.1, 0.2]), NETWORKS["lenet5"])
 
 
-@pytest.mark.parametrize("bad", [(), [], ((3, 0),), ((3, -2),), ((),), ((3.5, 2),),
-                                 "abc", None])
+@pytest.mark.parametrize("bad", [(), [], ((3, 0),), ((3, -2),), ((),), ((3.5, 2),), "abc", None])
 def test_bad_shapes(bad):
-  for name, fn in QUOTAS.items():
+  for fn in QUOTAS.values():
     with pytest.raises(ValueError, match="shapes"):
       fn(0.5, bad)
   with pytest.raises(ValueError, match="shapes"):
@@ -488,8 +499,12 @@ def test_unknown_quota_name():
 
 @pytest.mark.parametrize("name", quotas.GROUP_QUOTAS)
 @HYP
-@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=6),
-       ratio_seed=st.integers(0, 2**16), d=st.floats(0.0, 1.0), e=st.floats(0.0, 1.0))
+@given(
+  sizes=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+  ratio_seed=st.integers(0, 2**16),
+  d=st.floats(0.0, 1.0),
+  e=st.floats(0.0, 1.0),
+)
 def test_group_kept_counts_monotone_bounded_and_on_budget(name, sizes, ratio_seed, d, e):
   # channel quotas (sparsejax.structured): counts of units per group
   ratios = np.random.default_rng(ratio_seed).uniform(0.01, 2.0, len(sizes))
@@ -502,4 +517,5 @@ def test_group_kept_counts_monotone_bounded_and_on_budget(name, sizes, ratio_see
   assert abs(int(k_hi.sum()) - hi * sum(sizes)) <= 1.5 * len(sizes) + 1e-3
   if name == "uniform":
     np.testing.assert_array_equal(
-        k_hi, np.clip(np.round(np.float32(hi) * np.asarray(sizes, np.float32)), 1, None))
+      k_hi, np.clip(np.round(np.float32(hi) * np.asarray(sizes, np.float32)), 1, None)
+    )

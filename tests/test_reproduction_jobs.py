@@ -11,13 +11,18 @@ import pytest
 from experiments import common, configs, init_curves, plot, prune_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(score_batches=1, batch_size=32, rounds={"snip/iterative": 3, "synflow": 3},
-            iterative_step=5, max_exponent=10)
+TINY = dict(
+  score_batches=1,
+  batch_size=32,
+  rounds={"snip/iterative": 3, "synflow": 3},
+  iterative_step=5,
+  max_exponent=10,
+)
 
 
 def test_compression_grid_is_ten_to_the_fifth_steps():
   c = init_curves.compressions(25)
-  assert len(c) == 25 and c[0] == pytest.approx(10 ** 0.2) and c[-1] == pytest.approx(1e5)
+  assert len(c) == 25 and c[0] == pytest.approx(10**0.2) and c[-1] == pytest.approx(1e5)
   assert init_curves.compressions(10, 5) == pytest.approx([10.0, 100.0])
   # Every default budget reaches at least 10^4x; iterative pruners sample the same grid.
   for arch, b in init_curves.CPU_BUDGETS.items():
@@ -32,8 +37,14 @@ def test_compression_grid_is_ten_to_the_fifth_steps():
 def curves_dir(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("curves"))
   for pruner in ("random/igq", "synflow"):
-    init_curves.run_one("lenet300100", pruner, out_dir=out, seed=0, budget=TINY,
-                        source=common.DataSource(synthetic=True))
+    init_curves.run_one(
+      "lenet300100",
+      pruner,
+      out_dir=out,
+      seed=0,
+      budget=TINY,
+      source=common.DataSource(synthetic=True),
+    )
   return out
 
 
@@ -63,17 +74,28 @@ def test_iterative_pruner_ranks_once_per_target_for_both_types(curves_dir):
 
 
 def test_binary_skips_done_pairs_and_rejects_after_training_pruners(tmp_path):
-  cmd = [sys.executable, "-m", "experiments.init_curves", "--archs=lenet300100",
-         "--pruners=random/igq", "--max_exponent=3", f"--out_dir={tmp_path}",
-         "--synthetic_data"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.init_curves",
+    "--archs=lenet300100",
+    "--pruners=random/igq",
+    "--max_exponent=3",
+    f"--out_dir={tmp_path}",
+    "--synthetic_data",
+  ]
   first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
   assert first.returncode == 0, first.stderr[-2000:]
   path = init_curves.csv_path(str(tmp_path), "lenet300100", "random/igq")
   assert len(init_curves.read_rows(path)) == 6
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
   assert again.returncode == 0 and "exists; skipped" in again.stderr
-  bad = subprocess.run(cmd[:4] + ["--pruners=magnitude/global", f"--out_dir={tmp_path}"],
-                       cwd=REPO, capture_output=True, text=True)
+  bad = subprocess.run(
+    cmd[:4] + ["--pruners=magnitude/global", f"--out_dir={tmp_path}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+  )
   assert bad.returncode != 0 and "'magnitude/global' prunes after training" in bad.stderr
 
 
@@ -85,8 +107,11 @@ def test_plot_makes_figures_and_fills_doc_sections(curves_dir, tmp_path):
   tiny = ["eval_every=10", "checkpoint_every=10", "log_every=10"]
 
   def run(*overrides):
-    prune_train.run(configs.load("lenet300100", tiny + list(overrides)),
-                    out_dir=str(results / "runs"), source=source)
+    prune_train.run(
+      configs.load("lenet300100", tiny + list(overrides)),
+      out_dir=str(results / "runs"),
+      source=source,
+    )
 
   run("pruner=dense", "train_steps=20")
   run("pruner=dense", "train_steps=40")
@@ -94,11 +119,12 @@ def test_plot_makes_figures_and_fills_doc_sections(curves_dir, tmp_path):
     for ptype in ("direct", "effective"):
       run(f"pruner={pruner}", "compression=10", f"pruning_type={ptype}", "train_steps=20")
   doc = tmp_path / "results.md"
-  doc.write_text("# Results\n\nHand-written text.\n\n<!-- accuracy-table:start -->\nold\n"
-                 "<!-- accuracy-table:end -->\n\nMore text.\n")
+  doc.write_text(
+    "# Results\n\nHand-written text.\n\n<!-- accuracy-table:start -->\nold\n"
+    "<!-- accuracy-table:end -->\n\nMore text.\n"
+  )
   written = plot.make_all(str(results), str(tmp_path / "figs"), str(doc), 20, 40)
-  for name in ("init_lenet300100.png", "units_lenet300100.png",
-               "accuracy_lenet300100_t20.png"):
+  for name in ("init_lenet300100.png", "units_lenet300100.png", "accuracy_lenet300100_t20.png"):
     assert (tmp_path / "figs" / name).read_bytes()[:4] == b"\x89PNG", name
   assert str(doc) in written
   text = doc.read_text()
@@ -120,8 +146,10 @@ def test_plot_makes_figures_and_fills_doc_sections(curves_dir, tmp_path):
 
 
 def test_summary_over_seeds():
-  runs = [dict(status=st, test_accuracy=a, direct_compression=10.0, effective_compression=e)
-          for st, a, e in (("ok", 0.9, 12.0), ("disconnected", 0.8, math.inf))]
+  runs = [
+    dict(status=st, test_accuracy=a, direct_compression=10.0, effective_compression=e)
+    for st, a, e in (("ok", 0.9, 12.0), ("disconnected", 0.8, math.inf))
+  ]
   s = plot._summary(runs)
   assert s["accuracy"] == pytest.approx(0.85) and s["accuracy_min"] == 0.8
   assert s["status"] == "disconnected" and math.isinf(s["effective"])

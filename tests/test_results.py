@@ -29,11 +29,18 @@ def test_every_committed_result_is_strict_json_and_valid():
 
 def test_writer_turns_non_finite_numbers_into_null(tmp_path):
   import numpy as np
+
   path = tmp_path / "r.json"
-  common.atomic_write_json(str(path), {"a": math.inf, "b": [float("nan"), 1.5],
-                                       "c": np.float32(-np.inf), "d": np.arange(2)})
+  common.atomic_write_json(
+    str(path),
+    {"a": math.inf, "b": [float("nan"), 1.5], "c": np.float32(-np.inf), "d": np.arange(2)},
+  )
   assert json.loads(path.read_text(), parse_constant=_reject) == {
-      "a": None, "b": [None, 1.5], "c": None, "d": [0, 1]}
+    "a": None,
+    "b": [None, 1.5],
+    "c": None,
+    "d": [0, 1],
+  }
 
 
 def test_result_files_follow_the_umask(tmp_path):
@@ -49,23 +56,38 @@ def test_result_files_follow_the_umask(tmp_path):
 
 
 def _valid(**changes):
-  r = {"config": {"arch": "lenet300100", "dataset": "mnist", "pruner": "random/igq",
-                  "pruning_type": "direct", "seed": 0, "target_compression": 10.0,
-                  "train": {"train_steps": 20}},
-       "status": "ok", "test_accuracy": 0.9, "test_loss": 0.3, "direct_compression": 10.0,
-       "effective_compression": 11.0, "history": []}
+  r = {
+    "config": {
+      "arch": "lenet300100",
+      "dataset": "mnist",
+      "pruner": "random/igq",
+      "pruning_type": "direct",
+      "seed": 0,
+      "target_compression": 10.0,
+      "train": {"train_steps": 20},
+    },
+    "status": "ok",
+    "test_accuracy": 0.9,
+    "test_loss": 0.3,
+    "direct_compression": 10.0,
+    "effective_compression": 11.0,
+    "history": [],
+  }
   r.update(changes)
   return r
 
 
-@pytest.mark.parametrize("text,why", [
+@pytest.mark.parametrize(
+  "text,why",
+  [
     ('{"config": {"arch": "lenet3', "not strict JSON"),
     ('{"x": NaN}', "not strict JSON"),
     (json.dumps(_valid(status="weird")), "status='weird'"),
     (json.dumps(_valid(test_accuracy=None)), "test_accuracy=None"),
     (json.dumps(_valid(status="diverged")), "diverged_step=None"),
     (json.dumps({k: v for k, v in _valid().items() if k != "config"}), "config"),
-])
+  ],
+)
 def test_load_names_the_file_and_the_reason(tmp_path, text, why):
   path = tmp_path / "result.json"
   path.write_text(text)
@@ -76,8 +98,7 @@ def test_load_names_the_file_and_the_reason(tmp_path, text, why):
 
 def test_disconnected_reads_back_as_infinite(tmp_path):
   path = tmp_path / "result.json"
-  common.atomic_write_json(str(path), _valid(status="disconnected",
-                                             effective_compression=math.inf))
+  common.atomic_write_json(str(path), _valid(status="disconnected", effective_compression=math.inf))
   assert results.load(str(path))["effective_compression"] == math.inf
 
 
@@ -95,12 +116,25 @@ def test_is_done_moves_a_torn_file_aside(tmp_path):
 
 def test_plots_and_tables_show_diverged_runs(tmp_path):
   from experiments import plot
-  runs = [dict(pruner=p, pruning_type="direct", target_compression=10.0, seed=0,
-               status=st, test_accuracy=a, direct_compression=10.0,
-               effective_compression=12.0, diverged_step=step)
-          for p, st, a, step in (("random/igq", "ok", 0.9, None),
-                                 ("random/uniform", "diverged", None, 7),
-                                 ("dense", "ok", 0.95, None))]
+
+  runs = [
+    dict(
+      pruner=p,
+      pruning_type="direct",
+      target_compression=10.0,
+      seed=0,
+      status=st,
+      test_accuracy=a,
+      direct_compression=10.0,
+      effective_compression=12.0,
+      diverged_step=step,
+    )
+    for p, st, a, step in (
+      ("random/igq", "ok", 0.9, None),
+      ("random/uniform", "diverged", None, 7),
+      ("dense", "ok", 0.95, None),
+    )
+  ]
   runs[2].update(target_compression=1.0, direct_compression=1.0, effective_compression=1.0)
   assert plot._summary(runs[1:2])["status"] == "diverged"
   assert "| random/uniform | direct | diverged |" in plot.accuracy_table(runs)
@@ -110,18 +144,55 @@ def test_plots_and_tables_show_diverged_runs(tmp_path):
 
 def test_compaction_figures_and_tables_from_their_csvs(tmp_path):
   from experiments import compaction_latency, compression, plot
-  runs = [dict(pruner=p, pruning_type="effective", target_compression=t, seed=s,
-               status="ok", test_accuracy=0.9 - 0.01 * s, direct_compression=t,
-               effective_compression=t, diverged_step=None)
-          for p in ("snip", "neuron/snip") for t in (10.0, 100.0) for s in (0, 1)]
-  runs.append(dict(runs[0], pruner="neuron/random", target_compression=1000.0,
-                   status="unreachable", test_accuracy=None))
-  lat = [dict(pruner=p, target_compression=t, masked_latency_ms=1.0, compact_latency_ms=0.5,
-              masked_throughput=1e5, compact_throughput=2e5, latency_speedup=2.0,
-              throughput_speedup=2.0, live_channel_fraction=0.5, compact_params=10.0,
-              params_dense=20.0, compact_flops=20.0, flops_dense=40.0, load_average=1.0,
-              reproduced=p == "snip", widths="150;50", batch=256.0)
-         for p in ("snip", "neuron/snip") for t in (10.0, 100.0)]
+
+  runs = [
+    dict(
+      pruner=p,
+      pruning_type="effective",
+      target_compression=t,
+      seed=s,
+      status="ok",
+      test_accuracy=0.9 - 0.01 * s,
+      direct_compression=t,
+      effective_compression=t,
+      diverged_step=None,
+    )
+    for p in ("snip", "neuron/snip")
+    for t in (10.0, 100.0)
+    for s in (0, 1)
+  ]
+  runs.append(
+    dict(
+      runs[0],
+      pruner="neuron/random",
+      target_compression=1000.0,
+      status="unreachable",
+      test_accuracy=None,
+    )
+  )
+  lat = [
+    dict(
+      pruner=p,
+      target_compression=t,
+      masked_latency_ms=1.0,
+      compact_latency_ms=0.5,
+      masked_throughput=1e5,
+      compact_throughput=2e5,
+      latency_speedup=2.0,
+      throughput_speedup=2.0,
+      live_channel_fraction=0.5,
+      compact_params=10.0,
+      params_dense=20.0,
+      compact_flops=20.0,
+      flops_dense=40.0,
+      load_average=1.0,
+      reproduced=p == "snip",
+      widths="150;50",
+      batch=256.0,
+    )
+    for p in ("snip", "neuron/snip")
+    for t in (10.0, 100.0)
+  ]
   path = tmp_path / "lat.csv"
   compression.write_csv(str(path), lat, compaction_latency.COLUMNS)
   lat = compaction_latency.read_rows(str(path))
@@ -130,12 +201,24 @@ def test_compaction_figures_and_tables_from_their_csvs(tmp_path):
   assert "150-50 (not reproduced)" in table  # the neuron/snip rows: flagged
   assert "| neuron/random | 1000x | 1 | unreachable |" in table
   plot.plot_speed(runs, lat, str(tmp_path / "s.png"), "t")
-  rows = {"vgg19": [dict(pruner="synflow", target_compression=t, status="ok",
-                         effective_compression=t, live_channel_fraction=1 / t ** 0.5,
-                         flops_dense=100.0, compact_flops=100 / t ** 0.5,
-                         flops_effective=100 / t, params_dense=50.0,
-                         compact_params=50 / t ** 0.5) for t in (10.0, 100.0)]
-          + [dict(pruner="grasp", target_compression=1000.0, status="unreachable")]}
+  rows = {
+    "vgg19": [
+      dict(
+        pruner="synflow",
+        target_compression=t,
+        status="ok",
+        effective_compression=t,
+        live_channel_fraction=1 / t**0.5,
+        flops_dense=100.0,
+        compact_flops=100 / t**0.5,
+        flops_effective=100 / t,
+        params_dense=50.0,
+        compact_params=50 / t**0.5,
+      )
+      for t in (10.0, 100.0)
+    ]
+    + [dict(pruner="grasp", target_compression=1000.0, status="unreachable")]
+  }
   table = plot.compaction_table(rows)
   assert "| vgg19 | synflow | 100x | 100x | 0.10 | 10.00x | 100x | 10.00x |" in table
   assert "| vgg19 | grasp | 1000x | unreachable |" in table

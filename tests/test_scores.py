@@ -17,15 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparsejax import effective
+from sparsejax import effective, models, pruning, scores
 from sparsejax import masks as masks_lib
-from sparsejax import models
-from sparsejax import pruning
-from sparsejax import scores
 from sparsejax.models import layers as L
 
-HYP = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                 HealthCheck.data_too_large])
+HYP = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # --------------------------------------------------------------------------- networks
 
@@ -48,7 +44,6 @@ class MLP(nn.Module):
 
 class CNN(nn.Module):
   """Conv + batch norm + ReLU + avg pool, then Dense: exercises batch_stats."""
-
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -86,13 +81,16 @@ def fast_params(model, shape, seed=0):
 
 def batch(seed, n, shape, classes=3):
   k1, k2 = jax.random.split(jax.random.key(seed))
-  return {"image": jax.random.normal(k1, (n,) + tuple(shape)),
-          "label": jax.random.randint(k2, (n,), 0, classes)}
+  return {
+    "image": jax.random.normal(k1, (n,) + tuple(shape)),
+    "label": jax.random.randint(k2, (n,), 0, classes),
+  }
 
 
 def leaves(tree):
-  return [np.asarray(x) for x in jax.tree.leaves(tree, is_leaf=lambda v: v is None)
-          if x is not None]
+  return [
+    np.asarray(x) for x in jax.tree.leaves(tree, is_leaf=lambda v: v is None) if x is not None
+  ]
 
 
 def random_masks(params, seed, density):
@@ -104,8 +102,8 @@ def random_masks(params, seed, density):
 
 
 HAND = {
-    "a": {"kernel": jnp.array([[1.0, -2.0], [3.0, 0.0]]), "bias": jnp.array([5.0, -5.0])},
-    "b": {"kernel": jnp.array([[-0.5], [0.25], [-0.5]])},
+  "a": {"kernel": jnp.array([[1.0, -2.0], [3.0, 0.0]]), "bias": jnp.array([5.0, -5.0])},
+  "b": {"kernel": jnp.array([[-0.5], [0.25], [-0.5]])},
 }
 
 
@@ -143,21 +141,24 @@ def test_lamp_hand_made():
 @settings(max_examples=40, **HYP)
 @given(st.lists(st.integers(-4, 4), min_size=1, max_size=30), st.integers(0, 3))
 def test_lamp_matches_reference(values, scale_exp):
-  w = np.asarray(values, np.float32).reshape(-1, 1) * np.float32(10.0 ** -scale_exp)
+  w = np.asarray(values, np.float32).reshape(-1, 1) * np.float32(10.0**-scale_exp)
   if w.shape[0] < 2:
     w = np.concatenate([w, w])
   got = scores.lamp({"l": {"kernel": jnp.asarray(w)}})["l"]["kernel"]
   np.testing.assert_allclose(got, lamp_reference(w), rtol=1e-5, atol=1e-7)
   if np.any(w != 0):
-    assert np.max(np.asarray(got)) == 1.0   # the largest weight of the layer scores 1
+    assert np.max(np.asarray(got)) == 1.0  # the largest weight of the layer scores 1
     assert np.sum(np.asarray(got) == 1.0) == 1
 
 
 def test_lamp_global_topk_never_empties_a_layer():
   rng = np.random.default_rng(0)
-  params = {f"l{i}": {"kernel": jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)}
-            for i, (shape, scale) in enumerate([((30, 20), 1.0), ((20, 10), 1e-3),
-                                                ((10, 5), 1e2), ((5, 2), 1e-6)])}
+  params = {
+    f"l{i}": {"kernel": jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)}
+    for i, (shape, scale) in enumerate(
+      [((30, 20), 1.0), ((20, 10), 1e-3), ((10, 5), 1e2), ((5, 2), 1e-6)]
+    )
+  }
   ranking = pruning.rank_scores(scores.lamp(params))
   n_layers = len(ranking.shapes)
   for k in (n_layers, n_layers + 1, 10, 50, 200):
@@ -165,8 +166,10 @@ def test_lamp_global_topk_never_empties_a_layer():
     assert min(counts) >= 1, (k, counts)
     assert sum(counts) == k
   # Magnitude pruning at the same k empties the small layers.
-  mag = [int(np.sum(m)) for m in
-         leaves(pruning.masks_at(pruning.rank_scores(scores.magnitude(params)), 50))]
+  mag = [
+    int(np.sum(m))
+    for m in leaves(pruning.masks_at(pruning.rank_scores(scores.magnitude(params)), 50))
+  ]
   assert min(mag) == 0
 
 
@@ -174,8 +177,10 @@ def test_lamp_global_topk_never_empties_a_layer():
 def test_lamp_rejects_non_finite_weights_like_magnitude(bad):
   w = np.random.default_rng(0).normal(size=(300, 100)).astype(np.float32)
   w[3, 7] = bad
-  params = {"dense_0": {"kernel": jnp.asarray(w)},
-            "dense_1": {"kernel": jnp.ones((100, 10), jnp.float32)}}
+  params = {
+    "dense_0": {"kernel": jnp.asarray(w)},
+    "dense_1": {"kernel": jnp.ones((100, 10), jnp.float32)},
+  }
   with pytest.raises(ValueError, match="NaN or infinite"):
     scores.magnitude(params)
   with pytest.raises(ValueError, match="lamp got 1 NaN or infinite weights.*dense_0"):
@@ -193,7 +198,7 @@ def test_random_uniform_int_scores_deterministic():
   assert a["dense_0"]["bias"] is None
   flat = np.concatenate([x.ravel() for x in leaves(a)])
   assert flat.dtype == np.int32 and flat.min() >= 0
-  assert len(np.unique(flat)) >= flat.size - 5           # ties are rare
+  assert len(np.unique(flat)) >= flat.size - 5  # ties are rare
   for x, y in zip(leaves(a), leaves(b)):
     np.testing.assert_array_equal(x, y)
   assert any(np.any(x != y) for x, y in zip(leaves(a), leaves(c)))
@@ -206,7 +211,7 @@ def test_random_uniform_int_scores_deterministic():
 # --------------------------------------------------------------------------- exact top-k
 
 
-TOPK_SHAPES = ((7, 2), (1, 2), (20, 3))   # fixed: one compilation for all examples
+TOPK_SHAPES = ((7, 2), (1, 2), (20, 3))  # fixed: one compilation for all examples
 
 
 @settings(max_examples=60, **HYP)
@@ -214,14 +219,19 @@ TOPK_SHAPES = ((7, 2), (1, 2), (20, 3))   # fixed: one compilation for all examp
 def test_top_k_masks_matches_stable_sort(data):
   pool = [0.0, 1e-40, 3e-39, 1e-20, 0.5, 0.5000001, 1.0, 7.0, 1e30, 3.4e38]
   n = sum(int(np.prod(s)) for s in TOPK_SHAPES)
-  flat_s = np.asarray(data.draw(st.lists(st.sampled_from(pool), min_size=n, max_size=n)),
-                      np.float32)
+  flat_s = np.asarray(
+    data.draw(st.lists(st.sampled_from(pool), min_size=n, max_size=n)), np.float32
+  )
   flat_a = np.asarray(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
   splits = np.cumsum([int(np.prod(s)) for s in TOPK_SHAPES])[:-1]
-  tree = {f"l{i}": {"kernel": jnp.asarray(v.reshape(s))}
-          for i, (v, s) in enumerate(zip(np.split(flat_s, splits), TOPK_SHAPES))}
-  alive = {f"l{i}": {"kernel": jnp.asarray(v.reshape(s))}
-           for i, (v, s) in enumerate(zip(np.split(flat_a, splits), TOPK_SHAPES))}
+  tree = {
+    f"l{i}": {"kernel": jnp.asarray(v.reshape(s))}
+    for i, (v, s) in enumerate(zip(np.split(flat_s, splits), TOPK_SHAPES))
+  }
+  alive = {
+    f"l{i}": {"kernel": jnp.asarray(v.reshape(s))}
+    for i, (v, s) in enumerate(zip(np.split(flat_a, splits), TOPK_SHAPES))
+  }
   k = data.draw(st.integers(0, int(flat_a.sum())))
   got = np.concatenate([m.ravel() for m in leaves(scores.top_k_masks(tree, k, alive))])
   key = np.where(flat_a, flat_s.astype(np.float64), -1.0)
@@ -321,10 +331,12 @@ def test_grasp_hessian_gradient_matches_explicit_hessian():
   sizes = [k.size for k in kernels]
 
   def unflatten(flat):
-    k0 = flat[:sizes[0]].reshape(kernels[0].shape)
-    k1 = flat[sizes[0]:].reshape(kernels[1].shape)
-    return {"dense_0": {**params["dense_0"], "kernel": k0},
-            "dense_1": {**params["dense_1"], "kernel": k1}}
+    k0 = flat[: sizes[0]].reshape(kernels[0].shape)
+    k1 = flat[sizes[0] :].reshape(kernels[1].shape)
+    return {
+      "dense_0": {**params["dense_0"], "kernel": k0},
+      "dense_1": {**params["dense_1"], "kernel": k1},
+    }
 
   def loss(flat, b):
     logits = model.apply({"params": unflatten(flat)}, b["image"]) / temperature
@@ -335,17 +347,15 @@ def test_grasp_hessian_gradient_matches_explicit_hessian():
   g = np.mean([np.asarray(grad(flat, b)) for b in batches], axis=0)
   hg = np.mean([np.asarray(hessian(flat, b)) @ g for b in batches], axis=0)
 
-  got_g, got_hg = scores.grasp_hessian_gradient(model, variables, batches,
-                                                temperature=temperature)
-  np.testing.assert_allclose(np.concatenate([x.ravel() for x in got_g]), g, rtol=1e-4,
-                             atol=1e-7)
-  np.testing.assert_allclose(np.concatenate([x.ravel() for x in got_hg]), hg, rtol=1e-3,
-                             atol=1e-6)
+  got_g, got_hg = scores.grasp_hessian_gradient(model, variables, batches, temperature=temperature)
+  np.testing.assert_allclose(np.concatenate([x.ravel() for x in got_g]), g, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(np.concatenate([x.ravel() for x in got_hg]), hg, rtol=1e-3, atol=1e-6)
   keep = scores.grasp(model, variables, batches, temperature=temperature)
   assert keep["dense_0"]["bias"] is None
   # GraSP removes the highest -w * Hg: the keep-score is w * Hg.
-  np.testing.assert_allclose(np.concatenate([x.ravel() for x in leaves(keep)]),
-                             np.asarray(flat) * hg, rtol=1e-3, atol=1e-7)
+  np.testing.assert_allclose(
+    np.concatenate([x.ravel() for x in leaves(keep)]), np.asarray(flat) * hg, rtol=1e-3, atol=1e-7
+  )
 
 
 def test_grasp_default_temperature_finite():
@@ -372,7 +382,7 @@ def path_count_scores(params, masks=None):
     for b in mats[:l]:
       left = left @ b
     right = np.ones(mats[-1].shape[1])
-    for b in reversed(mats[l + 1:]):
+    for b in reversed(mats[l + 1 :]):
       right = b @ right
     out.append(a * left[:, None] * right[None, :])
   return out
@@ -383,8 +393,9 @@ def test_synflow_one_round_matches_path_counts(with_masks):
   model = MLP(widths=(6, 5, 4, 3), use_bias=False)
   params = init(model, (7,))["params"]
   masks = random_masks(params, 11, 0.6) if with_masks else None
-  got = [np.asarray(x, np.float64) for x in
-         leaves(scores.synflow_scores(model, params, (7,), masks))]
+  got = [
+    np.asarray(x, np.float64) for x in leaves(scores.synflow_scores(model, params, (7,), masks))
+  ]
   want = path_count_scores(params, masks)
   # One common positive factor for all layers (the linear mode's rescaling).
   factor = np.sum(got[0]) / np.sum(want[0])
@@ -410,13 +421,13 @@ def test_synflow_rescaling_is_common_factor_with_biases_and_pooling():
   the same linear network without the per-layer rescaling, up to one factor."""
   model = CNN()
   params = init(model, (6, 6, 2))["params"]
-  got = [np.asarray(x, np.float64)
-         for x in leaves(scores.synflow_scores(model, params, (6, 6, 2)))]
+  got = [np.asarray(x, np.float64) for x in leaves(scores.synflow_scores(model, params, (6, 6, 2)))]
   x = jnp.ones((1, 6, 6, 2))
 
   def plain(kernels):
-    h = jax.lax.conv_general_dilated(x, kernels[0], (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.lax.conv_general_dilated(
+      x, kernels[0], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     h = nn.avg_pool(h, (2, 2), (2, 2))
     return jnp.sum(h.reshape(1, -1) @ kernels[1])
 
@@ -433,8 +444,8 @@ class TinyResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     from sparsejax.models.resnet import BasicBlock
-    x = L.Conv(3, (3, 3), padding="SAME", use_bias=False,
-               name="stage0_conv")(x)
+
+    x = L.Conv(3, (3, 3), padding="SAME", use_bias=False, name="stage0_conv")(x)
     x = nn.relu(x)
     x = BasicBlock(3, 1, name="stage1_block0")(x, train)
     x = L.global_avg_pool(x)
@@ -446,10 +457,11 @@ def test_synflow_rescaling_is_common_factor_on_residual_networks():
   shape = (5, 5, 2)
   params = init(model, shape)["params"]
   got = [np.asarray(x, np.float64) for x in leaves(scores.synflow_scores(model, params, shape))]
-  k = [jnp.abs(w) for w in scores._kernels(params)]   # stem, conv_1, conv_2, dense
+  k = [jnp.abs(w) for w in scores._kernels(params)]  # stem, conv_1, conv_2, dense
   x = jnp.ones((1,) + shape)
-  conv = lambda h, w: jax.lax.conv_general_dilated(h, w, (1, 1), "SAME",
-                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = lambda h, w: jax.lax.conv_general_dilated(
+    h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
   def plain(k):
     h = conv(x, k[0])
@@ -473,17 +485,20 @@ def check_iterative_result(prio, stats, sparsity, rounds, big=False):
   assert flat.dtype == np.int32
   seen = np.zeros(flat.size, bool)
   seen[flat] = True
-  assert seen.all()                          # a permutation of 0..N-1
+  assert seen.all()  # a permutation of 0..N-1
   total = flat.size
   kept = pruning.kept_for_sparsity(sparsity, total)
-  top = jax.tree.map(lambda p: None if p is None else jnp.asarray(p) >= total - kept, prio,
-                     is_leaf=lambda v: v is None)
+  top = jax.tree.map(
+    lambda p: None if p is None else jnp.asarray(p) >= total - kept,
+    prio,
+    is_leaf=lambda v: v is None,
+  )
   if big:  # rank_scores sorts all N weights twice: skip it on VGG-19
     masks = top
   else:
     masks, _, _ = final_masks(prio, sparsity)
     for m, t in zip(leaves(masks), leaves(top)):
-      np.testing.assert_array_equal(m, t)   # the survivors carry the top priorities
+      np.testing.assert_array_equal(m, t)  # the survivors carry the top priorities
   assert masks_lib.count(masks) == (kept, total)
   assert len(stats.kept) == rounds + 1
   # Entry t: round t; the last entry: the scoring pass on the final mask.
@@ -502,8 +517,9 @@ def test_synflow_lenet_100_rounds(compression):
   masks = check_iterative_result(prio, stats, sparsity, 100)
   # Density after round t is (1 - s)^(t / 100).
   n = sum(x.size for x in leaves(prio))
-  np.testing.assert_allclose(stats.target[:-1] / n, (1 - sparsity) ** (np.arange(1, 101) / 100),
-                             rtol=0, atol=1 / n)
+  np.testing.assert_allclose(
+    stats.target[:-1] / n, (1 - sparsity) ** (np.arange(1, 101) / 100), rtol=0, atol=1 / n
+  )
   # No overflow or underflow: every positive path keeps a normal float32 score.
   assert np.all(stats.min_positive_score > 1e-30)
   assert np.all(stats.max_score < 1e30)
@@ -533,7 +549,7 @@ def test_synflow_vgg19_no_overflow_few_rounds():
   masks = check_iterative_result(prio, stats, sparsity, 5, big=True)
   assert np.all(stats.min_positive_score > 1e-30)
   assert np.all(np.isfinite(stats.max_score)) and np.all(stats.max_score < 1e30)
-  assert stats.zero_kept[0] == 0     # the dense network: every weight on a path
+  assert stats.zero_kept[0] == 0  # the dense network: every weight on a path
   eff = effective.effective_masks(model, masks, shape)
   # Zero-score survivors are exactly the inactive ones: no positive path underflowed.
   assert stats.zero_kept[-1] == masks_lib.count(masks)[0] - masks_lib.count(eff)[0]
@@ -551,8 +567,8 @@ def test_synflow_deterministic_and_masks_start():
   final, _, total = final_masks(prio, 0.9)
   n_start = masks_lib.count(start)[0]
   for f, s, p in zip(leaves(final), leaves(start), leaves(prio)):
-    assert not np.any(f & ~s)                # only removes weights
-    assert np.all(p[~s] < total - n_start)   # initially masked: lowest priorities
+    assert not np.any(f & ~s)  # only removes weights
+    assert np.all(p[~s] < total - n_start)  # initially masked: lowest priorities
 
 
 # --------------------------------------------------------------------------- iterative SNIP
@@ -569,8 +585,7 @@ def reference_iterative_snip(model, variables, batches, sparsity, rounds):
   splits = np.cumsum([k.size for k in kernels])[:-1]
 
   def loss(p, b):
-    logits, _ = model.apply({"params": p, **rest}, b["image"], train=True,
-                            mutable=["batch_stats"])
+    logits, _ = model.apply({"params": p, **rest}, b["image"], train=True, mutable=["batch_stats"])
     return scores.cross_entropy(logits, b["label"])
 
   grad = jax.jit(jax.grad(loss))
@@ -580,8 +595,9 @@ def reference_iterative_snip(model, variables, batches, sparsity, rounds):
     m = [a.reshape(w.shape) for a, w in zip(np.split(alive, splits), kernels)]
     masked = scores._with_kernels(params, [jnp.asarray(w * mm) for w, mm in zip(kernels, m)])
     g = scores._kernels(grad(masked, batches[t % len(batches)]))
-    s = np.concatenate([np.abs(np.asarray(gi) * w * mm).ravel()
-                        for gi, w, mm in zip(g, kernels, m)])
+    s = np.concatenate(
+      [np.abs(np.asarray(gi) * w * mm).ravel() for gi, w, mm in zip(g, kernels, m)]
+    )
     key = np.where(alive, s, -1.0)
     order = np.argsort(-key, kind="stable")
     new = np.zeros(n, bool)
@@ -597,20 +613,22 @@ def test_iterative_snip_matches_reference_loop():
   variables = init(model, shape)
   batches = [batch(20 + i, 8, shape) for i in range(3)]
   sparsity, rounds = 0.9, 6
-  prio, stats = scores.iterative_snip(model, variables, batches, sparsity, rounds=rounds,
-                                      return_stats=True)
+  prio, stats = scores.iterative_snip(
+    model, variables, batches, sparsity, rounds=rounds, return_stats=True
+  )
   masks = check_iterative_result(prio, stats, sparsity, rounds)
-  want, last_scores, last_alive, _ = reference_iterative_snip(model, variables, batches,
-                                                              sparsity, rounds)
+  want, last_scores, last_alive, _ = reference_iterative_snip(
+    model, variables, batches, sparsity, rounds
+  )
   got = np.concatenate([m.ravel() for m in leaves(masks)])
   np.testing.assert_array_equal(got, want)
   # Keeping a few more re-adds the last-eliminated weights, best last-round score first.
   flat = np.concatenate([p.ravel() for p in leaves(prio)])
-  n, kept = flat.size, int(want.sum())
+  kept = int(want.sum())
   pruned_last = last_alive & ~want
   order = np.argsort(-np.where(pruned_last, last_scores, -1.0), kind="stable")
   extra = 5
-  np.testing.assert_array_equal(np.argsort(-flat)[kept:kept + extra], order[:extra])
+  np.testing.assert_array_equal(np.argsort(-flat)[kept : kept + extra], order[:extra])
   # Deterministic.
   again = scores.iterative_snip(model, variables, batches, sparsity, rounds=rounds)
   for x, y in zip(leaves(prio), leaves(again)):
@@ -640,8 +658,9 @@ def test_errors():
     with pytest.raises(ValueError, match="iterative_snip needs data"):
       scores.iterative_snip(model, variables, empty, 0.5)
   with pytest.raises(ValueError, match="preprocess"):
-    scores.snip(model, variables, [{"image": jnp.zeros((2, 3), jnp.uint8),
-                                    "label": jnp.zeros(2, jnp.int32)}])
+    scores.snip(
+      model, variables, [{"image": jnp.zeros((2, 3), jnp.uint8), "label": jnp.zeros(2, jnp.int32)}]
+    )
   with pytest.raises(ValueError, match="temperature"):
     scores.grasp(model, variables, [b], temperature=0.0)
   with pytest.raises(ValueError, match="input_shape"):

@@ -19,8 +19,9 @@ from sparsejax import files
 
 SOURCE = common.DataSource(synthetic=True)
 # Small steps, many of them: a few seconds to kill its worker between checkpoints.
-SHARED = sweep.shared_overrides(2000, 1000, "--config.checkpoint_every=100 "
-                                "--config.log_every=1000 --config.batch_size=10")
+SHARED = sweep.shared_overrides(
+  2000, 1000, "--config.checkpoint_every=100 --config.log_every=1000 --config.batch_size=10"
+)
 
 
 def _free_port() -> int:
@@ -35,15 +36,28 @@ def ray_address():
   ray = pytest.importorskip("ray")
   port = _free_port()
   temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Short: socket paths are limited.
-  cli = (shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray"))
+  cli = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
   # A throw-away cluster on the loopback address: no token to share with the driver.
   previous_auth = os.environ.get("RAY_AUTH_MODE")
   os.environ["RAY_AUTH_MODE"] = "disabled"
   head = subprocess.Popen(
-      [cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-       "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}",
-       "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-      start_new_session=True)
+    [
+      cli,
+      "start",
+      "--head",
+      "--block",
+      "--node-ip-address=127.0.0.1",
+      f"--port={port}",
+      "--num-cpus=1",
+      "--num-gpus=0",
+      "--include-dashboard=false",
+      f"--temp-dir={temp}",
+      "--disable-usage-stats",
+    ],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    start_new_session=True,
+  )
   address = f"127.0.0.1:{port}"
   try:
     deadline = time.monotonic() + 120
@@ -82,8 +96,9 @@ def _kill_worker(point, out_dir, after_checkpoint: bool, timeout=240.0) -> None:
   run_dir = os.path.dirname(_path(point, out_dir))
   lock, first = os.path.join(run_dir, ".lock"), os.path.join(run_dir, "checkpoints", "100")
   deadline = time.monotonic() + timeout
-  while not (os.path.isdir(first) if after_checkpoint else
-             os.path.exists(lock) and os.path.getsize(lock)):
+  while not (
+    os.path.isdir(first) if after_checkpoint else os.path.exists(lock) and os.path.getsize(lock)
+  ):
     assert time.monotonic() < deadline, "the run did not get there in time"
     time.sleep(0.02)
   with open(lock) as f:
@@ -97,8 +112,9 @@ def _execute_in_thread(points, out_dir, options, cache_dir=None):
 
   def target():
     try:
-      out["counts"] = sweep.execute(points, SHARED, str(out_dir), SOURCE, None, "ray",
-                                    options, cache_dir)
+      out["counts"] = sweep.execute(
+        points, SHARED, str(out_dir), SOURCE, None, "ray", options, cache_dir
+      )
     except BaseException as err:  # pylint: disable=broad-except
       out["error"] = err
 
@@ -110,15 +126,12 @@ def _execute_in_thread(points, out_dir, options, cache_dir=None):
 def _no_stray_files(out_dir):
   for root, _, names in os.walk(out_dir):
     for f in names:
-      assert not f.startswith(files.TMP_PREFIX) and ".invalid-" not in f, os.path.join(
-          root, f)
+      assert not f.startswith(files.TMP_PREFIX) and ".invalid-" not in f, os.path.join(root, f)
 
 
 @pytest.mark.slow
-def test_ray_sweep_retries_a_killed_worker_and_reports_one_that_keeps_dying(
-    ray_address, tmp_path):
-  points = sweep.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct", "effective"],
-                      [0])
+def test_ray_sweep_retries_a_killed_worker_and_reports_one_that_keeps_dying(ray_address, tmp_path):
+  points = sweep.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct", "effective"], [0])
   options = ray_executor.RayOptions(address=ray_address, cpus_per_run=1, max_retries=2)
   cache = tempfile.mkdtemp(prefix="jaxcache")
   try:
@@ -138,11 +151,11 @@ def test_ray_sweep_retries_a_killed_worker_and_reports_one_that_keeps_dying(
   # Two processes worked on it: the killed worker and the retry, which resumed.
   assert first["processes"] == 2
   assert sorted(os.listdir(tmp_path)) == sorted(
-      os.path.basename(os.path.dirname(_path(p, tmp_path))) for p in points)
+    os.path.basename(os.path.dirname(_path(p, tmp_path))) for p in points
+  )
   _no_stray_files(tmp_path)
   # Nothing runs twice: both are done.
-  assert sweep.execute(points, SHARED, str(tmp_path), SOURCE, None, "ray", options) == (
-      0, 2, 0)
+  assert sweep.execute(points, SHARED, str(tmp_path), SOURCE, None, "ray", options) == (0, 2, 0)
 
   # A worker that dies at every attempt (here: no retries): the run fails, naming the
   # flag, and leaves no result (the next sweep runs it again).
@@ -150,8 +163,9 @@ def test_ray_sweep_retries_a_killed_worker_and_reports_one_that_keeps_dying(
   no_retry = ray_executor.RayOptions(address=ray_address, max_retries=0)
   runner = ray_executor.RayRuns(ray_executor.connect(no_retry), no_retry)
   outcome = {}
-  thread = threading.Thread(target=lambda: outcome.update(
-      r=runner.run(again[0], SHARED, str(tmp_path), SOURCE)))
+  thread = threading.Thread(
+    target=lambda: outcome.update(r=runner.run(again[0], SHARED, str(tmp_path), SOURCE))
+  )
   thread.start()
   _kill_worker(again[0], tmp_path, after_checkpoint=False)
   thread.join(timeout=600)
@@ -168,14 +182,14 @@ def test_worker_cache_as_the_local_children_use_it(tmp_path, monkeypatch):
   """A worker's cache: the folder given, each node's default for None, none for '';
   a folder the node cannot create: a warning and no cache, not a failed run."""
   import jax  # pylint: disable=import-outside-toplevel
+
   before = jax.config.jax_compilation_cache_dir
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   try:
     assert ray_executor.enable_worker_cache(str(tmp_path / "c")) == str(tmp_path / "c")
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
     assert ray_executor.enable_worker_cache(None) == common.default_compilation_cache_dir()
-    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xdg" / "sparsejax" /
-                                                       "jax")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xdg" / "sparsejax" / "jax")
     assert ray_executor.enable_worker_cache("") is None
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -191,12 +205,15 @@ def test_bad_ray_flags_fail_by_name_before_any_file(tmp_path, monkeypatch):
   out = tmp_path / "out"
   with pytest.raises(ValueError, match="--executor='spark' is not an executor"):
     sweep.execute(points, SHARED, str(out), SOURCE, None, "spark")
-  for fields, message in ((dict(cpus_per_run=0), "--ray_cpus_per_run=0 must be a number > 0"),
-                          (dict(gpus_per_run=-1), "--ray_gpus_per_run=-1 must be a number >= 0"),
-                          (dict(max_retries=-1), "--ray_max_retries=-1 must be an integer >= 0")):
+  for fields, message in (
+    (dict(cpus_per_run=0), "--ray_cpus_per_run=0 must be a number > 0"),
+    (dict(gpus_per_run=-1), "--ray_gpus_per_run=-1 must be a number >= 0"),
+    (dict(max_retries=-1), "--ray_max_retries=-1 must be an integer >= 0"),
+  ):
     with pytest.raises(ValueError, match=message):
-      sweep.execute(points, SHARED, str(out), SOURCE, None, "ray",
-                    ray_executor.RayOptions(**fields))
+      sweep.execute(
+        points, SHARED, str(out), SOURCE, None, "ray", ray_executor.RayOptions(**fields)
+      )
   monkeypatch.setitem(sys.modules, "ray", None)  # As if not installed.
   with pytest.raises(ValueError, match=r"--executor=ray needs the ray package.*pip install"):
     sweep.execute(points, SHARED, str(out), SOURCE, None, "ray")
@@ -209,12 +226,16 @@ def test_unreachable_ray_address_fails_by_name_before_any_file(tmp_path):
   out = tmp_path / "out"
   port = _free_port()  # Nothing listens there once the probe socket is closed.
   for address, message in (
-      (f"127.0.0.1:{port}",
-       rf"--ray_address='127.0.0.1:{port}' is not reachable.*ray start --head --port={port}"),
-      ("nowhere", "--ray_address='nowhere' must be 'host:port'")):
+    (
+      f"127.0.0.1:{port}",
+      rf"--ray_address='127.0.0.1:{port}' is not reachable.*ray start --head --port={port}",
+    ),
+    ("nowhere", "--ray_address='nowhere' must be 'host:port'"),
+  ):
     with pytest.raises(ValueError, match=message):
-      sweep.execute(points, SHARED, str(out), SOURCE, None, "ray",
-                    ray_executor.RayOptions(address=address))
+      sweep.execute(
+        points, SHARED, str(out), SOURCE, None, "ray", ray_executor.RayOptions(address=address)
+      )
   assert not out.exists() or os.listdir(out) == []
 
 
@@ -231,9 +252,11 @@ def test_ray_addresses_and_capacity():
 
     @staticmethod
     def nodes():
-      return [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}},
-              {"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}},
-              {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+      return [
+        {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}},
+        {"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}},
+        {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}},
+      ]
 
   slots = lambda **kw: ray_executor.capacity(Cluster, ray_executor.RayOptions(**kw))
   assert slots(cpus_per_run=3) == 3

@@ -16,10 +16,8 @@ import numpy as np
 import pytest
 
 from experiments import configs
-from sparsejax import data
+from sparsejax import data, models, training
 from sparsejax import masks as masks_lib
-from sparsejax import models
-from sparsejax import training
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -54,8 +52,9 @@ class TinyConv(nn.Module):
 def numpy_params(model, input_shape, seed=0):
   """He-normal kernels, zero biases, unit scales, from numpy: cheaper than compiling
   JAX's random initializers."""
-  shapes = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(0),
-                          jnp.zeros((1,) + input_shape))["params"]
+  shapes = jax.eval_shape(
+    lambda k, x: model.init(k, x, train=False), jax.random.key(0), jnp.zeros((1,) + input_shape)
+  )["params"]
   rng = np.random.default_rng(seed)
 
   def init(path, s):
@@ -100,11 +99,11 @@ def _leaves(tree):
 def test_config_registry_matches_paper():
   assert set(configs.CONFIGS) == {"lenet300100", "lenet5", "vgg16", "vgg19", "resnet18"}
   expected = {  # dataset, batch, steps, lr, keras l2, boundary steps, snip batch
-      "lenet300100": ("mnist", 100, 96_000, 0.1, 5e-4, (25_000, 50_000, 75_000), 100),
-      "lenet5": ("cifar10", 128, 120_000, 0.1, 5e-4, (30_000, 60_000, 90_000), 128),
-      "vgg16": ("cifar10", 128, 62_500, 0.1, 1e-4, (31_250, 46_875), 128),
-      "vgg19": ("cifar100", 128, 62_500, 0.1, 1e-4, (31_250, 46_875), 1280),
-      "resnet18": ("tiny_imagenet", 256, 78_200, 0.2, 1e-4, (39_100, 58_650), 2560),
+    "lenet300100": ("mnist", 100, 96_000, 0.1, 5e-4, (25_000, 50_000, 75_000), 100),
+    "lenet5": ("cifar10", 128, 120_000, 0.1, 5e-4, (30_000, 60_000, 90_000), 128),
+    "vgg16": ("cifar10", 128, 62_500, 0.1, 1e-4, (31_250, 46_875), 128),
+    "vgg19": ("cifar100", 128, 62_500, 0.1, 1e-4, (31_250, 46_875), 1280),
+    "resnet18": ("tiny_imagenet", 256, 78_200, 0.2, 1e-4, (39_100, 58_650), 2560),
   }
   for arch, (ds, bs, steps, lr, l2, bounds, snip) in expected.items():
     c = configs.get_config(arch)
@@ -141,8 +140,17 @@ def test_config_overrides_scale_the_schedule_and_errors():
 
 def test_schedule_values_around_boundaries():
   sched = training.make_schedule(configs.get_config("lenet300100"))
-  for step, lr in [(0, 0.1), (24_999, 0.1), (25_000, 0.01), (25_001, 0.01), (49_999, 0.01),
-                   (50_000, 1e-3), (74_999, 1e-3), (75_000, 1e-4), (95_999, 1e-4)]:
+  for step, lr in [
+    (0, 0.1),
+    (24_999, 0.1),
+    (25_000, 0.01),
+    (25_001, 0.01),
+    (49_999, 0.01),
+    (50_000, 1e-3),
+    (74_999, 1e-3),
+    (75_000, 1e-4),
+    (95_999, 1e-4),
+  ]:
     np.testing.assert_allclose(sched(step), lr, rtol=1e-6, err_msg=f"step {step}")
   sched = training.make_schedule(configs.get_config("resnet18", train_steps=780))
   for step, lr in [(389, 0.2), (390, 0.02), (584, 0.02), (585, 2e-3)]:
@@ -153,12 +161,17 @@ def test_schedule_values_around_boundaries():
 
 
 def test_optimizer_decays_kernels_only_and_follows_schedule():
-  cfg = configs.get_config("lenet300100", train_steps=4, decay_boundaries=(0.25,),
-                           weight_decay=1e-3)
-  params = {"dense": {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.ones(4)},
-            "norm": {"scale": jnp.ones(4), "bias": jnp.ones(4)}}
-  assert training.kernel_mask(params) == {"dense": {"kernel": True, "bias": False},
-                                          "norm": {"scale": False, "bias": False}}
+  cfg = configs.get_config(
+    "lenet300100", train_steps=4, decay_boundaries=(0.25,), weight_decay=1e-3
+  )
+  params = {
+    "dense": {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.ones(4)},
+    "norm": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
+  }
+  assert training.kernel_mask(params) == {
+    "dense": {"kernel": True, "bias": False},
+    "norm": {"scale": False, "bias": False},
+  }
   tx = training.make_optimizer(cfg)
   zeros = jax.tree.map(jnp.zeros_like, params)
   opt_state = tx.init(params)
@@ -177,8 +190,11 @@ def test_optimizer_decays_kernels_only_and_follows_schedule():
 
 
 def _kernels(tree):
-  return [np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
-          if masks_lib.is_prunable(p, x)]
+  return [
+    np.asarray(x)
+    for p, x in jax.tree_util.tree_leaves_with_path(tree)
+    if masks_lib.is_prunable(p, x)
+  ]
 
 
 def test_masks_hold_exactly_after_many_steps(mnist_like):
@@ -187,17 +203,23 @@ def test_masks_hold_exactly_after_many_steps(mnist_like):
   init = numpy_params(model, (28, 28, 1))
   mask = numpy_mask(init, 0.2)
   masks_lib.validate(mask, init)
-  state = training.create_train_state(model, jax.random.key(0), (28, 28, 1), cfg,
-                                      masks=mask, params=init)
+  state = training.create_train_state(
+    model, jax.random.key(0), (28, 28, 1), cfg, masks=mask, params=init
+  )
   kernels0 = _kernels(state.params)
   mask_np = [np.asarray(m) for m in masks_lib.mask_leaves(mask)]
   assert all(np.all(w[~m] == 0.0) for w, m in zip(kernels0, mask_np))
   assert all(np.array_equal(w[m], w1[m]) for w, w1, m in zip(kernels0, _kernels(init), mask_np))
   key = jax.random.key(2)
   for step in range(50):
-    state, metrics = training.train_step(state, _batch(images, labels, 32, step), key,
-                                         model=model, spec=models.get_spec("lenet300100"),
-                                         config=cfg)
+    state, metrics = training.train_step(
+      state,
+      _batch(images, labels, 32, step),
+      key,
+      model=model,
+      spec=models.get_spec("lenet300100"),
+      config=cfg,
+    )
   assert int(state.step) == 50 and np.isfinite(float(metrics["loss"]))
   # MaskedState(masks, chain(decay, sgd)) -> sgd's (TraceState, ...).
   trace = state.opt_state.inner_state[1][0].trace
@@ -213,16 +235,24 @@ def test_momentum_cannot_revive_pruned_weights(mnist_like):
   model, cfg = TinyMLP(), tiny_config()
   params = numpy_params(model, (28, 28, 1))
   mask = numpy_mask(params, 0.3)
-  state = training.create_train_state(model, jax.random.key(0), (28, 28, 1), cfg,
-                                      masks=mask, params=params)
+  state = training.create_train_state(
+    model, jax.random.key(0), (28, 28, 1), cfg, masks=mask, params=params
+  )
   decay_state, (trace_state, *rest) = state.opt_state.inner_state
   poisoned = trace_state._replace(trace=jax.tree.map(jnp.ones_like, trace_state.trace))
-  state = state.replace(opt_state=state.opt_state._replace(
-      inner_state=(decay_state, (poisoned, *rest))))
+  state = state.replace(
+    opt_state=state.opt_state._replace(inner_state=(decay_state, (poisoned, *rest)))
+  )
   mask_np = [np.asarray(m) for m in masks_lib.mask_leaves(mask)]
   for step in range(5):
-    state, _ = training.train_step(state, _batch(images, labels, 32, step), jax.random.key(3),
-                                   model=model, spec="mnist", config=cfg)
+    state, _ = training.train_step(
+      state,
+      _batch(images, labels, 32, step),
+      jax.random.key(3),
+      model=model,
+      spec="mnist",
+      config=cfg,
+    )
     assert all(np.all(w[~m] == 0.0) for w, m in zip(_kernels(state.params), mask_np))
 
 
@@ -232,11 +262,18 @@ def test_conv_kernels_masked_with_flip_shift_augmentation():
   cfg = configs.get_config("lenet5", batch_size=16, train_steps=3)
   params = numpy_params(model, (32, 32, 3))
   mask = numpy_mask(params, 0.3)
-  state = training.create_train_state(model, jax.random.key(0), (32, 32, 3), cfg,
-                                      masks=mask, params=params)
+  state = training.create_train_state(
+    model, jax.random.key(0), (32, 32, 3), cfg, masks=mask, params=params
+  )
   for step in range(3):
-    state, _ = training.train_step(state, _batch(images, labels, 16, step), jax.random.key(0),
-                                   model=model, spec="cifar10", config=cfg)
+    state, _ = training.train_step(
+      state,
+      _batch(images, labels, 16, step),
+      jax.random.key(0),
+      model=model,
+      spec="cifar10",
+      config=cfg,
+    )
   conv = np.asarray(state.params["conv_0"]["kernel"])
   m = np.asarray(mask["conv_0"]["kernel"])
   assert conv.ndim == 4 and np.all(conv[~m] == 0.0)
@@ -250,11 +287,19 @@ def test_loss_decreases_and_accuracy_beats_chance(mnist_like):
   train_data, test_data = mnist_like
   model, cfg = TinyMLP(), tiny_config(train_steps=60)
   params = numpy_params(model, (28, 28, 1))
-  state0 = training.create_train_state(model, jax.random.key(0), (28, 28, 1), cfg,
-                                       params=params)
+  state0 = training.create_train_state(model, jax.random.key(0), (28, 28, 1), cfg, params=params)
   loss0, acc0 = training.evaluate(state0, *test_data, model=model, spec="mnist")
-  result = training.train(model, models.get_spec("lenet300100"), cfg, train_data, test_data,
-                          params=params, seed=0, eval_every=20, log_every=20)
+  result = training.train(
+    model,
+    models.get_spec("lenet300100"),
+    cfg,
+    train_data,
+    test_data,
+    params=params,
+    seed=0,
+    eval_every=20,
+    log_every=20,
+  )
   assert [h["step"] for h in result.history] == [20, 40, 60]
   assert result.final_test_loss == result.history[-1]["test_loss"]
   assert result.final_test_loss < 0.5 * loss0
@@ -274,8 +319,9 @@ def test_default_init_and_dense_training(mnist_like):
 def test_evaluate_handles_padding(mnist_like):
   _, (images, labels) = mnist_like
   model, cfg = TinyMLP(), tiny_config()
-  state = training.create_train_state(model, jax.random.key(0), (28, 28, 1), cfg,
-                                      params=numpy_params(model, (28, 28, 1)))
+  state = training.create_train_state(
+    model, jax.random.key(0), (28, 28, 1), cfg, params=numpy_params(model, (28, 28, 1))
+  )
   full = training.evaluate(state, images, labels, model=model, spec="mnist", batch_size=200)
   padded = training.evaluate(state, images, labels, model=model, spec="mnist", batch_size=64)
   np.testing.assert_allclose(padded, full, rtol=1e-5)
@@ -292,16 +338,25 @@ def test_resume_is_identical_to_an_uninterrupted_run(mnist_like, tmp_path):
   model, cfg = TinyMLP(), tiny_config(train_steps=30)
   params = numpy_params(model, (28, 28, 1), seed=5)
   mask = numpy_mask(params, 0.5, seed=6)
-  kwargs = dict(masks=mask, params=params, seed=3, eval_every=10, log_every=10,
-                checkpoint_every=5, keep_checkpoints=2)
+  kwargs = dict(
+    masks=mask,
+    params=params,
+    seed=3,
+    eval_every=10,
+    log_every=10,
+    checkpoint_every=5,
+    keep_checkpoints=2,
+  )
   full = training.train(model, "mnist", cfg, train_data, test_data, **kwargs)
 
-  first = training.train(model, "mnist", cfg, train_data, test_data,
-                         workdir=str(tmp_path), num_steps=13, **kwargs)
+  first = training.train(
+    model, "mnist", cfg, train_data, test_data, workdir=str(tmp_path), num_steps=13, **kwargs
+  )
   assert int(first.state.step) == 13 and first.start_step == 0
   assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [10, 13]
-  resumed = training.train(model, "mnist", cfg, train_data, test_data,
-                           workdir=str(tmp_path), **kwargs)
+  resumed = training.train(
+    model, "mnist", cfg, train_data, test_data, workdir=str(tmp_path), **kwargs
+  )
   assert resumed.start_step == 13 and int(resumed.state.step) == 30
   for name in ("params", "batch_stats", "opt_state"):
     for a, b in zip(_leaves(getattr(full.state, name)), _leaves(getattr(resumed.state, name))):
@@ -310,16 +365,31 @@ def test_resume_is_identical_to_an_uninterrupted_run(mnist_like, tmp_path):
   assert resumed.history[-1] == full.history[-1]
 
   # A finished run returns its result without training.
-  again = training.train(model, "mnist", cfg, train_data, test_data, workdir=str(tmp_path),
-                         **kwargs)
+  again = training.train(
+    model, "mnist", cfg, train_data, test_data, workdir=str(tmp_path), **kwargs
+  )
   assert again.start_step == 30 and again.final_test_loss == resumed.final_test_loss
   # A workdir of another run is refused rather than silently mixed.
   with pytest.raises(ValueError, match="different masks"):
-    training.train(model, "mnist", cfg, train_data, test_data, workdir=str(tmp_path),
-                   **{**kwargs, "masks": numpy_mask(params, 0.5, seed=7)})
+    training.train(
+      model,
+      "mnist",
+      cfg,
+      train_data,
+      test_data,
+      workdir=str(tmp_path),
+      **{**kwargs, "masks": numpy_mask(params, 0.5, seed=7)},
+    )
   with pytest.raises(ValueError, match="different settings"):
-    training.train(model, "mnist", tiny_config(train_steps=30, learning_rate=0.05),
-                   train_data, test_data, workdir=str(tmp_path), **kwargs)
+    training.train(
+      model,
+      "mnist",
+      tiny_config(train_steps=30, learning_rate=0.05),
+      train_data,
+      test_data,
+      workdir=str(tmp_path),
+      **kwargs,
+    )
 
 
 def test_train_validates_arguments(mnist_like):
@@ -339,8 +409,9 @@ def test_train_validates_arguments(mnist_like):
   with pytest.raises(ValueError, match="masks"):
     bad = numpy_mask(numpy_params(model, (28, 28, 1)), 0.5)
     bad["dense_0"]["bias"] = jnp.ones(32, bool)
-    training.create_train_state(model, jax.random.key(0), (28, 28, 1), cfg, masks=bad,
-                                params=numpy_params(model, (28, 28, 1)))
+    training.create_train_state(
+      model, jax.random.key(0), (28, 28, 1), cfg, masks=bad, params=numpy_params(model, (28, 28, 1))
+    )
 
 
 # ----------------------------------------------------------------- data parallel
@@ -381,12 +452,21 @@ _CHILD = textwrap.dedent("""
 
 
 def test_data_parallel_matches_one_device(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
-                 [str(REPO), os.environ.get("PYTHONPATH", "")]))
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+  )
   out = tmp_path / "params.npz"
-  proc = subprocess.run([sys.executable, "-c", _CHILD, str(out)], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", _CHILD, str(out)],
+    env=env,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   with np.load(out) as arrays:
     two = {k[2:]: arrays[k] for k in arrays.files if k.startswith("2/")}
@@ -405,8 +485,16 @@ def _checkpointed_run(mnist_like, workdir, num_steps=None, **overrides):
   train_data, test_data = mnist_like
   model, cfg = TinyMLP(), tiny_config(train_steps=20)
   params = numpy_params(model, (28, 28, 1), seed=5)
-  kwargs = dict(params=params, seed=3, eval_every=10, log_every=10, checkpoint_every=5,
-                keep_checkpoints=3, workdir=str(workdir), num_steps=num_steps)
+  kwargs = dict(
+    params=params,
+    seed=3,
+    eval_every=10,
+    log_every=10,
+    checkpoint_every=5,
+    keep_checkpoints=3,
+    workdir=str(workdir),
+    num_steps=num_steps,
+  )
   kwargs.update(overrides)
   return training.train(model, "mnist", cfg, train_data, test_data, **kwargs)
 
@@ -423,10 +511,12 @@ def uninterrupted(mnist_like, tmp_path_factory):
 
 # Orbax logs its failed reads from background tasks as unraisable exceptions.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("damage", ["flip_bytes", "truncate", "delete_manifest",
-                                    "delete_metadata", "empty_step_folder"])
-def test_damaged_checkpoint_falls_back_to_the_previous_one(mnist_like, uninterrupted,
-                                                           tmp_path, damage, caplog):
+@pytest.mark.parametrize(
+  "damage", ["flip_bytes", "truncate", "delete_manifest", "delete_metadata", "empty_step_folder"]
+)
+def test_damaged_checkpoint_falls_back_to_the_previous_one(
+  mnist_like, uninterrupted, tmp_path, damage, caplog
+):
   _checkpointed_run(mnist_like, tmp_path, num_steps=15)
   step_dir = tmp_path / "15"
   if damage == "flip_bytes":
@@ -445,13 +535,15 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(mnist_like, uninterru
     (step_dir / "state" / "manifest.ocdbt").unlink()
   else:
     import shutil
+
     shutil.rmtree(step_dir)
     step_dir.mkdir()
   resumed = _checkpointed_run(mnist_like, tmp_path)
   assert resumed.start_step == 10
   assert "checkpoint at step 15 is unusable" in caplog.text
-  assert [p.name.split("-")[0] for p in (tmp_path.parent / (tmp_path.name + "-corrupt")
-                                         ).iterdir()] == ["15"]
+  assert [
+    p.name.split("-")[0] for p in (tmp_path.parent / (tmp_path.name + "-corrupt")).iterdir()
+  ] == ["15"]
   for a, b in zip(_leaves(uninterrupted.state.params), _leaves(resumed.state.params)):
     np.testing.assert_array_equal(a, b)
 
@@ -473,14 +565,28 @@ def test_divergence_stops_cleanly_without_a_non_finite_checkpoint(mnist_like, tm
   model, cfg = TinyMLP(), tiny_config(train_steps=20, learning_rate=1e30)
   params = numpy_params(model, (28, 28, 1), seed=5)
   with pytest.raises(training.DivergedError) as err:
-    training.train(model, "mnist", cfg, train_data, test_data, params=params,
-                   workdir=str(tmp_path), checkpoint_every=1, log_every=10, eval_every=10)
+    training.train(
+      model,
+      "mnist",
+      cfg,
+      train_data,
+      test_data,
+      params=params,
+      workdir=str(tmp_path),
+      checkpoint_every=1,
+      log_every=10,
+      eval_every=10,
+    )
   step = err.value.step
   assert 1 <= step <= 20 and f"step {step}" in str(err.value)
   import orbax.checkpoint as ocp
+
   saved = sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit())
   assert all(s < step for s in saved)
   for s in saved:
     state = ocp.StandardCheckpointer().restore(tmp_path / str(s) / "state")
-    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state)
-               if np.issubdtype(np.asarray(x).dtype, np.floating)), s
+    assert all(
+      np.all(np.isfinite(x))
+      for x in jax.tree.leaves(state)
+      if np.issubdtype(np.asarray(x).dtype, np.floating)
+    ), s

@@ -9,10 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import effective
+from sparsejax import effective, pruning, scores
 from sparsejax import masks as masks_lib
-from sparsejax import pruning
-from sparsejax import scores
 
 SHAPE = (6, 6, 1)
 
@@ -46,16 +44,31 @@ def test_uniform_plus_keeps_the_first_layer_in_data_flow_order_dense():
   model = BackwardsCNN()
   variables = model.init(jax.random.key(0), jnp.ones((1,) + SHAPE))
   assert effective.prunable_paths(model, SHAPE, variables=variables) == [
-      "z_first/kernel", "m_middle/kernel", "a_last/kernel"]
-  masks = pruning.prune("random/uniform_plus", key=jax.random.key(1), model=model,
-                        variables=variables, sparsity=0.5, input_shape=SHAPE)
-  assert _kernel_sparsity(masks, "z_first/kernel") == 0.0      # first: dense
+    "z_first/kernel",
+    "m_middle/kernel",
+    "a_last/kernel",
+  ]
+  masks = pruning.prune(
+    "random/uniform_plus",
+    key=jax.random.key(1),
+    model=model,
+    variables=variables,
+    sparsity=0.5,
+    input_shape=SHAPE,
+  )
+  assert _kernel_sparsity(masks, "z_first/kernel") == 0.0  # first: dense
   assert _kernel_sparsity(masks, "a_last/kernel") <= 0.8 + 1e-6
   assert _kernel_sparsity(masks, "m_middle/kernel") > 0.5
   # the same order inside the jitted effective-target search
-  eff = pruning.prune("random/uniform_plus", key=jax.random.key(1), model=model,
-                      variables=variables, sparsity=0.5, pruning_type="effective",
-                      input_shape=SHAPE)
+  eff = pruning.prune(
+    "random/uniform_plus",
+    key=jax.random.key(1),
+    model=model,
+    variables=variables,
+    sparsity=0.5,
+    pruning_type="effective",
+    input_shape=SHAPE,
+  )
   assert _kernel_sparsity(eff, "z_first/kernel") == 0.0
   assert _kernel_sparsity(eff, "a_last/kernel") <= 0.8 + 1e-6
   assert effective.effective_sparsity(model, eff, SHAPE, variables=variables) >= 0.5
@@ -66,13 +79,20 @@ def test_automatic_names_past_ten_are_ordered_by_data_flow():
   variables = model.init(jax.random.key(0), jnp.ones((1,) + SHAPE))
   want = [f"Conv_{i}/kernel" for i in range(11)]
   assert effective.prunable_paths(model, SHAPE, variables=variables) == want
-  units = effective.active_units(model, effective.ones(model, SHAPE, variables=variables),
-                                 SHAPE, variables=variables)
-  assert list(units) == [p[:-len("/kernel")] for p in want]
-  masks = pruning.prune("random/uniform_plus", key=jax.random.key(1), model=model,
-                        variables=variables, sparsity=0.5, input_shape=SHAPE)
+  units = effective.active_units(
+    model, effective.ones(model, SHAPE, variables=variables), SHAPE, variables=variables
+  )
+  assert list(units) == [p[: -len("/kernel")] for p in want]
+  masks = pruning.prune(
+    "random/uniform_plus",
+    key=jax.random.key(1),
+    model=model,
+    variables=variables,
+    sparsity=0.5,
+    input_shape=SHAPE,
+  )
   assert _kernel_sparsity(masks, "Conv_0/kernel") == 0.0
-  assert _kernel_sparsity(masks, "Conv_10/kernel") <= 0.8 + 1e-6   # the true last layer
+  assert _kernel_sparsity(masks, "Conv_10/kernel") <= 0.8 + 1e-6  # the true last layer
   assert _kernel_sparsity(masks, "Conv_9/kernel") > 0.3
 
 
@@ -92,28 +112,42 @@ class FlaxCNN(nn.Module):
 
 def _batches(n=2, size=8):
   rng = np.random.default_rng(0)
-  return [{"image": jnp.asarray(rng.normal(size=(size,) + SHAPE), jnp.float32),
-           "label": jnp.asarray(rng.integers(0, 3, size), jnp.int32)} for _ in range(n)]
+  return [
+    {
+      "image": jnp.asarray(rng.normal(size=(size,) + SHAPE), jnp.float32),
+      "label": jnp.asarray(rng.integers(0, 3, size), jnp.int32),
+    }
+    for _ in range(n)
+  ]
 
 
 FAST = {"snip/iterative": 3, "synflow": 3}  # rounds of the iterative pruners
 
 
-@pytest.mark.parametrize("pruner", [p for p in pruning.PRUNERS
-                                    if p != "dense" and not pruning.PRUNERS[p].structured])
+@pytest.mark.parametrize(
+  "pruner", [p for p in pruning.PRUNERS if p != "dense" and not pruning.PRUNERS[p].structured]
+)
 def test_every_pruner_on_a_plain_flax_cnn_both_pruning_types(pruner):
   model = FlaxCNN()
   variables = model.init(jax.random.key(0), jnp.ones((1,) + SHAPE))
   trained = jax.tree.map(lambda w: w * 1.5 + 0.01, variables["params"])
   sparsity = 0.8
-  ranking = pruning.ranking_for(pruner, key=jax.random.key(2), model=model,
-                                variables=variables, sparsity=sparsity, input_shape=SHAPE,
-                                batches=_batches(), trained_params=trained,
-                                rounds=FAST.get(pruner))
+  ranking = pruning.ranking_for(
+    pruner,
+    key=jax.random.key(2),
+    model=model,
+    variables=variables,
+    sparsity=sparsity,
+    input_shape=SHAPE,
+    batches=_batches(),
+    trained_params=trained,
+    rounds=FAST.get(pruner),
+  )
   direct = pruning.masks_from_ranking(ranking, sparsity, "direct")
   assert abs(masks_lib.direct_sparsity(direct) - sparsity) < 0.02
-  eff = pruning.masks_from_ranking(ranking, sparsity, "effective", model=model,
-                                   input_shape=SHAPE, variables=variables)
+  eff = pruning.masks_from_ranking(
+    ranking, sparsity, "effective", model=model, input_shape=SHAPE, variables=variables
+  )
   s_eff = effective.effective_sparsity(model, eff, SHAPE, variables=variables)
   assert s_eff >= sparsity - 1e-9
   assert masks_lib.direct_sparsity(eff) <= s_eff
@@ -124,23 +158,36 @@ def test_structured_pruners_on_a_plain_flax_cnn_say_what_is_missing(pruner):
   # structured pruners need the channel spaces of a zoo model (sparsejax.compact)
   model = FlaxCNN()
   variables = model.init(jax.random.key(0), jnp.ones((1,) + SHAPE))
-  with pytest.raises(ValueError, match=f"{pruner!r}.*model=FlaxCNN is not a network the "
-                                       "compactor knows"):
-    pruning.prune(pruner, key=jax.random.key(2), model=model, variables=variables,
-                  sparsity=0.5, input_shape=SHAPE, trained_params=variables["params"])
+  with pytest.raises(
+    ValueError, match=f"{pruner!r}.*model=FlaxCNN is not a network the compactor knows"
+  ):
+    pruning.prune(
+      pruner,
+      key=jax.random.key(2),
+      model=model,
+      variables=variables,
+      sparsity=0.5,
+      input_shape=SHAPE,
+      trained_params=variables["params"],
+    )
 
 
 def _fn_model(params, x):
-  h = jax.nn.relu(jax.lax.conv_general_dilated(
-      x, params["conv"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  h = jax.nn.relu(
+    jax.lax.conv_general_dilated(
+      x, params["conv"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+  )
   h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
   return h.reshape(h.shape[0], -1) @ params["head"]["kernel"]
 
 
 def _fn_params():
   rng = np.random.default_rng(3)
-  return {"conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 1, 4)), jnp.float32)},
-          "head": {"kernel": jnp.asarray(rng.normal(size=(36, 3)), jnp.float32)}}
+  return {
+    "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 1, 4)), jnp.float32)},
+    "head": {"kernel": jnp.asarray(rng.normal(size=(36, 3)), jnp.float32)},
+  }
 
 
 def _fn_loss(params, batch):
@@ -148,24 +195,45 @@ def _fn_loss(params, batch):
   return jnp.mean((logits - batch["y"]) ** 2)
 
 
-@pytest.mark.parametrize("pruner", ["random/igq", "magnitude/global", "lamp", "snip",
-                                    "snip/iterative", "grasp", "synflow"])
+@pytest.mark.parametrize(
+  "pruner", ["random/igq", "magnitude/global", "lamp", "snip", "snip/iterative", "grasp", "synflow"]
+)
 def test_pruners_on_an_apply_function_with_a_user_loss(pruner):
   params = _fn_params()
   rng = np.random.default_rng(4)
-  batches = [{"x": jnp.asarray(rng.normal(size=(4,) + SHAPE), jnp.float32),
-              "y": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}]
-  masks = pruning.prune(pruner, key=jax.random.key(0), model=_fn_model, variables=params,
-                        sparsity=0.7, pruning_type="effective", input_shape=SHAPE,
-                        batches=batches, trained_params=params, loss=_fn_loss,
-                        rounds=FAST.get(pruner))
+  batches = [
+    {
+      "x": jnp.asarray(rng.normal(size=(4,) + SHAPE), jnp.float32),
+      "y": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+    }
+  ]
+  masks = pruning.prune(
+    pruner,
+    key=jax.random.key(0),
+    model=_fn_model,
+    variables=params,
+    sparsity=0.7,
+    pruning_type="effective",
+    input_shape=SHAPE,
+    batches=batches,
+    trained_params=params,
+    loss=_fn_loss,
+    rounds=FAST.get(pruner),
+  )
   assert effective.effective_sparsity(_fn_model, masks, SHAPE, params=params) >= 0.7
 
 
 def test_data_pruners_on_a_function_need_a_loss():
   with pytest.raises(ValueError, match="needs loss="):
-    pruning.prune("snip", key=jax.random.key(0), model=_fn_model, variables=_fn_params(),
-                  sparsity=0.5, input_shape=SHAPE, batches=[{"x": jnp.ones((2,) + SHAPE)}])
+    pruning.prune(
+      "snip",
+      key=jax.random.key(0),
+      model=_fn_model,
+      variables=_fn_params(),
+      sparsity=0.5,
+      input_shape=SHAPE,
+      batches=[{"x": jnp.ones((2,) + SHAPE)}],
+    )
 
 
 def test_snip_user_loss_equals_default_loss():
@@ -174,8 +242,9 @@ def test_snip_user_loss_equals_default_loss():
   rest = {k: v for k, v in variables.items() if k != "params"}
 
   def loss(params, batch):
-    logits, _ = model.apply({"params": params, **rest}, batch["image"], train=True,
-                            mutable=["batch_stats"])
+    logits, _ = model.apply(
+      {"params": params, **rest}, batch["image"], train=True, mutable=["batch_stats"]
+    )
     return scores.cross_entropy(logits, batch["label"])
 
   a = scores.snip(model, variables, _batches())
@@ -189,8 +258,9 @@ def test_snip_user_loss_equals_default_loss():
 
 def _named_fn(params, x):
   """A user function whose weights are not called 'kernel': conv 'cw', dense 'w_out'."""
-  h = jax.lax.conv_general_dilated(x, params["cw"], (1, 1), "SAME",
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  h = jax.lax.conv_general_dilated(
+    x, params["cw"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   h = jax.nn.relu(h + params["cb"])
   h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
   return h.reshape(h.shape[0], -1) @ params["w_out"] + params["b_out"]
@@ -198,56 +268,89 @@ def _named_fn(params, x):
 
 def _named_params():
   rng = np.random.default_rng(5)
-  return {"cw": jnp.asarray(rng.normal(size=(3, 3, 1, 4)), jnp.float32),
-          "cb": jnp.zeros(4, jnp.float32),
-          "w_out": jnp.asarray(rng.normal(size=(36, 3)), jnp.float32),
-          "b_out": jnp.zeros(3, jnp.float32)}
+  return {
+    "cw": jnp.asarray(rng.normal(size=(3, 3, 1, 4)), jnp.float32),
+    "cb": jnp.zeros(4, jnp.float32),
+    "w_out": jnp.asarray(rng.normal(size=(36, 3)), jnp.float32),
+    "b_out": jnp.zeros(3, jnp.float32),
+  }
 
 
 def _named_loss(params, batch):
   return jnp.mean((_named_fn(params, batch["x"]) - batch["y"]) ** 2)
 
 
-@pytest.mark.parametrize("pruner", ["random/uniform_plus", "random/igq", "random/snip",
-                                    "magnitude/erk", "lamp", "snip", "snip/iterative",
-                                    "grasp", "synflow"])
+@pytest.mark.parametrize(
+  "pruner",
+  [
+    "random/uniform_plus",
+    "random/igq",
+    "random/snip",
+    "magnitude/erk",
+    "lamp",
+    "snip",
+    "snip/iterative",
+    "grasp",
+    "synflow",
+  ],
+)
 def test_every_pruner_prunes_weights_not_named_kernel(pruner):
   params = _named_params()
   rng = np.random.default_rng(6)
-  batches = [{"x": jnp.asarray(rng.normal(size=(4,) + SHAPE), jnp.float32),
-              "y": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}]
-  kw = dict(key=jax.random.key(0), model=_named_fn, variables=params, input_shape=SHAPE,
-            batches=batches, trained_params=params, loss=_named_loss,
-            rounds=FAST.get(pruner))
+  batches = [
+    {
+      "x": jnp.asarray(rng.normal(size=(4,) + SHAPE), jnp.float32),
+      "y": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+    }
+  ]
+  kw = dict(
+    key=jax.random.key(0),
+    model=_named_fn,
+    variables=params,
+    input_shape=SHAPE,
+    batches=batches,
+    trained_params=params,
+    loss=_named_loss,
+    rounds=FAST.get(pruner),
+  )
   direct = pruning.prune(pruner, sparsity=0.5, **kw)
   assert direct["cb"] is None and direct["b_out"] is None
-  assert masks_lib.count(direct, params) == (72, 36 + 108)      # cw and w_out
+  assert masks_lib.count(direct, params) == (72, 36 + 108)  # cw and w_out
   eff = pruning.prune(pruner, sparsity=0.5, pruning_type="effective", **kw)
   assert effective.effective_sparsity(_named_fn, eff, SHAPE, params=params) >= 0.5
 
 
-@pytest.mark.parametrize("pruner", ["random/erk", "magnitude/global", "snip",
-                                    "synflow"])
+@pytest.mark.parametrize("pruner", ["random/erk", "magnitude/global", "snip", "synflow"])
 def test_a_prunable_predicate_keeps_chosen_layers_dense(pruner):
   model = FlaxCNN()
   variables = model.init(jax.random.key(0), jnp.ones((1,) + SHAPE))
   keep_ends = lambda path: path not in ("conv1/kernel", "head/kernel")
-  kw = dict(key=jax.random.key(2), model=model, variables=variables, input_shape=SHAPE,
-            batches=_batches(), trained_params=variables["params"],
-            rounds=FAST.get(pruner), prunable=keep_ends)
+  kw = dict(
+    key=jax.random.key(2),
+    model=model,
+    variables=variables,
+    input_shape=SHAPE,
+    batches=_batches(),
+    trained_params=variables["params"],
+    rounds=FAST.get(pruner),
+    prunable=keep_ends,
+  )
   m = pruning.prune(pruner, sparsity=0.7, **kw)
   assert m["conv1"]["kernel"] is None and m["head"]["kernel"] is None
-  assert masks_lib.count(m) == (round(0.3 * 216), 216)          # conv2 alone: 3*3*4*6
+  assert masks_lib.count(m) == (round(0.3 * 216), 216)  # conv2 alone: 3*3*4*6
   eff = pruning.prune(pruner, sparsity=0.7, pruning_type="effective", **kw)
   # measuring them takes the same prunable=; without it a layer left out is an error
-  assert effective.effective_sparsity(model, eff, SHAPE, variables=variables,
-                                      prunable=keep_ends) >= 0.7
+  assert (
+    effective.effective_sparsity(model, eff, SHAPE, variables=variables, prunable=keep_ends) >= 0.7
+  )
   with pytest.raises(ValueError, match=r"masks\['conv1/kernel'\]=None.*pass prunable="):
     effective.effective_sparsity(model, eff, SHAPE, variables=variables)
   # an unpruned layer is an unmasked one: the same active weights as a True mask there
-  full = dict(eff, conv1=dict(eff["conv1"], kernel=jnp.ones((3, 3, 1, 4), bool)),
-              head=dict(eff["head"], kernel=jnp.ones(
-                  variables["params"]["head"]["kernel"].shape, bool)))
+  full = dict(
+    eff,
+    conv1=dict(eff["conv1"], kernel=jnp.ones((3, 3, 1, 4), bool)),
+    head=dict(eff["head"], kernel=jnp.ones(variables["params"]["head"]["kernel"].shape, bool)),
+  )
   a = effective.effective_masks(model, eff, SHAPE, variables=variables, prunable=keep_ends)
   b = effective.effective_masks(model, full, SHAPE, variables=variables)
   np.testing.assert_array_equal(a["conv2"]["kernel"], b["conv2"]["kernel"])
@@ -255,10 +358,18 @@ def test_a_prunable_predicate_keeps_chosen_layers_dense(pruner):
 
 def test_masks_of_a_user_function_train_with_the_optax_wrapper():
   import optax  # pylint: disable=g-import-not-at-top
+
   from sparsejax import optim  # pylint: disable=g-import-not-at-top
+
   params = _named_params()
-  m = pruning.prune("random/igq", key=jax.random.key(1), model=_named_fn, variables=params,
-                    sparsity=0.8, input_shape=SHAPE)
+  m = pruning.prune(
+    "random/igq",
+    key=jax.random.key(1),
+    model=_named_fn,
+    variables=params,
+    sparsity=0.8,
+    input_shape=SHAPE,
+  )
   tx = optim.with_masks(optax.adam(1e-2), m)
   params = masks_lib.apply(params, m)
   state = tx.init(params)
@@ -269,22 +380,43 @@ def test_masks_of_a_user_function_train_with_the_optax_wrapper():
     params = optax.apply_updates(params, updates)
   for name in ("cw", "w_out"):
     assert not np.any(np.asarray(params[name])[~np.asarray(m[name])])
-  assert np.any(np.asarray(params["cb"]) != 0)                   # biases train
+  assert np.any(np.asarray(params["cb"]) != 0)  # biases train
 
 
 def test_bad_prunable_and_foreign_score_trees():
   params = _named_params()
   with pytest.raises(ValueError, match="prunable=3 must be None"):
-    pruning.prune("random/igq", key=jax.random.key(0), model=_named_fn, variables=params,
-                  sparsity=0.5, input_shape=SHAPE, prunable=3)
+    pruning.prune(
+      "random/igq",
+      key=jax.random.key(0),
+      model=_named_fn,
+      variables=params,
+      sparsity=0.5,
+      input_shape=SHAPE,
+      prunable=3,
+    )
   with pytest.raises(ValueError, match=r"prunable selects \['cb'\]"):
-    pruning.prune("random/igq", key=jax.random.key(0), model=_named_fn, variables=params,
-                  sparsity=0.5, input_shape=SHAPE, prunable=["cb", "cw"])
-  wrong = pruning.Pruner("toy/name_rule", lambda c: masks_lib.map_prunable(jnp.abs, c.params),
-                         "erk")
+    pruning.prune(
+      "random/igq",
+      key=jax.random.key(0),
+      model=_named_fn,
+      variables=params,
+      sparsity=0.5,
+      input_shape=SHAPE,
+      prunable=["cb", "cw"],
+    )
+  wrong = pruning.Pruner(
+    "toy/name_rule", lambda c: masks_lib.map_prunable(jnp.abs, c.params), "erk"
+  )
   with pytest.raises(ValueError, match="scored.*ScoreContext.prunable"):
-    pruning.prune(wrong, key=jax.random.key(0), model=_named_fn, variables=params,
-                  sparsity=0.5, input_shape=SHAPE)
+    pruning.prune(
+      wrong,
+      key=jax.random.key(0),
+      model=_named_fn,
+      variables=params,
+      sparsity=0.5,
+      input_shape=SHAPE,
+    )
 
 
 class PlainMLP(nn.Module):
@@ -299,7 +431,14 @@ class PlainMLP(nn.Module):
 def test_data_pruners_on_a_model_without_a_train_argument(pruner):
   model = PlainMLP()
   variables = model.init(jax.random.key(0), jnp.ones((1,) + SHAPE))
-  m = pruning.prune(pruner, key=jax.random.key(1), model=model, variables=variables,
-                    sparsity=0.8, pruning_type="effective", input_shape=SHAPE,
-                    batches=_batches())
+  m = pruning.prune(
+    pruner,
+    key=jax.random.key(1),
+    model=model,
+    variables=variables,
+    sparsity=0.8,
+    pruning_type="effective",
+    input_shape=SHAPE,
+    batches=_batches(),
+  )
   assert effective.effective_sparsity(model, m, SHAPE, variables=variables) >= 0.8

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import ml_collections
 from absl import flags
@@ -46,13 +46,14 @@ def path(arch: str) -> str:
 def override_args(overrides: dict | Sequence[str]) -> list[str]:
   """Command-line arguments ``--config.<field>=<value>`` for ``overrides``: a dict, or
   strings 'field=value', '--field=value' or '--config.field=value'."""
-  items = ([f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, dict)
-           else list(overrides))
+  items = (
+    [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, dict) else list(overrides)
+  )
   args = []
   for item in items:
     item = str(item).lstrip("-")
     if item.startswith("config."):
-      item = item[len("config."):]
+      item = item[len("config.") :]
     if "=" not in item:
       raise ValueError(f"override {item!r} is not of the form field=value.")
     args.append(f"--config.{item}")
@@ -77,9 +78,11 @@ def load(arch_or_path: str, overrides: dict | Sequence[str] = ()) -> ml_collecti
     message = str(err).strip("\"'")
     if isinstance(err, (AttributeError, KeyError)):
       message = f"there is no field {message!r}"
-    raise ValueError(f"config={file!r} with overrides {argv[2:]}: {message}. Fields are "
-                     f"set as --config.<field>=<value>, with <field> one of: "
-                     f"{', '.join(_fields(file))}.") from None
+    raise ValueError(
+      f"config={file!r} with overrides {argv[2:]}: {message}. Fields are "
+      f"set as --config.<field>=<value>, with <field> one of: "
+      f"{', '.join(_fields(file))}."
+    ) from None
   return values.config
 
 
@@ -106,8 +109,9 @@ def get_config(arch: str, **overrides) -> training.TrainConfig:
   """
   unknown = sorted(set(overrides) - set(TRAIN_FIELDS))
   if unknown:
-    raise ValueError(f"overrides {unknown} are not TrainConfig fields; allowed: "
-                     f"{', '.join(TRAIN_FIELDS)}.")
+    raise ValueError(
+      f"overrides {unknown} are not TrainConfig fields; allowed: {', '.join(TRAIN_FIELDS)}."
+    )
   return dataclasses.replace(train_config(load(arch)), **overrides)
 
 
@@ -116,5 +120,14 @@ CONFIGS: dict[str, training.TrainConfig] = {arch: get_config(arch) for arch in A
 TrainConfig = training.TrainConfig
 weight_decay_from_keras_l2 = training.weight_decay_from_keras_l2
 
-__all__ = ["ARCHS", "CONFIGS", "TrainConfig", "get_config", "load", "path", "train_config",
-           "override_args", "weight_decay_from_keras_l2"]
+__all__ = [
+  "ARCHS",
+  "CONFIGS",
+  "TrainConfig",
+  "get_config",
+  "load",
+  "path",
+  "train_config",
+  "override_args",
+  "weight_decay_from_keras_l2",
+]

@@ -42,9 +42,18 @@ from ml_collections import config_dict
 from sparsejax import training
 
 
-def experiment(*, arch: str, dataset: str, batch_size: int, train_steps: int,
-               learning_rate: float, keras_l2: float, decay_boundaries: tuple,
-               snip_batch_size: int, momentum: float = 0.9) -> ml_collections.ConfigDict:
+def experiment(
+  *,
+  arch: str,
+  dataset: str,
+  batch_size: int,
+  train_steps: int,
+  learning_rate: float,
+  keras_l2: float,
+  decay_boundaries: tuple,
+  snip_batch_size: int,
+  momentum: float = 0.9,
+) -> ml_collections.ConfigDict:
   """A config with the paper's training settings for ``arch`` and default run fields.
 
   ``keras_l2`` is the paper's Keras ``l2(c)`` coefficient; ``weight_decay`` is its

@@ -33,11 +33,11 @@ class ModelSpec:
 
 
 MODELS = {
-    "lenet300100": ModelSpec(LeNet300100, {}, "mnist", (28, 28, 1), 10),
-    "lenet5": ModelSpec(LeNet5, {}, "cifar10", (32, 32, 3), 10),
-    "vgg16": ModelSpec(VGG, {"config": VGG16}, "cifar10", (32, 32, 3), 10),
-    "vgg19": ModelSpec(VGG, {"config": VGG19}, "cifar100", (32, 32, 3), 100),
-    "resnet18": ModelSpec(ResNet18, {}, "tiny_imagenet", (64, 64, 3), 200),
+  "lenet300100": ModelSpec(LeNet300100, {}, "mnist", (28, 28, 1), 10),
+  "lenet5": ModelSpec(LeNet5, {}, "cifar10", (32, 32, 3), 10),
+  "vgg16": ModelSpec(VGG, {"config": VGG16}, "cifar10", (32, 32, 3), 10),
+  "vgg19": ModelSpec(VGG, {"config": VGG19}, "cifar100", (32, 32, 3), 100),
+  "resnet18": ModelSpec(ResNet18, {}, "tiny_imagenet", (64, 64, 3), 200),
 }
 
 
@@ -60,14 +60,15 @@ def check_model(model: nn.Module) -> nn.Module:
   """ValueError unless ``model`` is a Flax module (or a function) and hashable (it is a
   static argument of the jitted scores, compiled once per model)."""
   if not (isinstance(model, nn.Module) or callable(model)):
-    raise ValueError(f"model={model!r} must be a Flax module (or a function "
-                     "apply(params, x)).")
+    raise ValueError(f"model={model!r} must be a Flax module (or a function apply(params, x)).")
   try:
     hash(model)
   except TypeError as e:
-    raise ValueError(f"model={type(model).__name__} has an unhashable field ({e}); it is "
-                     "compiled once per model, so its fields must be hashable (use tuples, "
-                     "not lists).") from None
+    raise ValueError(
+      f"model={type(model).__name__} has an unhashable field ({e}); it is "
+      "compiled once per model, so its fields must be hashable (use tuples, "
+      "not lists)."
+    ) from None
   return model
 
 
@@ -77,10 +78,15 @@ def check_input_shape(input_shape) -> tuple[int, ...]:
     shape = tuple(input_shape)
   except TypeError:
     shape = ()
-  if (not shape or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
-                           for d in shape) or min(shape) < 1):
-    raise ValueError(f"input_shape={input_shape!r} must be the shape of one example without "
-                     "the batch axis, e.g. (28, 28, 1), with positive integer sizes.")
+  if (
+    not shape
+    or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in shape)
+    or min(shape) < 1
+  ):
+    raise ValueError(
+      f"input_shape={input_shape!r} must be the shape of one example without "
+      "the batch axis, e.g. (28, 28, 1), with positive integer sizes."
+    )
   return tuple(int(d) for d in shape)
 
 
@@ -105,6 +111,18 @@ def input_shape(name: str) -> tuple:
   return get_spec(name).input_shape
 
 
-__all__ = ["create", "init", "get_spec", "input_shape", "check_model", "check_input_shape",
-           "MODELS", "ModelSpec", "layers",
-           "LeNet300100", "LeNet5", "VGG", "ResNet18"]
+__all__ = [
+  "create",
+  "init",
+  "get_spec",
+  "input_shape",
+  "check_model",
+  "check_input_shape",
+  "MODELS",
+  "ModelSpec",
+  "layers",
+  "LeNet300100",
+  "LeNet5",
+  "VGG",
+  "ResNet18",
+]

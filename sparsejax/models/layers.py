@@ -9,7 +9,7 @@ and the pooling/flatten helpers the zoo shares.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -26,8 +26,16 @@ class Dense(nn.Dense):
   kernel_init: Callable = kernel_init
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None, **kwargs) -> jax.Array:
+def conv_general_dilated(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  **kwargs,
+) -> jax.Array:
   """`lax.conv_general_dilated`, zero-padding the input beforehand when the padding of a
   spatial axis is at least that axis's size (then convolving 'VALID'): the same function.
 
@@ -44,20 +52,31 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   if isinstance(padding, str):
     window = [rhs.shape[a] for a in dn.rhs_spec[2:]]
     dil = rhs_dilation or (1,) * len(window)
-    pads = lax.padtype_to_pads(sizes, [(k - 1) * d + 1 for k, d in zip(window, dil)],
-                               window_strides, padding)
+    pads = lax.padtype_to_pads(
+      sizes, [(k - 1) * d + 1 for k, d in zip(window, dil)], window_strides, padding
+    )
   plain = lhs_dilation is None or all(d == 1 for d in lhs_dilation)
-  if (plain and all(lo >= 0 and hi >= 0 for lo, hi in pads)
-      and any(lo + hi >= n for (lo, hi), n in zip(pads, sizes))):
+  if (
+    plain
+    and all(lo >= 0 and hi >= 0 for lo, hi in pads)
+    and any(lo + hi >= n for (lo, hi), n in zip(pads, sizes))
+  ):
     config = [(0, 0, 0)] * lhs.ndim
     for a, (lo, hi) in zip(spatial_lhs, pads):
       config[a] = (lo, hi, 0)
     # The barrier keeps XLA from folding the pad back into the convolution's padding.
     lhs = lax.optimization_barrier(lax.pad(lhs, jnp.zeros((), lhs.dtype), config))
     pads = [(0, 0)] * len(sizes)
-  return lax.conv_general_dilated(lhs, rhs, window_strides, pads, lhs_dilation=lhs_dilation,
-                                  rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                  **kwargs)
+  return lax.conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    pads,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    **kwargs,
+  )
 
 
 class Conv(nn.Conv):
@@ -83,8 +102,9 @@ class Norm(nn.BatchNorm):
     return super().__call__(x, use_running_average=not train)
 
 
-def pool(x: jax.Array, kind: str, window: int, stride: int | None = None,
-         padding: str | Sequence = "VALID") -> jax.Array:
+def pool(
+  x: jax.Array, kind: str, window: int, stride: int | None = None, padding: str | Sequence = "VALID"
+) -> jax.Array:
   """Max or average pooling (NHWC) over square windows."""
   if kind not in ("max", "avg"):
     raise ValueError(f"kind={kind!r} is not a pooling kind; allowed: 'max', 'avg'.")

@@ -21,8 +21,9 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    conv = lambda f, k, s, name: L.Conv(f, (k, k), strides=(s, s), padding="SAME",
-                                         use_bias=False, name=name)
+    conv = lambda f, k, s, name: L.Conv(
+      f, (k, k), strides=(s, s), padding="SAME", use_bias=False, name=name
+    )
     inner = self.features if self.inner is None else self.inner
     y = conv(inner, 3, self.stride, "conv_1")(x)
     y = L.Norm(name="norm_1")(y, train)
@@ -52,15 +53,13 @@ class ResNet18(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     # Names sort in input-to-output order: stage0 (stem) ... stage5 (head).
-    x = L.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False,
-               name="stage0_conv")(x)
+    x = L.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False, name="stage0_conv")(x)
     x = L.Norm(name="stage0_norm")(x, train)
     x = nn.relu(x)
     for stage, features in enumerate(self.widths, start=1):
       for block in range(2):
         stride = 2 if stage > 1 and block == 0 else 1
         inner = None if self.inner is None else self.inner[2 * (stage - 1) + block]
-        x = BasicBlock(features, stride, inner,
-                       name=f"stage{stage}_block{block}")(x, train)
+        x = BasicBlock(features, stride, inner, name=f"stage{stage}_block{block}")(x, train)
     x = L.global_avg_pool(x)
     return L.Dense(self.num_classes, use_bias=False, name="stage5_dense")(x)

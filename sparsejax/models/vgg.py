@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -11,8 +11,29 @@ from sparsejax.models import layers as L
 
 #: Conv widths; "M" is a 2x2 max pool.
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-         512, 512, 512, 512, "M")
+VGG19 = (
+  64,
+  64,
+  "M",
+  128,
+  128,
+  "M",
+  256,
+  256,
+  256,
+  256,
+  "M",
+  512,
+  512,
+  512,
+  512,
+  "M",
+  512,
+  512,
+  512,
+  512,
+  "M",
+)
 
 
 class VGG(nn.Module):
