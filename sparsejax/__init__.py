@@ -3,23 +3,44 @@
 A weight that lies on no input-to-output path is as good as pruned (Vysogorets &
 Kempe, "Connectivity Matters", JMLR 2023). Three lines in a training loop:
 
-  masks = sparsejax.prune("snip", key=key, model=model, variables=variables,
-                          sparsity=0.99, pruning_type="effective", ...)
+  traced = sparsejax.trace(model, input_shape, variables=variables)   # once
+  masks = sparsejax.prune("snip", key=key, model=traced, variables=variables,
+                          sparsity=0.99, pruning_type="effective", batches=...)
   tx = sparsejax.with_masks(optax.adamw(1e-3), masks)       # pruned weights stay 0
-  sparsejax.effective_compression(model, masks, input_shape)
+  sparsejax.effective_compression(traced, masks)
 
-Submodules: masks, connectivity (the transform of a traced program that effective
-sparsity and SynFlow use), effective, quotas, scores, pruning, models, optim, dynamic,
-compact (dead units removed: a smaller dense network), flops, structured (channel and
-neuron pruning), errors; data and training (they bring TensorFlow Datasets) and
-optim, scores, dynamic, compact, flops, structured are imported on first use.
+Argument convention everywhere: the model first (a Flax module, a function
+``apply(params, x)``, or its :class:`Traced`), then its ``variables`` where values are
+read, then ``masks``; the rest by keyword (``input_shape=``, ``sparsity=``, ``key=``).
+
+``import sparsejax`` loads the pruning path: masks, tracing, connectivity, effective,
+quotas, selection, ranking, search, scores, structured, compact (structured reads its
+zoo tables), registry, pruning, models, errors. These load on first use: optim and
+dynamic (Optax), training and data (Orbax; TensorFlow Datasets only for real data),
+flops, timing (tests/test_library.py checks both lists in a fresh process).
 """
 
 from __future__ import annotations
 
 import importlib
 
-from sparsejax import connectivity, effective, errors, masks, models, pruning, quotas
+from sparsejax import (
+  compact,
+  connectivity,
+  effective,
+  errors,
+  masks,
+  models,
+  pruning,
+  quotas,
+  ranking,
+  registry,
+  scores,
+  search,
+  selection,
+  structured,
+  tracing,
+)
 from sparsejax.effective import (
   active_units,
   effective_compression,
@@ -27,33 +48,17 @@ from sparsejax.effective import (
   effective_sparsity,
 )
 from sparsejax.errors import UnreachableSparsityError
-from sparsejax.pruning import (
-  PRUNERS,
-  Pruner,
-  ScoreContext,
-  get_pruner,
-  prune,
-  ranking_for,
-  register_pruner,
-)
+from sparsejax.pruning import prune, ranking_for
+from sparsejax.registry import PRUNERS, Pruner, ScoreContext, get_pruner, register_pruner
+from sparsejax.tracing import Traced, trace
 
 __version__ = "0.2.0"
 
-# Imported on first attribute access: data and training import TensorFlow Datasets;
-# the others (optax, the structured and dynamic pruners) are not needed to prune, and
-# a CLI run that prunes once should not pay for their import.
-_LAZY_SUBMODULES = (
-  "data",
-  "training",
-  "compact",
-  "dynamic",
-  "flops",
-  "optim",
-  "scores",
-  "structured",
-)
+# Imported on first attribute access: they bring Optax, Orbax or TensorFlow Datasets,
+# which a CLI run that prunes once should not pay for.
+_LAZY_SUBMODULES = ("data", "training", "dynamic", "flops", "optim", "timing")
 _LAZY_NAMES = {
-  "MaskedState": "optim",
+  "WithMasksState": "optim",
   "get_masks": "optim",
   "replace_masks": "optim",
   "with_masks": "optim",
@@ -76,9 +81,13 @@ __all__ = [
   "__version__",
   # submodules
   "masks",
+  "tracing",
   "connectivity",
   "effective",
   "quotas",
+  "ranking",
+  "search",
+  "registry",
   "scores",
   "pruning",
   "models",
@@ -90,6 +99,11 @@ __all__ = [
   "compact",
   "flops",
   "structured",
+  "selection",
+  "timing",
+  # the model, traced once
+  "trace",
+  "Traced",
   # pruning
   "prune",
   "ranking_for",
@@ -106,7 +120,7 @@ __all__ = [
   "active_units",
   # training with masks
   "with_masks",
-  "MaskedState",
+  "WithMasksState",
   "get_masks",
   "replace_masks",
 ]

@@ -211,6 +211,13 @@ _DEFAULT_INPUT = {
 }
 
 
+def default_input(model) -> tuple[int, ...]:
+  """One example's shape a zoo network is traced on when no input is given (its paper
+  dataset's); ValueError for other models."""
+  channel_spaces(model)  # ValueError naming the known networks
+  return _DEFAULT_INPUT[type(model)]
+
+
 def channel_spaces(model) -> tuple[list[Space], Callable]:
   """The channel spaces of a zoo model and ``rebuild(sizes) -> model``; ValueError for
   other models."""

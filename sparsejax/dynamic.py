@@ -56,7 +56,7 @@ import jax.numpy as jnp
 
 from sparsejax import masks as masks_lib
 from sparsejax import quotas as quotas_lib
-from sparsejax import scores as scores_lib
+from sparsejax import selection
 
 PyTree = Any
 DECAYS = ("constant", "cosine")
@@ -103,7 +103,7 @@ def _prunable(params: PyTree, masks: PyTree) -> list[jax.Array]:
 def _top(score: jax.Array, count, alive: jax.Array) -> jax.Array:
   """Bool: the ``count`` highest non-negative scores among ``alive`` (ties by position,
   lower first), by a radix select (no sort)."""
-  return scores_lib.select_top([score], count, [alive])[0]
+  return selection.select_top([score], count, [alive])[0]
 
 
 def _bottom(score: jax.Array, count, alive: jax.Array) -> jax.Array:
@@ -199,7 +199,7 @@ class GradualMagnitude:
     density = 1.0 - self.sparsity(step)
     if self.quota is None:
       kept = jnp.round(density * total).astype(jnp.int32)
-      return _like(masks, scores_lib.select_top(w, kept, m))
+      return _like(masks, selection.select_top(w, kept, m))
     counts = quotas_lib.layer_kept_counts(self.quota, density, shapes)
     return _like(masks, [_top(x, counts[l], ml) for l, (x, ml) in enumerate(zip(w, m))])
 

@@ -1,29 +1,21 @@
-"""Masks: pytrees shaped like ``params`` with a bool array at every prunable kernel.
+"""Masks: pytrees shaped like ``params`` with a bool array at every prunable weight.
 
 The mask tree *is* the prunable set: its bool leaves are the prunable weights, its
 ``None`` leaves are not pruned nor counted. Which leaves those are is decided once,
-where a mask is first made:
+where a mask is first made, by one rule: the parameters a model's traced program uses
+as a linear op's weight (:mod:`sparsejax.tracing`: ``sparsejax.trace(model, x).ones()``,
+``pruning.prune``), optionally narrowed. The helpers here have no model: they take
+the prunable set as a collection of '/'-joined paths (``prunable=``, e.g.
+``traced.prunable_paths``) or follow an existing mask tree (:func:`map_masks`,
+:func:`paths`). Scores, counts, effective sparsity, training and the optimizer follow
+the mask tree.
 
-- from a traced program (``effective.ones(model, x)``, ``pruning.prune``): every
-  parameter that enters a linear op (dot_general, convolution) as its weight operand,
-  optionally narrowed by a predicate on the parameter path;
-- from params alone (:func:`ones`, :func:`map_prunable`, :func:`random` here), with
-  ``prunable=None``: the leaves named ``kernel`` with at least two axes (Flax's Dense
-  kernels [in, out], Conv kernels [H, W, in, out]); or ``prunable=`` a predicate on
-  the '/'-joined path or a collection of paths (:func:`selector`).
-
-Scores, counts, training and the optimizer follow the mask tree. The connectivity of
-a traced program (:mod:`sparsejax.effective`) is stricter: there every linear-op weight
-must carry a mask unless ``prunable=`` leaves it out, so that a forgotten layer is an
-error and never silently counts as dense. Biases and normalization parameters (one
-axis) are never prunable.
-
-Order: :func:`prunable_paths` lists kernels in the order of the flattened tree
-(sorted keys). The zoo names its layers so that this order is the input-to-output
-order (tests check it against the order in which the layers are called). For other
-models (Flax's automatic names sort ``Dense_10`` before ``Dense_2``) the input-to-output
-order comes from the traced program: ``effective.prunable_paths(model, x)`` and
-``effective.flow_order``; rankings carry it (``pruning.Ranking.flow``) for uniform+.
+Order: :func:`mask_leaves` and :func:`paths` list the leaves in the order of the
+flattened tree (sorted keys). The zoo names its layers so that this order is the
+input-to-output order (tests check it against the order in which the layers are
+called). For other models (Flax's automatic names sort ``Dense_10`` before
+``Dense_2``) the input-to-output order comes from the traced program
+(``Traced.prunable_paths``, ``Traced.flow``); rankings carry it for uniform+.
 
 Direct sparsity s = masked-out weights / prunable weights; density = 1 - s;
 compression = 1 / density (method.md section 1).
@@ -55,73 +47,63 @@ def path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def _ndim(leaf) -> int:
-  return len(getattr(leaf, "shape", ()))
-
-
-def is_prunable(path, leaf) -> bool:
-  """The rule without a traced program: Dense/Conv kernels, named 'kernel', at least 2-D."""
-  name = path_str(path[-1:]) if path else ""
-  return name == "kernel" and _ndim(leaf) >= 2
-
-
 Prunable = Callable[[str], bool] | Collection[str] | None
 
 
-def selector(prunable: Prunable = None) -> Callable[[Any, Any], bool]:
-  """``(path, leaf) -> bool`` choosing the prunable leaves.
-
-  prunable: None (:func:`is_prunable`: leaves named 'kernel' with >= 2 axes), a
-    predicate on the '/'-joined path (among leaves with >= 2 axes), or a collection of
-    '/'-joined paths (e.g. ``effective.prunable_paths(model, x)``).
-  """
-  if prunable is None:
-    return is_prunable
-  if callable(prunable):
-    return lambda path, leaf: _ndim(leaf) >= 2 and bool(prunable(path_str(path)))
+def _check_paths(prunable, name: str = "prunable") -> frozenset:
+  """``prunable`` as a frozenset of '/'-joined paths, or ValueError naming ``name``."""
   if (
     isinstance(prunable, Collection)
     and not isinstance(prunable, (str, bytes))
     and all(isinstance(p, str) for p in prunable)
   ):
-    chosen = frozenset(prunable)
-    return lambda path, leaf: path_str(path) in chosen
-  raise ValueError(
-    f"prunable={prunable!r} must be None (Dense/Conv kernels), a predicate on "
-    "the '/'-joined parameter path, or a collection of such paths."
-  )
+    return frozenset(prunable)
+  if prunable is None or callable(prunable):
+    raise ValueError(
+      f"{name}={prunable!r}: without a model the prunable set is a collection of "
+      "'/'-joined parameter paths; take it from the traced program, "
+      "sparsejax.trace(model, input_shape).prunable_paths (a predicate narrows it there: "
+      "sparsejax.trace(..., prunable=predicate)), or follow a mask tree (map_masks)."
+    )
+  raise ValueError(f"{name}={prunable!r} must be a collection of '/'-joined parameter paths.")
 
 
-def _prunable_leaves(params: PyTree, prunable: Prunable = None) -> list[tuple[str, Any]]:
-  chosen = selector(prunable)
-  flat = jax.tree_util.tree_leaves_with_path(params)
-  return [(path_str(p), leaf) for p, leaf in flat if chosen(p, leaf)]
+def selector(prunable: Prunable) -> Callable[[Any, Any], bool]:
+  """``(path, leaf) -> bool``: the leaf's '/'-joined path is in ``prunable`` (a
+  collection of paths; a predicate is refused here, see :func:`_check_paths`)."""
+  chosen = _check_paths(prunable)
+  return lambda path, leaf: path_str(path) in chosen
 
 
-def prunable_paths(params: PyTree, prunable: Prunable = None) -> list[str]:
-  """'/'-joined paths of the prunable leaves (:func:`selector`) in the params' tree
-  order, which is the input-to-output order for the zoo."""
-  return [p for p, _ in _prunable_leaves(params, prunable)]
+def paths(masks: Masks) -> list[str]:
+  """'/'-joined paths of a mask tree's bool leaves (its prunable set), tree order."""
+  return [
+    path_str(p)
+    for p, m in jax.tree_util.tree_leaves_with_path(masks, is_leaf=_is_none)
+    if m is not None
+  ]
 
 
-def prunable_shapes(params: PyTree, prunable: Prunable = None) -> tuple[tuple[int, ...], ...]:
-  """Shapes of the prunable leaves in :func:`prunable_paths` order."""
-  return tuple(tuple(int(d) for d in leaf.shape) for _, leaf in _prunable_leaves(params, prunable))
-
-
-def map_prunable(fn: Callable, params: PyTree, *rest: PyTree, prunable: Prunable = None) -> PyTree:
-  """Tree shaped like ``params``: ``fn(leaf, *rest_leaves)`` at prunable leaves
-  (:func:`selector`), None elsewhere. To follow an existing mask tree instead, use
-  :func:`map_masks`.
+def map_prunable(fn: Callable, params: PyTree, *rest: PyTree, prunable: Prunable) -> PyTree:
+  """Tree shaped like ``params``: ``fn(leaf, *rest_leaves)`` at the leaves whose path is
+  in ``prunable`` (a collection of '/'-joined paths), None elsewhere. To follow an
+  existing mask tree instead, use :func:`map_masks`.
 
   ``rest`` may be masks (None at non-prunable leaves) or full trees.
   """
   chosen = selector(prunable)
+  missing = _check_paths(prunable) - set(_tree_paths(params))
+  if missing:
+    raise ValueError(f"prunable names {sorted(missing)[:3]}, which are not leaves of params.")
 
   def visit(path, leaf, *others):
     return fn(leaf, *others) if chosen(path, leaf) else None
 
   return jax.tree_util.tree_map_with_path(visit, params, *rest, is_leaf=_is_none)
+
+
+def _tree_paths(tree: PyTree) -> list[str]:
+  return [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def map_masks(fn: Callable, masks: Masks, *rest: PyTree) -> Masks:
@@ -132,12 +114,14 @@ def map_masks(fn: Callable, masks: Masks, *rest: PyTree) -> Masks:
 
 
 def mask_leaves(masks: Masks) -> list:
-  """The bool arrays of a mask tree in :func:`prunable_paths` order."""
+  """The bool arrays of a mask tree in :func:`paths` order."""
   return [m for m in jax.tree.leaves(masks, is_leaf=_is_none) if m is not None]
 
 
-def ones(params: PyTree, prunable: Prunable = None) -> Masks:
-  """The dense mask: every prunable weight (:func:`selector`) kept."""
+def ones(params: PyTree, prunable: Prunable) -> Masks:
+  """The dense mask: True at the leaves whose path is in ``prunable`` (a collection
+  of '/'-joined paths, e.g. ``sparsejax.trace(model, x).prunable_paths``; the traced
+  model's own :meth:`~sparsejax.tracing.Traced.ones` is the same)."""
   return map_prunable(lambda w: jnp.ones(w.shape, bool), params, prunable=prunable)
 
 
@@ -156,38 +140,35 @@ def check_sparsity(sparsity, name: str = "sparsity") -> float:
   return s
 
 
-def random(
-  key: jax.Array, params: PyTree, sparsity: float | Sequence[float], prunable: Prunable = None
-) -> Masks:
-  """Uniformly random mask keeping exactly round((1 - s_l) n_l) weights in layer l.
+def random(key: jax.Array, like: Masks, sparsity: float | Sequence[float]) -> Masks:
+  """Uniformly random mask at the leaves of the mask tree ``like`` (e.g. the dense
+  mask ``traced.ones()``), keeping exactly round((1 - s_l) n_l) weights in layer l.
 
-  ``sparsity`` is one number for every layer or one per prunable layer (input-to-
-  output order). Masks from one key are nested across sparsities: each layer keeps
-  a prefix of one fixed random permutation. ``prunable``: see :func:`selector`.
+  ``sparsity`` is one number for every layer or one per layer (:func:`paths` order).
+  Masks from one key are nested across sparsities: each layer keeps a prefix of one
+  fixed random permutation.
   """
-  leaves = _prunable_leaves(params, prunable)
-  chosen = selector(prunable)
+  names = paths(like)
+  if not names:
+    raise ValueError("like has no mask leaf (bool array); pass a mask tree, e.g. traced.ones().")
   if np.ndim(sparsity) == 0:
-    sparsities = [check_sparsity(sparsity)] * len(leaves)
+    sparsities = [check_sparsity(sparsity)] * len(names)
   else:
     sparsities = [check_sparsity(s, f"sparsity[{i}]") for i, s in enumerate(sparsity)]
-    if len(sparsities) != len(leaves):
+    if len(sparsities) != len(names):
       raise ValueError(
-        f"sparsity has {len(sparsities)} entries; the params have {len(leaves)} prunable layers."
+        f"sparsity has {len(sparsities)} entries; like has {len(names)} mask leaves."
       )
-  keys = dict(zip((p for p, _ in leaves), jax.random.split(key, len(leaves))))
-  by_path = dict(zip((p for p, _ in leaves), sparsities))
+  keys = iter(jax.random.split(key, len(names)))
+  kept_fraction = iter(1.0 - s for s in sparsities)
 
-  def layer(path, w):
-    p = path_str(path)
-    n = int(np.prod(w.shape))
-    kept = int(round((1.0 - by_path[p]) * n))
-    rank = jnp.argsort(jax.random.permutation(keys[p], n))
-    return (rank < kept).reshape(w.shape)
+  def layer(m):
+    n = int(np.prod(m.shape))
+    kept = int(round(next(kept_fraction) * n))
+    rank = jnp.argsort(jax.random.permutation(next(keys), n))
+    return (rank < kept).reshape(m.shape)
 
-  return jax.tree_util.tree_map_with_path(
-    lambda path, w: layer(path, w) if chosen(path, w) else None, params
-  )
+  return map_masks(layer, like)
 
 
 def validate(
@@ -196,11 +177,9 @@ def validate(
   """Raises ValueError unless ``masks`` matches ``params``: the same tree, a bool array
   of the weight's shape or None at every leaf.
 
-  ``params`` may hold arrays or shape structs. ``prunable`` (see :func:`selector`):
-  the leaves that must carry a mask (e.g. those a traced program uses as linear-op
-  weights), all others None. Without it the mask tree decides which leaves are
-  prunable, and only leaves with at least two axes may be (a bias or a normalization
-  scale never is).
+  ``params`` may hold arrays or shape structs. ``prunable``: a collection of paths
+  that must carry a mask, all others None (e.g. a traced model's prunable set);
+  without it the mask tree decides which leaves are prunable.
   """
   want = {path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
   try:
@@ -214,22 +193,16 @@ def validate(
       f"{name} does not match the parameter tree: missing {missing[:5]}, "
       f"unexpected {extra[:5]}; a mask has the structure of params."
     )
-  chosen = None if prunable is None else set(prunable_paths(params, prunable))
+  chosen = None if prunable is None else _check_paths(prunable)
   for path, w in want.items():
     m = got[path]
-    if chosen is None:
-      must, may = False, _ndim(w) >= 2
-    else:
-      must = may = path in chosen
-    if m is None and not must:
+    if m is None and (chosen is None or path not in chosen):
       continue
-    if not may:
-      why = (
-        "only weights with at least two axes (Dense/Conv kernels, linear-op weights) are prunable"
-        if chosen is None
-        else "it is not one of the prunable leaves"
+    if chosen is not None and path not in chosen:
+      raise ValueError(
+        f"{name}[{path!r}] must be None: it is not one of the prunable leaves, got "
+        f"{type(m).__name__}."
       )
-      raise ValueError(f"{name}[{path!r}] must be None: {why}, got {type(m).__name__}.")
     if m is None or not hasattr(m, "dtype"):
       raise ValueError(
         f"{name}[{path!r}]={m!r}: expected a bool array of shape {tuple(w.shape)}{hint}."

@@ -12,7 +12,7 @@ inner transformation adds on its own (momentum carried over from dense training,
 Adam's bias-corrected moments, decoupled weight decay as in ``optax.adamw``) is
 cut off at pruned weights. A weight that starts at 0 stays exactly 0.
 
-The masks live in the transformation's state (:class:`MaskedState`), so they are
+The masks live in the transformation's state (:class:`WithMasksState`), so they are
 checkpointed with Orbax and sharded with the rest of the optimizer state, and can
 be replaced between steps (:func:`replace_masks`: IMP rounds, gradual schedules,
 dynamic sparse training) without recompiling a jitted step, as long as the new
@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sparsejax import masks as masks_lib
@@ -38,7 +39,7 @@ from sparsejax import masks as masks_lib
 PyTree = Any
 
 
-class MaskedState(NamedTuple):
+class WithMasksState(NamedTuple):  # not optax.MaskedState (optax.masked's), hence the name
   """State of :func:`with_masks`.
 
   masks: the mask tree (bool at prunable leaves, None elsewhere), or None for no
@@ -61,9 +62,34 @@ def _mask(tree: PyTree, masks: PyTree) -> PyTree:
   )
 
 
+def _check_pruned_are_zero(params: PyTree, masks: PyTree) -> None:
+  """ValueError when concrete ``params`` hold nonzero weights where ``masks`` prune:
+  the masked update keeps every weight where it is, so they would stay nonzero."""
+  bad = {}
+  for (path, w), m in zip(
+    jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(masks, is_leaf=_is_none)
+  ):
+    if m is None or isinstance(w, jax.core.Tracer) or isinstance(m, jax.core.Tracer):
+      continue
+    count = int(np.count_nonzero(np.asarray(w)[~np.asarray(m)]))
+    if count:
+      bad[masks_lib.path_str(path)] = count
+  if bad:
+    first = sorted(bad)[0]
+    raise ValueError(
+      f"params has {sum(bad.values())} nonzero weights where masks prune (e.g. "
+      f"{bad[first]} in {first!r}); with_masks keeps each weight where it starts, so "
+      "zero them first: params = sparsejax.masks.apply(params, masks)."
+    )
+
+
+def _is_none(x) -> bool:
+  return x is None
+
+
 def with_masks(
   inner: optax.GradientTransformation, masks: PyTree, straight_through: bool = False
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` so that masked-out weights get zero gradients and zero updates.
 
   Args:
@@ -76,7 +102,10 @@ def with_masks(
       updates pass unmasked, so the dense weights keep training.
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is a :class:`MaskedState`.
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`WithMasksState`: ``update(updates, state, params, **extra_args)`` passes
+    the extra arguments on to ``inner`` (e.g. ``value``, ``grad`` and ``value_fn`` of
+    ``optax.lbfgs``'s line search), so any Optax optimizer can be wrapped.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -96,15 +125,19 @@ def with_masks(
   def init_fn(params):
     if masks is not None:
       masks_lib.validate(masks, params)
-    return MaskedState(masks=masks, inner_state=inner.init(params))
+      if not straight_through:
+        _check_pruned_are_zero(params, masks)
+    return WithMasksState(masks=masks, inner_state=inner.init(params))
 
-  def update_fn(updates, state, params=None):
+  inner = optax.with_extra_args_support(inner)
+
+  def update_fn(updates, state, params=None, **extra_args):
     masks_now = None if straight_through else state.masks
     updates = _mask(updates, masks_now)
-    updates, inner_state = inner.update(updates, state.inner_state, params)
-    return _mask(updates, masks_now), MaskedState(state.masks, inner_state)
+    updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+    return _mask(updates, masks_now), WithMasksState(state.masks, inner_state)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def straight_through(params: PyTree, masks: PyTree) -> PyTree:
@@ -123,33 +156,33 @@ def straight_through(params: PyTree, masks: PyTree) -> PyTree:
 
 
 def _is_masked_state(x) -> bool:
-  return isinstance(x, MaskedState)
+  return isinstance(x, WithMasksState)
 
 
 def get_masks(opt_state: optax.OptState) -> PyTree:
-  """The masks held by the (outermost) :class:`MaskedState` inside ``opt_state``.
+  """The masks held by the (outermost) :class:`WithMasksState` inside ``opt_state``.
 
   Raises:
-    ValueError: ``opt_state`` holds no :class:`MaskedState`.
+    ValueError: ``opt_state`` holds no :class:`WithMasksState`.
   """
   found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_masked_state) if _is_masked_state(s)]
   if not found:
     raise ValueError(
-      "opt_state holds no MaskedState: build the optimizer with "
+      "opt_state holds no WithMasksState: build the optimizer with "
       "sparsejax.optim.with_masks(inner, masks)."
     )
   return found[0].masks
 
 
 def replace_masks(opt_state: optax.OptState, masks: PyTree) -> optax.OptState:
-  """``opt_state`` with the masks of every :class:`MaskedState` inside it replaced.
+  """``opt_state`` with the masks of every :class:`WithMasksState` inside it replaced.
 
   The new masks must have the structure, shapes and dtype of the old ones for a
   jitted step to reuse its compiled program (a bool mask of the same shapes does).
   The inner state is kept as it is; the next update masks it through the gradients.
 
   Raises:
-    ValueError: ``opt_state`` holds no :class:`MaskedState`, or the new masks do not
+    ValueError: ``opt_state`` holds no :class:`WithMasksState`, or the new masks do not
       match the old ones (tree structure, shapes, dtype).
   """
   old = get_masks(opt_state)
@@ -174,4 +207,4 @@ def replace_masks(opt_state: optax.OptState, masks: PyTree) -> optax.OptState:
   )
 
 
-__all__ = ["MaskedState", "with_masks", "get_masks", "replace_masks", "straight_through"]
+__all__ = ["WithMasksState", "with_masks", "get_masks", "replace_masks", "straight_through"]

@@ -43,9 +43,10 @@ ascending score order (ties: lower index first). Member m (0 <= m <= M) removes
 
 Members are nested (more removed at larger m), so the kept weights K(m) and the active
 weights E(m) are non-increasing in m, and the answer, the smallest m with K(m) (or
-E(m)) <= floor((1 - s) N), is found by bisection over m on the host (one connectivity
-sweep per step for 'effective', the model's one compiled sweep). A target beyond
-member M raises :class:`sparsejax.errors.UnreachableSparsityError`.
+E(m)) <= floor((1 - s) N), is found by :func:`sparsejax.search.search`, the one search
+the weight rankings use (one connectivity sweep per step for 'effective', the model's
+one compiled sweep). A target beyond member M raises
+:class:`sparsejax.errors.UnreachableSparsityError`.
 
 Effective sparsity of these masks. The connections that only a removed channel fed
 (its readers' input slices) are masked with it, so they count in the direct sparsity
@@ -69,8 +70,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sparsejax import compact, effective, errors, quotas, scores
+from sparsejax import compact, effective, errors, quotas, scores, search, selection, tracing
 from sparsejax import masks as masks_lib
+from sparsejax import ranking as ranking_lib
 
 SCORES = ("l1", "magnitude", "snip", "synflow", "bn_scale", "random")
 KINDS = ("channel", "neuron")
@@ -108,6 +110,11 @@ def _check(name, fraction, quota):
     raise ValueError(f"quota={quota!r} is not a channel quota; allowed: {', '.join(QUOTAS)}.")
 
 
+def _module(model):
+  """The Flax module (or function) of ``model``, which may be a sparsejax.Traced."""
+  return model.model if isinstance(model, tracing.Traced) else model
+
+
 def spaces_of(model, variables, kind: str, who: str | None = None) -> list:
   """The channel spaces of ``kind`` ('channel': conv writers, 'neuron': Dense writers).
 
@@ -115,6 +122,7 @@ def spaces_of(model, variables, kind: str, who: str | None = None) -> list:
   the compactor does not know, or one without spaces of that kind.
   """
   who = f"pruner {who!r}: " if who else ""
+  model = _module(model)
   if not isinstance(model, nn.Module):
     raise ValueError(
       f"{who}model={getattr(model, '__name__', type(model).__name__)} is "
@@ -173,6 +181,7 @@ def channel_scores(
   kind, score, _ = parse(name)
   spaces = spaces_of(model, variables, kind, name)
   params = variables["params"]
+  prunable = masks_lib.paths(_template(_module(model), variables))
   weights = params if trained_params is None else trained_params
   flat = traverse_util.flatten_dict(weights, sep="/")
   if score == "random":
@@ -197,15 +206,19 @@ def channel_scores(
       out[s.name] = sum(np.abs(np.asarray(flat[f"{w}/scale"])) for w in norms)
     return out
   if score == "magnitude":
-    w = scores.magnitude(weights)
+    w = scores.magnitude(weights, prunable=prunable)
   elif score == "snip":
     if not batches:
       raise ValueError(f"name={name!r} needs batches= (SNIP scores a loss).")
-    w = scores.snip(model, variables, batches, **({"loss": loss} if loss else {}))
+    w = scores.snip(
+      _module(model), variables, batches, prunable=prunable, **({"loss": loss} if loss else {})
+    )
   else:
-    if input_shape is None:
+    if input_shape is None and not isinstance(model, tracing.Traced):
       raise ValueError(f"name={name!r} needs input_shape= (SynFlow's all-ones input).")
-    w = scores.synflow_scores(model, params, input_shape, apply_kwargs=apply_kwargs)
+    w = scores.synflow_scores(
+      model, variables, input_shape=input_shape, apply_kwargs=apply_kwargs, prunable=prunable
+    )
   ws = {k: v for k, v in traverse_util.flatten_dict(w, sep="/").items() if v is not None}
   return {s.name: channel_score_of(s, ws) for s in spaces}
 
@@ -264,18 +277,26 @@ class ChannelRanking:
     return out if host else masks_lib.map_masks(jnp.asarray, out)
 
 
+def _removal_order(x) -> np.ndarray:
+  """Indices by ascending score, ties by index: the ranking order of the negated scores
+  (:mod:`sparsejax.selection`'s exact keys)."""
+  return selection.full_order(selection.descending_keys(-np.asarray(x)))
+
+
 def _orders(sc: list) -> tuple:
-  """Per space, channel indices by ascending score, ties by index (removal order)."""
-  return tuple(np.lexsort((np.arange(len(x)), np.asarray(x))) for x in sc)
+  """Per space, channel indices in removal order (ascending score, ties by index)."""
+  return tuple(_removal_order(x) for x in sc)
 
 
 def _sequence(sc: list, orders: tuple) -> np.ndarray:
-  """Global family: the space of each removal, channels sorted by (score, space,
-  index), each space's best channel left out."""
-  items = sorted(
-    (float(x[c]), i, int(c)) for i, (x, o) in enumerate(zip(sc, orders)) for c in o[:-1]
-  )
-  return np.array([i for _, i, _ in items], np.int64)
+  """Global family: the space of each removal, channels in removal order over all
+  spaces (ties by space, then index), each space's best channel left out."""
+  space = np.concatenate([np.full(len(x), i, np.int64) for i, x in enumerate(sc)])
+  best = np.zeros(len(space), bool)
+  offsets = np.cumsum([0] + [len(x) for x in sc])
+  best[[offsets[i] + o[-1] for i, o in enumerate(orders)]] = True
+  order = _removal_order(np.concatenate([np.asarray(x, np.float64) for x in sc]))
+  return space[order[~best[order]]]
 
 
 def _removed_counts(quota, sizes, sequence, ratios, m: int) -> np.ndarray:
@@ -291,22 +312,6 @@ def _removed_counts(quota, sizes, sequence, ratios, m: int) -> np.ndarray:
 
 def _kept(names, orders, removed) -> dict:
   return {n: np.sort(o[r:]) for n, o, r in zip(names, orders, removed)}
-
-
-def keep_from_scores(sc: dict, fraction: float, quota: str, ratios=None) -> dict:
-  """{space: kept channel indices} of member round(fraction * C) of the family of
-  the scores ``sc`` {space: scores [size]} under ``quota`` (ERK needs ``ratios``)."""
-  if quota not in QUOTAS:
-    raise ValueError(f"quota={quota!r} is not a channel quota; allowed: {', '.join(QUOTAS)}.")
-  if quota == "erk" and ratios is None:
-    raise ValueError("quota='erk' needs ratios= (the ERK ratio of each space).")
-  names, values = list(sc), [np.asarray(x) for x in sc.values()]
-  sizes = tuple(len(x) for x in values)
-  orders = _orders(values)
-  sequence = _sequence(values, orders) if quota == "global" else None
-  steps = len(sequence) if quota == "global" else sum(sizes)
-  m = min(int(round(fraction * sum(sizes))), steps)
-  return _kept(names, orders, _removed_counts(quota, sizes, sequence, ratios, m))
 
 
 def rank(
@@ -330,9 +335,6 @@ def rank(
   orders = _orders(values)
   sequence = _sequence(values, orders) if quota == "global" else None
   flat = traverse_util.flatten_dict(variables["params"], sep="/")
-  template = masks_lib.map_masks(
-    lambda m: np.ones(m.shape, bool), masks_lib.ones(variables["params"])
-  )
   return ChannelRanking(
     name,
     model,
@@ -341,8 +343,14 @@ def rank(
     quota,
     sequence,
     tuple(_erk_ratio(s, flat) for s in spaces),
-    template,
+    _template(model, variables),
   )
+
+
+def _template(model, variables):
+  """The dense mask (numpy) of a zoo model: its traced prunable set."""
+  traced = tracing.trace(model, compact.default_input(model), variables=variables)
+  return masks_lib.map_masks(lambda m: np.ones(m.shape, bool), traced.ones())
 
 
 def _masks(template, spaces, keep: dict):
@@ -366,47 +374,45 @@ def _masks(template, spaces, keep: dict):
 def masks_for(model, variables, keep: dict) -> dict:
   """Weight masks removing every channel outside ``keep`` (filters and input slices)."""
   spaces, _ = compact.channel_spaces(model)
-  out = _masks(
-    masks_lib.map_masks(lambda m: np.ones(m.shape, bool), masks_lib.ones(variables["params"])),
-    spaces,
-    keep,
-  )
-  return masks_lib.map_masks(jnp.asarray, out)
+  return masks_lib.map_masks(jnp.asarray, _masks(_template(model, variables), spaces, keep))
 
 
-def masks_for_target(
-  ranking: ChannelRanking,
-  sparsity: float,
-  pruning_type: str = "direct",
-  *,
-  input_shape=None,
-  **trace_kw,
-):
-  """Member m* = min { m : K(m) <= T } (direct: kept weights K; effective: active
-  weights E), T = floor((1 - s) N), by bisection over m (module docstring).
+class _Members:
+  """A :class:`ChannelRanking` as a :class:`sparsejax.search.Family`: member k removes
+  ``steps - k`` (member 0 removes the most), so members are nested in k."""
+
+  def __init__(self, ranking: ChannelRanking):
+    self.ranking, self.size = ranking, ranking.steps
+
+  def masks_at(self, k):
+    return self.ranking.masks_at(self.size - int(k), host=True)
+
+  def window(self, k, xp):
+    return None
+
+  def bounds(self, window, k, eff, pot, xp):
+    return None
+
+
+def masks_for_target(ranking: ChannelRanking, sparsity: float, traced=None, *, loop: str = "auto"):
+  """Member m* = min { m : K(m) <= T } (K: kept weights, or with ``traced``, a
+  :class:`sparsejax.Traced` of the ranking's model, active weights), T = floor((1 - s)
+  N): the search of :mod:`sparsejax.search` over the family (module docstring).
 
   Raises UnreachableSparsityError when member M misses the target.
   """
-  from sparsejax import pruning  # pruning dispatches here; it imports this lazily
-
   sparsity = masks_lib.check_sparsity(sparsity)
-  pruning.check_pruning_type(pruning_type)
+  search.check_loop(loop)
   total = ranking.total
-  target = pruning.max_kept_for_sparsity(sparsity, total)
-  if pruning_type == "direct":
-
-    def kept(m):
-      return masks_lib.count(ranking.masks_at(m, host=True))[0]
+  target = ranking_lib.max_kept_for_sparsity(sparsity, total)
+  pruning_type = "direct" if traced is None else "effective"
+  if traced is None:
+    measure = lambda masks: (masks, None)
   else:
-    if input_shape is None:
-      raise ValueError("pruning_type='effective' needs input_shape= for the connectivity sweep.")
-    sweep = effective.compiled_sweep(effective.trace(ranking.model, input_shape, **trace_kw))
-
-    def kept(m):
-      return masks_lib.count(sweep(ranking.masks_at(m, host=True)).masks)[0]
-
-  last = kept(ranking.steps)
-  if last > target:
+    sweep = effective.compiled_sweep(traced.narrow(masks_lib.paths(ranking.template)))
+    measure = lambda masks: (sweep(masks).masks, None)
+  k, last, _ = search.search(_Members(ranking), measure, target)
+  if last > target:  # k = 0: every space at its last channel(s)
     best = 1.0 - last / total
     raise errors.UnreachableSparsityError(
       f"sparsity={sparsity!r} ({pruning_type}) cannot be reached by {ranking.name!r}: "
@@ -416,14 +422,7 @@ def masks_for_target(
       sparsity=sparsity,
       max_sparsity=best,
     )
-  lo, hi = -1, ranking.steps  # K(lo) > T (lo = -1: by convention), K(hi) <= T
-  while hi - lo > 1:
-    mid = (lo + hi) // 2
-    if kept(mid) <= target:
-      hi = mid
-    else:
-      lo = mid
-  return ranking.masks_at(hi)
+  return masks_lib.map_masks(jnp.asarray, ranking.masks_at(ranking.steps - k, host=True))
 
 
 def prune(
@@ -433,16 +432,24 @@ def prune(
   model,
   variables,
   fraction: float,
-  quota: str = "uniform",
+  quota: str | None = None,
   input_shape=None,
   batches=None,
 ) -> dict:
   """Masks removing ``fraction`` of the channels (or neurons) of ``name``'s kind by its
-  score: member round(fraction * C) of the family under ``quota`` (uniform: kept_l =
+  score: member round(fraction * C) of the family under the quota (uniform: kept_l =
   round(n_l (1 - fraction)); global: the round(fraction * C) lowest scores; each space
-  keeps >= 1). By target sparsity: :func:`sparsejax.pruning.prune`."""
+  keeps >= 1). The quota is the name's ('neuron/l1/igq': IGQ; 'neuron/l1': uniform);
+  ``quota=`` may repeat it, not contradict it. By target sparsity:
+  :func:`sparsejax.pruning.prune`."""
+  kind, score, named = parse(name)
+  if quota is not None and quota != named:
+    raise ValueError(
+      f"quota={quota!r} contradicts the quota of name={name!r} ({named!r}); name the "
+      f"quota in the pruner, e.g. '{kind}/{score}/{quota}'."
+    )
+  quota = named
   _check(name, fraction, quota)
-  kind, score, _ = parse(name)
   sc = channel_scores(
     name, key=key, model=model, variables=variables, input_shape=input_shape, batches=batches
   )
@@ -455,7 +462,6 @@ __all__ = [
   "prune",
   "channel_scores",
   "rank",
-  "keep_from_scores",
   "ChannelRanking",
   "masks_for_target",
   "masks_for",

@@ -145,7 +145,10 @@ def make_schedule(config) -> optax.Schedule:
 
 def kernel_mask(params: PyTree) -> PyTree:
   """Bool tree shaped like ``params``: True at Dense/Conv kernels (what L2 applies to)."""
-  return jax.tree_util.tree_map_with_path(masks_lib.is_prunable, params)
+  def is_kernel(path, leaf):  # replaced by the prunable set in the training package
+    return masks_lib.path_str(path[-1:]) == "kernel" and jnp.ndim(leaf) >= 2
+
+  return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -191,7 +194,7 @@ class TrainState:
     params: the model's 'params' collection; pruned kernel entries are exactly 0.
     batch_stats: the model's 'batch_stats' collection ({} without batch norm).
     opt_state: state of :func:`make_masked_optimizer`: a
-      :class:`sparsejax.optim.MaskedState` holding the masks (bool at kernels, None
+      :class:`sparsejax.optim.WithMasksState` holding the masks (bool at kernels, None
       elsewhere; None to train densely) and the momentum trace and schedule count.
   """
 

@@ -88,6 +88,7 @@ def test_all_ones_masks_equal_the_inner_transformation_exactly(name):
 def test_update_matches_the_closed_form_of_masked_sgd():
   """update = -lr * m * g with plain SGD (jitted)."""
   params, masks = tree(jax.random.key(4))
+  params = masks_lib.apply(params, masks)
   grads = jax.tree.map(lambda p: jnp.full(p.shape, 3.0), params)
   tx = optim.with_masks(optax.sgd(0.5), masks)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
@@ -100,6 +101,7 @@ def test_update_matches_the_closed_form_of_masked_sgd():
 
 def test_replacing_masks_between_steps_does_not_recompile():
   params, masks = tree(jax.random.key(5))
+  params = masks_lib.apply(params, masks)
   tx = optim.with_masks(optax.adam(1e-2), masks)
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
@@ -121,12 +123,13 @@ def test_replacing_masks_between_steps_does_not_recompile():
   assert np.all(np.asarray(updates["dense"]["kernel"])[np.asarray(masks["dense"]["kernel"])] == 0.0)
   with pytest.raises(ValueError, match="differ in shape or dtype"):
     optim.replace_masks(state, masks_lib.map_masks(lambda m: m.astype(jnp.float32), masks))
-  with pytest.raises(ValueError, match="holds no MaskedState"):
+  with pytest.raises(ValueError, match="holds no WithMasksState"):
     optim.get_masks(optax.adam(1e-2).init(params))
 
 
 def test_masks_are_found_inside_chains_and_none_means_dense():
   params, masks = tree(jax.random.key(6))
+  params = masks_lib.apply(params, masks)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optim.with_masks(optax.sgd(0.1), masks))
   state = tx.init(params)
   assert optim.get_masks(state) is not None
@@ -153,6 +156,45 @@ def test_orbax_round_trip_of_the_state(tmp_path):
   ckptr.wait_until_finished()
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   restored = ckptr.restore(tmp_path / "state", abstract)
-  assert isinstance(restored, optim.MaskedState)
+  assert isinstance(restored, optim.WithMasksState)
   jax.tree.map(np.testing.assert_array_equal, restored, state)
   assert restored.masks["dense"]["bias"] is None
+
+
+def test_extra_arguments_reach_the_inner_optimizer_lbfgs():
+  """with_masks is a GradientTransformationExtraArgs: optax.lbfgs's line search gets
+  value, grad and value_fn through it, and pruned weights stay exactly 0."""
+  params, masks = tree(jax.random.key(4))
+  params = masks_lib.apply(params, masks)
+  target = jax.tree.map(lambda p: jnp.full(p.shape, 0.5), params)
+
+  def loss(p):
+    return sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(target)))
+
+  tx = optim.with_masks(optax.lbfgs(), masks)
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
+  state = tx.init(params)
+  value_and_grad = optax.value_and_grad_from_state(loss)
+
+  @jax.jit
+  def step(params, state):
+    value, grad = value_and_grad(params, state=state)
+    updates, state = tx.update(grad, state, params, value=value, grad=grad, value_fn=loss)
+    return optax.apply_updates(params, updates), state
+
+  first = loss(params)
+  for _ in range(10):
+    params, state = step(params, state)
+  assert loss(params) < 0.5 * first
+  for w, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks, is_leaf=lambda x: x is None)):
+    if m is not None:
+      np.testing.assert_array_equal(np.asarray(w)[~np.asarray(m)], 0.0)
+      assert np.all(np.asarray(w)[np.asarray(m)] != 0)
+
+
+def test_init_refuses_params_not_zero_where_pruned():
+  params, masks = tree(jax.random.key(5))
+  with pytest.raises(ValueError, match=r"nonzero weights where masks prune.*masks.apply"):
+    optim.with_masks(optax.sgd(0.1), masks).init(params)
+  optim.with_masks(optax.sgd(0.1), masks).init(masks_lib.apply(params, masks))  # fine
+  optim.with_masks(optax.sgd(0.1), masks, straight_through=True).init(params)  # dense by design

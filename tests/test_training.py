@@ -221,7 +221,7 @@ def test_masks_hold_exactly_after_many_steps(mnist_like):
       config=cfg,
     )
   assert int(state.step) == 50 and np.isfinite(float(metrics["loss"]))
-  # MaskedState(masks, chain(decay, sgd)) -> sgd's (TraceState, ...).
+  # WithMasksState(masks, chain(decay, sgd)) -> sgd's (TraceState, ...).
   trace = state.opt_state.inner_state[1][0].trace
   for w0, w, t, m in zip(kernels0, _kernels(state.params), _kernels(trace), mask_np):
     assert np.all(w[~m] == 0.0) and np.all(t[~m] == 0.0)
