@@ -8,11 +8,13 @@ For LeNet-300-100, VGG-19 and ResNet-18 with uniform random masks at 10x, 100x a
 and their ratio. Target: ratio <= 1.5 on VGG-19 and ResNet-18. The paper's reference
 implementation needs about 0.05 s, 1 s and 0.5 s per computation on a 2-core CPU.
 
-Second table (issue 10): the connectivity transform of the traced program against the
-mode-based sweep it replaced (benchmarks/old_sweep.py, a copy of the old path), both
-jitted, timed alternately in the same run on VGG-19 and ResNet-18, with and without
-unit counts (the search uses the latter); target ratio <= 1.05. Also the one-time cost
-of tracing (jaxpr + classification) and of compiling the transformed sweep.
+Second table: the connectivity transform's sweep on VGG-19 and ResNet-18 with its
+XLA:CPU kernels (sparsejax.connectivity.xla_cpu) against the same sweep with XLA's
+convolutions and gradients, all jitted and timed alternately in the same run, with and
+without unit counts (the search uses the latter); also the one-time cost of tracing
+(jaxpr + classification) and of compiling the sweep, and a profile per convolution.
+(Until issue 24 it also timed the mode-based sweep the transform replaced, a copy kept
+in benchmarks/old_sweep.py; docs/benchmarks.md keeps those figures as measured.)
 
   python -m benchmarks.effective            # prints the tables, updates docs/benchmarks.md
 """
@@ -28,13 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import old_sweep, report
-from sparsejax import compilation, connectivity, effective, masks, models
+from benchmarks import report
+from sparsejax import compilation, effective, masks, models
+from sparsejax.connectivity import program, xla_cpu
 
-OLD_MODELS = {
-  "vgg19": lambda: old_sweep.VGG(config=old_sweep.VGG19, num_classes=100),
-  "resnet18": lambda: old_sweep.ResNet18(num_classes=200),
-}
+#: The convolutional networks of the transform's tables.
+CONV_ARCHS = ("vgg19", "resnet18")
 
 
 def _alternating_medians(fns, repeats):
@@ -52,19 +53,19 @@ def _alternating_medians(fns, repeats):
 
 def _compile(fn, example, max_positions=None, kernel_grad_patches=True):
   """``fn`` compiled as the library compiles its sweep; ``max_positions`` overrides
-  connectivity.MAX_POSITIONS while tracing (0: every convolution as XLA's);
+  xla_cpu.MAX_POSITIONS while tracing (0: every convolution as XLA's);
   ``kernel_grad_patches=False``: every kernel gradient XLA's (before
-  ``connectivity.conv_patches_kernel_grad``)."""
-  saved = connectivity.MAX_POSITIONS, connectivity.MAX_KERNEL_GRAD_PATCHES
+  ``xla_cpu.conv_patches_kernel_grad``)."""
+  saved = xla_cpu.MAX_POSITIONS, xla_cpu.MAX_KERNEL_GRAD_PATCHES
   if max_positions is not None:
-    connectivity.MAX_POSITIONS = max_positions
+    xla_cpu.MAX_POSITIONS = max_positions
   if not kernel_grad_patches:
-    connectivity.MAX_KERNEL_GRAD_PATCHES = 0
+    xla_cpu.MAX_KERNEL_GRAD_PATCHES = 0
   try:
     options = compilation.CPU_OPTIONS if jax.default_backend() == "cpu" else None
     return jax.jit(fn).lower(example).compile(options)
   finally:
-    connectivity.MAX_POSITIONS, connectivity.MAX_KERNEL_GRAD_PATCHES = saved
+    xla_cpu.MAX_POSITIONS, xla_cpu.MAX_KERNEL_GRAD_PATCHES = saved
 
 
 def _gflop(compiled) -> float:
@@ -84,18 +85,18 @@ def matmul_gflops(repeats: int, n: int = 2048) -> float:
 
 def _convolutions(traced, example):
   """(eqn, lhs shape, rhs shape) of every convolution the reachability sweep runs."""
-  found, saved = [], connectivity._reach_linear  # pylint: disable=protected-access
+  found, saved = [], xla_cpu.reach_linear
 
-  def record(e, args):
+  def record(e, x, w):
     if e.prim.name == "conv_general_dilated":
-      found.append((e, tuple(args[0].shape), tuple(args[1].shape)))
-    return saved(e, args)
+      found.append((e, tuple(x.shape), tuple(w.shape)))
+    return saved(e, x, w)
 
-  connectivity._reach_linear = record  # pylint: disable=protected-access
+  xla_cpu.reach_linear = record  # the semantics' one hook into the kernels
   try:
     jax.eval_shape(effective.sweep_of(traced, units=False), example)
   finally:
-    connectivity._reach_linear = saved  # pylint: disable=protected-access
+    xla_cpu.reach_linear = saved
   return found
 
 
@@ -113,10 +114,8 @@ def layer_profile(archs, repeats):
       x = (jax.random.uniform(keys[0], xs) > 0.5).astype(jnp.float32)
       w = (jax.random.uniform(keys[1], ws) > 0.99).astype(jnp.float32)
       ops = {
-        "conv": lambda a, b, e=e: connectivity._bind(  # pylint: disable=protected-access
-          e, a, b, preferred_element_type=jnp.float32
-        )[0],
-        "patches": lambda a, b, e=e: connectivity.conv_as_patches(e, a, b, 1 << 30),
+        "conv": lambda a, b, e=e: program.bind(e, a, b, preferred_element_type=jnp.float32)[0],
+        "patches": lambda a, b, e=e: xla_cpu.conv_as_patches(e, a, b, 1 << 30),
       }
       y = ops["conv"](x, w)
       g = (jax.random.uniform(keys[2], y.shape) > 0.5).astype(jnp.float32)
@@ -134,13 +133,13 @@ def layer_profile(archs, repeats):
           report.median_seconds(lambda: dw(x, w, g), repeats) * 1e3,
         ]
       kernel_grad = jax.jit(
-        lambda a, b, gg, e=e: jax.vjp(lambda t: connectivity.conv_patches_kernel_grad(e, a, t), b)[
-          1
-        ](gg)[0]
+        lambda a, b, gg, e=e: jax.vjp(lambda t: xla_cpu.conv_patches_kernel_grad(e, a, t), b)[1](
+          gg
+        )[0]
       )
       times["conv"].append(report.median_seconds(lambda: kernel_grad(x, w, g), repeats) * 1e3)
       positions = int(np.prod(y.shape[1:-1]))
-      used = "patches" if positions <= connectivity.MAX_POSITIONS else "conv, patches kernel-grad"
+      used = "patches" if positions <= xla_cpu.MAX_POSITIONS else "conv, patches kernel-grad"
       rows.append(
         [
           arch,
@@ -156,10 +155,10 @@ def layer_profile(archs, repeats):
   return rows
 
 
-def transform_vs_old(archs, compressions, repeats):
-  """Rows: network, compression, units?, ms of the old sweep, of the transform with
-  XLA's convolutions only, with XLA's kernel gradients, and as the library runs it;
-  ratios; GFLOP of one sweep and its rate; trace s; compile s."""
+def transform_variants(archs, compressions, repeats):
+  """Rows: network, compression, units?, ms of the transform with XLA's convolutions
+  only, with XLA's kernel gradients, and as the library runs it; the ratio of the last
+  two; GFLOP of one sweep and its rate; trace s; compile s."""
   rows = []
   for arch in archs:
     model, shape = models.create(arch), models.input_shape(arch)
@@ -170,7 +169,6 @@ def transform_vs_old(archs, compressions, repeats):
       start = time.perf_counter()
       traced = effective.trace(model, shape)
       trace_s = time.perf_counter() - start
-      old = jax.jit(old_sweep.connectivity_sweep(OLD_MODELS[arch](), shape, units))
       m0 = masks.random(jax.random.key(1), zeros, 0.9)
       # A new function each: jit caches the trace of one function object, and the
       # variants differ in module constants read while tracing.
@@ -183,8 +181,8 @@ def transform_vs_old(archs, compressions, repeats):
       gflop = _gflop(new)
       for c in compressions:
         m = masks.random(jax.random.key(1), zeros, 1 - 1 / c)
-        t_old, t_conv, t_before, t_new = _alternating_medians(
-          [lambda: old(m), lambda: convs(m), lambda: before(m), lambda: new(m)], repeats
+        t_conv, t_before, t_new = _alternating_medians(
+          [lambda: convs(m), lambda: before(m), lambda: new(m)], repeats
         )
         want = jax.tree.leaves(convs(m))
         for other in (before, new):
@@ -196,11 +194,9 @@ def transform_vs_old(archs, compressions, repeats):
             arch,
             f"{c:g}x",
             "yes" if units else "no",
-            f"{t_old * 1e3:.1f}",
             f"{t_conv * 1e3:.1f}",
             f"{t_before * 1e3:.1f}",
             f"{t_new * 1e3:.1f}",
-            f"{t_new / t_old:.3f}",
             f"{t_new / t_before:.3f}",
             f"{gflop:.2f}",
             f"{gflop / t_new:.0f}",
@@ -239,24 +235,22 @@ def main():
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--no_doc", action="store_true", help="do not update docs/")
   parser.add_argument(
-    "--transform_only", action="store_true", help="only the transform vs old sweep table"
+    "--transform_only", action="store_true", help="only the transform's kernel tables"
   )
   parser.add_argument("--skip_profile", action="store_true", help="no per-convolution profile")
   args = parser.parse_args()
   compressions = [float(c) for c in args.compressions.split(",")]
-  big = [a for a in args.archs.split(",") if a in OLD_MODELS]
-  t_rows = transform_vs_old(big, compressions, args.repeats)
+  big = [a for a in args.archs.split(",") if a in CONV_ARCHS]
+  t_rows = transform_variants(big, compressions, args.repeats)
   peak = matmul_gflops(args.repeats)
   t_table = report.markdown_table(
     [
       "network",
       "direct",
       "units",
-      "old sweep ms",
       "XLA convolutions ms",
       "XLA kernel gradients ms",
       "transform ms",
-      "ratio to old",
       "ratio to XLA kernel gradients",
       "GFLOP",
       "GFLOP/s",
@@ -289,35 +283,35 @@ def main():
     print(p_table)
   if not args.no_doc:
     report.update_section(
-      "effective_transform",
+      "effective_kernels",
       f"""
-## Connectivity transform vs the mode-based sweep (`python -m benchmarks.effective`)
+## Connectivity transform: XLA:CPU kernels (`python -m benchmarks.effective`)
 
 {report.stamp()}. Uniform random masks (seed 1), medians of {args.repeats} alternating
-runs after compilation, both jitted: *old sweep* = the connectivity mode of the zoo's
-layers as before issue 10 (a copy in benchmarks/old_sweep.py), *transform* = the
-connectivity transform of the traced standard model (sparsejax.connectivity); *units*:
-with active-unit counts (``effective.connectivity``) or masks only (the effective-target
-search). Target ratio <= 1.05. *trace s*: tracing to a jaxpr, inlining and classifying
-(once per model, input shape and variable shapes); *compile s*: XLA compilation of the
-transformed sweep (once per traced model and mask structure). *XLA convolutions*: the
-same transform with every convolution and its gradients XLA's (before issue 15); *XLA
-kernel gradients*: convolutions with at most {connectivity.MAX_POSITIONS} output
-positions as one patches-times-kernel product (`connectivity.conv_as_patches`), the
-others XLA's with XLA's gradients; *transform* (the library): as that, with the
-kernel gradients of the others as one patches-transposed-times-cotangent product
-(`connectivity.conv_patches_kernel_grad`). Masks and unit counts checked equal across
-the three. *GFLOP*: XLA's count for one sweep of the transform; *GFLOP/s*: that over
-its time, against a {peak:.0f} GFLOP/s float32 matrix product (2048 x 2048) measured
-in the same run, the machine's ceiling for this arithmetic. Issue 15 targets: one
-sweep of VGG-19 <= 60 ms, ResNet-18 <= 50 ms.
+runs after compilation, all jitted: the connectivity transform of the traced standard
+model (sparsejax.connectivity); *units*: with active-unit counts
+(``effective.connectivity``) or masks only (the effective-target search). *trace s*:
+tracing to a jaxpr, inlining and classifying (once per model, input shape and variable
+shapes); *compile s*: XLA compilation of the sweep (once per traced model and mask
+structure). *XLA convolutions*: the transform with every convolution and its gradients
+XLA's (before issue 15); *XLA kernel gradients*: convolutions with at most
+{xla_cpu.MAX_POSITIONS} output positions as one patches-times-kernel product
+(`xla_cpu.conv_as_patches`), the others XLA's with XLA's gradients; *transform* (the
+library): as that, with the kernel gradients of the others as one
+patches-transposed-times-cotangent product (`xla_cpu.conv_patches_kernel_grad`). Masks
+and unit counts checked equal across the three. *GFLOP*: XLA's count for one sweep of
+the transform; *GFLOP/s*: that over its time, against a {peak:.0f} GFLOP/s float32
+matrix product (2048 x 2048) measured in the same run, the machine's ceiling for this
+arithmetic. Issue 15 targets: one sweep of VGG-19 <= 60 ms, ResNet-18 <= 50 ms. (The
+comparison with the mode-based sweep, removed in issue 24, is the historical section
+"Connectivity transform vs the mode-based sweep".)
 
 {t_table}
 
 Per convolution of the sweep (binary values, batch 1, medians): where the time goes,
 forward, input-gradient (coreach) and kernel-gradient (potential) of XLA's convolution
 against the patches product, and the kernel gradient as one patches-transposed product
-(`connectivity.conv_patches_kernel_grad`). XLA:CPU's convolutions at few positions (4x4,
+(`xla_cpu.conv_patches_kernel_grad`). XLA:CPU's convolutions at few positions (4x4,
 2x2) are 10-100x slower than the product of the same arithmetic; large images favor
 the convolution, except for its kernel gradient.
 

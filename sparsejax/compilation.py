@@ -15,7 +15,8 @@ import functools
 from collections.abc import Callable
 
 import jax
-from jax._src import core as jax_core
+
+from sparsejax import _jax_compat
 
 #: XLA options of the library's jitted programs on CPU.
 CPU_OPTIONS = {"xla_backend_optimization_level": 1}
@@ -31,7 +32,7 @@ def jit(fn: Callable, **jit_kwargs) -> Callable:
 
   @functools.wraps(fn)
   def call(*args, **kwargs):
-    top = jax_core.trace_state_clean() and jax.default_backend() == "cpu"
+    top = _jax_compat.trace_state_clean() and jax.default_backend() == "cpu"
     return (cpu if top else plain)(*args, **kwargs)
 
   call.plain, call.cpu = plain, cpu

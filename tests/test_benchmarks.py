@@ -102,3 +102,37 @@ def test_layer_benchmark_im2col_equals_the_convolution():
   np.testing.assert_allclose(
     compaction_layers._im2col(x, k), compaction_layers._conv(x, k), rtol=1e-5, atol=1e-5
   )
+
+
+def test_effective_benchmark_finds_the_sweeps_convolutions_and_parses_flags():
+  """benchmarks.effective wraps the semantics' hook into the XLA:CPU kernels
+  (xla_cpu.reach_linear) to profile each convolution of the sweep; its --help runs."""
+  import os
+  import subprocess
+  import sys
+
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks import effective as bench
+  from sparsejax import effective, masks, models
+  from sparsejax.connectivity import xla_cpu
+
+  model, shape = models.create("lenet5"), models.input_shape("lenet5")
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1,) + shape))["params"]
+  example = masks.random(
+    jax.random.key(1), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params), 0.9
+  )
+  hook = xla_cpu.reach_linear
+  found = bench._convolutions(effective.trace(model, shape), example)
+  assert xla_cpu.reach_linear is hook  # restored
+  assert [(xs[-1], ws[-1]) for _, xs, ws in found] == [(3, 6), (6, 16)]
+  assert all(e.prim.name == "conv_general_dilated" for e, _, _ in found)
+  out = subprocess.run(
+    [sys.executable, "-m", "benchmarks.effective", "--help"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
+  assert out.returncode == 0 and "--transform_only" in out.stdout, out.stderr[-2000:]

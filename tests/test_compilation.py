@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import common
-from sparsejax import compilation, effective, masks, models, pruning, scores
+from sparsejax import _jax_compat, compilation, effective, masks, models, pruning, scores
 
 
 def _sweep_programs(log):
@@ -29,6 +29,22 @@ def test_compile_log_counts_programs():
   # nested in other transformations it is inlined (compiler options are top-level only)
   np.testing.assert_array_equal(np.asarray(jax.jit(f)(x)), np.asarray(f(x)))
   np.testing.assert_array_equal(np.asarray(jax.vmap(f)(x)), np.asarray(f(x)))
+
+
+def test_trace_state_is_read_from_jax():
+  """compilation.jit passes its CPU options only outside every trace; the compat
+  module's fallback (False everywhere, if JAX moved its internal) fails here."""
+  seen = []
+  probe = lambda x: seen.append(_jax_compat.trace_state_clean()) or x
+  assert _jax_compat.trace_state_clean()
+  jax.jit(probe)(1.0)
+  jax.vmap(probe)(jnp.ones(2))
+  jax.grad(probe)(1.0)
+  assert seen == [False, False, False]
+  f = compilation.jit(lambda x: x + 1)
+  f(jnp.ones(3))
+  top = f.cpu if jax.default_backend() == "cpu" else f.plain
+  assert top._cache_size() == 1  # pylint: disable=protected-access
 
 
 def test_jit_on_cpu_options_gives_the_same_values():
