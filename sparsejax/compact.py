@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sparsejax import effective, models
+from sparsejax import effective, models, tracing
 from sparsejax import masks as masks_lib
 from sparsejax.errors import CompactionMismatchError
 from sparsejax.models.lenet import LeNet5, LeNet300100
@@ -269,14 +269,25 @@ def _channels(x: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(x).reshape(-1, size)
 
 
+def _model_and_input(model, input_shape):
+  """(Flax module, input shape): ``model`` may be a :class:`sparsejax.Traced` (which
+  carries its input); without an input, the family's default."""
+  if isinstance(model, tracing.Traced):
+    if input_shape is not None:
+      raise ValueError("input_shape: model is a sparsejax.Traced, which carries its input.")
+    return model.model, model.input
+  channel_spaces(model)  # ValueError for networks the compactor does not know
+  return model, _DEFAULT_INPUT[type(model)] if input_shape is None else input_shape
+
+
 def plan(model, variables, masks, *, input_shape=None, fold: bool = True) -> Plan:
   """Which channels compaction keeps, folds and drops (see the module docstring)."""
+  model, input_shape = _model_and_input(model, input_shape)
   spaces, _ = channel_spaces(model)
   _check_variables(variables)
-  input_shape = _DEFAULT_INPUT[type(model)] if input_shape is None else input_shape
   reach = effective.channel_reach(model, masks, input_shape, variables=variables)
   masked = {**variables, "params": masks_lib.apply(variables["params"], masks)}
-  x = jnp.zeros(effective.example_input(input_shape).shape, jnp.float32)
+  x = jnp.zeros(tracing.example_input(input_shape).shape, jnp.float32)
   inputs = _capture_inputs(model, masked, x)
   flat = traverse_util.flatten_dict(masked["params"], sep="/")
   keep, cand = {}, {}
@@ -365,7 +376,8 @@ def compact(
   """The masked network with its dead units removed: ``(model, variables, masks)``.
 
   Args:
-    model: a zoo network (LeNet300100, LeNet5, VGG, ResNet18), any widths.
+    model: a zoo network (LeNet300100, LeNet5, VGG, ResNet18), any widths, or its
+      :class:`sparsejax.Traced` (which carries the input).
     variables: its variables ({'params': ..., 'batch_stats': ...}).
     masks: bool masks shaped like params (None elsewhere); masked weights are zeroed.
     input_shape: one example's shape without the batch axis (default: the family's
@@ -379,8 +391,8 @@ def compact(
     (compacted model, its variables (masked weights zero), its masks (the original masks
     sliced; a kept unmasked weight stays unmasked, active or not)).
   """
+  model, input_shape = _model_and_input(model, input_shape)
   spaces, rebuild = channel_spaces(model)
-  input_shape = _DEFAULT_INPUT[type(model)] if input_shape is None else input_shape
   p = plan(model, variables, masks, input_shape=input_shape, fold=fold)
   masked = {**variables, "params": masks_lib.apply(variables["params"], masks)}
   flat = {k: traverse_util.flatten_dict(v, sep="/") for k, v in masked.items()}

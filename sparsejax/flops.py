@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from sparsejax import connectivity as conn_lib
-from sparsejax import effective
+from sparsejax import tracing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,15 +57,16 @@ def _jitted_counts(traced):
   return jax.jit(conn_lib.position_counts(traced.program, traced.prunable))
 
 
-def costs(model, masks, input_shape, **kw) -> dict[str, Cost]:
+def costs(model, masks, input_shape=None, **kw) -> dict[str, Cost]:
   """{layer path: Cost} per prunable linear op in input-to-output order, and 'total'.
 
-  Args: as :func:`sparsejax.effective.connectivity` (``masks=None``: dense).
+  Args: as :func:`sparsejax.effective.connectivity` (``masks=None``: dense; the mask
+  tree is the prunable set).
   """
-  traced = effective.trace(model, input_shape, **kw)
+  traced = tracing.trace(model, input_shape, **kw)
   if masks is None:
-    masks = effective.ones(model, input_shape, **kw)
-  effective.validate(masks, traced)
+    masks = traced.ones()
+  traced = traced.masked(masks)
   prog = traced.program
   flat = jax.tree.leaves(masks, is_leaf=lambda x: x is None)
   counts = _jitted_counts(traced)([flat[i] for i in traced.prunable])
@@ -103,7 +104,7 @@ def costs(model, masks, input_shape, **kw) -> dict[str, Cost]:
   return out
 
 
-def total(model, masks, input_shape, **kw) -> Cost:
+def total(model, masks, input_shape=None, **kw) -> Cost:
   """The 'total' entry of :func:`costs`."""
   return costs(model, masks, input_shape, **kw)["total"]
 

@@ -50,7 +50,7 @@ def path_str(path) -> str:
 Prunable = Callable[[str], bool] | Collection[str] | None
 
 
-def _check_paths(prunable, name: str = "prunable") -> frozenset:
+def check_paths(prunable, name: str = "prunable") -> frozenset:
   """``prunable`` as a frozenset of '/'-joined paths, or ValueError naming ``name``."""
   if (
     isinstance(prunable, Collection)
@@ -70,8 +70,8 @@ def _check_paths(prunable, name: str = "prunable") -> frozenset:
 
 def selector(prunable: Prunable) -> Callable[[Any, Any], bool]:
   """``(path, leaf) -> bool``: the leaf's '/'-joined path is in ``prunable`` (a
-  collection of paths; a predicate is refused here, see :func:`_check_paths`)."""
-  chosen = _check_paths(prunable)
+  collection of paths; a predicate is refused here, see :func:`check_paths`)."""
+  chosen = check_paths(prunable)
   return lambda path, leaf: path_str(path) in chosen
 
 
@@ -92,7 +92,7 @@ def map_prunable(fn: Callable, params: PyTree, *rest: PyTree, prunable: Prunable
   ``rest`` may be masks (None at non-prunable leaves) or full trees.
   """
   chosen = selector(prunable)
-  missing = _check_paths(prunable) - set(_tree_paths(params))
+  missing = check_paths(prunable) - set(_tree_paths(params))
   if missing:
     raise ValueError(f"prunable names {sorted(missing)[:3]}, which are not leaves of params.")
 
@@ -193,7 +193,7 @@ def validate(
       f"{name} does not match the parameter tree: missing {missing[:5]}, "
       f"unexpected {extra[:5]}; a mask has the structure of params."
     )
-  chosen = None if prunable is None else _check_paths(prunable)
+  chosen = None if prunable is None else check_paths(prunable)
   for path, w in want.items():
     m = got[path]
     if m is None and (chosen is None or path not in chosen):

@@ -133,14 +133,13 @@ class Traced:
     linear-op weight); None keeps this one."""
     if prunable is None:
       return self
-    masks_lib.selector(prunable)  # checks its type
     weights = {self.paths[i] for i in self.weights}
     if callable(prunable):
       picked = frozenset(p for p in self.paths if prunable(p))
       chosen = picked & weights
       bad = sorted(picked) if not chosen else []
     else:
-      chosen = frozenset(prunable)
+      chosen = masks_lib.check_paths(prunable)
       bad = sorted(chosen - weights)
     if bad:
       raise ValueError(

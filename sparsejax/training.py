@@ -145,6 +145,7 @@ def make_schedule(config) -> optax.Schedule:
 
 def kernel_mask(params: PyTree) -> PyTree:
   """Bool tree shaped like ``params``: True at Dense/Conv kernels (what L2 applies to)."""
+
   def is_kernel(path, leaf):  # replaced by the prunable set in the training package
     return masks_lib.path_str(path[-1:]) == "kernel" and jnp.ndim(leaf) >= 2
 

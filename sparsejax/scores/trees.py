@@ -32,7 +32,7 @@ def prunable_paths(model, prunable, masks=None, example=None) -> frozenset | Non
   weights (``model`` a :class:`sparsejax.Traced`, or a module traced on ``example``);
   None when none of these is known."""
   if prunable is not None:
-    return masks_lib._check_paths(prunable)
+    return masks_lib.check_paths(prunable)
   if masks is not None:
     return frozenset(masks_lib.paths(masks))
   if isinstance(model, tracing.Traced):
