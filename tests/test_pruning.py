@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsejax import effective, masks, models, pruning, quotas
+import sparsejax
+from sparsejax import effective, masks, models, pruning, quotas, search
 from tests import reference_graph as R
 
 SMALL = {
@@ -35,13 +36,20 @@ def small(name):
   return model, params, input_shape
 
 
-def random_scores(params, seed, distinct=True):
+def dense(name):
+  """The dense mask of SMALL[name] (its traced prunable set)."""
+  model, _, input_shape = small(name)
+  return sparsejax.trace(model, input_shape).ones()
+
+
+def random_scores(like, seed, distinct=True):
+  """Scores at the leaves of the mask tree ``like`` (e.g. :func:`dense`)."""
   keys = iter(jax.random.split(jax.random.key(seed), 64))
   if distinct:
-    return masks.map_prunable(lambda w: jax.random.uniform(next(keys), w.shape), params)
+    return masks.map_masks(lambda m: jax.random.uniform(next(keys), m.shape), like)
   # Few distinct values: many ties.
-  return masks.map_prunable(
-    lambda w: jax.random.randint(next(keys), w.shape, 0, 3).astype(jnp.float32), params
+  return masks.map_masks(
+    lambda m: jax.random.randint(next(keys), m.shape, 0, 3).astype(jnp.float32), like
   )
 
 
@@ -49,10 +57,13 @@ def random_scores(params, seed, distinct=True):
 def _all_counts(model, input_shape):
   sweep = effective.connectivity_sweep(model, input_shape, units=False)
 
+  def active(masks_k):
+    return sum(jnp.sum(m, dtype=jnp.int32) for m in masks.mask_leaves(sweep(masks_k).masks))
+
   @jax.jit
   def scan(ranking):
     ks = jnp.arange(ranking.total + 1)
-    return jax.vmap(lambda k: pruning._sweep_at(sweep, ranking, k)[0])(ks)
+    return jax.vmap(lambda k: active(pruning.masks_at(ranking, k)))(ks)
 
   return scan
 
@@ -65,13 +76,19 @@ def brute_force(model, ranking, target, input_shape):
 
 
 def test_ties_are_broken_by_position():
-  _, params, _ = small("mlp")
-  scores = masks.map_prunable(lambda w: jnp.ones(w.shape), params)
+  scores = masks.map_masks(lambda m: jnp.ones(m.shape), dense("mlp"))
   ranking = pruning.rank_scores(scores)
   kept = masks.mask_leaves(pruning.masks_at(ranking, 45))
   first = np.asarray(kept[0]).reshape(-1)
   assert first.sum() == 40 and first.all()  # layer 0 (5x8) first, row-major
   assert np.asarray(kept[1]).reshape(-1)[:5].all() and np.asarray(kept[1]).sum() == 5
+
+
+def reference_order(values) -> np.ndarray:
+  """Brute force: flat positions by descending value (compared in float64, -0.0 == 0.0),
+  ties by position."""
+  v = np.asarray(values, np.float64).reshape(-1)
+  return np.lexsort((np.arange(v.size), -v)).astype(np.int32)
 
 
 @settings(max_examples=15, deadline=None)
@@ -81,39 +98,49 @@ def test_ties_are_broken_by_position():
   quota=st.sampled_from([None, "igq"]),
   integer=st.booleans(),
 )
-def test_host_and_device_sorts_agree(seed, ties, quota, integer):
-  _, params, _ = small("cnn")
-  scores = random_scores(params, seed, distinct=not ties)
+def test_orders_equal_a_brute_force_sort(seed, ties, quota, integer):
+  scores = random_scores(dense("cnn"), seed, distinct=not ties)
   if integer:
     scores = masks.map_masks(lambda s: (s * 1000).astype(jnp.int32) - 500, scores)
   else:  # signed zeros and negatives sort as numbers
     scores = masks.map_masks(lambda s: jnp.where(s > 1.5, -0.0, s - 0.5), scores)
-  a = pruning.rank_scores(scores, quota, sort="host")
-  b = pruning.rank_scores(scores, quota, sort="device")
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
+  ranking = pruning.rank_scores(scores, quota)
+  values = [np.asarray(s) for s in masks.mask_leaves(scores)]
+  for l, v in enumerate(values):
+    want = reference_order(v)
+    np.testing.assert_array_equal(np.asarray(ranking.order[l]), want)
+    np.testing.assert_array_equal(np.asarray(ranking.ranks[l])[want], np.arange(v.size))
+  if quota is None:
+    flat = reference_order(np.concatenate([v.reshape(-1) for v in values]))
+    ranks = np.empty(flat.size, np.int64)
+    ranks[flat] = np.arange(flat.size)
+    offsets = np.cumsum([0] + [v.size for v in values])
+    for l in range(len(values)):
+      np.testing.assert_array_equal(
+        np.asarray(ranking.cutoffs[l]), np.sort(ranks[offsets[l] : offsets[l + 1]])
+      )
 
 
 def test_integer_scores_rank_exactly():
-  _, params, _ = small("mlp")
-  n = [int(np.prod(s)) for s in masks.prunable_shapes(params)]
+  like = dense("mlp")
+  shapes = [m.shape for m in masks.mask_leaves(like)]
+  n = [int(np.prod(s)) for s in shapes]
   big = 2**30  # beyond float32's exact integers
   starts = np.cumsum([0] + n[:-1])
   it = iter(
     [
       jnp.arange(big + a, big + a + k, dtype=jnp.int32).reshape(s)
-      for a, k, s in zip(starts, n, masks.prunable_shapes(params))
+      for a, k, s in zip(starts, n, shapes)
     ]
   )
-  ranking = pruning.rank_scores(masks.map_prunable(lambda w: next(it), params))
+  ranking = pruning.rank_scores(masks.map_masks(lambda m: next(it), like))
   last = masks.mask_leaves(pruning.masks_at(ranking, 1))
   assert np.asarray(last[-1]).reshape(-1)[-1] and sum(int(m.sum()) for m in last) == 1
 
 
 @pytest.mark.parametrize("quota", [None, "uniform", "igq", "erk"])
 def test_masks_are_nested_with_exact_counts(quota):
-  _, params, _ = small("mlp")
-  ranking = pruning.rank_scores(random_scores(params, 0), quota)
+  ranking = pruning.rank_scores(random_scores(dense("mlp"), 0), quota)
   prev = None
   for k in range(0, ranking.total + 1, 7):
     leaves = [np.asarray(m) for m in masks.mask_leaves(pruning.masks_at(ranking, k))]
@@ -130,8 +157,7 @@ def test_masks_are_nested_with_exact_counts(quota):
 
 def test_direct_masks_hit_the_count():
   model = models.create("lenet300100")
-  params = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 28, 28, 1)))["params"]
-  scores = random_scores(params, 1)
+  scores = random_scores(sparsejax.trace(model, (28, 28, 1)).ones(), 1)
   for s in (0.5, 0.99, 0.999):
     m = pruning.masks_from_ranking(pruning.rank_scores(scores), s)
     assert masks.count(m)[0] == round((1 - s) * 266_200)
@@ -148,24 +174,28 @@ def test_direct_masks_hit_the_count():
   frac=st.floats(0.0, 1.0),
 )
 def test_search_equals_brute_force(name, quota, seed, ties, frac):
-  model, params, input_shape = small(name)
-  ranking = pruning.rank_scores(random_scores(params, seed, distinct=not ties), quota)
+  model, _, input_shape = small(name)
+  ranking = pruning.rank_scores(random_scores(dense(name), seed, distinct=not ties), quota)
   target = int(round(frac * ranking.total))
   want, e = brute_force(model, ranking, target, input_shape)
+  traced = sparsejax.trace(model, input_shape)
+  got = {}
   for loop in ("host", "device"):
-    k, ek, _ = pruning.effective_kept(model, ranking, target, input_shape, loop=loop)
+    k, ek, sweeps = search.effective_kept(ranking, target, traced, loop=loop)
     assert (k, ek) == (want, int(e[want])), loop
+    got[loop] = sweeps
+  assert got["host"] == got["device"]  # one loop: the same steps on either side
 
 
 def test_search_on_lenet300100_hits_the_target_closely():
   model = models.create("lenet300100")
-  params = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 28, 28, 1)))["params"]
-  sweep = jax.jit(effective.connectivity_sweep(model, (28, 28, 1), units=False))
+  traced = sparsejax.trace(model, (28, 28, 1))
+  sweep = jax.jit(effective.connectivity_sweep(traced, units=False))
   for quota in (None, "uniform", "igq"):
-    ranking = pruning.rank_scores(random_scores(params, 2), quota)
+    ranking = pruning.rank_scores(random_scores(traced.ones(), 2), quota)
     for compression in (10, 100):
       target = pruning.kept_for_sparsity(1 - 1 / compression, ranking.total)
-      k, e, _ = pruning.effective_kept(model, ranking, target, (28, 28, 1))
+      k, e, _ = search.effective_kept(ranking, target, traced)
       count = lambda kk: int(
         sum(m.sum() for m in masks.mask_leaves(sweep(pruning.masks_at(ranking, kk)).masks))
       )
@@ -175,8 +205,8 @@ def test_search_on_lenet300100_hits_the_target_closely():
 
 
 def test_unreachable_target_names_the_largest_reachable():
-  model, params, input_shape = small("mlp")
-  ranking = pruning.rank_scores(random_scores(params, 3))
+  model, _, input_shape = small("mlp")
+  ranking = pruning.rank_scores(random_scores(dense("mlp"), 3))
   with pytest.raises(
     ValueError,
     match=r"cannot be reached.*largest reachable effective "
@@ -186,8 +216,8 @@ def test_unreachable_target_names_the_largest_reachable():
 
 
 def test_bad_arguments():
-  model, params, input_shape = small("mlp")
-  ranking = pruning.rank_scores(random_scores(params, 0))
+  model, _, input_shape = small("mlp")
+  ranking = pruning.rank_scores(random_scores(dense("mlp"), 0))
   with pytest.raises(ValueError, match="pruning_type='both'"):
     pruning.masks_from_ranking(ranking, 0.5, "both")
   with pytest.raises(ValueError, match="sparsity=1.5"):
@@ -195,7 +225,7 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="needs model= and input_shape="):
     pruning.masks_from_ranking(ranking, 0.5, "effective")
   with pytest.raises(ValueError, match="loop='gpu'"):
-    pruning.effective_kept(model, ranking, 10, input_shape, loop="gpu")
-  nan = masks.map_prunable(lambda w: jnp.full(w.shape, jnp.nan), params)
+    search.effective_kept(ranking, 10, sparsejax.trace(model, input_shape), loop="gpu")
+  nan = masks.map_masks(lambda m: jnp.full(m.shape, jnp.nan), dense("mlp"))
   with pytest.raises(ValueError, match="NaN or infinite"):
     pruning.rank_scores(nan)

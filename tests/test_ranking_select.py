@@ -1,4 +1,4 @@
-"""Rankings by selection (sparsejax.selection) give the full sort's masks, ties included."""
+"""Rankings by selection (sparsejax.selection) against a brute-force sort, ties included."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsejax import masks, pruning, selection
+import sparsejax
+from sparsejax import masks, pruning, quotas, search, selection
 from tests import test_pruning as TP
 
 QUOTAS = [None, "uniform", "erk", "igq"]
@@ -28,8 +29,9 @@ def reference_order(values: np.ndarray) -> np.ndarray:
   return np.lexsort((np.arange(v.size), -v)).astype(np.int32)
 
 
-def tied_scores(params, seed, levels, dtype):
-  """Scores with only ``levels`` distinct values (1: all equal), signed zeros too."""
+def tied_scores(like, seed, levels, dtype):
+  """Scores at the leaves of the mask tree ``like`` with only ``levels`` distinct values
+  (1: all equal), signed zeros too."""
   rng = np.random.default_rng(seed)
   values = np.array([-0.0, 0.0, 1.5, -2.0, 3.0, 1e-3, -1e-30, 7.0])[: max(levels, 1)]
 
@@ -39,7 +41,31 @@ def tied_scores(params, seed, levels, dtype):
       x = np.round(x * 100)
     return jnp.asarray(x, dtype)
 
-  return masks.map_prunable(one, params)
+  return masks.map_masks(one, like)
+
+
+def reference_masks(scores, quota, k):
+  """Brute force: the mask keeping k weights along the scores (descending value in
+  float64, ties by position), per layer by the quota's counts or globally."""
+  values = [np.asarray(s).astype(np.float64).reshape(-1) for s in masks.mask_leaves(scores)]
+  sizes = [v.size for v in values]
+  if quota is None:
+    order = reference_order(np.concatenate(values))[:k]
+    flat = np.zeros(sum(sizes), bool)
+    flat[order] = True
+    return np.split(flat, np.cumsum(sizes)[:-1])
+  counts = np.asarray(reference_counts(quota, k, [m.shape for m in masks.mask_leaves(scores)]))
+  kept = []
+  for v, c in zip(values, counts):
+    m = np.zeros(v.size, bool)
+    m[reference_order(v)[:c]] = True
+    kept.append(m)
+  return kept
+
+
+def reference_counts(quota, k, shapes):
+  total = sum(int(np.prod(s)) for s in shapes)
+  return quotas.layer_kept_counts(quota, np.float32(k) / np.float32(total), shapes)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
@@ -57,15 +83,13 @@ def test_keys_order_like_float64(dtype):
 
 
 @pytest.mark.parametrize("quota", [None, "igq"])
-@pytest.mark.parametrize("sort", ["select", "host", "device"])
-def test_bfloat16_scores_rank_like_a_float64_reference(sort, quota):
-  _, params, _ = TP.small("mlp")
+def test_bfloat16_scores_rank_like_a_float64_reference(quota):
   rng = np.random.default_rng(1)
   # Values between consecutive integers: a cast to int32 would tie them all.
-  scores = masks.map_prunable(
-    lambda w: jnp.asarray(rng.uniform(-3, 3, w.shape), jnp.bfloat16), params
+  scores = masks.map_masks(
+    lambda m: jnp.asarray(rng.uniform(-3, 3, m.shape), jnp.bfloat16), TP.dense("mlp")
   )
-  ranking = pruning.rank_scores(scores, quota, sort=sort)
+  ranking = pruning.rank_scores(scores, quota)
   values = [np.asarray(s).astype(np.float64) for s in masks.mask_leaves(scores)]
   if quota is None:
     flat = reference_order(np.concatenate([v.reshape(-1) for v in values]))
@@ -92,41 +116,38 @@ def test_bfloat16_scores_rank_like_a_float64_reference(sort, quota):
   dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.int32]),
   fracs=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=4),
 )
-def test_selection_masks_equal_full_sort_masks(seed, levels, quota, name, dtype, fracs):
-  _, params, _ = TP.small(name)
-  scores = tied_scores(params, seed, levels, dtype)
-  select = pruning.rank_scores(scores, quota)
-  full = pruning.rank_scores(scores, quota, sort="host")
-  assert select.selects and not full.selects
-  total = select.total
+def test_selection_masks_equal_a_brute_force(seed, levels, quota, name, dtype, fracs):
+  scores = tied_scores(TP.dense(name), seed, levels, dtype)
+  ranking = pruning.rank_scores(scores, quota)
+  assert ranking.concrete
+  total = ranking.total
   for k in [0, total, 1, total - 1] + [int(round(f * total)) for f in fracs]:
-    assert_same_masks(pruning.masks_at(select, k), pruning.masks_at(full, k))
-    np.testing.assert_array_equal(np.asarray(select.counts(k)), np.asarray(full.counts(k)))
+    want = reference_masks(scores, quota, k)
+    got = [m.reshape(-1) for m in leaves(pruning.masks_at(ranking, k))]
+    for x, y in zip(got, want, strict=True):
+      np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(np.asarray(ranking.counts(k)), [int(m.sum()) for m in want])
   for s in (0.0, 0.5, 0.9):
-    assert_same_masks(pruning.masks_from_ranking(select, s), pruning.masks_from_ranking(full, s))
-  # The lazily computed arrays are the full sort's.
-  for x, y in zip(
-    jax.tree.leaves((select.order, select.ranks, select.cutoffs)),
-    jax.tree.leaves((full.order, full.ranks, full.cutoffs)),
-    strict=True,
-  ):
-    np.testing.assert_array_equal(x, y)
+    want = reference_masks(scores, quota, pruning.kept_for_sparsity(s, total))
+    for x, y in zip(leaves(pruning.masks_from_ranking(ranking, s)), want, strict=True):
+      np.testing.assert_array_equal(x.reshape(-1), y)
 
 
 @pytest.mark.parametrize("quota", [None, "igq"])
 def test_traced_ranking_sorts_its_keys_in_the_program(quota):
-  _, params, _ = TP.small("cnn")
-  scores = tied_scores(params, 11, 3, jnp.float32)
+  scores = tied_scores(TP.dense("cnn"), 11, 3, jnp.float32)
   select = pruning.rank_scores(scores, quota)
-  full = pruning.rank_scores(scores, quota, sort="host")
   assert len(jax.tree.leaves(select)) == (1 if quota else 2)  # the keys, no order
   traced = jax.jit(lambda r: (r.order, r.ranks, r.cutoffs))(select)
+  host = pruning.rank_scores(scores, quota)  # its arrays: tests/test_pruning.py's brute force
   for x, y in zip(
-    jax.tree.leaves(traced), jax.tree.leaves((full.order, full.ranks, full.cutoffs)), strict=True
+    jax.tree.leaves(traced), jax.tree.leaves((host.order, host.ranks, host.cutoffs)), strict=True
   ):
     np.testing.assert_array_equal(x, y)
   k = jnp.int32(select.total // 3)  # a traced count takes the sorted arrays
-  assert_same_masks(jax.jit(pruning.masks_at)(select, k), pruning.masks_at(full, int(k)))
+  got = leaves(jax.jit(pruning.masks_at)(select, k))
+  for x, y in zip(got, reference_masks(scores, quota, int(k)), strict=True):
+    np.testing.assert_array_equal(x.reshape(-1), y)
 
 
 @pytest.mark.slow
@@ -138,70 +159,57 @@ def test_traced_ranking_sorts_its_keys_in_the_program(quota):
   name=st.sampled_from(sorted(TP.SMALL)),
   frac=st.floats(0.0, 1.0),
 )
-def test_selection_search_equals_full_sort_search(seed, levels, quota, name, frac):
-  model, params, input_shape = TP.small(name)
-  scores = tied_scores(params, seed, levels, jnp.float32)
-  select = pruning.rank_scores(scores, quota)
-  full = pruning.rank_scores(scores, quota, sort="host")
-  target = int(round(frac * select.total))
-  got = pruning.effective_kept(model, select, target, input_shape, loop="host")
-  want = pruning.effective_kept(model, full, target, input_shape, loop="host")
-  assert got == want
-  device = pruning.effective_kept(model, select, target, input_shape, loop="device")
-  assert device == want
+def test_search_on_tied_scores_equals_a_brute_force(seed, levels, quota, name, frac):
+  model, _, input_shape = TP.small(name)
+  scores = tied_scores(TP.dense(name), seed, levels, jnp.float32)
+  ranking = pruning.rank_scores(scores, quota)
+  target = int(round(frac * ranking.total))
+  traced = sparsejax.trace(model, input_shape)
+  host = search.effective_kept(ranking, target, traced, loop="host")
+  want, e = TP.brute_force(model, ranking, target, input_shape)
+  assert host[:2] == (want, int(e[want]))
+  device = search.effective_kept(ranking, target, traced, loop="device")
+  assert device == host
 
 
 @pytest.mark.slow
-def test_effective_masks_equal_on_lenet300100():
+def test_effective_masks_of_the_host_and_device_loops_are_equal_on_lenet300100():
   from sparsejax import models
 
-  model = models.create("lenet300100")
-  params = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 28, 28, 1)))["params"]
+  traced = sparsejax.trace(models.create("lenet300100"), (28, 28, 1))
   for quota, s in ((None, 0.99), ("uniform", 0.999)):
-    scores = TP.random_scores(params, 5, distinct=quota is None)  # uniform: many ties
-    select = pruning.rank_scores(scores, quota)
-    full = pruning.rank_scores(scores, quota, sort="host")
-    kw = dict(model=model, input_shape=(28, 28, 1))
+    scores = TP.random_scores(traced.ones(), 5, distinct=quota is None)  # uniform: many ties
+    ranking = pruning.rank_scores(scores, quota)
     assert_same_masks(
-      pruning.masks_from_ranking(select, s, "effective", **kw),
-      pruning.masks_from_ranking(full, s, "effective", **kw),
+      pruning.masks_from_ranking(ranking, s, "effective", model=traced, loop="host"),
+      pruning.masks_from_ranking(ranking, s, "effective", model=traced, loop="device"),
     )
 
 
 def test_window_counts_and_quota_from_rankings():
-  _, params, _ = TP.small("cnn")
-  global_scores = tied_scores(params, 3, 3, jnp.float32)
-  within_scores = tied_scores(params, 4, 2, jnp.float32)
-  g_sel, g_full = (pruning.rank_scores(global_scores, sort=s) for s in ("select", "host"))
-  total = g_sel.total
+  like = TP.dense("cnn")
+  global_scores = tied_scores(like, 3, 3, jnp.float32)
+  within_scores = tied_scores(like, 4, 2, jnp.float32)
+  g = pruning.rank_scores(global_scores)
+  total = g.total
   ks = np.array([-5, 0, 1, 7, total // 2, total - 1, total, total + 9])
-  want = np.stack([np.asarray(g_full.counts(int(np.clip(k, 0, total)))) for k in ks])
-  np.testing.assert_array_equal(g_sel.window_counts(ks), want)
+  want = np.stack(
+    [[m.sum() for m in reference_masks(global_scores, None, int(np.clip(k, 0, total)))] for k in ks]
+  )
+  np.testing.assert_array_equal(g.window_counts(ks), want)
   # quota_from: counts from one global ranking, order within layers from another
-  w_sel, w_full = (
-    pruning.rank_scores(within_scores, "uniform", sort=s) for s in ("select", "host")
-  )
-  mixed_sel = pruning.Ranking(
-    None,
-    None,
-    None,
-    None,
-    w_sel.shapes,
-    w_sel.treedef,
-    w_sel.slots,
-    keys=w_sel.keys,
-    count_keys=g_sel.count_keys,
-  )
-  mixed_full = pruning.Ranking(
-    w_full.order, w_full.ranks, g_full.cutoffs, None, w_full.shapes, w_full.treedef, w_full.slots
-  )
+  mixed = pruning.rank_scores(within_scores, "uniform").with_counts_from(g)
+  within = [np.asarray(s).astype(np.float64).reshape(-1) for s in leaves(within_scores)]
   for k in range(0, total + 1, 5):
-    assert_same_masks(pruning.masks_at(mixed_sel, k), pruning.masks_at(mixed_full, k))
+    counts = [int(m.sum()) for m in reference_masks(global_scores, None, k)]
+    for m, v, c in zip(leaves(pruning.masks_at(mixed, k)), within, counts, strict=True):
+      want = np.zeros(v.size, bool)
+      want[reference_order(v)[:c]] = True
+      np.testing.assert_array_equal(m.reshape(-1), want)
 
 
 def test_selection_is_deterministic_whatever_was_asked_before():
-  _, params, _ = TP.small("cnn")
-  scores = tied_scores(params, 9, 2, jnp.float32)
+  scores = tied_scores(TP.dense("cnn"), 9, 2, jnp.float32)
   for quota in (None, "igq"):
     fresh = lambda: pruning.rank_scores(scores, quota)
     used = fresh()
@@ -211,21 +219,49 @@ def test_selection_is_deterministic_whatever_was_asked_before():
       assert_same_masks(pruning.masks_at(used, k), pruning.masks_at(fresh(), k))
 
 
-def test_threshold_and_top_edges():
+def test_threshold_and_prefix_edges():
   d = np.array([3, 1, 1, 2, 1, 0], np.uint32)
   assert selection.threshold(d, 0) == (0, 0)
   assert selection.threshold(d, 6) == (0xFFFFFFFF, 6)
   assert selection.threshold(d, 2) == (1, 2)  # 0 at 5, then the first tie (1 at 1)
-  np.testing.assert_array_equal(selection.top(d, 4), [5, 1, 2, 4])
-  np.testing.assert_array_equal(selection.mask_of(d, 1, 2), [0, 1, 0, 0, 0, 1])
+  prefix = selection.Prefix(d)
+  np.testing.assert_array_equal(prefix.order(4)[:4], [5, 1, 2, 4])
+  assert prefix.threshold(2) == (1, 2)
   with pytest.raises(ValueError, match="c=7"):
     selection.threshold(d, 7)
 
 
-def test_bad_sort():
-  _, params, _ = TP.small("mlp")
-  with pytest.raises(ValueError, match="sort='gpu'.*select"):
-    pruning.rank_scores(TP.random_scores(params, 0), sort="gpu")
+@settings(max_examples=40, deadline=None)
+@given(
+  sizes=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+  levels=st.integers(1, 7),
+  seed=st.integers(0, 2**20),
+  frac=st.floats(0.0, 1.0),
+)
+def test_top_k_in_a_program_equals_a_brute_force(sizes, levels, seed, frac):
+  """selection.top_k (the radix select of iterative pruners and dynamic updates) keeps
+  the best k alive keys over all arrays, ties by position."""
+  rng = np.random.default_rng(seed)
+  values = np.array([0.0, -0.0, 1.5, 3.0, 7.0, -2.0, 1e-30], np.float32)[:levels]
+  scores = [values[rng.integers(0, levels, n)] for n in sizes]
+  alive = [rng.random(n) < 0.7 for n in sizes]
+  flat, flat_alive = np.concatenate(scores), np.concatenate(alive)
+  order = [i for i in reference_order(flat) if flat_alive[i]]
+  k = int(round(frac * len(order)))
+  want = np.zeros(flat.size, bool)
+  want[order[:k]] = True
+  keys = [jnp.asarray(selection.descending_keys(x)) for x in scores]
+  top = jax.jit(lambda ks, k, al: selection.top_k(ks, k, al)[0])
+  got = top(keys, jnp.int32(k), [jnp.asarray(a) for a in alive])
+  np.testing.assert_array_equal(np.concatenate([np.asarray(g) for g in got]), want)
+
+
+def test_exact_keys_of_float64_scores():
+  x = np.array([1.0, 1.0 + 2**-40, -0.0, 0.0, -3.0, 1e300])
+  np.testing.assert_array_equal(
+    selection.full_order(selection.descending_keys(x)), reference_order(x)
+  )
+  assert selection.descending_keys(x).dtype == np.uint64
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32])
