@@ -17,9 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparsejax import effective, models, pruning, scores
+from sparsejax import effective, models, pruning, scores, selection
 from sparsejax import masks as masks_lib
 from sparsejax.models import layers as L
+from sparsejax.scores import data as score_data
 
 HYP = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -59,6 +60,30 @@ def init(model, shape, seed=0):
   return model.init(jax.random.key(seed), jnp.ones((1,) + tuple(shape)))
 
 
+def is_kernel(path, leaf) -> bool:
+  """The test networks' linear-op weights: their Dense/Conv kernels."""
+  return masks_lib.path_str(path[-1:]) == "kernel" and np.ndim(leaf) >= 2
+
+
+def kernel_paths(params) -> list[str]:
+  return [
+    masks_lib.path_str(p)
+    for p, leaf in jax.tree_util.tree_leaves_with_path(params)
+    if is_kernel(p, leaf)
+  ]
+
+
+def kernel_leaves(params) -> list:
+  return [leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params) if is_kernel(p, leaf)]
+
+
+def replace_kernels(params, new):
+  it = iter(new)
+  return jax.tree_util.tree_map_with_path(
+    lambda p, leaf: next(it) if is_kernel(p, leaf) else leaf, params
+  )
+
+
 def fast_params(model, shape, seed=0):
   """Params without running ``model.init`` (slow to compile for VGG-19): kernels
   normal with the zoo's variance (scale 2, fan_avg), everything else 0 or 1."""
@@ -67,7 +92,7 @@ def fast_params(model, shape, seed=0):
 
   def fill(path, s):
     name = masks_lib.path_str(path[-1:])
-    if masks_lib.is_prunable(path, s):
+    if is_kernel(path, s):
       fan_in = int(np.prod(s.shape[:-1]))
       fan_out = int(np.prod(s.shape[:-2])) * s.shape[-1]
       std = np.sqrt(2.0 / ((fan_in + fan_out) / 2))
@@ -95,7 +120,9 @@ def leaves(tree):
 
 def random_masks(params, seed, density):
   rng = np.random.default_rng(seed)
-  return masks_lib.map_prunable(lambda w: jnp.asarray(rng.random(w.shape) < density), params)
+  return masks_lib.map_prunable(
+    lambda w: jnp.asarray(rng.random(w.shape) < density), params, prunable=kernel_paths(params)
+  )
 
 
 # --------------------------------------------------------------------------- magnitude, LAMP
@@ -108,7 +135,7 @@ HAND = {
 
 
 def test_magnitude_closed_form():
-  s = scores.magnitude(HAND)
+  s = scores.magnitude(HAND, prunable=kernel_paths(HAND))
   assert s["a"]["bias"] is None
   np.testing.assert_array_equal(s["a"]["kernel"], [[1.0, 2.0], [3.0, 0.0]])
   np.testing.assert_array_equal(s["b"]["kernel"], [[0.5], [0.25], [0.5]])
@@ -129,7 +156,7 @@ def lamp_reference(w):
 
 
 def test_lamp_hand_made():
-  s = scores.lamp(HAND)
+  s = scores.lamp(HAND, prunable=kernel_paths(HAND))
   assert s["a"]["bias"] is None
   # |w| sorted ascending: 0, 1, 2, 3 -> 0/14, 1/14, 4/13, 9/9.
   np.testing.assert_allclose(s["a"]["kernel"], [[1 / 14, 4 / 13], [1.0, 0.0]], rtol=1e-6)
@@ -144,7 +171,7 @@ def test_lamp_matches_reference(values, scale_exp):
   w = np.asarray(values, np.float32).reshape(-1, 1) * np.float32(10.0**-scale_exp)
   if w.shape[0] < 2:
     w = np.concatenate([w, w])
-  got = scores.lamp({"l": {"kernel": jnp.asarray(w)}})["l"]["kernel"]
+  got = scores.lamp({"l": {"kernel": jnp.asarray(w)}}, prunable=["l/kernel"])["l"]["kernel"]
   np.testing.assert_allclose(got, lamp_reference(w), rtol=1e-5, atol=1e-7)
   if np.any(w != 0):
     assert np.max(np.asarray(got)) == 1.0  # the largest weight of the layer scores 1
@@ -159,7 +186,7 @@ def test_lamp_global_topk_never_empties_a_layer():
       [((30, 20), 1.0), ((20, 10), 1e-3), ((10, 5), 1e2), ((5, 2), 1e-6)]
     )
   }
-  ranking = pruning.rank_scores(scores.lamp(params))
+  ranking = pruning.rank_scores(scores.lamp(params, prunable=kernel_paths(params)))
   n_layers = len(ranking.shapes)
   for k in (n_layers, n_layers + 1, 10, 50, 200):
     counts = [int(np.sum(m)) for m in leaves(pruning.masks_at(ranking, k))]
@@ -168,7 +195,11 @@ def test_lamp_global_topk_never_empties_a_layer():
   # Magnitude pruning at the same k empties the small layers.
   mag = [
     int(np.sum(m))
-    for m in leaves(pruning.masks_at(pruning.rank_scores(scores.magnitude(params)), 50))
+    for m in leaves(
+      pruning.masks_at(
+        pruning.rank_scores(scores.magnitude(params, prunable=kernel_paths(params))), 50
+      )
+    )
   ]
   assert min(mag) == 0
 
@@ -182,9 +213,9 @@ def test_lamp_rejects_non_finite_weights_like_magnitude(bad):
     "dense_1": {"kernel": jnp.ones((100, 10), jnp.float32)},
   }
   with pytest.raises(ValueError, match="NaN or infinite"):
-    scores.magnitude(params)
+    scores.magnitude(params, prunable=kernel_paths(params))
   with pytest.raises(ValueError, match="lamp got 1 NaN or infinite weights.*dense_0"):
-    scores.lamp(params)
+    scores.lamp(params, prunable=kernel_paths(params))
 
 
 # --------------------------------------------------------------------------- random
@@ -192,9 +223,9 @@ def test_lamp_rejects_non_finite_weights_like_magnitude(bad):
 
 def test_random_uniform_int_scores_deterministic():
   params = init(MLP(widths=(300, 50, 3)), (40,))["params"]
-  a = scores.random(jax.random.key(1), params)
-  b = scores.random(jax.random.key(1), params)
-  c = scores.random(jax.random.key(2), params)
+  a = scores.random(params, key=jax.random.key(1), prunable=kernel_paths(params))
+  b = scores.random(params, key=jax.random.key(1), prunable=kernel_paths(params))
+  c = scores.random(params, key=jax.random.key(2), prunable=kernel_paths(params))
   assert a["dense_0"]["bias"] is None
   flat = np.concatenate([x.ravel() for x in leaves(a)])
   assert flat.dtype == np.int32 and flat.min() >= 0
@@ -216,7 +247,7 @@ TOPK_SHAPES = ((7, 2), (1, 2), (20, 3))  # fixed: one compilation for all exampl
 
 @settings(max_examples=60, **HYP)
 @given(st.data())
-def test_top_k_masks_matches_stable_sort(data):
+def test_select_top_matches_stable_sort(data):
   pool = [0.0, 1e-40, 3e-39, 1e-20, 0.5, 0.5000001, 1.0, 7.0, 1e30, 3.4e38]
   n = sum(int(np.prod(s)) for s in TOPK_SHAPES)
   flat_s = np.asarray(
@@ -233,7 +264,8 @@ def test_top_k_masks_matches_stable_sort(data):
     for i, (v, s) in enumerate(zip(np.split(flat_a, splits), TOPK_SHAPES))
   }
   k = data.draw(st.integers(0, int(flat_a.sum())))
-  got = np.concatenate([m.ravel() for m in leaves(scores.top_k_masks(tree, k, alive))])
+  got = selection.select_top(leaves(tree), k, [jnp.asarray(a) for a in leaves(alive)])
+  got = np.concatenate([np.asarray(m).ravel() for m in got])
   key = np.where(flat_a, flat_s.astype(np.float64), -1.0)
   want = np.zeros(n, bool)
   want[np.argsort(-key, kind="stable")[:k]] = True
@@ -304,7 +336,13 @@ def test_snip_custom_loss_and_compiled_once():
   two = scores.snip(model, variables, [b], loss_fn=double)
   for x, y in zip(leaves(one), leaves(two)):
     np.testing.assert_allclose(y, 2 * x, rtol=1e-5, atol=1e-8)
-  accumulate, _, _ = scores._snip_fns(model, scores.cross_entropy)
+  params = variables["params"]
+  slots = tuple(
+    i
+    for i, (p, leaf) in enumerate(jax.tree_util.tree_leaves_with_path(params))
+    if is_kernel(p, leaf)
+  )
+  accumulate, _, _ = score_data._snip_fns(model, scores.cross_entropy, None, slots)
   compiled = accumulate._cache_size()
   scores.snip(model, variables, [batch(6, 8, (5,)), batch(7, 8, (5,))])
   assert accumulate._cache_size() == compiled
@@ -394,7 +432,8 @@ def test_synflow_one_round_matches_path_counts(with_masks):
   params = init(model, (7,))["params"]
   masks = random_masks(params, 11, 0.6) if with_masks else None
   got = [
-    np.asarray(x, np.float64) for x in leaves(scores.synflow_scores(model, params, (7,), masks))
+    np.asarray(x, np.float64)
+    for x in leaves(scores.synflow_scores(model, params, input_shape=(7,), masks=masks))
   ]
   want = path_count_scores(params, masks)
   # One common positive factor for all layers (the linear mode's rescaling).
@@ -421,7 +460,10 @@ def test_synflow_rescaling_is_common_factor_with_biases_and_pooling():
   the same linear network without the per-layer rescaling, up to one factor."""
   model = CNN()
   params = init(model, (6, 6, 2))["params"]
-  got = [np.asarray(x, np.float64) for x in leaves(scores.synflow_scores(model, params, (6, 6, 2)))]
+  got = [
+    np.asarray(x, np.float64)
+    for x in leaves(scores.synflow_scores(model, params, input_shape=(6, 6, 2)))
+  ]
   x = jnp.ones((1, 6, 6, 2))
 
   def plain(kernels):
@@ -456,8 +498,11 @@ def test_synflow_rescaling_is_common_factor_on_residual_networks():
   model = TinyResNet()
   shape = (5, 5, 2)
   params = init(model, shape)["params"]
-  got = [np.asarray(x, np.float64) for x in leaves(scores.synflow_scores(model, params, shape))]
-  k = [jnp.abs(w) for w in scores._kernels(params)]  # stem, conv_1, conv_2, dense
+  got = [
+    np.asarray(x, np.float64)
+    for x in leaves(scores.synflow_scores(model, params, input_shape=shape))
+  ]
+  k = [jnp.abs(w) for w in kernel_leaves(params)]  # stem, conv_1, conv_2, dense
   x = jnp.ones((1,) + shape)
   conv = lambda h, w: jax.lax.conv_general_dilated(
     h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
@@ -513,7 +558,9 @@ def test_synflow_lenet_100_rounds(compression):
   shape = models.input_shape("lenet300100")
   params = init(model, shape)["params"]
   sparsity = 1 - 1 / compression
-  prio, stats = scores.synflow(model, params, shape, sparsity, return_stats=True)
+  prio, stats = scores.synflow(
+    model, params, input_shape=shape, sparsity=sparsity, return_stats=True
+  )
   masks = check_iterative_result(prio, stats, sparsity, 100)
   # Density after round t is (1 - s)^(t / 100).
   n = sum(x.size for x in leaves(prio))
@@ -545,7 +592,9 @@ def test_synflow_vgg19_no_overflow_few_rounds():
   sparsity = 1 - 1 / 1000
   # 5 rounds of 4x each (3 rounds of 10x collapse layers: a genuine SynFlow failure with
   # too few rounds, every score of the middle layers falling below the threshold).
-  prio, stats = scores.synflow(model, params, shape, sparsity, rounds=5, return_stats=True)
+  prio, stats = scores.synflow(
+    model, params, input_shape=shape, sparsity=sparsity, rounds=5, return_stats=True
+  )
   masks = check_iterative_result(prio, stats, sparsity, 5, big=True)
   assert np.all(stats.min_positive_score > 1e-30)
   assert np.all(np.isfinite(stats.max_score)) and np.all(stats.max_score < 1e30)
@@ -558,12 +607,12 @@ def test_synflow_vgg19_no_overflow_few_rounds():
 def test_synflow_deterministic_and_masks_start():
   model = MLP(widths=(20, 10, 4), use_bias=False)
   params = init(model, (8,))["params"]
-  a = scores.synflow(model, params, (8,), 0.9, rounds=7)
-  b = scores.synflow(model, params, (8,), 0.9, rounds=7)
+  a = scores.synflow(model, params, input_shape=(8,), sparsity=0.9, rounds=7)
+  b = scores.synflow(model, params, input_shape=(8,), sparsity=0.9, rounds=7)
   for x, y in zip(leaves(a), leaves(b)):
     np.testing.assert_array_equal(x, y)
   start = random_masks(params, 0, 0.5)
-  prio = scores.synflow(model, params, (8,), 0.9, rounds=7, masks=start)
+  prio = scores.synflow(model, params, input_shape=(8,), sparsity=0.9, rounds=7, masks=start)
   final, _, total = final_masks(prio, 0.9)
   n_start = masks_lib.count(start)[0]
   for f, s, p in zip(leaves(final), leaves(start), leaves(prio)):
@@ -578,8 +627,8 @@ def reference_iterative_snip(model, variables, batches, sparsity, rounds):
   """Plain loop: SNIP on the masked network, stable sort of the alive weights."""
   params = variables["params"]
   rest = {k: v for k, v in variables.items() if k != "params"}
-  names = masks_lib.prunable_paths(params)
-  kernels = [np.asarray(x) for x in scores._kernels(params)]
+  names = kernel_paths(params)
+  kernels = [np.asarray(x) for x in kernel_leaves(params)]
   n = sum(k.size for k in kernels)
   alive = np.ones(n, bool)
   splits = np.cumsum([k.size for k in kernels])[:-1]
@@ -593,8 +642,8 @@ def reference_iterative_snip(model, variables, batches, sparsity, rounds):
   for t in range(rounds):
     k = int(round(n * (1 - sparsity) ** ((t + 1) / rounds)))
     m = [a.reshape(w.shape) for a, w in zip(np.split(alive, splits), kernels)]
-    masked = scores._with_kernels(params, [jnp.asarray(w * mm) for w, mm in zip(kernels, m)])
-    g = scores._kernels(grad(masked, batches[t % len(batches)]))
+    masked = replace_kernels(params, [jnp.asarray(w * mm) for w, mm in zip(kernels, m)])
+    g = kernel_leaves(grad(masked, batches[t % len(batches)]))
     s = np.concatenate(
       [np.abs(np.asarray(gi) * w * mm).ravel() for gi, w, mm in zip(g, kernels, m)]
     )
@@ -614,7 +663,7 @@ def test_iterative_snip_matches_reference_loop():
   batches = [batch(20 + i, 8, shape) for i in range(3)]
   sparsity, rounds = 0.9, 6
   prio, stats = scores.iterative_snip(
-    model, variables, batches, sparsity, rounds=rounds, return_stats=True
+    model, variables, batches, sparsity=sparsity, rounds=rounds, return_stats=True
   )
   masks = check_iterative_result(prio, stats, sparsity, rounds)
   want, last_scores, last_alive, _ = reference_iterative_snip(
@@ -630,7 +679,7 @@ def test_iterative_snip_matches_reference_loop():
   extra = 5
   np.testing.assert_array_equal(np.argsort(-flat)[kept : kept + extra], order[:extra])
   # Deterministic.
-  again = scores.iterative_snip(model, variables, batches, sparsity, rounds=rounds)
+  again = scores.iterative_snip(model, variables, batches, sparsity=sparsity, rounds=rounds)
   for x, y in zip(leaves(prio), leaves(again)):
     np.testing.assert_array_equal(x, y)
 
@@ -645,18 +694,18 @@ def test_errors():
   b = batch(0, 4, (3,))
   for bad in (-0.1, 1.0, float("nan")):
     with pytest.raises(ValueError, match="sparsity"):
-      scores.synflow(model, params, (3,), bad)
+      scores.synflow(model, params, input_shape=(3,), sparsity=bad)
     with pytest.raises(ValueError, match="sparsity"):
-      scores.iterative_snip(model, variables, [b], bad)
+      scores.iterative_snip(model, variables, [b], sparsity=bad)
   with pytest.raises(ValueError, match="rounds"):
-    scores.synflow(model, params, (3,), 0.5, rounds=0)
+    scores.synflow(model, params, input_shape=(3,), sparsity=0.5, rounds=0)
   for fn, name in ((scores.snip, "snip"), (scores.grasp, "grasp")):
     for empty in (None, []):
       with pytest.raises(ValueError, match=f"{name} needs data"):
         fn(model, variables, empty)
   for empty in (None, [], iter([])):
     with pytest.raises(ValueError, match="iterative_snip needs data"):
-      scores.iterative_snip(model, variables, empty, 0.5)
+      scores.iterative_snip(model, variables, empty, sparsity=0.5)
   with pytest.raises(ValueError, match="preprocess"):
     scores.snip(
       model, variables, [{"image": jnp.zeros((2, 3), jnp.uint8), "label": jnp.zeros(2, jnp.int32)}]
@@ -664,7 +713,7 @@ def test_errors():
   with pytest.raises(ValueError, match="temperature"):
     scores.grasp(model, variables, [b], temperature=0.0)
   with pytest.raises(ValueError, match="input_shape"):
-    scores.synflow_scores(model, params, (0, 3))
+    scores.synflow_scores(model, params, input_shape=(0, 3))
   nan_params = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), params)
   nan_vars = {"params": nan_params}
   with pytest.raises(ValueError, match="NaN"):
@@ -672,14 +721,16 @@ def test_errors():
   with pytest.raises(ValueError, match="NaN"):
     scores.grasp(model, nan_vars, [b])
   with pytest.raises(ValueError, match="NaN"):
-    scores.synflow_scores(model, nan_params, (3,))
+    scores.synflow_scores(model, nan_params, input_shape=(3,))
   with pytest.raises(ValueError, match="NaN"):
-    scores.synflow(model, nan_params, (3,), 0.5, rounds=2)
+    scores.synflow(model, nan_params, input_shape=(3,), sparsity=0.5, rounds=2)
   with pytest.raises(ValueError, match="NaN"):
-    scores.iterative_snip(model, nan_vars, [b], 0.5, rounds=2)
+    scores.iterative_snip(model, nan_vars, [b], sparsity=0.5, rounds=2)
   inf_params = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf), params)
   with pytest.raises(ValueError, match="infinite"):
-    scores.synflow_scores(model, inf_params, (3,))
-  start = masks_lib.map_prunable(lambda w: jnp.zeros(w.shape, bool), params)
+    scores.synflow_scores(model, inf_params, input_shape=(3,))
+  start = masks_lib.map_prunable(
+    lambda w: jnp.zeros(w.shape, bool), params, prunable=kernel_paths(params)
+  )
   with pytest.raises(ValueError, match="sparsity"):
-    scores.synflow(model, params, (3,), 0.5, masks=start)
+    scores.synflow(model, params, input_shape=(3,), sparsity=0.5, masks=start)

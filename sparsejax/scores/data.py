@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -145,12 +146,11 @@ def _model_key(model, loss):
   return models.check_model(_module(model))
 
 
-def _slots(model, params, batches, prunable, masks, loss, who) -> tuple:
+def _slots(model, params, first, prunable, masks, loss, who) -> tuple:
   """The prunable leaves' slots (:func:`sparsejax.scores.trees.prunable_paths`; the
-  model traced on the first batch's image when nothing else says)."""
+  model traced on the ``first`` batch's image when nothing else says)."""
   example = None
   if prunable is None and masks is None and loss is None and not isinstance(model, tracing.Traced):
-    first = next(iter([batches] if isinstance(batches, Mapping) else batches), None)
     if isinstance(first, Mapping) and "image" in first:
       example = jax.ShapeDtypeStruct((1, *np.shape(first["image"])[1:]), jnp.float32)
   chosen = trees.prunable_paths(_module(model), prunable, masks, example)
@@ -275,13 +275,18 @@ def snip(
   params, rest = _split_for(variables, loss)
   if batches is None:
     _batches_list(None, who)
-  slots = _slots(model, params, batches, prunable, masks, loss, who)
+  batches = iter([batches] if isinstance(batches, Mapping) else batches)
+  first = next(batches, None)
+  if first is None:
+    _batches_list([], who)
+  batches = itertools.chain([first], batches)  # read once: batches may be a generator
+  slots = _slots(model, params, first, prunable, masks, loss, who)
   mask_leaves = trees.mask_arrays(masks)
   check = _check_batch if loss is None else _any_batch
   accumulate, finish, _ = _snip_fns(_model_key(model, loss), loss_fn or cross_entropy, loss, slots)
   acc = [jnp.zeros(w.shape, jnp.float32) for w in trees.kernels(params, slots)]
   total = 0
-  for batch in [batches] if isinstance(batches, Mapping) else batches:
+  for batch in batches:
     batch = check(batch, who)
     size = _batch_size(batch)
     acc = accumulate(acc, jnp.float32(size), params, rest, batch, mask_leaves)
@@ -330,7 +335,7 @@ def iterative_snip(
   rounds = trees.check_rounds(rounds)
   params, rest = _split_for(variables, loss)
   source = _Cycle(batches, who, _check_batch if loss is None else _any_batch)
-  slots = _slots(model, params, batches, prunable, masks, loss, who)
+  slots = _slots(model, params, source.get(0), prunable, masks, loss, who)
   step = _iterative_snip_step(_model_key(model, loss), loss_fn or cross_entropy, loss, slots)
   args = lambda t: (params, rest, source.get(t))
   return rounds_lib.iterate(
@@ -387,7 +392,7 @@ def grasp_hessian_gradient(
     raise ValueError(f"temperature={temperature!r} must be a positive finite number.")
   params, rest = _split_for(variables, loss)
   batch_list = _batches_list(batches, who, _check_batch if loss is None else _any_batch)
-  slots = _slots(model, params, batch_list, prunable, None, loss, who)
+  slots = _slots(model, params, batch_list[0], prunable, None, loss, who)
   grad_acc, hvp_acc = _grasp_fns(_model_key(model, loss), loss_fn or cross_entropy, t, loss, slots)
   zeros = [jnp.zeros(w.shape, jnp.float32) for w in trees.kernels(params, slots)]
   sizes = [_batch_size(b) for b in batch_list]
@@ -420,7 +425,8 @@ def grasp(
   ``temperature`` keyword gets GraSP's temperature; otherwise it is used as is).
   """
   params, _ = _split_for(variables, loss)
-  slots = _slots(model, params, batches, prunable, None, loss, "grasp")
+  batches = _batches_list(batches, "grasp", _check_batch if loss is None else _any_batch)
+  slots = _slots(model, params, batches[0], prunable, None, loss, "grasp")
   _, hg = grasp_hessian_gradient(
     model,
     variables,
