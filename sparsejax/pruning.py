@@ -262,6 +262,8 @@ def masks_from_ranking(
   sparsity = masks_lib.check_sparsity(sparsity)
   check_pruning_type(pruning_type)
   traced = None
+  if isinstance(ranking, structured.ChannelRanking) and model is None:
+    model = ranking.model  # a channel ranking knows its model
   if pruning_type == "effective":
     if model is None or (input_shape is None and not isinstance(model, tracing.Traced)):
       raise ValueError(

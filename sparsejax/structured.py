@@ -348,9 +348,12 @@ def rank(
 
 
 def _template(model, variables):
-  """The dense mask (numpy) of a zoo model: its traced prunable set."""
-  traced = tracing.trace(model, compact.default_input(model), variables=variables)
-  return masks_lib.map_masks(lambda m: np.ones(m.shape, bool), traced.ones())
+  """The dense mask (numpy) of a zoo model: the kernels its channel spaces write or
+  read (every linear-op weight of the zoo's families)."""
+  spaces, _ = compact.channel_spaces(_module(model))
+  paths = {f"{w}/kernel" for s in spaces for w in s.sites + s.readers}
+  dense = masks_lib.ones(variables["params"], paths)
+  return masks_lib.map_masks(lambda m: np.ones(m.shape, bool), dense)
 
 
 def _masks(template, spaces, keep: dict):

@@ -55,12 +55,11 @@ def test_l1_removes_the_smallest_filters_per_layer():
 def test_compacts_to_a_dense_smaller_network(name, quota):
   model, v = lenet5()
   m = structured.prune(
-    name,
+    name if quota == "uniform" else f"{name}/{quota}",
     key=jax.random.key(1),
     model=model,
     variables=v,
     fraction=0.5,
-    quota=quota,
     input_shape=SHAPE,
   )
   new_model, new_v, new_m = compact.compact(model, v, m, input_shape=SHAPE, verify=True)
@@ -101,11 +100,34 @@ def test_bn_scale_keeps_the_largest_scales_and_residual_streams_as_groups():
   )
   # stream 1 = the stem and both blocks' norm_2: 1 + 1 at init, plus the stem's
   np.testing.assert_allclose(sc["stream1"], g + 2.0)
-  keep = structured.keep_from_scores(sc, 0.5, "uniform")
+  ranking = structured.rank("channel/bn_scale", "channel", "uniform", sc, model, v)
+  keep = ranking.kept(round(0.5 * sum(ranking.sizes)))
   np.testing.assert_array_equal(keep["stream1"], [0, 2])
   m = structured.masks_for(model, v, keep)
   new_model, _, _ = compact.compact(model, v, m, input_shape=(8, 8, 3), verify=True)
   assert new_model.widths == (2, 2, 2, 2)
+
+
+def test_the_quota_in_the_name_is_honoured():
+  """structured.prune('neuron/l1/igq') uses IGQ (it once silently used uniform)."""
+  model = LeNet300100(hidden=(40, 8))
+  v = model.init(jax.random.key(0), jnp.ones((1,) + SHAPE))
+  kw = dict(key=jax.random.key(0), model=model, variables=v, fraction=0.5)
+  sc = structured.channel_scores("neuron/l1", key=kw["key"], model=model, variables=v)
+  for quota in ("igq", "erk", "global"):
+    m = structured.prune(f"neuron/l1/{quota}", **kw)
+    again = structured.prune(f"neuron/l1/{quota}", quota=quota, **kw)  # may repeat it
+    for a, b in zip(masks_lib.mask_leaves(m), masks_lib.mask_leaves(again), strict=True):
+      np.testing.assert_array_equal(a, b)
+    ranking = structured.rank(f"neuron/l1/{quota}", "neuron", quota, sc, model, v)
+    removed = ranking.removed_counts(min(round(0.5 * sum(ranking.sizes)), ranking.steps))
+    kept = [int(np.asarray(m[f"dense_{i}"]["kernel"]).any(0).sum()) for i in range(2)]
+    assert kept == [n - r for n, r in zip(ranking.sizes, removed)], quota
+  uniform = structured.prune("neuron/l1", **kw)
+  kept = [int(np.asarray(uniform[f"dense_{i}"]["kernel"]).any(0).sum()) for i in range(2)]
+  assert kept == [20, 4]
+  igq = structured.prune("neuron/l1/igq", **kw)
+  assert [int(np.asarray(igq[f"dense_{i}"]["kernel"]).any(0).sum()) for i in range(2)] != kept
 
 
 def test_bad_input():
@@ -115,7 +137,7 @@ def test_bad_input():
     structured.prune("channel/l2", fraction=0.5, **kw)
   with pytest.raises(ValueError, match="fraction="):
     structured.prune("channel/l1", fraction=1.0, **kw)
-  with pytest.raises(ValueError, match="quota="):
+  with pytest.raises(ValueError, match="quota='uniform_plus' contradicts.*'uniform'"):
     structured.prune("channel/l1", fraction=0.5, quota="uniform_plus", **kw)
   with pytest.raises(ValueError, match="batches="):
     structured.prune("channel/snip", fraction=0.5, **kw)
