@@ -11,8 +11,9 @@ Kempe, "Connectivity Matters", JMLR 2023). Three lines in a training loop:
 Submodules: masks, connectivity (the transform of a traced program that effective
 sparsity and SynFlow use), effective, quotas, scores, pruning, models, optim, dynamic,
 compact (dead units removed: a smaller dense network), flops, structured (channel and
-neuron pruning), errors; data and training (they bring TensorFlow Datasets) and
-optim, scores, dynamic, compact, flops, structured are imported on first use.
+neuron pruning), errors; data, training, optim, scores, dynamic, compact, flops and
+structured are imported on first use. Nothing imports TensorFlow except
+``sparsejax.data.load_split`` (the ``data`` extra).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ from sparsejax.pruning import (
 
 __version__ = "0.2.0"
 
-# Imported on first attribute access: data and training import TensorFlow Datasets;
-# the others (optax, the structured and dynamic pruners) are not needed to prune, and
-# a CLI run that prunes once should not pay for their import.
+# Imported on first attribute access: data and training (Orbax), optax, the structured
+# and dynamic pruners are not needed to prune, and a CLI run that prunes once should not
+# pay for their import.
 _LAZY_SUBMODULES = (
   "data",
   "training",
