@@ -145,9 +145,7 @@ def bench_dynamic_loop(arch, batch_size, steps, repeats):
         batch = batches[step % len(batches)]
         if updates is not None and updater.is_update_step(step):
           state = updates(state, batch, step)
-        state, metrics = training._train_step(
-          state, batch, key, model=model, spec=dspec, config=config
-        )
+        state, metrics = training.train_step(state, batch, key, model=model, spec=dspec)
       jax.block_until_ready((state, metrics))
       if r:
         times[(name, track)].append((time.perf_counter() - t0) / steps)
@@ -161,7 +159,7 @@ def bench_dynamic_parts(arch, batch_size, repeats):
   state = training.create_train_state(
     model, key, dspec.image_shape, config, masks=m, params=variables["params"]
   )
-  step = lambda s: training._train_step(s, batches[0], key, model=model, spec=dspec, config=config)
+  step = lambda s: training.train_step(s, batches[0], key, model=model, spec=dspec)
   jax.block_until_ready(step(state))
   step_times = []
   for _ in range(repeats):

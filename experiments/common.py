@@ -14,14 +14,15 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from sparsejax import data, files, masks, pruning
+from sparsejax import data, dynamic, files, masks, pruning
 
 #: Iterative magnitude pruning with rewinding: a training procedure of
 #: experiments.prune_train, not a ranking, so not in the pruner registry.
 IMP = "imp"
-#: Masks that move during training (sparsejax.dynamic): gradual magnitude pruning,
-#: SET, RigL and straight-through magnitude pruning. Training procedures too.
-DYNAMIC = ("gmp", "set", "rigl", "ste")
+#: Masks that move during training: the registry of sparsejax.dynamic (gradual
+#: magnitude pruning, SET, RigL, STE and any registered method), by name. Training
+#: procedures too. The registry itself, so `name in DYNAMIC` sees later registrations.
+DYNAMIC = dynamic.METHODS
 
 
 def strict_json(obj: Any) -> Any:

@@ -553,61 +553,49 @@ def check_config(
 
 
 def make_updater(config: ml_collections.ConfigDict, sparsity: float) -> dynamic.Updater:
-  """The :mod:`sparsejax.dynamic` updater of a gmp/set/rigl/ste config, its steps scaled
-  to ``train_steps`` (update_start and update_end are fractions of the run)."""
+  """The updater of the :mod:`sparsejax.dynamic` method ``config.pruner`` (registered in
+  ``dynamic.METHODS``), built from the config's settings with its steps scaled to
+  ``train_steps`` (update_start and update_end are fractions of the run)."""
+  method = dynamic.get_method(config.pruner)
   for field in ("update_start", "update_end"):
     if not 0.0 <= config[field] <= 1.0:
       raise ValueError(
         f"--config.{field}={config[field]!r} must be a fraction of the run in [0, 1]."
       )
   steps = config.train_steps
-  start, end = round(config.update_start * steps), round(config.update_end * steps)
   target = config.update_target or config.pruning_type
   pruning.check_pruning_type(target, "--config.update_target")
-  if config.pruner == "gmp":
-    return dynamic.GradualMagnitude(
-      sparsity,
-      start=start,
-      end=end,
-      every=config.update_every,
-      initial_sparsity=config.initial_sparsity,
-      quota=config.quota,
-      target=target,
+  if target not in method.targets:
+    raise ValueError(
+      f"--config.update_target={target!r} is not available for {method.name}; "
+      f"allowed: {', '.join(method.targets)}."
     )
-  if config.pruner == "ste":
-    if target == "effective":
-      raise ValueError(
-        "--config.update_target='effective' is not available for ste (its "
-        "mask is recomputed from dense weights); allowed: direct."
-      )
-    return dynamic.STE(sparsity, every=config.update_every, quota=config.quota)
-  cls = {"set": dynamic.SET, "rigl": dynamic.RigL}[config.pruner]
-  effective = target == "effective"
-  return cls(
-    end=end,
+  return method.make(
+    sparsity=sparsity,
+    start=round(config.update_start * steps),
+    end=round(config.update_end * steps),
     every=config.update_every,
-    drop_fraction=config.drop_fraction,
-    regrow="active" if effective else "any",
+    quota=config.quota,
     target=target,
-    sparsity=sparsity if effective else None,
+    drop_fraction=config.drop_fraction,
+    initial_sparsity=config.initial_sparsity,
   )
 
 
 def _starting_masks(config, updater, model, variables, sparsity, key):
-  """GMP and STE start dense (STE's first update, at step 0, prunes); SET and RigL
-  start from random masks at the target with the quota (ERK by default), aimed at
-  effective sparsity when the update target is effective."""
-  if config.pruner in ("gmp", "ste"):
-    return masks_lib.ones(variables["params"])
-  target = config.update_target or config.pruning_type
-  return pruning.prune(
-    f"random/{config.quota or 'erk'}",
+  """The method's starting masks (``dynamic.starting_masks``): all ones (GMP; STE's
+  first update, at step 0, prunes) or random at the target with the quota (SET, RigL;
+  ERK by default), aimed at effective sparsity when the update target is effective."""
+  del updater
+  return dynamic.starting_masks(
+    config.pruner,
     key=jax.random.fold_in(key, 1),
     model=model,
     variables=variables,
     sparsity=sparsity,
-    pruning_type=target,
     input_shape=data.get_spec(config.dataset).image_shape,
+    quota=config.quota,
+    target=config.update_target or config.pruning_type,
   )
 
 

@@ -16,7 +16,8 @@ read, then ``masks``; the rest by keyword (``input_shape=``, ``sparsity=``, ``ke
 ``import sparsejax`` loads the pruning path: masks, tracing, connectivity, effective,
 quotas, selection, ranking, search, scores, structured, compact (structured reads its
 zoo tables), registry, pruning, models, errors. These load on first use: optim and
-dynamic (Optax), training and data (Orbax; TensorFlow Datasets only for real data),
+dynamic (Optax), training and data (Orbax; TensorFlow only in
+``sparsejax.data.load_split``, the ``data`` extra),
 flops, timing (tests/test_library.py checks both lists in a fresh process).
 """
 

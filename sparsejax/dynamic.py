@@ -41,6 +41,21 @@ start at 0, as in RigL.
 
 Ties are broken by position (flattened layers, input-to-output order), so an update
 is a deterministic function of its arguments.
+
+Every method is an :class:`Updater` (a protocol: ``is_update_step``, ``update``,
+``needs_grads``, ``straight_through``, ``needs_sweep``, ``target`` and the
+effective-target hook ``update_effective``; :class:`BaseUpdater` gives the defaults)
+and is registered by name in :data:`METHODS` (:func:`register_method`,
+:func:`get_method`) with how to build it from plain keyword settings
+(:data:`SETTINGS`) and how its starting masks are made (:func:`starting_masks`). The
+training loop (:class:`sparsejax.training.MaskUpdates`) and the experiment binaries
+read only that protocol and registry, so a new method is one registration. In your own
+training loop::
+
+    if updater.is_update_step(step):
+      masks = updater.update(params, grads, masks, step, key)   # grads: dense, or None
+      params = dynamic.apply_update(params, masks)             # dropped weights to 0
+      opt_state = optim.replace_masks(opt_state, masks)        # no recompilation
 """
 
 from __future__ import annotations
@@ -48,15 +63,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 
+from sparsejax import effective, pruning, selection, tracing
 from sparsejax import masks as masks_lib
 from sparsejax import quotas as quotas_lib
-from sparsejax import selection
 
 PyTree = Any
 DECAYS = ("constant", "cosine")
@@ -137,11 +152,104 @@ def apply_update(params: PyTree, masks: PyTree) -> PyTree:
   return masks_lib.apply(params, masks)
 
 
+# ---------------------------------------------------------------- the protocol
+
+
+@runtime_checkable
+class Updater(Protocol):
+  """What the training loop needs of a method whose masks move during training.
+
+  Attributes:
+    needs_grads: ``update`` reads the dense gradient dL/dw at every weight, pruned
+      ones included (RigL); otherwise it gets ``grads=None``.
+    straight_through: the masks mask only the forward pass and the dense weights keep
+      training (STE); otherwise dropped weights are set to 0 and stay masked.
+    needs_sweep: ``update`` takes a connectivity sweep
+      (:func:`sparsejax.effective.connectivity_sweep`) as ``sweep=``.
+    target: 'direct' (``update``) or 'effective' (``update_effective``, the hook that
+      aims at an effective sparsity and needs the model).
+  """
+
+  needs_grads: bool
+  straight_through: bool
+  needs_sweep: bool
+  target: str
+
+  def is_update_step(self, step: int) -> bool:
+    """Whether the masks move before the optimizer step ``step`` (a Python int)."""
+    ...
+
+  def update(self, params, grads, masks, step, key, sweep=None) -> PyTree:
+    """The new masks (same structure, shapes and dtype as ``masks``): a pure, jit-able
+    function of params, dense grads (or None), masks, int32 step and a PRNG key."""
+    ...
+
+  def update_effective(
+    self, params, grads, masks, step, key, *, model, input_shape, sweep=None
+  ) -> PyTree:
+    """The new masks aimed at an *effective* sparsity (``target == 'effective'``)."""
+    ...
+
+
+class BaseUpdater:
+  """Defaults of the :class:`Updater` protocol: no gradients, masked weights, no sweep,
+  a direct target (no effective hook). Subclass it (as a frozen dataclass: hashable,
+  so that ``update`` can be jitted with ``self`` static) and define
+  ``is_update_step`` and ``update``."""
+
+  needs_grads: ClassVar[bool] = False
+  straight_through: ClassVar[bool] = False
+  target: str = "direct"
+
+  @property
+  def needs_sweep(self) -> bool:
+    return False
+
+  def is_update_step(self, step: int) -> bool:
+    raise NotImplementedError(f"{type(self).__name__} does not define is_update_step.")
+
+  def update(self, params, grads, masks, step, key, sweep=None) -> PyTree:
+    raise NotImplementedError(f"{type(self).__name__} does not define update.")
+
+  def update_effective(self, params, grads, masks, step, key, *, model, input_shape, sweep=None):
+    raise ValueError(
+      f"{type(self).__name__} has no effective target; target={self.target!r} is not "
+      "available; allowed: direct."
+    )
+
+
+def check_updater(updater) -> Updater:
+  """``updater`` if it implements :class:`Updater`, else ValueError naming what it lacks."""
+  missing = [
+    name
+    for name in (
+      "is_update_step",
+      "update",
+      "update_effective",
+      "needs_grads",
+      "straight_through",
+      "needs_sweep",
+      "target",
+    )
+    if not hasattr(updater, name)
+  ]
+  if missing:
+    raise ValueError(
+      f"updater={updater!r} is not a sparsejax.dynamic.Updater: it lacks "
+      f"{', '.join(missing)} (subclass dynamic.BaseUpdater for the defaults)."
+    )
+  if updater.target not in TARGETS:
+    raise ValueError(
+      f"updater.target={updater.target!r} is not allowed; allowed: {', '.join(TARGETS)}."
+    )
+  return updater
+
+
 # ---------------------------------------------------------------- updaters
 
 
 @dataclasses.dataclass(frozen=True)
-class GradualMagnitude:
+class GradualMagnitude(BaseUpdater):
   """Gradual magnitude pruning with the cubic schedule (see the module docstring).
 
   final_sparsity: s_f, reached at step ``end``. initial_sparsity: s_i at ``start``.
@@ -157,8 +265,6 @@ class GradualMagnitude:
   initial_sparsity: float = 0.0
   quota: str | None = None
   target: str = "direct"
-  needs_grads = False
-  straight_through = False
 
   def __post_init__(self):
     _check_range("final_sparsity", self.final_sparsity, 0.0, 1.0)
@@ -188,10 +294,10 @@ class GradualMagnitude:
       lambda m, w: jnp.where(m, jnp.abs(w).astype(jnp.float32), -1.0), masks, params
     )
 
-  @functools.partial(jax.jit, static_argnames=("self",))
-  def update(self, params, grads, masks, step, key):
+  @functools.partial(jax.jit, static_argnames=("self", "sweep"))
+  def update(self, params, grads, masks, step, key, sweep=None):
     """Masks at s_t: the round((1 - s_t) N) largest |w| among the kept (jitted)."""
-    del grads, key
+    del grads, key, sweep
     w = [jnp.abs(x).astype(jnp.float32) for x in _prunable(params, masks)]
     m = _flat(masks)
     shapes = tuple(tuple(x.shape) for x in masks_lib.mask_leaves(masks))
@@ -216,7 +322,6 @@ def _effective_cut(scores: PyTree, sparsity: float, quota, model, input_shape) -
   """The mask along ``scores`` (higher kept first; negative: pruned, never kept) at the
   smallest direct sparsity whose effective sparsity is at least ``sparsity``; the
   weights with non-negative scores as they are when they already meet it."""
-  from sparsejax import effective, pruning  # pruning builds on effective
 
   ranking = pruning.rank_scores(scores, quota=quota)
   if quota is None:
@@ -231,7 +336,7 @@ def _effective_cut(scores: PyTree, sparsity: float, quota, model, input_shape) -
 
 
 @dataclasses.dataclass(frozen=True)
-class _DropGrow:
+class _DropGrow(BaseUpdater):
   """Shared by SET and RigL: drop the smallest |w|, grow as ``_grow_score`` says.
 
   target: 'direct' (the kept count of every layer stays as it is) or 'effective' (the
@@ -247,7 +352,6 @@ class _DropGrow:
   regrow: str = "any"
   target: str = "direct"
   sparsity: float | None = None
-  straight_through = False
 
   def __post_init__(self):
     _check_steps(self.start, self.end, self.every)
@@ -270,7 +374,11 @@ class _DropGrow:
           "target='effective' grows only weights that would be active: set regrow='active'."
         )
 
-  def update_effective(self, params, grads, masks, step, key, *, model, input_shape, sweep):
+  @property
+  def needs_sweep(self) -> bool:
+    return self.regrow == "active"
+
+  def update_effective(self, params, grads, masks, step, key, *, model, input_shape, sweep=None):
     """Drop and (active) regrowth, then the cut back to ``sparsity`` in effective terms
     along grown weights first, then kept ones by |w| (pruned ones never)."""
     grown_mask = self.update(params, grads, masks, jnp.int32(step), key, sweep=sweep)
@@ -340,7 +448,6 @@ class SET(_DropGrow):
   fraction by default, as in Mocanu et al.)."""
 
   decay: str = "constant"
-  needs_grads = False
 
   def _grow_score(self, grads, keys, i, shape):
     return jax.random.uniform(keys[i], shape)
@@ -351,7 +458,7 @@ class RigL(_DropGrow):
   """Rigging the Lottery: magnitude drop, regrowth by largest |dL/dw| of the dense
   gradient, cosine-decayed drop fraction (Evci et al.)."""
 
-  needs_grads = True
+  needs_grads: ClassVar[bool] = True
 
   def _grow_score(self, grads, keys, i, shape):
     if grads is None:
@@ -360,7 +467,7 @@ class RigL(_DropGrow):
 
 
 @dataclasses.dataclass(frozen=True)
-class STE:
+class STE(BaseUpdater):
   """Straight-through magnitude pruning: the mask is the top round((1 - s) N) of |w|
   of the dense weights (globally or per layer with ``quota``), recomputed every
   ``every`` steps; training keeps the dense weights and uses w * m forward."""
@@ -369,8 +476,7 @@ class STE:
   every: int = 1
   end: int | None = None
   quota: str | None = None
-  needs_grads = False
-  straight_through = True
+  straight_through: ClassVar[bool] = True
 
   def __post_init__(self):
     _check_range("sparsity", self.sparsity, 0.0, 1.0)
@@ -384,23 +490,260 @@ class STE:
   def is_update_step(self, step: int) -> bool:
     return step % self.every == 0 and (self.end is None or step <= self.end)
 
-  @functools.partial(jax.jit, static_argnames=("self",))
-  def update(self, params, grads, masks, step, key):
-    del grads, step, key
+  @functools.partial(jax.jit, static_argnames=("self", "sweep"))
+  def update(self, params, grads, masks, step, key, sweep=None):
+    del grads, step, key, sweep
     gmp = GradualMagnitude(self.sparsity, 0, 0, 1, self.sparsity, self.quota)
     ones = masks_lib.map_masks(jnp.ones_like, masks)
     return gmp.update(params, None, ones, 0, None)
 
 
-Updater = GradualMagnitude | SET | RigL | STE
+# ---------------------------------------------------------------- the registry
+
+#: The plain keyword settings a method's builder may read (each :class:`Method` says
+#: which): the target ``sparsity``, the update window ``start``/``end`` and period
+#: ``every`` (steps), a layerwise ``quota`` (None: global), the update ``target``
+#: ('direct' or 'effective'), SET/RigL's ``drop_fraction`` and GMP's
+#: ``initial_sparsity``.
+SETTINGS = (
+  "sparsity",
+  "start",
+  "end",
+  "every",
+  "quota",
+  "target",
+  "drop_fraction",
+  "initial_sparsity",
+)
+#: How a method's starting masks are made: all ones ('dense') or random at the
+#: target sparsity with a quota ('random', see :func:`starting_masks`).
+INITIAL_MASKS = ("dense", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A named dynamic method: how to build its :class:`Updater` and its starting masks.
+
+  Attributes:
+    name: registry name (what ``--config.pruner=`` takes in ``experiments.prune_train``).
+    build: ``build(**settings) -> Updater`` over the settings named in ``settings``.
+    settings: the names in :data:`SETTINGS` that ``build`` reads; :meth:`make` passes
+      only these (a caller may hold them all).
+    initial: 'dense' (start from all ones) or 'random' (random masks at the target
+      sparsity with the quota, default ERK, aimed at the update target).
+    targets: the update targets ``build`` accepts ('direct', 'effective').
+    description: one line for listings.
+  """
+
+  name: str
+  build: Callable[..., Updater]
+  settings: tuple[str, ...]
+  initial: str = "dense"
+  targets: tuple[str, ...] = TARGETS
+  description: str = ""
+
+  def __post_init__(self):
+    if not isinstance(self.name, str) or not self.name:
+      raise ValueError(f"name={self.name!r} must be a non-empty string.")
+    if not callable(self.build):
+      raise ValueError(f"method {self.name!r}: build={self.build!r} must be callable.")
+    unknown = [k for k in self.settings if k not in SETTINGS]
+    if unknown:
+      raise ValueError(
+        f"method {self.name!r}: settings {unknown} are not known; allowed: {', '.join(SETTINGS)}."
+      )
+    if self.initial not in INITIAL_MASKS:
+      raise ValueError(
+        f"method {self.name!r}: initial={self.initial!r} is not allowed; allowed: "
+        f"{', '.join(INITIAL_MASKS)}."
+      )
+    bad = [t for t in self.targets if t not in TARGETS]
+    if bad or not self.targets:
+      raise ValueError(
+        f"method {self.name!r}: targets={self.targets!r} must be a non-empty subset of {TARGETS}."
+      )
+
+  def make(self, **settings) -> Updater:
+    """The updater for ``settings`` (names in :data:`SETTINGS`; those this method does
+    not read are ignored; ``target`` defaults to 'direct').
+
+    Raises:
+      ValueError: an unknown setting, a target this method does not support, or a bad
+        value (from the updater's own checks).
+    """
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+      raise ValueError(f"settings {unknown} are not known; allowed: {', '.join(SETTINGS)}.")
+    target = settings.get("target") or "direct"
+    if target not in self.targets:
+      raise ValueError(
+        f"target={target!r} is not available for {self.name}; allowed: {', '.join(self.targets)}."
+      )
+    settings = {**settings, "target": target}
+    return check_updater(self.build(**{k: settings[k] for k in self.settings if k in settings}))
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method, *, overwrite: bool = False) -> Method:
+  """Adds ``method`` to :data:`METHODS`; ``experiments.prune_train`` (and its sweep)
+  then runs it by name.
+
+  Example:
+    >>> from sparsejax import dynamic
+    >>> _ = dynamic.register_method(dynamic.Method(
+    ...     "rigl/fast", lambda end, **kw: dynamic.RigL(end=end, every=10), ("end",),
+    ...     initial="random", targets=("direct",)))
+    >>> dynamic.get_method("rigl/fast").make(end=100, sparsity=0.9, quota="erk")
+    RigL(end=100, every=10, start=0, ...)
+    >>> del dynamic.METHODS["rigl/fast"]
+
+  Raises:
+    ValueError: ``method`` is no :class:`Method`, or its name is taken (unless
+      ``overwrite``).
+  """
+  if not isinstance(method, Method):
+    raise ValueError(f"method={method!r} must be a sparsejax.dynamic.Method.")
+  if method.name in METHODS and not overwrite:
+    raise ValueError(
+      f"method name {method.name!r} is already registered; pass overwrite=True to replace it."
+    )
+  METHODS[method.name] = method
+  return method
+
+
+def get_method(name: str | Method) -> Method:
+  """The registered :class:`Method` ``name`` (a Method is returned as it is)."""
+  if isinstance(name, Method):
+    return name
+  if name not in METHODS:
+    raise ValueError(
+      f"method={name!r} is not a known dynamic method; allowed: {', '.join(METHODS)}."
+    )
+  return METHODS[name]
+
+
+def starting_masks(
+  method: str | Method,
+  *,
+  key: jax.Array,
+  model,
+  variables: Mapping[str, PyTree],
+  sparsity: float,
+  input_shape,
+  quota: str | None = None,
+  target: str = "direct",
+) -> PyTree:
+  """The masks a method starts training from: all ones ('dense': GMP; STE's first
+  update prunes) or random at ``sparsity`` with ``quota`` (default ERK), aimed at
+  ``target`` sparsity ('random': SET and RigL)."""
+  method = get_method(method)
+  if method.initial == "dense":
+    return tracing.trace(model, input_shape, variables=variables).ones()
+
+  return pruning.prune(
+    f"random/{quota or 'erk'}",
+    key=key,
+    model=model,
+    variables=variables,
+    sparsity=sparsity,
+    pruning_type=target,
+    input_shape=input_shape,
+  )
+
+
+def _build_gmp(
+  *, sparsity, start, end, every=100, initial_sparsity=0.0, quota=None, target="direct"
+):
+  return GradualMagnitude(
+    sparsity,
+    start=start,
+    end=end,
+    every=every,
+    initial_sparsity=initial_sparsity,
+    quota=quota,
+    target=target,
+  )
+
+
+def _drop_grow(cls):
+  def build(*, end, every=100, drop_fraction=0.3, target="direct", sparsity=None):
+    # Updates run from step 0 to `end` (the drop fraction decays over [0, end]); an
+    # effective target holds the active weights at `sparsity`, regrowing only weights
+    # that would be active.
+    effective = target == "effective"
+    return cls(
+      end=end,
+      every=every,
+      drop_fraction=drop_fraction,
+      regrow="active" if effective else "any",
+      target=target,
+      sparsity=sparsity if effective else None,
+    )
+
+  return build
+
+
+def _build_ste(*, sparsity, every=1, quota=None):
+  return STE(sparsity, every=every, quota=quota)
+
+
+register_method(
+  Method(
+    "gmp",
+    _build_gmp,
+    ("sparsity", "start", "end", "every", "initial_sparsity", "quota", "target"),
+    initial="dense",
+    description="gradual magnitude pruning: cubic schedule from start to end",
+  )
+)
+register_method(
+  Method(
+    "set",
+    _drop_grow(SET),
+    ("sparsity", "end", "every", "drop_fraction", "target"),
+    initial="random",
+    description="SET: magnitude drop, random regrowth",
+  )
+)
+register_method(
+  Method(
+    "rigl",
+    _drop_grow(RigL),
+    ("sparsity", "end", "every", "drop_fraction", "target"),
+    initial="random",
+    description="RigL: magnitude drop, regrowth by dense-gradient magnitude",
+  )
+)
+register_method(
+  Method(
+    "ste",
+    _build_ste,
+    ("sparsity", "every", "quota"),
+    initial="dense",
+    # The mask is recomputed from the dense weights: no search along a ranking.
+    targets=("direct",),
+    description="straight-through magnitude pruning, mask recomputed every `every` steps",
+  )
+)
 
 
 __all__ = [
+  "Updater",
+  "BaseUpdater",
+  "check_updater",
   "GradualMagnitude",
   "SET",
   "RigL",
   "STE",
-  "Updater",
+  "Method",
+  "METHODS",
+  "SETTINGS",
+  "INITIAL_MASKS",
+  "register_method",
+  "get_method",
+  "starting_masks",
   "gmp_sparsity",
   "drop_fraction",
   "apply_update",

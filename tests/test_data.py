@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+import subprocess
+import sys
 import threading
 import time
 
@@ -59,6 +62,32 @@ def test_bad_split_is_rejected():
     data.load_split("mnist", "validation")
   with pytest.raises(ValueError, match="split"):
     data.synthetic_split("mnist", "val")
+
+
+_TF = "[m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')]"
+
+
+def test_training_and_data_import_no_tensorflow_until_real_data_is_loaded():
+  """TensorFlow (Datasets) is the optional `data` extra: the library, its training loop
+  and the TF-free part of `sparsejax.data` never import it; `data.load_split` does."""
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  code = (
+    "import sys\n"
+    "import sparsejax.training, sparsejax.data\n"
+    f"print({_TF})\n"
+    "sparsejax.data.load_split\n"
+    "print('tensorflow_datasets' in sys.modules)\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    cwd="/",
+    env={**os.environ, "PYTHONPATH": str(repo)},
+    timeout=300,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == ["[]", "True"]
 
 
 # ---------------------------------------------------------------- batching

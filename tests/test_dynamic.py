@@ -2,13 +2,17 @@
 brute-force references, inside the library's training loop."""
 
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import dynamic, effective, pruning, training
+from sparsejax import data, dynamic, effective, pruning, training
 from sparsejax import masks as masks_lib
 from tests import test_pruning as TP
 from tests.test_training import TinyMLP, _batch, mnist_like, numpy_mask, numpy_params, tiny_config  # noqa: F401
@@ -207,6 +211,99 @@ def test_bad_arguments_name_the_field():
     dynamic.RigL(end=10).update(params, None, masks, jnp.int32(1), jax.random.key(0))
 
 
+# ------------------------------------------------------------ protocol and registry
+
+
+def test_every_builtin_is_an_updater_and_anything_else_is_refused():
+  ups = {
+    "gmp": dynamic.GradualMagnitude(0.9, start=0, end=10),
+    "set": dynamic.SET(end=10),
+    "rigl": dynamic.RigL(end=10, regrow="active"),
+    "ste": dynamic.STE(0.9),
+  }
+  for u in ups.values():
+    assert isinstance(u, dynamic.Updater) and dynamic.check_updater(u) is u
+  assert {k for k, u in ups.items() if u.needs_grads} == {"rigl"}
+  assert {k for k, u in ups.items() if u.straight_through} == {"ste"}
+  assert {k for k, u in ups.items() if u.needs_sweep} == {"rigl"}  # regrow='active'
+  assert {u.target for u in ups.values()} == {"direct"}
+  with pytest.raises(ValueError, match="lacks is_update_step, update, update_effective"):
+    dynamic.check_updater(object())
+  with pytest.raises(ValueError, match="has no effective target"):
+    ups["ste"].update_effective(None, None, None, 0, None, model=None, input_shape=None)
+
+
+def test_registry_builds_the_methods_from_plain_settings():
+  assert list(dynamic.METHODS)[:4] == ["gmp", "set", "rigl", "ste"]
+  settings = dict(
+    sparsity=0.9,
+    start=10,
+    end=90,
+    every=5,
+    quota="erk",
+    target="direct",
+    drop_fraction=0.2,
+    initial_sparsity=0.1,
+  )
+  make = lambda name, **kw: dynamic.get_method(name).make(**{**settings, **kw})
+  assert make("gmp") == dynamic.GradualMagnitude(
+    0.9, start=10, end=90, every=5, initial_sparsity=0.1, quota="erk"
+  )
+  assert make("gmp", target="effective").target == "effective"
+  # SET and RigL update from step 0 (their drop fraction decays over [0, end]).
+  assert make("rigl") == dynamic.RigL(end=90, every=5, drop_fraction=0.2)
+  assert make("set", target="effective") == dynamic.SET(
+    end=90, every=5, drop_fraction=0.2, regrow="active", target="effective", sparsity=0.9
+  )
+  assert make("ste") == dynamic.STE(0.9, every=5, quota="erk")
+  assert dynamic.get_method("rigl").make(end=50) == dynamic.RigL(end=50)  # defaults
+  assert [dynamic.get_method(n).initial for n in ("gmp", "set", "rigl", "ste")] == [
+    "dense",
+    "random",
+    "random",
+    "dense",
+  ]
+  with pytest.raises(ValueError, match="method='rigl2' is not a known dynamic method; allowed"):
+    dynamic.get_method("rigl2")
+  with pytest.raises(ValueError, match="target='effective' is not available for ste"):
+    make("ste", target="effective")
+  with pytest.raises(ValueError, match=r"settings \['decay'\] are not known"):
+    make("rigl", decay="linear")
+  with pytest.raises(ValueError, match="already registered"):
+    dynamic.register_method(dynamic.METHODS["rigl"])
+  with pytest.raises(ValueError, match="initial='ones' is not allowed"):
+    dynamic.Method("x", lambda **kw: None, (), initial="ones")
+  with pytest.raises(ValueError, match="settings \\['lr'\\] are not known"):
+    dynamic.Method("x", lambda **kw: None, ("lr",))
+
+
+def test_docstring_examples_run():
+  import doctest
+
+  result = doctest.testmod(dynamic, optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0 and result.failed == 0, result
+  assert "rigl/fast" not in dynamic.METHODS
+
+
+def test_readme_dynamic_example_runs_in_a_plain_user_loop():
+  """The README's RigL-in-your-own-loop example, as a user would paste it."""
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  readme = (repo / "README.md").read_text()
+  section = readme.split("### Masks that move during training, in your own loop", 1)[1]
+  code = section.split("```python", 1)[1].split("```", 1)[0]
+  assert "sparsejax.with_masks" in code and "sparsejax.optim.replace_masks" in code
+  out = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    cwd="/",
+    env={**os.environ, "PYTHONPATH": str(repo)},
+    timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "kept 192 of 1920 weights" in out.stdout  # RigL holds the budget
+
+
 # ------------------------------------------------------------ in training
 
 
@@ -238,7 +335,7 @@ def test_pruned_weights_are_zero_after_every_step(name, mnist_like):
   updates = training.MaskUpdates(
     updater,
     model=model,
-    spec="mnist" and training.data.get_spec("mnist"),
+    spec="mnist" and data.get_spec("mnist"),
     input_shape=(28, 28, 1),
     step_key=key,
     track_effective=True,
@@ -250,14 +347,12 @@ def test_pruned_weights_are_zero_after_every_step(name, mnist_like):
       state = updates(state, _batch(images, labels, 32, step), step)
     elif kept is not None:  # masks only move at update steps
       assert all(np.array_equal(a, b) for a, b in zip(flat(before), flat(state.masks)))
-    state, _ = training._train_step(
+    state, _ = training.train_step(
       state,
       _batch(images, labels, 32, step),
       key,
       model=model,
-      spec=training.data.get_spec("mnist"),
-      config=cfg,
-      straight_through=updater.straight_through,
+      spec=data.get_spec("mnist"),
     )
     kept = masks_lib.count(state.masks)[0]
     forward = (
@@ -304,6 +399,72 @@ def test_train_with_an_updater_resumes_to_the_same_masks(mnist_like, tmp_path):
 
 
 # ------------------------------------------------------------ experiments
+
+
+def test_prune_train_builds_the_updaters_it_always_built():
+  """make_updater reads the registry; the updaters (hence the masks) are those of the
+  former name chain."""
+  from experiments import configs, prune_train
+
+  load = lambda *fields: configs.load(
+    "lenet300100", ["train_steps=1000", "update_every=50", *fields]
+  )
+  cases = {
+    ("gmp", "direct"): dynamic.GradualMagnitude(0.9, start=250, end=750, every=50),
+    ("gmp", "effective"): dynamic.GradualMagnitude(
+      0.9, start=250, end=750, every=50, target="effective"
+    ),
+    ("set", "direct"): dynamic.SET(end=750, every=50, drop_fraction=0.3),
+    ("rigl", "effective"): dynamic.RigL(
+      end=750, every=50, drop_fraction=0.3, regrow="active", target="effective", sparsity=0.9
+    ),
+    ("ste", "direct"): dynamic.STE(0.9, every=50),
+  }
+  for (pruner, ptype), want in cases.items():
+    config = load(f"pruner={pruner}", f"pruning_type={ptype}")
+    assert prune_train.make_updater(config, 0.9) == want, (pruner, ptype)
+  with pytest.raises(ValueError, match="--config.update_target='effective' is not available"):
+    prune_train.make_updater(load("pruner=ste", "pruning_type=effective"), 0.9)
+
+
+@pytest.mark.slow
+def test_a_registered_method_runs_in_prune_train_by_name(tmp_path):
+  """A new dynamic method is one registration: prune_train and its checks find it."""
+  from experiments import common, configs, prune_train
+
+  method = dynamic.register_method(
+    dynamic.Method(
+      "toy_gmp",
+      lambda *, sparsity, end: dynamic.GradualMagnitude(sparsity, start=0, end=end, every=2),
+      ("sparsity", "end"),
+      initial="dense",
+      targets=("direct",),
+    )
+  )
+  try:
+    config = configs.load(
+      "lenet300100",
+      [
+        "pruner=toy_gmp",
+        "compression=10",
+        "train_steps=8",
+        "eval_every=8",
+        "log_every=8",
+        "checkpoint_every=8",
+        "update_end=0.5",
+      ],
+    )
+    assert common.check_pruner("toy_gmp") is None and "toy_gmp" in common.DYNAMIC
+    r = prune_train.run(
+      config,
+      out_dir=str(tmp_path),
+      source=common.DataSource(synthetic=True, num_examples=256),
+    )
+    assert r["status"] == "ok"
+    assert [u["step"] for u in r["mask_updates"]] == [0, 2, 4]
+    assert r["direct_compression"] == pytest.approx(10, rel=1e-3)
+  finally:
+    del dynamic.METHODS[method.name]
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
 import subprocess
@@ -168,11 +169,16 @@ def test_optimizer_decays_kernels_only_and_follows_schedule():
     "dense": {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.ones(4)},
     "norm": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
   }
-  assert training.kernel_mask(params) == {
+  # The prunable set (what L2 applies to) is the mask tree's leaves.
+  prunable = {
+    "dense": {"kernel": jnp.ones((3, 4), bool), "bias": None},
+    "norm": {"scale": None, "bias": None},
+  }
+  assert training.decay_mask(params, prunable) == {
     "dense": {"kernel": True, "bias": False},
     "norm": {"scale": False, "bias": False},
   }
-  tx = training.make_optimizer(cfg)
+  tx = training.make_optimizer(cfg, prunable)
   zeros = jax.tree.map(jnp.zeros_like, params)
   opt_state = tx.init(params)
   u1, opt_state = tx.update(zeros, opt_state, params)
@@ -184,6 +190,38 @@ def test_optimizer_decays_kernels_only_and_follows_schedule():
   for u in (u1, u2):
     for leaf in (u["dense"]["bias"], u["norm"]["scale"], u["norm"]["bias"]):
       np.testing.assert_array_equal(leaf, 0.0)
+
+
+class ProjNet(nn.Module):
+  """A user model whose weight is a bare ``self.param('proj', ...)`` used in ``x @ proj``:
+  prunable (it is a linear op's weight) although it is not named 'kernel'."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape(x.shape[0], -1)
+    proj = self.param("proj", nn.initializers.lecun_normal(), (x.shape[-1], 10))
+    return x @ proj + self.param("bias", nn.initializers.zeros, (10,))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_weight_decay_applies_to_the_prunable_set_whatever_its_name(masked):
+  """Decay follows the one prunable rule: the mask tree's leaves, or (no masks) the
+  weights the traced program uses in a linear op, here a user's `x @ proj`."""
+  cfg = tiny_config(weight_decay=1e-3)
+  model = ProjNet()
+  params = {
+    "proj": jnp.asarray(np.random.default_rng(0).normal(size=(784, 10)), jnp.float32),
+    "bias": jnp.ones(10),
+  }
+  masks = {"proj": jnp.ones((784, 10), bool), "bias": None} if masked else None
+  state = training.create_train_state(
+    model, jax.random.key(0), (28, 28, 1), cfg, masks=masks, params=params
+  )
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  updates, _ = state.tx.update(zeros, state.opt_state, state.params)
+  # First step: the momentum trace is the decay term itself, -lr * wd * w.
+  np.testing.assert_allclose(updates["proj"], -0.1 * 1e-3 * params["proj"], rtol=1e-6)
+  np.testing.assert_array_equal(updates["bias"], 0.0)
 
 
 # ----------------------------------------------------------------- masks
@@ -328,6 +366,75 @@ def test_evaluate_handles_padding(mnist_like):
   x = data.preprocess(None, jnp.asarray(images), "mnist", train=False)
   logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x)
   np.testing.assert_allclose(full[1], np.mean(np.argmax(logits, -1) == labels), rtol=1e-6)
+
+
+# ----------------------------------------------------------------- progress
+
+
+def test_progress_cadence_is_seconds_or_one_percent_and_speed_excludes_compilation():
+  now = [0.0]
+  p = training.Progress(0, 1000, log_seconds=30.0, log_every=500, clock=lambda: now[0])
+  assert p.every_steps == 10  # 1% of the run, under log_every
+  assert training.Progress(0, 100_000, log_seconds=30.0, log_every=500).every_steps == 500
+  assert training.Progress(0, 300, log_seconds=30.0, log_every=500).every_steps == 3
+  now[0] = 20.0  # the first step compiles for 20 s
+  assert not p.step_done(1)
+  assert "- steps/s" in p.line(1, 2.0, 0.1)  # nothing timed yet
+  due = []
+  for done in range(2, 31):
+    now[0] += 0.5
+    if done == 21:
+      p.add_pause(7.0)  # an evaluation: not training time
+      now[0] += 7.0
+    due.append(p.step_done(done))
+  assert [d for d, yes in zip(range(2, 31), due) if yes] == [10, 20, 30]
+  line = p.line(30, 1.0, 0.5)
+  assert p.rate == pytest.approx(29 / 14.5) and f"{p.rate:.1f} steps/s" in line
+  assert line.startswith("step 30/1000: loss 1.0000, accuracy 0.5000")
+  now[0] += 31.0  # slow steps: 30 seconds pass before the next 1%
+  assert p.step_done(31)
+
+
+def test_a_300_step_run_logs_progress_at_its_result_speed(mnist_like, caplog):
+  train_data, test_data = mnist_like
+  model, cfg = TinyMLP(), tiny_config(train_steps=300, batch_size=16)
+  caplog.set_level(logging.INFO, logger="absl")
+  result = training.train(
+    model, "mnist", cfg, train_data, test_data, params=numpy_params(model, (28, 28, 1))
+  )
+  lines = [r.getMessage() for r in caplog.records if "steps/s" in r.getMessage()]
+  assert len(lines) >= 100  # every 1% (3 steps), and every 30 s
+  assert lines[-1].startswith("step 300/300: loss ")
+  assert f", {result.steps_per_second:.1f} steps/s, ETA 0:00:00" in lines[-1]
+
+
+def test_orbax_info_lines_are_hidden_unless_asked(mnist_like, tmp_path, caplog):
+  import orbax.checkpoint as ocp
+
+  orbax_dir = os.path.dirname(os.path.dirname(os.path.abspath(ocp.__file__)))
+  train_data, test_data = mnist_like
+  model, cfg = TinyMLP(), tiny_config(train_steps=4)
+  kw = dict(params=numpy_params(model, (28, 28, 1)), checkpoint_every=2, eval_every=4)
+  caplog.set_level(logging.INFO, logger="absl")
+  orbax_info = lambda: [
+    r for r in caplog.records if r.pathname.startswith(orbax_dir) and r.levelno < logging.WARNING
+  ]
+  training.train(model, "mnist", cfg, train_data, test_data, workdir=str(tmp_path / "a"), **kw)
+  assert not orbax_info()
+  assert any(r.getMessage().startswith("Training TinyMLP") for r in caplog.records)
+  assert not logging.getLogger("absl").filters  # removed when train returns
+  caplog.clear()
+  training.train(
+    model,
+    "mnist",
+    cfg,
+    train_data,
+    test_data,
+    workdir=str(tmp_path / "b"),
+    verbose_checkpoints=True,
+    **kw,
+  )
+  assert orbax_info()
 
 
 # ----------------------------------------------------------------- resume

@@ -1,0 +1,183 @@
+"""How a network is trained: :class:`TrainConfig`, the learning-rate schedule and the
+optimizer recipe (SGD with momentum, L2 on the prunable weights), built once per run.
+
+The prunable set, which L2 applies to, is the one rule of :mod:`sparsejax.masks`: the
+mask tree's non-None leaves when masks are given, otherwise the weights that the
+model's traced program uses in a linear op (:func:`sparsejax.effective.prunable_paths`),
+whatever they are called (:func:`sparsejax.training.create_train_state` picks it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Collection
+from typing import Any
+
+import jax
+import optax
+
+from sparsejax import masks as masks_lib
+from sparsejax import optim
+
+PyTree = Any
+
+
+def weight_decay_from_keras_l2(l2: float) -> float:
+  """Gradient coefficient equivalent to a Keras ``l2(l2)`` kernel regularizer: 2 * l2."""
+  return 2.0 * l2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """How one network is trained (hashable: usable as a static jit argument).
+
+  Attributes:
+    dataset: dataset name in :data:`sparsejax.data.DATASETS`.
+    batch_size: examples per step (global, over all devices).
+    train_steps: optimizer steps of a full run.
+    learning_rate: initial learning rate.
+    momentum: SGD (heavy-ball) momentum; 0 for plain SGD.
+    weight_decay: L2 coefficient on the gradient of the prunable weights (see
+      :func:`make_optimizer` for the mapping from the paper's Keras L2).
+    decay_boundaries: increasing fractions in (0, 1] of ``train_steps`` at which
+      the learning rate is multiplied by ``decay_factor``.
+    decay_factor: multiplier at each boundary.
+    snip_batch_size: examples in the batch that SNIP-like pruners score on.
+  """
+
+  dataset: str
+  batch_size: int
+  train_steps: int
+  learning_rate: float
+  momentum: float
+  weight_decay: float
+  decay_boundaries: tuple[float, ...]
+  decay_factor: float = 0.1
+  snip_batch_size: int = 100
+
+  def __post_init__(self):
+    for name in ("batch_size", "train_steps", "snip_batch_size"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")
+    for name in ("learning_rate", "decay_factor"):
+      value = getattr(self, name)
+      if not value > 0:
+        raise ValueError(f"{name}={value!r} must be positive.")
+    if not 0.0 <= self.momentum < 1.0:
+      raise ValueError(f"momentum={self.momentum!r} must be in [0, 1).")
+    if not self.weight_decay >= 0.0:
+      raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0.")
+    bounds = tuple(float(b) for b in self.decay_boundaries)
+    if any(not 0.0 < b <= 1.0 for b in bounds) or list(bounds) != sorted(bounds):
+      raise ValueError(
+        f"decay_boundaries={self.decay_boundaries!r} must be increasing "
+        "fractions of the run in (0, 1]."
+      )
+    object.__setattr__(self, "decay_boundaries", bounds)  # Lists -> tuple: hashable.
+
+  def boundary_steps(self) -> tuple[int, ...]:
+    """The decay boundaries in steps: round(fraction * train_steps)."""
+    return tuple(int(round(b * self.train_steps)) for b in self.decay_boundaries)
+
+
+def make_schedule(config) -> optax.Schedule:
+  """Piecewise-constant learning rate: ``learning_rate * decay_factor ** k`` after
+  k boundaries.
+
+  Boundary i is at step ``round(config.decay_boundaries[i] * config.train_steps)``;
+  the new rate applies from that step on (the update made at step b, counting
+  from 0, uses the decayed rate; Keras' ``PiecewiseConstantDecay`` switches one
+  step later). Boundaries that round to the same step compound.
+  """
+  scales: dict[int, float] = {}
+  for fraction in config.decay_boundaries:
+    boundary = int(round(fraction * config.train_steps))
+    scales[boundary] = scales.get(boundary, 1.0) * config.decay_factor
+  return optax.piecewise_constant_schedule(config.learning_rate, scales)
+
+
+# ------------------------------------------------------------ the prunable set
+
+
+def prunable_set(prunable: PyTree | Collection[str]) -> frozenset[str]:
+  """The prunable set as '/'-joined parameter paths.
+
+  Args:
+    prunable: a mask tree (its non-None leaves: the mask tree *is* the prunable set)
+      or a collection of '/'-joined paths, e.g.
+      :func:`sparsejax.effective.prunable_paths` of the model.
+  """
+  if isinstance(prunable, (frozenset, set, list, tuple)) and all(
+    isinstance(p, str) for p in prunable
+  ):
+    return frozenset(prunable)
+  leaves = jax.tree_util.tree_leaves_with_path(prunable, is_leaf=lambda x: x is None)
+  return frozenset(masks_lib.path_str(p) for p, m in leaves if m is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecayMask:
+  """Optax mask function (``add_decayed_weights(mask=...)``): True at the leaves of
+  ``params`` whose path is in ``paths``. Hashable, so equal settings give equal
+  optimizers (and a jitted step compiled for one state serves the next)."""
+
+  paths: frozenset[str]
+
+  def __call__(self, params: PyTree) -> PyTree:
+    return jax.tree_util.tree_map_with_path(
+      lambda p, _: masks_lib.path_str(p) in self.paths, params
+    )
+
+
+def decay_mask(params: PyTree, prunable: PyTree | Collection[str]) -> PyTree:
+  """Bool tree shaped like ``params``: True at the prunable weights (what L2 applies
+  to), False elsewhere (biases, batch-norm scales and offsets, ...)."""
+  return DecayMask(prunable_set(prunable))(params)
+
+
+# ------------------------------------------------------------------ optimizer
+
+
+def make_optimizer(config, prunable: PyTree | Collection[str]) -> optax.GradientTransformation:
+  """SGD with momentum, the paper's schedule and L2 on the prunable weights only.
+
+  ``chain(add_decayed_weights(weight_decay, mask=prunable), sgd(schedule, momentum))``:
+  the update is ``-lr_t * m_t`` with ``m_t = momentum * m_{t-1} + g_t + wd * w`` at
+  prunable weights (``g_t`` elsewhere). Decay enters the momentum like a loss term
+  does, so ``wd`` is the gradient of an L2 penalty ``wd / 2 * sum(w ** 2)``. The
+  paper's Keras ``l2(c)`` regularizer adds ``c * sum(w ** 2)`` to the loss, hence
+  ``wd = 2c`` (``experiments.configs`` stores 2 x 5e-4 for the LeNets and 2 x 1e-4
+  for VGG/ResNet). Biases and batch-norm scales/offsets are not decayed.
+
+  Args:
+    config: a ``TrainConfig`` (learning_rate, momentum, weight_decay,
+      decay_boundaries, decay_factor, train_steps).
+    prunable: the prunable set (:func:`prunable_set`): a mask tree or '/'-joined paths.
+  """
+  momentum = config.momentum if config.momentum else None
+  return optax.chain(
+    optax.add_decayed_weights(config.weight_decay, mask=DecayMask(prunable_set(prunable))),
+    optax.sgd(make_schedule(config), momentum=momentum),
+  )
+
+
+def make_masked_optimizer(
+  config, prunable: PyTree | Collection[str], straight_through: bool = False
+) -> optax.GradientTransformation:
+  """:func:`make_optimizer` wrapped in :func:`sparsejax.optim.with_masks`.
+
+  The masks are state, not recipe: the wrapper's ``init`` leaves them None and
+  :func:`sparsejax.training.create_train_state` puts them into the optimizer state
+  (:func:`sparsejax.optim.replace_masks`), where the update reads them. So one
+  optimizer serves every mask of a (config, prunable set, straight_through), and equal
+  settings return the same object (cached). With ``straight_through`` the masks only
+  mask the forward pass (STE training).
+  """
+  return _masked_optimizer(config, prunable_set(prunable), bool(straight_through))
+
+
+@functools.lru_cache(maxsize=32)
+def _masked_optimizer(config, paths: frozenset[str], straight_through: bool):
+  return optim.with_masks(make_optimizer(config, paths), None, straight_through=straight_through)

@@ -1,0 +1,531 @@
+"""The training loop: :func:`train` with evaluation, checkpoints and resume, moving masks
+(:class:`MaskUpdates`) and progress lines (:class:`Progress`).
+
+Reproducibility: batch ``s`` comes from :func:`sparsejax.data.batch_indices` (a
+function of ``(seed, s)``) and the augmentation key of step ``s`` is ``fold_in(key,
+s)``, so a run resumed from a checkpoint at step ``s`` sees the same inputs as an
+uninterrupted run and ends with the same parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sparsejax import data, dynamic, effective, optim
+from sparsejax import masks as masks_lib
+from sparsejax.training.checkpoints import Checkpoints, DivergedError, run_meta, split_history
+from sparsejax.training.mesh import DATA_AXIS, check_divisible, make_mesh, replicate
+from sparsejax.training.state import TrainState, create_train_state
+from sparsejax.training.steps import _train_step, dataset_spec, dense_grads, evaluate
+
+PyTree = Any
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What :func:`train` returns.
+
+  Attributes:
+    history: [{"step", "test_loss", "test_accuracy"}] at every evaluation (those of
+      earlier, resumed-from segments included).
+    final_test_loss, final_test_accuracy: at the last step.
+    steps_per_second: training steps per second in this call, excluding the first
+      step (compilation), evaluations and checkpoints (nan if fewer than 2 steps);
+      the speed the last progress line logs.
+    wall_time: seconds spent in this call.
+    start_step: the step this call started from (> 0 after a resume).
+    state: the final :class:`TrainState` (replicated over the mesh).
+    mask_updates: the records of :class:`MaskUpdates` (empty without an updater),
+      those of earlier, resumed-from segments included.
+  """
+
+  history: list[dict]
+  final_test_loss: float
+  final_test_accuracy: float
+  steps_per_second: float
+  wall_time: float
+  start_step: int
+  state: TrainState
+  mask_updates: list = dataclasses.field(default_factory=list)
+
+
+# ------------------------------------------------------------ moving masks
+
+
+@jax.jit
+def _update_stats(old: PyTree, new: PyTree, effective_masks: PyTree) -> dict:
+  """Kept, dropped and grown weights of a mask update (and, with effective masks,
+  active weights and grown weights that are not active), as int32 scalars."""
+  count = lambda fn, *trees: sum(
+    jnp.sum(fn(*xs), dtype=jnp.int32) for xs in zip(*(masks_lib.mask_leaves(t) for t in trees))
+  )
+  stats = {
+    "kept": count(lambda n: n, new),
+    "dropped": count(lambda o, n: o & ~n, old, new),
+    "grown": count(lambda o, n: n & ~o, old, new),
+  }
+  if effective_masks is not None:
+    stats["active"] = count(lambda e: e, effective_masks)
+    stats["grown_dead"] = count(lambda o, n, e: n & ~o & ~e, old, new, effective_masks)
+  return stats
+
+
+class MaskUpdates:
+  """Runs a :class:`sparsejax.dynamic.Updater` inside :func:`train` and logs each update.
+
+  At an update step s (before the optimizer step s) the updater computes new masks
+  from the current params (and, when it ``needs_grads``, the dense gradient on batch
+  s; with ``needs_sweep``, a connectivity sweep of the model; with ``target ==
+  'effective'``, through its ``update_effective`` hook), the masks in the optimizer
+  state are replaced (no recompilation) and dropped weights are set to 0 (not with
+  ``straight_through``). Each update appends a record: step, kept weights, dropped
+  and grown weights, direct compression and, with ``track_effective``, effective
+  compression, active units, dead kept weights (kept but inactive) and grown weights
+  dead on arrival.
+  """
+
+  def __init__(self, updater, *, model, spec, input_shape, step_key, track_effective: bool = False):
+    dynamic.check_updater(updater)
+    self.updater = updater
+    self.model, self.spec, self.input_shape = model, spec, tuple(input_shape)
+    self.step_key = step_key
+    self.track_effective = track_effective
+    self.records: list[dict] = []
+    self._sweep = (
+      effective.connectivity_sweep(model, self.input_shape, units=False)
+      if updater.needs_sweep
+      else None
+    )
+
+  def __call__(self, state: TrainState, batch, step: int) -> TrainState:
+    u, old = self.updater, state.masks
+    key = jax.random.fold_in(jax.random.fold_in(self.step_key, step), 1)
+    grads = (
+      dense_grads(state, batch, self.step_key, model=self.model, spec=self.spec)
+      if u.needs_grads
+      else None
+    )
+    if u.target == "effective":
+      new = u.update_effective(
+        state.params,
+        grads,
+        old,
+        step,
+        key,
+        model=self.model,
+        input_shape=self.input_shape,
+        sweep=self._sweep,
+      )
+    else:
+      new = u.update(state.params, grads, old, jnp.int32(step), key, sweep=self._sweep)
+    new = jax.tree.map(lambda m, ref: replicate(m, ref.sharding), new, old)
+    params = state.params if u.straight_through else dynamic.apply_update(state.params, new)
+    state = state.replace(params=params, opt_state=optim.replace_masks(state.opt_state, new))
+    total = masks_lib.count(new)[1]
+    effective_masks = None
+    if self.track_effective:
+      conn = effective.connectivity(self.model, new, self.input_shape)
+      effective_masks = conn.masks
+    stats = jax.device_get(_update_stats(old, new, effective_masks))  # one transfer
+    kept = int(stats["kept"])
+    record = {
+      "step": int(step),
+      "kept": kept,
+      "dropped": int(stats["dropped"]),
+      "grown": int(stats["grown"]),
+      "direct_compression": total / kept if kept else float("inf"),
+    }
+    if self.track_effective:
+      active = int(stats["active"])
+      record.update(
+        effective_compression=total / active if active else float("inf"),
+        dead_kept=kept - active,
+        grown_dead=int(stats["grown_dead"]),
+        active_units=int(sum(conn.active_units.values())),
+        total_units=int(sum(conn.total_units.values())),
+      )
+    self.records.append(record)
+    logging.info(
+      "mask update at step %d: %s",
+      step,
+      ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in record.items()
+        if k != "step"
+      ),
+    )
+    return state
+
+
+# ------------------------------------------------------------------ progress
+
+
+def _format_seconds(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+  """When a progress line is due and how fast training goes, compilation excluded.
+
+  A line is due every ``log_seconds`` seconds or every ``every_steps`` steps (1% of
+  the run's ``stop`` steps, rounded up, at most ``log_every``), whichever comes first,
+  and at the last step. The speed is the steps after the first one of this call (it
+  compiles) over the time since that one finished, evaluations and checkpoints
+  (:meth:`add_pause`) excluded; the last line's speed is
+  ``TrainResult.steps_per_second``.
+  """
+
+  def __init__(
+    self,
+    start: int,
+    stop: int,
+    *,
+    log_seconds: float,
+    log_every: int,
+    clock: Callable[[], float] = time.perf_counter,
+  ):
+    self.start, self.stop, self.clock = start, stop, clock
+    self.log_seconds = float(log_seconds)
+    self.every_steps = max(1, min(int(log_every), -(-stop // 100)))
+    self.timed_from: float | None = None  # when the first (compiling) step finished
+    self.timed_steps = 0
+    self.paused = 0.0  # side work since timed_from
+    self.last_log = clock()
+    self.rate = float("nan")  # steps/s at the last line
+
+  def step_done(self, done: int) -> bool:
+    """Counts step ``done - 1`` as finished (the first of the call must be finished
+    on the device: it starts the clock); True when a line is due after it."""
+    now = self.clock()
+    if self.timed_from is None:
+      self.timed_from = now
+    else:
+      self.timed_steps += 1
+    return (
+      done == self.stop or done % self.every_steps == 0 or now - self.last_log >= self.log_seconds
+    )
+
+  def add_pause(self, seconds: float) -> None:
+    """Side work (evaluation, checkpoint) that does not count as training time."""
+    self.paused += seconds
+
+  def line(self, done: int, loss: float, accuracy: float) -> str:
+    """The progress line after step ``done`` (the queued steps must have finished: a
+    fetch of their losses waits for them); updates :attr:`rate`."""
+    now = self.clock()
+    seconds = now - self.timed_from - self.paused if self.timed_from is not None else 0.0
+    self.rate = self.timed_steps / seconds if self.timed_steps and seconds > 0 else float("nan")
+    self.last_log = now
+    speed = f"{self.rate:.1f} steps/s" if math.isfinite(self.rate) else "- steps/s (compiling)"
+    eta = _format_seconds((self.stop - done) / self.rate) if math.isfinite(self.rate) else "?"
+    return f"step {done}/{self.stop}: loss {loss:.4f}, accuracy {accuracy:.4f}, {speed}, ETA {eta}"
+
+
+# ---------------------------------------------------------------------- train
+
+
+def train(
+  model: flax.linen.Module,
+  spec,
+  config,
+  train_data: tuple[np.ndarray, np.ndarray],
+  test_data: tuple[np.ndarray, np.ndarray],
+  *,
+  masks: PyTree = None,
+  params: PyTree = None,
+  seed: int = 0,
+  key: jax.Array | None = None,
+  workdir: str | None = None,
+  checkpoint_every: int = 5000,
+  keep_checkpoints: int = 3,
+  eval_every: int = 5000,
+  log_every: int = 500,
+  log_seconds: float = 30.0,
+  num_steps: int | None = None,
+  eval_batch_size: int = 1000,
+  devices: Sequence[jax.Device] | None = None,
+  prefetch: int = 2,
+  updater=None,
+  track_effective: bool = False,
+  verbose_checkpoints: bool = False,
+) -> TrainResult:
+  """Trains ``model`` (masked when ``masks`` is given), resuming from ``workdir``.
+
+  Args:
+    model: the Flax module.
+    spec: a ``models.ModelSpec``, ``data.DatasetSpec`` or dataset name (decides the
+      normalization and augmentation); None: ``config.dataset``.
+    config: a ``TrainConfig``; its ``train_steps`` sets the learning-rate schedule.
+    train_data, test_data: (uint8 images [N, H, W, C], int32 labels [N]) on the host.
+    masks: mask tree for ``params`` (bool at prunable leaves, None elsewhere);
+      None trains densely.
+    params: initial parameters (those the masks were computed on); default: a
+      fresh ``model.init``.
+    seed: shuffling seed of the training batches (and the key when ``key`` is None).
+    key: PRNG key; split into the init key and the augmentation key, which is
+      folded with the step number. Default ``jax.random.key(seed)``.
+    workdir: folder for Orbax checkpoints; a run resumes from its latest one.
+      None: no checkpoints.
+    checkpoint_every: save every this many steps (and at the end); the last
+      ``keep_checkpoints`` are kept.
+    eval_every: evaluate on ``test_data`` every this many steps (and at the end).
+    log_every: the most steps between two progress lines (see ``log_seconds``).
+    log_seconds: log a progress line (step/total, loss, accuracy, steps/s without
+      compilation, ETA) every this many seconds or every 1% of the run (at most
+      ``log_every`` steps), whichever comes first, and at the end; the non-finite
+      loss check runs at the same cadence (these are the loop's only host
+      round-trips besides evaluations and checkpoints).
+    num_steps: stop once the state reaches this step (a total, not a count of new
+      steps); default ``config.train_steps``.
+    eval_batch_size: evaluation batch (rounded up to a multiple of the devices).
+    devices: devices of the data-parallel mesh; default ``jax.devices()`` (with
+      several processes: all of theirs; see :mod:`sparsejax.training.mesh`).
+    prefetch: batches put on the devices ahead of the step.
+    updater: a :class:`sparsejax.dynamic.Updater` (GMP, SET, RigL, STE or a
+      registered method) that moves the masks during training (``masks`` are the
+      starting masks; all ones for GMP from dense); see :class:`MaskUpdates`.
+    track_effective: with an updater, log effective sparsity at every mask update.
+    verbose_checkpoints: show Orbax's INFO lines (every save and restore); by default
+      only its warnings and errors.
+
+  Returns:
+    A :class:`TrainResult`.
+
+  Checkpoints hold a SHA-256 of their state (:func:`state_checksum`); one that cannot
+  be read or does not match is logged by step, moved to ``<workdir>-corrupt/``, and
+  the next older one is used (with none left: a fresh start). A state with a NaN or
+  infinite value is never saved.
+
+  Raises:
+    ValueError: batch size not divisible by the device count, bad arguments, or a
+      workdir holding a run with other settings or masks.
+    DivergedError: a non-finite training loss (checked with every progress line) or
+      a non-finite state when a checkpoint is due; raised after a clean stop.
+  """
+  start_time = time.perf_counter()
+  dspec = dataset_spec(config.dataset if spec is None else spec)
+  train_images, _ = train_data
+  for name, value in (
+    ("checkpoint_every", checkpoint_every),
+    ("eval_every", eval_every),
+    ("log_every", log_every),
+    ("keep_checkpoints", keep_checkpoints),
+  ):
+    if int(value) != value or value < 1:
+      raise ValueError(f"{name}={value!r} must be a positive integer.")
+  if isinstance(log_seconds, bool) or not log_seconds > 0:
+    raise ValueError(f"log_seconds={log_seconds!r} must be a positive number of seconds.")
+  stop = config.train_steps if num_steps is None else int(num_steps)
+  if not 0 <= stop <= config.train_steps:
+    raise ValueError(
+      f"num_steps={num_steps!r} must be in [0, config.train_steps={config.train_steps}]."
+    )
+  if tuple(train_images.shape[1:]) != dspec.image_shape:
+    raise ValueError(
+      f"train_data images have shape {tuple(train_images.shape[1:])} per "
+      f"example; dataset {dspec.name!r} has {dspec.image_shape}."
+    )
+  if updater is not None:
+    dynamic.check_updater(updater)
+    if masks is None:
+      raise ValueError(
+        "updater needs starting masks: pass masks= (e.g. sparsejax.trace(model, "
+        "input_shape).ones() for gradual magnitude pruning from a dense network)."
+      )
+  mesh = make_mesh(devices)
+  check_divisible(config.batch_size, mesh, "config.batch_size")
+  replicated = NamedSharding(mesh, P())
+
+  key = jax.random.key(seed) if key is None else key
+  init_key, step_key = jax.random.split(key)
+  state = create_train_state(
+    model,
+    init_key,
+    dspec.image_shape,
+    config,
+    masks=masks,
+    params=params,
+    straight_through=updater is not None and updater.straight_through,
+  )
+  state = replicate(state, replicated)
+  step_key = replicate(step_key, replicated)
+  mask_updates = (
+    None
+    if updater is None
+    else MaskUpdates(
+      updater,
+      model=model,
+      spec=dspec,
+      input_shape=dspec.image_shape,
+      step_key=step_key,
+      track_effective=track_effective,
+    )
+  )
+  loop = _Loop(
+    model=model,
+    dspec=dspec,
+    config=config,
+    mesh=mesh,
+    seed=seed,
+    stop=stop,
+    train_data=train_data,
+    test_data=test_data,
+    step_key=step_key,
+    mask_updates=mask_updates,
+    checkpoint_every=checkpoint_every,
+    eval_every=eval_every,
+    log_every=log_every,
+    log_seconds=log_seconds,
+    eval_batch_size=eval_batch_size,
+    prefetch=prefetch,
+  )
+  if workdir is None:
+    return loop.run(state, None, start_time)
+  meta = run_meta(config, seed, key, masks is not None, updater)
+  with Checkpoints(
+    workdir, meta, keep=keep_checkpoints, verbose=verbose_checkpoints
+  ) as checkpoints:
+    return loop.run(state, checkpoints, start_time)
+
+
+@dataclasses.dataclass
+class _Loop:
+  """The settings of one :func:`train` call; :meth:`run` trains from a state."""
+
+  model: Any
+  dspec: data.DatasetSpec
+  config: Any
+  mesh: Any
+  seed: int
+  stop: int
+  train_data: tuple
+  test_data: tuple
+  step_key: jax.Array
+  mask_updates: MaskUpdates | None
+  checkpoint_every: int
+  eval_every: int
+  log_every: int
+  log_seconds: float
+  eval_batch_size: int
+  prefetch: int
+
+  def evaluate(self, state: TrainState, step: int, history: list) -> tuple[float, float]:
+    loss, accuracy = evaluate(
+      state,
+      *self.test_data,
+      model=self.model,
+      spec=self.dspec,
+      batch_size=self.eval_batch_size,
+      mesh=self.mesh,
+    )
+    if not math.isfinite(loss):  # Infinite or NaN logits: nothing to report.
+      raise DivergedError(step, f"test loss is {loss}")
+    history.append({"step": step, "test_loss": loss, "test_accuracy": accuracy})
+    logging.info("step %d/%d: test loss %.4f, test accuracy %.4f", step, self.stop, loss, accuracy)
+    return loss, accuracy
+
+  def run(self, state: TrainState, checkpoints: Checkpoints | None, start_time: float):
+    history: list[dict] = []
+    updates = self.mask_updates
+    stop = self.stop
+    if checkpoints is not None and checkpoints.has_checkpoints():
+      restored = checkpoints.restore_latest(state, stop)
+      if restored is None:
+        logging.error(
+          "No intact checkpoint left in %s: starting from step 0.", checkpoints.directory
+        )
+      else:
+        state, history = restored
+        if updates is not None:
+          history, updates.records = split_history(history)
+
+    def save(step: int) -> None:
+      records = [] if updates is None else [{"mask_update": r} for r in updates.records]
+      checkpoints.save(step, state, history + records)
+
+    start = int(jax.device_get(state.step))
+    logging.info(
+      "Training %s on %s: steps %d -> %d of %d, batch %d over %d device(s).",
+      type(self.model).__name__,
+      self.dspec.name,
+      start,
+      stop,
+      self.config.train_steps,
+      self.config.batch_size,
+      self.mesh.size,
+    )
+    progress = Progress(start, stop, log_seconds=self.log_seconds, log_every=self.log_every)
+    final = None
+    if start < stop:
+      batches = data.train_batches(
+        *self.train_data,
+        self.config.batch_size,
+        self.seed,
+        start_step=start,
+        prefetch=self.prefetch,
+        num_steps=stop - start,
+        sharding=NamedSharding(self.mesh, P(DATA_AXIS)),
+      )
+      window: list[dict] = []
+      try:
+        for step, batch in zip(range(start, stop), batches):
+          if updates is not None and updates.updater.is_update_step(step):
+            state = updates(state, batch, step)
+          state, metrics = _train_step(
+            state, batch, self.step_key, model=self.model, spec=self.dspec
+          )
+          done = step + 1
+          window.append(metrics)
+          if step == start:  # The first call compiles; time the steps after it.
+            jax.block_until_ready(state)
+          if progress.step_done(done):
+            losses = np.asarray(jax.device_get([m["loss"] for m in window]))  # waits
+            if not np.all(np.isfinite(losses)):
+              bad = int(np.argmin(np.isfinite(losses)))  # window[i] is step done - len + i + 1
+              raise DivergedError(done - len(window) + bad + 1, f"training loss is {losses[bad]}")
+            means = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *window))
+            logging.info("%s", progress.line(done, float(means["loss"]), float(means["accuracy"])))
+            window = []
+          do_eval = done % self.eval_every == 0 or done == stop
+          do_save = checkpoints is not None and (done % self.checkpoint_every == 0 or done == stop)
+          if do_eval or do_save:
+            jax.block_until_ready(state)  # Queued steps count as training time.
+            side_start = progress.clock()
+            if do_eval:
+              final = self.evaluate(state, done, history)
+            if do_save:
+              save(done)
+            progress.add_pause(progress.clock() - side_start)
+      finally:
+        batches.close()
+    if final is None:  # Nothing to train: evaluate what was restored.
+      final = (
+        (history[-1]["test_loss"], history[-1]["test_accuracy"])
+        if (history and history[-1]["step"] == stop)
+        else self.evaluate(state, stop, history)
+      )
+    return TrainResult(
+      history=history,
+      final_test_loss=final[0],
+      final_test_accuracy=final[1],
+      steps_per_second=progress.rate,
+      wall_time=time.perf_counter() - start_time,
+      start_step=start,
+      state=state,
+      mask_updates=[] if updates is None else list(updates.records),
+    )
