@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import common
+from experiments import compilation_cache
 from sparsejax import compilation, effective, masks, models, pruning, scores
 
 
@@ -94,19 +94,19 @@ def test_one_connectivity_program_serves_search_masks_and_units():
 
 def test_binaries_turn_the_persistent_cache_on_only_when_asked(tmp_path, monkeypatch):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-  assert common.default_compilation_cache_dir() == str(tmp_path / "xdg" / "sparsejax" / "jax")
+  assert compilation_cache.default_dir() == str(tmp_path / "xdg" / "sparsejax" / "jax")
   before = jax.config.jax_compilation_cache_dir
   try:
-    assert common.enable_compilation_cache("", True) is None
-    assert common.enable_compilation_cache(str(tmp_path / "c"), False) is None
+    assert compilation_cache.enable("", True) is None
+    assert compilation_cache.enable(str(tmp_path / "c"), False) is None
     assert jax.config.jax_compilation_cache_dir == before
-    got = common.enable_compilation_cache(str(tmp_path / "c"), True)
+    got = compilation_cache.enable(str(tmp_path / "c"), True)
     assert got == str(tmp_path / "c") and os.path.isdir(got)
     assert jax.config.jax_compilation_cache_dir == got
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(ValueError, match="compilation_cache_dir"):
-      common.enable_compilation_cache(str(blocker / "sub"), True)
+      compilation_cache.enable(str(blocker / "sub"), True)
   finally:
     jax.config.update("jax_compilation_cache_dir", before)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -308,9 +308,9 @@ def test_train_with_an_updater_resumes_to_the_same_masks(mnist_like, tmp_path):
 
 @pytest.mark.slow
 def test_prune_train_moving_masks_record_history_and_plot(tmp_path):
-  from experiments import common, configs, plot, prune_train, sweep
+  from experiments import configs, datasource, grid, plot, prune_train
 
-  source = common.DataSource(synthetic=True, num_examples=256)
+  source = datasource.DataSource(synthetic=True, num_examples=256)
   tiny = [
     "train_steps=40",
     "eval_every=20",
@@ -350,7 +350,7 @@ def test_prune_train_moving_masks_record_history_and_plot(tmp_path):
       out_dir=str(out),
       source=source,
     )
-  assert sweep.grid(["lenet300100"], ["gmp", "rigl"], [10.0], ["direct"], [0])[0]["pruner"] == "gmp"
+  assert grid.grid(["lenet300100"], ["gmp", "rigl"], [10.0], ["direct"], [0])[0]["pruner"] == "gmp"
   written = plot.make_all(str(tmp_path / "results"), str(tmp_path / "figs"), None, 40, 96000)
   for name in ("accuracy_dynamic_lenet300100_t40.png", "dead_weights_lenet300100_t40.png"):
     assert (tmp_path / "figs" / name).read_bytes()[:4] == b"\x89PNG"
