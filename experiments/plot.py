@@ -152,12 +152,21 @@ def _order(pruners) -> list[str]:
   return sorted(set(pruners), key=lambda p: (PRUNER_ORDER.index(p) if p in PRUNER_ORDER else 99, p))
 
 
-def _save(fig, path: str) -> None:
-  import matplotlib.pyplot as plt  # matplotlib: imported where a figure is drawn
+def _pyplot():
+  """``matplotlib.pyplot`` on the Agg backend. Imported when a figure is drawn, not with
+  this module: reading results and writing tables need no matplotlib."""
+  import matplotlib
 
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def _save(fig, path: str) -> None:
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=100)
-  plt.close(fig)
+  _pyplot().close(fig)
   results.atomic_write(path, buf.getvalue())
 
 
@@ -264,10 +273,7 @@ def plot_curves(arch: str, rows: list[dict], path: str, seed: int = 0) -> None:
   """Effective against direct compression (log-log): lines for the direct pruning
   type, crosses for the effective type, x where the network disconnects. The one
   compression-curve figure (experiments.compression and the reproduction's)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
 
   fig, ax = plt.subplots(figsize=(7.2, 5.6))
   # Infinite compressions sit on edge lines, as in the table: a disconnected network at
@@ -354,10 +360,7 @@ def _nearest(rows: list[dict], target: float) -> dict | None:
 def plot_units(arch: str, rows: list[dict], path: str, targets=(10.0, 100.0, 1000.0)) -> None:
   """Fraction of active units per layer, one panel per direct compression, one line
   per pruner (direct pruning type)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
 
   direct_rows = [r for r in rows if r["pruning_type"] == "direct"]
   fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.8), sharey=True)
@@ -401,10 +404,7 @@ def plot_units(arch: str, rows: list[dict], path: str, targets=(10.0, 100.0, 100
 def plot_accuracy(runs: list[dict], path: str, title: str) -> None:
   """Test accuracy against direct (left) and effective (right) compression, one row
   per pruning type; error bars span the seeds."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
 
   groups = {k: _summary(v) for k, v in _group(runs).items()}
   dense = [g for (p, _, _), g in groups.items() if p == "dense" and "accuracy" in g]
@@ -480,10 +480,7 @@ DYNAMIC_REFERENCES = ("random/igq", "snip", "synflow", "imp")
 def plot_dynamic_accuracy(runs: list[dict], path: str, title: str) -> None:
   """Test accuracy against effective compression of the moving-mask methods (solid:
   direct update target, dashed: effective), beside at-init pruners and IMP (thin)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
 
   groups = {k: _summary(v) for k, v in _group(runs).items()}
   fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
@@ -533,10 +530,7 @@ def plot_dead_weights(
 ) -> None:
   """Fraction of kept weights that are dead (on no input-output path) at every mask
   update, per moving-mask method and update target; one panel per target (seed 0)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
 
   fig, axes = plt.subplots(1, len(targets), figsize=(4.6 * len(targets), 4), sharey=True)
   for ax, target in zip(axes, targets):
@@ -861,10 +855,7 @@ def plot_speed(runs: list[dict], lat: list[dict], path: str, title: str) -> None
   inference time of the compacted network (middle: batch 1; right: time per example at
   the throughput batch), unstructured at-init pruners (solid) against neuron pruners
   (dashed); means over seeds, error bars the seeds' range."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
 
   groups = {k: _summary(v) for k, v in _group(runs).items()}
   times = _latency_groups(lat)
@@ -919,7 +910,7 @@ def plot_speed(runs: list[dict], lat: list[dict], path: str, title: str) -> None
     ):
       v = statistics.median(g[key] for g in masked)
       ax.axvline(v if scale else 1e6 / v, color="black", lw=0.8, ls=":")
-  from matplotlib.ticker import NullFormatter  # matplotlib: imported where a figure is drawn
+  from matplotlib.ticker import NullFormatter  # with pyplot, where a figure is drawn
 
   for ax, (label, _) in zip(axes, xs):
     ax.set_xscale("log")
@@ -993,10 +984,7 @@ def plot_compaction(rows: dict[str, list[dict]], path: str, xkey: str) -> None:
   """Per network (rows of the figure): the live-channel fraction and the compacted
   network's dense FLOPs (relative to the original's) of every at-init pruner, against
   ``xkey`` ('effective_compression', or 'flops_effective': FLOPs on live paths)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
 
   fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4.2 * len(rows)), squeeze=False)
   for i, (arch, rs) in enumerate(rows.items()):

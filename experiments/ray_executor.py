@@ -78,7 +78,7 @@ class RayOptions:
 def import_ray():
   """The ``ray`` module, or ValueError saying what to install."""
   try:
-    import ray  # pylint: disable=import-outside-toplevel
+    import ray  # the optional extra, imported only for --executor=ray
   except ImportError as err:
     raise ValueError(
       f"--executor=ray needs the ray package, which is not installed "
