@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 from experiments import (
   checks,
@@ -254,22 +254,27 @@ def main(argv):
   del argv
   imports = plugins.from_flags()
   plugins.import_modules(imports)  # before the networks and pruners are checked
-  checks.check_run_args(
-    out_dir=None if FLAGS.dry_run else FLAGS.out_dir,
-    optional_counts={
-      "jobs": FLAGS.jobs,
-      "train_steps": FLAGS.train_steps,
-      "eval_every": FLAGS.eval_every,
-    },
-  )
-  points = grid.grid(
-    checks.parse_list(FLAGS.archs, name="archs"),
-    checks.parse_list(FLAGS.pruners, name="pruners"),
-    checks.parse_list(FLAGS.compressions, float, "compressions"),
-    checks.parse_list(FLAGS.pruning_types, name="pruning_types"),
-    checks.parse_list(FLAGS.seeds, int, "seeds"),
-  )
-  shared = grid.shared_overrides(FLAGS.train_steps, FLAGS.eval_every, FLAGS.extra_flags)
+  try:
+    checks.check_run_args(
+      out_dir=None if FLAGS.dry_run else FLAGS.out_dir,
+      optional_counts={
+        "jobs": FLAGS.jobs,
+        "train_steps": FLAGS.train_steps,
+        "eval_every": FLAGS.eval_every,
+      },
+    )
+    points = grid.grid(
+      checks.parse_list(FLAGS.archs, name="archs"),
+      checks.parse_list(FLAGS.pruners, name="pruners"),
+      checks.parse_list(FLAGS.compressions, float, "compressions"),
+      checks.parse_list(FLAGS.pruning_types, name="pruning_types"),
+      checks.parse_list(FLAGS.seeds, int, "seeds"),
+    )
+    shared = grid.shared_overrides(FLAGS.train_steps, FLAGS.eval_every, FLAGS.extra_flags)
+    for point in points:  # every point's config parses (--extra_flags), before any work
+      grid.config_for(point, shared)
+  except ValueError as err:  # a bad flag or config field: a usage error
+    raise app.UsageError(str(err)) from None
   source = datasource.DataSource.from_flags()
   if FLAGS.dry_run:
     for point in points:
@@ -296,6 +301,8 @@ def main(argv):
       cache or "",
       imports,
     )
+  except ValueError as err:  # raised before any run starts: a bad flag or config field
+    raise app.UsageError(str(err)) from None
   except processes.Stopped as stop:
     print(
       f"Sweep stopped by {signal.Signals(stop.signum).name}; its runs were ended and "

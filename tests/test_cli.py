@@ -231,3 +231,10 @@ def test_a_field_value_the_run_rejects_is_a_usage_error(tmp_path):
   r = binary("prune_train", "--config.pruner=snp", "--synthetic_data", f"--out_dir={tmp_path}")
   assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
   assert "pruner='snp' is not a known pruner; allowed: " in r.stderr
+
+
+def test_sweep_reports_a_mistyped_shared_field_as_a_usage_error(tmp_path):
+  r = binary("sweep", "--extra_flags=--config.prunr=x", "--dry_run", f"--out_dir={tmp_path}")
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert "--config.prunr: there is no field 'prunr'" in r.stderr
+  assert "did you mean --config.pruner?" in r.stderr
