@@ -9,7 +9,7 @@ import platform
 
 import jax
 
-from experiments import common
+from experiments import results
 from sparsejax import timing
 
 DOC = os.path.join(
@@ -50,10 +50,10 @@ def stamp() -> str:
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
-  return common.markdown_table(header, rows)
+  return results.markdown_table(header, rows)
 
 
 def update_section(name: str, body: str, path: str = DOC) -> None:
   """Replaces the section between ``<!-- name:start -->`` and ``<!-- name:end -->``
   of docs/benchmarks.md (appending it if absent), leaving the others untouched."""
-  common.update_markdown_section(path, name, body, title="# Benchmarks\n")
+  results.update_markdown_section(path, name, body, title="# Benchmarks\n")

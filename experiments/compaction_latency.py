@@ -12,82 +12,41 @@ equal), and time masked and compacted inference in turns in this process
 
   python -m experiments.compaction_latency --tfds_manual_dir=/work/shared/data/mnist
 
-Writes --out (CSV, atomically, rewritten after every run so an interrupted sweep keeps
-its rows). Runs with status != ok are listed with the reason and not timed. Pruners
-that score trained weights (neuron/l1, neuron/magnitude, magnitude/*, lamp) need the
-dense run's weights: the recorded dense_dir, else --dense_out/<dense run> (trained there
-by prune_train when missing; deterministic on one machine, and the reproduction check
-says whether the masks came out the same). Timing values are the pruned initial
+Writes --out (CSV of experiments.results.LATENCY_COLUMNS, atomically, rewritten after
+every run so an interrupted sweep keeps its rows). Runs with status != ok are listed
+with the reason and not timed. Pruners that score trained weights (neuron/l1,
+neuron/magnitude, magnitude/*, lamp) need the dense run's weights: the recorded
+dense_dir, else --dense_out/<dense run> (trained there by prune_train when missing;
+deterministic on one machine, and the reproduction check says whether the masks came
+out the same). Timing values are the pruned initial
 weights: a dense kernel's speed does not depend on the values.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 import time
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
-from experiments import common, compression, configs, prune_train
+from experiments import (
+  checks,
+  cli,
+  compilation_cache,
+  configs,
+  datasource,
+  plugins,
+  prune_train,
+  results,
+  run_config,
+)
 from sparsejax import data, effective, models
 from sparsejax import masks as masks_lib
 
 FLAGS = flags.FLAGS
-
-UNSTRUCTURED = (
-  "random/uniform",
-  "random/erk",
-  "random/igq",
-  "random/snip",
-  "random/synflow",
-  "snip",
-  "snip/iterative",
-  "grasp",
-  "synflow",
-)
-NEURON = ("neuron/l1", "neuron/magnitude", "neuron/snip", "neuron/synflow", "neuron/random")
-COLUMNS = [
-  "run",
-  "arch",
-  "pruner",
-  "pruning_type",
-  "seed",
-  "target_compression",
-  "train_steps",
-  "status",
-  "reason",
-  "test_accuracy",
-  "recorded_effective_compression",
-  "effective_compression",
-  "reproduced",
-  "widths_before",
-  "widths",
-  "live_channel_fraction",
-  "flops_dense",
-  "flops_effective",
-  "compact_flops",
-  "params_dense",
-  "params_effective",
-  "compact_params",
-  "network_bytes",
-  "compact_network_bytes",
-  "logits_relative_difference",
-  "masked_latency_ms",
-  "compact_latency_ms",
-  "latency_speedup",
-  "masked_throughput",
-  "compact_throughput",
-  "throughput_speedup",
-  "batch",
-  "repeats",
-  "load_average",
-  "platform",
-  "seconds",
-]
 
 
 def recorded_config(result: dict):
@@ -115,11 +74,15 @@ def find_runs(
   results_dir: str, pruners, pruning_type: str, arch: str, train_steps: int | None
 ) -> list[tuple[str, dict]]:
   """(path, result) of the matching result.json files under ``results_dir``, sorted;
-  compacted runs (name suffix ``_compact``) are not re-timed."""
+  compacted runs (name suffix ``_compact``) are not re-timed.
+
+  Raises:
+    experiments.results.InvalidResultError: a result.json that is torn or incomplete
+      (the file named).
+  """
   out = []
   for path in sorted(glob.glob(os.path.join(results_dir, "**", "result.json"), recursive=True)):
-    with open(path) as f:
-      r = json.load(f)
+    r = results.load(path)
     c = r["config"]
     if (
       c["arch"] != arch
@@ -133,14 +96,14 @@ def find_runs(
   return out
 
 
-def _dense_dir(config, source: common.DataSource, dense_out: str) -> str:
+def _dense_dir(config, source: datasource.DataSource, dense_out: str) -> str:
   """A folder holding the dense run's weights: the recorded dense_dir, else
   ``dense_out``'s run (trained by prune_train when missing)."""
   if config.dense_dir and os.path.exists(os.path.join(config.dense_dir, "weights", "final")):
     return config.dense_dir
   dense = prune_train.dense_config(config)
   dense.dense_dir = None
-  folder = os.path.join(dense_out, common.run_name(dense))
+  folder = os.path.join(dense_out, run_config.run_name(dense))
   if not os.path.exists(os.path.join(folder, "weights", "final")):
     logging.info("Training the dense run %s (its weights are scored).", folder)
     prune_train.run(dense, out_dir=dense_out, source=source)
@@ -148,7 +111,13 @@ def _dense_dir(config, source: common.DataSource, dense_out: str) -> str:
 
 
 def measure(
-  path: str, result: dict, *, source: common.DataSource, dense_out: str, batch: int, repeats: int
+  path: str,
+  result: dict,
+  *,
+  source: datasource.DataSource,
+  dense_out: str,
+  batch: int,
+  repeats: int,
 ) -> dict:
   """One CSV row: the run re-created, checked, compacted and timed (or skipped)."""
   start = time.time()
@@ -178,7 +147,7 @@ def measure(
       f"run reads synthetic={source.synthetic}: its scores would differ",
     )
   config = recorded_config(result)
-  p = common.check_pruner(config.pruner)
+  p = run_config.check_pruner(config.pruner)
   dspec = data.get_spec(config.dataset)
   input_shape = dspec.image_shape
   model = models.create(config.arch, dspec.num_classes)
@@ -243,39 +212,13 @@ def measure(
   )
 
 
-def read_rows(path: str) -> list[dict]:
-  """The CSV's rows with numbers parsed back (an empty cell is None)."""
-  import csv
-
-  text = (
-    "run",
-    "arch",
-    "pruner",
-    "pruning_type",
-    "status",
-    "reason",
-    "widths_before",
-    "widths",
-    "platform",
-    "reproduced",
-  )
-  with open(path) as f:
-    rows = list(csv.DictReader(f))
-  for r in rows:
-    for k, v in r.items():
-      if k not in text:
-        r[k] = None if v in ("", None) else float(v)
-    r["reproduced"] = {"True": True, "False": False}.get(r["reproduced"])
-  return rows
-
-
 def define_flags() -> None:
   flags.DEFINE_string("results_dir", "results/lenet300100_mnist", "Where the runs are.")
   flags.DEFINE_string("out", "results/compaction/lenet300100_latency.csv", "The CSV.")
   flags.DEFINE_string("arch", "lenet300100", "Network of the runs.")
   flags.DEFINE_string(
     "pruners",
-    ",".join(UNSTRUCTURED + NEURON),
+    ",".join(results.LATENCY_UNSTRUCTURED + results.LATENCY_NEURON),
     "Comma-separated one-shot pruners whose runs are timed.",
   )
   flags.DEFINE_string("pruning_type", "effective", "Pruning type of the runs.")
@@ -288,27 +231,30 @@ def define_flags() -> None:
     "out/compaction_dense",
     "Where a missing dense run (scored by after-training pruners) trains.",
   )
-  common.define_data_flags()
-  common.define_compilation_cache_flags()
+  datasource.define_flags()
+  compilation_cache.define_flags()
+  plugins.define_flag()
+  flags.declare_key_flag(plugins.FLAG)
 
 
 def main(argv):
   del argv
-  common.compilation_cache_from_flags()
-  pruners = common.parse_list(FLAGS.pruners, name="pruners")
+  plugins.import_modules(plugins.from_flags())  # before the pruners are checked
+  compilation_cache.from_flags()
+  pruners = checks.parse_list(FLAGS.pruners, name="pruners")
   for name in pruners:
-    if common.check_pruner(name) is None:
+    if run_config.check_pruner(name) is None:
       raise ValueError(
         f"--pruners: {name!r} is not a one-shot pruner (its masks move "
         "during training or come from IMP's rounds)."
       )
-  seeds = common.parse_list(FLAGS.seeds, int, "seeds")
-  common.check_run_args(
+  seeds = checks.parse_list(FLAGS.seeds, int, "seeds")
+  checks.check_run_args(
     out_dir=os.path.dirname(FLAGS.out) or ".",
     counts={"batch": FLAGS.batch, "repeats": FLAGS.repeats},
     nonnegative={"train_steps": FLAGS.train_steps},
   )
-  source = common.DataSource.from_flags()
+  source = datasource.DataSource.from_flags()
   runs = find_runs(
     FLAGS.results_dir, pruners, FLAGS.pruning_type, FLAGS.arch, FLAGS.train_steps or None
   )
@@ -337,7 +283,7 @@ def main(argv):
       ),
       flush=True,
     )
-    compression.write_csv(FLAGS.out, rows, COLUMNS)
+    results.write_csv(FLAGS.out, rows, results.LATENCY_COLUMNS)
   flagged = [r["run"] for r in rows if r.get("reproduced") is False]
   print(
     f"Wrote {FLAGS.out}: {len(rows)} runs, {len(flagged)} not reproduced"
@@ -346,5 +292,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

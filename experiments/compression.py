@@ -11,58 +11,36 @@ offline by TFDS from --tfds_manual_dir, or synthetic batches with --synthetic_da
   python -m experiments.compression --pruners=snip,synflow \
       --pruning_types=direct,effective --tfds_manual_dir=../shared/data/mnist
 
+A pruner or network of one's own reaches it with --import=my_module (a module name or
+a path to a .py file that registers it; experiments.plugins).
+
 Writes <out_dir>/compression.csv and <out_dir>/compression.png (effective against
 direct compression, log-log), and prints the table.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import time
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
-from experiments import common, configs
+from experiments import (
+  checks,
+  cli,
+  compilation_cache,
+  configs,
+  datasource,
+  plot,
+  plugins,
+  results,
+)
 from sparsejax import compact as compact_lib
-from sparsejax import effective, errors, files, flops, masks, models, pruning
+from sparsejax import effective, errors, flops, masks, models, pruning
 
 FLAGS = flags.FLAGS
-COLUMNS = [
-  "arch",
-  "pruner",
-  "pruning_type",
-  "seed",
-  "target_compression",
-  "direct_compression",
-  "effective_compression",
-  "direct_sparsity",
-  "effective_sparsity",
-  "active_units",
-  "total_units",
-  "active_units_per_layer",
-  "unit_layers",
-  "status",
-  "seconds",
-  "ranking_seconds",
-  # FLOPs (2 per multiply-accumulate, one example) and kernel parameters
-  "flops_dense",
-  "flops_direct",
-  "flops_effective",
-  "params_dense",
-  "params_direct",
-  "params_effective",
-  # with --compact: the compacted network (sparsejax.compact)
-  "compact_widths",
-  "live_channel_fraction",
-  "compact_params",
-  "compact_flops",
-  "compact_flops_direct",
-  "compact_logit_rel_diff",
-]
 
 
 def cost_columns(model, m, input_shape) -> dict:
@@ -107,7 +85,8 @@ def sweep(
   stop_at_disconnection: bool = True,
   compact: bool = False,
 ) -> list[dict]:
-  """Rows of the compression table (dicts with :data:`COLUMNS`).
+  """Rows of the compression table (dicts with
+  :data:`experiments.results.COMPRESSION_COLUMNS`).
 
   compact: also compact every mask (the ``compact_*`` columns).
 
@@ -119,7 +98,7 @@ def sweep(
   for t in pruning_types:
     pruning.check_pruning_type(t, "pruning_types")
   for c in compressions:
-    common.check_compression_flag("compressions", c)
+    checks.check_compression_flag("compressions", c)
   model = models.create(arch)
   input_shape = models.input_shape(arch)
   key = jax.random.key(seed)
@@ -246,28 +225,6 @@ def _sweep_pruner(
   return rows
 
 
-def read_rows(path: str) -> list[dict]:
-  """Rows of a CSV written by :func:`write_csv`, numbers parsed back (inf stays inf,
-  an empty cell is None: not measured)."""
-  with open(path) as f:
-    rows = list(csv.DictReader(f))
-  for r in rows:
-    for k, v in r.items():
-      if k in (
-        "arch",
-        "pruner",
-        "pruning_type",
-        "status",
-        "active_units_per_layer",
-        "unit_layers",
-        "data",
-        "compact_widths",
-      ):
-        continue
-      r[k] = None if v in ("", None) else float(v)
-  return rows
-
-
 def format_table(rows: list[dict]) -> str:
   head = (
     f"{'pruner':<18} {'type':<9} {'target':>9} {'direct':>9} {'effective':>10} "
@@ -285,24 +242,16 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def write_csv(path: str, rows: list[dict], columns: list[str] | None = None) -> None:
-  """Writes ``rows`` (the ``columns``, default :data:`COLUMNS` and 'data') to ``path``
-  atomically."""
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=columns or COLUMNS + ["data"], extrasaction="ignore")
-  writer.writeheader()
-  writer.writerows(rows)
-  files.atomic_write(path, buf.getvalue().encode())
-
-
 def define_flags() -> None:
   """The command-line flags (defined only when run as a binary)."""
-  flags.DEFINE_string("arch", "lenet300100", f"Network: {', '.join(models.MODELS)}.")
+  flags.DEFINE_string("arch", "lenet300100", f"Network: {', '.join(configs.archs())}.")
   flags.DEFINE_string(
     "pruners",
     "random/uniform,random/erk,random/igq",
     f"Comma-separated pruners: {', '.join(pruning.PRUNERS)}.",
   )
+  plugins.define_flag()
+  flags.declare_key_flag(plugins.FLAG)
   flags.DEFINE_string("pruning_types", "direct", "Comma-separated: direct, effective.")
   flags.DEFINE_string(
     "compressions",
@@ -329,19 +278,18 @@ def define_flags() -> None:
     "compacted widths, live-channel fraction, parameters and FLOPs, each compaction "
     "checked to compute the masked network's logits.",
   )
-  common.define_data_flags()
-  common.define_compilation_cache_flags()
+  datasource.define_flags()
+  compilation_cache.define_flags()
 
 
 def main(argv):
   del argv
-  common.compilation_cache_from_flags()
-  pruner_names = common.parse_list(FLAGS.pruners, name="pruners")
-  types = common.parse_list(FLAGS.pruning_types, name="pruning_types")
-  comps = common.parse_list(FLAGS.compressions, float, "compressions") or default_compressions()
-  from experiments import plot  # plot reads this module's CSVs
-
-  common.check_run_args(
+  plugins.import_modules(plugins.from_flags())  # before the pruners and network are checked
+  compilation_cache.from_flags()
+  pruner_names = checks.parse_list(FLAGS.pruners, name="pruners")
+  types = checks.parse_list(FLAGS.pruning_types, name="pruning_types")
+  comps = checks.parse_list(FLAGS.compressions, float, "compressions") or default_compressions()
+  checks.check_run_args(
     out_dir=FLAGS.out_dir,
     compressions={"compressions": comps},
     nonnegative={"seed": FLAGS.seed, "score_batch_size": FLAGS.score_batch_size},
@@ -350,7 +298,7 @@ def main(argv):
   )
   spec = models.get_spec(FLAGS.arch)
   config = configs.get_config(FLAGS.arch)
-  source = common.DataSource.from_flags()
+  source = datasource.DataSource.from_flags()
 
   def batches_fn():
     return source.score_batches(
@@ -377,7 +325,9 @@ def main(argv):
   for r in rows:
     r["data"] = data_name if pruning.get_pruner(r["pruner"]).needs_data else "-"
   os.makedirs(FLAGS.out_dir, exist_ok=True)
-  write_csv(os.path.join(FLAGS.out_dir, "compression.csv"), rows)
+  results.write_csv(
+    os.path.join(FLAGS.out_dir, "compression.csv"), rows, results.COMPRESSION_COLUMNS
+  )
   plot.plot_curves(
     FLAGS.arch, rows, os.path.join(FLAGS.out_dir, "compression.png"), seed=FLAGS.seed
   )
@@ -388,5 +338,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -1,4 +1,4 @@
-r"""At-initialization curves for all five networks (the paper's figure 1 style).
+r"""At-initialization curves for every registered network (the paper's figure 1 style).
 
 For each network, each at-initialization pruner and both pruning types, prune at
 direct compression 10^(0.2 i), i = 1, 2, ..., until the network disconnects (or up
@@ -16,25 +16,26 @@ Data for SNIP, iterative SNIP and GraSP: LeNet-300-100 scores on real MNIST (TFD
 prepared offline from --tfds_manual_dir); the CIFAR- and Tiny-ImageNet-shaped
 networks score on synthetic data of the same shape (the real files cannot be
 downloaded here), and the CSV's `data` column says which. On a CPU the large networks
-use smaller scoring budgets than the paper (see :data:`CPU_BUDGETS`); pass
+use smaller scoring budgets than the paper (see :func:`cpu_budget`); pass
 --paper_budgets to use the paper's.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import time
 
-from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+from absl import flags, logging
 
-from experiments import common, compression, configs
+from experiments import checks, cli, compression, configs, datasource, plugins, results
 from sparsejax import models, pruning
 
 FLAGS = flags.FLAGS
 
-ARCHS = ("lenet300100", "lenet5", "vgg16", "vgg19", "resnet18")
-# Every at-initialization pruner: random with each quota, SNIP, iterative SNIP, GraSP,
-# SynFlow. uniform+ keeps the first layer dense, so it applies to conv nets only.
 PRUNERS = (
   "random/uniform",
   "random/uniform_plus",
@@ -51,26 +52,15 @@ PRUNERS = (
 # of the iterative pruners (by name; others use the pruner's default), the
 # compression step of the iterative pruners
 # (a fresh run per compression: every 10^(0.2 step i)), and the largest exponent i.
-# The paper's: the networks' SNIP batch (configs.py), 300 iterative-SNIP rounds and
+# The paper's: the network's SNIP batch (its config), 300 iterative-SNIP rounds and
 # 100 SynFlow rounds at every 10^(0.2 i). On a 2-core CPU one VGG forward/backward pass
-# on 128 images takes seconds, so the large networks score on one small batch,
+# on 128 images takes seconds, so a large network scores on one small batch,
 # iterative SNIP runs 10 rounds, and the iterative pruners are sampled at every
-# 10^(0.6 i), up to 10^4.
-CPU_BUDGETS = {
-  "lenet300100": dict(
-    score_batches=10, batch_size=100, rounds={}, iterative_step=1, max_exponent=25
-  ),
-  "lenet5": dict(score_batches=10, batch_size=128, rounds={}, iterative_step=1, max_exponent=25),
-  "vgg16": dict(
-    score_batches=1, batch_size=32, rounds={"snip/iterative": 10}, iterative_step=3, max_exponent=20
-  ),
-  "vgg19": dict(
-    score_batches=1, batch_size=32, rounds={"snip/iterative": 10}, iterative_step=3, max_exponent=20
-  ),
-  "resnet18": dict(
-    score_batches=1, batch_size=16, rounds={"snip/iterative": 10}, iterative_step=3, max_exponent=20
-  ),
-}
+# 10^(0.6 i), up to 10^4; a small one (the LeNets) uses the paper's budget.
+
+#: Parameters (all variables of ``params``) from which a network is large for
+#: :func:`cpu_budget`: the LeNets have 62k and 267k, VGG and ResNet-18 11M to 20M.
+LARGE_NETWORK = 1_000_000
 
 
 def paper_budget(arch: str) -> dict:
@@ -83,6 +73,36 @@ def paper_budget(arch: str) -> dict:
   )
 
 
+def cpu_budget(arch: str) -> dict:
+  """The default budget of ``arch`` on a CPU: the paper's for a small network; for one
+  of :data:`LARGE_NETWORK` parameters or more, one score batch of 32 examples at 32x32
+  pixels (halved per doubling of the image side: 16 at 64x64), 10 rounds of iterative
+  SNIP, iterative pruners at every third compression, up to 10^4x."""
+  params, _ = network_shape(arch)
+  if params < LARGE_NETWORK:
+    return paper_budget(arch)
+  side = models.input_shape(arch)[0]
+  return dict(
+    score_batches=1,
+    batch_size=max(1, 32 * 32 // side),
+    rounds={"snip/iterative": 10},
+    iterative_step=3,
+    max_exponent=20,
+  )
+
+
+@functools.cache
+def network_shape(arch: str) -> tuple[int, bool]:
+  """(parameters, has a convolution) of network ``arch``, from its abstract
+  initialization (no weights are computed)."""
+  model = models.create(arch)
+  shapes = jax.eval_shape(
+    model.init, jax.random.key(0), jnp.ones((1, *models.input_shape(arch)), jnp.float32)
+  )
+  leaves = jax.tree.leaves(shapes["params"])
+  return sum(math.prod(x.shape) for x in leaves), any(x.ndim == 4 for x in leaves)
+
+
 def compressions(max_exponent: int, step: int = 1) -> list[float]:
   """10^(0.2 i) for i = step, 2 step, ... <= max_exponent."""
   return [10 ** (0.2 * i) for i in range(step, max_exponent + 1, step)]
@@ -92,11 +112,11 @@ def csv_path(out_dir: str, arch: str, pruner: str) -> str:
   return os.path.join(out_dir, arch, pruner.replace("/", "-") + ".csv")
 
 
-read_rows = compression.read_rows
+read_rows = results.read_compression_csv
 
 
 def run_one(
-  arch: str, pruner: str, *, out_dir: str, seed: int, budget: dict, source: common.DataSource
+  arch: str, pruner: str, *, out_dir: str, seed: int, budget: dict, source: datasource.DataSource
 ) -> list[dict]:
   """Sweeps one (network, pruner) pair and writes its CSV; returns the rows."""
   p = pruning.get_pruner(pruner)
@@ -123,7 +143,7 @@ def run_one(
     r["data"] = data_name
   buf_path = csv_path(out_dir, arch, pruner)
   os.makedirs(os.path.dirname(buf_path), exist_ok=True)
-  compression.write_csv(buf_path, rows)
+  results.write_csv(buf_path, rows, results.COMPRESSION_COLUMNS)
   logging.info(
     "%s %s: %d rows in %.1fs -> %s", arch, pruner, len(rows), time.time() - start, buf_path
   )
@@ -131,7 +151,10 @@ def run_one(
 
 
 def define_flags() -> None:
-  flags.DEFINE_string("archs", ",".join(ARCHS), "Comma-separated networks.")
+  """The command-line flags (defined only when run as a binary, after --import)."""
+  flags.DEFINE_string(
+    "archs", ",".join(configs.archs()), "Comma-separated networks (default: every registered)."
+  )
   flags.DEFINE_string("pruners", ",".join(PRUNERS), "Comma-separated at-init pruners.")
   flags.DEFINE_integer(
     "max_exponent",
@@ -144,13 +167,16 @@ def define_flags() -> None:
   flags.DEFINE_string("out_dir", "results/init_curves", "Where the CSVs go.")
   flags.DEFINE_bool("paper_budgets", False, "Score with the paper's budgets (slow on CPU).")
   flags.DEFINE_bool("overwrite", False, "Recompute pairs whose CSV exists.")
-  common.define_data_flags()
+  plugins.define_flag()
+  flags.declare_key_flag(plugins.FLAG)
+  datasource.define_flags()
 
 
 def main(argv):
   del argv
-  archs = common.parse_list(FLAGS.archs, name="archs")
-  pruners = common.parse_list(FLAGS.pruners, name="pruners")
+  plugins.import_modules(plugins.from_flags())  # before the networks and pruners are checked
+  archs = checks.parse_list(FLAGS.archs, name="archs")
+  pruners = checks.parse_list(FLAGS.pruners, name="pruners")
   for arch in archs:
     models.get_spec(arch)
   for name in pruners:
@@ -161,17 +187,17 @@ def main(argv):
         f"allowed: {', '.join(PRUNERS)}."
       )
   for arch in archs:
-    budget = dict(paper_budget(arch) if FLAGS.paper_budgets else CPU_BUDGETS[arch])
+    budget = dict(paper_budget(arch) if FLAGS.paper_budgets else cpu_budget(arch))
     if FLAGS.max_exponent:
       budget["max_exponent"] = FLAGS.max_exponent
     # Only MNIST is available offline; the other datasets are synthetic stand-ins.
-    source = common.DataSource(
+    source = datasource.DataSource(
       synthetic=FLAGS.synthetic_data or models.get_spec(arch).dataset != "mnist",
       manual_dir=FLAGS.tfds_manual_dir,
       data_dir=FLAGS.tfds_data_dir,
     )
     for name in pruners:
-      if name == "random/uniform_plus" and arch == "lenet300100":
+      if name == "random/uniform_plus" and not network_shape(arch)[1]:
         continue  # uniform+ keeps the first layer dense: conv nets only.
       path = csv_path(FLAGS.out_dir, arch, name)
       if os.path.exists(path) and not FLAGS.overwrite:
@@ -182,5 +208,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

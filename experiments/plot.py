@@ -10,8 +10,8 @@ Inputs:
   accuracy of pruned-and-trained networks.
 - results/compaction/lenet300100_latency.csv (experiments.compaction_latency): masked
   and compacted inference time of the trained LeNet-300-100 runs' networks;
-  results/compaction/<vgg19|resnet18>/compression.csv (experiments.compression
-  --compact): live channels and compacted FLOPs at initialization.
+  results/compaction/<arch>/compression.csv (experiments.compression --compact;
+  VGG-19 and ResNet-18 here): live channels and compacted FLOPs at initialization.
 
 Outputs (docs/figures/): init_<arch>.png (effective against direct compression,
 log-log, one colour per pruner), units_<arch>.png (fraction of active units per layer
@@ -23,6 +23,11 @@ neuron pruners), compaction_channels_{compression,flops}.png (live-channel fract
 and compacted FLOPs of VGG-19 and ResNet-18 against effective compression and against
 effective FLOPs). The markdown tables go between the <!-- name:start/end --> markers of
 docs/results.md; the hand-written text around them is left alone.
+
+Reads files only (through experiments.results): no JAX, Flax or network is imported,
+and matplotlib only inside the functions that draw. Every network and pruner is
+drawn: the tables below give the paper's ones their titles, order and colours, and
+any other gets its name as title and a colour of :data:`EXTRA_COLOURS`.
 """
 
 from __future__ import annotations
@@ -35,8 +40,7 @@ import statistics
 
 from absl import app, flags, logging
 
-from experiments import common, compression, configs, results
-from sparsejax import files
+from experiments import procedures, results
 
 FLAGS = flags.FLAGS
 
@@ -67,6 +71,8 @@ PRUNER_ORDER = (
   "neuron/synflow",
   "neuron/random",
 )
+# Display names of the paper's networks, in the order figures and tables list networks
+# (others follow by name, titled by their registered name).
 ARCH_TITLES = {
   "lenet300100": "LeNet-300-100",
   "lenet5": "LeNet-5",
@@ -106,21 +112,62 @@ COLOURS = {
 }
 
 
-def _colour(pruner: str):
-  return COLOURS.get(pruner, "#555555")
+#: Colours of pruners and methods not in :data:`COLOURS` (a user's, through --import),
+#: handed out in order of first use in this process: Dark2, then tab20b's dark shades;
+#: none is a colour of :data:`COLOURS`.
+EXTRA_COLOURS = (
+  "#1b9e77",
+  "#d95f02",
+  "#7570b3",
+  "#e7298a",
+  "#66a61e",
+  "#e6ab02",
+  "#a6761d",
+  "#393b79",
+  "#637939",
+  "#8c6d31",
+  "#843c39",
+  "#7b4173",
+)
+_extra_colours: dict[str, str] = {}
+
+
+def _colour(pruner: str) -> str:
+  """The pruner's colour in every figure: its own (:data:`COLOURS`), else the next of
+  :data:`EXTRA_COLOURS` (cycling), kept for the rest of the process."""
+  if pruner in COLOURS:
+    return COLOURS[pruner]
+  if pruner not in _extra_colours:
+    _extra_colours[pruner] = EXTRA_COLOURS[len(_extra_colours) % len(EXTRA_COLOURS)]
+  return _extra_colours[pruner]
+
+
+def _arch_order(archs) -> list[str]:
+  """Networks in :data:`ARCH_TITLES`'s order, any other after them by name."""
+  known = list(ARCH_TITLES)
+  return sorted(set(archs), key=lambda a: (known.index(a) if a in known else len(known), a))
 
 
 def _order(pruners) -> list[str]:
   return sorted(set(pruners), key=lambda p: (PRUNER_ORDER.index(p) if p in PRUNER_ORDER else 99, p))
 
 
-def _save(fig, path: str) -> None:
+def _pyplot():
+  """``matplotlib.pyplot`` on the Agg backend. Imported when a figure is drawn, not with
+  this module: reading results and writing tables need no matplotlib."""
+  import matplotlib
+
+  matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  return plt
+
+
+def _save(fig, path: str) -> None:
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=100)
-  plt.close(fig)
-  files.atomic_write(path, buf.getvalue())
+  _pyplot().close(fig)
+  results.atomic_write(path, buf.getvalue())
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -139,7 +186,7 @@ def load_curves(curves_dir: str) -> dict[str, list[dict]]:
   out = {}
   for path in sorted(glob.glob(os.path.join(curves_dir, "*", "*.csv"))):
     arch = os.path.basename(os.path.dirname(path))
-    out.setdefault(arch, []).extend(compression.read_rows(path))
+    out.setdefault(arch, []).extend(results.read_compression_csv(path))
   return out
 
 
@@ -226,10 +273,7 @@ def plot_curves(arch: str, rows: list[dict], path: str, seed: int = 0) -> None:
   """Effective against direct compression (log-log): lines for the direct pruning
   type, crosses for the effective type, x where the network disconnects. The one
   compression-curve figure (experiments.compression and the reproduction's)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
 
   fig, ax = plt.subplots(figsize=(7.2, 5.6))
   # Infinite compressions sit on edge lines, as in the table: a disconnected network at
@@ -316,10 +360,7 @@ def _nearest(rows: list[dict], target: float) -> dict | None:
 def plot_units(arch: str, rows: list[dict], path: str, targets=(10.0, 100.0, 1000.0)) -> None:
   """Fraction of active units per layer, one panel per direct compression, one line
   per pruner (direct pruning type)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
 
   direct_rows = [r for r in rows if r["pruning_type"] == "direct"]
   fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.8), sharey=True)
@@ -363,10 +404,7 @@ def plot_units(arch: str, rows: list[dict], path: str, targets=(10.0, 100.0, 100
 def plot_accuracy(runs: list[dict], path: str, title: str) -> None:
   """Test accuracy against direct (left) and effective (right) compression, one row
   per pruning type; error bars span the seeds."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
 
   groups = {k: _summary(v) for k, v in _group(runs).items()}
   dense = [g for (p, _, _), g in groups.items() if p == "dense" and "accuracy" in g]
@@ -442,16 +480,13 @@ DYNAMIC_REFERENCES = ("random/igq", "snip", "synflow", "imp")
 def plot_dynamic_accuracy(runs: list[dict], path: str, title: str) -> None:
   """Test accuracy against effective compression of the moving-mask methods (solid:
   direct update target, dashed: effective), beside at-init pruners and IMP (thin)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
 
   groups = {k: _summary(v) for k, v in _group(runs).items()}
   fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
   for ax, xkey in zip(axes, ("direct", "effective")):
     for pruner in _order(p for p, _, _ in groups):
-      dynamic = pruner in common.DYNAMIC
+      dynamic = pruner in procedures.DYNAMIC
       if not dynamic and pruner not in DYNAMIC_REFERENCES:
         continue
       for ptype, style in (("direct", "-"), ("effective", "--")):
@@ -495,16 +530,13 @@ def plot_dead_weights(
 ) -> None:
   """Fraction of kept weights that are dead (on no input-output path) at every mask
   update, per moving-mask method and update target; one panel per target (seed 0)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
 
   fig, axes = plt.subplots(1, len(targets), figsize=(4.6 * len(targets), 4), sharey=True)
   for ax, target in zip(axes, targets):
     for r in sorted(runs, key=lambda r: (r["pruner"], r["pruning_type"])):
       if (
-        r["pruner"] not in common.DYNAMIC
+        r["pruner"] not in procedures.DYNAMIC
         or r["seed"] != 0
         or not r.get("mask_updates")
         or not math.isclose(r["target_compression"], target, rel_tol=1e-6)
@@ -535,10 +567,10 @@ def dynamic_table(runs: list[dict]) -> str:
   """Moving-mask methods: per target, accuracy and the compressions reached at the end
   (direct / effective; effective/direct is the hidden gap), mean over seeds."""
   groups = {k: _summary(v) for k, v in _group(runs).items()}
-  targets = sorted({t for (p, _, t) in groups if p in common.DYNAMIC})
+  targets = sorted({t for (p, _, t) in groups if p in procedures.DYNAMIC})
   header = ["method", "update target"] + [f"{t:.4g}x" for t in targets]
   rows = []
-  for pruner in _order(p for p, _, _ in groups if p in common.DYNAMIC):
+  for pruner in _order(p for p, _, _ in groups if p in procedures.DYNAMIC):
     for ptype in ("direct", "effective"):
       cells = []
       for t in targets:
@@ -556,7 +588,7 @@ def dynamic_table(runs: list[dict]) -> str:
             f"{_fmt(g['effective'], 3)}x, gap {_fmt(gap, 3)})"
           )
       rows.append([pruner, ptype] + cells)
-  return common.markdown_table(header, rows)
+  return results.markdown_table(header, rows)
 
 
 # ---------------------------------------------------------------- tables
@@ -586,7 +618,7 @@ def accuracy_table(runs: list[dict]) -> str:
       if pruner == "dense":
         cells += [""] * (len(targets) - 1)
       rows.append([pruner, ptype] + cells)
-  return common.markdown_table(header, rows)
+  return results.markdown_table(header, rows)
 
 
 RANDOM = ("random/uniform", "random/erk", "random/igq", "random/snip", "random/synflow")
@@ -648,7 +680,7 @@ def claims_table(runs: list[dict]) -> str:
         f"{rand.index('random/igq') + 1} of {len(rand)}" if "random/igq" in rand else "-",
       ]
     )
-  return common.markdown_table(header, rows)
+  return results.markdown_table(header, rows)
 
 
 def schedule_table(short: list[dict], full: list[dict]) -> str:
@@ -690,7 +722,7 @@ def schedule_table(short: list[dict], full: list[dict]) -> str:
         f"{r['wall_time'] / 60:.1f} min",
       ]
     )
-  return common.markdown_table(header, rows)
+  return results.markdown_table(header, rows)
 
 
 def curves_table(curves: dict[str, list[dict]], targets=(10.0, 100.0, 1000.0)) -> str:
@@ -703,7 +735,7 @@ def curves_table(curves: dict[str, list[dict]], targets=(10.0, 100.0, 1000.0)) -
     + ["disconnects at", "direct for 100x eff.", "direct for 1000x eff."]
   )
   rows = []
-  for arch in [a for a in configs.ARCHS if a in curves] + sorted(set(curves) - set(configs.ARCHS)):
+  for arch in _arch_order(curves):
     rs = curves[arch]
     for pruner in _order(r["pruner"] for r in rs):
       direct = [
@@ -747,7 +779,7 @@ def curves_table(curves: dict[str, list[dict]], targets=(10.0, 100.0, 1000.0)) -
           else f"{_fmt(r['direct_compression'])}x"
         )
       rows.append([ARCH_TITLES.get(arch, arch), pruner] + cells)
-  return common.markdown_table(header, rows)
+  return results.markdown_table(header, rows)
 
 
 # ---------------------------------------------------------------- main
@@ -755,37 +787,33 @@ def curves_table(curves: dict[str, list[dict]], targets=(10.0, 100.0, 1000.0)) -
 # ------------------------------------------------------- compaction (section 5)
 
 LATENCY_CSV = os.path.join("compaction", "lenet300100_latency.csv")
-COMPACTION_ARCHS = ("vgg19", "resnet18")
 
 
 def _compaction_figures(results_dir, figures_dir, doc, short, short_steps) -> list[str]:
   """The speed figure and table of LeNet-300-100 (results/compaction/
-  lenet300100_latency.csv with the trained runs) and the live-channel figures of VGG-19
-  and ResNet-18 (results/compaction/<arch>/compression.csv), where their data exist."""
+  lenet300100_latency.csv with the trained runs) and the live-channel figures of every
+  network with a results/compaction/<arch>/compression.csv (VGG-19 and ResNet-18),
+  where their data exist."""
   written = []
   latency_path = os.path.join(results_dir, LATENCY_CSV)
   if os.path.exists(latency_path):
-    from experiments import compaction_latency
-
-    lat = compaction_latency.read_rows(latency_path)
+    lat = results.read_latency_csv(latency_path)
     rs = [r for r in short if r["arch"] == "lenet300100" and r["pruning_type"] == "effective"]
     path = os.path.join(figures_dir, f"speed_lenet300100_t{short_steps}.png")
     plot_speed(rs, lat, path, f"LeNet-300-100 on MNIST, {short_steps} training steps")
     written.append(path)
     if doc:
-      common.update_markdown_section(doc, "speed-table", speed_table(rs, lat))
-  rows = {}
-  for arch in COMPACTION_ARCHS:
-    csv_path = os.path.join(results_dir, "compaction", arch, "compression.csv")
-    if os.path.exists(csv_path):
-      rows[arch] = compression.read_rows(csv_path)
+      results.update_markdown_section(doc, "speed-table", speed_table(rs, lat))
+  found = glob.glob(os.path.join(results_dir, "compaction", "*", "compression.csv"))
+  by_arch = {os.path.basename(os.path.dirname(p)): p for p in found}
+  rows = {arch: results.read_compression_csv(by_arch[arch]) for arch in _arch_order(by_arch)}
   if rows:
     for xkey, name in (("effective_compression", "compression"), ("flops_effective", "flops")):
       path = os.path.join(figures_dir, f"compaction_channels_{name}.png")
       plot_compaction(rows, path, xkey)
       written.append(path)
     if doc:
-      common.update_markdown_section(doc, "compaction-table", compaction_table(rows))
+      results.update_markdown_section(doc, "compaction-table", compaction_table(rows))
   return written
 
 
@@ -827,12 +855,7 @@ def plot_speed(runs: list[dict], lat: list[dict], path: str, title: str) -> None
   inference time of the compacted network (middle: batch 1; right: time per example at
   the throughput batch), unstructured at-init pruners (solid) against neuron pruners
   (dashed); means over seeds, error bars the seeds' range."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  from experiments import compaction_latency
+  plt = _pyplot()
 
   groups = {k: _summary(v) for k, v in _group(runs).items()}
   times = _latency_groups(lat)
@@ -844,7 +867,7 @@ def plot_speed(runs: list[dict], lat: list[dict], path: str, title: str) -> None
     (f"compacted inference time per example, batch {batch} (us)", "compact_throughput"),
   )
   masked = list(times.values())
-  for pruner in _order(compaction_latency.UNSTRUCTURED + compaction_latency.NEURON):
+  for pruner in _order(results.LATENCY_UNSTRUCTURED + results.LATENCY_NEURON):
     pts = sorted(
       (t, g)
       for (p, ptype, t), g in groups.items()
@@ -887,7 +910,7 @@ def plot_speed(runs: list[dict], lat: list[dict], path: str, title: str) -> None
     ):
       v = statistics.median(g[key] for g in masked)
       ax.axvline(v if scale else 1e6 / v, color="black", lw=0.8, ls=":")
-  from matplotlib.ticker import NullFormatter
+  from matplotlib.ticker import NullFormatter  # with pyplot, where a figure is drawn
 
   for ax, (label, _) in zip(axes, xs):
     ax.set_xscale("log")
@@ -912,8 +935,6 @@ def speed_table(runs: list[dict], lat: list[dict]) -> str:
   """Per pruner and target: mean test accuracy, compacted widths, and masked against
   compacted inference time (batch 1 latency; time per example at the throughput
   batch) with the speed-ups."""
-  from experiments import compaction_latency
-
   groups = {k: _summary(v) for k, v in _group(runs).items()}
   times = _latency_groups(lat)
   header = [
@@ -929,7 +950,7 @@ def speed_table(runs: list[dict], lat: list[dict]) -> str:
     "speed-up",
   ]
   rows = []
-  for pruner in _order(compaction_latency.UNSTRUCTURED + compaction_latency.NEURON):
+  for pruner in _order(results.LATENCY_UNSTRUCTURED + results.LATENCY_NEURON):
     for (p, ptype, t), g in sorted(groups.items(), key=lambda kv: kv[0][2]):
       if p != pruner or ptype != "effective":
         continue
@@ -956,17 +977,14 @@ def speed_table(runs: list[dict], lat: list[dict]) -> str:
           f"{tm['throughput_speedup']:.2f}x",
         ]
       )
-  return common.markdown_table(header, rows)
+  return results.markdown_table(header, rows)
 
 
 def plot_compaction(rows: dict[str, list[dict]], path: str, xkey: str) -> None:
   """Per network (rows of the figure): the live-channel fraction and the compacted
   network's dense FLOPs (relative to the original's) of every at-init pruner, against
   ``xkey`` ('effective_compression', or 'flops_effective': FLOPs on live paths)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
 
   fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4.2 * len(rows)), squeeze=False)
   for i, (arch, rs) in enumerate(rows.items()):
@@ -1049,7 +1067,7 @@ def compaction_table(rows: dict[str, list[dict]]) -> str:
             f"{r['params_dense'] / r['compact_params']:.2f}x",
           ]
         )
-  return common.markdown_table(header, out)
+  return results.markdown_table(header, out)
 
 
 def make_all(
@@ -1069,8 +1087,10 @@ def make_all(
   runs = [r for r in runs if not r["compact"]]
   # The paper reproduction's figures and tables hold the pruners of the paper; the
   # moving-mask methods get their own.
-  moving = [r for r in runs if r["train_steps"] == short_steps and r["pruner"] in common.DYNAMIC]
-  runs = [r for r in runs if r["pruner"] not in common.DYNAMIC]
+  moving = [
+    r for r in runs if r["train_steps"] == short_steps and r["pruner"] in procedures.DYNAMIC
+  ]
+  runs = [r for r in runs if r["pruner"] not in procedures.DYNAMIC]
   short = [r for r in runs if r["train_steps"] == short_steps]
   full = [r for r in runs if r["train_steps"] == full_steps]
   for arch in sorted({r["arch"] for r in moving}):
@@ -1101,14 +1121,14 @@ def make_all(
   written += _compaction_figures(results_dir, figures_dir, doc, short, short_steps)
   if doc:
     if curves:
-      common.update_markdown_section(doc, "init-curves-table", curves_table(curves))
+      results.update_markdown_section(doc, "init-curves-table", curves_table(curves))
     if short:
-      common.update_markdown_section(doc, "accuracy-table", accuracy_table(short))
-      common.update_markdown_section(doc, "claims-table", claims_table(short))
+      results.update_markdown_section(doc, "accuracy-table", accuracy_table(short))
+      results.update_markdown_section(doc, "claims-table", claims_table(short))
     if full:
-      common.update_markdown_section(doc, "schedule-table", schedule_table(short, full))
+      results.update_markdown_section(doc, "schedule-table", schedule_table(short, full))
     if moving:
-      common.update_markdown_section(doc, "dynamic-table", dynamic_table(moving))
+      results.update_markdown_section(doc, "dynamic-table", dynamic_table(moving))
     written.append(doc)
   return written
 

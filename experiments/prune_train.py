@@ -9,6 +9,11 @@ The experiment is a config (experiments/configs/<arch>.py, every field overridab
 as --config.<field>=<value>); where it runs and reads data are flags (--out_dir,
 --tfds_manual_dir, --tfds_data_dir, --synthetic_data).
 
+A pruner or network of one's own: --import=my_module (a module name, or a path to a .py
+file; experiments.plugins) registers it before the flags are read; a network without
+experiments/configs/<arch>.py runs with --config=experiments/configs/generic.py:<arch>
+(experiments.configs.generic).
+
 Several hosts can train one run (data parallel): every process runs the same command
 with --coordinator_address, --num_processes and its --process_id (or the JAX_*
 variables, or a SLURM/Open MPI job; experiments.distributed, docs/cluster.md).
@@ -52,7 +57,20 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import common, configs, distributed, processes, rundir
+from experiments import (
+  checks,
+  cli,
+  compilation_cache,
+  configs,
+  datasource,
+  distributed,
+  plugins,
+  procedures,
+  processes,
+  results,
+  run_config,
+  rundir,
+)
 from sparsejax import compact as compact_lib
 from sparsejax import (
   data,
@@ -184,7 +202,7 @@ def dense_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 def dense_weights(config: ml_collections.ConfigDict, out_dir: str, like):
   """(initial, final) parameters of the dense run that magnitude/LAMP/neuron-l1 score:
   ``config.dense_dir`` or the matching dense run under ``out_dir``."""
-  folder = config.dense_dir or os.path.join(out_dir, common.run_name(dense_config(config)))
+  folder = config.dense_dir or os.path.join(out_dir, run_config.run_name(dense_config(config)))
   return (
     _load_params(os.path.join(folder, "weights", "initial"), like),
     _load_params(os.path.join(folder, "weights", "final"), like),
@@ -196,7 +214,7 @@ def prune_one_shot(
   p: pruning.Pruner,
   model,
   variables,
-  source: common.DataSource,
+  source: datasource.DataSource,
   out_dir: str,
 ):
   """The masks of a one-shot pruner (at initialization, or after training: scoring the
@@ -224,7 +242,7 @@ def prune_one_shot(
     key=jax.random.fold_in(key, 1),
     model=model,
     variables={**variables, "params": start_params},
-    sparsity=common.target_sparsity(config),
+    sparsity=run_config.target_sparsity(config),
     pruning_type=config.pruning_type,
     input_shape=data.get_spec(config.dataset).image_shape,
     batches=batches,
@@ -238,7 +256,7 @@ def run(
   config: ml_collections.ConfigDict,
   *,
   out_dir: str,
-  source: common.DataSource | None = None,
+  source: datasource.DataSource | None = None,
 ) -> dict:
   """Prunes, trains and writes the result JSON; returns the result.
 
@@ -255,16 +273,16 @@ def run(
     rundir.RunLockedError: another process is working on this run.
   """
   start_time = time.time()
-  source = common.DataSource() if source is None else source
+  source = datasource.DataSource() if source is None else source
   check_config(config, out_dir, source)
-  sparsity = common.target_sparsity(config)
-  p = common.check_pruner(config.pruner)
+  sparsity = run_config.target_sparsity(config)
+  p = run_config.check_pruner(config.pruner)
   train_config = configs.train_config(config)
   arch, dataset = config.arch, config.dataset
   models.get_spec(arch)
   dspec = data.get_spec(dataset)
-  updater = make_updater(config, sparsity) if config.pruner in common.DYNAMIC else None
-  name = common.run_name(config)
+  updater = make_updater(config, sparsity) if config.pruner in dynamic.METHODS else None
+  name = run_config.run_name(config)
   run_dir = os.path.join(out_dir, name)
   os.makedirs(run_dir, exist_ok=True)
   if not distributed.is_primary():  # Multi-host: process 0 locks and writes the files.
@@ -466,7 +484,7 @@ def _record_unreachable(
 def _write_result(path: str, summary: dict) -> None:
   """The run's result.json (strict JSON, atomic); with several processes, process 0's."""
   if distributed.is_primary():
-    common.atomic_write_json(path, summary)
+    results.atomic_write_json(path, summary)
 
 
 def _wall_times(clock: rundir.WallClock) -> dict:
@@ -503,7 +521,7 @@ def _record_diverged(
 
 
 def check_config(
-  config: ml_collections.ConfigDict, out_dir: str, source: common.DataSource
+  config: ml_collections.ConfigDict, out_dir: str, source: datasource.DataSource
 ) -> None:
   """Every field a run needs and out_dir, before any work (named as their flags): the
   target, the pruner and pruning type, the counts and steps, a moving-mask schedule.
@@ -511,17 +529,19 @@ def check_config(
   Raises:
     ValueError: the first bad field, its value and what is allowed.
   """
-  sparsity = common.target_sparsity(config)
+  sparsity = run_config.target_sparsity(config)
   pruning.check_pruning_type(config.pruning_type, "--config.pruning_type")
-  common.check_pruner(config.pruner)
+  run_config.check_pruner(config.pruner)
   models.get_spec(config.arch)
   data.get_spec(config.dataset)
-  if config.pruner in common.DYNAMIC:
+  if config.pruner in dynamic.METHODS:
     make_updater(config, sparsity)
   if not isinstance(config.compact, bool):
     raise ValueError(f"--config.compact={config.compact!r} must be True or False.")
   if config.compact and (
-    config.pruner in common.DYNAMIC or config.pruner == common.IMP or config.pruner == "dense"
+    config.pruner in dynamic.METHODS
+    or config.pruner == procedures.IMP
+    or config.pruner == "dense"
   ):
     raise ValueError(
       f"--config.compact=True is for one-shot pruners (at initialization or after "
@@ -530,7 +550,7 @@ def check_config(
       "nothing to remove)."
     )
   f = lambda name: f"config.{name}"
-  common.check_run_args(
+  checks.check_run_args(
     out_dir=out_dir,
     nonnegative={f("seed"): config.seed, f("rewind_step"): config.rewind_step},
     counts={
@@ -599,9 +619,9 @@ def _starting_masks(config, updater, model, variables, sparsity, key):
   )
 
 
-def _config_record(config, sparsity: float, source: common.DataSource) -> dict:
+def _config_record(config, sparsity: float, source: datasource.DataSource) -> dict:
   """What result.json records of the run's settings (``experiment``: the whole config)."""
-  imp = config.pruner == common.IMP
+  imp = config.pruner == procedures.IMP
   train_config = configs.train_config(config)
   return {
     "arch": config.arch,
@@ -714,34 +734,50 @@ def _imp(
   return result
 
 
+DEFAULT_CONFIG = configs.path("lenet300100")
+
+
 def define_flags() -> None:
-  """The command-line flags (defined only when run as a binary)."""
+  """The command-line flags (defined only when run as a binary, after --import: the
+  help lists the pruners registered then)."""
   config_flags.DEFINE_config_file(
     "config",
-    configs.path("lenet300100"),
-    "Experiment config file (experiments/configs/<arch>.py); override any field with "
-    "--config.<field>=<value>.",
+    DEFAULT_CONFIG,
+    "Experiment config file: experiments/configs/<arch>.py, or "
+    "experiments/configs/generic.py:<arch> for a registered network without one "
+    f"(networks: {', '.join(configs.archs())}). Override any field with "
+    f"--config.<field>=<value>. {configs.fields_help(DEFAULT_CONFIG)} "
+    f"Pruners (--config.pruner): {', '.join(run_config.pruner_names())}.",
   )
   flags.DEFINE_string("out_dir", "out/prune_train", "Where run folders go.")
-  common.define_data_flags()
+  plugins.define_flag()
+  datasource.define_flags()
   distributed.define_flags()
-  common.define_compilation_cache_flags()
+  compilation_cache.define_flags()
+  for name in (plugins.FLAG, "synthetic_data", "tfds_manual_dir"):
+    flags.declare_key_flag(name)  # listed by --help, beside --config
 
 
 def main(argv):
   del argv
+  plugins.import_modules(plugins.from_flags())  # imported before the config is checked
   processes.exit_with_parent()
   distributed.initialize_from_flags()
-  common.compilation_cache_from_flags()
+  compilation_cache.from_flags()
+  source = datasource.DataSource.from_flags()
   try:
-    summary = run(FLAGS.config, out_dir=FLAGS.out_dir, source=common.DataSource.from_flags())
+    check_config(FLAGS.config, FLAGS.out_dir, source)
+  except ValueError as err:  # a bad field or flag, before any work: a usage error
+    raise app.UsageError(str(err)) from None
+  try:
+    summary = run(FLAGS.config, out_dir=FLAGS.out_dir, source=source)
   except rundir.RunLockedError as err:
     logging.error("%s", err)
     sys.exit(EXIT_LOCKED)
   if summary["status"] in ("unreachable", "diverged"):
     print(
       json.dumps(
-        common.strict_json(
+        results.strict_json(
           {k: summary[k] for k in ("config", "status", "error", "diverged_step") if k in summary}
         ),
         indent=2,
@@ -759,9 +795,8 @@ def main(argv):
       "wall_time",
     )
   }
-  print(json.dumps(common.strict_json({"config": summary["config"], **brief}), indent=2))
+  print(json.dumps(results.strict_json({"config": summary["config"], **brief}), indent=2))
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags, config_default=DEFAULT_CONFIG)

@@ -6,7 +6,7 @@ r"""The sweep's grid points as Ray tasks (``experiments.sweep --executor=ray``).
 
 One grid point is one Ray task that declares ``--ray_cpus_per_run`` CPUs and
 ``--ray_gpus_per_run`` GPUs and calls the function the local executor calls
-(:func:`experiments.sweep.run_point` -> :func:`experiments.prune_train.run`) in a
+(:func:`experiments.executors.run_point` -> :func:`experiments.prune_train.run`) in a
 Ray worker process. So the run folder's lock (experiments.rundir), the result's
 validation (experiments.results) and resuming from Orbax checkpoints are the local
 sweep's: only where the call runs changes. A worker that dies (killed, out of
@@ -33,10 +33,11 @@ import dataclasses
 import os
 import socket
 import threading
+from collections.abc import Sequence
 
 from absl import logging
 
-from experiments import common
+from experiments import checks, compilation_cache, datasource, executors, plugins
 
 INSTALL = "pip install 'sparsejax[ray]' (or: pip install 'ray[default]>=2.9')"
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,13 +72,13 @@ class RayOptions:
         or not (value > low if strict else value >= low)
       ):
         raise ValueError(f"--{name}={value!r} must be a number {'>' if strict else '>='} {low:g}.")
-    common.check_int_flag("ray_max_retries", self.max_retries, low=0)
+    checks.check_int_flag("ray_max_retries", self.max_retries, low=0)
 
 
 def import_ray():
   """The ``ray`` module, or ValueError saying what to install."""
   try:
-    import ray  # pylint: disable=import-outside-toplevel
+    import ray  # the optional extra, imported only for --executor=ray
   except ImportError as err:
     raise ValueError(
       f"--executor=ray needs the ray package, which is not installed "
@@ -189,12 +190,12 @@ def _env(options: RayOptions) -> dict:
 def enable_worker_cache(directory: str | None) -> str | None:
   """The persistent compilation cache in a Ray worker, as a local child process of
   the sweep would use it: ``directory`` ('': none; None: this node's default,
-  :func:`experiments.common.default_compilation_cache_dir`). A node that cannot
+  :func:`experiments.compilation_cache.default_dir`). A node that cannot
   write it runs without the cache (a warning), not without the run."""
   if directory is None:
-    directory = common.default_compilation_cache_dir()
+    directory = compilation_cache.default_dir()
   try:
-    return common.enable_compilation_cache(directory)
+    return compilation_cache.enable(directory)
   except ValueError as err:
     logging.warning("%s This worker runs without the persistent compilation cache.", err)
     return None
@@ -204,14 +205,14 @@ def _run_task(
   point: dict,
   shared: list,
   out_dir: str,
-  source: common.DataSource,
+  source: datasource.DataSource,
   compilation_cache_dir: str | None = None,
+  imports: Sequence[str] = (),
 ) -> int:
-  """The body of a grid point's Ray task (in a Ray worker): the local executor's run."""
-  from experiments import sweep  # pylint: disable=import-outside-toplevel
-
+  """The body of a grid point's Ray task (in a Ray worker): the local executor's run,
+  after the sweep's ``--import`` modules (once per worker)."""
   enable_worker_cache(compilation_cache_dir)
-  return sweep.run_point(point, shared, out_dir, source)
+  return executors.run_point(point, shared, out_dir, source, imports)
 
 
 class RayRuns:
@@ -219,13 +220,22 @@ class RayRuns:
   :meth:`stop`, cancels those in flight (their workers end; the runs resume from
   their checkpoints next time) and starts no new one."""
 
-  def __init__(self, ray, options: RayOptions, compilation_cache_dir: str | None = None):
+  def __init__(
+    self,
+    ray,
+    options: RayOptions,
+    compilation_cache_dir: str | None = None,
+    imports: Sequence[str] = (),
+  ):
     """``compilation_cache_dir``: the workers' persistent compilation cache ('': none;
     None: each node's default), a folder every node can write (a shared one lets
-    nodes share compiled programs)."""
+    nodes share compiled programs); ``imports``: the modules every task imports first
+    (``--import``; module names must be importable in the workers, on ``PYTHONPATH``,
+    paths must exist on every node)."""
     self._ray = ray
     self._options = options
     self._cache = compilation_cache_dir
+    self._imports = plugins.normalized(imports)
     self._task = ray.remote(_run_task).options(
       num_cpus=options.cpus_per_run,
       num_gpus=options.gpus_per_run,
@@ -238,14 +248,14 @@ class RayRuns:
     self.stopping = False
 
   def run(
-    self, point: dict, shared: list, out_dir: str, source: common.DataSource
+    self, point: dict, shared: list, out_dir: str, source: datasource.DataSource
   ) -> tuple[int, str]:
     """Runs ``point`` as a task to its end: (0, '') when it finished, else (1, why)."""
     ray = self._ray
     with self._lock:
       if self.stopping:
         return 1, "not started: the sweep was stopped"
-      ref = self._task.remote(point, shared, out_dir, source, self._cache)
+      ref = self._task.remote(point, shared, out_dir, source, self._cache, self._imports)
       self._refs.add(ref)
     try:
       code = ray.get(ref)

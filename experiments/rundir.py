@@ -19,7 +19,7 @@ import os
 import threading
 import time
 
-from experiments import common
+from experiments import results
 from sparsejax import files
 
 LOCK_FILE = ".lock"
@@ -108,7 +108,7 @@ class WallClock:
     return len(self.earlier) + 1
 
   def save(self) -> None:
-    common.atomic_write_json(self.path, {"processes": self.earlier + [self.this_process()]})
+    results.atomic_write_json(self.path, {"processes": self.earlier + [self.this_process()]})
 
   def _loop(self) -> None:
     while not self._stop.wait(self._refresh):

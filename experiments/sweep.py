@@ -4,13 +4,14 @@ r"""A resumable grid of prune-and-train runs.
       --compressions=10,100 --pruning_types=direct,effective --seeds=0,1 \
       --train_steps=6000 --tfds_manual_dir=../shared/data/mnist --jobs=2
 
-Each grid point is a list of overrides of its network's config
-(experiments/configs/<arch>.py): its pruner, type, seed and compression, then the
-sweep's shared ones (--train_steps, --eval_every, --extra_flags). One code path runs
-them: :func:`experiments.configs.load` parses the overrides exactly as the command
-line does, and experiments.prune_train runs the config, in this process
-(--jobs=1: the dataset is read and the training step compiled once) or in --jobs
-subprocesses given the same overrides on their command lines. Each run writes
+Each grid point (experiments.grid) is a list of overrides of its network's config
+(experiments/configs/<arch>.py, or generic.py:<arch> for a registered network without
+one): its pruner, type, seed and compression, then the sweep's shared ones
+(--train_steps, --eval_every, --extra_flags). One code path runs them:
+:func:`experiments.configs.load` parses the overrides exactly as the command line
+does, and experiments.prune_train runs the config, in this process (--jobs=1: the
+dataset is read and the training step compiled once) or in --jobs subprocesses given
+the same overrides on their command lines (experiments.executors). Each run writes
 <out_dir>/<run name>/result.json. A point whose result is valid (experiments.results:
 it parses and has what its status needs; a diverged or unreachable run is finished
 too) is skipped; an invalid one is moved aside (result.json.invalid-<time>) and run
@@ -26,129 +27,41 @@ cluster at --ray_address, each declaring --ray_cpus_per_run CPUs and
 skipping and resuming are the ones above, and a point whose worker died is run again
 (--ray_max_retries) from its checkpoint (experiments.ray_executor). SIGINT or SIGTERM
 cancels the tasks in flight.
+
+--import=module[,module] (module names or .py paths, experiments.plugins): imported by
+the sweep before anything else and passed on to every child process and Ray task, so
+the pruners and networks a module registers can be points of the grid.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import itertools
-import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 
-import ml_collections
 from absl import app, flags, logging
 
-from experiments import common, configs, processes, ray_executor, results
+from experiments import (
+  checks,
+  cli,
+  compilation_cache,
+  configs,
+  datasource,
+  executors,
+  grid,
+  plugins,
+  processes,
+  prune_train,
+  ray_executor,
+  results,
+  run_config,
+)
 
 FLAGS = flags.FLAGS
-
-
-def grid(archs, pruners, compressions, pruning_types, seeds) -> list[dict]:
-  """The grid points, dense runs first; duplicates (dense at several targets) removed.
-
-  A point is {arch, pruner, pruning_type, seed, compression} (compression None for
-  dense); :func:`overrides` turns it into config overrides.
-  """
-  for name in pruners:
-    common.check_pruner(name)
-  common.check_run_args(
-    compressions={"compressions": list(compressions)}, nonnegative={"seeds": list(seeds)}
-  )
-  needs_dense = any(p == "dense" or common.after_training(p) for p in pruners)
-  runs = []
-  for arch, seed in itertools.product(archs, seeds):
-    configs.path(arch)
-    if needs_dense:
-      runs.append(
-        dict(arch=arch, pruner="dense", pruning_type="direct", seed=seed, compression=None)
-      )
-  for arch, pruner, c, t, seed in itertools.product(
-    archs, pruners, compressions, pruning_types, seeds
-  ):
-    if pruner != "dense":
-      runs.append(dict(arch=arch, pruner=pruner, pruning_type=t, seed=seed, compression=c))
-  out, seen = [], set()
-  for r in runs:
-    key = tuple(sorted(r.items()))
-    if key not in seen:
-      seen.add(key)
-      out.append(r)
-  return out
-
-
-def overrides(point: dict, shared: list[str]) -> list[str]:
-  """Config overrides ('field=value') of a grid point, then the sweep's shared ones."""
-  own = [
-    f"pruner={point['pruner']}",
-    f"pruning_type={point['pruning_type']}",
-    f"seed={point['seed']}",
-  ]
-  if point["compression"] is not None:
-    own.append(f"compression={point['compression']:.10g}")
-  return own + list(shared)
-
-
-def config_for(point: dict, shared: list[str]) -> ml_collections.ConfigDict:
-  """The run's config: the network's file with the point's and the shared overrides."""
-  return configs.load(point["arch"], overrides(point, shared))
-
-
-def result_path(config: ml_collections.ConfigDict, out_dir: str) -> str:
-  return os.path.join(out_dir, common.run_name(config), "result.json")
-
-
-def command(
-  point: dict,
-  shared: list[str],
-  out_dir: str,
-  source: common.DataSource,
-  compilation_cache_dir: str | None = None,
-) -> list[str]:
-  """The experiments.prune_train command line of a grid point; the child uses the
-  persistent compilation cache in ``compilation_cache_dir`` ('' : none; None: the
-  child's default)."""
-  cmd = [
-    sys.executable,
-    "-m",
-    "experiments.prune_train",
-    f"--config={configs.path(point['arch'])}",
-    *configs.override_args(overrides(point, shared)),
-    f"--out_dir={out_dir}",
-  ]
-  if compilation_cache_dir is not None:
-    cmd.append(f"--compilation_cache_dir={compilation_cache_dir}")
-  if source.manual_dir:
-    cmd.append(f"--tfds_manual_dir={source.manual_dir}")
-  if source.data_dir:
-    cmd.append(f"--tfds_data_dir={source.data_dir}")
-  if source.synthetic:
-    cmd.append("--synthetic_data")
-  return cmd
-
-
-def _run_in_process(
-  config: ml_collections.ConfigDict, out_dir: str, source: common.DataSource
-) -> int:
-  """One grid point in this process (data and compiled steps are reused across runs);
-  returns 0 on success, 1 on failure (logged, the sweep goes on)."""
-  from experiments import prune_train
-
-  try:
-    prune_train.run(config, out_dir=out_dir, source=source)
-  except Exception:  # pylint: disable=broad-except
-    logging.exception("Run failed: %s", common.run_name(config))
-    return 1
-  return 0
-
-
-def run_point(point: dict, shared: list[str], out_dir: str, source: common.DataSource) -> int:
-  """A grid point in this process: 0 on success, 1 on failure (logged). What a Ray
-  task runs (experiments.ray_executor); --jobs=1 runs the same on its parsed config."""
-  return _run_in_process(config_for(point, shared), out_dir, source)
 
 
 EXECUTORS = ("local", "ray")
@@ -158,11 +71,12 @@ def execute(
   points: list[dict],
   shared: list[str],
   out_dir: str,
-  source: common.DataSource,
+  source: datasource.DataSource,
   jobs: int | None = 1,
   executor: str = "local",
   ray_options: ray_executor.RayOptions | None = None,
   compilation_cache_dir: str | None = None,
+  imports: Sequence[str] = (),
 ) -> tuple[int, int, int]:
   """Runs the grid; returns (done, skipped, failed).
 
@@ -173,7 +87,9 @@ def execute(
     ray_options: the Ray cluster and each task's resources (executor='ray').
     compilation_cache_dir: the persistent compilation cache local child processes
       and Ray workers use ('': none; None: their default). In-process runs use this
-      process's setting (:func:`experiments.common.enable_compilation_cache`).
+      process's setting (:func:`experiments.compilation_cache.enable`).
+    imports: modules (names or .py paths, experiments.plugins) that register pruners
+      or networks: imported here first, and by every child process and Ray task.
 
   Raises:
     ValueError: a bad config or flag, ray not installed or its cluster unreachable
@@ -181,23 +97,25 @@ def execute(
     processes.Stopped: SIGINT or SIGTERM while child processes or Ray tasks ran; they
       have been ended.
   """
-  from experiments import prune_train  # Imported here: it defines no flags on import.
-
+  plugins.import_modules(imports)
   if executor not in EXECUTORS:
     raise ValueError(
       f"--executor={executor!r} is not an executor; allowed: {', '.join(EXECUTORS)}."
     )
-  runs = [(point, config_for(point, shared)) for point in points]
+  runs = [(point, grid.config_for(point, shared)) for point in points]
   for _, config in runs:  # Every point's settings, before any work.
     prune_train.check_config(config, out_dir, source)
-  runner = None
   if executor == "ray":
     options = ray_options or ray_executor.RayOptions()
     ray = ray_executor.connect(options)
-    runner = ray_executor.RayRuns(ray, options, compilation_cache_dir)
+    runner = ray_executor.RayRuns(ray, options, compilation_cache_dir, imports)
     jobs = jobs or ray_executor.capacity(ray, options)
+  elif (jobs or 1) <= 1:
+    runner = executors.InProcess()
+  else:
+    runner = executors.ChildProcesses(compilation_cache_dir, imports)
   jobs = jobs or 1
-  todo = [(point, c) for point, c in runs if not results.is_done(result_path(c, out_dir))]
+  todo = [(point, c) for point, c in runs if not results.is_done(grid.result_path(c, out_dir))]
   skipped = len(runs) - len(todo)
   logging.info(
     "Sweep: %d runs, %d already done, %d to run with %d %s.",
@@ -205,29 +123,20 @@ def execute(
     skipped,
     len(todo),
     jobs,
-    "Ray task(s) in flight" if runner else "job(s)",
+    "Ray task(s) in flight" if executor == "ray" else "job(s)",
   )
   dense = [r for r in todo if r[0]["pruner"] == "dense"]
   rest = [r for r in todo if r[0]["pruner"] != "dense"]
   start = time.time()
-  children = processes.Children()
 
   def one(run):
-    point, config = run
-    if runner is not None:
-      return (point, *runner.run(point, shared, out_dir, source))
-    if jobs <= 1:
-      return point, _run_in_process(config, out_dir, source), "see this process's log"
-    log = result_path(config, out_dir).replace("result.json", "log.txt")
-    os.makedirs(os.path.dirname(log), exist_ok=True)
-    with open(log, "a") as f:
-      code = children.run(command(point, shared, out_dir, source, compilation_cache_dir), f)
-    return point, code, f"see {log}"
+    point, _ = run
+    return (point, *runner.run(point, shared, out_dir, source))
 
-  stoppable = runner if runner is not None else children
   signals = (
-    processes.stop_on_signals(stoppable)
-    if (jobs > 1 or runner is not None) and threading.current_thread() is threading.main_thread()
+    processes.stop_on_signals(runner)
+    if not isinstance(runner, executors.InProcess)
+    and threading.current_thread() is threading.main_thread()
     else contextlib.nullcontext()
   )
   with signals:
@@ -262,9 +171,16 @@ def _execute_phases(dense, rest, one, jobs, todo, skipped, start) -> tuple[int, 
 
 
 def define_flags() -> None:
-  """The command-line flags (defined only when run as a binary)."""
-  flags.DEFINE_string("archs", "lenet300100", "Comma-separated networks.")
-  flags.DEFINE_string("pruners", "random/igq", "Comma-separated pruners (and imp).")
+  """The command-line flags (defined only when run as a binary, after --import: the
+  help lists the networks and pruners registered then)."""
+  flags.DEFINE_string(
+    "archs", "lenet300100", f"Comma-separated networks: {', '.join(configs.archs())}."
+  )
+  flags.DEFINE_string(
+    "pruners",
+    "random/igq",
+    f"Comma-separated pruners: {', '.join(run_config.pruner_names())}.",
+  )
   flags.DEFINE_string("compressions", "10,100", "Comma-separated target compressions.")
   flags.DEFINE_string("pruning_types", "direct", "Comma-separated: direct, effective.")
   flags.DEFINE_string("seeds", "0", "Comma-separated seeds.")
@@ -314,21 +230,13 @@ def define_flags() -> None:
     "",
     "Config overrides for every run, space-separated "
     "--config.<field>=<value> (e.g. '--config.imp_rounds=3 "
-    "--config.rounds=100').",
+    f"--config.rounds=100'). {configs.fields_help(configs.path('lenet300100'))}",
   )
   flags.DEFINE_bool("dry_run", False, "List the grid and what would run; run nothing.")
-  common.define_compilation_cache_flags()
-  common.define_data_flags()
-
-
-def shared_overrides(train_steps: int | None, eval_every: int | None, extra: str) -> list[str]:
-  """The overrides every run of the sweep gets ('field=value')."""
-  shared = []
-  if train_steps is not None:
-    shared.append(f"train_steps={train_steps}")
-  if eval_every is not None:
-    shared.append(f"eval_every={eval_every}")
-  return shared + [a[len("--config.") :] for a in configs.override_args(extra.split())]
+  plugins.define_flag()
+  flags.declare_key_flag(plugins.FLAG)
+  compilation_cache.define_flags()
+  datasource.define_flags()
 
 
 def _ray_options():
@@ -344,39 +252,57 @@ def _ray_options():
 
 def main(argv):
   del argv
-  common.check_run_args(
-    out_dir=None if FLAGS.dry_run else FLAGS.out_dir,
-    optional_counts={
-      "jobs": FLAGS.jobs,
-      "train_steps": FLAGS.train_steps,
-      "eval_every": FLAGS.eval_every,
-    },
-  )
-  points = grid(
-    common.parse_list(FLAGS.archs, name="archs"),
-    common.parse_list(FLAGS.pruners, name="pruners"),
-    common.parse_list(FLAGS.compressions, float, "compressions"),
-    common.parse_list(FLAGS.pruning_types, name="pruning_types"),
-    common.parse_list(FLAGS.seeds, int, "seeds"),
-  )
-  shared = shared_overrides(FLAGS.train_steps, FLAGS.eval_every, FLAGS.extra_flags)
-  source = common.DataSource.from_flags()
+  imports = plugins.from_flags()
+  plugins.import_modules(imports)  # before the networks and pruners are checked
+  try:
+    checks.check_run_args(
+      out_dir=None if FLAGS.dry_run else FLAGS.out_dir,
+      optional_counts={
+        "jobs": FLAGS.jobs,
+        "train_steps": FLAGS.train_steps,
+        "eval_every": FLAGS.eval_every,
+      },
+    )
+    points = grid.grid(
+      checks.parse_list(FLAGS.archs, name="archs"),
+      checks.parse_list(FLAGS.pruners, name="pruners"),
+      checks.parse_list(FLAGS.compressions, float, "compressions"),
+      checks.parse_list(FLAGS.pruning_types, name="pruning_types"),
+      checks.parse_list(FLAGS.seeds, int, "seeds"),
+    )
+    shared = grid.shared_overrides(FLAGS.train_steps, FLAGS.eval_every, FLAGS.extra_flags)
+    for point in points:  # every point's config parses (--extra_flags), before any work
+      grid.config_for(point, shared)
+  except ValueError as err:  # a bad flag or config field: a usage error
+    raise app.UsageError(str(err)) from None
+  source = datasource.DataSource.from_flags()
   if FLAGS.dry_run:
     for point in points:
       state = "done  "
       try:
-        results.load(result_path(config_for(point, shared), FLAGS.out_dir))
+        results.load(grid.result_path(grid.config_for(point, shared), FLAGS.out_dir))
       except FileNotFoundError:
         state = "todo  "
       except results.InvalidResultError:
         state = "redo  "  # Invalid result: a real run moves it aside and runs again.
-      print(state + " ".join(command(point, shared, FLAGS.out_dir, source)[3:]))
+      cmd = grid.command(point, shared, FLAGS.out_dir, source, imports=imports)
+      print(state + " ".join(cmd[3:]))
     return
-  cache = common.compilation_cache_from_flags()  # in-process runs, and the children
+  cache = compilation_cache.from_flags()  # in-process runs, and the children
   try:
     done, skipped, failed = execute(
-      points, shared, FLAGS.out_dir, source, FLAGS.jobs, FLAGS.executor, _ray_options(), cache or ""
+      points,
+      shared,
+      FLAGS.out_dir,
+      source,
+      FLAGS.jobs,
+      FLAGS.executor,
+      _ray_options(),
+      cache or "",
+      imports,
     )
+  except ValueError as err:  # raised before any run starts: a bad flag or config field
+    raise app.UsageError(str(err)) from None
   except processes.Stopped as stop:
     print(
       f"Sweep stopped by {signal.Signals(stop.signum).name}; its runs were ended and "
@@ -389,5 +315,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

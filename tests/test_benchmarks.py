@@ -4,7 +4,7 @@ resumable CSV, the flag checks; and score batches larger than the synthetic spli
 import pytest
 
 from benchmarks import compaction
-from experiments import common
+from experiments import datasource
 
 
 @pytest.mark.slow
@@ -82,7 +82,7 @@ def test_structured_resolves_per_network_and_rows_filter():
 
 def test_score_batches_above_the_synthetic_split_size():
   # VGG-19's SNIP batch (1280) and ResNet-18's (2560) exceed the 1024 synthetic examples.
-  (batch,) = common.DataSource(synthetic=True).score_batches(
+  (batch,) = datasource.DataSource(synthetic=True).score_batches(
     "mnist", num_batches=1, batch_size=1500, seed=0
   )
   assert batch["image"].shape == (1024, 28, 28, 1)

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from experiments import common, compaction_latency, configs, prune_train
+from experiments import compaction_latency, configs, datasource, prune_train, results
 
-SOURCE = common.DataSource(synthetic=True, num_examples=512)
+SOURCE = datasource.DataSource(synthetic=True, num_examples=512)
 TINY = ["train_steps=10", "eval_every=10", "checkpoint_every=10", "log_every=10"]
 
 
@@ -38,10 +38,8 @@ def test_runs_are_recreated_checked_compacted_and_timed(runs, tmp_path):
   assert rows[0]["widths_before"] == "300;100"
   assert rows[0]["compact_params"] < rows[0]["params_dense"]  # neurons removed
   path = tmp_path / "latency.csv"
-  from experiments import compression
-
-  compression.write_csv(str(path), rows, compaction_latency.COLUMNS)
-  back = compaction_latency.read_rows(str(path))
+  results.write_csv(str(path), rows, results.LATENCY_COLUMNS)
+  back = results.read_latency_csv(str(path))
   assert [r["reproduced"] for r in back] == [True, True]
   assert back[0]["seed"] == 0.0 and back[0]["widths"] == rows[0]["widths"]
 
@@ -66,6 +64,6 @@ def test_a_run_that_does_not_reproduce_is_flagged_and_failed_runs_are_skipped(ru
     )
     assert row["reason"].startswith(f"status {status}") and "masked_latency_ms" not in row
   row = compaction_latency.measure(
-    path, r, source=common.DataSource(), dense_out="unused", batch=4, repeats=1
+    path, r, source=datasource.DataSource(), dense_out="unused", batch=4, repeats=1
   )
   assert "synthetic_data" in row["reason"]

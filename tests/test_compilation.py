@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import common
+from experiments import compilation_cache
+import sparsejax
 from sparsejax import _jax_compat, compilation, effective, masks, models, pruning, scores
 
 
@@ -74,8 +75,9 @@ def test_model_init_is_one_program_matching_flax_init():
 def test_random_scores_are_one_program_and_unchanged():
   model = models.create("lenet5", num_classes=11)
   params = models.init(model, jax.random.key(0), (32, 32, 3))["params"]
+  DENSE = [sparsejax.trace(model, (32, 32, 3)).ones()]
   with compilation.CompileLog() as log:
-    s = scores.random(jax.random.key(3), params)
+    s = scores.random(params, key=jax.random.key(3), prunable=masks.paths(DENSE[0]))
   assert log.count == 1, log.names
   # the draws as they were: layer l draws from the l-th of split(key, L)
   keys = jax.random.split(jax.random.key(3), 5)
@@ -110,19 +112,19 @@ def test_one_connectivity_program_serves_search_masks_and_units():
 
 def test_binaries_turn_the_persistent_cache_on_only_when_asked(tmp_path, monkeypatch):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-  assert common.default_compilation_cache_dir() == str(tmp_path / "xdg" / "sparsejax" / "jax")
+  assert compilation_cache.default_dir() == str(tmp_path / "xdg" / "sparsejax" / "jax")
   before = jax.config.jax_compilation_cache_dir
   try:
-    assert common.enable_compilation_cache("", True) is None
-    assert common.enable_compilation_cache(str(tmp_path / "c"), False) is None
+    assert compilation_cache.enable("", True) is None
+    assert compilation_cache.enable(str(tmp_path / "c"), False) is None
     assert jax.config.jax_compilation_cache_dir == before
-    got = common.enable_compilation_cache(str(tmp_path / "c"), True)
+    got = compilation_cache.enable(str(tmp_path / "c"), True)
     assert got == str(tmp_path / "c") and os.path.isdir(got)
     assert jax.config.jax_compilation_cache_dir == got
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(ValueError, match="compilation_cache_dir"):
-      common.enable_compilation_cache(str(blocker / "sub"), True)
+      compilation_cache.enable(str(blocker / "sub"), True)
   finally:
     jax.config.update("jax_compilation_cache_dir", before)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from experiments import compression, plot
+from experiments import compression, datasource, plot, results
 from sparsejax import compact
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +47,7 @@ def test_rows_report_direct_and_effective_compression(rows):
 
 def test_csv_and_plot(rows, tmp_path):
   path = tmp_path / "c.csv"
-  compression.write_csv(str(path), rows)
+  results.write_csv(str(path), rows, results.COMPRESSION_COLUMNS)
   with open(path) as f:
     read = list(csv.DictReader(f))
   assert len(read) == len(rows)
@@ -126,9 +126,7 @@ def test_binary_writes_csv_and_png(tmp_path):
 
 
 def test_data_driven_pruners_on_synthetic_batches():
-  from experiments import common
-
-  batches = lambda: common.DataSource(synthetic=True).score_batches(
+  batches = lambda: datasource.DataSource(synthetic=True).score_batches(
     "mnist", num_batches=2, batch_size=32, seed=0
   )
   rows = compression.sweep(

@@ -430,7 +430,7 @@ def test_prune_train_builds_the_updaters_it_always_built():
 @pytest.mark.slow
 def test_a_registered_method_runs_in_prune_train_by_name(tmp_path):
   """A new dynamic method is one registration: prune_train and its checks find it."""
-  from experiments import common, configs, prune_train
+  from experiments import configs, datasource, prune_train, run_config
 
   method = dynamic.register_method(
     dynamic.Method(
@@ -454,11 +454,11 @@ def test_a_registered_method_runs_in_prune_train_by_name(tmp_path):
         "update_end=0.5",
       ],
     )
-    assert common.check_pruner("toy_gmp") is None and "toy_gmp" in common.DYNAMIC
+    assert run_config.check_pruner("toy_gmp") is None and "toy_gmp" in run_config.pruner_names()
     r = prune_train.run(
       config,
       out_dir=str(tmp_path),
-      source=common.DataSource(synthetic=True, num_examples=256),
+      source=datasource.DataSource(synthetic=True, num_examples=256),
     )
     assert r["status"] == "ok"
     assert [u["step"] for u in r["mask_updates"]] == [0, 2, 4]
@@ -469,9 +469,9 @@ def test_a_registered_method_runs_in_prune_train_by_name(tmp_path):
 
 @pytest.mark.slow
 def test_prune_train_moving_masks_record_history_and_plot(tmp_path):
-  from experiments import common, configs, plot, prune_train, sweep
+  from experiments import configs, datasource, grid, plot, prune_train
 
-  source = common.DataSource(synthetic=True, num_examples=256)
+  source = datasource.DataSource(synthetic=True, num_examples=256)
   tiny = [
     "train_steps=40",
     "eval_every=20",
@@ -511,7 +511,7 @@ def test_prune_train_moving_masks_record_history_and_plot(tmp_path):
       out_dir=str(out),
       source=source,
     )
-  assert sweep.grid(["lenet300100"], ["gmp", "rigl"], [10.0], ["direct"], [0])[0]["pruner"] == "gmp"
+  assert grid.grid(["lenet300100"], ["gmp", "rigl"], [10.0], ["direct"], [0])[0]["pruner"] == "gmp"
   written = plot.make_all(str(tmp_path / "results"), str(tmp_path / "figs"), None, 40, 96000)
   for name in ("accuracy_dynamic_lenet300100_t40.png", "dead_weights_lenet300100_t40.png"):
     assert (tmp_path / "figs" / name).read_bytes()[:4] == b"\x89PNG"

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 import sparsejax
-from experiments import common, compression, configs, prune_train, sweep
+from experiments import compression, configs, datasource, grid, prune_train
 from sparsejax import effective, masks, optim, pruning
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,10 +136,10 @@ def test_registered_pruner_runs_through_the_compression_job_and_prune_train(toy_
     ],
   )
   r = prune_train.run(
-    config, out_dir=str(tmp_path), source=common.DataSource(synthetic=True, num_examples=256)
+    config, out_dir=str(tmp_path), source=datasource.DataSource(synthetic=True, num_examples=256)
   )
   assert r["status"] == "ok" and r["effective_compression"] >= 10 * (1 - 1e-9)
-  assert sweep.grid(["lenet300100"], ["toy/inverse"], [10.0], ["direct"], [0])
+  assert grid.grid(["lenet300100"], ["toy/inverse"], [10.0], ["direct"], [0])
 
 
 def test_registry_rejects_bad_pruners():
@@ -193,7 +193,7 @@ def test_unreachable_targets_raise_a_typed_error_with_the_reachable_limit():
 # --------------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize("arch", configs.ARCHS)
+@pytest.mark.parametrize("arch", configs.archs())
 def test_every_network_config_loads(arch):
   c = configs.load(arch)
   assert c.arch == arch and c.dataset == sparsejax.models.get_spec(arch).dataset

@@ -149,3 +149,56 @@ def test_registry_errors():
     models.create("lenet5", 0)
   with pytest.raises(ValueError, match="kind='median'"):
     L.pool(jnp.ones((1, 4, 4, 1)), "median", 2)
+
+
+class _TinyMLP(nn.Module):
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return nn.Dense(self.num_classes)(nn.relu(nn.Dense(8)(x.reshape(x.shape[0], -1))))
+
+
+def test_the_zoo_registers_its_networks_in_the_papers_order():
+  assert list(models.MODELS)[:5] == [name for name, *_ in ZOO]
+  for name, input_shape, classes, *_ in ZOO:
+    spec = models.get_spec(name)
+    assert (spec.input_shape, spec.num_classes) == (input_shape, classes)
+    assert models.input_shape(name) == input_shape
+
+
+def test_a_registered_network_is_created_like_the_zoos():
+  spec = models.ModelSpec(_TinyMLP, {}, "mnist", (28, 28, 1), 10)
+  try:
+    assert models.register_model("tiny_mlp", spec) is spec
+    model = models.create("tiny_mlp", 3)
+    assert isinstance(model, _TinyMLP) and model.num_classes == 3
+    assert shapes_of(model, (28, 28, 1))["params"]["Dense_0"]["kernel"].shape == (
+      8,
+      3,
+    )  # the outer Dense
+    with pytest.raises(ValueError, match="name='tiny_mlp' is already registered"):
+      models.register_model("tiny_mlp", spec)
+  finally:
+    models.MODELS.pop("tiny_mlp", None)
+  assert "tiny_mlp" not in models.MODELS
+
+
+@pytest.mark.parametrize(
+  "name,fields,match",
+  [
+    ("", {}, "name=''"),
+    ("a/b", {}, "name='a/b'"),
+    ("ok", dict(build="MLP"), "spec.build='MLP' is not callable"),
+    ("ok", dict(kwargs=[]), "spec.kwargs=\\[\\]"),
+    ("ok", dict(dataset=""), "spec.dataset=''"),
+    ("ok", dict(input_shape=[28, 28, 1]), "spec.input_shape=\\[28, 28, 1\\]"),
+    ("ok", dict(input_shape=(28, 0)), "spec.input_shape=\\(28, 0\\)"),
+    ("ok", dict(num_classes=0), "spec.num_classes=0"),
+  ],
+)
+def test_register_model_names_a_bad_argument(name, fields, match):
+  spec = dict(build=_TinyMLP, kwargs={}, dataset="mnist", input_shape=(28, 28, 1), num_classes=10)
+  with pytest.raises(ValueError, match=match):
+    models.register_model(name, models.ModelSpec(**{**spec, **fields}))
+  assert name not in models.MODELS

@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import common, configs, distributed, prune_train, results
+from experiments import configs, datasource, distributed, prune_train, results, run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["pruner=dense", "train_steps=20", "eval_every=10", "checkpoint_every=10", "log_every=10"]
@@ -30,9 +30,9 @@ def _weights(run_dir, which):
 @pytest.mark.slow
 def test_two_processes_train_what_one_process_trains(tmp_path):
   config = configs.load("lenet300100", TINY)
-  name = common.run_name(config)
+  name = run_config.run_name(config)
   one = tmp_path / "one"
-  prune_train.run(config, out_dir=str(one), source=common.DataSource(synthetic=True))
+  prune_train.run(config, out_dir=str(one), source=datasource.DataSource(synthetic=True))
   port = _free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)  # One CPU device per process: a mesh of two.

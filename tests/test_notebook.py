@@ -12,6 +12,8 @@ import json
 import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -125,3 +127,19 @@ def test_notebook_falls_back_to_synthetic_data(synthetic_run):
   check_run(synthetic_run)
   assert synthetic_run.summary["data"] == "synthetic"
   assert "synthetic" in synthetic_run.stdout["data"]
+
+
+def test_readme_says_how_to_run_every_notebook_with_the_test_extra():
+  """The README's command for each notebook (``jupyter execute``, from nbclient) works
+  with what ``pip install -e ".[test]"`` installs."""
+  root = NOTEBOOK.parents[1]
+  readme = (root / "README.md").read_text()
+  for path in sorted((root / "notebooks").glob("*.ipynb")):
+    assert f"jupyter execute notebooks/{path.name}" in readme, path.name
+  extra = (root / "pyproject.toml").read_text().split("\ntest = [", 1)[1].split("\n]", 1)[0]
+  for package in ("nbclient", "ipykernel", "nbformat", "jupyter_core"):
+    assert package in extra, package
+  out = subprocess.run(
+    [sys.executable, "-m", "jupyter", "execute", "--help"], capture_output=True, text=True
+  )
+  assert out.returncode == 0 and "execute notebook" in out.stdout, out.stderr[-2000:]

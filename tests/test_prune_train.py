@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from experiments import common, configs, prune_train, sweep
+from experiments import configs, datasource, grid, prune_train, run_config, sweep
 
 TINY = ["train_steps=20", "eval_every=10", "checkpoint_every=10", "log_every=10"]
-SOURCE = common.DataSource(synthetic=True, num_examples=512)
+SOURCE = datasource.DataSource(synthetic=True, num_examples=512)
 
 
 def config(**fields):
@@ -23,7 +23,7 @@ def run(out_dir, **fields):
 
 def test_result_json_has_what_a_researcher_needs(tmp_path):
   r = run(tmp_path, pruner="random/igq", compression=100, pruning_type="effective")
-  name = common.run_name(config(pruner="random/igq", compression=100, pruning_type="effective"))
+  name = run_config.run_name(config(pruner="random/igq", compression=100, pruning_type="effective"))
   assert name == "lenet300100-mnist_random-igq_effective_c100_s0_t20"
   on_disk = json.load(open(tmp_path / name / "result.json"))
   assert on_disk["config"]["pruner"] == "random/igq"
@@ -53,7 +53,7 @@ def test_result_json_has_what_a_researcher_needs(tmp_path):
 
 def test_dense_then_magnitude_uses_the_dense_weights(tmp_path):
   run(tmp_path, pruner="dense")
-  dense = common.run_name(config(pruner="dense"))
+  dense = run_config.run_name(config(pruner="dense"))
   assert (tmp_path / dense / "weights" / "initial").exists()
   assert (tmp_path / dense / "weights" / "final").exists()
   r = run(tmp_path, pruner="magnitude/global", compression=10)
@@ -70,19 +70,19 @@ def test_imp_rounds_reach_the_target(tmp_path):
 
 
 def test_target_arguments():
-  assert common.target_sparsity(config(compression=100.0)) == pytest.approx(0.99)
-  assert common.target_sparsity(config(target_sparsity=0.9)) == 0.9
-  assert common.target_sparsity(config()) == 0.0
+  assert run_config.target_sparsity(config(compression=100.0)) == pytest.approx(0.99)
+  assert run_config.target_sparsity(config(target_sparsity=0.9)) == 0.9
+  assert run_config.target_sparsity(config()) == 0.0
   with pytest.raises(ValueError, match="not both"):
-    common.target_sparsity(config(compression=10.0, target_sparsity=0.9))
+    run_config.target_sparsity(config(compression=10.0, target_sparsity=0.9))
   with pytest.raises(ValueError, match="--config.target_sparsity=1.5"):
-    common.target_sparsity(config(target_sparsity=1.5))
+    run_config.target_sparsity(config(target_sparsity=1.5))
   with pytest.raises(ValueError, match="--config.compression=0.5"):
-    common.target_sparsity(config(compression=0.5))
+    run_config.target_sparsity(config(compression=0.5))
 
 
 def test_sweep_grid_orders_dense_first_and_skips_done(tmp_path):
-  runs = sweep.grid(
+  runs = grid.grid(
     ["lenet300100"],
     ["random/igq", "magnitude/global"],
     [10.0, 100.0],
@@ -92,26 +92,26 @@ def test_sweep_grid_orders_dense_first_and_skips_done(tmp_path):
   assert [r["pruner"] for r in runs[:2]] == ["dense", "dense"]
   assert len(runs) == 2 + 2 * 2 * 2 * 2
   with pytest.raises(ValueError, match="pruner='nope'"):
-    sweep.grid(["lenet300100"], ["nope"], [10.0], ["direct"], [0])
-  shared = sweep.shared_overrides(20, 10, "--config.checkpoint_every=10 --config.log_every=10")
-  source = common.DataSource(synthetic=True)
-  small = sweep.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct", "effective"], [0])
+    grid.grid(["lenet300100"], ["nope"], [10.0], ["direct"], [0])
+  shared = grid.shared_overrides(20, 10, "--config.checkpoint_every=10 --config.log_every=10")
+  source = datasource.DataSource(synthetic=True)
+  small = grid.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct", "effective"], [0])
   done, skipped, failed = sweep.execute(small, shared, str(tmp_path), source, jobs=2)
   assert (done, skipped, failed) == (2, 0, 0)
   for r in small:
-    assert os.path.exists(sweep.result_path(sweep.config_for(r, shared), str(tmp_path)))
+    assert os.path.exists(grid.result_path(grid.config_for(r, shared), str(tmp_path)))
   # resumable: nothing re-runs
   assert sweep.execute(small, shared, str(tmp_path), source, jobs=2) == (0, 2, 0)
 
 
 def test_sweep_in_process_runs_records_unreachable_and_resumes(tmp_path):
-  shared = sweep.shared_overrides(
+  shared = grid.shared_overrides(
     20, 10, "--config.checkpoint_every=10 --config.log_every=10 --config.rounds=3"
   )
-  source = common.DataSource(synthetic=True)
-  small = sweep.grid(["lenet300100"], ["random/uniform"], [10.0, 1e6], ["effective"], [0])
+  source = datasource.DataSource(synthetic=True)
+  small = grid.grid(["lenet300100"], ["random/uniform"], [10.0, 1e6], ["effective"], [0])
   assert sweep.execute(small, shared, str(tmp_path), source, jobs=1) == (2, 0, 0)
-  path = lambda point: sweep.result_path(sweep.config_for(point, shared), str(tmp_path))
+  path = lambda point: grid.result_path(grid.config_for(point, shared), str(tmp_path))
   ok = json.load(open(path(small[0])))
   assert ok["status"] == "ok" and ok["effective_compression"] >= 10
   # 10^6x effective is beyond any connected uniform mask of LeNet-300-100: recorded as
@@ -143,11 +143,11 @@ def _strict(path):
 
 
 def test_sweep_redoes_a_torn_result_and_keeps_it_aside(tmp_path):
-  shared = sweep.shared_overrides(20, 10, "--config.checkpoint_every=10 --config.log_every=10")
-  source = common.DataSource(synthetic=True)
-  small = sweep.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct"], [0])
+  shared = grid.shared_overrides(20, 10, "--config.checkpoint_every=10 --config.log_every=10")
+  source = datasource.DataSource(synthetic=True)
+  small = grid.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct"], [0])
   assert sweep.execute(small, shared, str(tmp_path), source, jobs=1) == (1, 0, 0)
-  path = sweep.result_path(sweep.config_for(small[0], shared), str(tmp_path))
+  path = grid.result_path(grid.config_for(small[0], shared), str(tmp_path))
   whole = open(path).read()
   with open(path, "w") as f:
     f.write(whole[: len(whole) // 2])
@@ -172,22 +172,22 @@ def test_zero_steps_negative_seeds_and_infinite_targets_are_rejected_before_work
     prune_train.run(
       config(pruner="random/igq", compression=10),
       out_dir=str(tmp_path),
-      source=common.DataSource(synthetic=True, num_examples=0),
+      source=datasource.DataSource(synthetic=True, num_examples=0),
     )
   assert os.listdir(tmp_path) == []  # no run folder, no masks.npz
   for bad in ("inf", "nan"):
     with pytest.raises(ValueError, match=f"--config.compression={bad}"):
       run(tmp_path, pruner="random/igq", compression=bad)
   with pytest.raises(ValueError, match="--compressions=inf"):
-    sweep.grid(["lenet300100"], ["random/igq"], [float("inf")], ["direct"], [0])
+    grid.grid(["lenet300100"], ["random/igq"], [float("inf")], ["direct"], [0])
   with pytest.raises(ValueError, match="--seeds=-1"):
-    sweep.grid(["lenet300100"], ["random/igq"], [10.0], ["direct"], [-1])
+    grid.grid(["lenet300100"], ["random/igq"], [10.0], ["direct"], [-1])
   with pytest.raises(ValueError, match="--config.train_steps=0"):
     sweep.execute(
-      sweep.grid(["lenet300100"], ["random/igq"], [10.0], ["direct"], [0]),
-      sweep.shared_overrides(0, None, ""),
+      grid.grid(["lenet300100"], ["random/igq"], [10.0], ["direct"], [0]),
+      grid.shared_overrides(0, None, ""),
       str(tmp_path),
-      common.DataSource(synthetic=True),
+      datasource.DataSource(synthetic=True),
       jobs=1,
     )
   blocker = tmp_path / "a_file"
@@ -198,24 +198,24 @@ def test_zero_steps_negative_seeds_and_infinite_targets_are_rejected_before_work
   point = dict(
     arch="lenet300100", pruner="random/igq", compression=10.0, pruning_type="direct", seed=0
   )
-  cmd = sweep.command(
-    point, sweep.shared_overrides(0, None, ""), "o", common.DataSource(synthetic=True)
+  cmd = grid.command(
+    point, grid.shared_overrides(0, None, ""), "o", datasource.DataSource(synthetic=True)
   )
   assert "--config.train_steps=0" in cmd
   assert not any(a.startswith("--compilation_cache_dir") for a in cmd)  # child's default
-  cmd = sweep.command(point, [], "o", common.DataSource(synthetic=True), "")
+  cmd = grid.command(point, [], "o", datasource.DataSource(synthetic=True), "")
   assert "--compilation_cache_dir=" in cmd  # the sweep's --nocompilation_cache
 
 
 def test_diverging_run_is_recorded_and_not_retried(tmp_path):
-  shared = sweep.shared_overrides(
+  shared = grid.shared_overrides(
     20, 10, "--config.checkpoint_every=1 --config.log_every=10 --config.learning_rate=1e30"
   )
-  source = common.DataSource(synthetic=True)
-  small = sweep.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct"], [0])
+  source = datasource.DataSource(synthetic=True)
+  small = grid.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct"], [0])
   # finished, not failed: exit 0
   assert sweep.execute(small, shared, str(tmp_path), source, jobs=1) == (1, 0, 0)
-  path = sweep.result_path(sweep.config_for(small[0], shared), str(tmp_path))
+  path = grid.result_path(grid.config_for(small[0], shared), str(tmp_path))
   r = _strict(path)
   assert r["status"] == "diverged" and 1 <= r["diverged_step"] <= 20
   assert f"step {r['diverged_step']}" in r["error"]
@@ -243,7 +243,7 @@ def test_wall_time_sums_processes_and_results_are_strict_and_group_readable(tmp_
     again = run(tmp_path, pruner="random/igq", compression=10)  # resumed, no steps left
   finally:
     os.umask(old)
-  name = common.run_name(config(pruner="random/igq", compression=10))
+  name = run_config.run_name(config(pruner="random/igq", compression=10))
   on_disk = _strict(tmp_path / name / "result.json")
   assert first["processes"] == 1 and on_disk["processes"] == 2
   assert on_disk["steps_per_second"] is None and again["steps_per_second"] is None
@@ -255,7 +255,7 @@ def test_wall_time_sums_processes_and_results_are_strict_and_group_readable(tmp_
 def test_a_second_run_on_a_locked_folder_refuses(tmp_path):
   from experiments import rundir
 
-  name = common.run_name(config(pruner="random/igq", compression=10))
+  name = run_config.run_name(config(pruner="random/igq", compression=10))
   with rundir.locked(str(tmp_path / name)):
     with pytest.raises(rundir.RunLockedError, match=f"pid {os.getpid()}"):
       run(tmp_path, pruner="random/igq", compression=10)
@@ -376,9 +376,9 @@ def test_compact_run_trains_the_compacted_network_and_follows_the_masked_run(tmp
   fields = dict(pruner="neuron/random", compression=10, pruning_type="effective", timing_repeats=2)
   masked = run(tmp_path, **fields)
   r = run(tmp_path, compact=True, **fields)
-  name = common.run_name(config(compact=True, **fields))
+  name = run_config.run_name(config(compact=True, **fields))
   assert name == "lenet300100-mnist_neuron-random_effective_c10_s0_t20_compact"
-  assert name != common.run_name(config(**fields))
+  assert name != run_config.run_name(config(**fields))
   on_disk = json.load(open(tmp_path / name / "result.json"))
   c = on_disk["compact"]
   assert c["widths_before"] == [300, 100]

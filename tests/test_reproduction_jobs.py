@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from experiments import common, configs, init_curves, plot, prune_train
+from experiments import configs, datasource, init_curves, plot, prune_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(
@@ -20,12 +20,30 @@ TINY = dict(
 )
 
 
+def test_cpu_budgets_of_the_paper_networks_come_from_their_size():
+  """The budgets the paper's networks had in a hand-written table, now derived from each
+  network's size and input (a new network needs no entry)."""
+  small = dict(rounds={}, iterative_step=1, max_exponent=25, score_batches=10)
+  large = dict(rounds={"snip/iterative": 10}, iterative_step=3, max_exponent=20, score_batches=1)
+  assert init_curves.cpu_budget("lenet300100") == dict(small, batch_size=100)
+  assert init_curves.cpu_budget("lenet5") == dict(small, batch_size=128)
+  assert init_curves.cpu_budget("vgg16") == dict(large, batch_size=32)
+  assert init_curves.cpu_budget("vgg19") == dict(large, batch_size=32)
+  assert init_curves.cpu_budget("resnet18") == dict(large, batch_size=16)
+  assert [init_curves.network_shape(a)[1] for a in ("lenet300100", "lenet5", "vgg16")] == [
+    False,
+    True,
+    True,
+  ]
+
+
 def test_compression_grid_is_ten_to_the_fifth_steps():
   c = init_curves.compressions(25)
   assert len(c) == 25 and c[0] == pytest.approx(10**0.2) and c[-1] == pytest.approx(1e5)
   assert init_curves.compressions(10, 5) == pytest.approx([10.0, 100.0])
   # Every default budget reaches at least 10^4x; iterative pruners sample the same grid.
-  for arch, b in init_curves.CPU_BUDGETS.items():
+  for arch in configs.archs():
+    b = init_curves.cpu_budget(arch)
     full = init_curves.compressions(b["max_exponent"])
     assert full[-1] >= 1e4 * (1 - 1e-9), arch
     sampled = init_curves.compressions(b["max_exponent"], b["iterative_step"])
@@ -43,7 +61,7 @@ def curves_dir(tmp_path_factory):
       out_dir=out,
       seed=0,
       budget=TINY,
-      source=common.DataSource(synthetic=True),
+      source=datasource.DataSource(synthetic=True),
     )
   return out
 
@@ -103,7 +121,7 @@ def test_plot_makes_figures_and_fills_doc_sections(curves_dir, tmp_path):
   results = tmp_path / "results"
   results.mkdir()
   os.symlink(curves_dir, results / "init_curves")
-  source = common.DataSource(synthetic=True, num_examples=512)
+  source = datasource.DataSource(synthetic=True, num_examples=512)
   tiny = ["eval_every=10", "checkpoint_every=10", "log_every=10"]
 
   def run(*overrides):

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from experiments import common, results
+from experiments import results
 from sparsejax import files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +31,7 @@ def test_writer_turns_non_finite_numbers_into_null(tmp_path):
   import numpy as np
 
   path = tmp_path / "r.json"
-  common.atomic_write_json(
+  results.atomic_write_json(
     str(path),
     {"a": math.inf, "b": [float("nan"), 1.5], "c": np.float32(-np.inf), "d": np.arange(2)},
   )
@@ -46,7 +46,7 @@ def test_writer_turns_non_finite_numbers_into_null(tmp_path):
 def test_result_files_follow_the_umask(tmp_path):
   old = os.umask(0o022)
   try:
-    common.atomic_write_json(str(tmp_path / "r.json"), {"x": 1})
+    results.atomic_write_json(str(tmp_path / "r.json"), {"x": 1})
     assert stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode) == 0o644
     os.umask(0o027)
     files.atomic_write(str(tmp_path / "s.txt"), b"x")
@@ -98,7 +98,9 @@ def test_load_names_the_file_and_the_reason(tmp_path, text, why):
 
 def test_disconnected_reads_back_as_infinite(tmp_path):
   path = tmp_path / "result.json"
-  common.atomic_write_json(str(path), _valid(status="disconnected", effective_compression=math.inf))
+  results.atomic_write_json(
+    str(path), _valid(status="disconnected", effective_compression=math.inf)
+  )
   assert results.load(str(path))["effective_compression"] == math.inf
 
 
@@ -110,7 +112,7 @@ def test_is_done_moves_a_torn_file_aside(tmp_path):
   assert not path.exists()
   [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("result.json.invalid-")]
   assert aside.read_text() == json.dumps(_valid())[:40]
-  common.atomic_write_json(str(path), _valid())
+  results.atomic_write_json(str(path), _valid())
   assert results.is_done(str(path))
 
 
@@ -143,7 +145,7 @@ def test_plots_and_tables_show_diverged_runs(tmp_path):
 
 
 def test_compaction_figures_and_tables_from_their_csvs(tmp_path):
-  from experiments import compaction_latency, compression, plot
+  from experiments import plot
 
   runs = [
     dict(
@@ -194,8 +196,8 @@ def test_compaction_figures_and_tables_from_their_csvs(tmp_path):
     for t in (10.0, 100.0)
   ]
   path = tmp_path / "lat.csv"
-  compression.write_csv(str(path), lat, compaction_latency.COLUMNS)
-  lat = compaction_latency.read_rows(str(path))
+  results.write_csv(str(path), lat, results.LATENCY_COLUMNS)
+  lat = results.read_latency_csv(str(path))
   table = plot.speed_table(runs, lat)
   assert "| snip | 10x | 2 | 0.8950 ±0.005 | 10x | 150-50 | 1 / 0.5 | 2.00x |" in table
   assert "150-50 (not reproduced)" in table  # the neuron/snip rows: flagged
@@ -225,3 +227,28 @@ def test_compaction_figures_and_tables_from_their_csvs(tmp_path):
   for xkey in ("effective_compression", "flops_effective"):
     plot.plot_compaction(rows, str(tmp_path / f"{xkey}.png"), xkey)
     assert (tmp_path / f"{xkey}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_csv_schemas_are_the_committed_tables_columns():
+  """The compression and latency tables keep the columns of the committed results."""
+  header = lambda *path: open(os.path.join(REPO, "results", *path)).readline().strip().split(",")
+  assert header("compaction", "vgg19", "compression.csv") == results.COMPRESSION_COLUMNS
+  assert header("compaction", "lenet300100_latency.csv") == results.LATENCY_COLUMNS
+  rows = results.read_compression_csv(
+    os.path.join(REPO, "results", "init_curves", "lenet300100", "synflow.csv")
+  )
+  assert isinstance(rows[0]["direct_compression"], float) and rows[0]["pruner"] == "synflow"
+  lat = results.read_latency_csv(
+    os.path.join(REPO, "results", "compaction", "lenet300100_latency.csv")
+  )
+  assert {r["reproduced"] for r in lat} <= {True, False, None}
+
+
+def test_a_pruner_without_a_colour_gets_its_own_from_the_default_cycle():
+  from experiments import plot
+
+  a, b = plot._colour("toy/a-new-method"), plot._colour("toy/another")
+  assert a != b and a == plot._colour("toy/a-new-method")
+  assert not {a, b} & set(plot.COLOURS.values())
+  assert plot._colour("snip") == plot.COLOURS["snip"]
+  assert plot._order(["toy/another", "snip", "dense"]) == ["dense", "snip", "toy/another"]

@@ -447,9 +447,9 @@ def test_a_user_structured_pruner_by_registration():
 
 
 def test_prune_train_structured_after_dense_training_and_at_init(tmp_path):
-  from experiments import common, configs, prune_train
+  from experiments import configs, datasource, prune_train, run_config
 
-  source = common.DataSource(synthetic=True, num_examples=256)
+  source = datasource.DataSource(synthetic=True, num_examples=256)
   tiny = ["train_steps=10", "eval_every=10", "checkpoint_every=10", "log_every=10"]
 
   def run(**fields):
@@ -461,14 +461,14 @@ def test_prune_train_structured_after_dense_training_and_at_init(tmp_path):
   assert r["status"] == "ok" and r["effective_compression"] >= 10
   assert r["effective_compression"] == pytest.approx(r["direct_compression"])
   # the kept neurons of dense_0 are those of largest L1 norm in the *trained* weights
-  dense_dir = tmp_path / common.run_name(prune_train.dense_config(config))
+  dense_dir = tmp_path / run_config.run_name(prune_train.dense_config(config))
   final = prune_train._load_params(
     str(dense_dir / "weights" / "final"),
     prune_train.models.init(
       prune_train.models.create("lenet300100"), jax.random.key(0), (28, 28, 1)
     )["params"],
   )
-  m = masks_lib.load(tmp_path / common.run_name(config) / "masks.npz", final)
+  m = masks_lib.load(tmp_path / run_config.run_name(config) / "masks.npz", final)
   kept = kept_channels(m, "dense_0", 300)
   norms = np.abs(np.asarray(final["dense_0"]["kernel"])).sum(0)
   np.testing.assert_array_equal(kept, np.sort(np.argsort(norms, kind="stable")[-len(kept) :]))
@@ -498,10 +498,10 @@ def test_compression_table_with_structured_pruners():
 
 
 def test_sweep_grid_runs_dense_first_for_after_training_structured_pruners():
-  from experiments import sweep
+  from experiments import grid
 
-  runs = sweep.grid(["vgg19"], ["channel/bn_scale/global"], [10.0], ["effective"], [0])
+  runs = grid.grid(["vgg19"], ["channel/bn_scale/global"], [10.0], ["effective"], [0])
   assert [r["pruner"] for r in runs] == ["dense", "channel/bn_scale/global"]
-  assert [
-    r["pruner"] for r in sweep.grid(["vgg19"], ["channel/snip"], [10.0], ["direct"], [0])
-  ] == ["channel/snip"]
+  assert [r["pruner"] for r in grid.grid(["vgg19"], ["channel/snip"], [10.0], ["direct"], [0])] == [
+    "channel/snip"
+  ]

@@ -14,12 +14,12 @@ import time
 
 import pytest
 
-from experiments import common, ray_executor, results, rundir, sweep
+from experiments import compilation_cache, datasource, grid, ray_executor, results, rundir, sweep
 from sparsejax import files
 
-SOURCE = common.DataSource(synthetic=True)
+SOURCE = datasource.DataSource(synthetic=True)
 # Small steps, many of them: a few seconds to kill its worker between checkpoints.
-SHARED = sweep.shared_overrides(
+SHARED = grid.shared_overrides(
   2000, 1000, "--config.checkpoint_every=100 --config.log_every=1000 --config.batch_size=10"
 )
 
@@ -86,7 +86,7 @@ def ray_address():
 
 
 def _path(point, out_dir):
-  return sweep.result_path(sweep.config_for(point, SHARED), str(out_dir))
+  return grid.result_path(grid.config_for(point, SHARED), str(out_dir))
 
 
 def _kill_worker(point, out_dir, after_checkpoint: bool, timeout=240.0) -> None:
@@ -131,7 +131,7 @@ def _no_stray_files(out_dir):
 
 @pytest.mark.slow
 def test_ray_sweep_retries_a_killed_worker_and_reports_one_that_keeps_dying(ray_address, tmp_path):
-  points = sweep.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct", "effective"], [0])
+  points = grid.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct", "effective"], [0])
   options = ray_executor.RayOptions(address=ray_address, cpus_per_run=1, max_retries=2)
   cache = tempfile.mkdtemp(prefix="jaxcache")
   try:
@@ -159,7 +159,7 @@ def test_ray_sweep_retries_a_killed_worker_and_reports_one_that_keeps_dying(ray_
 
   # A worker that dies at every attempt (here: no retries): the run fails, naming the
   # flag, and leaves no result (the next sweep runs it again).
-  again = sweep.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct"], [1])
+  again = grid.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct"], [1])
   no_retry = ray_executor.RayOptions(address=ray_address, max_retries=0)
   runner = ray_executor.RayRuns(ray_executor.connect(no_retry), no_retry)
   outcome = {}
@@ -188,7 +188,7 @@ def test_worker_cache_as_the_local_children_use_it(tmp_path, monkeypatch):
   try:
     assert ray_executor.enable_worker_cache(str(tmp_path / "c")) == str(tmp_path / "c")
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
-    assert ray_executor.enable_worker_cache(None) == common.default_compilation_cache_dir()
+    assert ray_executor.enable_worker_cache(None) == compilation_cache.default_dir()
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xdg" / "sparsejax" / "jax")
     assert ray_executor.enable_worker_cache("") is None
     blocker = tmp_path / "file"
@@ -201,7 +201,7 @@ def test_worker_cache_as_the_local_children_use_it(tmp_path, monkeypatch):
 
 
 def test_bad_ray_flags_fail_by_name_before_any_file(tmp_path, monkeypatch):
-  points = sweep.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct"], [0])
+  points = grid.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct"], [0])
   out = tmp_path / "out"
   with pytest.raises(ValueError, match="--executor='spark' is not an executor"):
     sweep.execute(points, SHARED, str(out), SOURCE, None, "spark")
@@ -222,7 +222,7 @@ def test_bad_ray_flags_fail_by_name_before_any_file(tmp_path, monkeypatch):
 
 def test_unreachable_ray_address_fails_by_name_before_any_file(tmp_path):
   pytest.importorskip("ray")
-  points = sweep.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct"], [0])
+  points = grid.grid(["lenet300100"], ["random/uniform"], [10.0], ["direct"], [0])
   out = tmp_path / "out"
   port = _free_port()  # Nothing listens there once the probe socket is closed.
   for address, message in (

@@ -3,11 +3,13 @@
 Ordinary Flax modules, called as ``model.apply(variables, x, train=...)`` on NHWC
 inputs; effective masks and SynFlow transform their traced programs
 (:mod:`sparsejax.connectivity`), as for any user model.
+
+Each zoo file registers its own networks (:func:`register_model`, in
+:mod:`sparsejax.models.registry`); a new network is one file that defines the module
+and registers its :class:`ModelSpec`, and every experiment binary lists it.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import flax.linen as nn
 import jax
@@ -16,35 +18,17 @@ import numpy as np
 
 from sparsejax import compilation
 from sparsejax.models import layers  # noqa: F401  (re-exported)
+from sparsejax.models.registry import MODELS, ModelSpec, get_spec, register_model
+
+# The zoo registers its networks on import, in the paper's order (method.md section 5).
+# isort: split
 from sparsejax.models.lenet import LeNet5, LeNet300100
-from sparsejax.models.resnet import ResNet18
+
+# isort: split
 from sparsejax.models.vgg import VGG, VGG16, VGG19
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  """A named network: how to build it and what it is trained on."""
-
-  build: type
-  kwargs: dict
-  dataset: str
-  input_shape: tuple  # one example, NHWC without the batch axis
-  num_classes: int
-
-
-MODELS = {
-  "lenet300100": ModelSpec(LeNet300100, {}, "mnist", (28, 28, 1), 10),
-  "lenet5": ModelSpec(LeNet5, {}, "cifar10", (32, 32, 3), 10),
-  "vgg16": ModelSpec(VGG, {"config": VGG16}, "cifar10", (32, 32, 3), 10),
-  "vgg19": ModelSpec(VGG, {"config": VGG19}, "cifar100", (32, 32, 3), 100),
-  "resnet18": ModelSpec(ResNet18, {}, "tiny_imagenet", (64, 64, 3), 200),
-}
-
-
-def get_spec(name: str) -> ModelSpec:
-  if name not in MODELS:
-    raise ValueError(f"name={name!r} is not a known network; allowed: {', '.join(MODELS)}.")
-  return MODELS[name]
+# isort: split
+from sparsejax.models.resnet import ResNet18
 
 
 def create(name: str, num_classes: int | None = None) -> nn.Module:
@@ -120,9 +104,12 @@ __all__ = [
   "check_input_shape",
   "MODELS",
   "ModelSpec",
+  "register_model",
   "layers",
   "LeNet300100",
   "LeNet5",
   "VGG",
+  "VGG16",
+  "VGG19",
   "ResNet18",
 ]

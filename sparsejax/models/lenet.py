@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 
 from sparsejax.models import layers as L
+from sparsejax.models.registry import ModelSpec, register_model
 
 
 class LeNet300100(nn.Module):
@@ -58,3 +59,7 @@ class LeNet5(nn.Module):
       if j < len(widths) - 1:
         x = nn.relu(x)
     return x
+
+
+register_model("lenet300100", ModelSpec(LeNet300100, {}, "mnist", (28, 28, 1), 10))
+register_model("lenet5", ModelSpec(LeNet5, {}, "cifar10", (32, 32, 3), 10))

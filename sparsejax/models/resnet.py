@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 
 from sparsejax.models import layers as L
+from sparsejax.models.registry import ModelSpec, register_model
 
 
 class BasicBlock(nn.Module):
@@ -63,3 +64,6 @@ class ResNet18(nn.Module):
         x = BasicBlock(features, stride, inner, name=f"stage{stage}_block{block}")(x, train)
     x = L.global_avg_pool(x)
     return L.Dense(self.num_classes, use_bias=False, name="stage5_dense")(x)
+
+
+register_model("resnet18", ModelSpec(ResNet18, {}, "tiny_imagenet", (64, 64, 3), 200))

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 
 from sparsejax.models import layers as L
+from sparsejax.models.registry import ModelSpec, register_model
 
 #: Conv widths; "M" is a 2x2 max pool.
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -59,3 +60,7 @@ class VGG(nn.Module):
       i += 1
     x = L.flatten(x)
     return L.Dense(self.num_classes, name="dense")(x)
+
+
+register_model("vgg16", ModelSpec(VGG, {"config": VGG16}, "cifar10", (32, 32, 3), 10))
+register_model("vgg19", ModelSpec(VGG, {"config": VGG19}, "cifar100", (32, 32, 3), 100))
