@@ -539,9 +539,7 @@ def check_config(
   if not isinstance(config.compact, bool):
     raise ValueError(f"--config.compact={config.compact!r} must be True or False.")
   if config.compact and (
-    config.pruner in dynamic.METHODS
-    or config.pruner == procedures.IMP
-    or config.pruner == "dense"
+    config.pruner in dynamic.METHODS or config.pruner == procedures.IMP or config.pruner == "dense"
   ):
     raise ValueError(
       f"--config.compact=True is for one-shot pruners (at initialization or after "

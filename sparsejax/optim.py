@@ -110,7 +110,7 @@ def with_masks(
   Example:
     >>> import jax.numpy as jnp, optax
     >>> from sparsejax import optim
-    >>> params = {"kernel": jnp.array([[1.0, 2.0], [3.0, 4.0]]), "bias": jnp.zeros(2)}
+    >>> params = {"kernel": jnp.array([[1.0, 0.0], [0.0, 4.0]]), "bias": jnp.zeros(2)}
     >>> masks = {"kernel": jnp.array([[True, False], [False, True]]), "bias": None}
     >>> tx = optim.with_masks(optax.adamw(0.1, weight_decay=0.1), masks)
     >>> state = tx.init(params)

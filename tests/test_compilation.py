@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import compilation_cache
 import sparsejax
+from experiments import compilation_cache
 from sparsejax import _jax_compat, compilation, effective, masks, models, pruning, scores
 
 

@@ -76,10 +76,38 @@ def test_readme_library_example_runs():
   # The model definition included: a complete program a user can paste and run.
   assert len([line for line in code.splitlines() if line.strip()]) <= 25
   out = subprocess.run(
-    [sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=600
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    cwd="/",
+    timeout=600,
+    env={**os.environ, "PYTHONPATH": REPO},  # this checkout, not an installed copy
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "effective compression" in out.stdout
+
+
+def test_readme_quick_start_and_structured_examples_run():
+  """The first two examples of the README (effective pruning, then structured pruning
+  and compaction continuing it) run as one program on this checkout."""
+  readme = open(os.path.join(REPO, "README.md")).read()
+  head = readme.split("## Use it in your own training loop", 1)[0]
+  blocks = [b.split("```", 1)[0] for b in head.split("```python")[1:]]
+  assert len(blocks) == 2 and "sparsejax.trace" in blocks[0] and "compact" in blocks[1]
+  out = subprocess.run(
+    [sys.executable, "-c", "\n".join(blocks)],
+    capture_output=True,
+    text=True,
+    cwd="/",
+    timeout=600,
+    env={**os.environ, "PYTHONPATH": REPO},
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  first, second = out.stdout.splitlines()[-2:]
+  direct, effective_c = (float(v) for v in first.split())
+  assert effective_c == 100.0 and 90 < direct < 100  # effective pruning keeps more weights
+  compression, hidden = second.split(" ", 1)
+  assert float(compression) >= 10 and hidden.startswith("(")  # fewer neurons: (a, b)
 
 
 # ----------------------------------------------------------- registered pruners
@@ -87,7 +115,7 @@ def test_readme_library_example_runs():
 
 def _toy_score(c: pruning.ScoreContext):
   """Keeps the weights closest to zero first: deliberately unlike any built-in."""
-  return masks.map_prunable(lambda w: -jnp.abs(w), c.params)
+  return masks.map_prunable(lambda w: -jnp.abs(w), c.params, prunable=c.prunable)
 
 
 @pytest.fixture
