@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import sparsejax
 from benchmarks import report
-from sparsejax import compilation, effective, masks, models
+from sparsejax import compilation, effective, masks, models, tracing
 from sparsejax.connectivity import program, xla_cpu
 
 #: The convolutional networks of the transform's tables.
@@ -106,10 +107,9 @@ def layer_profile(archs, repeats):
   rows = []
   for arch in archs:
     model, shape = models.create(arch), models.input_shape(arch)
-    params = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1,) + shape))["params"]
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
-    example = masks.random(jax.random.key(1), zeros, 0.99)
-    for n, (e, xs, ws) in enumerate(_convolutions(effective.trace(model, shape), example)):
+    traced = sparsejax.trace(model, shape)
+    example = masks.random(jax.random.key(1), traced.ones(), 0.99)
+    for n, (e, xs, ws) in enumerate(_convolutions(traced, example)):
       keys = jax.random.split(jax.random.key(n), 3)
       x = (jax.random.uniform(keys[0], xs) > 0.5).astype(jnp.float32)
       w = (jax.random.uniform(keys[1], ws) > 0.99).astype(jnp.float32)
@@ -162,14 +162,13 @@ def transform_variants(archs, compressions, repeats):
   rows = []
   for arch in archs:
     model, shape = models.create(arch), models.input_shape(arch)
-    params = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1,) + shape))["params"]
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
     for units in (True, False):
-      effective._trace_cached.cache_clear()
+      tracing._traced.cache_clear()
       start = time.perf_counter()
-      traced = effective.trace(model, shape)
+      traced = sparsejax.trace(model, shape)
       trace_s = time.perf_counter() - start
-      m0 = masks.random(jax.random.key(1), zeros, 0.9)
+      dense = traced.ones()
+      m0 = masks.random(jax.random.key(1), dense, 0.9)
       # A new function each: jit caches the trace of one function object, and the
       # variants differ in module constants read while tracing.
       sweep = lambda: effective.sweep_of(traced, units)
@@ -180,7 +179,7 @@ def transform_variants(archs, compressions, repeats):
       compile_s = time.perf_counter() - start
       gflop = _gflop(new)
       for c in compressions:
-        m = masks.random(jax.random.key(1), zeros, 1 - 1 / c)
+        m = masks.random(jax.random.key(1), dense, 1 - 1 / c)
         t_conv, t_before, t_new = _alternating_medians(
           [lambda: convs(m), lambda: before(m), lambda: new(m)], repeats
         )
@@ -326,8 +325,9 @@ the convolution, except for its kernel gradient.
     shape = models.input_shape(arch)
     variables = models.init(model, jax.random.key(0), shape)
     dense = report.median_seconds(dense_step(model, variables, shape, None), args.repeats)
+    ones = sparsejax.trace(model, shape, variables=variables).ones()
     for c in compressions:
-      m = masks.random(jax.random.key(1), variables["params"], 1 - 1 / c)
+      m = masks.random(jax.random.key(1), ones, 1 - 1 / c)
       t = report.median_seconds(lambda: effective.effective_masks(model, m, shape), args.repeats)
       eff = effective.effective_compression(model, m, shape)
       rows.append(

@@ -40,8 +40,10 @@ from collections.abc import Callable
 
 import jax
 
+import sparsejax
 from benchmarks import report
 from sparsejax import compilation, effective, errors, masks, models, pruning
+from sparsejax import search as search_lib
 
 REFERENCE = {("vgg19", "random/uniform", 100.0): 31.0, ("vgg19", "random/uniform", 1000.0): 28.0}
 
@@ -124,9 +126,9 @@ def _timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
 
 
 def ranking_rows(arch: str, pruners, compressions, repeats: int) -> list[list]:
-  """The ranking alone, by the old full sort (``sort='host'``) and by selection
-  (``sort='select'``, the default), then with the direct masks and the effective search
-  at each compression, a new ranking each time (selection defers work to them)."""
+  """The ranking alone (by selection: the full sort it replaced was removed in issue 24;
+  its figures stay in docs/benchmarks.md), then with the direct masks and the effective
+  search at each compression, a new ranking each time (selection defers work to them)."""
   model, shape = models.create(arch), models.input_shape(arch)
   variables = models.init(model, jax.random.key(0), shape)
   chosen = pruning.prunable_set(model, variables, shape)
@@ -143,8 +145,8 @@ def ranking_rows(arch: str, pruners, compressions, repeats: int) -> list[list]:
       prunable=chosen,
     )
     scores = jax.block_until_ready(p.score(context))
-    for sort in ("host", "select"):
-      rank = lambda: pruning.rank_scores(scores, p.quota, sort=sort)
+    for sort in ("select",):
+      rank = lambda: pruning.rank_scores(scores, p.quota)
       with compilation.CompileLog() as log:
         first = time.perf_counter()
         jax.block_until_ready(rank())
@@ -278,6 +280,7 @@ def main():
     model = models.create(arch)
     shape = models.input_shape(arch)
     variables = models.init(model, jax.random.key(0), shape)
+    traced = sparsejax.trace(model, shape, variables=variables)
     for name in args.pruners.split(","):
       make_ranking = lambda seed=1: pruning.ranking_for(
         name,
@@ -300,11 +303,11 @@ def main():
         target = pruning.max_kept_for_sparsity(s, ranking.total)
 
         def search():  # what masks_from_ranking(..., "effective") does, minus errors
-          k, _, _ = pruning.effective_kept(model, ranking, target, shape)
+          k, _, _ = search_lib.effective_kept(ranking, target, traced)
           return pruning.masks_at(ranking, k)
 
         eff = report.median_seconds(search, args.repeats)
-        k, e, sweeps = pruning.effective_kept(model, ranking, target, shape)
+        k, e, sweeps = search_lib.effective_kept(ranking, target, traced)
         ref = REFERENCE.get((arch, name, c))
         if 0 < e <= target:
           reached = f"{ranking.total / e:.4g}x"
@@ -352,7 +355,13 @@ def main():
     model = models.create("vgg16")
     variables = models.init(model, jax.random.key(0), (32, 32, 3))
     start = time.perf_counter()
-    pr = scores.synflow(model, variables["params"], (32, 32, 3), 0.999, rounds=args.synflow_rounds)
+    pr = scores.synflow(
+      model,
+      variables["params"],
+      input_shape=(32, 32, 3),
+      sparsity=0.999,
+      rounds=args.synflow_rounds,
+    )
     jax.block_until_ready(pr)
     total = time.perf_counter() - start
     m = pruning.masks_from_ranking(pruning.rank_scores(pr), 0.999)

@@ -123,7 +123,8 @@ def bench_dynamic_loop(arch, batch_size, steps, repeats):
   times = {(name, track): [] for name, _, track in cases}
   for r in range(repeats + 1):
     for name, updater, track in cases:
-      start_masks = masks_lib.ones(m) if isinstance(updater, dynamic.GradualMagnitude) else m
+      dense = masks_lib.map_masks(jnp.ones_like, m)
+      start_masks = dense if isinstance(updater, dynamic.GradualMagnitude) else m
       state = training.create_train_state(
         model, key, dspec.image_shape, config, masks=start_masks, params=variables["params"]
       )

@@ -27,6 +27,7 @@ import time
 import jax
 from absl import flags, logging
 
+import sparsejax
 from experiments import (
   checks,
   cli,
@@ -43,22 +44,23 @@ from sparsejax import effective, errors, flops, masks, models, pruning
 FLAGS = flags.FLAGS
 
 
-def cost_columns(model, m, input_shape) -> dict:
-  """The FLOPs and parameter columns of one mask (:mod:`sparsejax.flops`)."""
-  c = flops.total(model, m, input_shape)
+def cost_columns(net, m) -> dict:
+  """The FLOPs and parameter columns of one mask (:mod:`sparsejax.flops`) of the traced
+  model ``net``."""
+  c = flops.total(net, m)
   return {k: v for k, v in c.as_dict().items() if k.startswith(("flops_", "params_"))}
 
 
-def compact_columns(model, variables, m, input_shape) -> dict:
+def compact_columns(net, variables, m) -> dict:
   """The compacted network's widths (';'-joined per channel space), live-channel
   fraction (kept / channels over the spaces), all parameters of its kernels, its dense
   and direct (masked) FLOPs, and max |logit difference| / max |logit| against the masked
   network (8 standard normal inputs, inference mode); a compaction that changes the
   function raises :class:`sparsejax.compact.CompactionMismatchError`."""
-  p = compact_lib.plan(model, variables, m, input_shape=input_shape)
-  new_model, new_v, new_m = compact_lib.compact(model, variables, m, input_shape=input_shape)
-  rel = compact_lib.check_equal(model, variables, m, new_model, new_v, input_shape)
-  c = flops.total(new_model, new_m, input_shape)
+  p = compact_lib.plan(net, variables, m)
+  new_model, new_v, new_m = compact_lib.compact(net, variables, m)
+  rel = compact_lib.check_equal(net.model, variables, m, new_model, new_v, net.input_shape)
+  c = flops.total(new_model, new_m, net.input_shape)
   return dict(
     compact_widths=";".join(str(len(k)) for k in p.kept.values()),
     live_channel_fraction=p.live_fraction(),
@@ -103,6 +105,7 @@ def sweep(
   input_shape = models.input_shape(arch)
   key = jax.random.key(seed)
   variables = models.init(model, jax.random.fold_in(key, 0), input_shape)
+  net = sparsejax.trace(model, input_shape, variables=variables)  # one analysis for all
   rows = []
   for name in pruner_names:
     p = pruning.get_pruner(name)
@@ -113,9 +116,8 @@ def sweep(
       )
     kwargs = dict(
       key=jax.random.fold_in(key, 1),
-      model=model,
+      model=net,
       variables=variables,
-      input_shape=input_shape,
       batches=batches,
       trained_params=variables["params"],
       rounds=(rounds or {}).get(name),
@@ -127,8 +129,7 @@ def sweep(
         pruning_types,
         compressions,
         seed,
-        model,
-        input_shape,
+        net,
         variables,
         kwargs,
         stop_at_disconnection,
@@ -144,8 +145,7 @@ def _sweep_pruner(
   pruning_types,
   compressions,
   seed,
-  model,
-  input_shape,
+  net,
   variables,
   kwargs,
   stop_at_disconnection,
@@ -177,11 +177,9 @@ def _sweep_pruner(
       )
       try:
         if p.score is None:
-          m = masks.ones(variables["params"])
+          m = net.ones()
         else:
-          m = pruning.masks_from_ranking(
-            ranking, sparsity, pruning_type, model=model, input_shape=input_shape
-          )
+          m = pruning.masks_from_ranking(ranking, sparsity, pruning_type, model=net)
       except errors.UnreachableSparsityError as err:
         # An effective target beyond the ranking's connected masks, or a direct target
         # beyond what the quota allows (uniform+ keeps the first layer dense): the end
@@ -190,7 +188,7 @@ def _sweep_pruner(
         rows.append(dict(row, status="unreachable", seconds=time.time() - start))
         stopped.add(pruning_type)
         continue
-      conn = effective.connectivity(model, m, input_shape)
+      conn = effective.connectivity(net, m)
       eff_density = masks.density(conn.masks)
       per_layer = [f"{conn.active_units[k]}/{conn.total_units[k]}" for k in conn.active_units]
       rows.append(
@@ -205,8 +203,8 @@ def _sweep_pruner(
           active_units_per_layer=";".join(per_layer),
           unit_layers=";".join(conn.active_units),
           status="disconnected" if eff_density == 0 else "ok",
-          **cost_columns(model, m, input_shape),
-          **(compact_columns(model, variables, m, input_shape) if compact else {}),
+          **cost_columns(net, m),
+          **(compact_columns(net, variables, m) if compact else {}),
           seconds=time.time() - start,
         )
       )

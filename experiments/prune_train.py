@@ -57,6 +57,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import sparsejax
 from experiments import (
   checks,
   cli,
@@ -92,8 +93,10 @@ FLAGS = flags.FLAGS
 EXIT_LOCKED = 75
 
 
-def connectivity_report(model, masks, input_shape) -> dict:
-  conn = effective.connectivity(model, masks, input_shape)
+def connectivity_report(net, masks) -> dict:
+  """Direct and effective sparsity, active units and FLOPs of ``masks`` on the traced
+  model ``net`` (:class:`sparsejax.Traced`)."""
+  conn = effective.connectivity(net, masks)
   direct = masks_lib.layer_sparsities(masks)
   eff = masks_lib.layer_sparsities(conn.masks)
   return {
@@ -107,7 +110,7 @@ def connectivity_report(model, masks, input_shape) -> dict:
     "active_units": {k: [conn.active_units[k], conn.total_units[k]] for k in conn.active_units},
     "active_inputs": [conn.active_inputs, conn.total_inputs],
     # FLOPs (2 per multiply-accumulate, one example) and kernel parameters/bytes
-    "cost": flops.total(model, masks, input_shape).as_dict(),
+    "cost": flops.total(net, masks).as_dict(),
   }
 
 
@@ -212,7 +215,7 @@ def dense_weights(config: ml_collections.ConfigDict, out_dir: str, like):
 def prune_one_shot(
   config: ml_collections.ConfigDict,
   p: pruning.Pruner,
-  model,
+  net,
   variables,
   source: datasource.DataSource,
   out_dir: str,
@@ -240,11 +243,10 @@ def prune_one_shot(
   masks = pruning.prune(
     p,
     key=jax.random.fold_in(key, 1),
-    model=model,
+    model=net,
     variables={**variables, "params": start_params},
     sparsity=run_config.target_sparsity(config),
     pruning_type=config.pruning_type,
-    input_shape=data.get_spec(config.dataset).image_shape,
     batches=batches,
     trained_params=trained,
     rounds=config.rounds,
@@ -314,6 +316,7 @@ def _run_locked(
   input_shape = dspec.image_shape
   key = jax.random.key(seed)
   variables = models.init(model, jax.random.fold_in(key, 0), input_shape)
+  net = sparsejax.trace(model, input_shape, variables=variables)  # one analysis of the model
   init_params = variables["params"]
   train_data, test_data = source.split(dataset, "train", seed), source.split(dataset, "test", seed)
   train_kwargs = dict(
@@ -360,7 +363,7 @@ def _run_locked(
         init_params,
         sparsity,
         config.pruning_type,
-        input_shape,
+        net,
         run_dir,
         config.imp_rounds,
         config.rewind_step,
@@ -376,14 +379,14 @@ def _run_locked(
       masks = masks_lib.load(mask_path, init_params)
     else:
       try:
-        masks, start_params = prune_one_shot(config, p, model, variables, source, out_dir)
+        masks, start_params = prune_one_shot(config, p, net, variables, source, out_dir)
       except errors.UnreachableSparsityError as err:
         return _record_unreachable(err, name, record, result_path, clock)
       if distributed.is_primary():
         masks_lib.save(mask_path, masks)
     if p.score is None:
       _save_params(os.path.join(run_dir, "weights", "initial"), init_params)
-    report = connectivity_report(model, masks, input_shape)
+    report = connectivity_report(net, masks)
     logging.info(
       "%s: direct %.4gx, effective %.4gx compression.",
       name,
@@ -434,7 +437,7 @@ def _run_locked(
       )
     if p.score is None:
       _save_params(os.path.join(run_dir, "weights", "final"), result.state.params)
-  report = connectivity_report(model, masks, input_shape)
+  report = connectivity_report(net, masks)
   summary = {
     "config": record,
     "status": "disconnected" if report["effective_compression"] == float("inf") else "ok",
@@ -646,7 +649,7 @@ def _imp(
   init_params,
   sparsity,
   pruning_type,
-  input_shape,
+  net,
   run_dir,
   imp_rounds,
   rewind_step,
@@ -659,7 +662,7 @@ def _imp(
   if not 0 <= rewind_step < config.train_steps:
     raise ValueError(f"--config.rewind_step={rewind_step!r} must be in [0, train_steps).")
   workdir = lambda r: os.path.abspath(os.path.join(run_dir, f"round{r}", "checkpoints"))
-  masks = masks_lib.ones(init_params)
+  masks = net.ones()
   rewind = init_params
   if rewind_step > 0:
     early = training.train(
@@ -696,19 +699,14 @@ def _imp(
       pruning.rank_scores(scores),
       round_sparsity,
       pruning_type,
-      model=model,
-      input_shape=input_shape,
+      model=net,
     )
     rounds.append(
       {
         "round": r,
         "target_sparsity": round_sparsity,
         "test_accuracy_before": result.final_test_accuracy,
-        **{
-          k: v
-          for k, v in connectivity_report(model, masks, input_shape).items()
-          if k.endswith("compression")
-        },
+        **{k: v for k, v in connectivity_report(net, masks).items() if k.endswith("compression")},
       }
     )
     logging.info(
