@@ -15,8 +15,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("sparsejax", "experiments")
 
@@ -139,14 +137,87 @@ def test_experiments_have_no_import_cycle():
   assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-@pytest.mark.xfail(
-  strict=False,
-  reason="sparsejax/ still has cycles (pruning <-> structured, ...) that issue 24's "
-  "library part removes; this passes once it lands",
-)
 def test_library_has_no_import_cycle():
-  cycle = find_cycle(graph("sparsejax"))
+  g = graph("sparsejax")
+  assert len(g) > 20 and "sparsejax.pruning" in g
+  cycle = find_cycle(g)
   assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_library_data_flows_one_way():
+  """Data flows model -> scores -> ranking -> search -> pruning: nothing below imports
+  what is above it (the design's chain), so the registry and the user API sit on top."""
+  g = graph("sparsejax")
+  below_pruning = [
+    "sparsejax.masks",
+    "sparsejax.tracing",
+    "sparsejax.effective",
+    "sparsejax.selection",
+    "sparsejax.ranking",
+    "sparsejax.search",
+    "sparsejax.scores",
+    "sparsejax.structured",
+  ]
+
+  def reach(m, seen=None):
+    seen = set() if seen is None else seen
+    for n in g.get(m, ()):
+      if n not in seen:
+        seen.add(n)
+        reach(n, seen)
+    return seen
+
+  for m in below_pruning:
+    up = reach(m) & {
+      "sparsejax.pruning",
+      "sparsejax.registry",
+      "sparsejax.dynamic",
+      "sparsejax.training",
+      "sparsejax.optim",
+    }
+    assert not up, f"{m} reaches {sorted(up)}"
+
+
+def test_import_sparsejax_loads_what_its_docstring_says():
+  """`import sparsejax` loads the pruning path, and nothing of Optax, Orbax or
+  TensorFlow: optim, dynamic, training, data, flops and timing load on first use."""
+  code = (
+    "import sys, sparsejax\n"
+    "mods = set(sys.modules)\n"
+    "print('LOADED', sorted(m for m in mods if m.startswith('sparsejax')))\n"
+    "print('HEAVY', sorted(m for m in mods if m.split('.')[0] in\n"
+    "      ('optax', 'orbax', 'tensorflow', 'tensorflow_datasets')))\n"
+    "sparsejax.with_masks, sparsejax.training\n"
+    "print('LATER', 'optax' in sys.modules, 'sparsejax.training' in sys.modules)\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+  loaded = set(ast.literal_eval(lines["LOADED"]))
+  eager = {
+    "masks",
+    "tracing",
+    "connectivity",
+    "effective",
+    "quotas",
+    "selection",
+    "ranking",
+    "search",
+    "scores",
+    "structured",
+    "compact",
+    "registry",
+    "pruning",
+    "models",
+    "errors",
+  }
+  lazy = {"optim", "dynamic", "training", "data", "flops", "timing"}
+  assert {f"sparsejax.{m}" for m in eager} <= loaded
+  assert not {f"sparsejax.{m}" for m in lazy} & loaded
+  assert lines["HEAVY"] == "[]"
+  assert lines["LATER"] == "True True"
 
 
 def test_plots_import_no_jax_flax_or_compactor(tmp_path):
