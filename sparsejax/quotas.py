@@ -7,6 +7,14 @@ that may be traced (``jax.jit``). With n_l = prod(shape_l), N = sum_l n_l and
 density d = 1 - s, every quota keeps sum_l n_l * (1 - s_l) = d * N weights (up to
 float32 and the per-layer rounding of :func:`layer_kept_counts`).
 
+Argument convention: the quota functions (:func:`uniform`, :func:`uniform_plus`,
+:func:`erk`, :func:`igq`, and any ``fn(sparsity, shapes)`` a user passes) take the target
+*sparsity*, as a user states it, like every public function of the library; the
+allocation functions that rankings call (:func:`layer_kept_counts`,
+:func:`layer_densities`, :func:`group_kept_counts`, :func:`check_density`) take the kept
+fraction ``density`` = 1 - s, by name, because it stays exact where the sparsity does
+not: float32 holds 7 digits, so 1 - 0.99999 keeps only two of them.
+
 The free parameter of ERK, IGQ and Uniform+ is found by a bisection with a fixed
 number of steps over the *bit patterns* of non-negative float32 numbers (these are
 ordered like the numbers they encode, so the search covers [0, inf] at full float32
