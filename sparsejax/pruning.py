@@ -56,6 +56,21 @@ def _rounds(p: Pruner, rounds: int | None) -> int | None:
   return int(rounds)
 
 
+def check_key(key, name: str = "key") -> jax.Array:
+  """``key`` if it is a JAX PRNG key (``jax.random.key(seed)``, or a legacy uint32 [2]
+  ``jax.random.PRNGKey(seed)``), else ValueError naming ``name``."""
+  dtype = getattr(key, "dtype", None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    if np.ndim(key) == 0:
+      return key
+  elif dtype == np.uint32 and np.shape(key) == (2,):
+    return key
+  raise ValueError(
+    f"{name}={key!r} must be one JAX PRNG key, e.g. jax.random.key(0) (or the legacy "
+    "jax.random.PRNGKey(0))."
+  )
+
+
 def _example(input_shape, batches, loss):
   """The example input of the trace: ``input_shape``, else the first default-loss batch's
   image (one example); None when neither is known."""
@@ -154,6 +169,7 @@ def ranking_for(
   p = get_pruner(pruner)
   if p.score is None:
     raise ValueError(f"pruner={p.name!r} has no ranking: it keeps every weight.")
+  check_key(key)
   score_kwargs = dict(score_kwargs or {})
   if "rounds" in score_kwargs:  # rounds given the way older code gave it
     if rounds is not None:

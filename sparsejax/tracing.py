@@ -25,6 +25,7 @@ import dataclasses
 import functools
 from typing import Any
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -298,7 +299,14 @@ def trace(
   else:
     raise ValueError(f"model={model!r} must be a Flax module or a function apply(params, x).")
   _hashable(model)
-  traced = _traced(model, _spec(x), _spec(params), _spec(extra), kwargs, None)
+  try:
+    traced = _traced(model, _spec(x), _spec(params), _spec(extra), kwargs, None)
+  except flax.errors.ScopeParamShapeError as err:
+    raise ValueError(
+      f"input_shape={input_shape!r} does not fit the model's variables: {err.args[0]} "
+      "Pass the input shape the variables were made with (one example, without the batch "
+      "axis)."
+    ) from None
   return traced.narrow(prunable)
 
 

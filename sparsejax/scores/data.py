@@ -28,7 +28,9 @@ from sparsejax.scores import trees
 PyTree = Any
 
 
-def _check_batch(batch, who: str) -> dict:
+def _check_batch(batch, who: str, classes: int | None = None) -> dict:
+  """An image/label batch, float32 images and int32 labels; with ``classes``, the
+  labels are checked to be class indices of the model's outputs."""
   if not isinstance(batch, Mapping) or "image" not in batch or "label" not in batch:
     raise ValueError(
       f"{who} needs batches that are dicts with 'image' and 'label'; got {type(batch).__name__}."
@@ -39,7 +41,31 @@ def _check_batch(batch, who: str) -> dict:
       f"{who} needs preprocessed batches (float images, normalized); got "
       f"image dtype {image.dtype}: apply sparsejax.data.preprocess first."
     )
-  return {"image": image.astype(jnp.float32), "label": jnp.asarray(batch["label"], jnp.int32)}
+  labels = np.asarray(batch["label"])
+  if classes is not None and labels.size and (labels.min() < 0 or labels.max() >= classes):
+    raise ValueError(
+      f"{who}: batch labels must be class indices in [0, {classes}) (the model has "
+      f"{classes} outputs); got labels from {labels.min()} to {labels.max()}. Pass loss= "
+      "for another kind of target."
+    )
+  return {"image": image.astype(jnp.float32), "label": jnp.asarray(labels, jnp.int32)}
+
+
+def _labelled(model, params, rest, first, who: str):
+  """The check of the default loss's batches: :func:`_check_batch` against the number
+  of classes the model outputs on ``first``'s images (shapes only, nothing is run)."""
+  image = _check_batch(first, who)["image"][:1]
+  try:
+    logits, _ = jax.eval_shape(
+      lambda p: _module(model).apply(
+        {"params": p, **rest}, image, **_train_kwargs(model), mutable=["batch_stats"]
+      ),
+      params,
+    )
+    classes = int(logits.shape[-1])
+  except Exception:  # pylint: disable=broad-except  (the loss itself reports it)
+    classes = None
+  return lambda batch, who: _check_batch(batch, who, classes)
 
 
 def _any_batch(batch, who: str):
@@ -172,6 +198,16 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
+def _train_kwargs(model) -> dict:
+  """{'train': True} where the module's ``__call__`` takes it (a plain Flax model may not)."""
+  try:
+    call = inspect.signature(type(_module(model)).__call__).parameters
+    takes_train = "train" in call or any(p.kind == p.VAR_KEYWORD for p in call.values())
+  except (TypeError, ValueError):
+    takes_train = True
+  return {"train": True} if takes_train else {}
+
+
 def _data_loss(model, loss_fn: Callable, temperature: float | None = None, loss=None):
   """loss(params, rest, batch): the user's ``loss(params, batch)`` if given (GraSP's
   temperature passed as ``temperature=`` when the loss accepts it), else ``loss_fn``
@@ -186,12 +222,7 @@ def _data_loss(model, loss_fn: Callable, temperature: float | None = None, loss=
       return lambda params, rest, batch: loss(params, batch, temperature=temperature)
     return lambda params, rest, batch: loss(params, batch)
 
-  try:
-    call = inspect.signature(type(model).__call__).parameters
-    takes_train = "train" in call or any(p.kind == p.VAR_KEYWORD for p in call.values())
-  except (TypeError, ValueError):
-    takes_train = True
-  train = {"train": True} if takes_train else {}
+  train = _train_kwargs(model)
 
   def loss(params, rest, batch):
     logits, _ = model.apply(
@@ -281,8 +312,8 @@ def snip(
     _batches_list([], who)
   batches = itertools.chain([first], batches)  # read once: batches may be a generator
   slots = _slots(model, params, first, prunable, masks, loss, who)
+  check = _any_batch if loss is not None else _labelled(model, params, rest, first, who)
   mask_leaves = trees.mask_arrays(masks)
-  check = _check_batch if loss is None else _any_batch
   accumulate, finish, _ = _snip_fns(_model_key(model, loss), loss_fn or cross_entropy, loss, slots)
   acc = [jnp.zeros(w.shape, jnp.float32) for w in trees.kernels(params, slots)]
   total = 0
@@ -335,6 +366,9 @@ def iterative_snip(
   rounds = trees.check_rounds(rounds)
   params, rest = _split_for(variables, loss)
   source = _Cycle(batches, who, _check_batch if loss is None else _any_batch)
+  if loss is None:  # the labels checked against the model's classes
+    source.check = _labelled(model, params, rest, source.get(0), who)
+    source.cache = [source.check(b, who) for b in source.cache]
   slots = _slots(model, params, source.get(0), prunable, masks, loss, who)
   step = _iterative_snip_step(_model_key(model, loss), loss_fn or cross_entropy, loss, slots)
   args = lambda t: (params, rest, source.get(t))
@@ -392,6 +426,9 @@ def grasp_hessian_gradient(
     raise ValueError(f"temperature={temperature!r} must be a positive finite number.")
   params, rest = _split_for(variables, loss)
   batch_list = _batches_list(batches, who, _check_batch if loss is None else _any_batch)
+  if loss is None:  # the labels checked against the model's classes
+    check = _labelled(model, params, rest, batch_list[0], who)
+    batch_list = [check(b, who) for b in batch_list]
   slots = _slots(model, params, batch_list[0], prunable, None, loss, who)
   grad_acc, hvp_acc = _grasp_fns(_model_key(model, loss), loss_fn or cross_entropy, t, loss, slots)
   zeros = [jnp.zeros(w.shape, jnp.float32) for w in trees.kernels(params, slots)]
