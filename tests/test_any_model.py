@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import sparsejax
 from sparsejax import connectivity, effective
 from sparsejax import masks as masks_lib
 from tests import reference_graph as ref
@@ -187,11 +188,14 @@ def test_apply_function_matches_mlp_reference():
 def test_default_prunable_leaves_are_linear_weights_in_data_flow_order():
   params = {"b_first": {"kernel": jnp.ones((3, 4))}, "a_last": {"kernel": jnp.ones((4, 2))}}
   fn = lambda p, x: jnp.tanh(x @ p["b_first"]["kernel"]) @ p["a_last"]["kernel"]
-  assert effective.prunable_paths(fn, (3,), params=params) == ["b_first/kernel", "a_last/kernel"]
+  traced = sparsejax.trace(fn, (3,), params=params)
+  assert traced.prunable_paths == ["b_first/kernel", "a_last/kernel"]
+  assert effective.prunable_paths(fn, (3,), params=params) == traced.prunable_paths  # the alias
   only = lambda path: path.startswith("a_")
-  assert effective.prunable_paths(fn, (3,), params=params, prunable=only) == ["a_last/kernel"]
+  assert sparsejax.trace(fn, (3,), params=params, prunable=only).prunable_paths == ["a_last/kernel"]
+  assert traced.narrow(only).prunable_paths == ["a_last/kernel"]
   with pytest.raises(ValueError, match="prunable selects.*enter no linear op"):
-    effective.prunable_paths(_mlp_fn, (3,), params=_mlp_params(), prunable=lambda p: p == "b1")
+    sparsejax.trace(_mlp_fn, (3,), params=_mlp_params(), prunable=lambda p: p == "b1")
 
 
 def test_masked_kernel_inside_the_model_and_weight_tying():
@@ -259,17 +263,19 @@ def test_bad_input():
     (("conv", 2, (3, 3), (1, 1), "SAME", (1, 1), 1, "relu"), ("gap",), ("dense", 2, None))
   )
   v = cnn.init(jax.random.key(0), jnp.ones((1, 4, 4, 1)))
+  dense = sparsejax.trace(cnn, (4, 4, 1), variables=v).ones()
   with pytest.raises(ValueError, match="cannot be applied"):  # wrong rank
-    effective.connectivity(cnn, effective.ones(cnn, (4, 4, 1)), jnp.ones((4, 1)), variables=v)
+    effective.connectivity(cnn, dense, jnp.ones((4, 1)), variables=v)
   with pytest.raises(ValueError, match=r"example input of shape \(\)"):
     effective.connectivity(_mlp_fn, good, jnp.ones(()), params=params)
   with pytest.raises(ValueError, match="dtype int32; masks must be bool"):
     effective.connectivity(_mlp_fn, dict(good, w1=jnp.ones((3, 4), jnp.int32)), (3,), params=params)
   with pytest.raises(ValueError, match="does not match the parameter tree"):
     effective.connectivity(_mlp_fn, {"w1": good["w1"]}, (3,), params=params)
-  with pytest.raises(ValueError, match="pass params="):
+  with pytest.raises(ValueError, match="is a function: pass its params"):
     effective.connectivity(_mlp_fn, good, (3,))
-  with pytest.raises(ValueError, match=r"masks\['b1'\] must be None"):
+  # a mask on a leaf that is no linear-op weight (the bias) is refused
+  with pytest.raises(ValueError, match=r"prunable selects \['b1'\].*enter no linear op"):
     effective.connectivity(_mlp_fn, dict(good, b1=jnp.ones(4, bool)), (3,), params=params)
 
 
@@ -368,14 +374,18 @@ def test_synflow_plain_resnet_equals_the_zoo_resnet():
   zoo_shapes = jax.eval_shape(zoo.init, jax.random.key(0), jnp.ones((1,) + shape))["params"]
   assert jax.tree.structure(zoo_shapes) == jax.tree.structure(params)
   rng = np.random.default_rng(0)
-  masks = masks_lib.map_prunable(lambda w: jnp.asarray(rng.random(w.shape) < 0.3), params)
-  a = scores.synflow_scores(plain, params, shape, masks)
-  b = scores.synflow_scores(zoo, params, shape, masks)
+  prunable = sparsejax.trace(plain, shape).prunable_paths
+  assert prunable == sparsejax.trace(zoo, shape).prunable_paths
+  masks = masks_lib.map_prunable(
+    lambda w: jnp.asarray(rng.random(w.shape) < 0.3), params, prunable=prunable
+  )
+  a = scores.synflow_scores(plain, params, input_shape=shape, masks=masks)
+  b = scores.synflow_scores(zoo, params, input_shape=shape, masks=masks)
   for x, y in zip(masks_lib.mask_leaves(a), masks_lib.mask_leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in masks_lib.mask_leaves(a))
-  pa = scores.synflow(plain, params, shape, 0.99, rounds=4)
-  pb = scores.synflow(zoo, params, shape, 0.99, rounds=4)
+  pa = scores.synflow(plain, params, sparsity=0.99, input_shape=shape, rounds=4)
+  pb = scores.synflow(zoo, params, sparsity=0.99, input_shape=shape, rounds=4)
   for x, y in zip(masks_lib.mask_leaves(pa), masks_lib.mask_leaves(pb)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -389,7 +399,7 @@ def test_synflow_on_a_gelu_mlp_is_path_counting():
     "l2": {"kernel": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)},
   }
   fn = lambda p, x: jax.nn.gelu(x @ p["l1"]["kernel"] + p["l1"]["bias"]) @ p["l2"]["kernel"]
-  got = scores.synflow_scores(fn, params, (3,))
+  got = scores.synflow_scores(fn, params, input_shape=(3,))
   got = {"w1": got["l1"]["kernel"], "w2": got["l2"]["kernel"]}
   a1, a2 = np.abs(np.asarray(params["l1"]["kernel"])), np.abs(np.asarray(params["l2"]["kernel"]))
   want1 = a1 * (a2 @ np.ones(2))[None, :]
@@ -405,20 +415,20 @@ def test_synflow_refuses_unfaithful_linearizations():
   ln = ref.PlainNet((("dense", 4, None), ("ln",), ("dense", 2, None)))
   params = ln.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
   with pytest.raises(ValueError, match="not faithful"):
-    scores.synflow_scores(ln, params, (3,))
+    scores.synflow_scores(ln, params, input_shape=(3,))
 
   def gating(p, x):
     return (x @ p["a"]["kernel"]) * jnp.tanh(x @ p["b"]["kernel"])
 
   params = {"a": {"kernel": jnp.ones((3, 2))}, "b": {"kernel": jnp.ones((3, 2))}}
   with pytest.raises(ValueError, match="not faithful"):
-    scores.synflow_scores(gating, params, (3,))
+    scores.synflow_scores(gating, params, input_shape=(3,))
 
   def attention(p, x):  # x: [T, D]
     return jax.nn.softmax((x @ p["a"]["kernel"]) @ (x @ p["b"]["kernel"]).T) @ x
 
   with pytest.raises(ValueError, match="not faithful"):
-    scores.synflow_scores(attention, params, jnp.ones((4, 3)))
+    scores.synflow_scores(attention, params, input_shape=jnp.ones((4, 3)))
 
 
 def test_constant_index_gather_and_scatter_add():

@@ -112,19 +112,17 @@ def test_effective_benchmark_finds_the_sweeps_convolutions_and_parses_flags():
   import sys
 
   import jax
-  import jax.numpy as jnp
 
+  import sparsejax
   from benchmarks import effective as bench
-  from sparsejax import effective, masks, models
+  from sparsejax import masks, models
   from sparsejax.connectivity import xla_cpu
 
   model, shape = models.create("lenet5"), models.input_shape("lenet5")
-  params = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1,) + shape))["params"]
-  example = masks.random(
-    jax.random.key(1), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params), 0.9
-  )
+  traced = sparsejax.trace(model, shape)
+  example = masks.random(jax.random.key(1), traced.ones(), 0.9)
   hook = xla_cpu.reach_linear
-  found = bench._convolutions(effective.trace(model, shape), example)
+  found = bench._convolutions(traced, example)
   assert xla_cpu.reach_linear is hook  # restored
   assert [(xs[-1], ws[-1]) for _, xs, ws in found] == [(3, 6), (6, 16)]
   assert all(e.prim.name == "conv_general_dilated" for e, _, _ in found)
