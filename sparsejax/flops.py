@@ -68,7 +68,7 @@ def costs(model, masks, input_shape=None, **kw) -> dict[str, Cost]:
     masks = traced.ones()
   traced = traced.masked(masks)
   prog = traced.program
-  flat = jax.tree.leaves(masks, is_leaf=lambda x: x is None)
+  flat = traced.params_spec[0].flatten_up_to(masks)
   counts = _jitted_counts(traced)([flat[i] for i in traced.prunable])
   names = conn_lib.site_names(prog)
   site_of = {}
