@@ -375,3 +375,20 @@ def test_synflow_runs_on_normalization_attention_and_gating(norm):
 
 def traced_size(traced):
   return sum(int(np.prod(traced.shapes[i])) for i in traced.prunable)
+
+
+def test_flops_of_lookups_and_tied_embeddings():
+  """A lookup reads a row and multiplies nothing: the tied table's FLOPs are its output
+  layer's (x @ table.T) alone; its parameters count once."""
+  from sparsejax import flops
+
+  model = EmbedLM(tied=True)
+  v = model.init(jax.random.key(0), jnp.zeros((1, 5), INT))
+  traced = sparsejax.trace(model, ids(1, 5), variables=v)
+  c = flops.costs(traced, None)
+  table = c["embed"]
+  assert table.params_dense == 11 * 8
+  assert table.flops_dense == 2 * 11 * 8 * 5  # the output layer at 5 positions
+  assert table.flops_effective == table.flops_dense  # dense: every MAC is live
+  untied = flops.costs(EmbedLM(), None, ids(1, 5))
+  assert untied["embed"].flops_dense == 0 and untied["embed"].flops_effective == 0

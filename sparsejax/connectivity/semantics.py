@@ -221,8 +221,10 @@ class Evaluator:
   input-dependent values (:attr:`Program.products`): a path through one factor counts
   only where the other can be nonzero."""
 
-  def __init__(self, prog: Program, sem: str):
-    self.prog, self.sem = prog, sem
+  def __init__(self, prog: Program, sem: str, macs: bool = False):
+    """``macs``: the reach pass counts multiply-accumulates (a lookup reads a table
+    row and multiplies nothing: its table gets no cotangent from it)."""
+    self.prog, self.sem, self.macs = prog, sem, macs
 
   def run(self, param_vals, extra_vals, x_vals, perturb=None, rescale: bool = False):
     """(outputs, {site: reach indicator}) of the program (traceable)."""
@@ -365,6 +367,8 @@ class Evaluator:
         else (jnp.abs(jnp.asarray(vals[0], jnp.float32)) if linear else _nonzero(vals[0]))
       )
       rows = _lookup_rows(e, table, jnp.shape(vals[1]), (lambda v: v) if linear else gate)
+      if self.macs:
+        rows = lax.stop_gradient(rows)
       return [rows if linear else rows * _index_reach(e, vals[1])], None
     if name in LINEAR:
       if len(xs) == 2:
