@@ -43,14 +43,17 @@ __all__ = ["ClosedJaxpr", "Jaxpr", "Literal", "bind_params", "source_line", "tra
 
 
 def source_line(eqn) -> str:
-  """The user's source line of a jaxpr equation ('file:line (function)'), or
-  'unknown source' where JAX cannot say."""
+  """The user's source line of a jaxpr equation ('file:line (function)', then the Flax
+  module path when there is one), or '' where JAX cannot say (an equation inside a
+  library's own jit: the caller names the call site instead)."""
   if _summarize is None:
-    return "unknown source"
+    return ""
   try:
-    return _summarize(eqn.source_info)
+    line = _summarize(eqn.source_info)
   except Exception:  # pylint: disable=broad-except
-    return "unknown source"
+    return ""
+  stack = str(getattr(eqn.source_info, "name_stack", "") or "")
+  return f"{line}, module {stack}" if line and stack else line
 
 
 def bind_params(prim, params: dict) -> tuple[tuple, dict]:

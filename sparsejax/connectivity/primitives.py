@@ -17,8 +17,11 @@ sharding_constraint, optimization_barrier, mesh_cast, reshard, pvary;
 reductions: reduce_sum/max/min/prod/and/or/xor, argmax, argmin, reduce_window_sum/max/min,
 reduce_window, cumsum, cumprod, cummax, cummin, cumlogsumexp, sort, top_k; structure:
 reshape, transpose, broadcast_in_dim, squeeze, expand_dims, slice, rev, pad, concatenate,
-split, gather, dynamic_slice, dynamic_update_slice, scatter, scatter-add; calls: jit/pjit,
-closed_call, core_call, remat/checkpoint, custom_jvp_call, custom_vjp_call; cond with a
+split, tile, gather, dynamic_slice, dynamic_update_slice, scatter, scatter-add (constant
+indices); lookups: gather from a parameter or constant table by input-dependent indices
+(embeddings, ``jnp.take``); calls: jit/pjit, closed_call, core_call, remat/checkpoint,
+custom_jvp_call, custom_vjp_call; loops: scan, while (unrolled: a trip count known when
+tracing, e.g. ``lax.scan``, ``nn.scan``, ``fori_loop`` with constant bounds); cond with a
 constant predicate.
 """
 
@@ -153,6 +156,7 @@ STRUCTURAL = {
   "rev": (0,),
   "pad": (0,),
   "concatenate": None,
+  "stack": None,
   "split": (0,),
   "gather": (0,),
   "dynamic_slice": (0,),
@@ -160,7 +164,49 @@ STRUCTURAL = {
   "scatter": (0, 2),
   "scatter-add": (0, 2),
   "scatter_add": (0, 2),
+  "tile": (0,),
 }
+#: loops, unrolled when the program is built (a trip count known when tracing).
+LOOPS = frozenset({"scan", "while"})
+#: Zero in, zero out: f(0) = 0, so f(v) can be nonzero only where v can.
+ZERO_PRESERVING = frozenset(
+  {
+    "neg",
+    "abs",
+    "sign",
+    "floor",
+    "ceil",
+    "round",
+    "tanh",
+    "sin",
+    "tan",
+    "asin",
+    "atan",
+    "sinh",
+    "asinh",
+    "atanh",
+    "sqrt",
+    "cbrt",
+    "square",
+    "integer_pow",
+    "erf",
+    "erf_inv",
+    "expm1",
+    "log1p",
+    "convert_element_type",
+    "reduce_precision",
+    "real",
+    "imag",
+    "conj",
+    "copy",
+    "copy_p",
+    "stop_gradient",
+    "population_count",
+    "shift_left",
+    "shift_right_logical",
+    "shift_right_arithmetic",
+  }
+)
 SUPPORTED = (
   LINEAR
   | CALLS
@@ -171,6 +217,7 @@ SUPPORTED = (
   | ALONG_AXIS
   | IDENTITY
   | frozenset(STRUCTURAL)
+  | LOOPS
   | {"cond"}
 )
 
@@ -186,5 +233,6 @@ def unsupported(name: str, src: str, why: str) -> ValueError:
   return ValueError(
     f"primitive {name!r} at {src} {why}; allowed: the primitives of "
     "sparsejax.connectivity.supported_primitives() (linear ops, elementwise, "
-    "reductions, pooling, structure, calls, cond on a constant)."
+    "reductions, pooling, structure, calls, loops with a trip count known when tracing, "
+    "cond on a constant, lookups of a parameter table by input indices)."
   )

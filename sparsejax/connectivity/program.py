@@ -3,21 +3,30 @@
 ``fn(params, extra, x)`` (a Flax module's ``apply`` or any JAX function) is traced once
 to a jaxpr; call-like primitives (``jit``/``pjit``, ``closed_call``, ``remat``,
 ``custom_jvp_call``, ``custom_vjp_call``) are inlined, ``cond`` on a constant predicate
-takes its branch, equations of constants only are folded, and every remaining value is
-classified as *input-dependent* ('x'), *parameter-only* ('p') or *constant* ('c'). The
-result, a :class:`Program`, also records the linear ops on the input (its *sites*),
-the parameter leaves used as their weights (first-use order), and the *cuts*: the 'x'
-values every input-to-output path passes through (dominators of the output).
+takes its branch, loops with a trip count known when tracing (``scan``: ``lax.scan``,
+``nn.scan``, ``fori_loop`` with constant bounds; ``while`` whose condition reads
+constants only) are unrolled, equations of constants only are folded, and every
+remaining value is classified as *input-dependent* ('x'), *parameter-only* ('p') or
+*constant* ('c'). The result, a :class:`Program`, also records the linear ops on the
+input (its *sites*: ``dot_general``, ``conv_general_dilated``, and *lookups*, a gather
+from a parameter table by input-dependent indices such as ``nn.Embed``), the parameter
+leaves used as their weights (first-use order), and the *cuts*: the 'x' values every
+input-to-output path passes through (dominators of the output).
+
+An equation inside a library's own jit (``jnp.take``'s) has no source line of its own:
+errors name the line and Flax module that called it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from jax import lax
 
 from sparsejax import _jax_compat
 from sparsejax import masks as masks_lib
@@ -29,6 +38,10 @@ from sparsejax.connectivity.primitives import (
   SUPPORTED,
   unsupported,
 )
+
+#: Iterations a ``while`` loop may unroll before the build gives up (it is then not a
+#: loop with a trip count known when tracing, or far too long to unroll).
+MAX_WHILE_ITERATIONS = 1 << 16
 
 
 @dataclasses.dataclass(eq=False)
@@ -42,6 +55,12 @@ class Eqn:
   kind: str  # 'x' or 'p'
   src: str  # the user's source line
   out_avals: list
+  lookup: bool = False  # a gather from a table (operand 0) by 'x' indices (operand 1)
+
+  @property
+  def linear(self) -> bool:
+    """A linear op on the input: dot_general, conv_general_dilated, or a lookup."""
+    return self.prim.name in LINEAR or self.lookup
 
 
 @dataclasses.dataclass(eq=False)
@@ -63,6 +82,7 @@ class Program:
   weight_leaves: tuple  # param leaves used as linear weights, first-use order
   sites: list  # (eqn index, weight leaf or None) per linear op on 'x'
   cuts: frozenset  # 'x' ids that dominate the output
+  products: bool = False  # it multiplies (or divides) two input-dependent values
 
 
 def bind(e: Eqn, *args, **overrides) -> list:
@@ -83,19 +103,29 @@ class _Builder:
     self.consts: dict = {}
     self.kind: dict = {}
     self.sources: dict = {}
+    self.aval: dict = {}  # id -> shape struct (what loops slice and stack)
+    self.where = [""]  # the source line of each enclosing call, innermost last
 
-  def new(self, kind: str, sources=frozenset()) -> int:
+  def new(self, kind: str, aval, sources=frozenset()) -> int:
     i = self.next_id
     self.next_id += 1
     self.kind[i] = kind
+    self.aval[i] = jax.ShapeDtypeStruct(tuple(aval.shape), aval.dtype)
     if kind == "p":
       self.sources[i] = frozenset(sources)
     return i
 
   def const(self, value) -> int:
-    i = self.new("c")
+    shape = np.shape(value)
+    dtype = getattr(value, "dtype", None) or np.asarray(value).dtype
+    i = self.new("c", jax.ShapeDtypeStruct(shape, dtype))
     self.consts[i] = value
     return i
+
+  def apply(self, fn: Callable, ids: Sequence[int]) -> list[int]:
+    """Inlines ``fn`` (a JAX function of arrays) applied to the values ``ids``."""
+    closed = _traced_helper(fn, tuple((self.aval[i].shape, self.aval[i].dtype) for i in ids))
+    return self._sub(closed, list(ids))
 
   def inline(
     self, jaxpr: _jax_compat.Jaxpr, const_ids: Sequence[int], in_ids: Sequence[int]
@@ -126,13 +156,17 @@ class _Builder:
   def equation(self, eqn, ins: list[int]) -> list[int]:
     name = eqn.primitive.name
     kinds = [self.kind[i] for i in ins]
-    src = _jax_compat.source_line(eqn)
+    src = _jax_compat.source_line(eqn) or self.where[-1] or "an unknown source line"
     if name in CALLS:
       p = eqn.params
       inner = p.get("jaxpr", p.get("call_jaxpr", p.get("fun_jaxpr")))
       if inner is None:
         raise unsupported(name, src, "has no inner jaxpr")
-      return self._sub(inner, ins)
+      return self._within(src, self._sub, inner, ins)
+    if name == "scan":
+      return self._within(src, self._scan, eqn, ins)
+    if name == "while":
+      return self._within(src, self._while, eqn, ins, src)
     if name in IDENTITY:  # each output is its operand: no equation at all
       return list(ins[: len(eqn.outvars)])
     if all(k == "c" for k in kinds):
@@ -162,7 +196,10 @@ class _Builder:
         "connectivity rule (loops and unknown primitives are not supported)",
       )
     kind = "x" if "x" in kinds else "p"
-    if name in (
+    lookup = name == "gather" and kinds[1] == "x" and kinds[0] != "x"
+    if lookup:
+      _check_lookup(eqn, src)
+    elif name in (
       "gather",
       "dynamic_slice",
       "dynamic_update_slice",
@@ -181,11 +218,102 @@ class _Builder:
     sources = frozenset()
     if kind == "p":
       sources = frozenset().union(*[self.sources[i] for i in ins if self.kind[i] == "p"])
-    outs = [self.new(kind, sources) for _ in eqn.outvars]
+    outs = [self.new(kind, v.aval, sources) for v in eqn.outvars]
     self.eqns.append(
-      Eqn(eqn.primitive, dict(eqn.params), ins, outs, kind, src, [v.aval for v in eqn.outvars])
+      Eqn(
+        eqn.primitive,
+        dict(eqn.params),
+        ins,
+        outs,
+        kind,
+        src,
+        [v.aval for v in eqn.outvars],
+        lookup=lookup,
+      )
     )
     return outs
+
+  def _within(self, src: str, fn: Callable, *args):
+    """``fn(*args)`` with ``src`` as the source line of equations that have none."""
+    self.where.append(src)
+    try:
+      return fn(*args)
+    finally:
+      self.where.pop()
+
+  def _scan(self, eqn, ins: list[int]) -> list[int]:
+    """``lax.scan`` unrolled: the body inlined once per step, each step reading its
+    slice of the scanned inputs; the stacked outputs concatenated in step order."""
+    p = eqn.params
+    nc, nk = p["num_consts"], p["num_carry"]
+    consts, carry, xs = ins[:nc], ins[nc : nc + nk], ins[nc + nk :]
+    steps = range(p["length"] - 1, -1, -1) if p["reverse"] else range(p["length"])
+    ys_by_step = {}
+    for t in steps:
+      x_t = [self.apply(_step(t), [i])[0] for i in xs]
+      outs = self._sub(p["jaxpr"], consts + carry + x_t)
+      carry, ys_by_step[t] = outs[:nk], outs[nk:]
+    ys_avals = eqn.outvars[nk:]
+    if not ys_by_step:  # length 0: empty stacked outputs
+      return carry + [self.const(np.zeros(v.aval.shape, v.aval.dtype)) for v in ys_avals]
+    order = [ys_by_step[t] for t in range(p["length"])]
+    return carry + [self.apply(_stack, [y[j] for y in order])[0] for j in range(len(ys_avals))]
+
+  def _while(self, eqn, ins: list[int], src: str) -> list[int]:
+    """``lax.while_loop`` unrolled while its condition reads constants only (a trip
+    count known when tracing); a condition on the input or the parameters is refused."""
+    p = eqn.params
+    cc, bc = p["cond_nconsts"], p["body_nconsts"]
+    cond_consts, body_consts, carry = ins[:cc], ins[cc : cc + bc], ins[cc + bc :]
+    for _ in range(MAX_WHILE_ITERATIONS):
+      (go,) = self._sub(p["cond_jaxpr"], cond_consts + carry)
+      if self.kind[go] != "c":
+        raise unsupported(
+          "while",
+          src,
+          "is a loop whose trip count depends on the input or the parameters (a "
+          "data-dependent loop has no single graph); loops whose trip count is known "
+          "when tracing (lax.scan, nn.scan, fori_loop with constant bounds) are unrolled",
+        )
+      if not bool(np.asarray(self.consts[go])):
+        return carry
+      carry = self._sub(p["body_jaxpr"], body_consts + carry)
+    raise ValueError(
+      f"primitive 'while' at {src} ran {MAX_WHILE_ITERATIONS} iterations without ending; "
+      "the connectivity transform unrolls loops, so their trip count must be known and "
+      "bounded when tracing."
+    )
+
+
+@functools.cache
+def _step(t: int) -> Callable:
+  """``a -> a[t]`` (one function object per t: the traces below are cached by it)."""
+  return lambda a: lax.index_in_dim(a, t, keepdims=False)
+
+
+def _stack(*arrays):
+  return jax.numpy.stack(arrays)
+
+
+@functools.lru_cache(maxsize=512)
+def _traced_helper(fn: Callable, avals: tuple):
+  """The closed jaxpr of ``fn`` on arrays of ``avals`` ((shape, dtype) pairs)."""
+  return jax.make_jaxpr(fn)(*[jax.ShapeDtypeStruct(s, d) for s, d in avals])
+
+
+def _check_lookup(eqn, src: str) -> None:
+  """A lookup gathers whole slices along the indexed axes (``jnp.take``, ``table[ids]``,
+  ``nn.Embed``): every indexed axis is collapsed, nothing is batched."""
+  dn = eqn.params["dimension_numbers"]
+  if set(dn.start_index_map) - set(dn.collapsed_slice_dims) or getattr(
+    dn, "operand_batching_dims", ()
+  ):
+    raise unsupported(
+      "gather",
+      src,
+      "reads windows of a table at indices that depend on the input (only lookups of "
+      "single rows, as jnp.take and nn.Embed do, are supported)",
+    )
 
 
 def _dominators(b: _Builder, x_ids, out_ids) -> frozenset:
@@ -227,14 +355,21 @@ def build(fn: Callable, param_shapes, extra_shapes, x_shapes) -> Program:
       [sds(s) for _, s in p_flat], [sds(s) for s in e_flat], [sds(s) for s in x_flat]
     )
   except (TypeError, ValueError) as err:
+    hint = ""
+    if all(jax.numpy.issubdtype(s.dtype, jax.numpy.floating) for s in x_flat):
+      shape = tuple(x_flat[0].shape)
+      hint = (
+        f" (a model of token ids takes an integer example: pass an integer array or "
+        f"jax.ShapeDtypeStruct({shape}, jnp.int32) as input_shape)"
+      )
     raise ValueError(
-      f"the example input (shapes {[tuple(s.shape) for s in x_flat]}) "
-      f"cannot be applied to the model: {err}"
+      f"the example input (shapes {[tuple(s.shape) for s in x_flat]}, "
+      f"{x_flat[0].dtype if x_flat else 'none'}) cannot be applied to the model: {err}{hint}"
     ) from None
   b = _Builder()
-  param_ids = [b.new("p", {i}) for i in range(len(p_flat))]
-  extra_ids = [b.new("p") for _ in e_flat]
-  x_ids = [b.new("x") for _ in x_flat]
+  param_ids = [b.new("p", s, {i}) for i, (_, s) in enumerate(p_flat)]
+  extra_ids = [b.new("p", s) for s in e_flat]
+  x_ids = [b.new("x", s) for s in x_flat]
   with jax.ensure_compile_time_eval():
     outs = b._sub(closed, param_ids + extra_ids + x_ids)
   out_x = [o for o in outs if b.kind[o] == "x"]
@@ -245,7 +380,7 @@ def build(fn: Callable, param_shapes, extra_shapes, x_shapes) -> Program:
     )
   weight_leaves, sites = [], []
   for k, e in enumerate(b.eqns):
-    if e.kind != "x" or e.prim.name not in LINEAR:
+    if e.kind != "x" or not e.linear:
       continue
     xs = [b.kind[i] == "x" for i in e.ins[:2]]
     leaf = None
@@ -274,4 +409,10 @@ def build(fn: Callable, param_shapes, extra_shapes, x_shapes) -> Program:
     weight_leaves=tuple(weight_leaves),
     sites=sites,
     cuts=_dominators(b, x_ids, out_x),
+    products=any(
+      e.kind == "x"
+      and (e.prim.name in LINEAR or e.prim.name in ("mul", "div"))
+      and sum(b.kind[i] == "x" for i in e.ins) >= 2
+      for e in b.eqns
+    ),
   )

@@ -1,4 +1,4 @@
-"""The two semantics of a connectivity Program: reachability and SynFlow's linearization.
+"""The semantics of a connectivity Program: reachability, support, SynFlow's linearization.
 
 Reachability (effective masks, units). 'x' values carry binary reach indicators
 (float32 in {0, 1}); parameters carry their nonzero pattern (the mask at prunable
@@ -14,34 +14,68 @@ any depth. By primitive family, for an 'x' result:
   ``feature_group_count``/``batch_group_count``): the same op on (reach, pattern),
   then the gate (computed in the form XLA:CPU runs fastest,
   :func:`sparsejax.connectivity.xla_cpu.reach_linear`, equal to the op's own result).
-  Two input-dependent operands (attention scores): OR of everything each output
-  reads, op(a, 1) + op(1, b), gated.
-- elementwise ops (arithmetic, every activation, comparisons, casts, clamp, select
-  with an input-dependent predicate): with one 'x' operand reach passes unchanged
-  (bias add, scale, inference batch norm, ReLU, ...); with several, their OR (residual
-  add, products, max, gating).
+- lookups (a gather of rows of a parameter table at input-dependent indices:
+  ``nn.Embed``, ``jnp.take``): a linear op over a one-hot vocabulary axis whose every
+  row can occur; output unit (position, d) is reached when its index is, through any
+  kept row of column d; the cotangent reaches every row of a column.
+- products of two input-dependent values (attention's ``q @ k.T`` and ``probs @ v``,
+  a gate times an up-projection, a division): a path through one factor counts only
+  where the other can be nonzero, reach(a b) = OR(reach(a) nz(b), nz(a) reach(b)),
+  reach(a / b) = OR(reach(a), nz(a) reach(b)), with nz from the *support* semantics
+  below (a head whose value projection is pruned makes its query and key ineffective).
+- other elementwise ops (arithmetic, every activation, comparisons, casts, clamp,
+  select with an input-dependent predicate): with one 'x' operand reach passes
+  unchanged (bias add, scale, inference batch norm, ReLU, ...); with several, their OR
+  (residual add, max).
 - reductions and pooling (``reduce_sum/max/min/prod/and/or``, ``argmax/argmin``,
   ``reduce_window*`` of any kind, cumulative ops, ``sort``, ``top_k``): every position
   of the window or axis is connected (a sum of indicators, gated); padding is never
   a unit. Statistics of the input itself (layer norm, group norm, training-mode batch
   norm) therefore connect every unit they reduce over.
 - structure (reshape, transpose, broadcast, squeeze, expand_dims, slice, pad, rev,
-  concatenate, split, copy, gather / dynamic_slice / dynamic_update_slice / scatter
-  with constant indices, select with a constant predicate): the same op on the
+  concatenate, stack, split, tile, copy, gather / dynamic_slice / dynamic_update_slice /
+  scatter with constant indices, select with a constant predicate): the same op on the
   indicators; a non-'x' operand (a learned token, padding) is unreachable (zeros).
 
+Support (nz: where a value can be nonzero for some input, float32 {0, 1}; read by the
+reachability of products, only for programs that have them). The input can be nonzero
+anywhere; parameters where their pattern says (pruned weights cannot); constants where
+they are nonzero. Linear ops and lookups: OR of AND over the terms; mul: AND; div: the
+numerator's; add, sub, max, min, select: OR; functions with f(0) = 0 (neg, abs, tanh,
+sqrt, erf, casts, ...): the operand's; any other function (exp, logistic, cos,
+comparisons): anywhere (f(0) may be nonzero). Conservative wherever a rule cannot say:
+biases count as nonzero, so a head with a dead value projection but a value bias keeps
+its query and key (its output, the bias averaged, is constant: an over-approximation,
+never a dropped weight).
+
 Linearized (SynFlow, Tanaka et al., 2020). 'x' values carry real flows; parameters
-|w| (times the mask at prunable kernels); the input is all ones. Linear ops are
-applied as such; an elementwise op with one 'x' operand is the identity (activations,
-normalization, bias: biases are zero); several 'x' operands that are pointwise
-functions of one tensor (gelu = x * phi(x), relu as select(x > 0, x, 0)) give that
-tensor (the activation is the identity); a sum of different tensors is a sum (residual
-add); sum pooling and reductions sum; max/min pooling and reductions average. A
-subtraction or product of two different input-dependent tensors (layer norm,
-attention, gating) has no faithful linearization: ValueError. Overflow is prevented
-by dividing by a stop-gradient max |v| only at *cuts* of the traced graph (values that
-dominate the output: every input-to-output path passes through them), which scales R
-and every score by one common positive factor and leaves the ranking unchanged.
+|w| (times the mask at prunable kernels); the input is all ones (for token ids: every
+row of a lookup at once, the all-ones input of the one-hot vocabulary axis). Linear
+ops are applied as such; an elementwise op with one 'x' operand is the identity
+(activations, inference batch norm, bias: biases are zero, scales their initial 1);
+several 'x' operands that are pointwise functions of one tensor (gelu = x * phi(x),
+relu as select(x > 0, x, 0)) give that tensor (the activation is the identity); a sum
+of different tensors is a sum (residual add); sum pooling and reductions sum; max/min
+pooling and reductions average. Conventions for what has no linear counterpart:
+
+- normalization by statistics of the input (layer norm, RMS norm, group norm,
+  training-mode batch norm, softmax's ``exp(s - max s) / sum``): a tensor combined
+  with statistics of itself (values reduced from it, or from a reshape of it) is read
+  as the identity, as SynFlow reads inference batch norm;
+- products of two input-dependent tensors (attention scores and their weighting of the
+  values, gating): the product of the two flows, so R stays a polynomial in |w| with
+  non-negative coefficients (scores |w dR/dw| defined, non-negative, and zero exactly
+  where a weight lies on no path; attention reads as its scores, softmax being a
+  normalization);
+- a subtraction or division of two different input-dependent tensors has no faithful
+  linearization: ValueError naming the user's line.
+
+Overflow is prevented by dividing by a stop-gradient max |v| only at *cuts* of the
+traced graph (values that dominate the output: every input-to-output path passes
+through them). For a network linear in its input this scales R and every score by one
+common positive factor and leaves the ranking unchanged; with products (a polynomial
+of several degrees in a cut value) it weighs the degrees differently, a fixed
+reweighting that keeps every score defined and its zeros where they are.
 """
 
 from __future__ import annotations
@@ -61,6 +95,7 @@ from sparsejax.connectivity.primitives import (
   REDUCTIONS,
   STRUCTURAL,
   WINDOWS,
+  ZERO_PRESERVING,
   unsupported,
 )
 from sparsejax.connectivity.program import Eqn, Program, bind
@@ -138,20 +173,75 @@ def _along_axis_or(e: Eqn, v):
   return [_bcast(s, a.shape) for a in e.out_avals]
 
 
-class Evaluator:
-  """Evaluates a Program; ``sem`` is 'reach' or 'linear' (the module docstring)."""
+def _lookup_rows(e: Eqn, table, indices_shape, combine) -> jax.Array:
+  """What a lookup (a gather of rows of ``table`` at input indices of shape
+  ``indices_shape``) reads when any index may occur: ``combine`` (a sum, or its gate) of
+  the table over the indexed axes, at every output position (float32, the output's
+  shape): the gather of that one reduced row at index 0."""
+  axes = tuple(e.params["dimension_numbers"].start_index_map)
+  reduced = combine(jnp.sum(jnp.asarray(table, jnp.float32), axis=axes, keepdims=True))
+  return bind(e, reduced, jnp.zeros(indices_shape, jnp.int32))[0]
 
-  def __init__(self, prog: Program, sem: str):
-    self.prog, self.sem = prog, sem
+
+def _index_reach(e: Eqn, idx) -> jax.Array:
+  """The reach of a lookup's indices (OR over each index vector) at every output
+  position."""
+  out_shape = e.out_avals[0].shape
+  r = gate(jnp.sum(jnp.asarray(idx, jnp.float32), axis=-1))
+  offset = set(e.params["dimension_numbers"].offset_dims)
+  batch = [d for d in range(len(out_shape)) if d not in offset]
+  return lax.broadcast_in_dim(r, out_shape, batch)
+
+
+def _support_elementwise(e: Eqn, nzs: list, shape) -> list:
+  """Where an elementwise op's output can be nonzero, from its operands' (``nzs``)."""
+  name = e.prim.name
+  nzs = [_bcast(v, shape) for v in nzs]
+  if name == "mul":
+    out = nzs[0] * nzs[1]
+  elif name == "div":
+    out = nzs[0]
+  elif name in ZERO_PRESERVING:
+    out = nzs[0]
+  elif name in ("add", "add_any", "sub", "max", "min", "clamp", "select_n"):
+    cases = nzs[1:] if name == "select_n" else nzs
+    out = gate(sum(cases))
+  else:  # exp, cos, logistic, comparisons, ...: f(0) may be nonzero
+    out = jnp.ones(shape, jnp.float32)
+  return [out] * len(e.outs)
+
+
+#: Structural ops that only rearrange one tensor (their output is a view of it).
+_VIEWS = frozenset({"reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims"})
+
+
+class Evaluator:
+  """Evaluates a Program; ``sem`` is 'reach', 'linear' or 'support' (the module
+  docstring). A reach run first makes a support run when the program multiplies two
+  input-dependent values (:attr:`Program.products`): a path through one factor counts
+  only where the other can be nonzero."""
+
+  def __init__(self, prog: Program, sem: str, macs: bool = False):
+    """``macs``: the reach pass counts multiply-accumulates (a lookup reads a table
+    row and multiplies nothing: its table gets no cotangent from it)."""
+    self.prog, self.sem, self.macs = prog, sem, macs
 
   def run(self, param_vals, extra_vals, x_vals, perturb=None, rescale: bool = False):
     """(outputs, {site: reach indicator}) of the program (traceable)."""
     prog = self.prog
+    self.support = None
+    if self.sem == "reach" and prog.products:
+      nz = Evaluator(prog, "support").values(
+        *(jax.tree.map(lax.stop_gradient, v) for v in (param_vals, extra_vals, x_vals))
+      )
+      self.support = lambda i: nz[i] if i in nz else _nonzero(prog.consts[i])
     env = dict(zip(prog.param_ids, param_vals))
     env.update(zip(prog.extra_ids, extra_vals))
     env.update(zip(prog.x_ids, x_vals))
-    # origin: (id, value) of the tensor an 'x' value is a pointwise function of.
+    # origin: (id, value) of the tensor an 'x' value is a pointwise function of;
+    # stat_of: the tensor (origin id) an 'x' value is a statistic of (linear semantics).
     origin = {i: (i, env[i]) for i in prog.x_ids}
+    self.stat_of, self.family = {}, {}
     reach_at = {}
     site_of = {k: n for n, (k, _) in enumerate(prog.sites)}
     get = lambda i: env[i] if i in env else prog.consts[i]
@@ -176,6 +266,24 @@ class Evaluator:
         origin[o] = (o, v) if new_origin is None else new_origin
       env.update(zip(e.outs, outs))
     return [env[o] for o in prog.out_ids], reach_at
+
+  def values(self, param_vals, extra_vals, x_vals) -> dict:
+    """Support semantics: {value id: float32 {0, 1}}, 1 where the value can be nonzero
+    (parameters: their pattern; the input: anywhere; constants: their nonzero
+    pattern, read where needed)."""
+    prog = self.prog
+    env = dict(zip(prog.param_ids, param_vals))
+    env.update(zip(prog.extra_ids, extra_vals))
+    env.update(zip(prog.x_ids, x_vals))
+    get = lambda i: env[i] if i in env else prog.consts[i]
+    for e in prog.eqns:
+      vals = [get(i) for i in e.ins]
+      kinds = [prog.kind[i] for i in e.ins]
+      if e.kind == "p":
+        env.update(zip(e.outs, self.param_eqn(e, vals, kinds)))
+      else:
+        env.update(zip(e.outs, self.support_eqn(e, vals, kinds)))
+    return env
 
   # ------------------------------------------------------------------ parameter-only
 
@@ -209,6 +317,36 @@ class Evaluator:
       return _along_axis_or(e, pats[0])
     raise unsupported(name, e.src, "has no connectivity rule")
 
+  # ------------------------------------------------------------------ support
+
+  def support_eqn(self, e: Eqn, vals, kinds):
+    """Where an 'x' equation's outputs can be nonzero (float32 {0, 1}), from where its
+    operands can (``vals``: the input and parameters as support values, constants as
+    themselves). Conservative: 1 wherever a rule cannot say."""
+    name = e.prim.name
+    shape = e.out_avals[0].shape
+    nzs = [_nonzero(v) if k == "c" else v for v, k in zip(vals, kinds)]
+    if e.lookup:
+      return [_lookup_rows(e, nzs[0], jnp.shape(vals[1]), gate)]
+    if name in LINEAR:
+      return [gate(bind(e, nzs[0], nzs[1], preferred_element_type=jnp.float32)[0])]
+    if name in STRUCTURAL:  # the op on the data operands' support, indices as they are
+      outs = _structural(e, vals, [k != "c" for k in kinds], lambda j: _nonzero(vals[j]))
+      return [gate(o) for o in outs] if name in ("scatter-add", "scatter_add") else outs
+    if name == "select_n" and kinds[0] == "c":
+      return bind(e, vals[0], *[_bcast(v, shape) for v in nzs[1:]])
+    if name in ELEMENTWISE:
+      return _support_elementwise(e, nzs, shape)
+    if name in ("reduce_sum", "reduce_max", "reduce_min", "reduce_or"):
+      return [gate(jnp.sum(nzs[0], axis=_reduce_axes(e)))]
+    if name in WINDOWS:
+      return [gate(_window_sum(e, nzs[0]))] * len(e.outs)
+    if name in ("cumsum", "cummax", "cummin"):
+      return [gate(_cum(e, nzs[0]))]
+    if name in ALONG_AXIS:
+      return _along_axis_or(e, nzs[0])
+    return [jnp.ones(a.shape, jnp.float32) for a in e.out_avals]
+
   # ------------------------------------------------------------------ input-dependent
 
   def input_eqn(self, e: Eqn, vals, kinds, origins):
@@ -222,18 +360,28 @@ class Evaluator:
         "data; SynFlow's linearization is not faithful for this model."
       )
     shape = e.out_avals[0].shape
+    if e.lookup:  # any row may be read: the table reduced over the indexed axes
+      table = (
+        vals[0]
+        if kinds[0] == "p"
+        else (jnp.abs(jnp.asarray(vals[0], jnp.float32)) if linear else _nonzero(vals[0]))
+      )
+      rows = _lookup_rows(e, table, jnp.shape(vals[1]), (lambda v: v) if linear else gate)
+      if self.macs:
+        rows = lax.stop_gradient(rows)
+      return [rows if linear else rows * _index_reach(e, vals[1])], None
     if name in LINEAR:
       if len(xs) == 2:
-        if linear:
-          raise ValueError(
-            f"primitive {name!r} at {e.src} multiplies two input-dependent "
-            "tensors (e.g. attention); SynFlow's linearization is not "
-            "faithful for this model."
-          )
         a, b = vals[:2]
+        if linear:  # attention: the product of the two flows (module docstring)
+          return [bind(e, a, b, preferred_element_type=jnp.float32)[0]], None
+        if self.support is None:
+          na, nb = jnp.ones_like(a), jnp.ones_like(b)
+        else:
+          na, nb = self.support(e.ins[0]), self.support(e.ins[1])
         y = (
-          bind(e, a, jnp.ones_like(b), preferred_element_type=jnp.float32)[0]
-          + bind(e, jnp.ones_like(a), b, preferred_element_type=jnp.float32)[0]
+          bind(e, a, nb, preferred_element_type=jnp.float32)[0]
+          + bind(e, na, b, preferred_element_type=jnp.float32)[0]
         )
         return [gate(y)], None
       args = list(vals[:2])
@@ -249,6 +397,12 @@ class Evaluator:
       outs = _structural(e, vals, is_data, fill)
       if not linear and name in ("scatter-add", "scatter_add"):  # sums of indicators
         outs = [gate(o) for o in outs]
+      if linear and any(self.stat_of.get(e.ins[j]) is not None for j in xs):
+        for o in e.outs:  # a statistic broadcast or reshaped stays one
+          self.stat_of[o] = self.stat_of[e.ins[xs[0]]]
+      elif linear and len(xs) == 1 and name in _VIEWS:
+        for o in e.outs:  # a reshape of a tensor: its statistics normalize it too
+          self.family[o] = self._family(origins[xs[0]][0])
       return outs, None
     if name == "select_n" and kinds[0] == "c":
       cases = [
@@ -260,11 +414,19 @@ class Evaluator:
         return self._linear_elementwise(e, vals, xs, origins, shape)
       if len(xs) == 1:
         return [_bcast(vals[xs[0]], a.shape) for a in e.out_avals], origins[xs[0]]
+      if self.support is not None and name in ("mul", "div") and len(xs) == 2:
+        a, b = (_bcast(vals[j], shape) for j in xs)
+        na, nb = (_bcast(self.support(e.ins[j]), shape) for j in xs)
+        # a * b: each factor's path counts where the other can be nonzero; a / b: zero
+        # wherever a is, so b's path counts only where a can be nonzero.
+        out = gate(a * nb + na * b) if name == "mul" else gate(a + na * b)
+        return [out] * len(e.outs), None
       out = gate(sum(_bcast(vals[j], shape) for j in xs))
       return [out] * len(e.outs), None
     if name in REDUCTIONS:
       v = vals[0]
       if linear:
+        self.stat_of.update({o: self._family(origins[0][0]) for o in e.outs})  # candidate
         if name == "reduce_sum":
           return [jnp.sum(v, axis=_reduce_axes(e))], None
         if name in ("reduce_max", "reduce_min"):
@@ -294,8 +456,26 @@ class Evaluator:
       return _along_axis_or(e, v), None
     raise unsupported(name, e.src, "has no connectivity rule")
 
+  def _family(self, root: int) -> int:
+    """The tensor ``root`` is a view (reshape, transpose, broadcast) of, or itself."""
+    return self.family.get(root, root)
+
   def _linear_elementwise(self, e: Eqn, vals, xs, origins, shape):
     name = e.prim.name
+    stats = [self.stat_of.get(e.ins[j]) for j in xs]
+    if all(st is not None for st in stats) and len(set(stats)) == 1:
+      for o in e.outs:  # var + eps, rsqrt(var), ...: still a statistic of that tensor
+        self.stat_of[o] = stats[0]
+      if len(xs) > 1:  # E[x^2] - E[x]^2: its value is never read as a flow
+        return [_bcast(vals[xs[0]], a.shape) for a in e.out_avals], None
+    main = [j for j, st in zip(xs, stats) if st is None]
+    if main and len(main) < len(xs):
+      # A tensor combined with statistics of itself (x - mean(x), x * rsqrt(var(x)),
+      # softmax's exp(s - max s) / sum): normalization, read as the identity.
+      roots = {self._family(origins[j][0]) for j in main}
+      if all(st in roots for st in stats if st is not None) and len(roots) == 1:
+        o = origins[main[0]]
+        return [_bcast(vals[main[0]], a.shape) for a in e.out_avals], o
     if name in COMPARISONS:  # a predicate: no flow, only its origin
       return [None] * len(e.outs), origins[xs[0]]
     if len(xs) == 1:
@@ -303,21 +483,29 @@ class Evaluator:
       if v is None:
         return [None] * len(e.outs), origins[xs[0]]
       return [_bcast(v, a.shape) for a in e.out_avals], origins[xs[0]]
+    data = [j for j in xs if vals[j] is not None]  # predicates carry no flow
     roots = {origins[j][0] for j in xs}
     if len(roots) == 1:  # a pointwise function of one tensor: the activation is the identity
       o = origins[xs[0]]
       return [_bcast(o[1], a.shape) for a in e.out_avals], o
+    if name == "select_n" and data:  # either case: their flows add up
+      if len(data) == 1:
+        return [_bcast(vals[data[0]], a.shape) for a in e.out_avals], origins[data[0]]
+      return [sum(_bcast(vals[j], shape) for j in data)], None
     if name in ("add", "add_any"):
-      if any(vals[j] is None for j in xs):
+      if len(data) < len(xs):
         raise ValueError(
           f"primitive {name!r} at {e.src} adds a comparison of the input; "
           "SynFlow's linearization is not faithful for this model."
         )
       return [sum(_bcast(vals[j], shape) for j in xs)], None
+    if name == "mul" and len(data) == len(xs) == 2:  # gating: the product of the flows
+      a, b = (_bcast(vals[j], shape) for j in xs)
+      return [a * b], None
     raise ValueError(
       f"primitive {name!r} at {e.src} combines two different input-dependent "
-      "tensors (a subtraction such as layer norm's, or a product of "
-      "activations); SynFlow's linearization is not faithful for this model."
+      "tensors (a subtraction or division of two different tensors); SynFlow's "
+      "linearization is not faithful for this model."
     )
 
 
