@@ -214,14 +214,31 @@ def test_masked_kernel_inside_the_model_and_weight_tying():
 
 
 def test_unsupported_primitive_names_it_and_the_source_line():
-  def fn(p, x):
+  def data_loop(p, x):  # a trip count that depends on the input: no single graph
+    return jax.lax.while_loop(
+      lambda c: jnp.sum(c) < 3.0, lambda c: jnp.tanh(c @ p["w"]) + 1.0, x @ p["w"]
+    )
+
+  params = {"w": jnp.ones((3, 3))}
+  with pytest.raises(
+    ValueError, match=r"primitive 'while' at .*test_any_model.py:\d+.*depends on the input"
+  ):
+    effective.connectivity(data_loop, {"w": jnp.ones((3, 3), bool)}, (3,), params=params)
+
+  def eigen(p, x):  # a primitive without a connectivity rule
+    h = x @ p["w"]
+    return jnp.linalg.eigh(h[:, None] * h[None, :])[0]
+
+  with pytest.raises(ValueError, match=r"primitive 'eigh' at .*test_any_model.py:\d+"):
+    effective.connectivity(eigen, {"w": jnp.ones((3, 3), bool)}, (3,), params=params)
+
+  def counted(p, x):  # a loop whose trip count is a constant: unrolled, supported
     return jax.lax.while_loop(
       lambda c: c[0] < 3, lambda c: (c[0] + 1, jnp.tanh(c[1] @ p["w"])), (0, x)
     )[1]
 
-  params = {"w": jnp.ones((3, 3))}
-  with pytest.raises(ValueError, match=r"primitive 'while' at .*test_any_model.py:\d+"):
-    effective.connectivity(fn, {"w": jnp.ones((3, 3), bool)}, (3,), params=params)
+  got = effective.connectivity(counted, {"w": jnp.ones((3, 3), bool)}, (3,), params=params)
+  assert got.active_inputs == 3
 
 
 def test_input_dependent_cond_raises():
@@ -279,7 +296,7 @@ def test_bad_input():
     effective.connectivity(_mlp_fn, dict(good, b1=jnp.ones(4, bool)), (3,), params=params)
 
 
-def test_attention_like_products_are_an_or():
+def test_attention_like_products_count_a_factor_only_where_the_other_can_be_nonzero():
   def fn(p, x):  # x: [T, D]; scores = q k^T mixes all tokens
     q, k = x @ p["wq"], x @ p["wk"]
     return jax.nn.softmax(q @ k.T, axis=-1) @ x
@@ -287,9 +304,14 @@ def test_attention_like_products_are_an_or():
   params = {"wq": jnp.ones((2, 2)), "wk": jnp.ones((2, 2))}
   masks = {"wq": jnp.array([[True, False], [False, False]]), "wk": jnp.zeros((2, 2), bool)}
   got = effective.connectivity(fn, masks, jnp.ones((3, 2)), params=params)
-  # wk empty: k is unreachable, but q k^T is an OR, so wq's live entry stays active
+  # wk empty: k is 0 for every input, so q k^T is 0 whatever q is; the softmax is then
+  # uniform and the output (the mean of x) does not depend on wq at all.
+  np.testing.assert_array_equal(got.masks["wq"], np.zeros((2, 2), bool))
+  assert got.active_inputs == 6  # x itself still reaches the output
+  # with one key weight kept, the query's live entry is on a path again
+  masks["wk"] = jnp.array([[True, False], [False, False]])
+  got = effective.connectivity(fn, masks, jnp.ones((3, 2)), params=params)
   np.testing.assert_array_equal(got.masks["wq"], masks["wq"])
-  assert got.active_inputs == 6
 
 
 def test_placement_and_barriers_are_identities():
@@ -409,26 +431,34 @@ def test_synflow_on_a_gelu_mlp_is_path_counting():
   np.testing.assert_allclose(got["w2"], factor * want2, rtol=1e-5)
 
 
-def test_synflow_refuses_unfaithful_linearizations():
+def test_synflow_linearizes_normalization_gating_and_attention_and_refuses_the_rest():
   from sparsejax import scores
 
+  finite = lambda tree: all(
+    bool(jnp.all(jnp.isfinite(x)) & jnp.all(x >= 0)) for x in masks_lib.mask_leaves(tree)
+  )
   ln = ref.PlainNet((("dense", 4, None), ("ln",), ("dense", 2, None)))
   params = ln.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
-  with pytest.raises(ValueError, match="not faithful"):
-    scores.synflow_scores(ln, params, input_shape=(3,))
+  assert finite(scores.synflow_scores(ln, params, input_shape=(3,)))
 
   def gating(p, x):
     return (x @ p["a"]["kernel"]) * jnp.tanh(x @ p["b"]["kernel"])
 
   params = {"a": {"kernel": jnp.ones((3, 2))}, "b": {"kernel": jnp.ones((3, 2))}}
-  with pytest.raises(ValueError, match="not faithful"):
-    scores.synflow_scores(gating, params, input_shape=(3,))
+  got = scores.synflow_scores(gating, params, input_shape=(3,))
+  assert finite(got)  # the product of the two flows: 3 * 3 paths into each output
+  np.testing.assert_allclose(got["a"]["kernel"], got["b"]["kernel"])
 
   def attention(p, x):  # x: [T, D]
     return jax.nn.softmax((x @ p["a"]["kernel"]) @ (x @ p["b"]["kernel"]).T) @ x
 
+  assert finite(scores.synflow_scores(attention, params, input_shape=jnp.ones((4, 3))))
+
+  def difference(p, x):  # two different tensors subtracted: no faithful linearization
+    return (x @ p["a"]["kernel"]) - (x @ p["b"]["kernel"])
+
   with pytest.raises(ValueError, match="not faithful"):
-    scores.synflow_scores(attention, params, input_shape=jnp.ones((4, 3)))
+    scores.synflow_scores(difference, params, input_shape=(3,))
 
 
 def test_constant_index_gather_and_scatter_add():
