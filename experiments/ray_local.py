@@ -2,10 +2,11 @@ r"""The local Ray instance of ``experiments.sweep --executor=ray`` (no ``--ray_a
 it listens on 127.0.0.1 only and ends with the process that started it, however that
 process ends (SIGKILL included).
 
-Plain ``ray.init()`` does neither: its GCS, raylet, object manager, workers and driver
-listen on every interface, its runtime-env agent on the host's outward address, and
-after a driver killed with SIGKILL its dashboard and runtime-env agents live on for a
-minute (they are the raylet's children; only the driver's own children die with it).
+Plain ``ray.init()`` does neither (Ray 2.60, Linux): its GCS, raylet, object manager,
+workers, driver and autoscaler metrics listen on every interface, its runtime-env agent
+on the host's outward address, and after a driver killed with SIGKILL its dashboard and
+runtime-env agents live on for a minute (they are the raylet's children; only the
+driver's own children die with it).
 
 :func:`start` starts a *watchdog*: this module run as a program, in its own session,
 
