@@ -361,24 +361,29 @@ def _inner(eqn) -> list:
   return out
 
 
-def _live_eqns(jaxpr, live_in: list[bool], found: list) -> list[bool]:
+def _live_eqns(jaxpr, live_in: list[bool], found: list, where: str = "") -> list[bool]:
   """Walks ``jaxpr`` with the invars' liveness ``live_in`` (depends on the input or the
   parameters), appending every equation with a live operand to ``found`` as (primitive
-  name, source line); returns the outvars' liveness. Inner jaxprs see their operands'
-  liveness (loop carries iterated to a fixed point; any other higher-order primitive:
-  every inner input live if an operand is)."""
+  name, source line: the enclosing call's, ``where``, inside a library's jit); returns
+  the outvars' liveness. Inner jaxprs see their operands' liveness (loop carries iterated
+  to a fixed point; any other higher-order primitive: every inner input live if an
+  operand is)."""
   live = {v: b for v, b in zip(jaxpr.invars, live_in)}
   is_live = lambda a: not isinstance(a, _jax_compat.Literal) and live.get(a, False)
   for eqn in jaxpr.eqns:
     ins = [is_live(a) for a in eqn.invars]
+    src = _jax_compat.source_line(eqn) or where
     if any(ins):
-      found.append((eqn.primitive.name, _jax_compat.source_line(eqn)))
-    outs = _inner_liveness(eqn, ins, found) if _inner(eqn) else [any(ins)] * len(eqn.outvars)
+      found.append((eqn.primitive.name, src))
+    if _inner(eqn):
+      outs = _inner_liveness(eqn, ins, found, src)
+    else:
+      outs = [any(ins)] * len(eqn.outvars)
     live.update(zip(eqn.outvars, outs))
   return [is_live(a) for a in jaxpr.outvars]
 
 
-def _inner_liveness(eqn, ins: list[bool], found: list) -> list[bool]:
+def _inner_liveness(eqn, ins: list[bool], found: list, where: str) -> list[bool]:
   name, p = eqn.primitive.name, eqn.params
   if name == "scan":
     nc, nk = p["num_consts"], p["num_carry"]
@@ -389,7 +394,7 @@ def _inner_liveness(eqn, ins: list[bool], found: list) -> list[bool]:
       if new == carry:
         break
       carry = new
-    outs = _live_eqns(p["jaxpr"].jaxpr, ins[:nc] + carry + ins[nc + nk :], found)
+    outs = _live_eqns(p["jaxpr"].jaxpr, ins[:nc] + carry + ins[nc + nk :], found, where)
     return carry + outs[nk:]
   if name == "while":
     cc, bc = p["cond_nconsts"], p["body_nconsts"]
@@ -400,21 +405,21 @@ def _inner_liveness(eqn, ins: list[bool], found: list) -> list[bool]:
       if new == carry:
         break
       carry = new
-    _live_eqns(p["cond_jaxpr"].jaxpr, ins[:cc] + carry, found)
-    _live_eqns(p["body_jaxpr"].jaxpr, ins[cc : cc + bc] + carry, found)
+    _live_eqns(p["cond_jaxpr"].jaxpr, ins[:cc] + carry, found, where)
+    _live_eqns(p["body_jaxpr"].jaxpr, ins[cc : cc + bc] + carry, found, where)
     return carry
   if name == "cond":
     outs = [False] * len(eqn.outvars)
     for branch in p["branches"]:
-      b = _live_eqns(branch.jaxpr, ins[1:], found)
+      b = _live_eqns(branch.jaxpr, ins[1:], found, where)
       outs = [x or y or ins[0] for x, y in zip(outs, b)]
     return outs
   inner = _inner(eqn)
   if name in connectivity.CALLS and len(inner[0].invars) == len(ins):
-    outs = _live_eqns(inner[0], ins, found)
+    outs = _live_eqns(inner[0], ins, found, where)
     return outs if len(outs) == len(eqn.outvars) else [any(ins)] * len(eqn.outvars)
   for j in inner:  # custom rules and anything else: conservatively all live
-    _live_eqns(j, [any(ins)] * len(j.invars), found)
+    _live_eqns(j, [any(ins)] * len(j.invars), found, where)
   return [any(ins)] * len(eqn.outvars)
 
 
@@ -513,3 +518,20 @@ def test_pruners_at_90_percent_effective_sparsity(name, pruner):
     return
   assert effective.effective_sparsity(traced, m) >= 0.9 - 1e-6
   assert masks.count(m)[1] == sum(int(np.prod(s.shape)) for s in masks.mask_leaves(traced.ones()))
+
+
+def test_the_walk_names_each_primitive_without_a_rule_and_folds_constants():
+  """The audit itself: a primitive without a rule on the input (inside a library's jit,
+  inside a loop) is named with the user's line; on constants only it is folded."""
+
+  def model(p, x):
+    h = jax.lax.fori_loop(0, 2, lambda i, h: jnp.fft.fft(h).real, x @ p)
+    return h + jnp.fft.fft(jnp.arange(3.0)).real  # constants only: folded when built
+
+  case = Case(model, lambda: jnp.ones((3, 3)), jnp.ones((1, 3)))
+  live = live_primitives(case)
+  assert "fft" not in connectivity.supported_primitives()
+  assert len(live["fft"]) == 1 and "test_primitive_corpus.py" in live["fft"][0]
+  assert {"dot_general", "add"} <= set(live) and "iota" not in live
+  with pytest.raises(ValueError, match="fft"):
+    sparsejax.trace(model, jnp.ones((1, 3)), variables=jnp.ones((3, 3)))
