@@ -3,8 +3,8 @@ the tests.
 
 Source: https://github.com/huggingface/transformers,
 ``src/transformers/models/gpt2/modeling_flax_gpt2.py`` as released in transformers 4.46.3
-(the last releases ship Flax models). License: Apache-2.0, Copyright 2021 The Google Flax
-Team Authors and The HuggingFace Inc. team.
+(its PyPI wheel, tag v4.46.3; the last releases ship Flax models).
+License: Apache-2.0, Copyright 2021 The Google Flax Team Authors and The HuggingFace Inc. team.
 
 A port of the nn.Module classes (the file depends on the transformers package, which is no
 dependency here), re-implemented rather than copied: the same Flax layers with the same

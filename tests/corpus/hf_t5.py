@@ -2,10 +2,9 @@
 configs in the tests.
 
 Source: https://github.com/huggingface/transformers,
-``src/transformers/models/t5/modeling_flax_t5.py`` as released in transformers 4.46.3 (the
-last releases ship Flax models; the index's stored copy is at commit
-471cf45abe6cfce955c271d1c16379d7af977e5c). License: Apache-2.0, Copyright 2021 T5 Authors
-and HuggingFace Inc. team.
+``src/transformers/models/t5/modeling_flax_t5.py`` as released in transformers 4.46.3
+(its PyPI wheel, tag v4.46.3; the last releases ship Flax models).
+License: Apache-2.0, Copyright 2021 T5 Authors and HuggingFace Inc. team.
 
 A port of the nn.Module classes (the file depends on the transformers package, which is no
 dependency here), re-implemented rather than copied: the same Flax layers with the same

@@ -2,8 +2,8 @@
 
 Source: https://github.com/huggingface/transformers,
 ``src/transformers/models/vit/modeling_flax_vit.py`` as released in transformers 4.46.3
-(the last releases ship Flax models). License: Apache-2.0, Copyright 2021 The Google Flax
-Team Authors and The HuggingFace Inc. team.
+(its PyPI wheel, tag v4.46.3; the last releases ship Flax models).
+License: Apache-2.0, Copyright 2021 The Google Flax Team Authors and The HuggingFace Inc. team.
 
 A port of the nn.Module classes (the file depends on the transformers package, which is no
 dependency here), re-implemented rather than copied: the same Flax layers with the same
