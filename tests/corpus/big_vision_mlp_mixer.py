@@ -5,16 +5,17 @@ Source: https://github.com/google-research/big_vision, ``big_vision/models/mlp_m
 642c086e). License: Apache-2.0, Copyright 2024 Big Vision Authors.
 
 Re-implemented, not copied (public repositories' code stays out of this project's
-commits): the same Flax layers, the same jnp/einops operations in the same order and the
+commits): the same Flax layers, the same jnp operations in the same order and the
 same parameter names (checked against the original source at JAX 0.10.2: the same
 primitives with the same counts, the same outputs on the same parameters). Stubbed:
 ``big_vision.utils`` and ``big_vision.models.common`` (used by the original's checkpoint
-``load`` only, which is left out); absl logging of the config is dropped.
+``load`` only, which is left out); absl logging of the config is dropped; einops (no
+dependency here): ``einops.rearrange(x, "n h w c -> n (h w) c")`` is :func:`_rearrange`,
+the one reshape einops emits for it.
 """
 
 from __future__ import annotations
 
-import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -70,7 +71,7 @@ class MlpMixer(nn.Module):
     x = out["stem"] = nn.Conv(
       self.hidden_dim, self.patch_size, strides=self.patch_size, name="stem"
     )(image)
-    x = out["input_tokens"] = einops.rearrange(x, "n h w c -> n (h w) c")
+    x = out["input_tokens"] = _rearrange(x)
     for i in range(self.num_blocks):
       drop_p = (i / max(self.num_blocks - 1, 1)) * self.stoch_depth
       x = out[f"block_{i}"] = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, drop_p)(
@@ -100,6 +101,12 @@ def Model(num_classes=None, *, variant=None, **kw):  # noqa: N802 (the original'
     for k, v in zip(fields, sizes[size]):
       kw.setdefault(k, v)
   return MlpMixer(num_classes=num_classes, **kw)
+
+
+def _rearrange(x):
+  """``einops.rearrange(x, "n h w c -> n (h w) c")``: [N, H, W, C] -> [N, H*W, C]."""
+  n, h, w, c = x.shape
+  return jnp.reshape(x, (n, h * w, c))
 
 
 def _stoch_depth_mask(x, drop_p, deterministic, make_rng):
