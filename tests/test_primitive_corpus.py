@@ -302,38 +302,10 @@ CASES: dict[str, Callable[[], Case]] = {
 }
 
 #: (case, step) -> why it fails today: xfail(strict=True), so each flips when fixed.
-_GATHER = (
-  "sst2's flip_sequences (jnp.roll by each sequence's length) gathers activations at "
-  "positions that depend on the input: no rule for a gather of input-dependent data at "
-  "input-dependent indices"
-)
-_PADDING_MASK = (
-  "SynFlow: the padding mask (token ids > 0) is a predicate of the input that "
-  "make_attention_mask broadcasts (broadcast_in_dim); the linearization refuses "
-  "structural ops on predicates ('uses a comparison of the input as data')"
-)
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-  **{
-    ("flax_sst2_lengths_in_input", step): _GATHER
-    for step in ("trace", "effective", "synflow", "magnitude/global", "random/igq")
-  },
-  ("flax_lm1b", "synflow"): _PADDING_MASK,
-  ("flax_wmt", "synflow"): _PADDING_MASK,
-  ("flax_sst2", "synflow"): (
-    "SynFlow overflows (NaN scores): the LSTM's gates multiply flows of the carry at "
-    "every step, so R's degree grows geometrically with the length and no value inside "
-    "the scan is a cut where it would be rescaled"
-  ),
-  ("hf_vit", "synflow"): (
-    "SynFlow scores are all 0: the [CLS] token is a parameter, so its query carries no "
-    "flow, its attention row (a product of flows) is 0 and the classifier reads only that "
-    "row"
-  ),
-  ("big_vision_vit_tok", "synflow"): (
-    "SynFlow scores are all 0: the class token is a parameter, its query carries no "
-    "flow, and the head reads only its row"
-  ),
-}
+#: Empty: the last entries (sst2's roll by each sequence's length, the padding mask under
+#: SynFlow, the LSTM's overflow and the class token's zero flow) were fixed by the dynamic
+#: reads, predicates and per-factor rescaling of connectivity.semantics.
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 @functools.cache
