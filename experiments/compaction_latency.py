@@ -32,6 +32,7 @@ import time
 import jax
 from absl import flags, logging
 
+import sparsejax
 from experiments import (
   checks,
   cli,
@@ -152,10 +153,11 @@ def measure(
   input_shape = dspec.image_shape
   model = models.create(config.arch, dspec.num_classes)
   variables = models.init(model, jax.random.fold_in(jax.random.key(config.seed), 0), input_shape)
+  net = sparsejax.trace(model, input_shape, variables=variables)  # as prune_train traces it
   if p.after_training:
     config.dense_dir = _dense_dir(config, source, dense_out)
-  masks, start_params = prune_train.prune_one_shot(config, p, model, variables, source, dense_out)
-  conn = effective.connectivity(model, masks, input_shape)
+  masks, start_params = prune_train.prune_one_shot(config, p, net, variables, source, dense_out)
+  conn = effective.connectivity(net, masks)
   eff = masks_lib.compression(conn.masks)
   units = {k: [conn.active_units[k], conn.total_units[k]] for k in conn.active_units}
   recorded = row["recorded_effective_compression"]
