@@ -32,6 +32,7 @@ No TensorFlow is imported (:mod:`sparsejax.data` loads TFDS only for real data).
 from __future__ import annotations
 
 from sparsejax.training.checkpoints import (
+  CheckpointWriteError,
   CorruptCheckpointError,
   DivergedError,
   state_checksum,
@@ -57,6 +58,7 @@ __all__ = [
   "TrainResult",
   "DivergedError",
   "CorruptCheckpointError",
+  "CheckpointWriteError",
   "state_checksum",
   "MaskUpdates",
   "Progress",
