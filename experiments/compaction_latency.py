@@ -44,7 +44,7 @@ from experiments import (
   results,
   run_config,
 )
-from sparsejax import data, effective, models
+from sparsejax import data, effective, models, pruning
 from sparsejax import masks as masks_lib
 
 FLAGS = flags.FLAGS
@@ -245,16 +245,21 @@ def main(argv):
   compilation_cache.from_flags()
   pruners = checks.parse_list(FLAGS.pruners, name="pruners")
   for name in pruners:
-    if run_config.check_pruner(name) is None:
-      raise ValueError(
+    if run_config.check_pruner(name, "--pruners") is None:
+      raise checks.FlagError(
         f"--pruners: {name!r} is not a one-shot pruner (its masks move "
         "during training or come from IMP's rounds)."
       )
   seeds = checks.parse_list(FLAGS.seeds, int, "seeds")
+  configs.check_arch(FLAGS.arch, "--arch")
+  with checks.flag_errors():
+    pruning.check_pruning_type(FLAGS.pruning_type, "--pruning_type")
+  checks.check_existing_dir("results_dir", FLAGS.results_dir)
   checks.check_run_args(
     out_dir=os.path.dirname(FLAGS.out) or ".",
     counts={"batch": FLAGS.batch, "repeats": FLAGS.repeats},
     nonnegative={"train_steps": FLAGS.train_steps},
+    seeds={"seeds": seeds},
   )
   source = datasource.DataSource.from_flags()
   runs = find_runs(
