@@ -134,3 +134,24 @@ def test_effective_benchmark_finds_the_sweeps_convolutions_and_parses_flags():
     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
   )
   assert out.returncode == 0 and "--transform_only" in out.stdout, out.stderr[-2000:]
+
+
+def test_before_after_matches_rows_by_their_untimed_cells():
+  from benchmarks import before_after
+
+  def out(ms, effective):
+    return (
+      "noise\n| network | direct | effective | effective_masks ms | steps/s |\n"
+      "|---|---|---|---|---|\n"
+      f"| vgg19 | 100x | {effective} | {ms} | 2.5 / 3 |\n"
+      "| lenet | 10x | 12x | 1.0 | 8 |\ntrailer\n"
+    )
+
+  rows = before_after.compare(out(20.0, "120x"), out(10.0, "120x"))
+  assert [r[1:] for r in rows if r[1].startswith("vgg19")] == [
+    ["vgg19 / 100x / 120x", "effective_masks ms", "20", "10", "0.50"],
+    ["vgg19 / 100x / 120x", "steps/s", "2.5", "2.5", "1.00"],
+  ]
+  assert len(rows) == 4
+  # a row whose untimed cells differ (another effective compression) is not compared
+  assert len(before_after.compare(out(20.0, "120x"), out(10.0, "130x"))) == 2
