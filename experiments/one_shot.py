@@ -328,11 +328,18 @@ def summarize(rows: list[dict]) -> dict:
   return out
 
 
-def tables(rows: list[dict], dense_value: float, metric: str) -> str:
-  """The markdown tables: the metric per method and target (mean ± half range over the
-  calibration seeds), and the sparsity each reached (direct -> effective, dead units)."""
+def _methods(rows: list[dict], order) -> list[str]:
+  """The rows' methods, those of ``order`` first in its order."""
+  present = list(dict.fromkeys(r["method"] for r in rows))
+  return [m for m in order or () if m in present] + [m for m in present if m not in (order or ())]
+
+
+def tables(rows: list[dict], dense_value: float, metric: str, order=None) -> str:
+  """The markdown tables: the metric per method (``order`` first) and target (mean ±
+  half range over the calibration seeds), and the sparsity each reached (direct and
+  effective, their gap, dead units and inputs)."""
   s = summarize(rows)
-  methods = list(dict.fromkeys(r["method"] for r in rows))
+  methods = _methods(rows, order)
   targets = list(dict.fromkeys(str(r["target"]) for r in rows))
   head = ["method", *[_target_name(t) for t in targets]]
   first = [["dense", f"{dense_value:.4f}", *[""] * (len(targets) - 1)]]
@@ -389,22 +396,39 @@ def _target_name(t: str) -> str:
   return t if ":" in t else f"{float(t):.0%}"
 
 
-def figure(rows: list[dict], dense_value: float, metric: str, path: str, title: str) -> None:
-  """The metric against the target, a line per method (error bars: the seeds' range)."""
+def figure(
+  rows: list[dict], dense_value: float, metric: str, path: str, title: str, order=None
+) -> None:
+  """The metric against the target, a line per method through the sparsity targets and
+  markers at the N:M patterns (error bars: half the seeds' range)."""
   s = summarize(rows)
-  methods = list(dict.fromkeys(r["method"] for r in rows))
+  methods = _methods(rows, order)
   targets = list(dict.fromkeys(str(r["target"]) for r in rows))
+  targets = [t for t in targets if ":" not in t] + [t for t in targets if ":" in t]
   plt = plot._pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
   xs = np.arange(len(targets))
   for i, m in enumerate(methods):
-    pts = [(x, s[(m, t)]) for x, t in zip(xs, targets) if (m, t) in s]
-    if not pts:
-      continue
-    x = np.array([p[0] for p in pts]) + (i - (len(methods) - 1) / 2) * 0.06
-    y = np.array([p[1]["value"] for p in pts])
-    err = np.array([p[1]["spread"] for p in pts])
-    ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=m)
+    pts = [(x, t, s[(m, t)]) for x, t in zip(xs, targets) if (m, t) in s]
+    shift = (i - (len(methods) - 1) / 2) * 0.06
+    colour = None
+    for pattern in (False, True):  # no line from a sparsity to a pattern
+      part = [p for p in pts if (":" in p[1]) == pattern]
+      if not part:
+        continue
+      bars = ax.errorbar(
+        np.array([p[0] for p in part]) + shift,
+        [p[2]["value"] for p in part],
+        yerr=[p[2]["spread"] for p in part],
+        marker="o",
+        capsize=3,
+        linestyle="none" if pattern else "-",
+        color=colour,
+        label=None if colour else m,
+      )
+      colour = bars[0].get_color()
+  if any(":" in t for t in targets) and any(":" not in t for t in targets):
+    ax.axvline(sum(":" not in t for t in targets) - 0.5, color="lightgray", linewidth=1)
   ax.axhline(dense_value, color="gray", linestyle="--", label="dense")
   ax.set_xticks(xs, [_target_name(t) for t in targets])
   ax.set_xlabel("target (direct sparsity, or N:M pattern)")
@@ -476,11 +500,11 @@ def main(argv):
     FLAGS.pattern_layers == "all",
     arch,
   )
-  text = tables(rows, dense.value, task.metric)
+  text = tables(rows, dense.value, task.metric, methods)
   print(text)
   if FLAGS.doc:
     fig = os.path.join(FLAGS.figures_dir, f"one_shot_{arch}.png")
-    figure(rows, dense.value, task.metric, fig, f"{arch}: one-shot pruning after training")
+    figure(rows, dense.value, task.metric, fig, f"{arch}: one-shot pruning after training", methods)
     rel = os.path.relpath(fig, os.path.dirname(os.path.abspath(FLAGS.doc)))
     results.update_markdown_section(
       FLAGS.doc, f"one-shot-{arch}", f"![one-shot {arch}]({rel})\n\n{text}"
