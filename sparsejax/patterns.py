@@ -92,9 +92,23 @@ def check_widths(views: dict, pattern, name: str = "pattern") -> tuple[int, int]
 
 
 def _row_ranks(keys: jax.Array) -> jax.Array:
-  """Rank of each entry within its last axis (0 = best), ties by position."""
+  """Rank of each entry within its last axis (0 = best: the smallest descending key),
+  ties by position. Short axes (groups of M) count pairwise (no sort: XLA:CPU sorts
+  many short rows slowly), long ones sort."""
+  m = keys.shape[-1]
+  if m <= 32:
+    a, b = keys[..., :, None], keys[..., None, :]  # [..., j, k]: is k ranked before j?
+    before = (b < a) | ((b == a) & (jnp.arange(m)[None, :] < jnp.arange(m)[:, None]))
+    return jnp.sum(before, axis=-1)
   order = jnp.argsort(keys, axis=-1, stable=True)
   return jnp.argsort(order, axis=-1, stable=True)
+
+
+def n_best(scores: jax.Array, n: int) -> jax.Array:
+  """bool, ``scores``' shape: the ``n`` best entries of its last axis (ties by
+  position; traceable)."""
+  keys = selection.device_keys(scores.astype(jnp.float32)).reshape(scores.shape)
+  return _row_ranks(keys) < n
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -171,6 +185,7 @@ __all__ = [
   "keep_n_m",
   "keep_rows",
   "keep_top",
+  "n_best",
   "n_m_masks",
   "parse",
   "shown",

@@ -99,13 +99,6 @@ def inverse_cholesky(h: jax.Array) -> jax.Array:
   return inv[::-1, ::-1]
 
 
-def _n_best_of_group(tmp: jax.Array, n: int) -> jax.Array:
-  """bool [rows, m]: the ``n`` largest of each row of ``tmp``, ties by position."""
-  keys = selection.device_keys(tmp).reshape(tmp.shape)
-  order = jnp.argsort(keys, axis=-1, stable=True)
-  return jnp.argsort(order, axis=-1, stable=True) < n
-
-
 @functools.partial(jax.jit, static_argnames=("blocksize", "n", "m"))
 def _sparsegpt(w, h, block_kept, damp, *, blocksize: int, n: int | None, m: int | None):
   """(W' [rows, cols], keep [rows, cols], saliency [rows, cols], finite): the OBS sweep
@@ -145,26 +138,37 @@ def _sparsegpt(w, h, block_kept, damp, *, blocksize: int, n: int | None, m: int 
       keep1 = jnp.ones((rows, size), bool)
       sal1 = jnp.zeros((rows, size), w.dtype)
 
-    def column(i, c):
-      w1, keep1, sal1, err1 = c
-      if n is not None:  # a group's mask when the sweep reaches it
-        group = lax.dynamic_slice(w1, (0, i), (rows, m))
-        dg = lax.dynamic_slice(d, (i,), (m,))
-        tmp = jnp.square(group) / jnp.square(dg)[None, :]
-        now = i % m == 0
-        keep1 = jnp.where(
-          now, lax.dynamic_update_slice(keep1, _n_best_of_group(tmp, n), (0, i)), keep1
-        )
-        sal1 = jnp.where(now, lax.dynamic_update_slice(sal1, tmp, (0, i)), sal1)
+    def column(i, w1, keep1, err1):
       col = lax.dynamic_index_in_dim(w1, i, axis=1, keepdims=False)
       kept = lax.dynamic_index_in_dim(keep1, i, axis=1, keepdims=False)
       err = (col - jnp.where(kept, col, 0.0)) / d[i]
       # Hinv1 is upper triangular: columns left of i are not touched, column i becomes q
       w1 = w1 - err[:, None] * lax.dynamic_index_in_dim(hinv1, i, axis=0)
-      err1 = lax.dynamic_update_index_in_dim(err1, err, i, axis=1)
+      return w1, lax.dynamic_update_index_in_dim(err1, err, i, axis=1)
+
+    def one(i, c):
+      w1, keep1, sal1, err1 = c
+      w1, err1 = column(i, w1, keep1, err1)
       return w1, keep1, sal1, err1
 
-    w1, keep1, sal1, err1 = lax.fori_loop(0, size, column, (w1, keep1, sal1, jnp.zeros_like(w1)))
+    def group(g, c):  # N:M: a group's mask when the sweep reaches it, then its columns
+      w1, keep1, sal1, err1 = c
+      i0 = g * m
+      tmp = (
+        jnp.square(lax.dynamic_slice(w1, (0, i0), (rows, m)))
+        / jnp.square(lax.dynamic_slice(d, (i0,), (m,)))[None, :]
+      )
+      keep1 = lax.dynamic_update_slice(keep1, patterns.n_best(tmp, n), (0, i0))
+      sal1 = lax.dynamic_update_slice(sal1, tmp, (0, i0))
+      for j in range(m):
+        w1, err1 = column(i0 + j, w1, keep1, err1)
+      return w1, keep1, sal1, err1
+
+    start = (w1, keep1, sal1, jnp.zeros_like(w1))
+    if n is None:
+      w1, keep1, sal1, err1 = lax.fori_loop(0, size, one, start)
+    else:
+      w1, keep1, sal1, err1 = lax.fori_loop(0, size // m, group, start)
     later = lax.dynamic_slice(hinv, (i1, 0), (size, cols + pad))
     later = jnp.where(column_index[None, :] >= i1 + size, later, 0.0)
     w = w - jnp.dot(err1, later, precision=hi)
