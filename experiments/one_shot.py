@@ -27,10 +27,13 @@ rerun does not retrain).
 
 Tasks: what "dense", "calibration" and "evaluate" mean depends on the data. Image
 classification (MNIST, CIFAR, ...) is built in (:class:`Classification`). Another kind
-of data registers its own with :func:`register_task` (e.g. a byte-level language model:
-dense training and held-out bits per byte and perplexity on 'text' data, calibration
-windows of the train split) from a module passed as --import; :func:`task_for` picks by
-the dataset's spec.
+of data registers its own with :func:`register_task` from a module passed as --import;
+:func:`task_for` picks by the dataset's spec. A byte-level language model's task is
+:class:`Classification` with three changes: ``dense`` trains on the text splits,
+``calibration`` returns model inputs (128 training windows, tokens[:, :-1], as arrays:
+the calibration pruners read arrays as the model input) and ``evaluate`` returns
+held-out bits per byte (``metric='bits_per_byte'``, ``higher_is_better=False``) and
+the loss (perplexity = exp(loss)).
 """
 
 from __future__ import annotations
@@ -158,8 +161,13 @@ def register_task(kind: str, factory: Callable) -> None:
 
 
 def task_for(config, source: datasource.DataSource):
-  """The task of ``config.dataset``: by its spec's ``kind`` ('image' when it has none)."""
-  kind = getattr(data.get_spec(config.dataset), "kind", "image")
+  """The task of ``config.dataset``, by its spec: the spec's ``kind`` attribute if it has
+  one, else 'image' for a :class:`sparsejax.data.DatasetSpec`, else the spec's class name
+  (e.g. 'TextSpec')."""
+  spec = data.get_spec(config.dataset)
+  kind = getattr(spec, "kind", None) or (
+    "image" if isinstance(spec, data.DatasetSpec) else type(spec).__name__
+  )
   if kind not in TASKS:
     raise ValueError(
       f"dataset {config.dataset!r} is {kind!r} data, for which no one-shot task is "
