@@ -157,7 +157,7 @@ def n_m_masks(model: tracing.Traced, scores: PyTree, pattern) -> PyTree:
   return jax.tree.unflatten(treedef, out)
 
 
-def check(masks: PyTree, pattern, model: tracing.Traced, name: str = "masks") -> None:
+def check(model: tracing.Traced, masks: PyTree, pattern, name: str = "masks") -> None:
   """ValueError unless every mask leaf keeps at most N of every M consecutive inputs of
   each output unit (``model``: the traced model whose weights the masks prune)."""
   paths = masks_lib.paths(masks)

@@ -286,7 +286,7 @@ def _layerwise(p: Pruner, context: ScoreContext, traced: tracing.Traced) -> Prun
   params = tracing.params_of(traced, context.variables)
   masks_lib.validate(result.masks, params, f"pruner {p.name!r}'s masks", context.prunable)
   if context.pattern is not None:
-    patterns.check(result.masks, context.pattern, traced, f"pruner {p.name!r}'s masks")
+    patterns.check(traced, result.masks, context.pattern, f"pruner {p.name!r}'s masks")
   return result
 
 

@@ -455,7 +455,7 @@ def test_n_m_masks_keep_exactly_n_of_every_m(pruner, pattern):
     assert np.all(groups == n), (name, groups)
     assert np.all(np.asarray(r.params[name])[~np.asarray(r.masks[name])] == 0)
   traced = sparsejax.trace(mlp, (16,), variables=params, prunable=["w1", "w2", "w3"])
-  patterns.check(r.masks, pattern, traced)
+  patterns.check(traced, r.masks, pattern)
   assert masks_lib.direct_sparsity(r.masks) == pytest.approx(1 - n / m)
 
 
@@ -484,11 +484,11 @@ def test_check_refuses_a_group_with_more_than_n():
   traced = sparsejax.trace(mlp, (16,), variables=params)
   good = patterns.n_m_masks(traced, masks_lib.map_masks(jnp.abs, params | {"b1": None}), "2:4")
   good = {**good, "b1": None}
-  patterns.check(good, "2:4", traced)
-  patterns.check(good, "3:4", traced)  # at most N
+  patterns.check(traced, good, "2:4")
+  patterns.check(traced, good, "3:4")  # at most N
   bad = dict(good, w2=good["w2"].at[0, 0].set(True).at[1, 0].set(True).at[2, 0].set(True))
   with pytest.raises(ValueError, match=r"masks\['w2'\] breaks pattern='2:4'.*output unit 0"):
-    patterns.check(bad, "2:4", traced)
+    patterns.check(traced, bad, "2:4")
 
 
 def test_n_m_pattern_survives_training_with_masks():
@@ -517,7 +517,7 @@ def test_n_m_pattern_survives_training_with_masks():
   assert loss(p) < loss(r.params)  # it trained
   nonzero = masks_lib.map_masks(lambda m, w: w != 0, r.masks, p)
   traced = sparsejax.trace(mlp, (16,), variables=params, prunable=["w1", "w2", "w3"])
-  patterns.check(nonzero, "2:4", traced)
+  patterns.check(traced, nonzero, "2:4")
   for name in ("w1", "w2", "w3"):
     assert np.array_equal(np.asarray(nonzero[name]), np.asarray(r.masks[name]))
 
@@ -533,7 +533,7 @@ def test_an_n_m_mask_can_lose_whole_units_and_effective_sparsity_counts_them():
   traced = sparsejax.trace(model, (8,), variables=params)
   scores = {"a": jnp.ones((8, 4)), "b": jnp.asarray([[4.0, 4.0], [3.0, 3.0], [1, 1], [0, 0]])}
   m = patterns.n_m_masks(traced, scores, "2:4")
-  patterns.check(m, "2:4", traced)
+  patterns.check(traced, m, "2:4")
   assert np.asarray(m["b"]).tolist() == [[True, True], [True, True], [False, False]] + [
     [False, False]
   ]
