@@ -180,17 +180,31 @@ def task_for(config, source: datasource.DataSource):
 # ------------------------------------------------------------------ the grid
 
 
+def parse_methods(value: str) -> list[str]:
+  """'magnitude/uniform,sparsegpt' -> the registered pruners' names; a
+  :class:`experiments.checks.FlagError` naming --methods for an unknown one or none."""
+  out = checks.parse_list(value, name="methods")
+  for m in out:
+    with checks.flag_errors("--methods"):
+      pruning.get_pruner(m)
+  if not out:
+    raise checks.FlagError("--methods is empty; pass e.g. magnitude/uniform,wanda,sparsegpt.")
+  return out
+
+
 def parse_targets(value: str) -> list[str]:
-  """'0.5,2:4' -> ['0.5', '2:4'], each a sparsity in [0, 1) or an N:M pattern."""
+  """'0.5,2:4' -> ['0.5', '2:4'], each a sparsity in [0, 1) or an N:M pattern; a
+  :class:`experiments.checks.FlagError` naming --targets otherwise."""
   out = []
   for t in checks.parse_list(value, name="targets"):
-    if ":" in t:
-      patterns.parse(t, "--targets entry")
-    else:
-      masks_lib.check_sparsity(_float(t), "--targets entry")
+    with checks.flag_errors():
+      if ":" in t:
+        patterns.parse(t, "--targets entry")
+      else:
+        masks_lib.check_sparsity(_float(t), "--targets entry")
     out.append(t)
   if not out:
-    raise ValueError("--targets is empty; pass e.g. 0.5,0.6,2:4.")
+    raise checks.FlagError("--targets is empty; pass e.g. 0.5,0.6,2:4.")
   return out
 
 
@@ -482,9 +496,7 @@ def main(argv):
   del argv
   plugins.import_modules(plugins.from_flags())
   config = FLAGS.config
-  methods = checks.parse_list(FLAGS.methods, name="methods")
-  for m in methods:
-    pruning.get_pruner(m)
+  methods = parse_methods(FLAGS.methods)
   targets = parse_targets(FLAGS.targets)
   seeds = checks.parse_list(FLAGS.seeds, int, "seeds")
   checks.check_int_flag("calibration", FLAGS.calibration)

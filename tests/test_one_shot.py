@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from experiments import configs, datasource, one_shot
+from experiments import checks, configs, datasource, one_shot
 
 
 @pytest.fixture(scope="module")
@@ -61,5 +61,19 @@ def test_strict_patterns_refuse_a_layer_they_do_not_fit(dense):
   [("0.5,1.5", r"--targets entry=1.5"), ("2:1", r"N=2 is larger than M=1"), ("", "empty")],
 )
 def test_bad_targets_are_named(value, match):
-  with pytest.raises(ValueError, match=match):
+  # a FlagError: cli.run reports it as one usage line, without a traceback
+  with pytest.raises(checks.FlagError, match=match):
     one_shot.parse_targets(value)
+
+
+@pytest.mark.parametrize(
+  "value, match",
+  [("wanda,nope", r"--methods: pruner='nope' is not a known pruner"), (" ,", "empty")],
+)
+def test_bad_methods_are_named(value, match):
+  with pytest.raises(checks.FlagError, match=match):
+    one_shot.parse_methods(value)
+  assert one_shot.parse_methods("magnitude/uniform, sparsegpt") == [
+    "magnitude/uniform",
+    "sparsegpt",
+  ]
