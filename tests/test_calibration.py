@@ -21,6 +21,14 @@ from sparsejax.scores import calibration as cs
 KEY = jax.random.key(0)
 
 
+@pytest.fixture(scope="module")
+def lenet():
+  """The zoo's LeNet-300-100 (batch norm) and its variables at KEY, initialized once for
+  the module (its initialization is a few seconds of op-by-op compiles)."""
+  model = sparsejax.models.create("lenet300100")
+  return model, model.init(KEY, jnp.ones((1, 28, 28, 1)))
+
+
 def _normal(seed, shape, scale=1.0):
   return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
 
@@ -118,9 +126,8 @@ def test_capture_equals_the_explicit_patches_of_a_hand_written_cnn():
   np.testing.assert_allclose(np.asarray(stats["dense"].hessian), d.T @ d, rtol=1e-5, atol=1e-4)
 
 
-def test_capture_of_a_flax_module_with_batch_norm_reads_its_running_statistics():
-  model = sparsejax.models.create("lenet300100")
-  variables = model.init(KEY, jnp.ones((1, 28, 28, 1)))
+def test_capture_of_a_flax_module_with_batch_norm_reads_its_running_statistics(lenet):
+  model, variables = lenet
   stats_tree = jax.tree.map(lambda v: v + 0.5, variables["batch_stats"])  # not the init's
   variables = {"params": variables["params"], "batch_stats": stats_tree}
   x = jnp.asarray(_normal(4, (6, 28, 28, 1)))
@@ -596,12 +603,11 @@ def test_prune_with_params_of_a_ranking_pruner_masks_the_scored_params():
   assert jax.tree.all(jax.tree.map(np.array_equal, r.params, masks_lib.apply(trained, want)))
 
 
-def test_sparsegpt_on_a_trained_flax_model_with_image_batches():
+def test_sparsegpt_on_a_trained_flax_model_with_image_batches(lenet):
   """The zoo's LeNet-300-100 with batch norm, pruned from image/label batches; the
   result is a valid mask at the exact per-layer counts and SparseGPT's outputs stay
   closer to the dense model's than magnitude's."""
-  model = sparsejax.models.create("lenet300100")
-  variables = model.init(KEY, jnp.ones((1, 28, 28, 1)))
+  model, variables = lenet
   x = jnp.asarray(_normal(30, (64, 28, 28, 1)))
   batches = [{"image": x[:32], "label": jnp.zeros(32, int)}, {"image": x[32:]}]
   traced = sparsejax.trace(model, (28, 28, 1), variables=variables)
