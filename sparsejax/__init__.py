@@ -14,9 +14,9 @@ Argument convention everywhere: the model first (a Flax module, a function
 read, then ``masks``; the rest by keyword (``input_shape=``, ``sparsity=``, ``key=``).
 
 ``import sparsejax`` loads the pruning path: masks, tracing, connectivity, effective,
-quotas, selection, ranking, search, scores, structured, compact (structured reads its
-zoo tables), registry, pruning, models, errors. These load on first use: optim and
-dynamic (Optax), training and data (Orbax; TensorFlow only in
+quotas, selection, ranking, search, layouts, patterns, calibration, scores, structured,
+compact (structured reads its zoo tables), registry, pruning, models, errors. These load
+on first use: optim and dynamic (Optax), training and data (Orbax; TensorFlow only in
 ``sparsejax.data.load_split``, the ``data`` extra),
 flops, timing (tests/test_library.py checks both lists in a fresh process).
 """
@@ -26,12 +26,15 @@ from __future__ import annotations
 import importlib
 
 from sparsejax import (
+  calibration,
   compact,
   connectivity,
   effective,
   errors,
+  layouts,
   masks,
   models,
+  patterns,
   pruning,
   quotas,
   ranking,
@@ -42,6 +45,7 @@ from sparsejax import (
   structured,
   tracing,
 )
+from sparsejax.calibration import Pruned
 from sparsejax.effective import (
   active_units,
   effective_compression,
@@ -49,7 +53,7 @@ from sparsejax.effective import (
   effective_sparsity,
 )
 from sparsejax.errors import UnreachableSparsityError
-from sparsejax.pruning import prune, ranking_for
+from sparsejax.pruning import prune, prune_with_params, ranking_for
 from sparsejax.registry import PRUNERS, Pruner, ScoreContext, get_pruner, register_pruner
 from sparsejax.tracing import Traced, trace
 
@@ -102,11 +106,16 @@ __all__ = [
   "structured",
   "selection",
   "timing",
+  "layouts",
+  "patterns",
+  "calibration",
   # the model, traced once
   "trace",
   "Traced",
   # pruning
   "prune",
+  "prune_with_params",
+  "Pruned",
   "ranking_for",
   "PRUNERS",
   "Pruner",

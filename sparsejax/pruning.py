@@ -23,11 +23,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import errors, search, structured, tracing
+from sparsejax import errors, patterns, search, selection, structured, tracing
 from sparsejax import masks as masks_lib
 from sparsejax import ranking as ranking_lib
+from sparsejax.calibration import Pruned
 from sparsejax.ranking import (  # noqa: F401  (the API's names, kept importable from here)
   Ranking,
   kept_for_sparsity,
@@ -42,6 +44,7 @@ from sparsejax.registry import (  # noqa: F401
   get_pruner,
   register_pruner,
 )
+from sparsejax.scores import calibration as calibration_scores
 from sparsejax.search import PRUNING_TYPES, check_pruning_type  # noqa: F401
 
 PyTree = Any
@@ -165,10 +168,64 @@ def ranking_for(
   A structured pruner (``p.structured``) returns a
   :class:`sparsejax.structured.ChannelRanking` instead (zoo models only; ``prunable``
   and ``score_kwargs`` are not taken), which :func:`masks_from_ranking` accepts too.
+  A layerwise pruner (Wanda, SparseGPT: ``p.layerwise``) prunes at ``sparsity``; its
+  ranking keeps those masks there (to the uniform quota's rounding) and orders the rest
+  by the pruner's saliency, kept weights first (:func:`layerwise_priorities`).
   """
   p = get_pruner(pruner)
   if p.score is None:
     raise ValueError(f"pruner={p.name!r} has no ranking: it keeps every weight.")
+  context, traced = _context(
+    p,
+    key=key,
+    model=model,
+    variables=variables,
+    sparsity=masks_lib.check_sparsity(sparsity),
+    input_shape=input_shape,
+    batches=batches,
+    trained_params=trained_params,
+    rounds=rounds,
+    score_kwargs=score_kwargs,
+    loss=loss,
+    apply_kwargs=apply_kwargs,
+    prunable=prunable,
+  )
+  if p.structured:
+    return _channel_ranking(p, prunable, context)
+  flow = traced.flow
+  if p.layerwise:
+    result = _layerwise(p, context, traced)
+    return ranking_lib.rank_scores(layerwise_priorities(result), quota=p.quota, flow=flow)
+  if p.quota_from is not None:
+    # Per-layer counts from the source pruner's global ranking, `score` within layers.
+    source = get_pruner(p.quota_from)
+    source_context = dataclasses.replace(context, rounds=_rounds(source, None), score_kwargs={})
+    counts = ranking_lib.rank_scores(_scored(source, source_context), flow=flow)
+    within = ranking_lib.rank_scores(_scored(p, context), quota="uniform", flow=flow)
+    return within.with_counts_from(counts)
+  return ranking_lib.rank_scores(_scored(p, context), quota=p.quota, flow=flow)
+
+
+def _context(
+  p: Pruner,
+  *,
+  key,
+  model,
+  variables,
+  sparsity,
+  input_shape,
+  batches,
+  trained_params,
+  rounds,
+  score_kwargs,
+  loss,
+  apply_kwargs,
+  prunable,
+  pattern=None,
+) -> tuple[ScoreContext, tracing.Traced | None]:
+  """The :class:`ScoreContext` of ``p`` after the checks at the boundary, and the traced
+  model whose weights it scores (None for a structured pruner, whose context has no
+  prunable set)."""
   check_key(key)
   model, variables = tracing.as_function(model, variables)
   score_kwargs = dict(score_kwargs or {})
@@ -178,8 +235,9 @@ def ranking_for(
     rounds = score_kwargs.pop("rounds")
   if p.needs_data and not batches:
     raise ValueError(
-      f"pruner={p.name!r} scores weights on training data: pass batches= "
-      "(from the dataset pipeline or synthetic data)."
+      f"pruner={p.name!r} scores weights on "
+      + ("calibration" if p.after_training else "training")
+      + " data: pass batches= (from the dataset pipeline or synthetic data)."
     )
   if p.after_training and trained_params is None:
     raise ValueError(
@@ -192,7 +250,7 @@ def ranking_for(
     key=key,
     model=model,
     variables=variables,
-    sparsity=masks_lib.check_sparsity(sparsity),
+    sparsity=sparsity,
     input_shape=input_shape,
     batches=batches,
     trained_params=trained_params,
@@ -200,9 +258,10 @@ def ranking_for(
     score_kwargs=score_kwargs,
     loss=loss,
     apply_kwargs=apply_kwargs,
+    pattern=pattern,
   )
   if p.structured:
-    return _channel_ranking(p, prunable, ScoreContext(**context))
+    return ScoreContext(**context), None
   traced = trace_for(
     model,
     variables,
@@ -213,16 +272,41 @@ def ranking_for(
     prunable=prunable,
   )
   tracing.params_of(traced, variables)  # ValueError: no 'params' collection
-  context = ScoreContext(**context, prunable=frozenset(traced.prunable_paths))
-  flow = traced.flow
-  if p.quota_from is not None:
-    # Per-layer counts from the source pruner's global ranking, `score` within layers.
-    source = get_pruner(p.quota_from)
-    source_context = dataclasses.replace(context, rounds=_rounds(source, None), score_kwargs={})
-    counts = ranking_lib.rank_scores(_scored(source, source_context), flow=flow)
-    within = ranking_lib.rank_scores(_scored(p, context), quota="uniform", flow=flow)
-    return within.with_counts_from(counts)
-  return ranking_lib.rank_scores(_scored(p, context), quota=p.quota, flow=flow)
+  return ScoreContext(**context, prunable=frozenset(traced.prunable_paths)), traced
+
+
+def _layerwise(p: Pruner, context: ScoreContext, traced: tracing.Traced) -> Pruned:
+  """The :class:`Pruned` of a layerwise pruner at the context's target, checked."""
+  result = p.score(context)
+  if not isinstance(result, Pruned) or result.scores is None:
+    raise ValueError(
+      f"layerwise pruner {p.name!r} returned {type(result).__name__}; it returns a "
+      "sparsejax.calibration.Pruned with masks, params and scores."
+    )
+  params = tracing.params_of(traced, context.variables)
+  masks_lib.validate(result.masks, params, f"pruner {p.name!r}'s masks", context.prunable)
+  if context.pattern is not None:
+    patterns.check(traced, result.masks, context.pattern, f"pruner {p.name!r}'s masks")
+  return result
+
+
+def layerwise_priorities(result: Pruned) -> PyTree:
+  """int32 priorities (higher = kept first) of a layerwise pruner's result: in each
+  layer of n weights the kept ones get n + 1..2n and the pruned ones 1..n, each group
+  in the order of ``result.scores`` (ties by position). Ranked with the uniform quota,
+  the mask at the pruner's target is its own."""
+
+  def layer(keep, sal):
+    keep = np.asarray(keep).reshape(-1)
+    n = keep.size
+    order = selection.full_order(selection.descending_keys(np.asarray(sal, np.float32)))
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    return jnp.asarray(np.where(keep, 2 * n - rank, n - rank).astype(np.int32)).reshape(
+      np.shape(sal)
+    )
+
+  return masks_lib.map_masks(layer, result.masks, result.scores)
 
 
 def _channel_ranking(p: Pruner, prunable, context: ScoreContext) -> structured.ChannelRanking:
@@ -318,7 +402,8 @@ def prune(
   key: jax.Array,
   model,
   variables: PyTree,
-  sparsity: float,
+  sparsity: float | None = None,
+  pattern=None,
   pruning_type: str = "direct",
   input_shape=None,
   batches=None,
@@ -331,35 +416,45 @@ def prune(
 ) -> PyTree:
   """Masks of ``pruner`` at ``sparsity``: direct sparsity, or (``pruning_type=
   'effective'``) the smallest direct sparsity whose effective sparsity is at least
-  ``sparsity`` (method.md section 2).
+  ``sparsity`` (method.md section 2); or in an N:M ``pattern``.
 
   Args:
     pruner: a name from :data:`PRUNERS` (e.g. 'random/igq', 'snip', 'synflow', or a
-      structured one, 'channel/l1', 'neuron/snip/global': :mod:`sparsejax.structured`)
-      or a :class:`Pruner`.
+      structured one, 'channel/l1', 'neuron/snip/global': :mod:`sparsejax.structured`;
+      after training on calibration data: 'wanda', 'sparsegpt', 'obd', 'taylor':
+      :mod:`sparsejax.scores.calibration`) or a :class:`Pruner`.
     key: PRNG key for random scores and random within-layer orders.
     model: a Flax module (zoo or user-written), a function ``apply(params, x)``, an
       NNX module (``variables`` then left out: its ``nnx.Param`` state is pruned), or a
       :class:`sparsejax.Traced` of any of them (``sparsejax.trace``).
     variables: the module's {'params': ..., 'batch_stats': ...} at initialization, or
-      the function's params.
+      the function's params. Calibration pruners run the trained model: pass the
+      trained variables (their batch statistics are used) and their params as
+      ``trained_params``.
+    sparsity: the target in [0, 1); leave it out with ``pattern``.
+    pattern: 'N:M' (e.g. '2:4'): every output unit keeps the N best of every M
+      consecutive inputs by the pruner's score (:mod:`sparsejax.patterns`; direct
+      type only, unstructured pruners only).
     input_shape: one example's shape, e.g. (28, 28, 1), or an example input: the model
       is traced on it (the prunable weights, SynFlow's all-ones input, the effective
       type's sweep, the layers' input-to-output order). Not needed with a Traced, nor
       with image/label batches (their image's shape).
-    batches: batches for data-driven scores (SNIP, GraSP): preprocessed image/label
-      dicts for the default loss, any pytrees for a user ``loss``.
-    trained_params: params after dense training (magnitude, LAMP; structured l1,
-      magnitude and bn_scale).
+    batches: batches for data-driven scores (SNIP, GraSP; the calibration batches of
+      Wanda, SparseGPT, OBD, Taylor): preprocessed image/label dicts for the default
+      loss, any pytrees for a user ``loss``; calibration pruners read the model input
+      (arrays, or dicts with it at ``score_kwargs['input_key']``, default 'image').
+    trained_params: params after dense training (magnitude, LAMP, the calibration
+      pruners; structured l1, magnitude and bn_scale).
     rounds: rounds of an iterative pruner (default: the pruner's).
-    loss: ``loss(params, batch) -> scalar`` for SNIP, iterative SNIP and GraSP.
+    loss: ``loss(params, batch) -> scalar`` for SNIP, iterative SNIP, GraSP and Taylor.
     apply_kwargs: keyword arguments of the model's call (e.g. {'train': False}).
     prunable: narrows the prunable leaves, which are every parameter the traced
       program uses as a linear-op weight (Dense/Conv/Einsum kernels): a predicate on
       the '/'-joined path or a collection of paths (:func:`prunable_set`).
 
   Returns:
-    A mask tree: bool at the prunable leaves, None elsewhere.
+    A mask tree: bool at the prunable leaves, None elsewhere. SparseGPT also updates
+    the weights it keeps: :func:`prune_with_params` returns them with the masks.
 
   Raises:
     UnreachableSparsityError: an effective target beyond every connected mask of the
@@ -375,41 +470,137 @@ def prune(
     >>> round(masks.compression(m), 2)
     10.0
   """
+  return _prune(
+    pruner,
+    dict(
+      key=key,
+      model=model,
+      variables=variables,
+      input_shape=input_shape,
+      batches=batches,
+      trained_params=trained_params,
+      rounds=rounds,
+      score_kwargs=score_kwargs,
+      loss=loss,
+      apply_kwargs=apply_kwargs,
+      prunable=prunable,
+    ),
+    sparsity,
+    pattern,
+    pruning_type,
+    with_params=False,
+  ).masks
+
+
+def prune_with_params(
+  pruner: str | Pruner,
+  *,
+  key: jax.Array,
+  model,
+  variables: PyTree,
+  sparsity: float | None = None,
+  pattern=None,
+  pruning_type: str = "direct",
+  input_shape=None,
+  batches=None,
+  trained_params=None,
+  rounds: int | None = None,
+  score_kwargs: dict | None = None,
+  loss: Callable | None = None,
+  apply_kwargs: dict | None = None,
+  prunable: masks_lib.Prunable = None,
+) -> Pruned:
+  """:func:`prune`, returning the masks with the params they go with: a
+  :class:`sparsejax.calibration.Pruned` (``.masks``, ``.params``). ``.params`` are the
+  weights the pruner leaves -- SparseGPT's updated weights; for every other pruner the
+  params it scored (``trained_params`` after training, else ``variables``' params) --
+  with every pruned weight exactly zero (ready for evaluation, or for
+  :func:`sparsejax.optim.with_masks`). Arguments as :func:`prune`.
+
+  Example (one-shot after training, on calibration batches):
+    >>> result = prune_with_params("sparsegpt", key=key, model=traced,
+    ...     variables=trained, trained_params=trained["params"], batches=calib,
+    ...     pattern="2:4")  # doctest: +SKIP
+  """
+  return _prune(
+    pruner,
+    dict(
+      key=key,
+      model=model,
+      variables=variables,
+      input_shape=input_shape,
+      batches=batches,
+      trained_params=trained_params,
+      rounds=rounds,
+      score_kwargs=score_kwargs,
+      loss=loss,
+      apply_kwargs=apply_kwargs,
+      prunable=prunable,
+    ),
+    sparsity,
+    pattern,
+    pruning_type,
+    with_params=True,
+  )
+
+
+def _prune(pruner, kw: dict, sparsity, pattern, pruning_type: str, with_params: bool) -> Pruned:
+  """The masks and params of :func:`prune_with_params` (``kw``: its other arguments;
+  ``with_params``: the params are wanted)."""
   p = get_pruner(pruner)
-  sparsity = masks_lib.check_sparsity(sparsity)
+  sparsity, nm = calibration_scores.check_target(sparsity, pattern)
   check_pruning_type(pruning_type)
-  model, variables = tracing.as_function(model, variables)
+  kw["model"], kw["variables"] = tracing.as_function(kw["model"], kw["variables"])
+  if nm is not None:
+    who = f"pattern={patterns.shown(pattern)}"
+    if p.score is None or p.structured:
+      raise ValueError(f"{who}: pruner {p.name!r} has no weight scores to cut to a pattern.")
+    if pruning_type != "direct":
+      raise ValueError(
+        f"pruning_type={pruning_type!r} with {who}: an N:M mask is fixed by its pattern "
+        "(sparsity 1 - N/M); only 'direct' is allowed (measure its effective sparsity "
+        "with sparsejax.effective_sparsity)."
+      )
   if p.score is None:
     if sparsity != 0:
       raise ValueError(f"pruner='dense' keeps every weight; sparsity={sparsity!r} must be 0.")
     traced = trace_for(
-      model,
-      variables,
-      input_shape,
-      batches=batches,
-      loss=loss,
-      apply_kwargs=apply_kwargs,
-      prunable=prunable,
+      kw["model"],
+      kw["variables"],
+      kw["input_shape"],
+      batches=kw["batches"],
+      loss=kw["loss"],
+      apply_kwargs=kw["apply_kwargs"],
+      prunable=kw["prunable"],
     )
-    return traced.ones()
-  ranking = ranking_for(
-    p,
-    key=key,
-    model=model,
-    variables=variables,
-    sparsity=sparsity,
-    input_shape=input_shape,
-    batches=batches,
-    trained_params=trained_params,
-    rounds=rounds,
-    score_kwargs=score_kwargs,
-    loss=loss,
-    apply_kwargs=apply_kwargs,
-    prunable=prunable,
-  )
-  if pruning_type == "direct":
-    return masks_from_ranking(ranking, sparsity, "direct")
-  traced = trace_for(
-    model, variables, input_shape, batches=batches, loss=loss, apply_kwargs=apply_kwargs
-  )
-  return masks_from_ranking(ranking, sparsity, "effective", model=traced)
+    return Pruned(traced.ones(), tracing.params_of(traced, kw["variables"]))
+  if p.layerwise and pruning_type == "direct":
+    context, traced = _context(p, sparsity=sparsity, pattern=nm, **kw)
+    return _layerwise(p, context, traced)
+  if p.updates_weights and with_params:
+    raise ValueError(
+      f"pruning_type={pruning_type!r}: pruner {p.name!r} updates the weights it keeps for "
+      "its own masks at a direct target; prune_with_params takes it at direct targets "
+      "only (prune gives the masks of an effective target)."
+    )
+  if nm is not None:
+    context, traced = _context(p, sparsity=sparsity, pattern=nm, **kw)
+    masks = patterns.n_m_masks(traced, _scored(p, context), nm)
+  else:
+    ranking = ranking_for(p, sparsity=sparsity, **kw)
+    if pruning_type == "direct":
+      masks = masks_from_ranking(ranking, sparsity, "direct")
+    else:
+      traced = trace_for(
+        kw["model"],
+        kw["variables"],
+        kw["input_shape"],
+        batches=kw["batches"],
+        loss=kw["loss"],
+        apply_kwargs=kw["apply_kwargs"],
+      )
+      masks = masks_from_ranking(ranking, sparsity, "effective", model=traced)
+  scored = kw["trained_params"] if p.after_training and kw["trained_params"] is not None else None
+  if scored is None:
+    scored = tracing.params_of(kw["model"], kw["variables"])
+  return Pruned(masks, masks_lib.apply(scored, masks))

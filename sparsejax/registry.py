@@ -41,7 +41,8 @@ class ScoreContext:
   arguments of the model's call (e.g. {'train': False}). prunable: the '/'-joined paths
   of the prunable leaves (the linear-op weights of the traced program, narrowed by the
   caller); a score tree has arrays exactly there (``masks.map_prunable(fn, c.params,
-  prunable=c.prunable)``).
+  prunable=c.prunable)``). pattern: (N, M) when the target is an N:M pattern
+  (:mod:`sparsejax.patterns`; ``sparsity`` is then 1 - N/M), else None.
   """
 
   key: jax.Array
@@ -56,10 +57,22 @@ class ScoreContext:
   loss: Callable | None = None
   apply_kwargs: dict | None = None
   prunable: frozenset | None = None
+  pattern: tuple | None = None
 
   @property
   def params(self) -> PyTree:
     return tracing.params_of(self.model, self.variables)
+
+  @property
+  def trained_variables(self) -> PyTree:
+    """``variables`` with ``trained_params`` as their params (a module's other
+    collections, e.g. the batch statistics, as given): the trained model that
+    calibration pruners run on their batches."""
+    if isinstance(self.module, nn.Module) or (
+      hasattr(self.variables, "keys") and "params" in self.variables
+    ):
+      return {**self.variables, "params": self.trained_params}
+    return self.trained_params
 
   @property
   def module(self):
@@ -101,6 +114,14 @@ class Pruner:
     needs_data: scores need training batches (``ScoreContext.batches``).
     after_training: scores are taken from weights after dense training (the masks
       are applied to the initial weights), as the paper does for magnitude and LAMP.
+    layerwise: ``score`` returns a :class:`sparsejax.calibration.Pruned` (masks and
+      new params) at the context's target (``sparsity`` or ``pattern``), chosen layer
+      by layer on calibration batches with the earlier layers pruned in place (Wanda,
+      SparseGPT: :mod:`sparsejax.scores.calibration`). Its ranking (one per target)
+      keeps those masks at the target and orders the weights by the saliency it chose
+      by (``Pruned.scores``), kept ones first: effective targets search it.
+    updates_weights: a layerwise pruner whose params are new values for the weights it
+      keeps (SparseGPT); they belong to its masks at a direct target.
     needs_input: scores need ``input_shape`` (SynFlow's all-ones input).
     kind: 'weights' (unstructured: ``score`` returns a score tree shaped like the
       masks) or a structured kind, 'channel' or 'neuron' (``score`` returns
@@ -118,6 +139,8 @@ class Pruner:
   after_training: bool = False
   needs_input: bool = False
   kind: str = "weights"
+  layerwise: bool = False
+  updates_weights: bool = False
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name:
@@ -150,6 +173,13 @@ class Pruner:
       )
     if self.quota is not None and self.quota_from is not None:
       raise ValueError(f"pruner {self.name!r}: give quota or quota_from, not both.")
+    if self.layerwise and (self.structured or self.iterative or self.quota_from is not None):
+      raise ValueError(
+        f"pruner {self.name!r}: a layerwise pruner prunes weights to one target itself; "
+        "it is neither structured nor iterative and takes no quota_from."
+      )
+    if self.updates_weights and not self.layerwise:
+      raise ValueError(f"pruner {self.name!r}: updates_weights needs layerwise=True.")
     if self.iterative and (not isinstance(self.default_rounds, int) or self.default_rounds < 1):
       raise ValueError(
         f"pruner {self.name!r}: an iterative pruner needs default_rounds, a "
@@ -164,8 +194,10 @@ class Pruner:
   @property
   def target_dependent(self) -> bool:
     """Its ranking depends on the target sparsity (compute one ranking per target)."""
-    return self.iterative or (
-      self.quota_from is not None and get_pruner(self.quota_from).target_dependent
+    return (
+      self.iterative
+      or self.layerwise
+      or (self.quota_from is not None and get_pruner(self.quota_from).target_dependent)
     )
 
 
@@ -216,6 +248,44 @@ def _synflow(c: ScoreContext):
   )
 
 
+def _wanda(compare: str) -> ScoreFn:
+  def score(c: ScoreContext):
+    return scores.wanda(
+      c.model,
+      c.trained_variables,
+      c.batches,
+      sparsity=c.sparsity,
+      pattern=c.pattern,
+      compare=compare,
+      prunable=c.prunable,
+      **c.score_kwargs,
+    )
+
+  score.__name__ = f"wanda[{compare}]"
+  return score
+
+
+def _sparsegpt(c: ScoreContext):
+  return scores.sparsegpt(
+    c.model,
+    c.trained_variables,
+    c.batches,
+    sparsity=c.sparsity,
+    pattern=c.pattern,
+    prunable=c.prunable,
+    **c.score_kwargs,
+  )
+
+
+def _obd(c: ScoreContext):
+  return scores.obd(c.model, c.trained_variables, c.batches, prunable=c.prunable, **c.score_kwargs)
+
+
+def _taylor(c: ScoreContext):
+  kw = c.data_kwargs("taylor")
+  return scores.taylor(c.model, c.trained_variables, c.batches, **kw)
+
+
 def _channel_score(name: str) -> ScoreFn:
   """The score function of the structured pruner ``name``: {space: scores [size]}."""
 
@@ -253,6 +323,27 @@ def _builtin() -> list[Pruner]:
     Pruner("snip/iterative", _iterative_snip, iterative=True, default_rounds=300, needs_data=True),
     Pruner("synflow", _synflow, iterative=True, default_rounds=100, needs_input=True),
     Pruner("grasp", _grasp, needs_data=True),
+    # after training, on calibration data (sparsejax.scores.calibration)
+    Pruner("wanda", _wanda("row"), "uniform", needs_data=True, after_training=True, layerwise=True),
+    Pruner(
+      "wanda/layer",
+      _wanda("layer"),
+      "uniform",
+      needs_data=True,
+      after_training=True,
+      layerwise=True,
+    ),
+    Pruner(
+      "sparsegpt",
+      _sparsegpt,
+      "uniform",
+      needs_data=True,
+      after_training=True,
+      layerwise=True,
+      updates_weights=True,
+    ),
+    Pruner("obd", _obd, needs_data=True, after_training=True),
+    Pruner("taylor", _taylor, needs_data=True, after_training=True),
   ]
   for name in structured.NAMES:  # '<kind>/<score>' (uniform quota), '<kind>/<score>/<quota>'
     kind, score, quota = structured.parse(name)

@@ -172,6 +172,24 @@ class Traced:
       raise ValueError(f"{name} has no mask leaf (bool array): nothing is prunable.")
     return self.narrow(chosen)
 
+  def at(self, example) -> Traced:
+    """This model traced on another example input (e.g. a calibration batch [B, ...]
+    instead of the one example [1, ...]): the same model, parameter shapes, apply
+    kwargs and prunable set; cached like :func:`trace`. ``example``: an array or
+    shape struct with its batch axis."""
+    if not (hasattr(example, "shape") and hasattr(example, "dtype")):
+      raise ValueError(
+        f"example={type(example).__name__}: Traced.at takes an input array or "
+        "jax.ShapeDtypeStruct with its batch axis (e.g. a calibration batch)."
+      )
+    x = example_input(example)
+    if _spec(x) == _spec(self.input):
+      return self
+    traced = _traced(
+      self.model, _spec(x), self.params_spec, self.extra_spec, self.apply_kwargs, None
+    )
+    return traced.narrow(self.prunable_paths)
+
   def ones(self) -> Masks:
     """The dense mask: True at every prunable leaf, None elsewhere."""
     leaves = [None] * len(self.paths)

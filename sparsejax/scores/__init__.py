@@ -13,10 +13,13 @@ collection of '/'-joined paths (the traced program's linear-op weights).
 
 Modules: :mod:`~sparsejax.scores.weights` (random, magnitude, LAMP),
 :mod:`~sparsejax.scores.data` (SNIP, iterative SNIP, GraSP),
+:mod:`~sparsejax.scores.calibration` (after training on calibration data: SparseGPT and
+Wanda, which return masks and params at a target, OBD, Taylor),
 :mod:`~sparsejax.scores.synflow` (SynFlow), :mod:`~sparsejax.scores.rounds` (the round
 driver of iterative pruners), :mod:`~sparsejax.scores.trees` (score trees).
 """
 
+from sparsejax.scores.calibration import obd, sparsegpt, taylor, wanda
 from sparsejax.scores.data import (
   cross_entropy,
   grasp,
@@ -36,8 +39,12 @@ __all__ = [
   "iterative_snip",
   "lamp",
   "magnitude",
+  "obd",
   "random",
   "snip",
+  "sparsegpt",
   "synflow",
   "synflow_scores",
+  "taylor",
+  "wanda",
 ]
