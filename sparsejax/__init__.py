@@ -18,7 +18,9 @@ quotas, selection, ranking, search, scores, structured, compact (structured read
 zoo tables), registry, pruning, models, errors. These load on first use: optim and
 dynamic (Optax), training and data (Orbax; TensorFlow only in
 ``sparsejax.data.load_split``, the ``data`` extra),
-flops, timing (tests/test_library.py checks both lists in a fresh process).
+flops, timing, ephemeral (activation sparsity), data_effective (effective sparsity on
+data), blocks (block sparsity) (tests/test_library.py checks both lists in a fresh
+process).
 """
 
 from __future__ import annotations
@@ -57,7 +59,17 @@ __version__ = "0.2.0"
 
 # Imported on first attribute access: they bring Optax, Orbax or TensorFlow Datasets,
 # which a CLI run that prunes once should not pay for.
-_LAZY_SUBMODULES = ("data", "training", "dynamic", "flops", "optim", "timing")
+_LAZY_SUBMODULES = (
+  "data",
+  "training",
+  "dynamic",
+  "flops",
+  "optim",
+  "timing",
+  "ephemeral",
+  "data_effective",
+  "blocks",
+)
 _LAZY_NAMES = {
   "WithMasksState": "optim",
   "get_masks": "optim",
@@ -102,6 +114,9 @@ __all__ = [
   "structured",
   "selection",
   "timing",
+  "ephemeral",
+  "data_effective",
+  "blocks",
   # the model, traced once
   "trace",
   "Traced",

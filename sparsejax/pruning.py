@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from sparsejax import errors, search, structured, tracing
+from sparsejax import blocks, errors, search, structured, tracing
 from sparsejax import masks as masks_lib
 from sparsejax import ranking as ranking_lib
 from sparsejax.ranking import (  # noqa: F401  (the API's names, kept importable from here)
@@ -157,14 +157,15 @@ def ranking_for(
   loss: Callable | None = None,
   apply_kwargs: dict | None = None,
   prunable: masks_lib.Prunable = None,
-) -> Ranking | structured.ChannelRanking:
+) -> Ranking | structured.ChannelRanking | blocks.BlockRanking:
   """The ranking of ``pruner`` (scores computed once; iterative pruners run to
   ``sparsity`` in ``rounds`` rounds, default the pruner's, and rank the eliminated
   weights by elimination order). Arguments as :func:`prune`.
 
   A structured pruner (``p.structured``) returns a
   :class:`sparsejax.structured.ChannelRanking` instead (zoo models only; ``prunable``
-  and ``score_kwargs`` are not taken), which :func:`masks_from_ranking` accepts too.
+  and ``score_kwargs`` are not taken), and a block pruner (``p.ranking``) a
+  :class:`sparsejax.blocks.BlockRanking`; :func:`masks_from_ranking` accepts both.
   """
   p = get_pruner(pruner)
   if p.score is None:
@@ -214,6 +215,8 @@ def ranking_for(
   )
   tracing.params_of(traced, variables)  # ValueError: no 'params' collection
   context = ScoreContext(**context, prunable=frozenset(traced.prunable_paths))
+  if p.ranking is not None:  # whole blocks of weights: the pruner ranks the blocks
+    return p.ranking(context)
   flow = traced.flow
   if p.quota_from is not None:
     # Per-layer counts from the source pruner's global ranking, `score` within layers.
@@ -290,6 +293,8 @@ def masks_from_ranking(
     traced = tracing.trace(model, input_shape, **trace_kw)
   if isinstance(ranking, structured.ChannelRanking):
     return structured.masks_for_target(ranking, sparsity, traced, loop=loop)
+  if isinstance(ranking, blocks.BlockRanking):  # unions of whole blocks
+    return ranking.direct(sparsity) if traced is None else ranking.effective(sparsity, traced)
   if not isinstance(ranking, Ranking):
     raise ValueError(
       f"ranking={type(ranking).__name__} is not a Ranking (from rank_scores or ranking_for)."

@@ -177,3 +177,26 @@ def test_bad_arguments_are_named():
     ephemeral.sparsify(two_layer, Rule(TopK(k=1), primitive="tanh"), gradient="none")
   with pytest.raises(ValueError, match="rules="):
     ephemeral.sparsify(two_layer, [])
+
+
+def test_readme_activation_sparsity_example_runs():
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  readme = (repo / "README.md").read_text()
+  section = readme.split("### Activation sparsity and effective sparsity on data", 1)[1]
+  code = section.split("```python", 1)[1].split("```", 1)[0]
+  out = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    cwd="/",
+    env={**os.environ, "PYTHONPATH": str(repo)},
+    timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  compression, fractions = out.stdout.strip().split(" ", 1)
+  assert float(compression) > 1.0 and fractions.startswith("[")
