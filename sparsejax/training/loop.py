@@ -252,9 +252,9 @@ class Progress:
   A line is due every ``log_seconds`` seconds or every ``every_steps`` steps (1% of
   the run's ``stop`` steps, rounded up, at most ``log_every``), whichever comes first,
   and at the last step. The speed is the steps after the first one of this call (it
-  compiles) over the time since that one finished, evaluations and checkpoints
-  (:meth:`add_pause`) excluded; the last line's speed is
-  ``TrainResult.steps_per_second``.
+  compiles) over the time since that one finished, evaluations, checkpoints and mask
+  updates between steps (:meth:`add_pause`; each one compiles the first time) excluded;
+  the last line's speed is ``TrainResult.steps_per_second``.
   """
 
   def __init__(
