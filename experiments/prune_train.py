@@ -116,12 +116,18 @@ def connectivity_report(net, masks) -> dict:
   }
 
 
-def with_activation_topk(model, fraction: float | None):
-  """``model`` with top-k activations after every ReLU (``fraction`` of each example's
-  kept, :class:`sparsejax.ephemeral.Sparsified`), or ``model`` itself for None."""
+def with_activation_topk(model, fraction: float | None, at: str = "relu"):
+  """``model`` with top-k activations (``fraction`` of each example's kept,
+  :class:`sparsejax.ephemeral.Sparsified`) after every equation named ``at`` (e.g.
+  'relu'), or before the linear ops of the modules matching ``before:<glob>``; ``model``
+  itself for None."""
   if not fraction:
     return model
-  rule = ephemeral.Rule(ephemeral.TopK(fraction=float(fraction)), primitive="relu")
+  op = ephemeral.TopK(fraction=float(fraction))
+  if at.startswith("before:"):
+    rule = ephemeral.Rule(op, before=at[len("before:") :])
+  else:
+    rule = ephemeral.Rule(op, primitive=at)
   return ephemeral.Sparsified(model, (rule,))
 
 
@@ -340,7 +346,15 @@ def _run_locked(
   key = jax.random.key(seed)
   variables = models.init(model, jax.random.fold_in(key, 0), input_shape)
   net = sparsejax.trace(model, input_shape, variables=variables)  # one analysis of the model
-  sparse_model = with_activation_topk(model, config.activation_topk)  # what trains
+  sparse_model = with_activation_topk(model, config.activation_topk, config.activation_at)
+  if sparse_model is not model:  # a rule that matches nothing is a mistake, said now
+    ephemeral.sites(
+      sparse_model.model.apply,
+      sparse_model.rules,
+      variables,
+      jnp.zeros((2, *input_shape), jnp.float32),
+      strip_root=True,
+    )
   init_params = variables["params"]
   train_data, test_data = source.split(dataset, "train", seed), source.split(dataset, "test", seed)
   train_kwargs = dict(

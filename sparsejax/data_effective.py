@@ -4,7 +4,7 @@ Effective sparsity (:mod:`sparsejax.effective`) asks which weights lie on an inp
 path of the masked graph. A trained ReLU (or top-k, :mod:`sparsejax.ephemeral`) network
 also has units that are exactly 0 on every input it sees. Per example e, a unit (one
 scalar value of the traced program: a neuron, a channel at one position, an input pixel)
-is *active* when its value is nonzero, and
+is *active* when its value is nonzero (an input token id always is), and
 
     reach_e(v)   = nz_e(v) AND OR_{u -> v unmasked} reach_e(u)      (nonzero inputs reach)
     coreach_e(u) = nz_e(u) AND OR_{u -> v unmasked} coreach_e(v)    (nonzero outputs)
@@ -117,7 +117,9 @@ def _chunk_fn(traced: tracing.Traced, with_usage: bool):
     pats = {
       i: (vals[i] != 0).astype(jnp.float32) for e in prog.eqns if e.kind == "x" for i in e.outs
     }
-    pats[prog.x_ids[0]] = (x != 0).astype(jnp.float32)
+    # An input pixel at exactly 0 is off; a token id is a row of a lookup, never "off".
+    on = x != 0 if jnp.issubdtype(x.dtype, jnp.floating) else jnp.ones(x.shape, bool)
+    pats[prog.x_ids[0]] = on.astype(jnp.float32)
     ev = _Gated(prog, pats)
     base = [jnp.ones(s, jnp.float32) for s in prog.param_shapes]
     ones_extra = [jnp.ones(s, jnp.float32) for s in prog.extra_shapes]

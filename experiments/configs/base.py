@@ -27,6 +27,9 @@ on the command line as ``--config.<field>=<value>``):
 - activations: ``activation_topk`` (None: off; a fraction: after every ReLU only that
   fraction of each example's activations is kept, the top ones by magnitude,
   sparsejax.ephemeral, straight-through gradient; the run name gets ``_topk<f>``),
+  ``activation_at`` (where: a primitive or function name, default 'relu', or
+  'before:<module glob>' for the inputs of those modules' linear ops, e.g. a
+  transformer's 'before:*/mlp/fc2'),
   ``data_effective`` (after training, effective sparsity on the test split's data,
   sparsejax.data_effective: never-active units and activation sparsity per layer and
   the data-effective compression, in the result);
@@ -106,6 +109,7 @@ def experiment(
   c.update_in_jit = False
 
   c.activation_topk = config_dict.placeholder(float)
+  c.activation_at = "relu"
   c.data_effective = False
 
   c.compact = False
