@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -254,6 +255,17 @@ def _check_inputs(inputs, traced_1: tracing.Traced) -> np.ndarray:
   return inputs
 
 
+def _default_apply_kwargs(model) -> dict:
+  """{'train': False} for a Flax module whose call takes ``train`` (inference mode:
+  examples do not mix in batch norm), else {}."""
+  module = model
+  while isinstance(getattr(module, "model", None), nn.Module):  # a wrapper (Sparsified)
+    module = module.model
+  if not isinstance(module, nn.Module):
+    return {}
+  return {"train": False} if "train" in inspect.signature(type(module).__call__).parameters else {}
+
+
 def _split(model, variables):
   if isinstance(model, nn.Module):
     return variables["params"], {k: v for k, v in variables.items() if k != "params"}
@@ -347,7 +359,8 @@ def data_effective(
       token ids).
     batch_size: examples per sweep (the program is traced at this batch once).
     apply_kwargs: keyword arguments of the model's call; default {'train': False} for a
-      Flax module (inference mode: examples do not mix), {} for a function.
+      Flax module whose call takes ``train`` (inference mode: examples do not mix), else
+      {}.
     compact: also compact the network without the units that never fire on ``inputs``
       (:func:`compact_on_data`; zoo networks only): it then computes the same function
       on these inputs only.
@@ -363,7 +376,7 @@ def data_effective(
   if not isinstance(compact, bool):
     raise ValueError(f"compact={compact!r} must be True or False.")
   if apply_kwargs is None:
-    apply_kwargs = {"train": False} if isinstance(model, nn.Module) else {}
+    apply_kwargs = _default_apply_kwargs(model)
   traced_1, traced, acc = _sweep_data(
     model,
     variables,
@@ -433,7 +446,7 @@ def firing_masks(
   inputs (those weights add 0 there), possibly another one elsewhere. Arguments as
   :func:`data_effective`."""
   if apply_kwargs is None:
-    apply_kwargs = {"train": False} if isinstance(model, nn.Module) else {}
+    apply_kwargs = _default_apply_kwargs(model)
   _, traced, acc = _sweep_data(
     model,
     variables,

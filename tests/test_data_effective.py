@@ -168,3 +168,30 @@ def test_bad_arguments_are_named():
     de.data_effective(mlp, params, masks, x, batch_size=0)
   with pytest.raises(ValueError, match="inputs"):
     de.data_effective(mlp, params, masks, x[:0])
+
+
+def test_default_apply_kwargs_pass_train_only_to_a_call_that_takes_it():
+  """{'train': False} for a Flax module (or a Sparsified wrapper of one) whose call takes
+  ``train``; nothing for a module whose call does not."""
+  import flax.linen as nn
+
+  class NoTrain(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.relu(nn.Dense(5)(x)))
+
+  lenet = models.create("lenet300100")
+  wrapped = ephemeral.Sparsified(lenet, (ephemeral.Rule(ephemeral.TopK(k=2), primitive="relu"),))
+  assert de._default_apply_kwargs(NoTrain()) == {}
+  assert de._default_apply_kwargs(lenet) == {"train": False}
+  assert de._default_apply_kwargs(wrapped) == {"train": False}
+  assert de._default_apply_kwargs(mlp) == {}
+  model = NoTrain()
+  x = np.asarray(jax.random.normal(jax.random.key(0), (8, 4)))
+  variables = model.init(jax.random.key(1), x)
+  masks = {
+    k: {"kernel": np.ones(v["kernel"].shape, bool), "bias": None}
+    for k, v in variables["params"].items()
+  }
+  got = de.data_effective(model, variables, masks, x, batch_size=8)
+  assert got.data_effective_compression >= 1.0
