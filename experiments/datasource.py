@@ -10,6 +10,7 @@ import jax
 from absl import flags, logging
 
 from sparsejax import data
+from sparsejax.data import synthetic
 
 
 @functools.lru_cache(maxsize=8)
@@ -61,6 +62,15 @@ class DataSource:
       seed=seed,
       num_examples=self.num_examples if self.synthetic else None,
     )
+
+  def num_examples_of(self, dataset: str, split: str = "train") -> int | None:
+    """The examples of a split, known before it is read: the synthetic split's, or
+    the dataset spec's size (``num_train``, ``num_test``; None where the spec gives
+    none)."""
+    if self.synthetic:
+      return self.num_examples or synthetic.DEFAULT_NUM_EXAMPLES[split]
+    spec = data.get_spec(dataset)
+    return (spec.num_train if split == "train" else spec.num_test) or None
 
   def score_batches(
     self, dataset: str, *, num_batches: int, batch_size: int, seed: int

@@ -100,6 +100,11 @@ def compiled_sweep(traced: Traced) -> Callable[[Masks], Connectivity]:
 
 def _masked(model, masks, input_shape, kw) -> Traced:
   """The model traced (or the Traced given) and narrowed to the masks' leaves."""
+  if "prunable" in kw:
+    raise ValueError(
+      f"prunable={kw['prunable']!r} is not taken here: the mask tree is the prunable set "
+      "(a weight whose mask is None is not pruned and not counted)."
+    )
   return tracing.trace(model, input_shape, **kw).masked(masks)
 
 

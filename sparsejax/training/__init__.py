@@ -34,6 +34,7 @@ No TensorFlow is imported (:mod:`sparsejax.data` loads TFDS only for real data).
 from __future__ import annotations
 
 from sparsejax.training.checkpoints import (
+  CheckpointWriteError,
   CorruptCheckpointError,
   DivergedError,
   state_checksum,
@@ -48,7 +49,7 @@ from sparsejax.training.config import (
   weight_decay_from_keras_l2,
 )
 from sparsejax.training.in_step import update_train_step
-from sparsejax.training.loop import MaskUpdates, Progress, TrainResult, train
+from sparsejax.training.loop import Interrupted, MaskUpdates, Progress, TrainResult, train
 from sparsejax.training.mesh import make_mesh, replicate
 from sparsejax.training.state import TrainState, create_train_state
 from sparsejax.training.steps import eval_step, evaluate, train_step
@@ -60,6 +61,8 @@ __all__ = [
   "TrainResult",
   "DivergedError",
   "CorruptCheckpointError",
+  "CheckpointWriteError",
+  "Interrupted",
   "state_checksum",
   "MaskUpdates",
   "Progress",

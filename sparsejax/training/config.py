@@ -11,16 +11,26 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Collection
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 
 from sparsejax import masks as masks_lib
 from sparsejax import optim
+from sparsejax.errors import FieldError
 
 PyTree = Any
+
+
+def _finite_at_least(value, low: float, strict: bool = False) -> bool:
+  """``value`` is a real number (not a bool), finite, and >= ``low`` (> when strict)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    return False
+  return math.isfinite(value) and (value > low if strict else value >= low)
 
 
 def weight_decay_from_keras_l2(l2: float) -> float:
@@ -57,23 +67,28 @@ class TrainConfig:
   snip_batch_size: int = 100
 
   def __post_init__(self):
+    """Raises :class:`sparsejax.errors.FieldError` naming the first bad field."""
     for name in ("batch_size", "train_steps", "snip_batch_size"):
       value = getattr(self, name)
-      if isinstance(value, bool) or int(value) != value or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer.")
+      if not _finite_at_least(value, 1.0) or int(value) != value:
+        raise FieldError(name, value, "a positive integer")
+    # An infinite rate or factor passes "> 0" and only shows as a diverged run.
     for name in ("learning_rate", "decay_factor"):
-      value = getattr(self, name)
-      if not value > 0:
-        raise ValueError(f"{name}={value!r} must be positive.")
-    if not 0.0 <= self.momentum < 1.0:
-      raise ValueError(f"momentum={self.momentum!r} must be in [0, 1).")
-    if not self.weight_decay >= 0.0:
-      raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0.")
-    bounds = tuple(float(b) for b in self.decay_boundaries)
-    if any(not 0.0 < b <= 1.0 for b in bounds) or list(bounds) != sorted(bounds):
-      raise ValueError(
-        f"decay_boundaries={self.decay_boundaries!r} must be increasing "
-        "fractions of the run in (0, 1]."
+      if not _finite_at_least(getattr(self, name), 0.0, strict=True):
+        raise FieldError(name, getattr(self, name), "a finite number > 0")
+    if not _finite_at_least(self.momentum, 0.0) or not self.momentum < 1.0:
+      raise FieldError("momentum", self.momentum, "a number in [0, 1)")
+    if not _finite_at_least(self.weight_decay, 0.0):
+      raise FieldError("weight_decay", self.weight_decay, "a finite number >= 0")
+    try:
+      bounds = tuple(float(b) for b in self.decay_boundaries)
+    except (TypeError, ValueError):
+      bounds = None
+    if bounds is None or any(not 0.0 < b <= 1.0 for b in bounds) or list(bounds) != sorted(bounds):
+      raise FieldError(
+        "decay_boundaries",
+        self.decay_boundaries,
+        "increasing fractions of the run in (0, 1]",
       )
     object.__setattr__(self, "decay_boundaries", bounds)  # Lists -> tuple: hashable.
 

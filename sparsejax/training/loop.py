@@ -67,6 +67,20 @@ class TrainResult:
   update_seconds: list = dataclasses.field(default_factory=list)
 
 
+class Interrupted(KeyboardInterrupt):
+  """Training was interrupted (Ctrl-C, SIGINT) after ``step`` of ``stop`` steps.
+
+  Raised by :func:`train` in place of the KeyboardInterrupt, after a clean stop (the data
+  pipeline closed, pending checkpoints finished); a call with the same ``workdir``
+  resumes from the newest checkpoint. It is a KeyboardInterrupt, so code that does not
+  know it sees one."""
+
+  def __init__(self, step: int, stop: int):
+    super().__init__(f"training interrupted at step {step} of {stop}")
+    self.step = step
+    self.stop = stop
+
+
 # ------------------------------------------------------------ moving masks
 
 
@@ -390,6 +404,10 @@ def train(
       workdir holding a run with other settings or masks.
     DivergedError: a non-finite training loss (checked with every progress line) or
       a non-finite state when a checkpoint is due; raised after a clean stop.
+    Interrupted: a KeyboardInterrupt (SIGINT) while training, with the steps done;
+      raised after a clean stop.
+    sparsejax.training.checkpoints.CheckpointWriteError: ``workdir`` cannot be written
+      (raised before training starts, or by the save that fails).
   """
   start_time = time.perf_counter()
   dspec = dataset_spec(config.dataset if spec is None else spec)
@@ -560,6 +578,7 @@ class _Loop:
         sharding=NamedSharding(self.mesh, P(DATA_AXIS)),
       )
       window: list[dict] = []
+      done = start
       try:
         for step, batch in zip(range(start, stop), batches):
           state, metrics = self.step(state, batch, step, progress)
@@ -587,6 +606,8 @@ class _Loop:
             if do_save:
               save(done)
             progress.add_pause(progress.clock() - side_start)
+      except KeyboardInterrupt:
+        raise Interrupted(done, stop) from None
       finally:
         batches.close()
     if updates is not None:
