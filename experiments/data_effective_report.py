@@ -23,9 +23,9 @@ import glob
 import math
 import os
 
-from absl import app, flags
+from absl import flags
 
-from experiments import plot, results
+from experiments import checks, cli, plot, results
 
 FLAGS = flags.FLAGS
 
@@ -160,11 +160,12 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
+  checks.check_existing_dir("results_dir", FLAGS.results_dir)
+  checks.check_writable_dir("figures_dir", FLAGS.figures_dir)
   rows = runs(FLAGS.results_dir)
   if not rows:
-    raise app.UsageError(f"--results_dir={FLAGS.results_dir!r} holds no data-effective results.")
+    raise checks.FlagError(f"--results_dir={FLAGS.results_dir!r} holds no data-effective results.")
   datasets = sorted({r["dataset"] for r in rows})
-  os.makedirs(FLAGS.figures_dir, exist_ok=True)
   for dataset in datasets:
     figure(
       [r for r in rows if r["dataset"] == dataset],
@@ -177,5 +178,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)
