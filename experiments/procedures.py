@@ -13,4 +13,4 @@ IMP = "imp"
 #: The built-in methods whose masks move during training (sparsejax.dynamic), for the
 #: plots' grouping only (plot imports no JAX); the binaries read the registry,
 #: sparsejax.dynamic.METHODS, where a user's methods are too.
-DYNAMIC = ("gmp", "set", "rigl", "ste")
+DYNAMIC = ("gmp", "set", "rigl", "ste", "acdc", "gmp/block4x4")

@@ -77,6 +77,7 @@ from sparsejax import (
   data,
   dynamic,
   effective,
+  ephemeral,
   errors,
   flops,
   models,
@@ -85,6 +86,7 @@ from sparsejax import (
   timing,
   training,
 )
+from sparsejax import data_effective as data_effective_lib
 from sparsejax import (
   masks as masks_lib,
 )
@@ -115,6 +117,33 @@ def connectivity_report(net, masks) -> dict:
     # FLOPs (2 per multiply-accumulate, one example) and kernel parameters/bytes
     "cost": flops.total(net, masks).as_dict(),
   }
+
+
+def with_activation_topk(model, fraction: float | None, at: str = "relu"):
+  """``model`` with top-k activations (``fraction`` of each example's kept,
+  :class:`sparsejax.ephemeral.Sparsified`) after every equation named ``at`` (e.g.
+  'relu'), or before the linear ops of the modules matching ``before:<glob>``; ``model``
+  itself for None."""
+  if not fraction:
+    return model
+  op = ephemeral.TopK(fraction=float(fraction))
+  if at.startswith("before:"):
+    rule = ephemeral.Rule(op, before=at[len("before:") :])
+  else:
+    rule = ephemeral.Rule(op, primitive=at)
+  return ephemeral.Sparsified(model, (rule,))
+
+
+def data_effective_report(model, state, test_data, dspec, *, compact: bool = False) -> dict:
+  """Effective sparsity on the test split of the trained ``model`` (its final params,
+  batch statistics and masks; :func:`sparsejax.data_effective.data_effective`): per
+  layer the never-active units and the activation sparsity, and the data-effective
+  compression; ``compact`` notes the masks are those of the compacted network."""
+  images, _ = test_data
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  x = data.normalize(images, dspec)
+  got = data_effective_lib.data_effective(model, variables, state.masks, x)
+  return {**got.as_dict(), "compacted_network": bool(compact)}
 
 
 def masked_variables(variables: dict, masks) -> dict:
@@ -325,6 +354,15 @@ def _run_locked(
   key = jax.random.key(seed)
   variables = models.init(model, jax.random.fold_in(key, 0), input_shape)
   net = sparsejax.trace(model, input_shape, variables=variables)  # one analysis of the model
+  sparse_model = with_activation_topk(model, config.activation_topk, config.activation_at)
+  if sparse_model is not model:  # a rule that matches nothing is a mistake, said now
+    ephemeral.sites(
+      sparse_model.model.apply,
+      sparse_model.rules,
+      variables,
+      jnp.zeros((2, *input_shape), jnp.float32),
+      strip_root=True,
+    )
   init_params = variables["params"]
   train_data, test_data = source.split(dataset, "train", seed), source.split(dataset, "test", seed)
   train_kwargs = dict(
@@ -345,7 +383,7 @@ def _run_locked(
       return _record_unreachable(err, name, record, result_path, clock)
     try:
       result = training.train(
-        model,
+        sparse_model,
         dspec,
         train_config,
         train_data,
@@ -354,6 +392,7 @@ def _run_locked(
         params=init_params,
         updater=updater,
         track_effective=config.track_effective,
+        update_in_jit=config.update_in_jit,
         workdir=workdir,
         **train_kwargs,
       )
@@ -363,7 +402,7 @@ def _run_locked(
   elif p is None:  # IMP
     try:
       result = _imp(
-        model,
+        sparse_model,
         dspec,
         train_config,
         train_data,
@@ -401,7 +440,7 @@ def _run_locked(
       report["direct_compression"],
       report["effective_compression"],
     )
-    train_model, train_masks, train_params = model, masks, start_params
+    train_model, train_masks, train_params = sparse_model, masks, start_params
     if config.compact:  # the same function with the dead units removed
       pruned = {**variables, "params": start_params}
       train_model, compacted, train_masks, compact_record = compact_network(
@@ -446,6 +485,11 @@ def _run_locked(
     if p.score is None:
       _save_params(os.path.join(run_dir, "weights", "final"), result.state.params)
   report = connectivity_report(net, masks)
+  if config.data_effective:
+    trained_model = train_model if (p is not None and updater is None) else sparse_model
+    report["data_effective"] = data_effective_report(
+      trained_model, result.state, test_data, dspec, compact=config.compact
+    )
   summary = {
     "config": record,
     "status": "disconnected" if report["effective_compression"] == float("inf") else "ok",
@@ -577,8 +621,30 @@ def check_config(
   configs.train_config(config)  # learning rate, momentum, decay, ...: named as flags
   if config.pruner in dynamic.METHODS:
     make_updater(config, sparsity)
-  if not isinstance(config.compact, bool):
-    raise checks.FlagError(f"--config.compact={config.compact!r} must be True or False.")
+  for field in ("compact", "data_effective", "update_in_jit"):
+    if not isinstance(config[field], bool):
+      raise checks.FlagError(f"--config.{field}={config[field]!r} must be True or False.")
+  topk = config.activation_topk
+  if topk is not None and (
+    isinstance(topk, bool) or not (isinstance(topk, (int, float)) and 0.0 < topk <= 1.0)
+  ):
+    raise checks.FlagError(
+      f"--config.activation_topk={topk!r} must be a fraction in (0, 1] (activations kept "
+      "per example after each ReLU), or None."
+    )
+  if topk is not None and config.compact:
+    raise checks.FlagError(
+      "--config.compact=True compacts the pruned network before training; with "
+      f"--config.activation_topk={topk!r} the top-k units are data dependent: not both."
+    )
+  if config.update_in_jit and config.pruner in dynamic.METHODS:
+    target = config.update_target or config.pruning_type
+    if config.track_effective or target == "effective":
+      raise checks.FlagError(
+        "--config.update_in_jit=True runs the mask updates inside the jitted step; "
+        "--config.track_effective=True and an effective update target need the host "
+        f"(got track_effective={config.track_effective!r}, update target {target!r})."
+      )
   if config.compact and (
     config.pruner in dynamic.METHODS or config.pruner == procedures.IMP or config.pruner == "dense"
   ):

@@ -51,12 +51,15 @@ def after_training(name: str) -> bool:
 
 
 def run_name(config) -> str:
-  """The folder name of a run: network, dataset, pruner, type, target, seed, steps, and
-  ``_compact`` when the compacted network trains (``config.compact``)."""
+  """The folder name of a run: network, dataset, pruner, type, target, seed, steps,
+  ``_compact`` when the compacted network trains (``config.compact``) and ``_topk<f>``
+  with top-k activations (``config.activation_topk``)."""
   compression = 1.0 / (1.0 - target_sparsity(config))
   compact = config.get("compact", False)
+  topk = config.get("activation_topk", None)
   return (
     f"{config.arch}-{config.dataset}_{config.pruner.replace('/', '-')}_"
     f"{config.pruning_type}_c{compression:.4g}_s{config.seed}_t{config.train_steps}"
     + ("_compact" if compact else "")
+    + (f"_topk{topk:g}" if topk else "")
   )

@@ -18,7 +18,9 @@ quotas, selection, ranking, search, layouts, patterns, calibration, scores, stru
 compact (structured reads its zoo tables), registry, pruning, models, errors. These load
 on first use: optim and dynamic (Optax), training and data (Orbax; TensorFlow only in
 ``sparsejax.data.load_split``, the ``data`` extra),
-flops, timing (tests/test_library.py checks both lists in a fresh process).
+flops, timing, ephemeral (activation sparsity), data_effective (effective sparsity on
+data), blocks (block sparsity) (tests/test_library.py checks both lists in a fresh
+process).
 """
 
 from __future__ import annotations
@@ -61,7 +63,17 @@ __version__ = "0.2.0"
 
 # Imported on first attribute access: they bring Optax, Orbax or TensorFlow Datasets,
 # which a CLI run that prunes once should not pay for.
-_LAZY_SUBMODULES = ("data", "training", "dynamic", "flops", "optim", "timing")
+_LAZY_SUBMODULES = (
+  "data",
+  "training",
+  "dynamic",
+  "flops",
+  "optim",
+  "timing",
+  "ephemeral",
+  "data_effective",
+  "blocks",
+)
 _LAZY_NAMES = {
   "WithMasksState": "optim",
   "get_masks": "optim",
@@ -109,6 +121,9 @@ __all__ = [
   "layouts",
   "patterns",
   "calibration",
+  "ephemeral",
+  "data_effective",
+  "blocks",
   # the model, traced once
   "trace",
   "Traced",

@@ -39,8 +39,25 @@ start at 0, as in RigL.
   recomputed every ``every`` steps, and the gradient passes straight through to w
   (:func:`sparsejax.optim.straight_through`).
 
+- :class:`ACDC` (Peste et al., 2021, "AC/DC: Alternating Compressed/DeCompressed
+  Training"): dense until ``start``, then compressed phases (the top round((1 - s) N)
+  of |w| kept, the rest 0 and masked) and decompressed phases (every weight trains,
+  the pruned ones from 0) of ``every`` steps each, compressed first; compressed from
+  ``end`` on. Single weights or whole blocks (``block=``).
+- :class:`BlockMagnitude`: GMP's cubic schedule on whole b x b blocks scored by the mean
+  or max |w| (:mod:`sparsejax.blocks`).
+
 Ties are broken by position (flattened layers, input-to-output order), so an update
 is a deterministic function of its arguments.
+
+Inside a jitted step (no host round trip): :func:`masks_in_step` is a ``lax.cond`` on
+``updater.update_due(step)`` (the jit-able schedule every built-in defines) of
+``updater.update`` and the masks as they are, the same masks bit for bit as the
+between-steps path; :func:`update_in_step` also replaces the masks in a
+:func:`sparsejax.with_masks` optimizer state, zeroes dropped weights and resets the
+optimizer state of grown ones (:func:`sparsejax.optim.zero_state_where`; RigL's code
+resets the optimizer slots of new connections, so ``reset_optimizer_state=True`` is the
+default here and in :class:`sparsejax.training.MaskUpdates`).
 
 Every method is an :class:`Updater` (a protocol: ``is_update_step``, ``update``,
 ``needs_grads``, ``straight_through``, ``needs_sweep``, ``target`` and the
@@ -69,7 +86,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 
-from sparsejax import effective, pruning, selection, tracing
+from sparsejax import blocks, effective, optim, pruning, selection, tracing
 from sparsejax import masks as masks_lib
 from sparsejax import quotas as quotas_lib
 
@@ -179,6 +196,11 @@ class Updater(Protocol):
     """Whether the masks move before the optimizer step ``step`` (a Python int)."""
     ...
 
+  def update_due(self, step) -> jax.Array:
+    """``is_update_step`` as a bool array of a traced int32 ``step`` (the schedule of the
+    in-jit path, :func:`masks_in_step`)."""
+    ...
+
   def update(self, params, grads, masks, step, key, sweep=None) -> PyTree:
     """The new masks (same structure, shapes and dtype as ``masks``): a pure, jit-able
     function of params, dense grads (or None), masks, int32 step and a PRNG key."""
@@ -207,6 +229,13 @@ class BaseUpdater:
 
   def is_update_step(self, step: int) -> bool:
     raise NotImplementedError(f"{type(self).__name__} does not define is_update_step.")
+
+  def update_due(self, step) -> jax.Array:
+    raise ValueError(
+      f"{type(self).__name__} has no in-jit schedule: define update_due(step) (a jit-able "
+      "is_update_step) to update its masks inside a jitted step; between steps, "
+      "is_update_step is enough."
+    )
 
   def update(self, params, grads, masks, step, key, sweep=None) -> PyTree:
     raise NotImplementedError(f"{type(self).__name__} does not define update.")
@@ -283,6 +312,10 @@ class GradualMagnitude(BaseUpdater):
   def is_update_step(self, step: int) -> bool:
     return self.start <= step <= self.end and (step - self.start) % self.every == 0
 
+  def update_due(self, step) -> jax.Array:
+    t = jnp.asarray(step, jnp.int32)
+    return (self.start <= t) & (t <= self.end) & ((t - self.start) % self.every == 0)
+
   def sparsity(self, step):
     return gmp_sparsity(
       step, initial=self.initial_sparsity, final=self.final_sparsity, start=self.start, end=self.end
@@ -298,16 +331,7 @@ class GradualMagnitude(BaseUpdater):
   def update(self, params, grads, masks, step, key, sweep=None):
     """Masks at s_t: the round((1 - s_t) N) largest |w| among the kept (jitted)."""
     del grads, key, sweep
-    w = [jnp.abs(x).astype(jnp.float32) for x in _prunable(params, masks)]
-    m = _flat(masks)
-    shapes = tuple(tuple(x.shape) for x in masks_lib.mask_leaves(masks))
-    total = sum(math.prod(s) for s in shapes)
-    density = 1.0 - self.sparsity(step)
-    if self.quota is None:
-      kept = jnp.round(density * total).astype(jnp.int32)
-      return _like(masks, selection.select_top(w, kept, m))
-    counts = quotas_lib.layer_kept_counts(self.quota, density, shapes)
-    return _like(masks, [_top(x, counts[l], ml) for l, (x, ml) in enumerate(zip(w, m))])
+    return _top_masks(params, masks, 1.0 - self.sparsity(step), self.quota, alive=masks)
 
   def update_effective(self, params, grads, masks, step, key, *, model, input_shape, sweep=None):
     """Masks at the smallest direct sparsity whose effective sparsity is at least s_t,
@@ -401,6 +425,10 @@ class _DropGrow(BaseUpdater):
   def is_update_step(self, step: int) -> bool:
     return (self.start < step < self.end) and (step - self.start) % self.every == 0
 
+  def update_due(self, step) -> jax.Array:
+    t = jnp.asarray(step, jnp.int32)
+    return (self.start < t) & (t < self.end) & ((t - self.start) % self.every == 0)
+
   def fraction(self, step):
     return drop_fraction(step, initial=self.drop_fraction, end=self.end, decay=self.decay)
 
@@ -490,12 +518,231 @@ class STE(BaseUpdater):
   def is_update_step(self, step: int) -> bool:
     return step % self.every == 0 and (self.end is None or step <= self.end)
 
+  def update_due(self, step) -> jax.Array:
+    t = jnp.asarray(step, jnp.int32)
+    due = t % self.every == 0
+    return due if self.end is None else due & (t <= self.end)
+
   @functools.partial(jax.jit, static_argnames=("self", "sweep"))
   def update(self, params, grads, masks, step, key, sweep=None):
     del grads, step, key, sweep
     gmp = GradualMagnitude(self.sparsity, 0, 0, 1, self.sparsity, self.quota)
     ones = masks_lib.map_masks(jnp.ones_like, masks)
     return gmp.update(params, None, ones, 0, None)
+
+
+def _check_quota(quota) -> None:
+  if quota is not None and quota not in quotas_lib.QUOTAS:
+    raise ValueError(
+      f"quota={quota!r} is not a quota; allowed: None (global), {', '.join(quotas_lib.QUOTAS)}."
+    )
+
+
+def _check_block(block, reduce) -> None:
+  if block is not None:
+    blocks.check_block(block)
+  blocks.check_reduce(reduce)
+
+
+def _top_masks(params, masks, density, quota, block=None, reduce="mean", alive=None) -> PyTree:
+  """The magnitude masks at ``density`` (round(d N) weights globally, or a quota's counts
+  per layer) among the ``alive`` weights (a mask tree; None: all): single weights, or
+  whole ``block`` blocks (:func:`sparsejax.blocks.block_masks`). Ties by position."""
+  if block is not None:
+    return blocks.block_masks(params, masks, density, block, reduce, quota, alive)
+  base = masks_lib.map_masks(jnp.ones_like, masks) if alive is None else alive
+  w = [jnp.abs(x).astype(jnp.float32) for x in _prunable(params, base)]
+  m = _flat(base)
+  shapes = tuple(tuple(x.shape) for x in masks_lib.mask_leaves(base))
+  if quota is None:
+    kept = jnp.round(density * sum(math.prod(sh) for sh in shapes)).astype(jnp.int32)
+    return _like(base, selection.select_top(w, kept, m))
+  counts = quotas_lib.layer_kept_counts(quota, density, shapes)
+  return _like(base, [_top(x, counts[l], ml) for l, (x, ml) in enumerate(zip(w, m))])
+
+
+@dataclasses.dataclass(frozen=True)
+class ACDC(BaseUpdater):
+  """AC/DC, alternating compressed / decompressed training (Peste et al., 2021).
+
+  Dense warm-up until ``start``; then phases of ``every`` steps alternate, compressed
+  first: a compressed phase starts by keeping the top round((1 - s) N) of |w| (globally,
+  per layer with ``quota``, or whole ``block`` blocks scored by ``reduce``,
+  :mod:`sparsejax.blocks`), the others are set to 0 and stay masked through the phase;
+  a decompressed phase unmasks every weight (the pruned ones restart from 0). From
+  ``end`` on the network stays compressed (a compression at ``end`` when the phase
+  before it was decompressed) to the end of training: the final sparse fine-tuning.
+  Starts from dense masks; the masks mask the weights (not straight-through).
+  """
+
+  sparsity: float
+  start: int
+  end: int
+  every: int
+  quota: str | None = None
+  block: tuple | None = None
+  reduce: str = "mean"
+
+  def __post_init__(self):
+    _check_range("sparsity", self.sparsity, 0.0, 1.0)
+    _check_steps(self.start, self.end, self.every)
+    _check_quota(self.quota)
+    _check_block(self.block, self.reduce)
+
+  def compressed(self, step):
+    """Whether step ``step`` lies in a compressed phase: a bool array (jit-able)."""
+    t = jnp.asarray(step, jnp.int32)
+    phase = jnp.maximum(t - self.start, 0) // self.every
+    return (t >= self.end) | ((t >= self.start) & (phase % 2 == 0))
+
+  def _compressed(self, t: int) -> bool:
+    return t >= self.end or (t >= self.start and (t - self.start) // self.every % 2 == 0)
+
+  def is_update_step(self, step: int) -> bool:
+    """At every phase change: dense -> compressed at ``start``, then at each boundary."""
+    return self._compressed(step) != (step > 0 and self._compressed(step - 1))
+
+  def update_due(self, step) -> jax.Array:
+    t = jnp.asarray(step, jnp.int32)
+    return self.compressed(t) != ((t > 0) & self.compressed(t - 1))
+
+  @functools.partial(jax.jit, static_argnames=("self", "sweep"))
+  def update(self, params, grads, masks, step, key, sweep=None):
+    """The phase's masks: the magnitude top at the sparsity (compressed), all ones
+    (decompressed)."""
+    del grads, key, sweep
+    top = _top_masks(params, masks, 1.0 - self.sparsity, self.quota, self.block, self.reduce)
+    on = self.compressed(step)
+    return masks_lib.map_masks(lambda t: t | ~on, top)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockMagnitude(BaseUpdater):
+  """Gradual magnitude pruning of whole ``block`` blocks (:mod:`sparsejax.blocks`): the
+  cubic schedule of :class:`GradualMagnitude`, each update keeping the best blocks by
+  ``reduce`` (mean or max |w| over their kept weights) among the kept ones, at most
+  floor((1 - s_t) N) weights (globally or per layer with ``quota``); pruned blocks never
+  return and every mask is a union of whole blocks."""
+
+  final_sparsity: float
+  start: int
+  end: int
+  every: int = 100
+  block: tuple = (4, 4)
+  reduce: str = "mean"
+  initial_sparsity: float = 0.0
+  quota: str | None = None
+
+  def __post_init__(self):
+    _check_range("final_sparsity", self.final_sparsity, 0.0, 1.0)
+    _check_range(
+      "initial_sparsity", self.initial_sparsity, 0.0, self.final_sparsity, high_open=False
+    )
+    _check_steps(self.start, self.end, self.every)
+    _check_quota(self.quota)
+    _check_block(self.block, self.reduce)
+
+  def is_update_step(self, step: int) -> bool:
+    return self.start <= step <= self.end and (step - self.start) % self.every == 0
+
+  def update_due(self, step) -> jax.Array:
+    t = jnp.asarray(step, jnp.int32)
+    return (self.start <= t) & (t <= self.end) & ((t - self.start) % self.every == 0)
+
+  def sparsity(self, step):
+    return gmp_sparsity(
+      step, initial=self.initial_sparsity, final=self.final_sparsity, start=self.start, end=self.end
+    )
+
+  @functools.partial(jax.jit, static_argnames=("self", "sweep"))
+  def update(self, params, grads, masks, step, key, sweep=None):
+    del grads, key, sweep
+    density = 1.0 - self.sparsity(step)
+    return blocks.block_masks(params, masks, density, self.block, self.reduce, self.quota, masks)
+
+
+# ---------------------------------------------------------------- inside a jitted step
+
+
+def masks_in_step(updater, params, grads, masks, step, key, *, sweep=None):
+  """The masks after step ``step``'s update, inside a jitted step: ``lax.cond`` on
+  ``updater.update_due(step)`` of ``updater.update`` and the masks as they are; no host
+  round trip, one program for every step.
+
+  ``grads``: the dense gradient tree, or a function ``params -> grads`` evaluated only
+  in the update branch (RigL's dense gradient costs nothing on other steps), or None
+  for methods that read none. Returns (new masks, stats): stats = {"updated": bool,
+  "kept", "dropped", "grown": int32} (zeros when nothing moved).
+  """
+  if getattr(updater, "target", "direct") == "effective":
+    raise ValueError(
+      f"{type(updater).__name__}(target='effective') aims at an effective sparsity with "
+      "a host-side search; update its masks between steps (MaskUpdates), not in jit."
+    )
+  old = masks
+  step = jnp.asarray(step, jnp.int32)
+
+  def count(fn, *trees):
+    return sum(
+      jnp.sum(fn(*xs), dtype=jnp.int32) for xs in zip(*(masks_lib.mask_leaves(t) for t in trees))
+    )
+
+  def moved():
+    g = grads(params) if callable(grads) else grads
+    new = updater.update(params, g if updater.needs_grads else None, old, step, key, sweep=sweep)
+    new = masks_lib.map_masks(lambda n, o: jnp.asarray(n, o.dtype), new, old)
+    stats = {
+      "updated": jnp.bool_(True),
+      "kept": count(lambda n: n, new),
+      "dropped": count(lambda o, n: o & ~n, old, new),
+      "grown": count(lambda o, n: n & ~o, old, new),
+    }
+    return new, stats
+
+  def still():
+    zero = jnp.int32(0)
+    return old, {"updated": jnp.bool_(False), "kept": zero, "dropped": zero, "grown": zero}
+
+  return jax.lax.cond(updater.update_due(step), moved, still)
+
+
+def update_in_step(
+  updater,
+  params,
+  opt_state,
+  step,
+  key,
+  *,
+  grads=None,
+  sweep=None,
+  reset_optimizer_state: bool = True,
+):
+  """Step ``step``'s mask update inside a jitted step, on a :func:`sparsejax.with_masks`
+  optimizer state: ``(params, opt_state, stats)`` with the new masks in ``opt_state``,
+  dropped weights set to 0 (not for straight-through methods) and, with
+  ``reset_optimizer_state`` (the default, as RigL's code does), the optimizer state of
+  newly grown weights set to 0 (:func:`sparsejax.optim.zero_state_where`). On steps
+  without an update everything passes through unchanged. Arguments as
+  :func:`masks_in_step`; the same masks as the between-steps path
+  (``updater.update`` from Python at ``is_update_step``), bit for bit.
+  """
+  old = optim.get_masks(opt_state)
+  new, stats = masks_in_step(updater, params, grads, old, step, key, sweep=sweep)
+  return (*apply_masks(updater, params, opt_state, old, new, reset_optimizer_state), stats)
+
+
+def apply_masks(updater, params, opt_state, old, new, reset_optimizer_state: bool = True):
+  """``(params, opt_state)`` after the masks moved from ``old`` to ``new``: the masks in
+  ``opt_state`` replaced, dropped weights set to 0 and grown weights' optimizer state
+  reset (neither for straight-through methods, whose dense weights keep training)."""
+  opt_state = optim.replace_masks(opt_state, new)
+  if updater.straight_through:
+    return params, opt_state
+  params = apply_update(params, new)
+  if reset_optimizer_state:
+    grown = masks_lib.map_masks(lambda n, o: n & ~o, new, old)
+    opt_state = optim.zero_state_where(opt_state, params, grown)
+  return params, opt_state
 
 
 # ---------------------------------------------------------------- the registry
@@ -689,6 +936,23 @@ def _build_ste(*, sparsity, every=1, quota=None):
   return STE(sparsity, every=every, quota=quota)
 
 
+def _build_acdc(*, sparsity, start, end, every=100, quota=None):
+  return ACDC(sparsity, start=start, end=end, every=every, quota=quota)
+
+
+def _build_block_gmp(*, sparsity, start, end, every=100, initial_sparsity=0.0, quota=None):
+  return BlockMagnitude(
+    sparsity,
+    start=start,
+    end=end,
+    every=every,
+    block=(4, 4),
+    reduce="mean",
+    initial_sparsity=initial_sparsity,
+    quota=quota,
+  )
+
+
 register_method(
   Method(
     "gmp",
@@ -727,6 +991,27 @@ register_method(
     description="straight-through magnitude pruning, mask recomputed every `every` steps",
   )
 )
+register_method(
+  Method(
+    "acdc",
+    _build_acdc,
+    ("sparsity", "start", "end", "every", "quota"),
+    initial="dense",
+    targets=("direct",),
+    description="AC/DC: dense until start, then compressed/decompressed phases of `every` "
+    "steps, compressed from end on",
+  )
+)
+register_method(
+  Method(
+    "gmp/block4x4",
+    _build_block_gmp,
+    ("sparsity", "start", "end", "every", "initial_sparsity", "quota"),
+    initial="dense",
+    targets=("direct",),
+    description="gradual magnitude pruning of whole 4x4 blocks (mean |w|)",
+  )
+)
 
 
 __all__ = [
@@ -737,6 +1022,11 @@ __all__ = [
   "SET",
   "RigL",
   "STE",
+  "ACDC",
+  "BlockMagnitude",
+  "masks_in_step",
+  "update_in_step",
+  "apply_masks",
   "Method",
   "METHODS",
   "SETTINGS",

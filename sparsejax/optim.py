@@ -207,4 +207,50 @@ def replace_masks(opt_state: optax.OptState, masks: PyTree) -> optax.OptState:
   )
 
 
-__all__ = ["WithMasksState", "with_masks", "get_masks", "replace_masks", "straight_through"]
+def zero_state_where(opt_state: optax.OptState, params: PyTree, where: PyTree) -> optax.OptState:
+  """``opt_state`` with every part shaped like ``params`` (momentum traces, Adam's first
+  and second moments, ...) set to 0 where the mask tree ``where`` is True; counts,
+  schedules and the masks themselves are left alone. Jit-able.
+
+  Regrown weights of dynamic sparse training start with no optimizer history this way,
+  as RigL's code resets the optimizer slots of new connections (Evci et al., 2020,
+  ``reset_momentum``): otherwise a weight dropped and later regrown would resume with a
+  stale (decayed) momentum or second moment.
+  """
+  structure = jax.tree.structure(params)
+  shapes = [np.shape(x) for x in jax.tree.leaves(params)]
+
+  def params_like(x) -> bool:
+    if x is None or _is_masked_state(x):
+      return False
+    try:
+      leaves = jax.tree.leaves(x)
+      return (
+        jax.tree.structure(x) == structure
+        and [np.shape(l) for l in leaves] == shapes
+        and bool(leaves)
+      )
+    except (TypeError, ValueError):
+      return False
+
+  def reset(part):
+    if not params_like(part):
+      return part
+    return jax.tree.map(
+      lambda s, w: s if w is None else jnp.where(w, jnp.zeros_like(s), s),
+      part,
+      where,
+      is_leaf=_is_none,
+    )
+
+  return jax.tree.map(reset, opt_state, is_leaf=params_like)
+
+
+__all__ = [
+  "WithMasksState",
+  "with_masks",
+  "get_masks",
+  "replace_masks",
+  "straight_through",
+  "zero_state_where",
+]

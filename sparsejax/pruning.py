@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import errors, patterns, search, selection, structured, tracing
+from sparsejax import blocks, errors, patterns, search, selection, structured, tracing
 from sparsejax import masks as masks_lib
 from sparsejax import ranking as ranking_lib
 from sparsejax.calibration import Pruned
@@ -160,7 +160,7 @@ def ranking_for(
   loss: Callable | None = None,
   apply_kwargs: dict | None = None,
   prunable: masks_lib.Prunable = None,
-) -> Ranking | structured.ChannelRanking:
+) -> Ranking | structured.ChannelRanking | blocks.BlockRanking:
   """The ranking of ``pruner`` (scores computed once; iterative pruners run to
   ``sparsity`` in ``rounds`` rounds, default the pruner's, and rank the eliminated
   weights by elimination order). Arguments as :func:`prune`.
@@ -171,6 +171,8 @@ def ranking_for(
   A layerwise pruner (Wanda, SparseGPT: ``p.layerwise``) prunes at ``sparsity``; its
   ranking keeps those masks there (to the uniform quota's rounding) and orders the rest
   by the pruner's saliency, kept weights first (:func:`layerwise_priorities`).
+  A block pruner (``p.ranking``) returns a :class:`sparsejax.blocks.BlockRanking`,
+  which :func:`masks_from_ranking` accepts too.
   """
   p = get_pruner(pruner)
   if p.score is None:
@@ -192,6 +194,8 @@ def ranking_for(
   )
   if p.structured:
     return _channel_ranking(p, prunable, context)
+  if p.ranking is not None:  # whole blocks of weights: the pruner ranks the blocks
+    return p.ranking(context)
   flow = traced.flow
   if p.layerwise:
     result = _layerwise(p, context, traced)
@@ -374,6 +378,8 @@ def masks_from_ranking(
     traced = tracing.trace(model, input_shape, **trace_kw)
   if isinstance(ranking, structured.ChannelRanking):
     return structured.masks_for_target(ranking, sparsity, traced, loop=loop)
+  if isinstance(ranking, blocks.BlockRanking):  # unions of whole blocks
+    return ranking.direct(sparsity) if traced is None else ranking.effective(sparsity, traced)
   if not isinstance(ranking, Ranking):
     raise ValueError(
       f"ranking={type(ranking).__name__} is not a Ranking (from rank_scores or ranking_for)."

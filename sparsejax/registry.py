@@ -17,8 +17,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from sparsejax import blocks, scores, structured, tracing
+from sparsejax import masks as masks_lib
 from sparsejax import quotas as quotas_lib
-from sparsejax import scores, structured, tracing
 
 PyTree = Any
 #: Pruner kinds: unstructured weights, or structured channels / neurons.
@@ -127,6 +128,10 @@ class Pruner:
       masks) or a structured kind, 'channel' or 'neuron' (``score`` returns
       {space name: channel scores [size]}, :mod:`sparsejax.structured`; ``quota`` is a
       group quota, uniform, erk or igq, or None for one global channel ranking).
+    ranking: for a pruner of whole groups of weights (block sparsity),
+      ``ranking(context) -> sparsejax.blocks.BlockRanking``: its masks are unions of
+      whole blocks (:func:`sparsejax.pruning.masks_from_ranking` takes it); ``score``
+      then gives each weight its block's score (for display).
   """
 
   name: str
@@ -141,6 +146,7 @@ class Pruner:
   kind: str = "weights"
   layerwise: bool = False
   updates_weights: bool = False
+  ranking: Callable[[ScoreContext], Any] | None = None
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name:
@@ -180,6 +186,17 @@ class Pruner:
       )
     if self.updates_weights and not self.layerwise:
       raise ValueError(f"pruner {self.name!r}: updates_weights needs layerwise=True.")
+    if self.ranking is not None and (
+      not callable(self.ranking)
+      or self.structured
+      or self.quota_from
+      or self.iterative
+      or self.layerwise
+    ):
+      raise ValueError(
+        f"pruner {self.name!r}: ranking={self.ranking!r} must be callable and is for "
+        "unstructured pruners without quota_from or rounds (whole blocks of weights)."
+      )
     if self.iterative and (not isinstance(self.default_rounds, int) or self.default_rounds < 1):
       raise ValueError(
         f"pruner {self.name!r}: an iterative pruner needs default_rounds, a "
@@ -306,6 +323,29 @@ def _channel_score(name: str) -> ScoreFn:
   return score
 
 
+#: Block pruners in the registry: ``block/<b>x<b>/<reduce>`` for these b.
+BLOCK_SIZES = (4, 8)
+
+
+def _block_pruner(b: int, reduce: str) -> Pruner:
+  """``block/<b>x<b>/<reduce>``: whole b x b blocks by the mean or max |w| of the weights
+  after dense training (:mod:`sparsejax.blocks`), one ranking over all layers."""
+
+  def like(c: ScoreContext):
+    return masks_lib.ones(c.trained_params, c.prunable)
+
+  def score(c: ScoreContext):
+    def per_weight(w):
+      return blocks.expand(blocks.block_scores(w, b, reduce), w.shape, b)
+
+    return masks_lib.map_prunable(per_weight, c.trained_params, prunable=c.prunable)
+
+  def ranking(c: ScoreContext):
+    return blocks.rank(c.trained_params, like(c), b, reduce)
+
+  return Pruner(f"block/{b}x{b}/{reduce}", score, after_training=True, ranking=ranking)
+
+
 def _builtin() -> list[Pruner]:
   entries = [Pruner("dense", None)]
   entries += [Pruner(f"random/{q}", _random, q) for q in quotas_lib.QUOTAS]
@@ -345,6 +385,7 @@ def _builtin() -> list[Pruner]:
     Pruner("obd", _obd, needs_data=True, after_training=True),
     Pruner("taylor", _taylor, needs_data=True, after_training=True),
   ]
+  entries += [_block_pruner(b, r) for b in BLOCK_SIZES for r in blocks.REDUCES]
   for name in structured.NAMES:  # '<kind>/<score>' (uniform quota), '<kind>/<score>/<quota>'
     kind, score, quota = structured.parse(name)
     entries.append(
@@ -406,4 +447,13 @@ def get_pruner(name: str | Pruner) -> Pruner:
   return PRUNERS[name]
 
 
-__all__ = ["KINDS", "PRUNERS", "Pruner", "ScoreContext", "ScoreFn", "get_pruner", "register_pruner"]
+__all__ = [
+  "BLOCK_SIZES",
+  "KINDS",
+  "PRUNERS",
+  "Pruner",
+  "ScoreContext",
+  "ScoreFn",
+  "get_pruner",
+  "register_pruner",
+]

@@ -427,3 +427,38 @@ def test_compact_is_refused_for_moving_masks_imp_and_dense_before_any_file(tmp_p
   with pytest.raises(ValueError, match="--config.timing_repeats=0"):
     run(tmp_path, pruner="random/igq", compression=10, compact=True, timing_repeats=0)
   assert os.listdir(tmp_path) == []
+
+
+def test_in_jit_updates_top_k_activations_and_the_data_effective_report(tmp_path):
+  """update_in_jit, activation_topk and data_effective in one tiny RigL run: the run name
+  says top-k, result.json holds the test split's data-effective report, whose
+  compression is at least the structural effective one; bad values are named first."""
+  fields = dict(
+    pruner="rigl",
+    compression=10,
+    update_in_jit=True,
+    track_effective=False,
+    activation_topk=0.5,
+    data_effective=True,
+    update_every=5,
+  )
+  r = run(tmp_path, **fields)
+  name = run_config.run_name(config(**fields))
+  assert name.endswith("_topk0.5")
+  on_disk = json.load(open(tmp_path / name / "result.json"))
+  de = on_disk["data_effective"]
+  assert de["examples"] > 0 and de["compacted_network"] is False
+  assert de["data_effective_compression"] >= r["effective_compression"] * (1 - 1e-6)
+  assert len(de["layers"]) == 3
+  for layer in de["layers"]:
+    assert 0.0 <= layer["never_active_fraction"] <= 1.0
+  bad = {
+    "activation_topk": dict(activation_topk=1.5),
+    "not both": dict(pruner="magnitude/global", activation_topk=0.5, compact=True),
+    "track_effective=True": dict(update_in_jit=True, track_effective=True),
+  }
+  (tmp_path / "bad").mkdir()
+  for match, extra in bad.items():
+    with pytest.raises(ValueError, match=match):
+      run(tmp_path / "bad", **{**fields, **extra})
+  assert os.listdir(tmp_path / "bad") == []

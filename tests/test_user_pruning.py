@@ -125,7 +125,15 @@ FAST = {"snip/iterative": 3, "synflow": 3}  # rounds of the iterative pruners
 
 
 @pytest.mark.parametrize(
-  "pruner", [p for p in pruning.PRUNERS if p != "dense" and not pruning.PRUNERS[p].structured]
+  "pruner",
+  [
+    p
+    for p in pruning.PRUNERS
+    if p != "dense"
+    and not pruning.PRUNERS[p].structured
+    # block pruners keep whole blocks: off the target by up to a block (tests/test_in_jit_updates)
+    and pruning.PRUNERS[p].ranking is None
+  ],
 )
 def test_every_pruner_on_a_plain_flax_cnn_both_pruning_types(pruner):
   model = FlaxCNN()

@@ -21,7 +21,18 @@ on the command line as ``--config.<field>=<value>``):
   ``update_target`` (None: ``pruning_type``; 'effective' aims every GMP step at the
   schedule's sparsity in effective terms, and holds the active weights of SET/RigL at
   the target, regrowing only weights that would be active),
-  ``track_effective`` (effective sparsity at every update, in the result);
+  ``track_effective`` (effective sparsity at every update, in the result),
+  ``update_in_jit`` (the updates run inside the jitted step, sparsejax.training.in_step;
+  not with ``track_effective`` or an effective update target);
+- activations: ``activation_topk`` (None: off; a fraction: after every ReLU only that
+  fraction of each example's activations is kept, the top ones by magnitude,
+  sparsejax.ephemeral, straight-through gradient; the run name gets ``_topk<f>``),
+  ``activation_at`` (where: a primitive or function name, default 'relu', or
+  'before:<module glob>' for the inputs of those modules' linear ops, e.g. a
+  transformer's 'before:*/mlp/fc2'),
+  ``data_effective`` (after training, effective sparsity on the test split's data,
+  sparsejax.data_effective: never-active units and activation sparsity per layer and
+  the data-effective compression, in the result);
 - compaction (one-shot pruners only): ``compact`` (train the pruned network with its
   dead units removed, :mod:`sparsejax.compact`, ``fold=False``; the run name gets a
   ``_compact`` suffix), ``timing_repeats`` (timings per network of masked against
@@ -95,6 +106,11 @@ def experiment(
   c.quota = config_dict.placeholder(str)
   c.update_target = config_dict.placeholder(str)
   c.track_effective = True
+  c.update_in_jit = False
+
+  c.activation_topk = config_dict.placeholder(float)
+  c.activation_at = "relu"
+  c.data_effective = False
 
   c.compact = False
   c.timing_repeats = 20

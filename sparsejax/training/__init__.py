@@ -25,6 +25,8 @@ One module per job, in the shape of the Flax ImageNet example:
   fallback past a corrupt one, resume.
 - :mod:`~sparsejax.training.loop`: :func:`train`, moving masks (:class:`MaskUpdates`
   over a :class:`sparsejax.dynamic.Updater`) and progress lines.
+- :mod:`~sparsejax.training.in_step`: :func:`update_train_step`, the train step with the
+  mask update scheduled inside it (``lax.cond``; ``train(..., update_in_jit=True)``).
 
 No TensorFlow is imported (:mod:`sparsejax.data` loads TFDS only for real data).
 """
@@ -46,6 +48,7 @@ from sparsejax.training.config import (
   prunable_set,
   weight_decay_from_keras_l2,
 )
+from sparsejax.training.in_step import update_train_step
 from sparsejax.training.loop import Interrupted, MaskUpdates, Progress, TrainResult, train
 from sparsejax.training.mesh import make_mesh, replicate
 from sparsejax.training.state import TrainState, create_train_state
@@ -70,6 +73,7 @@ __all__ = [
   "decay_mask",
   "create_train_state",
   "train_step",
+  "update_train_step",
   "eval_step",
   "evaluate",
   "make_mesh",

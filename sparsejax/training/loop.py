@@ -23,8 +23,9 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sparsejax import data, dynamic, effective, optim
+from sparsejax import data, dynamic, effective
 from sparsejax import masks as masks_lib
+from sparsejax.training import in_step
 from sparsejax.training.checkpoints import Checkpoints, DivergedError, run_meta, split_history
 from sparsejax.training.mesh import DATA_AXIS, check_divisible, make_mesh, replicate
 from sparsejax.training.state import TrainState, create_train_state
@@ -42,13 +43,17 @@ class TrainResult:
       earlier, resumed-from segments included).
     final_test_loss, final_test_accuracy: at the last step.
     steps_per_second: training steps per second in this call, excluding the first
-      step (compilation), evaluations and checkpoints (nan if fewer than 2 steps);
-      the speed the last progress line logs.
+      step (compilation), evaluations, checkpoints and mask updates between steps
+      (each one's compilation included; their cost is ``update_seconds``), nan if
+      fewer than 2 steps; the speed the last progress line logs. Updates inside the
+      step (``update_in_jit``) are part of the steps.
     wall_time: seconds spent in this call.
     start_step: the step this call started from (> 0 after a resume).
     state: the final :class:`TrainState` (replicated over the mesh).
     mask_updates: the records of :class:`MaskUpdates` (empty without an updater),
       those of earlier, resumed-from segments included.
+    update_seconds: wall time of each mask update between steps in this call, in
+      order (the first one includes its compilation); empty in-jit.
   """
 
   history: list[dict]
@@ -59,6 +64,7 @@ class TrainResult:
   start_step: int
   state: TrainState
   mask_updates: list = dataclasses.field(default_factory=list)
+  update_seconds: list = dataclasses.field(default_factory=list)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -107,25 +113,110 @@ class MaskUpdates:
   ``straight_through``). Each update appends a record: step, kept weights, dropped
   and grown weights, direct compression and, with ``track_effective``, effective
   compression, active units, dead kept weights (kept but inactive) and grown weights
-  dead on arrival.
+  dead on arrival. With ``reset_optimizer_state`` (default, as RigL's code), grown
+  weights start with zero optimizer state (:func:`sparsejax.optim.zero_state_where`).
+
+  With ``in_jit`` the update runs inside the jitted step instead
+  (:func:`sparsejax.training.in_step.update_train_step`, :meth:`step`): the same masks,
+  no host round trip; the records (kept, dropped, grown, direct compression) are read
+  with the progress lines and before checkpoints (:meth:`flush`). Effective tracking
+  and effective targets need the host and refuse ``in_jit``.
   """
 
-  def __init__(self, updater, *, model, spec, input_shape, step_key, track_effective: bool = False):
+  def __init__(
+    self,
+    updater,
+    *,
+    model,
+    spec,
+    input_shape,
+    step_key,
+    track_effective: bool = False,
+    in_jit: bool = False,
+    reset_optimizer_state: bool = True,
+  ):
     dynamic.check_updater(updater)
+    if in_jit:
+      if track_effective or updater.target == "effective":
+        raise ValueError(
+          "update_in_jit=True: effective tracking and effective update targets search on "
+          "the host between steps; pass track_effective=False and a direct target, or "
+          "update_in_jit=False."
+        )
+      jax.eval_shape(updater.update_due, jnp.int32(0))  # ValueError: no in-jit schedule
     self.updater = updater
     self.model, self.spec, self.input_shape = model, spec, tuple(input_shape)
     self.step_key = step_key
     self.track_effective = track_effective
+    self.in_jit, self.reset_optimizer_state = bool(in_jit), bool(reset_optimizer_state)
     self.records: list[dict] = []
+    self.seconds: list[float] = []  # wall time of each update between steps
+    self._pending: list = []  # (step, device stats) of in-jit updates not read yet
     self._sweep = (
       effective.connectivity_sweep(model, self.input_shape, units=False)
       if updater.needs_sweep
       else None
     )
 
+  def step(self, state: TrainState, batch, step: int):
+    """Train step ``step`` with its mask update inside (``in_jit``): (state, metrics)."""
+    state, metrics = in_step.update_train_step(
+      state,
+      batch,
+      self.step_key,
+      model=self.model,
+      spec=self.spec,
+      updater=self.updater,
+      sweep=self._sweep,
+      reset_optimizer_state=self.reset_optimizer_state,
+    )
+    stats = metrics.pop("mask_update")
+    if self.updater.is_update_step(step):
+      self._pending.append((step, stats))
+      self._total = sum(math.prod(m.shape) for m in masks_lib.mask_leaves(state.masks))
+    return state, metrics
+
+  def flush(self) -> None:
+    """Records of the in-jit updates done so far (one transfer)."""
+    if not self._pending:
+      return
+    fetched = jax.device_get([x for _, x in self._pending])
+    for (step, _), stats in zip(self._pending, fetched):
+      self._record(step, stats, self._total)
+    self._pending = []
+
+  def _record(self, step: int, stats: dict, total: int, conn=None) -> None:
+    kept = int(stats["kept"])
+    record = {
+      "step": int(step),
+      "kept": kept,
+      "dropped": int(stats["dropped"]),
+      "grown": int(stats["grown"]),
+      "direct_compression": total / kept if kept else float("inf"),
+    }
+    if conn is not None:
+      active = int(stats["active"])
+      record.update(
+        effective_compression=total / active if active else float("inf"),
+        dead_kept=kept - active,
+        grown_dead=int(stats["grown_dead"]),
+        active_units=int(sum(conn.active_units.values())),
+        total_units=int(sum(conn.total_units.values())),
+      )
+    self.records.append(record)
+    logging.info(
+      "mask update at step %d: %s",
+      step,
+      ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in record.items()
+        if k != "step"
+      ),
+    )
+
   def __call__(self, state: TrainState, batch, step: int) -> TrainState:
     u, old = self.updater, state.masks
-    key = jax.random.fold_in(jax.random.fold_in(self.step_key, step), 1)
+    key = in_step.update_key(self.step_key, step)
     grads = (
       dense_grads(state, batch, self.step_key, model=self.model, spec=self.spec)
       if u.needs_grads
@@ -145,41 +236,17 @@ class MaskUpdates:
     else:
       new = u.update(state.params, grads, old, jnp.int32(step), key, sweep=self._sweep)
     new = jax.tree.map(lambda m, ref: replicate(m, ref.sharding), new, old)
-    params = state.params if u.straight_through else dynamic.apply_update(state.params, new)
-    state = state.replace(params=params, opt_state=optim.replace_masks(state.opt_state, new))
+    params, opt_state = dynamic.apply_masks(
+      u, state.params, state.opt_state, old, new, self.reset_optimizer_state
+    )
+    state = state.replace(params=params, opt_state=opt_state)
     total = masks_lib.count(new)[1]
-    effective_masks = None
+    effective_masks = conn = None
     if self.track_effective:
       conn = effective.connectivity(self.model, new, self.input_shape)
       effective_masks = conn.masks
     stats = jax.device_get(_update_stats(old, new, effective_masks))  # one transfer
-    kept = int(stats["kept"])
-    record = {
-      "step": int(step),
-      "kept": kept,
-      "dropped": int(stats["dropped"]),
-      "grown": int(stats["grown"]),
-      "direct_compression": total / kept if kept else float("inf"),
-    }
-    if self.track_effective:
-      active = int(stats["active"])
-      record.update(
-        effective_compression=total / active if active else float("inf"),
-        dead_kept=kept - active,
-        grown_dead=int(stats["grown_dead"]),
-        active_units=int(sum(conn.active_units.values())),
-        total_units=int(sum(conn.total_units.values())),
-      )
-    self.records.append(record)
-    logging.info(
-      "mask update at step %d: %s",
-      step,
-      ", ".join(
-        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-        for k, v in record.items()
-        if k != "step"
-      ),
-    )
+    self._record(step, stats, total, conn)
     return state
 
 
@@ -199,9 +266,9 @@ class Progress:
   A line is due every ``log_seconds`` seconds or every ``every_steps`` steps (1% of
   the run's ``stop`` steps, rounded up, at most ``log_every``), whichever comes first,
   and at the last step. The speed is the steps after the first one of this call (it
-  compiles) over the time since that one finished, evaluations and checkpoints
-  (:meth:`add_pause`) excluded; the last line's speed is
-  ``TrainResult.steps_per_second``.
+  compiles) over the time since that one finished, evaluations, checkpoints and mask
+  updates between steps (:meth:`add_pause`; each one compiles the first time) excluded;
+  the last line's speed is ``TrainResult.steps_per_second``.
   """
 
   def __init__(
@@ -276,6 +343,8 @@ def train(
   prefetch: int = 2,
   updater=None,
   track_effective: bool = False,
+  update_in_jit: bool = False,
+  reset_optimizer_state: bool = True,
   verbose_checkpoints: bool = False,
 ) -> TrainResult:
   """Trains ``model`` (masked when ``masks`` is given), resuming from ``workdir``.
@@ -314,6 +383,11 @@ def train(
       registered method) that moves the masks during training (``masks`` are the
       starting masks; all ones for GMP from dense); see :class:`MaskUpdates`.
     track_effective: with an updater, log effective sparsity at every mask update.
+    update_in_jit: run the mask updates inside the jitted step (``lax.cond`` on the
+      step; :mod:`sparsejax.training.in_step`): the same masks, no host round trip;
+      not with ``track_effective`` or an effective update target.
+    reset_optimizer_state: grown weights start with zero optimizer state (momentum,
+      Adam's moments), as RigL's code does; False keeps whatever state they had.
     verbose_checkpoints: show Orbax's INFO lines (every save and restore); by default
       only its warnings and errors.
 
@@ -392,6 +466,8 @@ def train(
       input_shape=dspec.image_shape,
       step_key=step_key,
       track_effective=track_effective,
+      in_jit=update_in_jit,
+      reset_optimizer_state=reset_optimizer_state,
     )
   )
   loop = _Loop(
@@ -473,6 +549,8 @@ class _Loop:
           history, updates.records = split_history(history)
 
     def save(step: int) -> None:
+      if updates is not None:
+        updates.flush()
       records = [] if updates is None else [{"mask_update": r} for r in updates.records]
       checkpoints.save(step, state, history + records)
 
@@ -503,11 +581,7 @@ class _Loop:
       done = start
       try:
         for step, batch in zip(range(start, stop), batches):
-          if updates is not None and updates.updater.is_update_step(step):
-            state = updates(state, batch, step)
-          state, metrics = _train_step(
-            state, batch, self.step_key, model=self.model, spec=self.dspec
-          )
+          state, metrics = self.step(state, batch, step, progress)
           done = step + 1
           window.append(metrics)
           if step == start:  # The first call compiles; time the steps after it.
@@ -520,6 +594,8 @@ class _Loop:
             means = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *window))
             logging.info("%s", progress.line(done, float(means["loss"]), float(means["accuracy"])))
             window = []
+            if updates is not None:
+              updates.flush()
           do_eval = done % self.eval_every == 0 or done == stop
           do_save = checkpoints is not None and (done % self.checkpoint_every == 0 or done == stop)
           if do_eval or do_save:
@@ -534,6 +610,8 @@ class _Loop:
         raise Interrupted(done, stop) from None
       finally:
         batches.close()
+    if updates is not None:
+      updates.flush()
     if final is None:  # Nothing to train: evaluate what was restored.
       final = (
         (history[-1]["test_loss"], history[-1]["test_accuracy"])
@@ -549,4 +627,22 @@ class _Loop:
       start_step=start,
       state=state,
       mask_updates=[] if updates is None else list(updates.records),
+      update_seconds=[] if updates is None else list(updates.seconds),
     )
+
+  def step(self, state: TrainState, batch, step: int, progress: Progress):
+    """Train step ``step`` and the mask update due before it: inside the jitted step
+    (in-jit), or between steps, timed apart from training (queued steps finish first)
+    and left out of the speed."""
+    updates = self.mask_updates
+    if updates is not None and updates.in_jit:
+      return updates.step(state, batch, step)
+    if updates is not None and updates.updater.is_update_step(step):
+      jax.block_until_ready(state)
+      begin = progress.clock()
+      state = jax.block_until_ready(updates(state, batch, step))
+      seconds = progress.clock() - begin
+      updates.seconds.append(seconds)
+      if progress.timed_from is not None:  # before the first step, nothing is timed yet
+        progress.add_pause(seconds)
+    return _train_step(state, batch, self.step_key, model=self.model, spec=self.dspec)

@@ -1,0 +1,264 @@
+"""Benchmark: mask updates inside the jitted step against updates between steps, same run.
+
+Three ways to train with moving masks, measured side by side in one process on batches
+already on the device:
+
+- fixed mask: :func:`sparsejax.training.train_step`, masks never move (the baseline);
+- between steps: :class:`sparsejax.training.MaskUpdates` called from Python at
+  ``is_update_step`` (a host round trip: dense gradient, update, mask replacement,
+  counts), then the same train step;
+- in jit: :func:`sparsejax.training.update_train_step`, the update as a ``lax.cond`` on
+  the step inside one jitted program.
+
+Methods: RigL (drop fraction 0.3, random/ERK start at 99%) and GMP (to 99% from dense),
+updates every 100 steps, effective tracking off. Reported: ms per step of steps without
+an update (the in-jit program's cost of carrying the update branch), ms per step over a
+run with updates every 100 steps (the updates' amortized cost), and the ratios to the
+fixed mask. Target: in-jit steps at most 5% slower than fixed-mask steps.
+
+LeNet-300-100 (batch 100): loops of --steps steps end to end, interleaved, median of
+--repeats after a compiling repeat. VGG-16 (batch --vgg_batch; about a second per step
+on a 2-core CPU): single steps and single updates timed (median of --vgg_repeats), the
+amortized time per step = step + update / 100.
+
+  python -m benchmarks.jit_updates          # prints the table, updates docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import report
+from experiments import configs
+from sparsejax import data, dynamic, models, pruning, training
+from sparsejax import masks as masks_lib
+
+
+def _setup(arch: str, batch_size: int):
+  spec = models.get_spec(arch)
+  dspec = data.get_spec(spec.dataset)
+  config = configs.get_config(arch, batch_size=batch_size, train_steps=100_000)
+  model = models.create(arch)
+  key = jax.random.key(0)
+  variables = models.init(model, key, dspec.image_shape)
+  erk = pruning.prune(
+    "random/erk",
+    key=key,
+    model=model,
+    variables=variables,
+    sparsity=0.99,
+    input_shape=dspec.image_shape,
+  )
+  images, labels = data.synthetic_split(spec.dataset, "train", num_examples=8 * batch_size)
+  batches = [
+    {
+      "image": jnp.asarray(images[i * batch_size : (i + 1) * batch_size]),
+      "label": jnp.asarray(labels[i * batch_size : (i + 1) * batch_size]),
+    }
+    for i in range(8)
+  ]
+  return model, dspec, config, variables, erk, batches, key
+
+
+def _methods(total_steps: int):
+  return {
+    "RigL": (dynamic.RigL(end=100 * total_steps, every=100), "erk"),
+    "GMP": (dynamic.GradualMagnitude(0.99, start=0, end=100 * total_steps, every=100), "dense"),
+  }
+
+
+class _Run:
+  """One way of stepping: fresh state, then ``steps`` steps from step ``first``."""
+
+  def __init__(self, kind, updater, start_masks, model, dspec, config, variables, key):
+    self.kind, self.updater = kind, updater
+    self.model, self.dspec, self.key = model, dspec, key
+    self.state0 = training.create_train_state(
+      model, key, dspec.image_shape, config, masks=start_masks, params=variables["params"]
+    )
+    self.updates = (
+      None
+      if updater is None
+      else training.MaskUpdates(
+        updater, model=model, spec=dspec, input_shape=dspec.image_shape, step_key=key
+      )
+    )
+
+  def loop(self, batches, first: int, steps: int) -> float:
+    """Seconds for ``steps`` steps starting at step ``first`` (updates included)."""
+    state = self.state0.replace(step=jnp.int32(first))
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for t in range(first, first + steps):
+      batch = batches[t % len(batches)]
+      if self.kind == "in jit":
+        state, metrics = training.update_train_step(
+          state,
+          batch,
+          self.key,
+          model=self.model,
+          spec=self.dspec,
+          updater=self.updater,
+        )
+      else:
+        if self.kind == "between steps" and self.updater.is_update_step(t):
+          state = self.updates(state, batch, t)
+        state, metrics = training.train_step(
+          state, batch, self.key, model=self.model, spec=self.dspec
+        )
+    jax.block_until_ready((state, metrics))
+    return time.perf_counter() - t0
+
+
+def bench_loops(arch, batch, steps, repeats):
+  """{(method, kind): (ms per step without updates, ms per step with updates every 100)}."""
+  model, dspec, config, variables, erk, batches, key = _setup(arch, batch)
+  dense = masks_lib.map_masks(jnp.ones_like, erk)
+  runs = [("-", "fixed mask", _Run("fixed mask", None, erk, model, dspec, config, variables, key))]
+  for name, (updater, start) in _methods(steps).items():
+    masks = erk if start == "erk" else dense
+    for kind in ("between steps", "in jit"):
+      runs.append((name, kind, _Run(kind, updater, masks, model, dspec, config, variables, key)))
+  quiet = {(n, k): [] for n, k, _ in runs}
+  busy = {(n, k): [] for n, k, _ in runs}
+  for r in range(repeats + 1):  # the first repeat compiles
+    for name, kind, run in runs:
+      # Steps 1-99 have no update for either method (GMP updates at 0, 100, ...).
+      q = run.loop(batches, 1, 99) / 99
+      b = run.loop(batches, 0, steps) / steps
+      if r:
+        quiet[(name, kind)].append(q)
+        busy[(name, kind)].append(b)
+  return {
+    key: (1000 * statistics.median(quiet[key]), 1000 * statistics.median(busy[key]))
+    for key in quiet
+  }
+
+
+def bench_parts(arch, batch, repeats):
+  """{(method, kind): (ms per step without update, ms per update)} from single steps."""
+  model, dspec, config, variables, erk, batches, key = _setup(arch, batch)
+  dense = masks_lib.map_masks(jnp.ones_like, erk)
+  out = {}
+
+  def timed(fn, n):
+    jax.block_until_ready(fn())  # compiles
+    times = []
+    for _ in range(n):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+  fixed = _Run("fixed mask", None, erk, model, dspec, config, variables, key).state0
+  plain = timed(
+    lambda: training.train_step(fixed, batches[0], key, model=model, spec=dspec), repeats
+  )
+  out[("-", "fixed mask")] = (plain, 0.0)
+  for name, (updater, start) in _methods(10_000).items():
+    masks = erk if start == "erk" else dense
+    run = _Run("in jit", updater, masks, model, dspec, config, variables, key)
+    at = lambda t, run=run: run.state0.replace(step=jnp.int32(t))
+    step = lambda t, at=at, updater=updater: training.update_train_step(
+      at(t), batches[0], key, model=model, spec=dspec, updater=updater
+    )
+    quiet = timed(lambda step=step: step(1), repeats)
+    with_update = timed(lambda step=step: step(100), repeats)
+    between = timed(lambda run=run, at=at: run.updates(at(100), batches[0], 100).params, repeats)
+    out[(name, "between steps")] = (plain, between)
+    out[(name, "in jit")] = (quiet, max(with_update - quiet, 0.0))
+  return out
+
+
+def table(args) -> str:
+  rows = []
+  loops = bench_loops("lenet300100", 100, args.steps, args.repeats)
+  base_q, base_b = loops[("-", "fixed mask")]
+  for (name, kind), (quiet, busy) in loops.items():
+    rows.append(
+      [
+        "lenet300100",
+        100,
+        name,
+        kind,
+        f"{quiet:.3f}",
+        f"{quiet / base_q:.3f}",
+        f"{busy:.3f}",
+        f"{busy / base_b:.3f}",
+      ]
+    )
+    print(" | ".join(str(c) for c in rows[-1]), flush=True)
+  if not args.skip_vgg:
+    parts = bench_parts("vgg16", args.vgg_batch, args.vgg_repeats)
+    for (name, kind), (step_ms, update_ms) in parts.items():
+      base = parts[("-", "fixed mask")][0]
+      busy = step_ms + update_ms / 100
+      rows.append(
+        [
+          "vgg16",
+          args.vgg_batch,
+          name,
+          kind + ("" if kind == "fixed mask" else f" (update {update_ms:.0f} ms)"),
+          f"{step_ms:.1f}",
+          f"{step_ms / base:.3f}",
+          f"{busy:.1f}",
+          f"{busy / base:.3f}",
+        ]
+      )
+      print(" | ".join(str(c) for c in rows[-1]), flush=True)
+  return report.markdown_table(
+    [
+      "network",
+      "batch",
+      "method",
+      "updates",
+      "ms per step, no update",
+      "vs fixed mask",
+      "ms per step, updates every 100",
+      "vs fixed mask",
+    ],
+    rows,
+  )
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--steps", type=int, default=1000)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--vgg_batch", type=int, default=32)
+  parser.add_argument("--vgg_repeats", type=int, default=3)
+  parser.add_argument("--skip_vgg", action="store_true")
+  parser.add_argument("--no_doc", action="store_true")
+  args = parser.parse_args()
+  load = report.load_average()
+  body = table(args)
+  print(body)
+  if not args.no_doc:
+    report.update_section(
+      "jit-updates",
+      f"""
+## Mask updates inside the jitted step (`python -m benchmarks.jit_updates`)
+
+{report.stamp()}; load average {load} at the start (a shared machine: ratios measured
+side by side in one process, absolute times noisy). RigL (drop fraction 0.3, random/ERK
+start at 99%) and GMP (to 99% from dense), masks moving every 100 steps, effective
+tracking off; *between steps*: `MaskUpdates` from Python at the update steps (a host
+round trip), *in jit*: `training.update_train_step` (`lax.cond` on the step inside the
+one jitted program), against the same train step with a fixed mask. LeNet-300-100:
+loops end to end (99 steps without an update; {args.steps} steps with updates at every
+100th), interleaved, median of {args.repeats} repeats after compilation. VGG-16: single
+steps and updates (median of {args.vgg_repeats}), per step with updates = step + update
+/ 100. Target: in-jit steps at most 5% slower than fixed-mask steps.
+
+{body}
+""",
+    )
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,80 @@
+"""Mask updates inside the jitted train step: no host round trip at update steps.
+
+:func:`update_train_step` is :func:`sparsejax.training.train_step` with the mask update
+of a :class:`sparsejax.dynamic.Updater` scheduled in the same program: ``lax.cond`` on
+``updater.update_due(state.step)`` runs the update (RigL's dense gradient on the step's
+batch included), puts the new masks into the optimizer state, zeroes dropped weights and
+(optionally) the optimizer state of grown ones, and then the ordinary step runs on the
+new state. This is what :class:`sparsejax.training.MaskUpdates` does between steps from
+Python, in the same order with the same keys, so both paths give the same masks; the
+in-step path fits a multi-host or TPU loop (every process runs the same program, nothing
+waits for the host) and :func:`sparsejax.training.train` uses it with
+``update_in_jit=True``. Effective tracking and effective targets need the host (a
+connectivity search between steps) and stay on the between-steps path.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from sparsejax import dynamic
+from sparsejax.training.state import TrainState
+from sparsejax.training.steps import _train_step, dense_grads
+
+
+def update_key(step_key: jax.Array, step) -> jax.Array:
+  """The PRNG key of the mask update before step ``step`` (a Python int or traced):
+  ``fold_in(fold_in(step_key, step), 1)``, the key the between-steps path uses."""
+  return jax.random.fold_in(jax.random.fold_in(step_key, step), 1)
+
+
+@functools.partial(
+  jax.jit, static_argnames=("model", "spec", "updater", "sweep", "reset_optimizer_state")
+)
+def update_train_step(
+  state: TrainState,
+  batch,
+  key: jax.Array,
+  *,
+  model,
+  spec,
+  updater,
+  sweep=None,
+  reset_optimizer_state: bool = True,
+):
+  """The mask update due at ``state.step`` (if any), then one train step; jitted.
+
+  Args:
+    state, batch, key, model, spec: as :func:`sparsejax.training.train_step` (``spec`` a
+      ``data.DatasetSpec``).
+    updater: a :class:`sparsejax.dynamic.Updater` with ``update_due`` (hashable: static).
+    sweep: a connectivity sweep for updaters that regrow into active weights.
+    reset_optimizer_state: grown weights start with zero optimizer state.
+
+  Returns:
+    (new state, {"loss", "accuracy", "mask_update": {"updated", "kept", "dropped",
+    "grown"}}) as device arrays.
+  """
+  step = state.step
+  grads = lambda params: dense_grads(
+    state.replace(params=params), batch, key, model=model, spec=spec
+  )
+  params, opt_state, stats = dynamic.update_in_step(
+    updater,
+    state.params,
+    state.opt_state,
+    step,
+    update_key(key, step),
+    grads=grads,
+    sweep=sweep,
+    reset_optimizer_state=reset_optimizer_state,
+  )
+  state, metrics = _train_step(
+    state.replace(params=params, opt_state=opt_state), batch, key, model=model, spec=spec
+  )
+  return state, {**metrics, "mask_update": stats}
+
+
+__all__ = ["update_key", "update_train_step"]
