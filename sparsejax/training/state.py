@@ -10,7 +10,6 @@ and sharding carry them and mask updates need no recompilation.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import flax
@@ -93,19 +92,27 @@ def _init_batch_stats(params, x, *, model):
   return variables.get("batch_stats", {})
 
 
-def prunable_paths(model, input_shape: Sequence[int], params: PyTree, batch_stats: PyTree):
+def example_input(input_shape) -> jax.ShapeDtypeStruct:
+  """The init and trace input of a model: [1, *input_shape] float32 for one example's
+  shape; a shape struct or array (e.g. int32 token ids [1, T]) as it is."""
+  if hasattr(input_shape, "shape") and hasattr(input_shape, "dtype"):
+    return jax.ShapeDtypeStruct(tuple(input_shape.shape), input_shape.dtype)
+  return jax.ShapeDtypeStruct((1,) + tuple(int(d) for d in input_shape), jnp.float32)
+
+
+def prunable_paths(model, input_shape, params: PyTree, batch_stats: PyTree):
   """The model's prunable set without masks: the parameters its traced program (in
   inference mode, ``train=False``) uses as the weight of a linear op."""
   variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
   return effective.prunable_paths(
-    model, tuple(input_shape), variables=variables, apply_kwargs={"train": False}
+    model, example_input(input_shape), variables=variables, apply_kwargs={"train": False}
   )
 
 
 def create_train_state(
   model: flax.linen.Module,
   key: jax.Array,
-  input_shape: Sequence[int],
+  input_shape,
   config,
   masks: PyTree = None,
   params: PyTree = None,
@@ -120,7 +127,9 @@ def create_train_state(
   Args:
     model: a Flax module called as ``model.apply(variables, x, train=...)``.
     key: PRNG key for ``model.init``.
-    input_shape: one example's shape without the batch axis, e.g. (28, 28, 1).
+    input_shape: one example's shape without the batch axis, e.g. (28, 28, 1) (a
+      float32 input), or an example input's shape struct with its batch axis and dtype,
+      e.g. ``jax.ShapeDtypeStruct((1, T), jnp.int32)`` for a language model's tokens.
     config: a ``TrainConfig`` (for the optimizer).
     masks: mask tree (bool at prunable leaves, None elsewhere) or None (dense).
     params: initial parameters (e.g. the ones a pruner scored); default: fresh
@@ -131,7 +140,8 @@ def create_train_state(
     A :class:`TrainState` at step 0 with ``params * masks`` (``params`` as they are
     with ``straight_through``: the dense weights train, the forward pass is masked).
   """
-  x = jnp.zeros((1,) + tuple(int(d) for d in input_shape), jnp.float32)
+  example = example_input(input_shape)
+  x = jnp.zeros(example.shape, example.dtype)
   if params is None:
     variables = _init_variables(key, x, model=model)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
