@@ -55,13 +55,7 @@ def _library(commit: str | None, tmp: str) -> str:
   """A folder whose sparsejax is this checkout's (None) or ``commit``'s."""
   if commit is None:
     return ROOT
-  folder = os.path.join(tmp, "baseline")
-  os.makedirs(folder, exist_ok=True)
-  archive = subprocess.run(
-    ["git", "-C", ROOT, "archive", commit, "sparsejax"], check=True, capture_output=True
-  ).stdout
-  subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
-  return folder
+  return report.export_commit(commit, os.path.join(tmp, "baseline"), ("sparsejax",))
 
 
 def fresh_runs(baseline: str | None, compressions, arch="vgg19", pruner="random/uniform"):

@@ -6,15 +6,15 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import subprocess
 
 import jax
 
 from experiments import results
 from sparsejax import timing
 
-DOC = os.path.join(
-  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks.md"
-)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 
 
 # The one timing helper (sparsejax.timing), under the name the benchmarks use.
@@ -57,3 +57,14 @@ def update_section(name: str, body: str, path: str = DOC) -> None:
   """Replaces the section between ``<!-- name:start -->`` and ``<!-- name:end -->``
   of docs/benchmarks.md (appending it if absent), leaving the others untouched."""
   results.update_markdown_section(path, name, body, title="# Benchmarks\n")
+
+
+def export_commit(commit: str, folder: str, paths: tuple[str, ...]) -> str:
+  """``folder`` holding ``paths`` of this repository as of ``commit`` (git archive), for
+  timing a baseline beside this checkout in the same run."""
+  os.makedirs(folder, exist_ok=True)
+  archive = subprocess.run(
+    ["git", "-C", ROOT, "archive", commit, *paths], check=True, capture_output=True
+  ).stdout
+  subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+  return folder

@@ -32,6 +32,7 @@ import time
 import jax
 from absl import flags, logging
 
+import sparsejax
 from experiments import (
   checks,
   cli,
@@ -43,7 +44,7 @@ from experiments import (
   results,
   run_config,
 )
-from sparsejax import data, effective, models
+from sparsejax import data, effective, models, pruning
 from sparsejax import masks as masks_lib
 
 FLAGS = flags.FLAGS
@@ -152,10 +153,11 @@ def measure(
   input_shape = dspec.image_shape
   model = models.create(config.arch, dspec.num_classes)
   variables = models.init(model, jax.random.fold_in(jax.random.key(config.seed), 0), input_shape)
+  net = sparsejax.trace(model, input_shape, variables=variables)  # as prune_train traces it
   if p.after_training:
     config.dense_dir = _dense_dir(config, source, dense_out)
-  masks, start_params = prune_train.prune_one_shot(config, p, model, variables, source, dense_out)
-  conn = effective.connectivity(model, masks, input_shape)
+  masks, start_params = prune_train.prune_one_shot(config, p, net, variables, source, dense_out)
+  conn = effective.connectivity(net, masks)
   eff = masks_lib.compression(conn.masks)
   units = {k: [conn.active_units[k], conn.total_units[k]] for k in conn.active_units}
   recorded = row["recorded_effective_compression"]
@@ -243,16 +245,21 @@ def main(argv):
   compilation_cache.from_flags()
   pruners = checks.parse_list(FLAGS.pruners, name="pruners")
   for name in pruners:
-    if run_config.check_pruner(name) is None:
-      raise ValueError(
+    if run_config.check_pruner(name, "--pruners") is None:
+      raise checks.FlagError(
         f"--pruners: {name!r} is not a one-shot pruner (its masks move "
         "during training or come from IMP's rounds)."
       )
   seeds = checks.parse_list(FLAGS.seeds, int, "seeds")
+  configs.check_arch(FLAGS.arch, "--arch")
+  with checks.flag_errors():
+    pruning.check_pruning_type(FLAGS.pruning_type, "--pruning_type")
+  checks.check_existing_dir("results_dir", FLAGS.results_dir)
   checks.check_run_args(
     out_dir=os.path.dirname(FLAGS.out) or ".",
     counts={"batch": FLAGS.batch, "repeats": FLAGS.repeats},
     nonnegative={"train_steps": FLAGS.train_steps},
+    seeds={"seeds": seeds},
   )
   source = datasource.DataSource.from_flags()
   runs = find_runs(

@@ -11,6 +11,8 @@ import os
 import jax
 from absl import flags
 
+from experiments import checks
+
 
 def default_dir() -> str:
   """$XDG_CACHE_HOME/sparsejax/jax (default ~/.cache/sparsejax/jax)."""
@@ -42,7 +44,7 @@ def enable(directory: str | None, enabled: bool = True) -> str | None:
   try:
     os.makedirs(directory, exist_ok=True)
   except OSError as err:
-    raise ValueError(
+    raise checks.FlagError(
       f"--compilation_cache_dir={directory!r} cannot be created ({err}); "
       "give a writable folder, or --nocompilation_cache."
     ) from None

@@ -287,16 +287,35 @@ def main(argv):
   pruner_names = checks.parse_list(FLAGS.pruners, name="pruners")
   types = checks.parse_list(FLAGS.pruning_types, name="pruning_types")
   comps = checks.parse_list(FLAGS.compressions, float, "compressions") or default_compressions()
+  configs.check_arch(FLAGS.arch, "--arch")
+  for name in pruner_names:
+    if name not in pruning.PRUNERS:
+      raise checks.FlagError(
+        f"--pruners: {name!r} is not a known pruner; allowed: {', '.join(pruning.PRUNERS)}."
+      )
+  for t in types:
+    with checks.flag_errors():
+      pruning.check_pruning_type(t, "--pruning_types")
   checks.check_run_args(
     out_dir=FLAGS.out_dir,
     compressions={"compressions": comps},
-    nonnegative={"seed": FLAGS.seed, "score_batch_size": FLAGS.score_batch_size},
+    seeds={"seed": FLAGS.seed},
+    nonnegative={"score_batch_size": FLAGS.score_batch_size},
     counts={"score_batches": FLAGS.score_batches},
     optional_counts={"rounds": FLAGS.rounds},
   )
   spec = models.get_spec(FLAGS.arch)
   config = configs.get_config(FLAGS.arch)
   source = datasource.DataSource.from_flags()
+  available = source.num_examples_of(spec.dataset)
+  batch = FLAGS.score_batch_size or config.snip_batch_size
+  needs_data = any(pruning.PRUNERS[n].needs_data for n in pruner_names)
+  # Synthetic data scores on the whole split instead (DataSource.score_batches).
+  if needs_data and not source.synthetic and available is not None and batch > available:
+    raise checks.FlagError(
+      f"--score_batch_size={batch} (0: the network's snip_batch_size) exceeds the "
+      f"{available} training examples of {source.describe(spec.dataset)}."
+    )
 
   def batches_fn():
     return source.score_batches(

@@ -13,6 +13,7 @@ import numpy as np
 from absl import flags, logging
 
 from sparsejax import data
+from sparsejax.data import synthetic
 
 
 @functools.lru_cache(maxsize=8)
@@ -94,6 +95,18 @@ class DataSource:
         f"--text_dir={folder!r} lacks {', '.join(f'{s}.txt.gz' for s in missing)}; it must "
         f"be {spec.hint}."
       )
+
+  def num_examples_of(self, dataset: str, split: str = "train") -> int | None:
+    """The examples of a split, known before it is read: the synthetic split's, or
+    the dataset spec's size (``num_train``, ``num_test``; None where the spec gives
+    none; None for a text dataset: its windows depend on the model's context and the
+    corpus's size, and batch_indices checks the batch against them once it is read)."""
+    spec = data.get_spec(dataset)
+    if isinstance(spec, data.TextSpec):
+      return None
+    if self.synthetic:
+      return self.num_examples or synthetic.DEFAULT_NUM_EXAMPLES[split]
+    return (spec.num_train if split == "train" else spec.num_test) or None
 
   def score_batches(
     self, dataset: str, *, num_batches: int, batch_size: int, seed: int, input_shape=None

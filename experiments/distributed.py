@@ -23,6 +23,8 @@ import os
 import jax
 from absl import flags, logging
 
+from experiments import checks
+
 ENV = {
   "coordinator_address": "JAX_COORDINATOR_ADDRESS",
   "num_processes": "JAX_NUM_PROCESSES",
@@ -61,7 +63,7 @@ def _int(name: str, flag_value, environ) -> int | None:
   try:
     return int(value)
   except ValueError:
-    raise ValueError(f"${ENV[name]}={value!r} must be an integer (--{name}).") from None
+    raise checks.FlagError(f"${ENV[name]}={value!r} must be an integer (--{name}).") from None
 
 
 def settings(
@@ -75,7 +77,8 @@ def settings(
   SLURM/Open MPI job); None: one process.
 
   Raises:
-    ValueError: an incomplete or inconsistent setting, named as its flag.
+    experiments.checks.FlagError: an incomplete or inconsistent setting, named as its
+      flag.
   """
   environ = os.environ if environ is None else environ
   address = coordinator_address or environ.get(ENV["coordinator_address"]) or None
@@ -86,7 +89,7 @@ def settings(
       return None
     if num == 1 and pid in (None, 0):
       return None
-    raise ValueError(
+    raise checks.FlagError(
       f"--num_processes={num!r} --process_id={pid!r} need "
       "--coordinator_address=host:port (process 0's host and a free port; or "
       f"${ENV['coordinator_address']})."
@@ -94,16 +97,16 @@ def settings(
   if address == "auto":
     return {k: v for k, v in (("num_processes", num), ("process_id", pid)) if v is not None}
   if num is None or pid is None:
-    raise ValueError(
+    raise checks.FlagError(
       f"--coordinator_address={address!r} needs --num_processes and "
       f"--process_id (or ${ENV['num_processes']}, ${ENV['process_id']})."
     )
   if num < 1:
-    raise ValueError(f"--num_processes={num!r} must be an integer >= 1.")
+    raise checks.FlagError(f"--num_processes={num!r} must be an integer >= 1.")
   if not 0 <= pid < num:
-    raise ValueError(f"--process_id={pid!r} must be in [0, {num}) (--num_processes={num}).")
+    raise checks.FlagError(f"--process_id={pid!r} must be in [0, {num}) (--num_processes={num}).")
   if ":" not in address:
-    raise ValueError(f"--coordinator_address={address!r} must be 'host:port'.")
+    raise checks.FlagError(f"--coordinator_address={address!r} must be 'host:port'.")
   return {"coordinator_address": address, "num_processes": num, "process_id": pid}
 
 

@@ -16,19 +16,24 @@ from collections.abc import Sequence
 import ml_collections
 
 from experiments import checks, configs, datasource, plugins, run_config
+from sparsejax import pruning
 
 
 def grid(archs, pruners, compressions, pruning_types, seeds) -> list[dict]:
   """The grid points, dense runs first; duplicates (dense at several targets) removed.
 
   Raises:
-    ValueError: an unknown network or pruner, a bad compression or seed (named).
+    experiments.checks.FlagError: an unknown network or pruner, a bad compression or
+      seed (named as the sweep's flag).
   """
+  for arch in archs:
+    configs.check_arch(arch, "--archs")
   for name in pruners:
-    run_config.check_pruner(name)
-  checks.check_run_args(
-    compressions={"compressions": list(compressions)}, nonnegative={"seeds": list(seeds)}
-  )
+    run_config.check_pruner(name, "--pruners")
+  for t in pruning_types:
+    with checks.flag_errors():
+      pruning.check_pruning_type(t, "--pruning_types")
+  checks.check_run_args(compressions={"compressions": list(compressions)}, seeds={"seeds": seeds})
   needs_dense = any(p == "dense" or run_config.after_training(p) for p in pruners)
   runs = []
   for arch, seed in itertools.product(archs, seeds):
@@ -70,7 +75,8 @@ def shared_overrides(train_steps: int | None, eval_every: int | None, extra: str
     shared.append(f"train_steps={train_steps}")
   if eval_every is not None:
     shared.append(f"eval_every={eval_every}")
-  return shared + [a[len("--config.") :] for a in configs.override_args(extra.split())]
+  with checks.flag_errors(f"--extra_flags={extra!r}"):
+    return shared + [a[len("--config.") :] for a in configs.override_args(extra.split())]
 
 
 def config_for(point: dict, shared: list[str]) -> ml_collections.ConfigDict:

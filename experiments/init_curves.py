@@ -100,6 +100,11 @@ def network_shape(arch: str) -> tuple[int, bool]:
   return sum(math.prod(x.shape) for x in leaves), any(x.ndim == 4 for x in leaves)
 
 
+#: The largest --max_exponent: 10^(0.2 * 50) = 10^10x keeps less than one weight of
+#: any network here (VGG-19 has 2 x 10^7); a larger one only overflows.
+MAX_EXPONENT = 50
+
+
 def compressions(max_exponent: int, step: int = 1) -> list[float]:
   """10^(0.2 i) for i = step, 2 step, ... <= max_exponent."""
   return [10 ** (0.2 * i) for i in range(step, max_exponent + 1, step)]
@@ -160,7 +165,7 @@ def define_flags() -> None:
   flags.DEFINE_integer(
     "max_exponent",
     None,
-    "Largest i in 10^(0.2 i) (default: the "
+    f"Largest i in 10^(0.2 i), an integer in [1, {MAX_EXPONENT}] (default: the "
     "budget's, 25 = 10^5x for the LeNets, 20 for the others); each "
     "pruner and type also stops at its first disconnected network.",
   )
@@ -173,23 +178,38 @@ def define_flags() -> None:
   datasource.define_flags()
 
 
-def main(argv):
-  del argv
-  plugins.import_modules(plugins.from_flags())  # before the networks and pruners are checked
+def check_flags() -> tuple[list[str], list[str]]:
+  """The networks and pruners of the flags, every flag checked before any work.
+
+  Raises:
+    experiments.checks.FlagError: the first bad flag, its value and what is allowed.
+  """
   archs = checks.parse_list(FLAGS.archs, name="archs")
   pruners = checks.parse_list(FLAGS.pruners, name="pruners")
   for arch in archs:
-    models.get_spec(arch)
+    configs.check_arch(arch, "--archs")
   for name in pruners:
-    p = pruning.get_pruner(name)
-    if p.after_training:
-      raise ValueError(
+    if name not in pruning.PRUNERS:
+      raise checks.FlagError(
+        f"--pruners: {name!r} is not a known pruner; allowed: {', '.join(PRUNERS)}."
+      )
+    if pruning.PRUNERS[name].after_training:
+      raise checks.FlagError(
         f"--pruners: {name!r} prunes after training, not at initialization; "
         f"allowed: {', '.join(PRUNERS)}."
       )
+  checks.check_int_flag("max_exponent", FLAGS.max_exponent, high=MAX_EXPONENT, allow_none=True)
+  checks.check_run_args(out_dir=FLAGS.out_dir, seeds={"seed": FLAGS.seed})
+  return archs, pruners
+
+
+def main(argv):
+  del argv
+  plugins.import_modules(plugins.from_flags())  # before the networks and pruners are checked
+  archs, pruners = check_flags()
   for arch in archs:
     budget = dict(paper_budget(arch) if FLAGS.paper_budgets else cpu_budget(arch))
-    if FLAGS.max_exponent:
+    if FLAGS.max_exponent is not None:
       budget["max_exponent"] = FLAGS.max_exponent
     # Only MNIST and the text corpus are available offline; the other datasets are
     # synthetic stand-ins.

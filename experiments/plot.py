@@ -38,9 +38,9 @@ import math
 import os
 import statistics
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from experiments import procedures, results
+from experiments import checks, cli, procedures, results
 
 FLAGS = flags.FLAGS
 
@@ -793,7 +793,7 @@ def _compaction_figures(results_dir, figures_dir, doc, short, short_steps) -> li
   """The speed figure and table of LeNet-300-100 (results/compaction/
   lenet300100_latency.csv with the trained runs) and the live-channel figures of every
   network with a results/compaction/<arch>/compression.csv (VGG-19 and ResNet-18),
-  where their data exist."""
+  where their data exist; the files written (``doc`` once if a table went there)."""
   written = []
   latency_path = os.path.join(results_dir, LATENCY_CSV)
   if os.path.exists(latency_path):
@@ -804,6 +804,7 @@ def _compaction_figures(results_dir, figures_dir, doc, short, short_steps) -> li
     written.append(path)
     if doc:
       results.update_markdown_section(doc, "speed-table", speed_table(rs, lat))
+      written.append(doc)
   found = glob.glob(os.path.join(results_dir, "compaction", "*", "compression.csv"))
   by_arch = {os.path.basename(os.path.dirname(p)): p for p in found}
   rows = {arch: results.read_compression_csv(by_arch[arch]) for arch in _arch_order(by_arch)}
@@ -814,7 +815,8 @@ def _compaction_figures(results_dir, figures_dir, doc, short, short_steps) -> li
       written.append(path)
     if doc:
       results.update_markdown_section(doc, "compaction-table", compaction_table(rows))
-  return written
+      written.append(doc)
+  return list(dict.fromkeys(written))
 
 
 def _latency_groups(lat: list[dict]) -> dict[tuple, dict]:
@@ -1073,7 +1075,8 @@ def compaction_table(rows: dict[str, list[dict]]) -> str:
 def make_all(
   results_dir: str, figures_dir: str, doc: str | None, short_steps: int, full_steps: int
 ) -> list[str]:
-  """Draws every figure and writes every table it has data for; returns the files."""
+  """Draws every figure and writes every table it has data for; returns the files
+  written (``doc`` only when a table of it was)."""
   written = []
   curves = load_curves(os.path.join(results_dir, "init_curves"))
   for arch, rows in curves.items():
@@ -1120,17 +1123,21 @@ def make_all(
     written.append(path)
   written += _compaction_figures(results_dir, figures_dir, doc, short, short_steps)
   if doc:
+    tables = []
     if curves:
-      results.update_markdown_section(doc, "init-curves-table", curves_table(curves))
+      tables.append(("init-curves-table", curves_table(curves)))
     if short:
-      results.update_markdown_section(doc, "accuracy-table", accuracy_table(short))
-      results.update_markdown_section(doc, "claims-table", claims_table(short))
+      tables.append(("accuracy-table", accuracy_table(short)))
+      tables.append(("claims-table", claims_table(short)))
     if full:
-      results.update_markdown_section(doc, "schedule-table", schedule_table(short, full))
+      tables.append(("schedule-table", schedule_table(short, full)))
     if moving:
-      results.update_markdown_section(doc, "dynamic-table", dynamic_table(moving))
-    written.append(doc)
-  return written
+      tables.append(("dynamic-table", dynamic_table(moving)))
+    for name, table in tables:
+      results.update_markdown_section(doc, name, table)
+    if tables:
+      written.append(doc)
+  return list(dict.fromkeys(written))  # the doc once, where several tables went
 
 
 def define_flags() -> None:
@@ -1146,16 +1153,40 @@ def define_flags() -> None:
   flags.DEFINE_integer("full_steps", 96000, "Training steps of the full schedule.")
 
 
+def check_flags() -> None:
+  """Every flag before any file is read or drawn: --results_dir a folder that exists,
+  --figures_dir and the folder of --doc writable (created if missing), the steps
+  positive.
+
+  Raises:
+    experiments.checks.FlagError: the first bad flag, its value and what is allowed.
+  """
+  checks.check_existing_dir("results_dir", FLAGS.results_dir)
+  checks.check_run_args(counts={"short_steps": FLAGS.short_steps, "full_steps": FLAGS.full_steps})
+  checks.check_writable_dir("figures_dir", FLAGS.figures_dir)
+  if FLAGS.doc:
+    if os.path.isdir(FLAGS.doc):
+      raise checks.FlagError(f"--doc={FLAGS.doc!r} is a folder, not a markdown file.")
+    folder = os.path.dirname(os.path.abspath(FLAGS.doc))
+    try:
+      results.check_writable_dir(folder)
+    except OSError as err:
+      raise checks.FlagError(
+        f"--doc={FLAGS.doc!r} cannot be written: its folder {folder} is not writable "
+        f"({err.strerror or err})."
+      ) from None
+
+
 def main(argv):
   del argv
+  check_flags()
   written = make_all(
     FLAGS.results_dir, FLAGS.figures_dir, FLAGS.doc or None, FLAGS.short_steps, FLAGS.full_steps
   )
   for path in written:
     logging.info("wrote %s", path)
-  print(f"Wrote {len(written)} files: " + ", ".join(written))
+  print(f"Wrote {len(written)} files" + (": " + ", ".join(written) if written else "."))
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 import sparsejax
@@ -90,6 +90,7 @@ from sparsejax import (
   flops,
   models,
   pruning,
+  quotas,
   timing,
   training,
 )
@@ -100,6 +101,8 @@ from sparsejax import (
 FLAGS = flags.FLAGS
 # Exit status of a run refused because another process works in its folder.
 EXIT_LOCKED = 75
+# Exit status after SIGINT (Ctrl-C), as a shell reports a process it ended: 128 + 2.
+EXIT_INTERRUPTED = 130
 
 
 def connectivity_report(net, masks) -> dict:
@@ -281,12 +284,17 @@ def run(
     source: where the data comes from (TFDS offline, or synthetic).
 
   Raises:
-    ValueError: a bad config field or argument (named as its flag), before any work.
+    experiments.checks.FlagError: a bad config field or argument (named as its flag),
+      a missing dense run, a run folder that cannot be written; before any work.
     rundir.RunLockedError: another process is working on this run.
+    sparsejax.training.CheckpointWriteError: a checkpoint folder stopped taking writes.
+    sparsejax.training.Interrupted: SIGINT while training (the run resumes when run
+      again).
   """
   start_time = time.time()
   source = datasource.DataSource() if source is None else source
   check_config(config, out_dir, source)
+  check_dense_run(config, out_dir)
   sparsity = run_config.target_sparsity(config)
   p = run_config.check_pruner(config.pruner)
   train_config = configs.train_config(config)
@@ -296,7 +304,7 @@ def run(
   updater = make_updater(config, sparsity) if config.pruner in dynamic.METHODS else None
   name = run_config.run_name(config)
   run_dir = os.path.join(out_dir, name)
-  os.makedirs(run_dir, exist_ok=True)
+  check_run_folder(run_dir)
   if not distributed.is_primary():  # Multi-host: process 0 locks and writes the files.
     return _run_locked(
       config,
@@ -556,42 +564,38 @@ def check_config(
   config: ml_collections.ConfigDict, out_dir: str, source: datasource.DataSource
 ) -> None:
   """Every field a run needs and out_dir, before any work (named as their flags): the
-  target, the pruner and pruning type, the counts and steps, a moving-mask schedule.
+  target, the pruner and pruning type, the network and dataset, the training fields,
+  the counts, seed and steps, a moving-mask schedule, IMP's rewind step, and batch sizes
+  against the dataset's size (known from its spec, before the data is read).
 
   Raises:
-    ValueError: the first bad field, its value and what is allowed.
+    experiments.checks.FlagError: the first bad field, its value and what is allowed.
   """
+  f = lambda name: f"config.{name}"
   sparsity = run_config.target_sparsity(config)
-  pruning.check_pruning_type(config.pruning_type, "--config.pruning_type")
-  run_config.check_pruner(config.pruner)
-  models.get_spec(config.arch)
-  dspec = data.get_spec(config.dataset)
-  source.check_text(config.dataset)
-  text = isinstance(dspec, data.TextSpec)
+  with checks.flag_errors():
+    pruning.check_pruning_type(config.pruning_type, "--config.pruning_type")
+  p = run_config.check_pruner(config.pruner)
+  configs.check_arch(config.arch, "--config.arch")
+  if config.dataset not in data.DATASETS and config.dataset not in data.TEXT_DATASETS:
+    raise checks.FlagError(
+      f"--config.dataset={config.dataset!r} is not a known dataset; allowed: "
+      f"{', '.join([*data.DATASETS, *data.TEXT_DATASETS])}."
+    )
+  text = isinstance(data.get_spec(config.dataset), data.TextSpec)
   if text != (models.get_spec(config.arch).input_dtype[:3] in ("int", "uin")):
-    raise ValueError(
+    raise checks.FlagError(
       f"--config.arch={config.arch!r} takes "
       f"{'images' if text else 'token ids'}, but --config.dataset={config.dataset!r} is "
       f"{'byte-level text' if text else 'an image dataset'}: a language model (e.g. "
       "'gpt') trains on 'text', an image classifier on an image dataset."
     )
-  if config.pruner in dynamic.METHODS:
-    make_updater(config, sparsity)
-  if not isinstance(config.compact, bool):
-    raise ValueError(f"--config.compact={config.compact!r} must be True or False.")
-  if config.compact and (
-    config.pruner in dynamic.METHODS or config.pruner == procedures.IMP or config.pruner == "dense"
-  ):
-    raise ValueError(
-      f"--config.compact=True is for one-shot pruners (at initialization or after "
-      f"training), not --config.pruner={config.pruner!r} (masks that move during "
-      "training or IMP's rounds cannot be compacted before training; a dense network has "
-      "nothing to remove)."
-    )
-  f = lambda name: f"config.{name}"
+  with checks.flag_errors():
+    source.check_text(config.dataset)
   checks.check_run_args(
     out_dir=out_dir,
-    nonnegative={f("seed"): config.seed, f("rewind_step"): config.rewind_step},
+    seeds={f("seed"): config.seed},
+    nonnegative={f("rewind_step"): config.rewind_step},
     counts={
       f(k): config[k]
       for k in (
@@ -609,6 +613,100 @@ def check_config(
     },
     optional_counts={f("rounds"): config.rounds, "num_examples": source.num_examples},
   )
+  configs.train_config(config)  # learning rate, momentum, decay, ...: named as flags
+  if config.pruner in dynamic.METHODS:
+    make_updater(config, sparsity)
+  if not isinstance(config.compact, bool):
+    raise checks.FlagError(f"--config.compact={config.compact!r} must be True or False.")
+  if config.compact and (
+    config.pruner in dynamic.METHODS or config.pruner == procedures.IMP or config.pruner == "dense"
+  ):
+    raise checks.FlagError(
+      f"--config.compact=True is for one-shot pruners (at initialization or after "
+      f"training), not --config.pruner={config.pruner!r} (masks that move during "
+      "training or IMP's rounds cannot be compacted before training; a dense network has "
+      "nothing to remove)."
+    )
+  if config.pruner == procedures.IMP and not config.rewind_step < config.train_steps:
+    raise checks.FlagError(
+      f"--config.rewind_step={config.rewind_step!r} must be in [0, --config.train_steps="
+      f"{config.train_steps}): the step of the dense run whose weights IMP rewinds to."
+    )
+  available = source.num_examples_of(config.dataset)
+  if available is not None:
+    data_name = source.describe(config.dataset)
+    if config.batch_size > available:
+      raise checks.FlagError(
+        f"--config.batch_size={config.batch_size} exceeds the {available} training "
+        f"examples of {data_name}; give at most {available}."
+      )
+    # Synthetic data scores on the whole split instead (DataSource.score_batches).
+    if p is not None and p.needs_data and not source.synthetic:
+      if config.snip_batch_size > available:
+        raise checks.FlagError(
+          f"--config.snip_batch_size={config.snip_batch_size} (the batch "
+          f"{config.pruner} scores on) exceeds the {available} training examples of "
+          f"{data_name}; give at most {available}."
+        )
+
+
+class MissingDenseRunError(checks.FlagError, FileNotFoundError):
+  """No dense run's weights where a pruner that scores trained weights reads them: a
+  usage error (:class:`experiments.checks.FlagError`) and a FileNotFoundError."""
+
+
+def check_dense_run(config: ml_collections.ConfigDict, out_dir: str) -> None:
+  """A pruner that scores trained weights (magnitude, LAMP, neuron/l1) needs the dense
+  run's weights (:func:`dense_weights`); checked before any data is read or pruning
+  starts. A run whose masks exist (resumed) does not read them again.
+
+  Raises:
+    MissingDenseRunError: no weights where the dense run keeps them.
+  """
+  p = run_config.check_pruner(config.pruner)
+  if p is None or not p.after_training:
+    return
+  if os.path.exists(os.path.join(out_dir, run_config.run_name(config), "masks.npz")):
+    return
+  folder = config.dense_dir or os.path.join(out_dir, run_config.run_name(dense_config(config)))
+  missing = [
+    w for w in ("initial", "final") if not os.path.exists(os.path.join(folder, "weights", w))
+  ]
+  if not missing:
+    return
+  if config.dense_dir:
+    raise MissingDenseRunError(
+      f"--config.dense_dir={config.dense_dir!r} holds no dense weights (weights/"
+      f"{missing[0]} is missing); --config.pruner={config.pruner!r} scores them."
+    )
+  raise MissingDenseRunError(
+    f"--config.pruner={config.pruner!r} scores the trained weights of a dense run, and "
+    f"there is none at {folder} (weights/{missing[0]} is missing): run "
+    "--config.pruner=dense with the same arch, dataset, seed and train_steps and "
+    "--out_dir first (or set --config.dense_dir)."
+  )
+
+
+def check_run_folder(run_dir: str) -> None:
+  """The run's folder, and the checkpoint folders already in it, can be written: one
+  that cannot (read-only, a full disk, a file in its place) is named before any work,
+  not when the first checkpoint is due.
+
+  Raises:
+    experiments.checks.FlagError: naming the folder (inside --out_dir) and why.
+  """
+  folders = [run_dir]
+  for root, dirs, names in os.walk(run_dir):
+    folders += [os.path.join(root, n) for n in dirs + names if n == "checkpoints"]
+    dirs[:] = [d for d in dirs if d != "checkpoints"]  # Orbax's steps: not ours to check
+  for folder in folders:
+    try:
+      results.check_writable_dir(folder)
+    except OSError as err:
+      raise checks.FlagError(
+        f"--out_dir: the run folder {folder} cannot be written ({err.strerror or err}); "
+        "make it writable, or give another --out_dir."
+      ) from None
 
 
 def make_updater(config: ml_collections.ConfigDict, sparsity: float) -> dynamic.Updater:
@@ -616,29 +714,35 @@ def make_updater(config: ml_collections.ConfigDict, sparsity: float) -> dynamic.
   ``dynamic.METHODS``), built from the config's settings with its steps scaled to
   ``train_steps`` (update_start and update_end are fractions of the run)."""
   method = dynamic.get_method(config.pruner)
-  for field in ("update_start", "update_end"):
-    if not 0.0 <= config[field] <= 1.0:
-      raise ValueError(
-        f"--config.{field}={config[field]!r} must be a fraction of the run in [0, 1]."
-      )
+  for field in ("update_start", "update_end", "drop_fraction", "initial_sparsity"):
+    value = config[field]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+      raise checks.FlagError(f"--config.{field}={value!r} must be a fraction in [0, 1].")
+  if config.quota is not None and config.quota not in quotas.QUOTAS:
+    raise checks.FlagError(
+      f"--config.quota={config.quota!r} is not a quota; allowed: None (global), "
+      f"{', '.join(quotas.QUOTAS)}."
+    )
   steps = config.train_steps
   target = config.update_target or config.pruning_type
-  pruning.check_pruning_type(target, "--config.update_target")
+  with checks.flag_errors():
+    pruning.check_pruning_type(target, "--config.update_target")
   if target not in method.targets:
-    raise ValueError(
+    raise checks.FlagError(
       f"--config.update_target={target!r} is not available for {method.name}; "
       f"allowed: {', '.join(method.targets)}."
     )
-  return method.make(
-    sparsity=sparsity,
-    start=round(config.update_start * steps),
-    end=round(config.update_end * steps),
-    every=config.update_every,
-    quota=config.quota,
-    target=target,
-    drop_fraction=config.drop_fraction,
-    initial_sparsity=config.initial_sparsity,
-  )
+  with checks.flag_errors(f"--config.pruner={config.pruner!r}"):  # the method's own checks
+    return method.make(
+      sparsity=sparsity,
+      start=round(config.update_start * steps),
+      end=round(config.update_end * steps),
+      every=config.update_every,
+      quota=config.quota,
+      target=target,
+      drop_fraction=config.drop_fraction,
+      initial_sparsity=config.initial_sparsity,
+    )
 
 
 def _starting_masks(config, updater, model, variables, sparsity, key):
@@ -799,15 +903,31 @@ def main(argv):
   distributed.initialize_from_flags()
   compilation_cache.from_flags()
   source = datasource.DataSource.from_flags()
-  try:
-    check_config(FLAGS.config, FLAGS.out_dir, source)
-  except ValueError as err:  # a bad field or flag, before any work: a usage error
-    raise app.UsageError(str(err)) from None
+  check_config(FLAGS.config, FLAGS.out_dir, source)  # FlagError: a usage error (cli)
+  name = run_config.run_name(FLAGS.config)
   try:
     summary = run(FLAGS.config, out_dir=FLAGS.out_dir, source=source)
   except rundir.RunLockedError as err:
     logging.error("%s", err)
     sys.exit(EXIT_LOCKED)
+  except training.CheckpointWriteError as err:  # the folder named; no traceback
+    logging.error("%s: %s", name, err)
+    sys.exit(1)
+  except training.Interrupted as err:
+    logging.error(
+      "%s: interrupted at step %d of %d; run the same command to resume it from its "
+      "last checkpoint.",
+      name,
+      err.step,
+      err.stop,
+    )
+    sys.exit(EXIT_INTERRUPTED)
+  except KeyboardInterrupt:
+    logging.error(
+      "%s: interrupted before training started; run the same command to start it again.",
+      name,
+    )
+    sys.exit(EXIT_INTERRUPTED)
   if summary["status"] in ("unreachable", "diverged"):
     print(
       json.dumps(

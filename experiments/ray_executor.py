@@ -25,6 +25,10 @@ A task with no GPU runs JAX on the CPU (``JAX_PLATFORMS=cpu``); tasks sharing a 
 compiled steps stay cached across runs). Workers use the persistent compilation cache
 of ``--compilation_cache_dir`` as the local executor's children do (each node's
 default folder unless the flag names one; ``--nocompilation_cache``: none).
+
+Without ``--ray_address`` the sweep starts a local instance (experiments.ray_local):
+listening on 127.0.0.1 only, with a token of its own, ended with the sweep's process
+however that ends (SIGKILL included).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from collections.abc import Sequence
 
 from absl import logging
 
-from experiments import checks, compilation_cache, datasource, executors, plugins
+from experiments import checks, compilation_cache, datasource, executors, plugins, ray_local
 
 INSTALL = "pip install 'sparsejax[ray]' (or: pip install 'ray[default]>=2.9')"
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,12 +125,14 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def connect(options: RayOptions):
-  """Connects this process to the cluster (or starts a local instance; a connection
-  this process already has is kept); returns the ray module.
+  """Connects this process to the cluster (or starts a local instance,
+  :func:`experiments.ray_local.start`; a connection this process already has is kept);
+  returns the ray module.
 
   Raises:
     ValueError: ray is not installed, or the cluster cannot be reached (naming the
       flag and what to install or start).
+    RuntimeError: the local instance did not start (naming its log).
   """
   options.check()
   ray = import_ray()
@@ -134,17 +140,17 @@ def connect(options: RayOptions):
     check_reachable(options.address)
   if ray.is_initialized():
     return ray
-  try:
-    if options.address:
+  if not options.address:
+    _start_local(ray)
+  else:
+    try:
       ray.init(address=options.address)
-    else:
-      ray.init(include_dashboard=False)
-  except ConnectionError as err:
-    raise ValueError(
-      f"--ray_address={options.address!r}: no Ray cluster answers there "
-      f"({err}); start one with `ray start --head`, or leave "
-      "--ray_address empty for a local instance."
-    ) from None
+    except ConnectionError as err:
+      raise ValueError(
+        f"--ray_address={options.address!r}: no Ray cluster answers there "
+        f"({err}); start one with `ray start --head`, or leave "
+        "--ray_address empty for a local instance."
+      ) from None
   logging.info("Ray cluster: %s", ray.cluster_resources())
   if not fits_a_node(ray, options):
     logging.warning(
@@ -156,6 +162,22 @@ def connect(options: RayOptions):
       options.gpus_per_run,
     )
   return ray
+
+
+def _start_local(ray) -> None:
+  """Connects this process to the local instance it started (experiments.ray_local),
+  starting one first if it has none running."""
+  ray_local.prepare_driver(ray)
+  instance = ray_local.current()
+  if instance is None or instance.watchdog.poll() is not None:
+    instance = ray_local.start()
+  logging.info(
+    "Local Ray instance at %s (listening on %s only; ends with this process); its logs: %s",
+    instance.address,
+    ray_local.LOOPBACK,
+    instance.logs(),
+  )
+  ray.init(address=instance.address)
 
 
 def fits_a_node(ray, options: RayOptions) -> bool:
@@ -175,6 +197,14 @@ def capacity(ray, options: RayOptions) -> int:
   if options.gpus_per_run > 0:
     slots = min(slots, int(resources.get("GPU", 0) // options.gpus_per_run))
   return max(1, slots)
+
+
+def _logs(options: RayOptions) -> str:
+  """Where the Ray logs of the points' workers are."""
+  instance = ray_local.current()
+  if options.address or instance is None:
+    return "/tmp/ray/session_latest/logs on the node"
+  return instance.logs()
 
 
 def _env(options: RayOptions) -> dict:
@@ -270,7 +300,7 @@ class RayRuns:
       return 1, (
         f"its Ray worker died in each of {tries} attempt(s) "
         f"(--ray_max_retries={self._options.max_retries}): {type(err).__name__}; "
-        "see the Ray logs (/tmp/ray/session_latest/logs on the node). It resumes "
+        f"see the Ray logs ({_logs(self._options)}). It resumes "
         "from its last checkpoint when the sweep runs again"
       )
     except ray.exceptions.RayError as err:

@@ -192,6 +192,12 @@ def atomic_write(path: str, payload: bytes) -> None:
   _files().atomic_write(path, payload)
 
 
+def check_writable_dir(path: str) -> None:
+  """:func:`sparsejax.files.check_writable_dir`: creates the folder ``path`` if missing
+  and writes a file in it; OSError if it cannot."""
+  _files().check_writable_dir(path)
+
+
 def strict_json(obj: Any) -> Any:
   """``obj`` with every non-finite float (NaN, +-inf, numpy ones too) as None and numpy
   or JAX scalars/arrays as Python values: what a strict JSON parser accepts. A record

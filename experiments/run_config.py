@@ -10,27 +10,31 @@ from sparsejax import dynamic, masks, pruning
 
 def target_sparsity(config) -> float:
   """The run's target sparsity from ``config.compression`` or ``config.target_sparsity``
-  (neither: 0, the dense network), validated and naming the field."""
+  (neither: 0, the dense network), validated; a bad one is a
+  :class:`experiments.checks.FlagError` naming the field's flag."""
   compression, sparsity = config.compression, config.target_sparsity
   if compression is not None and sparsity is not None:
-    raise ValueError("give either --config.compression or --config.target_sparsity, not both.")
+    raise checks.FlagError(
+      "give either --config.compression or --config.target_sparsity, not both."
+    )
   if compression is not None:
     return 1.0 - 1.0 / checks.check_compression_flag("config.compression", compression)
   if sparsity is None:
     return 0.0
-  return masks.check_sparsity(sparsity, "--config.target_sparsity")
+  with checks.flag_errors():
+    return masks.check_sparsity(sparsity, "--config.target_sparsity")
 
 
-def check_pruner(name: str) -> pruning.Pruner | None:
+def check_pruner(name: str, flag: str = "--config.pruner") -> pruning.Pruner | None:
   """The registered pruner ``name``, or None for a training procedure ('imp' and the
-  registered dynamic methods, :data:`sparsejax.dynamic.METHODS`); ValueError for
-  anything else."""
+  registered dynamic methods, :data:`sparsejax.dynamic.METHODS`); for anything else a
+  :class:`experiments.checks.FlagError` naming ``flag``, the flag that gave it (an item
+  of a list flag reads ``--pruners: pruner='x'``)."""
   if name == IMP or name in dynamic.METHODS:
     return None
   if name not in pruning.PRUNERS:
-    raise ValueError(
-      f"pruner={name!r} is not a known pruner; allowed: {', '.join(pruner_names())}."
-    )
+    given = f"{flag}={name!r}" if flag.startswith("--config.") else f"{flag}: pruner={name!r}"
+    raise checks.FlagError(f"{given} is not a known pruner; allowed: {', '.join(pruner_names())}.")
   return pruning.PRUNERS[name]
 
 

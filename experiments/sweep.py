@@ -92,14 +92,16 @@ def execute(
       or networks: imported here first, and by every child process and Ray task.
 
   Raises:
-    ValueError: a bad config or flag, ray not installed or its cluster unreachable
-      (before any run starts and before any file is written).
+    experiments.checks.FlagError: a bad config or flag (before any run starts and
+      before any file is written).
+    ValueError: ray not installed, a bad Ray flag or its cluster unreachable
+      (experiments.ray_executor; before any run starts).
     processes.Stopped: SIGINT or SIGTERM while child processes or Ray tasks ran; they
       have been ended.
   """
   plugins.import_modules(imports)
   if executor not in EXECUTORS:
-    raise ValueError(
+    raise checks.FlagError(
       f"--executor={executor!r} is not an executor; allowed: {', '.join(EXECUTORS)}."
     )
   runs = [(point, grid.config_for(point, shared)) for point in points]
@@ -254,27 +256,26 @@ def main(argv):
   del argv
   imports = plugins.from_flags()
   plugins.import_modules(imports)  # before the networks and pruners are checked
-  try:
-    checks.check_run_args(
-      out_dir=None if FLAGS.dry_run else FLAGS.out_dir,
-      optional_counts={
-        "jobs": FLAGS.jobs,
-        "train_steps": FLAGS.train_steps,
-        "eval_every": FLAGS.eval_every,
-      },
-    )
-    points = grid.grid(
-      checks.parse_list(FLAGS.archs, name="archs"),
-      checks.parse_list(FLAGS.pruners, name="pruners"),
-      checks.parse_list(FLAGS.compressions, float, "compressions"),
-      checks.parse_list(FLAGS.pruning_types, name="pruning_types"),
-      checks.parse_list(FLAGS.seeds, int, "seeds"),
-    )
-    shared = grid.shared_overrides(FLAGS.train_steps, FLAGS.eval_every, FLAGS.extra_flags)
-    for point in points:  # every point's config parses (--extra_flags), before any work
-      grid.config_for(point, shared)
-  except ValueError as err:  # a bad flag or config field: a usage error
-    raise app.UsageError(str(err)) from None
+  # Every flag and every point's config (--extra_flags), before any work; a bad one is
+  # a FlagError, which experiments.cli reports as a usage error.
+  checks.check_run_args(
+    out_dir=None if FLAGS.dry_run else FLAGS.out_dir,
+    optional_counts={
+      "jobs": FLAGS.jobs,
+      "train_steps": FLAGS.train_steps,
+      "eval_every": FLAGS.eval_every,
+    },
+  )
+  points = grid.grid(
+    checks.parse_list(FLAGS.archs, name="archs"),
+    checks.parse_list(FLAGS.pruners, name="pruners"),
+    checks.parse_list(FLAGS.compressions, float, "compressions"),
+    checks.parse_list(FLAGS.pruning_types, name="pruning_types"),
+    checks.parse_list(FLAGS.seeds, int, "seeds"),
+  )
+  shared = grid.shared_overrides(FLAGS.train_steps, FLAGS.eval_every, FLAGS.extra_flags)
+  for point in points:
+    grid.config_for(point, shared)
   source = datasource.DataSource.from_flags()
   if FLAGS.dry_run:
     for point in points:
@@ -301,7 +302,9 @@ def main(argv):
       cache or "",
       imports,
     )
-  except ValueError as err:  # raised before any run starts: a bad flag or config field
+  except checks.FlagError:
+    raise
+  except ValueError as err:  # experiments.ray_executor's checks of its flags and cluster
     raise app.UsageError(str(err)) from None
   except processes.Stopped as stop:
     print(

@@ -50,7 +50,9 @@ def _is_none(x) -> bool:
 
 
 def _flat_masks(masks, traced: Traced) -> list:
-  flat = jax.tree.leaves(masks, is_leaf=_is_none)
+  """The masks of the prunable leaves (in ``traced.prunable`` order), read along the
+  params' tree (where a params tree holds None, the masks do too)."""
+  flat = traced.params_spec[0].flatten_up_to(masks)
   return [flat[i] for i in traced.prunable]
 
 
@@ -59,14 +61,14 @@ def sweep_of(traced: Traced, units: bool = True) -> Callable[[Masks], Connectivi
   raw = conn_lib.reach_sweep(traced.program, traced.prunable, units)
   total_inputs = int(sum(np.prod(s) for s in traced.program.x_shapes))
 
+  treedef = traced.params_spec[0]
+
   def sweep(masks: Masks) -> Connectivity:
-    flat, treedef = jax.tree.flatten(masks, is_leaf=_is_none)
-    ks = [flat[i] for i in traced.prunable]
-    pot, active, active_inputs, total = raw(ks)
-    leaves = [None] * len(flat)
+    pot, active, active_inputs, total = raw(_flat_masks(masks, traced))
+    leaves = [None] * treedef.num_leaves
     for i, p in zip(traced.prunable, pot):
       leaves[i] = p
-    potential = jax.tree.unflatten(treedef, leaves)
+    potential = treedef.unflatten(leaves)
     effective = masks_lib.map_masks(lambda m, live: m & live, masks, potential)
     if not units:
       return Connectivity(effective, potential, {}, None, conn_lib._FrozenDict(), 0)
@@ -98,6 +100,11 @@ def compiled_sweep(traced: Traced) -> Callable[[Masks], Connectivity]:
 
 def _masked(model, masks, input_shape, kw) -> Traced:
   """The model traced (or the Traced given) and narrowed to the masks' leaves."""
+  if "prunable" in kw:
+    raise ValueError(
+      f"prunable={kw['prunable']!r} is not taken here: the mask tree is the prunable set "
+      "(a weight whose mask is None is not pruned and not counted)."
+    )
   return tracing.trace(model, input_shape, **kw).masked(masks)
 
 

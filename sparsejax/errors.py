@@ -41,4 +41,22 @@ class CompactionMismatchError(ValueError):
     self.scale = float(scale)
 
 
-__all__ = ["UnreachableSparsityError", "CompactionMismatchError"]
+class FieldError(ValueError):
+  """A field of a settings record (e.g. :class:`sparsejax.training.TrainConfig`) whose
+  value is not allowed; a caller that knows where the value came from (a command-line
+  flag, a config file) names that place from the attributes.
+
+  Attributes:
+    field: the field's name.
+    value: the value given.
+    allowed: what is allowed, as a phrase after "must be" (e.g. "a finite number > 0").
+  """
+
+  def __init__(self, field: str, value, allowed: str):
+    super().__init__(f"{field}={value!r} must be {allowed}.")
+    self.field = field
+    self.value = value
+    self.allowed = allowed
+
+
+__all__ = ["UnreachableSparsityError", "CompactionMismatchError", "FieldError"]

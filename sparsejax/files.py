@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of one) and
+the check that a folder can be written before work that would write there starts."""
 
 from __future__ import annotations
 
@@ -48,4 +49,20 @@ def atomic_write(path: str | os.PathLike, payload: bytes) -> None:
     raise
 
 
-__all__ = ["TMP_PREFIX", "atomic_write"]
+def check_writable_dir(path: str | os.PathLike) -> None:
+  """Creates the folder ``path`` if missing and writes (then removes) a file in it.
+
+  A permission or mode check is not enough: root passes every permission check, while a
+  read-only mount, a full disk or a file where a folder is expected still refuse writes.
+
+  Raises:
+    OSError: the folder cannot be created or written (its ``filename`` the path that
+      failed, its ``strerror`` why).
+  """
+  path = os.fspath(path)
+  os.makedirs(path, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=path, prefix=TMP_PREFIX + "write-check-"):
+    pass
+
+
+__all__ = ["TMP_PREFIX", "atomic_write", "check_writable_dir"]

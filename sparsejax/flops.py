@@ -2,7 +2,9 @@
 
 Per linear op (Dense, Conv) with kernel W and P output positions (one example; P = 1 for
 a Dense layer), counting a multiply-accumulate as 2 FLOPs and nothing else (biases,
-normalization, activations and pooling are not counted):
+normalization, activations, pooling and embedding lookups, which read a row and
+multiply nothing, are not counted; a weight used by several ops, e.g. a tied embedding
+used as a lookup and as the output layer, counts each op's):
 
     dense FLOPs     = 2 * |W| * P
     direct FLOPs    = 2 * sum(mask) * P                       (unmasked weights)
@@ -68,14 +70,16 @@ def costs(model, masks, input_shape=None, **kw) -> dict[str, Cost]:
     masks = traced.ones()
   traced = traced.masked(masks)
   prog = traced.program
-  flat = jax.tree.leaves(masks, is_leaf=lambda x: x is None)
+  flat = traced.params_spec[0].flatten_up_to(masks)
   counts = _jitted_counts(traced)([flat[i] for i in traced.prunable])
   names = conn_lib.site_names(prog)
-  site_of = {}
+  site_of = {}  # leaf -> (its first site's name, output positions over its MAC sites)
   for n, (k, leaf) in zip(names, prog.sites):
-    if leaf is not None and leaf not in site_of:
+    if leaf is not None:
       shape = prog.eqns[k].out_avals[0].shape
-      site_of[leaf] = (n, int(np.prod(shape[:-1])) // int(shape[0]))
+      pos = 0 if prog.eqns[k].lookup else int(np.prod(shape[:-1])) // int(shape[0])
+      name, before = site_of.get(leaf, (n, 0))
+      site_of[leaf] = (name, before + pos)
   batch = int(prog.x_shapes[0][0]) if prog.x_shapes and len(prog.x_shapes[0]) else 1
   out, total = {}, None
   for i, c in zip(traced.prunable, counts):

@@ -181,7 +181,9 @@ def validate(
   that must carry a mask, all others None (e.g. a traced model's prunable set);
   without it the mask tree decides which leaves are prunable.
   """
-  want = {path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  want = {
+    path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_none)
+  }
   try:
     flat = jax.tree_util.tree_leaves_with_path(masks, is_leaf=_is_none)
   except Exception:  # pylint: disable=broad-except
@@ -198,6 +200,8 @@ def validate(
     m = got[path]
     if m is None and (chosen is None or path not in chosen):
       continue
+    if w is None:  # a params tree may hold None leaves (e.g. Equinox's partition)
+      raise ValueError(f"{name}[{path!r}] must be None: the parameter there is None.")
     if chosen is not None and path not in chosen:
       raise ValueError(
         f"{name}[{path!r}] must be None: it is not one of the prunable leaves, got "

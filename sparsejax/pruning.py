@@ -170,6 +170,7 @@ def ranking_for(
   if p.score is None:
     raise ValueError(f"pruner={p.name!r} has no ranking: it keeps every weight.")
   check_key(key)
+  model, variables = tracing.as_function(model, variables)
   score_kwargs = dict(score_kwargs or {})
   if "rounds" in score_kwargs:  # rounds given the way older code gave it
     if rounds is not None:
@@ -337,8 +338,9 @@ def prune(
       structured one, 'channel/l1', 'neuron/snip/global': :mod:`sparsejax.structured`)
       or a :class:`Pruner`.
     key: PRNG key for random scores and random within-layer orders.
-    model: a Flax module (zoo or user-written), a function ``apply(params, x)``, or a
-      :class:`sparsejax.Traced` of either (``sparsejax.trace``).
+    model: a Flax module (zoo or user-written), a function ``apply(params, x)``, an
+      NNX module (``variables`` then left out: its ``nnx.Param`` state is pruned), or a
+      :class:`sparsejax.Traced` of any of them (``sparsejax.trace``).
     variables: the module's {'params': ..., 'batch_stats': ...} at initialization, or
       the function's params.
     input_shape: one example's shape, e.g. (28, 28, 1), or an example input: the model
@@ -376,6 +378,7 @@ def prune(
   p = get_pruner(pruner)
   sparsity = masks_lib.check_sparsity(sparsity)
   check_pruning_type(pruning_type)
+  model, variables = tracing.as_function(model, variables)
   if p.score is None:
     if sparsity != 0:
       raise ValueError(f"pruner='dense' keeps every weight; sparsity={sparsity!r} must be 0.")

@@ -188,7 +188,7 @@ def _traced(model, x_spec, params_spec, extra_spec, apply_kwargs, chosen) -> Tra
       return default  # one program (and one compilation) for the default set
     order = tuple(i for i in default.weights if default.paths[i] in chosen)
     return dataclasses.replace(default, prunable=order)
-  kwargs = dict(apply_kwargs)
+  kwargs = _thawed(apply_kwargs)
   if isinstance(model, nn.Module):
     fn = lambda p, e, x: model.apply({"params": p, **e}, x, **kwargs)
   else:
@@ -215,6 +215,37 @@ def _traced(model, x_spec, params_spec, extra_spec, apply_kwargs, chosen) -> Tra
   )
 
 
+class _Frozen:
+  """An array keyword argument of a model's call (a PRNG key, a mask) as part of the
+  trace's cache key: equal when shape, dtype and values are."""
+
+  def __init__(self, value):
+    self.value = value
+    data = jax.random.key_data(value) if _is_key(value) else value
+    self._key = (str(getattr(value, "dtype", "")), np.shape(value), np.asarray(data).tobytes())
+
+  def __eq__(self, other):
+    return isinstance(other, _Frozen) and self._key == other._key
+
+  def __hash__(self):
+    return hash(self._key)
+
+
+def _is_key(value) -> bool:
+  return jax.dtypes.issubdtype(getattr(value, "dtype", np.float32), jax.dtypes.prng_key)
+
+
+def _frozen(apply_kwargs) -> tuple:
+  """The call's keyword arguments as a hashable, sorted tuple (arrays by value)."""
+  items = sorted((apply_kwargs or {}).items())
+  return tuple((k, _Frozen(v) if hasattr(v, "shape") else v) for k, v in items)
+
+
+def _thawed(frozen: tuple) -> dict:
+  """The keyword arguments of :func:`_frozen` as the call takes them."""
+  return {k: v.value if isinstance(v, _Frozen) else v for k, v in frozen}
+
+
 def _hashable(model, what="model"):
   try:
     hash(model)
@@ -231,7 +262,7 @@ def _init_shapes(model, x_spec, kwargs, shown: str):
   """Shape structs of ``model.init``'s variables (cached: tracing init costs ms)."""
   try:
     return jax.eval_shape(
-      functools.partial(model.init, **dict(kwargs)),
+      functools.partial(model.init, **_thawed(kwargs)),
       jax.random.key(0),
       jax.ShapeDtypeStruct(*x_spec[1][0]),
     )
@@ -254,8 +285,9 @@ def trace(
 
   Args:
     model: a Flax module (called as ``model.apply(variables, x, **apply_kwargs)``), a
-      function ``apply(params, x, **apply_kwargs)``, or a :class:`Traced` (returned as
-      it is, narrowed by ``prunable``; the other arguments must then be left out).
+      function ``apply(params, x, **apply_kwargs)``, an NNX module (its ``nnx.Param``
+      state is the params: :func:`as_function`), or a :class:`Traced` (returned as it
+      is, narrowed by ``prunable``; what is passed beside it must agree with it).
     input_shape: one example's shape without the batch axis, or an example input array.
     variables: a module's variables ({'params': ..., 'batch_stats': ...}) or their shape
       structs; default: the shapes of ``model.init``. A function's params are its
@@ -268,13 +300,16 @@ def trace(
   if isinstance(model, Traced):
     _check_agrees(model, input_shape, variables, params, apply_kwargs)
     return model.narrow(prunable)
+  if _is_nnx(model):
+    model, params = as_function(model, params if params is not None else variables)
+    variables = None
   if input_shape is None:
     raise ValueError(
       f"input_shape=None: model={_name(model)} is traced on one example; pass its shape "
       "(e.g. (28, 28, 1)) or an example input, or a sparsejax.Traced as model."
     )
   x = example_input(input_shape)
-  kwargs = tuple(sorted((apply_kwargs or {}).items()))
+  kwargs = _frozen(apply_kwargs)
   if isinstance(model, nn.Module):
     if params is not None and variables is None:
       variables = {"params": params}
@@ -310,6 +345,55 @@ def trace(
   return traced.narrow(prunable)
 
 
+class _NNXApply:
+  """``apply(params, x)`` of an NNX module: its graph merged with the ``nnx.Param``
+  state given and the module's other state (batch statistics, ...) as it was when
+  split. Equal for equal graphs and state shapes (a cache key of the trace)."""
+
+  def __init__(self, graphdef, rest):
+    self.graphdef, self.rest = graphdef, rest
+    self._key = (graphdef, _spec(rest))
+    self.__name__ = f"nnx:{type(graphdef).__name__}"
+
+  def __call__(self, params, x, **kwargs):
+    return _nnx().merge(self.graphdef, params, self.rest)(x, **kwargs)
+
+  def __eq__(self, other):
+    return isinstance(other, _NNXApply) and self._key == other._key
+
+  def __hash__(self):
+    return hash(self._key)
+
+
+def _nnx():
+  from flax import nnx  # an optional module of Flax: only NNX models need it
+
+  return nnx
+
+
+def _is_nnx(model) -> bool:
+  return type(model).__module__.startswith("flax.nnx") or any(
+    c.__module__.startswith("flax.nnx") and c.__name__ == "Module" for c in type(model).__mro__
+  )
+
+
+def as_function(model, variables=None):
+  """``(model, variables)``, an NNX module passed as ``model`` turned into the function
+  ``apply(params, x)`` of its graph and its ``nnx.Param`` state (masks then have that
+  state's structure; the module's other state is read as it is now). Anything else is
+  returned as it is."""
+  if not _is_nnx(model):
+    return model, variables
+  nnx = _nnx()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if variables is not None and _spec(variables) != _spec(params):
+    raise ValueError(
+      "variables: an NNX module carries its own parameters; leave variables out (or "
+      "pass nnx.state(model, nnx.Param))."
+    )
+  return _NNXApply(graphdef, rest), params if variables is None else variables
+
+
 def _check_agrees(traced: Traced, input_shape, variables, params, apply_kwargs) -> None:
   """ValueError unless what a caller passes beside a Traced is what it was traced with."""
   if input_shape is not None and _spec(example_input(input_shape)) != _spec(traced.input):
@@ -317,7 +401,7 @@ def _check_agrees(traced: Traced, input_shape, variables, params, apply_kwargs) 
       f"input_shape={input_shape!r} differs from the sparsejax.Traced's input "
       f"{tuple(traced.input.shape)}; leave it out or trace the model again."
     )
-  if apply_kwargs is not None and tuple(sorted(apply_kwargs.items())) != traced.apply_kwargs:
+  if apply_kwargs is not None and _frozen(apply_kwargs) != traced.apply_kwargs:
     raise ValueError(
       f"apply_kwargs={apply_kwargs!r} differs from the sparsejax.Traced's "
       f"{dict(traced.apply_kwargs)!r}; leave it out or trace the model again."
@@ -352,4 +436,4 @@ def params_of(model, variables):
   return variables
 
 
-__all__ = ["Traced", "trace", "example_input", "params_of", "unspec"]
+__all__ = ["Traced", "trace", "as_function", "example_input", "params_of", "unspec"]

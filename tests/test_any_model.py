@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import sparsejax
 from sparsejax import connectivity, effective
 from sparsejax import masks as masks_lib
 from tests import reference_graph as ref
@@ -187,11 +188,14 @@ def test_apply_function_matches_mlp_reference():
 def test_default_prunable_leaves_are_linear_weights_in_data_flow_order():
   params = {"b_first": {"kernel": jnp.ones((3, 4))}, "a_last": {"kernel": jnp.ones((4, 2))}}
   fn = lambda p, x: jnp.tanh(x @ p["b_first"]["kernel"]) @ p["a_last"]["kernel"]
-  assert effective.prunable_paths(fn, (3,), params=params) == ["b_first/kernel", "a_last/kernel"]
+  traced = sparsejax.trace(fn, (3,), params=params)
+  assert traced.prunable_paths == ["b_first/kernel", "a_last/kernel"]
+  assert effective.prunable_paths(fn, (3,), params=params) == traced.prunable_paths  # the alias
   only = lambda path: path.startswith("a_")
-  assert effective.prunable_paths(fn, (3,), params=params, prunable=only) == ["a_last/kernel"]
+  assert sparsejax.trace(fn, (3,), params=params, prunable=only).prunable_paths == ["a_last/kernel"]
+  assert traced.narrow(only).prunable_paths == ["a_last/kernel"]
   with pytest.raises(ValueError, match="prunable selects.*enter no linear op"):
-    effective.prunable_paths(_mlp_fn, (3,), params=_mlp_params(), prunable=lambda p: p == "b1")
+    sparsejax.trace(_mlp_fn, (3,), params=_mlp_params(), prunable=lambda p: p == "b1")
 
 
 def test_masked_kernel_inside_the_model_and_weight_tying():
@@ -210,14 +214,31 @@ def test_masked_kernel_inside_the_model_and_weight_tying():
 
 
 def test_unsupported_primitive_names_it_and_the_source_line():
-  def fn(p, x):
+  def data_loop(p, x):  # a trip count that depends on the input: no single graph
+    return jax.lax.while_loop(
+      lambda c: jnp.sum(c) < 3.0, lambda c: jnp.tanh(c @ p["w"]) + 1.0, x @ p["w"]
+    )
+
+  params = {"w": jnp.ones((3, 3))}
+  with pytest.raises(
+    ValueError, match=r"primitive 'while' at .*test_any_model.py:\d+.*depends on the input"
+  ):
+    effective.connectivity(data_loop, {"w": jnp.ones((3, 3), bool)}, (3,), params=params)
+
+  def eigen(p, x):  # a primitive without a connectivity rule
+    h = x @ p["w"]
+    return jnp.linalg.eigh(h[:, None] * h[None, :])[0]
+
+  with pytest.raises(ValueError, match=r"primitive 'eigh' at .*test_any_model.py:\d+"):
+    effective.connectivity(eigen, {"w": jnp.ones((3, 3), bool)}, (3,), params=params)
+
+  def counted(p, x):  # a loop whose trip count is a constant: unrolled, supported
     return jax.lax.while_loop(
       lambda c: c[0] < 3, lambda c: (c[0] + 1, jnp.tanh(c[1] @ p["w"])), (0, x)
     )[1]
 
-  params = {"w": jnp.ones((3, 3))}
-  with pytest.raises(ValueError, match=r"primitive 'while' at .*test_any_model.py:\d+"):
-    effective.connectivity(fn, {"w": jnp.ones((3, 3), bool)}, (3,), params=params)
+  got = effective.connectivity(counted, {"w": jnp.ones((3, 3), bool)}, (3,), params=params)
+  assert got.active_inputs == 3
 
 
 def test_input_dependent_cond_raises():
@@ -259,21 +280,23 @@ def test_bad_input():
     (("conv", 2, (3, 3), (1, 1), "SAME", (1, 1), 1, "relu"), ("gap",), ("dense", 2, None))
   )
   v = cnn.init(jax.random.key(0), jnp.ones((1, 4, 4, 1)))
+  dense = sparsejax.trace(cnn, (4, 4, 1), variables=v).ones()
   with pytest.raises(ValueError, match="cannot be applied"):  # wrong rank
-    effective.connectivity(cnn, effective.ones(cnn, (4, 4, 1)), jnp.ones((4, 1)), variables=v)
+    effective.connectivity(cnn, dense, jnp.ones((4, 1)), variables=v)
   with pytest.raises(ValueError, match=r"example input of shape \(\)"):
     effective.connectivity(_mlp_fn, good, jnp.ones(()), params=params)
   with pytest.raises(ValueError, match="dtype int32; masks must be bool"):
     effective.connectivity(_mlp_fn, dict(good, w1=jnp.ones((3, 4), jnp.int32)), (3,), params=params)
   with pytest.raises(ValueError, match="does not match the parameter tree"):
     effective.connectivity(_mlp_fn, {"w1": good["w1"]}, (3,), params=params)
-  with pytest.raises(ValueError, match="pass params="):
+  with pytest.raises(ValueError, match="is a function: pass its params"):
     effective.connectivity(_mlp_fn, good, (3,))
-  with pytest.raises(ValueError, match=r"masks\['b1'\] must be None"):
+  # a mask on a leaf that is no linear-op weight (the bias) is refused
+  with pytest.raises(ValueError, match=r"prunable selects \['b1'\].*enter no linear op"):
     effective.connectivity(_mlp_fn, dict(good, b1=jnp.ones(4, bool)), (3,), params=params)
 
 
-def test_attention_like_products_are_an_or():
+def test_attention_like_products_count_a_factor_only_where_the_other_can_be_nonzero():
   def fn(p, x):  # x: [T, D]; scores = q k^T mixes all tokens
     q, k = x @ p["wq"], x @ p["wk"]
     return jax.nn.softmax(q @ k.T, axis=-1) @ x
@@ -281,9 +304,14 @@ def test_attention_like_products_are_an_or():
   params = {"wq": jnp.ones((2, 2)), "wk": jnp.ones((2, 2))}
   masks = {"wq": jnp.array([[True, False], [False, False]]), "wk": jnp.zeros((2, 2), bool)}
   got = effective.connectivity(fn, masks, jnp.ones((3, 2)), params=params)
-  # wk empty: k is unreachable, but q k^T is an OR, so wq's live entry stays active
+  # wk empty: k is 0 for every input, so q k^T is 0 whatever q is; the softmax is then
+  # uniform and the output (the mean of x) does not depend on wq at all.
+  np.testing.assert_array_equal(got.masks["wq"], np.zeros((2, 2), bool))
+  assert got.active_inputs == 6  # x itself still reaches the output
+  # with one key weight kept, the query's live entry is on a path again
+  masks["wk"] = jnp.array([[True, False], [False, False]])
+  got = effective.connectivity(fn, masks, jnp.ones((3, 2)), params=params)
   np.testing.assert_array_equal(got.masks["wq"], masks["wq"])
-  assert got.active_inputs == 6
 
 
 def test_placement_and_barriers_are_identities():
@@ -368,14 +396,18 @@ def test_synflow_plain_resnet_equals_the_zoo_resnet():
   zoo_shapes = jax.eval_shape(zoo.init, jax.random.key(0), jnp.ones((1,) + shape))["params"]
   assert jax.tree.structure(zoo_shapes) == jax.tree.structure(params)
   rng = np.random.default_rng(0)
-  masks = masks_lib.map_prunable(lambda w: jnp.asarray(rng.random(w.shape) < 0.3), params)
-  a = scores.synflow_scores(plain, params, shape, masks)
-  b = scores.synflow_scores(zoo, params, shape, masks)
+  prunable = sparsejax.trace(plain, shape).prunable_paths
+  assert prunable == sparsejax.trace(zoo, shape).prunable_paths
+  masks = masks_lib.map_prunable(
+    lambda w: jnp.asarray(rng.random(w.shape) < 0.3), params, prunable=prunable
+  )
+  a = scores.synflow_scores(plain, params, input_shape=shape, masks=masks)
+  b = scores.synflow_scores(zoo, params, input_shape=shape, masks=masks)
   for x, y in zip(masks_lib.mask_leaves(a), masks_lib.mask_leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in masks_lib.mask_leaves(a))
-  pa = scores.synflow(plain, params, shape, 0.99, rounds=4)
-  pb = scores.synflow(zoo, params, shape, 0.99, rounds=4)
+  pa = scores.synflow(plain, params, sparsity=0.99, input_shape=shape, rounds=4)
+  pb = scores.synflow(zoo, params, sparsity=0.99, input_shape=shape, rounds=4)
   for x, y in zip(masks_lib.mask_leaves(pa), masks_lib.mask_leaves(pb)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -389,7 +421,7 @@ def test_synflow_on_a_gelu_mlp_is_path_counting():
     "l2": {"kernel": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)},
   }
   fn = lambda p, x: jax.nn.gelu(x @ p["l1"]["kernel"] + p["l1"]["bias"]) @ p["l2"]["kernel"]
-  got = scores.synflow_scores(fn, params, (3,))
+  got = scores.synflow_scores(fn, params, input_shape=(3,))
   got = {"w1": got["l1"]["kernel"], "w2": got["l2"]["kernel"]}
   a1, a2 = np.abs(np.asarray(params["l1"]["kernel"])), np.abs(np.asarray(params["l2"]["kernel"]))
   want1 = a1 * (a2 @ np.ones(2))[None, :]
@@ -399,26 +431,34 @@ def test_synflow_on_a_gelu_mlp_is_path_counting():
   np.testing.assert_allclose(got["w2"], factor * want2, rtol=1e-5)
 
 
-def test_synflow_refuses_unfaithful_linearizations():
+def test_synflow_linearizes_normalization_gating_and_attention_and_refuses_the_rest():
   from sparsejax import scores
 
+  finite = lambda tree: all(
+    bool(jnp.all(jnp.isfinite(x)) & jnp.all(x >= 0)) for x in masks_lib.mask_leaves(tree)
+  )
   ln = ref.PlainNet((("dense", 4, None), ("ln",), ("dense", 2, None)))
   params = ln.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
-  with pytest.raises(ValueError, match="not faithful"):
-    scores.synflow_scores(ln, params, (3,))
+  assert finite(scores.synflow_scores(ln, params, input_shape=(3,)))
 
   def gating(p, x):
     return (x @ p["a"]["kernel"]) * jnp.tanh(x @ p["b"]["kernel"])
 
   params = {"a": {"kernel": jnp.ones((3, 2))}, "b": {"kernel": jnp.ones((3, 2))}}
-  with pytest.raises(ValueError, match="not faithful"):
-    scores.synflow_scores(gating, params, (3,))
+  got = scores.synflow_scores(gating, params, input_shape=(3,))
+  assert finite(got)  # the product of the two flows: 3 * 3 paths into each output
+  np.testing.assert_allclose(got["a"]["kernel"], got["b"]["kernel"])
 
   def attention(p, x):  # x: [T, D]
     return jax.nn.softmax((x @ p["a"]["kernel"]) @ (x @ p["b"]["kernel"]).T) @ x
 
+  assert finite(scores.synflow_scores(attention, params, input_shape=jnp.ones((4, 3))))
+
+  def difference(p, x):  # two different tensors subtracted: no faithful linearization
+    return (x @ p["a"]["kernel"]) - (x @ p["b"]["kernel"])
+
   with pytest.raises(ValueError, match="not faithful"):
-    scores.synflow_scores(attention, params, jnp.ones((4, 3)))
+    scores.synflow_scores(difference, params, input_shape=(3,))
 
 
 def test_constant_index_gather_and_scatter_add():

@@ -112,19 +112,17 @@ def test_effective_benchmark_finds_the_sweeps_convolutions_and_parses_flags():
   import sys
 
   import jax
-  import jax.numpy as jnp
 
+  import sparsejax
   from benchmarks import effective as bench
-  from sparsejax import effective, masks, models
+  from sparsejax import masks, models
   from sparsejax.connectivity import xla_cpu
 
   model, shape = models.create("lenet5"), models.input_shape("lenet5")
-  params = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1,) + shape))["params"]
-  example = masks.random(
-    jax.random.key(1), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params), 0.9
-  )
+  traced = sparsejax.trace(model, shape)
+  example = masks.random(jax.random.key(1), traced.ones(), 0.9)
   hook = xla_cpu.reach_linear
-  found = bench._convolutions(effective.trace(model, shape), example)
+  found = bench._convolutions(traced, example)
   assert xla_cpu.reach_linear is hook  # restored
   assert [(xs[-1], ws[-1]) for _, xs, ws in found] == [(3, 6), (6, 16)]
   assert all(e.prim.name == "conv_general_dilated" for e, _, _ in found)
@@ -136,3 +134,24 @@ def test_effective_benchmark_finds_the_sweeps_convolutions_and_parses_flags():
     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
   )
   assert out.returncode == 0 and "--transform_only" in out.stdout, out.stderr[-2000:]
+
+
+def test_before_after_matches_rows_by_their_untimed_cells():
+  from benchmarks import before_after
+
+  def out(ms, effective):
+    return (
+      "noise\n| network | direct | effective | effective_masks ms | steps/s |\n"
+      "|---|---|---|---|---|\n"
+      f"| vgg19 | 100x | {effective} | {ms} | 2.5 / 3 |\n"
+      "| lenet | 10x | 12x | 1.0 | 8 |\ntrailer\n"
+    )
+
+  rows = before_after.compare(out(20.0, "120x"), out(10.0, "120x"))
+  assert [r[1:] for r in rows if r[1].startswith("vgg19")] == [
+    ["vgg19 / 100x / 120x", "effective_masks ms", "20", "10", "0.50"],
+    ["vgg19 / 100x / 120x", "steps/s", "2.5", "2.5", "1.00"],
+  ]
+  assert len(rows) == 4
+  # a row whose untimed cells differ (another effective compression) is not compared
+  assert len(before_after.compare(out(20.0, "120x"), out(10.0, "130x"))) == 2

@@ -30,7 +30,7 @@ TOY = textwrap.dedent(
 
 
   def _score(c):
-    return masks.map_prunable(lambda w: -jnp.abs(w), c.params)
+    return masks.map_prunable(lambda w: -jnp.abs(w), c.params, prunable=c.prunable)
 
 
   class ToyMLP(nn.Module):

@@ -20,6 +20,7 @@ from flax import traverse_util
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import sparsejax
 from sparsejax import compact, effective, errors, models, pruning
 from sparsejax import masks as masks_lib
 from sparsejax.models import VGG, LeNet5, LeNet300100, ResNet18
@@ -63,18 +64,17 @@ def small(name):
   return model, shape, perturb(v, jax.random.key(5))
 
 
-def layer_masks(params, rng, sparsities):
-  """Bernoulli masks, layer l kept with probability 1 - sparsities[l]."""
-  paths = masks_lib.prunable_paths(params)
-  by = dict(zip(paths, sparsities))
-  return jax.tree_util.tree_map_with_path(
-    lambda p, w: (
-      jnp.asarray(rng.random(w.shape) >= by[masks_lib.path_str(p)])
-      if masks_lib.path_str(p) in by
-      else None
-    ),
-    params,
-  )
+def dense(name):
+  """The dense mask of small(name) (its traced prunable set); a new tree each call."""
+  model, shape, v = small(name)
+  return sparsejax.trace(model, shape, variables=v).ones()
+
+
+def layer_masks(like, rng, sparsities):
+  """Bernoulli masks at the leaves of the mask tree ``like``: layer l (tree order) kept
+  with probability 1 - sparsities[l]."""
+  levels = iter(sparsities)
+  return masks_lib.map_masks(lambda m: jnp.asarray(rng.random(m.shape) >= next(levels)), like)
 
 
 def active(model, m, shape):
@@ -135,9 +135,9 @@ def test_channel_reach_matches_the_unit_graph(arch, seed, level):
 @given(seed=st.integers(0, 2**32 - 1), data=st.data())
 def test_compacted_small_networks_compute_the_same_function(name, seed, data):
   model, shape, v = small(name)
-  n = len(masks_lib.prunable_paths(v["params"]))
+  n = len(masks_lib.paths(dense(name)))
   levels = data.draw(st.lists(st.sampled_from([0.0, 0.5, 0.8, 0.9, 0.97]), min_size=n, max_size=n))
-  m = layer_masks(v["params"], np.random.default_rng(seed), levels)
+  m = layer_masks(dense(name), np.random.default_rng(seed), levels)
   fold = data.draw(st.booleans())
   new_model, new_v, new_m = compact.compact(model, v, m, input_shape=shape, fold=fold)
   assert compact.check_equal(model, v, m, new_model, new_v, shape) <= compact.RTOL
@@ -160,7 +160,7 @@ def test_mlp_keeps_exactly_the_live_neurons(seed, levels):
   """Dense readers: every constant is folded, so kept = reach AND coreach (boolean
   matrix propagation), or one neuron where none is live."""
   model, shape, v = small("lenet300100")
-  m = layer_masks(v["params"], np.random.default_rng(seed), levels)
+  m = layer_masks(dense("lenet300100"), np.random.default_rng(seed), levels)
   ks = [np.asarray(m[f"dense_{i}"]["kernel"]) for i in range(3)]
   reach = [np.ones(ks[0].shape[0], bool)]
   for k in ks:
@@ -180,7 +180,7 @@ def test_zero_constants_are_dropped_and_padding_keeps_nonzero_ones():
   """A VGG channel cut from the input but not from the output: at initialization its
   constant is 0 (dropped); with a nonzero shift it is kept (a 'SAME' conv reads it)."""
   model, shape, v = small("vgg")
-  m = masks_lib.ones(v["params"])
+  m = dense("vgg")
   m["conv_00"]["kernel"] = m["conv_00"]["kernel"].at[..., 2].set(False)
   init = model.init(jax.random.key(0), jnp.ones((1,) + shape))
   assert 2 in compact.plan(model, init, m, input_shape=shape).dropped["conv_00"]
@@ -201,7 +201,7 @@ def test_zero_constants_are_dropped_and_padding_keeps_nonzero_ones():
 
 def test_residual_streams_shrink_together():
   model, shape, v = small("resnet18")
-  m = masks_lib.ones(v["params"])
+  m = dense("resnet18")
   # stream 2 channel 1: no writer produces it and no reader reads it
   for w in ("stage2_block0/conv_2", "stage2_block1/conv_2", "stage2_block0/shortcut_conv"):
     a, b = w.split("/")
@@ -214,7 +214,7 @@ def test_residual_streams_shrink_together():
   assert new_v["params"]["stage2_block0"]["shortcut_conv"]["kernel"].shape[-1] == 5
   assert new_v["batch_stats"]["stage2_block1"]["norm_2"]["mean"].shape == (5,)
   # written by one block only: still read by the other, kept
-  m2 = masks_lib.ones(v["params"])
+  m2 = dense("resnet18")
   m2["stage2_block0"]["conv_2"]["kernel"] = (
     m2["stage2_block0"]["conv_2"]["kernel"].at[..., 1].set(False)
   )
@@ -226,7 +226,7 @@ def test_residual_streams_shrink_together():
 
 def test_verify_raises_on_a_different_function():
   model, shape, v = small("lenet300100")
-  m = masks_lib.ones(v["params"])
+  m = dense("lenet300100")
   new_model, new_v, _ = compact.compact(model, v, m, input_shape=shape, verify=True)
   bad = jax.tree.map(lambda a: a, new_v)
   bad["params"]["dense_2"]["bias"] = bad["params"]["dense_2"]["bias"] + 1e-2
@@ -245,14 +245,14 @@ def test_unknown_models_and_mismatched_masks_are_value_errors():
 
   mine = Mine()
   v = mine.init(jax.random.key(0), jnp.ones((1, 4)))
+  mine_dense = sparsejax.trace(mine, (4,), variables=v).ones()
   with pytest.raises(ValueError, match="model=Mine"):
-    compact.compact(mine, v, masks_lib.ones(v["params"]), input_shape=(4,))
+    compact.compact(mine, v, mine_dense, input_shape=(4,))
   model, shape, v = small("lenet300100")
-  other = small("lenet5")[2]
   with pytest.raises(ValueError):
-    compact.compact(model, v, masks_lib.ones(other["params"]), input_shape=shape)
+    compact.compact(model, v, dense("lenet5"), input_shape=shape)
   with pytest.raises(ValueError, match="variables"):
-    compact.compact(model, v["params"], masks_lib.ones(v["params"]), input_shape=shape)
+    compact.compact(model, v["params"], dense("lenet300100"), input_shape=shape)
 
 
 # --------------------------------------------------------------------------- the zoo

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import data, dynamic, effective, pruning, training
+import sparsejax
+from sparsejax import data, dynamic, effective, pruning, quotas, training
 from sparsejax import masks as masks_lib
 from tests import test_pruning as TP
 from tests.test_training import TinyMLP, _batch, mnist_like, numpy_mask, numpy_params, tiny_config  # noqa: F401
@@ -20,8 +21,13 @@ from tests.test_training import TinyMLP, _batch, mnist_like, numpy_mask, numpy_p
 
 def params_and_masks(density=1.0, seed=0):
   params = numpy_params(TinyMLP(), (28, 28, 1), seed)
-  masks = masks_lib.ones(params) if density == 1.0 else numpy_mask(params, density, seed)
+  masks = dense_mask(TinyMLP()) if density == 1.0 else numpy_mask(params, density, seed)
   return masks_lib.apply(params, masks), masks
+
+
+def dense_mask(model, input_shape=(28, 28, 1)):
+  """The dense mask of ``model`` (its traced prunable set)."""
+  return sparsejax.trace(model, input_shape).ones()
 
 
 def flat(tree):
@@ -58,14 +64,14 @@ def test_gmp_with_a_quota_keeps_the_quota_counts():
   params, masks = params_and_masks()
   out = gmp.update(params, None, masks, jnp.int32(0), jax.random.key(0))
   shapes = tuple(m.shape for m in masks_lib.mask_leaves(masks))
-  want = np.asarray(pruning.quotas_lib.layer_kept_counts("igq", 0.2, shapes))
+  want = np.asarray(quotas.layer_kept_counts("igq", 0.2, shapes))
   assert [int(m.sum()) for m in flat(out)] == want.tolist()
 
 
 def test_gmp_effective_target_equals_the_brute_force_scan():
-  model, shapes, input_shape = TP.small("mlp")
-  params = TP.random_scores(shapes, 3)  # stands in for trained weights
-  masks = masks_lib.ones(params)
+  model, _, input_shape = TP.small("mlp")
+  masks = TP.dense("mlp")
+  params = TP.random_scores(masks, 3)  # stands in for trained weights
   gmp = dynamic.GradualMagnitude(0.7, start=0, end=4, every=2, target="effective")
   for t in (0, 2, 4):
     s_t = float(gmp.sparsity(t))
@@ -134,13 +140,14 @@ def test_set_keeps_counts_and_grows_at_random():
 
 
 def test_active_regrowth_lands_no_weight_on_a_dead_unit():
-  model, shapes, input_shape = TP.small("cnn")
-  params = TP.random_scores(shapes, 1)
+  model, _, input_shape = TP.small("cnn")
+  dense = TP.dense("cnn")
+  params = TP.random_scores(dense, 1)
   masks = masks_lib.map_masks(
-    lambda m: m, pruning.masks_at(pruning.rank_scores(TP.random_scores(shapes, 2)), 60)
+    lambda m: m, pruning.masks_at(pruning.rank_scores(TP.random_scores(dense, 2)), 60)
   )
   sweep = effective.connectivity_sweep(model, input_shape, units=False)
-  grads = TP.random_scores(shapes, 4)
+  grads = TP.random_scores(dense, 4)
   for cls in (dynamic.RigL, dynamic.SET):
     up = cls(end=100, every=10, drop_fraction=0.5, regrow="active")
     new = up.update(params, grads, masks, jnp.int32(10), jax.random.key(0), sweep=sweep)
@@ -165,7 +172,7 @@ def test_active_regrowth_lands_no_weight_on_a_dead_unit():
 def test_effective_target_holds_the_active_count_and_never_revives_pruned(cls):
   model, shapes, input_shape = TP.small("cnn")
   params = jax.tree.map(lambda s: jax.random.normal(jax.random.key(1), s.shape), shapes)
-  masks = pruning.masks_at(pruning.rank_scores(TP.random_scores(shapes, 2)), 70)
+  masks = pruning.masks_at(pruning.rank_scores(TP.random_scores(TP.dense("cnn"), 2)), 70)
   sweep = effective.connectivity_sweep(model, input_shape, units=False)
   total = masks_lib.count(masks)[1]
   up = cls(end=100, every=10, drop_fraction=0.5, regrow="active", target="effective", sparsity=0.7)
@@ -320,7 +327,7 @@ def test_pruned_weights_are_zero_after_every_step(name, mnist_like):
   (images, labels), _ = mnist_like
   model, cfg = TinyMLP(), tiny_config(train_steps=24)
   params = numpy_params(model, (28, 28, 1))
-  start = masks_lib.ones(params) if name == "gmp" else numpy_mask(params, 0.1)
+  start = dense_mask(model) if name == "gmp" else numpy_mask(params, 0.1)
   updater = UPDATERS[name]()
   state = training.create_train_state(
     model,

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import sparsejax
 from sparsejax import effective, models
 from sparsejax import masks as masks_lib
 from tests import reference_graph as ref
@@ -240,8 +241,12 @@ def masks_for(draw, archs, levels=LEVELS):
 def test_reference_layers_match_the_params_tree(arch):
   model, shapes, graph = setup(arch)
   # prunable kernels in sorted-key (= call) order, of the shapes the graph labels
-  assert [p[: -len("/kernel")] for p in masks_lib.prunable_paths(shapes)] == graph.paths
-  assert list(masks_lib.prunable_shapes(shapes)) == [l.kernel_shape for l in graph.layers]
+  traced = sparsejax.trace(model, arch.input_shape)
+  dense = traced.ones()
+  masks_lib.validate(dense, shapes)
+  assert [p[: -len("/kernel")] for p in masks_lib.paths(dense)] == graph.paths
+  assert [p[: -len("/kernel")] for p in traced.prunable_paths] == graph.paths
+  assert [m.shape for m in masks_lib.mask_leaves(dense)] == [l.kernel_shape for l in graph.layers]
   out = jax.eval_shape(
     model.init_with_output, jax.random.key(0), jnp.zeros((1,) + arch.input_shape)
   )[0]
@@ -554,8 +559,7 @@ def test_max_and_avg_pooling_connect_alike(arch_masks):
 def test_lenet300100_matches_mlp_reference(sparsity):
   model = models.create("lenet300100")
   shape = models.input_shape("lenet300100")
-  params = ref.param_shapes(model, shape)
-  m = masks_lib.random(jax.random.key(3), params, sparsity)
+  m = masks_lib.random(jax.random.key(3), sparsejax.trace(model, shape).ones(), sparsity)
   conn = effective.connectivity(model, m, shape)
   kernels = [np.asarray(k) for k in masks_lib.mask_leaves(m)]
   eff, units, inputs = ref.mlp_reference(kernels)
@@ -587,10 +591,10 @@ def _lenet5_graph():
 def test_lenet5_matches_reference_graph(sparsity):
   model = models.create("lenet5")
   shape = models.input_shape("lenet5")
-  params = ref.param_shapes(model, shape)
   graph = _lenet5_graph()
-  assert list(masks_lib.prunable_shapes(params)) == [l.kernel_shape for l in graph.layers]
-  m = masks_lib.random(jax.random.key(int(sparsity * 1000)), params, sparsity)
+  dense = sparsejax.trace(model, shape).ones()
+  assert [m.shape for m in masks_lib.mask_leaves(dense)] == [l.kernel_shape for l in graph.layers]
+  m = masks_lib.random(jax.random.key(int(sparsity * 1000)), dense, sparsity)
   conn = effective.connectivity(model, m, shape)
   want = ref.reference(graph, [np.asarray(k) for k in masks_lib.mask_leaves(m)])
   for got, w in zip(masks_lib.mask_leaves(conn.masks), want.masks):
@@ -606,8 +610,8 @@ def test_lenet5_matches_reference_graph(sparsity):
 @pytest.fixture
 def mlp():
   arch = MLPS[1]
-  model, shapes, _ = setup(arch)
-  return model, masks_lib.ones(shapes), arch.input_shape
+  model, _, _ = setup(arch)
+  return model, sparsejax.trace(model, arch.input_shape).ones(), arch.input_shape
 
 
 def _raises(model, tree, shape):
@@ -633,10 +637,10 @@ def test_bad_masks_raise(mlp):
   for dtype in (jnp.float32, jnp.int32, np.uint8):
     bad = dict(good, op00_dense=dict(good["op00_dense"], kernel=jnp.ones((5, 8), dtype)))
     _raises(model, bad, shape)
-  none_kernel = dict(good, op00_dense=dict(good["op00_dense"], kernel=None))
-  _raises(model, none_kernel, shape)
   bias_mask = dict(good, op00_dense=dict(good["op00_dense"], bias=jnp.ones((8,), bool)))
   _raises(model, bias_mask, shape)
+  with pytest.raises(ValueError, match=r"\['op00_dense/bias'\].*enter no linear op"):
+    effective.effective_masks(model, bias_mask, shape)
   as_list = dict(good, op00_dense=dict(good["op00_dense"], kernel=np.ones((5, 8), bool).tolist()))
   _raises(model, as_list, shape)
 
@@ -650,3 +654,28 @@ def test_bad_input_shape_raises(mlp, bad_shape):
 def test_non_integer_input_shape_raises(mlp):
   model, good, _ = mlp
   _raises(model, good, (5.5,))
+
+
+def test_a_none_kernel_mask_is_not_pruned_nor_counted(mlp):
+  # the mask tree is the prunable set: a weight left None is simply not pruned and not
+  # counted (it was an error while the name rule decided the prunable set)
+  model, good, shape = mlp
+  rng = np.random.default_rng(0)
+  sparse = masks_lib.map_masks(lambda m: jnp.asarray(rng.random(m.shape) < 0.4), good)
+  none_kernel = dict(sparse, op00_dense=dict(sparse["op00_dense"], kernel=None))
+  unmasked = dict(
+    sparse, op00_dense=dict(sparse["op00_dense"], kernel=good["op00_dense"]["kernel"])
+  )
+  got = effective.connectivity(model, none_kernel, shape)
+  want = effective.connectivity(model, unmasked, shape)
+  assert got.masks["op00_dense"]["kernel"] is None
+  # an unpruned layer conducts like an all-True mask: the same units are active
+  assert got.active_units == want.active_units
+  assert got.active_inputs == want.active_inputs
+  assert masks_lib.paths(got.masks) == ["op01_dense/kernel", "op02_dense/kernel"]
+  for layer in ("op01_dense", "op02_dense"):
+    np.testing.assert_array_equal(got.masks[layer]["kernel"], want.masks[layer]["kernel"])
+  kept = sum(int(np.sum(np.asarray(want.masks[l]["kernel"]))) for l in ("op01_dense", "op02_dense"))
+  assert effective.effective_sparsity(model, none_kernel, shape) == pytest.approx(
+    1 - kept / (8 * 6 + 6 * 3)
+  )

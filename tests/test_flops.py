@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import sparsejax
 from sparsejax import effective, flops, models
 from sparsejax import masks as masks_lib
 from tests import reference_graph as ref
@@ -23,7 +24,9 @@ def test_lenet300100_counts():
   ]
   assert dense["total"].params_effective == 266200
   assert dense["total"].bytes_dense == 4 * 266200
-  m = masks_lib.random(jax.random.key(1), v["params"], 0.99)
+  m = masks_lib.random(
+    jax.random.key(1), sparsejax.trace(model, (28, 28, 1), variables=v).ones(), 0.99
+  )
   c = flops.costs(model, m, (28, 28, 1))
   eff = effective.effective_masks(model, m, (28, 28, 1))
   for i in range(3):
@@ -44,7 +47,7 @@ def test_same_conv_padding_taps_cost_nothing_effectively():
   """3x3 'SAME' conv on 3x3: tap (dh, dw) reads a real pixel at (3 - |dh - 1|) x
   (3 - |dw - 1|) of the 9 positions, 49 in all per (in, out) pair."""
   model, v = _tiny((("conv", 2, 3, 1, "SAME"), ("flatten",), ("dense", 3)), (3, 3, 1))
-  c = flops.costs(model, masks_lib.ones(v["params"]), (3, 3, 1))
+  c = flops.costs(model, sparsejax.trace(model, (3, 3, 1), variables=v).ones(), (3, 3, 1))
   conv, dense = c["op00_conv"], c["op02_dense"]
   assert conv.positions == 9 and dense.positions == 1
   assert (conv.flops_dense, conv.flops_direct, conv.flops_effective) == (324, 324, 2 * 49 * 2)
@@ -54,7 +57,7 @@ def test_same_conv_padding_taps_cost_nothing_effectively():
 
 def test_valid_conv_with_a_dead_channel():
   model, v = _tiny((("conv", 2, 3, 1, "VALID"), ("flatten",), ("dense", 3)), (5, 5, 1))
-  m = masks_lib.ones(v["params"])
+  m = sparsejax.trace(model, (5, 5, 1), variables=v).ones()
   m["op00_conv"]["kernel"] = m["op00_conv"]["kernel"].at[..., 1].set(False)
   c = flops.costs(model, m, (5, 5, 1))
   conv, dense = c["op00_conv"], c["op02_dense"]
@@ -77,5 +80,6 @@ def test_bad_masks():
   model = models.create("lenet300100")
   other = models.create("lenet5")
   v = other.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
+  theirs = sparsejax.trace(other, (32, 32, 3), variables=v).ones()
   with pytest.raises(ValueError):
-    flops.costs(model, masks_lib.ones(v["params"]), (28, 28, 1))
+    flops.costs(model, theirs, (28, 28, 1))

@@ -226,6 +226,7 @@ def test_plots_import_no_jax_flax_or_compactor(tmp_path):
   results = tmp_path / "results"
   curves = results / "init_curves" / "lenet300100"
   curves.mkdir(parents=True)
+  (tmp_path / "empty").mkdir()  # a --results_dir that does not exist is an error
   header = open(os.path.join(REPO, "results", "init_curves", "lenet300100", "random-igq.csv"))
   with header, open(curves / "random-igq.csv", "w") as out:
     out.writelines(header.readlines()[:4])

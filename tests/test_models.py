@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sparsejax
 from sparsejax import masks, models
 from sparsejax.models import layers as L
 
@@ -25,8 +26,8 @@ def shapes_of(model, input_shape):
 
 @pytest.mark.parametrize("name,input_shape,classes,count,layers", ZOO)
 def test_prunable_weight_counts(name, input_shape, classes, count, layers):
-  params = shapes_of(models.create(name, classes), input_shape)["params"]
-  shapes = masks.prunable_shapes(params)
+  dense = sparsejax.trace(models.create(name, classes), input_shape).ones()
+  shapes = [m.shape for m in masks.mask_leaves(dense)]
   assert sum(int(np.prod(s)) for s in shapes) == count
   assert len(shapes) == layers
 
@@ -50,8 +51,9 @@ def call_order(model, input_shape):
 @pytest.mark.parametrize("name,input_shape,classes,count,layers", ZOO)
 def test_tree_order_is_input_to_output_order(name, input_shape, classes, count, layers):
   model = models.create(name, classes)
-  params = shapes_of(model, input_shape)["params"]
-  assert masks.prunable_paths(params) == call_order(model, input_shape)
+  traced = sparsejax.trace(model, input_shape)
+  assert masks.paths(traced.ones()) == call_order(model, input_shape)  # tree order
+  assert traced.prunable_paths == call_order(model, input_shape)  # traced data-flow order
 
 
 @pytest.mark.parametrize("name,input_shape,classes,count,layers", ZOO)

@@ -128,15 +128,34 @@ def test_integer_inputs_and_their_errors():
     sparsejax.trace(model, (5,), variables=v)
 
 
-def test_a_gather_of_activations_at_input_indices_is_refused_at_the_users_line():
-  class Pick(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      h = nn.Dense(4)(x)
-      return jnp.take_along_axis(h, jnp.argmax(h, -1, keepdims=True), -1)
+class Pick(nn.Module):
+  """``values[argmax(selector(x))]``: activations read at positions that depend on the
+  input (sst2's roll by each sequence's length, top-k routing)."""
 
-  with pytest.raises(ValueError, match=r"'gather' at .*test_sequence_connectivity.py:\d+.*Pick"):
-    sparsejax.trace(Pick(), (3,))
+  @nn.compact
+  def __call__(self, x):
+    v = nn.Dense(4, name="values")(x)
+    g = nn.Dense(4, name="selector")(x)
+    return jnp.take_along_axis(v, jnp.argmax(g, -1, keepdims=True), -1)
+
+
+def test_a_read_of_activations_at_input_positions_reaches_every_position_and_its_index():
+  model = Pick()
+  v = model.init(jax.random.key(0), jnp.zeros((1, 3)))
+  traced = sparsejax.trace(model, (3,), variables=v)
+  full = traced.ones()
+  # any position may be read: every value unit is effective, and so is the selector,
+  # which changes the output only through the index (no gradient flows there)
+  assert_same(effective.connectivity(traced, full).masks, full)
+  m = traced.ones()
+  m["values"]["kernel"] = jnp.zeros_like(m["values"]["kernel"])
+  eff = effective.connectivity(traced, m).masks
+  # the output is still values' bias at a position chosen by the input
+  assert counts(eff)["selector/kernel"] == 3 * 4
+  m["values"]["kernel"] = m["values"]["kernel"].at[:, 1].set(True)
+  m["selector"]["kernel"] = m["selector"]["kernel"].at[0].set(False)
+  eff = effective.connectivity(traced, m).masks
+  assert_same(eff, m)  # every kept weight is on an input-output path
 
 
 # --------------------------------------------------------------------------- loops
@@ -375,3 +394,20 @@ def test_synflow_runs_on_normalization_attention_and_gating(norm):
 
 def traced_size(traced):
   return sum(int(np.prod(traced.shapes[i])) for i in traced.prunable)
+
+
+def test_flops_of_lookups_and_tied_embeddings():
+  """A lookup reads a row and multiplies nothing: the tied table's FLOPs are its output
+  layer's (x @ table.T) alone; its parameters count once."""
+  from sparsejax import flops
+
+  model = EmbedLM(tied=True)
+  v = model.init(jax.random.key(0), jnp.zeros((1, 5), INT))
+  traced = sparsejax.trace(model, ids(1, 5), variables=v)
+  c = flops.costs(traced, None)
+  table = c["embed"]
+  assert table.params_dense == 11 * 8
+  assert table.flops_dense == 2 * 11 * 8 * 5  # the output layer at 5 positions
+  assert table.flops_effective == table.flops_dense  # dense: every MAC is live
+  untied = flops.costs(EmbedLM(), None, ids(1, 5))
+  assert untied["embed"].flops_dense == 0 and untied["embed"].flops_effective == 0

@@ -14,7 +14,16 @@ import time
 
 import pytest
 
-from experiments import compilation_cache, datasource, grid, ray_executor, results, rundir, sweep
+from experiments import (
+  compilation_cache,
+  datasource,
+  grid,
+  ray_executor,
+  ray_local,
+  results,
+  rundir,
+  sweep,
+)
 from sparsejax import files
 
 SOURCE = datasource.DataSource(synthetic=True)
@@ -38,8 +47,11 @@ def ray_address():
   temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Short: socket paths are limited.
   cli = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
   # A throw-away cluster on the loopback address: no token to share with the driver.
-  previous_auth = os.environ.get("RAY_AUTH_MODE")
+  previous = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", ray_local.CLUSTER_ENV)}
   os.environ["RAY_AUTH_MODE"] = "disabled"
+  # Ray's cluster mode off, in the head and in this driver: only then does Ray keep
+  # 127.0.0.1 as the node's address and listen there alone (experiments.ray_local).
+  ray_local.prepare_driver(ray)
   head = subprocess.Popen(
     [
       cli,
@@ -48,6 +60,7 @@ def ray_address():
       "--block",
       "--node-ip-address=127.0.0.1",
       f"--port={port}",
+      f"--ray-client-server-port={_free_port()}",
       "--num-cpus=1",
       "--num-gpus=0",
       "--include-dashboard=false",
@@ -79,10 +92,11 @@ def ray_address():
       os.killpg(head.pid, signal.SIGKILL)
       head.wait()
     shutil.rmtree(temp, ignore_errors=True)
-    if previous_auth is None:
-      os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-      os.environ["RAY_AUTH_MODE"] = previous_auth
+    for name, value in previous.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
 
 
 def _path(point, out_dir):

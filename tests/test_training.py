@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sparsejax
 from experiments import configs
 from sparsejax import data, models, training
 from sparsejax import masks as masks_lib
@@ -50,6 +51,17 @@ class TinyConv(nn.Module):
     return nn.Dense(self.num_classes, name="dense_1")(x.reshape(x.shape[0], -1))
 
 
+def kernel_paths(params) -> frozenset:
+  """The prunable set of this file's models (Flax Dense and Conv layers): their 'kernel'
+  leaves' '/'-joined paths. A test knows its own model;
+  test_kernel_paths_are_the_traced_prunable_set checks this against sparsejax.trace."""
+  return frozenset(
+    masks_lib.path_str(p)
+    for p, _ in jax.tree_util.tree_leaves_with_path(params)
+    if masks_lib.path_str(p[-1:]) == "kernel"
+  )
+
+
 def numpy_params(model, input_shape, seed=0):
   """He-normal kernels, zero biases, unit scales, from numpy: cheaper than compiling
   JAX's random initializers."""
@@ -57,9 +69,10 @@ def numpy_params(model, input_shape, seed=0):
     lambda k, x: model.init(k, x, train=False), jax.random.key(0), jnp.zeros((1,) + input_shape)
   )["params"]
   rng = np.random.default_rng(seed)
+  prunable = kernel_paths(shapes)
 
   def init(path, s):
-    if masks_lib.is_prunable(path, s):
+    if masks_lib.path_str(path) in prunable:
       fan_in = int(np.prod(s.shape[:-1]))
       return jnp.asarray(rng.normal(0.0, np.sqrt(2.0 / fan_in), s.shape), jnp.float32)
     name = masks_lib.path_str(path[-1:])
@@ -71,7 +84,9 @@ def numpy_params(model, input_shape, seed=0):
 def numpy_mask(params, density, seed=0):
   """Bernoulli(density) mask at the prunable kernels, None elsewhere."""
   rng = np.random.default_rng(seed)
-  return masks_lib.map_prunable(lambda w: jnp.asarray(rng.random(w.shape) < density), params)
+  return masks_lib.map_prunable(
+    lambda w: jnp.asarray(rng.random(w.shape) < density), params, prunable=kernel_paths(params)
+  )
 
 
 def tiny_config(**overrides) -> configs.TrainConfig:
@@ -232,11 +247,28 @@ def test_weight_decay_applies_to_the_prunable_set_whatever_its_name(masked):
 
 
 def _kernels(tree):
+  prunable = kernel_paths(tree)
   return [
     np.asarray(x)
     for p, x in jax.tree_util.tree_leaves_with_path(tree)
-    if masks_lib.is_prunable(p, x)
+    if masks_lib.path_str(p) in prunable
   ]
+
+
+@pytest.mark.parametrize(
+  "model,input_shape",
+  [
+    (TinyMLP(), (28, 28, 1)),
+    (TinyConv(), (32, 32, 3)),
+    (models.create("lenet300100"), (28, 28, 1)),
+  ],
+  ids=["tiny_mlp", "tiny_conv", "lenet300100"],
+)
+def test_kernel_paths_are_the_traced_prunable_set(model, input_shape):
+  params = numpy_params(model, input_shape)
+  traced = sparsejax.trace(model, input_shape)
+  assert kernel_paths(params) == frozenset(traced.prunable_paths)
+  assert masks_lib.paths(numpy_mask(params, 0.5)) == masks_lib.paths(traced.ones())
 
 
 def test_masks_hold_exactly_after_many_steps(mnist_like):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sparsejax
 from sparsejax import effective, pruning, scores
 from sparsejax import masks as masks_lib
 
@@ -43,7 +44,7 @@ def _kernel_sparsity(masks, path):
 def test_uniform_plus_keeps_the_first_layer_in_data_flow_order_dense():
   model = BackwardsCNN()
   variables = model.init(jax.random.key(0), jnp.ones((1,) + SHAPE))
-  assert effective.prunable_paths(model, SHAPE, variables=variables) == [
+  assert sparsejax.trace(model, SHAPE, variables=variables).prunable_paths == [
     "z_first/kernel",
     "m_middle/kernel",
     "a_last/kernel",
@@ -78,10 +79,9 @@ def test_automatic_names_past_ten_are_ordered_by_data_flow():
   model = AutoNamedConvs()
   variables = model.init(jax.random.key(0), jnp.ones((1,) + SHAPE))
   want = [f"Conv_{i}/kernel" for i in range(11)]
-  assert effective.prunable_paths(model, SHAPE, variables=variables) == want
-  units = effective.active_units(
-    model, effective.ones(model, SHAPE, variables=variables), SHAPE, variables=variables
-  )
+  traced = sparsejax.trace(model, SHAPE, variables=variables)
+  assert traced.prunable_paths == want
+  units = effective.active_units(traced, traced.ones())
   assert list(units) == [p[: -len("/kernel")] for p in want]
   masks = pruning.prune(
     "random/uniform_plus",
@@ -248,7 +248,9 @@ def test_snip_user_loss_equals_default_loss():
     return scores.cross_entropy(logits, batch["label"])
 
   a = scores.snip(model, variables, _batches())
-  b = scores.snip(None, variables, _batches(), loss=loss)
+  # without a model, the prunable set is given as paths (the traced linear-op weights)
+  prunable = sparsejax.trace(model, SHAPE, variables=variables).prunable_paths
+  b = scores.snip(None, variables, _batches(), loss=loss, prunable=prunable)
   for x, y in zip(masks_lib.mask_leaves(a), masks_lib.mask_leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-8)
 
@@ -339,21 +341,24 @@ def test_a_prunable_predicate_keeps_chosen_layers_dense(pruner):
   assert m["conv1"]["kernel"] is None and m["head"]["kernel"] is None
   assert masks_lib.count(m) == (round(0.3 * 216), 216)  # conv2 alone: 3*3*4*6
   eff = pruning.prune(pruner, sparsity=0.7, pruning_type="effective", **kw)
-  # measuring them takes the same prunable=; without it a layer left out is an error
-  assert (
-    effective.effective_sparsity(model, eff, SHAPE, variables=variables, prunable=keep_ends) >= 0.7
-  )
-  with pytest.raises(ValueError, match=r"masks\['conv1/kernel'\]=None.*pass prunable="):
-    effective.effective_sparsity(model, eff, SHAPE, variables=variables)
+  assert eff["conv1"]["kernel"] is None and eff["head"]["kernel"] is None
+  # the mask tree is the prunable set: a layer left None is not pruned and not counted
+  assert effective.effective_sparsity(model, eff, SHAPE, variables=variables) >= 0.7
   # an unpruned layer is an unmasked one: the same active weights as a True mask there
   full = dict(
     eff,
     conv1=dict(eff["conv1"], kernel=jnp.ones((3, 3, 1, 4), bool)),
     head=dict(eff["head"], kernel=jnp.ones(variables["params"]["head"]["kernel"].shape, bool)),
   )
-  a = effective.effective_masks(model, eff, SHAPE, variables=variables, prunable=keep_ends)
+  a = effective.effective_masks(model, eff, SHAPE, variables=variables)
   b = effective.effective_masks(model, full, SHAPE, variables=variables)
+  assert a["conv1"]["kernel"] is None and a["head"]["kernel"] is None
   np.testing.assert_array_equal(a["conv2"]["kernel"], b["conv2"]["kernel"])
+  # ... and the sparsity counts conv2 alone
+  active = int(np.sum(np.asarray(b["conv2"]["kernel"])))
+  assert effective.effective_sparsity(model, eff, SHAPE, variables=variables) == pytest.approx(
+    1 - active / 216
+  )
 
 
 def test_masks_of_a_user_function_train_with_the_optax_wrapper():
@@ -385,7 +390,7 @@ def test_masks_of_a_user_function_train_with_the_optax_wrapper():
 
 def test_bad_prunable_and_foreign_score_trees():
   params = _named_params()
-  with pytest.raises(ValueError, match="prunable=3 must be None"):
+  with pytest.raises(ValueError, match="prunable=3 must be a collection of '/'-joined"):
     pruning.prune(
       "random/igq",
       key=jax.random.key(0),
@@ -405,9 +410,8 @@ def test_bad_prunable_and_foreign_score_trees():
       input_shape=SHAPE,
       prunable=["cb", "cw"],
     )
-  wrong = pruning.Pruner(
-    "toy/name_rule", lambda c: masks_lib.map_prunable(jnp.abs, c.params), "erk"
-  )
+  # a pruner that scores every leaf instead of ScoreContext.prunable (biases too)
+  wrong = pruning.Pruner("toy/every_leaf", lambda c: jax.tree.map(jnp.abs, c.params), "erk")
   with pytest.raises(ValueError, match="scored.*ScoreContext.prunable"):
     pruning.prune(
       wrong,

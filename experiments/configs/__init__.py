@@ -38,7 +38,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from sparsejax import models, training
+from experiments import checks
+from sparsejax import errors, models, training
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 #: The config of every registered network without a file of its own (``generic.py:<arch>``).
@@ -67,6 +68,15 @@ def path(arch: str) -> str:
     raise ValueError(f"arch={arch!r} is not a known network; allowed: {', '.join(archs())}.")
   own = os.path.join(CONFIG_DIR, f"{arch}.py")
   return own if os.path.isfile(own) else f"{GENERIC}:{arch}"
+
+
+def check_arch(arch: str, flag: str) -> None:
+  """FlagError unless ``arch`` is a registered network (``flag``: the flag that gave it,
+  e.g. ``--config.arch`` or ``--archs``)."""
+  if arch not in models.MODELS:
+    raise checks.FlagError(
+      f"{flag}={arch!r} is not a known network; allowed: {', '.join(archs())}."
+    )
 
 
 def override_args(overrides: dict | Sequence[str]) -> list[str]:
@@ -111,7 +121,7 @@ def parse(argv: Sequence[str], default: str) -> ml_collections.ConfigDict:
   missing or does not load, and a field the config does not have ("did you mean").
 
   Raises:
-    ValueError: the first mistake, the flag and what is allowed.
+    experiments.checks.FlagError: the first mistake, the flag and what is allowed.
   """
   probe = flags.FlagValues()
   flags.DEFINE_string("config", default, "", flag_values=probe)
@@ -119,7 +129,7 @@ def parse(argv: Sequence[str], default: str) -> ml_collections.ConfigDict:
   try:
     probe(argv, known_only=True)
   except flags.Error as err:
-    raise ValueError(f"--config: {err}") from None
+    raise checks.FlagError(f"--config: {err}") from None
   file = probe.config
   fields = sorted(_load_alone(file).keys())
   given = [m.group(1) for m in map(_OVERRIDE.match, argv) if m]
@@ -127,7 +137,7 @@ def parse(argv: Sequence[str], default: str) -> ml_collections.ConfigDict:
     field = name.split(".", 1)[0]
     if field not in fields:
       close = difflib.get_close_matches(field, fields, n=1)
-      raise ValueError(
+      raise checks.FlagError(
         f"--config.{name}: there is no field {field!r} in the config {file!r}"
         + (f"; did you mean --config.{close[0]}?" if close else ".")
         + f" Fields are set as --config.<field>=<value>, with <field> one of: "
@@ -138,7 +148,7 @@ def parse(argv: Sequence[str], default: str) -> ml_collections.ConfigDict:
     config_flags.DEFINE_config_file("config", default, flag_values=values, sys_argv=argv)
     values(argv, known_only=True)
   except (flags.Error, TypeError, ValueError) as err:
-    raise ValueError(
+    raise checks.FlagError(
       f"config={file!r} with overrides {[a for a in argv if _OVERRIDE.match(a)]}: "
       f"{_last_line(err)}. Fields are set as --config.<field>=<value>, with <field> one "
       f"of: {', '.join(fields)}."
@@ -157,11 +167,12 @@ def _load_alone(file: str) -> ml_collections.ConfigDict:
   """The config of ``file`` (``path.py`` or ``path.py:<argument>``), no overrides.
 
   Raises:
-    ValueError: no such file, or loading it raised (its error in one line).
+    experiments.checks.FlagError: no such file, or loading it raised (its error in one
+      line).
   """
   filename = file.split(":", 1)[0]
   if not os.path.isfile(filename):
-    raise ValueError(
+    raise checks.FlagError(
       f"--config={file!r}: no such config file ({os.path.abspath(filename)}); give "
       f"experiments/configs/<arch>.py or experiments/configs/generic.py:<arch> (<arch> one "
       f"of: {', '.join(archs())})."
@@ -174,7 +185,7 @@ def _load_alone(file: str) -> ml_collections.ConfigDict:
     config = values.config
     config.keys()  # config_flags defers a failed load to the first access
   except Exception as err:  # a user's config file can raise anything; reported, named
-    raise ValueError(f"--config={file!r} does not load: {_last_line(err)}") from None
+    raise checks.FlagError(f"--config={file!r} does not load: {_last_line(err)}") from None
   return config
 
 
@@ -187,8 +198,16 @@ def fields_help(file: str) -> str:
 
 
 def train_config(config: ml_collections.ConfigDict) -> training.TrainConfig:
-  """The :class:`sparsejax.training.TrainConfig` of an experiment config."""
-  return training.TrainConfig(**{k: config[k] for k in TRAIN_FIELDS})
+  """The :class:`sparsejax.training.TrainConfig` of an experiment config.
+
+  Raises:
+    experiments.checks.FlagError: a training field's value is not allowed, named as
+      its flag (``--config.learning_rate=inf must be a finite number > 0.``).
+  """
+  try:
+    return training.TrainConfig(**{k: config[k] for k in TRAIN_FIELDS})
+  except errors.FieldError as err:
+    raise checks.FlagError(f"--config.{err.field}={err.value!r} must be {err.allowed}.") from None
 
 
 def get_config(arch: str, **overrides) -> training.TrainConfig:

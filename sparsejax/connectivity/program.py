@@ -56,6 +56,7 @@ class Eqn:
   src: str  # the user's source line
   out_avals: list
   lookup: bool = False  # a gather from a table (operand 0) by 'x' indices (operand 1)
+  reads: tuple = ()  # axes of operand 0 read at input-dependent positions (gathers)
 
   @property
   def linear(self) -> bool:
@@ -196,25 +197,15 @@ class _Builder:
         "connectivity rule (loops and unknown primitives are not supported)",
       )
     kind = "x" if "x" in kinds else "p"
-    lookup = name == "gather" and kinds[1] == "x" and kinds[0] != "x"
-    if lookup:
-      _check_lookup(eqn, src)
-    elif name in (
-      "gather",
-      "dynamic_slice",
-      "dynamic_update_slice",
-      "scatter",
-      "scatter-add",
-      "scatter_add",
-    ):
-      data = STRUCTURAL[name]
-      if any(kinds[j] != "c" for j in range(len(ins)) if j not in data):
-        raise unsupported(
-          name,
-          src,
-          "uses indices that depend on the input or the "
-          "parameters (only constant indices are supported)",
-        )
+    reads = _dynamic_axes(eqn, kinds)
+    lookup = bool(reads) and name == "gather" and kinds[0] != "x"
+    if reads is None:
+      raise unsupported(
+        name,
+        src,
+        "uses indices that depend on the input or the parameters (supported: gathers "
+        "and dynamic slices that read at such indices)",
+      )
     sources = frozenset()
     if kind == "p":
       sources = frozenset().union(*[self.sources[i] for i in ins if self.kind[i] == "p"])
@@ -229,6 +220,7 @@ class _Builder:
         src,
         [v.aval for v in eqn.outvars],
         lookup=lookup,
+        reads=reads,
       )
     )
     return outs
@@ -301,19 +293,21 @@ def _traced_helper(fn: Callable, avals: tuple):
   return jax.make_jaxpr(fn)(*[jax.ShapeDtypeStruct(s, d) for s, d in avals])
 
 
-def _check_lookup(eqn, src: str) -> None:
-  """A lookup gathers whole slices along the indexed axes (``jnp.take``, ``table[ids]``,
-  ``nn.Embed``): every indexed axis is collapsed, nothing is batched."""
-  dn = eqn.params["dimension_numbers"]
-  if set(dn.start_index_map) - set(dn.collapsed_slice_dims) or getattr(
-    dn, "operand_batching_dims", ()
-  ):
-    raise unsupported(
-      "gather",
-      src,
-      "reads windows of a table at indices that depend on the input (only lookups of "
-      "single rows, as jnp.take and nn.Embed do, are supported)",
-    )
+def _dynamic_axes(eqn, kinds) -> tuple | None:
+  """The axes of a gather's or dynamic slice's operand read at positions that depend on
+  the input or the parameters (its indices are not constant): () for constant indices,
+  None for an indexed write (dynamic_update_slice, scatter) at such positions."""
+  name = eqn.primitive.name
+  if name not in STRUCTURAL or STRUCTURAL[name] is None:
+    return ()
+  data = STRUCTURAL[name]
+  if all(kinds[j] == "c" for j in range(len(kinds)) if j not in data):
+    return ()
+  if name == "gather":
+    return tuple(eqn.params["dimension_numbers"].start_index_map)
+  if name == "dynamic_slice":
+    return tuple(j - 1 for j in range(1, len(kinds)) if kinds[j] != "c")
+  return None
 
 
 def _dominators(b: _Builder, x_ids, out_ids) -> frozenset:

@@ -36,6 +36,13 @@ any depth. By primitive family, for an 'x' result:
   concatenate, stack, split, tile, copy, gather / dynamic_slice / dynamic_update_slice /
   scatter with constant indices, select with a constant predicate): the same op on the
   indicators; a non-'x' operand (a learned token, padding) is unreachable (zeros).
+- dynamic reads (a gather or dynamic slice of activations at positions that depend on
+  the input: ``jnp.roll`` by a sequence's length, top-k routing): any position of the
+  read axes can be read, so output unit u is reached when some position of its read
+  axes is, or when its index is (the index changes the output, with no gradient):
+  reach = OR(OR over the read axes of reach(data), reach(index)). An
+  over-approximation where only some positions can occur, never a dropped weight.
+  Dynamic writes (``dynamic_update_slice``/``scatter`` at input positions) are refused.
 
 Support (nz: where a value can be nonzero for some input, float32 {0, 1}; read by the
 reachability of products, only for programs that have them). The input can be nonzero
@@ -66,7 +73,13 @@ pooling and reductions average. Conventions for what has no linear counterpart:
   values, gating): the product of the two flows, so R stays a polynomial in |w| with
   non-negative coefficients (scores |w dR/dw| defined, non-negative, and zero exactly
   where a weight lies on no path; attention reads as its scores, softmax being a
-  normalization);
+  normalization); ``exp`` of a flow is 1 + v (a softmax of zero scores is uniform, not
+  zero, so a query that carries no flow, a learned class token's, still passes its
+  values on);
+- predicates of the input (a padding mask ``ids > 0``) reshaped or broadcast stay
+  predicates, and select/multiply by one passes the flow unchanged;
+- dynamic reads: the mean of the flow over the read axes (a permutation of positions
+  keeps R);
 - a subtraction or division of two different input-dependent tensors has no faithful
   linearization: ValueError naming the user's line.
 
@@ -75,7 +88,9 @@ traced graph (values that dominate the output: every input-to-output path passes
 through them). For a network linear in its input this scales R and every score by one
 common positive factor and leaves the ranking unchanged; with products (a polynomial
 of several degrees in a cut value) it weighs the degrees differently, a fixed
-reweighting that keeps every score defined and its zeros where they are.
+reweighting that keeps every score defined and its zeros where they are. Each factor of
+a product of two flows is divided the same way (there is no cut between them: an LSTM's
+gates multiply flows of the carry at every step, so R's degree grows with the length).
 """
 
 from __future__ import annotations
@@ -173,24 +188,44 @@ def _along_axis_or(e: Eqn, v):
   return [_bcast(s, a.shape) for a in e.out_avals]
 
 
-def _lookup_rows(e: Eqn, table, indices_shape, combine) -> jax.Array:
-  """What a lookup (a gather of rows of ``table`` at input indices of shape
-  ``indices_shape``) reads when any index may occur: ``combine`` (a sum, or its gate) of
-  the table over the indexed axes, at every output position (float32, the output's
-  shape): the gather of that one reduced row at index 0."""
-  axes = tuple(e.params["dimension_numbers"].start_index_map)
-  reduced = combine(jnp.sum(jnp.asarray(table, jnp.float32), axis=axes, keepdims=True))
-  return bind(e, reduced, jnp.zeros(indices_shape, jnp.int32))[0]
+def _read_anywhere(e: Eqn, data, vals, combine) -> jax.Array:
+  """A gather or dynamic slice whose positions depend on the input (``e.reads``: the
+  operand's axes read there) reads any position: ``combine`` (a gate, a sum or a mean)
+  of ``data`` over those axes, spread back over them and read at index 0 (float32, the
+  output's shape). ``vals``: the equation's operands (for the index shapes)."""
+  data = jnp.asarray(data, jnp.float32)
+  spread = jnp.broadcast_to(combine(data, e.reads), data.shape)
+  if e.prim.name == "gather":
+    return bind(e, spread, jnp.zeros(jnp.shape(vals[1]), jnp.int32))[0]
+  starts = [jnp.zeros((), jnp.int32) for _ in vals[1:]]  # dynamic_slice
+  return bind(e, spread, *starts)[0]
 
 
-def _index_reach(e: Eqn, idx) -> jax.Array:
-  """The reach of a lookup's indices (OR over each index vector) at every output
-  position."""
+def _index_reach(e: Eqn, vals, kinds) -> jax.Array:
+  """The reach of a dynamic read's input-dependent indices (OR over each index vector,
+  or over the start indices) at every output position."""
   out_shape = e.out_avals[0].shape
-  r = gate(jnp.sum(jnp.asarray(idx, jnp.float32), axis=-1))
-  offset = set(e.params["dimension_numbers"].offset_dims)
-  batch = [d for d in range(len(out_shape)) if d not in offset]
-  return lax.broadcast_in_dim(r, out_shape, batch)
+  if e.prim.name == "gather":
+    if kinds[1] != "x":
+      return jnp.zeros(out_shape, jnp.float32)
+    r = gate(jnp.sum(jnp.asarray(vals[1], jnp.float32), axis=-1))
+    offset = set(e.params["dimension_numbers"].offset_dims)
+    batch = [d for d in range(len(out_shape)) if d not in offset]
+    return lax.broadcast_in_dim(r, out_shape, batch)
+  starts = [jnp.asarray(v, jnp.float32) for v, k in zip(vals[1:], kinds[1:]) if k == "x"]
+  return jnp.broadcast_to(gate(sum(starts, jnp.float32(0))), out_shape)
+
+
+def _or_over(v, axes):
+  return gate(jnp.sum(v, axis=axes, keepdims=True))
+
+
+def _sum_over(v, axes):
+  return jnp.sum(v, axis=axes, keepdims=True)
+
+
+def _mean_over(v, axes):
+  return jnp.mean(v, axis=axes, keepdims=True)
 
 
 def _support_elementwise(e: Eqn, nzs: list, shape) -> list:
@@ -221,12 +256,15 @@ class Evaluator:
   input-dependent values (:attr:`Program.products`): a path through one factor counts
   only where the other can be nonzero."""
 
-  def __init__(self, prog: Program, sem: str):
-    self.prog, self.sem = prog, sem
+  def __init__(self, prog: Program, sem: str, macs: bool = False):
+    """``macs``: the reach pass counts multiply-accumulates (a lookup reads a table
+    row and multiplies nothing: its table gets no cotangent from it)."""
+    self.prog, self.sem, self.macs = prog, sem, macs
 
   def run(self, param_vals, extra_vals, x_vals, perturb=None, rescale: bool = False):
     """(outputs, {site: reach indicator}) of the program (traceable)."""
     prog = self.prog
+    self.rescale = rescale
     self.support = None
     if self.sem == "reach" and prog.products:
       nz = Evaluator(prog, "support").values(
@@ -293,6 +331,8 @@ class Evaluator:
     shape = e.out_avals[0].shape
     if name in LINEAR:
       return [gate(bind(e, pats[0], pats[1], preferred_element_type=jnp.float32)[0])]
+    if e.reads:  # a parameter read at positions that depend on other parameters
+      return [_read_anywhere(e, pats[0], vals, _or_over)]
     if name in STRUCTURAL:
       data = STRUCTURAL[name]
       args = [p if data is None or j in data else v for j, (p, v) in enumerate(zip(pats, vals))]
@@ -324,8 +364,8 @@ class Evaluator:
     name = e.prim.name
     shape = e.out_avals[0].shape
     nzs = [_nonzero(v) if k == "c" else v for v, k in zip(vals, kinds)]
-    if e.lookup:
-      return [_lookup_rows(e, nzs[0], jnp.shape(vals[1]), gate)]
+    if e.reads:  # any position can be read: where some position can be nonzero
+      return [_read_anywhere(e, nzs[0], vals, _or_over)]
     if name in LINEAR:
       return [gate(bind(e, nzs[0], nzs[1], preferred_element_type=jnp.float32)[0])]
     if name in STRUCTURAL:  # the op on the data operands' support, indices as they are
@@ -352,24 +392,35 @@ class Evaluator:
     name = e.prim.name
     xs = [j for j, k in enumerate(kinds) if k == "x"]
     linear = self.sem == "linear"
+    if linear and xs and all(vals[j] is None for j in xs) and name in STRUCTURAL:
+      return [None] * len(e.outs), origins[xs[0]]  # a predicate reshaped stays one
     if linear and any(vals[j] is None for j in xs) and name not in ELEMENTWISE:
       raise ValueError(
         f"primitive {name!r} at {e.src} uses a comparison of the input as "
         "data; SynFlow's linearization is not faithful for this model."
       )
     shape = e.out_avals[0].shape
-    if e.lookup:  # any row may be read: the table reduced over the indexed axes
-      table = (
-        vals[0]
-        if kinds[0] == "p"
-        else (jnp.abs(jnp.asarray(vals[0], jnp.float32)) if linear else _nonzero(vals[0]))
-      )
-      rows = _lookup_rows(e, table, jnp.shape(vals[1]), (lambda v: v) if linear else gate)
-      return [rows if linear else rows * _index_reach(e, vals[1])], None
+    if e.reads:  # positions that depend on the input: any of them can be read
+      if e.lookup:  # a table: a linear op over a one-hot vocabulary axis (module docstring)
+        table = (
+          vals[0]
+          if kinds[0] == "p"
+          else (jnp.abs(jnp.asarray(vals[0], jnp.float32)) if linear else _nonzero(vals[0]))
+        )
+        rows = _read_anywhere(e, table, vals, _sum_over if linear else _or_over)
+        if self.macs:
+          rows = lax.stop_gradient(rows)
+        return [rows if linear else rows * _index_reach(e, vals, kinds)], None
+      data = vals[0] if kinds[0] == "x" else jnp.zeros(jnp.shape(vals[0]), jnp.float32)
+      if linear:  # a permutation of positions keeps R: the mean over them
+        return [_read_anywhere(e, data, vals, _mean_over)], None
+      rows = _read_anywhere(e, data, vals, _or_over)
+      return [gate(rows + _index_reach(e, vals, kinds))], None
     if name in LINEAR:
       if len(xs) == 2:
         a, b = vals[:2]
         if linear:  # attention: the product of the two flows (module docstring)
+          a, b = self._scaled(a), self._scaled(b)
           return [bind(e, a, b, preferred_element_type=jnp.float32)[0]], None
         if self.support is None:
           na, nb = jnp.ones_like(a), jnp.ones_like(b)
@@ -452,6 +503,15 @@ class Evaluator:
       return _along_axis_or(e, v), None
     raise unsupported(name, e.src, "has no connectivity rule")
 
+  def _scaled(self, v):
+    """A factor of a product of two flows divided by its stop-gradient max (with
+    ``rescale``): products have no cut between them (recurrences, two towers), so their
+    degree would grow unchecked; a fixed positive reweighting, as at cuts."""
+    if not self.rescale:
+      return v
+    scale = lax.stop_gradient(jnp.max(jnp.abs(v)))
+    return v / jnp.where(scale > 0, scale, 1.0)
+
   def _family(self, root: int) -> int:
     """The tensor ``root`` is a view (reshape, transpose, broadcast) of, or itself."""
     return self.family.get(root, root)
@@ -478,6 +538,8 @@ class Evaluator:
       v = vals[xs[0]]
       if v is None:
         return [None] * len(e.outs), origins[xs[0]]
+      if name == "exp":  # 1 + v: a softmax of zero scores is uniform, not zero
+        return [1.0 + _bcast(v, a.shape) for a in e.out_avals], origins[xs[0]]
       return [_bcast(v, a.shape) for a in e.out_avals], origins[xs[0]]
     data = [j for j in xs if vals[j] is not None]  # predicates carry no flow
     roots = {origins[j][0] for j in xs}
@@ -496,8 +558,12 @@ class Evaluator:
         )
       return [sum(_bcast(vals[j], shape) for j in xs)], None
     if name == "mul" and len(data) == len(xs) == 2:  # gating: the product of the flows
-      a, b = (_bcast(vals[j], shape) for j in xs)
+      a, b = (self._scaled(_bcast(vals[j], shape)) for j in xs)
       return [a * b], None
+    if name == "mul" and len(data) == 1:  # data times a 0/1 mask of a predicate
+      return [_bcast(vals[data[0]], a.shape) for a in e.out_avals], origins[data[0]]
+    if not data:  # logic on predicates (and, or, not): still a predicate
+      return [None] * len(e.outs), origins[xs[0]]
     raise ValueError(
       f"primitive {name!r} at {e.src} combines two different input-dependent "
       "tensors (a subtraction or division of two different tensors); SynFlow's "

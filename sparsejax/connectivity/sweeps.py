@@ -159,8 +159,9 @@ def position_counts(prog: Program, prunable: Sequence[int]):
   """The pure, jit-able ``kernel masks -> [counts per prunable leaf]``: for each weight,
   the number of output positions at which it joins a reachable source unit to a
   co-reachable destination unit (sum_positions reach(u) coreach(v), float32, exact
-  below 2**24), times its mask: the multiply-accumulates it does on a live path."""
-  ev = Evaluator(prog, "reach")
+  below 2**24), times its mask: the multiply-accumulates it does on a live path (a
+  lookup's row reads count none)."""
+  ev = Evaluator(prog, "reach", macs=True)
   prunable = tuple(prunable)
 
   def counts(masks: Sequence[jax.Array]):

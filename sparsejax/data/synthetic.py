@@ -7,6 +7,9 @@ import numpy as np
 
 from sparsejax.data.specs import image_spec
 
+#: Examples per split of :func:`synthetic_split` when ``num_examples`` is not given.
+DEFAULT_NUM_EXAMPLES = {"train": 1024, "test": 256}
+
 
 def synthetic_split(
   name: str, split: str, num_examples: int | None = None, seed: int = 0
@@ -22,7 +25,7 @@ def synthetic_split(
   Args:
     name: a key of :data:`DATASETS`.
     split: "train" or "test".
-    num_examples: N; default 1024 for train, 256 for test.
+    num_examples: N; default :data:`DEFAULT_NUM_EXAMPLES` (1024 for train, 256 for test).
     seed: non-negative int.
 
   Returns:
@@ -32,7 +35,7 @@ def synthetic_split(
   if split not in ("train", "test"):
     raise ValueError(f"split={split!r} is not allowed; use 'train' or 'test'")
   if num_examples is None:
-    num_examples = 1024 if split == "train" else 256
+    num_examples = DEFAULT_NUM_EXAMPLES[split]
   if num_examples < 1:
     raise ValueError(f"num_examples={num_examples} must be at least 1")
   h, w, c = spec.image_shape

@@ -36,6 +36,7 @@ No TensorFlow is imported (:mod:`sparsejax.data` loads TFDS only for real data).
 from __future__ import annotations
 
 from sparsejax.training.checkpoints import (
+  CheckpointWriteError,
   CorruptCheckpointError,
   DivergedError,
   state_checksum,
@@ -51,7 +52,7 @@ from sparsejax.training.config import (
   prunable_set,
   weight_decay_from_keras_l2,
 )
-from sparsejax.training.loop import MaskUpdates, Progress, TrainResult, train
+from sparsejax.training.loop import Interrupted, MaskUpdates, Progress, TrainResult, train
 from sparsejax.training.mesh import make_mesh, replicate
 from sparsejax.training.state import TrainState, create_train_state
 from sparsejax.training.steps import (
@@ -71,6 +72,8 @@ __all__ = [
   "TrainResult",
   "DivergedError",
   "CorruptCheckpointError",
+  "CheckpointWriteError",
+  "Interrupted",
   "state_checksum",
   "MaskUpdates",
   "Progress",

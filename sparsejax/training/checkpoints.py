@@ -7,6 +7,13 @@ updates, the run's settings (what must match to resume) and a SHA-256 of the sta
 step, moved to ``<workdir>-corrupt/``, and the next older one is used (with none left:
 a fresh start). A state with a NaN or infinite value is never saved.
 
+A folder that cannot be written (read-only, a full disk, a file where the folder should
+be) is a :class:`CheckpointWriteError` naming it, raised when :class:`Checkpoints` opens
+and by the save that fails, never minutes later: Orbax creates a step's folder in this
+thread (``create_directories_asynchronously=False``), because with the folder created in
+its background thread a failure left its other threads waiting 300 s for the folder's
+signal (the process then hung at exit). The checkpoints already there are kept.
+
 Orbax reports every save and restore at INFO through absl logging; while a
 :class:`Checkpoints` is open those lines are dropped unless ``verbose`` (its warnings
 and errors always pass).
@@ -27,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from sparsejax import files
 from sparsejax.training.state import TrainState
 
 PyTree = Any
@@ -54,6 +62,26 @@ class CorruptCheckpointError(RuntimeError):
     super().__init__(f"checkpoint at step {step} is unusable: {reason}")
     self.step = step
     self.reason = reason
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint folder that cannot be written; the checkpoints in it are kept.
+
+  Attributes:
+    directory: the checkpoint folder.
+    step: the step whose save failed (None: the folder failed its check on opening, or
+      a pending save failed when closing).
+  """
+
+  def __init__(self, directory: str, step: int | None, cause: OSError):
+    what = "cannot be written" if step is None else f"cannot take the checkpoint of step {step}"
+    super().__init__(
+      f"checkpoint folder {directory} {what}: {cause.strerror or cause}. The checkpoints already "
+      "there are kept; make the folder writable (or free space) and run again to resume."
+    )
+    self.directory = directory
+    self.step = step
+    self.errno = cause.errno
 
 
 def state_checksum(state: TrainState) -> str:
@@ -136,13 +164,28 @@ class Checkpoints:
   """
 
   def __init__(self, workdir: str, meta: dict, *, keep: int = 3, verbose: bool = False):
+    """Opens (creates) the checkpoint folder ``workdir``.
+
+    Raises:
+      CheckpointWriteError: ``workdir`` cannot be created or written.
+    """
     self.meta = meta
+    try:
+      files.check_writable_dir(workdir)  # before any work that a save would lose
+    except OSError as err:
+      raise CheckpointWriteError(os.path.abspath(workdir), None, err) from err
     self._filter = None if verbose else _QuietOrbax()
     if self._filter is not None:
       std_logging.getLogger("absl").addFilter(self._filter)
     try:
       self.manager = ocp.CheckpointManager(
-        workdir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        workdir,
+        options=ocp.CheckpointManagerOptions(
+          max_to_keep=keep,
+          create=True,
+          # A folder that cannot be made raises in save(); see the module docstring.
+          async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+        ),
       )
     except BaseException:
       self._remove_filter()
@@ -151,13 +194,28 @@ class Checkpoints:
   def __enter__(self) -> Checkpoints:
     return self
 
-  def __exit__(self, *exc) -> None:
-    self.close()
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.close()
+      return
+    try:  # an error on the way out is logged: the one that ended the block goes on
+      self.close()
+    except Exception as err:  # pylint: disable=broad-except
+      logging.error("Closing the checkpoints in %s after an error: %s", self.directory, err)
 
   def close(self) -> None:
+    """Waits for pending saves and closes Orbax.
+
+    Raises:
+      CheckpointWriteError: a pending save failed to write.
+    """
     try:
-      self.manager.wait_until_finished()
-      self.manager.close()
+      try:
+        self.manager.wait_until_finished()
+      except OSError as err:
+        raise CheckpointWriteError(self.directory, None, err) from err
+      finally:
+        self.manager.close()
     finally:
       self._remove_filter()
 
@@ -178,21 +236,26 @@ class Checkpoints:
 
     Raises:
       DivergedError: the state holds a non-finite value (nothing is saved).
+      CheckpointWriteError: the step's folder cannot be written (or a pending save of
+        an earlier step failed); the checkpoints already saved are kept.
     """
     if self.manager.latest_step() == step:
       return
     if not bool(all_finite(state)):
       raise DivergedError(step, "non-finite parameters or optimizer state")
-    self.manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        history=ocp.args.JsonSave(history),
-        meta=ocp.args.JsonSave(self.meta),
-        checksum=ocp.args.JsonSave({"sha256": state_checksum(state), "step": step}),
-      ),
-      force=True,
-    )
+    try:
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          history=ocp.args.JsonSave(history),
+          meta=ocp.args.JsonSave(self.meta),
+          checksum=ocp.args.JsonSave({"sha256": state_checksum(state), "step": step}),
+        ),
+        force=True,
+      )
+    except OSError as err:
+      raise CheckpointWriteError(self.directory, step, err) from err
 
   def restore_latest(self, state: TrainState, stop: int) -> tuple[TrainState, list] | None:
     """(state, history) of the newest checkpoint that reads back intact, or None.

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Collection
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 
 from sparsejax import masks as masks_lib
 from sparsejax import optim
+from sparsejax.errors import FieldError
 
 PyTree = Any
 
@@ -28,6 +31,13 @@ PyTree = Any
 OPTIMIZERS = ("sgd", "adamw")
 #: Learning-rate schedules of :class:`TrainConfig` ('piecewise' is the paper's).
 SCHEDULES = ("piecewise", "cosine")
+
+
+def _finite_at_least(value, low: float, strict: bool = False) -> bool:
+  """``value`` is a real number (not a bool), finite, and >= ``low`` (> when strict)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    return False
+  return math.isfinite(value) and (value > low if strict else value >= low)
 
 
 def weight_decay_from_keras_l2(l2: float) -> float:
@@ -78,44 +88,46 @@ class TrainConfig:
   grad_clip: float = 0.0
 
   def __post_init__(self):
+    """Raises :class:`sparsejax.errors.FieldError` naming the first bad field."""
     for name in ("batch_size", "train_steps", "snip_batch_size"):
       value = getattr(self, name)
-      if isinstance(value, bool) or int(value) != value or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer.")
+      if not _finite_at_least(value, 1.0) or int(value) != value:
+        raise FieldError(name, value, "a positive integer")
+    # An infinite rate or factor passes "> 0" and only shows as a diverged run.
     for name in ("learning_rate", "decay_factor"):
-      value = getattr(self, name)
-      if not value > 0:
-        raise ValueError(f"{name}={value!r} must be positive.")
-    if not 0.0 <= self.momentum < 1.0:
-      raise ValueError(f"momentum={self.momentum!r} must be in [0, 1).")
-    if not self.weight_decay >= 0.0:
-      raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0.")
-    bounds = tuple(float(b) for b in self.decay_boundaries)
-    if any(not 0.0 < b <= 1.0 for b in bounds) or list(bounds) != sorted(bounds):
-      raise ValueError(
-        f"decay_boundaries={self.decay_boundaries!r} must be increasing "
-        "fractions of the run in (0, 1]."
+      if not _finite_at_least(getattr(self, name), 0.0, strict=True):
+        raise FieldError(name, getattr(self, name), "a finite number > 0")
+    if not _finite_at_least(self.momentum, 0.0) or not self.momentum < 1.0:
+      raise FieldError("momentum", self.momentum, "a number in [0, 1)")
+    if not _finite_at_least(self.weight_decay, 0.0):
+      raise FieldError("weight_decay", self.weight_decay, "a finite number >= 0")
+    try:
+      bounds = tuple(float(b) for b in self.decay_boundaries)
+    except (TypeError, ValueError):
+      bounds = None
+    if bounds is None or any(not 0.0 < b <= 1.0 for b in bounds) or list(bounds) != sorted(bounds):
+      raise FieldError(
+        "decay_boundaries",
+        self.decay_boundaries,
+        "increasing fractions of the run in (0, 1]",
       )
     object.__setattr__(self, "decay_boundaries", bounds)  # Lists -> tuple: hashable.
     if self.optimizer not in OPTIMIZERS:
-      raise ValueError(
-        f"optimizer={self.optimizer!r} is not allowed; allowed: {', '.join(OPTIMIZERS)}."
-      )
+      raise FieldError("optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
     if self.schedule not in SCHEDULES:
-      raise ValueError(
-        f"schedule={self.schedule!r} is not allowed; allowed: {', '.join(SCHEDULES)}."
-      )
-    if not 0.0 <= self.warmup_fraction < 1.0:
-      raise ValueError(f"warmup_fraction={self.warmup_fraction!r} must be in [0, 1).")
+      raise FieldError("schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
+    if not _finite_at_least(self.warmup_fraction, 0.0) or not self.warmup_fraction < 1.0:
+      raise FieldError("warmup_fraction", self.warmup_fraction, "a number in [0, 1)")
     if self.warmup_fraction and self.schedule != "cosine":
-      raise ValueError(
-        f"warmup_fraction={self.warmup_fraction!r} is for schedule='cosine'; the "
-        f"schedule is {self.schedule!r} (use warmup_fraction=0)."
+      raise FieldError(
+        "warmup_fraction",
+        self.warmup_fraction,
+        f"0 for schedule={self.schedule!r} (a warmup is for schedule='cosine')",
       )
-    if not 0.0 <= self.beta2 < 1.0:
-      raise ValueError(f"beta2={self.beta2!r} must be in [0, 1).")
-    if not self.grad_clip >= 0.0:
-      raise ValueError(f"grad_clip={self.grad_clip!r} must be >= 0 (0: no clipping).")
+    if not _finite_at_least(self.beta2, 0.0) or not self.beta2 < 1.0:
+      raise FieldError("beta2", self.beta2, "a number in [0, 1)")
+    if not _finite_at_least(self.grad_clip, 0.0):
+      raise FieldError("grad_clip", self.grad_clip, "a finite number >= 0 (0: no clipping)")
 
   def warmup_steps(self) -> int:
     """The warmup in steps: round(warmup_fraction * train_steps)."""

@@ -74,6 +74,20 @@ class TrainResult:
   final_metrics: dict = dataclasses.field(default_factory=dict)
 
 
+class Interrupted(KeyboardInterrupt):
+  """Training was interrupted (Ctrl-C, SIGINT) after ``step`` of ``stop`` steps.
+
+  Raised by :func:`train` in place of the KeyboardInterrupt, after a clean stop (the data
+  pipeline closed, pending checkpoints finished); a call with the same ``workdir``
+  resumes from the newest checkpoint. It is a KeyboardInterrupt, so code that does not
+  know it sees one."""
+
+  def __init__(self, step: int, stop: int):
+    super().__init__(f"training interrupted at step {step} of {stop}")
+    self.step = step
+    self.stop = stop
+
+
 # ------------------------------------------------------------ moving masks
 
 
@@ -338,6 +352,10 @@ def train(
       workdir holding a run with other settings or masks.
     DivergedError: a non-finite training loss (checked with every progress line) or
       a non-finite state when a checkpoint is due; raised after a clean stop.
+    Interrupted: a KeyboardInterrupt (SIGINT) while training, with the steps done;
+      raised after a clean stop.
+    sparsejax.training.checkpoints.CheckpointWriteError: ``workdir`` cannot be written
+      (raised before training starts, or by the save that fails).
   """
   start_time = time.perf_counter()
   dspec = dataset_spec(config.dataset if spec is None else spec)
@@ -569,6 +587,7 @@ class _Loop:
     if start < stop:
       batches = self.train_batches(start)
       window: list[dict] = []
+      done = start
       try:
         for step, batch in zip(range(start, stop), batches):
           if updates is not None and updates.updater.is_update_step(step):
@@ -598,6 +617,8 @@ class _Loop:
             if do_save:
               save(done)
             progress.add_pause(progress.clock() - side_start)
+      except KeyboardInterrupt:
+        raise Interrupted(done, stop) from None
       finally:
         batches.close()
     if final is None:  # Nothing to train: evaluate what was restored.

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from sparsejax import effective, optim
+from sparsejax import effective, optim, tracing
 from sparsejax import masks as masks_lib
 from sparsejax.training.config import make_masked_optimizer
 
@@ -152,7 +152,11 @@ def create_train_state(
     batch_stats = _init_batch_stats(params, x, model=model)
   if masks is not None:
     masks = jax.tree.map(jnp.asarray, masks)
-    masks_lib.validate(masks, params)
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    # the mask tree is the prunable set, and every leaf of it a linear op's weight
+    tracing.trace(
+      model, tuple(input_shape), variables=variables, apply_kwargs={"train": False}
+    ).masked(masks)
     if not straight_through:
       params = masks_lib.apply(params, masks)
     prunable = masks
