@@ -24,11 +24,11 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sparsejax import data, dynamic, effective, optim
+from sparsejax import data, dynamic, effective, optim, tracing
 from sparsejax import masks as masks_lib
 from sparsejax.training.checkpoints import Checkpoints, DivergedError, run_meta, split_history
 from sparsejax.training.mesh import DATA_AXIS, check_divisible, make_mesh, replicate
-from sparsejax.training.state import TrainState, create_train_state, example_input
+from sparsejax.training.state import TrainState, create_train_state
 from sparsejax.training.steps import (
   _train_step,
   dataset_spec,
@@ -458,7 +458,7 @@ def _example(dspec, spec, input_shape) -> jax.ShapeDtypeStruct:
   ``input_shape``) as float32; a text dataset's int32 tokens [1, T] with T from
   ``input_shape`` or the ModelSpec ``spec``."""
   if not isinstance(dspec, data.TextSpec):
-    return example_input(dspec.image_shape if input_shape is None else input_shape)
+    return tracing.example_input(dspec.image_shape if input_shape is None else input_shape)
   if input_shape is None and hasattr(spec, "input_shape") and hasattr(spec, "dataset"):
     input_shape = spec.input_shape
   if hasattr(input_shape, "shape") and hasattr(input_shape, "dtype"):

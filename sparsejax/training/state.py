@@ -92,20 +92,12 @@ def _init_batch_stats(params, x, *, model):
   return variables.get("batch_stats", {})
 
 
-def example_input(input_shape) -> jax.ShapeDtypeStruct:
-  """The init and trace input of a model: [1, *input_shape] float32 for one example's
-  shape; a shape struct or array (e.g. int32 token ids [1, T]) as it is."""
-  if hasattr(input_shape, "shape") and hasattr(input_shape, "dtype"):
-    return jax.ShapeDtypeStruct(tuple(input_shape.shape), input_shape.dtype)
-  return jax.ShapeDtypeStruct((1,) + tuple(int(d) for d in input_shape), jnp.float32)
-
-
 def prunable_paths(model, input_shape, params: PyTree, batch_stats: PyTree):
   """The model's prunable set without masks: the parameters its traced program (in
   inference mode, ``train=False``) uses as the weight of a linear op."""
   variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
   return effective.prunable_paths(
-    model, example_input(input_shape), variables=variables, apply_kwargs={"train": False}
+    model, tracing.example_input(input_shape), variables=variables, apply_kwargs={"train": False}
   )
 
 
@@ -140,7 +132,7 @@ def create_train_state(
     A :class:`TrainState` at step 0 with ``params * masks`` (``params`` as they are
     with ``straight_through``: the dense weights train, the forward pass is masked).
   """
-  example = example_input(input_shape)
+  example = tracing.example_input(input_shape)
   x = jnp.zeros(example.shape, example.dtype)
   if params is None:
     variables = _init_variables(key, x, model=model)
@@ -154,9 +146,7 @@ def create_train_state(
     masks = jax.tree.map(jnp.asarray, masks)
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
     # the mask tree is the prunable set, and every leaf of it a linear op's weight
-    tracing.trace(
-      model, tuple(input_shape), variables=variables, apply_kwargs={"train": False}
-    ).masked(masks)
+    tracing.trace(model, example, variables=variables, apply_kwargs={"train": False}).masked(masks)
     if not straight_through:
       params = masks_lib.apply(params, masks)
     prunable = masks
