@@ -274,7 +274,7 @@ def test_prune_train_trains_the_language_model_and_writes_bits_per_byte(tmp_path
 
 
 @pytest.mark.slow
-def test_prune_train_reads_a_text_folder_and_the_vit_runs_too(tmp_path, tiny_archs):
+def test_prune_train_reads_a_text_folder(tmp_path, tiny_archs):
   folder = tmp_path / "corpus"
   folder.mkdir()
   rng = np.random.default_rng(0)
@@ -288,7 +288,12 @@ def test_prune_train_reads_a_text_folder_and_the_vit_runs_too(tmp_path, tiny_arc
   missing = datasource.DataSource(text_dir=str(tmp_path))
   with pytest.raises(ValueError, match="lacks train.txt.gz, valid.txt.gz, test.txt.gz"):
     prune_train.run(c, out_dir=str(tmp_path / "out"), source=missing)
-  # the ViT, an image classifier like any other
+
+
+# The ViT through prune_train (an image classifier like the others, whose path
+# tests/test_prune_train.py covers by default): on request, pytest -m exhaustive.
+@pytest.mark.exhaustive
+def test_prune_train_trains_the_vit(tmp_path, tiny_archs):
   c = configs.load("vit", TINY + ["arch=vit_tiny", "pruner=random/igq", "compression=10"])
   r = prune_train.run(
     c, out_dir=str(tmp_path / "out"), source=datasource.DataSource(True, None, None, 256)
