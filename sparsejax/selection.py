@@ -308,10 +308,12 @@ def top_k(keys: Sequence[jax.Array], k, alive: Sequence[jax.Array]) -> tuple[lis
   return keep, TopK(tau=tau, less=less, ties=ties)
 
 
+@jax.jit
 def select_top(scores: Sequence[jax.Array], k, alive: Sequence[jax.Array]) -> list:
   """Bool masks of the ``k`` largest |scores| among the ``alive`` entries, over all
   arrays together, ties by position (lower first; arrays in order): :func:`top_k` on
-  the keys of |score|. Jit-able with a traced ``k``; masks shaped like ``scores``."""
+  the keys of |score|. Jitted (``k`` traced: one compilation per set of shapes); masks
+  shaped like ``scores``."""
   keys = [device_keys(jnp.abs(s).astype(jnp.float32)) for s in scores]
   keep, _ = top_k(keys, k, alive)
   return [m.reshape(s.shape) for m, s in zip(keep, scores)]

@@ -527,3 +527,18 @@ def test_sigint_ends_prune_train_in_one_line_and_the_same_command_resumes(tmp_pa
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
     assert "interrupted at step " in text and "of 100000; run the same command to resume" in text
   assert os.path.isdir(checkpoint)
+
+
+def test_a_sigint_during_a_checkpoint_save_is_raised_after_it():
+  """Row 9: a SIGINT that lands in Orbax's save (log_every == checkpoint_every makes it
+  likely) must not cut the save midway: it is held back and raised at its end."""
+  from sparsejax.training import checkpoints
+
+  finished = []
+  with pytest.raises(KeyboardInterrupt):
+    with checkpoints._sigint_held():
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.05)  # the handler runs between bytecodes of the main thread
+      finished.append(True)
+  assert finished == [True]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -330,7 +330,7 @@ def test_snip_with_masks():
 def test_snip_custom_loss_and_compiled_once():
   model = MLP(widths=(7, 2))
   variables = init(model, (5,))
-  b = batch(5, 8, (5,))
+  b = batch(5, 8, (5,), classes=2)  # the labels of the model's 2 outputs
   double = lambda logits, labels: 2.0 * scores.cross_entropy(logits, labels)
   one = scores.snip(model, variables, [b])
   two = scores.snip(model, variables, [b], loss_fn=double)
@@ -344,7 +344,7 @@ def test_snip_custom_loss_and_compiled_once():
   )
   accumulate, _, _ = score_data._snip_fns(model, scores.cross_entropy, None, slots)
   compiled = accumulate._cache_size()
-  scores.snip(model, variables, [batch(6, 8, (5,)), batch(7, 8, (5,))])
+  scores.snip(model, variables, [batch(6, 8, (5,), classes=2), batch(7, 8, (5,), classes=2)])
   assert accumulate._cache_size() == compiled
 
 

@@ -21,10 +21,13 @@ and errors always pass).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging as std_logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -156,6 +159,24 @@ class _QuietOrbax(std_logging.Filter):
 # ------------------------------------------------------------------ the manager
 
 
+@contextlib.contextmanager
+def _sigint_held():
+  """SIGINT held back for the block and raised as a KeyboardInterrupt at its end: an
+  Orbax save or wait cut midway leaves background threads that fail at interpreter
+  shutdown with tracebacks (in the main thread only, where signals arrive)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  received = []
+  previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if received:
+    raise KeyboardInterrupt
+
+
 class Checkpoints:
   """An Orbax ``CheckpointManager`` over ``workdir`` with checksums, the fallback to
   the newest intact checkpoint, and Orbax's INFO lines filtered (unless ``verbose``).
@@ -211,7 +232,8 @@ class Checkpoints:
     """
     try:
       try:
-        self.manager.wait_until_finished()
+        with _sigint_held():
+          self.manager.wait_until_finished()
       except OSError as err:
         raise CheckpointWriteError(self.directory, None, err) from err
       finally:
@@ -244,16 +266,17 @@ class Checkpoints:
     if not bool(all_finite(state)):
       raise DivergedError(step, "non-finite parameters or optimizer state")
     try:
-      self.manager.save(
-        step,
-        args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          history=ocp.args.JsonSave(history),
-          meta=ocp.args.JsonSave(self.meta),
-          checksum=ocp.args.JsonSave({"sha256": state_checksum(state), "step": step}),
-        ),
-        force=True,
-      )
+      with _sigint_held():
+        self.manager.save(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            history=ocp.args.JsonSave(history),
+            meta=ocp.args.JsonSave(self.meta),
+            checksum=ocp.args.JsonSave({"sha256": state_checksum(state), "step": step}),
+          ),
+          force=True,
+        )
     except OSError as err:
       raise CheckpointWriteError(self.directory, step, err) from err
 
