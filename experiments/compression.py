@@ -102,7 +102,7 @@ def sweep(
   for c in compressions:
     checks.check_compression_flag("compressions", c)
   model = models.create(arch)
-  input_shape = models.input_shape(arch)
+  input_shape = models.example_input(arch)  # float32 images, int32 token ids
   key = jax.random.key(seed)
   variables = models.init(model, jax.random.fold_in(key, 0), input_shape)
   net = sparsejax.trace(model, input_shape, variables=variables)  # one analysis for all
@@ -323,6 +323,7 @@ def main(argv):
       num_batches=FLAGS.score_batches,
       batch_size=FLAGS.score_batch_size or config.snip_batch_size,
       seed=FLAGS.seed,
+      input_shape=spec.input_shape,
     )
 
   start = time.time()

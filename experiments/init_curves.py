@@ -28,7 +28,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import flags, logging
 
 from experiments import checks, cli, compression, configs, datasource, plugins, results
@@ -96,9 +95,7 @@ def network_shape(arch: str) -> tuple[int, bool]:
   """(parameters, has a convolution) of network ``arch``, from its abstract
   initialization (no weights are computed)."""
   model = models.create(arch)
-  shapes = jax.eval_shape(
-    model.init, jax.random.key(0), jnp.ones((1, *models.input_shape(arch)), jnp.float32)
-  )
+  shapes = jax.eval_shape(model.init, jax.random.key(0), models.example_input(arch))
   leaves = jax.tree.leaves(shapes["params"])
   return sum(math.prod(x.shape) for x in leaves), any(x.ndim == 4 for x in leaves)
 
@@ -131,7 +128,11 @@ def run_one(
 
   def batches_fn():
     return source.score_batches(
-      spec.dataset, num_batches=budget["score_batches"], batch_size=budget["batch_size"], seed=seed
+      spec.dataset,
+      num_batches=budget["score_batches"],
+      batch_size=budget["batch_size"],
+      seed=seed,
+      input_shape=spec.input_shape,
     )
 
   start = time.time()
@@ -210,11 +211,13 @@ def main(argv):
     budget = dict(paper_budget(arch) if FLAGS.paper_budgets else cpu_budget(arch))
     if FLAGS.max_exponent is not None:
       budget["max_exponent"] = FLAGS.max_exponent
-    # Only MNIST is available offline; the other datasets are synthetic stand-ins.
+    # Only MNIST and the text corpus are available offline; the other datasets are
+    # synthetic stand-ins.
     source = datasource.DataSource(
-      synthetic=FLAGS.synthetic_data or models.get_spec(arch).dataset != "mnist",
+      synthetic=FLAGS.synthetic_data or models.get_spec(arch).dataset not in ("mnist", "text"),
       manual_dir=FLAGS.tfds_manual_dir,
       data_dir=FLAGS.tfds_data_dir,
+      text_dir=FLAGS.text_dir,
     )
     for name in pruners:
       if name == "random/uniform_plus" and not network_shape(arch)[1]:

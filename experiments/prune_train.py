@@ -7,7 +7,16 @@ r"""Prune a network, train it, and record direct/effective sparsity and accuracy
 
 The experiment is a config (experiments/configs/<arch>.py, every field overridable
 as --config.<field>=<value>); where it runs and reads data are flags (--out_dir,
---tfds_manual_dir, --tfds_data_dir, --synthetic_data).
+--tfds_manual_dir, --tfds_data_dir, --text_dir, --synthetic_data).
+
+The byte-level language model trains on the ``text`` dataset (next-byte cross-entropy on
+windows of context + 1 bytes) and its result.json adds held-out bits per byte and
+perplexity (``test_bits_per_byte``, ``test_perplexity``) to the test loss (nats per
+byte) and next-byte accuracy:
+
+  python -m experiments.prune_train --config=experiments/configs/gpt.py \
+      --text_dir=../shared/data/text/python-docs --config.pruner=snip \
+      --config.compression=10 --config.train_steps=3000
 
 A pruner or network of one's own: --import=my_module (a module name, or a path to a .py
 file; experiments.plugins) registers it before the flags are read; a network without
@@ -271,6 +280,7 @@ def prune_one_shot(
       num_batches=config.score_batches,
       batch_size=config.snip_batch_size,
       seed=config.seed,
+      input_shape=net.input_shape,
     )
   masks = pruning.prune(
     p,
@@ -350,7 +360,7 @@ def _run_locked(
   arch, dataset, seed = config.arch, config.dataset, config.seed
   result_path = os.path.join(run_dir, "result.json")
   model = models.create(arch, dspec.num_classes)
-  input_shape = dspec.image_shape
+  input_shape = model_input(arch, dspec)
   key = jax.random.key(seed)
   variables = models.init(model, jax.random.fold_in(key, 0), input_shape)
   net = sparsejax.trace(model, input_shape, variables=variables)  # one analysis of the model
@@ -366,6 +376,7 @@ def _run_locked(
   init_params = variables["params"]
   train_data, test_data = source.split(dataset, "train", seed), source.split(dataset, "test", seed)
   train_kwargs = dict(
+    input_shape=input_shape,
     seed=seed,
     eval_every=config.eval_every,
     checkpoint_every=config.checkpoint_every,
@@ -497,6 +508,7 @@ def _run_locked(
     "history": result.history,
     "test_accuracy": result.final_test_accuracy,
     "test_loss": result.final_test_loss,
+    **_language_model_record(dspec, result),
     # None (not NaN) when this process trained no steps (a finished run resumed).
     "steps_per_second": (
       result.steps_per_second if math.isfinite(result.steps_per_second) else None
@@ -511,6 +523,23 @@ def _run_locked(
   _write_result(result_path, summary)
   logging.info("Wrote %s: test accuracy %.4f.", result_path, result.final_test_accuracy)
   return summary
+
+
+def model_input(arch: str, dspec):
+  """What the network is initialized and traced on: the image dataset's image shape,
+  or, for a text dataset, the network's int32 token ids [1, T]
+  (:func:`sparsejax.models.example_input`)."""
+  if isinstance(dspec, data.TextSpec):
+    return models.example_input(arch)
+  return dspec.image_shape
+
+
+def _language_model_record(dspec, result: training.TrainResult) -> dict:
+  """A language model's held-out bits per byte and perplexity (text datasets)."""
+  if not isinstance(dspec, data.TextSpec):
+    return {}
+  lm = training.language_model_metrics(result.final_test_loss)
+  return {"test_bits_per_byte": lm["bits_per_byte"], "test_perplexity": lm["perplexity"]}
 
 
 def _record_unreachable(
@@ -592,11 +621,21 @@ def check_config(
     pruning.check_pruning_type(config.pruning_type, "--config.pruning_type")
   p = run_config.check_pruner(config.pruner)
   configs.check_arch(config.arch, "--config.arch")
-  if config.dataset not in data.DATASETS:
+  if config.dataset not in data.DATASETS and config.dataset not in data.TEXT_DATASETS:
     raise checks.FlagError(
       f"--config.dataset={config.dataset!r} is not a known dataset; allowed: "
-      f"{', '.join(data.DATASETS)}."
+      f"{', '.join([*data.DATASETS, *data.TEXT_DATASETS])}."
     )
+  text = isinstance(data.get_spec(config.dataset), data.TextSpec)
+  if text != (models.get_spec(config.arch).input_dtype[:3] in ("int", "uin")):
+    raise checks.FlagError(
+      f"--config.arch={config.arch!r} takes "
+      f"{'images' if text else 'token ids'}, but --config.dataset={config.dataset!r} is "
+      f"{'byte-level text' if text else 'an image dataset'}: a language model (e.g. "
+      "'gpt') trains on 'text', an image classifier on an image dataset."
+    )
+  with checks.flag_errors():
+    source.check_text(config.dataset)
   checks.check_run_args(
     out_dir=out_dir,
     seeds={f("seed"): config.seed},
@@ -783,7 +822,7 @@ def _starting_masks(config, updater, model, variables, sparsity, key):
     model=model,
     variables=variables,
     sparsity=sparsity,
-    input_shape=data.get_spec(config.dataset).image_shape,
+    input_shape=model_input(config.arch, data.get_spec(config.dataset)),
     quota=config.quota,
     target=config.update_target or config.pruning_type,
   )
@@ -919,7 +958,7 @@ def define_flags() -> None:
   datasource.define_flags()
   distributed.define_flags()
   compilation_cache.define_flags()
-  for name in (plugins.FLAG, "synthetic_data", "tfds_manual_dir"):
+  for name in (plugins.FLAG, "synthetic_data", "tfds_manual_dir", "text_dir"):
     flags.declare_key_flag(name)  # listed by --help, beside --config
 
 
@@ -972,9 +1011,12 @@ def main(argv):
       "effective_compression",
       "test_accuracy",
       "test_loss",
+      "test_bits_per_byte",
+      "test_perplexity",
       "steps_per_second",
       "wall_time",
     )
+    if k in summary  # bits per byte and perplexity: language models only
   }
   print(json.dumps(results.strict_json({"config": summary["config"], **brief}), indent=2))
 

@@ -104,6 +104,10 @@ def check(r: Any) -> str | None:
   why = _number(r, "effective_compression", allow_none=status == "disconnected")
   if why:
     return why
+  for key in ("test_bits_per_byte", "test_perplexity"):  # a language model's
+    why = _number(r, key) if key in r else None
+    if why:
+      return why
   if not isinstance(r.get("history"), list):
     return "no 'history' list"
   return None

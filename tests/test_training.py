@@ -113,7 +113,11 @@ def _leaves(tree):
 
 
 def test_config_registry_matches_paper():
-  assert set(configs.CONFIGS) == {"lenet300100", "lenet5", "vgg16", "vgg19", "resnet18"}
+  # the paper's five, and the zoo's transformers (issue 25; tests/test_lm_training.py)
+  assert set(configs.CONFIGS) == {"lenet300100", "lenet5", "vgg16", "vgg19", "resnet18"} | {
+    "vit",
+    "gpt",
+  }
   expected = {  # dataset, batch, steps, lr, keras l2, boundary steps, snip batch
     "lenet300100": ("mnist", 100, 96_000, 0.1, 5e-4, (25_000, 50_000, 75_000), 100),
     "lenet5": ("cifar10", 128, 120_000, 0.1, 5e-4, (30_000, 60_000, 90_000), 128),

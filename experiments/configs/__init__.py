@@ -5,10 +5,12 @@
 
 Each ``<arch>.py`` here has ``get_config()`` returning the paper's settings for that
 network (method.md section 5; fields in :mod:`experiments.configs.base`), and every
-field can be overridden on the command line. Values follow the reference code
-(avysogorets/effective-sparsity, ``main.py``): SGD with momentum 0.9, a piecewise-
-constant learning rate divided by 10 at the listed fractions of the run, L2 on
-kernels only.
+field can be overridden on the command line. The transformers beyond the paper
+(``vit.py``, ``gpt.py``) choose AdamW with warmup and cosine decay
+(``--config.optimizer``, ``--config.schedule``); the paper's networks keep its SGD.
+Values follow the reference code (avysogorets/effective-sparsity, ``main.py``): SGD
+with momentum 0.9, a piecewise-constant learning rate divided by 10 at the listed
+fractions of the run, L2 on kernels only.
 
 Learning-rate boundaries are fractions of the run, so overriding ``train_steps``
 (a short run) scales the schedule with it. ``weight_decay`` is the gradient

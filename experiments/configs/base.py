@@ -7,7 +7,10 @@ on the command line as ``--config.<field>=<value>``):
   ``target_sparsity`` (neither: dense), ``seed``;
 - how to train (:class:`sparsejax.training.TrainConfig`'s fields): ``batch_size``,
   ``train_steps``, ``learning_rate``, ``momentum``, ``weight_decay``,
-  ``decay_boundaries`` (fractions of the run), ``decay_factor``, ``snip_batch_size``;
+  ``decay_boundaries`` (fractions of the run), ``decay_factor``, ``snip_batch_size``
+  (for text: windows), and the optimizer choice: ``optimizer`` ('sgd', the paper's, or
+  'adamw'), ``schedule`` ('piecewise', the paper's, or 'cosine'), ``warmup_fraction``,
+  ``beta2``, ``grad_clip`` (the paper's networks keep the defaults);
 - the run's rhythm: ``eval_every``, ``checkpoint_every``, ``log_every``;
 - pruners: ``rounds`` (iterative pruners; None: the pruner's default),
   ``score_batches`` (batches of ``snip_batch_size`` examples for data-driven scores),
@@ -60,16 +63,28 @@ def experiment(
   batch_size: int,
   train_steps: int,
   learning_rate: float,
-  keras_l2: float,
   decay_boundaries: tuple,
   snip_batch_size: int,
+  keras_l2: float | None = None,
+  weight_decay: float | None = None,
   momentum: float = 0.9,
+  optimizer: str = "sgd",
+  schedule: str = "piecewise",
+  warmup_fraction: float = 0.0,
+  beta2: float = 0.999,
+  grad_clip: float = 0.0,
 ) -> ml_collections.ConfigDict:
-  """A config with the paper's training settings for ``arch`` and default run fields.
+  """A config with the training settings for ``arch`` and default run fields.
 
   ``keras_l2`` is the paper's Keras ``l2(c)`` coefficient; ``weight_decay`` is its
   gradient coefficient 2c (:func:`sparsejax.training.weight_decay_from_keras_l2`).
+  Give ``weight_decay`` instead for a coefficient as it is (AdamW's decoupled decay).
+  The optimizer fields default to the paper's recipe (SGD, piecewise schedule).
   """
+  if (keras_l2 is None) == (weight_decay is None):
+    raise ValueError(
+      f"keras_l2={keras_l2!r}, weight_decay={weight_decay!r}: give exactly one of them."
+    )
   c = ml_collections.ConfigDict()
   c.arch = arch
   c.dataset = dataset
@@ -83,10 +98,17 @@ def experiment(
   c.train_steps = train_steps
   c.learning_rate = learning_rate
   c.momentum = momentum
-  c.weight_decay = training.weight_decay_from_keras_l2(keras_l2)
+  c.weight_decay = (
+    training.weight_decay_from_keras_l2(keras_l2) if weight_decay is None else weight_decay
+  )
   c.decay_boundaries = tuple(decay_boundaries)
   c.decay_factor = 0.1
   c.snip_batch_size = snip_batch_size
+  c.optimizer = optimizer
+  c.schedule = schedule
+  c.warmup_fraction = warmup_fraction
+  c.beta2 = beta2
+  c.grad_clip = grad_clip
 
   c.eval_every = 1000
   c.checkpoint_every = 1000

@@ -1,6 +1,8 @@
-"""Dataset specs: shapes, classes, normalization, augmentation and where TFDS finds them.
+"""Dataset specs: shapes, classes, normalization, augmentation and where TFDS finds them
+(images, :data:`DATASETS`); byte-level text corpora (:data:`TEXT_DATASETS`).
 
-TensorFlow-free: the loading itself is :mod:`sparsejax.data.tfds_loading`.
+TensorFlow-free: the loading itself is :mod:`sparsejax.data.tfds_loading` (images) and
+:mod:`sparsejax.data.text` (text).
 """
 
 from __future__ import annotations
@@ -10,6 +12,39 @@ from typing import Any
 
 MANUAL_DIR_ENV = "SPARSEJAX_TFDS_MANUAL_DIR"
 DATA_DIR_ENV = "SPARSEJAX_TFDS_DATA_DIR"
+TEXT_DIR_ENV = "SPARSEJAX_TEXT_DIR"
+TEXT_SPLITS = ("train", "valid", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSpec:
+  """A byte-level text dataset (hashable: a static jit argument, like DatasetSpec).
+
+  Attributes:
+    name: registry name (:data:`TEXT_DATASETS`).
+    vocab_size: 256 (bytes); ``num_classes`` is the same number (the next-byte classes
+      a model outputs, as an image dataset's classes).
+    splits: the split names, each a file ``<split>.txt.gz`` or ``<split>.txt``.
+    hint: where the files come from.
+  """
+
+  name: str
+  vocab_size: int = 256
+  splits: tuple[str, ...] = TEXT_SPLITS
+  hint: str = ""
+
+  @property
+  def num_classes(self) -> int:
+    return self.vocab_size
+
+
+TEXT_DATASETS: dict[str, TextSpec] = {
+  "text": TextSpec(
+    name="text",
+    hint="a folder with train.txt.gz, valid.txt.gz and test.txt.gz (e.g. "
+    "../shared/data/text/python-docs, the Python 3.11 documentation's sources)",
+  ),
+}
 
 Batch = dict[str, Any]
 
@@ -128,15 +163,32 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def get_spec(name: str) -> DatasetSpec:
-  """The :class:`DatasetSpec` registered as ``name``; ValueError if unknown."""
+def get_spec(name: str) -> DatasetSpec | TextSpec:
+  """The spec registered as ``name``: a :class:`DatasetSpec` (images,
+  :data:`DATASETS`) or a :class:`TextSpec` (:data:`TEXT_DATASETS`); ValueError if
+  unknown."""
+  if name in TEXT_DATASETS:
+    return TEXT_DATASETS[name]
   if name not in DATASETS:
-    raise ValueError(f"name={name!r} is not a known dataset; allowed: {sorted(DATASETS)}")
+    raise ValueError(
+      f"name={name!r} is not a known dataset; allowed: {sorted(DATASETS) + sorted(TEXT_DATASETS)}"
+    )
   return DATASETS[name]
 
 
-def _as_spec(spec: DatasetSpec | str) -> DatasetSpec:
-  return get_spec(spec) if isinstance(spec, str) else spec
+def image_spec(spec: DatasetSpec | str) -> DatasetSpec:
+  """The image :class:`DatasetSpec` of ``spec`` (or of its name); ValueError for a text
+  dataset or an unknown name."""
+  spec = get_spec(spec) if isinstance(spec, str) else spec
+  if isinstance(spec, TextSpec):
+    raise ValueError(
+      f"dataset {spec.name!r} is byte-level text, not images; its data comes from "
+      "sparsejax.data.load_text / synthetic_text and text_train_batches."
+    )
+  return spec
+
+
+_as_spec = image_spec
 
 
 def _check_split(split: str) -> None:

@@ -1,10 +1,11 @@
-"""Synthetic data: random images with the shapes of a real split and learnable labels."""
+"""Synthetic data: random images with the shapes of a real split and learnable labels
+(synthetic text: :func:`sparsejax.data.synthetic_text`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from sparsejax.data.specs import get_spec
+from sparsejax.data.specs import image_spec
 
 #: Examples per split of :func:`synthetic_split` when ``num_examples`` is not given.
 DEFAULT_NUM_EXAMPLES = {"train": 1024, "test": 256}
@@ -30,7 +31,7 @@ def synthetic_split(
   Returns:
     images uint8 [N, H, W, C], labels int32 [N] in [0, num_classes).
   """
-  spec = get_spec(name)
+  spec = image_spec(name)
   if split not in ("train", "test"):
     raise ValueError(f"split={split!r} is not allowed; use 'train' or 'test'")
   if num_examples is None:

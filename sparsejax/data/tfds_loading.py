@@ -23,7 +23,7 @@ from sparsejax.data.specs import (
   DatasetSpec,
   MissingDataError,
   _check_split,
-  get_spec,
+  image_spec,
 )
 
 
@@ -131,7 +131,7 @@ def load_split(
     MissingDataError (a FileNotFoundError and a ValueError) naming the files and
     the folder when the data is neither prepared nor preparable.
   """
-  spec = get_spec(name)
+  spec = image_spec(name)
   _check_split(split)
   data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
   manual_dir = manual_dir or os.environ.get(MANUAL_DIR_ENV) or None

@@ -1,8 +1,11 @@
-"""The paper's networks (Flax linen) and a registry by name.
+"""The paper's networks and two transformers (Flax linen), and a registry by name.
 
 Ordinary Flax modules, called as ``model.apply(variables, x, train=...)`` on NHWC
-inputs; effective masks and SynFlow transform their traced programs
-(:mod:`sparsejax.connectivity`), as for any user model.
+images (the GPT on int token ids [B, T]); effective masks and SynFlow transform their
+traced programs (:mod:`sparsejax.connectivity`), as for any user model. Besides the
+paper's networks: ``vit`` (:class:`ViT`, MNIST-sized images) and ``gpt`` (:class:`GPT`,
+a byte-level decoder language model on the ``text`` dataset), sharing the blocks of
+:mod:`sparsejax.models.transformer`.
 
 Each zoo file registers its own networks (:func:`register_model`, in
 :mod:`sparsejax.models.registry`); a new network is one file that defines the module
@@ -29,6 +32,14 @@ from sparsejax.models.vgg import VGG, VGG16, VGG19
 
 # isort: split
 from sparsejax.models.resnet import ResNet18
+
+# Beyond the paper: transformers (issue 25).
+# isort: split
+from sparsejax.models import transformer  # noqa: F401  (re-exported)
+from sparsejax.models.vit import ViT
+
+# isort: split
+from sparsejax.models.gpt import GPT
 
 
 def create(name: str, num_classes: int | None = None) -> nn.Module:
@@ -77,14 +88,21 @@ def check_input_shape(input_shape) -> tuple[int, ...]:
 def init(model: nn.Module, key: jax.Array, input_shape, **kwargs):
   """``model.init(key, ones([1, *input_shape]), **kwargs)`` as one compiled program per
   (model, input shape, kwargs); called eagerly, Flax's init compiles every
-  initializer and layer op on its own (88 small programs for VGG-19)."""
-  shape = check_input_shape(input_shape)
+  initializer and layer op on its own (88 small programs for VGG-19).
+
+  ``input_shape``: one example's shape (a float32 input), or an example input's shape
+  struct or array, batch axis included (its dtype, e.g. int32 token ids [1, T]: the
+  init input is ones of it, :func:`example_input`)."""
+  if hasattr(input_shape, "shape") and hasattr(input_shape, "dtype"):
+    shape = (tuple(int(d) for d in input_shape.shape), np.dtype(input_shape.dtype).name)
+  else:
+    shape = ((1,) + check_input_shape(input_shape), "float32")
   check_model(model)
   return _init(model, shape, tuple(sorted(kwargs.items())), key)
 
 
 def _init_fn(model, shape, kwargs, key):
-  return model.init(key, jnp.ones((1,) + shape, jnp.float32), **dict(kwargs))
+  return model.init(key, jnp.ones(*shape), **dict(kwargs))
 
 
 _init = compilation.jit(_init_fn, static_argnums=(0, 1, 2))
@@ -95,11 +113,20 @@ def input_shape(name: str) -> tuple:
   return get_spec(name).input_shape
 
 
+def example_input(name: str, batch: int = 1) -> jax.ShapeDtypeStruct:
+  """The network's input for ``batch`` examples: a shape struct [batch, *input_shape] of
+  its ``input_dtype`` (float32 images; int32 token ids [batch, T] for the GPT), what
+  :func:`sparsejax.trace` and :func:`init` take as ``input_shape``."""
+  spec = get_spec(name)
+  return jax.ShapeDtypeStruct((batch, *spec.input_shape), jnp.dtype(spec.input_dtype))
+
+
 __all__ = [
   "create",
   "init",
   "get_spec",
   "input_shape",
+  "example_input",
   "check_model",
   "check_input_shape",
   "MODELS",
@@ -112,4 +139,7 @@ __all__ = [
   "VGG16",
   "VGG19",
   "ResNet18",
+  "transformer",
+  "ViT",
+  "GPT",
 ]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
@@ -29,7 +31,10 @@ class ModelSpec:
     dataset: the name of its dataset (:data:`sparsejax.data.DATASETS` for the
       experiments).
     input_shape: one example's shape, NHWC without the batch axis, e.g. (28, 28, 1).
-    num_classes: the dataset's classes (the default of :func:`sparsejax.models.create`).
+    num_classes: the dataset's classes (the default of :func:`sparsejax.models.create`;
+      a language model's vocabulary).
+    input_dtype: the input's dtype name: 'float32' for images, an integer dtype
+      ('int32') for token ids (:func:`sparsejax.models.example_input`).
   """
 
   build: Callable
@@ -37,6 +42,7 @@ class ModelSpec:
   dataset: str
   input_shape: tuple
   num_classes: int
+  input_dtype: str = "float32"
 
 
 #: Every registered network, in registration order.
@@ -78,6 +84,15 @@ def register_model(name: str, spec: ModelSpec) -> ModelSpec:
   n = spec.num_classes
   if isinstance(n, bool) or not isinstance(n, int) or n < 1:
     raise ValueError(f"spec.num_classes={n!r} must be a positive integer.")
+  try:
+    dtype = np.dtype(spec.input_dtype)
+  except TypeError:
+    dtype = None
+  if dtype is None or dtype.kind not in "fiu" or not isinstance(spec.input_dtype, str):
+    raise ValueError(
+      f"spec.input_dtype={spec.input_dtype!r} must be the name of a float or integer "
+      "dtype, e.g. 'float32' (images) or 'int32' (token ids)."
+    )
   MODELS[name] = spec
   return spec
 

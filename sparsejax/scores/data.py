@@ -1,10 +1,19 @@
 """Scores computed on data: SNIP, iterative SNIP and GraSP (float32 score trees).
 
-Their loss is the image/label cross-entropy of a Flax module on preprocessed batches
-({'image': float32 [B, H, W, C], 'label': int32 [B]}), or the user's ``loss(params,
-batch) -> scalar`` over any batches. The prunable set is ``prunable=`` (a collection
-of paths), else the bool leaves of ``masks``, else the traced program's linear-op
-weights (a :class:`sparsejax.Traced` model, or a module traced on a batch's image).
+Their default loss is the mean cross-entropy of a Flax module on one of two kinds of
+batch:
+
+- images: ``{'image': float32 [B, H, W, C] (preprocessed), 'label': int32 [B]}``, the
+  cross-entropy of ``model(image)`` logits [B, classes] against the labels;
+- token windows: ``{'tokens': int [B, T + 1]}``, the next-token cross-entropy of a
+  language model: ``model(tokens[:, :-1])`` gives logits [B, T, vocab] (the output's
+  last axis is the vocabulary) whose targets are ``tokens[:, 1:]``, averaged over the
+  B T positions.
+
+Any other model or batch takes the user's ``loss(params, batch) -> scalar``. The
+prunable set is ``prunable=`` (a collection of paths), else the bool leaves of
+``masks``, else the traced program's linear-op weights (a :class:`sparsejax.Traced`
+model, or a module traced on a batch's image or input tokens).
 """
 
 from __future__ import annotations
@@ -28,13 +37,37 @@ from sparsejax.scores import trees
 PyTree = Any
 
 
-def _check_batch(batch, who: str, classes: int | None = None) -> dict:
-  """An image/label batch, float32 images and int32 labels; with ``classes``, the
-  labels are checked to be class indices of the model's outputs."""
-  if not isinstance(batch, Mapping) or "image" not in batch or "label" not in batch:
+_BATCHES = (
+  "preprocessed batches {'image': float32 [B, H, W, C] normalized, 'label': int32 [B]}, "
+  "or token windows {'tokens': int [B, T + 1]} for a language model"
+)
+
+
+def _check_tokens(batch, who: str, vocab: int | None = None) -> dict:
+  """A token-window batch {'tokens': int32 [B, T + 1]}; with ``vocab``, the tokens are
+  checked to be ids of the model's vocabulary."""
+  tokens = np.asarray(batch["tokens"])
+  if not np.issubdtype(tokens.dtype, np.integer) or tokens.ndim != 2 or tokens.shape[1] < 2:
     raise ValueError(
-      f"{who} needs batches that are dicts with 'image' and 'label'; got {type(batch).__name__}."
+      f"{who} needs 'tokens' as integer ids [B, T + 1] (inputs tokens[:, :-1], next-token "
+      f"targets tokens[:, 1:]); got dtype {tokens.dtype}, shape {tokens.shape}."
     )
+  if vocab is not None and tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+    raise ValueError(
+      f"{who}: tokens must be ids in [0, {vocab}) (the model's output has a vocabulary of "
+      f"{vocab}); got ids from {tokens.min()} to {tokens.max()}."
+    )
+  return {"tokens": jnp.asarray(tokens, jnp.int32)}
+
+
+def _check_batch(batch, who: str, classes: int | None = None) -> dict:
+  """An image/label batch (float32 images, int32 labels) or a token-window batch
+  (int32 tokens [B, T + 1]); with ``classes``, the labels (tokens) are checked to be
+  class indices (vocabulary ids) of the model's outputs."""
+  if isinstance(batch, Mapping) and "tokens" in batch:
+    return _check_tokens(batch, who, classes)
+  if not isinstance(batch, Mapping) or "image" not in batch or "label" not in batch:
+    raise ValueError(f"{who} needs {_BATCHES}; got {type(batch).__name__}.")
   image = jnp.asarray(batch["image"])
   if not jnp.issubdtype(image.dtype, jnp.floating):
     raise ValueError(
@@ -51,20 +84,39 @@ def _check_batch(batch, who: str, classes: int | None = None) -> dict:
   return {"image": image.astype(jnp.float32), "label": jnp.asarray(labels, jnp.int32)}
 
 
+def _inputs_targets(batch) -> tuple[jax.Array, jax.Array]:
+  """The model's input and the targets of a checked batch: (image, label), or
+  (tokens[:, :-1], tokens[:, 1:]) for token windows (traceable)."""
+  if "tokens" in batch:
+    return batch["tokens"][:, :-1], batch["tokens"][:, 1:]
+  return batch["image"], batch["label"]
+
+
 def _labelled(model, params, rest, first, who: str):
   """The check of the default loss's batches: :func:`_check_batch` against the number
-  of classes the model outputs on ``first``'s images (shapes only, nothing is run)."""
-  image = _check_batch(first, who)["image"][:1]
+  of classes the model outputs on ``first``'s inputs (shapes only, nothing is run). A
+  token batch needs logits [B, T, vocab] (else ValueError: pass ``loss=``)."""
+  x, _ = _inputs_targets(_check_batch(first, who))
+  x = x[:1]
   try:
     logits, _ = jax.eval_shape(
       lambda p: _module(model).apply(
-        {"params": p, **rest}, image, **_train_kwargs(model), mutable=["batch_stats"]
+        {"params": p, **rest}, x, **_train_kwargs(model), mutable=["batch_stats"]
       ),
       params,
     )
-    classes = int(logits.shape[-1])
   except Exception:  # pylint: disable=broad-except  (the loss itself reports it)
-    classes = None
+    logits = None
+  if "tokens" in first and logits is not None:
+    shape = getattr(logits, "shape", None)
+    if shape is None or len(shape) != 3 or tuple(shape[:2]) != tuple(x.shape):
+      raise ValueError(
+        f"{who}: the default loss of token batches is next-token cross-entropy, which "
+        f"needs logits [B, T, vocab] for tokens[:, :-1] of shape {tuple(x.shape)}; the "
+        f"model returns {shape if shape is not None else type(logits).__name__}. Pass "
+        "loss=(params, batch) -> scalar."
+      )
+  classes = None if logits is None or not hasattr(logits, "shape") else int(logits.shape[-1])
   return lambda batch, who: _check_batch(batch, who, classes)
 
 
@@ -82,6 +134,8 @@ def _any_batch(batch, who: str):
 def _batch_size(batch) -> int:
   if isinstance(batch, Mapping) and "label" in batch:
     return int(np.shape(batch["label"])[0])
+  if isinstance(batch, Mapping) and "tokens" in batch:
+    return int(np.shape(batch["tokens"])[0])
   return int(np.shape(jax.tree.leaves(batch)[0])[0])
 
 
@@ -89,20 +143,14 @@ def _batches_list(batches, who: str, check=None) -> list[dict]:
   """All batches, checked; ValueError if there are none."""
   check = check or _check_batch
   if batches is None:
-    raise ValueError(
-      f"{who} needs data: batches=None; pass an iterable of preprocessed "
-      "batches {'image': float32 [B, H, W, C], 'label': int32 [B]}."
-    )
+    raise ValueError(f"{who} needs data: batches=None; pass an iterable of {_BATCHES}.")
   if isinstance(batches, Mapping):
     batches = [batches]
   out = []
   for b in batches:
     out.append(check(b, who))
   if not out:
-    raise ValueError(
-      f"{who} needs data: batches is empty; pass at least one preprocessed "
-      "batch {'image': float32 [B, H, W, C], 'label': int32 [B]}."
-    )
+    raise ValueError(f"{who} needs data: batches is empty; pass at least one of {_BATCHES}.")
   return out
 
 
@@ -177,7 +225,10 @@ def _slots(model, params, first, prunable, masks, loss, who) -> tuple:
   model traced on the ``first`` batch's image when nothing else says)."""
   example = None
   if prunable is None and masks is None and loss is None and not isinstance(model, tracing.Traced):
-    if isinstance(first, Mapping) and "image" in first:
+    if isinstance(first, Mapping) and "tokens" in first:
+      length = np.shape(first["tokens"])[1] - 1
+      example = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    elif isinstance(first, Mapping) and "image" in first:
       example = jax.ShapeDtypeStruct((1, *np.shape(first["image"])[1:]), jnp.float32)
   chosen = trees.prunable_paths(_module(model), prunable, masks, example)
   if chosen is None and isinstance(model, tracing.Traced):
@@ -192,7 +243,8 @@ def _slots(model, params, first, prunable, masks, loss, who) -> tuple:
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy with integer labels (the default data loss)."""
+  """Mean softmax cross-entropy with integer labels (the default data loss): logits
+  [..., classes] and labels [...] (images: [B]; token windows: [B, T], next tokens)."""
   import optax  # an optional heavy import: pruning by rank alone never needs it
 
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
@@ -211,8 +263,9 @@ def _train_kwargs(model) -> dict:
 def _data_loss(model, loss_fn: Callable, temperature: float | None = None, loss=None):
   """loss(params, rest, batch): the user's ``loss(params, batch)`` if given (GraSP's
   temperature passed as ``temperature=`` when the loss accepts it), else ``loss_fn``
-  on ``model.apply(..., train=True)`` logits of image/label batches (``train=True``
-  only where the module's ``__call__`` takes it: a plain Flax model may not)."""
+  on ``model.apply(..., train=True)`` logits of image/label batches, or of token
+  windows' inputs against their next tokens (``train=True`` only where the module's
+  ``__call__`` takes it: a plain Flax model may not)."""
   if loss is not None:
     try:
       takes_t = "temperature" in inspect.signature(loss).parameters
@@ -225,12 +278,11 @@ def _data_loss(model, loss_fn: Callable, temperature: float | None = None, loss=
   train = _train_kwargs(model)
 
   def loss(params, rest, batch):
-    logits, _ = model.apply(
-      {"params": params, **rest}, batch["image"], **train, mutable=["batch_stats"]
-    )
+    x, targets = _inputs_targets(batch)
+    logits, _ = model.apply({"params": params, **rest}, x, **train, mutable=["batch_stats"])
     if temperature is not None:
       logits = logits / temperature
-    return loss_fn(logits, batch["label"])
+    return loss_fn(logits, targets)
 
   return loss
 
@@ -284,16 +336,18 @@ def snip(
 
   at the masked weights w * m (pruned weights score 0), with L_b the loss of batch b
   (default: mean cross-entropy on ``model.apply(variables, x, train=True,
-  mutable=['batch_stats'])`` logits; ``loss_fn(logits, labels) -> scalar`` replaces
-  it). Gradients are averaged over ``batches`` weighted by batch size; batch-norm
-  statistics are those of each batch and are not updated.
+  mutable=['batch_stats'])`` logits, next-token cross-entropy for token windows: module
+  docstring; ``loss_fn(logits, labels) -> scalar`` replaces it). Gradients are averaged
+  over ``batches`` weighted by batch size; batch-norm statistics are those of each batch
+  and are not updated.
 
   Args:
     model: a Flax module called as ``model.apply(variables, x, train=...)`` (or its
       :class:`sparsejax.Traced`).
     variables: {'params': ..., 'batch_stats': ...} (any collections besides params).
     batches: iterable of preprocessed batches {'image': float32 [B, H, W, C]
-      normalized, 'label': int32 [B]} (a single such dict is accepted too).
+      normalized, 'label': int32 [B]}, or of token windows {'tokens': int [B, T + 1]}
+      for a language model (a single such dict is accepted too).
     masks: optional bool mask tree (None at non-prunable leaves).
     loss: optional ``loss(params, batch) -> scalar`` over the user's own batches (any
       pytrees with a leading batch axis); replaces the model/image/label default, and

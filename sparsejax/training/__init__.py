@@ -1,12 +1,15 @@
 """Masked training with Optax: config, state, steps, checkpoints, the loop.
 
 The training recipe of method.md section 5: SGD with momentum, a piecewise-constant
-learning rate, L2 on the prunable weights only, cross-entropy, per-step augmentation
-on the device. A sparse network is trained by keeping its pruned weights at exactly
-zero with :func:`sparsejax.optim.with_masks`: gradients are masked before the
-optimizer (its state stays 0 at pruned weights) and so are the updates after it, so
-neither weight decay nor momentum (even momentum carried over from dense training)
-can revive a pruned weight. The masks live in the optimizer state.
+learning rate, L2 on the prunable weights only, cross-entropy, per-step augmentation on
+the device (AdamW with warmup and cosine decay as a config choice, for the
+transformers). Byte-level language models train on text windows with next-token
+cross-entropy; their evaluation adds bits per byte and perplexity. A sparse network is trained
+by keeping its pruned weights at exactly zero with :func:`sparsejax.optim.with_masks`:
+gradients are masked before the optimizer (its state stays 0 at pruned weights) and so
+are the updates after it, so neither weight decay nor momentum (even momentum carried
+over from dense training) can revive a pruned weight. The masks live in the optimizer
+state.
 
 One module per job, in the shape of the Flax ImageNet example:
 
@@ -16,7 +19,8 @@ One module per job, in the shape of the Flax ImageNet example:
 - :mod:`~sparsejax.training.state`: :class:`TrainState`, which carries its optimizer
   ``tx`` (built once by :func:`create_train_state`) as a static field.
 - :mod:`~sparsejax.training.steps`: :func:`train_step`, :func:`eval_step` (pure,
-  jitted, reading ``state.tx``) and :func:`evaluate`.
+  jitted, reading ``state.tx``), :func:`evaluate` (images), :func:`evaluate_text` and
+  :func:`language_model_metrics` (text).
 - :mod:`~sparsejax.training.mesh`: data parallelism (:func:`make_mesh`,
   :func:`replicate`): a 1-D mesh over the devices (axis ``'data'``), batches sharded
   along their first axis, the state replicated; multi-host after
@@ -40,6 +44,8 @@ from sparsejax.training.checkpoints import (
   state_checksum,
 )
 from sparsejax.training.config import (
+  OPTIMIZERS,
+  SCHEDULES,
   TrainConfig,
   decay_mask,
   make_masked_optimizer,
@@ -52,10 +58,18 @@ from sparsejax.training.in_step import update_train_step
 from sparsejax.training.loop import Interrupted, MaskUpdates, Progress, TrainResult, train
 from sparsejax.training.mesh import make_mesh, replicate
 from sparsejax.training.state import TrainState, create_train_state
-from sparsejax.training.steps import eval_step, evaluate, train_step
+from sparsejax.training.steps import (
+  eval_step,
+  evaluate,
+  evaluate_text,
+  language_model_metrics,
+  train_step,
+)
 
 __all__ = [
   "TrainConfig",
+  "OPTIMIZERS",
+  "SCHEDULES",
   "weight_decay_from_keras_l2",
   "TrainState",
   "TrainResult",
@@ -76,6 +90,8 @@ __all__ = [
   "update_train_step",
   "eval_step",
   "evaluate",
+  "evaluate_text",
+  "language_model_metrics",
   "make_mesh",
   "replicate",
   "train",

@@ -108,13 +108,21 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+_LATER_FIELDS = ("optimizer", "schedule", "warmup_fraction", "beta2", "grad_clip")
+
+
 def run_meta(config, seed: int, key: jax.Array, masked: bool, updater=None) -> dict:
   """What must match for a checkpoint to be resumed (JSON-able)."""
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
+  # Fields added after the paper's recipe (the optimizer choice) are recorded only where
+  # they differ from their defaults: checkpoints of earlier runs still resume.
+  later = {f.name: f.default for f in dataclasses.fields(config) if f.name in _LATER_FIELDS}
   meta = {
     "config": {
-      k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+      k: list(v) if isinstance(v, tuple) else v
+      for k, v in dataclasses.asdict(config).items()
+      if k not in later or v != later[k]
     },
     "seed": int(seed),
     "key": np.asarray(key).ravel().tolist(),

@@ -1,5 +1,6 @@
 """How a network is trained: :class:`TrainConfig`, the learning-rate schedule and the
-optimizer recipe (SGD with momentum, L2 on the prunable weights), built once per run.
+optimizer recipe (the paper's SGD with momentum and L2 on the prunable weights, or AdamW
+with decoupled decay for the transformers), built once per run.
 
 The prunable set, which L2 applies to, is the one rule of :mod:`sparsejax.masks`: the
 mask tree's non-None leaves when masks are given, otherwise the weights that the
@@ -24,6 +25,12 @@ from sparsejax import optim
 from sparsejax.errors import FieldError
 
 PyTree = Any
+
+
+#: Optimizers of :class:`TrainConfig` ('sgd' is the paper's).
+OPTIMIZERS = ("sgd", "adamw")
+#: Learning-rate schedules of :class:`TrainConfig` ('piecewise' is the paper's).
+SCHEDULES = ("piecewise", "cosine")
 
 
 def _finite_at_least(value, low: float, strict: bool = False) -> bool:
@@ -54,6 +61,15 @@ class TrainConfig:
       the learning rate is multiplied by ``decay_factor``.
     decay_factor: multiplier at each boundary.
     snip_batch_size: examples in the batch that SNIP-like pruners score on.
+    optimizer: 'sgd' (the paper's: heavy-ball momentum, L2 on the gradient) or 'adamw'
+      (Loshchilov & Hutter, 2019: Adam with ``b1 = momentum``, ``b2 = beta2`` and decay
+      ``weight_decay`` decoupled from the gradient, both on the prunable weights only).
+    schedule: 'piecewise' (the paper's ``decay_boundaries``) or 'cosine' (linear warmup
+      from 0 over ``warmup_fraction`` of the run, then cosine decay to 0 at its end).
+    warmup_fraction: fraction of ``train_steps`` in [0, 1) that warms up ('cosine' only).
+    beta2: AdamW's second-moment decay.
+    grad_clip: clip the gradient's global norm to this before the optimizer (0: no
+      clipping); the norm is the masked gradient's.
   """
 
   dataset: str
@@ -65,6 +81,11 @@ class TrainConfig:
   decay_boundaries: tuple[float, ...]
   decay_factor: float = 0.1
   snip_batch_size: int = 100
+  optimizer: str = "sgd"
+  schedule: str = "piecewise"
+  warmup_fraction: float = 0.0
+  beta2: float = 0.999
+  grad_clip: float = 0.0
 
   def __post_init__(self):
     """Raises :class:`sparsejax.errors.FieldError` naming the first bad field."""
@@ -91,6 +112,26 @@ class TrainConfig:
         "increasing fractions of the run in (0, 1]",
       )
     object.__setattr__(self, "decay_boundaries", bounds)  # Lists -> tuple: hashable.
+    if self.optimizer not in OPTIMIZERS:
+      raise FieldError("optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
+    if self.schedule not in SCHEDULES:
+      raise FieldError("schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
+    if not _finite_at_least(self.warmup_fraction, 0.0) or not self.warmup_fraction < 1.0:
+      raise FieldError("warmup_fraction", self.warmup_fraction, "a number in [0, 1)")
+    if self.warmup_fraction and self.schedule != "cosine":
+      raise FieldError(
+        "warmup_fraction",
+        self.warmup_fraction,
+        f"0 for schedule={self.schedule!r} (a warmup is for schedule='cosine')",
+      )
+    if not _finite_at_least(self.beta2, 0.0) or not self.beta2 < 1.0:
+      raise FieldError("beta2", self.beta2, "a number in [0, 1)")
+    if not _finite_at_least(self.grad_clip, 0.0):
+      raise FieldError("grad_clip", self.grad_clip, "a finite number >= 0 (0: no clipping)")
+
+  def warmup_steps(self) -> int:
+    """The warmup in steps: round(warmup_fraction * train_steps)."""
+    return int(round(self.warmup_fraction * self.train_steps))
 
   def boundary_steps(self) -> tuple[int, ...]:
     """The decay boundaries in steps: round(fraction * train_steps)."""
@@ -98,14 +139,26 @@ class TrainConfig:
 
 
 def make_schedule(config) -> optax.Schedule:
-  """Piecewise-constant learning rate: ``learning_rate * decay_factor ** k`` after
-  k boundaries.
+  """The learning rate of ``config.schedule`` at each step.
 
+  'piecewise' (the paper's): ``learning_rate * decay_factor ** k`` after k boundaries.
   Boundary i is at step ``round(config.decay_boundaries[i] * config.train_steps)``;
   the new rate applies from that step on (the update made at step b, counting
   from 0, uses the decayed rate; Keras' ``PiecewiseConstantDecay`` switches one
   step later). Boundaries that round to the same step compound.
+
+  'cosine': ``learning_rate * t / W`` for t < W = ``config.warmup_steps()``, then
+  ``learning_rate * (1 + cos(pi (t - W) / (S - W))) / 2`` to 0 at S = train_steps
+  (``optax.warmup_cosine_decay_schedule``).
   """
+  if getattr(config, "schedule", "piecewise") == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+      0.0,
+      config.learning_rate,
+      config.warmup_steps(),
+      max(config.train_steps, config.warmup_steps() + 1),
+      0.0,
+    )
   scales: dict[int, float] = {}
   for fraction in config.decay_boundaries:
     boundary = int(round(fraction * config.train_steps))
@@ -156,7 +209,8 @@ def decay_mask(params: PyTree, prunable: PyTree | Collection[str]) -> PyTree:
 
 
 def make_optimizer(config, prunable: PyTree | Collection[str]) -> optax.GradientTransformation:
-  """SGD with momentum, the paper's schedule and L2 on the prunable weights only.
+  """The optimizer of ``config``: by default SGD with momentum, the paper's schedule and
+  L2 on the prunable weights only.
 
   ``chain(add_decayed_weights(weight_decay, mask=prunable), sgd(schedule, momentum))``:
   the update is ``-lr_t * m_t`` with ``m_t = momentum * m_{t-1} + g_t + wd * w`` at
@@ -166,16 +220,38 @@ def make_optimizer(config, prunable: PyTree | Collection[str]) -> optax.Gradient
   ``wd = 2c`` (``experiments.configs`` stores 2 x 5e-4 for the LeNets and 2 x 1e-4
   for VGG/ResNet). Biases and batch-norm scales/offsets are not decayed.
 
+  ``optimizer='adamw'``: ``optax.adamw(schedule, b1=momentum, b2=beta2,
+  weight_decay=weight_decay, mask=prunable)``, the decay decoupled from the gradient
+  (``w <- w - lr_t * (adam_t + wd * w)``) and applied to the prunable weights only.
+  With ``grad_clip > 0`` the gradient's global norm is clipped first
+  (``optax.clip_by_global_norm``).
+
   Args:
     config: a ``TrainConfig`` (learning_rate, momentum, weight_decay,
-      decay_boundaries, decay_factor, train_steps).
+      decay_boundaries, decay_factor, train_steps, optimizer, schedule, ...).
     prunable: the prunable set (:func:`prunable_set`): a mask tree or '/'-joined paths.
   """
-  momentum = config.momentum if config.momentum else None
-  return optax.chain(
-    optax.add_decayed_weights(config.weight_decay, mask=DecayMask(prunable_set(prunable))),
-    optax.sgd(make_schedule(config), momentum=momentum),
-  )
+  decayed = DecayMask(prunable_set(prunable))
+  schedule = make_schedule(config)
+  if getattr(config, "optimizer", "sgd") == "adamw":
+    steps = [
+      optax.adamw(
+        schedule,
+        b1=config.momentum,
+        b2=config.beta2,
+        weight_decay=config.weight_decay,
+        mask=decayed,
+      )
+    ]
+  else:
+    momentum = config.momentum if config.momentum else None
+    steps = [
+      optax.add_decayed_weights(config.weight_decay, mask=decayed),
+      optax.sgd(schedule, momentum=momentum),
+    ]
+  if getattr(config, "grad_clip", 0.0) > 0:
+    steps.insert(0, optax.clip_by_global_norm(config.grad_clip))
+  return optax.chain(*steps)
 
 
 def make_masked_optimizer(

@@ -1,5 +1,6 @@
 """The training loop: :func:`train` with evaluation, checkpoints and resume, moving masks
-(:class:`MaskUpdates`) and progress lines (:class:`Progress`).
+(:class:`MaskUpdates`) and progress lines (:class:`Progress`), for image classifiers
+and byte-level language models alike.
 
 Reproducibility: batch ``s`` comes from :func:`sparsejax.data.batch_indices` (a
 function of ``(seed, s)``) and the augmentation key of step ``s`` is ``fold_in(key,
@@ -23,13 +24,20 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sparsejax import data, dynamic, effective
+from sparsejax import data, dynamic, effective, tracing
 from sparsejax import masks as masks_lib
 from sparsejax.training import in_step
 from sparsejax.training.checkpoints import Checkpoints, DivergedError, run_meta, split_history
 from sparsejax.training.mesh import DATA_AXIS, check_divisible, make_mesh, replicate
 from sparsejax.training.state import TrainState, create_train_state
-from sparsejax.training.steps import _train_step, dataset_spec, dense_grads, evaluate
+from sparsejax.training.steps import (
+  _train_step,
+  dataset_spec,
+  dense_grads,
+  evaluate,
+  evaluate_text,
+  language_model_metrics,
+)
 
 PyTree = Any
 
@@ -40,8 +48,10 @@ class TrainResult:
 
   Attributes:
     history: [{"step", "test_loss", "test_accuracy"}] at every evaluation (those of
-      earlier, resumed-from segments included).
-    final_test_loss, final_test_accuracy: at the last step.
+      earlier, resumed-from segments included); a language model's also have
+      "test_bits_per_byte" and "test_perplexity".
+    final_test_loss, final_test_accuracy: at the last step (a language model's: mean
+      next-byte loss in nats, next-byte accuracy).
     steps_per_second: training steps per second in this call, excluding the first
       step (compilation), evaluations, checkpoints and mask updates between steps
       (each one's compilation included; their cost is ``update_seconds``), nan if
@@ -54,6 +64,8 @@ class TrainResult:
       those of earlier, resumed-from segments included.
     update_seconds: wall time of each mask update between steps in this call, in
       order (the first one includes its compilation); empty in-jit.
+    final_metrics: the last evaluation's entry of ``history`` without its step
+      (test_loss, test_accuracy; test_bits_per_byte and test_perplexity for text).
   """
 
   history: list[dict]
@@ -65,6 +77,7 @@ class TrainResult:
   state: TrainState
   mask_updates: list = dataclasses.field(default_factory=list)
   update_seconds: list = dataclasses.field(default_factory=list)
+  final_metrics: dict = dataclasses.field(default_factory=dict)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -324,9 +337,10 @@ def train(
   model: flax.linen.Module,
   spec,
   config,
-  train_data: tuple[np.ndarray, np.ndarray],
-  test_data: tuple[np.ndarray, np.ndarray],
+  train_data: tuple[np.ndarray, np.ndarray] | np.ndarray,
+  test_data: tuple[np.ndarray, np.ndarray] | np.ndarray,
   *,
+  input_shape=None,
   masks: PyTree = None,
   params: PyTree = None,
   seed: int = 0,
@@ -338,7 +352,7 @@ def train(
   log_every: int = 500,
   log_seconds: float = 30.0,
   num_steps: int | None = None,
-  eval_batch_size: int = 1000,
+  eval_batch_size: int | None = None,
   devices: Sequence[jax.Device] | None = None,
   prefetch: int = 2,
   updater=None,
@@ -351,10 +365,17 @@ def train(
 
   Args:
     model: the Flax module.
-    spec: a ``models.ModelSpec``, ``data.DatasetSpec`` or dataset name (decides the
-      normalization and augmentation); None: ``config.dataset``.
+    spec: a ``models.ModelSpec``, ``data.DatasetSpec``, ``data.TextSpec`` or dataset
+      name (decides the normalization and augmentation, or next-token training on
+      text); None: ``config.dataset``.
     config: a ``TrainConfig``; its ``train_steps`` sets the learning-rate schedule.
-    train_data, test_data: (uint8 images [N, H, W, C], int32 labels [N]) on the host.
+    train_data, test_data: (uint8 images [N, H, W, C], int32 labels [N]) on the host;
+      for a text dataset, the splits' bytes, uint8 [N] (trained on windows of T + 1
+      bytes, :func:`sparsejax.data.text_train_batches`; evaluated on every byte,
+      :func:`sparsejax.training.evaluate_text`).
+    input_shape: one example's shape: default the image shape of an image dataset;
+      for text the context (T,) (default: the ModelSpec's ``input_shape`` when
+      ``spec`` is one; else required).
     masks: mask tree for ``params`` (bool at prunable leaves, None elsewhere);
       None trains densely.
     params: initial parameters (those the masks were computed on); default: a
@@ -375,7 +396,8 @@ def train(
       round-trips besides evaluations and checkpoints).
     num_steps: stop once the state reaches this step (a total, not a count of new
       steps); default ``config.train_steps``.
-    eval_batch_size: evaluation batch (rounded up to a multiple of the devices).
+    eval_batch_size: evaluation batch (rounded up to a multiple of the devices): images
+      (default 1000), or windows of a text dataset (default 64).
     devices: devices of the data-parallel mesh; default ``jax.devices()`` (with
       several processes: all of theirs; see :mod:`sparsejax.training.mesh`).
     prefetch: batches put on the devices ahead of the step.
@@ -411,7 +433,8 @@ def train(
   """
   start_time = time.perf_counter()
   dspec = dataset_spec(config.dataset if spec is None else spec)
-  train_images, _ = train_data
+  text = isinstance(dspec, data.TextSpec)
+  example = _example(dspec, spec, input_shape)
   for name, value in (
     ("checkpoint_every", checkpoint_every),
     ("eval_every", eval_every),
@@ -427,9 +450,17 @@ def train(
     raise ValueError(
       f"num_steps={num_steps!r} must be in [0, config.train_steps={config.train_steps}]."
     )
-  if tuple(train_images.shape[1:]) != dspec.image_shape:
+  if text:
+    for name, split in (("train_data", train_data), ("test_data", test_data)):
+      if not isinstance(split, np.ndarray) or split.ndim != 1 or split.dtype != np.uint8:
+        raise ValueError(
+          f"{name} of text dataset {dspec.name!r} must be its bytes, a uint8 numpy array "
+          f"[N]; got {type(split).__name__} {getattr(split, 'shape', '')}."
+        )
+    data.num_train_windows(len(train_data), example.shape[1])  # long enough for a window
+  elif tuple(train_data[0].shape[1:]) != dspec.image_shape:
     raise ValueError(
-      f"train_data images have shape {tuple(train_images.shape[1:])} per "
+      f"train_data images have shape {tuple(train_data[0].shape[1:])} per "
       f"example; dataset {dspec.name!r} has {dspec.image_shape}."
     )
   if updater is not None:
@@ -448,7 +479,7 @@ def train(
   state = create_train_state(
     model,
     init_key,
-    dspec.image_shape,
+    example,
     config,
     masks=masks,
     params=params,
@@ -463,7 +494,7 @@ def train(
       updater,
       model=model,
       spec=dspec,
-      input_shape=dspec.image_shape,
+      input_shape=example if text else dspec.image_shape,
       step_key=step_key,
       track_effective=track_effective,
       in_jit=update_in_jit,
@@ -485,8 +516,9 @@ def train(
     eval_every=eval_every,
     log_every=log_every,
     log_seconds=log_seconds,
-    eval_batch_size=eval_batch_size,
+    eval_batch_size=eval_batch_size or (64 if text else 1000),
     prefetch=prefetch,
+    context=example.shape[1] if text else None,
   )
   if workdir is None:
     return loop.run(state, None, start_time)
@@ -495,6 +527,29 @@ def train(
     workdir, meta, keep=keep_checkpoints, verbose=verbose_checkpoints
   ) as checkpoints:
     return loop.run(state, checkpoints, start_time)
+
+
+def _example(dspec, spec, input_shape) -> jax.ShapeDtypeStruct:
+  """The init/trace input of one example ([1, ...]): an image dataset's image (or
+  ``input_shape``) as float32; a text dataset's int32 tokens [1, T] with T from
+  ``input_shape`` or the ModelSpec ``spec``."""
+  if not isinstance(dspec, data.TextSpec):
+    return tracing.example_input(dspec.image_shape if input_shape is None else input_shape)
+  if input_shape is None and hasattr(spec, "input_shape") and hasattr(spec, "dataset"):
+    input_shape = spec.input_shape
+  if hasattr(input_shape, "shape") and hasattr(input_shape, "dtype"):
+    input_shape = tuple(input_shape.shape[1:])
+  if (
+    input_shape is None
+    or len(tuple(input_shape)) != 1
+    or isinstance(tuple(input_shape)[0], bool)
+    or int(tuple(input_shape)[0]) < 1
+  ):
+    raise ValueError(
+      f"input_shape={input_shape!r}: a language model on text dataset {dspec.name!r} "
+      "needs its context, input_shape=(T,) (windows of T + 1 bytes)."
+    )
+  return jax.ShapeDtypeStruct((1, int(tuple(input_shape)[0])), jnp.int32)
 
 
 @dataclasses.dataclass
@@ -517,21 +572,61 @@ class _Loop:
   log_seconds: float
   eval_batch_size: int
   prefetch: int
+  context: int | None = None  # T of a language model (text datasets)
 
   def evaluate(self, state: TrainState, step: int, history: list) -> tuple[float, float]:
-    loss, accuracy = evaluate(
-      state,
-      *self.test_data,
-      model=self.model,
-      spec=self.dspec,
-      batch_size=self.eval_batch_size,
-      mesh=self.mesh,
-    )
+    if self.context is None:
+      loss, accuracy = evaluate(
+        state,
+        *self.test_data,
+        model=self.model,
+        spec=self.dspec,
+        batch_size=self.eval_batch_size,
+        mesh=self.mesh,
+      )
+    else:
+      loss, accuracy = evaluate_text(
+        state,
+        self.test_data,
+        model=self.model,
+        spec=self.dspec,
+        context=self.context,
+        batch_size=self.eval_batch_size,
+        mesh=self.mesh,
+      )
     if not math.isfinite(loss):  # Infinite or NaN logits: nothing to report.
       raise DivergedError(step, f"test loss is {loss}")
-    history.append({"step": step, "test_loss": loss, "test_accuracy": accuracy})
-    logging.info("step %d/%d: test loss %.4f, test accuracy %.4f", step, self.stop, loss, accuracy)
+    entry = {"step": step, "test_loss": loss, "test_accuracy": accuracy}
+    if self.context is None:
+      logging.info(
+        "step %d/%d: test loss %.4f, test accuracy %.4f", step, self.stop, loss, accuracy
+      )
+    else:
+      lm = language_model_metrics(loss)
+      entry.update(test_bits_per_byte=lm["bits_per_byte"], test_perplexity=lm["perplexity"])
+      logging.info(
+        "step %d/%d: test loss %.4f (%.4f bits per byte, perplexity %.4f), test accuracy %.4f",
+        step,
+        self.stop,
+        loss,
+        lm["bits_per_byte"],
+        lm["perplexity"],
+        accuracy,
+      )
+    history.append(entry)
     return loss, accuracy
+
+  def train_batches(self, start: int):
+    """The training batches from step ``start`` on, sharded along the batch axis."""
+    sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+    common = dict(
+      start_step=start, prefetch=self.prefetch, num_steps=self.stop - start, sharding=sharding
+    )
+    if self.context is not None:
+      return data.text_train_batches(
+        self.train_data, self.context, self.config.batch_size, self.seed, **common
+      )
+    return data.train_batches(*self.train_data, self.config.batch_size, self.seed, **common)
 
   def run(self, state: TrainState, checkpoints: Checkpoints | None, start_time: float):
     history: list[dict] = []
@@ -568,15 +663,7 @@ class _Loop:
     progress = Progress(start, stop, log_seconds=self.log_seconds, log_every=self.log_every)
     final = None
     if start < stop:
-      batches = data.train_batches(
-        *self.train_data,
-        self.config.batch_size,
-        self.seed,
-        start_step=start,
-        prefetch=self.prefetch,
-        num_steps=stop - start,
-        sharding=NamedSharding(self.mesh, P(DATA_AXIS)),
-      )
+      batches = self.train_batches(start)
       window: list[dict] = []
       done = start
       try:
@@ -628,6 +715,7 @@ class _Loop:
       state=state,
       mask_updates=[] if updates is None else list(updates.records),
       update_seconds=[] if updates is None else list(updates.seconds),
+      final_metrics=_final_metrics(history, stop, final),
     )
 
   def step(self, state: TrainState, batch, step: int, progress: Progress):
@@ -646,3 +734,10 @@ class _Loop:
       if progress.timed_from is not None:  # before the first step, nothing is timed yet
         progress.add_pause(seconds)
     return _train_step(state, batch, self.step_key, model=self.model, spec=self.dspec)
+
+
+def _final_metrics(history: list, stop: int, final: tuple) -> dict:
+  """The last evaluation's metrics (its history entry at ``stop``, without the step)."""
+  if history and history[-1]["step"] == stop:
+    return {k: v for k, v in history[-1].items() if k != "step"}
+  return {"test_loss": final[0], "test_accuracy": final[1]}

@@ -10,7 +10,6 @@ and sharding carry them and mask updates need no recompilation.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import flax
@@ -93,19 +92,19 @@ def _init_batch_stats(params, x, *, model):
   return variables.get("batch_stats", {})
 
 
-def prunable_paths(model, input_shape: Sequence[int], params: PyTree, batch_stats: PyTree):
+def prunable_paths(model, input_shape, params: PyTree, batch_stats: PyTree):
   """The model's prunable set without masks: the parameters its traced program (in
   inference mode, ``train=False``) uses as the weight of a linear op."""
   variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
   return effective.prunable_paths(
-    model, tuple(input_shape), variables=variables, apply_kwargs={"train": False}
+    model, tracing.example_input(input_shape), variables=variables, apply_kwargs={"train": False}
   )
 
 
 def create_train_state(
   model: flax.linen.Module,
   key: jax.Array,
-  input_shape: Sequence[int],
+  input_shape,
   config,
   masks: PyTree = None,
   params: PyTree = None,
@@ -120,7 +119,9 @@ def create_train_state(
   Args:
     model: a Flax module called as ``model.apply(variables, x, train=...)``.
     key: PRNG key for ``model.init``.
-    input_shape: one example's shape without the batch axis, e.g. (28, 28, 1).
+    input_shape: one example's shape without the batch axis, e.g. (28, 28, 1) (a
+      float32 input), or an example input's shape struct with its batch axis and dtype,
+      e.g. ``jax.ShapeDtypeStruct((1, T), jnp.int32)`` for a language model's tokens.
     config: a ``TrainConfig`` (for the optimizer).
     masks: mask tree (bool at prunable leaves, None elsewhere) or None (dense).
     params: initial parameters (e.g. the ones a pruner scored); default: fresh
@@ -131,7 +132,8 @@ def create_train_state(
     A :class:`TrainState` at step 0 with ``params * masks`` (``params`` as they are
     with ``straight_through``: the dense weights train, the forward pass is masked).
   """
-  x = jnp.zeros((1,) + tuple(int(d) for d in input_shape), jnp.float32)
+  example = tracing.example_input(input_shape)
+  x = jnp.zeros(example.shape, example.dtype)
   if params is None:
     variables = _init_variables(key, x, model=model)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
@@ -144,9 +146,7 @@ def create_train_state(
     masks = jax.tree.map(jnp.asarray, masks)
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
     # the mask tree is the prunable set, and every leaf of it a linear op's weight
-    tracing.trace(
-      model, tuple(input_shape), variables=variables, apply_kwargs={"train": False}
-    ).masked(masks)
+    tracing.trace(model, example, variables=variables, apply_kwargs={"train": False}).masked(masks)
     if not straight_through:
       params = masks_lib.apply(params, masks)
     prunable = masks

@@ -1,6 +1,13 @@
 """The train and eval steps: pure functions of (state, batch), jitted with the model and
 the dataset spec static; the optimizer is the state's ``tx``.
 
+Two kinds of data, told apart by the (static) spec: images ({"image": uint8 [B, H, W,
+C], "label": int32 [B]}; cross-entropy of the logits [B, classes]) and byte-level text
+({"tokens": uint8 [B, T + 1]}; next-token cross-entropy of the logits [B, T, 256] of
+``tokens[:, :-1]`` against ``tokens[:, 1:]``, averaged over the B T positions, no
+augmentation). A language model's held-out loss L (nats per byte) is also reported as
+bits per byte L / ln 2 and perplexity exp(L) (:func:`language_model_metrics`).
+
 Per-step augmentation runs on the device with ``fold_in(key, state.step)``, so a run
 resumed at step s sees the inputs an uninterrupted run would. Batch norm uses batch
 statistics in training and its running averages at evaluation (standard practice; the
@@ -11,6 +18,7 @@ slightly from the paper's).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +33,9 @@ from sparsejax.training.mesh import DATA_AXIS, mesh_of
 from sparsejax.training.state import TrainState
 
 
-def dataset_spec(spec) -> data.DatasetSpec:
-  """A DatasetSpec from a DatasetSpec, a dataset name or a ModelSpec (its .dataset)."""
-  if isinstance(spec, data.DatasetSpec):
+def dataset_spec(spec) -> data.DatasetSpec | data.TextSpec:
+  """A DatasetSpec (or TextSpec) from a spec, a dataset name or a ModelSpec (its .dataset)."""
+  if isinstance(spec, (data.DatasetSpec, data.TextSpec)):
     return spec
   if isinstance(spec, str):
     return data.get_spec(spec)
@@ -38,12 +46,34 @@ def dataset_spec(spec) -> data.DatasetSpec:
   )
 
 
+def is_text(spec) -> bool:
+  """Whether ``spec`` (a spec, dataset name or ModelSpec) is a byte-level text dataset."""
+  return isinstance(dataset_spec(spec), data.TextSpec)
+
+
+def language_model_metrics(loss: float) -> dict:
+  """A language model's held-out mean next-byte loss L (nats) in two more units:
+  {"bits_per_byte": L / ln 2, "perplexity": exp(L)} (per byte: the tokens are bytes)."""
+  return {"bits_per_byte": loss / math.log(2.0), "perplexity": math.exp(min(loss, 700.0))}
+
+
+def _inputs_targets(batch, key, step, spec, train: bool):
+  """The model's input and the targets of a batch: normalized images (augmented with
+  ``fold_in(key, step)`` in training) and labels [B]; or, for text, the int32 inputs
+  ``tokens[:, :-1]`` and next tokens ``tokens[:, 1:]`` [B, T] (no augmentation)."""
+  if isinstance(spec, data.TextSpec):
+    tokens = batch["tokens"].astype(jnp.int32)
+    return tokens[:, :-1], tokens[:, 1:]
+  key = jax.random.fold_in(key, step) if train else None
+  return data.preprocess(key, batch["image"], spec, train=train), batch["label"]
+
+
 def _loss_and_grads(state: TrainState, batch, key, *, model, spec):
   """Mean cross-entropy of the augmented batch of step ``state.step`` (batch
-  statistics), its gradient with respect to the (dense) params, logits and the new
-  batch statistics. With ``state.straight_through`` the forward pass uses w * m."""
-  x = data.preprocess(jax.random.fold_in(key, state.step), batch["image"], spec, train=True)
-  labels = batch["label"]
+  statistics; text: over every position of every window), its gradient with respect to
+  the (dense) params, logits, the new batch statistics and the targets. With
+  ``state.straight_through`` the forward pass uses w * m."""
+  x, labels = _inputs_targets(batch, key, state.step, spec, train=True)
 
   def loss_fn(params):
     if state.straight_through:
@@ -55,7 +85,7 @@ def _loss_and_grads(state: TrainState, batch, key, *, model, spec):
     return loss, (logits, updates.get("batch_stats", state.batch_stats))
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  return loss, grads, logits, batch_stats
+  return loss, grads, logits, batch_stats, labels
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec"))
@@ -66,10 +96,12 @@ def dense_grads(state: TrainState, batch, key, *, model, spec):
 
 @functools.partial(jax.jit, static_argnames=("model", "spec"))
 def _train_step(state: TrainState, batch, key, *, model, spec):
-  loss, grads, logits, batch_stats = _loss_and_grads(state, batch, key, model=model, spec=spec)
+  loss, grads, logits, batch_stats, labels = _loss_and_grads(
+    state, batch, key, model=model, spec=spec
+  )
   # The masks are in opt_state: state.tx masks the gradients and the updates.
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   return new_state, {"loss": loss, "accuracy": accuracy}
 
 
@@ -85,7 +117,8 @@ def train_step(
 
   Args:
     state: :class:`TrainState` (replicated when data parallel).
-    batch: {"image": uint8 [B, H, W, C], "label": int32 [B]} (sharded along B).
+    batch: {"image": uint8 [B, H, W, C], "label": int32 [B]} (sharded along B), or
+      {"tokens": uint8 [B, T + 1]} for a text dataset (next-token loss, module docstring).
     key: the run's PRNG key.
     model: the Flax module (hashable).
     spec: a ``data.DatasetSpec``, dataset name or ``models.ModelSpec``.
@@ -93,8 +126,9 @@ def train_step(
       :func:`create_train_state`); accepted so that older calls keep working.
 
   Returns:
-    (new state, {"loss": float32 [], "accuracy": float32 []}) for this batch, as
-    device arrays (nothing is fetched to the host).
+    (new state, {"loss": float32 [], "accuracy": float32 []}) for this batch (text:
+    next-token accuracy over the B T positions), as device arrays (nothing is fetched
+    to the host).
   """
   del config
   return _train_step(state, batch, key, model=model, spec=dataset_spec(spec))
@@ -102,13 +136,13 @@ def train_step(
 
 @functools.partial(jax.jit, static_argnames=("model", "spec"))
 def _eval_step(state: TrainState, batch, *, model, spec):
-  x = data.preprocess(None, batch["image"], spec, train=False)
+  x, labels = _inputs_targets(batch, None, None, spec, train=False)
   # Masked weights are 0 already, except the dense weights of straight-through training.
   params = state.params if state.masks is None else masks_lib.apply(state.params, state.masks)
   logits = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=False)
-  weight = batch["mask"].astype(jnp.float32)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+  weight = batch["mask"].astype(jnp.float32)  # [B], or [B, T] for text
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
   return {
     "loss": jnp.sum(loss * weight),
     "correct": jnp.sum(correct * weight),
@@ -121,11 +155,13 @@ def eval_step(state: TrainState, batch, *, model, spec) -> dict:
 
   Args:
     batch: {"image": uint8 [B, H, W, C], "label": int32 [B], "mask": bool [B]} as
-      :func:`sparsejax.data.eval_batches` yields; padding (mask False) counts 0.
+      :func:`sparsejax.data.eval_batches` yields, or {"tokens": uint8 [B, T + 1],
+      "mask": bool [B, T]} as :func:`sparsejax.data.text_eval_batches` yields; padding
+      (mask False) counts 0.
 
   Returns:
     {"loss": sum of cross-entropies, "correct": number correct, "count": number of
-    real examples}, float32 scalars on the device.
+    real examples (text: predicted bytes)}, float32 scalars on the device.
   """
   return _eval_step(state, batch, model=model, spec=dataset_spec(spec))
 
@@ -163,6 +199,48 @@ def evaluate(
     images, labels, batch_size, sharding=NamedSharding(mesh, P(DATA_AXIS))
   ):
     sums = _eval_step(state, batch, model=model, spec=dspec)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals["count"])
+  return float(totals["loss"]) / count, float(totals["correct"]) / count
+
+
+def evaluate_text(
+  state: TrainState,
+  corpus: np.ndarray,
+  *,
+  model,
+  spec,
+  context: int,
+  batch_size: int = 64,
+  mesh: Mesh | None = None,
+) -> tuple[float, float]:
+  """Mean next-byte cross-entropy (nats per byte) and next-byte accuracy over a whole
+  text split: every byte after the first is predicted once, from the up to ``context``
+  bytes before it in its window (:func:`sparsejax.data.text_eval_batches`).
+
+  Args:
+    corpus: uint8 [N] on the host.
+    context: T, the model's input length.
+    batch_size: windows per batch, rounded up to a multiple of the device count.
+    mesh: the data-parallel mesh; default: the mesh ``state`` lives on.
+
+  Returns:
+    (loss, accuracy) as Python floats (:func:`language_model_metrics` gives bits per
+    byte and perplexity).
+  """
+  mesh = mesh_of(state.params) if mesh is None else mesh
+  tspec = dataset_spec(spec)
+  if not isinstance(tspec, data.TextSpec):
+    raise ValueError(f"spec={spec!r} is not a text dataset; evaluate images with evaluate.")
+  windows = data.num_eval_windows(len(corpus), context)
+  size = mesh.size
+  batch_size = min(-(-int(batch_size) // size) * size, -(-windows // size) * size)
+  totals = None
+  for batch in data.text_eval_batches(
+    corpus, context, batch_size, sharding=NamedSharding(mesh, P(DATA_AXIS))
+  ):
+    sums = _eval_step(state, batch, model=model, spec=tspec)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals["count"])
