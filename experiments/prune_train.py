@@ -938,6 +938,18 @@ def _imp(
   return result
 
 
+def _exit_interrupted() -> None:
+  """Ends an interrupted run at once with EXIT_INTERRUPTED. Everything is saved by now
+  (checkpoints waited for and closed, the run folder unlocked); an ordinary exit would
+  run the interpreter's and XLA's shutdown while their worker threads may still be
+  inside C++, which can abort the process ('exception not rethrown') after the line
+  above was printed."""
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(EXIT_INTERRUPTED)
+
+
 DEFAULT_CONFIG = configs.path("lenet300100")
 
 
@@ -987,13 +999,13 @@ def main(argv):
       err.step,
       err.stop,
     )
-    sys.exit(EXIT_INTERRUPTED)
+    _exit_interrupted()
   except KeyboardInterrupt:
     logging.error(
       "%s: interrupted before training started; run the same command to start it again.",
       name,
     )
-    sys.exit(EXIT_INTERRUPTED)
+    _exit_interrupted()
   if summary["status"] in ("unreachable", "diverged"):
     print(
       json.dumps(

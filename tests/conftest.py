@@ -36,3 +36,19 @@ def _free_compiled_programs():
   import jax
 
   jax.clear_caches()
+
+
+@pytest.fixture(scope="module")
+def one_ray_at_a_time():
+  """Holds a machine-wide lock for a test module that starts Ray: the README's command
+  runs test files in parallel (pytest-xdist), and two local Ray instances starting at
+  once would compete for the same ports and /tmp/ray session folder."""
+  import fcntl
+  import tempfile
+
+  with open(pathlib.Path(tempfile.gettempdir(), "sparsejax-tests-ray.lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

@@ -412,11 +412,22 @@ def live_primitives(case: Case) -> dict[str, list[str]]:
 # ---------------------------------------------------------------------- tests
 
 
+#: The models whose SynFlow and pruner cases run by default (a padding mask under
+#: attention, and a learned class token); the others' are an acceptance grid run with
+#: ``pytest -m exhaustive`` (their trace and effective masks run by default).
+DEFAULT_RUN = ("flax_lm1b", "hf_vit")
+
+
 def _marks(name: str, step: str) -> list:
-  """xfail(strict) where (name, step) is a known failure; slow for all but the trace."""
+  """xfail(strict) where (name, step) is a known failure; slow for all but the trace;
+  exhaustive for SynFlow and the pruners outside :data:`DEFAULT_RUN`."""
   why = KNOWN_FAILURES.get((name, step))
   marks = [pytest.mark.xfail(strict=True, reason=why)] if why else []
-  return marks if step == "trace" else [*marks, pytest.mark.slow]
+  if step == "trace":
+    return marks
+  if step != "effective" and name not in DEFAULT_RUN:
+    return [*marks, pytest.mark.exhaustive]
+  return [*marks, pytest.mark.slow]
 
 
 def _param(name: str, step: str, *values):

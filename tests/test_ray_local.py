@@ -15,6 +15,8 @@ import pytest
 
 from experiments import ray_local
 
+pytestmark = pytest.mark.usefixtures("one_ray_at_a_time")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A driver as a notebook or a plugin could have it: ray imported before the sweep

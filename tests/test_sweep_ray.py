@@ -26,6 +26,8 @@ from experiments import (
 )
 from sparsejax import files
 
+pytestmark = pytest.mark.usefixtures("one_ray_at_a_time")
+
 SOURCE = datasource.DataSource(synthetic=True)
 # Small steps, many of them: a few seconds to kill its worker between checkpoints.
 SHARED = grid.shared_overrides(
