@@ -384,6 +384,9 @@ class PlainResNet18(nn.Module):
     return nn.Dense(self.num_classes, use_bias=False, name="stage5_dense")(x)
 
 
+# An acceptance check (about 80 s): the plain ResNet's SynFlow equals the zoo's; the
+# reference comparisons of the plain CNN and MLP run by default.
+@pytest.mark.exhaustive
 def test_synflow_plain_resnet_equals_the_zoo_resnet():
   """Bit-equal scores. 32x32 inputs keep every conv input larger than its padding (4x4
   in stage 4), where the zoo's Conv is plain nn.Conv (layers.conv_general_dilated)."""

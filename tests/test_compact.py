@@ -289,8 +289,8 @@ def pruned(name, pruner, compression):
 ZOO_CASES = (
   [("lenet300100", p, c) for p in ("random/igq", "snip", "synflow") for c in (10, 100, 1000)]
   + [("lenet5", "synflow", c) for c in (10, 100, 1000)]
-  + [
-    pytest.param(*case, marks=pytest.mark.slow)
+  + [  # the large networks (about 2 CPU-minutes): pytest -m exhaustive
+    pytest.param(*case, marks=pytest.mark.exhaustive)
     for case in [("vgg16", "snip", 100), ("vgg19", "synflow", 100), ("resnet18", "random/igq", 30)]
   ]
 )
@@ -335,12 +335,13 @@ def mnist_batches(mnist_tfds):
   return score, data.normalize(xt[:256], "mnist")
 
 
-# LeNet-300-100 with every at-init pruner, and LeNet-5 with three, run by default; the rest
-# of LeNet-5's grid (about 3 CPU-minutes) on request: pytest -m exhaustive tests/test_compact.py
-MNIST_CASES = [("lenet300100", p) for p in AT_INIT] + [
-  ("lenet5", p)
+# Both LeNets with three at-init pruners run by default; the rest of the grid (about 5
+# CPU-minutes) on request: pytest -m exhaustive tests/test_compact.py
+MNIST_CASES = [
+  (name, p)
   if p in ("random/igq", "snip", "synflow")
-  else pytest.param("lenet5", p, marks=pytest.mark.exhaustive)
+  else pytest.param(name, p, marks=pytest.mark.exhaustive)
+  for name in ("lenet300100", "lenet5")
   for p in AT_INIT
 ]
 

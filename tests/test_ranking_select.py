@@ -172,7 +172,8 @@ def test_search_on_tied_scores_equals_a_brute_force(seed, levels, quota, name, f
   assert device == host
 
 
-@pytest.mark.slow
+# The tied-scores search above checks both loops against a brute force by default.
+@pytest.mark.exhaustive
 def test_effective_masks_of_the_host_and_device_loops_are_equal_on_lenet300100():
   from sparsejax import models
 
