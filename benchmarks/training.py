@@ -59,7 +59,14 @@ def _setup(arch, batch_size, pruner="random/igq", compression=100.0):
   model = models.create(arch)
   key = jax.random.key(0)
   variables = model.init(key, jnp.ones((1,) + dspec.image_shape))
-  m = pruning.prune(pruner, key=key, model=model, variables=variables, sparsity=1 - 1 / compression)
+  m = pruning.prune(
+    pruner,
+    key=key,
+    model=model,
+    variables=variables,
+    sparsity=1 - 1 / compression,
+    input_shape=dspec.image_shape,
+  )
   images, labels = data.synthetic_split(spec.dataset, "train", num_examples=8 * batch_size)
   batches = [
     {
