@@ -31,7 +31,7 @@ from benchmarks import report
 SUITE = (
   (
     "benchmarks.effective",
-    ["--compressions=100,1000", "--repeats=5", "--skip_profile"],
+    ["--compressions=100,1000", "--repeats=15", "--skip_profile"],
   ),
   (
     "benchmarks.effective_pruning",
