@@ -9,8 +9,10 @@ sparsejax.data_effective) under --results_dir, and writes
   panel per network, the diagonal where the two agree;
 - the table of docs/results.md between ``<!-- data-effective-table:start -->`` and
   ``<!-- data-effective-table:end -->`` (--doc): per run the accuracy, the direct,
-  effective and data-effective compression, and per hidden layer the units never active
-  on the test data and the activation sparsity (zeros per example) of what it reads.
+  effective and data-effective compression, per hidden layer the units never active on
+  the test data, as structurally dead (on no input-output path of the masked graph) +
+  silent (on a path, but 0 on every example) of all its output units, and the
+  activation sparsity (zeros per example) of what each layer reads.
 
   python -m experiments.data_effective_report --results_dir=results/data_effective_mnist
 
@@ -66,12 +68,21 @@ def _c(x) -> str:
   return f"{x:.4g}x"
 
 
+def _never_active(layer: dict) -> str:
+  """'dead + silent of units' of one layer's output units: dead ones lie on no
+  input-output path of the masked graph (structural), silent ones do but are 0 on every
+  example (data-dependent)."""
+  dead = layer["units"] - layer["active_units"]
+  silent = layer["active_units"] - layer["data_active_units"]
+  return f"{dead} + {silent} of {layer['units']}"
+
+
 def table(rows: list[dict]) -> str:
   """The markdown table: one row per run."""
   body = []
   for r in rows:
     hidden = r["layers"][:-1]  # every linear op but the output layer
-    never = ", ".join(f"{100 * l['never_active_fraction']:.0f}%" for l in hidden)
+    never = "; ".join(_never_active(l) for l in hidden)
     sparsity = ", ".join(
       "-" if l["activation_sparsity"] is None else f"{100 * l['activation_sparsity']:.0f}%"
       for l in r["layers"][1:]
@@ -105,7 +116,7 @@ def table(rows: list[dict]) -> str:
       "effective",
       "data-effective",
       "data / effective",
-      "units never active (layer by layer)",
+      "units never active, layer by layer: dead + silent of all",
       "activation sparsity of the inputs of layers 2, 3, ...",
     ],
     body,
