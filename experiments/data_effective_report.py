@@ -5,12 +5,15 @@ Reads the result.json files of experiments.prune_train runs made with
 sparsejax.data_effective) under --results_dir, and writes
 
 - <figures_dir>/data_effective_<dataset>.png: structural effective compression against
-  data-effective compression, one marker per run (colour: pruner; shape: target), one
-  panel per network, the diagonal where the two agree;
+  data-effective compression (the diagonal where the two agree) and below it their
+  ratio, one marker per run (colour: pruner; shape: target; hollow: top-k
+  activations), a column per network;
 - the table of docs/results.md between ``<!-- data-effective-table:start -->`` and
   ``<!-- data-effective-table:end -->`` (--doc): per run the accuracy, the direct,
-  effective and data-effective compression, and per hidden layer the units never active
-  on the test data and the activation sparsity (zeros per example) of what it reads.
+  effective and data-effective compression, per hidden layer the units never active on
+  the test data, as structurally dead (on no input-output path of the masked graph) +
+  silent (on a path, but 0 on every example) of all its output units, and the
+  activation sparsity (zeros per example) of what each layer reads.
 
   python -m experiments.data_effective_report --results_dir=results/data_effective_mnist
 
@@ -66,12 +69,21 @@ def _c(x) -> str:
   return f"{x:.4g}x"
 
 
+def _never_active(layer: dict) -> str:
+  """'dead + silent of units' of one layer's output units: dead ones lie on no
+  input-output path of the masked graph (structural), silent ones do but are 0 on every
+  example (data-dependent)."""
+  dead = layer["units"] - layer["active_units"]
+  silent = layer["active_units"] - layer["data_active_units"]
+  return f"{dead} + {silent} of {layer['units']}"
+
+
 def table(rows: list[dict]) -> str:
   """The markdown table: one row per run."""
   body = []
   for r in rows:
     hidden = r["layers"][:-1]  # every linear op but the output layer
-    never = ", ".join(f"{100 * l['never_active_fraction']:.0f}%" for l in hidden)
+    never = "; ".join(_never_active(l) for l in hidden)
     sparsity = ", ".join(
       "-" if l["activation_sparsity"] is None else f"{100 * l['activation_sparsity']:.0f}%"
       for l in r["layers"][1:]
@@ -105,7 +117,7 @@ def table(rows: list[dict]) -> str:
       "effective",
       "data-effective",
       "data / effective",
-      "units never active (layer by layer)",
+      "units never active, layer by layer: dead + silent of all",
       "activation sparsity of the inputs of layers 2, 3, ...",
     ],
     body,
@@ -113,28 +125,42 @@ def table(rows: list[dict]) -> str:
 
 
 def figure(rows: list[dict], path: str) -> None:
-  """Effective against data-effective compression, a panel per network."""
+  """A column per network: effective against data-effective compression (top), and
+  their ratio, data-effective / effective (bottom; 1 where the data silences no unit
+  that is on a path)."""
   plt = plot._pyplot()
   known = list(plot.ARCH_TITLES)
   archs = sorted({r["arch"] for r in rows}, key=lambda a: (known.index(a) if a in known else 99, a))
-  fig, axes = plt.subplots(1, len(archs), figsize=(5.2 * len(archs), 4.6), squeeze=False)
+  fig, axes = plt.subplots(
+    2,
+    len(archs),
+    figsize=(5.2 * len(archs), 7.4),
+    squeeze=False,
+    gridspec_kw={"height_ratios": [3, 2]},
+  )
   markers = {}
-  for ax, arch in zip(axes[0], archs):
+  for col, arch in enumerate(archs):
+    top, bottom = axes[0][col], axes[1][col]
     pts = [r for r in rows if r["arch"] == arch and r["pruner"] != "dense"]
     finite = [r for r in pts if r["data"] and math.isfinite(r["data"])]
     lo = min([r["effective"] for r in finite] + [r["data"] for r in finite] + [5])
     hi = max([r["effective"] for r in finite] + [r["data"] for r in finite] + [10])
-    ax.plot([lo / 1.3, hi * 1.3], [lo / 1.3, hi * 1.3], color="0.6", lw=0.8, ls="--")
+    top.plot([lo / 1.3, hi * 1.3], [lo / 1.3, hi * 1.3], color="0.6", lw=0.8, ls="--")
+    bottom.axhline(1.0, color="0.6", lw=0.8, ls="--")
     for r in finite:
       marker = markers.setdefault(round(r["target"]), "os^Dv"[len(markers) % 5])
       colour = plot.COLOURS.get(r["pruner"], "#555555")
       face = "none" if r["topk"] else colour
-      ax.scatter(r["effective"], r["data"], marker=marker, s=42, edgecolors=colour, facecolors=face)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("effective compression (structural)")
-    ax.set_ylabel("data-effective compression (test split)")
-    ax.set_title(plot.ARCH_TITLES.get(arch, arch))
+      style = dict(marker=marker, s=42, edgecolors=colour, facecolors=face)
+      top.scatter(r["effective"], r["data"], **style)
+      bottom.scatter(r["effective"], r["data"] / r["effective"], **style)
+    for ax in (top, bottom):
+      ax.set_xscale("log")
+    top.set_yscale("log")
+    top.set_ylabel("data-effective compression (test split)")
+    top.set_title(plot.ARCH_TITLES.get(arch, arch))
+    bottom.set_xlabel("effective compression (structural)")
+    bottom.set_ylabel("data-effective / effective")
   handles = [
     plt.Line2D([], [], marker="o", ls="", color=plot.COLOURS.get(p, "#555555"), label=p)
     for p in dict.fromkeys(r["pruner"] for r in rows if r["pruner"] != "dense")
@@ -143,9 +169,10 @@ def figure(rows: list[dict], path: str) -> None:
     plt.Line2D([], [], marker=m, ls="", color="0.3", label=f"target {t}x")
     for t, m in markers.items()
   ]
-  handles.append(
-    plt.Line2D([], [], marker="o", ls="", mfc="none", color="0.3", label="top-10% acts")
-  )
+  if any(r["topk"] for r in rows):
+    handles.append(
+      plt.Line2D([], [], marker="o", ls="", mfc="none", color="0.3", label="top-k activations")
+    )
   axes[0][-1].legend(handles=handles, fontsize=7, loc="upper left", frameon=False)
   fig.tight_layout()
   fig.savefig(path, dpi=110)

@@ -52,14 +52,20 @@ def after_training(name: str) -> bool:
 
 def run_name(config) -> str:
   """The folder name of a run: network, dataset, pruner, type, target, seed, steps,
-  ``_compact`` when the compacted network trains (``config.compact``) and ``_topk<f>``
-  with top-k activations (``config.activation_topk``)."""
+  ``_compact`` when the compacted network trains (``config.compact``), ``_jit`` when a
+  moving-mask method updates inside the jitted step (``config.update_in_jit``; other
+  pruners ignore the field, so their name does not change) and ``_topk<f>`` with top-k
+  activations (``config.activation_topk``)."""
   compression = 1.0 / (1.0 - target_sparsity(config))
   compact = config.get("compact", False)
+  # In-jit and between-steps updates give the same masks but not the same result file
+  # (no effective tracking, other timings): the two runs need their own folders.
+  in_jit = config.get("update_in_jit", False) and config.pruner in dynamic.METHODS
   topk = config.get("activation_topk", None)
   return (
     f"{config.arch}-{config.dataset}_{config.pruner.replace('/', '-')}_"
     f"{config.pruning_type}_c{compression:.4g}_s{config.seed}_t{config.train_steps}"
     + ("_compact" if compact else "")
+    + ("_jit" if in_jit else "")
     + (f"_topk{topk:g}" if topk else "")
   )

@@ -429,6 +429,25 @@ def test_compact_is_refused_for_moving_masks_imp_and_dense_before_any_file(tmp_p
   assert os.listdir(tmp_path) == []
 
 
+def test_run_name_tells_in_jit_updates_apart_for_moving_masks_only():
+  """Two runs differing only in update_in_jit have their own folders (a sweep would
+  otherwise skip the second as finished); a pruner that ignores the field keeps its name."""
+  between = run_config.run_name(config(pruner="rigl", compression=10, track_effective=False))
+  in_jit = run_config.run_name(
+    config(pruner="rigl", compression=10, track_effective=False, update_in_jit=True)
+  )
+  assert between == "lenet300100-mnist_rigl_direct_c10_s0_t20"
+  assert in_jit == "lenet300100-mnist_rigl_direct_c10_s0_t20_jit"
+  for pruner in ("gmp", "set", "ste", "acdc"):
+    assert run_config.run_name(
+      config(pruner=pruner, compression=10, update_in_jit=True)
+    ) != run_config.run_name(config(pruner=pruner, compression=10))
+  one_shot = dict(pruner="magnitude/global", compression=10)
+  assert run_config.run_name(config(update_in_jit=True, **one_shot)) == run_config.run_name(
+    config(**one_shot)
+  )
+
+
 def test_in_jit_updates_top_k_activations_and_the_data_effective_report(tmp_path):
   """update_in_jit, activation_topk and data_effective in one tiny RigL run: the run name
   says top-k, result.json holds the test split's data-effective report, whose
@@ -444,7 +463,7 @@ def test_in_jit_updates_top_k_activations_and_the_data_effective_report(tmp_path
   )
   r = run(tmp_path, **fields)
   name = run_config.run_name(config(**fields))
-  assert name.endswith("_topk0.5")
+  assert name.endswith("_jit_topk0.5")
   on_disk = json.load(open(tmp_path / name / "result.json"))
   de = on_disk["data_effective"]
   assert de["examples"] > 0 and de["compacted_network"] is False

@@ -26,7 +26,8 @@ on the command line as ``--config.<field>=<value>``):
   the target, regrowing only weights that would be active),
   ``track_effective`` (effective sparsity at every update, in the result),
   ``update_in_jit`` (the updates run inside the jitted step, sparsejax.training.in_step;
-  not with ``track_effective`` or an effective update target);
+  not with ``track_effective`` or an effective update target; the run name gets
+  ``_jit``);
 - activations: ``activation_topk`` (None: off; a fraction: after every ReLU only that
   fraction of each example's activations is kept, the top ones by magnitude,
   sparsejax.ephemeral, straight-through gradient; the run name gets ``_topk<f>``),
