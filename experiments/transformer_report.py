@@ -1,11 +1,11 @@
-r"""Effective sparsity in transformers: the tables and figure of docs/results.md section 7.
+r"""Effective sparsity in transformers: the tables and figures of a docs/results.md section.
 
-Reads what two binaries wrote and writes the section's tables and figure (issue 25):
+Reads what two binaries wrote and writes the section's tables and figures (issue 25):
 - the at-initialization curves of the ViT and the GPT (experiments.init_curves, CSVs
-  under <results_dir>/init_curves/<arch>/): per pruner, direct against effective
-  compression and the dead heads, MLP neurons and embedding dimensions of the
-  effective masks (the ``dead_*`` columns, :func:`sparsejax.models.transformer.dead_parts`)
-  at 10x, 100x and 1000x direct;
+  under <results_dir>/init_curves/<arch>/): the figures of section 1 (init_<arch>.png,
+  units_<arch>.png), its table, and per pruner the dead heads, MLP neurons and
+  embedding dimensions of the effective masks (the ``dead_*`` columns,
+  :func:`sparsejax.models.transformer.dead_parts`) at 10x, 100x and 1000x direct;
 - the trained runs (experiments.sweep, result.json files under <runs_dir>/<arch>/):
   test accuracy (ViT) or held-out bits per byte (GPT) per pruner, pruning type and
   target, and a figure of the metric against effective compression.
@@ -13,7 +13,7 @@ Reads what two binaries wrote and writes the section's tables and figure (issue 
   python -m experiments.init_curves --archs=vit,gpt --tfds_manual_dir=../shared/data/mnist \
       --text_dir=../shared/data/text/python-docs
   python -m experiments.sweep --archs=vit --pruners=random/igq,snip,synflow \
-      --compressions=10,100,1000 --pruning_types=direct,effective --train_steps=1500 \
+      --compressions=10,100,1000 --pruning_types=direct,effective --train_steps=600 \
       --out_dir=results/transformers/vit --tfds_manual_dir=../shared/data/mnist
   python -m experiments.transformer_report --doc=docs/results.md
 """
@@ -167,8 +167,14 @@ def make(results_dir: str, runs_dir: str, figures_dir: str, doc: str | None) -> 
     if a in ARCHS
   }
   sections = []
+  for arch, rows in curves.items():  # the figures of section 1, for the transformers
+    for kind, fn in (("init", plot.plot_curves), ("units", plot.plot_units)):
+      path = os.path.join(figures_dir, f"{kind}_{arch}.png")
+      fn(arch, rows, path)
+      written.append(path)
   if curves:
     sections.append(("transformer-parts-table", parts_table(curves)))
+    sections.append(("transformer-curves-table", plot.curves_table(curves)))
   for arch in ARCHS:
     if not glob.glob(os.path.join(runs_dir, arch, "**", "result.json"), recursive=True):
       continue
