@@ -4,6 +4,9 @@
   (inside the jitted step), masked at 100x (random/igq) vs dense.
 - VGG-16, batch 128, synthetic CIFAR-10-shaped batches, flip+shift augmentation,
   masked at 100x vs dense.
+- With --transformers instead (issue 25; their own section): the ViT (batch 128,
+  MNIST-shaped) and the byte-level GPT (32 windows of 129 bytes of synthetic text), their
+  configs' AdamW recipes, masked at 100x vs dense.
 Steps per second are medians over windows of consecutive jitted steps on batches
 already on the device (the host only feeds uint8 batches, prefetched in training).
 Targets: masked/dense time ratio <= 1.05; LeNet-300-100 masked >= 5x the paper's
@@ -52,41 +55,58 @@ def steps_per_second(state, batches, key, *, model, spec, config, window, window
 
 
 def _setup(arch, batch_size, pruner="random/igq", compression=100.0):
-  """Model, dataset spec, config, variables, masks of ``pruner``, 8 batches, key."""
+  """Model, dataset spec, config, variables, masks of ``pruner``, 8 batches, key, and
+  the model's example input (an image shape, or int32 token ids [1, T] for the GPT)."""
   spec = models.get_spec(arch)
   dspec = data.get_spec(spec.dataset)
   config = configs.get_config(arch, batch_size=batch_size, train_steps=100_000)
   model = models.create(arch)
   key = jax.random.key(0)
-  variables = model.init(key, jnp.ones((1,) + dspec.image_shape))
+  text = isinstance(dspec, data.TextSpec)
+  example = models.example_input(arch) if text else dspec.image_shape
+  variables = models.init(model, key, example)
   m = pruning.prune(
     pruner,
     key=key,
     model=model,
     variables=variables,
     sparsity=1 - 1 / compression,
-    input_shape=dspec.image_shape,
+    input_shape=example,
   )
-  images, labels = data.synthetic_split(spec.dataset, "train", num_examples=8 * batch_size)
-  batches = [
-    {
-      "image": jnp.asarray(images[i * batch_size : (i + 1) * batch_size]),
-      "label": jnp.asarray(labels[i * batch_size : (i + 1) * batch_size]),
-    }
-    for i in range(8)
-  ]
-  return model, dspec, config, variables, m, batches, key
+  if text:  # windows of T + 1 bytes, as the text pipeline feeds them
+    corpus = data.synthetic_text(spec.dataset, "train", num_bytes=1 << 20)
+    context = spec.input_shape[0]
+    batches = [
+      {
+        "tokens": jnp.asarray(
+          data.windows(
+            corpus, data.window_starts(len(corpus), context, batch_size, 0, i), context + 1
+          )
+        )
+      }
+      for i in range(8)
+    ]
+  else:
+    images, labels = data.synthetic_split(spec.dataset, "train", num_examples=8 * batch_size)
+    batches = [
+      {
+        "image": jnp.asarray(images[i * batch_size : (i + 1) * batch_size]),
+        "label": jnp.asarray(labels[i * batch_size : (i + 1) * batch_size]),
+      }
+      for i in range(8)
+    ]
+  return model, dspec, config, variables, m, batches, key, example
 
 
 def bench(arch, batch_size, window, windows, compression=100.0):
-  model, dspec, config, variables, m, batches, key = _setup(
+  model, dspec, config, variables, m, batches, key, example = _setup(
     arch, batch_size, "random/igq", compression
   )
   out = {}
   # Interleave masked and dense windows so both see the same machine state.
   states = {
     kind: training.create_train_state(
-      model, key, dspec.image_shape, config, masks=mk, params=variables["params"]
+      model, key, example, config, masks=mk, params=variables["params"]
     )
     for kind, mk in (("masked", m), ("dense", None))
   }
@@ -121,7 +141,7 @@ def _updaters(sparsity, steps):
 def bench_dynamic_loop(arch, batch_size, steps, repeats):
   """Seconds per step of the training loop (updates included) per method/tracking;
   medians over repeats that interleave the methods (the first repeat compiles)."""
-  model, dspec, config, variables, m, batches, key = _setup(arch, batch_size, "random/erk")
+  model, dspec, config, variables, m, batches, key, _ = _setup(arch, batch_size, "random/erk")
   cases = [
     (name, updater, track)
     for name, updater in _updaters(0.99, steps).items()
@@ -163,7 +183,7 @@ def bench_dynamic_loop(arch, batch_size, steps, repeats):
 def bench_dynamic_parts(arch, batch_size, repeats):
   """(seconds per train step, seconds per update) per method/tracking, for networks
   whose steps are too slow to run 100 of them per measurement."""
-  model, dspec, config, variables, m, batches, key = _setup(arch, batch_size, "random/erk")
+  model, dspec, config, variables, m, batches, key, _ = _setup(arch, batch_size, "random/erk")
   state = training.create_train_state(
     model, key, dspec.image_shape, config, masks=m, params=variables["params"]
   )
@@ -234,22 +254,10 @@ def dynamic_table(args) -> str:
   )
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--windows", type=int, default=15)
-  parser.add_argument("--lenet_window", type=int, default=200)
-  parser.add_argument("--vgg_window", type=int, default=2)
-  parser.add_argument("--vgg_windows", type=int, default=3)
-  parser.add_argument("--skip_vgg", action="store_true")
-  parser.add_argument("--no_doc", action="store_true")
-  parser.add_argument("--dynamic_steps", type=int, default=1000)
-  parser.add_argument("--dynamic_repeats", type=int, default=7)
-  parser.add_argument("--skip_dynamic", action="store_true")
-  args = parser.parse_args()
+def throughput_rows(cases) -> list[list]:
+  """A row per (arch, batch, window, windows) case: masked and dense steps/s, their time
+  ratio, and the paper's reference where it has one."""
   rows = []
-  cases = [("lenet300100", 100, args.lenet_window, args.windows)]
-  if not args.skip_vgg:
-    cases.append(("vgg16", 128, args.vgg_window, args.vgg_windows))
   for arch, batch, window, windows in cases:
     r = bench(arch, batch, window, windows)
     ref = REFERENCE.get(arch)
@@ -265,6 +273,41 @@ def main():
       ]
     )
     print(" | ".join(str(c) for c in rows[-1]), flush=True)
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--windows", type=int, default=15)
+  parser.add_argument("--lenet_window", type=int, default=200)
+  parser.add_argument("--vgg_window", type=int, default=2)
+  parser.add_argument("--vgg_windows", type=int, default=3)
+  parser.add_argument("--skip_vgg", action="store_true")
+  parser.add_argument("--transformer_window", type=int, default=20)
+  parser.add_argument(
+    "--transformers",
+    action="store_true",
+    help="the ViT and GPT rows (their own section) instead of the CNNs and moving masks",
+  )
+  parser.add_argument("--no_doc", action="store_true")
+  parser.add_argument("--dynamic_steps", type=int, default=1000)
+  parser.add_argument("--dynamic_repeats", type=int, default=7)
+  parser.add_argument("--skip_dynamic", action="store_true")
+  args = parser.parse_args()
+  cases = [] if args.transformers else [("lenet300100", 100, args.lenet_window, args.windows)]
+  if not (args.skip_vgg or args.transformers):
+    cases.append(("vgg16", 128, args.vgg_window, args.vgg_windows))
+  # the transformers at their configs' batches: 128 images, 32 windows of 129 bytes
+  transformer_cases = (
+    [
+      ("vit", 128, args.transformer_window, args.windows),
+      ("gpt", 32, args.transformer_window, args.windows),
+    ]
+    if args.transformers
+    else []
+  )
+  rows = throughput_rows(cases)
+  t_rows = throughput_rows(transformer_cases)
   header = [
     "network",
     "batch",
@@ -275,8 +318,9 @@ def main():
     "masked vs reference",
   ]
   table = report.markdown_table(header, rows)
-  print(table)
-  if not args.no_doc:
+  t_table = report.markdown_table(header[:5], [r[:5] for r in t_rows])
+  print(t_table if args.transformers else table)
+  if rows and not args.no_doc:
     report.update_section(
       "training",
       f"""
@@ -292,6 +336,23 @@ Targets: masked/dense time <= 1.05; LeNet-300-100 masked >= 5x the paper's refer
 {table}
 """,
     )
+  if t_rows and not args.no_doc:
+    report.update_section(
+      "training_transformers",
+      f"""
+## Training throughput of transformers (`python -m benchmarks.training --transformers`)
+
+{report.stamp()}. Issue 25: the ViT on MNIST-shaped batches of 128 and the byte-level
+GPT on batches of 32 windows of 129 bytes (4096 predicted bytes), with their configs'
+recipes (AdamW, gradient clipping; jitted step as above), masked (random/igq, 100x)
+against dense: medians over {args.windows} interleaved windows of
+{args.transformer_window} steps. Target: masked/dense time <= 1.05.
+
+{t_table}
+""",
+    )
+  if args.transformers:
+    return
   if not args.skip_dynamic:
     dyn = dynamic_table(args)
     print(dyn)

@@ -71,6 +71,16 @@ def compact_columns(net, variables, m) -> dict:
   )
 
 
+def transformer_columns(net, effective_masks) -> dict:
+  """The dead heads, MLP neurons and embedding dimensions ('dead/total') of a zoo
+  transformer's effective masks (:func:`sparsejax.models.transformer.dead_parts`); {}
+  for other networks."""
+  if not isinstance(net.model, (models.ViT, models.GPT)):
+    return {}
+  parts = models.transformer.dead_parts(effective_masks, net.model.heads)
+  return {f"dead_{k}": f"{d}/{t}" for k, (d, t) in parts.items()}
+
+
 def default_compressions() -> list[float]:
   return [10 ** (0.2 * i) for i in range(1, 16)]
 
@@ -204,6 +214,7 @@ def _sweep_pruner(
           unit_layers=";".join(conn.active_units),
           status="disconnected" if eff_density == 0 else "ok",
           **cost_columns(net, m),
+          **transformer_columns(net, conn.masks),
           **(compact_columns(net, variables, m) if compact else {}),
           seconds=time.time() - start,
         )

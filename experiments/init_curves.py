@@ -30,8 +30,9 @@ import time
 import jax
 from absl import flags, logging
 
+import sparsejax
 from experiments import checks, cli, compression, configs, datasource, plugins, results
-from sparsejax import models, pruning
+from sparsejax import flops, models, pruning
 
 FLAGS = flags.FLAGS
 
@@ -60,6 +61,9 @@ PRUNERS = (
 #: Parameters (all variables of ``params``) from which a network is large for
 #: :func:`cpu_budget`: the LeNets have 62k and 267k, VGG and ResNet-18 11M to 20M.
 LARGE_NETWORK = 1_000_000
+#: Or FLOPs of one example's dense forward pass (2 per multiply-accumulate): the LeNets
+#: need 0.5-0.9 MFLOP, the ViT 7 MFLOP (17 tokens), the GPT 0.2 GFLOP (128 tokens).
+LARGE_FORWARD_FLOPS = 5_000_000
 
 
 def paper_budget(arch: str) -> dict:
@@ -74,16 +78,22 @@ def paper_budget(arch: str) -> dict:
 
 def cpu_budget(arch: str) -> dict:
   """The default budget of ``arch`` on a CPU: the paper's for a small network; for one
-  of :data:`LARGE_NETWORK` parameters or more, one score batch of 32 examples at 32x32
-  pixels (halved per doubling of the image side: 16 at 64x64), 10 rounds of iterative
-  SNIP, iterative pruners at every third compression, up to 10^4x."""
+  of :data:`LARGE_NETWORK` parameters or :data:`LARGE_FORWARD_FLOPS` or more (the
+  CNNs, the transformers), one score batch (32 images at 32x32 pixels, halved per
+  doubling of the image side: 16 at 64x64; a language model's config batch of
+  windows), 10 rounds of iterative SNIP, iterative pruners at every third compression,
+  up to 10^4x."""
   params, _ = network_shape(arch)
-  if params < LARGE_NETWORK:
+  if params < LARGE_NETWORK and forward_flops(arch) < LARGE_FORWARD_FLOPS:
     return paper_budget(arch)
-  side = models.input_shape(arch)[0]
+  spec = models.get_spec(arch)
+  if spec.input_dtype.startswith("float"):
+    batch_size = max(1, 32 * 32 // spec.input_shape[0])
+  else:  # token ids: the config's scoring batch of windows
+    batch_size = configs.get_config(arch).snip_batch_size
   return dict(
     score_batches=1,
-    batch_size=max(1, 32 * 32 // side),
+    batch_size=batch_size,
     rounds={"snip/iterative": 10},
     iterative_step=3,
     max_exponent=20,
@@ -98,6 +108,18 @@ def network_shape(arch: str) -> tuple[int, bool]:
   shapes = jax.eval_shape(model.init, jax.random.key(0), models.example_input(arch))
   leaves = jax.tree.leaves(shapes["params"])
   return sum(math.prod(x.shape) for x in leaves), any(x.ndim == 4 for x in leaves)
+
+
+@functools.cache
+def forward_flops(arch: str) -> int:
+  """FLOPs of one example's dense forward pass of ``arch`` (:func:`sparsejax.flops.total`
+  of its linear ops), for a network of fewer than :data:`LARGE_NETWORK` parameters
+  (the others are large anyway; tracing them costs seconds)."""
+  if network_shape(arch)[0] >= LARGE_NETWORK:
+    return LARGE_FORWARD_FLOPS
+  model, example = models.create(arch), models.example_input(arch)
+  traced = sparsejax.trace(model, example, variables=models.init(model, jax.random.key(0), example))
+  return int(flops.total(traced, None).flops_dense)
 
 
 #: The largest --max_exponent: 10^(0.2 * 50) = 10^10x keeps less than one weight of

@@ -85,6 +85,8 @@ ARCH_TITLES = {
   "vgg16": "VGG-16",
   "vgg19": "VGG-19",
   "resnet18": "ResNet-18",
+  "vit": "ViT",
+  "gpt": "GPT (byte-level)",
 }
 
 

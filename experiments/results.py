@@ -278,6 +278,11 @@ COMPRESSION_COLUMNS = [
   "compact_logit_rel_diff",
   # where the scores' data came from ('-': the pruner reads none)
   "data",
+  # the zoo's transformers: 'dead/total' of the effective masks
+  # (sparsejax.models.transformer.dead_parts)
+  "dead_heads",
+  "dead_mlp_neurons",
+  "dead_embedding_dims",
 ]
 _COMPRESSION_TEXT = (
   "arch",
@@ -288,6 +293,9 @@ _COMPRESSION_TEXT = (
   "unit_layers",
   "data",
   "compact_widths",
+  "dead_heads",
+  "dead_mlp_neurons",
+  "dead_embedding_dims",
 )
 
 #: experiments.compaction_latency: one row per trained run, re-created and timed.

@@ -1,5 +1,6 @@
 """Executes notebooks/bring_your_own_model.ipynb (a plain-Flax CNN: effective sparsity,
-SNIP and SynFlow to an effective target, brief training) and checks what it printed."""
+SNIP and SynFlow to an effective target, brief training; a plain-Flax transformer
+language model: the same without training) and checks what it printed."""
 
 from __future__ import annotations
 
@@ -57,3 +58,13 @@ def test_notebook_runs():
     assert s["test_accuracy"][pruner] > 0.2, s["test_accuracy"]
   assert s["train_steps"] == 300
   assert s["data"] in ("mnist", "synthetic")
+  # the transformer language model: the tied table is one prunable weight, listed first
+  # (the input embedding) and read again by the output layer
+  paths = s["lm_prunable_paths"]
+  assert paths[0] == "Embed_0/embedding" and paths.count("Embed_0/embedding") == 1
+  assert sum("MultiHeadDotProductAttention" in p for p in paths) == 2 * 4  # q, k, v, out
+  for name, row in s["lm"].items():
+    assert row["effective"] >= row["direct"] * (1 - 1e-9), (name, row)
+    if "effective" in name:
+      assert row["effective"] >= 10 * (1 - 1e-9), (name, row)
+  assert s["lm_data"] in ("python-docs", "synthetic")

@@ -30,6 +30,11 @@ def test_cpu_budgets_of_the_paper_networks_come_from_their_size():
   assert init_curves.cpu_budget("vgg16") == dict(large, batch_size=32)
   assert init_curves.cpu_budget("vgg19") == dict(large, batch_size=32)
   assert init_curves.cpu_budget("resnet18") == dict(large, batch_size=16)
+  # the transformers are large by their forward pass (7 MFLOP, 0.2 GFLOP per example)
+  assert init_curves.forward_flops("lenet300100") < init_curves.LARGE_FORWARD_FLOPS
+  assert init_curves.forward_flops("vit") >= init_curves.LARGE_FORWARD_FLOPS
+  assert init_curves.cpu_budget("vit") == dict(large, batch_size=36)  # 28x28 images
+  assert init_curves.cpu_budget("gpt") == dict(large, batch_size=32)  # the config's windows
   assert [init_curves.network_shape(a)[1] for a in ("lenet300100", "lenet5", "vgg16")] == [
     False,
     True,

@@ -274,3 +274,50 @@ def test_every_registered_pruner_prunes_both_transformers(tiny_models, arch, nam
     member = pruning.masks_from_ranking(ranking, 1 - k / total, "direct")
     assert all(np.array_equal(a, b) for a, b in zip(masks_lib.mask_leaves(member), leaves))
     assert active(pruning.masks_from_ranking(ranking, 1 - (k + 1) / total, "direct")) > target
+
+
+def test_dead_parts_counts_heads_neurons_and_dimensions_by_hand():
+  """dead_parts on hand-made masks of a 2-block GPT (width 16, 2 heads of 8, MLP 32):
+  a head dies with all its value columns or all its output rows, an MLP neuron with its
+  'fc' column or its 'proj' row, an embedding dimension with its table column; a dead
+  query alone kills no head."""
+  model = tiny_gpt()
+  net = sparsejax.trace(model, TOKENS, variables=models.init(model, jax.random.key(0), TOKENS))
+  m = jax.tree.map(np.array, net.ones())
+  p = m["params"] if "params" in m else m
+  assert models.transformer.dead_parts(m, 2) == {
+    "heads": (0, 4),
+    "mlp_neurons": (0, 64),
+    "embedding_dims": (0, 16),
+  }
+  p["block_0"]["attention"]["value"]["kernel"][:, 8:] = False  # head 1 of block 0
+  p["block_1"]["attention"]["out"]["kernel"][:8, :] = False  # head 0 of block 1
+  p["block_1"]["attention"]["query"]["kernel"][:, :8] = False  # not a dead head
+  p["block_0"]["attention"]["value"]["kernel"][0, :8] = False  # one weight: alive
+  p["block_0"]["mlp"]["fc"]["kernel"][:, [3, 5]] = False
+  p["block_1"]["mlp"]["proj"]["kernel"][7, :] = False
+  p["embed"]["embedding"][:, [2, 9, 11]] = False
+  assert models.transformer.dead_parts(m, 2) == {
+    "heads": (2, 4),
+    "mlp_neurons": (3, 64),
+    "embedding_dims": (3, 16),
+  }
+
+
+def test_a_dead_value_projection_is_a_dead_head_in_direct_and_effective_masks():
+  """With one head's value columns pruned, dead_parts counts one dead head in the direct
+  and in the effective masks. The head's output rows stay effective: its values are the
+  value bias b_v, and ``probs @ b_v`` is a path from the input in the graph (the
+  transform does not know that softmax rows sum to 1, which makes it a constant); with
+  biases left out (tests/test_sequence_connectivity.py) they die too."""
+  model = tiny_gpt(depth=1)
+  net = sparsejax.trace(model, TOKENS, variables=models.init(model, jax.random.key(0), TOKENS))
+  m = jax.tree.map(np.array, net.ones())
+  p = m["params"] if "params" in m else m
+  p["block_0"]["attention"]["value"]["kernel"][:, :8] = False
+  eff = effective.effective_masks(net, m)
+  e = eff["params"] if "params" in eff else eff
+  assert not np.asarray(e["block_0"]["attention"]["value"]["kernel"])[:, :8].any()
+  assert np.asarray(e["block_0"]["attention"]["out"]["kernel"])[:8].all()  # via b_v
+  assert models.transformer.dead_parts(m, 2)["heads"] == (1, 2)
+  assert models.transformer.dead_parts(eff, 2)["heads"] == (1, 2)

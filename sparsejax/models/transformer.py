@@ -95,3 +95,56 @@ class Block(nn.Module):
     x = x + attention(nn.LayerNorm(name="norm_attention")(x))
     mlp = MLP(self.mlp_ratio * x.shape[-1], self.out_init, name="mlp")
     return x + mlp(nn.LayerNorm(name="norm_mlp")(x))
+
+
+def dead_parts(masks, heads: int) -> dict[str, tuple[int, int]]:
+  """The heads, MLP neurons and embedding dimensions of the zoo's ViT or GPT that a mask
+  tree disconnects (effective masks, or direct ones): {kind: (dead, total)}.
+
+  Read from the masks of the blocks' kernels (a mask tree shaped like the params, with
+  or without the 'params' level; a layer without a mask counts as dense):
+  - 'heads': head h of a block (columns ``h d : (h + 1) d`` of 'value', rows of 'out')
+    is dead when all its value columns or all its output rows are pruned: the head adds
+    nothing to the residual stream (a dead query or key alone leaves uniform attention
+    over the values, not a dead head);
+  - 'mlp_neurons': hidden unit j is dead when column j of 'fc' or row j of 'proj' is
+    pruned entirely;
+  - 'embedding_dims': residual dimension i is dead when every weight of the input
+    embedding ('embed': the token table [V, W] or the patch kernel [..., W]) into it is
+    pruned: it carries no input, only the learned position embedding (a constant).
+  """
+  tree = masks.get("params", masks)
+  dead = {"heads": [0, 0], "mlp_neurons": [0, 0], "embedding_dims": [0, 0]}
+
+  def pruned(leaf, axis):  # bool [n]: every weight along the other axes pruned
+    if leaf is None:
+      return None
+    m = jnp.asarray(leaf).astype(bool)
+    m = jnp.moveaxis(m, axis, 0).reshape(m.shape[axis], -1)
+    return ~m.any(axis=1)
+
+  def count(kind, *columns):
+    present = [c for c in columns if c is not None]
+    total = max((len(c) for c in present), default=0)
+    n = int(jnp.any(jnp.stack(present), axis=0).sum()) if present else 0
+    dead[kind][0] += n
+    dead[kind][1] += total
+
+  embed = tree.get("embed", {})
+  table = embed.get("embedding", embed.get("kernel"))
+  if table is not None:
+    count("embedding_dims", pruned(table, -1))
+  for name in sorted(k for k in tree if k.startswith("block_")):
+    block = tree[name]
+    attention, mlp = block.get("attention", {}), block.get("mlp", {})
+    value = pruned(attention.get("value", {}).get("kernel"), 1)
+    out = pruned(attention.get("out", {}).get("kernel"), 0)
+    parts = [p for p in (value, out) if p is not None]
+    if parts:
+      per_head = [p.reshape(heads, -1).all(axis=1) for p in parts]
+      count("heads", *per_head)
+    fc = pruned(mlp.get("fc", {}).get("kernel"), 1)
+    proj = pruned(mlp.get("proj", {}).get("kernel"), 0)
+    if fc is not None or proj is not None:
+      count("mlp_neurons", fc, proj)
+  return {k: (d, t) for k, (d, t) in dead.items()}
