@@ -5,7 +5,8 @@ every --targets entry (direct sparsities such as 0.5, or N:M patterns such as 2:
 every --methods pruner (magnitude, Wanda, SparseGPT; any registered pruner) on
 --calibration examples of the training split, for every --seeds calibration sample, and
 evaluate each pruned network as it is: test metric, direct and effective sparsity,
-dead units per layer, dead inputs.
+dead units per layer (beyond those the dense network has: a causal mask's attention
+scores), dead inputs.
 
   # LeNet-300-100 (the config's recipe, 3,000 steps as docs/results.md's grid)
   python -m experiments.one_shot --config.train_steps=3000 \
@@ -329,7 +330,10 @@ def run_one(task, dense: Dense, method: str, target: str, seed, batches, strict:
   masks = _full_masks(dense.traced, result.masks)
   value, loss = task.evaluate(dense.model, {**dense.variables, "params": result.params})
   report = prune_train.connectivity_report(dense.traced, masks)
-  dead = {k: int(t) - int(a) for k, (a, t) in report["active_units"].items()}
+  # Units dead in the dense network too (a causal mask's attention scores, a ViT's
+  # last-block tokens other than the class token) are no effect of pruning.
+  base = _dead(prune_train.connectivity_report(dense.traced, dense.traced.ones()))
+  dead = {k: v - base.get(k, 0) for k, v in _dead(report).items()}
   active_in, total_in = report["active_inputs"]
   return {
     **row,
@@ -345,6 +349,11 @@ def run_one(task, dense: Dense, method: str, target: str, seed, batches, strict:
     "dead_inputs": int(total_in) - int(active_in),
     "seconds": seconds,
   }
+
+
+def _dead(report: dict) -> dict:
+  """{layer: its output units on no input-to-output path} of a connectivity report."""
+  return {k: int(t) - int(a) for k, (a, t) in report["active_units"].items()}
 
 
 def _full_masks(traced: sparsejax.Traced, masks):
@@ -502,7 +511,8 @@ def tables(
     + results.markdown_table(head, first)
     + perplexity
     + "\n\nDirect and effective sparsity of every result (means over the seeds), the gap, "
-    "dead units (output units of a layer on no input-to-output path), dead inputs, and "
+    "dead units (output units of a layer on no input-to-output path, beyond the dense "
+    "network's), dead inputs, and "
     "the layers with dead units:\n\n"
     + results.markdown_table(
       [
