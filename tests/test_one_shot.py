@@ -162,6 +162,12 @@ def test_the_language_model_task_end_to_end(tmp_path):
     assert x["effective_sparsity"] >= x["direct_sparsity"] - 1e-9
     units = dict(u.split("=") for u in x["dead_units"].split())
     assert "block_0/mlp/fc" in units and "head" in units
+    assert x["dead_units_total"] == sum(int(v) for v in units.values())
+  # the causal mask's scores (2 heads x 16 x 15 / 2 = 240 per block) are dead in the
+  # dense network too: not counted; magnitude at 50% kills no query or key of a whole head
+  units = dict(u.split("=") for u in rows[0]["dead_units"].split())
+  scores = [k for k in units if k.startswith("dot_general")]
+  assert scores and all(units[k] == "0" for k in scores)
   assert {x["calibration"] for x in rows} == {0, 16}
   text = doc.read_text()
   assert "Test bits per byte (lower is better) without fine-tuning" in text
