@@ -98,13 +98,6 @@ def compiled_sweep(traced: Traced) -> Callable[[Masks], Connectivity]:
   return compilation.jit(sweep_of(traced))
 
 
-@functools.lru_cache(maxsize=64)
-def compiled_masks_sweep(traced: Traced) -> Callable[[Masks], Connectivity]:
-  """The jitted sweep without unit counts (``active_units`` empty): what
-  :func:`effective_masks` needs, one fused program and no per-layer counts to fetch."""
-  return compilation.jit(sweep_of(traced, units=False))
-
-
 def _masked(model, masks, input_shape, kw) -> Traced:
   """The model traced (or the Traced given) and narrowed to the masks' leaves."""
   if "prunable" in kw:
@@ -171,7 +164,8 @@ def effective_masks(model, masks: Masks, input_shape=None, **kw) -> Masks:
     >>> int(eff["dense_0"]["kernel"].sum()), int(eff["dense_2"]["kernel"].sum())
     (0, 0)
   """
-  return compiled_masks_sweep(_masked(model, masks, input_shape, kw))(masks).masks
+  # the one connectivity program (compiled_sweep), without fetching its unit counts
+  return compiled_sweep(_masked(model, masks, input_shape, kw))(masks).masks
 
 
 def effective_sparsity(model, masks: Masks, input_shape=None, **kw) -> float:

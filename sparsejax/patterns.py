@@ -100,8 +100,11 @@ def _row_ranks(keys: jax.Array) -> jax.Array:
     a, b = keys[..., :, None], keys[..., None, :]  # [..., j, k]: is k ranked before j?
     before = (b < a) | ((b == a) & (jnp.arange(m)[None, :] < jnp.arange(m)[:, None]))
     return jnp.sum(before, axis=-1)
+  # one sort; its inverse permutation by a scatter (a second argsort costs as much as the
+  # first: 0.8 s for 1024 x 4096 on XLA:CPU)
   order = jnp.argsort(keys, axis=-1, stable=True)
-  return jnp.argsort(order, axis=-1, stable=True)
+  ranks = jnp.broadcast_to(jnp.arange(m, dtype=order.dtype), order.shape)
+  return jnp.put_along_axis(jnp.zeros_like(order), order, ranks, axis=-1, inplace=False)
 
 
 def n_best(scores: jax.Array, n: int) -> jax.Array:
