@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -526,7 +527,15 @@ def test_sigint_ends_prune_train_in_one_line_and_the_same_command_resumes(tmp_pa
     assert proc.returncode == 130, text[-3000:]
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
     assert "interrupted at step " in text and "of 100000; run the same command to resume" in text
-  assert os.path.isdir(checkpoint)
+    saved = sorted(int(d) for d in os.listdir(os.path.dirname(checkpoint)) if d.isdigit())
+    if attempt == 1:
+      assert os.path.isdir(checkpoint), saved
+      first = saved
+    else:  # resumed from the first attempt's newest checkpoint, and saved beyond it (only
+      # the newest 3 are kept: step 20 may be gone by now on a fast machine)
+      resumed = re.search(r"Resumed from \S+ at step (\d+)\.", text)
+      assert resumed and int(resumed.group(1)) == first[-1], (first, text[-3000:])
+      assert saved and saved[-1] > first[-1], (first, saved)
 
 
 def test_a_sigint_during_a_checkpoint_save_is_raised_after_it():
