@@ -123,15 +123,37 @@ def keep_n_m(scores: jax.Array, n: int, m: int) -> jax.Array:
   return (_row_ranks(keys) < n).reshape(out, width)
 
 
+def _smallest_per_row(keys: jax.Array, count: jax.Array) -> jax.Array:
+  """bool [out, in]: the ``count[r]`` smallest uint32 keys of each row r, ties by position
+  (the same entries as ``rank < count`` under that order), without a sort: each row's
+  threshold t_r, the smallest key with at least count[r] keys <= it, bit by bit from the
+  top (32 counting passes), then every key < t_r and the first count[r] - #(key < t_r)
+  keys equal to t_r."""
+  count = count.astype(jnp.int32)[:, None]
+
+  def bit(i, t):  # keep the bit unset where enough keys already lie below it
+    candidate = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32)) - jnp.uint32(1)
+    enough = jnp.sum(keys <= candidate, axis=1, keepdims=True, dtype=jnp.int32) >= count
+    return jnp.where(enough, t, t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32)))
+
+  t = jax.lax.fori_loop(0, 32, bit, jnp.zeros((keys.shape[0], 1), jnp.uint32))
+  below = keys < t
+  ties = (keys == t) & (
+    jnp.cumsum(keys == t, axis=1, dtype=jnp.int32)
+    <= count - jnp.sum(below, axis=1, keepdims=True, dtype=jnp.int32)
+  )
+  return (below | ties) & (count > 0)
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def keep_rows(scores: jax.Array, kept: int) -> jax.Array:
   """bool [out, in]: ``kept`` weights in all, the best ``kept // out`` of every row and
   one more in the first ``kept % out`` rows (each output unit keeps the same count,
-  within one)."""
+  within one); ties by position."""
   out, width = scores.shape
   per_row = jnp.full(out, kept // out, jnp.int32) + (jnp.arange(out) < kept % out)
   keys = selection.device_keys(scores.astype(jnp.float32)).reshape(out, width)
-  return _row_ranks(keys) < per_row[:, None]
+  return _smallest_per_row(keys, per_row)
 
 
 @jax.jit
