@@ -89,7 +89,8 @@ class Pruned:
 
 def calibration_inputs(batches, input_key: str = "image") -> list:
   """The model inputs of ``batches`` (a list): each batch is an array with a batch axis
-  or a mapping holding one at ``input_key`` (image/label dicts: 'image'). ValueError
+  or a mapping holding one at ``input_key`` (image/label dicts: 'image'; text batches
+  {'tokens': [B, T + 1]}, as training and SNIP read them: tokens[:, :-1]). ValueError
   naming the argument for no batches or a batch without an input."""
   if batches is None:
     raise ValueError(
@@ -100,7 +101,9 @@ def calibration_inputs(batches, input_key: str = "image") -> list:
     batches = [batches]
   out = []
   for i, b in enumerate(batches):
-    if isinstance(b, Mapping):
+    if isinstance(b, Mapping) and input_key == "image" and "image" not in b and "tokens" in b:
+      b = b["tokens"][:, :-1]  # token windows [B, T + 1] (text batches): the model reads [:, :-1]
+    elif isinstance(b, Mapping):
       if input_key not in b:
         raise ValueError(
           f"batches[{i}] has no {input_key!r} entry (keys {sorted(b)[:5]}); pass "
