@@ -664,46 +664,58 @@ class BlockMagnitude(BaseUpdater):
 # ---------------------------------------------------------------- inside a jitted step
 
 
+def _check_in_jit(updater) -> None:
+  if getattr(updater, "target", "direct") == "effective":
+    raise ValueError(
+      f"{type(updater).__name__}(target='effective') aims at an effective sparsity with "
+      "a host-side search; update its masks between steps (MaskUpdates), not in jit."
+    )
+
+
+def _count(fn, *trees) -> jax.Array:
+  return sum(
+    jnp.sum(fn(*xs), dtype=jnp.int32) for xs in zip(*(masks_lib.mask_leaves(t) for t in trees))
+  )
+
+
+def _no_stats() -> dict:
+  zero = jnp.int32(0)
+  return {"updated": jnp.bool_(False), "kept": zero, "dropped": zero, "grown": zero}
+
+
+def _moved_masks(updater, params, grads, old, step, key, sweep):
+  """The update branch: (new masks with ``old``'s dtypes, stats)."""
+  g = grads(params) if callable(grads) else grads
+  new = updater.update(params, g if updater.needs_grads else None, old, step, key, sweep=sweep)
+  new = masks_lib.map_masks(lambda n, o: jnp.asarray(n, o.dtype), new, old)
+  stats = {
+    "updated": jnp.bool_(True),
+    "kept": _count(lambda n: n, new),
+    "dropped": _count(lambda o, n: o & ~n, old, new),
+    "grown": _count(lambda o, n: n & ~o, old, new),
+  }
+  return new, stats
+
+
 def masks_in_step(updater, params, grads, masks, step, key, *, sweep=None):
   """The masks after step ``step``'s update, inside a jitted step: ``lax.cond`` on
   ``updater.update_due(step)`` of ``updater.update`` and the masks as they are; no host
   round trip, one program for every step.
 
   ``grads``: the dense gradient tree, or a function ``params -> grads`` evaluated only
-  in the update branch (RigL's dense gradient costs nothing on other steps), or None
-  for methods that read none. Returns (new masks, stats): stats = {"updated": bool,
-  "kept", "dropped", "grown": int32} (zeros when nothing moved).
+  in the update branch, or None for methods that read none. (On XLA:CPU a convolution's
+  gradient inside a ``lax.cond`` branch runs many times slower than outside one, so
+  :func:`sparsejax.training.update_train_step` passes the step's own gradient.)
+  Returns (new masks, stats): stats = {"updated": bool, "kept", "dropped", "grown":
+  int32} (zeros when nothing moved).
   """
-  if getattr(updater, "target", "direct") == "effective":
-    raise ValueError(
-      f"{type(updater).__name__}(target='effective') aims at an effective sparsity with "
-      "a host-side search; update its masks between steps (MaskUpdates), not in jit."
-    )
-  old = masks
+  _check_in_jit(updater)
   step = jnp.asarray(step, jnp.int32)
-
-  def count(fn, *trees):
-    return sum(
-      jnp.sum(fn(*xs), dtype=jnp.int32) for xs in zip(*(masks_lib.mask_leaves(t) for t in trees))
-    )
-
-  def moved():
-    g = grads(params) if callable(grads) else grads
-    new = updater.update(params, g if updater.needs_grads else None, old, step, key, sweep=sweep)
-    new = masks_lib.map_masks(lambda n, o: jnp.asarray(n, o.dtype), new, old)
-    stats = {
-      "updated": jnp.bool_(True),
-      "kept": count(lambda n: n, new),
-      "dropped": count(lambda o, n: o & ~n, old, new),
-      "grown": count(lambda o, n: n & ~o, old, new),
-    }
-    return new, stats
-
-  def still():
-    zero = jnp.int32(0)
-    return old, {"updated": jnp.bool_(False), "kept": zero, "dropped": zero, "grown": zero}
-
-  return jax.lax.cond(updater.update_due(step), moved, still)
+  return jax.lax.cond(
+    updater.update_due(step),
+    lambda: _moved_masks(updater, params, grads, masks, step, key, sweep),
+    lambda: (masks, _no_stats()),
+  )
 
 
 def update_in_step(
@@ -721,14 +733,21 @@ def update_in_step(
   optimizer state: ``(params, opt_state, stats)`` with the new masks in ``opt_state``,
   dropped weights set to 0 (not for straight-through methods) and, with
   ``reset_optimizer_state`` (the default, as RigL's code does), the optimizer state of
-  newly grown weights set to 0 (:func:`sparsejax.optim.zero_state_where`). On steps
-  without an update everything passes through unchanged. Arguments as
-  :func:`masks_in_step`; the same masks as the between-steps path
-  (``updater.update`` from Python at ``is_update_step``), bit for bit.
+  newly grown weights set to 0 (:func:`sparsejax.optim.zero_state_where`). All of it
+  is one ``lax.cond`` branch: on steps without an update, params and optimizer state
+  pass through untouched. Arguments as :func:`masks_in_step`; the same masks as the
+  between-steps path (``updater.update`` from Python at ``is_update_step``), bit for
+  bit.
   """
+  _check_in_jit(updater)
+  step = jnp.asarray(step, jnp.int32)
   old = optim.get_masks(opt_state)
-  new, stats = masks_in_step(updater, params, grads, old, step, key, sweep=sweep)
-  return (*apply_masks(updater, params, opt_state, old, new, reset_optimizer_state), stats)
+
+  def moved():
+    new, stats = _moved_masks(updater, params, grads, old, step, key, sweep)
+    return (*apply_masks(updater, params, opt_state, old, new, reset_optimizer_state), stats)
+
+  return jax.lax.cond(updater.update_due(step), moved, lambda: (params, opt_state, _no_stats()))
 
 
 def apply_masks(updater, params, opt_state, old, new, reset_optimizer_state: bool = True):

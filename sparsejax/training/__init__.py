@@ -19,8 +19,9 @@ One module per job, in the shape of the Flax ImageNet example:
 - :mod:`~sparsejax.training.state`: :class:`TrainState`, which carries its optimizer
   ``tx`` (built once by :func:`create_train_state`) as a static field.
 - :mod:`~sparsejax.training.steps`: :func:`train_step`, :func:`eval_step` (pure,
-  jitted, reading ``state.tx``), :func:`evaluate` (images), :func:`evaluate_text` and
-  :func:`language_model_metrics` (text).
+  jitted, reading ``state.tx``), the train step in two halves around a mask update
+  (:func:`forward_backward`, :func:`apply_step`), :func:`evaluate` (images),
+  :func:`evaluate_text` and :func:`language_model_metrics` (text).
 - :mod:`~sparsejax.training.mesh`: data parallelism (:func:`make_mesh`,
   :func:`replicate`): a 1-D mesh over the devices (axis ``'data'``), batches sharded
   along their first axis, the state replicated; multi-host after
@@ -59,9 +60,11 @@ from sparsejax.training.loop import Interrupted, MaskUpdates, Progress, TrainRes
 from sparsejax.training.mesh import make_mesh, replicate
 from sparsejax.training.state import TrainState, create_train_state
 from sparsejax.training.steps import (
+  apply_step,
   eval_step,
   evaluate,
   evaluate_text,
+  forward_backward,
   language_model_metrics,
   train_step,
 )
@@ -87,6 +90,8 @@ __all__ = [
   "decay_mask",
   "create_train_state",
   "train_step",
+  "forward_backward",
+  "apply_step",
   "update_train_step",
   "eval_step",
   "evaluate",

@@ -2,15 +2,18 @@
 
 :func:`update_train_step` is :func:`sparsejax.training.train_step` with the mask update
 of a :class:`sparsejax.dynamic.Updater` scheduled in the same program: ``lax.cond`` on
-``updater.update_due(state.step)`` runs the update (RigL's dense gradient on the step's
-batch included), puts the new masks into the optimizer state, zeroes dropped weights and
-(optionally) the optimizer state of grown ones, and then the ordinary step runs on the
-new state. This is what :class:`sparsejax.training.MaskUpdates` does between steps from
-Python, in the same order with the same keys, so both paths give the same masks; the
-in-step path fits a multi-host or TPU loop (every process runs the same program, nothing
-waits for the host) and :func:`sparsejax.training.train` uses it with
-``update_in_jit=True``. Effective tracking and effective targets need the host (a
-connectivity search between steps) and stay on the between-steps path.
+``updater.update_due(state.step)`` runs the update, puts the new masks into the
+optimizer state, zeroes dropped weights and (optionally) the optimizer state of grown
+ones, and the step's optimizer update follows under the new masks. An updater that reads
+gradients (RigL) grows by the step's own dense gradient, computed before the update, and
+the step applies that gradient: one forward and backward pass per step, none inside the
+``lax.cond`` (where XLA:CPU runs a convolution's gradient many times slower). This is
+what :class:`sparsejax.training.MaskUpdates` does between steps from Python, in the same
+order with the same keys, so both paths give the same masks; the in-step path fits a
+multi-host or TPU loop (every process runs the same program, nothing waits for the host)
+and :func:`sparsejax.training.train` uses it with ``update_in_jit=True``. Effective
+tracking and effective targets need the host (a connectivity search between steps) and
+stay on the between-steps path.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import jax
 
 from sparsejax import dynamic
 from sparsejax.training.state import TrainState
-from sparsejax.training.steps import _train_step, dense_grads
+from sparsejax.training.steps import _apply, _loss_and_grads
 
 
 def update_key(step_key: jax.Array, step) -> jax.Array:
@@ -57,9 +60,14 @@ def update_train_step(
     (new state, {"loss", "accuracy", "mask_update": {"updated", "kept", "dropped",
     "grown"}}) as device arrays.
   """
+  # One forward and backward pass per step, as between steps (MaskUpdates.step): an
+  # updater that reads gradients gets this step's, at the params before the update,
+  # and the optimizer applies the same gradient under the new masks (RigL's own code
+  # also grows by the gradient that the step applies). Other updaters move the masks
+  # first and the pass sees the new params.
   step = state.step
-  grads = lambda params: dense_grads(
-    state.replace(params=params), batch, key, model=model, spec=spec
+  outputs = (
+    _loss_and_grads(state, batch, key, model=model, spec=spec) if updater.needs_grads else None
   )
   params, opt_state, stats = dynamic.update_in_step(
     updater,
@@ -67,13 +75,14 @@ def update_train_step(
     state.opt_state,
     step,
     update_key(key, step),
-    grads=grads,
+    grads=None if outputs is None else outputs[1],
     sweep=sweep,
     reset_optimizer_state=reset_optimizer_state,
   )
-  state, metrics = _train_step(
-    state.replace(params=params, opt_state=opt_state), batch, key, model=model, spec=spec
-  )
+  state = state.replace(params=params, opt_state=opt_state)
+  if outputs is None:
+    outputs = _loss_and_grads(state, batch, key, model=model, spec=spec)
+  state, metrics = _apply(state, outputs)
   return state, {**metrics, "mask_update": stats}
 
 

@@ -32,10 +32,11 @@ from sparsejax.training.mesh import DATA_AXIS, check_divisible, make_mesh, repli
 from sparsejax.training.state import TrainState, create_train_state
 from sparsejax.training.steps import (
   _train_step,
+  apply_step,
   dataset_spec,
-  dense_grads,
   evaluate,
   evaluate_text,
+  forward_backward,
   language_model_metrics,
 )
 
@@ -118,16 +119,19 @@ def _update_stats(old: PyTree, new: PyTree, effective_masks: PyTree) -> dict:
 class MaskUpdates:
   """Runs a :class:`sparsejax.dynamic.Updater` inside :func:`train` and logs each update.
 
-  At an update step s (before the optimizer step s) the updater computes new masks
-  from the current params (and, when it ``needs_grads``, the dense gradient on batch
-  s; with ``needs_sweep``, a connectivity sweep of the model; with ``target ==
-  'effective'``, through its ``update_effective`` hook), the masks in the optimizer
-  state are replaced (no recompilation) and dropped weights are set to 0 (not with
-  ``straight_through``). Each update appends a record: step, kept weights, dropped
-  and grown weights, direct compression and, with ``track_effective``, effective
-  compression, active units, dead kept weights (kept but inactive) and grown weights
-  dead on arrival. With ``reset_optimizer_state`` (default, as RigL's code), grown
-  weights start with zero optimizer state (:func:`sparsejax.optim.zero_state_where`).
+  At an update step s (before the optimizer step s) the updater computes new masks from
+  the current params (and, when it ``needs_grads``, the dense gradient of step s at
+  those params, which the optimizer step s then applies under the new masks: one forward
+  and backward pass per step, as in RigL's code; with ``needs_sweep``, a connectivity
+  sweep of the model; with ``target == 'effective'``, through its ``update_effective``
+  hook), the masks in the optimizer state are replaced (no recompilation) and dropped
+  weights are set to 0 (not with ``straight_through``). Each update appends a record:
+  step, kept weights, dropped and grown weights, direct compression and, with
+  ``track_effective``, effective compression, active units, dead kept weights (kept but
+  inactive) and grown weights dead on arrival. With ``reset_optimizer_state`` (default,
+  as RigL's code), grown weights start with zero optimizer state
+  (:func:`sparsejax.optim.zero_state_where`).
+
 
   With ``in_jit`` the update runs inside the jitted step instead
   (:func:`sparsejax.training.in_step.update_train_step`, :meth:`step`): the same masks,
@@ -228,13 +232,32 @@ class MaskUpdates:
     )
 
   def __call__(self, state: TrainState, batch, step: int) -> TrainState:
+    """The state after the mask update due before step ``step`` (the update alone: a
+    loop that calls it runs its own train step after it, whose gradient is then
+    computed again at the new params; :meth:`update` and
+    :func:`sparsejax.training.apply_step` share one pass, as :func:`train` does)."""
+    return self.update(state, batch, step)[0]
+
+  def forward_backward(self, state: TrainState, batch):
+    """The forward and backward pass of the step at ``state`` when the updater reads
+    gradients (:func:`sparsejax.training.forward_backward`), else None."""
+    if not self.updater.needs_grads:
+      return None
+    return forward_backward(state, batch, self.step_key, model=self.model, spec=self.spec)
+
+  def update(self, state: TrainState, batch, step: int, outputs=None):
+    """The mask update due before step ``step``, between steps: (state, outputs). For an
+    updater that reads gradients (RigL), ``outputs`` is step ``step``'s forward and
+    backward pass at the params before the update (:meth:`forward_backward`, computed
+    here unless given: its gradient is the growth criterion), and
+    ``apply_step(state, outputs)`` finishes the step with that gradient under the new
+    masks, as the in-jit step does; otherwise None and the ordinary train step
+    follows."""
     u, old = self.updater, state.masks
     key = in_step.update_key(self.step_key, step)
-    grads = (
-      dense_grads(state, batch, self.step_key, model=self.model, spec=self.spec)
-      if u.needs_grads
-      else None
-    )
+    if outputs is None:
+      outputs = self.forward_backward(state, batch)
+    grads = None if outputs is None else outputs[1]
     if u.target == "effective":
       new = u.update_effective(
         state.params,
@@ -260,7 +283,7 @@ class MaskUpdates:
       effective_masks = conn.masks
     stats = jax.device_get(_update_stats(old, new, effective_masks))  # one transfer
     self._record(step, stats, total, conn)
-    return state
+    return state, outputs
 
 
 # ------------------------------------------------------------------ progress
@@ -725,14 +748,19 @@ class _Loop:
     updates = self.mask_updates
     if updates is not None and updates.in_jit:
       return updates.step(state, batch, step)
+    outputs = None
     if updates is not None and updates.updater.is_update_step(step):
+      # The step's forward and backward pass is training time; the update is not.
+      outputs = jax.block_until_ready(updates.forward_backward(state, batch))
       jax.block_until_ready(state)
       begin = progress.clock()
-      state = jax.block_until_ready(updates(state, batch, step))
+      state, outputs = jax.block_until_ready(updates.update(state, batch, step, outputs))
       seconds = progress.clock() - begin
       updates.seconds.append(seconds)
       if progress.timed_from is not None:  # before the first step, nothing is timed yet
         progress.add_pause(seconds)
+    if outputs is not None:  # the step's forward and backward pass ran before the update
+      return apply_step(state, outputs)
     return _train_step(state, batch, self.step_key, model=self.model, spec=self.dspec)
 
 

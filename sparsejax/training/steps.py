@@ -89,20 +89,35 @@ def _loss_and_grads(state: TrainState, batch, key, *, model, spec):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec"))
-def dense_grads(state: TrainState, batch, key, *, model, spec):
-  """dL/dw at every weight, pruned ones included (RigL's growth criterion)."""
-  return _loss_and_grads(state, batch, key, model=model, spec=spec)[1]
+def forward_backward(state: TrainState, batch, key, *, model, spec):
+  """The forward and backward pass of train step ``state.step`` (:func:`_loss_and_grads`):
+  (loss, dL/dw at every weight, pruned ones included, logits, batch statistics,
+  targets). Its gradient is RigL's growth criterion, and :func:`apply_step` finishes
+  the step with it."""
+  return _loss_and_grads(state, batch, key, model=model, spec=spec)
+
+
+def _apply(state: TrainState, outputs) -> tuple[TrainState, dict]:
+  """The optimizer half of a train step, from the outputs of its forward and backward
+  pass (the masks are in ``state.opt_state``: ``state.tx`` masks the gradients and
+  the updates)."""
+  loss, grads, logits, batch_stats, labels = outputs
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+  return new_state, {"loss": loss, "accuracy": accuracy}
+
+
+@jax.jit
+def apply_step(state: TrainState, outputs) -> tuple[TrainState, dict]:
+  """Train step ``state.step`` finished with the ``outputs`` of :func:`forward_backward`
+  (jitted): a mask update between the two halves has changed the masks in
+  ``state.opt_state``, and the step's gradient is applied under the new masks."""
+  return _apply(state, outputs)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec"))
 def _train_step(state: TrainState, batch, key, *, model, spec):
-  loss, grads, logits, batch_stats, labels = _loss_and_grads(
-    state, batch, key, model=model, spec=spec
-  )
-  # The masks are in opt_state: state.tx masks the gradients and the updates.
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-  return new_state, {"loss": loss, "accuracy": accuracy}
+  return _apply(state, _loss_and_grads(state, batch, key, model=model, spec=spec))
 
 
 def train_step(
