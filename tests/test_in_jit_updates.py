@@ -323,3 +323,53 @@ def test_block_updater_and_pruners_give_whole_blocks():
     )
     assert measured >= 0.95
   assert "block/8x8/mean" in sparsejax.PRUNERS and "acdc" in dynamic.METHODS
+
+
+def test_a_rigl_update_step_applies_the_gradient_it_grows_by(mnist_like):
+  """Closed form, plain SGD (no momentum, no decay): at a RigL update step t the new
+  params are m' * (w - lr g) with g the dense gradient at the params *before* the update
+  and m' the masks RigL grows by |g| (one forward and backward pass per step, as RigL's
+  code), in jit and between steps alike; the gradient after the drop gives other params."""
+  model, variables, masks = setup(0.2)
+  cfg = configs.get_config(
+    "lenet300100", batch_size=32, train_steps=24, momentum=0.0, weight_decay=0.0
+  )
+  key, t = jax.random.key(3), 3
+  updater = dynamic.RigL(end=16, every=3)
+  assert updater.is_update_step(t)
+  spec = data.get_spec("mnist")
+  images, labels = mnist_like[0]
+  batch = {"image": jnp.asarray(images[:32]), "label": jnp.asarray(labels[:32])}
+  state = training.create_train_state(
+    model, key, (28, 28, 1), cfg, masks=masks, params=variables["params"]
+  ).replace(step=jnp.int32(t))
+  lr = float(training.make_schedule(cfg)(t))
+
+  g = training.forward_backward(state, batch, key, model=model, spec=spec)[1]
+  new = updater.update(state.params, g, masks, jnp.int32(t), training.in_step.update_key(key, t))
+  expected = masks_lib.map_masks(
+    lambda m, w, gw: jnp.where(m, w - lr * gw, 0.0), new, state.params, g
+  )
+
+  kernels = lambda params: masks_lib.mask_leaves(masks_lib.map_masks(lambda m, w: w, new, params))
+  updates = training.MaskUpdates(
+    updater, model=model, spec=spec, input_shape=(28, 28, 1), step_key=key
+  )
+  between, outputs = updates.update(state, batch, t)
+  between, _ = training.apply_step(between, outputs)
+  inside, _ = training.update_train_step(state, batch, key, model=model, spec=spec, updater=updater)
+  for got in (between, inside):
+    for a, b in zip(flat(got.masks), flat(new)):
+      np.testing.assert_array_equal(a, b)
+    for a, b in zip(kernels(got.params), masks_lib.mask_leaves(expected)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  # The discriminating case: the gradient at the params after the drop differs there.
+  dropped = state.replace(params=masks_lib.apply(state.params, new))
+  g_after = training.forward_backward(dropped, batch, key, model=model, spec=spec)[1]
+  other = masks_lib.map_masks(
+    lambda m, w, gw: jnp.where(m, w - lr * gw, 0.0), new, state.params, g_after
+  )
+  assert any(
+    not np.allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    for a, b in zip(kernels(inside.params), masks_lib.mask_leaves(other))
+  )
