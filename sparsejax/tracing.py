@@ -21,6 +21,7 @@ is the prunable set (its bool leaves). :meth:`Traced.ones` is the dense mask.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any
@@ -73,6 +74,25 @@ def _name(model) -> str:
     if isinstance(model, nn.Module)
     else getattr(model, "__name__", type(model).__name__)
   )
+
+
+#: Traced.masked's results by (model, argument name, mask structure), least recent first.
+_MASKED: collections.OrderedDict = collections.OrderedDict()
+
+
+def _mask_structure(masks) -> tuple | None:
+  """What :meth:`Traced.masked` checks of ``masks``: the tree and each leaf's shape and
+  dtype (None leaves kept); None when a leaf is not an array (then it is checked)."""
+  leaves, treedef = jax.tree.flatten(masks, is_leaf=lambda x: x is None)
+  out = []
+  for x in leaves:
+    if x is None:
+      out.append(None)
+    elif isinstance(x, (jax.Array, np.ndarray)):
+      out.append((tuple(x.shape), str(x.dtype)))
+    else:
+      return None
+  return treedef, tuple(out)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -156,7 +176,22 @@ class Traced:
 
   def masked(self, masks: Masks, name: str = "masks") -> Traced:
     """This model narrowed to the prunable set of ``masks`` (its bool leaves), after
-    checking the tree against the params (:func:`sparsejax.masks.validate`)."""
+    checking the tree against the params (:func:`sparsejax.masks.validate`). The check
+    reads the masks' structure only (tree, shapes, dtypes), so a structure checked once
+    is not checked again (a sweep on a small model costs less than the check)."""
+    signature = _mask_structure(masks)
+    key = (self, name, signature)
+    if signature is not None and key in _MASKED:
+      _MASKED.move_to_end(key)
+      return _MASKED[key]
+    narrowed = self._masked(masks, name)
+    if signature is not None:
+      _MASKED[key] = narrowed
+      if len(_MASKED) > 256:
+        _MASKED.popitem(last=False)
+    return narrowed
+
+  def _masked(self, masks: Masks, name: str) -> Traced:
     params = self.params
     masks_lib.validate(masks, params, name)
     none_tree = lambda t: jax.tree.map(lambda _: None, t, is_leaf=lambda x: x is None)

@@ -679,3 +679,28 @@ def test_a_none_kernel_mask_is_not_pruned_nor_counted(mlp):
   assert effective.effective_sparsity(model, none_kernel, shape) == pytest.approx(
     1 - kept / (8 * 6 + 6 * 3)
   )
+
+
+def test_a_mask_structure_is_checked_once_and_a_bad_one_always(monkeypatch):
+  """Traced.masked checks a mask tree's structure (tree, shapes, dtypes) once per model:
+  the same structure with other values is not checked again (and gives the same
+  answers as a fresh check), another structure is, and a bad one raises every time."""
+  traced = sparsejax.trace(models.create("lenet300100"), (28, 28, 1))
+  calls = []
+  real = masks_lib.validate
+  monkeypatch.setattr(masks_lib, "validate", lambda *a, **k: calls.append(1) or real(*a, **k))
+  m1 = masks_lib.random(jax.random.key(0), traced.ones(), 0.9)
+  m2 = masks_lib.random(jax.random.key(1), traced.ones(), 0.99)
+  e1 = effective.effective_masks(traced, m1)
+  e2 = effective.effective_masks(traced, m2)
+  assert len(calls) <= 1
+  assert effective.effective_compression(traced, m2) == masks_lib.compression(e2)
+  assert masks_lib.count(e1) != masks_lib.count(e2)
+  narrowed = dict(m1, dense_2=dict(m1["dense_2"], kernel=None))
+  before = len(calls)
+  effective.effective_masks(traced, narrowed)  # a new structure: checked
+  assert len(calls) == before + 1
+  bad = dict(m1, dense_2=dict(m1["dense_2"], kernel=m1["dense_2"]["kernel"].astype(jnp.int32)))
+  for _ in range(2):
+    with pytest.raises(ValueError, match="must be bool"):
+      effective.effective_masks(traced, bad)
