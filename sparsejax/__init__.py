@@ -14,9 +14,10 @@ Argument convention everywhere: the model first (a Flax module, a function
 read, then ``masks``; the rest by keyword (``input_shape=``, ``sparsity=``, ``key=``).
 
 ``import sparsejax`` loads the pruning path: masks, tracing, connectivity, effective,
-quotas, selection, ranking, search, layouts, patterns, calibration, scores, structured,
-compact (structured reads its zoo tables), registry, pruning, models, errors. These load
-on first use: optim and dynamic (Optax), training and data (Orbax; TensorFlow only in
+quotas, selection, ranking, search, layouts, patterns, calibration, scores, groups
+(dependency groups: ``structure``), structured, compact (structured reads its zoo
+tables), registry, pruning, models, errors. These load on first use: optim and dynamic
+(Optax), training and data (Orbax; TensorFlow only in
 ``sparsejax.data.load_split``, the ``data`` extra),
 flops, timing, ephemeral (activation sparsity), data_effective (effective sparsity on
 data), blocks (block sparsity) (tests/test_library.py checks both lists in a fresh
@@ -33,6 +34,7 @@ from sparsejax import (
   connectivity,
   effective,
   errors,
+  groups,
   layouts,
   masks,
   models,
@@ -55,6 +57,7 @@ from sparsejax.effective import (
   effective_sparsity,
 )
 from sparsejax.errors import UnreachableSparsityError
+from sparsejax.groups import Structure, structure
 from sparsejax.pruning import prune, prune_with_params, ranking_for
 from sparsejax.registry import PRUNERS, Pruner, ScoreContext, get_pruner, register_pruner
 from sparsejax.tracing import Traced, trace
@@ -118,6 +121,7 @@ __all__ = [
   "structured",
   "selection",
   "timing",
+  "groups",
   "layouts",
   "patterns",
   "calibration",
@@ -127,6 +131,9 @@ __all__ = [
   # the model, traced once
   "trace",
   "Traced",
+  # its dependency groups
+  "structure",
+  "Structure",
   # pruning
   "prune",
   "prune_with_params",
