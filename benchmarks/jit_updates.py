@@ -3,7 +3,8 @@
 Three ways to train with moving masks, measured side by side in one process on batches
 already on the device:
 
-- fixed mask: :func:`sparsejax.training.train_step`, masks never move (the baseline);
+- fixed mask: :func:`sparsejax.training.train_step`, masks never move (the baseline, from
+  each method's starting masks);
 - between steps: :class:`sparsejax.training.MaskUpdates` called from Python at
   ``is_update_step`` (a host round trip: dense gradient, update, mask replacement,
   counts), then the same train step;
@@ -125,7 +126,10 @@ def bench_loops(arch, batch, steps, repeats):
   """{(method, kind): (ms per step without updates, ms per step with updates every 100)}."""
   model, dspec, config, variables, erk, batches, key = _setup(arch, batch)
   dense = masks_lib.map_masks(jnp.ones_like, erk)
-  runs = [("-", "fixed mask", _Run("fixed mask", None, erk, model, dspec, config, variables, key))]
+  runs = [
+    (base, "fixed mask", _Run("fixed mask", None, m, model, dspec, config, variables, key))
+    for base, m in (("ERK", erk), ("dense", dense))
+  ]
   for name, (updater, start) in _methods(steps).items():
     masks = erk if start == "erk" else dense
     for kind in ("between steps", "in jit"):
@@ -161,13 +165,17 @@ def bench_parts(arch, batch, repeats):
       times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
 
-  fixed = _Run("fixed mask", None, erk, model, dspec, config, variables, key).state0
-  plain = timed(
-    lambda: training.train_step(fixed, batches[0], key, model=model, spec=dspec), repeats
-  )
-  out[("-", "fixed mask")] = (plain, 0.0)
+  plains = {}
+  for base, m in (("ERK", erk), ("dense", dense)):
+    fixed = _Run("fixed mask", None, m, model, dspec, config, variables, key).state0
+    plains[base] = timed(
+      lambda fixed=fixed: training.train_step(fixed, batches[0], key, model=model, spec=dspec),
+      repeats,
+    )
+    out[(base, "fixed mask")] = (plains[base], 0.0)
   for name, (updater, start) in _methods(10_000).items():
     masks = erk if start == "erk" else dense
+    plain = plains["ERK" if start == "erk" else "dense"]
     run = _Run("in jit", updater, masks, model, dspec, config, variables, key)
     at = lambda t, run=run: run.state0.replace(step=jnp.int32(t))
     step = lambda t, at=at, updater=updater: training.update_train_step(
@@ -182,11 +190,17 @@ def bench_parts(arch, batch, repeats):
   return out
 
 
+def _baseline(method: str) -> str:
+  """The fixed-mask run a method's rows compare with: the same starting masks (RigL:
+  random ERK at 99%; GMP: dense), so that both run the same weights."""
+  return {"RigL": "ERK", "GMP": "dense"}.get(method, method)
+
+
 def table(args) -> str:
   rows = []
   loops = bench_loops("lenet300100", 100, args.steps, args.repeats)
-  base_q, base_b = loops[("-", "fixed mask")]
   for (name, kind), (quiet, busy) in loops.items():
+    base_q, base_b = loops[(_baseline(name), "fixed mask")]
     rows.append(
       [
         "lenet300100",
@@ -203,7 +217,7 @@ def table(args) -> str:
   if not args.skip_vgg:
     parts = bench_parts("vgg16", args.vgg_batch, args.vgg_repeats)
     for (name, kind), (step_ms, update_ms) in parts.items():
-      base = parts[("-", "fixed mask")][0]
+      base = parts[(_baseline(name), "fixed mask")][0]
       busy = step_ms + update_ms / 100
       rows.append(
         [
@@ -256,7 +270,8 @@ side by side in one process, absolute times noisy). RigL (drop fraction 0.3, ran
 start at 99%) and GMP (to 99% from dense), masks moving every 100 steps, effective
 tracking off; *between steps*: `MaskUpdates` from Python at the update steps (a host
 round trip), *in jit*: `training.update_train_step` (`lax.cond` on the step inside the
-one jitted program), against the same train step with a fixed mask. LeNet-300-100:
+one jitted program), against the same train step with a fixed mask, from the same
+starting masks (the rows *ERK* and *dense*; RigL starts from ERK, GMP from dense). LeNet-300-100:
 loops end to end (99 steps without an update; {args.steps} steps with updates at every
 100th), interleaved, median of {args.repeats} repeats after compilation. VGG-16: single
 steps and updates (median of {args.vgg_repeats}), per step with updates = step + update
