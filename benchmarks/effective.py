@@ -35,7 +35,7 @@ import optax
 
 import sparsejax
 from benchmarks import report
-from sparsejax import compilation, effective, masks, models, pruning, tracing
+from sparsejax import compilation, effective, masks, models, pruning, timing, tracing
 from sparsejax.connectivity import program, xla_cpu
 
 #: The convolutional networks of the transform's tables.
@@ -249,6 +249,10 @@ TRANSFORMERS = {
 }
 
 
+#: The least repeats of the side-by-side timing of effective_masks and the dense step.
+_SMALL_REPEATS = 31
+
+
 def network(arch):
   """(module, example input [1, ...]) of a zoo network or of :data:`TRANSFORMERS`."""
   if arch in TRANSFORMERS:
@@ -371,12 +375,20 @@ the convolution, except for its kernel gradient.
   for arch in args.archs.split(","):
     model, example = network(arch)
     variables = models.init(model, jax.random.key(0), example)
-    dense = report.median_seconds(dense_step(model, variables, example), args.repeats)
+    dense_fn = dense_step(model, variables, example)
     traced = sparsejax.trace(model, example, variables=variables)
     ones = traced.ones()
     for c in compressions:
       m = masks.random(jax.random.key(1), ones, 1 - 1 / c)
-      t = report.median_seconds(lambda: effective.effective_masks(traced, m), args.repeats)
+      sweep_fn = lambda m=m: effective.effective_masks(traced, m)
+      for fn in (dense_fn, sweep_fn):  # compile and warm up
+        jax.block_until_ready(fn())
+      # Side by side, in turns: a millisecond program's median moves between processes
+      # and minutes (thread wake-ups), so the two are timed interleaved, many times.
+      timed = timing.alternate(
+        {"dense": dense_fn, "sweep": sweep_fn}, repeats=max(args.repeats, _SMALL_REPEATS)
+      )
+      t, dense = timed["sweep"], timed["dense"]
       eff = effective.effective_compression(traced, m)
       reference = REFERENCE_SECONDS.get(arch)
       rows.append(
@@ -423,7 +435,8 @@ the convolution, except for its kernel gradient.
       f"""
 ## Exact effective masks (`python -m benchmarks.effective`)
 
-{report.stamp()}. Uniform random masks (seed 1), medians of {args.repeats} runs after
+{report.stamp()}. Uniform random masks (seed 1), medians of
+{max(args.repeats, _SMALL_REPEATS)} alternating runs (effective_masks, dense) after
 compilation. *ratio* = `effective_masks` / one jitted dense forward+backward pass at
 batch size 1 measured in the same run (target <= 1.5 on VGG-19 and ResNet-18); the
 paper's reference needs about 1 s (VGG-19), 0.5 s (ResNet-18) and 0.05 s (LeNet-300-100)
@@ -442,7 +455,8 @@ on a 2-core CPU of this kind.
 byte-level GPT (context 128, width 128, depth 4, 4 heads), and a larger GPT-style
 decoder (*gpt-6x256*: 6 layers, width 256, 8 heads, context 256), at batch 1 (one
 image, one window of token ids). Uniform random masks (seed 1), medians of
-{args.repeats} runs after compilation; *ratio* = `effective_masks` / one jitted dense
+{max(args.repeats, _SMALL_REPEATS)} alternating runs (effective_masks, dense) after
+compilation; *ratio* = `effective_masks` / one jitted dense
 forward+backward pass measured in the same run (the decoders' loss: next-byte
 cross-entropy at every position). Target: ratio <= 1.5, as for the CNNs. (The paper's
 reference has no rule for embeddings or attention.)
