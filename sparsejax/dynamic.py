@@ -764,6 +764,20 @@ def apply_masks(updater, params, opt_state, old, new, reset_optimizer_state: boo
   return params, opt_state
 
 
+def without_grown(grads: PyTree, old, new) -> PyTree:
+  """``grads`` (a full gradient tree) set to 0 at the weights grown by the mask update
+  from ``old`` to ``new``. A grown weight starts at 0 with zero optimizer state; with
+  this gradient the update's own step leaves it there, as RigL's code grows after the
+  step with zeros: the gradient that chose a weight is not also applied to it."""
+  return jax.tree.map(
+    lambda n, o, g: g if n is None else jnp.where(n & ~o, jnp.zeros_like(g), g),
+    new,
+    old,
+    grads,
+    is_leaf=lambda x: x is None,
+  )
+
+
 # ---------------------------------------------------------------- the registry
 
 #: The plain keyword settings a method's builder may read (each :class:`Method` says

@@ -327,9 +327,11 @@ def test_block_updater_and_pruners_give_whole_blocks():
 
 def test_a_rigl_update_step_applies_the_gradient_it_grows_by(mnist_like):
   """Closed form, plain SGD (no momentum, no decay): at a RigL update step t the new
-  params are m' * (w - lr g) with g the dense gradient at the params *before* the update
-  and m' the masks RigL grows by |g| (one forward and backward pass per step, as RigL's
-  code), in jit and between steps alike; the gradient after the drop gives other params."""
+  params are m' m (w - lr g), with g the dense gradient at the params *before* the
+  update, m' the masks RigL grows by |g| and m the old masks (one forward and backward
+  pass per step; grown weights stay 0 through the step, as RigL's code grows with zeros
+  after it), in jit and between steps alike; the gradient after the drop gives other
+  params."""
   model, variables, masks = setup(0.2)
   cfg = configs.get_config(
     "lenet300100", batch_size=32, train_steps=24, momentum=0.0, weight_decay=0.0
@@ -347,8 +349,10 @@ def test_a_rigl_update_step_applies_the_gradient_it_grows_by(mnist_like):
 
   g = training.forward_backward(state, batch, key, model=model, spec=spec)[1]
   new = updater.update(state.params, g, masks, jnp.int32(t), training.in_step.update_key(key, t))
+  kept = masks_lib.map_masks(lambda n, o: n & o, new, masks)
+  assert masks_lib.count(kept)[0] < masks_lib.count(new)[0]  # some weights are grown
   expected = masks_lib.map_masks(
-    lambda m, w, gw: jnp.where(m, w - lr * gw, 0.0), new, state.params, g
+    lambda m, w, gw: jnp.where(m, w - lr * gw, 0.0), kept, state.params, g
   )
 
   kernels = lambda params: masks_lib.mask_leaves(masks_lib.map_masks(lambda m, w: w, new, params))
@@ -367,7 +371,7 @@ def test_a_rigl_update_step_applies_the_gradient_it_grows_by(mnist_like):
   dropped = state.replace(params=masks_lib.apply(state.params, new))
   g_after = training.forward_backward(dropped, batch, key, model=model, spec=spec)[1]
   other = masks_lib.map_masks(
-    lambda m, w, gw: jnp.where(m, w - lr * gw, 0.0), new, state.params, g_after
+    lambda m, w, gw: jnp.where(m, w - lr * gw, 0.0), kept, state.params, g_after
   )
   assert any(
     not np.allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

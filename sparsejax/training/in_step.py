@@ -6,14 +6,16 @@ of a :class:`sparsejax.dynamic.Updater` scheduled in the same program: ``lax.con
 optimizer state, zeroes dropped weights and (optionally) the optimizer state of grown
 ones, and the step's optimizer update follows under the new masks. An updater that reads
 gradients (RigL) grows by the step's own dense gradient, computed before the update, and
-the step applies that gradient: one forward and backward pass per step, none inside the
-``lax.cond`` (where XLA:CPU runs a convolution's gradient many times slower). This is
-what :class:`sparsejax.training.MaskUpdates` does between steps from Python, in the same
-order with the same keys, so both paths give the same masks; the in-step path fits a
-multi-host or TPU loop (every process runs the same program, nothing waits for the host)
-and :func:`sparsejax.training.train` uses it with ``update_in_jit=True``. Effective
-tracking and effective targets need the host (a connectivity search between steps) and
-stay on the between-steps path.
+the step applies that gradient to the weights it kept (a grown weight stays 0 through
+the update's step, as RigL's code grows after the step with zeros,
+:func:`sparsejax.dynamic.without_grown`): one forward and backward pass per step, none
+inside the ``lax.cond`` (where XLA:CPU runs a convolution's gradient many times slower).
+This is what :class:`sparsejax.training.MaskUpdates` does between steps from Python, in
+the same order with the same keys, so both paths give the same masks; the in-step path
+fits a multi-host or TPU loop (every process runs the same program, nothing waits for
+the host) and :func:`sparsejax.training.train` uses it with ``update_in_jit=True``.
+Effective tracking and effective targets need the host (a connectivity search between
+steps) and stay on the between-steps path.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import functools
 
 import jax
 
-from sparsejax import dynamic
+from sparsejax import dynamic, optim
 from sparsejax.training.state import TrainState
 from sparsejax.training.steps import _apply, _loss_and_grads
 
@@ -60,11 +62,10 @@ def update_train_step(
     (new state, {"loss", "accuracy", "mask_update": {"updated", "kept", "dropped",
     "grown"}}) as device arrays.
   """
-  # One forward and backward pass per step, as between steps (MaskUpdates.step): an
+  # One forward and backward pass per step, as between steps (MaskUpdates.update): an
   # updater that reads gradients gets this step's, at the params before the update,
-  # and the optimizer applies the same gradient under the new masks (RigL's own code
-  # also grows by the gradient that the step applies). Other updaters move the masks
-  # first and the pass sees the new params.
+  # and the optimizer applies the same gradient to the weights kept (grown ones stay
+  # 0). Other updaters move the masks first and the pass sees the new params.
   step = state.step
   outputs = (
     _loss_and_grads(state, batch, key, model=model, spec=spec) if updater.needs_grads else None
@@ -79,9 +80,14 @@ def update_train_step(
     sweep=sweep,
     reset_optimizer_state=reset_optimizer_state,
   )
-  state = state.replace(params=params, opt_state=opt_state)
   if outputs is None:
+    state = state.replace(params=params, opt_state=opt_state)
     outputs = _loss_and_grads(state, batch, key, model=model, spec=spec)
+  else:
+    loss, grads, *rest = outputs
+    old, new = optim.get_masks(state.opt_state), optim.get_masks(opt_state)
+    outputs = (loss, dynamic.without_grown(grads, old, new), *rest)
+    state = state.replace(params=params, opt_state=opt_state)
   state, metrics = _apply(state, outputs)
   return state, {**metrics, "mask_update": stats}
 

@@ -121,16 +121,17 @@ class MaskUpdates:
 
   At an update step s (before the optimizer step s) the updater computes new masks from
   the current params (and, when it ``needs_grads``, the dense gradient of step s at
-  those params, which the optimizer step s then applies under the new masks: one forward
-  and backward pass per step, as in RigL's code; with ``needs_sweep``, a connectivity
-  sweep of the model; with ``target == 'effective'``, through its ``update_effective``
-  hook), the masks in the optimizer state are replaced (no recompilation) and dropped
-  weights are set to 0 (not with ``straight_through``). Each update appends a record:
-  step, kept weights, dropped and grown weights, direct compression and, with
-  ``track_effective``, effective compression, active units, dead kept weights (kept but
-  inactive) and grown weights dead on arrival. With ``reset_optimizer_state`` (default,
-  as RigL's code), grown weights start with zero optimizer state
-  (:func:`sparsejax.optim.zero_state_where`).
+  those params, which the optimizer step s then applies to the weights kept (grown
+  weights stay 0 through it): one forward and backward pass per step, as in RigL's code;
+  with ``needs_sweep``, a connectivity sweep of the model; with ``target ==
+  'effective'``, through its ``update_effective`` hook), the masks in the optimizer
+  state are replaced (no recompilation) and dropped weights are set to 0 (not with
+  ``straight_through``). Each update appends a record: step, kept weights, dropped and
+  grown weights, direct compression and, with ``track_effective``, effective
+  compression, active units, dead kept weights (kept but inactive) and grown weights
+  dead on arrival. With ``reset_optimizer_state`` (default, as RigL's code), grown
+  weights start with zero optimizer state (:func:`sparsejax.optim.zero_state_where`).
+
 
 
   With ``in_jit`` the update runs inside the jitted step instead
@@ -276,6 +277,9 @@ class MaskUpdates:
       u, state.params, state.opt_state, old, new, self.reset_optimizer_state
     )
     state = state.replace(params=params, opt_state=opt_state)
+    if outputs is not None:
+      loss, grads, *rest = outputs
+      outputs = (loss, dynamic.without_grown(grads, old, new), *rest)
     total = masks_lib.count(new)[1]
     effective_masks = conn = None
     if self.track_effective:
