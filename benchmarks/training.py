@@ -171,9 +171,13 @@ def bench_dynamic_loop(arch, batch_size, steps, repeats):
       t0 = time.perf_counter()
       for step in range(steps):
         batch = batches[step % len(batches)]
-        if updates is not None and updater.is_update_step(step):
-          state = updates(state, batch, step)
-        state, metrics = training.train_step(state, batch, key, model=model, spec=dspec)
+        outputs = None
+        if updates is not None and updater.is_update_step(step):  # as training.train
+          state, outputs = updates.update(state, batch, step)
+        if outputs is not None:  # the update shared the step's forward and backward pass
+          state, metrics = training.apply_step(state, outputs)
+        else:
+          state, metrics = training.train_step(state, batch, key, model=model, spec=dspec)
       jax.block_until_ready((state, metrics))
       if r:
         times[(name, track)].append((time.perf_counter() - t0) / steps)
