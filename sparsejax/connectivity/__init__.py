@@ -28,6 +28,10 @@ Modules, each importing only those above it:
   list;
 - :mod:`~sparsejax.connectivity.program`: tracing, inlining, constant folding,
   classification, the linear-op sites and the cuts (:class:`Program`, :func:`build`);
+- :mod:`~sparsejax.connectivity.forest`: the union-find forest of dimensions (products
+  and concatenations of smaller ones) that dims builds;
+- :mod:`~sparsejax.connectivity.dims`: every unit axis followed through a Program (the
+  dimensions that :mod:`sparsejax.groups` turns into dependency groups);
 - :mod:`~sparsejax.connectivity.xla_cpu`: XLA:CPU speed kernels for the sweep's
   convolutions, equal to the convolution (the semantics call one hook of it);
 - :mod:`~sparsejax.connectivity.semantics`: the rule of each family under each
