@@ -29,6 +29,14 @@ from sparsejax.training.state import TrainState
 from sparsejax.training.steps import _apply, _loss_and_grads
 
 
+def hold_grown(outputs, old, new):
+  """The outputs of a step's forward and backward pass (:func:`forward_backward`) with
+  the gradient set to 0 at the weights grown from masks ``old`` to ``new``
+  (:func:`sparsejax.dynamic.without_grown`): what the update's step applies."""
+  loss, grads, *rest = outputs
+  return (loss, dynamic.without_grown(grads, old, new), *rest)
+
+
 def update_key(step_key: jax.Array, step) -> jax.Array:
   """The PRNG key of the mask update before step ``step`` (a Python int or traced):
   ``fold_in(fold_in(step_key, step), 1)``, the key the between-steps path uses."""
@@ -84,12 +92,10 @@ def update_train_step(
     state = state.replace(params=params, opt_state=opt_state)
     outputs = _loss_and_grads(state, batch, key, model=model, spec=spec)
   else:
-    loss, grads, *rest = outputs
-    old, new = optim.get_masks(state.opt_state), optim.get_masks(opt_state)
-    outputs = (loss, dynamic.without_grown(grads, old, new), *rest)
+    outputs = hold_grown(outputs, optim.get_masks(state.opt_state), optim.get_masks(opt_state))
     state = state.replace(params=params, opt_state=opt_state)
   state, metrics = _apply(state, outputs)
   return state, {**metrics, "mask_update": stats}
 
 
-__all__ = ["update_key", "update_train_step"]
+__all__ = ["hold_grown", "update_key", "update_train_step"]

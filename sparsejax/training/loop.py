@@ -278,8 +278,7 @@ class MaskUpdates:
     )
     state = state.replace(params=params, opt_state=opt_state)
     if outputs is not None:
-      loss, grads, *rest = outputs
-      outputs = (loss, dynamic.without_grown(grads, old, new), *rest)
+      outputs = in_step.hold_grown(outputs, old, new)
     total = masks_lib.count(new)[1]
     effective_masks = conn = None
     if self.track_effective:
