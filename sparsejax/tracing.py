@@ -89,7 +89,7 @@ def _mask_structure(masks) -> tuple | None:
     if x is None:
       out.append(None)
     elif isinstance(x, (jax.Array, np.ndarray)):
-      out.append((tuple(x.shape), str(x.dtype)))
+      out.append((x.shape, x.dtype))
     else:
       return None
   return treedef, tuple(out)

@@ -68,6 +68,7 @@ from sparsejax.connectivity.sweeps import (
   position_counts,
   reach_sweep,
   site_names,
+  unit_totals,
 )
 from sparsejax.connectivity.sweeps import (
   _FrozenDict as _FrozenDict,  # sparsejax.effective builds Connectivity results with it
@@ -102,6 +103,7 @@ __all__ = [
   "reach_sweep",
   "semantics",
   "site_names",
+  "unit_totals",
   "supported_primitives",
   "sweeps",
   "xla_cpu",

@@ -67,6 +67,12 @@ def site_names(prog: Program) -> list[str]:
   return names
 
 
+def unit_totals(prog: Program) -> dict[str, int]:
+  """{layer name: output units} per linear op on the input, in traced order."""
+  shapes = [prog.eqns[k].out_avals[0].shape for k, _ in prog.sites]
+  return {n: int(np.prod(s)) for n, s in zip(site_names(prog), shapes)}
+
+
 def reach_sweep(prog: Program, prunable: Sequence[int], units: bool = True):
   """The pure, jit-able sweep ``(kernel masks, extra values) -> results``.
 
@@ -93,10 +99,8 @@ def reach_sweep(prog: Program, prunable: Sequence[int], units: bool = True):
 
     g, reach, g_pert, g_x = _site_pass(ev, prog, params_with, kernels, extra, xs)
     active = {n: jnp.sum((r > 0) & (gp > 0)) for n, r, gp in zip(names, reach, g_pert)}
-    shapes = [a.shape for a in (prog.eqns[k].out_avals[0] for k, _ in prog.sites)]
-    total = {n: int(np.prod(s)) for n, s in zip(names, shapes)}
     active_inputs = sum(jnp.sum(gx > 0) for gx in g_x)
-    return [gk > 0 for gk in g], active, active_inputs, total
+    return [gk > 0 for gk in g], active, active_inputs, unit_totals(prog)
 
   return sweep
 
