@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from benchmarks import report
 from experiments import configs
-from sparsejax import data, dynamic, models, pruning, training
+from sparsejax import data, dynamic, models, pruning, timing, training
 from sparsejax import masks as masks_lib
 
 
@@ -151,42 +151,41 @@ def bench_loops(arch, batch, steps, repeats):
 
 
 def bench_parts(arch, batch, repeats):
-  """{(method, kind): (ms per step without update, ms per update)} from single steps."""
+  """{(method, kind): (ms per step without update, ms per update)} from single steps,
+  every variant timed in turns (``timing.alternate``: a step of seconds drifts by 10-20%
+  over the minutes between variants timed one after another)."""
   model, dspec, config, variables, erk, batches, key = _setup(arch, batch)
   dense = masks_lib.map_masks(jnp.ones_like, erk)
-  out = {}
-
-  def timed(fn, n):
-    jax.block_until_ready(fn())  # compiles
-    times = []
-    for _ in range(n):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
-
-  plains = {}
+  fns = {}
   for base, m in (("ERK", erk), ("dense", dense)):
     fixed = _Run("fixed mask", None, m, model, dspec, config, variables, key).state0
-    plains[base] = timed(
-      lambda fixed=fixed: training.train_step(fixed, batches[0], key, model=model, spec=dspec),
-      repeats,
+    fns[(base, "fixed")] = lambda fixed=fixed: training.train_step(
+      fixed, batches[0], key, model=model, spec=dspec
     )
-    out[(base, "fixed mask")] = (plains[base], 0.0)
   for name, (updater, start) in _methods(10_000).items():
     masks = erk if start == "erk" else dense
-    plain = plains["ERK" if start == "erk" else "dense"]
     run = _Run("in jit", updater, masks, model, dspec, config, variables, key)
+    between = _Run("between steps", updater, masks, model, dspec, config, variables, key)
     at = lambda t, run=run: run.state0.replace(step=jnp.int32(t))
     step = lambda t, at=at, updater=updater: training.update_train_step(
       at(t), batches[0], key, model=model, spec=dspec, updater=updater
     )
-    quiet = timed(lambda step=step: step(1), repeats)
-    with_update = timed(lambda step=step: step(100), repeats)
-    run.kind = "between steps"
-    between = timed(lambda run=run, at=at: run.between(at(100), batches[0], 100)[0].params, repeats)
-    out[(name, "between steps")] = (plain, max(between - plain, 0.0))
-    out[(name, "in jit")] = (quiet, max(with_update - quiet, 0.0))
+    fns[(name, "quiet")] = lambda step=step: step(1)
+    fns[(name, "update")] = lambda step=step: step(100)
+    fns[(name, "between")] = lambda run=between, at=at: run.between(at(100), batches[0], 100)[0]
+  for fn in fns.values():
+    jax.block_until_ready(fn())  # compiles
+  ms = {k: 1000 * v for k, v in timing.alternate(fns, repeats).items()}
+  out = {}
+  for base in ("ERK", "dense"):
+    out[(base, "fixed mask")] = (ms[(base, "fixed")], 0.0)
+  for name, (_, start) in _methods(10_000).items():
+    plain = ms[("ERK" if start == "erk" else "dense", "fixed")]
+    out[(name, "between steps")] = (plain, max(ms[(name, "between")] - plain, 0.0))
+    out[(name, "in jit")] = (
+      ms[(name, "quiet")],
+      max(ms[(name, "update")] - ms[(name, "quiet")], 0.0),
+    )
   return out
 
 
@@ -252,7 +251,7 @@ def main():
   parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--vgg_batch", type=int, default=32)
-  parser.add_argument("--vgg_repeats", type=int, default=3)
+  parser.add_argument("--vgg_repeats", type=int, default=5)
   parser.add_argument("--skip_vgg", action="store_true")
   parser.add_argument("--no_doc", action="store_true")
   args = parser.parse_args()
@@ -274,9 +273,9 @@ one jitted program), against the same train step with a fixed mask, from the sam
 starting masks (the rows *ERK* and *dense*; RigL starts from ERK, GMP from dense). LeNet-300-100:
 loops end to end (99 steps without an update; {args.steps} steps with updates at every
 100th), interleaved, median of {args.repeats} repeats after compilation. VGG-16: single
-steps and updates (median of {args.vgg_repeats}), per step with updates = step + update
-/ 100 (an update's cost: its step's time beyond a plain step). Target: in-jit steps at
-most 5% slower than fixed-mask steps.
+steps and updates, every variant in turns (median of {args.vgg_repeats}), per step with
+updates = step + update / 100 (an update's cost: its step's time beyond a plain step).
+Target: in-jit steps at most 5% slower than fixed-mask steps.
 
 {body}
 """,
