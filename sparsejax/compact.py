@@ -1,30 +1,41 @@
-"""Compaction: dead units removed, a smaller dense network computing the same function.
+"""Compaction: dead and pruned units removed, a smaller program computing the same function.
 
-A unit (a neuron, or a conv channel at every position) is classified from the exact
-unit-level reachability of the masked network (:func:`sparsejax.effective.channel_reach`,
-method.md section 1), per channel c of a *channel space* (the outputs of one layer, or a
-residual stream with every layer that writes it):
+Any model :func:`sparsejax.trace` traces. Its dependency groups
+(:func:`sparsejax.structure`) say which positions of which axes of every value are one
+unit; compaction decides per unit of every removable group, from the exact unit-level
+reachability of the masked model (method.md section 1) evaluated at every value that
+carries the group (``coreach``: some path leads from the unit there to an output;
+``reach``: some path from the input reaches it), and at every *read* of the group (an
+equation that mixes its axis away: a contraction with a kernel, a product with another
+input-dependent value, a reduction):
 
-    coreach(c) = OR over writers and positions of coreach(u)
-    reach(c)   = OR over writers and positions of reach(u)
+- not coreachable anywhere: the unit influences no output; it is dropped.
+- at some read, coreachable and reachable: live; it is kept.
+- at a read where it is coreachable but not reachable, it is a constant there (biases,
+  normalization shifts and statistics, in inference mode). Exactly 0 at a summing read
+  (a contraction or a sum: zero padding then makes no difference): nothing to keep
+  for that read. Nonzero at a contraction with a kernel whose output has a bias of its
+  own and sees it as a position-independent shift (Dense layers; convolutions only
+  when the shift is the same at every output position, e.g. 'VALID' ones): *folded*
+  into that bias. Otherwise (a nonzero constant read by a max, a normalization's
+  statistics, a product, a 'SAME' convolution): kept. Exactness beats size.
 
-- not coreach(c): c influences no output; it is dropped (with its kernel columns, bias,
-  batch-norm parameters and statistics, and the readers' input slices).
-- coreach(c) and reach(c): c is live; it is kept.
-- coreach(c), not reach(c): c is a constant (its bias and normalization, in inference
-  mode). It is dropped when it is exactly 0 where every reader reads it (zero padding
-  then makes no difference), folded into the readers' biases when every reader has a
-  bias and sees it as a position-independent shift (Dense layers; convolutions only when
-  the contribution is the same at every output position, e.g. 'VALID' ones), and kept
-  otherwise: exactness beats size.
+A unit is dropped or folded only when every read allows it. A group never shrinks
+below one unit (a kept dead unit changes nothing); groups that are not removable
+(:attr:`sparsejax.groups.Group.reason`) are kept whole. The input and the outputs are
+never compacted.
 
-Residual-coupled channels form one space, so they are removed only together. A space
-never shrinks below one channel (a kept dead channel changes nothing). The input and
-the logits are never compacted.
+The compacted model is the traced program with the removed units sliced out of every
+parameter, batch statistic, constant and intermediate (:mod:`sparsejax.connectivity.rewrite`):
+``Compacted.apply(params, x)`` is an ordinary JAX function (it jits, differentiates and
+serializes with ``jax.export``), run one example at a time as traced and vectorized
+over the batch. Where a model's widths are fields (the zoo networks, ``resized``), the
+rebuilt Flax module comes too (``Compacted.module``).
 
-Equality. The compacted network computes the masked network's function in inference
-mode (``train=False``), up to float rounding (summation order of smaller kernels,
-folded biases); ``verify=True`` checks max |logit difference| <= 1e-5 x max |logit|.
+Equality. The compacted model computes the masked model's function as traced (the zoo:
+inference mode, ``train=False``), up to float rounding (summation order of smaller
+kernels, folded biases); ``verify=True`` checks max |output difference| <= 1e-5 x max
+|output|.
 
 Training equivalence. A masked training run of the compacted network (same data, same
 optimizer, the sliced masks) follows the original's run when every removed unit has no
@@ -45,381 +56,694 @@ Dense networks (one position) are exact. The removed parameters are sliced away,
 re-initialized: train the returned variables, not ``model.init`` of the compacted
 model (the sliced batch-norm statistics of kept channels are the original ones).
 
-Models: the zoo (LeNet-300-100, LeNet-5, VGG, ResNet-18); their widths are fields
-(``hidden``, ``channels``, ``config``, ``widths``/``inner``), so a compacted network is
-an ordinary instance. Any other model: ValueError (compaction needs the channel spaces,
-i.e. which parameters a unit owns and which kernels read it).
+Widths. XLA:CPU (and GPUs) run convolutions and matrix products fastest at widths that
+are multiples of 8 or 16; ``multiple=8`` keeps some dropped units of each compacted
+group (lowest index first) up to the next multiple (the function is unchanged: a
+dropped unit influences no output, or is exactly 0 where read).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
+import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from sparsejax import effective, models, tracing
+from sparsejax import connectivity as conn_lib
+from sparsejax import groups, tracing
 from sparsejax import masks as masks_lib
+from sparsejax.connectivity import rewrite
+from sparsejax.connectivity.semantics import Evaluator
 from sparsejax.errors import CompactionMismatchError
-from sparsejax.models.lenet import LeNet5, LeNet300100
-from sparsejax.models.resnet import ResNet18
-from sparsejax.models.vgg import VGG
 
-#: Relative tolerance of ``verify``: max |logit difference| <= RTOL * max |logit|.
+#: Relative tolerance of ``verify``: max |output difference| <= RTOL * max |output|.
 RTOL = 1e-5
-
-
-@dataclasses.dataclass(frozen=True)
-class Space:
-  """Channels shared by some layers.
-
-  writers: module paths whose every variable's last axis is the space (kernel outputs,
-    biases, batch-norm parameters and statistics); sites: the linear ops among them
-    (their outputs carry the reach/coreach maps); readers: linear ops whose kernel's
-    input axis is the space (a Dense kernel after a flatten reads [positions * C]).
-  """
-
-  name: str
-  size: int
-  writers: tuple
-  sites: tuple
-  readers: tuple
+#: Summing reads: an exactly-zero term of them changes nothing.
+_SUMMING = ("linear", "product", "sum")
+#: Ops from a parameter leaf to a bias added to a linear op's output.
+_BIAS_PATH = frozenset({"reshape", "broadcast_in_dim", "convert_element_type", "squeeze"})
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """What compaction keeps per space: kept and folded channel indices, and the counts."""
+  """What compaction keeps per removable group: kept, folded and dropped unit indices
+  (sorted int arrays) and the sizes, by group name; ``shifts``: the folded constants,
+  {bias parameter path: shift (shaped like the bias)} added to it; ``blocked``: {group
+  name: why it is not removable} of the groups kept whole; ``padded``: {group name:
+  dropped units kept back to round the width up to ``multiple``}."""
 
-  kept: dict  # space name -> np.ndarray of kept channel indices
-  folded: dict  # space name -> np.ndarray of folded channel indices
-  dropped: dict  # space name -> np.ndarray of dropped channel indices
-  sizes: dict  # space name -> original size
-  shifts: dict  # reader module path -> bias shift [out] from the folded constants
+  kept: dict
+  folded: dict
+  dropped: dict
+  sizes: dict
+  shifts: dict
+  blocked: dict = dataclasses.field(default_factory=dict)
+  padded: dict = dataclasses.field(default_factory=dict)
 
   def live_fraction(self) -> float:
-    """Kept channels / channels over all spaces."""
-    return sum(len(v) for v in self.kept.values()) / sum(self.sizes.values())
+    """Kept units / units over the removable groups."""
+    total = sum(self.sizes.values())
+    return sum(len(v) for v in self.kept.values()) / total if total else 1.0
+
+  def widths(self) -> dict:
+    """{group name: (size, kept)}."""
+    return {n: (self.sizes[n], len(self.kept[n])) for n in self.sizes}
 
 
-# ------------------------------------------------------------------------ the zoo
+# ------------------------------------------------------------------------ inputs
 
 
-def _layer_space(name, size, writer, norm, readers):
-  return Space(name, size, (writer, norm), (writer,), tuple(readers))
-
-
-def _lenet300100(model: LeNet300100):
-  h = tuple(model.hidden)
-  spaces = [
-    _layer_space(f"dense_{i}", w, f"dense_{i}", f"norm_{i}", [f"dense_{i + 1}"])
-    for i, w in enumerate(h)
-  ]
-  return spaces, lambda s: model.clone(hidden=tuple(s))
-
-
-def _lenet5(model: LeNet5):
-  c, h = tuple(model.channels), tuple(model.hidden)
-  spaces = [
-    _layer_space(
-      f"conv_{i}",
-      w,
-      f"conv_{i}",
-      f"norm_{i}",
-      [f"conv_{i + 1}" if i + 1 < len(c) else f"dense_{len(c)}"],
-    )
-    for i, w in enumerate(c)
-  ]
-  n = len(c)
-  spaces += [
-    _layer_space(f"dense_{n + j}", w, f"dense_{n + j}", f"norm_{n + j}", [f"dense_{n + j + 1}"])
-    for j, w in enumerate(h)
-  ]
-  return spaces, lambda s: model.clone(channels=tuple(s[:n]), hidden=tuple(s[n:]))
-
-
-def _vgg(model: VGG):
-  widths = [w for w in model.config if w != "M"]
-  spaces = [
-    _layer_space(
-      f"conv_{i:02d}",
-      w,
-      f"conv_{i:02d}",
-      f"norm_{i:02d}",
-      [f"conv_{i + 1:02d}" if i + 1 < len(widths) else "dense"],
-    )
-    for i, w in enumerate(widths)
-  ]
-
-  def rebuild(sizes):
-    it = iter(sizes)
-    return model.clone(config=tuple("M" if w == "M" else next(it) for w in model.config))
-
-  return spaces, rebuild
-
-
-def _resnet18(model: ResNet18):
-  widths = tuple(model.widths)
-  inner = (
-    tuple(model.inner) if model.inner is not None else tuple(w for w in widths for _ in range(2))
-  )
-  spaces = []
-  for s, w in enumerate(widths, start=1):
-    writers, sites = [], []
-    if s == 1:
-      writers += ["stage0_conv", "stage0_norm"]
-      sites += ["stage0_conv"]
-    else:
-      writers += [f"stage{s}_block0/shortcut_conv", f"stage{s}_block0/shortcut_norm"]
-      sites += [f"stage{s}_block0/shortcut_conv"]
-    for b in range(2):
-      writers += [f"stage{s}_block{b}/conv_2", f"stage{s}_block{b}/norm_2"]
-      sites += [f"stage{s}_block{b}/conv_2"]
-    readers = (["stage1_block0/conv_1"] if s == 1 else []) + [f"stage{s}_block1/conv_1"]
-    readers += (
-      [f"stage{s + 1}_block0/conv_1", f"stage{s + 1}_block0/shortcut_conv"]
-      if s < len(widths)
-      else ["stage5_dense"]
-    )
-    spaces.append(Space(f"stream{s}", w, tuple(writers), tuple(sites), tuple(readers)))
-  for k, w in enumerate(inner):
-    blk = f"stage{k // 2 + 1}_block{k % 2}"
-    spaces.append(
-      _layer_space(f"{blk}/inner", w, f"{blk}/conv_1", f"{blk}/norm_1", [f"{blk}/conv_2"])
-    )
-  n = len(widths)
-  return spaces, lambda s: model.clone(widths=tuple(s[:n]), inner=tuple(s[n:]))
-
-
-#: Model class -> (model -> (spaces, rebuild(new sizes) -> model)).
-FAMILIES: dict[type, Callable] = {
-  LeNet300100: _lenet300100,
-  LeNet5: _lenet5,
-  VGG: _vgg,
-  ResNet18: _resnet18,
-}
-
-#: One example's default input shape per family (the paper's datasets).
-_DEFAULT_INPUT = {
-  LeNet300100: (28, 28, 1),
-  LeNet5: (32, 32, 3),
-  VGG: (32, 32, 3),
-  ResNet18: (64, 64, 3),
-}
-
-
-def default_input(model) -> tuple[int, ...]:
-  """One example's shape a zoo network is traced on when no input is given (its paper
-  dataset's); ValueError for other models."""
-  channel_spaces(model)  # ValueError naming the known networks
-  return _DEFAULT_INPUT[type(model)]
-
-
-def channel_spaces(model) -> tuple[list[Space], Callable]:
-  """The channel spaces of a zoo model and ``rebuild(sizes) -> model``; ValueError for
-  other models."""
-  family = FAMILIES.get(type(model))
-  if family is None:
-    known = ", ".join(c.__name__ for c in FAMILIES)
+def _model_input(model, variables, input_shape, apply_kwargs) -> tracing.Traced:
+  """The model traced (a Traced as it is; a zoo network on its dataset's input)."""
+  if isinstance(model, tracing.Traced):
+    if input_shape is not None and tracing._spec(
+      tracing.example_input(input_shape)
+    ) != tracing._spec(model.input):
+      raise ValueError(
+        f"input_shape={input_shape!r} differs from the sparsejax.Traced's input "
+        f"{tuple(model.input.shape)}; leave it out or trace the model again."
+      )
+    return model
+  if input_shape is None:
+    input_shape = groups.default_input(model, variables)
+  if input_shape is None:
     raise ValueError(
-      f"model={type(model).__name__} is not a network the compactor knows (allowed: "
-      f"{known}); compaction needs to know which parameters each unit owns and which "
-      "kernels read it (its channel spaces) and how to rebuild the model with fewer "
-      "units."
+      f"input_shape=None: model={tracing._name(model)} is traced to be compacted; pass "
+      "input_shape= (one example's shape) or a sparsejax.Traced as model."
     )
-  return family(model)
+  return tracing.trace(model, input_shape, variables=variables, apply_kwargs=apply_kwargs)
 
 
-# ------------------------------------------------------------------------ capture
-
-
-def _capture_inputs(model, variables, x) -> dict:
-  """{module path: (input, linear)} of every Dense/Conv call in inference mode, where
-  ``linear(z)`` is the module's op on z without its bias (same kernel)."""
-  seen = {}
-
-  def interceptor(next_fun, args, kwargs, context):
-    mod = context.module
-    if context.method_name == "__call__" and isinstance(mod, (nn.Dense, nn.Conv)):
-      op = mod.clone(parent=None, use_bias=False)
-      k = {"params": {"kernel": mod.variables["params"]["kernel"]}}
-      seen["/".join(mod.scope.path)] = (args[0], lambda z, op=op, k=k: op.apply(k, z))
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(interceptor):
-    model.apply(variables, x, train=False)
-  return seen
-
-
-# ------------------------------------------------------------------------ plan
-
-
-def _check_variables(variables):
-  if not hasattr(variables, "keys") or "params" not in variables:
+def _check_variables(traced, variables):
+  module = traced.model
+  if isinstance(module, nn.Module) and (
+    not hasattr(variables, "keys") or "params" not in variables
+  ):
     raise ValueError(
       "variables has no 'params' collection; pass the model's variables (e.g. model.init(...))."
     )
 
 
-def _channels(x: np.ndarray, size: int) -> np.ndarray:
-  """[1, ..., positions * C] or [1, ..., C] -> [positions, C]."""
-  return np.asarray(x).reshape(-1, size)
+def _split(traced, variables):
+  """(params, extra) of ``variables`` (a module's collections, or a function's params)."""
+  if isinstance(traced.model, nn.Module):
+    return variables["params"], {k: v for k, v in variables.items() if k != "params"}
+  return variables, {}
 
 
-def _model_and_input(model, input_shape):
-  """(Flax module, input shape): ``model`` may be a :class:`sparsejax.Traced` (which
-  carries its input); without an input, the family's default."""
-  if isinstance(model, tracing.Traced):
-    if input_shape is not None:
-      raise ValueError("input_shape: model is a sparsejax.Traced, which carries its input.")
-    return model.model, model.input
-  channel_spaces(model)  # ValueError for networks the compactor does not know
-  return model, _DEFAULT_INPUT[type(model)] if input_shape is None else input_shape
+def _flat_params(traced, params) -> list:
+  return list(traced.params_spec[0].flatten_up_to(params))
 
 
-def plan(model, variables, masks, *, input_shape=None, fold: bool = True) -> Plan:
-  """Which channels compaction keeps, folds and drops (see the module docstring)."""
-  model, input_shape = _model_and_input(model, input_shape)
-  spaces, _ = channel_spaces(model)
-  _check_variables(variables)
-  reach = effective.channel_reach(model, masks, input_shape, variables=variables)
-  masked = {**variables, "params": masks_lib.apply(variables["params"], masks)}
-  x = jnp.zeros(tracing.example_input(input_shape).shape, jnp.float32)
-  inputs = _capture_inputs(model, masked, x)
-  flat = traverse_util.flatten_dict(masked["params"], sep="/")
-  keep, cand = {}, {}
-  for sp in spaces:
-    r = np.zeros(sp.size, bool)
-    c = np.zeros(sp.size, bool)
-    for site in sp.sites:
-      rs, cs = reach[site]
-      r |= rs
-      c |= cs
-    zero = np.ones(sp.size, bool)
-    for rd in sp.readers:
-      zero &= (_channels(inputs[rd][0], sp.size) == 0).all(0)
-    keep[sp.name], cand[sp.name] = c & r, c & ~r & ~zero
-  # the constants' shifts of the readers' outputs (without bias)
-  deltas = {
-    rd: inputs[rd][1](_zero_channels(inputs[rd][0], np.flatnonzero(cand[sp.name]), sp.size))
-    for sp in spaces
-    if fold and cand[sp.name].any()
-    for rd in sp.readers
-    if f"{rd}/bias" in flat
+def _flat_extra(traced, extra) -> list:
+  return jax.tree.leaves(extra) if traced.extra_spec[1] else []
+
+
+# ------------------------------------------------------------------------ analysis
+
+
+def _axis_units(tree) -> dict:
+  """{leaf dim: unit index per position} of an axis tree (first occurrence)."""
+  out = {}
+  for d, u in tree.units():
+    out.setdefault(d, u)
+  return out
+
+
+def _per_unit(values: np.ndarray, axis: int, units: np.ndarray, size: int, how: str):
+  """Per unit of a group along ``axis`` (``units``: unit per position, -1 elsewhere):
+  'any' or 'all' of ``values`` (bool) over the unit's positions and every other axis."""
+  other = tuple(a for a in range(values.ndim) if a != axis)
+  red = values.any(axis=other) if how == "any" else values.all(axis=other)
+  inside = units >= 0
+  out = np.zeros(size, bool) if how == "any" else np.ones(size, bool)
+  if how == "any":
+    np.logical_or.at(out, units[inside], red[inside])
+  else:
+    np.logical_and.at(out, units[inside], red[inside])
+  return out
+
+
+@functools.lru_cache(maxsize=32)
+def _reach_program(traced, taps: tuple):
+  """The jitted reach pass of ``traced``'s program tapped at ``taps``: masks ->
+  (reach, coreach) per tap (float32 {0, 1}, the value's shape)."""
+  prog, order = rewrite.tapped(traced.program, taps)
+  ev = Evaluator(prog, "reach")
+  prunable = tuple(traced.prunable)
+
+  def run(masks):
+    pats = [jnp.ones(s, jnp.float32) for s in prog.param_shapes]
+    kernels = [m.astype(jnp.float32) for m in masks]
+    extra = [jnp.ones(s, jnp.float32) for s in prog.extra_shapes]
+    xs = [jnp.ones(s, jnp.float32) for s in prog.x_shapes]
+    shapes = [prog.eqns[k].out_avals[0].shape for k, _ in prog.sites]
+    perturb = [jnp.zeros(s, jnp.float32) for s in shapes]
+
+    def f(ks, pert):
+      ps = list(pats)
+      for i, k in zip(prunable, ks):
+        ps[i] = k
+      outs, reach_at = ev.run(ps, extra, xs, perturb=pert)
+      return outs, [reach_at[n] for n in range(len(prog.sites))]
+
+    outs, vjp, reach = jax.vjp(f, kernels, perturb, has_aux=True)
+    _, co = vjp([jnp.ones_like(o) for o in outs])
+    return reach, co
+
+  return jax.jit(run), order
+
+
+@functools.lru_cache(maxsize=32)
+def _values_program(traced, ids: tuple):
+  """The jitted concrete evaluation of ``traced``'s program returning ``ids``."""
+  prog = traced.program
+  return jax.jit(lambda p, e, x: rewrite.evaluate(prog, p, e, x, ids=ids))
+
+
+def _bias_of(prog, dims, k: int):
+  """(param leaf, bias add value) when the linear op ``k``'s output is read only by an
+  add of a bias (a parameter reshaped or broadcast to it), else None."""
+  e = prog.eqns[k]
+  o = e.outs[0]
+  users = dims.consumers.get(o, [])
+  if len(users) != 1 or o in prog.out_ids:
+    return None
+  add = prog.eqns[users[0]]
+  if add.prim.name not in ("add", "add_any") or len(add.ins) != 2:
+    return None
+  b = add.ins[1] if add.ins[0] == o else add.ins[0]
+  if prog.kind.get(b) != "p" or len(prog.sources.get(b, ())) != 1:
+    return None
+  producer = {out: j for j, q in enumerate(prog.eqns) for out in q.outs}
+  leaf_of = {i: n for n, i in enumerate(prog.param_ids)}
+  v = b
+  while v not in leaf_of:
+    j = producer.get(v)
+    if j is None or prog.eqns[j].prim.name not in _BIAS_PATH:
+      return None
+    v = prog.eqns[j].ins[0]
+  return leaf_of[v], b
+
+
+def plan(
+  model,
+  variables,
+  masks,
+  input_shape=None,
+  *,
+  fold: bool = True,
+  multiple: int | None = None,
+  apply_kwargs=None,
+) -> Plan:
+  """Which units compaction keeps, folds and drops (the module docstring)."""
+  traced = _model_input(model, variables, input_shape, apply_kwargs)
+  _check_variables(traced, variables)
+  tracing.params_of(traced, variables)
+  traced = traced.masked(masks)
+  return _plan(traced, variables, masks, fold, multiple)
+
+
+def _plan(traced, variables, masks, fold, multiple) -> Plan:
+  structure = groups.of_traced(traced)
+  prog, dims = traced.program, structure.dims
+  removable = structure.removable()
+  by_dim = {g.dim: g for g in removable}
+  params, extra = _split(traced, variables)
+  masked = masks_lib.apply(params, masks)
+  # values carrying a removable group, and the reads of the groups
+  carriers = {
+    v: [d for d in dims.dims_of(v) if d in by_dim] for v in dims.axes if prog.kind.get(v) == "x"
   }
-  kept, folded, dropped, sizes, shifts = {}, {}, {}, {}, {}
-  for sp in spaces:
-    k, f = keep[sp.name], cand[sp.name]
-    if f.any():  # fold when every reader has a bias and sees a uniform shift
-      ds = [deltas.get(rd) for rd in sp.readers]
-      ds = [None if d is None else np.asarray(d).reshape(-1, d.shape[-1]) for d in ds]
-      uniform = all(
-        d is not None and np.all(np.abs(d - d[0]) <= 1e-6 * np.max(np.abs(d)) + 1e-30) for d in ds
-      )
-      if uniform:
-        shifts.update({rd: d[0] for rd, d in zip(sp.readers, ds)})
-      else:
-        k, f = k | f, np.zeros_like(f)
-    if not k.any():  # never empty: keep a dropped channel (it changes nothing)...
+  carriers = {v: ds for v, ds in carriers.items() if ds}
+  out_dims = {}
+  reads = []
+  for r in dims.reads:
+    e = prog.eqns[r.eqn]
+    key = r.eqn
+    if key not in out_dims:
+      out_dims[key] = set().union(*[dims.dims_of(o) for o in e.outs])
+    mixed = [d for d in dims.axes[r.value][r.axis].leaves() if d in by_dim]
+    mixed = [d for d in mixed if d not in out_dims[key]]
+    if mixed:
+      reads.append((r, mixed))
+  taps = tuple(sorted(carriers))
+  flat_masks = [traced.params_spec[0].flatten_up_to(masks)[i] for i in traced.prunable]
+  if taps:
+    run, order = _reach_program(traced, taps)
+    reach, co = run(flat_masks)
+    reach = {v: np.asarray(a) > 0 for v, a in zip(order, reach)}
+    co = {v: np.asarray(a) > 0 for v, a in zip(order, co)}
+  else:
+    reach, co = {}, {}
+  # values at the input 0 (what a constant unit is), at every read
+  read_ids = tuple(sorted({r.value for r, _ in reads}))
+  ex = traced.input
+  x0 = [jnp.zeros(ex.shape, ex.dtype)]
+  p_flat = _flat_params(traced, masked)
+  e_flat = _flat_extra(traced, extra)
+  values = {}
+  if read_ids:
+    values = {
+      k: np.asarray(v) for k, v in _values_program(traced, read_ids)(p_flat, e_flat, x0).items()
+    }
+  keep = {d: np.zeros(g.size, bool) for d, g in by_dim.items()}
+  fold_at = []  # (read, dim, candidate units bool)
+  for r, ds in reads:
+    units = _axis_units(dims.axes[r.value][r.axis])
+    for d in ds:
+      size = by_dim[d].size
+      cr = _per_unit(co[r.value], r.axis, units[d], size, "any")
+      rc = _per_unit(reach[r.value], r.axis, units[d], size, "any")
+      zero = _per_unit(values[r.value] == 0, r.axis, units[d], size, "all")
+      live = cr & rc
+      const = cr & ~rc & ~(zero & (r.how in _SUMMING))
+      keep[d] |= live
+      if const.any():
+        if fold and r.how == "linear":
+          fold_at.append((r, d, const))
+        else:
+          keep[d] |= const
+  # folds: every constant unit of a read goes into the bias of the op's output at once
+  shifts = {}
+  folded = {d: np.zeros(g.size, bool) for d, g in by_dim.items()}
+  for _ in range(len(fold_at) + 1):
+    cand = {}
+    for r, d, const in fold_at:
+      cand.setdefault(r.eqn, []).append((r, d, const & ~keep[d]))
+    shifts, folded, changed = {}, {d: np.zeros(g.size, bool) for d, g in by_dim.items()}, False
+    for k, entries in cand.items():
+      if not any(c.any() for _, _, c in entries):
+        continue
+      shift = _shift(traced, dims, k, entries, values, p_flat)
+      if shift is None:
+        for _, d, c in entries:
+          keep[d] |= c
+        changed = True
+        continue
+      path, delta = shift
+      shifts[path] = shifts.get(path, 0) + delta
+      for _, d, c in entries:
+        folded[d] |= c
+    if not changed:
+      break
+  out = Plan({}, {}, {}, {}, {})
+  for d, g in by_dim.items():
+    k, f = keep[d], folded[d] & ~keep[d]
+    if not k.any():  # never empty: keep a dropped unit (it changes nothing)...
       if f.all():  # ...or, with none dropped, fold nothing
         k, f = f, np.zeros_like(f)
-        for rd in sp.readers:
-          shifts.pop(rd, None)
+        shifts = _unfold(traced, dims, fold_at, d, values, p_flat, keep, shifts)
       else:
         k = k.copy()
         k[np.flatnonzero(~f)[0]] = True
-    kept[sp.name] = np.flatnonzero(k)
-    folded[sp.name] = np.flatnonzero(f)
-    dropped[sp.name] = np.flatnonzero(~k & ~f)
-    sizes[sp.name] = sp.size
-  return Plan(kept, folded, dropped, sizes, shifts)
+    padded = np.zeros_like(k)
+    if multiple and k.sum() < g.size:
+      want = min(math.ceil(k.sum() / multiple) * multiple, g.size - int(f.sum()))
+      spare = np.flatnonzero(~k & ~f)[: max(0, want - int(k.sum()))]
+      padded[spare] = True
+      k = k | padded
+    out.kept[g.name] = np.flatnonzero(k)
+    out.folded[g.name] = np.flatnonzero(f)
+    out.dropped[g.name] = np.flatnonzero(~k & ~f)
+    out.sizes[g.name] = g.size
+    if padded.any():
+      out.padded[g.name] = np.flatnonzero(padded)
+  out.shifts.update({p: np.asarray(v) for p, v in shifts.items()})
+  out.blocked.update({g.name: g.reason for g in structure.groups if not g.removable})
+  return out
+
+
+def _shift(traced, dims, k, entries, values, p_flat):
+  """(bias path, shift) folding the constant units of ``entries`` read by the linear op
+  ``k`` into its bias, or None where it has none or the shift depends on the position."""
+  prog = traced.program
+  found = _bias_of(prog, dims, k)
+  if found is None:
+    return None
+  leaf, b = found
+  e = prog.eqns[k]
+  r0 = entries[0][0]
+  v = values[r0.value]
+  only = np.zeros(v.shape, bool)
+  for r, d, c in entries:
+    units = _axis_units(dims.axes[r.value][r.axis])[d]
+    sel = np.zeros(len(units), bool)
+    inside = units >= 0
+    sel[inside] = c[units[inside]]
+    shape = [1] * v.ndim
+    shape[r.axis] = len(units)
+    only |= sel.reshape(shape)
+  x = np.where(only, v, 0).astype(v.dtype)
+  args = []
+  for j, i in enumerate(e.ins):
+    if j == r0.operand:
+      args.append(jnp.asarray(x))
+    elif i in prog.consts:
+      args.append(prog.consts[i])
+    else:
+      args.append(_value_of(traced, i, p_flat))
+  delta = np.asarray(conn_lib.program.bind(e, *args)[0], np.float64)
+  bshape = _shape_of(prog, b)
+  uniform = tuple(a for a, s in enumerate(bshape) if s == 1)
+  ref = delta
+  for a in uniform:
+    ref = np.take(ref, [0], axis=a)
+  scale = float(np.max(np.abs(delta))) if delta.size else 0.0
+  if not np.all(np.abs(delta - ref) <= 1e-6 * scale + 1e-30):
+    return None
+  path = prog.param_paths[leaf]
+  return path, ref.reshape(prog.param_shapes[leaf]).astype(np.float32)
+
+
+def _shape_of(prog, v) -> tuple:
+  if v in prog.param_ids:
+    return tuple(prog.param_shapes[prog.param_ids.index(v)])
+  for e in prog.eqns:
+    if v in e.outs:
+      return tuple(e.out_avals[e.outs.index(v)].shape)
+  return tuple(np.shape(prog.consts[v]))
+
+
+@functools.lru_cache(maxsize=32)
+def _param_value_program(traced, i: int):
+  prog = traced.program
+  return jax.jit(lambda p: rewrite.evaluate(prog, p, [], [], ids=(i,))[i])
+
+
+def _value_of(traced, i, p_flat):
+  """A parameter-only value of the program (a weight after casts, reshapes)."""
+  prog = traced.program
+  if i in prog.param_ids:
+    return p_flat[prog.param_ids.index(i)]
+  return _param_value_program(traced, i)(p_flat)
+
+
+def _unfold(traced, dims, fold_at, d, values, p_flat, keep, shifts):
+  """The shifts without the folds of dim ``d`` (its units are kept after all)."""
+  out = {}
+  cand = {}
+  for r, dd, const in fold_at:
+    c = const & ~keep[dd] if dd != d else np.zeros_like(const)
+    cand.setdefault(r.eqn, []).append((r, dd, c))
+  for k, entries in cand.items():
+    if not any(c.any() for _, _, c in entries):
+      continue
+    shift = _shift(traced, dims, k, entries, values, p_flat)
+    if shift is not None:
+      out[shift[0]] = out.get(shift[0], 0) + shift[1]
+  return out
 
 
 # ------------------------------------------------------------------------ compact
 
 
-def _slice_last(a, idx):
-  return None if a is None else jnp.take(jnp.asarray(a), jnp.asarray(idx), axis=-1)
+@dataclasses.dataclass(frozen=True, eq=False)
+class Compacted:
+  """A compacted model (the module docstring).
+
+  params: the compacted parameters (the original tree, smaller leaves, masked weights
+  zero, folded shifts in the biases); extra: the other collections, sliced (batch
+  statistics); masks: the original masks sliced (a kept unmasked weight stays
+  unmasked, active or not); plan: what was removed (:class:`Plan`); module: the rebuilt
+  Flax module where the model's widths are fields (the zoo's ``resized``), else None;
+  traced: the original model's :class:`sparsejax.Traced`.
+
+  ``apply(params, x)`` computes the masked model's outputs on a batch ``x`` (any batch
+  size); a Compacted is itself a function ``(params, x) -> outputs`` (trace it,
+  prune it, measure it like any model). Unpacking gives ``(module or self, variables,
+  masks)``, the zoo's former return value.
+  """
+
+  params: Any
+  extra: Any
+  masks: Any
+  plan: Plan
+  module: Any
+  traced: Any
+  _sliced: Any
+  _outputs: Any
+
+  @property
+  def variables(self):
+    """The compacted variables ({'params': ..., **extra} for a Flax module, else the
+    params)."""
+    if isinstance(self.traced.model, nn.Module):
+      return {"params": self.params, **self.extra}
+    return self.params
+
+  def apply(self, params, x, extra=None):
+    """Outputs of the compacted program on ``x`` [B, ...] (``extra``: the sliced other
+    collections, default this one's); jitted (and traceable inside a user's jit, grad
+    or ``jax.export``)."""
+    extra = self.extra if extra is None else extra
+    return _apply_jit(self)(params, x, extra)
+
+  def __call__(self, params, x):
+    return self.apply(params, x)
+
+  def __iter__(self):
+    yield self.module if self.module is not None else self
+    yield self.variables
+    yield self.masks
+
+  def __getitem__(self, i):
+    return tuple(self)[i]
 
 
-def _slice_input(a, idx, size):
-  """Kernel [..., in, out] whose input axis is positions * size (or size) -> sliced."""
-  if a is None:
-    return None
-  a = jnp.asarray(a)
-  lead, out = a.shape[:-2], a.shape[-1]
-  b = a.reshape(-1, size, out)[:, jnp.asarray(idx), :]
-  n_in = a.shape[-2] // size * len(idx)
-  return b.reshape(*lead, n_in, out) if lead else b.reshape(n_in, out)
+@functools.lru_cache(maxsize=64)
+def _apply_jit(c: Compacted):
+  """The jitted ``(params, x, extra) -> outputs`` of a compacted program."""
+  run = c._sliced.run
+  traced = c.traced
+  batched = [c._sliced.new_shape[o][:1] == (1,) for o in traced.program.out_ids]
+
+  def apply(params, x, extra):
+    p = _flat_params_tree(traced, params)
+    e = jax.tree.leaves(extra) if traced.extra_spec[1] else []
+    outs = jax.vmap(lambda xi: run(p, e, [xi[None]]))(jnp.asarray(x))
+    outs = [o[:, 0] if b else o for o, b in zip(outs, batched)]
+    return jax.tree.unflatten(c._outputs, outs)
+
+  return jax.jit(apply)
 
 
-def _zero_channels(x, keep_idx, size):
-  """x [1, ..., positions * size] with every channel outside keep_idx zeroed."""
-  sel = np.zeros(size, np.float32)
-  sel[keep_idx] = 1.0
-  return (x.reshape(1, -1, size) * sel).reshape(x.shape)
+def _flat_params_tree(traced, params) -> list:
+  return list(traced.params_spec[0].flatten_up_to(params))
+
+
+def _sliced_leaves(flat, ids, keep):
+  return [
+    None if a is None else (rewrite.slice_value(a, keep[i]) if i in keep else a)
+    for a, i in zip(flat, ids)
+  ]
 
 
 def compact(
   model,
   variables,
   masks,
-  *,
   input_shape=None,
+  *,
   fold: bool = True,
   verify: bool = False,
   key: jax.Array | None = None,
-):
-  """The masked network with its dead units removed: ``(model, variables, masks)``.
+  multiple: int | None = None,
+  apply_kwargs=None,
+) -> Compacted:
+  """The masked model with its dead and pruned units removed.
 
   Args:
-    model: a zoo network (LeNet300100, LeNet5, VGG, ResNet18), any widths, or its
-      :class:`sparsejax.Traced` (which carries the input).
-    variables: its variables ({'params': ..., 'batch_stats': ...}).
+    model: any model :func:`sparsejax.trace` traces (a Flax module, a function
+      ``apply(params, x)``, an NNX module) or its :class:`sparsejax.Traced`.
+    variables: its variables ({'params': ..., 'batch_stats': ...}), or a function's
+      params.
     masks: bool masks shaped like params (None elsewhere); masked weights are zeroed.
-    input_shape: one example's shape without the batch axis (default: the family's
-      paper input, e.g. (32, 32, 3) for VGG).
+      A mask tree that does not match the params: ValueError naming the leaf.
+    input_shape: one example's shape without the batch axis, or an example input
+      (default for a zoo network: its dataset's input, e.g. (32, 32, 3) for VGG).
     fold: fold nonzero constant units into the readers' biases where exact (inference
       equality; not training-equivalent, see the module docstring).
-    verify: check that the logits agree (inference mode, a batch of 8 standard normal
-      inputs from ``key``) and raise :class:`CompactionMismatchError` otherwise.
+    verify: check that the outputs agree (a batch of 8 inputs from ``key``: standard
+      normal, or token ids) and raise :class:`CompactionMismatchError` otherwise.
+    multiple: round every compacted width up to a multiple of this (dropped units
+      kept back; the function is unchanged).
+    apply_kwargs: keyword arguments of the model's call (e.g. {'train': False}).
 
   Returns:
-    (compacted model, its variables (masked weights zero), its masks (the original masks
-    sliced; a kept unmasked weight stays unmasked, active or not)).
+    A :class:`Compacted` (``apply``, ``params``, ``masks``, ``plan``, ``module``);
+    unpacked, ``(module or the Compacted, variables, masks)``.
   """
-  model, input_shape = _model_and_input(model, input_shape)
-  spaces, rebuild = channel_spaces(model)
-  p = plan(model, variables, masks, input_shape=input_shape, fold=fold)
-  masked = {**variables, "params": masks_lib.apply(variables["params"], masks)}
-  flat = {k: traverse_util.flatten_dict(v, sep="/") for k, v in masked.items()}
-  fmask = traverse_util.flatten_dict(masks, sep="/")
-  for rd, d in p.shifts.items():  # folded constants -> the readers' biases
-    flat["params"][f"{rd}/bias"] = flat["params"][f"{rd}/bias"] + jnp.asarray(d)
-  # slice
-  for sp in spaces:
-    idx = p.kept[sp.name]
-    if len(idx) == sp.size:
-      continue
-    for col in flat:
-      for k in list(flat[col]):
-        if any(k.startswith(w + "/") for w in sp.writers):
-          flat[col][k] = _slice_last(flat[col][k], idx)
-          if col == "params" and k in fmask:
-            fmask[k] = _slice_last(fmask[k], idx)
-    for rd in sp.readers:
-      k = f"{rd}/kernel"
-      flat["params"][k] = _slice_input(flat["params"][k], idx, sp.size)
-      fmask[k] = _slice_input(fmask[k], idx, sp.size)
-  new_model = rebuild([len(p.kept[sp.name]) for sp in spaces])
-  new_vars = {c: traverse_util.unflatten_dict(v, sep="/") for c, v in flat.items()}
-  new_masks = traverse_util.unflatten_dict(fmask, sep="/")
+  traced = _model_input(model, variables, input_shape, apply_kwargs)
+  _check_variables(traced, variables)
+  tracing.params_of(traced, variables)
+  if multiple is not None and (not isinstance(multiple, int) or multiple < 1):
+    raise ValueError(f"multiple={multiple!r} must be a positive int (e.g. 8 or 16) or None.")
+  masked_traced = traced.masked(masks)
+  _check_tree(traced, variables)
+  p = _plan(masked_traced, variables, masks, fold, multiple)
+  result = _apply_plan(masked_traced, variables, masks, p)
   if verify:
-    check_equal(model, variables, masks, new_model, new_vars, input_shape, key=key)
-  return new_model, new_vars, new_masks
+    check_equal(traced, variables, masks, result, result.variables, None, key=key)
+  return result
+
+
+def _check_tree(traced, variables):
+  params, extra = _split(traced, variables)
+  if tracing._spec(params) != traced.params_spec:
+    raise ValueError(
+      "variables do not match the parameters the model was traced with; pass that "
+      "model's variables."
+    )
+
+
+def _apply_plan(traced, variables, masks, p: Plan) -> Compacted:
+  structure = groups.of_traced(traced)
+  prog, dims = traced.program, structure.dims
+  params, extra = _split(traced, variables)
+  masked = masks_lib.apply(params, masks)
+  p_flat = _flat_params(traced, masked)
+  e_flat = _flat_extra(traced, extra)
+  m_flat = list(traced.params_spec[0].flatten_up_to(masks))
+  for path, delta in p.shifts.items():  # folded constants -> the readers' biases
+    i = prog.param_paths.index(path)
+    p_flat[i] = jnp.asarray(p_flat[i]) + jnp.asarray(delta, jnp.asarray(p_flat[i]).dtype)
+  alive = {}
+  for g in structure.removable():
+    kept = np.zeros(g.size, bool)
+    kept[p.kept[g.name]] = True
+    if not kept.all():
+      alive[g.dim] = kept
+  shape = {}
+  for v, trees in dims.axes.items():
+    shape[v] = tuple(t.size for t in trees)
+  keep = {}
+  for v, trees in dims.axes.items():
+    per_axis, any_cut = [], False
+    for t in trees:
+      pairs = [(d, u) for d, u in t.units() if d in alive]
+      if not pairs:
+        per_axis.append(None)
+        continue
+      ok = np.ones(t.size, bool)
+      for d, u in pairs:
+        inside = u >= 0
+        ok[inside] &= alive[d][u[inside]]
+      per_axis.append(np.flatnonzero(ok))
+      any_cut = True
+    if any_cut:
+      keep[v] = per_axis
+  sliced = rewrite.Sliced(prog, keep, shape)
+  new_p = _sliced_leaves(p_flat, prog.param_ids, keep)
+  new_e = _sliced_leaves(e_flat, prog.extra_ids, keep)
+  new_m = _sliced_leaves(m_flat, prog.param_ids, keep)
+  treedef = traced.params_spec[0]
+  new_params = jax.tree.unflatten(treedef, new_p)
+  new_masks = jax.tree.unflatten(treedef, new_m)
+  new_extra = (
+    jax.tree.unflatten(traced.extra_spec[0], new_e) if traced.extra_spec[1] else dict(extra)
+  )
+  outputs = _output_tree(traced, len(prog.out_ids))
+  module = _rebuilt(traced, new_params, new_extra)
+  return Compacted(new_params, new_extra, new_masks, p, module, traced, sliced, outputs)
+
+
+def _output_tree(traced, n: int):
+  """The treedef of the model's output (its leaves: the program's outputs)."""
+  x = traced.input
+  params = traced.params
+  kwargs = tracing._thawed(traced.apply_kwargs)
+  if isinstance(traced.model, nn.Module):
+    out = jax.eval_shape(
+      lambda p, e, x: traced.model.apply({"params": p, **e}, x, **kwargs),
+      params,
+      traced.extra,
+      x,
+    )
+  else:
+    out = jax.eval_shape(lambda p, x: traced.model(p, x, **kwargs), params, x)
+  leaves, treedef = jax.tree.flatten(out)
+  if len(leaves) != n:
+    raise ValueError(
+      f"model={tracing._name(traced.model)} returns {len(leaves)} arrays of which "
+      f"{len(leaves) - n} do not depend on its input; compaction needs every output to "
+      "depend on the input."
+    )
+  return treedef
+
+
+def _rebuilt(traced, params, extra):
+  """The Flax module with the widths of ``params`` (a model's ``resized``), checked to
+  have exactly their shapes; None for other models."""
+  model = traced.model
+  if not isinstance(model, nn.Module) or not hasattr(model, "resized"):
+    return None
+  try:
+    new = model.resized(params)
+    x = traced.input
+    got = jax.eval_shape(
+      functools.partial(new.init, **tracing._thawed(traced.apply_kwargs)), jax.random.key(0), x
+    )
+  except (TypeError, ValueError):
+    return None
+  want = {"params": params, **extra}
+  if tracing._spec(got) != tracing._spec(want):
+    return None
+  return new
+
+
+# ------------------------------------------------------------------------ checks
+
+
+def _run(model, variables, x, apply_kwargs):
+  if isinstance(model, Compacted):
+    params, extra = _split(model.traced, variables)
+    return model.apply(params, x, extra)
+  if isinstance(model, tracing.Traced):
+    apply_kwargs = dict(tracing._thawed(model.apply_kwargs), **(apply_kwargs or {}))
+    model = model.model
+  kw = apply_kwargs or {}
+  if isinstance(model, nn.Module):
+    return model.apply(variables, x, **kw)
+  return model(variables, x, **kw)
+
+
+def _example_batch(model, input_shape, key, batch: int):
+  key = jax.random.key(0) if key is None else key
+  traced = model if isinstance(model, tracing.Traced) else None
+  if traced is not None:
+    ex = traced.input
+  else:
+    ex = tracing.example_input(input_shape)
+  shape = (batch,) + tuple(ex.shape[1:])
+  if jnp.issubdtype(ex.dtype, jnp.integer):
+    vocab = _vocabulary(traced) if traced is not None else 2
+    return jax.random.randint(key, shape, 0, vocab, ex.dtype)
+  return jax.random.normal(key, shape, jnp.float32)
+
+
+def _vocabulary(traced) -> int:
+  """The smallest table a lookup of the model reads (token ids below it are valid)."""
+  prog = traced.program
+  shape_of = dict(zip(prog.param_ids, prog.param_shapes))
+  for e in prog.eqns:
+    for o, a in zip(e.outs, e.out_avals):
+      shape_of[o] = tuple(a.shape)
+  tables = []
+  for k, _ in prog.sites:
+    e = prog.eqns[k]
+    if e.lookup:
+      t = e.ins[0]
+      shape = tuple(np.shape(prog.consts[t])) if t in prog.consts else shape_of.get(t)
+      if shape:
+        dn = e.params["dimension_numbers"]
+        tables.append(min(shape[a] for a in dn.start_index_map))
+  return min(tables) if tables else 2
 
 
 def logits_gap(
@@ -428,22 +752,37 @@ def logits_gap(
   masks,
   new_model,
   new_variables,
-  input_shape,
+  input_shape=None,
   *,
   key: jax.Array | None = None,
   batch: int = 8,
   x=None,
+  apply_kwargs=None,
 ) -> tuple[float, float]:
-  """(max |logit difference|, max |logit|) between the masked original and a compacted
-  network in inference mode, on ``x`` or a standard normal batch from ``key``."""
+  """(max |output difference|, max |output|) between the masked original and its
+  compaction (a :class:`Compacted`, or a rebuilt module and its variables), on ``x`` or
+  a batch from ``key`` (standard normal inputs, or token ids)."""
   if x is None:
-    key = jax.random.key(0) if key is None else key
-    shape = (batch,) + models.check_input_shape(input_shape)
-    x = jax.random.normal(key, shape, jnp.float32)
-  masked = {**variables, "params": masks_lib.apply(variables["params"], masks)}
-  ref = model.apply(masked, x, train=False)
-  out = new_model.apply(new_variables, x, train=False)
-  return float(jnp.max(jnp.abs(ref - out))), float(jnp.max(jnp.abs(ref)))
+    if input_shape is None and not isinstance(model, tracing.Traced):
+      input_shape = groups.default_input(model, variables)
+    x = _example_batch(model, input_shape, key, batch)
+  params, extra = (
+    _split(model, variables)
+    if isinstance(model, tracing.Traced)
+    else (
+      (variables["params"], {k: v for k, v in variables.items() if k != "params"})
+      if isinstance(model, nn.Module)
+      else (variables, {})
+    )
+  )
+  masked_params = masks_lib.apply(params, masks)
+  module = model.model if isinstance(model, tracing.Traced) else model
+  masked = {**extra, "params": masked_params} if isinstance(module, nn.Module) else masked_params
+  ref = jax.tree.leaves(_run(model, masked, x, apply_kwargs))
+  out = jax.tree.leaves(_run(new_model, new_variables, x, apply_kwargs))
+  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(ref, out))
+  scale = max(float(jnp.max(jnp.abs(a))) for a in ref)
+  return diff, scale
 
 
 def check_equal(
@@ -452,21 +791,31 @@ def check_equal(
   masks,
   new_model,
   new_variables,
-  input_shape,
+  input_shape=None,
   *,
   key: jax.Array | None = None,
   x=None,
+  apply_kwargs=None,
 ) -> float:
-  """Raises :class:`CompactionMismatchError` unless max |logit difference| <= RTOL x
-  max |logit|; returns the relative difference."""
+  """Raises :class:`CompactionMismatchError` unless max |output difference| <= RTOL x
+  max |output|; returns the relative difference."""
   diff, scale = logits_gap(
-    model, variables, masks, new_model, new_variables, input_shape, key=key, x=x
+    model,
+    variables,
+    masks,
+    new_model,
+    new_variables,
+    input_shape,
+    key=key,
+    x=x,
+    apply_kwargs=apply_kwargs,
   )
   rel = diff / scale if scale > 0 else diff
   if not rel <= RTOL:
+    name = type(new_model).__name__
     raise CompactionMismatchError(
-      f"the compacted {type(new_model).__name__} differs from the masked original: max "
-      f"|logit difference| {diff:.3g} at logit scale {scale:.3g} (allowed: {RTOL:g} x "
+      f"the compacted {name} differs from the masked original: max "
+      f"|output difference| {diff:.3g} at output scale {scale:.3g} (allowed: {RTOL:g} x "
       "scale).",
       max_diff=diff,
       scale=scale,
@@ -474,15 +823,38 @@ def check_equal(
   return rel
 
 
+# ------------------------------------------------------------------------ compatibility
+
+
+def channel_spaces(model, input_shape=None, variables=None) -> tuple[list, None]:
+  """(the removable dependency groups of ``model``, None): what the zoo's hand-written
+  channel spaces were (names, sizes), from :func:`sparsejax.structure`. Kept for one
+  version; use ``sparsejax.structure(model, input_shape).removable()``."""
+  if input_shape is None and not isinstance(model, tracing.Traced):
+    input_shape = groups.default_input(model, variables)
+  return groups.structure(model, input_shape, variables=variables).removable(), None
+
+
+def default_input(model) -> tuple[int, ...]:
+  """One example's shape a zoo network is traced on when no input is given (its
+  dataset's); ValueError for other models."""
+  shape = groups.default_input(model)
+  if shape is None:
+    raise ValueError(
+      f"model={tracing._name(model)} is no registered zoo network; pass input_shape=."
+    )
+  return shape
+
+
 __all__ = [
   "compact",
   "plan",
   "Plan",
-  "Space",
+  "Compacted",
   "channel_spaces",
   "check_equal",
+  "default_input",
   "logits_gap",
   "CompactionMismatchError",
-  "FAMILIES",
   "RTOL",
 ]

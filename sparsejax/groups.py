@@ -38,12 +38,15 @@ import dataclasses
 import functools
 from typing import Any
 
+import flax.errors
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import connectivity as conn_lib
 from sparsejax import masks as masks_lib
-from sparsejax import tracing
+from sparsejax import models, tracing
 from sparsejax.connectivity import dims as dims_lib
 
 KINDS = ("channel", "neuron", "head", "head_dim")
@@ -310,6 +313,29 @@ def of_traced(traced) -> Structure:
   return Structure(traced, d, tuple(out), extra_paths)
 
 
+def default_input(model, variables=None) -> tuple | None:
+  """One example's shape a registered zoo network is traced on when none is given: its
+  dataset's input (the first spec registered with the model's class), or, when
+  ``variables`` were made for another input, the first registered input shape they fit
+  (LeNet-5 on MNIST's 28x28x1); None for other models."""
+  if not isinstance(model, nn.Module):
+    return None
+  own = [s.input_shape for s in models.MODELS.values() if s.build is type(model)]
+  if not own:
+    return None
+  if variables is None or not hasattr(variables, "keys") or "params" not in variables:
+    return tuple(own[0])
+  want = tracing._spec(variables["params"])
+  for shape in dict.fromkeys(own + [s.input_shape for s in models.MODELS.values()]):
+    try:
+      got = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))
+    except (TypeError, ValueError, flax.errors.FlaxError):
+      continue
+    if tracing._spec(got["params"]) == want:
+      return tuple(shape)
+  return tuple(own[0])
+
+
 def structure(
   model, input_shape=None, *, variables=None, params=None, apply_kwargs=None
 ) -> Structure:
@@ -324,10 +350,12 @@ def structure(
     >>> [(g.name, g.kind, g.size) for g in s.removable()]
     [('dense_0', 'neuron', 6), ('dense_1', 'neuron', 4)]
   """
+  if input_shape is None and not isinstance(model, tracing.Traced):
+    input_shape = default_input(model, variables)
   traced = tracing.trace(
     model, input_shape, variables=variables, params=params, apply_kwargs=apply_kwargs
   )
   return of_traced(traced)
 
 
-__all__ = ["KINDS", "Group", "Slice", "Structure", "of_traced", "structure"]
+__all__ = ["KINDS", "Group", "Slice", "Structure", "default_input", "of_traced", "structure"]

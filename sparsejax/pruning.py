@@ -166,7 +166,7 @@ def ranking_for(
   weights by elimination order). Arguments as :func:`prune`.
 
   A structured pruner (``p.structured``) returns a
-  :class:`sparsejax.structured.ChannelRanking` instead (zoo models only; ``prunable``
+  :class:`sparsejax.structured.ChannelRanking` instead (any model; ``prunable``
   and ``score_kwargs`` are not taken), which :func:`masks_from_ranking` accepts too.
   A layerwise pruner (Wanda, SparseGPT: ``p.layerwise``) prunes at ``sparsity``; its
   ranking keeps those masks there (to the uniform quota's rounding) and orders the rest
@@ -325,13 +325,20 @@ def _channel_ranking(p: Pruner, prunable, context: ScoreContext) -> structured.C
       f"score_kwargs={context.score_kwargs!r}: structured pruner {p.name!r} takes none."
     )
   tracing.params_of(context.model, context.variables)  # ValueError: no 'params' collection
-  structured.spaces_of(context.module, context.variables, p.kind, p.name)  # no such channels
+  traced = structured.traced_of(
+    context.model,
+    context.variables,
+    context.input_shape,
+    context.apply_kwargs,
+    f"pruner {p.name!r}: ",
+  )
+  structured.spaces_of(traced, context.variables, p.kind, p.name)  # no such groups
   return structured.rank(
     p.name,
     p.kind,
     "global" if p.quota is None else p.quota,
-    p.score(context),
-    context.module,
+    p.score(dataclasses.replace(context, model=traced)),
+    traced,
     context.variables,
   )
 
@@ -368,7 +375,8 @@ def masks_from_ranking(
   check_pruning_type(pruning_type)
   traced = None
   if isinstance(ranking, structured.ChannelRanking) and model is None:
-    model = ranking.model  # a channel ranking knows its model
+    # a channel ranking knows its model (traced on the input it was ranked on)
+    model = ranking.traced if input_shape is None and not trace_kw else ranking.model
   if pruning_type == "effective":
     if model is None or (input_shape is None and not isinstance(model, tracing.Traced)):
       raise ValueError(

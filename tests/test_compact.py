@@ -240,7 +240,7 @@ def test_verify_raises_on_a_different_function():
   assert e.value.max_diff > 0 and isinstance(e.value, ValueError)
 
 
-def test_unknown_models_and_mismatched_masks_are_value_errors():
+def test_other_models_compact_and_mismatched_masks_are_value_errors():
   import flax.linen as nn
 
   class Mine(nn.Module):
@@ -248,16 +248,22 @@ def test_unknown_models_and_mismatched_masks_are_value_errors():
     def __call__(self, x, train=False):
       return nn.Dense(3)(x.reshape(len(x), -1))
 
+  # a model outside the zoo compacts (it was refused before the structure issue); with
+  # only an output layer nothing is removable, and the plan says why
   mine = Mine()
   v = mine.init(jax.random.key(0), jnp.ones((1, 4)))
   mine_dense = sparsejax.trace(mine, (4,), variables=v).ones()
-  with pytest.raises(ValueError, match="model=Mine"):
-    compact.compact(mine, v, mine_dense, input_shape=(4,))
+  c = compact.compact(mine, v, mine_dense, input_shape=(4,), verify=True)
+  assert c.module is None and not c.plan.sizes and "output" in c.plan.blocked["Dense_0"]
   model, shape, v = small("lenet300100")
   with pytest.raises(ValueError):
     compact.compact(model, v, dense("lenet5"), input_shape=shape)
   with pytest.raises(ValueError, match="variables"):
     compact.compact(model, v["params"], dense("lenet300100"), input_shape=shape)
+  bad = dense("lenet300100")
+  bad["dense_1"]["kernel"] = bad["dense_1"]["kernel"][:, :5]
+  with pytest.raises(ValueError, match=r"masks\['dense_1/kernel'\] has shape \(24, 5\)"):
+    compact.compact(model, v, bad, input_shape=shape)
 
 
 # --------------------------------------------------------------------------- the zoo

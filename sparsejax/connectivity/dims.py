@@ -311,7 +311,9 @@ class _Analysis:
         out.append(n)
       else:
         self.f.mix(n, f"pooled by {e.prim.name}")
-        out.append(self.f.new(out_shapes[0][j]))
+        m = self.f.new(out_shapes[0][j])
+        self.f.mix(m, f"positions of a {e.prim.name} output")
+        out.append(m)
     return [list(out) for _ in out_shapes]
 
   def along_axis(self, e, ins, out_shapes):
@@ -394,7 +396,10 @@ class _Analysis:
       if lo == hi == interior == 0:
         out.append(n)
       elif interior == 0 and lo >= 0 and hi >= 0:
-        out.append(self.f.composite([self.f.new(lo), n, self.f.new(hi)], "cat"))
+        pads = [self.f.new(lo), self.f.new(hi)]
+        for m in pads:
+          self.f.mix(m, "padding")
+        out.append(self.f.composite([pads[0], n, pads[1]], "cat"))
       else:
         self.f.mix(n, "padded with interior or negative padding")
         m = self.f.new(out_shape[j])
@@ -428,6 +433,7 @@ class _Analysis:
         out[d] = indices[a]
       else:
         out[d] = self.f.new(out_shape[d])
+        self.f.mix(out[d], "positions of a gather by constant indices")
     return out
 
   def dynamic_slice(self, e, ins, out_shape) -> list[int]:
@@ -501,8 +507,15 @@ class _Analysis:
     self.reads.append(Read(k, 0, e.ins[0], lspec[1], "linear"))
     out[ospec[0]] = lhs[lspec[0]]
     out[ospec[1]] = ro
+    # positions a window slides over, and the positions it produces, are no units: their
+    # number is the convolution's geometry
+    for d in lspec[2:]:
+      self.f.mix(lhs[d], "convolved over (positions of a convolution's input)")
+    for d in rspec[2:]:
+      self.f.mix(rhs[d], "a convolution kernel's window")
     for d in ospec[2:]:
       out[d] = self.f.new(out_shape[d])
+      self.f.mix(out[d], "positions of a convolution's output")
     return out
 
   # ------------------------------------------------------------------ sites

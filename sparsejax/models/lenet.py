@@ -19,6 +19,12 @@ class LeNet300100(nn.Module):
   num_classes: int = 10
   hidden: tuple = (300, 100)
 
+  def resized(self, params) -> LeNet300100:
+    """This network with the widths of ``params`` (a compacted network's)."""
+    return self.clone(
+      hidden=tuple(params[f"dense_{i}"]["kernel"].shape[-1] for i in range(len(self.hidden)))
+    )
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = L.flatten(x)
@@ -42,6 +48,14 @@ class LeNet5(nn.Module):
   num_classes: int = 10
   channels: tuple = (6, 16)
   hidden: tuple = (120, 84)
+
+  def resized(self, params) -> LeNet5:
+    """This network with the widths of ``params`` (a compacted network's)."""
+    n = len(self.channels)
+    return self.clone(
+      channels=tuple(params[f"conv_{i}"]["kernel"].shape[-1] for i in range(n)),
+      hidden=tuple(params[f"dense_{n + j}"]["kernel"].shape[-1] for j in range(len(self.hidden))),
+    )
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -51,6 +51,15 @@ class ResNet18(nn.Module):
   widths: tuple = (64, 128, 256, 512)
   inner: tuple | None = None
 
+  def resized(self, params) -> ResNet18:
+    """This network with the widths of ``params`` (a compacted network's)."""
+    n = len(self.widths)
+    block = lambda s, b, conv: params[f"stage{s}_block{b}"][conv]["kernel"].shape[-1]
+    return self.clone(
+      widths=tuple(block(s, 0, "conv_2") for s in range(1, n + 1)),
+      inner=tuple(block(s, b, "conv_1") for s in range(1, n + 1) for b in range(2)),
+    )
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     # Names sort in input-to-output order: stage0 (stem) ... stage5 (head).

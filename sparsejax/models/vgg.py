@@ -46,6 +46,13 @@ class VGG(nn.Module):
   config: Sequence = VGG16
   num_classes: int = 10
 
+  def resized(self, params) -> VGG:
+    """This network with the widths of ``params`` (a compacted network's)."""
+    widths = iter(
+      params[f"conv_{i:02d}"]["kernel"].shape[-1] for i in range(sum(w != "M" for w in self.config))
+    )
+    return self.clone(config=tuple("M" if w == "M" else next(widths) for w in self.config))
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     i = 0
