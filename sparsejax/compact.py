@@ -708,21 +708,28 @@ def _run(model, variables, x, apply_kwargs):
     apply_kwargs = dict(tracing._thawed(model.apply_kwargs), **(apply_kwargs or {}))
     model = model.model
   kw = apply_kwargs or {}
-  if isinstance(model, nn.Module):
-    return model.apply(variables, x, **kw)
-  return model(variables, x, **kw)
+  # jitted: one compilation instead of one per operation run eagerly
+  fn = model.apply if isinstance(model, nn.Module) else model
+  return jax.jit(functools.partial(fn, **kw))(variables, x)
 
 
 def _example_batch(model, input_shape, key, batch: int):
-  key = jax.random.key(0) if key is None else key
+  """Standard normal inputs (token ids for an integer input) of ``batch`` examples, from
+  ``key`` (default: NumPy's generator with seed 0, nothing to compile)."""
   traced = model if isinstance(model, tracing.Traced) else None
   if traced is not None:
     ex = traced.input
   else:
     ex = tracing.example_input(input_shape)
   shape = (batch,) + tuple(ex.shape[1:])
-  if jnp.issubdtype(ex.dtype, jnp.integer):
-    vocab = _vocabulary(traced) if traced is not None else 2
+  integer = jnp.issubdtype(ex.dtype, jnp.integer)
+  vocab = (_vocabulary(traced) if traced is not None else 2) if integer else 0
+  if key is None:
+    rng = np.random.default_rng(0)
+    if integer:
+      return jnp.asarray(rng.integers(0, vocab, shape), ex.dtype)
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  if integer:
     return jax.random.randint(key, shape, 0, vocab, ex.dtype)
   return jax.random.normal(key, shape, jnp.float32)
 

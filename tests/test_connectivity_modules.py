@@ -9,7 +9,7 @@ import re
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "sparsejax", "connectivity")
 #: Each module imports only those before it (the kernels never import the semantics).
-LAYERS = ["primitives", "program", "forest", "dims", "xla_cpu", "semantics", "sweeps"]
+LAYERS = ["primitives", "program", "forest", "dims", "xla_cpu", "semantics", "sweeps", "rewrite"]
 
 
 def _sparsejax_imports(source: str) -> list[str]:

@@ -68,3 +68,13 @@ def test_notebook_runs():
     if "effective" in name:
       assert row["effective"] >= 10 * (1 - 1e-9), (name, row)
   assert s["lm_data"] in ("python-docs", "synthetic")
+  # structured pruning and compaction of the language model: one of two heads and half of
+  # each MLP's neurons left per layer, the stream and head widths whole, fewer parameters
+  # (the timings are printed, never asserted)
+  comp = s["lm_compaction"]
+  for name, size in comp["sizes"].items():
+    want = size // 2 if name.endswith("/heads") or name.startswith("Dense_") else size
+    assert comp["kept"][name] == want, (name, comp["kept"][name], size)
+  assert sum(name.endswith("/heads") for name in comp["sizes"]) == 2
+  assert comp["params"][1] < comp["params"][0]
+  assert set(comp["ms"]) == {"dense", "masked", "compacted"}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import sparsejax
-from sparsejax import effective, pruning, scores
+from sparsejax import compact, effective, pruning, scores
 from sparsejax import masks as masks_lib
 
 SHAPE = (6, 6, 1)
@@ -161,22 +161,43 @@ def test_every_pruner_on_a_plain_flax_cnn_both_pruning_types(pruner):
   assert masks_lib.direct_sparsity(eff) <= s_eff
 
 
-@pytest.mark.parametrize("pruner", ["channel/l1", "neuron/random/global"])
-def test_structured_pruners_on_a_plain_flax_cnn_say_what_is_missing(pruner):
-  # structured pruners need the channel spaces of a zoo model (sparsejax.compact)
+def test_structured_pruners_on_a_plain_flax_cnn():
+  """Structured pruning finds the CNN's channels in its traced program (they were refused
+  before the structure issue: only the zoo had hand-written channel tables): whole
+  channels are masked (a conv's kernel columns and every row that reads them, the
+  flattened head's included), and compaction removes them with the same function. The
+  CNN has no hidden Dense units: neuron pruners say so and name what it has."""
   model = FlaxCNN()
   variables = model.init(jax.random.key(0), jnp.ones((1,) + SHAPE))
+  m = pruning.prune(
+    "channel/l1",
+    key=jax.random.key(2),
+    model=model,
+    variables=variables,
+    sparsity=0.5,
+    input_shape=SHAPE,
+    trained_params=variables["params"],
+  )
+  assert masks_lib.direct_sparsity(m) >= 0.5
+  k1, k2, head = (np.asarray(m[n]["kernel"]) for n in ("conv1", "conv2", "head"))
+  kept1, kept2 = k1.any(axis=(0, 1, 2)), k2.any(axis=(0, 1, 2))
+  assert 1 <= kept1.sum() < 4 and 1 <= kept2.sum() < 6
+  assert (k1.all(axis=(0, 1, 2)) == kept1).all() and not k2[:, :, ~kept1, :].any()
+  # the head reads the flattened [h, w, c] features: a removed channel's rows are masked
+  assert not head.reshape(-1, 6, 3)[:, ~kept2, :].any()
+  c = compact.compact(model, variables, m, input_shape=SHAPE, verify=True)
+  assert c.params["conv1"]["kernel"].shape[-1] == kept1.sum()
+  assert c.params["conv2"]["kernel"].shape[-1] == kept2.sum()
   with pytest.raises(
-    ValueError, match=f"{pruner!r}.*model=FlaxCNN is not a network the compactor knows"
+    ValueError, match=r"'neuron/random/global'.*model=FlaxCNN has no neurons.*channel/"
   ):
     pruning.prune(
-      pruner,
+      "neuron/random/global",
       key=jax.random.key(2),
       model=model,
       variables=variables,
       sparsity=0.5,
       input_shape=SHAPE,
-      trained_params=variables["params"],
     )
 
 

@@ -1,0 +1,242 @@
+"""Benchmark: structured pruning and compaction of models beyond the zoo's tables (issue 26).
+
+Each row prunes whole units of a model's dependency groups (:func:`sparsejax.structure`)
+by name, compacts the masks (:func:`sparsejax.compact.compact`, ``verify=True``: the
+compacted program computes the masked model's outputs) and times, in turns
+(``timing.alternate``), the dense model, the masked model (the same program, pruned
+weights zero) and the compacted program (``Compacted.apply``, jitted), inference at
+batch 1 and at ``--batch``. Beside each time ratio: the FLOPs ratio (dense FLOPs of the
+masked model / dense FLOPs of the compacted one, :mod:`sparsejax.flops`, 2 per
+multiply-accumulate of the linear ops).
+
+Rows:
+- ``vit``, ``gpt``: the zoo's ViT and byte-level GPT with half of every layer's attention
+  heads (``head/l1``) and half of every MLP's neurons (``neuron/l1`` on the MLP groups)
+  removed; the residual stream is kept. Target: the ViT compacted at least 1.5x faster
+  than dense at ``--batch``.
+- ``resnet18-imagenet``: the Flax examples' ResNet-18 (BasicBlock, 64 filters, 7x7 stem
+  and max pooling, 1000 classes; torchvision's architecture) with 50% of the channels of
+  every group removed by ``channel/l1`` (uniform), beside Torch-Pruning's published
+  figures for that setting (1.82 -> 0.487 GMACs, 11.69M -> 3.06M parameters at 224x224).
+  Timed at batch 1 and ``--imagenet_batch`` (224x224 on a CPU).
+- ``resnet18-imagenet/8``: the same with ``multiple=8`` (widths rounded up to a multiple of
+  8, the extra channels zero, the function unchanged).
+
+  python -m benchmarks.compaction_any                 # prints the table, updates docs/
+  python -m benchmarks.compaction_any --rows vit,gpt --batch 64 --no_doc
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sparsejax
+from benchmarks import report
+from sparsejax import compact, flops, models, structured, timing
+from sparsejax import masks as masks_lib
+
+ROWS = ("vit", "gpt", "resnet18-imagenet", "resnet18-imagenet/8")
+
+#: Torch-Pruning's ResNet-18 (ImageNet, 224x224), 50% of channels removed uniformly:
+#: (MACs, parameters) before and after, from its README's benchmark.
+TORCH_PRUNING = {"macs": (1.82e9, 0.487e9), "params": (11.69e6, 3.06e6)}
+
+
+class BasicBlock(nn.Module):
+  """The Flax examples' ResNet block (examples/imagenet/models.py), inference mode."""
+
+  filters: int
+  strides: tuple = (1, 1)
+
+  @nn.compact
+  def __call__(self, x):
+    conv = lambda f, k, s=(1, 1), name=None: nn.Conv(
+      f, k, s, padding=[(k[0] // 2, k[0] // 2)] * 2, use_bias=False, name=name
+    )
+    norm = lambda name=None: nn.BatchNorm(use_running_average=True, name=name)
+    y = nn.relu(norm()(conv(self.filters, (3, 3), self.strides)(x)))
+    y = norm()(conv(self.filters, (3, 3))(y))
+    if x.shape != y.shape:
+      x = norm(name="norm_proj")(conv(self.filters, (1, 1), self.strides, name="conv_proj")(x))
+    return nn.relu(x + y)
+
+
+class ResNet18(nn.Module):
+  """ResNet-18 for 224x224 ImageNet images (torchvision's layout)."""
+
+  num_classes: int = 1000
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(64, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False, name="conv_init")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=True, name="bn_init")(x))
+    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    for i, filters in enumerate((64, 128, 256, 512)):
+      for j in range(2):
+        x = BasicBlock(filters, (2, 2) if i > 0 and j == 0 else (1, 1))(x)
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+def _half_heads_and_mlp(traced, variables) -> Any:
+  """Masks removing half of every attention layer's heads and half of every MLP's
+  neurons (the residual stream kept)."""
+  key = jax.random.key(1)
+  heads = structured.prune("head/l1", key=key, model=traced, variables=variables, fraction=0.5)
+  mlp = structured.prune(
+    "neuron/l1",
+    key=key,
+    model=traced,
+    variables=variables,
+    fraction=0.5,
+    only=lambda g: g.kind == "neuron" and not g.name.startswith("stream"),
+  )
+  return masks_lib.map_masks(lambda a, b: a & b, heads, mlp)
+
+
+def setup(row: str):
+  """(model, example input [1, ...], variables, masks, compact kwargs) of a row."""
+  if row in ("vit", "gpt"):
+    model, x = models.create(row), models.example_input(row)
+    v = model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype))
+    traced = sparsejax.trace(model, x, variables=v)
+    return model, x, v, _half_heads_and_mlp(traced, v), {}
+  model = ResNet18()
+  x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+  v = model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype))
+  traced = sparsejax.trace(model, x, variables=v)
+  m = structured.prune("channel/l1", key=jax.random.key(1), model=traced, variables=v, fraction=0.5)
+  return model, x, v, m, {"multiple": 8} if row.endswith("/8") else {}
+
+
+def _inputs(x, batch: int):
+  shape = (batch, *x.shape[1:])
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    return jax.random.randint(jax.random.key(2), shape, 0, 256, x.dtype)
+  return jax.random.normal(jax.random.key(2), shape, x.dtype)
+
+
+def bench_row(row: str, batches: Sequence[int], repeats: int) -> dict:
+  """Times (seconds), FLOPs and parameter counts of one row."""
+  model, x, v, m, kw = setup(row)
+  traced = sparsejax.trace(model, x, variables=v)
+  start = time.perf_counter()
+  c = compact.compact(traced, v, m, verify=True, **kw)
+  out: dict = {"row": row, "compact_s": time.perf_counter() - start}
+  before = flops.total(traced, m)
+  after = flops.total(c, c.masks, x, params=c.params)
+  out.update(
+    macs=(before.flops_dense / 2, after.flops_dense / 2),
+    params=(
+      sum(int(np.size(a)) for a in jax.tree.leaves(v["params"])),
+      sum(int(np.size(a)) for a in jax.tree.leaves(c.params)),
+    ),
+  )
+  masked = {**v, "params": masks_lib.apply(v["params"], m)}
+  full = jax.jit(lambda variables, x: model.apply(variables, x))
+  small = jax.jit(c.apply)
+  for b in batches:
+    xb = _inputs(x, b)
+    fns = {
+      "dense": lambda: full(v, xb),
+      "masked": lambda: full(masked, xb),
+      "compacted": lambda: small(c.params, xb),
+    }
+    for fn in fns.values():
+      jax.block_until_ready(fn())  # compiles
+    out[b] = timing.alternate(
+      {k: lambda f=f: jax.block_until_ready(f()) for k, f in fns.items()}, repeats
+    )
+    print(row, b, {k: f"{1e3 * s:.1f} ms" for k, s in out[b].items()}, flush=True)
+  return out
+
+
+def table(results: list[dict], batches: dict) -> str:
+  rows = []
+  for r in results:
+    (m0, m1), (p0, p1) = r["macs"], r["params"]
+    for b in batches[r["row"]]:
+      t = r[b]
+      rows.append(
+        [
+          r["row"],
+          b,
+          f"{m0 / 1e6:,.1f} -> {m1 / 1e6:,.1f}",
+          f"{m0 / m1:.2f}x",
+          f"{p0 / 1e6:.3f} -> {p1 / 1e6:.3f}",
+          f"{1e3 * t['dense']:,.1f}",
+          f"{1e3 * t['masked']:,.1f}",
+          f"{1e3 * t['compacted']:,.1f}",
+          f"{t['masked'] / t['compacted']:.2f}x",
+          f"{t['dense'] / t['compacted']:.2f}x",
+          f"{r['compact_s']:.1f}",
+        ]
+      )
+  return report.markdown_table(
+    [
+      "row",
+      "batch",
+      "MMACs masked -> compacted",
+      "FLOPs ratio",
+      "params (M)",
+      "dense ms",
+      "masked ms",
+      "compacted ms",
+      "compacted vs masked",
+      "compacted vs dense",
+      "compact s",
+    ],
+    rows,
+  )
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--rows", default=",".join(ROWS))
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--imagenet_batch", type=int, default=8)
+  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--no_doc", action="store_true")
+  args = parser.parse_args()
+  rows = [r for r in args.rows.split(",") if r]
+  for r in rows:
+    if r not in ROWS:
+      raise ValueError(f"--rows: {r!r} is not a row; allowed: {', '.join(ROWS)}.")
+  batches = {r: (1, args.imagenet_batch if r.startswith("resnet") else args.batch) for r in rows}
+  load = report.load_average()
+  results = [bench_row(r, batches[r], args.repeats) for r in rows]
+  body = table(results, batches)
+  print(body)
+  if not args.no_doc:
+    tp = TORCH_PRUNING
+    report.update_section(
+      "compaction_any",
+      f"""
+## Structured pruning and compaction of any model (`python -m benchmarks.compaction_any`)
+
+{report.stamp()}; load average {load} at the start. Dense, masked (pruned weights zero,
+same program) and compacted (`Compacted.apply`, jitted) inference timed in turns
+(medians of {args.repeats}); *FLOPs ratio*: dense MACs of the masked model over those of
+the compacted one. ViT and GPT (the zoo's): half of every layer's heads (`head/l1`) and
+half of every MLP's neurons (`neuron/l1` on the MLP groups) removed, the residual stream
+kept. ResNet-18 (ImageNet layout, 224x224): 50% of every group's channels removed by
+`channel/l1` (uniform quota); `/8`: widths rounded up to multiples of 8. Torch-Pruning's
+published figures for that ResNet-18 setting: {tp["macs"][0] / 1e9:.2f} ->
+{tp["macs"][1] / 1e9:.3f} GMACs, {tp["params"][0] / 1e6:.2f}M -> {tp["params"][1] / 1e6:.2f}M
+parameters. Target: the ViT compacted at least 1.5x faster than dense at batch
+{args.batch}.
+
+{body}
+""",
+    )
+
+
+if __name__ == "__main__":
+  main()
