@@ -155,3 +155,19 @@ def test_before_after_matches_rows_by_their_untimed_cells():
   assert len(rows) == 4
   # a row whose untimed cells differ (another effective compression) is not compared
   assert len(before_after.compare(out(20.0, "120x"), out(10.0, "130x"))) == 2
+
+
+@pytest.mark.slow
+def test_compaction_any_row_of_the_vit_and_its_flags(monkeypatch):
+  from benchmarks import compaction_any
+
+  row = compaction_any.bench_row("vit", [2], repeats=1)
+  (m0, m1), (p0, p1) = row["macs"], row["params"]
+  # half of every head and MLP neuron: the blocks' MACs halve, the patch embedding and
+  # the head stay
+  assert 1.5 < m0 / m1 < 2 and p1 < p0
+  assert set(row[2]) == {"dense", "masked", "compacted"} and min(row[2].values()) > 0
+  assert "| vit | 2 |" in compaction_any.table([row], {"vit": (2,)})
+  monkeypatch.setattr("sys.argv", ["compaction_any", "--rows", "vgg99", "--no_doc"])
+  with pytest.raises(ValueError, match="--rows: 'vgg99' is not a row"):
+    compaction_any.main()
