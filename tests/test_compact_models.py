@@ -482,3 +482,24 @@ def test_masks_that_do_not_match_name_the_leaf():
   m["ln_f"] = {"scale": jnp.ones(16, bool)}
   with pytest.raises(ValueError, match="ln_f"):
     compact.compact(traced, v, m)
+
+
+def test_a_class_token_tiled_over_the_batch_leaves_the_stream_removable():
+  """jnp.tile repeats the class token over the batch axis only: the width axis passes
+  through (it blocked the stream's group before). Stream units whose writers are
+  masked and whose constants (class token, positions, biases) are zero are removed."""
+  model, _, _ = setup("vit")
+  x = MODELS["vit"][1]
+  v = model.init(KEY, jnp.zeros(x.shape, x.dtype))
+  params = {**v["params"]}
+  params["cls"] = jnp.zeros_like(params["cls"])
+  params["pos_embedding"] = jnp.zeros_like(params["pos_embedding"])
+  v = {**v, "params": params}
+  traced = sparsejax.trace(model, x, variables=v)
+  s = sparsejax.structure(traced)
+  (stream,) = [g for g in s.groups if g.name.startswith("stream")]
+  assert stream.removable and stream.size == 16
+  keep = list(range(4, 16))  # unit_masks names the units kept
+  c = compact.compact(traced, v, s.unit_masks({stream.name: keep}), verify=True)
+  assert len(c.plan.kept[stream.name]) == 12
+  assert c.params["cls"].shape == (1, 1, 12) and c.params["head"]["kernel"].shape == (12, 5)

@@ -198,6 +198,16 @@ class _Analysis:
       return [out]
     if name == "transpose":
       return [[ins[0][j] for j in p["permutation"]]]
+    if name == "tile":  # an axis repeated once is the same axis; repeated axes are copies
+      out = []
+      for n, r, size in zip(ins[0], p["reps"], out_shapes[0]):
+        if r == 1:
+          out.append(n)
+        else:
+          self.f.mix(n, "repeated by tile")
+          out.append(self.f.new(size))
+          self.f.mix(out[-1], "repeated by tile")
+      return [out]
     if name == "squeeze":
       dims = {d % len(ins[0]) for d in p["dimensions"]}
       return [[n for j, n in enumerate(ins[0]) if j not in dims]]

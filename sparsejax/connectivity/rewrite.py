@@ -33,6 +33,7 @@ _SHAPE_FREE = frozenset(
   {
     "dot_general",
     "transpose",
+    "tile",
     "squeeze",
     "concatenate",
     "pad",
