@@ -164,15 +164,7 @@ class Sliced:
           start[a] = int(np.sum(np.asarray(idx) < start[a]))
           limit[a] = start[a] + out_shape[a]
       return {"start_indices": tuple(start), "limit_indices": tuple(limit)}
-    if name == "gather":
-      src = e.ins[0]
-      keep = self.keep.get(src, [None] * len(self.shape[src]))
-      sizes = list(p["slice_sizes"])
-      for a, idx in enumerate(keep):
-        if idx is not None:
-          sizes[a] = len(idx)
-      return {"slice_sizes": tuple(sizes)}
-    if name == "dynamic_slice":
+    if name in ("gather", "dynamic_slice"):  # a sliced axis: its kept units, whole
       src = e.ins[0]
       keep = self.keep.get(src, [None] * len(self.shape[src]))
       sizes = list(p["slice_sizes"])
