@@ -113,7 +113,13 @@ def test_one_connectivity_program_serves_search_masks_and_units():
 def test_binaries_turn_the_persistent_cache_on_only_when_asked(tmp_path, monkeypatch):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   assert compilation_cache.default_dir() == str(tmp_path / "xdg" / "sparsejax" / "jax")
-  before = jax.config.jax_compilation_cache_dir
+  names = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+  )
+  saved = {n: getattr(jax.config, n) for n in names}
+  before = saved["jax_compilation_cache_dir"]
   try:
     assert compilation_cache.enable("", True) is None
     assert compilation_cache.enable(str(tmp_path / "c"), False) is None
@@ -126,6 +132,5 @@ def test_binaries_turn_the_persistent_cache_on_only_when_asked(tmp_path, monkeyp
     with pytest.raises(ValueError, match="compilation_cache_dir"):
       compilation_cache.enable(str(blocker / "sub"), True)
   finally:
-    jax.config.update("jax_compilation_cache_dir", before)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    for n, value in saved.items():  # as before (the suite's own cache, see conftest)
+      jax.config.update(n, value)
