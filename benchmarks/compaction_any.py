@@ -19,16 +19,22 @@ Rows:
   every group removed by ``channel/l1`` (uniform), beside Torch-Pruning's published
   figures for that setting (1.82 -> 0.487 GMACs, 11.69M -> 3.06M parameters at 224x224).
   Timed at batch 1 and ``--imagenet_batch`` (224x224 on a CPU).
-- ``resnet18-imagenet/8``: the same with ``multiple=8`` (widths rounded up to a multiple of
-  8, the extra channels zero, the function unchanged).
+- ``ARCH:synflow:C``: a zoo network (``vit``, ``gpt``, ``vgg19``, ...) pruned at
+  initialization by SynFlow (100 rounds) to C-fold *effective* compression, then compacted:
+  what unstructured pruning leaves for compaction (dead units only). A target the pruner
+  cannot reach is reported as such.
+- ``ROW/8``: any row with ``multiple=8`` (widths rounded up to a multiple of 8, the extra
+  channels zero, the function unchanged).
 
   python -m benchmarks.compaction_any                 # prints the table, updates docs/
   python -m benchmarks.compaction_any --rows vit,gpt --batch 64 --no_doc
+  python -m benchmarks.compaction_any --rows vgg19:synflow:100,vgg19:synflow:100/8
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -40,10 +46,21 @@ import numpy as np
 
 import sparsejax
 from benchmarks import report
-from sparsejax import compact, flops, models, structured, timing
+from sparsejax import compact, errors, flops, models, pruning, structured, timing
 from sparsejax import masks as masks_lib
 
-ROWS = ("vit", "gpt", "resnet18-imagenet", "resnet18-imagenet/8")
+#: Rows of the default run (see the module docstring for the forms a row may take).
+ROWS = (
+  "vit",
+  "gpt",
+  *(f"{a}:synflow:{c}" for a in ("vit", "gpt") for c in (10, 100, 1000)),
+  "vgg19:synflow:100",
+  "vgg19:synflow:100/8",
+  "resnet18-imagenet",
+  "resnet18-imagenet/8",
+)
+#: Rows with a fixed setting (the others are ARCH:synflow:C).
+NAMED = ("vit", "gpt", "resnet18-imagenet")
 
 #: Torch-Pruning's ResNet-18 (ImageNet, 224x224), 50% of channels removed uniformly:
 #: (MACs, parameters) before and after, from its README's benchmark.
@@ -101,19 +118,55 @@ def _half_heads_and_mlp(traced, variables) -> Any:
   return masks_lib.map_masks(lambda a, b: a & b, heads, mlp)
 
 
+def parse_row(row: str) -> tuple[str, str | None, float | None, int]:
+  """(model name, pruner or None, effective compression or None, multiple) of a row:
+  one of :data:`NAMED`, or ``ARCH:synflow:C`` (a zoo network, C > 1), either with an
+  optional ``/8`` suffix; ValueError naming the row otherwise."""
+  base, multiple = (row[:-2], 8) if row.endswith("/8") else (row, 1)
+  if base in NAMED:
+    return base, None, None, multiple
+  parts = base.split(":")
+  ok = len(parts) == 3 and parts[0] in models.MODELS and parts[1] == "synflow"
+  try:
+    c = float(parts[2]) if ok else 0.0
+  except ValueError:
+    c = 0.0
+  if not c > 1:
+    raise ValueError(
+      f"--rows: {row!r} is not a row; allowed: {', '.join(NAMED)} or ARCH:synflow:C "
+      f"(ARCH one of {', '.join(sorted(models.MODELS))}, C > 1), each optionally with /8."
+    )
+  return parts[0], parts[1], c, multiple
+
+
 def setup(row: str):
-  """(model, example input [1, ...], variables, masks, compact kwargs) of a row."""
-  if row in ("vit", "gpt"):
-    model, x = models.create(row), models.example_input(row)
-    v = model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype))
-    traced = sparsejax.trace(model, x, variables=v)
-    return model, x, v, _half_heads_and_mlp(traced, v), {}
-  model = ResNet18()
-  x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-  v = model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype))
+  """(model, example input [1, ...], variables, masks, compact kwargs) of a row;
+  :class:`sparsejax.errors.UnreachableSparsityError` for a target out of reach."""
+  name, pruner, compression, multiple = parse_row(row)
+  kw = {"multiple": multiple} if multiple > 1 else {}
+  if name == "resnet18-imagenet":
+    model = ResNet18()
+    x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+  else:
+    model, x = models.create(name), models.example_input(name)
+  v = jax.jit(model.init)(jax.random.key(0), jnp.zeros(x.shape, x.dtype))
   traced = sparsejax.trace(model, x, variables=v)
-  m = structured.prune("channel/l1", key=jax.random.key(1), model=traced, variables=v, fraction=0.5)
-  return model, x, v, m, {"multiple": 8} if row.endswith("/8") else {}
+  key = jax.random.key(1)
+  if pruner is not None:
+    m = pruning.prune(
+      pruner,
+      key=key,
+      model=traced,
+      variables=v,
+      sparsity=1 - 1 / compression,
+      pruning_type="effective",
+      rounds=100,
+    )
+  elif name == "resnet18-imagenet":
+    m = structured.prune("channel/l1", key=key, model=traced, variables=v, fraction=0.5)
+  else:
+    m = _half_heads_and_mlp(traced, v)
+  return model, x, v, m, kw
 
 
 def _inputs(x, batch: int):
@@ -124,8 +177,13 @@ def _inputs(x, batch: int):
 
 
 def bench_row(row: str, batches: Sequence[int], repeats: int) -> dict:
-  """Times (seconds), FLOPs and parameter counts of one row."""
-  model, x, v, m, kw = setup(row)
+  """Times (seconds), FLOPs and parameter counts of one row; ``{"row", "unreachable":
+  the largest effective compression reachable}`` for a target the pruner cannot reach."""
+  try:
+    model, x, v, m, kw = setup(row)
+  except errors.UnreachableSparsityError as err:
+    print(row, "unreachable:", err, flush=True)
+    return {"row": row, "unreachable": 1 / (1 - err.max_sparsity)}
   traced = sparsejax.trace(model, x, variables=v)
   start = time.perf_counter()
   c = compact.compact(traced, v, m, verify=True, **kw)
@@ -161,6 +219,10 @@ def bench_row(row: str, batches: Sequence[int], repeats: int) -> dict:
 def table(results: list[dict], batches: dict) -> str:
   rows = []
   for r in results:
+    if "unreachable" in r:
+      most = f"unreachable (at most {r['unreachable']:.4g}x effective)"
+      rows.append([r["row"], "-", most] + ["-"] * 8)
+      continue
     (m0, m1), (p0, p1) = r["macs"], r["params"]
     for b in batches[r["row"]]:
       t = r[b]
@@ -207,11 +269,14 @@ def main():
   args = parser.parse_args()
   rows = [r for r in args.rows.split(",") if r]
   for r in rows:
-    if r not in ROWS:
-      raise ValueError(f"--rows: {r!r} is not a row; allowed: {', '.join(ROWS)}.")
+    parse_row(r)
   batches = {r: (1, args.imagenet_batch if r.startswith("resnet") else args.batch) for r in rows}
   load = report.load_average()
-  results = [bench_row(r, batches[r], args.repeats) for r in rows]
+  results = []
+  for r in rows:
+    results.append(bench_row(r, batches[r], args.repeats))
+    jax.clear_caches()  # one row's programs and buffers go before the next
+    gc.collect()
   body = table(results, batches)
   print(body)
   if not args.no_doc:

@@ -171,3 +171,10 @@ def test_compaction_any_row_of_the_vit_and_its_flags(monkeypatch):
   monkeypatch.setattr("sys.argv", ["compaction_any", "--rows", "vgg99", "--no_doc"])
   with pytest.raises(ValueError, match="--rows: 'vgg99' is not a row"):
     compaction_any.main()
+  assert compaction_any.parse_row("vgg19:synflow:100/8") == ("vgg19", "synflow", 100.0, 8)
+  assert compaction_any.parse_row("resnet18-imagenet") == ("resnet18-imagenet", None, None, 1)
+  for bad in ("vit:synflow:1", "vit:snip:10", "vit:synflow:x", "vgg99:synflow:10"):
+    with pytest.raises(ValueError, match=f"--rows: {bad!r} is not a row"):
+      compaction_any.parse_row(bad)
+  gone = compaction_any.table([{"row": "vit:synflow:1000", "unreachable": 512.3}], {})
+  assert "| vit:synflow:1000 | - | unreachable (at most 512.3x effective) |" in gone
