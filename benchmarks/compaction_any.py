@@ -292,7 +292,9 @@ same program) and compacted (`Compacted.apply`, jitted) inference timed in turns
 the compacted one. ViT and GPT (the zoo's): half of every layer's heads (`head/l1`) and
 half of every MLP's neurons (`neuron/l1` on the MLP groups) removed, the residual stream
 kept. ResNet-18 (ImageNet layout, 224x224): 50% of every group's channels removed by
-`channel/l1` (uniform quota); `/8`: widths rounded up to multiples of 8. Torch-Pruning's
+`channel/l1` (uniform quota). `ARCH:synflow:C`: SynFlow (100 rounds) at initialization to
+C-fold effective compression, then compaction (what unstructured pruning leaves: the dead
+units). `/8`: widths rounded up to multiples of 8. Torch-Pruning's
 published figures for that ResNet-18 setting: {tp["macs"][0] / 1e9:.2f} ->
 {tp["macs"][1] / 1e9:.3f} GMACs, {tp["params"][0] / 1e6:.2f}M -> {tp["params"][1] / 1e6:.2f}M
 parameters. Target: the ViT compacted at least 1.5x faster than dense at batch
