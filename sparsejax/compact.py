@@ -129,14 +129,7 @@ def _model_input(model, variables, input_shape, apply_kwargs) -> tracing.Traced:
         f"{tuple(model.input.shape)}; leave it out or trace the model again."
       )
     return model
-  if input_shape is None:
-    input_shape = groups.default_input(model, variables)
-  if input_shape is None:
-    raise ValueError(
-      f"input_shape=None: model={tracing._name(model)} is traced to be compacted; pass "
-      "input_shape= (one example's shape) or a sparsejax.Traced as model."
-    )
-  return tracing.trace(model, input_shape, variables=variables, apply_kwargs=apply_kwargs)
+  return groups.traced_of(model, variables, input_shape, apply_kwargs, purpose="to be compacted")
 
 
 def _check_variables(traced, variables):

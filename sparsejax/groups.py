@@ -358,4 +358,37 @@ def structure(
   return of_traced(traced)
 
 
-__all__ = ["KINDS", "Group", "Slice", "Structure", "default_input", "of_traced", "structure"]
+def traced_of(
+  model,
+  variables,
+  input_shape=None,
+  apply_kwargs=None,
+  who: str = "",
+  purpose: str = "to find its dependency groups",
+):
+  """The :class:`sparsejax.Traced` of ``model`` (a Traced is returned as it is; a zoo
+  network without ``input_shape`` is traced on its dataset's input); ``who`` prefixes
+  and ``purpose`` explains the error for a model that cannot be traced without
+  ``input_shape``."""
+  if isinstance(model, tracing.Traced):
+    return model
+  if input_shape is None:
+    input_shape = default_input(model, variables)
+  if input_shape is None:
+    raise ValueError(
+      f"{who}input_shape=None: model={tracing._name(model)} is traced {purpose}; pass "
+      "input_shape= (one example's shape) or a sparsejax.Traced as model."
+    )
+  return tracing.trace(model, input_shape, variables=variables, apply_kwargs=apply_kwargs)
+
+
+__all__ = [
+  "KINDS",
+  "Group",
+  "Slice",
+  "Structure",
+  "default_input",
+  "of_traced",
+  "structure",
+  "traced_of",
+]

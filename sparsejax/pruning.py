@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import blocks, errors, patterns, search, selection, structured, tracing
+from sparsejax import blocks, errors, groups, patterns, search, selection, structured, tracing
 from sparsejax import masks as masks_lib
 from sparsejax import ranking as ranking_lib
 from sparsejax.calibration import Pruned
@@ -325,7 +325,7 @@ def _channel_ranking(p: Pruner, prunable, context: ScoreContext) -> structured.C
       f"score_kwargs={context.score_kwargs!r}: structured pruner {p.name!r} takes none."
     )
   tracing.params_of(context.model, context.variables)  # ValueError: no 'params' collection
-  traced = structured.traced_of(
+  traced = groups.traced_of(
     context.model,
     context.variables,
     context.input_shape,

@@ -125,21 +125,6 @@ def _module(model):
   return model.model if isinstance(model, tracing.Traced) else model
 
 
-def traced_of(model, variables, input_shape=None, apply_kwargs=None, who: str = ""):
-  """The :class:`sparsejax.Traced` of ``model`` (a Traced is returned as it is; a zoo
-  network without ``input_shape`` is traced on its dataset's input)."""
-  if isinstance(model, tracing.Traced):
-    return model
-  if input_shape is None:
-    input_shape = groups.default_input(model, variables)
-  if input_shape is None:
-    raise ValueError(
-      f"{who}input_shape=None: model={tracing._name(model)} is traced to find its "
-      "dependency groups; pass input_shape= (one example's shape) or a sparsejax.Traced."
-    )
-  return tracing.trace(model, input_shape, variables=variables, apply_kwargs=apply_kwargs)
-
-
 def spaces_of(
   model, variables, kind: str, who: str | None = None, *, input_shape=None, apply_kwargs=None
 ) -> list:
@@ -150,7 +135,7 @@ def spaces_of(
   that kind.
   """
   who = f"pruner {who!r}: " if who else ""
-  traced = traced_of(model, variables, input_shape, apply_kwargs, who)
+  traced = groups.traced_of(model, variables, input_shape, apply_kwargs, who)
   chosen = groups.of_traced(traced).removable(kind)
   if not chosen:
     others = [k for k in KINDS if k != kind and groups.of_traced(traced).removable(k)]
@@ -186,7 +171,7 @@ def channel_scores(
   l1, magnitude and bn_scale read ``trained_params`` (default: variables['params']).
   """
   kind, score, _ = parse(name)
-  traced = traced_of(model, variables, input_shape, apply_kwargs, f"pruner {name!r}: ")
+  traced = groups.traced_of(model, variables, input_shape, apply_kwargs, f"pruner {name!r}: ")
   spaces = spaces_of(traced, variables, kind, name)
   params = tracing.params_of(traced, variables)
   prunable = traced.prunable_paths
@@ -345,7 +330,7 @@ def rank(
     raise ValueError(f"kind={kind!r} is not allowed; allowed: {', '.join(KINDS)}.")
   if quota not in QUOTAS:
     raise ValueError(f"quota={quota!r} is not a channel quota; allowed: {', '.join(QUOTAS)}.")
-  traced = traced_of(model, variables, input_shape, apply_kwargs, f"pruner {name!r}: ")
+  traced = groups.traced_of(model, variables, input_shape, apply_kwargs, f"pruner {name!r}: ")
   spaces = spaces_of(traced, variables, kind, name)
   for s in spaces:
     sc = channel_scores_.get(s.name)
@@ -379,7 +364,7 @@ def _template(traced):
 def masks_for(model, variables, keep: dict, *, input_shape=None, apply_kwargs=None) -> dict:
   """Weight masks removing every unit outside ``keep`` {group name: kept indices}
   (filters and readers' slices)."""
-  traced = traced_of(model, variables, input_shape, apply_kwargs)
+  traced = groups.traced_of(model, variables, input_shape, apply_kwargs)
   structure = groups.of_traced(traced)
   for name in keep:
     try:
@@ -472,7 +457,7 @@ def prune(
     )
   quota = named
   _check(name, fraction, quota)
-  traced = traced_of(model, variables, input_shape, apply_kwargs, f"pruner {name!r}: ")
+  traced = groups.traced_of(model, variables, input_shape, apply_kwargs, f"pruner {name!r}: ")
   sc = channel_scores(name, key=key, model=traced, variables=variables, batches=batches)
   ranking = rank(name, kind, quota, sc, traced, variables)
   if only is not None:
@@ -511,7 +496,6 @@ __all__ = [
   "masks_for_target",
   "masks_for",
   "spaces_of",
-  "traced_of",
   "parse",
   "NAMES",
   "SCORES",
