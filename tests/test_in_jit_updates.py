@@ -377,3 +377,48 @@ def test_a_rigl_update_step_applies_the_gradient_it_grows_by(mnist_like):
     not np.allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
     for a, b in zip(kernels(inside.params), masks_lib.mask_leaves(other))
   )
+
+
+def test_donated_steps_equal_plain_steps_and_consume_their_state(mnist_like):
+  """``donate=True`` (what training.train's loop runs) computes the plain step bit for
+  bit, on a fixed-mask step and on an in-jit RigL update step, and deletes the state
+  passed in; training.train copies its first state, so the caller's params and masks
+  outlive the run."""
+  model, variables, masks = setup(0.2)
+  cfg = configs.get_config("lenet300100", batch_size=32, train_steps=24)
+  key, spec = jax.random.key(3), data.get_spec("mnist")
+  images, labels = mnist_like[0]
+  batch = {"image": jnp.asarray(images[:32]), "label": jnp.asarray(labels[:32])}
+  state = training.create_train_state(
+    model, key, (28, 28, 1), cfg, masks=masks, params=variables["params"]
+  ).replace(step=jnp.int32(3))
+  updater = dynamic.RigL(end=16, every=3)
+  assert updater.is_update_step(3)
+  steps = {
+    "fixed mask": lambda s, donate: training.train_step(
+      s, batch, key, model=model, spec=spec, donate=donate
+    ),
+    "in jit": lambda s, donate: training.update_train_step(
+      s, batch, key, model=model, spec=spec, updater=updater, donate=donate
+    ),
+  }
+  for name, step in steps.items():
+    plain, plain_metrics = step(state, False)
+    owned = jax.tree.map(jnp.copy, state)
+    donated, donated_metrics = step(owned, True)
+    assert all(x.is_deleted() for x in jax.tree.leaves(owned.params)), name
+    assert not any(x.is_deleted() for x in jax.tree.leaves(state)), name
+    for a, b in zip(_leaves((plain, plain_metrics)), _leaves((donated, donated_metrics))):
+      np.testing.assert_array_equal(a, b, err_msg=name)
+
+  # Copies by JAX, not NumPy views: a buffer NumPy views is never donated.
+  kept = jax.tree.map(jnp.copy, (variables, masks))
+  _train(mnist_like, dynamic.RigL(end=16, every=3), masks, variables, update_in_jit=True)
+  _train(mnist_like, None, masks, variables)
+  assert not any(x.is_deleted() for x in jax.tree.leaves((variables, masks)))
+  for a, b in zip(_leaves(kept), _leaves((variables, masks))):
+    np.testing.assert_array_equal(a, b)
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]

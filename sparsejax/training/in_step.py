@@ -20,13 +20,11 @@ steps) and stay on the between-steps path.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 
 from sparsejax import dynamic, optim
 from sparsejax.training.state import TrainState
-from sparsejax.training.steps import _apply, _loss_and_grads
+from sparsejax.training.steps import _apply, _loss_and_grads, jit_step
 
 
 def hold_grown(outputs, old, new):
@@ -43,9 +41,6 @@ def update_key(step_key: jax.Array, step) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(step_key, step), 1)
 
 
-@functools.partial(
-  jax.jit, static_argnames=("model", "spec", "updater", "sweep", "reset_optimizer_state")
-)
 def update_train_step(
   state: TrainState,
   batch,
@@ -56,12 +51,13 @@ def update_train_step(
   updater,
   sweep=None,
   reset_optimizer_state: bool = True,
+  donate: bool = False,
 ):
   """The mask update due at ``state.step`` (if any), then one train step; jitted.
 
   Args:
-    state, batch, key, model, spec: as :func:`sparsejax.training.train_step` (``spec`` a
-      ``data.DatasetSpec``).
+    state, batch, key, model, spec, donate: as :func:`sparsejax.training.train_step`
+      (``spec`` a ``data.DatasetSpec``).
     updater: a :class:`sparsejax.dynamic.Updater` with ``update_due`` (hashable: static).
     sweep: a connectivity sweep for updaters that regrow into active weights.
     reset_optimizer_state: grown weights start with zero optimizer state.
@@ -70,6 +66,21 @@ def update_train_step(
     (new state, {"loss", "accuracy", "mask_update": {"updated", "kept", "dropped",
     "grown"}}) as device arrays.
   """
+  return _update_train_step[bool(donate)](
+    state,
+    batch,
+    key,
+    model=model,
+    spec=spec,
+    updater=updater,
+    sweep=sweep,
+    reset_optimizer_state=reset_optimizer_state,
+  )
+
+
+def _update_train_step_fn(
+  state: TrainState, batch, key, *, model, spec, updater, sweep, reset_optimizer_state
+):
   # One forward and backward pass per step, as between steps (MaskUpdates.update): an
   # updater that reads gradients gets this step's, at the params before the update,
   # and the optimizer applies the same gradient to the weights kept (grown ones stay
@@ -96,6 +107,11 @@ def update_train_step(
     state = state.replace(params=params, opt_state=opt_state)
   state, metrics = _apply(state, outputs)
   return state, {**metrics, "mask_update": stats}
+
+
+_update_train_step = jit_step(
+  _update_train_step_fn, ("model", "spec", "updater", "sweep", "reset_optimizer_state")
+)
 
 
 __all__ = ["hold_grown", "update_key", "update_train_step"]

@@ -31,13 +31,13 @@ from sparsejax.training.checkpoints import Checkpoints, DivergedError, run_meta,
 from sparsejax.training.mesh import DATA_AXIS, check_divisible, make_mesh, replicate
 from sparsejax.training.state import TrainState, create_train_state
 from sparsejax.training.steps import (
-  _train_step,
   apply_step,
   dataset_spec,
   evaluate,
   evaluate_text,
   forward_backward,
   language_model_metrics,
+  train_step,
 )
 
 PyTree = Any
@@ -176,8 +176,9 @@ class MaskUpdates:
       else None
     )
 
-  def step(self, state: TrainState, batch, step: int):
-    """Train step ``step`` with its mask update inside (``in_jit``): (state, metrics)."""
+  def step(self, state: TrainState, batch, step: int, donate: bool = False):
+    """Train step ``step`` with its mask update inside (``in_jit``): (state, metrics);
+    ``donate`` as :func:`sparsejax.training.train_step`."""
     state, metrics = in_step.update_train_step(
       state,
       batch,
@@ -187,6 +188,7 @@ class MaskUpdates:
       updater=self.updater,
       sweep=self._sweep,
       reset_optimizer_state=self.reset_optimizer_state,
+      donate=donate,
     )
     stats = metrics.pop("mask_update")
     if self.updater.is_update_step(step):
@@ -511,7 +513,9 @@ def train(
     params=params,
     straight_through=updater is not None and updater.straight_through,
   )
-  state = replicate(state, replicated)
+  # The loop's steps donate their state (train_step's donate): its own copy, so that
+  # the caller's params and masks outlive the run.
+  state = jax.tree.map(jnp.copy, replicate(state, replicated))
   step_key = replicate(step_key, replicated)
   mask_updates = (
     None
@@ -750,7 +754,7 @@ class _Loop:
     and left out of the speed."""
     updates = self.mask_updates
     if updates is not None and updates.in_jit:
-      return updates.step(state, batch, step)
+      return updates.step(state, batch, step, donate=True)
     outputs = None
     if updates is not None and updates.updater.is_update_step(step):
       # The step's forward and backward pass is training time; the update is not.
@@ -764,7 +768,7 @@ class _Loop:
         progress.add_pause(seconds)
     if outputs is not None:  # the step's forward and backward pass ran before the update
       return apply_step(state, outputs)
-    return _train_step(state, batch, self.step_key, model=self.model, spec=self.dspec)
+    return train_step(state, batch, self.step_key, model=self.model, spec=self.dspec, donate=True)
 
 
 def _final_metrics(history: list, stop: int, final: tuple) -> dict:
