@@ -123,33 +123,28 @@ class _Run:
 
 def bench_loops(arch, batch, steps, repeats):
   """{(method, kind): (ms per step without updates, ms per step with updates every
-  100)}: every loop timed in turns (``timing.alternate``; a loop's time includes the
-  copy of its first state, under 1% of 99 LeNet-300-100 steps)."""
+  100)}: each method's loops timed in turns with its fixed-mask baseline's
+  (``timing.alternate``, only the loops compared, seconds apart); a loop's time
+  includes the copy of its first state, under 1% of 99 LeNet-300-100 steps."""
   model, dspec, config, variables, erk, batches, key = _setup(arch, batch)
   dense = masks_lib.map_masks(jnp.ones_like, erk)
-  runs = [
-    (base, "fixed mask", _Run("fixed mask", None, m, model, dspec, config, variables, key))
-    for base, m in (("ERK", erk), ("dense", dense))
-  ]
+  out = {}
   for name, (updater, start) in _methods(steps).items():
-    masks = erk if start == "erk" else dense
+    base, masks = ("ERK", erk) if start == "erk" else ("dense", dense)
+    runs = {
+      (base, "fixed mask"): _Run("fixed mask", None, masks, model, dspec, config, variables, key)
+    }
     for kind in ("between steps", "in jit"):
-      runs.append((name, kind, _Run(kind, updater, masks, model, dspec, config, variables, key)))
-  fns = {}
-  for name, kind, run in runs:
+      runs[(name, kind)] = _Run(kind, updater, masks, model, dspec, config, variables, key)
+    ms = {}
     # Steps 1-99 have no update for either method (GMP updates at 0, 100, ...).
-    fns[(name, kind, 99)] = lambda run=run: run.loop(batches, 1, 99)
-    fns[(name, kind, steps)] = lambda run=run: run.loop(batches, 0, steps)
-  for fn in fns.values():
-    fn()  # compiles
-  seconds = timing.alternate(fns, repeats)
-  return {
-    (name, kind): (
-      1000 * seconds[(name, kind, 99)] / 99,
-      1000 * seconds[(name, kind, steps)] / steps,
-    )
-    for name, kind, _ in runs
-  }
+    for first, length in ((1, 99), (0, steps)):
+      fns = {k: lambda r=r, a=first, n=length: r.loop(batches, a, n) for k, r in runs.items()}
+      for fn in fns.values():
+        fn()  # compiles
+      ms[length] = {k: 1000 * t / length for k, t in timing.alternate(fns, repeats).items()}
+    out.update({k: (ms[99][k], ms[steps][k]) for k in runs})
+  return out
 
 
 def bench_parts(arch, batch, repeats):
@@ -274,7 +269,8 @@ round trip), *in jit*: `training.update_train_step` (`lax.cond` on the step insi
 one jitted program), against the same train step with a fixed mask, from the same
 starting masks (the rows *ERK* and *dense*; RigL starts from ERK, GMP from dense). LeNet-300-100:
 loops end to end (99 steps without an update; {args.steps} steps with updates at every
-100th), timed in turns, median of {args.repeats} rounds after compilation, every step
+100th), each method's loops and its baseline's timed in turns, median of {args.repeats}
+rounds after compilation, every step
 donating its state to the next (`donate=True`, as `training.train` runs them). VGG-16:
 single steps and updates from one state (not donated), every variant in turns (median
 of {args.vgg_repeats}), per step with updates = step + update / 100 (an update's cost:

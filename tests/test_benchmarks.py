@@ -167,13 +167,21 @@ def test_compaction_any_row_of_the_vit_and_its_flags(monkeypatch):
   # the head stay
   assert 1.5 < m0 / m1 < 2 and p1 < p0
   assert set(row[2]) == {"dense", "masked", "compacted"} and min(row[2].values()) > 0
+  (flops0, bytes0), (flops1, bytes1) = row[("xla", 2)]["masked"], row[("xla", 2)]["compacted"]
+  assert flops0 > flops1 > 0 and bytes0 > bytes1 > 0
   assert "| vit | 2 |" in compaction_any.table([row], {"vit": (2,)})
   monkeypatch.setattr("sys.argv", ["compaction_any", "--rows", "vgg99", "--no_doc"])
   with pytest.raises(ValueError, match="--rows: 'vgg99' is not a row"):
     compaction_any.main()
   assert compaction_any.parse_row("vgg19:synflow:100/8") == ("vgg19", "synflow", 100.0, 8)
   assert compaction_any.parse_row("resnet18-imagenet") == ("resnet18-imagenet", None, None, 1)
-  for bad in ("vit:synflow:1", "vit:snip:10", "vit:synflow:x", "vgg99:synflow:10"):
+  assert compaction_any.parse_row("resnet18:channel/l1:10/8") == (
+    "resnet18",
+    "channel/l1",
+    10.0,
+    8,
+  )
+  for bad in ("vit:synflow:1", "vit:nothing:10", "vit:synflow:x", "vgg99:synflow:10"):
     with pytest.raises(ValueError, match=f"--rows: {bad!r} is not a row"):
       compaction_any.parse_row(bad)
   gone = compaction_any.table([{"row": "vit:synflow:1000", "unreachable": 512.3}], {})
