@@ -299,7 +299,9 @@ def main():
   rows = [r for r in args.rows.split(",") if r]
   for r in rows:
     parse_row(r)
-  batches = {r: (1, args.imagenet_batch if r.startswith("resnet") else args.batch) for r in rows}
+  batches = {
+    r: (1, args.imagenet_batch if r.startswith("resnet18-imagenet") else args.batch) for r in rows
+  }
   load = report.load_average()
   results = []
   for r in rows:
