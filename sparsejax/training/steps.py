@@ -153,8 +153,8 @@ def train_step(
     spec: a ``data.DatasetSpec``, dataset name or ``models.ModelSpec``.
     config: unused (the optimizer is ``state.tx``, built by
       :func:`create_train_state`); accepted so that older calls keep working.
-    donate: reuse ``state``'s buffers for the new state (:func:`jit_step`; measured
-      5-10% faster steps of a small MLP on a CPU, docs/benchmarks.md) and delete
+    donate: reuse ``state``'s buffers for the new state (:func:`jit_step`; LeNet-300-100
+      steps about 10% faster on a CPU, docs/benchmarks.md) and delete
       ``state``: for a loop that keeps only the new state (``state, m =
       train_step(state, ..., donate=True)``) and a first state it owns (a copy of
       arrays the caller keeps, such as its masks).
