@@ -411,6 +411,9 @@ def test_donated_steps_equal_plain_steps_and_consume_their_state(mnist_like):
     for a, b in zip(_leaves((plain, plain_metrics)), _leaves((donated, donated_metrics))):
       np.testing.assert_array_equal(a, b, err_msg=name)
 
+  for step in steps.values():
+    with pytest.raises(ValueError, match="donate='yes' must be True or False"):
+      step(state, "yes")
   # Copies by JAX, not NumPy views: a buffer NumPy views is never donated.
   kept = jax.tree.map(jnp.copy, (variables, masks))
   _train(mnist_like, dynamic.RigL(end=16, every=3), masks, variables, update_in_jit=True)

@@ -24,7 +24,7 @@ import jax
 
 from sparsejax import dynamic, optim
 from sparsejax.training.state import TrainState
-from sparsejax.training.steps import _apply, _loss_and_grads, jit_step
+from sparsejax.training.steps import _apply, _loss_and_grads, donating, jit_step
 
 
 def hold_grown(outputs, old, new):
@@ -66,7 +66,7 @@ def update_train_step(
     (new state, {"loss", "accuracy", "mask_update": {"updated", "kept", "dropped",
     "grown"}}) as device arrays.
   """
-  return _update_train_step[bool(donate)](
+  return _update_train_step[donating(donate)](
     state,
     batch,
     key,

@@ -127,6 +127,13 @@ def jit_step(fn, static_argnames: tuple[str, ...]) -> dict:
   }
 
 
+def donating(donate) -> bool:
+  """``donate`` checked: a bool (a truthy string would delete a state silently)."""
+  if not isinstance(donate, (bool, np.bool_)):
+    raise ValueError(f"donate={donate!r} must be True or False.")
+  return bool(donate)
+
+
 def _train_step_fn(state: TrainState, batch, key, *, model, spec):
   return _apply(state, _loss_and_grads(state, batch, key, model=model, spec=spec))
 
@@ -165,7 +172,7 @@ def train_step(
     to the host).
   """
   del config
-  return _train_step[bool(donate)](state, batch, key, model=model, spec=dataset_spec(spec))
+  return _train_step[donating(donate)](state, batch, key, model=model, spec=dataset_spec(spec))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec"))
